@@ -1,0 +1,61 @@
+//! Build script: compiles every `kernels/*.cu` twice from the same source.
+//!
+//! - GPU: nvcc builds one fatbin per file (SASS for each arch in `MOE_CUDA_ARCHS`, default
+//!   `80,90`, plus PTX for the lowest) and its ptxas report becomes a resource table
+//!   (registers, shared memory, spills per kernel and arch). Without nvcc the crate builds
+//!   without GPU kernels, with a warning; `MOE_REQUIRE_KERNELS=1` makes that an error.
+//! - Emulator (feature `emulator`): the same files as host C++ with `kernels/emu`
+//!   (`MOE_EMU_SANITIZE=address` for an AddressSanitizer build).
+//!
+//! Both feed `$OUT_DIR/kernels.rs`, included by `src/device/registry.rs`.
+#[path = "build/codegen.rs"]
+mod codegen;
+#[path = "build/emulator.rs"]
+mod emulator;
+#[path = "build/nvcc.rs"]
+mod nvcc;
+
+use std::path::{Path, PathBuf};
+
+/// One `kernels/<module>.cu` file and the entry points it exports (`EMU_EXPORT(name)` lines).
+pub struct KernelFile {
+    pub module: String,
+    pub path: PathBuf,
+    pub kernels: Vec<String>,
+}
+
+fn kernel_files(dir: &Path) -> Vec<KernelFile> {
+    let mut files: Vec<KernelFile> = std::fs::read_dir(dir)
+        .expect("kernels/ directory")
+        .map(|e| e.expect("kernels/ entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .map(|path| {
+            let source = std::fs::read_to_string(&path).expect("readable kernel file");
+            let kernels = source
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("EMU_EXPORT("))
+                .filter_map(|l| l.split(')').next())
+                .map(|name| name.trim().to_string())
+                .collect();
+            let module = path.file_stem().unwrap().to_string_lossy().into_owned();
+            KernelFile { module, path, kernels }
+        })
+        .collect();
+    files.sort_by(|a, b| a.module.cmp(&b.module));
+    files
+}
+
+fn main() {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=build");
+    let files = kernel_files(&root.join("kernels"));
+    let gpu = nvcc::build(&root, &out, &files);
+    let emulator = std::env::var_os("CARGO_FEATURE_EMULATOR").is_some();
+    if emulator {
+        emulator::build(&root, &files);
+    }
+    let generated = codegen::generate(&files, &gpu, emulator);
+    std::fs::write(out.join("kernels.rs"), generated).expect("write kernels.rs");
+}

@@ -1,0 +1,185 @@
+//! The GPU side of the build: find nvcc, compile each kernel file into a fatbin, and
+//! parse ptxas's resource report.
+use crate::KernelFile;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What the GPU build produced: fatbins per module, or the reason there are none.
+pub struct GpuBuild {
+    pub archs: Vec<u32>,
+    pub fatbins: Vec<(String, PathBuf)>,
+    pub resources: Vec<Resources>,
+    pub note: String,
+}
+
+/// One kernel on one arch, as ptxas reported it.
+#[derive(Default, Clone)]
+pub struct Resources {
+    pub kernel: String,
+    pub arch: u32,
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
+
+const ENV: [&str; 6] = ["NVCC", "CUDA_HOME", "CUDA_PATH", "MOE_CUDA_ARCHS", "MOE_REQUIRE_KERNELS", "PATH"];
+
+pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
+    for var in ENV {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let require = std::env::var("MOE_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+    let archs = target_archs();
+    let Some(nvcc) = find_nvcc() else {
+        let note = "no nvcc found ($NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, PATH, /usr/local/cuda/bin, \
+                    python site-packages nvidia/cu13/bin): built without GPU kernels; \
+                    `pip install nvidia-cuda-nvcc nvidia-cuda-cccl` provides one"
+            .to_string();
+        if require {
+            panic!("MOE_REQUIRE_KERNELS=1 but {note}");
+        }
+        println!("cargo:warning={note}");
+        return GpuBuild { archs, fatbins: vec![], resources: vec![], note };
+    };
+    // One nvcc per file, all at once; each handles its archs in order so that its ptxas
+    // report is not interleaved.
+    let results: Vec<Result<(PathBuf, String), String>> = std::thread::scope(|s| {
+        let jobs: Vec<_> = files
+            .iter()
+            .map(|f| s.spawn(|| compile(&nvcc, root, out, f, &archs)))
+            .collect();
+        jobs.into_iter().map(|j| j.join().expect("nvcc thread")).collect()
+    });
+    let mut build = GpuBuild { archs, fatbins: vec![], resources: vec![], note: String::new() };
+    for (f, result) in files.iter().zip(results) {
+        match result {
+            Ok((fatbin, report)) => {
+                build.resources.extend(parse_ptxas_report(&report));
+                build.fatbins.push((f.module.clone(), fatbin));
+            }
+            Err(e) if require => panic!("MOE_REQUIRE_KERNELS=1 and nvcc failed:\n{e}"),
+            Err(e) => {
+                for line in e.lines().take(20) {
+                    println!("cargo:warning={line}");
+                }
+                let note = format!("nvcc failed on {}: built without GPU kernels", f.path.display());
+                println!("cargo:warning={note}");
+                return GpuBuild { archs: build.archs, fatbins: vec![], resources: vec![], note };
+            }
+        }
+    }
+    build.note = format!("compiled with {}", nvcc.display());
+    build
+}
+
+fn target_archs() -> Vec<u32> {
+    let spec = std::env::var("MOE_CUDA_ARCHS").unwrap_or_else(|_| "80,90".into());
+    let mut archs: Vec<u32> = spec
+        .split(',')
+        .map(|a| {
+            a.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("MOE_CUDA_ARCHS={spec}: expected numbers like 80,90"))
+        })
+        .collect();
+    archs.sort();
+    archs.dedup();
+    assert!(
+        archs.iter().all(|&a| a >= 80),
+        "MOE_CUDA_ARCHS={spec}: the kernels need sm_80 or newer (mma.sync bf16, cp.async)"
+    );
+    archs
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = vec![];
+    if let Some(p) = std::env::var_os("NVCC") {
+        candidates.push(p.into());
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(p) = std::env::var_os(var) {
+            candidates.push(PathBuf::from(p).join("bin/nvcc"));
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|p| p.join("nvcc")));
+    }
+    candidates.push("/usr/local/cuda/bin/nvcc".into());
+    candidates.extend(python_nvcc());
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// nvcc from the `nvidia-cuda-nvcc` wheel: `<site-packages>/nvidia/cu13/bin/nvcc`.
+fn python_nvcc() -> Vec<PathBuf> {
+    let script = "import nvidia; print('\\n'.join(nvidia.__path__))";
+    let Ok(out) = Command::new("python3").args(["-c", script]).output() else {
+        return vec![];
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .flat_map(|dir| ["cu13", "cu12"].map(|v| PathBuf::from(dir).join(v).join("bin/nvcc")))
+        .collect()
+}
+
+fn compile(nvcc: &Path, root: &Path, out: &Path, file: &KernelFile, archs: &[u32]) -> Result<(PathBuf, String), String> {
+    let fatbin = out.join(format!("{}.fatbin", file.module));
+    let mut cmd = Command::new(nvcc);
+    cmd.arg("-fatbin")
+        .args(["-std=c++17", "-O3", "-lineinfo", "-Xptxas", "-v"])
+        .arg("-I")
+        .arg(root.join("kernels/include"));
+    for a in archs {
+        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+    }
+    let lowest = archs[0];
+    cmd.arg(format!("-gencode=arch=compute_{lowest},code=compute_{lowest}"));
+    cmd.arg("-o").arg(&fatbin).arg(&file.path);
+    let output = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() {
+        return Err(format!("{cmd:?}\nexit: {}\n{stdout}{stderr}", output.status));
+    }
+    Ok((fatbin, format!("{stdout}{stderr}")))
+}
+
+/// Parses `-Xptxas -v` output:
+/// ```text
+/// ptxas info    : Compiling entry function 'k' for 'sm_80'
+/// ptxas info    : Function properties for k
+///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+/// ptxas info    : Used 12 registers, used 1 barriers, 128 bytes smem, 368 bytes cmem[0]
+/// ```
+fn parse_ptxas_report(report: &str) -> Vec<Resources> {
+    let mut all = vec![];
+    let mut current: Option<Resources> = None;
+    let mut properties_of_current = false; // the stack line follows "Function properties for <fn>"
+    let number_before = |line: &str, unit: &str| -> Option<u32> {
+        let head = &line[..line.find(unit)?];
+        head.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    };
+    for line in report.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            all.extend(current.take());
+            let mut parts = rest.split('\'');
+            let kernel = parts.next().unwrap_or_default().to_string();
+            let arch = parts.nth(1).and_then(|a| a.trim_start_matches("sm_").parse().ok()).unwrap_or(0);
+            current = Some(Resources { kernel, arch, ..Default::default() });
+        } else if let Some(r) = current.as_mut() {
+            if let Some(name) = line.split("Function properties for ").nth(1) {
+                properties_of_current = name.trim() == r.kernel;
+            } else if line.contains("bytes stack frame") && properties_of_current {
+                r.stack_bytes = number_before(line, " bytes stack frame").unwrap_or(0);
+                r.spill_store_bytes = number_before(line, " bytes spill stores").unwrap_or(0);
+                r.spill_load_bytes = number_before(line, " bytes spill loads").unwrap_or(0);
+            } else if line.contains("Used ") && line.contains(" registers") {
+                r.registers = number_before(line, " registers").unwrap_or(0);
+                r.shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
+            }
+        }
+    }
+    all.extend(current);
+    all
+}

@@ -1,0 +1,260 @@
+// cuemu.h: the CUDA execution model on the CPU, as seen by kernel code.
+//
+// A kernel file (`kernels/*.cu`) compiled as host C++ with this header runs on the CPU:
+// each CUDA thread of a block is a fiber, one OS thread runs one block at a time, blocks
+// are spread over a small worker pool (runtime.cpp). Barriers and warp collectives are
+// fiber switches; they never act as memory barriers beyond what CUDA promises, so a
+// missing __syncthreads / __syncwarp shows up under the shuffled schedule.
+//
+// What is emulated: thread/block indices, static and dynamic shared memory, __syncthreads
+// (+ _count/_and/_or), __syncwarp, shuffles, votes, atomics, 16-bit floats, and the PTX
+// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async).
+// What is not: timing, the weak memory model (fences are plain fences), warp divergence
+// costs, texture/surface memory, cooperative groups, wgmma/TMA.
+#pragma once
+#ifdef __CUDACC__
+#error "cuemu.h is the CPU emulation header; nvcc must not see it"
+#endif
+#define CUEMU_HOST 1
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"  // #pragma unroll
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <array>
+#include <type_traits>
+#include <utility>
+
+#if defined(__SANITIZE_ADDRESS__)
+#define CUEMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUEMU_ASAN 1
+#endif
+#endif
+
+// ------------------------------------------------------------------ qualifiers
+#define __global__
+#define __device__
+#define __host__
+#define __constant__ static
+#define __forceinline__ inline __attribute__((always_inline))
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+#ifdef CUEMU_ASAN
+// AddressSanitizer puts redzones around globals but not around thread_local data, so in
+// sanitizer builds static shared arrays are plain statics (overruns are reported) and the
+// runtime runs one block at a time, which keeps "one instance per running block" true.
+#define __shared__ static
+#else
+// One instance per OS thread; an OS thread runs one block at a time and fibers never
+// migrate, so this is one instance per running block.
+#define __shared__ static thread_local __attribute__((tls_model("initial-exec")))
+#endif
+
+// ------------------------------------------------------------------ vector types
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+};
+#define CUEMU_VEC2(T, N, A)                              \
+  struct __align__(A) N##2 { T x, y; };                  \
+  inline N##2 make_##N##2(T x, T y) { return N##2{x, y}; }
+#define CUEMU_VEC4(T, N, A)                                          \
+  struct __align__(A) N##4 { T x, y, z, w; };                        \
+  inline N##4 make_##N##4(T x, T y, T z, T w) { return N##4{x, y, z, w}; }
+CUEMU_VEC2(float, float, 8) CUEMU_VEC4(float, float, 16)
+CUEMU_VEC2(int, int, 8) CUEMU_VEC4(int, int, 16)
+CUEMU_VEC2(unsigned int, uint, 8) CUEMU_VEC4(unsigned int, uint, 16)
+CUEMU_VEC2(double, double, 16)
+CUEMU_VEC2(long long, longlong, 16)
+#undef CUEMU_VEC2
+#undef CUEMU_VEC4
+constexpr int warpSize = 32;
+
+#include "cuemu_fp16.h"
+
+// Built-in variables: per OS thread, rewritten by the runtime on every fiber switch.
+#define CUEMU_TLS thread_local __attribute__((tls_model("initial-exec")))
+extern CUEMU_TLS uint3 threadIdx;
+extern CUEMU_TLS uint3 blockIdx;
+extern CUEMU_TLS dim3 blockDim;
+extern CUEMU_TLS dim3 gridDim;
+
+// ------------------------------------------------------------------ runtime interface
+namespace cuemu {
+enum class MmaInput : uint32_t { Bf16 = 0, F16 = 1 };
+
+void* dynamic_shared();
+int block_barrier(int predicate, const char* file, int line);  // returns the predicate count
+void warp_sync(unsigned mask);
+uint64_t warp_shuffle(unsigned mask, uint64_t value, unsigned source_lane);
+unsigned warp_ballot(unsigned mask, int predicate);
+unsigned active_mask();
+unsigned lane_id();
+void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c, MmaInput input);
+void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row);
+void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
+void cp_async_commit();
+void cp_async_wait_group(unsigned pending);
+[[noreturn]] void trap(const char* file, int line);
+
+// What EMU_EXPORT publishes for one kernel; Rust reads it (src/device/emulator.rs).
+constexpr unsigned kMaxParams = 32;
+struct KernelEntry {
+  const char* name;
+  void (*invoke)(void** params);  // params packed as cuLaunchKernel's kernelParams
+  uint32_t param_count;
+  uint16_t param_sizes[kMaxParams];
+};
+
+template <class F> struct KernelSignature;
+template <class... A> struct KernelSignature<void (*)(A...)> {
+  static_assert(sizeof...(A) <= kMaxParams, "too many kernel parameters");
+  template <auto Kernel, size_t... I> static void call(void** p, std::index_sequence<I...>) {
+    Kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>>*>(p[I])...);
+  }
+  template <auto Kernel> static void invoke(void** p) { call<Kernel>(p, std::index_sequence_for<A...>{}); }
+  template <auto Kernel> static constexpr KernelEntry entry(const char* name) {
+    return KernelEntry{name, &invoke<Kernel>, uint32_t(sizeof...(A)), {uint16_t(sizeof(A))...}};
+  }
+};
+}  // namespace cuemu
+
+#define CUEMU_EXPORT(kernel)                                                                     \
+  extern "C" const ::cuemu::KernelEntry cuemu_kernel_##kernel =                                 \
+      ::cuemu::KernelSignature<decltype(&kernel)>::entry<&kernel>(#kernel);
+
+// ------------------------------------------------------------------ math and bits
+template <class To, class From> inline To cuemu_bitcast(From f) {
+  static_assert(sizeof(To) == sizeof(From));
+  To t;
+  memcpy(&t, &f, sizeof(To));
+  return t;
+}
+inline float __int_as_float(int i) { return cuemu_bitcast<float>(i); }
+inline int __float_as_int(float f) { return cuemu_bitcast<int>(f); }
+inline float __uint_as_float(unsigned u) { return cuemu_bitcast<float>(u); }
+inline unsigned __float_as_uint(float f) { return cuemu_bitcast<unsigned>(f); }
+inline double __longlong_as_double(long long i) { return cuemu_bitcast<double>(i); }
+inline long long __double_as_longlong(double d) { return cuemu_bitcast<long long>(d); }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+inline float __sinf(float x) { return sinf(x); }
+inline float __cosf(float x) { return cosf(x); }
+inline float __powf(float a, float b) { return powf(a, b); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x ? __builtin_clz(unsigned(x)) : 32; }
+inline int __clzll(long long x) { return x ? __builtin_clzll((unsigned long long)x) : 64; }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
+inline unsigned __brev(unsigned x) {
+  x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+  x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+  x = ((x >> 4) & 0x0f0f0f0fu) | ((x & 0x0f0f0f0fu) << 4);
+  return __builtin_bswap32(x);
+}
+#define CUEMU_MINMAX(T)                                     \
+  inline T min(T a, T b) { return b < a ? b : a; }          \
+  inline T max(T a, T b) { return a < b ? b : a; }
+CUEMU_MINMAX(int) CUEMU_MINMAX(unsigned) CUEMU_MINMAX(long long) CUEMU_MINMAX(unsigned long long)
+CUEMU_MINMAX(long) CUEMU_MINMAX(unsigned long) CUEMU_MINMAX(float) CUEMU_MINMAX(double)
+#undef CUEMU_MINMAX
+template <class T> inline T __ldg(const T* p) { return *p; }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
+inline void __nanosleep(unsigned) {}
+#define __trap() ::cuemu::trap(__FILE__, __LINE__)
+
+// ------------------------------------------------------------------ atomics
+// Relaxed, device scope. Fibers of one block never preempt each other, but blocks run on
+// several OS threads at once, so these are real atomic instructions.
+#define CUEMU_ATOMIC_INT(T)                                                                      \
+  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }             \
+  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }         \
+  inline T atomicCAS(T* p, T expected, T v) {                                                    \
+    __atomic_compare_exchange_n(p, &expected, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);     \
+    return expected;                                                                             \
+  }                                                                                              \
+  inline T atomicMax(T* p, T v) {                                                                \
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
+    while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
+    return old;                                                                                  \
+  }                                                                                              \
+  inline T atomicMin(T* p, T v) {                                                                \
+    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
+    while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
+    return old;                                                                                  \
+  }
+CUEMU_ATOMIC_INT(int)
+CUEMU_ATOMIC_INT(unsigned int)
+CUEMU_ATOMIC_INT(unsigned long long)
+CUEMU_ATOMIC_INT(long long)
+#undef CUEMU_ATOMIC_INT
+template <class F, class Bits> inline F cuemu_atomic_float_add(F* p, F v) {
+  Bits* q = reinterpret_cast<Bits*>(p);
+  Bits old = __atomic_load_n(q, __ATOMIC_RELAXED);
+  while (!__atomic_compare_exchange_n(q, &old, cuemu_bitcast<Bits>(cuemu_bitcast<F>(old) + v), true,
+                                      __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
+  return cuemu_bitcast<F>(old);
+}
+inline float atomicAdd(float* p, float v) { return cuemu_atomic_float_add<float, uint32_t>(p, v); }
+inline double atomicAdd(double* p, double v) { return cuemu_atomic_float_add<double, uint64_t>(p, v); }
+inline float atomicExch(float* p, float v) {
+  return __uint_as_float(atomicExch(reinterpret_cast<unsigned*>(p), __float_as_uint(v)));
+}
+
+// ------------------------------------------------------------------ barriers and warps
+#define __syncthreads() ((void)::cuemu::block_barrier(1, __FILE__, __LINE__))
+#define __syncthreads_count(p) ::cuemu::block_barrier((p) != 0, __FILE__, __LINE__)
+#define __syncthreads_or(p) (::cuemu::block_barrier((p) != 0, __FILE__, __LINE__) != 0)
+#define __syncthreads_and(p) \
+  (::cuemu::block_barrier((p) != 0, __FILE__, __LINE__) == int(blockDim.x * blockDim.y * blockDim.z))
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuemu::warp_sync(mask); }
+inline unsigned __activemask() { return ::cuemu::active_mask(); }
+
+template <class T> inline T cuemu_shuffle(unsigned mask, T v, unsigned source_lane) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shuffle of a type wider than 8 bytes");
+  uint64_t bits = 0;
+  memcpy(&bits, &v, sizeof(T));
+  bits = ::cuemu::warp_shuffle(mask, bits, source_lane);
+  T r;
+  memcpy(&r, &bits, sizeof(T));
+  return r;
+}
+// Lane arithmetic as in the CUDA programming guide: a warp is split into segments of
+// `width` lanes; sources outside the caller's segment leave the value unchanged (up/down/xor).
+template <class T> inline T __shfl_sync(unsigned mask, T v, int src, int width = warpSize) {
+  const unsigned lane = ::cuemu::lane_id(), base = lane & ~unsigned(width - 1);
+  return cuemu_shuffle(mask, v, base + (unsigned(src) & unsigned(width - 1)));
+}
+template <class T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
+  const unsigned lane = ::cuemu::lane_id();
+  return cuemu_shuffle(mask, v, (lane & unsigned(width - 1)) < delta ? lane : lane - delta);
+}
+template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
+  const unsigned lane = ::cuemu::lane_id();
+  return cuemu_shuffle(mask, v, (lane & unsigned(width - 1)) + delta >= unsigned(width) ? lane : lane + delta);
+}
+template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
+  const unsigned lane = ::cuemu::lane_id(), source = lane ^ unsigned(lane_mask);
+  const unsigned segment_end = (lane & ~unsigned(width - 1)) + unsigned(width);
+  return cuemu_shuffle(mask, v, source >= segment_end ? lane : source);
+}
+inline unsigned __ballot_sync(unsigned mask, int p) { return ::cuemu::warp_ballot(mask, p); }
+inline int __any_sync(unsigned mask, int p) { return ::cuemu::warp_ballot(mask, p) != 0; }
+inline int __all_sync(unsigned mask, int p) { return ::cuemu::warp_ballot(mask, !p) == 0; }

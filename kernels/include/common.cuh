@@ -1,0 +1,33 @@
+// common.cuh: the one header every kernel file includes first.
+//
+// The same .cu source is compiled two ways:
+//   - by nvcc for the GPU (`__CUDACC__` defined): the real CUDA headers;
+//   - as host C++ for the CPU emulator (kernels/emu/cuemu.h): every CUDA thread a fiber.
+// This header hides the few places where the two differ:
+//   EMU_EXPORT(kernel)   one line after each `extern "C" __global__` entry point; on the
+//                        emulator it publishes the kernel (name, argument sizes, launcher)
+//                        to Rust, on the GPU it is nothing (the fatbin has the symbol).
+//   DYN_SHARED(T, name)  `T* name` pointing at the block's dynamic shared memory.
+//   i64                  the type of every element offset (64-bit, see DESIGN.md).
+#pragma once
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define EMU_EXPORT(kernel)
+// nvcc: extern __shared__ arrays share one address; declare a single byte array for all.
+extern __shared__ __align__(16) unsigned char moe_dynamic_shared[];
+#define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(moe_dynamic_shared)
+#else
+#include "cuemu.h"
+#define EMU_EXPORT(kernel) CUEMU_EXPORT(kernel)
+#define DYN_SHARED(T, name) T* name = reinterpret_cast<T*>(::cuemu::dynamic_shared())
+#endif
+
+typedef int64_t i64;
+
+// Global index of this thread along x, computed in 64 bits (grids of > 2^31 threads exist).
+__device__ __forceinline__ i64 global_thread_x() {
+  return i64(blockIdx.x) * i64(blockDim.x) + i64(threadIdx.x);
+}

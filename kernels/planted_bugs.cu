@@ -1,0 +1,148 @@
+// planted_bugs.cu: kernels with deliberate bugs, one each, to prove that the emulator's tools
+// catch them. Each comment names the tool that must catch the bug and the control that must
+// pass. Never launched on a GPU by the tests (several are undefined behaviour there); they are
+// compiled by nvcc only to keep them valid CUDA.
+//
+// Kernels:
+//   planted_missing_syncthreads    shared-memory read of a neighbour's write, no barrier
+//   planted_with_syncthreads       the control: the same with the barrier
+//   planted_missing_cp_async_wait  shared memory read without waiting for cp.async (flag)
+//   planted_missing_syncwarp       ldmatrix of rows other lanes wrote, no __syncwarp (flag)
+//   planted_out_of_bounds_write    global write one past the end
+//   planted_static_shared_overrun  static __shared__ write one past the end
+//   planted_divergent_barrier      __syncthreads in divergent code: a deadlock
+//   planted_trap                   __trap() in one thread
+#include "ptx.cuh"
+
+// ------------------------------------------------------------------------------------------
+// planted_missing_syncthreads / planted_with_syncthreads: y[g] = x[g-1] within a block (0 for
+// the block's thread 0), through shared memory.
+// Launch: blockDim.x = 256; x and y have gridDim.x * 256 floats. g = global thread id, t = tid.
+// Host (control, and the bug under in-order scheduling): y[g] = t > 0 ? x[g-1] : 0.
+// Bug: no __syncthreads between s[t] = x[g] and the read of s[t-1]. The in-order schedule runs
+// thread t-1 to completion first and hides it; the reversed schedule must expose it (every
+// y[g] with t > 0 differs from the expectation), a shuffled one in about half of them, and the
+// fiber-aware ThreadSanitizer build must report the race under any schedule.
+template <bool Sync>
+__device__ __forceinline__ void shift_through_shared(const float* x, float* y, float* s) {
+  const int t = threadIdx.x;
+  const i64 g = global_thread_x();
+  s[t] = x[g];
+  if constexpr (Sync) __syncthreads();
+  y[g] = t > 0 ? s[t - 1] : 0.0f;
+}
+
+extern "C" __global__ void planted_missing_syncthreads(const float* x, float* y) {
+  __shared__ float s[256];
+  shift_through_shared<false>(x, y, s);
+}
+EMU_EXPORT(planted_missing_syncthreads)
+
+extern "C" __global__ void planted_with_syncthreads(const float* x, float* y) {
+  __shared__ float s[256];
+  shift_through_shared<true>(x, y, s);
+}
+EMU_EXPORT(planted_with_syncthreads)
+
+// ------------------------------------------------------------------------------------------
+// planted_missing_cp_async_wait: out[g] = in[g - t + (t+1) % blockDim.x] (a rotation by one
+// within the block) through shared memory filled by cp.async.
+// Launch: any grid and block; blockDim.x float4 of dynamic shared memory; in and out have
+// gridDim.x * blockDim.x float4, 16-byte aligned.
+// Host (do_wait = 1, the control): out[b*bd + t] = in[b*bd + (t+1) % bd].
+// Bug (do_wait = 0): shared memory is read without cp_async_wait. The emulator lands a copy
+// only at a wait that covers it (at the latest when its thread exits), so under any schedule
+// at least the first thread of each block to read sees stale shared memory: out must differ
+// from the expectation (in order, threads 0 .. bd-2 of every block do). Stale data is only
+// detectable if it differs from in: run the buggy launch on shared memory the emulator
+// poisons, or at least not right after a control launch with the same input.
+extern "C" __global__ void planted_missing_cp_async_wait(const float4* in, float4* out,
+                                                         int do_wait) {
+  DYN_SHARED(float4, s);
+  const unsigned t = threadIdx.x;
+  const i64 g = global_thread_x();
+  cp_async<16>(&s[t], &in[g]);
+  cp_async_commit();
+  if (do_wait) cp_async_wait<0>();
+  __syncthreads();
+  out[g] = s[(t + 1) % blockDim.x];
+}
+EMU_EXPORT(planted_missing_cp_async_wait)
+
+// ------------------------------------------------------------------------------------------
+// planted_missing_syncwarp: ldmatrix_x4 of four 8x8 matrices of 16-bit values that the lanes
+// of the warp wrote to shared memory, each lane a row that ANOTHER lane's ldmatrix reads.
+// Launch: one block of 32 threads. m holds 4 matrices, matrix j row r column c at
+// m[j*64 + r*8 + c], i.e. 32 rows of 8 values: row R = 8j + r at m[R*8 .. R*8+8].
+// Lane l copies row (l+1) % 32 into the shared tile; ldmatrix has lane l address row l
+// (row l%8 of matrix l/8), which lane (l+31) % 32 wrote.
+// Host (do_sync = 1, the control), g = l/4, t = l%4, M = m + j*64:
+//   out[l*4 + j] = M[g*8 + 2t] | M[g*8 + 2t + 1] << 16
+// Bug (do_sync = 0): no __syncwarp between the stores and the ldmatrix. Only an emulator that
+// captures each lane's row when that lane arrives at the ldmatrix catches it (out differs
+// from the expectation): in order, row 0 (written by lane 31, which runs last) is stale; a
+// reversed schedule makes rows 1 .. 31 stale; a shuffled one about half of them. An emulator
+// that gathers all lanes before reading memory hides the bug under every schedule.
+extern "C" __global__ void planted_missing_syncwarp(const unsigned short* m, unsigned* out,
+                                                    int do_sync) {
+  __shared__ __align__(16) uint16_t tile[32][8];
+  const int lane = threadIdx.x % 32;
+  const int mine = (lane + 1) % 32;
+  for (int c = 0; c < 8; ++c) tile[mine][c] = m[mine * 8 + c];
+  if (do_sync) __syncwarp();
+  uint32_t r[4];
+  ldmatrix_x4<false>(r, &tile[lane][0]);
+  for (int j = 0; j < 4; ++j) out[lane * 4 + j] = r[j];
+}
+EMU_EXPORT(planted_missing_syncwarp)
+
+// ------------------------------------------------------------------------------------------
+// planted_out_of_bounds_write: out[i] = 1 for i in [0, n], i.e. one element past the end.
+// Launch: grid * block > n threads; out has n floats.
+// Caught by: the AddressSanitizer build (heap-buffer-overflow on out[n]). Without ASan the
+// write lands in the allocation's slack and goes unnoticed.
+extern "C" __global__ void planted_out_of_bounds_write(float* out, int n) {
+  const i64 i = global_thread_x();
+  if (i <= n) out[i] = 1.0f;  // planted: should be i < n
+}
+EMU_EXPORT(planted_out_of_bounds_write)
+
+// ------------------------------------------------------------------------------------------
+// planted_static_shared_overrun: thread 63 writes s[64] of a 64-float static __shared__ array.
+// Launch: blockDim.x = 64; out has gridDim.x * 64 floats.
+// Caught by: the AddressSanitizer build (the emulator makes static shared arrays ASan-visible
+// globals with redzones). Without ASan out[b*64 + t] = t - 1 for t >= 1 (s[0] never written).
+extern "C" __global__ void planted_static_shared_overrun(float* out) {
+  __shared__ float s[64];
+  const unsigned t = threadIdx.x;
+  s[t + 1] = float(t);  // planted: thread 63 writes s[64]
+  __syncthreads();
+  out[global_thread_x()] = s[t];
+}
+EMU_EXPORT(planted_static_shared_overrun)
+
+// ------------------------------------------------------------------------------------------
+// planted_divergent_barrier: a deadlock. Threads 0-15 wait at a __syncthreads inside a branch;
+// threads 16-31 wait in a full-mask __shfl_sync for lanes 0-15, which never arrive.
+// Launch: one block of 32 threads; out has 32 ints.
+// Caught by: the emulator itself, which must detect that no thread can make progress and
+// return a launch error (not hang). Undefined behaviour on a GPU: never launched there.
+extern "C" __global__ void planted_divergent_barrier(int* out) {
+  const int t = threadIdx.x;
+  int v = t;
+  if (t < 16) __syncthreads();  // planted: threads 16-31 never reach this barrier
+  else v = __shfl_sync(0xffffffffu, v, 0);  // lanes 0-15 never reach this shuffle
+  out[t] = v;
+}
+EMU_EXPORT(planted_divergent_barrier)
+
+// ------------------------------------------------------------------------------------------
+// planted_trap: thread 5 of block 0 executes __trap(); every other thread writes out[g] = 1.
+// Launch: any grid, blockDim.x > 5; out has gridDim.x * blockDim.x ints.
+// Caught by: the emulator, which must return a launch error (as the GPU does) instead of
+// aborting the process.
+extern "C" __global__ void planted_trap(int* out) {
+  if (blockIdx.x == 0 && threadIdx.x == 5) __trap();
+  out[global_thread_x()] = 1;
+}
+EMU_EXPORT(planted_trap)

@@ -1,0 +1,178 @@
+//! The emulator device: kernels compiled as host C++ (`kernels/emu`), run on the CPU.
+//! Device memory is host memory ([`HostBuffer`](super::HostBuffer)); a launch runs to
+//! completion before it returns, so there is nothing to synchronize.
+use super::Counters;
+use super::launch::{KernelArgs, LaunchConfig};
+use super::registry::{self, EmuKernelEntry};
+use crate::{Error, Result};
+use std::ffi::{CStr, c_char, c_void};
+use std::sync::Arc;
+
+/// The order in which the emulator runs the CUDA threads released together (at block
+/// start, at each barrier, at each warp collective). Kernels must be correct under all of
+/// them; the shuffled ones expose missing barriers that in-order execution hides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    InOrder,
+    Reverse,
+    /// Shuffled; the seed (varied per launch) makes a run repeatable.
+    Random { seed: u64 },
+}
+
+/// The CPU emulator, with its schedule and worker count.
+#[derive(Debug, Clone)]
+pub struct EmulatorDevice {
+    schedule: Schedule,
+    workers: u32,
+    stack_kib: u32,
+    pub(super) counters: Arc<Counters>,
+}
+
+#[repr(C)]
+struct LaunchConfigC {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+    schedule: u32,
+    seed: u64,
+    workers: u32,
+    stack_kib: u32,
+}
+
+unsafe extern "C" {
+    fn cuemu_launch(
+        kernel: *const EmuKernelEntry,
+        config: *const LaunchConfigC,
+        params: *mut *mut c_void,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> i32;
+    fn cuemu_address_sanitizer() -> i32;
+}
+
+fn env_var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn parse_env<T: std::str::FromStr>(name: &'static str, expected: &'static str) -> Result<Option<T>> {
+    env_var(name)
+        .map(|v| v.parse().map_err(|_| Error::Environment { name, value: v, expected }))
+        .transpose()
+}
+
+impl EmulatorDevice {
+    /// In-order schedule, one worker per core, 256 KiB of stack per CUDA thread.
+    pub fn new() -> Self {
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        Self { schedule: Schedule::InOrder, workers, stack_kib: 256, counters: Arc::default() }
+    }
+
+    /// [`new`](Self::new), adjusted by the environment:
+    /// `MOE_EMU_SCHEDULE` = `inorder` | `reverse` | `random`, `MOE_EMU_SEED` (for random),
+    /// `MOE_EMU_WORKERS` (OS threads running blocks), `MOE_EMU_STACK_KIB` (per CUDA thread).
+    pub fn from_env() -> Result<Self> {
+        let mut d = Self::new();
+        let seed = parse_env("MOE_EMU_SEED", "an unsigned integer")?.unwrap_or(1);
+        d.schedule = match env_var("MOE_EMU_SCHEDULE").as_deref() {
+            None | Some("inorder") => Schedule::InOrder,
+            Some("reverse") => Schedule::Reverse,
+            Some("random") => Schedule::Random { seed },
+            Some(other) => {
+                return Err(Error::Environment {
+                    name: "MOE_EMU_SCHEDULE",
+                    value: other.into(),
+                    expected: "inorder, reverse or random",
+                });
+            }
+        };
+        if let Some(w) = parse_env::<u32>("MOE_EMU_WORKERS", "a positive integer")? {
+            d.workers = w.max(1);
+        }
+        if let Some(s) = parse_env::<u32>("MOE_EMU_STACK_KIB", "a size in KiB (>= 16)")? {
+            d.stack_kib = s.max(16);
+        }
+        Ok(d)
+    }
+
+    /// The same device with another schedule (shares the launch counters).
+    pub fn with_schedule(&self, schedule: Schedule) -> Self {
+        Self { schedule, ..self.clone() }
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    pub fn description(&self) -> String {
+        let schedule = match self.schedule {
+            Schedule::InOrder => "in-order".to_string(),
+            Schedule::Reverse => "reverse".to_string(),
+            Schedule::Random { seed } => format!("random, seed {seed}"),
+        };
+        let asan = if address_sanitizer() { ", AddressSanitizer" } else { "" };
+        format!("CPU emulator ({} workers, {schedule} schedule{asan})", self.workers)
+    }
+
+    pub(super) fn launch(
+        &self,
+        name: &str,
+        config: LaunchConfig,
+        args: &mut KernelArgs<'_>,
+        launch_index: u64,
+    ) -> Result<()> {
+        let entry = registry::emulator_entry(name).ok_or_else(|| Error::KernelNotFound(name.into()))?;
+        check_signature(name, entry, &args.sizes)?;
+        let (schedule, seed) = match self.schedule {
+            Schedule::InOrder => (0, 0),
+            Schedule::Reverse => (1, 0),
+            // Vary the shuffle between launches, repeatably.
+            Schedule::Random { seed } => (2, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ launch_index),
+        };
+        let c = LaunchConfigC {
+            grid: [config.grid.0, config.grid.1, config.grid.2],
+            block: [config.block.0, config.block.1, config.block.2],
+            shared_bytes: config.shared_bytes,
+            schedule,
+            seed,
+            workers: self.workers,
+            stack_kib: self.stack_kib,
+        };
+        let mut params = args.param_pointers();
+        let mut error = vec![0 as c_char; 4096];
+        // SAFETY: `entry` is the kernel's own descriptor and `params` matches its parameter
+        // sizes (checked above); pointer arguments are live host buffers borrowed by `args`
+        // for the duration of this synchronous call.
+        let rc = unsafe { cuemu_launch(entry, &c, params.as_mut_ptr(), error.as_mut_ptr(), error.len()) };
+        if rc != 0 {
+            // SAFETY: cuemu_launch wrote a NUL-terminated message into `error`.
+            let msg = unsafe { CStr::from_ptr(error.as_ptr()) };
+            return Err(Error::LaunchFailed(msg.to_string_lossy().into_owned()));
+        }
+        Ok(())
+    }
+}
+
+impl Default for EmulatorDevice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The argument list must match the kernel's parameters in number and size: this catches
+/// a wrapper that drifted from its kernel on every emulator test.
+fn check_signature(name: &str, entry: &EmuKernelEntry, sizes: &[u16]) -> Result<()> {
+    let expected = &entry.param_sizes[..entry.param_count as usize];
+    if expected != sizes {
+        return Err(Error::KernelSignature {
+            kernel: name.into(),
+            detail: format!("the kernel takes parameters of sizes {expected:?} bytes, the launch passed {sizes:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Whether the emulated kernels were built with AddressSanitizer (`MOE_EMU_SANITIZE=address`).
+pub fn address_sanitizer() -> bool {
+    // SAFETY: a constant query.
+    unsafe { cuemu_address_sanitizer() != 0 }
+}

@@ -1,0 +1,235 @@
+//! The two devices a kernel runs on, behind one launch path.
+//!
+//! - [`CudaDevice`]: a GPU through cudarc; the kernels come from the fatbins embedded at
+//!   build time.
+//! - [`EmulatorDevice`]: the CPU; the same kernels compiled as host C++ (`kernels/emu`).
+//!
+//! An op validates its inputs, builds a [`LaunchConfig`] and a [`KernelArgs`], and calls
+//! [`Device::launch`] with the kernel's name: that call is the only place where the devices
+//! differ. Every device counts its launches and host transfers ([`DeviceStats`]) so tests
+//! can assert an op's launch budget and that it never syncs the host.
+pub mod cuda;
+#[cfg(feature = "emulator")]
+pub mod emulator;
+pub mod launch;
+pub mod memory;
+pub mod registry;
+
+pub use cuda::CudaDevice;
+#[cfg(feature = "emulator")]
+pub use emulator::{EmulatorDevice, Schedule};
+pub use launch::{KernelArgs, LaunchConfig};
+pub use memory::{DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, HostBuffer};
+
+use crate::{Error, Result};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Which kind of device something lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    Cuda,
+    Emulator,
+}
+
+impl DeviceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cuda => "the CUDA device",
+            DeviceKind::Emulator => "the CPU emulator",
+        }
+    }
+}
+
+/// Counts of what a device was asked to do since it was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Kernel launches.
+    pub launches: u64,
+    /// Host-to-device copies (uploads).
+    pub host_to_device: u64,
+    /// Device-to-host copies (downloads); each one waits for the stream.
+    pub device_to_host: u64,
+    /// Explicit stream synchronizations, downloads included: the host waited for the device.
+    pub host_syncs: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    launches: AtomicU64,
+    host_to_device: AtomicU64,
+    device_to_host: AtomicU64,
+    host_syncs: AtomicU64,
+}
+
+impl Counters {
+    fn bump(counter: &AtomicU64) -> u64 {
+        counter.fetch_add(1, Ordering::Relaxed)
+    }
+    fn snapshot(&self) -> DeviceStats {
+        DeviceStats {
+            launches: self.launches.load(Ordering::Relaxed),
+            host_to_device: self.host_to_device.load(Ordering::Relaxed),
+            device_to_host: self.device_to_host.load(Ordering::Relaxed),
+            host_syncs: self.host_syncs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A device that runs this crate's kernels. Cheap to clone (shared handles).
+#[derive(Clone)]
+pub enum Device {
+    Cuda(CudaDevice),
+    #[cfg(feature = "emulator")]
+    Emulator(EmulatorDevice),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.description())
+    }
+}
+
+impl Device {
+    /// The first GPU, or an error saying why there is none usable.
+    pub fn cuda() -> Result<Self> {
+        CudaDevice::new(0).map(Device::Cuda)
+    }
+
+    /// The CPU emulator, configured from the environment (see [`EmulatorDevice::from_env`]).
+    pub fn emulator() -> Result<Self> {
+        #[cfg(feature = "emulator")]
+        return EmulatorDevice::from_env().map(Device::Emulator);
+        #[cfg(not(feature = "emulator"))]
+        Err(Error::EmulatorUnavailable)
+    }
+
+    /// The best device here: the first GPU if there is one, else the emulator.
+    pub fn best() -> Result<Self> {
+        Self::cuda().or_else(|cuda| Self::emulator().map_err(|_| cuda))
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        match self {
+            Device::Cuda(_) => DeviceKind::Cuda,
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => DeviceKind::Emulator,
+        }
+    }
+
+    /// A one-line human description ("NVIDIA H100 (sm_90)", "CPU emulator (...)").
+    pub fn description(&self) -> String {
+        match self {
+            Device::Cuda(d) => d.description(),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(d) => d.description(),
+        }
+    }
+
+    fn counters(&self) -> &Arc<Counters> {
+        match self {
+            Device::Cuda(d) => &d.counters,
+            #[cfg(feature = "emulator")]
+            Device::Emulator(d) => &d.counters,
+        }
+    }
+
+    /// Launches, copies and host syncs so far.
+    pub fn stats(&self) -> DeviceStats {
+        self.counters().snapshot()
+    }
+
+    pub(crate) fn cuda_stream(&self) -> Option<&Arc<cudarc::driver::CudaStream>> {
+        match self {
+            Device::Cuda(d) => Some(d.stream()),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => None,
+        }
+    }
+
+    /// A zeroed buffer of `len` elements.
+    pub fn alloc_zeros<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        match self {
+            Device::Cuda(d) => Ok(DeviceBuffer::Cuda(d.stream().alloc_zeros(len)?)),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => Ok(DeviceBuffer::Host(HostBuffer::zeroed(len)?)),
+        }
+    }
+
+    /// A new buffer holding a copy of `host` (stream-ordered; counted as a host-to-device copy).
+    pub fn upload<T: Element>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        Counters::bump(&self.counters().host_to_device);
+        match self {
+            Device::Cuda(d) => Ok(DeviceBuffer::Cuda(d.stream().clone_htod(host)?)),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => {
+                let mut buffer = HostBuffer::zeroed(host.len())?;
+                buffer.as_mut_slice().copy_from_slice(host);
+                Ok(DeviceBuffer::Host(buffer))
+            }
+        }
+    }
+
+    /// Copies `data` back to the host. This waits for the device: a host sync, counted.
+    pub fn download<T: Element>(&self, data: &impl DeviceSlice<T>) -> Result<Vec<T>> {
+        Counters::bump(&self.counters().device_to_host);
+        Counters::bump(&self.counters().host_syncs);
+        let len = data.len();
+        let (ptr, _guard) = data.kernel_ptr(self, "data")?;
+        match self {
+            Device::Cuda(d) => d.download(ptr, len),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => {
+                // SAFETY: on the emulator a kernel pointer is a live host address of `len` elements.
+                Ok(unsafe { std::slice::from_raw_parts(ptr as *const T, len) }.to_vec())
+            }
+        }
+    }
+
+    /// Waits for all queued work (a host sync, counted). The emulator runs launches to
+    /// completion, so there it only counts.
+    pub fn synchronize(&self) -> Result<()> {
+        Counters::bump(&self.counters().host_syncs);
+        match self {
+            Device::Cuda(d) => Ok(d.stream().synchronize()?),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => Ok(()),
+        }
+    }
+
+    /// Launches the kernel `name` (its `extern "C"` symbol) with `args` in its parameter
+    /// order. Crate-internal: ops validate their inputs before they get here.
+    pub(crate) fn launch(&self, name: &str, config: LaunchConfig, mut args: KernelArgs<'_>) -> Result<()> {
+        args.check()?;
+        let _launch_index = Counters::bump(&self.counters().launches);
+        match self {
+            Device::Cuda(d) => d.launch(name, config, &mut args),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(d) => d.launch(name, config, &mut args, _launch_index),
+        }
+    }
+}
+
+/// The devices tests run on, and why any were left out.
+pub struct DeviceList {
+    pub devices: Vec<Device>,
+    /// Devices that are not available, with the reason (for "skipped" messages).
+    pub skipped: Vec<(DeviceKind, String)>,
+}
+
+/// Every device available here: the emulator (when compiled in) and the first GPU (when
+/// there is one and the build has GPU kernels). With `MOE_REQUIRE_GPU=1` a missing GPU is
+/// an error instead of a skip.
+pub fn available_devices() -> Result<DeviceList> {
+    let mut list = DeviceList { devices: vec![], skipped: vec![] };
+    match Device::emulator() {
+        Ok(d) => list.devices.push(d),
+        Err(e) => list.skipped.push((DeviceKind::Emulator, e.to_string())),
+    }
+    match Device::cuda() {
+        Ok(d) => list.devices.push(d),
+        Err(e) if std::env::var("MOE_REQUIRE_GPU").is_ok_and(|v| v == "1") => return Err(e),
+        Err(e) => list.skipped.push((DeviceKind::Cuda, e.to_string())),
+    }
+    Ok(list)
+}

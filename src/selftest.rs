@@ -1,0 +1,1 @@
+//! Self-test kernels (`kernels/selftest.cu`): placeholder until written.
