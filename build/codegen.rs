@@ -9,6 +9,8 @@ pub fn generate(files: &[KernelFile], gpu: &GpuBuild, emulator: bool) -> String 
     let archs: Vec<String> = gpu.archs.iter().map(u32::to_string).collect();
     writeln!(s, "pub const TARGET_ARCHS: &[u32] = &[{}];", archs.join(", ")).unwrap();
     writeln!(s, "pub const GPU_BUILD_NOTE: &str = {:?};", gpu.note).unwrap();
+    let nvcc = gpu.nvcc.as_ref().map(|p| p.display().to_string());
+    writeln!(s, "pub const NVCC: Option<&str> = {nvcc:?};").unwrap();
 
     s.push_str("pub static KERNELS: &[KernelInfo] = &[\n");
     for f in files {
@@ -20,8 +22,12 @@ pub fn generate(files: &[KernelFile], gpu: &GpuBuild, emulator: bool) -> String 
 
     s.push_str("pub static MODULES: &[EmbeddedModule] = &[\n");
     for (module, path) in &gpu.fatbins {
-        writeln!(s, "    EmbeddedModule {{ name: {module:?}, fatbin: include_bytes!({:?}) }},", path.display().to_string())
-            .unwrap();
+        writeln!(
+            s,
+            "    EmbeddedModule {{ name: {module:?}, fatbin: include_bytes!({:?}) }},",
+            path.display().to_string()
+        )
+        .unwrap();
     }
     s.push_str("];\n");
 
@@ -50,7 +56,7 @@ pub fn generate(files: &[KernelFile], gpu: &GpuBuild, emulator: bool) -> String 
     if emulator {
         s.push_str("    // SAFETY: each symbol is a constant KernelEntry defined by EMU_EXPORT.\n    match name {\n");
         for k in &names {
-            writeln!(s, "        {k:?} => Some(unsafe {{ &*(&raw const cuemu_kernel_{k}) }}),").unwrap();
+            writeln!(s, "        {k:?} => Some(unsafe {{ &cuemu_kernel_{k} }}),").unwrap();
         }
         s.push_str("        _ => None,\n    }\n");
     } else {

@@ -20,7 +20,9 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     match std::env::var("MOE_EMU_SANITIZE").unwrap_or_default().as_str() {
         "" => {}
         "address" => {
-            b.flag("-fsanitize=address").flag("-fno-omit-frame-pointer").opt_level(1);
+            b.flag("-fsanitize=address")
+                .flag("-fno-omit-frame-pointer")
+                .opt_level(1);
             // rustc links with -nodefaultlibs, so the runtime must be named, and ASan wants
             // it first among the shared libraries: before the lines cc prints.
             println!("cargo:rustc-link-lib=dylib=asan");

@@ -7,6 +7,7 @@ use std::process::Command;
 /// What the GPU build produced: fatbins per module, or the reason there are none.
 pub struct GpuBuild {
     pub archs: Vec<u32>,
+    pub nvcc: Option<PathBuf>,
     pub fatbins: Vec<(String, PathBuf)>,
     pub resources: Vec<Resources>,
     pub note: String,
@@ -24,7 +25,14 @@ pub struct Resources {
     pub spill_load_bytes: u32,
 }
 
-const ENV: [&str; 6] = ["NVCC", "CUDA_HOME", "CUDA_PATH", "MOE_CUDA_ARCHS", "MOE_REQUIRE_KERNELS", "PATH"];
+const ENV: [&str; 6] = [
+    "NVCC",
+    "CUDA_HOME",
+    "CUDA_PATH",
+    "MOE_CUDA_ARCHS",
+    "MOE_REQUIRE_KERNELS",
+    "PATH",
+];
 
 pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
     for var in ENV {
@@ -41,7 +49,13 @@ pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
             panic!("MOE_REQUIRE_KERNELS=1 but {note}");
         }
         println!("cargo:warning={note}");
-        return GpuBuild { archs, fatbins: vec![], resources: vec![], note };
+        return GpuBuild {
+            archs,
+            nvcc: None,
+            fatbins: vec![],
+            resources: vec![],
+            note,
+        };
     };
     // One nvcc per file, all at once; each handles its archs in order so that its ptxas
     // report is not interleaved.
@@ -52,7 +66,13 @@ pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
             .collect();
         jobs.into_iter().map(|j| j.join().expect("nvcc thread")).collect()
     });
-    let mut build = GpuBuild { archs, fatbins: vec![], resources: vec![], note: String::new() };
+    let mut build = GpuBuild {
+        archs,
+        nvcc: Some(nvcc.clone()),
+        fatbins: vec![],
+        resources: vec![],
+        note: String::new(),
+    };
     for (f, result) in files.iter().zip(results) {
         match result {
             Ok((fatbin, report)) => {
@@ -66,7 +86,13 @@ pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
                 }
                 let note = format!("nvcc failed on {}: built without GPU kernels", f.path.display());
                 println!("cargo:warning={note}");
-                return GpuBuild { archs: build.archs, fatbins: vec![], resources: vec![], note };
+                return GpuBuild {
+                    archs: build.archs,
+                    nvcc: None,
+                    fatbins: vec![],
+                    resources: vec![],
+                    note,
+                };
             }
         }
     }
@@ -123,7 +149,13 @@ fn python_nvcc() -> Vec<PathBuf> {
         .collect()
 }
 
-fn compile(nvcc: &Path, root: &Path, out: &Path, file: &KernelFile, archs: &[u32]) -> Result<(PathBuf, String), String> {
+fn compile(
+    nvcc: &Path,
+    root: &Path,
+    out: &Path,
+    file: &KernelFile,
+    archs: &[u32],
+) -> Result<(PathBuf, String), String> {
     let fatbin = out.join(format!("{}.fatbin", file.module));
     let mut cmd = Command::new(nvcc);
     cmd.arg("-fatbin")
@@ -158,15 +190,25 @@ fn parse_ptxas_report(report: &str) -> Vec<Resources> {
     let mut properties_of_current = false; // the stack line follows "Function properties for <fn>"
     let number_before = |line: &str, unit: &str| -> Option<u32> {
         let head = &line[..line.find(unit)?];
-        head.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+        head.split(|c: char| !c.is_ascii_digit())
+            .rfind(|s| !s.is_empty())?
+            .parse()
+            .ok()
     };
     for line in report.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             all.extend(current.take());
             let mut parts = rest.split('\'');
             let kernel = parts.next().unwrap_or_default().to_string();
-            let arch = parts.nth(1).and_then(|a| a.trim_start_matches("sm_").parse().ok()).unwrap_or(0);
-            current = Some(Resources { kernel, arch, ..Default::default() });
+            let arch = parts
+                .nth(1)
+                .and_then(|a| a.trim_start_matches("sm_").parse().ok())
+                .unwrap_or(0);
+            current = Some(Resources {
+                kernel,
+                arch,
+                ..Default::default()
+            });
         } else if let Some(r) = current.as_mut() {
             if let Some(name) = line.split("Function properties for ").nth(1) {
                 properties_of_current = name.trim() == r.kernel;

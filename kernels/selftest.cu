@@ -14,6 +14,7 @@
 //   selftest_cp_async           cp.async of 16, 8 and 4 bytes, full and zero-filled
 //   selftest_cp_async_groups    two commit groups per thread, wait_group 1 then 0
 //   selftest_dynamic_shared     a reversal through dynamic shared memory
+//   selftest_convert_16bit      float <-> f16 / bf16 conversions (cvt.rn semantics)
 //
 // "full" below is the warp mask 0xffffffff; every warp-level kernel needs all 32 lanes.
 #include "ptx.cuh"
@@ -403,3 +404,22 @@ extern "C" __global__ void selftest_dynamic_shared(float* out, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) out_b[i] = s[n - 1 - i];
 }
 EMU_EXPORT(selftest_dynamic_shared)
+
+// ------------------------------------------------------------------------------------------
+// selftest_convert_16bit: the 16-bit float conversions every kernel's I/O goes through.
+// Launch: any 1-D grid covering n. For i < n:
+//   f16_bits[i]  = bits of __float2half_rn(x[i]),  bf16_bits[i] = bits of __float2bfloat16_rn(x[i])
+//   f16_wide[i]  = __half2float(half with bits[i]), bf16_wide[i] = __bfloat162float(bf16 with bits[i])
+// Host: round to nearest even, overflow to infinity, NaN stays NaN (payload unspecified);
+// widening is exact. With bits[i] = i for i < 65536 the widening check is exhaustive.
+extern "C" __global__ void selftest_convert_16bit(const float* x, const unsigned short* bits, long long n,
+                                                  unsigned short* f16_bits, unsigned short* bf16_bits,
+                                                  float* f16_wide, float* bf16_wide) {
+  const i64 i = global_thread_x();
+  if (i >= n) return;
+  f16_bits[i] = __half_as_ushort(__float2half_rn(x[i]));
+  bf16_bits[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+  f16_wide[i] = __half2float(__ushort_as_half(bits[i]));
+  bf16_wide[i] = __bfloat162float(__ushort_as_bfloat16(bits[i]));
+}
+EMU_EXPORT(selftest_convert_16bit)

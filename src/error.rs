@@ -20,25 +20,44 @@ pub enum Error {
     EmulatorUnavailable,
     /// An environment variable that configures the crate has a value it cannot use.
     #[error("environment variable {name}={value}: expected {expected}")]
-    Environment { name: &'static str, value: String, expected: &'static str },
+    Environment {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     /// A kernel name that this build does not contain (an internal inconsistency).
     #[error("kernel `{0}` is not part of this build")]
     KernelNotFound(String),
     /// The argument list given to a kernel does not match its signature.
     #[error("kernel `{kernel}`: {detail}")]
     KernelSignature { kernel: String, detail: String },
+    /// A launch configuration outside the device's limits (an op chose it: a crate bug).
+    #[error("kernel `{kernel}`: launch configuration refused: {reason}")]
+    InvalidLaunch { kernel: String, reason: String },
     /// A launch was rejected or failed while running (emulator: deadlock, `__trap`, ...).
     #[error("kernel launch failed: {0}")]
     LaunchFailed(String),
     /// A buffer handed to an op lives on another device than the one running it.
     #[error("argument `{argument}` lives on {found}, but the op runs on {expected}")]
-    WrongDevice { argument: &'static str, expected: &'static str, found: &'static str },
+    WrongDevice {
+        argument: &'static str,
+        expected: &'static str,
+        found: &'static str,
+    },
     /// An argument has the wrong shape or length.
     #[error("argument `{argument}`: expected {expected}, got {got}")]
-    Shape { argument: &'static str, expected: String, got: String },
+    Shape {
+        argument: &'static str,
+        expected: String,
+        got: String,
+    },
     /// An argument's value is outside what the op supports.
     #[error("argument `{argument}` = {value}: expected {expected}")]
-    InvalidArgument { argument: &'static str, value: String, expected: String },
+    InvalidArgument {
+        argument: &'static str,
+        value: String,
+        expected: String,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

@@ -4,7 +4,7 @@ use super::launch::{KernelArgs, LaunchConfig};
 use super::registry;
 use super::{Counters, Element};
 use crate::{Error, Result};
-use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     arch: u32,
     name: String,
+    max_dynamic_shared_bytes: u32,
     functions: Arc<Mutex<FunctionCache>>,
     pub(super) counters: Arc<Counters>,
 }
@@ -48,10 +49,12 @@ impl CudaDevice {
             return Err(Error::UnsupportedGpu { found: arch, needed });
         }
         let name = ctx.name()?;
+        let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         Ok(Self {
             stream,
             arch,
             name,
+            max_dynamic_shared_bytes: optin as u32,
             functions: Arc::default(),
             counters: Arc::default(),
         })
@@ -64,7 +67,9 @@ impl CudaDevice {
         // cudarc panics on first use when libcuda cannot be loaded: look first.
         // SAFETY: only tries to open the library.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::CudaUnavailable("the CUDA driver library (libcuda) was not found".into()));
+            return Err(Error::CudaUnavailable(
+                "the CUDA driver library (libcuda) was not found".into(),
+            ));
         }
         Ok(())
     }
@@ -76,6 +81,11 @@ impl CudaDevice {
     /// Compute capability as a number (90 for sm_90).
     pub fn arch(&self) -> u32 {
         self.arch
+    }
+
+    /// The opt-in ceiling on dynamic shared memory per block.
+    pub fn max_dynamic_shared_bytes(&self) -> u32 {
+        self.max_dynamic_shared_bytes
     }
 
     pub fn description(&self) -> String {
@@ -99,7 +109,10 @@ impl CudaDevice {
                     .find(|m| m.name == module_name)
                     .ok_or_else(|| Error::KernelNotFound(name.into()))?
                     .fatbin;
-                let m = self.stream.context().load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))?;
+                let m = self
+                    .stream
+                    .context()
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))?;
                 cache.modules.insert(module_name, m.clone());
                 m
             }

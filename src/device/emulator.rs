@@ -8,6 +8,9 @@ use crate::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::Arc;
 
+/// The emulated device's ceiling on dynamic shared memory per block (that of sm_90).
+pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 227 * 1024;
+
 /// The order in which the emulator runs the CUDA threads released together (at block
 /// start, at each barrier, at each warp collective). Kernels must be correct under all of
 /// them; the shuffled ones expose missing barriers that in-order execution hides.
@@ -16,7 +19,9 @@ pub enum Schedule {
     InOrder,
     Reverse,
     /// Shuffled; the seed (varied per launch) makes a run repeatable.
-    Random { seed: u64 },
+    Random {
+        seed: u64,
+    },
 }
 
 /// The CPU emulator, with its schedule and worker count.
@@ -56,7 +61,13 @@ fn env_var(name: &'static str) -> Option<String> {
 
 fn parse_env<T: std::str::FromStr>(name: &'static str, expected: &'static str) -> Result<Option<T>> {
     env_var(name)
-        .map(|v| v.parse().map_err(|_| Error::Environment { name, value: v, expected }))
+        .map(|v| {
+            v.parse().map_err(|_| Error::Environment {
+                name,
+                value: v,
+                expected,
+            })
+        })
         .transpose()
 }
 
@@ -64,7 +75,12 @@ impl EmulatorDevice {
     /// In-order schedule, one worker per core, 256 KiB of stack per CUDA thread.
     pub fn new() -> Self {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        Self { schedule: Schedule::InOrder, workers, stack_kib: 256, counters: Arc::default() }
+        Self {
+            schedule: Schedule::InOrder,
+            workers,
+            stack_kib: 256,
+            counters: Arc::default(),
+        }
     }
 
     /// [`new`](Self::new), adjusted by the environment:
@@ -96,7 +112,10 @@ impl EmulatorDevice {
 
     /// The same device with another schedule (shares the launch counters).
     pub fn with_schedule(&self, schedule: Schedule) -> Self {
-        Self { schedule, ..self.clone() }
+        Self {
+            schedule,
+            ..self.clone()
+        }
     }
 
     pub fn schedule(&self) -> Schedule {

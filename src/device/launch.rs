@@ -5,8 +5,8 @@
 //! argument, pointing at its value), which is also what the emulator's launchers take.
 //! Every value sits in its own 8-byte slot; a 4-byte scalar occupies the low half, which is
 //! where a little-endian reader of 4 bytes finds it.
-use super::memory::{DeviceSlice, DeviceSliceMut, Element, PtrGuard};
 use super::Device;
+use super::memory::{DeviceSlice, DeviceSliceMut, Element, PtrGuard};
 use crate::{Error, Result};
 
 /// Grid, block and dynamic shared memory of one launch.
@@ -20,7 +20,36 @@ pub struct LaunchConfig {
 impl LaunchConfig {
     /// A 1-D launch: `blocks` blocks of `threads` threads.
     pub fn linear(blocks: u32, threads: u32, shared_bytes: u32) -> Self {
-        Self { grid: (blocks, 1, 1), block: (threads, 1, 1), shared_bytes }
+        Self {
+            grid: (blocks, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes,
+        }
+    }
+
+    /// Checks CUDA's limits (the same on every device: sm_80 and newer), with the device's
+    /// own ceiling on dynamic shared memory. The reason names the offending value.
+    pub(super) fn validate(&self, max_shared_bytes: u32) -> std::result::Result<(), String> {
+        let (bx, by, bz) = self.block;
+        let threads = bx as u64 * by as u64 * bz as u64;
+        if threads == 0 || threads > 1024 || bz > 64 {
+            return Err(format!(
+                "block ({bx},{by},{bz}) must have 1 to 1024 threads and z <= 64"
+            ));
+        }
+        let (gx, gy, gz) = self.grid;
+        if gx == 0 || gx > i32::MAX as u32 || gy == 0 || gy > 65535 || gz == 0 || gz > 65535 {
+            return Err(format!(
+                "grid ({gx},{gy},{gz}) must be 1..2^31-1 in x and 1..65535 in y and z"
+            ));
+        }
+        if self.shared_bytes > max_shared_bytes {
+            return Err(format!(
+                "dynamic shared memory of {} bytes exceeds the device's {max_shared_bytes}",
+                self.shared_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -47,7 +76,13 @@ pub struct KernelArgs<'a> {
 
 impl<'a> KernelArgs<'a> {
     pub fn new(device: &'a Device) -> Self {
-        Self { device, values: vec![], sizes: vec![], guards: vec![], error: None }
+        Self {
+            device,
+            values: vec![],
+            sizes: vec![],
+            guards: vec![],
+            error: None,
+        }
     }
 
     fn pointer(mut self, ptr: Result<(u64, PtrGuard<'a>)>) -> Self {

@@ -3,7 +3,9 @@
 //! buffers and cudarc's own `CudaSlice` / `CudaView` / `CudaViewMut`.
 use super::{Device, DeviceKind};
 use crate::{Error, Result};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, ValidAsZeroBits,
+};
 use std::alloc::Layout;
 use std::ptr::NonNull;
 
@@ -137,7 +139,11 @@ pub trait DeviceSliceMut<T: Element>: DeviceSlice<T> {
 }
 
 fn wrong_device(argument: &'static str, device: &Device, found: DeviceKind) -> Error {
-    Error::WrongDevice { argument, expected: device.kind().name(), found: found.name() }
+    Error::WrongDevice {
+        argument,
+        expected: device.kind().name(),
+        found: found.name(),
+    }
 }
 
 impl<T: Element> DeviceSlice<T> for DeviceBuffer<T> {

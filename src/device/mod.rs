@@ -126,6 +126,15 @@ impl Device {
         }
     }
 
+    /// The most dynamic shared memory one block may use on this device.
+    pub fn max_dynamic_shared_bytes(&self) -> u32 {
+        match self {
+            Device::Cuda(d) => d.max_dynamic_shared_bytes(),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => emulator::MAX_DYNAMIC_SHARED_BYTES,
+        }
+    }
+
     fn counters(&self) -> &Arc<Counters> {
         match self {
             Device::Cuda(d) => &d.counters,
@@ -172,10 +181,10 @@ impl Device {
 
     /// Copies `data` back to the host. This waits for the device: a host sync, counted.
     pub fn download<T: Element>(&self, data: &impl DeviceSlice<T>) -> Result<Vec<T>> {
-        Counters::bump(&self.counters().device_to_host);
-        Counters::bump(&self.counters().host_syncs);
         let len = data.len();
         let (ptr, _guard) = data.kernel_ptr(self, "data")?;
+        Counters::bump(&self.counters().device_to_host);
+        Counters::bump(&self.counters().host_syncs);
         match self {
             Device::Cuda(d) => d.download(ptr, len),
             #[cfg(feature = "emulator")]
@@ -201,6 +210,12 @@ impl Device {
     /// order. Crate-internal: ops validate their inputs before they get here.
     pub(crate) fn launch(&self, name: &str, config: LaunchConfig, mut args: KernelArgs<'_>) -> Result<()> {
         args.check()?;
+        config
+            .validate(self.max_dynamic_shared_bytes())
+            .map_err(|reason| Error::InvalidLaunch {
+                kernel: name.into(),
+                reason,
+            })?;
         let _launch_index = Counters::bump(&self.counters().launches);
         match self {
             Device::Cuda(d) => d.launch(name, config, &mut args),
@@ -221,7 +236,10 @@ pub struct DeviceList {
 /// there is one and the build has GPU kernels). With `MOE_REQUIRE_GPU=1` a missing GPU is
 /// an error instead of a skip.
 pub fn available_devices() -> Result<DeviceList> {
-    let mut list = DeviceList { devices: vec![], skipped: vec![] };
+    let mut list = DeviceList {
+        devices: vec![],
+        skipped: vec![],
+    };
     match Device::emulator() {
         Ok(d) => list.devices.push(d),
         Err(e) => list.skipped.push((DeviceKind::Emulator, e.to_string())),

@@ -1,0 +1,247 @@
+//! The emulator's tools against kernels with planted bugs (`kernels/planted_bugs.cu`). Each
+//! test fails if its tool stopped catching its bug: the shuffled schedules (missing
+//! barriers), copies landing only at `cp.async.wait_group`, ldmatrix reading each row when its
+//! lane arrives, deadlock and `__trap` reporting, and the AddressSanitizer build.
+#![cfg(feature = "emulator")]
+use moe_kernels::device::emulator::address_sanitizer;
+use moe_kernels::device::{Device, EmulatorDevice, Schedule};
+use moe_kernels::selftest::planted;
+use moe_kernels::{Error, Result};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn emulator(schedule: Schedule) -> Device {
+    Device::Emulator(EmulatorDevice::from_env().expect("emulator").with_schedule(schedule))
+}
+
+/// The schedules that reorder the threads released together.
+const SHUFFLED: [Schedule; 4] = [
+    Schedule::Reverse,
+    Schedule::Random { seed: 1 },
+    Schedule::Random { seed: 2 },
+    Schedule::Random { seed: 0x5EED },
+];
+
+fn every_schedule() -> impl Iterator<Item = Schedule> {
+    std::iter::once(Schedule::InOrder).chain(SHUFFLED)
+}
+
+/// A different input seed for every launch of a test, so that no launch finds the right
+/// values left in shared memory by an earlier one.
+fn seeds(first: u64) -> impl FnMut() -> u64 {
+    let mut next = first;
+    move || {
+        next += 1;
+        next
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Missing barriers: output differences.
+
+const SHIFT_BLOCKS: u32 = 4;
+
+#[test]
+fn missing_syncthreads_hides_in_order_and_shows_under_shuffled_schedules() {
+    let mut seed = seeds(100);
+    // In order, thread t-1 runs to completion before thread t: the race cannot show.
+    let in_order = planted::shift(&emulator(Schedule::InOrder), false, SHIFT_BLOCKS, seed()).unwrap();
+    assert_eq!(
+        in_order.differing(),
+        0,
+        "in-order execution is expected to hide the missing barrier"
+    );
+    for schedule in SHUFFLED {
+        let out = planted::shift(&emulator(schedule), false, SHIFT_BLOCKS, seed()).unwrap();
+        assert!(out.differing() > 0, "{schedule:?} hid the missing __syncthreads");
+        if schedule == Schedule::Reverse {
+            // Every thread but each block's first reads its neighbour's slot before it is written.
+            assert_eq!(out.differing(), SHIFT_BLOCKS as usize * 255, "{schedule:?}");
+        }
+    }
+}
+
+#[test]
+fn with_syncthreads_the_shift_is_right_under_every_schedule() {
+    let mut seed = seeds(200);
+    for schedule in every_schedule() {
+        let out = planted::shift(&emulator(schedule), true, SHIFT_BLOCKS, seed()).unwrap();
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+    }
+}
+
+const STAGE_BLOCKS: u32 = 3;
+const STAGE_THREADS: u32 = 64;
+
+#[test]
+fn missing_cp_async_wait_shows_under_every_schedule() {
+    let mut seed = seeds(300);
+    for schedule in every_schedule() {
+        let out = planted::cp_async_stage(&emulator(schedule), false, STAGE_BLOCKS, STAGE_THREADS, seed()).unwrap();
+        // At least the first thread of each block to read finds its neighbour's copy pending.
+        let block = 4 * STAGE_THREADS as usize;
+        for (b, (got, expected)) in out.got.chunks(block).zip(out.expected.chunks(block)).enumerate() {
+            assert_ne!(
+                got, expected,
+                "{schedule:?}: block {b} read shared memory before the copies landed, unseen"
+            );
+        }
+        if schedule == Schedule::InOrder {
+            // Each thread's copy lands when it exits: all but the last thread read a pending one.
+            let stale_threads = STAGE_BLOCKS * (STAGE_THREADS - 1);
+            assert_eq!(out.differing(), 4 * stale_threads as usize, "{schedule:?}");
+        }
+    }
+}
+
+#[test]
+fn with_cp_async_wait_the_rotation_is_right_under_every_schedule() {
+    let mut seed = seeds(400);
+    for schedule in every_schedule() {
+        let out = planted::cp_async_stage(&emulator(schedule), true, STAGE_BLOCKS, STAGE_THREADS, seed()).unwrap();
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+    }
+}
+
+#[test]
+fn missing_syncwarp_before_ldmatrix_shows_under_every_schedule() {
+    let mut seed = seeds(500);
+    for schedule in every_schedule() {
+        // In order, lane 31 writes row 0 after lane 0's ldmatrix read it; reordered, more rows.
+        let out = planted::ldmatrix_after_writes(&emulator(schedule), false, seed()).unwrap();
+        assert!(out.differing() > 0, "{schedule:?} hid the missing __syncwarp");
+    }
+}
+
+#[test]
+fn with_syncwarp_ldmatrix_is_right_under_every_schedule() {
+    let mut seed = seeds(600);
+    for schedule in every_schedule() {
+        let out = planted::ldmatrix_after_writes(&emulator(schedule), true, seed()).unwrap();
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Launch failures: reported as errors, and the emulator keeps working afterwards.
+
+/// Runs `launch` on its own thread and gives up after a minute, so a hang fails the test
+/// instead of stalling the run. Returns the launch's result and how long it took.
+fn within_a_minute(launch: fn(&Device) -> Result<()>, schedule: Schedule) -> (Result<()>, Duration) {
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        let start = Instant::now();
+        let result = launch(&emulator(schedule));
+        let _ = send.send((result, start.elapsed()));
+    });
+    receive
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the launch hung: no result within 60 s")
+}
+
+/// After a failed launch the emulator still runs a correct kernel correctly.
+fn assert_emulator_recovered(schedule: Schedule) {
+    let out = planted::shift(&emulator(schedule), true, 2, 700).unwrap();
+    assert_eq!(
+        out.got, out.expected,
+        "{schedule:?}: a correct launch after a failed one"
+    );
+}
+
+#[test]
+fn divergent_barrier_is_reported_as_a_deadlock() {
+    for schedule in every_schedule() {
+        let (result, took) = within_a_minute(planted::divergent_barrier, schedule);
+        match result {
+            Err(Error::LaunchFailed(msg)) => {
+                assert!(msg.contains("deadlock"), "{schedule:?}: {msg}");
+                assert!(
+                    msg.contains("planted_divergent_barrier"),
+                    "{schedule:?}: should name the kernel: {msg}"
+                );
+            }
+            other => panic!("{schedule:?}: expected a deadlock error, got {other:?}"),
+        }
+        assert!(
+            took < Duration::from_secs(5),
+            "{schedule:?}: detecting the deadlock took {took:?}"
+        );
+        assert_emulator_recovered(schedule);
+    }
+}
+
+#[test]
+fn trap_is_reported_as_a_launch_failure() {
+    for schedule in every_schedule() {
+        let (result, _) = within_a_minute(planted::trap, schedule);
+        match result {
+            Err(Error::LaunchFailed(msg)) => assert!(msg.contains("__trap"), "{schedule:?}: {msg}"),
+            other => panic!("{schedule:?}: expected a __trap error, got {other:?}"),
+        }
+        assert_emulator_recovered(schedule);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Memory errors: only the AddressSanitizer build sees them, and it aborts the process, so the
+// bad kernel runs in a child process: this same test binary, running only the same test.
+
+/// Set in the child to the test whose bad kernel it must launch.
+const CHILD: &str = "MOE_PLANTED_CHILD";
+
+/// The test `test` launches `bad` in a child process and asserts that AddressSanitizer reported
+/// `error` and that the emulator named the CUDA `thread` (as "(x,y,z) of block (x,y,z)").
+fn caught_by_address_sanitizer(test: &str, bad: fn(&Device) -> Result<()>, error: &str, thread: &str) {
+    if !address_sanitizer() {
+        // Never launch the bad kernel here: it would corrupt this process's memory.
+        eprintln!("skipped: needs the AddressSanitizer build (MOE_EMU_SANITIZE=address)");
+        return;
+    }
+    if std::env::var(CHILD).is_ok_and(|v| v == test) {
+        let result = bad(&emulator(Schedule::InOrder));
+        panic!("AddressSanitizer let the planted bug through (the launch returned {result:?})");
+    }
+    let child = Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD, test)
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .expect("running the test binary again");
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(
+        !child.status.success(),
+        "the child survived the planted bug; its stderr:\n{stderr}"
+    );
+    for expected in [
+        "AddressSanitizer",
+        error,
+        "cuemu: the report above comes from CUDA thread",
+        thread,
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "the child's stderr lacks `{expected}`:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn out_of_bounds_global_write_is_caught_by_address_sanitizer() {
+    caught_by_address_sanitizer(
+        "out_of_bounds_global_write_is_caught_by_address_sanitizer",
+        planted::out_of_bounds_write,
+        "heap-buffer-overflow",
+        "(100,0,0) of block (0,0,0)",
+    );
+}
+
+#[test]
+fn static_shared_overrun_is_caught_by_address_sanitizer() {
+    caught_by_address_sanitizer(
+        "static_shared_overrun_is_caught_by_address_sanitizer",
+        planted::static_shared_overrun,
+        "global-buffer-overflow",
+        "(63,0,0) of block (0,0,0)",
+    );
+}
