@@ -18,6 +18,9 @@ pub enum Error {
     /// The emulator was not compiled in (cargo feature `emulator`).
     #[error("the CPU emulator is not part of this build (enable the cargo feature `emulator`)")]
     EmulatorUnavailable,
+    /// Memory profiling needs the profiling build of the emulator.
+    #[error("memory profiling needs the profiling build: rebuild with MOE_EMU_PROFILE=1 (and clang-19 installed)")]
+    ProfilingUnavailable,
     /// An environment variable that configures the crate has a value it cannot use.
     #[error("environment variable {name}={value}: expected {expected}")]
     Environment {

@@ -8,6 +8,9 @@
 //!
 //! [`planted`] holds the launchers of the deliberately broken kernels of
 //! `kernels/planted_bugs.cu`, for the tests that prove the emulator's tools catch them.
+#[doc(hidden)]
+pub mod probes;
+
 use crate::device::{Device, DeviceKind, Element, KernelArgs, LaunchConfig};
 use crate::{Error, Result};
 use half::{bf16, f16};

@@ -44,11 +44,15 @@
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#ifdef CUEMU_ASAN
+#if defined(CUEMU_ASAN)
 // AddressSanitizer puts redzones around globals but not around thread_local data, so in
 // sanitizer builds static shared arrays are plain statics (overruns are reported) and the
 // runtime runs one block at a time, which keeps "one instance per running block" true.
 #define __shared__ static
+#elif defined(CUEMU_PROFILE)
+// The memory profiler recognises shared memory by address: static shared arrays are
+// gathered in one section (blocks run one at a time, as in sanitizer builds).
+#define __shared__ static __attribute__((section("cuemu_shared")))
 #else
 // One instance per OS thread; an OS thread runs one block at a time and fibers never
 // migrate, so this is one instance per running block.
@@ -79,11 +83,12 @@ constexpr int warpSize = 32;
 #include "cuemu_fp16.h"
 
 // Built-in variables: per OS thread, rewritten by the runtime on every fiber switch.
+// constinit: no dynamic initialisation, so no TLS wrapper call on every read.
 #define CUEMU_TLS thread_local __attribute__((tls_model("initial-exec")))
-extern CUEMU_TLS uint3 threadIdx;
-extern CUEMU_TLS uint3 blockIdx;
-extern CUEMU_TLS dim3 blockDim;
-extern CUEMU_TLS dim3 gridDim;
+extern CUEMU_TLS constinit uint3 threadIdx;
+extern CUEMU_TLS constinit uint3 blockIdx;
+extern CUEMU_TLS constinit dim3 blockDim;
+extern CUEMU_TLS constinit dim3 gridDim;
 
 // ------------------------------------------------------------------ runtime interface
 namespace cuemu {
@@ -102,6 +107,12 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void cp_async_commit();
 void cp_async_wait_group(unsigned pending);
 [[noreturn]] void trap(const char* file, int line);
+#ifdef CUEMU_PROFILE
+void profile_atomic(const void* p, unsigned bytes);  // the caller's address is the site
+#define CUEMU_PROFILE_ATOMIC(p) ::cuemu::profile_atomic(p, sizeof(*(p)))
+#else
+#define CUEMU_PROFILE_ATOMIC(p) ((void)0)
+#endif
 
 // What EMU_EXPORT publishes for one kernel; Rust reads it (src/device/emulator.rs).
 constexpr unsigned kMaxParams = 32;
@@ -180,22 +191,25 @@ inline void __nanosleep(unsigned) {}
 // Relaxed, device scope. Fibers of one block never preempt each other, but blocks run on
 // several OS threads at once, so these are real atomic instructions.
 #define CUEMU_ATOMIC_INT(T)                                                                      \
-  inline T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicSub(T* p, T v) { return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }             \
-  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicExch(T* p, T v) { return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }         \
+  inline T atomicAdd(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicSub(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicAnd(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicOr(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }             \
+  inline T atomicXor(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicExch(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }         \
   inline T atomicCAS(T* p, T expected, T v) {                                                    \
+    CUEMU_PROFILE_ATOMIC(p);                                                                     \
     __atomic_compare_exchange_n(p, &expected, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);     \
     return expected;                                                                             \
   }                                                                                              \
   inline T atomicMax(T* p, T v) {                                                                \
+    CUEMU_PROFILE_ATOMIC(p);                                                                     \
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
     while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
     return old;                                                                                  \
   }                                                                                              \
   inline T atomicMin(T* p, T v) {                                                                \
+    CUEMU_PROFILE_ATOMIC(p);                                                                     \
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
     while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
     return old;                                                                                  \
@@ -206,6 +220,7 @@ CUEMU_ATOMIC_INT(unsigned long long)
 CUEMU_ATOMIC_INT(long long)
 #undef CUEMU_ATOMIC_INT
 template <class F, class Bits> inline F cuemu_atomic_float_add(F* p, F v) {
+  CUEMU_PROFILE_ATOMIC(p);
   Bits* q = reinterpret_cast<Bits*>(p);
   Bits old = __atomic_load_n(q, __ATOMIC_RELAXED);
   while (!__atomic_compare_exchange_n(q, &old, cuemu_bitcast<Bits>(cuemu_bitcast<F>(old) + v), true,

@@ -17,6 +17,9 @@
 //     the worker switches back to its own stack, the launch stops taking blocks and
 //     cuemu_launch returns the message. Fiber stacks are simply reset for the next block.
 #include "cuemu.h"
+#ifdef CUEMU_PROFILE
+#include "profiler.h"
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -42,10 +45,10 @@
 #include <ucontext.h>
 #endif
 
-CUEMU_TLS uint3 threadIdx;
-CUEMU_TLS uint3 blockIdx;
-CUEMU_TLS dim3 blockDim;
-CUEMU_TLS dim3 gridDim;
+CUEMU_TLS constinit uint3 threadIdx{};
+CUEMU_TLS constinit uint3 blockIdx{};
+CUEMU_TLS constinit dim3 blockDim{};
+CUEMU_TLS constinit dim3 gridDim{};
 
 // ------------------------------------------------------------------ context switch
 #ifndef CUEMU_UCONTEXT
@@ -142,6 +145,7 @@ struct Launch {
   uint64_t seed;
   size_t stack_bytes;
   uint64_t block_count;
+  bool profiling = false;
   std::atomic<uint64_t> next_block{0};
   std::atomic<bool> failed{false};
   std::mutex error_mutex;
@@ -567,9 +571,15 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
 #endif
   if (L.shared_bytes) memset(w.shared, 0xFF, L.shared_bytes);
   release(w);
+#ifdef CUEMU_PROFILE
+  if (L.profiling) profiler::block_begin(n);
+#endif
   tl_worker = &w;
   transfer(w, nullptr, &w.fibers[queue_pop(w)], false);
   tl_worker = nullptr;
+#ifdef CUEMU_PROFILE
+  if (L.profiling) profiler::block_end();
+#endif
 #ifdef CUEMU_ASAN
   if (!w.failure.empty())  // abandoned fibers may have left poisoned frames anywhere
     for (unsigned i = 0; i < n; ++i) __asan_unpoison_memory_region(w.fibers[i].stack_lo, w.fibers[i].stack_size);
@@ -599,9 +609,8 @@ class Pool {
     for (unsigned i = 0; i < helpers; ++i) threads_.emplace_back([this] { serve(); });
   }
   unsigned helpers() const { return unsigned(threads_.size()); }
-  // Runs L on the calling thread plus `helpers` pool threads; one launch at a time.
+  // Runs L on the calling thread plus `helpers` pool threads. Callers serialize launches.
   void run(Launch& L, unsigned helpers) {
-    std::lock_guard<std::mutex> serial(launch_mutex_);
     helpers = std::min<uint64_t>({helpers, this->helpers(), L.block_count - 1});
     if (helpers) {  // waking threads costs tens of microseconds: only for multi-block launches
       std::lock_guard<std::mutex> lock(mutex_);
@@ -631,7 +640,7 @@ class Pool {
       if (--busy_ == 0) done_.notify_all();
     }
   }
-  std::mutex launch_mutex_, mutex_;
+  std::mutex mutex_;
   std::condition_variable go_, done_;
   std::vector<std::thread> threads_;
   Launch* job_ = nullptr;
@@ -640,7 +649,7 @@ class Pool {
 };
 
 Pool& pool() {
-#ifdef CUEMU_ASAN
+#if defined(CUEMU_ASAN) || defined(CUEMU_PROFILE)
   const unsigned helpers = 0;  // static shared arrays are plain statics: one block at a time
 #else
   const unsigned helpers = std::max(1u, std::thread::hardware_concurrency()) - 1;
@@ -711,6 +720,9 @@ void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row) {
   if (tl_fiber->lane < 8 * num) {  // this lane's row is read now, when the lane arrives
     if (reinterpret_cast<uintptr_t>(row) & 15) fail_block("ldmatrix: row address %p is not 16-byte aligned", row);
     memcpy(s.in, row, 16);
+#ifdef CUEMU_PROFILE
+    profiler::record(row, 16, profiler::Access::Load, uintptr_t(__builtin_return_address(0)));
+#endif
   }
   arrive(0xffffffffu, Collective::LdMatrix);
   memcpy(regs, s.out, 4 * num);
@@ -722,11 +734,30 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
   if (src_bytes > bytes) fail_block("cp.async: src-size %u exceeds the copy size %u", src_bytes, bytes);
   Fiber& f = *tl_fiber;
   f.copies.push_back({dst, src, bytes, src_bytes, f.committed_groups});
+#ifdef CUEMU_PROFILE
+  const uintptr_t site = uintptr_t(__builtin_return_address(0));
+  if (src_bytes) profiler::record(src, src_bytes, profiler::Access::Load, site);
+  profiler::record(dst, bytes, profiler::Access::Store, site);
+#endif
 }
 void cp_async_commit() { ++tl_fiber->committed_groups; }
 void cp_async_wait_group(unsigned pending) { complete_copies(*tl_fiber, pending); }
 
 void trap(const char* file, int line) { fail_block("__trap() at %s:%d", file, line); }
+
+#ifdef CUEMU_PROFILE
+__attribute__((noinline)) void profile_atomic(const void* p, unsigned bytes) {
+  profiler::record(p, bytes, profiler::Access::Atomic, uintptr_t(__builtin_return_address(0)));
+}
+
+bool profiler::current_lane(LaneView* out) {
+  const Worker* w = tl_worker;
+  const Fiber* f = tl_fiber;
+  if (!w || !f) return false;
+  *out = LaneView{f->linear, f->warp, f->stack_lo, f->stack_size, w->shared, w->launch->shared_bytes};
+  return true;
+}
+#endif
 
 }  // namespace cuemu
 
@@ -740,6 +771,8 @@ struct cuemu_launch_config {
   uint64_t seed;
   uint32_t workers;   // OS threads for this launch (>= 1); capped by the pool
   uint32_t stack_kib;
+  uint32_t profile;   // 1: record memory accesses (MOE_EMU_PROFILE builds only)
+  uint32_t reserved;
 };
 
 // Static limits of the emulated device (those of sm_90).
@@ -747,8 +780,10 @@ constexpr uint32_t kMaxSharedBytes = 227 * 1024;
 
 // Runs `kernel` to completion. Returns 0, or 1 with a message in `error` (launch
 // configuration rejected, or a block failed: deadlock, __trap, misused collective).
+// With cfg->profile, *profile_out receives the launch's memory profile (profiler.cpp's C
+// API reads and frees it), also when the launch fails.
 extern "C" int cuemu_launch(const cuemu::KernelEntry* kernel, const cuemu_launch_config* cfg, void** params,
-                            char* error, size_t error_len) {
+                            void** profile_out, char* error, size_t error_len) {
   using namespace cuemu;
   auto reject = [&](const std::string& msg) {
     snprintf(error, error_len, "%s: %s", kernel->name, msg.c_str());
@@ -765,6 +800,9 @@ extern "C" int cuemu_launch(const cuemu::KernelEntry* kernel, const cuemu_launch
     return reject("dynamic shared memory of " + std::to_string(cfg->shared_bytes) + " bytes exceeds " +
                   std::to_string(kMaxSharedBytes));
   if (cfg->schedule > 2) return reject("unknown schedule " + std::to_string(cfg->schedule));
+#ifndef CUEMU_PROFILE
+  if (cfg->profile) return reject("memory profiling needs the profiling build (MOE_EMU_PROFILE=1)");
+#endif
 #ifdef CUEMU_ASAN
   static const bool hooked = (__asan_set_error_report_callback(name_cuda_thread_in_report), true);
   (void)hooked;
@@ -779,9 +817,29 @@ extern "C" int cuemu_launch(const cuemu::KernelEntry* kernel, const cuemu_launch
   L.seed = cfg->seed;
   L.stack_bytes = size_t(std::max(16u, cfg->stack_kib)) << 10;
   L.block_count = uint64_t(cfg->grid[0]) * cfg->grid[1] * cfg->grid[2];
+  L.profiling = cfg->profile != 0;
+  static std::mutex serial;  // one launch at a time: the emulator is a single stream
+  std::lock_guard<std::mutex> one_launch(serial);
+#ifdef CUEMU_PROFILE
+  if (L.profiling) *profile_out = profiler::launch_begin();
+#else
+  (void)profile_out;
+#endif
   pool().run(L, std::max(1u, cfg->workers) - 1);
+#ifdef CUEMU_PROFILE
+  if (L.profiling) profiler::launch_end();
+#endif
   if (L.failed) return reject(L.error);
   return 0;
+}
+
+// Whether this build records memory accesses (MOE_EMU_PROFILE=1).
+extern "C" int cuemu_profiling_build() {
+#ifdef CUEMU_PROFILE
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 // Whether this build is instrumented (Rust reports it, tests that need ASan check it).

@@ -27,6 +27,35 @@ extern __shared__ __align__(16) unsigned char moe_dynamic_shared[];
 
 typedef int64_t i64;
 
+// One 16-byte global access (ld.global.v4 / st.global.v4 on the GPU). On the emulator it is
+// a single 128-bit access too, which the memory profiler sees at its real width (a plain
+// struct copy would be split into its fields by the host compiler). p: 16-byte aligned.
+template <class T>
+__device__ __forceinline__ T load_128(const T* p) {
+  static_assert(sizeof(T) == 16, "load_128 moves 16 bytes");
+#ifdef __CUDACC__
+  return *p;
+#else
+  typedef int bits128 __attribute__((vector_size(16)));
+  const bits128 bits = *reinterpret_cast<const bits128*>(p);
+  T v;
+  memcpy(&v, &bits, 16);
+  return v;
+#endif
+}
+template <class T>
+__device__ __forceinline__ void store_128(T* p, const T& v) {
+  static_assert(sizeof(T) == 16, "store_128 moves 16 bytes");
+#ifdef __CUDACC__
+  *p = v;
+#else
+  typedef int bits128 __attribute__((vector_size(16)));
+  bits128 bits;
+  memcpy(&bits, &v, 16);
+  *reinterpret_cast<bits128*>(p) = bits;
+#endif
+}
+
 // Global index of this thread along x, computed in 64 bits (grids of > 2^31 threads exist).
 __device__ __forceinline__ i64 global_thread_x() {
   return i64(blockIdx.x) * i64(blockDim.x) + i64(threadIdx.x);

@@ -3,10 +3,11 @@
 //! completion before it returns, so there is nothing to synchronize.
 use super::Counters;
 use super::launch::{KernelArgs, LaunchConfig};
+use super::profile::MemoryProfile;
 use super::registry::{self, EmuKernelEntry};
 use crate::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The emulated device's ceiling on dynamic shared memory per block (that of sm_90).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 227 * 1024;
@@ -31,6 +32,8 @@ pub struct EmulatorDevice {
     workers: u32,
     stack_kib: u32,
     pub(super) counters: Arc<Counters>,
+    /// Where profiled launches leave their memory profiles (None: not profiling).
+    profiles: Option<Arc<Mutex<Vec<MemoryProfile>>>>,
 }
 
 #[repr(C)]
@@ -42,6 +45,8 @@ struct LaunchConfigC {
     seed: u64,
     workers: u32,
     stack_kib: u32,
+    profile: u32,
+    reserved: u32,
 }
 
 unsafe extern "C" {
@@ -49,10 +54,12 @@ unsafe extern "C" {
         kernel: *const EmuKernelEntry,
         config: *const LaunchConfigC,
         params: *mut *mut c_void,
+        profile_out: *mut *mut c_void,
         error: *mut c_char,
         error_len: usize,
     ) -> i32;
     fn cuemu_address_sanitizer() -> i32;
+    fn cuemu_profiling_build() -> i32;
 }
 
 fn env_var(name: &'static str) -> Option<String> {
@@ -80,6 +87,7 @@ impl EmulatorDevice {
             workers,
             stack_kib: 256,
             counters: Arc::default(),
+            profiles: None,
         }
     }
 
@@ -116,6 +124,26 @@ impl EmulatorDevice {
             schedule,
             ..self.clone()
         }
+    }
+
+    /// The same device, recording a [`MemoryProfile`] of every launch (read them with
+    /// [`take_profiles`](Self::take_profiles)). Needs the profiling build (`MOE_EMU_PROFILE=1`).
+    pub fn profiling(&self) -> Result<Self> {
+        if !profiling_build() {
+            return Err(Error::ProfilingUnavailable);
+        }
+        Ok(Self {
+            profiles: Some(Arc::default()),
+            ..self.clone()
+        })
+    }
+
+    /// The profiles of the launches made since the last call (empty when not profiling).
+    pub fn take_profiles(&self) -> Vec<MemoryProfile> {
+        self.profiles
+            .as_ref()
+            .map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default()
     }
 
     pub fn schedule(&self) -> Schedule {
@@ -155,13 +183,26 @@ impl EmulatorDevice {
             seed,
             workers: self.workers,
             stack_kib: self.stack_kib,
+            profile: self.profiles.is_some() as u32,
+            reserved: 0,
         };
         let mut params = args.param_pointers();
         let mut error = vec![0 as c_char; 4096];
+        let mut profile: *mut c_void = std::ptr::null_mut();
         // SAFETY: `entry` is the kernel's own descriptor and `params` matches its parameter
         // sizes (checked above); pointer arguments are live host buffers borrowed by `args`
         // for the duration of this synchronous call.
-        let rc = unsafe { cuemu_launch(entry, &c, params.as_mut_ptr(), error.as_mut_ptr(), error.len()) };
+        let rc = unsafe {
+            cuemu_launch(
+                entry,
+                &c,
+                params.as_mut_ptr(),
+                &mut profile,
+                error.as_mut_ptr(),
+                error.len(),
+            )
+        };
+        self.keep_profile(profile, name, config);
         if rc != 0 {
             // SAFETY: cuemu_launch wrote a NUL-terminated message into `error`.
             let msg = unsafe { CStr::from_ptr(error.as_ptr()) };
@@ -169,6 +210,20 @@ impl EmulatorDevice {
         }
         Ok(())
     }
+}
+
+impl EmulatorDevice {
+    #[cfg(moe_emu_profile)]
+    fn keep_profile(&self, handle: *mut c_void, kernel: &str, config: LaunchConfig) {
+        if let (false, Some(profiles)) = (handle.is_null(), &self.profiles) {
+            // SAFETY: the handle was just produced by this launch and is consumed once.
+            let profile = unsafe { super::profile::ffi::take(handle, kernel, config) };
+            profiles.lock().unwrap_or_else(|e| e.into_inner()).push(profile);
+        }
+    }
+
+    #[cfg(not(moe_emu_profile))]
+    fn keep_profile(&self, _handle: *mut c_void, _kernel: &str, _config: LaunchConfig) {}
 }
 
 impl Default for EmulatorDevice {
@@ -188,6 +243,12 @@ fn check_signature(name: &str, entry: &EmuKernelEntry, sizes: &[u16]) -> Result<
         });
     }
     Ok(())
+}
+
+/// Whether the emulated kernels were built for memory profiling (`MOE_EMU_PROFILE=1`).
+pub fn profiling_build() -> bool {
+    // SAFETY: a constant query.
+    unsafe { cuemu_profiling_build() != 0 }
 }
 
 /// Whether the emulated kernels were built with AddressSanitizer (`MOE_EMU_SANITIZE=address`).

@@ -59,6 +59,11 @@ impl<T: Element> HostBuffer<T> {
         let layout = Self::layout(len)?;
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        #[cfg(moe_emu_profile)]
+        // SAFETY: registers a live allocation; unregistered in Drop.
+        unsafe {
+            super::profile::ffi::cuemu_register_buffer(raw.cast(), layout.size())
+        };
         let ptr = NonNull::new(raw.cast::<T>()).ok_or_else(|| Error::InvalidArgument {
             argument: "len",
             value: len.to_string(),
@@ -81,6 +86,11 @@ impl<T: Element> HostBuffer<T> {
 impl<T: Element> Drop for HostBuffer<T> {
     fn drop(&mut self) {
         let layout = Self::layout(self.len).expect("layout was valid at allocation");
+        #[cfg(moe_emu_profile)]
+        // SAFETY: the allocation was registered in `zeroed`.
+        unsafe {
+            super::profile::ffi::cuemu_unregister_buffer(self.ptr.as_ptr().cast())
+        };
         // SAFETY: allocated in `zeroed` with this layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) }
     }

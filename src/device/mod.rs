@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod emulator;
 pub mod launch;
 pub mod memory;
+pub mod profile;
 pub mod registry;
 
 pub use cuda::CudaDevice;
