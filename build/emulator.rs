@@ -42,7 +42,7 @@ pub fn build(root: &Path, files: &[KernelFile]) {
         b
     };
     assert!(
-        !(profile && !sanitize.is_empty()),
+        !profile || sanitize.is_empty(),
         "MOE_EMU_PROFILE and MOE_EMU_SANITIZE cannot be combined"
     );
     if sanitize == "address" {
