@@ -71,7 +71,8 @@ impl Traffic {
         ratio(self.bank_degree_sum, self.requests)
     }
 
-    fn add(&mut self, o: &Traffic) {
+    /// Adds another count to this one (the worst degree is kept).
+    pub fn add(&mut self, o: &Traffic) {
         self.requests += o.requests;
         self.lane_accesses += o.lane_accesses;
         self.bytes += o.bytes;

@@ -1,0 +1,233 @@
+//! Memory behaviour of every kernel, measured on the emulator: coalescing (32-byte sectors
+//! per warp request), redundancy (bytes requested / unique bytes), shared-memory bank
+//! conflicts, atomics and stack traffic, next to each workload's declared byte floor.
+//!
+//!     MOE_EMU_PROFILE=1 cargo run --release --example memprofile [-- --json]
+//!
+//! Needs the profiling build (clang-19: `apt-get install clang-19`). What the numbers mean
+//! and what they do not model: `moe_kernels::device::profile`.
+use moe_kernels::device::emulator::profiling_build;
+use moe_kernels::device::profile::{Access, MemoryProfile, Space, Traffic};
+use moe_kernels::device::{Device, EmulatorDevice};
+use moe_kernels::selftest::{self, probes::Probe};
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+/// One workload: what it runs, and the fewest global bytes it could move (if declared).
+struct Workload {
+    name: &'static str,
+    floor_bytes: Option<u64>,
+    run: Box<dyn Fn(&Device) -> moe_kernels::Result<()>>,
+}
+
+fn workloads() -> Vec<Workload> {
+    let mut list: Vec<Workload> = vec![Workload {
+        name: "selftest (every check)",
+        floor_bytes: None,
+        run: Box::new(|d| selftest::run_all(d).map(drop)),
+    }];
+    for probe in [
+        Probe::Coalesced,
+        Probe::Vector,
+        Probe::Strided,
+        Probe::Broadcast,
+        Probe::ReadTwice,
+    ] {
+        list.push(Workload {
+            name: probe.kernel(),
+            floor_bytes: None,
+            run: Box::new(move |d| probe.run(d, 8)),
+        });
+    }
+    list
+}
+
+/// Everything one kernel did over all its launches in a workload.
+#[derive(Default)]
+struct KernelSummary {
+    launches: u64,
+    totals: [[Traffic; 3]; 4], // [space][access]
+    unique_bytes: u64,
+    atomics: u64,
+    local_bytes: u64,
+}
+
+const SPACES: [Space; 4] = [Space::Global, Space::Shared, Space::Local, Space::Other];
+const ACCESSES: [Access; 3] = [Access::Load, Access::Store, Access::Atomic];
+
+impl KernelSummary {
+    fn add(&mut self, p: &MemoryProfile) {
+        self.launches += 1;
+        for space in SPACES {
+            for access in ACCESSES {
+                self.totals[space as usize][access as usize].add(&p.traffic(space, access));
+            }
+        }
+        self.unique_bytes += p.unique_global_load_bytes + p.unique_global_store_bytes;
+        self.atomics += p.atomics();
+        self.local_bytes += p.local_bytes();
+    }
+
+    fn get(&self, space: Space, access: Access) -> Traffic {
+        self.totals[space as usize][access as usize]
+    }
+
+    fn load_redundancy(&self, unique_loaded: u64) -> f64 {
+        let requested = self.get(Space::Global, Access::Load).bytes;
+        if unique_loaded == 0 {
+            0.0
+        } else {
+            requested as f64 / unique_loaded as f64
+        }
+    }
+}
+
+struct Row {
+    workload: &'static str,
+    kernel: String,
+    floor: Option<u64>,
+    summary: KernelSummary,
+    unique_loaded: u64,
+}
+
+fn measure(emulator: &EmulatorDevice) -> moe_kernels::Result<Vec<Row>> {
+    let device = Device::Emulator(emulator.clone());
+    let mut rows = vec![];
+    for w in workloads() {
+        (w.run)(&device)?;
+        let mut by_kernel: BTreeMap<String, (KernelSummary, u64)> = BTreeMap::new();
+        for p in emulator.take_profiles() {
+            let entry = by_kernel.entry(p.kernel.clone()).or_default();
+            entry.0.add(&p);
+            entry.1 += p.unique_global_load_bytes;
+        }
+        for (kernel, (summary, unique_loaded)) in by_kernel {
+            rows.push(Row {
+                workload: w.name,
+                kernel,
+                floor: w.floor_bytes,
+                summary,
+                unique_loaded,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<28} {:<30} {:>4} {:>9} {:>9} {:>7} {:>11} {:>9} {:>12} {:>12} {:>10}",
+        "workload",
+        "kernel",
+        "runs",
+        "ld sect/r",
+        "st sect/r",
+        "ld redun",
+        "smem confl",
+        "atomics",
+        "local B",
+        "unique B",
+        "floor B"
+    );
+    for r in rows {
+        let s = &r.summary;
+        let mut shared = s.get(Space::Shared, Access::Load);
+        shared.add(&s.get(Space::Shared, Access::Store));
+        let conflicts = if shared.requests == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.2} ({})", shared.bank_conflict_degree(), shared.max_bank_degree)
+        };
+        println!(
+            "{:<28} {:<30} {:>4} {:>9.2} {:>9.2} {:>7.2} {:>11} {:>9} {:>12} {:>12} {:>10}",
+            r.workload,
+            r.kernel,
+            s.launches,
+            s.get(Space::Global, Access::Load).sectors_per_request(),
+            s.get(Space::Global, Access::Store).sectors_per_request(),
+            s.load_redundancy(r.unique_loaded),
+            conflicts,
+            s.atomics,
+            s.local_bytes,
+            s.unique_bytes,
+            r.floor.map_or("-".to_string(), |f| f.to_string())
+        );
+    }
+    println!(
+        "\nsect/r: distinct 32-byte sectors per warp request (4-byte coalesced: 4, 16-byte: 16, worst: 32).\n\
+         ld redun: global bytes requested / unique bytes loaded (1 = each byte read once).\n\
+         smem confl: mean (max) bank-conflict degree of shared requests (1 = conflict-free for 4-byte words).\n\
+         local B: bytes moved to/from emulated thread stacks (registers on a GPU unless ptxas reports spills).\n\
+         Not modelled: caches, timing, occupancy."
+    );
+}
+
+fn print_json(rows: &[Row]) {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let s = &r.summary;
+            let load = s.get(Space::Global, Access::Load);
+            let store = s.get(Space::Global, Access::Store);
+            let sl = s.get(Space::Shared, Access::Load);
+            let ss = s.get(Space::Shared, Access::Store);
+            format!(
+                "{{\"workload\":{:?},\"kernel\":{:?},\"launches\":{},\"global_load_requests\":{},\
+                 \"global_load_sectors_per_request\":{:.4},\"global_store_requests\":{},\
+                 \"global_store_sectors_per_request\":{:.4},\"global_load_redundancy\":{:.4},\
+                 \"shared_load_requests\":{},\"shared_load_conflict_degree\":{:.4},\"shared_store_requests\":{},\
+                 \"shared_store_conflict_degree\":{:.4},\"max_conflict_degree\":{},\"atomics\":{},\
+                 \"local_bytes\":{},\"unique_global_bytes\":{},\"floor_bytes\":{}}}",
+                r.workload,
+                r.kernel,
+                s.launches,
+                load.requests,
+                load.sectors_per_request(),
+                store.requests,
+                store.sectors_per_request(),
+                s.load_redundancy(r.unique_loaded),
+                sl.requests,
+                sl.bank_conflict_degree(),
+                ss.requests,
+                ss.bank_conflict_degree(),
+                sl.max_bank_degree.max(ss.max_bank_degree),
+                s.atomics,
+                s.local_bytes,
+                s.unique_bytes,
+                r.floor.map_or("null".to_string(), |f| f.to_string())
+            )
+        })
+        .collect();
+    println!("[\n  {}\n]", items.join(",\n  "));
+}
+
+fn main() -> ExitCode {
+    let json = std::env::args().any(|a| a == "--json");
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("usage: MOE_EMU_PROFILE=1 cargo run --release --example memprofile [-- --json]");
+        return ExitCode::SUCCESS;
+    }
+    if !profiling_build() {
+        eprintln!(
+            "memprofile needs the profiling build of the emulator: install clang-19 \
+             (apt-get install clang-19) and run MOE_EMU_PROFILE=1 cargo run --release --example memprofile"
+        );
+        return ExitCode::from(2);
+    }
+    let emulator = match EmulatorDevice::from_env().and_then(|e| e.profiling()) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match measure(&emulator) {
+        Ok(rows) if json => print_json(&rows),
+        Ok(rows) => print_table(&rows),
+        Err(e) => {
+            eprintln!("a workload failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
