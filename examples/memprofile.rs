@@ -13,11 +13,13 @@ use moe_kernels::selftest::{self, probes::Probe};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
+type Runner = Box<dyn Fn(&Device) -> moe_kernels::Result<()>>;
+
 /// One workload: what it runs, and the fewest global bytes it could move (if declared).
 struct Workload {
     name: &'static str,
     floor_bytes: Option<u64>,
-    run: Box<dyn Fn(&Device) -> moe_kernels::Result<()>>,
+    run: Runner,
 }
 
 fn workloads() -> Vec<Workload> {
