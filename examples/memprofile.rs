@@ -5,7 +5,8 @@
 //!     MOE_EMU_PROFILE=1 cargo run --release --example memprofile [-- --json]
 //!
 //! Needs the profiling build (clang-19: `apt-get install clang-19`). What the numbers mean
-//! and what they do not model: `moe_kernels::device::profile`.
+//! and what they do not model: `moe_kernels::device::profile`. Every kernel of the crate
+//! runs here except the planted-bug kernels, which are broken on purpose.
 use moe_kernels::device::emulator::profiling_build;
 use moe_kernels::device::profile::{Access, MemoryProfile, Space, Traffic};
 use moe_kernels::device::{Device, EmulatorDevice};

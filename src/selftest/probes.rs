@@ -20,6 +20,17 @@ pub enum Probe {
 pub const WARP: u32 = 32;
 
 impl Probe {
+    pub const ALL: [Probe; 8] = [
+        Probe::Coalesced,
+        Probe::Vector,
+        Probe::Strided,
+        Probe::Broadcast,
+        Probe::SharedColumns,
+        Probe::SharedColumnsPadded,
+        Probe::ReadTwice,
+        Probe::Atomics,
+    ];
+
     pub fn kernel(self) -> &'static str {
         match self {
             Probe::Coalesced => "probe_coalesced",
