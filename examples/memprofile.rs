@@ -29,13 +29,7 @@ fn workloads() -> Vec<Workload> {
         floor_bytes: None,
         run: Box::new(|d| selftest::run_all(d).map(drop)),
     }];
-    for probe in [
-        Probe::Coalesced,
-        Probe::Vector,
-        Probe::Strided,
-        Probe::Broadcast,
-        Probe::ReadTwice,
-    ] {
+    for probe in Probe::ALL {
         list.push(Workload {
             name: probe.kernel(),
             floor_bytes: None,
