@@ -21,8 +21,7 @@
 // Host (control, and the bug under in-order scheduling): y[g] = t > 0 ? x[g-1] : 0.
 // Bug: no __syncthreads between s[t] = x[g] and the read of s[t-1]. The in-order schedule runs
 // thread t-1 to completion first and hides it; the reversed schedule must expose it (every
-// y[g] with t > 0 differs from the expectation), a shuffled one in about half of them, and the
-// fiber-aware ThreadSanitizer build must report the race under any schedule.
+// y[g] with t > 0 differs from the expectation), a shuffled one in about half of them.
 template <bool Sync>
 __device__ __forceinline__ void shift_through_shared(const float* x, float* y, float* s) {
   const int t = threadIdx.x;

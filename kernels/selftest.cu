@@ -15,6 +15,8 @@
 //   selftest_cp_async_groups    two commit groups per thread, wait_group 1 then 0
 //   selftest_dynamic_shared     a reversal through dynamic shared memory
 //   selftest_convert_16bit      float <-> f16 / bf16 conversions (cvt.rn semantics)
+//   selftest_barrier_reduce     __syncthreads_count/_and/_or with exited threads
+//   selftest_float_minmax       min/max of floats with NaN operands
 //
 // "full" below is the warp mask 0xffffffff; every warp-level kernel needs all 32 lanes.
 #include "ptx.cuh"
@@ -423,3 +425,36 @@ extern "C" __global__ void selftest_convert_16bit(const float* x, const unsigned
   bf16_wide[i] = __bfloat162float(__ushort_as_bfloat16(bits[i]));
 }
 EMU_EXPORT(selftest_convert_16bit)
+
+// ------------------------------------------------------------------------------------------
+// selftest_barrier_reduce: __syncthreads_count / _and / _or when some threads have exited.
+// Launch: one block of bd threads; threads t >= active return at once (they take no part).
+// Thread t < active: out[3t+0] = __syncthreads_count(pred[t]), out[3t+1] = __syncthreads_and(
+// pred[t]), out[3t+2] = __syncthreads_or(pred[t]).
+// Host: over t < active, c = #(pred != 0): count = c, and = (c == active), or = (c > 0).
+extern "C" __global__ void selftest_barrier_reduce(const int* pred, int* out, int active) {
+  const int t = threadIdx.x;
+  if (t >= active) return;
+  const int p = pred[t];
+  const int count = __syncthreads_count(p);
+  const int all = __syncthreads_and(p);
+  const int any = __syncthreads_or(p);
+  out[3 * t + 0] = count;
+  out[3 * t + 1] = all != 0;
+  out[3 * t + 2] = any != 0;
+}
+EMU_EXPORT(selftest_barrier_reduce)
+
+// ------------------------------------------------------------------------------------------
+// selftest_float_minmax: CUDA's min/max on floats are fminf/fmaxf: a NaN operand loses to a
+// number in either argument order; both NaN gives NaN.
+// Launch: any 1-D grid covering n. out_min[i] = min(a[i], b[i]), out_max[i] = max(a[i], b[i]).
+// Host: IEEE minNum / maxNum (Rust's f32::min / f32::max).
+extern "C" __global__ void selftest_float_minmax(const float* a, const float* b, float* out_min, float* out_max,
+                                                 long long n) {
+  const i64 i = global_thread_x();
+  if (i >= n) return;
+  out_min[i] = min(a[i], b[i]);
+  out_max[i] = max(a[i], b[i]);
+}
+EMU_EXPORT(selftest_float_minmax)

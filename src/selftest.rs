@@ -34,7 +34,7 @@ impl fmt::Display for Check {
 
 /// Every self-test, in the order of `kernels/selftest.cu`.
 pub fn run_all(device: &Device) -> Result<Vec<Check>> {
-    let checks: [fn(&Device) -> Result<Check>; 9] = [
+    let checks: [fn(&Device) -> Result<Check>; 11] = [
         block_reduce,
         shuffles,
         votes,
@@ -44,6 +44,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Check>> {
         cp_async,
         dynamic_shared,
         convert_16bit,
+        barrier_reduce,
+        float_minmax,
     ];
     checks.iter().map(|check| check(device)).collect()
 }
@@ -663,6 +665,75 @@ pub fn dynamic_shared(device: &Device) -> Result<Check> {
         report.case(format!("{grid}x{block}, {n} floats"));
         report.exact("", &device.download(&out)?, &expected);
     }
+    Ok(report.finish())
+}
+
+/// `__syncthreads_count`, `_and` and `_or` through `selftest_barrier_reduce`: threads past
+/// `active` exit before the barriers and take no part in them, as on sm_70 and newer.
+pub fn barrier_reduce(device: &Device) -> Result<Check> {
+    let mut report = Report::new("barrier_reduce");
+    let mut rng = Rng::new(11);
+    for (block, active, density) in [
+        (32u32, 32usize, 2),
+        (64, 40, 1),
+        (256, 256, 0),
+        (128, 100, 100),
+        (96, 1, 1),
+    ] {
+        // density 0: all false; 1: all true; n: true with probability 1 - 1/n.
+        let pred: Vec<i32> = (0..block)
+            .map(|_| i32::from(density == 1 || (density > 1 && rng.int(0, density - 1) != 0)))
+            .collect();
+        let pred_buf = device.upload(&pred)?;
+        let mut out = device.alloc_zeros::<i32>(3 * active)?;
+        let args = KernelArgs::new(device)
+            .input("pred", &pred_buf)
+            .output("out", &mut out)
+            .scalar(active as i32);
+        device.launch("selftest_barrier_reduce", LaunchConfig::linear(1, block, 0), args)?;
+        let count = pred[..active].iter().filter(|&&p| p != 0).count() as i32;
+        let expected: Vec<i32> = (0..active)
+            .flat_map(|_| [count, i32::from(count == active as i32), i32::from(count > 0)])
+            .collect();
+        report.case(format!("{block} threads, {active} active, {count} true"));
+        report.exact("", &device.download(&out)?, &expected);
+    }
+    Ok(report.finish())
+}
+
+/// `min`/`max` of floats through `selftest_float_minmax`: a NaN loses to a number in either
+/// argument order (fminf/fmaxf), signed zeros and infinities included.
+pub fn float_minmax(device: &Device) -> Result<Check> {
+    let mut report = Report::new("float_minmax");
+    let specials = [f32::NAN, 1.0, -1.0, 0.0, -0.0, f32::INFINITY, f32::NEG_INFINITY, 3.5];
+    let (mut a, mut b) = (vec![], vec![]);
+    for &x in &specials {
+        for &y in &specials {
+            a.push(x);
+            b.push(y);
+        }
+    }
+    let n = a.len();
+    let (a_buf, b_buf) = (device.upload(&a)?, device.upload(&b)?);
+    let mut lo = device.alloc_zeros::<f32>(n)?;
+    let mut hi = device.alloc_zeros::<f32>(n)?;
+    let args = KernelArgs::new(device)
+        .input("a", &a_buf)
+        .input("b", &b_buf)
+        .output("out_min", &mut lo)
+        .output("out_max", &mut hi)
+        .scalar(n as i64);
+    device.launch("selftest_float_minmax", LaunchConfig::linear(1, n as u32, 0), args)?;
+    // Signed zeros may come back either way round (fminf(-0, +0) is unspecified).
+    let canonical = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(|x| if x == 0.0 { 0.0 } else { x }).collect() };
+    let nan_as = |v: f32| if v.is_nan() { f32::NAN } else { v };
+    let expected_min: Vec<f32> = (0..n).map(|i| nan_as(a[i].min(b[i]))).collect();
+    let expected_max: Vec<f32> = (0..n).map(|i| nan_as(a[i].max(b[i]))).collect();
+    report.case(format!("{n} pairs of specials"));
+    let (got_min, got_max) = (device.download(&lo)?, device.download(&hi)?);
+    let same_nan = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(nan_as).collect() };
+    report.exact("min", &canonical(same_nan(got_min)), &canonical(expected_min));
+    report.exact("max", &canonical(same_nan(got_max)), &canonical(expected_max));
     Ok(report.finish())
 }
 

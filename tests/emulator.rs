@@ -77,6 +77,16 @@ fn dynamic_shared() {
 }
 
 #[test]
+fn barrier_reduce() {
+    on_every_device(selftest::barrier_reduce);
+}
+
+#[test]
+fn float_minmax() {
+    on_every_device(selftest::float_minmax);
+}
+
+#[test]
 fn convert_16bit() {
     on_every_device(selftest::convert_16bit);
 }
@@ -95,6 +105,8 @@ fn run_all_reports_every_check_once() {
         "cp_async",
         "dynamic_shared",
         "convert_16bit",
+        "barrier_reduce",
+        "float_minmax",
     ];
     assert_eq!(names, expected);
 }

@@ -95,7 +95,8 @@ namespace cuemu {
 enum class MmaInput : uint32_t { Bf16 = 0, F16 = 1 };
 
 void* dynamic_shared();
-int block_barrier(int predicate, const char* file, int line);  // returns the predicate count
+enum class BarrierReduce { Count, And, Or };
+int block_barrier(int predicate, BarrierReduce reduce, const char* file, int line);
 void warp_sync(unsigned mask);
 uint64_t warp_shuffle(unsigned mask, uint64_t value, unsigned source_lane);
 unsigned warp_ballot(unsigned mask, int predicate);
@@ -107,6 +108,7 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void cp_async_commit();
 void cp_async_wait_group(unsigned pending);
 [[noreturn]] void trap(const char* file, int line);
+[[noreturn]] void fail(const char* message);  // abandons the block: the launch returns the message
 #ifdef CUEMU_PROFILE
 void profile_atomic(const void* p, unsigned bytes);  // the caller's address is the site
 #define CUEMU_PROFILE_ATOMIC(p) ::cuemu::profile_atomic(p, sizeof(*(p)))
@@ -179,8 +181,13 @@ inline unsigned __brev(unsigned x) {
   inline T min(T a, T b) { return b < a ? b : a; }          \
   inline T max(T a, T b) { return a < b ? b : a; }
 CUEMU_MINMAX(int) CUEMU_MINMAX(unsigned) CUEMU_MINMAX(long long) CUEMU_MINMAX(unsigned long long)
-CUEMU_MINMAX(long) CUEMU_MINMAX(unsigned long) CUEMU_MINMAX(float) CUEMU_MINMAX(double)
+CUEMU_MINMAX(long) CUEMU_MINMAX(unsigned long)
 #undef CUEMU_MINMAX
+// CUDA's float min/max are fminf/fmaxf: a NaN operand loses to a number, in either order.
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline double min(double a, double b) { return fmin(a, b); }
+inline double max(double a, double b) { return fmax(a, b); }
 template <class T> inline T __ldg(const T* p) { return *p; }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
@@ -234,11 +241,11 @@ inline float atomicExch(float* p, float v) {
 }
 
 // ------------------------------------------------------------------ barriers and warps
-#define __syncthreads() ((void)::cuemu::block_barrier(1, __FILE__, __LINE__))
-#define __syncthreads_count(p) ::cuemu::block_barrier((p) != 0, __FILE__, __LINE__)
-#define __syncthreads_or(p) (::cuemu::block_barrier((p) != 0, __FILE__, __LINE__) != 0)
-#define __syncthreads_and(p) \
-  (::cuemu::block_barrier((p) != 0, __FILE__, __LINE__) == int(blockDim.x * blockDim.y * blockDim.z))
+#define CUEMU_BARRIER(p, reduce) ::cuemu::block_barrier((p) != 0, ::cuemu::BarrierReduce::reduce, __FILE__, __LINE__)
+#define __syncthreads() ((void)CUEMU_BARRIER(1, Count))
+#define __syncthreads_count(p) CUEMU_BARRIER(p, Count)
+#define __syncthreads_or(p) CUEMU_BARRIER(p, Or)
+#define __syncthreads_and(p) CUEMU_BARRIER(p, And)
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuemu::warp_sync(mask); }
 inline unsigned __activemask() { return ::cuemu::active_mask(); }
 
@@ -252,20 +259,28 @@ template <class T> inline T cuemu_shuffle(unsigned mask, T v, unsigned source_la
   return r;
 }
 // Lane arithmetic as in the CUDA programming guide: a warp is split into segments of
-// `width` lanes; sources outside the caller's segment leave the value unchanged (up/down/xor).
+// `width` lanes (a power of two, 1..32); sources outside the caller's segment leave the
+// value unchanged (up/down/xor).
+inline void cuemu_check_width(int width) {
+  if (width < 1 || width > 32 || (width & (width - 1))) ::cuemu::fail("shuffle width must be a power of two in 1..32");
+}
 template <class T> inline T __shfl_sync(unsigned mask, T v, int src, int width = warpSize) {
+  cuemu_check_width(width);
   const unsigned lane = ::cuemu::lane_id(), base = lane & ~unsigned(width - 1);
   return cuemu_shuffle(mask, v, base + (unsigned(src) & unsigned(width - 1)));
 }
 template <class T> inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
+  cuemu_check_width(width);
   const unsigned lane = ::cuemu::lane_id();
   return cuemu_shuffle(mask, v, (lane & unsigned(width - 1)) < delta ? lane : lane - delta);
 }
 template <class T> inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = warpSize) {
+  cuemu_check_width(width);
   const unsigned lane = ::cuemu::lane_id();
   return cuemu_shuffle(mask, v, (lane & unsigned(width - 1)) + delta >= unsigned(width) ? lane : lane + delta);
 }
 template <class T> inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = warpSize) {
+  cuemu_check_width(width);
   const unsigned lane = ::cuemu::lane_id(), source = lane ^ unsigned(lane_mask);
   const unsigned segment_end = (lane & ~unsigned(width - 1)) + unsigned(width);
   return cuemu_shuffle(mask, v, source >= segment_end ? lane : source);

@@ -7,6 +7,7 @@
 // equals the correctly rounded 16-bit operation (24 >= 2*11 + 2 bits, so double rounding
 // is harmless), matching the native sm_80+ instructions.
 #pragma once
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -42,6 +43,15 @@ inline float f16_bits_to_float(uint16_t h) {
   }
   return bits_float(sign | ((e + 112u) << 23) | (m << 13));
 }
+// double -> float rounded to odd. Rounding that to a 16-bit type (nearest even) equals
+// rounding the double directly, since float keeps >= 2 more bits than f16 or bf16: this is
+// how doubles and fused multiply-adds reach 16 bits without rounding twice.
+inline float double_to_float_odd(double d) {
+  float f = float(d);
+  if (double(f) == d || d != d) return f;
+  if (fabs(double(f)) > fabs(d)) f = nextafterf(f, 0.0f);  // the neighbour toward zero
+  return bits_float(float_bits(f) | 1u);
+}
 }  // namespace cuemu
 
 // One definition for both types: Name, bits->float, float->bits.
@@ -50,7 +60,7 @@ inline float f16_bits_to_float(uint16_t h) {
     unsigned short __x = 0; /* "= 0" keeps static shared arrays free of TLS init guards */        \
     Name() = default;                                                                             \
     Name(float f) : __x(::cuemu::FromFloat(f)) {}                                                 \
-    Name(double f) : Name(float(f)) {}                                                            \
+    Name(double f) : __x(::cuemu::FromFloat(::cuemu::double_to_float_odd(f))) {}                 \
     Name(int i) : Name(float(i)) {}                                                               \
     operator float() const { return ::cuemu::ToFloat(__x); }                                      \
   };                                                                                              \
@@ -91,7 +101,8 @@ inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline __half __ushort_as_half(unsigned short u) { __half h; h.__x = u; return h; }
 inline __half __hadd(__half a, __half b) { return a + b; }
 inline __half __hmul(__half a, __half b) { return a * b; }
-inline __half __hfma(__half a, __half b, __half c) { return __half(fmaf(float(a), float(b), float(c))); }
+// One rounding, like fma.rn.f16: the double FMA of f16 values is exact.
+inline __half __hfma(__half a, __half b, __half c) { return __half(fma(double(a), double(b), double(c))); }
 inline bool __hisnan(__half h) { return (h.__x & 0x7fffu) > 0x7c00u; }
 
 inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
@@ -107,6 +118,6 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { __nv_bfloat16 h; h
 inline __nv_bfloat16 __hadd(__nv_bfloat16 a, __nv_bfloat16 b) { return a + b; }
 inline __nv_bfloat16 __hmul(__nv_bfloat16 a, __nv_bfloat16 b) { return a * b; }
 inline __nv_bfloat16 __hfma(__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
-  return __nv_bfloat16(fmaf(float(a), float(b), float(c)));
+  return __nv_bfloat16(fma(double(a), double(b), double(c)));
 }
 inline bool __hisnan(__nv_bfloat16 h) { return (h.__x & 0x7fffu) > 0x7f80u; }

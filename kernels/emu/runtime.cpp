@@ -159,7 +159,7 @@ struct Worker {
   std::vector<unsigned> run_queue, released;
   unsigned queue_head = 0, queue_size = 0;
   unsigned barrier_arrived = 0, barrier_generation = 0;
-  int barrier_count[2] = {0, 0};
+  int barrier_count[2] = {0, 0}, barrier_arrivals[2] = {0, 0};
   WarpState warps[32];
   LaneSlot slots[1024];
   void* main_sp = nullptr;
@@ -177,12 +177,17 @@ struct Worker {
   size_t asan_main_size = 0;
   bool asan_leaving_main = false;
 #endif
+  // All fiber stacks of this worker in one mapping (one VMA: per-fiber mappings with guard
+  // pages would exhaust vm.max_map_count with many workers). Each slot starts with a
+  // canary that catches most overflows when the fiber exits.
+  char* stacks = nullptr;
+  size_t stack_slot = 0, stack_bytes = 0;
   ~Worker() {
-    for (Fiber& f : fibers)
-      if (f.stack_lo) munmap(f.stack_lo - kGuard, f.stack_size + kGuard);
+    if (stacks) munmap(stacks, kMaxThreads * stack_slot);
     free(shared);
   }
-  static constexpr size_t kGuard = 4096;
+  static constexpr unsigned kMaxThreads = 1024;
+  static constexpr size_t kCanary = 256, kStagger = 64 * 192;
 };
 
 CUEMU_TLS Worker* tl_worker = nullptr;
@@ -321,6 +326,7 @@ void release_block_barrier(Worker& w) {
     w.released.push_back(i);
   }
   w.barrier_count[w.barrier_generation & 1] = count;
+  w.barrier_arrivals[w.barrier_generation & 1] = int(w.released.size());
   w.barrier_arrived = 0;
   ++w.barrier_generation;
   release(w);
@@ -465,7 +471,20 @@ void complete_copies(Fiber& f, unsigned pending_groups) {
 }
 
 // ------------------------------------------------------------------ block execution
+constexpr unsigned char kCanaryByte = 0xCA;
+
+bool canary_intact(const Fiber& f) {
+  for (size_t i = 0; i < Worker::kCanary; ++i)
+    if (static_cast<unsigned char>(f.stack_lo[i]) != kCanaryByte) return false;
+  return true;
+}
+
 [[noreturn]] void fiber_exit(Worker& w, Fiber* f) {
+#ifndef CUEMU_ASAN
+  if (!canary_intact(*f))
+    fail_block("stack overflow in CUDA thread %u: it used more than MOE_EMU_STACK_KIB=%zu KiB", f->linear,
+               w.stack_bytes >> 10);
+#endif
   ++f->committed_groups;  // copies still in flight land before the thread is gone
   complete_copies(*f, 0);
   f->wait = Wait::Exited;
@@ -488,16 +507,25 @@ void fiber_main() {
   fiber_exit(w, tl_fiber);
 }
 
-void prepare_fiber(Fiber& f, unsigned i, size_t stack_bytes) {
-  if (!f.stack_lo || f.stack_size != stack_bytes) {
-    if (f.stack_lo) munmap(f.stack_lo - Worker::kGuard, f.stack_size + Worker::kGuard);
-    void* p = mmap(nullptr, stack_bytes + Worker::kGuard, PROT_READ | PROT_WRITE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED) internal_error("mmap of a fiber stack failed");
-    mprotect(p, Worker::kGuard, PROT_NONE);  // stack overflow faults instead of corrupting
-    f.stack_lo = static_cast<char*>(p) + Worker::kGuard;
-    f.stack_size = stack_bytes;
-  }
+// Maps the worker's stacks for `stack_bytes` per CUDA thread; false if the host refused.
+bool ensure_stacks(Worker& w, size_t stack_bytes) {
+  if (w.stacks && w.stack_bytes == stack_bytes) return true;
+  if (w.stacks) munmap(w.stacks, Worker::kMaxThreads * w.stack_slot);
+  w.stack_bytes = stack_bytes;
+  w.stack_slot = (Worker::kCanary + stack_bytes + Worker::kStagger + 4095) & ~size_t(4095);
+  void* p = mmap(nullptr, Worker::kMaxThreads * w.stack_slot, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  w.stacks = p == MAP_FAILED ? nullptr : static_cast<char*>(p);
+  return w.stacks != nullptr;
+}
+
+void prepare_fiber(Worker& w, Fiber& f, unsigned i) {
+  f.stack_lo = w.stacks + i * w.stack_slot;
+  f.stack_size = w.stack_slot;
+#ifdef CUEMU_ASAN
+  __asan_unpoison_memory_region(f.stack_lo, Worker::kCanary);
+#endif
+  memset(f.stack_lo, kCanaryByte, Worker::kCanary);
 #ifdef CUEMU_ASAN
   // Frames left poisoned by the previous block's fibers: fiber_main never returns, so its
   // frames near the top of the stack stay (abandoned blocks are cleaned in run_block).
@@ -506,10 +534,13 @@ void prepare_fiber(Fiber& f, unsigned i, size_t stack_bytes) {
 #endif
   // Stagger stack tops so that many fibers' hot frames do not alias in the same cache sets.
   char* top = f.stack_lo + f.stack_size - (i % 64) * 192;
+#ifdef CUEMU_ASAN
+  __asan_poison_memory_region(f.stack_lo, Worker::kCanary);  // ASan reports an overflow at once
+#endif
 #ifdef CUEMU_UCONTEXT
   getcontext(&f.context);
-  f.context.uc_stack.ss_sp = f.stack_lo;
-  f.context.uc_stack.ss_size = size_t(top - f.stack_lo);
+  f.context.uc_stack.ss_sp = f.stack_lo + Worker::kCanary;
+  f.context.uc_stack.ss_size = size_t(top - f.stack_lo) - Worker::kCanary;
   f.context.uc_link = nullptr;
   makecontext(&f.context, fiber_main, 0);
 #else
@@ -536,6 +567,11 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   const unsigned n = bd.x * bd.y * bd.z;
   w.launch = &L;
   if (w.fibers.size() < n) w.fibers.resize(n);
+  if (!ensure_stacks(w, L.stack_bytes)) {
+    w.failure = "the host refused to map " + std::to_string(Worker::kMaxThreads) + " fiber stacks of " +
+                std::to_string(L.stack_bytes >> 10) + " KiB (lower MOE_EMU_STACK_KIB or MOE_EMU_WORKERS)";
+    return false;
+  }
   w.thread_count = n;
   w.live = n;
   w.barrier_arrived = 0;
@@ -546,7 +582,7 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   for (WarpState& ws : w.warps) ws = WarpState{};
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
-    prepare_fiber(f, i, L.stack_bytes);
+    prepare_fiber(w, f, i);
     f.tid = uint3{i % bd.x, i / bd.x % bd.y, i / (bd.x * bd.y)};
     f.linear = i;
     f.lane = i & 31;
@@ -652,7 +688,8 @@ Pool& pool() {
 #if defined(CUEMU_ASAN) || defined(CUEMU_PROFILE)
   const unsigned helpers = 0;  // static shared arrays are plain statics: one block at a time
 #else
-  const unsigned helpers = std::max(1u, std::thread::hardware_concurrency()) - 1;
+  // Capped: more workers than this buy nothing for test-sized launches.
+  const unsigned helpers = std::clamp(std::thread::hardware_concurrency(), 1u, 16u) - 1;
 #endif
   static Pool* p = new Pool(helpers);  // never destroyed: its threads outlive main's statics
   return *p;
@@ -671,7 +708,7 @@ void name_cuda_thread_in_report(const char*) {
 // ------------------------------------------------------------------ device-side API
 void* dynamic_shared() { return tl_worker->shared; }
 
-int block_barrier(int predicate, const char* file, int line) {
+int block_barrier(int predicate, BarrierReduce reduce, const char* file, int line) {
   Worker& w = *tl_worker;
   Fiber* f = tl_fiber;
   f->wait = Wait::Barrier;
@@ -681,7 +718,13 @@ int block_barrier(int predicate, const char* file, int line) {
   const unsigned generation = w.barrier_generation;
   if (++w.barrier_arrived == w.live) release_block_barrier(w);
   run_next(w, f);
-  return w.barrier_count[generation & 1];
+  const int count = w.barrier_count[generation & 1];
+  switch (reduce) {  // exited threads take no part, as on sm_70+
+    case BarrierReduce::Count: return count;
+    case BarrierReduce::And: return count == w.barrier_arrivals[generation & 1];
+    case BarrierReduce::Or: return count != 0;
+  }
+  return count;
 }
 
 void warp_sync(unsigned mask) { arrive(mask, Collective::Sync); }
@@ -744,6 +787,7 @@ void cp_async_commit() { ++tl_fiber->committed_groups; }
 void cp_async_wait_group(unsigned pending) { complete_copies(*tl_fiber, pending); }
 
 void trap(const char* file, int line) { fail_block("__trap() at %s:%d", file, line); }
+void fail(const char* message) { fail_block("%s", message); }
 
 #ifdef CUEMU_PROFILE
 __attribute__((noinline)) void profile_atomic(const void* p, unsigned bytes) {

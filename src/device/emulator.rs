@@ -9,8 +9,13 @@ use crate::{Error, Result};
 use std::ffi::{CStr, c_char, c_void};
 use std::sync::{Arc, Mutex};
 
-/// The emulated device's ceiling on dynamic shared memory per block (that of sm_90).
-pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 227 * 1024;
+/// The emulated device's ceiling on shared memory per block: that of the oldest target arch
+/// (sm_80: 163 KiB, sm_90: 227 KiB), so a kernel the emulator accepts launches on every target.
+pub const MAX_DYNAMIC_SHARED_BYTES: u32 = if registry::TARGET_ARCHS[0] >= 90 {
+    227 * 1024
+} else {
+    163 * 1024
+};
 
 /// The order in which the emulator runs the CUDA threads released together (at block
 /// start, at each barrier, at each warp collective). Kernels must be correct under all of

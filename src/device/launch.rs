@@ -28,8 +28,10 @@ impl LaunchConfig {
     }
 
     /// Checks CUDA's limits (the same on every device: sm_80 and newer), with the device's
-    /// own ceiling on dynamic shared memory. The reason names the offending value.
-    pub(super) fn validate(&self, max_shared_bytes: u32) -> std::result::Result<(), String> {
+    /// own ceiling on shared memory per block, which `static_shared_bytes` (the kernel's
+    /// `__shared__` arrays) and the dynamic shared memory share. The reason names the
+    /// offending value.
+    pub(super) fn validate(&self, static_shared_bytes: u32, max_shared_bytes: u32) -> std::result::Result<(), String> {
         let (bx, by, bz) = self.block;
         let threads = bx as u64 * by as u64 * bz as u64;
         if threads == 0 || threads > 1024 || bz > 64 {
@@ -43,9 +45,9 @@ impl LaunchConfig {
                 "grid ({gx},{gy},{gz}) must be 1..2^31-1 in x and 1..65535 in y and z"
             ));
         }
-        if self.shared_bytes > max_shared_bytes {
+        if self.shared_bytes as u64 + static_shared_bytes as u64 > max_shared_bytes as u64 {
             return Err(format!(
-                "dynamic shared memory of {} bytes exceeds the device's {max_shared_bytes}",
+                "dynamic shared memory of {} bytes (+ {static_shared_bytes} static) exceeds the device's {max_shared_bytes}",
                 self.shared_bytes
             ));
         }

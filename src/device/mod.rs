@@ -212,7 +212,7 @@ impl Device {
     pub(crate) fn launch(&self, name: &str, config: LaunchConfig, mut args: KernelArgs<'_>) -> Result<()> {
         args.check()?;
         config
-            .validate(self.max_dynamic_shared_bytes())
+            .validate(registry::static_shared_bytes(name), self.max_dynamic_shared_bytes())
             .map_err(|reason| Error::InvalidLaunch {
                 kernel: name.into(),
                 reason,

@@ -53,3 +53,13 @@ pub fn module_of(kernel: &str) -> Option<&'static str> {
 pub fn gpu_kernels_built() -> bool {
     !MODULES.is_empty()
 }
+
+/// The most static shared memory `kernel` declares on any target arch (0 without nvcc).
+pub fn static_shared_bytes(kernel: &str) -> u32 {
+    KERNEL_RESOURCES
+        .iter()
+        .filter(|r| r.kernel == kernel)
+        .map(|r| r.shared_bytes)
+        .max()
+        .unwrap_or(0)
+}
