@@ -12,6 +12,7 @@
 //! argument list once; only the final launch differs per device (see [`device`]).
 pub mod device;
 pub mod error;
+pub mod kernel_report;
 pub mod selftest;
 
 pub use device::{Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element};

@@ -23,8 +23,9 @@ pub use launch::{KernelArgs, LaunchConfig};
 pub use memory::{DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, HostBuffer};
 
 use crate::{Error, Result};
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Which kind of device something lives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,6 +62,8 @@ pub(crate) struct Counters {
     host_to_device: AtomicU64,
     device_to_host: AtomicU64,
     host_syncs: AtomicU64,
+    /// The configuration of each kernel's latest launch (for occupancy reports).
+    configs: Mutex<BTreeMap<String, LaunchConfig>>,
 }
 
 impl Counters {
@@ -144,6 +147,15 @@ impl Device {
         }
     }
 
+    /// The configuration of every kernel's latest launch on this device, by kernel name.
+    pub fn launch_configs(&self) -> BTreeMap<String, LaunchConfig> {
+        self.counters()
+            .configs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Launches, copies and host syncs so far.
     pub fn stats(&self) -> DeviceStats {
         self.counters().snapshot()
@@ -218,6 +230,12 @@ impl Device {
                 reason,
             })?;
         let _launch_index = Counters::bump(&self.counters().launches);
+        let mut configs = self.counters().configs.lock().unwrap_or_else(|e| e.into_inner());
+        match configs.get_mut(name) {
+            Some(c) => *c = config,
+            None => drop(configs.insert(name.to_string(), config)),
+        }
+        drop(configs);
         match self {
             Device::Cuda(d) => d.launch(name, config, &mut args),
             #[cfg(feature = "emulator")]

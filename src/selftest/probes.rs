@@ -73,3 +73,8 @@ impl Probe {
         device.launch(self.kernel(), config, args)
     }
 }
+
+/// Every probe, `blocks` warps each.
+pub fn run_all(device: &Device, blocks: u32) -> Result<()> {
+    Probe::ALL.iter().try_for_each(|p| p.run(device, blocks))
+}

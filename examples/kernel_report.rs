@@ -1,0 +1,195 @@
+//! Static evidence of every embedded kernel's quality, per target arch, with no GPU:
+//! registers, shared memory and spills (ptxas), theoretical occupancy for the launch
+//! configuration the crate uses (learnt by running every kernel once on the emulator), and
+//! the SASS instruction mix (tensor-core MMAs, 128-bit global accesses, shared loads,
+//! barriers, local-memory traffic).
+//!
+//!     NVCC=... cargo run --release --example kernel_report [-- --json]
+//!
+//! Needs a build with nvcc; the SASS columns also need cuobjdump and nvdisasm beside it
+//! (pip `nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`). Without them it says so.
+use moe_kernels::device::registry::{self, KERNEL_RESOURCES, KERNELS};
+use moe_kernels::device::{Device, LaunchConfig};
+use moe_kernels::kernel_report::{self, ArchLimits, InstructionMix, KernelSass, occupancy};
+use moe_kernels::selftest;
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+struct Row {
+    kernel: &'static str,
+    arch: u32,
+    registers: u32,
+    static_shared: u32,
+    spills: u32,
+    launch: Option<LaunchConfig>,
+    occupancy: Option<(f64, &'static str)>,
+    mix: Option<InstructionMix>,
+}
+
+/// The launch configuration of every kernel, from one emulated run of each.
+fn launch_configs() -> moe_kernels::Result<BTreeMap<String, LaunchConfig>> {
+    let device = Device::emulator()?;
+    selftest::run_all(&device)?;
+    selftest::probes::run_all(&device, 4)?;
+    Ok(device.launch_configs())
+}
+
+fn rows(configs: &BTreeMap<String, LaunchConfig>, sass: &[KernelSass]) -> Vec<Row> {
+    let mut rows = vec![];
+    for k in KERNELS {
+        for r in KERNEL_RESOURCES.iter().filter(|r| r.kernel == k.name) {
+            let launch = configs.get(k.name).copied();
+            let occupancy = launch.zip(ArchLimits::of(r.arch)).map(|(c, limits)| {
+                let threads = c.block.0 * c.block.1 * c.block.2;
+                let o = occupancy(&limits, threads, r.registers, r.shared_bytes + c.shared_bytes);
+                (o.fraction, o.limiter)
+            });
+            rows.push(Row {
+                kernel: k.name,
+                arch: r.arch,
+                registers: r.registers,
+                static_shared: r.shared_bytes,
+                spills: r.spill_store_bytes + r.spill_load_bytes,
+                launch,
+                occupancy,
+                mix: sass
+                    .iter()
+                    .find(|s| s.kernel == k.name && s.arch == r.arch)
+                    .map(|s| s.mix),
+            });
+        }
+    }
+    rows
+}
+
+fn dash<T: ToString>(v: Option<T>) -> String {
+    v.map_or("-".into(), |v| v.to_string())
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<30} {:>5} {:>4} {:>6} {:>6} {:>14} {:>16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>4} {:>5}",
+        "kernel",
+        "arch",
+        "regs",
+        "smem",
+        "spill",
+        "launch",
+        "occupancy",
+        "mma",
+        "ldg128",
+        "stg128",
+        "ldgsts",
+        "lds",
+        "bar",
+        "local"
+    );
+    for r in rows {
+        let launch = r.launch.map(|c| {
+            format!(
+                "{}x{} +{}B",
+                c.grid.0 * c.grid.1 * c.grid.2,
+                c.block.0 * c.block.1 * c.block.2,
+                c.shared_bytes
+            )
+        });
+        let occ = r.occupancy.map(|(f, limiter)| format!("{:.0}% ({limiter})", f * 100.0));
+        let m = r.mix;
+        println!(
+            "{:<30} {:>5} {:>4} {:>6} {:>6} {:>14} {:>16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>4} {:>5}",
+            r.kernel,
+            format!("sm_{}", r.arch),
+            r.registers,
+            r.static_shared,
+            r.spills,
+            dash(launch),
+            dash(occ),
+            dash(m.map(|m| m.mma)),
+            dash(m.map(|m| m.global_loads_128)),
+            dash(m.map(|m| m.global_stores_128)),
+            dash(m.map(|m| m.async_copies)),
+            dash(m.map(|m| m.shared_loads)),
+            dash(m.map(|m| m.barriers)),
+            dash(m.map(|m| m.local_loads + m.local_stores)),
+        );
+    }
+    println!(
+        "\nsmem: static shared bytes; launch: blocks x threads + dynamic shared bytes, as the crate last launched it;\n\
+         occupancy: resident warps / 64 per SM and what limits it; mma: HMMA; ldg128/stg128: 128-bit global\n\
+         loads/stores; ldgsts: cp.async; lds: shared loads incl. ldmatrix; bar: barriers; local: LDL+STL."
+    );
+}
+
+fn print_json(rows: &[Row]) {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let m = r.mix.unwrap_or_default();
+            format!(
+                "{{\"kernel\":{:?},\"arch\":{},\"registers\":{},\"static_shared_bytes\":{},\"spill_bytes\":{},\
+                 \"block_threads\":{},\"dynamic_shared_bytes\":{},\"occupancy\":{},\"occupancy_limiter\":{},\
+                 \"sass\":{},\"mma\":{},\"global_loads\":{},\"global_loads_128\":{},\"global_stores\":{},\
+                 \"global_stores_128\":{},\"async_copies\":{},\"shared_loads\":{},\"shared_stores\":{},\
+                 \"barriers\":{},\"local_loads\":{},\"local_stores\":{},\"instructions\":{}}}",
+                r.kernel,
+                r.arch,
+                r.registers,
+                r.static_shared,
+                r.spills,
+                dash(r.launch.map(|c| c.block.0 * c.block.1 * c.block.2)).replace('-', "null"),
+                dash(r.launch.map(|c| c.shared_bytes)).replace('-', "null"),
+                dash(r.occupancy.map(|(f, _)| format!("{f:.4}"))).replace('-', "null"),
+                r.occupancy.map_or("null".into(), |(_, l)| format!("{l:?}")),
+                r.mix.is_some(),
+                m.mma,
+                m.global_loads,
+                m.global_loads_128,
+                m.global_stores,
+                m.global_stores_128,
+                m.async_copies,
+                m.shared_loads,
+                m.shared_stores,
+                m.barriers,
+                m.local_loads,
+                m.local_stores,
+                m.instructions
+            )
+        })
+        .collect();
+    println!("[\n  {}\n]", items.join(",\n  "));
+}
+
+fn main() -> ExitCode {
+    let json = std::env::args().any(|a| a == "--json");
+    if !registry::gpu_kernels_built() {
+        eprintln!(
+            "kernel_report: this build has no GPU kernels ({})",
+            registry::GPU_BUILD_NOTE
+        );
+        return ExitCode::SUCCESS;
+    }
+    let sass = match kernel_report::cuobjdump() {
+        Some(cuobjdump) => kernel_report::embedded_sass(&cuobjdump).unwrap_or_else(|e| {
+            eprintln!("kernel_report: no SASS columns: {e}");
+            vec![]
+        }),
+        None => {
+            eprintln!(
+                "kernel_report: no SASS columns: cuobjdump and nvdisasm are not beside nvcc \
+                 (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+            );
+            vec![]
+        }
+    };
+    let configs = launch_configs().unwrap_or_else(|e| {
+        eprintln!("kernel_report: no occupancy column: the emulated run failed: {e}");
+        BTreeMap::new()
+    });
+    let rows = rows(&configs, &sass);
+    if json {
+        print_json(&rows)
+    } else {
+        print_table(&rows)
+    }
+    ExitCode::SUCCESS
+}

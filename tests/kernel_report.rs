@@ -1,0 +1,135 @@
+//! Invariants of the compiled kernels that must never regress, read from the SASS, plus the
+//! report's own arithmetic (occupancy, SASS parsing) on hand-computed cases.
+use moe_kernels::device::registry::{self, KERNELS, TARGET_ARCHS};
+use moe_kernels::kernel_report::{self, ArchLimits, KernelSass, occupancy, parse_sass};
+
+#[test]
+fn occupancy_matches_hand_computed_cases() {
+    let sm80 = ArchLimits::of(80).unwrap();
+    let sm90 = ArchLimits::of(90).unwrap();
+    // 256 threads = 8 warps, 32 registers: 8 blocks fill the 64 warps.
+    let o = occupancy(&sm80, 256, 32, 0);
+    assert_eq!((o.blocks_per_sm, o.fraction, o.limiter), (8, 1.0, "warps"));
+    // 128 registers: 4096 per warp, 16 warps per SM -> 2 blocks of 8 warps.
+    let o = occupancy(&sm80, 256, 128, 0);
+    assert_eq!((o.blocks_per_sm, o.fraction, o.limiter), (2, 0.25, "registers"));
+    // 100 KiB of shared memory (+1 KiB reserved) per block: one block on 164 KiB, two on 228.
+    assert_eq!(occupancy(&sm80, 128, 32, 100 * 1024).blocks_per_sm, 1);
+    assert_eq!(occupancy(&sm90, 128, 32, 100 * 1024).blocks_per_sm, 2);
+    // 32-thread blocks: the 32-block limit caps occupancy at half.
+    let o = occupancy(&sm90, 32, 16, 0);
+    assert_eq!((o.blocks_per_sm, o.fraction, o.limiter), (32, 0.5, "blocks"));
+    assert!(ArchLimits::of(75).is_none());
+}
+
+#[test]
+fn sass_parser_counts_a_recorded_sample() {
+    let sample = "
+        arch = sm_90
+                Function : probe_vector
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                    /* 0x00000a00ff017b82 */
+        /*0040*/              @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;          /* 0x000000040204a981 */
+        /*0050*/                   STG.E.128 desc[UR4][R6.64], R4 ;           /* 0x0000000406007986 */
+        /*0060*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;    /* 0x000000100c08723c */
+        /*0070*/                   LDSM.16.M88.4 R12, [R3] ;                  /* 0x000000000303783b */
+        /*0080*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;              /* 0x0000000000007b1d */
+        /*0090*/                   STL [R1], R4 ;                             /* 0x0000000401007387 */
+        /*00a0*/                   EXIT ;                                     /* 0x000000000000794d */
+                Function : other
+        /*0000*/                   LDG.E R2, desc[UR4][R2.64] ;               /* 0x0000000402027981 */
+    ";
+    let kernels = parse_sass(sample);
+    assert_eq!(kernels.len(), 2);
+    let v = &kernels[0];
+    assert_eq!((v.kernel.as_str(), v.arch), ("probe_vector", 90));
+    let m = v.mix;
+    assert_eq!(
+        (m.instructions, m.global_loads, m.global_loads_128, m.global_stores_128),
+        (8, 1, 1, 1)
+    );
+    assert_eq!(
+        (m.mma, m.shared_loads, m.barriers, m.local_stores, m.local_loads),
+        (1, 1, 1, 1, 0)
+    );
+    assert_eq!((kernels[1].mix.global_loads, kernels[1].mix.global_loads_128), (1, 0));
+}
+
+/// The SASS of every embedded kernel, or None (skipped) without nvcc or cuobjdump/nvdisasm.
+fn sass() -> Option<Vec<KernelSass>> {
+    let required = std::env::var("MOE_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+    let Some(cuobjdump) = kernel_report::cuobjdump().filter(|_| registry::gpu_kernels_built()) else {
+        assert!(
+            !required || registry::NVCC.is_none(),
+            "MOE_REQUIRE_KERNELS=1 but cuobjdump/nvdisasm are missing"
+        );
+        eprintln!("skipped: needs GPU kernels and cuobjdump + nvdisasm beside nvcc");
+        return None;
+    };
+    Some(kernel_report::embedded_sass(&cuobjdump).expect("cuobjdump -sass"))
+}
+
+fn mix_of<'a>(all: &'a [KernelSass], kernel: &str) -> impl Iterator<Item = &'a KernelSass> {
+    let found: Vec<&KernelSass> = all.iter().filter(|k| k.kernel == kernel).collect();
+    assert_eq!(
+        found.len(),
+        TARGET_ARCHS.len(),
+        "`{kernel}` should appear once per target arch"
+    );
+    found.into_iter()
+}
+
+#[test]
+fn no_kernel_touches_local_memory() {
+    let Some(all) = sass() else { return };
+    for k in KERNELS.iter().filter(|k| k.module != "planted_bugs") {
+        for s in mix_of(&all, k.name) {
+            assert_eq!(
+                (s.mix.local_loads, s.mix.local_stores),
+                (0, 0),
+                "{} on sm_{} uses local memory",
+                s.kernel,
+                s.arch
+            );
+        }
+    }
+}
+
+#[test]
+fn tensor_core_kernels_contain_hmma() {
+    let Some(all) = sass() else { return };
+    for kernel in [
+        "selftest_mma_direct_bf16",
+        "selftest_mma_direct_f16",
+        "selftest_mma_ldmatrix_bf16",
+    ] {
+        for s in mix_of(&all, kernel) {
+            assert!(s.mix.mma > 0, "{kernel} on sm_{} has no HMMA: {:?}", s.arch, s.mix);
+        }
+    }
+}
+
+#[test]
+fn vector_kernels_move_128_bits_per_access() {
+    let Some(all) = sass() else { return };
+    for s in mix_of(&all, "probe_vector") {
+        assert!(
+            s.mix.global_loads_128 > 0 && s.mix.global_stores_128 > 0,
+            "sm_{}: {:?}",
+            s.arch,
+            s.mix
+        );
+        assert_eq!(
+            s.mix.global_loads, s.mix.global_loads_128,
+            "sm_{}: a narrower load crept in",
+            s.arch
+        );
+    }
+    for s in mix_of(&all, "selftest_mma_ldmatrix_bf16") {
+        assert!(
+            s.mix.async_copies > 0,
+            "cp.async should compile to LDGSTS on sm_{}: {:?}",
+            s.arch,
+            s.mix
+        );
+    }
+}
