@@ -13,6 +13,8 @@
 pub mod device;
 pub mod error;
 pub mod kernel_report;
+pub mod ops;
+pub mod reference;
 pub mod selftest;
 
 pub use device::{Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element};

@@ -101,3 +101,16 @@ fn a_buffer_of_one_device_is_refused_by_the_other() {
         Err(Error::WrongDevice { argument: "data", .. })
     ));
 }
+
+#[test]
+fn fill_zeros_clears_exactly_the_buffer() {
+    for d in devices() {
+        let mut buffer = d.upload(&[1u32, 2, 3, 4]).unwrap();
+        let syncs = d.stats().host_syncs;
+        d.fill_zeros(&mut buffer).unwrap();
+        assert_eq!(d.stats().host_syncs, syncs, "fill_zeros must not sync the host");
+        assert_eq!(d.download(&buffer).unwrap(), vec![0; 4]);
+        let mut empty = d.alloc_zeros::<f32>(0).unwrap();
+        d.fill_zeros(&mut empty).unwrap();
+    }
+}

@@ -147,6 +147,13 @@ impl CudaDevice {
         Ok(())
     }
 
+    pub(super) fn fill_zeros(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: `ptr` addresses `bytes` bytes of device memory on this stream's context,
+        // borrowed mutably by the caller.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream())? };
+        Ok(())
+    }
+
     pub(super) fn download<T: Element>(&self, ptr: u64, len: usize) -> Result<Vec<T>> {
         let mut host = vec![T::zeroed(); len];
         if len > 0 {

@@ -115,6 +115,26 @@ impl<'a> KernelArgs<'a> {
         self.pointer(buffer.kernel_ptr_mut(device, argument))
     }
 
+    /// An optional `const T*` parameter: the null pointer when `buffer` is `None`.
+    pub fn input_or_null<T: Element, S: DeviceSlice<T>>(self, argument: &'static str, buffer: Option<&'a S>) -> Self {
+        match buffer {
+            Some(b) => self.input(argument, b),
+            None => self.scalar(0u64),
+        }
+    }
+
+    /// An optional `T*` parameter the kernel writes: the null pointer when `buffer` is `None`.
+    pub fn output_or_null<T: Element, S: DeviceSliceMut<T>>(
+        self,
+        argument: &'static str,
+        buffer: Option<&'a mut S>,
+    ) -> Self {
+        match buffer {
+            Some(b) => self.output(argument, b),
+            None => self.scalar(0u64),
+        }
+    }
+
     /// A scalar parameter; its Rust type must match the kernel's (i32 for `int`, ...).
     pub fn scalar(mut self, value: impl KernelScalar) -> Self {
         let (bits, size) = value.bits();

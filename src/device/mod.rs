@@ -192,6 +192,26 @@ impl Device {
         }
     }
 
+    /// Sets every element of `buffer` to zero bits, stream-ordered (no host sync). Ops use it
+    /// to clear accumulators and counters before the kernels that add into them.
+    pub fn fill_zeros<T: Element>(&self, buffer: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        let bytes = buffer.len() * size_of::<T>();
+        let (ptr, _guard) = buffer.kernel_ptr_mut(self, "buffer")?;
+        if bytes == 0 {
+            return Ok(());
+        }
+        match self {
+            Device::Cuda(d) => d.fill_zeros(ptr, bytes),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => {
+                // SAFETY: on the emulator a kernel pointer is a live, writable host address of
+                // `buffer.len()` elements, borrowed mutably for this call.
+                unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+                Ok(())
+            }
+        }
+    }
+
     /// Copies `data` back to the host. This waits for the device: a host sync, counted.
     pub fn download<T: Element>(&self, data: &impl DeviceSlice<T>) -> Result<Vec<T>> {
         let len = data.len();

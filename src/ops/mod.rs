@@ -1,0 +1,99 @@
+//! Safe wrappers of the kernels: one module per op family (`kernels/<family>.cu`).
+//!
+//! Each op validates every argument (shape, range, dtype) before anything is launched and
+//! returns an [`Error`] that names the argument; it then picks the launch configuration and
+//! builds the kernel's argument list once, for whichever [`Device`](crate::Device) runs it.
+//! Ops never wait for the device: outputs are caller-provided buffers, sized by the
+//! family's `*_len` / `*_workspace` helpers.
+use crate::{DeviceSlice, Element, Error, Result};
+
+/// The floating-point element types kernels read and write: `f32`, `f16`, `bf16`.
+/// Kernels compute in f32 whatever the storage type.
+pub trait FloatElement: Element {
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest, ties to even (what the kernels' conversions do).
+    fn from_f32(value: f32) -> Self;
+}
+
+impl FloatElement for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+}
+
+impl FloatElement for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        half::f16::from_f32(value)
+    }
+}
+
+impl FloatElement for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        half::bf16::from_f32(value)
+    }
+}
+
+/// `Err(Shape)` unless `buffer` holds exactly `expected` elements; `layout` says what the
+/// argument is, e.g. `"[T, E] = [5, 8]"`.
+pub(crate) fn check_len<T: Element>(
+    argument: &'static str,
+    buffer: &impl DeviceSlice<T>,
+    expected: usize,
+    layout: impl FnOnce() -> String,
+) -> Result<()> {
+    if buffer.len() == expected {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        argument,
+        expected: format!("{} ({expected} elements of {})", layout(), T::NAME),
+        got: format!("{} elements", buffer.len()),
+    })
+}
+
+/// `Err(InvalidArgument)` unless `value` lies in `range`.
+pub(crate) fn check_range<V: PartialOrd + std::fmt::Display>(
+    argument: &'static str,
+    value: V,
+    range: std::ops::RangeInclusive<V>,
+) -> Result<()> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        argument,
+        value: value.to_string(),
+        expected: format!("a value in {}..={}", range.start(), range.end()),
+    })
+}
+
+/// `rows * cols` as an element count, or an error naming `argument` when it overflows.
+pub(crate) fn elements(argument: &'static str, rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols).ok_or_else(|| Error::InvalidArgument {
+        argument,
+        value: format!("{rows} x {cols}"),
+        expected: "a tensor whose element count fits in usize".into(),
+    })
+}
+
+/// Blocks needed to cover `items` with `per_block` items each, within CUDA's grid limit.
+pub(crate) fn grid_blocks(argument: &'static str, items: usize, per_block: usize) -> Result<u32> {
+    let blocks = items.div_ceil(per_block).max(1);
+    u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::InvalidArgument {
+            argument,
+            value: items.to_string(),
+            expected: format!("at most {} items", (i32::MAX as usize) * per_block),
+        })
+}

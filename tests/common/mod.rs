@@ -1,0 +1,127 @@
+//! What every op-family test file shares: the devices to run on, a seeded generator of
+//! inputs, and the SPEC §9 comparison of a device's output with the reference.
+//! Each test file includes it with `mod common;` and uses what it needs.
+#![allow(dead_code)]
+
+use moe_kernels::device::{Device, available_devices};
+
+/// Every device available here (the emulator, and a GPU when there is one). Prints why a
+/// device was skipped; `MOE_REQUIRE_GPU=1` turns a missing GPU into a failure.
+pub fn devices() -> Vec<Device> {
+    let list = available_devices().expect("device list");
+    for (kind, why) in &list.skipped {
+        eprintln!("skipped {}: {why}", kind.name());
+    }
+    list.devices
+}
+
+/// SplitMix64: small, seedable, and the same everywhere, so a failing case replays.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in `[0, n)`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    /// Uniform in `[lo, hi)`.
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * unit
+    }
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform(f32::MIN_POSITIVE, 1.0) as f64;
+        let u2 = self.uniform(0.0, 1.0) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+    pub fn normals(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.normal() * scale).collect()
+    }
+}
+
+/// SPEC §9: per element `|got - ref| <= atol + rtol * |ref|`, and per tensor
+/// `||got - ref|| <= rtol * ||ref|| + atol * sqrt(n)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Tolerance {
+    pub const F32: Tolerance = Tolerance { atol: 1e-5, rtol: 1e-5 };
+    pub const F16: Tolerance = Tolerance { atol: 1e-3, rtol: 1e-3 };
+    pub const BF16: Tolerance = Tolerance { atol: 1e-2, rtol: 1e-2 };
+
+    /// The tolerance of values stored as `T` (by its kernel name: f32, f16, bf16).
+    pub fn of<T: moe_kernels::Element>() -> Tolerance {
+        match T::NAME {
+            "f16" => Tolerance::F16,
+            "bf16" => Tolerance::BF16,
+            _ => Tolerance::F32,
+        }
+    }
+
+    /// For a reduction over `k` terms: atol grows like sqrt(k) * eps.
+    pub fn over(self, k: usize) -> Tolerance {
+        Tolerance {
+            atol: self.atol * (k.max(1) as f64).sqrt(),
+            rtol: self.rtol,
+        }
+    }
+
+    pub fn scaled(self, factor: f64) -> Tolerance {
+        Tolerance {
+            atol: self.atol * factor,
+            rtol: self.rtol * factor,
+        }
+    }
+}
+
+/// Panics with the worst elements unless `got` matches `reference` within `tol`. NaN must
+/// meet NaN and an infinity the same infinity.
+#[track_caller]
+pub fn assert_close(what: &str, got: &[f32], reference: &[f64], tol: Tolerance) {
+    assert_eq!(got.len(), reference.len(), "{what}: length");
+    let mut bad = vec![];
+    let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
+    for (i, (&g, &r)) in got.iter().zip(reference).enumerate() {
+        let g = g as f64;
+        if !r.is_finite() || !g.is_finite() {
+            let same = (r.is_nan() && g.is_nan()) || r == g;
+            if !same {
+                bad.push((i, g, r));
+            }
+            continue;
+        }
+        let d = (g - r).abs();
+        diff2 += d * d;
+        ref2 += r * r;
+        if d > tol.atol + tol.rtol * r.abs() {
+            bad.push((i, g, r));
+        }
+    }
+    let norm_ok = diff2.sqrt() <= tol.rtol * ref2.sqrt() + tol.atol * (got.len() as f64).sqrt();
+    if !bad.is_empty() || !norm_ok {
+        let shown: Vec<String> = bad.iter().take(8).map(|(i, g, r)| format!("[{i}] got {g} want {r}")).collect();
+        panic!(
+            "{what}: {} of {} elements outside atol {} rtol {}; |diff| {} vs |ref| {}; {}",
+            bad.len(),
+            got.len(),
+            tol.atol,
+            tol.rtol,
+            diff2.sqrt(),
+            ref2.sqrt(),
+            shown.join(", ")
+        );
+    }
+}
