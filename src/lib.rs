@@ -10,6 +10,7 @@
 //!
 //! Ops validate their arguments, choose a launch configuration and build the kernel's
 //! argument list once; only the final launch differs per device (see [`device`]).
+pub mod benchmarks;
 pub mod device;
 pub mod error;
 pub mod kernel_report;

@@ -5,6 +5,7 @@
 //! never prints a GPU figure it did not measure.
 #![allow(dead_code)]
 
+use moe_kernels::benchmarks::Record;
 use moe_kernels::device::{Device, DeviceKind, available_devices};
 use std::time::Instant;
 
@@ -54,34 +55,81 @@ fn peak_tensor_flops(device: &Device) -> Option<f64> {
     }
 }
 
-/// On a GPU: times `op` (after a warm-up, with one sync around the batch) and prints the
-/// achieved time and the fraction of the bandwidth and tensor-core floors. Elsewhere: nothing.
-pub fn report_gpu_fraction(name: &str, device: &Device, floor: Floor, mut op: impl FnMut()) {
+/// On a GPU: times `run` (after a warm-up, with one sync around the batch), prints the
+/// achieved time against the op's floor, and the [`Record`] line `scripts/gpu-validate.sh`
+/// collects. Elsewhere: nothing.
+pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor, run: impl FnMut()) {
     let Some(bandwidth) = peak_bandwidth(device) else { return };
+    let seconds = gpu_seconds(device, run);
+    let memory_floor = floor.bytes as f64 / bandwidth;
+    let tensor_floor = peak_tensor_flops(device)
+        .filter(|_| floor.flops > 0)
+        .map(|flops| floor.flops as f64 / flops);
+    let record = Record {
+        op: op.into(),
+        shape: shape.into(),
+        micros: seconds * 1e6,
+        floor_bytes: floor.bytes,
+        floor_flops: floor.flops,
+        bandwidth_fraction: memory_floor / seconds,
+        tensor_fraction: tensor_floor.map(|t| t / seconds),
+        versus: None,
+    };
+    println!(
+        "{op} {shape} on {}: {:.2} us, {:.0}% of the bandwidth floor",
+        device.description(),
+        record.micros,
+        100.0 * record.bandwidth_fraction
+    );
+    println!("{}", record.to_line());
+}
+
+/// Mean seconds per call of `run` on the GPU: one warm-up call, then a timed batch between
+/// two syncs.
+pub fn gpu_seconds(device: &Device, mut run: impl FnMut()) -> f64 {
     const ITERS: u32 = 50;
-    op();
+    run();
     device.synchronize().expect("sync");
     let start = Instant::now();
     for _ in 0..ITERS {
-        op();
+        run();
     }
     device.synchronize().expect("sync");
-    let seconds = start.elapsed().as_secs_f64() / ITERS as f64;
-    let memory_floor = floor.bytes as f64 / bandwidth;
-    let mut line = format!(
-        "{name} on {}: {:.2} us; memory floor {:.2} us ({:.0}% of peak bandwidth)",
-        device.description(),
-        seconds * 1e6,
-        memory_floor * 1e6,
-        100.0 * memory_floor / seconds
-    );
-    if let Some(flops) = peak_tensor_flops(device).filter(|_| floor.flops > 0) {
-        let math_floor = floor.flops as f64 / flops;
-        line += &format!(
-            "; tensor-core floor {:.2} us ({:.0}% of peak)",
-            math_floor * 1e6,
-            100.0 * math_floor / seconds
-        );
+    start.elapsed().as_secs_f64() / ITERS as f64
+}
+
+/// The MoE layer shapes benches run: on a GPU the realistic ones (a Mixtral-like
+/// and a DeepSeek-like layer, at decode and prefill token counts); on the emulator one
+/// small shape, since there only the CPU is timed.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerShape {
+    pub name: &'static str,
+    pub tokens: usize,
+    pub d: usize,
+    pub h: usize,
+    pub experts: usize,
+    pub k: usize,
+    /// Group-limited routing (groups, top groups), when the model uses it.
+    pub groups: Option<(usize, usize)>,
+}
+
+impl LayerShape {
+    pub fn label(&self) -> String {
+        format!("{},T={}", self.name, self.tokens)
     }
-    println!("{line}");
+}
+
+pub fn layer_shapes(device: &Device) -> Vec<LayerShape> {
+    let mixtral = LayerShape { name: "mixtral", tokens: 0, d: 4096, h: 14336, experts: 8, k: 2, groups: None };
+    let deepseek = LayerShape { name: "deepseek", tokens: 0, d: 7168, h: 2048, experts: 256, k: 8, groups: Some((8, 4)) };
+    if device.kind() != DeviceKind::Cuda {
+        return vec![LayerShape { name: "small", tokens: 64, d: 256, h: 128, experts: 16, k: 4, groups: Some((4, 2)) }];
+    }
+    let mut shapes = vec![];
+    for base in [mixtral, deepseek] {
+        for tokens in [1, 16, 64, 4096, 16384] {
+            shapes.push(LayerShape { tokens, ..base });
+        }
+    }
+    shapes
 }
