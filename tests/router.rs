@@ -180,10 +180,10 @@ fn random_bias(rng: &mut Rng, experts: usize) -> Option<Vec<f32>> {
 }
 
 const EXPERT_COUNTS: [usize; 7] = [1, 3, 8, 60, 64, 256, 1000];
-const TOKEN_COUNTS: [usize; 4] = [0, 1, 5, 17];
+const TOKEN_COUNTS: [usize; 5] = [0, 1, 5, 17, 130];
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(28))]
+    #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
     fn select_matches_reference(
@@ -515,7 +515,7 @@ fn random_slots(rng: &mut Rng, experts: usize, slots: usize) -> (Vec<i32>, Vec<f
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(16))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
     fn expert_statistics_match_reference(
@@ -788,5 +788,67 @@ fn balance_ops_reject_bad_arguments_before_launching() {
         assert_invalid(router::bias_update(&device, 1e-3, &ibuf(7), &mut buf(8)), "counts");
         assert_invalid(router::bias_update(&device, 1e-3, &ibuf(0), &mut buf(0)), "bias");
         assert_eq!(device.stats().launches, before, "a rejected call launched a kernel");
+    }
+}
+
+/// Slots whose id is out of range or repeats an earlier slot's get no gradient and are not
+/// read out of bounds: the same dz as the reference with those slots moved to unused experts
+/// with a zero d_weight (equivalent for the dense softmax and plain sigmoid backward).
+#[test]
+fn select_backward_ignores_invalid_and_repeated_ids() {
+    let mut rng = Rng::new(13);
+    for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid] {
+        let config = RouterConfig {
+            experts: 8,
+            k: 4,
+            score,
+            scale: 2.5,
+            ..RouterConfig::default()
+        };
+        let logits = random_logits(&mut rng, &config, 2, Rows::Finite);
+        let ids = [3, -1, 3, 8, 5, 1, 5, 100];
+        let d_weights = rng.normals(8, 1.0);
+        let moved_ids = [3, 0, 1, 2, 5, 1, 0, 2];
+        let moved_dw: Vec<f32> = d_weights
+            .iter()
+            .zip(&ids)
+            .zip(&moved_ids)
+            .map(|((&g, a), b)| if a == b { g } else { 0.0 })
+            .collect();
+        let want = reference::select_backward(&config, &logits, &moved_ids, &moved_dw);
+        for device in devices() {
+            let (z, d_ids, dw) = (
+                device.upload(&logits).unwrap(),
+                device.upload(&ids).unwrap(),
+                device.upload(&d_weights).unwrap(),
+            );
+            let mut dz = device.alloc_zeros::<f32>(16).unwrap();
+            router::select_backward(&device, &config, &z, &d_ids, &dw, &mut dz).unwrap();
+            assert_close(
+                &format!("{score:?} dz"),
+                &device.download(&dz).unwrap(),
+                &want,
+                Tolerance::F32,
+            );
+        }
+    }
+}
+
+/// A NaN bias entry ranks its expert lowest (like a NaN score); +inf ranks it first; the
+/// weights still come from the unbiased scores.
+#[test]
+fn select_with_non_finite_bias_entries() {
+    let config = RouterConfig {
+        experts: 5,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    let logits = [4.0, 3.0, 2.0, 1.0, 0.0];
+    let bias = [f32::NAN, 0.0, 0.0, f32::INFINITY, 0.0];
+    for device in devices() {
+        let got = run_select(&device, &config, &logits, Some(&bias));
+        assert_eq!(got.ids, [3, 1]);
+        assert_eq!(got.nonfinite_rows, 0);
+        check_selection(&config, &logits, Some(&bias), &got);
     }
 }
