@@ -12,7 +12,7 @@
 //   router_select_backward_f32                     dz from d(weights), one warp per row
 //   router_expert_statistics_f32                   per (segment, expert) counts and weight sums
 //   router_row_logsumexp_f32                       per-row LSE (NaN for non-finite rows)
-//   router_prob_sums_f32                           per (segment, expert) sums of softmax probabilities
+//   router_prob_sums_f32                           per (segment, chunk, expert) sums of probabilities
 //   router_aux_loss_f32 / _backward_f32            Switch load-balancing loss, token or sequence level
 //   router_z_loss_f32 / _backward_f32              ST-MoE router z-loss
 //   router_bias_update_f32                         DeepSeek-V3 b += gamma * sign(mean(c) - c)
@@ -152,9 +152,10 @@ EMU_EXPORT(router_select_backward_f32)
 
 // ------------------------------------------------------------------------------------------
 // Per-expert reductions over tokens. A block owns 32 experts (lane l: expert 32*blockIdx.x + l)
-// and one segment of tokens (blockIdx.y); its 8 warps take interleaved chunks of the segment
-// and each lane accumulates its own expert in registers, so no float atomics are needed; the
-// 8 warp partials are then added in warp order. Fixed order: reproducible bits.
+// and one chunk of tokens: chunk blockIdx.z of segment blockIdx.y (tokens_per_chunk tokens, the
+// last chunk of a segment shorter). Its 8 warps take interleaved pieces of the chunk and each
+// lane accumulates its own expert in registers, so no float atomics are needed; the 8 warp
+// partials are then added in warp order. Fixed order: reproducible bits.
 
 // Adds the block's per-warp partials (lane-indexed) in warp order; the result is valid in warp 0.
 template <class T>
@@ -168,26 +169,40 @@ __device__ __forceinline__ T sum_warp_partials(T (&partials)[kSliceWarps][kWarp]
   return total;
 }
 
-// router_expert_statistics_f32: counts[s, e] = #{slots of segment s routed to e}, and
-// weight_sums[s, e] = the sum of their weights (when weights and weight_sums are not null).
+// The tokens [first, end) of this block's chunk.
+struct TokenChunk {
+  i64 first, end;
+};
+__device__ __forceinline__ TokenChunk token_chunk(i64 tokens_per_segment, i64 tokens_per_chunk) {
+  const i64 segment_first = i64(blockIdx.y) * tokens_per_segment;
+  const i64 first = segment_first + i64(blockIdx.z) * tokens_per_chunk;
+  const i64 end = first + tokens_per_chunk;
+  return {first, end < segment_first + tokens_per_segment ? end : segment_first + tokens_per_segment};
+}
+
+// router_expert_statistics_f32: counts[s, e] += #{slots of segment s routed to e} (an integer
+// atomicAdd per block and expert: exact, order-free; the caller zeroes counts), and, when weights
+// and weight_sums are not null, weight_sums[s, e] = the sum of their weights (needs one chunk per
+// segment, gridDim.z == 1, so that one block writes each sum).
 // Mapping: each warp reads 32 slots (ids, weights) coalesced, then broadcasts them one by one
 //   (__shfl_sync) to the 32 expert lanes. Ids outside [0, E) match no expert.
 // Traffic: ids (and weights) read ceil(E/32) times (once per expert slice); counts, sums written once.
-// Launch: grid (ceil(E / 32), segments), block 256; segments * tokens_per_segment = T.
+// Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
 extern "C" __global__ void router_expert_statistics_f32(const int* ids, const float* weights,
-                                                        long long tokens_per_segment, int k, int E, int* counts,
-                                                        float* weight_sums) {
+                                                        long long tokens_per_segment, long long tokens_per_chunk,
+                                                        int k, int E, int* counts, float* weight_sums) {
   __shared__ int count_partials[kSliceWarps][kWarp];
   __shared__ float sum_partials[kSliceWarps][kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int expert = blockIdx.x * kWarp + lane;
-  const i64 slots = tokens_per_segment * k, first = i64(blockIdx.y) * slots;
+  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
+  const i64 first = chunk.first * k, end = chunk.end * k;
   int count = 0;
   float sum = 0.0f;
-  for (i64 base = i64(warp) * kWarp; base < slots; base += kSliceWarps * kWarp) {
-    const bool in = base + lane < slots;
-    const int id = in ? ids[first + base + lane] : -1;
-    const float w = (in && weights) ? weights[first + base + lane] : 0.0f;
+  for (i64 base = first + i64(warp) * kWarp; base < end; base += kSliceWarps * kWarp) {
+    const bool in = base + lane < end;
+    const int id = in ? ids[base + lane] : -1;
+    const float w = (in && weights) ? weights[base + lane] : 0.0f;
     for (int j = 0; j < kWarp; ++j) {
       const int slot_id = __shfl_sync(kFullMask, id, j);
       const float slot_w = __shfl_sync(kFullMask, w, j);
@@ -200,7 +215,7 @@ extern "C" __global__ void router_expert_statistics_f32(const int* ids, const fl
   const int total_count = sum_warp_partials(count_partials, count);
   const float total_sum = sum_warp_partials(sum_partials, sum);
   if (warp == 0 && expert < E) {
-    counts[i64(blockIdx.y) * E + expert] = total_count;
+    if (total_count) atomicAdd(&counts[i64(blockIdx.y) * E + expert], total_count);
     if (weight_sums) weight_sums[i64(blockIdx.y) * E + expert] = total_sum;
   }
 }
@@ -216,24 +231,26 @@ extern "C" __global__ void router_row_logsumexp_f32(const float* z, long long T,
 }
 EMU_EXPORT(router_row_logsumexp_f32)
 
-// router_prob_sums_f32: prob_sums[s, e] = sum over the rows t of segment s of exp(z[t, e] - lse[t])
-// (rows with a NaN lse, the non-finite ones, add nothing).
-// Mapping: warp w takes rows w, w + 8, ... of the segment; lane l reads column 32*blockIdx.x + l
+// router_prob_sums_f32: prob_sums[s, c, e] = sum over the rows t of chunk c of segment s of
+// exp(z[t, e] - lse[t]) (rows with a NaN lse, the non-finite ones, add nothing); the aux loss
+// adds the chunks in order.
+// Mapping: warp w takes rows w, w + 8, ... of the chunk; lane l reads column 32*blockIdx.x + l
 //   (a 128-byte coalesced row piece). Traffic: z read once, lse read ceil(E/32) times.
-// Launch: grid (ceil(E / 32), segments), block 256; segments * tokens_per_segment = T.
+// Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
 extern "C" __global__ void router_prob_sums_f32(const float* z, const float* lse, long long tokens_per_segment,
-                                                int E, float* prob_sums) {
+                                                long long tokens_per_chunk, int E, float* prob_sums) {
   __shared__ float partials[kSliceWarps][kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int expert = blockIdx.x * kWarp + lane;
-  const i64 first = i64(blockIdx.y) * tokens_per_segment;
+  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
   float sum = 0.0f;
-  for (i64 t = first + warp; t < first + tokens_per_segment; t += kSliceWarps) {
+  for (i64 t = chunk.first + warp; t < chunk.end; t += kSliceWarps) {
     const float row_lse = lse[t];
     if (expert < E && row_lse == row_lse) sum += expf(z[t * E + expert] - row_lse);
   }
   const float total = sum_warp_partials(partials, sum);
-  if (warp == 0 && expert < E) prob_sums[i64(blockIdx.y) * E + expert] = total;
+  const i64 out = (i64(blockIdx.y) * gridDim.z + blockIdx.z) * E + expert;
+  if (warp == 0 && expert < E) prob_sums[out] = total;
 }
 EMU_EXPORT(router_prob_sums_f32)
 
@@ -252,14 +269,19 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return scratch[0];
 }
 
-// router_aux_loss_f32: loss = coefficient * sum_i counts[i] * prob_sums[i] over n = segments * E
-// terms, coefficient = alpha * E / (k * segments * tokens_per_segment^2) (from the host).
-// Launch: grid 1, block 256.
-extern "C" __global__ void router_aux_loss_f32(const int* counts, const float* prob_sums, long long n,
-                                               float coefficient, float* loss) {
+// router_aux_loss_f32: loss = coefficient * sum_{s,e} counts[s, e] * sum_c prob_sums[s, c, e]
+// (chunks c in order), coefficient = alpha * E / (k * segments * tokens_per_segment^2) (from the
+// host). Thread i takes the (s, e) pairs i, i + 256, ... Launch: grid 1, block 256.
+extern "C" __global__ void router_aux_loss_f32(const int* counts, const float* prob_sums, long long segments,
+                                               int chunks, int E, float coefficient, float* loss) {
   __shared__ float scratch[kLossThreads];
   float partial = 0.0f;
-  for (i64 i = threadIdx.x; i < n; i += kLossThreads) partial += float(counts[i]) * prob_sums[i];
+  for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
+    const i64 s = i / E, e = i % E;
+    float prob = 0.0f;
+    for (int c = 0; c < chunks; ++c) prob += prob_sums[(s * chunks + c) * E + e];
+    partial += float(counts[i]) * prob;
+  }
   const float total = block_sum(partial, scratch);
   if (threadIdx.x == 0) loss[0] = coefficient * total;
 }

@@ -515,7 +515,7 @@ fn random_slots(rng: &mut Rng, experts: usize, slots: usize) -> (Vec<i32>, Vec<f
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(32))]
+    #![proptest_config(ProptestConfig::with_cases(48))]
 
     #[test]
     fn expert_statistics_match_reference(
@@ -554,14 +554,17 @@ proptest! {
     fn aux_loss_matches_reference(
         experts in prop::sample::select(vec![1usize, 3, 8, 60, 256]),
         segments in 0usize..=3,
-        segment_len in prop::sample::select(vec![1usize, 4, 9]),
+        segment_len in prop::sample::select(vec![1usize, 4, 9, 150]),
         sequence_level in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let mut rng = Rng::new(seed);
         let router = RouterConfig { experts, k: 1 + rng.below(experts.min(4)), ..RouterConfig::default() };
         let tokens = segments * segment_len;
-        let aux = AuxLossConfig { alpha: 0.01 * (1 + rng.below(4)) as f32, sequence_length: sequence_level.then_some(segment_len) };
+        let aux = AuxLossConfig {
+            alpha: 0.01 * (1 + rng.below(4)) as f32,
+            sequence_length: sequence_level.then_some(segment_len),
+        };
         let logits = random_logits(&mut rng, &router, tokens, Rows::WithSpecials);
         let ids = reference::select(&router, &logits, None).ids;
         let dz0 = rng.normals(logits.len(), 1.0);
@@ -579,7 +582,9 @@ proptest! {
             let after = device.stats();
             prop_assert_eq!(after.launches - before.launches, 5, "aux loss: 4 launches, backward: 1");
             prop_assert_eq!(after.host_syncs, before.host_syncs);
-            assert_close("aux loss", &device.download(&loss).unwrap(), &[want_loss], Tolerance::F32.over(tokens * experts));
+            // A scalar: relative error of f32 sums, not an absolute one growing with T * E.
+            let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
+            assert_close("aux loss", &device.download(&loss).unwrap(), &[want_loss], tol);
             assert_close("dz + aux grad", &device.download(&dz).unwrap(), &want_dz, Tolerance::F32.over(experts));
         }
     }
@@ -609,7 +614,8 @@ proptest! {
             let after = device.stats();
             prop_assert_eq!(after.launches - before.launches, 3, "z-loss: 2 launches, backward: 1");
             prop_assert_eq!(after.host_syncs, before.host_syncs);
-            assert_close("z-loss", &device.download(&loss).unwrap(), &[want_loss], Tolerance::F32.over(tokens));
+            let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
+            assert_close("z-loss", &device.download(&loss).unwrap(), &[want_loss], tol);
             assert_close("dz + z-loss grad", &device.download(&dz).unwrap(), &want_dz, Tolerance::F32.over(experts));
         }
     }

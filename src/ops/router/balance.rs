@@ -16,10 +16,25 @@ const LOSS_THREADS: u32 = 256;
 /// CUDA's limit on grid.y (segments of the per-expert reductions).
 const MAX_SEGMENTS: usize = 65535;
 
-/// `[segments, E]` per-expert reductions: blocks of 32 experts by segments.
-fn slice_launch(experts: usize, segments: usize) -> LaunchConfig {
+/// Tokens per block of the per-expert reductions: enough blocks to fill a GPU, at most
+/// `MAX_CHUNKS` per segment (the aux loss adds the chunks' partial sums one by one).
+const MIN_TOKENS_PER_CHUNK: usize = 64;
+const MAX_CHUNKS: usize = 1024;
+
+/// (chunks, tokens per chunk) of a segment of `tokens`: at least one chunk.
+fn chunking(tokens: usize) -> (usize, usize) {
+    let per_chunk = MIN_TOKENS_PER_CHUNK.max(tokens.div_ceil(MAX_CHUNKS));
+    (tokens.div_ceil(per_chunk).max(1), per_chunk)
+}
+
+/// `[segments, chunks, E]` per-expert reductions: blocks of 32 experts by segments by chunks.
+fn slice_launch(experts: usize, segments: usize, chunks: usize) -> LaunchConfig {
     LaunchConfig {
-        grid: (experts.div_ceil(EXPERTS_PER_BLOCK) as u32, segments as u32, 1),
+        grid: (
+            experts.div_ceil(EXPERTS_PER_BLOCK) as u32,
+            segments as u32,
+            chunks as u32,
+        ),
         block: (SLICE_THREADS, 1, 1),
         shared_bytes: 0,
     }
@@ -37,7 +52,8 @@ fn tokens_of_ids(config: &RouterConfig, ids: &impl DeviceSlice<i32>) -> Result<u
     Ok(ids.len() / config.k)
 }
 
-/// Counts (and weight sums) per (segment, expert); `tokens` splits into `segments` equal ones.
+/// Counts (zeroed here, then added per chunk) and, with one chunk, weight sums per (segment,
+/// expert); the `[T, k]` ids split into `segments` equal segments.
 fn launch_statistics<W: DeviceSlice<f32>, S: DeviceSliceMut<f32>>(
     device: &Device,
     config: &RouterConfig,
@@ -47,25 +63,29 @@ fn launch_statistics<W: DeviceSlice<f32>, S: DeviceSliceMut<f32>>(
     weight_sums: Option<&mut S>,
 ) -> Result<()> {
     let tokens_per_segment = ids.len() / config.k / segments;
-    // Matches the kernel's parameters, in order:
-    // router_expert_statistics_f32(ids, weights, tokens_per_segment, k, E, counts, weight_sums).
+    // Weight sums are written by the one block of their segment: no float atomics.
+    let (chunks, tokens_per_chunk) = match weight_sums {
+        Some(_) => (1, tokens_per_segment),
+        None => chunking(tokens_per_segment),
+    };
+    device.fill_zeros(counts)?;
+    // Matches the kernel's parameters, in order: router_expert_statistics_f32(ids, weights,
+    // tokens_per_segment, tokens_per_chunk, k, E, counts, weight_sums).
     let args = KernelArgs::new(device)
         .input("ids", ids)
         .input_or_null("weights", weights)
         .scalar(tokens_per_segment as i64)
+        .scalar(tokens_per_chunk as i64)
         .scalar(config.k as i32)
         .scalar(config.experts as i32)
         .output("counts", counts)
         .output_or_null("weight_sums", weight_sums);
-    device.launch(
-        "router_expert_statistics_f32",
-        slice_launch(config.experts, segments),
-        args,
-    )
+    let grid = slice_launch(config.experts, segments, chunks);
+    device.launch("router_expert_statistics_f32", grid, args)
 }
 
 /// Per-expert token counts `counts[e]` (`[E]`, exact) from `[T, k]` ids (ids outside `[0, E)`
-/// count nowhere). One launch; no host sync.
+/// count nowhere). A stream-ordered memset of `counts`, then one launch; no host sync.
 pub fn expert_counts(
     device: &Device,
     config: &RouterConfig,
@@ -81,7 +101,7 @@ pub fn expert_counts(
 
 /// Per-expert token counts (`[E]`, exact) and gate-weight sums `sum_t w_{t,e}` (`[E]`, f32 in a
 /// fixed order) from the `[T, k]` ids and weights of [`select`](super::select). These feed the
-/// bias update and ESFT. One launch; no host sync.
+/// bias update and ESFT. A stream-ordered memset of `counts`, then one launch; no host sync.
 pub fn expert_statistics(
     device: &Device,
     config: &RouterConfig,
@@ -165,7 +185,7 @@ impl AuxLossConfig {
 }
 
 /// What [`aux_loss`] keeps for [`aux_loss_backward`]: per-row log-sum-exp `[T]`, per-sequence
-/// counts and probability sums `[S, E]`.
+/// counts `[S, E]`, and the probability sums of each chunk of tokens `[S, chunks, E]`.
 pub struct AuxLossWorkspace {
     row_lse: DeviceBuffer<f32>,
     counts: DeviceBuffer<i32>,
@@ -180,12 +200,13 @@ impl AuxLossWorkspace {
     pub fn new(device: &Device, router: &RouterConfig, aux: &AuxLossConfig, tokens: usize) -> Result<Self> {
         router.validate()?;
         aux.validate(tokens)?;
-        let (segments, _) = aux.segments(tokens);
+        let (segments, len) = aux.segments(tokens);
         let per_segment = elements("tokens", segments, router.experts)?;
+        let per_chunk = elements("tokens", per_segment, chunking(len).0)?;
         Ok(Self {
             row_lse: device.alloc_zeros(tokens)?,
             counts: device.alloc_zeros(per_segment)?,
-            prob_sums: device.alloc_zeros(per_segment)?,
+            prob_sums: device.alloc_zeros(per_chunk)?,
             tokens,
             experts: router.experts,
             segments,
@@ -249,8 +270,8 @@ fn launch_row_lse(
 }
 
 /// The Switch aux loss of `logits` `[T, E]` and the `ids` `[T, k]` selected from them, into
-/// `loss` (`[1]`). Fills `workspace` for [`aux_loss_backward`]. Four launches (row LSE, counts,
-/// probability sums, the loss); no host sync.
+/// `loss` (`[1]`). Fills `workspace` for [`aux_loss_backward`]. Four launches (row LSE, counts
+/// after a stream-ordered memset, probability sums, the loss); no host sync.
 pub fn aux_loss(
     device: &Device,
     router: &RouterConfig,
@@ -264,6 +285,7 @@ pub fn aux_loss(
     workspace.check(router, aux, tokens)?;
     check_len("loss", loss, 1, || "[1]".into())?;
     let (segments, len) = aux.segments(tokens);
+    let (chunks, tokens_per_chunk) = chunking(len);
     launch_row_lse(device, router, logits, &mut workspace.row_lse)?;
     let no_weights = (ids, None::<&DeviceBuffer<f32>>);
     launch_statistics(
@@ -274,19 +296,28 @@ pub fn aux_loss(
         &mut workspace.counts,
         None::<&mut DeviceBuffer<f32>>,
     )?;
-    // Matches the kernel's parameters, in order: router_prob_sums_f32(z, lse, tokens_per_segment, E, prob_sums).
+    // Matches the kernel's parameters, in order:
+    // router_prob_sums_f32(z, lse, tokens_per_segment, tokens_per_chunk, E, prob_sums).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input("row_lse", &workspace.row_lse)
         .scalar(len as i64)
+        .scalar(tokens_per_chunk as i64)
         .scalar(router.experts as i32)
         .output("prob_sums", &mut workspace.prob_sums);
-    device.launch("router_prob_sums_f32", slice_launch(router.experts, segments), args)?;
-    // Matches the kernel's parameters, in order: router_aux_loss_f32(counts, prob_sums, n, coefficient, loss).
+    device.launch(
+        "router_prob_sums_f32",
+        slice_launch(router.experts, segments, chunks),
+        args,
+    )?;
+    // Matches the kernel's parameters, in order:
+    // router_aux_loss_f32(counts, prob_sums, segments, chunks, E, coefficient, loss).
     let args = KernelArgs::new(device)
         .input("counts", &workspace.counts)
         .input("prob_sums", &workspace.prob_sums)
-        .scalar((segments * router.experts) as i64)
+        .scalar(segments as i64)
+        .scalar(chunks as i32)
+        .scalar(router.experts as i32)
         .scalar(aux.coefficient(router, tokens))
         .output("loss", loss);
     device.launch("router_aux_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
@@ -308,7 +339,8 @@ pub fn aux_loss_backward(
     let e = router.experts;
     check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
     let (_, len) = aux.segments(tokens);
-    // Matches the kernel's parameters, in order: router_aux_loss_backward_f32(z, lse, counts, T, tokens_per_segment, E, coefficient, dz).
+    // Matches the kernel's parameters, in order:
+    // router_aux_loss_backward_f32(z, lse, counts, T, tokens_per_segment, E, coefficient, dz).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input("row_lse", &workspace.row_lse)
@@ -378,7 +410,8 @@ pub fn z_loss_backward(
     } else {
         2.0 * coefficient / tokens as f32
     };
-    // Matches the kernel's parameters, in order: router_z_loss_backward_f32(z, lse, T, E, coefficient, dz).
+    // Matches the kernel's parameters, in order:
+    // router_z_loss_backward_f32(z, lse, T, E, coefficient, dz).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input("row_lse", row_lse)

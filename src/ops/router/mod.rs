@@ -220,7 +220,8 @@ pub fn select<B: DeviceSlice<f32>>(
     check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
     check_len("weights", weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
     check_len("nonfinite_rows", nonfinite_rows, 1, || "[1]".into())?;
-    // Matches the kernel's parameters, in order: router_select_e<N>_f32(z, bias, T, E, k, score, topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows).
+    // Matches the kernel's parameters, in order: router_select_e<N>_f32(z, bias, T, E, k, score,
+    // topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input_or_null("bias", bias)
@@ -257,7 +258,8 @@ pub fn select_backward(
     check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
     check_len("d_weights", d_weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
     check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
-    // Matches the kernel's parameters, in order: router_select_backward_f32(z, ids, d_weights, T, E, k, score, topk_first, renormalize, scale, dz).
+    // Matches the kernel's parameters, in order: router_select_backward_f32(z, ids, d_weights, T, E,
+    // k, score, topk_first, renormalize, scale, dz).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input("ids", ids)
