@@ -31,49 +31,10 @@ constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction k
 //   (re-read z[id], L1-hot) by selected_weights. Lane r < k writes slot r: ids in rank order.
 // Traffic: z (and bias) read once, ids and weights written once; 2 + 5k (+ group) warp
 //   reductions per row. Registers: VPL keys plus the row while keys are formed.
+// The row's work is select_row (router_select.cuh), which a fused scoring kernel can call too.
 // Launch: grid ceil(T / 4), block 128, no shared memory. 1 <= E <= N, 1 <= k <= min(E, 32),
 //   groups in 1..=32 dividing E, 1 <= topk_groups <= groups, k <= topk_groups * E / groups;
 //   bias [E] or null; nonfinite_rows: one counter the kernel adds the row count to (or null).
-template <int VPL>
-__device__ __forceinline__ void select_row(const float* z, const float* bias, i64 row, int E, int k,
-                                           const SelectOptions& o, int groups, int topk_groups, int* ids,
-                                           float* weights, unsigned* nonfinite_rows) {
-  const int lane = threadIdx.x % kWarp;
-  const float* z_row = z + row * E;
-  const SlotLayout layout{VPL % 4 == 0 && E % 4 == 0 && aligned_16(z) && (!bias || aligned_16(bias))};
-  float v[VPL];
-  load_slots<VPL>(v, z_row, E, layout);
-  RowMaxPartial partial;
-#pragma unroll
-  for (int s = 0; s < VPL; ++s)
-    if (layout.element(s, lane) < E) partial.add(v[s]);
-  RowSoftmax stats = row_softmax_max(partial);
-  if (o.score == kSoftmax && !o.topk_first) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int s = 0; s < VPL; ++s)
-      if (layout.element(s, lane) < E) sum += row_softmax_term(stats, v[s]);
-    stats.sum = warp_sum(sum);
-  }
-  float b[VPL] = {};
-  if (bias) load_slots<VPL>(b, bias, E, layout);
-  unsigned key[VPL];
-#pragma unroll
-  for (int s = 0; s < VPL; ++s) {
-    const float score = selection_score(o, stats, v[s]) + (bias ? b[s] : 0.0f);
-    key[s] = layout.element(s, lane) < E ? rank_key(score) : 0u;
-  }
-  if (groups > 1) keep_best_groups<VPL>(key, E, groups, topk_groups, layout);
-  const int id = take_top_k<VPL>(key, k, layout);
-  const bool active = lane < k;
-  const SelectedWeights w = selected_weights(o, stats, active ? z_row[id] : 0.0f, active);
-  if (active) {
-    ids[row * k + lane] = id;
-    weights[row * k + lane] = o.scale * w.normalized;
-  }
-  if (lane == 0 && stats.nonfinite && nonfinite_rows) atomicAdd(nonfinite_rows, 1u);
-}
-
 #define ROUTER_SELECT(N)                                                                              \
   extern "C" __global__ void router_select_e##N##_f32(                                               \
       const float* z, const float* bias, long long T, int E, int k, int score, int topk_first,       \
@@ -109,7 +70,8 @@ EMU_EXPORT(router_select_e1024_f32)
 //   - sigmoid / none: ds_j = rho dw_j, or with renormalize (rho / S)(dw_j - sum_K (s_i / S) dw_i);
 //     dz_j = ds_j s_j (1 - s_j) for sigmoid, ds_j for none;
 //   0 on unselected logits (written first), and a zero row for a non-finite row.
-// Traffic: z read twice (second pass L1/L2-hot), dz written once, ids and d_weights read once.
+// Traffic: z read by the max pass, and for softmax_then_topk by the sum and dense-write passes too
+//   (L1/L2-hot); dz written once; ids and d_weights read once.
 // Launch: grid ceil(T / 4), block 128, no shared memory; 1 <= k <= 32, k <= E.
 extern "C" __global__ void router_select_backward_f32(const float* z, const int* ids, const float* d_weights,
                                                       long long T, int E, int k, int score, int topk_first,
@@ -121,7 +83,8 @@ extern "C" __global__ void router_select_backward_f32(const float* z, const int*
   const float* z_row = z + row * E;
   float* dz_row = dz + row * E;
   const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
-  const RowSoftmax stats = row_softmax_global(z_row, E, vec);
+  // The softmax sum is needed only where p over all E is: softmax_then_topk.
+  const RowSoftmax stats = row_softmax_global(z_row, E, vec, o.score == kSoftmax && !o.topk_first);
   const int id = lane < k ? ids[row * k + lane] : -1;
   bool active = id >= 0 && id < E;
   for (int j = 0; j < k; ++j) {

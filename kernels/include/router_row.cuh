@@ -129,11 +129,13 @@ __device__ __forceinline__ void lane_strided_write(float* out, const float* in, 
   }
 }
 
-// Softmax statistics of a row read from global memory (two passes, the second L1-hot).
-__device__ __forceinline__ RowSoftmax row_softmax_global(const float* row, int E, bool vec) {
+// Softmax statistics of a row read from global memory: the max pass, and (with_sum) the sum
+// pass (L1-hot). Without the sum only `max` and `nonfinite` are valid.
+__device__ __forceinline__ RowSoftmax row_softmax_global(const float* row, int E, bool vec, bool with_sum = true) {
   RowMaxPartial partial;
   lane_strided_read(row, E, vec, [&](int, float z) { partial.add(z); });
   RowSoftmax s = row_softmax_max(partial);
+  if (!with_sum) return s;
   float sum = 0.0f;
   lane_strided_read(row, E, vec, [&](int, float z) { sum += row_softmax_term(s, z); });
   s.sum = warp_sum(sum);

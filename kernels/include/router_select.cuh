@@ -1,5 +1,6 @@
 // router_select.cuh: top-k selection of one row held in a warp's registers, and the k combine
-// weights, shared by the selection kernel and its backward (router.cu).
+// weights, shared by the selection kernel and its backward (router.cu). select_row is the whole
+// per-row selection: a scoring kernel that produces a row of logits can call it to fuse.
 //
 // Register layout of a row (SlotLayout): lane l holds VPL slots. Scalar layout: slot s is
 // element 32*s + l. Vector layout (E % 4 == 0, 16-byte aligned rows, VPL % 4 == 0): slot s is
@@ -169,4 +170,48 @@ __device__ __forceinline__ int take_top_k(unsigned (&key)[VPL], int k, SlotLayou
     if (lane == r) chosen = e;
   }
   return chosen;
+}
+
+// Selects row `row` of z [T, E] (one warp, every lane calls it): writes ids[row, 0..k) and
+// weights[row, 0..k) and counts the row in *nonfinite_rows (when not null) if it is non-finite.
+// The algorithm and its contract are at router_select_e<N>_f32 (router.cu). z holds rows of E
+// logits (global memory, or a shared-memory tile in a fused scoring kernel). E <= 32 * VPL.
+template <int VPL>
+__device__ __forceinline__ void select_row(const float* z, const float* bias, i64 row, int E, int k,
+                                           const SelectOptions& o, int groups, int topk_groups, int* ids,
+                                           float* weights, unsigned* nonfinite_rows) {
+  const int lane = threadIdx.x % kWarp;
+  const float* z_row = z + row * E;
+  const SlotLayout layout{VPL % 4 == 0 && E % 4 == 0 && aligned_16(z) && (!bias || aligned_16(bias))};
+  float v[VPL];
+  load_slots<VPL>(v, z_row, E, layout);
+  RowMaxPartial partial;
+#pragma unroll
+  for (int s = 0; s < VPL; ++s)
+    if (layout.element(s, lane) < E) partial.add(v[s]);
+  RowSoftmax stats = row_softmax_max(partial);
+  if (o.score == kSoftmax && !o.topk_first) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int s = 0; s < VPL; ++s)
+      if (layout.element(s, lane) < E) sum += row_softmax_term(stats, v[s]);
+    stats.sum = warp_sum(sum);
+  }
+  float b[VPL] = {};
+  if (bias) load_slots<VPL>(b, bias, E, layout);
+  unsigned key[VPL];
+#pragma unroll
+  for (int s = 0; s < VPL; ++s) {
+    const float score = selection_score(o, stats, v[s]) + (bias ? b[s] : 0.0f);
+    key[s] = layout.element(s, lane) < E ? rank_key(score) : 0u;
+  }
+  if (groups > 1) keep_best_groups<VPL>(key, E, groups, topk_groups, layout);
+  const int id = take_top_k<VPL>(key, k, layout);
+  const bool active = lane < k;
+  const SelectedWeights w = selected_weights(o, stats, active ? z_row[id] : 0.0f, active);
+  if (active) {
+    ids[row * k + lane] = id;
+    weights[row * k + lane] = o.scale * w.normalized;
+  }
+  if (lane == 0 && stats.nonfinite && nonfinite_rows) atomicAdd(nonfinite_rows, 1u);
 }
