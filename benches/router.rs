@@ -82,6 +82,30 @@ fn aux_floor(c: &RouterConfig, tokens: usize) -> Floor {
     }
 }
 
+/// aux_loss_backward: z, row LSE and counts read, dz read and written.
+fn aux_backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: 3 * bytes(tokens, c.experts) + bytes(tokens, 1) + bytes(1, c.experts),
+        flops: 0,
+    }
+}
+
+/// z_loss_backward: z and row LSE read, dz read and written.
+fn z_backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: 3 * bytes(tokens, c.experts) + bytes(tokens, 1),
+        flops: 0,
+    }
+}
+
+/// bias_update: counts read, the bias read and written.
+fn bias_update_floor(c: &RouterConfig) -> Floor {
+    Floor {
+        bytes: 3 * bytes(1, c.experts),
+        flops: 0,
+    }
+}
+
 /// z_loss: z read, row LSE and the loss written.
 fn z_loss_floor(c: &RouterConfig, tokens: usize) -> Floor {
     Floor {
@@ -110,7 +134,7 @@ impl Buffers {
         let host_z = logits(tokens, c.experts);
         let reference = reference::select(c, &host_z, None);
         let weights: Vec<f32> = reference.weights.iter().map(|&w| w as f32).collect();
-        Self {
+        let mut buffers = Self {
             z: device.upload(&host_z).unwrap(),
             bias: device.alloc_zeros(c.experts).unwrap(),
             ids: device.upload(&reference.ids).unwrap(),
@@ -122,12 +146,26 @@ impl Buffers {
             row_lse: device.alloc_zeros(tokens).unwrap(),
             loss: device.alloc_zeros(1).unwrap(),
             aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
+        };
+        // What the backward ops and the bias update read: the forward's LSE, counts.
+        for op in ["aux_loss", "z_loss", "expert_statistics"] {
+            run(op, device, c, &mut buffers);
         }
+        buffers
     }
 }
 
 /// The router ops by name, each one call on `b`.
-const OPS: [&str; 5] = ["select", "select_backward", "expert_statistics", "aux_loss", "z_loss"];
+const OPS: [&str; 8] = [
+    "select",
+    "select_backward",
+    "expert_statistics",
+    "aux_loss",
+    "aux_loss_backward",
+    "z_loss",
+    "z_loss_backward",
+    "bias_update",
+];
 
 fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
     let aux = AuxLossConfig::default();
@@ -144,7 +182,10 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
         "select_backward" => router::select_backward(device, c, &b.z, &b.ids, &b.weights, &mut b.dz),
         "expert_statistics" => router::expert_statistics(device, c, &b.ids, &b.weights, &mut b.counts, &mut b.sums),
         "aux_loss" => router::aux_loss(device, c, &aux, &b.z, &b.ids, &mut b.aux, &mut b.loss),
-        _ => router::z_loss(device, c, 1e-3, &b.z, &mut b.row_lse, &mut b.loss),
+        "aux_loss_backward" => router::aux_loss_backward(device, c, &aux, &b.z, &b.aux, &mut b.dz),
+        "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.row_lse, &mut b.loss),
+        "z_loss_backward" => router::z_loss_backward(device, c, 1e-3, &b.z, &b.row_lse, &mut b.dz),
+        _ => router::bias_update(device, 1e-3, &b.counts, &mut b.bias),
     }
     .unwrap()
 }
@@ -156,7 +197,14 @@ fn reference_op(op: &str, c: &RouterConfig, z: &[f32], ids: &[i32], weights: &[f
         "select_backward" => drop(reference::select_backward(c, z, ids, weights)),
         "expert_statistics" => drop(reference::expert_weight_sums(c.experts, ids, weights)),
         "aux_loss" => drop(reference::aux_loss(c, &aux, z, ids)),
-        _ => drop(reference::z_loss(c.experts, 1e-3, z)),
+        "aux_loss_backward" => reference::aux_loss_backward(c, &aux, z, ids, &mut vec![0.0; z.len()]),
+        "z_loss" => drop(reference::z_loss(c.experts, 1e-3, z)),
+        "z_loss_backward" => reference::z_loss_backward(c.experts, 1e-3, z, &mut vec![0.0; z.len()]),
+        _ => drop(reference::bias_update(
+            1e-3,
+            &reference::expert_counts(c.experts, ids),
+            &vec![0.0; c.experts],
+        )),
     }
 }
 
@@ -166,7 +214,10 @@ fn floor(op: &str, c: &RouterConfig, tokens: usize) -> Floor {
         "select_backward" => backward_floor(c, tokens),
         "expert_statistics" => statistics_floor(c, tokens),
         "aux_loss" => aux_floor(c, tokens),
-        _ => z_loss_floor(c, tokens),
+        "aux_loss_backward" => aux_backward_floor(c, tokens),
+        "z_loss" => z_loss_floor(c, tokens),
+        "z_loss_backward" => z_backward_floor(c, tokens),
+        _ => bias_update_floor(c),
     }
 }
 
