@@ -66,7 +66,8 @@ fn backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
     }
 }
 
-/// expert_statistics: ids and weights read, counts and sums written.
+/// expert_statistics: ids and weights read, counts and sums written (the per-chunk partials
+/// are not counted: they are the implementation's, not the op's).
 fn statistics_floor(c: &RouterConfig, tokens: usize) -> Floor {
     Floor {
         bytes: 2 * bytes(tokens, c.k) + 2 * bytes(1, c.experts),
@@ -124,6 +125,7 @@ struct Buffers {
     dz: DeviceBuffer<f32>,
     counts: DeviceBuffer<i32>,
     sums: DeviceBuffer<f32>,
+    workspace: DeviceBuffer<f32>,
     row_lse: DeviceBuffer<f32>,
     loss: DeviceBuffer<f32>,
     aux: AuxLossWorkspace,
@@ -143,6 +145,9 @@ impl Buffers {
             dz: device.alloc_zeros(tokens * c.experts).unwrap(),
             counts: device.alloc_zeros(c.experts).unwrap(),
             sums: device.alloc_zeros(c.experts).unwrap(),
+            workspace: device
+                .alloc_zeros(router::expert_statistics_workspace_len(c, tokens).unwrap())
+                .unwrap(),
             row_lse: device.alloc_zeros(tokens).unwrap(),
             loss: device.alloc_zeros(1).unwrap(),
             aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
@@ -180,7 +185,15 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
             &mut b.counter,
         ),
         "select_backward" => router::select_backward(device, c, &b.z, &b.ids, &b.weights, &mut b.dz),
-        "expert_statistics" => router::expert_statistics(device, c, &b.ids, &b.weights, &mut b.counts, &mut b.sums),
+        "expert_statistics" => router::expert_statistics(
+            device,
+            c,
+            &b.ids,
+            &b.weights,
+            &mut b.workspace,
+            &mut b.counts,
+            &mut b.sums,
+        ),
         "aux_loss" => router::aux_loss(device, c, &aux, &b.z, &b.ids, &mut b.aux, &mut b.loss),
         "aux_loss_backward" => router::aux_loss_backward(device, c, &aux, &b.z, &b.aux, &mut b.dz),
         "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.row_lse, &mut b.loss),

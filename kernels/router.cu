@@ -10,7 +10,8 @@
 //   router_select_e{32,64,128,256,512,1024}_f32   fused top-k selection, one warp per row,
 //                                                  the row in registers (E <= the suffix)
 //   router_select_backward_f32                     dz from d(weights), one warp per row
-//   router_expert_statistics_f32                   per (segment, expert) counts and weight sums
+//   router_expert_statistics_f32                   per (segment, expert) counts, per-chunk weight sums
+//   router_sum_chunks_f32                          adds per-chunk partial sums in chunk order
 //   router_row_logsumexp_f32                       per-row LSE (NaN for non-finite rows)
 //   router_prob_sums_f32                           per (segment, chunk, expert) sums of probabilities
 //   router_aux_loss_f32 / _backward_f32            Switch load-balancing loss, token or sequence level
@@ -145,15 +146,16 @@ __device__ __forceinline__ TokenChunk token_chunk(i64 tokens_per_segment, i64 to
 
 // router_expert_statistics_f32: counts[s, e] += #{slots of segment s routed to e} (an integer
 // atomicAdd per block and expert: exact, order-free; the caller zeroes counts), and, when weights
-// and weight_sums are not null, weight_sums[s, e] = the sum of their weights (needs one chunk per
-// segment, gridDim.z == 1, so that one block writes each sum).
+// and weight_partials are not null, weight_partials[s, c, e] = the sum of the weights of those in
+// chunk c (router_sum_chunks_f32 adds the chunks in order).
 // Mapping: each warp reads 32 slots (ids, weights) coalesced, then broadcasts them one by one
 //   (__shfl_sync) to the 32 expert lanes. Ids outside [0, E) match no expert.
-// Traffic: ids (and weights) read ceil(E/32) times (once per expert slice); counts, sums written once.
+// Traffic: ids (and weights) read ceil(E/32) times (once per expert slice); one partial per
+//   (segment, chunk, expert) written.
 // Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
 extern "C" __global__ void router_expert_statistics_f32(const int* ids, const float* weights,
                                                         long long tokens_per_segment, long long tokens_per_chunk,
-                                                        int k, int E, int* counts, float* weight_sums) {
+                                                        int k, int E, int* counts, float* weight_partials) {
   __shared__ int count_partials[kSliceWarps][kWarp];
   __shared__ float sum_partials[kSliceWarps][kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -179,10 +181,21 @@ extern "C" __global__ void router_expert_statistics_f32(const int* ids, const fl
   const float total_sum = sum_warp_partials(sum_partials, sum);
   if (warp == 0 && expert < E) {
     if (total_count) atomicAdd(&counts[i64(blockIdx.y) * E + expert], total_count);
-    if (weight_sums) weight_sums[i64(blockIdx.y) * E + expert] = total_sum;
+    if (weight_partials) weight_partials[(i64(blockIdx.y) * gridDim.z + blockIdx.z) * E + expert] = total_sum;
   }
 }
 EMU_EXPORT(router_expert_statistics_f32)
+
+// router_sum_chunks_f32: out[e] = sum over c = 0, 1, ..., chunks - 1 of partials[c, e], in that
+// order (the reduction's fixed second level). Launch: grid ceil(E / 256), block 256.
+extern "C" __global__ void router_sum_chunks_f32(const float* partials, int chunks, int E, float* out) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  float sum = 0.0f;
+  for (int c = 0; c < chunks; ++c) sum += partials[i64(c) * E + e];
+  out[e] = sum;
+}
+EMU_EXPORT(router_sum_chunks_f32)
 
 // router_row_logsumexp_f32: lse[t] = max + log(sum exp(z - max)) of row t, NaN for a non-finite row.
 // Launch: grid ceil(T / 4), block 128. Traffic: z read twice (second pass L1-hot), lse written once.

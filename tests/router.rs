@@ -533,16 +533,18 @@ proptest! {
             let (d_ids, d_w) = (device.upload(&ids).unwrap(), device.upload(&weights).unwrap());
             let mut counts = device.upload(&vec![-7i32; experts]).unwrap();
             let mut sums = device.upload(&vec![f32::NAN; experts]).unwrap();
+            let workspace_len = router::expert_statistics_workspace_len(&config, tokens).unwrap();
+            let mut ws = device.upload(&vec![f32::NAN; workspace_len]).unwrap();
             let before = device.stats();
-            router::expert_statistics(&device, &config, &d_ids, &d_w, &mut counts, &mut sums).unwrap();
+            router::expert_statistics(&device, &config, &d_ids, &d_w, &mut ws, &mut counts, &mut sums).unwrap();
             let after = device.stats();
-            prop_assert_eq!(after.launches - before.launches, 1);
+            prop_assert_eq!(after.launches - before.launches, 2);
             prop_assert_eq!(after.host_syncs, before.host_syncs);
             prop_assert_eq!(&device.download(&counts).unwrap(), &want_counts);
             let got_sums = device.download(&sums).unwrap();
             assert_close("weight sums", &got_sums, &want_sums, Tolerance::F32.over(tokens * config.k));
             // Fixed reduction order: a second run gives the same bits.
-            router::expert_statistics(&device, &config, &d_ids, &d_w, &mut counts, &mut sums).unwrap();
+            router::expert_statistics(&device, &config, &d_ids, &d_w, &mut ws, &mut counts, &mut sums).unwrap();
             prop_assert_eq!(device.download(&sums).unwrap(), got_sums);
             let mut only_counts = device.alloc_zeros::<i32>(experts).unwrap();
             router::expert_counts(&device, &config, &d_ids, &mut only_counts).unwrap();
@@ -695,24 +697,30 @@ fn balance_ops_reject_bad_arguments_before_launching() {
     for device in devices() {
         let buf = |n: usize| device.alloc_zeros::<f32>(n).unwrap();
         let ibuf = |n: usize| device.alloc_zeros::<i32>(n).unwrap();
-        let (z, ids, w) = (buf(32), ibuf(8), buf(8));
+        let (z, ids) = (buf(32), ibuf(8));
         let before = device.stats().launches;
-        assert_invalid(
-            router::expert_statistics(&device, &router, &ibuf(7), &w, &mut ibuf(8), &mut buf(8)),
-            "ids",
-        );
-        assert_invalid(
-            router::expert_statistics(&device, &router, &ids, &buf(6), &mut ibuf(8), &mut buf(8)),
-            "weights",
-        );
-        assert_invalid(
-            router::expert_statistics(&device, &router, &ids, &w, &mut ibuf(7), &mut buf(8)),
-            "counts",
-        );
-        assert_invalid(
-            router::expert_statistics(&device, &router, &ids, &w, &mut ibuf(8), &mut buf(9)),
-            "weight_sums",
-        );
+        let ws_len = router::expert_statistics_workspace_len(&router, 4).unwrap();
+        // Lengths of (ids, weights, workspace, counts, weight_sums), one of them wrong.
+        let stats_cases = [
+            ([7, 8, ws_len, 8, 8], "ids"),
+            ([8, 6, ws_len, 8, 8], "weights"),
+            ([8, 8, ws_len + 1, 8, 8], "workspace"),
+            ([8, 8, ws_len, 7, 8], "counts"),
+            ([8, 8, ws_len, 8, 9], "weight_sums"),
+        ];
+        for ([ids, weights, ws, counts, sums], argument) in stats_cases {
+            let (ids, weights, mut ws) = (ibuf(ids), buf(weights), buf(ws));
+            let result = router::expert_statistics(
+                &device,
+                &router,
+                &ids,
+                &weights,
+                &mut ws,
+                &mut ibuf(counts),
+                &mut buf(sums),
+            );
+            assert_invalid(result, argument);
+        }
         assert_invalid(router::expert_counts(&device, &router, &ids, &mut ibuf(9)), "counts");
 
         let bad_alpha = AuxLossConfig {

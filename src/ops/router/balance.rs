@@ -5,7 +5,7 @@
 //! same bits every run. Counts are exact integers.
 use super::{RouterConfig, invalid, row_launch, selection_len};
 use crate::device::{KernelArgs, LaunchConfig};
-use crate::ops::{check_len, check_range, elements};
+use crate::ops::{check_len, check_range, elements, grid_blocks};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
 /// Experts per block of the per-expert reduction kernels (one per lane); 8 warps a block.
@@ -52,25 +52,22 @@ fn tokens_of_ids(config: &RouterConfig, ids: &impl DeviceSlice<i32>) -> Result<u
     Ok(ids.len() / config.k)
 }
 
-/// Counts (zeroed here, then added per chunk) and, with one chunk, weight sums per (segment,
-/// expert); the `[T, k]` ids split into `segments` equal segments.
+/// Counts (zeroed here, then added per chunk) and, with weights, per-chunk weight sums
+/// (`[segments, chunks, E]`) per (segment, expert); the `[T, k]` ids split into `segments` equal
+/// segments.
 fn launch_statistics<W: DeviceSlice<f32>, S: DeviceSliceMut<f32>>(
     device: &Device,
     config: &RouterConfig,
     (ids, weights): (&impl DeviceSlice<i32>, Option<&W>),
     segments: usize,
     counts: &mut impl DeviceSliceMut<i32>,
-    weight_sums: Option<&mut S>,
+    weight_partials: Option<&mut S>,
 ) -> Result<()> {
     let tokens_per_segment = ids.len() / config.k / segments;
-    // Weight sums are written by the one block of their segment: no float atomics.
-    let (chunks, tokens_per_chunk) = match weight_sums {
-        Some(_) => (1, tokens_per_segment),
-        None => chunking(tokens_per_segment),
-    };
+    let (chunks, tokens_per_chunk) = chunking(tokens_per_segment);
     device.fill_zeros(counts)?;
     // Matches the kernel's parameters, in order: router_expert_statistics_f32(ids, weights,
-    // tokens_per_segment, tokens_per_chunk, k, E, counts, weight_sums).
+    // tokens_per_segment, tokens_per_chunk, k, E, counts, weight_partials).
     let args = KernelArgs::new(device)
         .input("ids", ids)
         .input_or_null("weights", weights)
@@ -79,7 +76,7 @@ fn launch_statistics<W: DeviceSlice<f32>, S: DeviceSliceMut<f32>>(
         .scalar(config.k as i32)
         .scalar(config.experts as i32)
         .output("counts", counts)
-        .output_or_null("weight_sums", weight_sums);
+        .output_or_null("workspace", weight_partials);
     let grid = slice_launch(config.experts, segments, chunks);
     device.launch("router_expert_statistics_f32", grid, args)
 }
@@ -99,14 +96,22 @@ pub fn expert_counts(
     launch_statistics::<DeviceBuffer<f32>, DeviceBuffer<f32>>(device, config, (ids, None), 1, counts, None)
 }
 
-/// Per-expert token counts (`[E]`, exact) and gate-weight sums `sum_t w_{t,e}` (`[E]`, f32 in a
-/// fixed order) from the `[T, k]` ids and weights of [`select`](super::select). These feed the
-/// bias update and ESFT. A stream-ordered memset of `counts`, then one launch; no host sync.
+/// Elements of the f32 workspace [`expert_statistics`] needs for `[T, k]` ids of `tokens` tokens:
+/// one partial weight sum per expert and chunk of tokens.
+pub fn expert_statistics_workspace_len(config: &RouterConfig, tokens: usize) -> Result<usize> {
+    elements("tokens", chunking(tokens).0, config.experts)
+}
+
+/// Per-expert token counts (`[E]`, exact) and gate-weight sums `sum_t w_{t,e}` (`[E]`, f32, two
+/// fixed-order levels: per chunk of tokens, then the chunks in order) from the `[T, k]` ids and
+/// weights of [`select`](super::select). These feed the bias update and ESFT. A stream-ordered
+/// memset of `counts`, then two launches; no host sync.
 pub fn expert_statistics(
     device: &Device,
     config: &RouterConfig,
     ids: &impl DeviceSlice<i32>,
     weights: &impl DeviceSlice<f32>,
+    workspace: &mut impl DeviceSliceMut<f32>,
     counts: &mut impl DeviceSliceMut<i32>,
     weight_sums: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
@@ -114,9 +119,26 @@ pub fn expert_statistics(
     let tokens = tokens_of_ids(config, ids)?;
     let (e, k) = (config.experts, config.k);
     check_len("weights", weights, ids.len(), || format!("[T, k] = [{tokens}, {k}]"))?;
+    let chunks = chunking(tokens).0;
+    let partials = expert_statistics_workspace_len(config, tokens)?;
+    check_len("workspace", workspace, partials, || {
+        format!("[chunks, E] = [{chunks}, {e}]")
+    })?;
     check_len("counts", counts, e, || format!("[E] = [{e}]"))?;
     check_len("weight_sums", weight_sums, e, || format!("[E] = [{e}]"))?;
-    launch_statistics(device, config, (ids, Some(weights)), 1, counts, Some(weight_sums))
+    launch_statistics(device, config, (ids, Some(weights)), 1, counts, Some(&mut *workspace))?;
+    // Matches the kernel's parameters, in order: router_sum_chunks_f32(partials, chunks, E, out).
+    let args = KernelArgs::new(device)
+        .input("workspace", &*workspace)
+        .scalar(chunks as i32)
+        .scalar(e as i32)
+        .output("weight_sums", weight_sums);
+    let grid = grid_blocks("experts", e, LOSS_THREADS as usize)?;
+    device.launch(
+        "router_sum_chunks_f32",
+        LaunchConfig::linear(grid, LOSS_THREADS, 0),
+        args,
+    )
 }
 
 /// The Switch load-balancing loss (SPEC §3): `L = alpha * E/k * sum_i f_i P_i`, with

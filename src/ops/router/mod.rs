@@ -21,7 +21,7 @@ pub mod balance;
 
 pub use balance::{
     AuxLossConfig, AuxLossWorkspace, aux_loss, aux_loss_backward, bias_update, expert_counts, expert_statistics,
-    z_loss, z_loss_backward,
+    expert_statistics_workspace_len, z_loss, z_loss_backward,
 };
 
 use super::{check_len, check_range, elements, grid_blocks};
