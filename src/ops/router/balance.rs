@@ -1,8 +1,9 @@
 //! Expert statistics, load-balance losses and the bias update (SPEC §3), all device-side:
 //! loss values land in a one-element device buffer, nothing waits for the device.
 //!
-//! Reductions over tokens run in a fixed order (no float atomics): the same inputs give the
-//! same bits every run. Counts are exact integers.
+//! Float reductions over tokens run in a fixed order (no float atomics): the same inputs give
+//! the same bits every run. Counts are exact integers (integer atomics, whose order does not
+//! matter).
 use super::{RouterConfig, invalid, row_launch, selection_len};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{check_len, check_range, elements, grid_blocks};
@@ -13,11 +14,13 @@ const EXPERTS_PER_BLOCK: usize = 32;
 const SLICE_THREADS: u32 = 256;
 /// One block of the loss-value kernels.
 const LOSS_THREADS: u32 = 256;
+/// Threads per block of router_sum_chunks_f32 (one per expert).
+const SUM_THREADS: u32 = 256;
 /// CUDA's limit on grid.y (segments of the per-expert reductions).
 const MAX_SEGMENTS: usize = 65535;
 
 /// Tokens per block of the per-expert reductions: enough blocks to fill a GPU, at most
-/// `MAX_CHUNKS` per segment (the aux loss adds the chunks' partial sums one by one).
+/// `MAX_CHUNKS` per segment (a second level adds the chunks' partial sums one by one).
 const MIN_TOKENS_PER_CHUNK: usize = 64;
 const MAX_CHUNKS: usize = 1024;
 
@@ -133,10 +136,10 @@ pub fn expert_statistics(
         .scalar(chunks as i32)
         .scalar(e as i32)
         .output("weight_sums", weight_sums);
-    let grid = grid_blocks("experts", e, LOSS_THREADS as usize)?;
+    let grid = grid_blocks("experts", e, SUM_THREADS as usize)?;
     device.launch(
         "router_sum_chunks_f32",
-        LaunchConfig::linear(grid, LOSS_THREADS, 0),
+        LaunchConfig::linear(grid, SUM_THREADS, 0),
         args,
     )
 }
