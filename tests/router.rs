@@ -5,6 +5,8 @@
 mod common;
 
 use common::{Rng, Tolerance, assert_close, devices};
+use moe_kernels::device::EmulatorDevice;
+use moe_kernels::device::emulator::profiling_build;
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder};
 use moe_kernels::reference::router as reference;
 use moe_kernels::{Device, DeviceBuffer, Error};
@@ -865,4 +867,50 @@ fn select_with_non_finite_bias_entries() {
         assert_eq!(got.nonfinite_rows, 0);
         check_selection(&config, &logits, Some(&bias), &got);
     }
+}
+
+/// In the profiling build (`MOE_EMU_PROFILE=1`): select and its backward touch exactly the
+/// bytes of their floor (nothing else is read or written), and the backward reads z once.
+#[test]
+fn select_and_backward_touch_only_their_floor_bytes() {
+    if !profiling_build() {
+        eprintln!("skipped: needs the profiling build (MOE_EMU_PROFILE=1, clang-19)");
+        return;
+    }
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let (tokens, e, k) = (12u64, 256u64, 8u64);
+    let config = RouterConfig {
+        experts: e as usize,
+        k: k as usize,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        ..RouterConfig::default()
+    };
+    let mut rng = Rng::new(17);
+    let logits = random_logits(&mut rng, &config, tokens as usize, Rows::Finite);
+    let bias = rng.normals(e as usize, 0.1);
+    let selected = run_select(&device, &config, &logits, Some(&bias));
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(p.kernel, "router_select_e256_f32");
+    assert_eq!(p.unique_global_load_bytes, 4 * (tokens * e + e), "z and bias");
+    assert_eq!(p.unique_global_store_bytes, 8 * tokens * k, "ids and weights");
+
+    let (z, ids) = (device.upload(&logits).unwrap(), device.upload(&selected.ids).unwrap());
+    let dw = device.upload(&selected.weights).unwrap();
+    let mut dz = device.alloc_zeros::<f32>(logits.len()).unwrap();
+    router::select_backward(&device, &config, &z, &ids, &dw, &mut dz).unwrap();
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(
+        p.unique_global_load_bytes,
+        4 * tokens * e + 8 * tokens * k,
+        "z, ids, d_weights"
+    );
+    assert_eq!(p.unique_global_store_bytes, 4 * tokens * e, "dz");
+    // z once (sigmoid needs no softmax sum), plus the k selected logits again.
+    assert!(
+        p.global_load_redundancy() <= 1.0 + k as f64 / e as f64 + 1e-9,
+        "{}",
+        p.global_load_redundancy()
+    );
 }
