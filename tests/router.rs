@@ -914,3 +914,28 @@ fn select_and_backward_touch_only_their_floor_bytes() {
         p.global_load_redundancy()
     );
 }
+
+/// The near-tie acceptance of `check_selection` is not vacuous: swapping two keys that differ
+/// by one f32 ulp passes, picking a clearly worse expert fails.
+#[test]
+fn near_tie_check_accepts_only_near_ties() {
+    let config = RouterConfig {
+        experts: 4,
+        k: 2,
+        score: ScoreFunction::Identity,
+        ..RouterConfig::default()
+    };
+    let logits = [1.0, 1.0 + f32::EPSILON, 0.5, 0.0];
+    assert_eq!(reference::select(&config, &logits, None).ids, [1, 0]);
+    let selection = |ids: Vec<i32>| Selected {
+        weights: reference::weights_for(&config, &logits, &ids)
+            .iter()
+            .map(|&w| w as f32)
+            .collect(),
+        ids,
+        nonfinite_rows: 0,
+    };
+    check_selection(&config, &logits, None, &selection(vec![0, 1]));
+    let worse = std::panic::catch_unwind(|| check_selection(&config, &logits, None, &selection(vec![1, 2])));
+    assert!(worse.is_err(), "a clearly worse expert was accepted");
+}
