@@ -68,7 +68,9 @@ pub struct RouterConfig {
     pub k: usize,
     pub score: ScoreFunction,
     pub order: SelectionOrder,
-    /// Divide the k weights by their sum + 1e-20.
+    /// Divide the k weights by their sum + 1e-20. With [`ScoreFunction::Identity`] the sum of
+    /// signed logits may be near 0 (or -inf with masked experts): the weights are what that
+    /// arithmetic gives.
     pub renormalize: bool,
     /// Multiplies the final weights (DeepSeek-V3 `route_scale` = 2.5).
     pub scale: f32,
