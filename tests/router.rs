@@ -939,3 +939,57 @@ fn near_tie_check_accepts_only_near_ties() {
     let worse = std::panic::catch_unwind(|| check_selection(&config, &logits, None, &selection(vec![1, 2])));
     assert!(worse.is_err(), "a clearly worse expert was accepted");
 }
+
+/// A large-ish batch (many blocks), E not a power of two, with the statistics of its routing.
+#[test]
+fn large_batch_select_backward_and_statistics() {
+    let mut rng = Rng::new(19);
+    let config = RouterConfig {
+        experts: 60,
+        k: 6,
+        renormalize: true,
+        groups: 6,
+        topk_groups: 3,
+        ..RouterConfig::default()
+    };
+    let tokens = 4099;
+    let logits = random_logits(&mut rng, &config, tokens, Rows::WithSpecials);
+    let bias = rng.normals(60, 0.01);
+    for device in devices() {
+        let got = run_select(&device, &config, &logits, Some(&bias));
+        check_selection(&config, &logits, Some(&bias), &got);
+
+        let d_weights = rng.normals(got.ids.len(), 1.0);
+        let want = reference::select_backward(&config, &logits, &got.ids, &d_weights);
+        let (z, ids) = (device.upload(&logits).unwrap(), device.upload(&got.ids).unwrap());
+        let (dw, weights) = (device.upload(&d_weights).unwrap(), device.upload(&got.weights).unwrap());
+        let mut dz = device.alloc_zeros::<f32>(logits.len()).unwrap();
+        router::select_backward(&device, &config, &z, &ids, &dw, &mut dz).unwrap();
+        assert_close(
+            "dz",
+            &device.download(&dz).unwrap(),
+            &want,
+            Tolerance::F32.over(config.k),
+        );
+
+        let mut ws = device
+            .alloc_zeros(router::expert_statistics_workspace_len(&config, tokens).unwrap())
+            .unwrap();
+        let (mut counts, mut sums) = (
+            device.alloc_zeros::<i32>(60).unwrap(),
+            device.alloc_zeros::<f32>(60).unwrap(),
+        );
+        router::expert_statistics(&device, &config, &ids, &weights, &mut ws, &mut counts, &mut sums).unwrap();
+        assert_eq!(
+            device.download(&counts).unwrap(),
+            reference::expert_counts(60, &got.ids)
+        );
+        let want_sums = reference::expert_weight_sums(60, &got.ids, &got.weights);
+        assert_close(
+            "weight sums",
+            &device.download(&sums).unwrap(),
+            &want_sums,
+            Tolerance::F32.over(tokens),
+        );
+    }
+}
