@@ -1,0 +1,273 @@
+//! Router benches: selection (DeepSeek-V3 style and Mixtral style), its backward, expert
+//! statistics, the aux loss and the z-loss. Each states its floor; every router op is
+//! memory-bound (a few flops per logit), so the floor is bytes only.
+//!
+//! Here: the CPU reference and the emulator at a small shape. On a GPU: the fraction of the
+//! memory floor at a production shape (`report_gpu_fraction`).
+mod common;
+
+use common::{Floor, devices, report_gpu_fraction};
+use criterion::{Criterion, criterion_group, criterion_main};
+use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction};
+use moe_kernels::reference::router as reference;
+use moe_kernels::{Device, DeviceBuffer, DeviceKind};
+
+/// The shape the CPU reference and the emulator run (small: the emulator is slow).
+const SMALL_TOKENS: usize = 64;
+/// The shape a GPU runs: a 16k-token batch.
+const GPU_TOKENS: usize = 16384;
+
+fn deepseek_v3() -> RouterConfig {
+    RouterConfig {
+        experts: 256,
+        k: 8,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: 8,
+        topk_groups: 4,
+        ..RouterConfig::default()
+    }
+}
+
+fn mixtral() -> RouterConfig {
+    RouterConfig {
+        experts: 8,
+        k: 2,
+        order: router::SelectionOrder::TopkThenSoftmax,
+        ..RouterConfig::default()
+    }
+}
+
+fn logits(tokens: usize, experts: usize) -> Vec<f32> {
+    (0..tokens * experts)
+        .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 4.0)
+        .collect()
+}
+
+/// Bytes of `[rows, cols]` 4-byte elements.
+fn bytes(rows: usize, cols: usize) -> u64 {
+    (rows * cols * 4) as u64
+}
+
+/// select: z (+ bias) read, ids and weights written.
+fn select_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: bytes(tokens, c.experts) + bytes(1, c.experts) + 2 * bytes(tokens, c.k),
+        flops: 0,
+    }
+}
+
+/// select_backward: z, ids, d_weights read, dz written.
+fn backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: 2 * bytes(tokens, c.experts) + 2 * bytes(tokens, c.k),
+        flops: 0,
+    }
+}
+
+/// expert_statistics: ids and weights read, counts and sums written (the per-chunk partials
+/// are not counted: they are the implementation's, not the op's).
+fn statistics_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: 2 * bytes(tokens, c.k) + 2 * bytes(1, c.experts),
+        flops: 0,
+    }
+}
+
+/// aux_loss: z and ids read, the loss written.
+fn aux_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: bytes(tokens, c.experts) + bytes(tokens, c.k) + 4,
+        flops: 0,
+    }
+}
+
+/// aux_loss_backward: z, row LSE and counts read, dz read and written.
+fn aux_backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: 3 * bytes(tokens, c.experts) + bytes(tokens, 1) + bytes(1, c.experts),
+        flops: 0,
+    }
+}
+
+/// z_loss_backward: z and row LSE read, dz read and written.
+fn z_backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: 3 * bytes(tokens, c.experts) + bytes(tokens, 1),
+        flops: 0,
+    }
+}
+
+/// bias_update: counts read, the bias read and written.
+fn bias_update_floor(c: &RouterConfig) -> Floor {
+    Floor {
+        bytes: 3 * bytes(1, c.experts),
+        flops: 0,
+    }
+}
+
+/// z_loss: z read, row LSE and the loss written.
+fn z_loss_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: bytes(tokens, c.experts) + bytes(tokens, 1) + 4,
+        flops: 0,
+    }
+}
+
+/// Device buffers for one shape.
+struct Buffers {
+    z: DeviceBuffer<f32>,
+    bias: DeviceBuffer<f32>,
+    ids: DeviceBuffer<i32>,
+    weights: DeviceBuffer<f32>,
+    counter: DeviceBuffer<u32>,
+    dz: DeviceBuffer<f32>,
+    counts: DeviceBuffer<i32>,
+    sums: DeviceBuffer<f32>,
+    workspace: DeviceBuffer<f32>,
+    row_lse: DeviceBuffer<f32>,
+    loss: DeviceBuffer<f32>,
+    aux: AuxLossWorkspace,
+}
+
+impl Buffers {
+    fn new(device: &Device, c: &RouterConfig, tokens: usize) -> Self {
+        let host_z = logits(tokens, c.experts);
+        let reference = reference::select(c, &host_z, None);
+        let weights: Vec<f32> = reference.weights.iter().map(|&w| w as f32).collect();
+        let mut buffers = Self {
+            z: device.upload(&host_z).unwrap(),
+            bias: device.alloc_zeros(c.experts).unwrap(),
+            ids: device.upload(&reference.ids).unwrap(),
+            weights: device.upload(&weights).unwrap(),
+            counter: device.alloc_zeros(1).unwrap(),
+            dz: device.alloc_zeros(tokens * c.experts).unwrap(),
+            counts: device.alloc_zeros(c.experts).unwrap(),
+            sums: device.alloc_zeros(c.experts).unwrap(),
+            workspace: device
+                .alloc_zeros(router::expert_statistics_workspace_len(c, tokens).unwrap())
+                .unwrap(),
+            row_lse: device.alloc_zeros(tokens).unwrap(),
+            loss: device.alloc_zeros(1).unwrap(),
+            aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
+        };
+        // What the backward ops and the bias update read: the forward's LSE, counts.
+        for op in ["aux_loss", "z_loss", "expert_statistics"] {
+            run(op, device, c, &mut buffers);
+        }
+        buffers
+    }
+}
+
+/// The router ops by name, each one call on `b`.
+const OPS: [&str; 8] = [
+    "select",
+    "select_backward",
+    "expert_statistics",
+    "aux_loss",
+    "aux_loss_backward",
+    "z_loss",
+    "z_loss_backward",
+    "bias_update",
+];
+
+fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
+    let aux = AuxLossConfig::default();
+    match op {
+        "select" => router::select(
+            device,
+            c,
+            &b.z,
+            Some(&b.bias),
+            &mut b.ids,
+            &mut b.weights,
+            &mut b.counter,
+        ),
+        "select_backward" => router::select_backward(device, c, &b.z, &b.ids, &b.weights, &mut b.dz),
+        "expert_statistics" => router::expert_statistics(
+            device,
+            c,
+            &b.ids,
+            &b.weights,
+            &mut b.workspace,
+            &mut b.counts,
+            &mut b.sums,
+        ),
+        "aux_loss" => router::aux_loss(device, c, &aux, &b.z, &b.ids, &mut b.aux, &mut b.loss),
+        "aux_loss_backward" => router::aux_loss_backward(device, c, &aux, &b.z, &b.aux, &mut b.dz),
+        "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.row_lse, &mut b.loss),
+        "z_loss_backward" => router::z_loss_backward(device, c, 1e-3, &b.z, &b.row_lse, &mut b.dz),
+        _ => router::bias_update(device, 1e-3, &b.counts, &mut b.bias),
+    }
+    .unwrap()
+}
+
+fn reference_op(op: &str, c: &RouterConfig, z: &[f32], ids: &[i32], weights: &[f32]) {
+    let aux = AuxLossConfig::default();
+    match op {
+        "select" => drop(reference::select(c, z, None)),
+        "select_backward" => drop(reference::select_backward(c, z, ids, weights)),
+        "expert_statistics" => drop(reference::expert_weight_sums(c.experts, ids, weights)),
+        "aux_loss" => drop(reference::aux_loss(c, &aux, z, ids)),
+        "aux_loss_backward" => reference::aux_loss_backward(c, &aux, z, ids, &mut vec![0.0; z.len()]),
+        "z_loss" => drop(reference::z_loss(c.experts, 1e-3, z)),
+        "z_loss_backward" => reference::z_loss_backward(c.experts, 1e-3, z, &mut vec![0.0; z.len()]),
+        _ => drop(reference::bias_update(
+            1e-3,
+            &reference::expert_counts(c.experts, ids),
+            &vec![0.0; c.experts],
+        )),
+    }
+}
+
+fn floor(op: &str, c: &RouterConfig, tokens: usize) -> Floor {
+    match op {
+        "select" => select_floor(c, tokens),
+        "select_backward" => backward_floor(c, tokens),
+        "expert_statistics" => statistics_floor(c, tokens),
+        "aux_loss" => aux_floor(c, tokens),
+        "aux_loss_backward" => aux_backward_floor(c, tokens),
+        "z_loss" => z_loss_floor(c, tokens),
+        "z_loss_backward" => z_backward_floor(c, tokens),
+        _ => bias_update_floor(c),
+    }
+}
+
+fn bench_router(crit: &mut Criterion) {
+    let devices = devices();
+    for (name, c) in [("deepseek_v3", deepseek_v3()), ("mixtral", mixtral())] {
+        let host_z = logits(SMALL_TOKENS, c.experts);
+        let selection = reference::select(&c, &host_z, None);
+        let weights: Vec<f32> = selection.weights.iter().map(|&w| w as f32).collect();
+        let mut group = crit.benchmark_group(format!("router_{name}"));
+        group.sample_size(10);
+        for op in OPS {
+            println!(
+                "{name} {op} at T = {SMALL_TOKENS}: {}",
+                floor(op, &c, SMALL_TOKENS).describe()
+            );
+            group.bench_function(format!("{op}/reference"), |b| {
+                b.iter(|| reference_op(op, &c, &host_z, &selection.ids, &weights))
+            });
+            for device in &devices {
+                let mut buffers = Buffers::new(device, &c, SMALL_TOKENS);
+                let label = format!("{op}/{:?}", device.kind());
+                group.bench_function(label, |b| b.iter(|| run(op, device, &c, &mut buffers)));
+            }
+        }
+        group.finish();
+        for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+            let mut buffers = Buffers::new(device, &c, GPU_TOKENS);
+            for op in OPS {
+                let what = format!("router {name} {op} T = {GPU_TOKENS}");
+                report_gpu_fraction(&what, device, floor(op, &c, GPU_TOKENS), || {
+                    run(op, device, &c, &mut buffers)
+                });
+            }
+        }
+    }
+}
+
+criterion_group!(benches, bench_router);
+criterion_main!(benches);

@@ -1,0 +1,335 @@
+// router.cu: top-k expert selection, its backward, expert statistics and the balance losses
+// (SPEC §2, §3). The gate that produces the logits is the `gate` family.
+//
+// Layout: logits z [T, E] f32 row-major; ids [T, k] i32; weights and d_weights [T, k] f32.
+// Everything accumulates in f32, in fixed orders (butterfly warp sums, fixed warp and block
+// trees): results are bit-for-bit reproducible run to run. Integer counts use integer atomics.
+// The non-finite-row rule (NaN / +inf logits, or no finite logit) is in router_row.cuh.
+//
+// Kernels (launch contracts above each):
+//   router_select_e{32,64,128,256,512,1024}_f32   fused top-k selection, one warp per row,
+//                                                  the row in registers (E <= the suffix)
+//   router_select_backward_f32                     dz from d(weights), one warp per row
+//   router_expert_statistics_f32                   per (segment, expert) counts, per-chunk weight sums
+//   router_sum_chunks_f32                          adds per-chunk partial sums in chunk order
+//   router_row_logsumexp_f32                       per-row LSE (NaN for non-finite rows)
+//   router_prob_sums_f32                           per (segment, chunk, expert) sums of probabilities
+//   router_aux_loss_f32 / _backward_f32            Switch load-balancing loss, token or sequence level
+//   router_z_loss_f32 / _backward_f32              ST-MoE router z-loss
+//   router_bias_update_f32                         DeepSeek-V3 b += gamma * sign(mean(c) - c)
+#include "router_select.cuh"
+
+constexpr int kRowWarps = 4;    // rows per block in the warp-per-row kernels (128 threads)
+constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction kernels (256 threads)
+
+// ------------------------------------------------------------------------------------------
+// router_select_e<N>_f32: ids and weights of the k best experts of each row.
+// Algorithm, per row (one warp): load the row into registers (VPL = N/32 slots per lane; 16-byte
+//   loads when E % 4 == 0 and z, bias are 16-byte aligned); softmax max and sum by warp
+//   reductions; key[s] = rank_key(score(z) + bias) (router_row.cuh: NaN lowest); with groups,
+//   keep_best_groups zeroes the keys outside the topk_groups best groups; k rounds of warp argmax
+//   on packed (key, element) pairs (ties: lower element); the weights from the k unbiased scores
+//   (re-read z[id], L1-hot) by selected_weights. Lane r < k writes slot r: ids in rank order.
+// Traffic: z (and bias) read once, ids and weights written once; 2 + 5k (+ group) warp
+//   reductions per row. Registers: VPL keys plus the row while keys are formed.
+// The row's work is select_row (router_select.cuh), which a fused scoring kernel can call too.
+// Launch: grid ceil(T / 4), block 128, no shared memory. 1 <= E <= N, 1 <= k <= min(E, 32),
+//   groups in 1..=32 dividing E, 1 <= topk_groups <= groups, k <= topk_groups * E / groups;
+//   bias [E] or null; nonfinite_rows: one counter the kernel adds the row count to (or null).
+#define ROUTER_SELECT(N)                                                                              \
+  extern "C" __global__ void router_select_e##N##_f32(                                               \
+      const float* z, const float* bias, long long T, int E, int k, int score, int topk_first,       \
+      int renormalize, float scale, int groups, int topk_groups, int* ids, float* weights,           \
+      unsigned* nonfinite_rows) {                                                                     \
+    const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;                               \
+    if (row >= T) return;                                                                             \
+    const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};                          \
+    select_row<N / kWarp>(z, bias, row, E, k, o, groups, topk_groups, ids, weights, nonfinite_rows); \
+  }
+ROUTER_SELECT(32)
+EMU_EXPORT(router_select_e32_f32)
+ROUTER_SELECT(64)
+EMU_EXPORT(router_select_e64_f32)
+ROUTER_SELECT(128)
+EMU_EXPORT(router_select_e128_f32)
+ROUTER_SELECT(256)
+EMU_EXPORT(router_select_e256_f32)
+ROUTER_SELECT(512)
+EMU_EXPORT(router_select_e512_f32)
+ROUTER_SELECT(1024)
+EMU_EXPORT(router_select_e1024_f32)
+
+// ------------------------------------------------------------------------------------------
+// router_select_backward_f32: dz [T, E] (overwritten) from d_weights [T, k] and the forward's ids.
+// Algorithm, per row (one warp): softmax statistics of z (two lane-strided passes); lane j < k
+//   takes id_j (ids out of [0, E) and repeats of an earlier slot's id are ignored: they get no
+//   gradient) and re-forms the forward's weights (selected_weights). Then, with rho = scale:
+//   - softmax_then_topk, no renormalize: dz = rho p (m - <p, m>) over all E (m = dw on K): a dense
+//     write of -rho p <p, m>, then lanes j fix dz[id_j] = rho p_j (dw_j - <p, m>) (after __syncwarp);
+//   - topk_then_softmax, or softmax + renormalize (the same function): dz_j = w_j (rho dw_j -
+//     sum_K w_i rho dw_i) on K;
+//   - sigmoid / none: ds_j = rho dw_j, or with renormalize (rho / S)(dw_j - sum_K (s_i / S) dw_i);
+//     dz_j = ds_j s_j (1 - s_j) for sigmoid, ds_j for none;
+//   0 on unselected logits (written first), and a zero row for a non-finite row.
+// Traffic: z read by the max pass, and for softmax_then_topk by the sum and dense-write passes too
+//   (L1/L2-hot); dz written once; ids and d_weights read once.
+// Launch: grid ceil(T / 4), block 128, no shared memory; 1 <= k <= 32, k <= E.
+extern "C" __global__ void router_select_backward_f32(const float* z, const int* ids, const float* d_weights,
+                                                      long long T, int E, int k, int score, int topk_first,
+                                                      int renormalize, float scale, float* dz) {
+  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= T) return;
+  const int lane = threadIdx.x % kWarp;
+  const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
+  const float* z_row = z + row * E;
+  float* dz_row = dz + row * E;
+  const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
+  // The softmax sum is needed only where p over all E is: softmax_then_topk.
+  const RowSoftmax stats = row_softmax_global(z_row, E, vec, o.score == kSoftmax && !o.topk_first);
+  const int id = lane < k ? ids[row * k + lane] : -1;
+  bool active = id >= 0 && id < E;
+  for (int j = 0; j < k; ++j) {
+    const int earlier = __shfl_sync(kFullMask, id, j);
+    if (j < lane && earlier == id) active = false;
+  }
+  const float dw = active ? d_weights[row * k + lane] : 0.0f;
+  const SelectedWeights w = selected_weights(o, stats, active ? z_row[id] : 0.0f, active);
+  const bool dense = o.score == kSoftmax && !o.topk_first && !o.renormalize && !stats.nonfinite;
+  const float dense_dot = dense ? warp_sum(w.score * dw) : 0.0f;
+  lane_strided_write(dz_row, dense ? z_row : nullptr, E, vec, [&](int, float zv) {
+    return dense ? -o.scale * row_softmax_prob(stats, zv) * dense_dot : 0.0f;
+  });
+  __syncwarp();
+  if (stats.nonfinite) return;
+  float grad;
+  if (dense) {
+    grad = o.scale * w.score * (dw - dense_dot);
+  } else if (o.score == kSoftmax) {
+    grad = w.normalized * o.scale * (dw - warp_sum(w.normalized * dw));
+  } else {
+    const float ds = o.renormalize ? (o.scale / w.denom) * (dw - warp_sum(w.normalized * dw)) : o.scale * dw;
+    grad = o.score == kSigmoid ? ds * w.score * (1.0f - w.score) : ds;
+  }
+  if (active) dz_row[id] = grad;
+}
+EMU_EXPORT(router_select_backward_f32)
+
+// ------------------------------------------------------------------------------------------
+// Per-expert reductions over tokens. A block owns 32 experts (lane l: expert 32*blockIdx.x + l)
+// and one chunk of tokens: chunk blockIdx.z of segment blockIdx.y (tokens_per_chunk tokens, the
+// last chunk of a segment shorter). Its 8 warps take interleaved pieces of the chunk and each
+// lane accumulates its own expert in registers, so no float atomics are needed; the 8 warp
+// partials are then added in warp order. Fixed order: reproducible bits.
+
+// Adds the block's per-warp partials (lane-indexed) in warp order; the result is valid in warp 0.
+template <class T>
+__device__ __forceinline__ T sum_warp_partials(T (&partials)[kSliceWarps][kWarp], T mine) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  partials[warp][lane] = mine;
+  __syncthreads();
+  T total = T(0);
+  if (warp == 0)
+    for (int w = 0; w < kSliceWarps; ++w) total += partials[w][lane];
+  return total;
+}
+
+// The tokens [first, end) of this block's chunk.
+struct TokenChunk {
+  i64 first, end;
+};
+__device__ __forceinline__ TokenChunk token_chunk(i64 tokens_per_segment, i64 tokens_per_chunk) {
+  const i64 segment_first = i64(blockIdx.y) * tokens_per_segment;
+  const i64 first = segment_first + i64(blockIdx.z) * tokens_per_chunk;
+  const i64 end = first + tokens_per_chunk;
+  return {first, end < segment_first + tokens_per_segment ? end : segment_first + tokens_per_segment};
+}
+
+// router_expert_statistics_f32: counts[s, e] += #{slots of segment s routed to e} (an integer
+// atomicAdd per block and expert: exact, order-free; the caller zeroes counts), and, when weights
+// and weight_partials are not null, weight_partials[s, c, e] = the sum of the weights of those in
+// chunk c (router_sum_chunks_f32 adds the chunks in order).
+// Mapping: each warp reads 32 slots (ids, weights) coalesced, then broadcasts them one by one
+//   (__shfl_sync) to the 32 expert lanes. Ids outside [0, E) match no expert.
+// Traffic: ids (and weights) read ceil(E/32) times (once per expert slice); one partial per
+//   (segment, chunk, expert) written.
+// Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
+extern "C" __global__ void router_expert_statistics_f32(const int* ids, const float* weights,
+                                                        long long tokens_per_segment, long long tokens_per_chunk,
+                                                        int k, int E, int* counts, float* weight_partials) {
+  __shared__ int count_partials[kSliceWarps][kWarp];
+  __shared__ float sum_partials[kSliceWarps][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int expert = blockIdx.x * kWarp + lane;
+  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
+  const i64 first = chunk.first * k, end = chunk.end * k;
+  int count = 0;
+  float sum = 0.0f;
+  for (i64 base = first + i64(warp) * kWarp; base < end; base += kSliceWarps * kWarp) {
+    const bool in = base + lane < end;
+    const int id = in ? ids[base + lane] : -1;
+    const float w = (in && weights) ? weights[base + lane] : 0.0f;
+    for (int j = 0; j < kWarp; ++j) {
+      const int slot_id = __shfl_sync(kFullMask, id, j);
+      const float slot_w = __shfl_sync(kFullMask, w, j);
+      if (slot_id == expert) {
+        ++count;
+        sum += slot_w;
+      }
+    }
+  }
+  const int total_count = sum_warp_partials(count_partials, count);
+  const float total_sum = sum_warp_partials(sum_partials, sum);
+  if (warp == 0 && expert < E) {
+    if (total_count) atomicAdd(&counts[i64(blockIdx.y) * E + expert], total_count);
+    if (weight_partials) weight_partials[(i64(blockIdx.y) * gridDim.z + blockIdx.z) * E + expert] = total_sum;
+  }
+}
+EMU_EXPORT(router_expert_statistics_f32)
+
+// router_sum_chunks_f32: out[e] = sum over c = 0, 1, ..., chunks - 1 of partials[c, e], in that
+// order (the reduction's fixed second level). Launch: grid ceil(E / 256), block 256.
+extern "C" __global__ void router_sum_chunks_f32(const float* partials, int chunks, int E, float* out) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  float sum = 0.0f;
+  for (int c = 0; c < chunks; ++c) sum += partials[i64(c) * E + e];
+  out[e] = sum;
+}
+EMU_EXPORT(router_sum_chunks_f32)
+
+// router_row_logsumexp_f32: lse[t] = max + log(sum exp(z - max)) of row t, NaN for a non-finite row.
+// Launch: grid ceil(T / 4), block 128. Traffic: z read twice (second pass L1-hot), lse written once.
+extern "C" __global__ void router_row_logsumexp_f32(const float* z, long long T, int E, float* lse) {
+  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= T) return;
+  const RowSoftmax stats = row_softmax_global(z + row * E, E, E % 4 == 0 && aligned_16(z));
+  if (threadIdx.x % kWarp == 0) lse[row] = stats.nonfinite ? __uint_as_float(0x7fc00000u) : stats.max + logf(stats.sum);
+}
+EMU_EXPORT(router_row_logsumexp_f32)
+
+// router_prob_sums_f32: prob_sums[s, c, e] = sum over the rows t of chunk c of segment s of
+// exp(z[t, e] - lse[t]) (rows with a NaN lse, the non-finite ones, add nothing); the aux loss
+// adds the chunks in order.
+// Mapping: warp w takes rows w, w + 8, ... of the chunk; lane l reads column 32*blockIdx.x + l
+//   (a 128-byte coalesced row piece). Traffic: z read once, lse read ceil(E/32) times.
+// Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
+extern "C" __global__ void router_prob_sums_f32(const float* z, const float* lse, long long tokens_per_segment,
+                                                long long tokens_per_chunk, int E, float* prob_sums) {
+  __shared__ float partials[kSliceWarps][kWarp];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int expert = blockIdx.x * kWarp + lane;
+  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
+  float sum = 0.0f;
+  for (i64 t = chunk.first + warp; t < chunk.end; t += kSliceWarps) {
+    const float row_lse = lse[t];
+    if (expert < E && row_lse == row_lse) sum += expf(z[t * E + expert] - row_lse);
+  }
+  const float total = sum_warp_partials(partials, sum);
+  const i64 out = (i64(blockIdx.y) * gridDim.z + blockIdx.z) * E + expert;
+  if (warp == 0 && expert < E) prob_sums[out] = total;
+}
+EMU_EXPORT(router_prob_sums_f32)
+
+// ------------------------------------------------------------------------------------------
+// Loss values: one block of 256 threads sums n terms (thread-strided, then a shared-memory tree
+// in a fixed order) and writes coefficient * sum to loss[0].
+constexpr int kLossThreads = 256;
+
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  scratch[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kLossThreads / 2; stride > 0; stride >>= 1) {
+    if (int(threadIdx.x) < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return scratch[0];
+}
+
+// router_aux_loss_f32: loss = coefficient * sum_{s,e} counts[s, e] * sum_c prob_sums[s, c, e]
+// (chunks c in order), coefficient = alpha * E / (k * segments * tokens_per_segment^2) (from the
+// host). Thread i takes the (s, e) pairs i, i + 256, ... Launch: grid 1, block 256.
+extern "C" __global__ void router_aux_loss_f32(const int* counts, const float* prob_sums, long long segments,
+                                               int chunks, int E, float coefficient, float* loss) {
+  __shared__ float scratch[kLossThreads];
+  float partial = 0.0f;
+  for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
+    const i64 s = i / E, e = i % E;
+    float prob = 0.0f;
+    for (int c = 0; c < chunks; ++c) prob += prob_sums[(s * chunks + c) * E + e];
+    partial += float(counts[i]) * prob;
+  }
+  const float total = block_sum(partial, scratch);
+  if (threadIdx.x == 0) loss[0] = coefficient * total;
+}
+EMU_EXPORT(router_aux_loss_f32)
+
+// router_z_loss_f32: loss = coefficient * sum_t lse[t]^2 over the rows with a finite lse,
+// coefficient = c / T. Launch: grid 1, block 256.
+extern "C" __global__ void router_z_loss_f32(const float* lse, long long T, float coefficient, float* loss) {
+  __shared__ float scratch[kLossThreads];
+  float partial = 0.0f;
+  for (i64 t = threadIdx.x; t < T; t += kLossThreads)
+    if (lse[t] == lse[t]) partial += lse[t] * lse[t];
+  const float total = block_sum(partial, scratch);
+  if (threadIdx.x == 0) loss[0] = coefficient * total;
+}
+EMU_EXPORT(router_z_loss_f32)
+
+// ------------------------------------------------------------------------------------------
+// Loss gradients, added into dz. Both are a dense softmax backward of a per-row g = dL/dp:
+// dz_e += p_e (g_e - <p, g>) with p = exp(z - lse); rows with a NaN lse get nothing.
+
+// router_aux_loss_backward_f32: g_e = coefficient * counts[segment(t), e] (coefficient as the
+// forward's: dL/dp_{t,e} = alpha E / (k S L^2) c_{s,e}).
+// Launch: grid ceil(T / 4), block 128; one warp per row, two lane-strided passes.
+extern "C" __global__ void router_aux_loss_backward_f32(const float* z, const float* lse, const int* counts,
+                                                        long long T, long long tokens_per_segment, int E,
+                                                        float coefficient, float* dz) {
+  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= T || lse[row] != lse[row]) return;
+  const float row_lse = lse[row];
+  const float* z_row = z + row * E;
+  const int* c = counts + (row / tokens_per_segment) * E;
+  const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
+  float dot = 0.0f;
+  lane_strided_read(z_row, E, vec, [&](int e, float zv) { dot += expf(zv - row_lse) * coefficient * float(c[e]); });
+  dot = warp_sum(dot);
+  lane_strided_write(dz + row * E, dz + row * E, E, vec, [&](int e, float old) {
+    return old + expf(z_row[e] - row_lse) * (coefficient * float(c[e]) - dot);
+  });
+}
+EMU_EXPORT(router_aux_loss_backward_f32)
+
+// router_z_loss_backward_f32: dz_e += coefficient * lse_t * p_e, coefficient = 2c / T.
+// Launch: grid ceil(T / 4), block 128; one warp per row.
+extern "C" __global__ void router_z_loss_backward_f32(const float* z, const float* lse, long long T, int E,
+                                                      float coefficient, float* dz) {
+  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= T || lse[row] != lse[row]) return;
+  const float row_lse = lse[row];
+  const float* z_row = z + row * E;
+  const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
+  lane_strided_write(dz + row * E, dz + row * E, E, vec, [&](int e, float old) {
+    return old + coefficient * row_lse * expf(z_row[e] - row_lse);
+  });
+}
+EMU_EXPORT(router_z_loss_backward_f32)
+
+// ------------------------------------------------------------------------------------------
+// router_bias_update_f32: bias[e] += gamma * sign(mean(counts) - counts[e]), the sign taken
+// exactly in integers: sign(sum(counts) - E * counts[e]). No gradient.
+// Launch: grid 1, block 256. Counts are non-negative (as expert_statistics writes them).
+extern "C" __global__ void router_bias_update_f32(const int* counts, int E, float gamma, float* bias) {
+  __shared__ unsigned long long total;
+  if (threadIdx.x == 0) total = 0ull;
+  __syncthreads();
+  unsigned long long partial = 0ull;
+  for (int e = threadIdx.x; e < E; e += blockDim.x) partial += (unsigned long long)(long long)counts[e];
+  atomicAdd(&total, partial);
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    const long long diff = (long long)total - (long long)E * counts[e];
+    bias[e] += diff > 0 ? gamma : diff < 0 ? -gamma : 0.0f;
+  }
+}
+EMU_EXPORT(router_bias_update_f32)

@@ -1,0 +1,472 @@
+//! Expert statistics, load-balance losses and the bias update (SPEC §3), all device-side:
+//! loss values land in a one-element device buffer, nothing waits for the device.
+//!
+//! Float reductions over tokens run in a fixed order (no float atomics): the same inputs give
+//! the same bits every run. Counts are exact integers (integer atomics, whose order does not
+//! matter).
+use super::{RouterConfig, invalid, row_launch, selection_len};
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::{check_len, check_range, elements, grid_blocks};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Experts per block of the per-expert reduction kernels (one per lane); 8 warps a block.
+const EXPERTS_PER_BLOCK: usize = 32;
+const SLICE_THREADS: u32 = 256;
+/// One block of the loss-value kernels.
+const LOSS_THREADS: u32 = 256;
+/// Threads per block of router_sum_chunks_f32 (one per expert).
+const SUM_THREADS: u32 = 256;
+/// CUDA's limit on grid.y (segments of the per-expert reductions).
+const MAX_SEGMENTS: usize = 65535;
+
+/// Tokens per block of the per-expert reductions: enough blocks to fill a GPU, at most
+/// `MAX_CHUNKS` per segment (a second level adds the chunks' partial sums one by one).
+const MIN_TOKENS_PER_CHUNK: usize = 64;
+const MAX_CHUNKS: usize = 1024;
+
+/// (chunks, tokens per chunk) of a segment of `tokens`: at least one chunk.
+fn chunking(tokens: usize) -> (usize, usize) {
+    let per_chunk = MIN_TOKENS_PER_CHUNK.max(tokens.div_ceil(MAX_CHUNKS));
+    (tokens.div_ceil(per_chunk).max(1), per_chunk)
+}
+
+/// `[segments, chunks, E]` per-expert reductions: blocks of 32 experts by segments by chunks.
+fn slice_launch(experts: usize, segments: usize, chunks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid: (
+            experts.div_ceil(EXPERTS_PER_BLOCK) as u32,
+            segments as u32,
+            chunks as u32,
+        ),
+        block: (SLICE_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// T of the `[T, k]` ids.
+fn tokens_of_ids(config: &RouterConfig, ids: &impl DeviceSlice<i32>) -> Result<usize> {
+    if ids.len() % config.k != 0 {
+        return Err(Error::Shape {
+            argument: "ids",
+            expected: format!("[T, k] with k = {} (a multiple of {} i32 elements)", config.k, config.k),
+            got: format!("{} elements", ids.len()),
+        });
+    }
+    Ok(ids.len() / config.k)
+}
+
+/// Counts (zeroed here, then added per chunk) and, with weights, per-chunk weight sums
+/// (`[segments, chunks, E]`) per (segment, expert); the `[T, k]` ids split into `segments` equal
+/// segments.
+fn launch_statistics<W: DeviceSlice<f32>, S: DeviceSliceMut<f32>>(
+    device: &Device,
+    config: &RouterConfig,
+    (ids, weights): (&impl DeviceSlice<i32>, Option<&W>),
+    segments: usize,
+    counts: &mut impl DeviceSliceMut<i32>,
+    weight_partials: Option<&mut S>,
+) -> Result<()> {
+    let tokens_per_segment = ids.len() / config.k / segments;
+    let (chunks, tokens_per_chunk) = chunking(tokens_per_segment);
+    device.fill_zeros(counts)?;
+    // Matches the kernel's parameters, in order: router_expert_statistics_f32(ids, weights,
+    // tokens_per_segment, tokens_per_chunk, k, E, counts, weight_partials).
+    let args = KernelArgs::new(device)
+        .input("ids", ids)
+        .input_or_null("weights", weights)
+        .scalar(tokens_per_segment as i64)
+        .scalar(tokens_per_chunk as i64)
+        .scalar(config.k as i32)
+        .scalar(config.experts as i32)
+        .output("counts", counts)
+        .output_or_null("workspace", weight_partials);
+    let grid = slice_launch(config.experts, segments, chunks);
+    device.launch("router_expert_statistics_f32", grid, args)
+}
+
+/// Per-expert token counts `counts[e]` (`[E]`, exact) from `[T, k]` ids (ids outside `[0, E)`
+/// count nowhere). A stream-ordered memset of `counts`, then one launch; no host sync.
+pub fn expert_counts(
+    device: &Device,
+    config: &RouterConfig,
+    ids: &impl DeviceSlice<i32>,
+    counts: &mut impl DeviceSliceMut<i32>,
+) -> Result<()> {
+    config.validate()?;
+    tokens_of_ids(config, ids)?;
+    let e = config.experts;
+    check_len("counts", counts, e, || format!("[E] = [{e}]"))?;
+    launch_statistics::<DeviceBuffer<f32>, DeviceBuffer<f32>>(device, config, (ids, None), 1, counts, None)
+}
+
+/// Elements of the f32 workspace [`expert_statistics`] needs for `[T, k]` ids of `tokens` tokens:
+/// one partial weight sum per expert and chunk of tokens.
+pub fn expert_statistics_workspace_len(config: &RouterConfig, tokens: usize) -> Result<usize> {
+    elements("tokens", chunking(tokens).0, config.experts)
+}
+
+/// Per-expert token counts (`[E]`, exact) and gate-weight sums `sum_t w_{t,e}` (`[E]`, f32, two
+/// fixed-order levels: per chunk of tokens, then the chunks in order) from the `[T, k]` ids and
+/// weights of [`select`](super::select). These feed the bias update and ESFT. A stream-ordered
+/// memset of `counts`, then two launches; no host sync.
+pub fn expert_statistics(
+    device: &Device,
+    config: &RouterConfig,
+    ids: &impl DeviceSlice<i32>,
+    weights: &impl DeviceSlice<f32>,
+    workspace: &mut impl DeviceSliceMut<f32>,
+    counts: &mut impl DeviceSliceMut<i32>,
+    weight_sums: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    config.validate()?;
+    let tokens = tokens_of_ids(config, ids)?;
+    let (e, k) = (config.experts, config.k);
+    check_len("weights", weights, ids.len(), || format!("[T, k] = [{tokens}, {k}]"))?;
+    let chunks = chunking(tokens).0;
+    let partials = expert_statistics_workspace_len(config, tokens)?;
+    check_len("workspace", workspace, partials, || {
+        format!("[chunks, E] = [{chunks}, {e}]")
+    })?;
+    check_len("counts", counts, e, || format!("[E] = [{e}]"))?;
+    check_len("weight_sums", weight_sums, e, || format!("[E] = [{e}]"))?;
+    launch_statistics(device, config, (ids, Some(weights)), 1, counts, Some(&mut *workspace))?;
+    // Matches the kernel's parameters, in order: router_sum_chunks_f32(partials, chunks, E, out).
+    let args = KernelArgs::new(device)
+        .input("workspace", &*workspace)
+        .scalar(chunks as i32)
+        .scalar(e as i32)
+        .output("weight_sums", weight_sums);
+    let grid = grid_blocks("experts", e, SUM_THREADS as usize)?;
+    device.launch(
+        "router_sum_chunks_f32",
+        LaunchConfig::linear(grid, SUM_THREADS, 0),
+        args,
+    )
+}
+
+/// The Switch load-balancing loss (SPEC §3): `L = alpha * E/k * sum_i f_i P_i`, with
+/// `f_i = (1/T) sum_t 1[i in K_t]` and `P_i = (1/T) sum_t softmax(z_t)_i`; it equals `alpha`
+/// when routing is perfectly balanced.
+///
+/// **Hugging Face convention.** Mixtral / Qwen-MoE's `load_balancing_loss_func` computes
+/// `E * sum_i f_i P_i` with the same f (no 1/k), i.e. k times this loss: to reproduce a setup
+/// with coefficient `alpha_hf`, pass `alpha = k * alpha_hf`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuxLossConfig {
+    /// The loss coefficient (typically 1e-2 .. 1e-3).
+    pub alpha: f32,
+    /// `None`: token level (f and P over the whole batch). `Some(L)`: sequence level (DeepSeek,
+    /// CoE): the batch is `T / L` consecutive sequences of `L` tokens each (L must divide T);
+    /// f and P are taken per sequence and the loss is averaged over sequences.
+    pub sequence_length: Option<usize>,
+}
+
+impl Default for AuxLossConfig {
+    fn default() -> Self {
+        Self {
+            alpha: 1e-2,
+            sequence_length: None,
+        }
+    }
+}
+
+impl AuxLossConfig {
+    /// Checks the fields for a batch of `tokens`; the error names the offending one.
+    pub fn validate(&self, tokens: usize) -> Result<()> {
+        if !self.alpha.is_finite() {
+            return Err(invalid("alpha", self.alpha, "a finite number"));
+        }
+        if let Some(len) = self.sequence_length {
+            check_range("sequence_length", len, 1..=usize::MAX)?;
+            if tokens % len != 0 || tokens / len > MAX_SEGMENTS {
+                return Err(invalid(
+                    "sequence_length",
+                    len,
+                    format!("a divisor of T = {tokens} giving at most {MAX_SEGMENTS} sequences"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// (segments, tokens per segment) of a batch: one segment of T tokens at token level (and
+    /// for an empty batch, so that every launch has a grid).
+    fn segments(&self, tokens: usize) -> (usize, usize) {
+        match self.sequence_length {
+            Some(len) if tokens > 0 => (tokens / len, len),
+            _ => (1, tokens),
+        }
+    }
+
+    /// `alpha E / (k S L^2)`: the loss is it times `sum_{s,i} c_{s,i} Psum_{s,i}`, and
+    /// `dL/dp_{t,i}` is it times `c_{s(t),i}` (0 for an empty batch).
+    fn coefficient(&self, router: &RouterConfig, tokens: usize) -> f32 {
+        let (segments, len) = self.segments(tokens);
+        if tokens == 0 {
+            return 0.0;
+        }
+        (self.alpha as f64 * router.experts as f64 / (router.k as f64 * segments as f64 * (len as f64).powi(2))) as f32
+    }
+}
+
+/// What [`aux_loss`] keeps for [`aux_loss_backward`]: per-row log-sum-exp `[T]`, per-sequence
+/// counts `[S, E]`, and the probability sums of each chunk of tokens `[S, chunks, E]`.
+pub struct AuxLossWorkspace {
+    row_lse: DeviceBuffer<f32>,
+    counts: DeviceBuffer<i32>,
+    prob_sums: DeviceBuffer<f32>,
+    tokens: usize,
+    experts: usize,
+    segments: usize,
+}
+
+impl AuxLossWorkspace {
+    /// Buffers for a batch of `tokens` under `router` and `aux` (both validated).
+    pub fn new(device: &Device, router: &RouterConfig, aux: &AuxLossConfig, tokens: usize) -> Result<Self> {
+        router.validate()?;
+        aux.validate(tokens)?;
+        let (segments, len) = aux.segments(tokens);
+        let per_segment = elements("tokens", segments, router.experts)?;
+        let per_chunk = elements("tokens", per_segment, chunking(len).0)?;
+        Ok(Self {
+            row_lse: device.alloc_zeros(tokens)?,
+            counts: device.alloc_zeros(per_segment)?,
+            prob_sums: device.alloc_zeros(per_chunk)?,
+            tokens,
+            experts: router.experts,
+            segments,
+        })
+    }
+
+    /// The per-(sequence, expert) token counts of the last [`aux_loss`] (`[S, E]`).
+    pub fn counts(&self) -> &DeviceBuffer<i32> {
+        &self.counts
+    }
+
+    fn check(&self, router: &RouterConfig, aux: &AuxLossConfig, tokens: usize) -> Result<()> {
+        if (self.tokens, self.experts, self.segments) != (tokens, router.experts, aux.segments(tokens).0) {
+            return Err(Error::Shape {
+                argument: "workspace",
+                expected: format!(
+                    "a workspace for T = {tokens}, E = {}, {:?}",
+                    router.experts, aux.sequence_length
+                ),
+                got: format!("T = {}, E = {}, {} segments", self.tokens, self.experts, self.segments),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Validates the router, the aux config and the logits / ids shapes; returns T.
+fn check_aux_inputs(
+    router: &RouterConfig,
+    aux: &AuxLossConfig,
+    logits: &impl DeviceSlice<f32>,
+    ids: Option<&impl DeviceSlice<i32>>,
+) -> Result<usize> {
+    router.validate()?;
+    let tokens = router.tokens(logits)?;
+    aux.validate(tokens)?;
+    if let Some(ids) = ids {
+        let k = router.k;
+        check_len("ids", ids, selection_len(router, tokens)?, || {
+            format!("[T, k] = [{tokens}, {k}]")
+        })?;
+    }
+    Ok(tokens)
+}
+
+/// The per-row log-sum-exp `[T]` (NaN for non-finite rows).
+fn launch_row_lse(
+    device: &Device,
+    router: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    row_lse: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let tokens = logits.len() / router.experts;
+    // Matches the kernel's parameters, in order: router_row_logsumexp_f32(z, T, E, lse).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .scalar(tokens as i64)
+        .scalar(router.experts as i32)
+        .output("row_lse", row_lse);
+    device.launch("router_row_logsumexp_f32", row_launch(tokens)?, args)
+}
+
+/// The Switch aux loss of `logits` `[T, E]` and the `ids` `[T, k]` selected from them, into
+/// `loss` (`[1]`). Fills `workspace` for [`aux_loss_backward`]. Four launches (row LSE, counts
+/// after a stream-ordered memset, probability sums, the loss); no host sync.
+pub fn aux_loss(
+    device: &Device,
+    router: &RouterConfig,
+    aux: &AuxLossConfig,
+    logits: &impl DeviceSlice<f32>,
+    ids: &impl DeviceSlice<i32>,
+    workspace: &mut AuxLossWorkspace,
+    loss: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let tokens = check_aux_inputs(router, aux, logits, Some(ids))?;
+    workspace.check(router, aux, tokens)?;
+    check_len("loss", loss, 1, || "[1]".into())?;
+    let (segments, len) = aux.segments(tokens);
+    let (chunks, tokens_per_chunk) = chunking(len);
+    launch_row_lse(device, router, logits, &mut workspace.row_lse)?;
+    let no_weights = (ids, None::<&DeviceBuffer<f32>>);
+    launch_statistics(
+        device,
+        router,
+        no_weights,
+        segments,
+        &mut workspace.counts,
+        None::<&mut DeviceBuffer<f32>>,
+    )?;
+    // Matches the kernel's parameters, in order:
+    // router_prob_sums_f32(z, lse, tokens_per_segment, tokens_per_chunk, E, prob_sums).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input("row_lse", &workspace.row_lse)
+        .scalar(len as i64)
+        .scalar(tokens_per_chunk as i64)
+        .scalar(router.experts as i32)
+        .output("prob_sums", &mut workspace.prob_sums);
+    device.launch(
+        "router_prob_sums_f32",
+        slice_launch(router.experts, segments, chunks),
+        args,
+    )?;
+    // Matches the kernel's parameters, in order:
+    // router_aux_loss_f32(counts, prob_sums, segments, chunks, E, coefficient, loss).
+    let args = KernelArgs::new(device)
+        .input("counts", &workspace.counts)
+        .input("prob_sums", &workspace.prob_sums)
+        .scalar(segments as i64)
+        .scalar(chunks as i32)
+        .scalar(router.experts as i32)
+        .scalar(aux.coefficient(router, tokens))
+        .output("loss", loss);
+    device.launch("router_aux_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
+}
+
+/// Adds the aux loss gradient to `dz` `[T, E]`: `dL/dp_{t,i} = alpha (E/k) f_i / T` (per
+/// sequence at sequence level) through the dense softmax backward. `workspace` must hold the
+/// [`aux_loss`] of the same logits and ids. One launch; no host sync.
+pub fn aux_loss_backward(
+    device: &Device,
+    router: &RouterConfig,
+    aux: &AuxLossConfig,
+    logits: &impl DeviceSlice<f32>,
+    workspace: &AuxLossWorkspace,
+    dz: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let tokens = check_aux_inputs(router, aux, logits, None::<&DeviceBuffer<i32>>)?;
+    workspace.check(router, aux, tokens)?;
+    let e = router.experts;
+    check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
+    let (_, len) = aux.segments(tokens);
+    // Matches the kernel's parameters, in order:
+    // router_aux_loss_backward_f32(z, lse, counts, T, tokens_per_segment, E, coefficient, dz).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input("row_lse", &workspace.row_lse)
+        .input("counts", &workspace.counts)
+        .scalar(tokens as i64)
+        .scalar(len.max(1) as i64)
+        .scalar(e as i32)
+        .scalar(aux.coefficient(router, tokens))
+        .output("dz", dz);
+    device.launch("router_aux_loss_backward_f32", row_launch(tokens)?, args)
+}
+
+fn check_z_loss(
+    router: &RouterConfig,
+    coefficient: f32,
+    logits: &impl DeviceSlice<f32>,
+    row_lse: &impl DeviceSlice<f32>,
+) -> Result<usize> {
+    router.validate()?;
+    if !coefficient.is_finite() {
+        return Err(invalid("coefficient", coefficient, "a finite number"));
+    }
+    let tokens = router.tokens(logits)?;
+    check_len("row_lse", row_lse, tokens, || format!("[T] = [{tokens}]"))?;
+    Ok(tokens)
+}
+
+/// The router z-loss (ST-MoE, SPEC §3) `coefficient / T * sum_t LSE_t^2` of `logits` `[T, E]`
+/// into `loss` (`[1]`); keeps the per-row LSE in `row_lse` (`[T]`, NaN for non-finite rows,
+/// which add nothing) for [`z_loss_backward`]. Two launches; no host sync.
+pub fn z_loss(
+    device: &Device,
+    router: &RouterConfig,
+    coefficient: f32,
+    logits: &impl DeviceSlice<f32>,
+    row_lse: &mut impl DeviceSliceMut<f32>,
+    loss: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let tokens = check_z_loss(router, coefficient, logits, row_lse)?;
+    check_len("loss", loss, 1, || "[1]".into())?;
+    launch_row_lse(device, router, logits, row_lse)?;
+    let scaled = if tokens == 0 { 0.0 } else { coefficient / tokens as f32 };
+    // Matches the kernel's parameters, in order: router_z_loss_f32(lse, T, coefficient, loss).
+    let args = KernelArgs::new(device)
+        .input("row_lse", row_lse)
+        .scalar(tokens as i64)
+        .scalar(scaled)
+        .output("loss", loss);
+    device.launch("router_z_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
+}
+
+/// Adds the z-loss gradient `(2 coefficient / T) LSE_t p_{t,j}` to `dz` `[T, E]`; `row_lse` is
+/// the one [`z_loss`] wrote for these logits. One launch; no host sync.
+pub fn z_loss_backward(
+    device: &Device,
+    router: &RouterConfig,
+    coefficient: f32,
+    logits: &impl DeviceSlice<f32>,
+    row_lse: &impl DeviceSlice<f32>,
+    dz: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let tokens = check_z_loss(router, coefficient, logits, row_lse)?;
+    let e = router.experts;
+    check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
+    let scaled = if tokens == 0 {
+        0.0
+    } else {
+        2.0 * coefficient / tokens as f32
+    };
+    // Matches the kernel's parameters, in order:
+    // router_z_loss_backward_f32(z, lse, T, E, coefficient, dz).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input("row_lse", row_lse)
+        .scalar(tokens as i64)
+        .scalar(e as i32)
+        .scalar(scaled)
+        .output("dz", dz);
+    device.launch("router_z_loss_backward_f32", row_launch(tokens)?, args)
+}
+
+/// DeepSeek-V3 auxiliary-loss-free balancing: `bias[i] += gamma * sign(mean(c) - c_i)` with the
+/// per-expert token counts `counts` (`[E]`, from [`expert_counts`]). The sign is exact (taken in
+/// integers). No gradient. One launch; no host sync.
+pub fn bias_update(
+    device: &Device,
+    gamma: f32,
+    counts: &impl DeviceSlice<i32>,
+    bias: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    if !gamma.is_finite() {
+        return Err(invalid("gamma", gamma, "a finite number"));
+    }
+    let e = bias.len();
+    check_range("bias", e, 1..=i32::MAX as usize)?;
+    check_len("counts", counts, e, || format!("[E] = [{e}]"))?;
+    // Matches the kernel's parameters, in order: router_bias_update_f32(counts, E, gamma, bias).
+    let args = KernelArgs::new(device)
+        .input("counts", counts)
+        .scalar(e as i32)
+        .scalar(gamma)
+        .output("bias", bias);
+    device.launch("router_bias_update_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
+}

@@ -1,0 +1,274 @@
+//! Router: top-k expert selection and its backward (SPEC §2), expert statistics, balance
+//! losses and the bias update (SPEC §3, in [`balance`]). Kernels: `kernels/router.cu`.
+//!
+//! Logits `z` are `[T, E]` f32 row-major (T = `logits.len() / E`); ids `[T, k]` i32 in rank
+//! order (best first); weights `[T, k]` f32.
+//!
+//! **Rules every op follows.** Ties go to the lower expert index. A NaN score ranks below
+//! every number. The k ids of a row are distinct and in `[0, E)`. A row is *non-finite* when
+//! one of its logits is NaN or +inf, or none is finite (all -inf / NaN): it still gets k
+//! distinct ids (by the ranking rule; an all-NaN or all -inf row gets ids 0..k), but all its
+//! weights are 0, its probabilities are 0, it adds nothing to the losses and gets a zero
+//! gradient, and [`select`] counts it. -inf logits in a row with finite ones are ordinary
+//! (probability 0): that is how callers mask experts.
+//!
+//! **Backward without saved probabilities.** The backward ops take the logits and recompute
+//! the row softmax (one extra read of `z`) rather than storing a dense `[T, E]` probability
+//! tensor in the forward.
+//!
+//! Nothing here waits for the device: every op only queues launches.
+pub mod balance;
+
+pub use balance::{
+    AuxLossConfig, AuxLossWorkspace, aux_loss, aux_loss_backward, bias_update, expert_counts, expert_statistics,
+    expert_statistics_workspace_len, z_loss, z_loss_backward,
+};
+
+use super::{check_len, check_range, elements, grid_blocks};
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// The most experts a router supports (one warp holds a row in registers).
+pub const MAX_EXPERTS: usize = 1024;
+/// The most experts one token may be routed to (one per lane).
+pub const MAX_K: usize = 32;
+/// The most expert groups of group-limited routing (one per lane).
+pub const MAX_GROUPS: usize = 32;
+
+/// What the logits become before selection and weighting (SPEC §2 `score_fn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ScoreFunction {
+    /// Softmax over all E logits (Switch, Mixtral, DeepSeek-V2).
+    #[default]
+    Softmax,
+    /// Elementwise sigmoid (DeepSeek-V3).
+    Sigmoid,
+    /// The logits as given (SPEC's `none`).
+    Identity,
+}
+
+/// Where the softmax sits relative to top-k (SPEC §2 `order`); only meaningful for
+/// [`ScoreFunction::Softmax`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SelectionOrder {
+    /// Select on the softmax probabilities (+ bias); weights are those probabilities.
+    #[default]
+    SoftmaxThenTopk,
+    /// Select on the logits (+ bias); weights are a softmax over the k chosen logits
+    /// (Mixtral). Already normalized: `renormalize` changes nothing.
+    TopkThenSoftmax,
+}
+
+/// One router's selection options (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterConfig {
+    /// E, the routed experts (1..=1024).
+    pub experts: usize,
+    /// Experts per token (1..=min(E, 32)).
+    pub k: usize,
+    pub score: ScoreFunction,
+    pub order: SelectionOrder,
+    /// Divide the k weights by their sum + 1e-20. With [`ScoreFunction::Identity`] the sum of
+    /// signed logits may be near 0 (or -inf with masked experts): the weights are what that
+    /// arithmetic gives.
+    pub renormalize: bool,
+    /// Multiplies the final weights (DeepSeek-V3 `route_scale` = 2.5).
+    pub scale: f32,
+    /// Group-limited routing: E splits into `groups` equal groups (1 = off; at most 32)...
+    pub groups: usize,
+    /// ...of which the `topk_groups` best (by the sum of their two best biased scores) are
+    /// searched for the k experts.
+    pub topk_groups: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            experts: 8,
+            k: 2,
+            score: ScoreFunction::Softmax,
+            order: SelectionOrder::SoftmaxThenTopk,
+            renormalize: false,
+            scale: 1.0,
+            groups: 1,
+            topk_groups: 1,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Checks every field; the error names the offending one.
+    pub fn validate(&self) -> Result<()> {
+        check_range("experts", self.experts, 1..=MAX_EXPERTS)?;
+        check_range("k", self.k, 1..=self.experts.min(MAX_K))?;
+        if !self.scale.is_finite() {
+            return Err(invalid("scale", self.scale, "a finite number"));
+        }
+        if self.order == SelectionOrder::TopkThenSoftmax && self.score != ScoreFunction::Softmax {
+            return Err(invalid(
+                "order",
+                "TopkThenSoftmax",
+                "SoftmaxThenTopk unless score is Softmax",
+            ));
+        }
+        check_range("groups", self.groups, 1..=MAX_GROUPS.min(self.experts))?;
+        if self.experts % self.groups != 0 {
+            return Err(invalid(
+                "groups",
+                self.groups,
+                format!("a divisor of experts = {}", self.experts),
+            ));
+        }
+        check_range("topk_groups", self.topk_groups, 1..=self.groups)?;
+        let reachable = self.topk_groups * (self.experts / self.groups);
+        if self.k > reachable {
+            return Err(invalid(
+                "k",
+                self.k,
+                format!("at most topk_groups * experts / groups = {reachable}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// T of `logits`: its length over E, which must divide it.
+    fn tokens(&self, logits: &impl DeviceSlice<f32>) -> Result<usize> {
+        if logits.len() % self.experts != 0 {
+            return Err(Error::Shape {
+                argument: "logits",
+                expected: format!(
+                    "[T, E] with E = {} (a multiple of {} f32 elements)",
+                    self.experts, self.experts
+                ),
+                got: format!("{} elements", logits.len()),
+            });
+        }
+        Ok(logits.len() / self.experts)
+    }
+
+    /// The kernels' (score, topk_first, renormalize, scale) arguments.
+    fn kernel_options<'a>(&self, args: KernelArgs<'a>) -> KernelArgs<'a> {
+        let score = match self.score {
+            ScoreFunction::Softmax => 0i32,
+            ScoreFunction::Sigmoid => 1,
+            ScoreFunction::Identity => 2,
+        };
+        args.scalar(score)
+            .scalar((self.order == SelectionOrder::TopkThenSoftmax) as i32)
+            .scalar(self.renormalize as i32)
+            .scalar(self.scale)
+    }
+}
+
+pub(crate) fn invalid(argument: &'static str, value: impl std::fmt::Display, expected: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        argument,
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+/// Elements of the `[T, k]` ids and weights for `tokens` tokens.
+pub fn selection_len(config: &RouterConfig, tokens: usize) -> Result<usize> {
+    elements("tokens", tokens, config.k)
+}
+
+/// Rows (tokens) per block of the warp-per-row kernels: 4 warps of 32 threads.
+const ROWS_PER_BLOCK: usize = 4;
+
+/// A launch of one warp per row.
+pub(crate) fn row_launch(tokens: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig::linear(
+        grid_blocks("tokens", tokens, ROWS_PER_BLOCK)?,
+        32 * ROWS_PER_BLOCK as u32,
+        0,
+    ))
+}
+
+/// The selection kernel whose register row holds E experts.
+fn select_kernel(experts: usize) -> &'static str {
+    match experts {
+        ..=32 => "router_select_e32_f32",
+        33..=64 => "router_select_e64_f32",
+        65..=128 => "router_select_e128_f32",
+        129..=256 => "router_select_e256_f32",
+        257..=512 => "router_select_e512_f32",
+        _ => "router_select_e1024_f32",
+    }
+}
+
+/// Fused top-k selection (SPEC §2): `ids` and `weights` `[T, k]` from `logits` `[T, E]`.
+///
+/// `bias` (`[E]`, DeepSeek-V3's load-balancing bias) is added to the scores for selection only;
+/// the weights come from the unbiased scores. `nonfinite_rows` (one `u32`) has the number of
+/// non-finite rows *added* to it, so one counter can cover several calls: zero it with
+/// [`Device::fill_zeros`] to count one. One launch; no host sync.
+pub fn select<B: DeviceSlice<f32>>(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+) -> Result<()> {
+    config.validate()?;
+    let tokens = config.tokens(logits)?;
+    let (e, k) = (config.experts, config.k);
+    if let Some(bias) = bias {
+        check_len("bias", bias, e, || format!("[E] = [{e}]"))?;
+    }
+    let slots = selection_len(config, tokens)?;
+    check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+    check_len("weights", weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+    check_len("nonfinite_rows", nonfinite_rows, 1, || "[1]".into())?;
+    // Matches the kernel's parameters, in order: router_select_e<N>_f32(z, bias, T, E, k, score,
+    // topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input_or_null("bias", bias)
+        .scalar(tokens as i64)
+        .scalar(e as i32)
+        .scalar(k as i32);
+    let args = config
+        .kernel_options(args)
+        .scalar(config.groups as i32)
+        .scalar(config.topk_groups as i32)
+        .output("ids", ids)
+        .output("weights", weights)
+        .output("nonfinite_rows", nonfinite_rows);
+    device.launch(select_kernel(e), row_launch(tokens)?, args)
+}
+
+/// Selection backward (SPEC §2): writes `dz` `[T, E]` (every element) from `d_weights`
+/// `[T, k]`, the forward's `ids` and the `logits` (the softmax is recomputed). Slots whose id is
+/// outside `[0, E)` or repeats an earlier slot's id get no gradient (the forward never makes
+/// them). Loss gradients ([`aux_loss_backward`], [`z_loss_backward`]) add into `dz` afterwards.
+/// One launch; no host sync.
+pub fn select_backward(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    ids: &impl DeviceSlice<i32>,
+    d_weights: &impl DeviceSlice<f32>,
+    dz: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    config.validate()?;
+    let tokens = config.tokens(logits)?;
+    let (e, k) = (config.experts, config.k);
+    let slots = selection_len(config, tokens)?;
+    check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+    check_len("d_weights", d_weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+    check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
+    // Matches the kernel's parameters, in order: router_select_backward_f32(z, ids, d_weights, T, E,
+    // k, score, topk_first, renormalize, scale, dz).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input("ids", ids)
+        .input("d_weights", d_weights)
+        .scalar(tokens as i64)
+        .scalar(e as i32)
+        .scalar(k as i32);
+    let args = config.kernel_options(args).output("dz", dz);
+    device.launch("router_select_backward_f32", row_launch(tokens)?, args)
+}

@@ -1,0 +1,995 @@
+//! Router ops (SPEC §2, §3) on every available device against `reference::router`: selection
+//! (ids exact, or a near-tie the reference scores cannot separate), its backward, expert
+//! statistics, the aux loss and z-loss with their gradients, the bias update; the reference
+//! gradients against finite differences; every validation error.
+mod common;
+
+use common::{Rng, Tolerance, assert_close, devices};
+use moe_kernels::device::EmulatorDevice;
+use moe_kernels::device::emulator::profiling_build;
+use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder};
+use moe_kernels::reference::router as reference;
+use moe_kernels::{Device, DeviceBuffer, Error};
+use proptest::prelude::*;
+
+const NO_BIAS: Option<&DeviceBuffer<f32>> = None;
+
+/// What one `select` call produced, downloaded.
+struct Selected {
+    ids: Vec<i32>,
+    weights: Vec<f32>,
+    nonfinite_rows: u32,
+}
+
+/// Runs `select` (asserting one launch and no host sync) and downloads its outputs.
+fn run_select(device: &Device, config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> Selected {
+    let slots = logits.len() / config.experts * config.k;
+    let z = device.upload(logits).unwrap();
+    let bias = bias.map(|b| device.upload(b).unwrap());
+    let mut ids = device.alloc_zeros::<i32>(slots).unwrap();
+    let mut weights = device.alloc_zeros::<f32>(slots).unwrap();
+    let mut counter = device.upload(&[0u32]).unwrap();
+    let before = device.stats();
+    router::select(device, config, &z, bias.as_ref(), &mut ids, &mut weights, &mut counter).unwrap();
+    let after = device.stats();
+    assert_eq!(after.launches - before.launches, 1, "select is one launch");
+    assert_eq!(after.host_syncs, before.host_syncs, "select must not sync");
+    Selected {
+        ids: device.download(&ids).unwrap(),
+        weights: device.download(&weights).unwrap(),
+        nonfinite_rows: device.download(&counter).unwrap()[0],
+    }
+}
+
+/// The routing order with a slack: `a` ranks at least as high as `b` up to rounding.
+fn ranks_at_least(a: f64, b: f64) -> bool {
+    b.is_nan() || (!a.is_nan() && (a == b || a >= b - 1e-5 * (1.0 + b.abs())))
+}
+
+/// Ids that differ from the reference's must be a near-tie: each pick within rounding of the
+/// best key still available, inside groups within rounding of the kept ones.
+fn assert_near_tie(config: &RouterConfig, row: &[f32], bias: Option<&[f32]>, got: &[i32], what: &str) {
+    let keys = reference::selection_keys(config, row, bias);
+    let mut allowed = vec![true; keys.len()];
+    if config.groups > 1 {
+        let scores = reference::group_scores(config, &keys);
+        let cut = scores[reference::ranked(&scores)[config.topk_groups - 1]];
+        let size = config.experts / config.groups;
+        for (e, a) in allowed.iter_mut().enumerate() {
+            *a = ranks_at_least(scores[e / size], cut);
+        }
+        let mut used: Vec<usize> = got.iter().map(|&i| i as usize / size).collect();
+        used.sort();
+        used.dedup();
+        assert!(
+            used.len() <= config.topk_groups,
+            "{what}: ids {got:?} span {} groups",
+            used.len()
+        );
+    }
+    let order = reference::ranked(&keys);
+    let mut taken = vec![false; keys.len()];
+    for &id in got {
+        let id = id as usize;
+        let best = keys[order.iter().copied().find(|&e| allowed[e] && !taken[e]).unwrap()];
+        assert!(
+            allowed[id] && ranks_at_least(keys[id], best),
+            "{what}: id {id} (key {}) vs best {best}",
+            keys[id]
+        );
+        taken[id] = true;
+    }
+}
+
+/// Checks a device selection against the reference: counter exact, ids exact (or a
+/// near-tie), distinct and in range, weights of those ids within SPEC §9 f32 tolerance.
+fn check_selection(config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, got: &Selected) {
+    let (e, k) = (config.experts, config.k);
+    let want = reference::select(config, logits, bias);
+    assert_eq!(got.nonfinite_rows, want.nonfinite_rows, "non-finite row count");
+    let mut expected_weights = vec![];
+    for (t, row) in logits.chunks(e).enumerate() {
+        let ids = &got.ids[t * k..(t + 1) * k];
+        let mut sorted = ids.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert!(
+            sorted.len() == k && ids.iter().all(|&i| (0..e as i32).contains(&i)),
+            "row {t}: ids {ids:?}"
+        );
+        if ids != &want.ids[t * k..(t + 1) * k] {
+            assert_near_tie(
+                config,
+                row,
+                bias,
+                ids,
+                &format!("row {t}: {:?} vs {:?}", ids, &want.ids[t * k..(t + 1) * k]),
+            );
+        }
+        expected_weights.extend(reference::weights_for(config, row, ids));
+    }
+    assert_close("weights", &got.weights, &expected_weights, Tolerance::F32.over(k));
+}
+
+/// A random valid configuration for E experts: every score / order / renormalize / scale /
+/// group option.
+fn random_config(rng: &mut Rng, experts: usize) -> RouterConfig {
+    let score = [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::Identity][rng.below(3)];
+    let topk_first = score == ScoreFunction::Softmax && rng.below(2) == 0;
+    let divisors: Vec<usize> = (1..=experts.min(32)).filter(|g| experts % g == 0).collect();
+    let groups = if rng.below(2) == 0 {
+        1
+    } else {
+        divisors[rng.below(divisors.len())]
+    };
+    let topk_groups = 1 + rng.below(groups);
+    let reachable = topk_groups * experts / groups;
+    RouterConfig {
+        experts,
+        k: 1 + rng.below(experts.min(32).min(reachable)),
+        score,
+        order: if topk_first {
+            SelectionOrder::TopkThenSoftmax
+        } else {
+            SelectionOrder::SoftmaxThenTopk
+        },
+        renormalize: rng.below(2) == 0,
+        scale: [1.0, 2.5][rng.below(2)],
+        groups,
+        topk_groups,
+    }
+}
+
+/// What a row of generated logits looks like.
+#[derive(Clone, Copy, PartialEq)]
+enum Rows {
+    /// Finite values with planted exact ties.
+    Finite,
+    /// Some rows also all-equal, all NaN, all -inf, with a NaN, with +inf, or with -inf masks.
+    WithSpecials,
+}
+
+/// Logits `[T, E]`, normal with std 2 (positive when the identity score is renormalized: a
+/// sum of signed logits near 0 is ill-conditioned in any precision).
+fn random_logits(rng: &mut Rng, config: &RouterConfig, tokens: usize, rows: Rows) -> Vec<f32> {
+    let e = config.experts;
+    let mut z = rng.normals(tokens * e, 2.0);
+    if config.score == ScoreFunction::Identity && config.renormalize {
+        z.iter_mut().for_each(|v| *v = v.abs() + 0.5);
+    }
+    for row in z.chunks_mut(e) {
+        for _ in 0..e / 6 {
+            let (a, b) = (rng.below(e), rng.below(e));
+            row[a] = row[b];
+        }
+        if rows == Rows::WithSpecials {
+            match rng.below(9) {
+                0 => row.fill(0.5),
+                1 => row.fill(f32::NAN),
+                2 => row.fill(f32::NEG_INFINITY),
+                3 => row[rng.below(e)] = f32::NAN,
+                4 => row[rng.below(e)] = f32::INFINITY,
+                5 => (0..e.div_ceil(3)).for_each(|_| row[rng.below(e)] = f32::NEG_INFINITY),
+                _ => {}
+            }
+        }
+    }
+    z
+}
+
+fn random_bias(rng: &mut Rng, experts: usize) -> Option<Vec<f32>> {
+    (rng.below(2) == 0).then(|| rng.normals(experts, 0.05))
+}
+
+const EXPERT_COUNTS: [usize; 7] = [1, 3, 8, 60, 64, 256, 1000];
+const TOKEN_COUNTS: [usize; 5] = [0, 1, 5, 17, 130];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn select_matches_reference(
+        experts in prop::sample::select(EXPERT_COUNTS.to_vec()),
+        tokens in prop::sample::select(TOKEN_COUNTS.to_vec()),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let config = random_config(&mut rng, experts);
+        let logits = random_logits(&mut rng, &config, tokens, Rows::WithSpecials);
+        let bias = random_bias(&mut rng, experts);
+        for device in devices() {
+            let got = run_select(&device, &config, &logits, bias.as_deref());
+            check_selection(&config, &logits, bias.as_deref(), &got);
+        }
+    }
+
+    #[test]
+    fn select_backward_matches_reference(
+        experts in prop::sample::select(EXPERT_COUNTS.to_vec()),
+        tokens in prop::sample::select(TOKEN_COUNTS.to_vec()),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let config = random_config(&mut rng, experts);
+        let logits = random_logits(&mut rng, &config, tokens, Rows::WithSpecials);
+        let ids = reference::select(&config, &logits, None).ids;
+        let d_weights = rng.normals(ids.len(), 1.0);
+        let want = reference::select_backward(&config, &logits, &ids, &d_weights);
+        for device in devices() {
+            let z = device.upload(&logits).unwrap();
+            let ids = device.upload(&ids).unwrap();
+            let dw = device.upload(&d_weights).unwrap();
+            let mut dz = device.upload(&vec![f32::NAN; logits.len()]).unwrap();
+            let before = device.stats();
+            router::select_backward(&device, &config, &z, &ids, &dw, &mut dz).unwrap();
+            let after = device.stats();
+            prop_assert_eq!(after.launches - before.launches, 1);
+            prop_assert_eq!(after.host_syncs, before.host_syncs);
+            let tol = Tolerance::F32.over(config.k).scaled(config.scale as f64);
+            assert_close("dz", &device.download(&dz).unwrap(), &want, tol);
+        }
+    }
+}
+
+/// Every E from the register layout's edges, both layouts (E % 4 == 0 loads 16 bytes).
+#[test]
+fn select_at_every_kernel_width_edge() {
+    let mut rng = Rng::new(7);
+    for experts in [
+        2, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023, 1024,
+    ] {
+        let config = RouterConfig {
+            experts,
+            k: experts.min(32),
+            ..RouterConfig::default()
+        };
+        let logits = random_logits(&mut rng, &config, 3, Rows::Finite);
+        for device in devices() {
+            check_selection(&config, &logits, None, &run_select(&device, &config, &logits, None));
+        }
+    }
+}
+
+/// DeepSeek-V3's router: sigmoid, bias for selection only, 8 groups keep 4, renormalize, 2.5.
+#[test]
+fn select_deepseek_v3_routing() {
+    let mut rng = Rng::new(11);
+    let config = RouterConfig {
+        experts: 256,
+        k: 8,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: 8,
+        topk_groups: 4,
+        ..RouterConfig::default()
+    };
+    let logits = random_logits(&mut rng, &config, 9, Rows::Finite);
+    let bias = rng.normals(256, 0.5);
+    for device in devices() {
+        let got = run_select(&device, &config, &logits, Some(&bias));
+        check_selection(&config, &logits, Some(&bias), &got);
+        // The bias moved the choice, not the weights: they sum to the scale.
+        for w in got.weights.chunks(8) {
+            assert!((w.iter().sum::<f32>() - 2.5).abs() < 1e-5);
+        }
+    }
+}
+
+/// Ties go to the lower index; NaN ranks below -inf; non-finite rows keep k distinct ids, get
+/// zero weights and are counted; the counter adds across calls.
+#[test]
+fn select_ties_and_nonfinite_rows() {
+    let nan = f32::NAN;
+    let inf = f32::INFINITY;
+    let config = RouterConfig {
+        experts: 6,
+        k: 3,
+        ..RouterConfig::default()
+    };
+    #[rustfmt::skip]
+    let logits = [
+        1.0, 1.0, 1.0, 1.0, 1.0, 1.0, // all equal: ids 0, 1, 2, weights 1/6
+        0.0, 2.0, 0.0, 2.0, 0.0, 2.0, // planted ties: 1, 3, 5
+        nan, nan, nan, nan, nan, nan, // all NaN: 0, 1, 2, weights 0
+        -inf, -inf, -inf, -inf, -inf, -inf, // all -inf: 0, 1, 2, weights 0
+        nan, -inf, nan, -inf, 3.0, nan, // NaN below -inf: 4, 1, 3, weights 0 (a NaN)
+        0.0, inf, 1.0, 2.0, 0.0, 0.0, // +inf first: 1, 3, 2, weights 0
+        -inf, 1.0, -inf, 0.0, -inf, -inf, // -inf masks: 1, 3, 0 with finite weights
+    ];
+    let expected_ids = [0, 1, 2, 1, 3, 5, 0, 1, 2, 0, 1, 2, 4, 1, 3, 1, 3, 2, 1, 3, 0];
+    for device in devices() {
+        let got = run_select(&device, &config, &logits, None);
+        assert_eq!(got.ids, expected_ids);
+        assert_eq!(got.nonfinite_rows, 4);
+        check_selection(&config, &logits, None, &got);
+        assert!(got.weights[6..18].iter().all(|&w| w == 0.0), "{:?}", got.weights);
+        assert!(got.weights[18..20].iter().all(|&w| w > 0.0) && got.weights[20] == 0.0);
+
+        // The counter accumulates: a second call without zeroing adds 4 more.
+        let z = device.upload(&logits).unwrap();
+        let mut ids = device.alloc_zeros::<i32>(21).unwrap();
+        let mut weights = device.alloc_zeros::<f32>(21).unwrap();
+        let mut counter = device.upload(&[10u32]).unwrap();
+        router::select(&device, &config, &z, NO_BIAS, &mut ids, &mut weights, &mut counter).unwrap();
+        assert_eq!(device.download(&counter).unwrap(), [14]);
+    }
+}
+
+/// Central differences in f64 of `loss` at `z` (each logit moved by ±h, the step actually
+/// representable in f32 used as the denominator).
+fn finite_differences(z: &[f32], loss: impl Fn(&[f32]) -> f64) -> Vec<f64> {
+    let h = 1e-3f32;
+    (0..z.len())
+        .map(|i| {
+            let (mut up, mut down) = (z.to_vec(), z.to_vec());
+            up[i] += h;
+            down[i] -= h;
+            (loss(&up) - loss(&down)) / (up[i] as f64 - down[i] as f64)
+        })
+        .collect()
+}
+
+/// The reference backward is the derivative of the reference forward, for every score /
+/// order / renormalize combination, with a scale (ids held fixed; inputs without near-ties).
+#[test]
+fn reference_select_backward_matches_finite_differences() {
+    let mut rng = Rng::new(3);
+    let combos = [
+        (ScoreFunction::Softmax, SelectionOrder::SoftmaxThenTopk),
+        (ScoreFunction::Softmax, SelectionOrder::TopkThenSoftmax),
+        (ScoreFunction::Sigmoid, SelectionOrder::SoftmaxThenTopk),
+        (ScoreFunction::Identity, SelectionOrder::SoftmaxThenTopk),
+    ];
+    for (score, order) in combos {
+        for renormalize in [false, true] {
+            let config = RouterConfig {
+                experts: 7,
+                k: 3,
+                score,
+                order,
+                renormalize,
+                scale: 2.5,
+                ..RouterConfig::default()
+            };
+            let logits = random_logits(&mut rng, &config, 2, Rows::Finite);
+            let logits: Vec<f32> = logits.iter().enumerate().map(|(i, v)| v + 0.01 * i as f32).collect();
+            let ids = reference::select(&config, &logits, None).ids;
+            let dw: Vec<f64> = rng.normals(ids.len(), 1.0).iter().map(|&v| v as f64).collect();
+            let loss = |z: &[f32]| -> f64 {
+                let weights: Vec<f64> = z
+                    .chunks(7)
+                    .zip(ids.chunks(3))
+                    .flat_map(|(row, ids)| reference::weights_for(&config, row, ids))
+                    .collect();
+                weights.iter().zip(&dw).map(|(w, g)| w * g).sum()
+            };
+            let dw32: Vec<f32> = dw.iter().map(|&v| v as f32).collect();
+            let analytic = reference::select_backward(&config, &logits, &ids, &dw32);
+            let numeric = finite_differences(&logits, loss);
+            let as_f32: Vec<f32> = analytic.iter().map(|&v| v as f32).collect();
+            assert_close(
+                &format!("{score:?} {order:?} renormalize {renormalize}"),
+                &as_f32,
+                &numeric,
+                Tolerance { atol: 1e-4, rtol: 1e-3 },
+            );
+        }
+    }
+}
+
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Error>, argument: &str) {
+    match result {
+        Err(Error::Shape { argument: a, .. }) | Err(Error::InvalidArgument { argument: a, .. }) => {
+            assert_eq!(a, argument, "wrong argument named")
+        }
+        other => panic!("expected an error naming `{argument}`, got {other:?}"),
+    }
+}
+
+#[test]
+fn router_config_rejects_every_bad_field() {
+    let ok = RouterConfig {
+        experts: 64,
+        k: 4,
+        groups: 8,
+        topk_groups: 2,
+        ..RouterConfig::default()
+    };
+    ok.validate().unwrap();
+    let cases: [(RouterConfig, &str); 12] = [
+        (RouterConfig { experts: 0, ..ok }, "experts"),
+        (
+            RouterConfig {
+                experts: 1025,
+                groups: 1,
+                topk_groups: 1,
+                ..ok
+            },
+            "experts",
+        ),
+        (RouterConfig { k: 0, ..ok }, "k"),
+        (RouterConfig { k: 33, ..ok }, "k"),
+        (
+            RouterConfig {
+                experts: 3,
+                k: 4,
+                groups: 1,
+                topk_groups: 1,
+                ..ok
+            },
+            "k",
+        ),
+        (RouterConfig { scale: f32::NAN, ..ok }, "scale"),
+        (
+            RouterConfig {
+                score: ScoreFunction::Sigmoid,
+                order: SelectionOrder::TopkThenSoftmax,
+                ..ok
+            },
+            "order",
+        ),
+        (RouterConfig { groups: 0, ..ok }, "groups"),
+        (RouterConfig { groups: 64, ..ok }, "groups"),
+        (RouterConfig { groups: 5, ..ok }, "groups"),
+        (RouterConfig { topk_groups: 9, ..ok }, "topk_groups"),
+        (
+            RouterConfig {
+                k: 17,
+                topk_groups: 2,
+                ..ok
+            },
+            "k",
+        ),
+    ];
+    for (config, argument) in cases {
+        assert_invalid(config.validate(), argument);
+    }
+    assert_invalid(RouterConfig { topk_groups: 0, ..ok }.validate(), "topk_groups");
+}
+
+/// Every shape error of select and select_backward, and that nothing was launched.
+#[test]
+fn select_ops_reject_bad_shapes_before_launching() {
+    let config = RouterConfig {
+        experts: 8,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    for device in devices() {
+        let buf = |n: usize| device.alloc_zeros::<f32>(n).unwrap();
+        let ibuf = |n: usize| device.alloc_zeros::<i32>(n).unwrap();
+        let (z, bias, bad_bias) = (buf(24), buf(8), buf(7));
+        let (mut ids, mut w, mut counter) = (ibuf(6), buf(6), device.alloc_zeros::<u32>(1).unwrap());
+        let before = device.stats().launches;
+        let bad = RouterConfig { k: 0, ..config };
+        assert_invalid(
+            router::select(&device, &bad, &z, NO_BIAS, &mut ids, &mut w, &mut counter),
+            "k",
+        );
+        assert_invalid(
+            router::select(&device, &config, &buf(25), NO_BIAS, &mut ids, &mut w, &mut counter),
+            "logits",
+        );
+        assert_invalid(
+            router::select(&device, &config, &z, Some(&bad_bias), &mut ids, &mut w, &mut counter),
+            "bias",
+        );
+        assert_invalid(
+            router::select(&device, &config, &z, Some(&bias), &mut ibuf(5), &mut w, &mut counter),
+            "ids",
+        );
+        assert_invalid(
+            router::select(&device, &config, &z, Some(&bias), &mut ids, &mut buf(7), &mut counter),
+            "weights",
+        );
+        let mut two = device.alloc_zeros::<u32>(2).unwrap();
+        assert_invalid(
+            router::select(&device, &config, &z, Some(&bias), &mut ids, &mut w, &mut two),
+            "nonfinite_rows",
+        );
+        let mut dz = buf(24);
+        assert_invalid(router::select_backward(&device, &bad, &z, &ids, &w, &mut dz), "k");
+        assert_invalid(
+            router::select_backward(&device, &config, &buf(23), &ids, &w, &mut dz),
+            "logits",
+        );
+        assert_invalid(
+            router::select_backward(&device, &config, &z, &ibuf(4), &w, &mut dz),
+            "ids",
+        );
+        assert_invalid(
+            router::select_backward(&device, &config, &z, &ids, &buf(5), &mut dz),
+            "d_weights",
+        );
+        assert_invalid(
+            router::select_backward(&device, &config, &z, &ids, &w, &mut buf(16)),
+            "dz",
+        );
+        assert_eq!(device.stats().launches, before, "a rejected call launched a kernel");
+    }
+}
+
+/// `[T, k]` ids with some out of range (-1, E), which count nowhere, and their weights.
+fn random_slots(rng: &mut Rng, experts: usize, slots: usize) -> (Vec<i32>, Vec<f32>) {
+    let ids = (0..slots).map(|_| rng.below(experts + 2) as i32 - 1).collect();
+    (ids, (0..slots).map(|_| rng.uniform(0.0, 1.0)).collect())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn expert_statistics_match_reference(
+        experts in prop::sample::select(EXPERT_COUNTS.to_vec()),
+        tokens in prop::sample::select(vec![0usize, 1, 7, 300]),
+        k in 1usize..=8,
+        seed in any::<u64>(),
+    ) {
+        let config = RouterConfig { experts, k: k.min(experts), ..RouterConfig::default() };
+        let mut rng = Rng::new(seed);
+        let (ids, weights) = random_slots(&mut rng, experts, tokens * config.k);
+        let want_counts = reference::expert_counts(experts, &ids);
+        let want_sums = reference::expert_weight_sums(experts, &ids, &weights);
+        for device in devices() {
+            let (d_ids, d_w) = (device.upload(&ids).unwrap(), device.upload(&weights).unwrap());
+            let mut counts = device.upload(&vec![-7i32; experts]).unwrap();
+            let mut sums = device.upload(&vec![f32::NAN; experts]).unwrap();
+            let workspace_len = router::expert_statistics_workspace_len(&config, tokens).unwrap();
+            let mut ws = device.upload(&vec![f32::NAN; workspace_len]).unwrap();
+            let before = device.stats();
+            router::expert_statistics(&device, &config, &d_ids, &d_w, &mut ws, &mut counts, &mut sums).unwrap();
+            let after = device.stats();
+            prop_assert_eq!(after.launches - before.launches, 2);
+            prop_assert_eq!(after.host_syncs, before.host_syncs);
+            prop_assert_eq!(&device.download(&counts).unwrap(), &want_counts);
+            let got_sums = device.download(&sums).unwrap();
+            assert_close("weight sums", &got_sums, &want_sums, Tolerance::F32.over(tokens * config.k));
+            // Fixed reduction order: a second run gives the same bits.
+            router::expert_statistics(&device, &config, &d_ids, &d_w, &mut ws, &mut counts, &mut sums).unwrap();
+            prop_assert_eq!(device.download(&sums).unwrap(), got_sums);
+            let mut only_counts = device.alloc_zeros::<i32>(experts).unwrap();
+            router::expert_counts(&device, &config, &d_ids, &mut only_counts).unwrap();
+            prop_assert_eq!(&device.download(&only_counts).unwrap(), &want_counts);
+        }
+    }
+
+    #[test]
+    fn aux_loss_matches_reference(
+        experts in prop::sample::select(vec![1usize, 3, 8, 60, 256]),
+        segments in 0usize..=3,
+        segment_len in prop::sample::select(vec![1usize, 4, 9, 150]),
+        sequence_level in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let router = RouterConfig { experts, k: 1 + rng.below(experts.min(4)), ..RouterConfig::default() };
+        let tokens = segments * segment_len;
+        let aux = AuxLossConfig {
+            alpha: 0.01 * (1 + rng.below(4)) as f32,
+            sequence_length: sequence_level.then_some(segment_len),
+        };
+        let logits = random_logits(&mut rng, &router, tokens, Rows::WithSpecials);
+        let ids = reference::select(&router, &logits, None).ids;
+        let dz0 = rng.normals(logits.len(), 1.0);
+        let want_loss = reference::aux_loss(&router, &aux, &logits, &ids);
+        let mut want_dz: Vec<f64> = dz0.iter().map(|&v| v as f64).collect();
+        reference::aux_loss_backward(&router, &aux, &logits, &ids, &mut want_dz);
+        for device in devices() {
+            let (z, d_ids) = (device.upload(&logits).unwrap(), device.upload(&ids).unwrap());
+            let mut workspace = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
+            let mut loss = device.alloc_zeros::<f32>(1).unwrap();
+            let mut dz = device.upload(&dz0).unwrap();
+            let before = device.stats();
+            router::aux_loss(&device, &router, &aux, &z, &d_ids, &mut workspace, &mut loss).unwrap();
+            router::aux_loss_backward(&device, &router, &aux, &z, &workspace, &mut dz).unwrap();
+            let after = device.stats();
+            prop_assert_eq!(after.launches - before.launches, 5, "aux loss: 4 launches, backward: 1");
+            prop_assert_eq!(after.host_syncs, before.host_syncs);
+            // A scalar: relative error of f32 sums, not an absolute one growing with T * E.
+            let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
+            assert_close("aux loss", &device.download(&loss).unwrap(), &[want_loss], tol);
+            assert_close("dz + aux grad", &device.download(&dz).unwrap(), &want_dz, Tolerance::F32.over(experts));
+        }
+    }
+
+    #[test]
+    fn z_loss_matches_reference(
+        experts in prop::sample::select(EXPERT_COUNTS.to_vec()),
+        tokens in prop::sample::select(TOKEN_COUNTS.to_vec()),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let router = RouterConfig { experts, k: 1, ..RouterConfig::default() };
+        let coefficient = 1e-3 * (1 + rng.below(10)) as f32;
+        let logits = random_logits(&mut rng, &router, tokens, Rows::WithSpecials);
+        let dz0 = rng.normals(logits.len(), 1.0);
+        let want_loss = reference::z_loss(experts, coefficient, &logits);
+        let mut want_dz: Vec<f64> = dz0.iter().map(|&v| v as f64).collect();
+        reference::z_loss_backward(experts, coefficient, &logits, &mut want_dz);
+        for device in devices() {
+            let z = device.upload(&logits).unwrap();
+            let mut row_lse = device.alloc_zeros::<f32>(tokens).unwrap();
+            let mut loss = device.upload(&[f32::NAN]).unwrap();
+            let mut dz = device.upload(&dz0).unwrap();
+            let before = device.stats();
+            router::z_loss(&device, &router, coefficient, &z, &mut row_lse, &mut loss).unwrap();
+            router::z_loss_backward(&device, &router, coefficient, &z, &row_lse, &mut dz).unwrap();
+            let after = device.stats();
+            prop_assert_eq!(after.launches - before.launches, 3, "z-loss: 2 launches, backward: 1");
+            prop_assert_eq!(after.host_syncs, before.host_syncs);
+            let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
+            assert_close("z-loss", &device.download(&loss).unwrap(), &[want_loss], tol);
+            assert_close("dz + z-loss grad", &device.download(&dz).unwrap(), &want_dz, Tolerance::F32.over(experts));
+        }
+    }
+}
+
+/// The loss references' gradients against finite differences (ids held fixed).
+#[test]
+fn reference_loss_gradients_match_finite_differences() {
+    let mut rng = Rng::new(5);
+    let router = RouterConfig {
+        experts: 6,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    let logits = random_logits(&mut rng, &router, 4, Rows::Finite);
+    let ids = reference::select(&router, &logits, None).ids;
+    for sequence_length in [None, Some(2)] {
+        let aux = AuxLossConfig {
+            alpha: 0.5,
+            sequence_length,
+        };
+        let mut analytic = vec![0.0; logits.len()];
+        reference::aux_loss_backward(&router, &aux, &logits, &ids, &mut analytic);
+        let numeric = finite_differences(&logits, |z| reference::aux_loss(&router, &aux, z, &ids));
+        let analytic: Vec<f32> = analytic.iter().map(|&v| v as f32).collect();
+        assert_close(
+            "aux loss gradient",
+            &analytic,
+            &numeric,
+            Tolerance { atol: 1e-4, rtol: 1e-3 },
+        );
+    }
+    let mut analytic = vec![0.0; logits.len()];
+    reference::z_loss_backward(6, 0.1, &logits, &mut analytic);
+    let numeric = finite_differences(&logits, |z| reference::z_loss(6, 0.1, z));
+    let analytic: Vec<f32> = analytic.iter().map(|&v| v as f32).collect();
+    assert_close(
+        "z-loss gradient",
+        &analytic,
+        &numeric,
+        Tolerance { atol: 1e-4, rtol: 1e-3 },
+    );
+}
+
+/// Under-loaded experts (count below the mean) gain gamma, over-loaded lose it, exactly-average
+/// ones stay; the mean 14/4 = 3.5 is not an integer, the mean 12/4 = 3 is.
+#[test]
+fn bias_update_matches_reference() {
+    for counts in [vec![0, 3, 4, 7], vec![3, 3, 6, 0], vec![5; 1000]] {
+        let mut rng = Rng::new(counts.len() as u64);
+        let bias = rng.normals(counts.len(), 0.1);
+        let want = reference::bias_update(1e-3, &counts, &bias);
+        for device in devices() {
+            let d_counts = device.upload(&counts).unwrap();
+            let mut d_bias = device.upload(&bias).unwrap();
+            let before = device.stats();
+            router::bias_update(&device, 1e-3, &d_counts, &mut d_bias).unwrap();
+            assert_eq!(device.stats().launches - before.launches, 1);
+            assert_eq!(device.stats().host_syncs, before.host_syncs);
+            assert_eq!(device.download(&d_bias).unwrap(), want);
+        }
+    }
+}
+
+/// Every validation error of the statistics, loss and bias-update ops; nothing launched.
+#[test]
+fn balance_ops_reject_bad_arguments_before_launching() {
+    let router = RouterConfig {
+        experts: 8,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    let aux = AuxLossConfig {
+        alpha: 0.01,
+        sequence_length: Some(2),
+    };
+    for device in devices() {
+        let buf = |n: usize| device.alloc_zeros::<f32>(n).unwrap();
+        let ibuf = |n: usize| device.alloc_zeros::<i32>(n).unwrap();
+        let (z, ids) = (buf(32), ibuf(8));
+        let before = device.stats().launches;
+        let ws_len = router::expert_statistics_workspace_len(&router, 4).unwrap();
+        // Lengths of (ids, weights, workspace, counts, weight_sums), one of them wrong.
+        let stats_cases = [
+            ([7, 8, ws_len, 8, 8], "ids"),
+            ([8, 6, ws_len, 8, 8], "weights"),
+            ([8, 8, ws_len + 1, 8, 8], "workspace"),
+            ([8, 8, ws_len, 7, 8], "counts"),
+            ([8, 8, ws_len, 8, 9], "weight_sums"),
+        ];
+        for ([ids, weights, ws, counts, sums], argument) in stats_cases {
+            let (ids, weights, mut ws) = (ibuf(ids), buf(weights), buf(ws));
+            let result = router::expert_statistics(
+                &device,
+                &router,
+                &ids,
+                &weights,
+                &mut ws,
+                &mut ibuf(counts),
+                &mut buf(sums),
+            );
+            assert_invalid(result, argument);
+        }
+        assert_invalid(router::expert_counts(&device, &router, &ids, &mut ibuf(9)), "counts");
+
+        let bad_alpha = AuxLossConfig {
+            alpha: f32::INFINITY,
+            ..aux
+        };
+        assert_invalid(
+            AuxLossWorkspace::new(&device, &router, &bad_alpha, 4).map(|_| ()),
+            "alpha",
+        );
+        let zero_len = AuxLossConfig {
+            sequence_length: Some(0),
+            ..aux
+        };
+        assert_invalid(
+            AuxLossWorkspace::new(&device, &router, &zero_len, 4).map(|_| ()),
+            "sequence_length",
+        );
+        let odd = AuxLossConfig {
+            sequence_length: Some(3),
+            ..aux
+        };
+        assert_invalid(
+            AuxLossWorkspace::new(&device, &router, &odd, 4).map(|_| ()),
+            "sequence_length",
+        );
+        let mut ws = AuxLossWorkspace::new(&device, &router, &aux, 4).unwrap();
+        let mut other_ws = AuxLossWorkspace::new(&device, &router, &AuxLossConfig::default(), 4).unwrap();
+        let mut loss = buf(1);
+        assert_invalid(
+            router::aux_loss(&device, &router, &aux, &buf(31), &ids, &mut ws, &mut loss),
+            "logits",
+        );
+        assert_invalid(
+            router::aux_loss(&device, &router, &aux, &z, &ibuf(6), &mut ws, &mut loss),
+            "ids",
+        );
+        assert_invalid(
+            router::aux_loss(&device, &router, &aux, &z, &ids, &mut other_ws, &mut loss),
+            "workspace",
+        );
+        assert_invalid(
+            router::aux_loss(&device, &router, &aux, &z, &ids, &mut ws, &mut buf(2)),
+            "loss",
+        );
+        assert_invalid(
+            router::aux_loss(&device, &router, &odd, &z, &ids, &mut ws, &mut loss),
+            "sequence_length",
+        );
+        assert_invalid(
+            router::aux_loss_backward(&device, &router, &aux, &z, &other_ws, &mut buf(32)),
+            "workspace",
+        );
+        assert_invalid(
+            router::aux_loss_backward(&device, &router, &aux, &z, &ws, &mut buf(31)),
+            "dz",
+        );
+
+        let mut lse = buf(4);
+        assert_invalid(
+            router::z_loss(&device, &router, f32::NAN, &z, &mut lse, &mut loss),
+            "coefficient",
+        );
+        assert_invalid(
+            router::z_loss(&device, &router, 0.1, &z, &mut buf(3), &mut loss),
+            "row_lse",
+        );
+        assert_invalid(router::z_loss(&device, &router, 0.1, &z, &mut lse, &mut buf(0)), "loss");
+        assert_invalid(
+            router::z_loss_backward(&device, &router, 0.1, &z, &lse, &mut buf(8)),
+            "dz",
+        );
+        assert_invalid(
+            router::z_loss_backward(&device, &router, 0.1, &buf(30), &lse, &mut buf(30)),
+            "logits",
+        );
+
+        assert_invalid(router::bias_update(&device, f32::NAN, &ibuf(8), &mut buf(8)), "gamma");
+        assert_invalid(router::bias_update(&device, 1e-3, &ibuf(7), &mut buf(8)), "counts");
+        assert_invalid(router::bias_update(&device, 1e-3, &ibuf(0), &mut buf(0)), "bias");
+        assert_eq!(device.stats().launches, before, "a rejected call launched a kernel");
+    }
+}
+
+/// Slots whose id is out of range or repeats an earlier slot's get no gradient and are not
+/// read out of bounds: the same dz as the reference with those slots moved to unused experts
+/// with a zero d_weight (equivalent for the dense softmax and plain sigmoid backward).
+#[test]
+fn select_backward_ignores_invalid_and_repeated_ids() {
+    let mut rng = Rng::new(13);
+    for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid] {
+        let config = RouterConfig {
+            experts: 8,
+            k: 4,
+            score,
+            scale: 2.5,
+            ..RouterConfig::default()
+        };
+        let logits = random_logits(&mut rng, &config, 2, Rows::Finite);
+        let ids = [3, -1, 3, 8, 5, 1, 5, 100];
+        let d_weights = rng.normals(8, 1.0);
+        let moved_ids = [3, 0, 1, 2, 5, 1, 0, 2];
+        let moved_dw: Vec<f32> = d_weights
+            .iter()
+            .zip(&ids)
+            .zip(&moved_ids)
+            .map(|((&g, a), b)| if a == b { g } else { 0.0 })
+            .collect();
+        let want = reference::select_backward(&config, &logits, &moved_ids, &moved_dw);
+        for device in devices() {
+            let (z, d_ids, dw) = (
+                device.upload(&logits).unwrap(),
+                device.upload(&ids).unwrap(),
+                device.upload(&d_weights).unwrap(),
+            );
+            let mut dz = device.alloc_zeros::<f32>(16).unwrap();
+            router::select_backward(&device, &config, &z, &d_ids, &dw, &mut dz).unwrap();
+            assert_close(
+                &format!("{score:?} dz"),
+                &device.download(&dz).unwrap(),
+                &want,
+                Tolerance::F32,
+            );
+        }
+    }
+}
+
+/// A NaN bias entry ranks its expert lowest (like a NaN score); +inf ranks it first; the
+/// weights still come from the unbiased scores.
+#[test]
+fn select_with_non_finite_bias_entries() {
+    let config = RouterConfig {
+        experts: 5,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    let logits = [4.0, 3.0, 2.0, 1.0, 0.0];
+    let bias = [f32::NAN, 0.0, 0.0, f32::INFINITY, 0.0];
+    for device in devices() {
+        let got = run_select(&device, &config, &logits, Some(&bias));
+        assert_eq!(got.ids, [3, 1]);
+        assert_eq!(got.nonfinite_rows, 0);
+        check_selection(&config, &logits, Some(&bias), &got);
+    }
+}
+
+/// In the profiling build (`MOE_EMU_PROFILE=1`): select and its backward touch exactly the
+/// bytes of their floor (nothing else is read or written), and the backward reads z once.
+#[test]
+fn select_and_backward_touch_only_their_floor_bytes() {
+    if !profiling_build() {
+        eprintln!("skipped: needs the profiling build (MOE_EMU_PROFILE=1, clang-19)");
+        return;
+    }
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let (tokens, e, k) = (12u64, 256u64, 8u64);
+    let config = RouterConfig {
+        experts: e as usize,
+        k: k as usize,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        ..RouterConfig::default()
+    };
+    let mut rng = Rng::new(17);
+    let logits = random_logits(&mut rng, &config, tokens as usize, Rows::Finite);
+    let bias = rng.normals(e as usize, 0.1);
+    let selected = run_select(&device, &config, &logits, Some(&bias));
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(p.kernel, "router_select_e256_f32");
+    assert_eq!(p.unique_global_load_bytes, 4 * (tokens * e + e), "z and bias");
+    assert_eq!(p.unique_global_store_bytes, 8 * tokens * k, "ids and weights");
+
+    let (z, ids) = (device.upload(&logits).unwrap(), device.upload(&selected.ids).unwrap());
+    let dw = device.upload(&selected.weights).unwrap();
+    let mut dz = device.alloc_zeros::<f32>(logits.len()).unwrap();
+    router::select_backward(&device, &config, &z, &ids, &dw, &mut dz).unwrap();
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(
+        p.unique_global_load_bytes,
+        4 * tokens * e + 8 * tokens * k,
+        "z, ids, d_weights"
+    );
+    assert_eq!(p.unique_global_store_bytes, 4 * tokens * e, "dz");
+    // z once (sigmoid needs no softmax sum), plus the k selected logits again.
+    assert!(
+        p.global_load_redundancy() <= 1.0 + k as f64 / e as f64 + 1e-9,
+        "{}",
+        p.global_load_redundancy()
+    );
+}
+
+/// The near-tie acceptance of `check_selection` is not vacuous: swapping two keys that differ
+/// by one f32 ulp passes, picking a clearly worse expert fails.
+#[test]
+fn near_tie_check_accepts_only_near_ties() {
+    let config = RouterConfig {
+        experts: 4,
+        k: 2,
+        score: ScoreFunction::Identity,
+        ..RouterConfig::default()
+    };
+    let logits = [1.0, 1.0 + f32::EPSILON, 0.5, 0.0];
+    assert_eq!(reference::select(&config, &logits, None).ids, [1, 0]);
+    let selection = |ids: Vec<i32>| Selected {
+        weights: reference::weights_for(&config, &logits, &ids)
+            .iter()
+            .map(|&w| w as f32)
+            .collect(),
+        ids,
+        nonfinite_rows: 0,
+    };
+    check_selection(&config, &logits, None, &selection(vec![0, 1]));
+    let worse = std::panic::catch_unwind(|| check_selection(&config, &logits, None, &selection(vec![1, 2])));
+    assert!(worse.is_err(), "a clearly worse expert was accepted");
+}
+
+/// A large-ish batch (many blocks), E not a power of two, with the statistics of its routing.
+#[test]
+fn large_batch_select_backward_and_statistics() {
+    let mut rng = Rng::new(19);
+    let config = RouterConfig {
+        experts: 60,
+        k: 6,
+        renormalize: true,
+        groups: 6,
+        topk_groups: 3,
+        ..RouterConfig::default()
+    };
+    let tokens = 4099;
+    let logits = random_logits(&mut rng, &config, tokens, Rows::WithSpecials);
+    let bias = rng.normals(60, 0.01);
+    for device in devices() {
+        let got = run_select(&device, &config, &logits, Some(&bias));
+        check_selection(&config, &logits, Some(&bias), &got);
+
+        let d_weights = rng.normals(got.ids.len(), 1.0);
+        let want = reference::select_backward(&config, &logits, &got.ids, &d_weights);
+        let (z, ids) = (device.upload(&logits).unwrap(), device.upload(&got.ids).unwrap());
+        let (dw, weights) = (device.upload(&d_weights).unwrap(), device.upload(&got.weights).unwrap());
+        let mut dz = device.alloc_zeros::<f32>(logits.len()).unwrap();
+        router::select_backward(&device, &config, &z, &ids, &dw, &mut dz).unwrap();
+        assert_close(
+            "dz",
+            &device.download(&dz).unwrap(),
+            &want,
+            Tolerance::F32.over(config.k),
+        );
+
+        let mut ws = device
+            .alloc_zeros(router::expert_statistics_workspace_len(&config, tokens).unwrap())
+            .unwrap();
+        let (mut counts, mut sums) = (
+            device.alloc_zeros::<i32>(60).unwrap(),
+            device.alloc_zeros::<f32>(60).unwrap(),
+        );
+        router::expert_statistics(&device, &config, &ids, &weights, &mut ws, &mut counts, &mut sums).unwrap();
+        assert_eq!(
+            device.download(&counts).unwrap(),
+            reference::expert_counts(60, &got.ids)
+        );
+        let want_sums = reference::expert_weight_sums(60, &got.ids, &got.weights);
+        assert_close(
+            "weight sums",
+            &device.download(&sums).unwrap(),
+            &want_sums,
+            Tolerance::F32.over(tokens),
+        );
+    }
+}
