@@ -3,10 +3,10 @@
 //! memory-bound (a few flops per logit), so the floor is bytes only.
 //!
 //! Here: the CPU reference and the emulator at a small shape. On a GPU: the fraction of the
-//! memory floor at a production shape (`report_gpu_fraction`).
+//! memory floor at the realistic layer shapes of `common::layer_shapes`.
 mod common;
 
-use common::{Floor, devices, report_gpu_fraction};
+use common::{Floor, devices, layer_shapes, report_gpu_fraction};
 use criterion::{Criterion, criterion_group, criterion_main};
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction};
 use moe_kernels::reference::router as reference;
@@ -14,8 +14,6 @@ use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
 /// The shape the CPU reference and the emulator run (small: the emulator is slow).
 const SMALL_TOKENS: usize = 64;
-/// The shape a GPU runs: a 16k-token batch.
-const GPU_TOKENS: usize = 16384;
 
 fn deepseek_v3() -> RouterConfig {
     RouterConfig {
@@ -257,11 +255,18 @@ fn bench_router(crit: &mut Criterion) {
             }
         }
         group.finish();
-        for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
-            let mut buffers = Buffers::new(device, &c, GPU_TOKENS);
+    }
+    for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        for shape in layer_shapes(device) {
+            let c = if shape.name == "deepseek" {
+                deepseek_v3()
+            } else {
+                mixtral()
+            };
+            let mut buffers = Buffers::new(device, &c, shape.tokens);
             for op in OPS {
-                let what = format!("router {name} {op} T = {GPU_TOKENS}");
-                report_gpu_fraction(&what, device, floor(op, &c, GPU_TOKENS), || {
+                let floor = floor(op, &c, shape.tokens);
+                report_gpu_fraction(&format!("router/{op}"), &shape.label(), device, floor, || {
                     run(op, device, &c, &mut buffers)
                 });
             }

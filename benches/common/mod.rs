@@ -18,7 +18,11 @@ pub struct Floor {
 
 impl Floor {
     pub fn describe(&self) -> String {
-        format!("floor: {:.3} MB moved, {:.3} MFLOP", self.bytes as f64 / 1e6, self.flops as f64 / 1e6)
+        format!(
+            "floor: {:.3} MB moved, {:.3} MFLOP",
+            self.bytes as f64 / 1e6,
+            self.flops as f64 / 1e6
+        )
     }
 }
 
@@ -59,7 +63,9 @@ fn peak_tensor_flops(device: &Device) -> Option<f64> {
 /// achieved time against the op's floor, and the [`Record`] line `scripts/gpu-validate.sh`
 /// collects. Elsewhere: nothing.
 pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor, run: impl FnMut()) {
-    let Some(bandwidth) = peak_bandwidth(device) else { return };
+    let Some(bandwidth) = peak_bandwidth(device) else {
+        return;
+    };
     let seconds = gpu_seconds(device, run);
     let memory_floor = floor.bytes as f64 / bandwidth;
     let tensor_floor = peak_tensor_flops(device)
@@ -120,10 +126,34 @@ impl LayerShape {
 }
 
 pub fn layer_shapes(device: &Device) -> Vec<LayerShape> {
-    let mixtral = LayerShape { name: "mixtral", tokens: 0, d: 4096, h: 14336, experts: 8, k: 2, groups: None };
-    let deepseek = LayerShape { name: "deepseek", tokens: 0, d: 7168, h: 2048, experts: 256, k: 8, groups: Some((8, 4)) };
+    let mixtral = LayerShape {
+        name: "mixtral",
+        tokens: 0,
+        d: 4096,
+        h: 14336,
+        experts: 8,
+        k: 2,
+        groups: None,
+    };
+    let deepseek = LayerShape {
+        name: "deepseek",
+        tokens: 0,
+        d: 7168,
+        h: 2048,
+        experts: 256,
+        k: 8,
+        groups: Some((8, 4)),
+    };
     if device.kind() != DeviceKind::Cuda {
-        return vec![LayerShape { name: "small", tokens: 64, d: 256, h: 128, experts: 16, k: 4, groups: Some((4, 2)) }];
+        return vec![LayerShape {
+            name: "small",
+            tokens: 64,
+            d: 256,
+            h: 128,
+            experts: 16,
+            k: 4,
+            groups: Some((4, 2)),
+        }];
     }
     let mut shapes = vec![];
     for base in [mixtral, deepseek] {

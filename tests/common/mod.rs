@@ -112,7 +112,11 @@ pub fn assert_close(what: &str, got: &[f32], reference: &[f64], tol: Tolerance) 
     }
     let norm_ok = diff2.sqrt() <= tol.rtol * ref2.sqrt() + tol.atol * (got.len() as f64).sqrt();
     if !bad.is_empty() || !norm_ok {
-        let shown: Vec<String> = bad.iter().take(8).map(|(i, g, r)| format!("[{i}] got {g} want {r}")).collect();
+        let shown: Vec<String> = bad
+            .iter()
+            .take(8)
+            .map(|(i, g, r)| format!("[{i}] got {g} want {r}"))
+            .collect();
         panic!(
             "{what}: {} of {} elements outside atol {} rtol {}; |diff| {} vs |ref| {}; {}",
             bad.len(),
