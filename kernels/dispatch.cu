@@ -161,7 +161,7 @@ EMU_EXPORT(dispatch_map_rank)
 // ------------------------------------------------------------------------------------------
 // Row movers. Rows of d elements; a "row group" of lanes_per_row threads (a power of two <= 256,
 // chosen by the host from d) moves one row, rows_per_block = blockDim.x / lanes_per_row groups per
-// block, grid-stride over rows. V = Chunk<T>::VEC (16-byte accesses) or 1 (scalar fallback).
+// block, grid-stride over rows. V = Vec<T>::N (16-byte accesses) or 1 (scalar fallback).
 
 template <class T, int V>
 __device__ __forceinline__ void permute_row(const T* src, T* dst, int d, int lane, int lanes) {
@@ -169,8 +169,7 @@ __device__ __forceinline__ void permute_row(const T* src, T* dst, int d, int lan
     if constexpr (V == 1) {
       dst[c] = src ? src[c] : from_f32<T>(0.0f);
     } else {
-      const Chunk<T> v = src ? load_128(reinterpret_cast<const Chunk<T>*>(src + c)) : zero_chunk<T>();
-      store_128(reinterpret_cast<Chunk<T>*>(dst + c), v);
+      store_128(reinterpret_cast<Chunk*>(dst + c), src ? load_128(reinterpret_cast<const Chunk*>(src + c)) : zero_chunk());
     }
   }
 }
@@ -179,12 +178,12 @@ template <class T>
 __device__ __forceinline__ void permute(const T* x, const int* sorted_rows, int slots, int k, int d, i64 rows,
                                         int lanes_per_row, T* xp) {
   const int rows_per_block = blockDim.x / lanes_per_row, lane = threadIdx.x % lanes_per_row;
-  const bool vec = d % Chunk<T>::VEC == 0 && aligned16(x) && aligned16(xp);
+  const bool vec = d % Vec<T>::N == 0 && aligned16(x) && aligned16(xp);
   for (i64 r = i64(blockIdx.x) * rows_per_block + threadIdx.x / lanes_per_row; r < rows;
        r += i64(gridDim.x) * rows_per_block) {
     const int slot = sorted_rows[r];
     const T* src = slot >= 0 && slot < slots ? x + i64(slot / k) * d : nullptr;
-    if (vec) permute_row<T, Chunk<T>::VEC>(src, xp + r * d, d, lane, lanes_per_row);
+    if (vec) permute_row<T, Vec<T>::N>(src, xp + r * d, d, lane, lanes_per_row);
     else permute_row<T, 1>(src, xp + r * d, d, lane, lanes_per_row);
   }
 }
@@ -231,13 +230,13 @@ template <class T>
 __device__ __forceinline__ void combine(const T* yp, const int* inverse, const float* weights, const T* residual,
                                         int tokens, int k, int d, i64 yp_rows, int lanes_per_row, T* y) {
   const int rows_per_block = blockDim.x / lanes_per_row, lane = threadIdx.x % lanes_per_row;
-  const bool vec = d % Chunk<T>::VEC == 0 && aligned16(yp) && aligned16(y) && (!residual || aligned16(residual));
+  const bool vec = d % Vec<T>::N == 0 && aligned16(yp) && aligned16(y) && (!residual || aligned16(residual));
   for (i64 t = i64(blockIdx.x) * rows_per_block + threadIdx.x / lanes_per_row; t < tokens;
        t += i64(gridDim.x) * rows_per_block) {
     const int* inv = inverse + t * k;
     const float* w = weights ? weights + t * k : nullptr;
     const T* res = residual ? residual + t * d : nullptr;
-    if (vec) combine_row<T, Chunk<T>::VEC>(yp, inv, w, res, k, d, yp_rows, y + t * d, lane, lanes_per_row);
+    if (vec) combine_row<T, Vec<T>::N>(yp, inv, w, res, k, d, yp_rows, y + t * d, lane, lanes_per_row);
     else combine_row<T, 1>(yp, inv, w, res, k, d, yp_rows, y + t * d, lane, lanes_per_row);
   }
 }
@@ -282,17 +281,18 @@ __device__ __forceinline__ void combine_bwd(const T* dy, const T* yp, const int*
                                             const float* weights, int slots, int k, int d, i64 rows, T* dyp,
                                             float* dw) {
   const int lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const bool vec = d % Chunk<T>::VEC == 0 && aligned16(dy) && aligned16(dyp) && (!yp || aligned16(yp));
+  const bool vec = d % Vec<T>::N == 0 && aligned16(dy) && aligned16(dyp) && (!yp || aligned16(yp));
   for (i64 r = i64(blockIdx.x) * warps + threadIdx.x / 32; r < rows; r += i64(gridDim.x) * warps) {
     const int slot = sorted_rows[r];
     if (slot < 0 || slot >= slots) {  // padding: no gradient
-      permute_row<T, 1>(nullptr, dyp + r * d, d, lane, 32);
+      if (vec) permute_row<T, Vec<T>::N>(nullptr, dyp + r * d, d, lane, 32);
+      else permute_row<T, 1>(nullptr, dyp + r * d, d, lane, 32);
       continue;
     }
     const T* g = dy + i64(slot / k) * d;
     const T* y = dw ? yp + r * d : nullptr;
     const float w = weights ? weights[slot] : 1.0f;
-    float dot = vec ? combine_bwd_row<T, Chunk<T>::VEC>(g, y, w, d, dyp + r * d, lane)
+    float dot = vec ? combine_bwd_row<T, Vec<T>::N>(g, y, w, d, dyp + r * d, lane)
                     : combine_bwd_row<T, 1>(g, y, w, d, dyp + r * d, lane);
     for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);  // fixed butterfly
     if (dw && lane == 0) dw[slot] = dot;
