@@ -169,7 +169,8 @@ __device__ __forceinline__ void permute_row(const T* src, T* dst, int d, int lan
     if constexpr (V == 1) {
       dst[c] = src ? src[c] : from_f32<T>(0.0f);
     } else {
-      store_128(reinterpret_cast<Chunk*>(dst + c), src ? load_128(reinterpret_cast<const Chunk*>(src + c)) : zero_chunk());
+      const Chunk v = src ? load_128(reinterpret_cast<const Chunk*>(src + c)) : zero_chunk();
+      store_128(reinterpret_cast<Chunk*>(dst + c), v);
     }
   }
 }

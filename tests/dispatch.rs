@@ -172,6 +172,51 @@ fn capacity_keeps_the_priority_prefix() {
     }
 }
 
+/// The largest E and k (the most buckets: shared memory per block at its maximum), and a
+/// long prompt (T = 2^20: hundreds of tiles), on both paths where they apply.
+#[test]
+fn map_at_the_size_limits() {
+    let mut rng = Rng::new(23);
+    for device in devices() {
+        let (tokens, k, experts) = (100, dispatch::MAX_TOP_K, dispatch::MAX_EXPERTS);
+        let ids = random_ids(&mut rng, tokens, k, experts);
+        for path in paths() {
+            for capacity in [
+                None,
+                Some(Capacity {
+                    factor: 0.5,
+                    min_capacity: 1,
+                }),
+            ] {
+                let config = MapConfig {
+                    capacity,
+                    align: 8,
+                    path,
+                    ..MapConfig::new(experts)
+                };
+                check_map(&device, &ids, tokens, k, &config);
+            }
+        }
+        let (tokens, k, experts) = (1 << 20, 2, 16);
+        let ids = random_ids(&mut rng, tokens, k, experts);
+        let capacity = Some(Capacity {
+            factor: 1.0,
+            min_capacity: 0,
+        });
+        check_map(
+            &device,
+            &ids,
+            tokens,
+            k,
+            &MapConfig {
+                capacity,
+                align: 128,
+                ..MapConfig::new(experts)
+            },
+        );
+    }
+}
+
 #[test]
 fn auto_path_boundary_between_single_block_and_tiles() {
     let mut rng = Rng::new(3);
@@ -477,6 +522,73 @@ proptest! {
             }
         }
     }
+}
+
+/// The row movers run twice on the same input give the same bits (on the emulator also under a
+/// shuffled schedule), and none of them syncs the host.
+#[test]
+fn row_movers_are_deterministic_and_never_sync() {
+    let (tokens, k, d) = (50, 4, 40);
+    let config = MapConfig {
+        align: 8,
+        ..MapConfig::new(9)
+    };
+    let mut rng = Rng::new(31);
+    let ids = random_ids(&mut rng, tokens, k, 9);
+    let map_host = reference::routing_map(&ids, tokens, k, &config);
+    let rows = map_host.sorted_rows.len();
+    let (yp, dy) = (rng.normals(rows * d, 1.0), rng.normals(tokens * d, 1.0));
+    let weights: Vec<f32> = (0..tokens * k).map(|_| rng.uniform(0.0, 1.0)).collect();
+    let mut outputs: Vec<Vec<u32>> = vec![];
+    for device in devices() {
+        let mut variants = vec![device.clone()];
+        #[cfg(feature = "emulator")]
+        if let Device::Emulator(emu) = &device {
+            use moe_kernels::device::Schedule;
+            variants.push(Device::Emulator(emu.with_schedule(Schedule::Random { seed: 7 })));
+        }
+        for device in variants {
+            let sorted_rows = device.upload(&map_host.sorted_rows).unwrap();
+            let inverse = device.upload(&map_host.inverse).unwrap();
+            let (yp_d, dy_d, w_d) = (
+                device.upload(&yp).unwrap(),
+                device.upload(&dy).unwrap(),
+                device.upload(&weights).unwrap(),
+            );
+            for _ in 0..2 {
+                let mut y = device.alloc_zeros::<f32>(tokens * d).unwrap();
+                let mut xp = device.alloc_zeros::<f32>(rows * d).unwrap();
+                let mut dyp = device.alloc_zeros::<f32>(rows * d).unwrap();
+                let mut dw = device.alloc_zeros::<f32>(tokens * k).unwrap();
+                let before = device.stats();
+                dispatch::combine(&device, &yp_d, &inverse, Some(&w_d), Some(&dy_d), tokens, k, d, &mut y).unwrap();
+                dispatch::permute(&device, &dy_d, &sorted_rows, tokens, k, d, &mut xp).unwrap();
+                dispatch::combine_backward(
+                    &device,
+                    &dy_d,
+                    Some(&yp_d),
+                    &sorted_rows,
+                    &inverse,
+                    Some(&w_d),
+                    tokens,
+                    k,
+                    d,
+                    &mut dyp,
+                    Some(&mut dw),
+                )
+                .unwrap();
+                assert_eq!(device.stats().host_syncs, before.host_syncs, "a row op synced the host");
+                let bits = |b: &DeviceBuffer<f32>| -> Vec<u32> {
+                    device.download(b).unwrap().iter().map(|v| v.to_bits()).collect()
+                };
+                outputs.push([bits(&y), bits(&xp), bits(&dyp), bits(&dw)].concat());
+            }
+        }
+    }
+    assert!(
+        outputs.windows(2).all(|w| w[0] == w[1]),
+        "row movers differ between runs"
+    );
 }
 
 /// sorted_rows and inverse live on the device; entries outside their valid range are treated

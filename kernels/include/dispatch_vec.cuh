@@ -46,6 +46,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
+// 16 bytes of a row (see the header: why an integer and not a uint4).
 typedef unsigned __int128 Chunk;
 __device__ __forceinline__ Chunk zero_chunk() { return Chunk(0); }
 

@@ -57,7 +57,7 @@ impl Capacity {
     /// `C` for `tokens · k` slots over `num_experts` experts (E counts every expert, local or
     /// not), at most `T·k` (no expert can hold more).
     pub fn slots_per_expert(&self, tokens: usize, k: usize, num_experts: usize) -> usize {
-        let slots = tokens * k;
+        let slots = tokens.saturating_mul(k);
         let scaled = (self.factor * slots as f64 / num_experts as f64).ceil();
         // `as` saturates: a huge factor means "no limit", which T·k expresses.
         (scaled as usize).max(self.min_capacity).min(slots)
@@ -164,7 +164,7 @@ impl MapConfig {
     /// The tile size of the tiled path, or `None` for the single-block path.
     pub fn tile_slots(&self, tokens: usize, k: usize) -> Option<usize> {
         match self.path {
-            MapPath::Auto if tokens * k <= SMALL_MAP_MAX_SLOTS => None,
+            MapPath::Auto if tokens.saturating_mul(k) <= SMALL_MAP_MAX_SLOTS => None,
             MapPath::Auto => Some(DEFAULT_TILE_SLOTS),
             MapPath::SingleBlock => None,
             MapPath::Tiled { tile_slots } => Some(tile_slots),
@@ -174,7 +174,10 @@ impl MapConfig {
     /// The i32 workspace [`routing_map`] needs (0 on the single-block path).
     pub fn workspace_len(&self, tokens: usize, k: usize) -> usize {
         self.tile_slots(tokens, k).map_or(0, |tile| {
-            map::WORKSPACE_HEADER + (tokens * k).div_ceil(tile).max(1) * (self.local_count() + 1)
+            let tiles = tokens.saturating_mul(k).div_ceil(tile).max(1);
+            tiles
+                .saturating_mul(self.local_count() + 1)
+                .saturating_add(map::WORKSPACE_HEADER)
         })
     }
 }
