@@ -40,6 +40,16 @@ fn bad_map_inputs_are_errors_naming_the_argument() {
             run(&with(&|c| c.local_experts = Some(1..5)), &ids, tokens, k),
             "local_experts"
         );
+        let negative = Capacity {
+            factor: -0.5,
+            ..Capacity::default()
+        };
+        assert_eq!(
+            run(&with(&|c| c.capacity = Some(negative)), &ids, tokens, k),
+            "capacity.factor"
+        );
+        assert!(Capacity::default().validate().is_ok());
+        assert_eq!(argument_of(MapConfig::default().validate().unwrap_err()), "num_experts");
         let nan = Capacity {
             factor: f64::NAN,
             min_capacity: 0,

@@ -47,13 +47,34 @@ pub const STATUS_LEN: usize = 2;
 /// Expert capacity (Switch Transformer): each expert keeps at most
 /// `C = max(ceil(factor · T·k / E), min_capacity)` slots. Priority: every first choice
 /// (`j = 0`) before any second choice, and so on; within one choice rank, lower token first.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Capacity {
+    /// A finite factor >= 0 (1.0 by default: room for a perfectly balanced load).
     pub factor: f64,
     pub min_capacity: usize,
 }
 
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            factor: 1.0,
+            min_capacity: 0,
+        }
+    }
+}
+
 impl Capacity {
+    pub fn validate(&self) -> Result<()> {
+        if self.factor.is_finite() && self.factor >= 0.0 {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument {
+            argument: "capacity.factor",
+            value: self.factor.to_string(),
+            expected: "a finite factor >= 0".into(),
+        })
+    }
+
     /// `C` for `tokens · k` slots over `num_experts` experts (E counts every expert, local or
     /// not), at most `T·k` (no expert can hold more).
     pub fn slots_per_expert(&self, tokens: usize, k: usize, num_experts: usize) -> usize {
@@ -76,8 +97,9 @@ pub enum MapPath {
     Tiled { tile_slots: usize },
 }
 
-/// How ids become a routing map.
-#[derive(Debug, Clone, PartialEq, Default)]
+/// How ids become a routing map. The default has no experts: set `num_experts` (or use
+/// [`MapConfig::new`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct MapConfig {
     /// E: ids in `[0, E)` are experts (1..=`MAX_EXPERTS`).
     pub num_experts: usize,
@@ -92,12 +114,23 @@ pub struct MapConfig {
     pub path: MapPath,
 }
 
+impl Default for MapConfig {
+    fn default() -> Self {
+        Self {
+            num_experts: 0,
+            local_experts: None,
+            align: 1,
+            capacity: None,
+            path: MapPath::Auto,
+        }
+    }
+}
+
 impl MapConfig {
     /// All of `num_experts` experts, no padding, no capacity.
     pub fn new(num_experts: usize) -> Self {
         Self {
             num_experts,
-            align: 1,
             ..Self::default()
         }
     }
@@ -113,13 +146,8 @@ impl MapConfig {
                 expected: format!("a non-empty range within 0..{}", self.num_experts),
             });
         }
-        let factor = self.capacity.map_or(0.0, |c| c.factor);
-        if !(factor.is_finite() && factor >= 0.0) {
-            return Err(Error::InvalidArgument {
-                argument: "capacity.factor",
-                value: factor.to_string(),
-                expected: "a finite factor >= 0".into(),
-            });
+        if let Some(capacity) = &self.capacity {
+            capacity.validate()?;
         }
         let tile = match self.path {
             MapPath::Tiled { tile_slots } => tile_slots,
