@@ -104,16 +104,7 @@ extern "C" __global__ void dispatch_map_count(const int* ids, int tokens, int k,
   __syncthreads();
   if (!last_block) return;
   __threadfence();
-  volatile int* column = tile_counts;  // written by other blocks: read past L1
-  for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
-    int running = 0;
-    for (int tile = 0; tile < int(gridDim.x); ++tile) {
-      const int c = column[i64(tile) * buckets + b];
-      column[i64(tile) * buckets + b] = running;
-      running += c;
-    }
-    hist[b] = running;
-  }
+  prefix_over_tiles(tile_counts, buckets, gridDim.x, hist);
   __syncthreads();
   if (order == PRIORITY_ORDER) {
     count_dropped(hist, local_experts, capacity, &dropped);

@@ -164,6 +164,37 @@ __device__ __forceinline__ void write_offsets(const int* totals, int local_exper
   __syncthreads();
 }
 
+// A value another block of this launch wrote before taking its ticket: read from L2 (never a
+// stale L1 line). On the emulator memory is coherent and the ticket's fences order the access.
+__device__ __forceinline__ int load_l2(const int* p) {
+#ifdef __CUDACC__
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// The last block of dispatch_map_count: each bucket's column of per-tile counts
+// (tile_counts[tile * buckets + b]) becomes its exclusive prefix in tile order, and totals[b] the
+// column's sum. A thread per bucket walks the tiles in batches, the loads of a batch in flight
+// together (a dependent load per tile would cost a full L2 round trip each).
+__device__ __forceinline__ void prefix_over_tiles(int* tile_counts, int buckets, int tiles, int* totals) {
+  constexpr int BATCH = 8;
+  for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
+    int running = 0;
+    for (int first = 0; first < tiles; first += BATCH) {
+      int c[BATCH];
+      for (int i = 0; i < BATCH; ++i)
+        c[i] = first + i < tiles ? load_l2(tile_counts + i64(first + i) * buckets + b) : 0;
+      for (int i = 0; i < BATCH && first + i < tiles; ++i) {
+        tile_counts[i64(first + i) * buckets + b] = running;
+        running += c[i];
+      }
+    }
+    totals[b] = running;
+  }
+}
+
 // Slots dropped by capacity: sum over local experts of max(0, total - capacity), added to
 // *dropped (shared) by integer atomics. The whole block calls it.
 __device__ __forceinline__ void count_dropped(const int* totals, int local_experts, int capacity, int* dropped) {
