@@ -7,6 +7,8 @@ mod bad_inputs;
 mod common;
 #[path = "dispatch/map.rs"]
 mod map;
+#[path = "dispatch/memory.rs"]
+mod memory;
 #[path = "dispatch/offsets_64bit.rs"]
 mod offsets_64bit;
 #[path = "dispatch/rows.rs"]
