@@ -4,6 +4,7 @@ use super::common::{Rng, devices};
 use super::{check_map, device_map, random_ids, with_shuffled_schedule};
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, MapPath, SMALL_MAP_MAX_SLOTS, STATUS_CAPACITY_DROPPED};
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 const TILED_SMALL: MapPath = MapPath::Tiled { tile_slots: 256 };
 
@@ -211,7 +212,12 @@ fn map_is_deterministic() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    // Failing cases are saved beside this file (proptest cannot find it from a test's submodule).
+    #![proptest_config(ProptestConfig {
+        cases: 24,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("tests/dispatch/map.proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
     #[test]
     fn map_matches_reference(
         experts in 1usize..70,

@@ -8,6 +8,7 @@ use moe_kernels::ops::dispatch::{self, Capacity, MapConfig};
 use moe_kernels::reference::dispatch as reference;
 use moe_kernels::{Device, DeviceBuffer};
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 fn upload_as<T: FloatElement>(device: &Device, values: &[f32]) -> DeviceBuffer<T> {
     let stored: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
@@ -189,7 +190,12 @@ fn row_movers_match_reference_for_every_dtype() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    // Failing cases are saved beside this file (proptest cannot find it from a test's submodule).
+    #![proptest_config(ProptestConfig {
+        cases: 12,
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("tests/dispatch/rows.proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
     #[test]
     fn row_movers_match_reference(
         tokens in 0usize..40,
