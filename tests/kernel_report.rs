@@ -124,6 +124,21 @@ fn vector_kernels_move_128_bits_per_access() {
             s.arch
         );
     }
+    // The dispatch row movers: 16-byte accesses on their vector path (narrower ones remain for
+    // the index arrays and the scalar fallback).
+    for op in ["permute", "combine", "combine_bwd"] {
+        for dtype in ["f32", "f16", "bf16"] {
+            let kernel = format!("dispatch_{op}_{dtype}");
+            for s in mix_of(&all, &kernel) {
+                assert!(
+                    s.mix.global_loads_128 > 0 && s.mix.global_stores_128 > 0,
+                    "{kernel} on sm_{}: {:?}",
+                    s.arch,
+                    s.mix
+                );
+            }
+        }
+    }
     for s in mix_of(&all, "selftest_mma_ldmatrix_bf16") {
         assert!(
             s.mix.async_copies > 0,

@@ -7,6 +7,8 @@
 //! family's `*_len` / `*_workspace` helpers.
 use crate::{DeviceSlice, Element, Error, Result};
 
+pub mod dispatch;
+
 /// The floating-point element types kernels read and write: `f32`, `f16`, `bf16`.
 /// Kernels compute in f32 whatever the storage type.
 pub trait FloatElement: Element {

@@ -1,0 +1,213 @@
+// dispatch_map.cuh: the pieces of the routing map's stable counting sort (kernels/dispatch.cu).
+//
+// Slots s = t·k + j are visited in one of two orders:
+//   SOURCE_ORDER    s = 0, 1, 2, ...                     (the order rows are laid out in)
+//   PRIORITY_ORDER  all j = 0 by token, then j = 1, ...  (the order capacity keeps slots in)
+// Each slot falls in a bucket: 0..L-1 its local expert, L an id outside [0, E) (counted, never
+// laid out), or -1 (another rank's expert, or a slot capacity dropped: not dispatched here).
+//
+// A block ranks a tile of slots stably in three phases, each warp owning a contiguous part:
+//   1. rank_in_warp: 32 slots at a time, lanes with the same bucket find each other with one
+//      ballot per key bit; a slot's rank is its warp's running count for the bucket plus the
+//      peers on lower lanes. The rank goes to inverse[slot] (scratch until phase 3).
+//   2. warp_prefix: per bucket, the warps' counts become exclusive prefixes in warp order,
+//      starting from a base (the ranks that earlier tiles hold).
+//   3. place_slots: rank = warp prefix + rank within the warp, in the visiting order; nothing
+//      but the slot order decides a rank (integer atomics only ever count).
+#pragma once
+#include "common.cuh"
+
+constexpr int MAP_THREADS = 256;  // blockDim.x of every map kernel
+constexpr int MAP_WARPS = MAP_THREADS / 32;
+constexpr int MAP_WORKSPACE_HEADER = 4;  // ints before the per-tile counts: [0] the done-ticket
+
+enum SlotOrder : int { SOURCE_ORDER = 0, PRIORITY_ORDER = 1 };
+
+// The routing problem as the kernels see it. slots() < 2^31 (the wrapper checks T·k).
+struct MapShape {
+  const int* ids;  // [T, k]
+  int tokens, k, num_experts, expert_begin, local_experts;
+
+  __device__ __forceinline__ int slots() const { return tokens * k; }
+  __device__ __forceinline__ int buckets() const { return local_experts + 1; }
+  // The slot visited i-th (0 <= i < slots()) in `order`.
+  __device__ __forceinline__ int slot_at(i64 i, int order) const {
+    if (order == SOURCE_ORDER) return int(i);
+    const int j = int(i / tokens), t = int(i - i64(j) * tokens);
+    return t * k + j;
+  }
+  // The bucket of `slot`; with `kept` (the capacity pass's flags), a local slot whose flag is
+  // negative was dropped and gets -1.
+  __device__ __forceinline__ int bucket_of(int slot, const int* kept) const {
+    const int id = ids[slot];
+    if (id < 0 || id >= num_experts) return local_experts;
+    const int local = id - expert_begin;
+    if (local < 0 || local >= local_experts || (kept && kept[slot] < 0)) return -1;
+    return local;
+  }
+};
+
+// The lanes of this warp whose key equals this lane's (keys < 2^bits). All 32 lanes call it.
+__device__ __forceinline__ unsigned warp_peers(unsigned key, int bits) {
+  unsigned peers = 0xffffffffu;
+  for (int b = 0; b < bits; ++b) {
+    const unsigned set = __ballot_sync(0xffffffffu, (key >> b) & 1u);
+    peers &= ((key >> b) & 1u) ? set : ~set;
+  }
+  return peers;
+}
+
+// Bits of the largest ballot key (bucket + 1, at most buckets()).
+__device__ __forceinline__ int key_bits(const MapShape& m) { return 32 - __clz(m.buckets()); }
+
+// The part of the visiting range [begin, end) that warp w owns: `span` slots (a multiple of 32).
+__device__ __forceinline__ void warp_range(i64 begin, i64 end, i64 span, i64& first, i64& last) {
+  first = min(end, begin + i64(threadIdx.x / 32) * span);
+  last = min(end, first + span);
+}
+
+// Phase 1: each warp counts its slots [first, last) per bucket into its row of warp_counts
+// ([MAP_WARPS][buckets], shared) and leaves each local slot's rank within the warp in
+// inverse[slot]; slots not laid out get -1. The whole warp calls it.
+__device__ __forceinline__ void rank_in_warp(const MapShape& m, int order, const int* kept, i64 first,
+                                             i64 last, int* warp_counts, int* inverse) {
+  const int lane = threadIdx.x % 32, bits = key_bits(m);
+  int* counts = warp_counts + (threadIdx.x / 32) * m.buckets();
+  for (int b = lane; b < m.buckets(); b += 32) counts[b] = 0;
+  __syncwarp();
+  const unsigned lower_lanes = (1u << lane) - 1u;
+  for (i64 chunk = first; chunk < last; chunk += 32) {
+    const int slot = chunk + lane < last ? m.slot_at(chunk + lane, order) : -1;
+    const int bucket = slot >= 0 ? m.bucket_of(slot, kept) : -1;
+    const unsigned peers = warp_peers(unsigned(bucket + 1), bits);
+    const int rank = bucket >= 0 ? counts[bucket] + __popc(peers & lower_lanes) : -1;
+    __syncwarp();  // every lane has read its count before the lowest peer advances it
+    if (bucket >= 0 && (peers & lower_lanes) == 0) counts[bucket] += __popc(peers);
+    __syncwarp();
+    if (slot >= 0) inverse[slot] = bucket < m.local_experts ? rank : -1;
+  }
+}
+
+// Phase 2 (after a __syncthreads): per bucket, warp_counts becomes base[b] (0 without a base)
+// plus the counts of the earlier warps; totals[b] (if given) gets the tile's count.
+__device__ __forceinline__ void warp_prefix(int buckets, int* warp_counts, const int* base, int* totals) {
+  for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
+    const int start = base ? base[b] : 0;
+    int running = start;
+    for (int w = 0; w < MAP_WARPS; ++w) {
+      const int c = warp_counts[w * buckets + b];
+      warp_counts[w * buckets + b] = running;
+      running += c;
+    }
+    if (totals) totals[b] = running - start;
+  }
+}
+
+// Phase 3 (after a __syncthreads): the same slots as phase 1, by the same threads. A slot's rank
+// in its bucket is final here. PRIORITY_ORDER: inverse[slot] = 0 if the rank is below capacity
+// (kept), -1 if not. SOURCE_ORDER: the slot goes to row group_offsets[bucket] + rank.
+__device__ __forceinline__ void place_slots(const MapShape& m, int order, i64 first, i64 last,
+                                            const int* warp_counts, const int* group_offsets, int capacity,
+                                            int* sorted_rows, int* inverse) {
+  const int* counts = warp_counts + (threadIdx.x / 32) * m.buckets();
+  for (i64 i = first + threadIdx.x % 32; i < last; i += 32) {
+    const int slot = m.slot_at(i, order);
+    const int within = inverse[slot];
+    if (within < 0) continue;
+    const int bucket = m.bucket_of(slot, nullptr);  // local: phase 1 ranked it
+    const int rank = counts[bucket] + within;
+    if (order == PRIORITY_ORDER) {
+      inverse[slot] = rank < capacity ? 0 : -1;
+    } else {
+      const int row = group_offsets[bucket] + rank;
+      sorted_rows[row] = slot;
+      inverse[slot] = row;
+    }
+  }
+}
+
+// counts = totals[0..L), offsets = exclusive prefix of each count rounded up to `align`,
+// offsets[L] = the padded total; group_offsets (shared, optional) gets a copy of offsets[0..L).
+// The whole block calls it (scratch: 32 shared ints); it ends with a __syncthreads.
+__device__ __forceinline__ void write_offsets(const int* totals, int local_experts, int align, int* counts,
+                                              int* offsets, int* group_offsets, int* scratch) {
+  const int per_thread = (local_experts + blockDim.x - 1) / blockDim.x;
+  const int first = min(local_experts, int(threadIdx.x) * per_thread);
+  const int last = min(local_experts, first + per_thread);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int sum = 0;
+  for (int b = first; b < last; ++b) sum += (totals[b] + align - 1) / align * align;
+  int inclusive = sum;
+  for (int o = 1; o < 32; o *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += v;
+  }
+  if (lane == 31) scratch[warp] = inclusive;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < warps ? scratch[lane] : 0;
+    for (int o = 1; o < 32; o *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += v;
+    }
+    scratch[lane] = w;  // inclusive prefix over warps
+  }
+  __syncthreads();
+  int running = inclusive - sum + (warp > 0 ? scratch[warp - 1] : 0);
+  for (int b = first; b < last; ++b) {
+    counts[b] = totals[b];
+    offsets[b] = running;
+    if (group_offsets) group_offsets[b] = running;
+    running += (totals[b] + align - 1) / align * align;
+  }
+  if (threadIdx.x == blockDim.x - 1) offsets[local_experts] = running;
+  __syncthreads();
+}
+
+// A value another block of this launch wrote before taking its ticket: read from L2 (never a
+// stale L1 line). On the emulator memory is coherent and the ticket's fences order the access.
+__device__ __forceinline__ int load_l2(const int* p) {
+#ifdef __CUDACC__
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
+// The last block of dispatch_map_count: each bucket's column of per-tile counts
+// (tile_counts[tile * buckets + b]) becomes its exclusive prefix in tile order, and totals[b] the
+// column's sum. A thread per bucket walks the tiles in batches, the loads of a batch in flight
+// together (a dependent load per tile would cost a full L2 round trip each).
+__device__ __forceinline__ void prefix_over_tiles(int* tile_counts, int buckets, int tiles, int* totals) {
+  constexpr int BATCH = 8;
+  for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
+    int running = 0;
+    for (int first = 0; first < tiles; first += BATCH) {
+      int c[BATCH];
+      for (int i = 0; i < BATCH; ++i)
+        c[i] = first + i < tiles ? load_l2(tile_counts + i64(first + i) * buckets + b) : 0;
+      for (int i = 0; i < BATCH && first + i < tiles; ++i) {
+        tile_counts[i64(first + i) * buckets + b] = running;
+        running += c[i];
+      }
+    }
+    totals[b] = running;
+  }
+}
+
+// Slots dropped by capacity: sum over local experts of max(0, total - capacity), added to
+// *dropped (shared) by integer atomics. The whole block calls it.
+__device__ __forceinline__ void count_dropped(const int* totals, int local_experts, int capacity, int* dropped) {
+  int mine = 0;
+  for (int b = threadIdx.x; b < local_experts; b += blockDim.x) mine += max(0, totals[b] - capacity);
+  if (mine) atomicAdd(dropped, mine);
+}
+
+// Rows of sorted_rows that hold no slot (each group's padding, and everything after the last
+// group up to the buffer's length) become -1; threads first, first + stride, ... share them.
+__device__ __forceinline__ void mark_unused_rows(int local_experts, const int* counts, const int* offsets,
+                                                 int sorted_len, int* sorted_rows, i64 first, i64 stride) {
+  for (i64 b = first; b < local_experts; b += stride)
+    for (int r = offsets[b] + counts[b]; r < offsets[b + 1]; ++r) sorted_rows[r] = -1;
+  for (i64 r = offsets[local_experts] + first; r < sorted_len; r += stride) sorted_rows[r] = -1;
+}

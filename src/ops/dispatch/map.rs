@@ -1,0 +1,229 @@
+//! The routing map: a stable counting sort of slots by expert on the device
+//! (`kernels/dispatch.cu`, `kernels/include/dispatch_map.cuh`).
+use super::{MAX_TOP_K, MapConfig, STATUS_LEN};
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::check_len;
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Threads of every map kernel (`MAP_THREADS` in dispatch_map.cuh).
+const MAP_THREADS: u32 = 256;
+const MAP_WARPS: usize = MAP_THREADS as usize / 32;
+/// Ints before the per-tile counts in the workspace (`MAP_WORKSPACE_HEADER`).
+pub(super) const WORKSPACE_HEADER: usize = 4;
+/// `SlotOrder` in dispatch_map.cuh.
+const SOURCE_ORDER: i32 = 0;
+const PRIORITY_ORDER: i32 = 1;
+
+/// The routing map's buffers, all i32 on the device (lengths from [`MapConfig`]; L = local experts):
+///
+/// | field | length | holds |
+/// |---|---|---|
+/// | `counts` | L | slots kept per local expert |
+/// | `offsets` | L + 1 | exclusive prefix of counts, each padded up to `align`; `offsets[L]` = rows in use |
+/// | `sorted_rows` | `config.sorted_rows_len(T, k)` | per row its source slot `t·k + j`, by expert then slot; -1 for padding and after `offsets[L]` |
+/// | `inverse` | T·k | the row of each slot; -1 if dropped, another rank's, or an invalid id |
+/// | `status` | `STATUS_LEN` | `[STATUS_CAPACITY_DROPPED]`, `[STATUS_INVALID_IDS]` |
+pub struct RoutingMap<B> {
+    pub counts: B,
+    pub offsets: B,
+    pub sorted_rows: B,
+    pub inverse: B,
+    pub status: B,
+}
+
+impl RoutingMap<DeviceBuffer<i32>> {
+    /// Zeroed buffers of the right lengths for `tokens` x `k` ids under `config`.
+    pub fn alloc(device: &Device, tokens: usize, k: usize, config: &MapConfig) -> Result<Self> {
+        let local = config.local_count();
+        Ok(Self {
+            counts: device.alloc_zeros(local)?,
+            offsets: device.alloc_zeros(local + 1)?,
+            sorted_rows: device.alloc_zeros(config.sorted_rows_len(tokens, k))?,
+            inverse: device.alloc_zeros(tokens * k)?,
+            status: device.alloc_zeros(STATUS_LEN)?,
+        })
+    }
+}
+
+/// Builds the routing map of `ids` (`[tokens, k]`, i32) into `map`, on the device, without a
+/// host sync. Launches: 1 when `config.tile_slots(T, k)` is `None` (single block), else 2, or 4
+/// with capacity (a priority pass marks the kept slots first); plus one memset of `workspace`
+/// (`config.workspace_len(T, k)` i32s; may be empty on the single-block path).
+pub fn routing_map<B: DeviceSliceMut<i32>>(
+    device: &Device,
+    ids: &impl DeviceSlice<i32>,
+    tokens: usize,
+    k: usize,
+    config: &MapConfig,
+    map: &mut RoutingMap<B>,
+    workspace: &mut impl DeviceSliceMut<i32>,
+) -> Result<()> {
+    config.validate()?;
+    crate::ops::check_range("k", k, 1..=MAX_TOP_K.min(config.num_experts))?;
+    let slots = crate::ops::elements("ids", tokens, k)?;
+    let sorted_len = config.sorted_rows_len(tokens, k);
+    if slots > i32::MAX as usize || sorted_len > i32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            argument: "tokens",
+            value: tokens.to_string(),
+            expected: format!("T·k and the padded row count below 2^31 (k = {k})"),
+        });
+    }
+    let local = config.local_count();
+    check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+    check_len("counts", &map.counts, local, || format!("[L] = [{local}]"))?;
+    check_len("offsets", &map.offsets, local + 1, || {
+        format!("[L + 1] = [{}]", local + 1)
+    })?;
+    check_len("sorted_rows", &map.sorted_rows, sorted_len, || {
+        "[config.sorted_rows_len(T, k)]".into()
+    })?;
+    check_len("inverse", &map.inverse, slots, || format!("[T·k] = [{slots}]"))?;
+    check_len("status", &map.status, STATUS_LEN, || format!("[{STATUS_LEN}]"))?;
+    let workspace_len = config.workspace_len(tokens, k);
+    check_len("workspace", workspace, workspace_len, || {
+        "[config.workspace_len(T, k)]".into()
+    })?;
+
+    let shape = Shape {
+        tokens: tokens as i32,
+        k: k as i32,
+        num_experts: config.num_experts as i32,
+        expert_begin: config.local_range().start as i32,
+        local: local as i32,
+        align: config.align as i32,
+        capacity: config.capacity_per_expert(tokens, k).map_or(-1, |c| c as i32),
+        sorted_len: sorted_len as i32,
+    };
+    let buckets = local + 1;
+    match config.tile_slots(tokens, k) {
+        None => {
+            let shared = ((MAP_WARPS + 1) * buckets + local) * size_of::<i32>();
+            let args = KernelArgs::new(device)
+                .input("ids", ids)
+                .scalar(shape.tokens)
+                .scalar(shape.k)
+                .scalar(shape.num_experts)
+                .scalar(shape.expert_begin)
+                .scalar(shape.local)
+                .scalar(shape.align)
+                .scalar(shape.capacity)
+                .scalar(shape.sorted_len)
+                .output("counts", &mut map.counts)
+                .output("offsets", &mut map.offsets)
+                .output("sorted_rows", &mut map.sorted_rows)
+                .output("inverse", &mut map.inverse)
+                .output("status", &mut map.status);
+            device.launch(
+                "dispatch_map_small",
+                LaunchConfig::linear(1, MAP_THREADS, shared as u32),
+                args,
+            )
+        }
+        Some(tile) => {
+            device.fill_zeros(workspace)?;
+            let tiles = crate::ops::grid_blocks("tokens", slots, tile)?;
+            let tiled = Tiled {
+                shape,
+                tile: tile as i32,
+                tiles,
+                buckets,
+            };
+            if shape.capacity >= 0 {
+                tiled.count(device, ids, PRIORITY_ORDER, false, map, workspace)?;
+                tiled.rank(device, ids, PRIORITY_ORDER, false, map, workspace)?;
+            }
+            let filter = shape.capacity >= 0;
+            tiled.count(device, ids, SOURCE_ORDER, filter, map, workspace)?;
+            tiled.rank(device, ids, SOURCE_ORDER, filter, map, workspace)
+        }
+    }
+}
+
+/// The kernels' view of the problem (their scalar parameters).
+#[derive(Clone, Copy)]
+struct Shape {
+    tokens: i32,
+    k: i32,
+    num_experts: i32,
+    expert_begin: i32,
+    local: i32,
+    align: i32,
+    /// -1: no capacity.
+    capacity: i32,
+    sorted_len: i32,
+}
+
+/// One pass of the tiled path: `dispatch_map_count` then `dispatch_map_rank` in one slot order.
+struct Tiled {
+    shape: Shape,
+    tile: i32,
+    tiles: u32,
+    buckets: usize,
+}
+
+impl Tiled {
+    fn config(&self, shared_ints: usize) -> LaunchConfig {
+        LaunchConfig::linear(self.tiles, MAP_THREADS, (shared_ints * size_of::<i32>()) as u32)
+    }
+
+    /// `filter`: skip the slots the priority pass dropped (their flag in `inverse`).
+    fn count<B: DeviceSliceMut<i32>>(
+        &self,
+        device: &Device,
+        ids: &impl DeviceSlice<i32>,
+        order: i32,
+        filter: bool,
+        map: &mut RoutingMap<B>,
+        workspace: &mut impl DeviceSliceMut<i32>,
+    ) -> Result<()> {
+        let s = self.shape;
+        let args = KernelArgs::new(device)
+            .input("ids", ids)
+            .scalar(s.tokens)
+            .scalar(s.k)
+            .scalar(s.num_experts)
+            .scalar(s.expert_begin)
+            .scalar(s.local)
+            .scalar(s.align)
+            .scalar(s.capacity)
+            .scalar(order)
+            .scalar(self.tile)
+            .input_or_null("inverse", filter.then_some(&map.inverse))
+            .output("workspace", workspace)
+            .output("counts", &mut map.counts)
+            .output("offsets", &mut map.offsets)
+            .output("status", &mut map.status);
+        device.launch("dispatch_map_count", self.config(self.buckets), args)
+    }
+
+    fn rank<B: DeviceSliceMut<i32>>(
+        &self,
+        device: &Device,
+        ids: &impl DeviceSlice<i32>,
+        order: i32,
+        filter: bool,
+        map: &mut RoutingMap<B>,
+        workspace: &mut impl DeviceSliceMut<i32>,
+    ) -> Result<()> {
+        let s = self.shape;
+        let args = KernelArgs::new(device)
+            .input("ids", ids)
+            .scalar(s.tokens)
+            .scalar(s.k)
+            .scalar(s.num_experts)
+            .scalar(s.expert_begin)
+            .scalar(s.local)
+            .scalar(s.capacity)
+            .scalar(order)
+            .scalar(self.tile)
+            .scalar(filter as i32)
+            .scalar(s.sorted_len)
+            .input("workspace", workspace)
+            .input("counts", &map.counts)
+            .input("offsets", &map.offsets)
+            .output("sorted_rows", &mut map.sorted_rows)
+            .output("inverse", &mut map.inverse);
+        device.launch("dispatch_map_rank", self.config(MAP_WARPS * self.buckets), args)
+    }
+}
