@@ -7,7 +7,6 @@
 
 use moe_kernels::benchmarks::Record;
 use moe_kernels::device::{Device, DeviceKind, available_devices};
-use std::time::Instant;
 
 /// The least work of one call: every input read once, every output written once.
 #[derive(Debug, Clone, Copy, Default)]
@@ -59,7 +58,7 @@ fn peak_tensor_flops(device: &Device) -> Option<f64> {
     }
 }
 
-/// On a GPU: times `run` (after a warm-up, with one sync around the batch), prints the
+/// On a GPU: times `run` from cold L2 ([`gpu_seconds`]), prints the
 /// achieved time against the op's floor, and the [`Record`] line `scripts/gpu-validate.sh`
 /// collects. Elsewhere: nothing.
 pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor, run: impl FnMut()) {
@@ -90,18 +89,43 @@ pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor,
     println!("{}", record.to_line());
 }
 
-/// Mean seconds per call of `run` on the GPU: one warm-up call, then a timed batch between
-/// two syncs.
+/// Mean GPU seconds of one call of `run`, from cold L2: before each call a memset twice the
+/// size of L2 evicts the previous call's data (so a working set that fits in L2 cannot beat
+/// the DRAM floor), and events around the call time the GPU, not the host's enqueueing
+/// (the memset keeps the GPU busy while the host enqueues the call).
 pub fn gpu_seconds(device: &Device, mut run: impl FnMut()) -> f64 {
-    const ITERS: u32 = 50;
+    use cudarc::driver::sys::{CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, CUevent_flags};
+    const ITERS: usize = 20;
+    let Device::Cuda(cuda) = device else {
+        panic!("gpu_seconds needs the CUDA device")
+    };
+    let stream = cuda.stream();
+    let l2_bytes = stream
+        .context()
+        .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .expect("L2 size") as usize;
+    let mut flush = device
+        .alloc_zeros::<u8>(2 * l2_bytes.max(1 << 20))
+        .expect("flush buffer");
     run();
-    device.synchronize().expect("sync");
-    let start = Instant::now();
+    let mut events = Vec::with_capacity(ITERS);
     for _ in 0..ITERS {
+        device.fill_zeros(&mut flush).expect("L2 flush");
+        let start = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .expect("event");
         run();
+        let end = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .expect("event");
+        events.push((start, end));
     }
     device.synchronize().expect("sync");
-    start.elapsed().as_secs_f64() / ITERS as f64
+    let total_ms: f64 = events
+        .iter()
+        .map(|(start, end)| start.elapsed_ms(end).expect("elapsed") as f64)
+        .sum();
+    total_ms / 1e3 / ITERS as f64
 }
 
 /// The MoE layer shapes benches run: on a GPU the realistic ones (a Mixtral-like
