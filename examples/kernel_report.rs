@@ -1,6 +1,7 @@
 //! Static evidence of every embedded kernel's quality, per target arch, with no GPU:
 //! registers, shared memory and spills (ptxas), theoretical occupancy for the launch
-//! configuration the crate uses (learnt by running every kernel once on the emulator), and
+//! configuration the crate uses (learnt by running every kernel once on the emulator: the
+//! self-tests, the probes and `workloads`, a small run of every op), and
 //! the SASS instruction mix (tensor-core MMAs, 128-bit global accesses, shared loads,
 //! barriers, local-memory traffic).
 //!
@@ -14,6 +15,8 @@ use moe_kernels::kernel_report::{self, ArchLimits, InstructionMix, KernelSass, o
 use moe_kernels::selftest;
 use std::collections::BTreeMap;
 use std::process::ExitCode;
+
+mod workloads;
 
 struct Row {
     kernel: &'static str,
@@ -31,6 +34,7 @@ fn launch_configs() -> moe_kernels::Result<BTreeMap<String, LaunchConfig>> {
     let device = Device::emulator()?;
     selftest::run_all(&device)?;
     selftest::probes::run_all(&device, 4)?;
+    workloads::run_all(&device)?;
     Ok(device.launch_configs())
 }
 

@@ -1,0 +1,124 @@
+//! One small run of every op family's ops, so that `kernel_report` learns the launch
+//! configuration the crate uses for each kernel (occupancy needs it). Shapes are small (the
+//! emulator runs them) but take every path: each router width, both dispatch map paths,
+//! capacity, every row-mover dtype.
+use half::{bf16, f16};
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, RoutingMap};
+use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction};
+use moe_kernels::{Device, DeviceBuffer, Result};
+
+/// Logits in [-2, 2) without ties, from a fixed recurrence.
+fn values(len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 4.0)
+        .collect()
+}
+
+fn router_ops(device: &Device, experts: usize, k: usize, tokens: usize) -> Result<()> {
+    let config = RouterConfig {
+        experts,
+        k,
+        score: ScoreFunction::Softmax,
+        ..RouterConfig::default()
+    };
+    let logits = device.upload(&values(tokens * experts))?;
+    let mut ids = device.alloc_zeros::<i32>(tokens * k)?;
+    let mut weights = device.alloc_zeros::<f32>(tokens * k)?;
+    let mut nonfinite = device.alloc_zeros::<u32>(1)?;
+    router::select(
+        device,
+        &config,
+        &logits,
+        None::<&DeviceBuffer<f32>>,
+        &mut ids,
+        &mut weights,
+        &mut nonfinite,
+    )?;
+    let mut dz = device.alloc_zeros::<f32>(tokens * experts)?;
+    router::select_backward(device, &config, &logits, &ids, &weights, &mut dz)?;
+    let mut workspace = device.alloc_zeros::<f32>(router::expert_statistics_workspace_len(&config, tokens)?)?;
+    let mut counts = device.alloc_zeros::<i32>(experts)?;
+    let mut sums = device.alloc_zeros::<f32>(experts)?;
+    router::expert_statistics(device, &config, &ids, &weights, &mut workspace, &mut counts, &mut sums)?;
+    let aux = AuxLossConfig::default();
+    let mut aux_workspace = AuxLossWorkspace::new(device, &config, &aux, tokens)?;
+    let mut loss = device.alloc_zeros::<f32>(1)?;
+    router::aux_loss(device, &config, &aux, &logits, &ids, &mut aux_workspace, &mut loss)?;
+    router::aux_loss_backward(device, &config, &aux, &logits, &aux_workspace, &mut dz)?;
+    let mut row_lse = device.alloc_zeros::<f32>(tokens)?;
+    router::z_loss(device, &config, 1e-3, &logits, &mut row_lse, &mut loss)?;
+    router::z_loss_backward(device, &config, 1e-3, &logits, &row_lse, &mut dz)?;
+    let mut bias = device.alloc_zeros::<f32>(experts)?;
+    router::bias_update(device, 1e-3, &counts, &mut bias)
+}
+
+fn row_movers<T: FloatElement>(
+    device: &Device,
+    map: &RoutingMap<DeviceBuffer<i32>>,
+    shape: (usize, usize, usize),
+) -> Result<()> {
+    let (tokens, k, d) = shape;
+    let rows = map.sorted_rows.len();
+    let x = device.upload(&values(tokens * d).into_iter().map(T::from_f32).collect::<Vec<T>>())?;
+    let mut xp = device.alloc_zeros::<T>(rows * d)?;
+    dispatch::permute(device, &x, &map.sorted_rows, tokens, k, d, &mut xp)?;
+    let weights = device.upload(&vec![0.5f32; tokens * k])?;
+    let mut y = device.alloc_zeros::<T>(tokens * d)?;
+    dispatch::combine(
+        device,
+        &xp,
+        &map.inverse,
+        Some(&weights),
+        Some(&x),
+        tokens,
+        k,
+        d,
+        &mut y,
+    )?;
+    let mut dx = device.alloc_zeros::<T>(tokens * d)?;
+    dispatch::permute_backward(device, &xp, &map.inverse, tokens, k, d, &mut dx)?;
+    let mut dw = device.alloc_zeros::<f32>(tokens * k)?;
+    let mut dxp = device.alloc_zeros::<T>(rows * d)?;
+    dispatch::combine_backward(
+        device,
+        &y,
+        Some(&xp),
+        &map.sorted_rows,
+        &map.inverse,
+        Some(&weights),
+        tokens,
+        k,
+        d,
+        &mut dxp,
+        Some(&mut dw),
+    )
+}
+
+fn dispatch_ops(device: &Device, tokens: usize, capacity: Option<Capacity>) -> Result<()> {
+    let (experts, k, d) = (16, 4, 64);
+    let config = MapConfig {
+        capacity,
+        ..MapConfig::new(experts)
+    };
+    let ids: Vec<i32> = (0..tokens * k)
+        .map(|s| ((s / k * 7 + s % k * 5) % experts) as i32)
+        .collect();
+    let ids = device.upload(&ids)?;
+    let mut map = RoutingMap::alloc(device, tokens, k, &config)?;
+    let mut workspace = device.alloc_zeros::<i32>(config.workspace_len(tokens, k))?;
+    dispatch::routing_map(device, &ids, tokens, k, &config, &mut map, &mut workspace)?;
+    row_movers::<f32>(device, &map, (tokens, k, d))?;
+    row_movers::<f16>(device, &map, (tokens, k, d))?;
+    row_movers::<bf16>(device, &map, (tokens, k, d))
+}
+
+/// Runs every op family once on `device`.
+pub fn run_all(device: &Device) -> Result<()> {
+    for experts in [8, 64, 128, 256, 512, 1024] {
+        router_ops(device, experts, 4, 33)?;
+    }
+    dispatch_ops(device, 64, None)?;
+    dispatch_ops(device, 2048, None)?;
+    dispatch_ops(device, 2048, Some(Capacity::default()))
+}
