@@ -97,3 +97,4 @@ pub(crate) fn grid_blocks(argument: &'static str, items: usize, per_block: usize
             expected: format!("at most {} items", (i32::MAX as usize) * per_block),
         })
 }
+pub mod gate;

@@ -1,3 +1,4 @@
 //! The CPU oracle: plain loops with f64 accumulation, one module per op family, written
 //! to be obviously correct rather than fast. Tests compare every device against it
 //! (tolerances in SPEC §9). It depends on nothing but the ops' configuration types.
+pub mod gate;

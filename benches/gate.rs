@@ -1,0 +1,164 @@
+//! Router scoring: the linear gate against the low-rank quadratic gate at r = 4, forward and
+//! backward. States each op's floor; benches the CPU reference and the emulator at a small
+//! size; on a GPU reports the fraction of the floor (`report_gpu_fraction`).
+mod common;
+
+use common::{Floor, devices, report_gpu_fraction};
+use criterion::{Criterion, criterion_group, criterion_main};
+use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
+use moe_kernels::reference::gate::{self as reference, GateParams};
+use moe_kernels::{Device, DeviceBuffer};
+
+const SHAPE: GateShape = GateShape {
+    tokens: 128,
+    dim: 64,
+    experts: 32,
+    rank: 4,
+};
+
+/// Projection rows per expert the form reads (and multiplies X with).
+fn rows_per_expert(form: GateForm) -> u64 {
+    match form {
+        GateForm::Linear => 1,
+        // U and V rows plus the linear row B.
+        _ => 2 * SHAPE.rank as u64 + 1,
+    }
+}
+
+/// Forward floor: X, the weights and c read once, z written once (f32 everything here);
+/// 2 flops per multiply-add of X against every projection row.
+fn forward_floor(form: GateForm) -> Floor {
+    let (t, d, e) = (SHAPE.tokens as u64, SHAPE.dim as u64, SHAPE.experts as u64);
+    let rows = e * rows_per_expert(form);
+    Floor {
+        bytes: 4 * (t * d + rows * d + e + t * e),
+        flops: 2 * t * d * rows,
+    }
+}
+
+/// Backward floor: X, dz and the weights read once; dX and every weight gradient written once;
+/// the projections are recomputed (one forward GEMM) and two GEMMs of the same size follow.
+fn backward_floor(form: GateForm) -> Floor {
+    let (t, d, e) = (SHAPE.tokens as u64, SHAPE.dim as u64, SHAPE.experts as u64);
+    let rows = e * rows_per_expert(form);
+    let recompute = if form == GateForm::Linear { 0 } else { 1 };
+    Floor {
+        bytes: 4 * (t * d + t * e + rows * d + t * d + rows * d + e),
+        flops: 2 * t * d * rows * (2 + recompute),
+    }
+}
+
+fn normals(seed: u64, len: usize, scale: f64) -> Vec<f64> {
+    // A small LCG is enough for bench inputs.
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+fn params(form: GateForm) -> GateParams {
+    let (d, e, r) = (SHAPE.dim, SHAPE.experts, SHAPE.rank);
+    let s = 1.0 / (d as f64).sqrt();
+    match form {
+        GateForm::Linear => GateParams::Linear {
+            w: normals(1, e * d, s),
+            b: Some(normals(2, e, 1.0)),
+        },
+        _ => GateParams::LowRank {
+            u: normals(3, e * r * d, s),
+            v: normals(4, e * r * d, s),
+            b: Some(normals(5, e * d, s)),
+            c: Some(normals(6, e, 1.0)),
+        },
+    }
+}
+
+fn upload(device: &Device, v: &[f64]) -> DeviceBuffer<f32> {
+    device
+        .upload(&v.iter().map(|&v| v as f32).collect::<Vec<_>>())
+        .expect("upload")
+}
+
+fn bench(c: &mut Criterion) {
+    let x = normals(7, SHAPE.x_len(), 1.0);
+    let dz = normals(8, SHAPE.z_len(), 1.0);
+    for form in [GateForm::Linear, GateForm::LowRank] {
+        let host = params(form);
+        let label = format!(
+            "{form:?} T={} d={} E={} r={}",
+            SHAPE.tokens, SHAPE.dim, SHAPE.experts, SHAPE.rank
+        );
+        println!("gate forward {label}: {}", forward_floor(form).describe());
+        println!("gate backward {label}: {}", backward_floor(form).describe());
+        let mut group = c.benchmark_group(format!("gate {label}"));
+        group.sample_size(10);
+        group.bench_function("reference forward", |b| b.iter(|| reference::scores(&SHAPE, &host, &x)));
+        group.bench_function("reference backward", |b| {
+            b.iter(|| reference::scores_backward(&SHAPE, &host, &x, &dz))
+        });
+        for device in devices() {
+            let tensors: Vec<DeviceBuffer<f32>> = host.tensors().iter().map(|(_, t)| upload(&device, t)).collect();
+            let weights = match form {
+                GateForm::Linear => GateWeights::Linear {
+                    w: &tensors[0],
+                    b: Some(&tensors[1]),
+                },
+                _ => GateWeights::LowRank {
+                    u: &tensors[0],
+                    v: &tensors[1],
+                    b: Some(&tensors[2]),
+                    c: Some(&tensors[3]),
+                },
+            };
+            let x_dev = upload(&device, &x);
+            let dz_dev = upload(&device, &dz);
+            let mut z = device.alloc_zeros::<f32>(SHAPE.z_len()).expect("alloc");
+            let mut dx = device.alloc_zeros::<f32>(SHAPE.x_len()).expect("alloc");
+            let mut grads: Vec<DeviceBuffer<f32>> = tensors
+                .iter()
+                .map(|t| device.alloc_zeros(t.len()).expect("alloc"))
+                .collect();
+            let ws_len = gate::backward_workspace_len(form, &SHAPE).expect("workspace");
+            let mut ws = device.alloc_zeros::<f32>(ws_len).expect("alloc");
+            let mut forward = || gate::scores(&device, &SHAPE, &weights, &x_dev, &mut z).expect("scores");
+            let mut backward = || {
+                let g = match &mut grads[..] {
+                    [w, b] => GateGrads::Linear { w, b: Some(b) },
+                    [u, v, b, c] => GateGrads::LowRank {
+                        u,
+                        v,
+                        b: Some(b),
+                        c: Some(c),
+                    },
+                    _ => unreachable!("two or four gradients"),
+                };
+                gate::scores_backward(&device, &SHAPE, &weights, &x_dev, &dz_dev, &mut dx, g, &mut ws)
+                    .expect("backward")
+            };
+            if device.kind() == moe_kernels::DeviceKind::Emulator {
+                group.bench_function("emulator forward", |b| b.iter(&mut forward));
+                group.bench_function("emulator backward", |b| b.iter(&mut backward));
+            } else {
+                report_gpu_fraction(
+                    &format!("gate forward {label}"),
+                    &device,
+                    forward_floor(form),
+                    &mut forward,
+                );
+                report_gpu_fraction(
+                    &format!("gate backward {label}"),
+                    &device,
+                    backward_floor(form),
+                    &mut backward,
+                );
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
