@@ -25,21 +25,23 @@
 
 enum class Form { Linear, LowRank, Symmetric, Attention, Full };
 
-constexpr int GATE_RC = 4;  // ranks per chunk: a chunk's projections of 16 experts fit one tile
+constexpr int GATE_RC = 4;  // ranks per chunk: the projections of one chunk form one tile
 constexpr int GATE_TM = 4;  // tokens per thread
 constexpr int GATE_BM = 16 * GATE_TM;  // tokens per block
 
 // The stacked-projection tile of one form: per expert NC adjacent columns, left projections
 // (U, K or A rows) of the chunk first, then right ones (V), then the linear row (W or B).
 // The attention form adds GATE_RC shared query columns after the experts' columns.
-template <Form F> struct GateForm {
+// Experts per block: 64 (linear), 32 (quadratic forward), 16 (coefficient kernels, whose
+// epilogue holds more live values: 32 would cost up to 204 registers).
+template <Form F, bool COEF> struct GateForm {
   static constexpr bool left = F != Form::Linear;
   static constexpr bool right = F == Form::LowRank;
   static constexpr bool query = F == Form::Attention;
   static constexpr bool lin = F != Form::Attention;
   static constexpr int RC = left ? GATE_RC : 0;
   static constexpr int NC = RC * (right ? 2 : 1) + (lin ? 1 : 0);
-  static constexpr int NG = F == Form::Linear ? 4 : 1;  // expert groups per thread
+  static constexpr int NG = F == Form::Linear ? 4 : (COEF ? 1 : 2);  // expert groups per thread
   static constexpr int BE = 16 * NG;                    // experts per block
   static constexpr int EXPERT_COLS = BE * NC;
   static constexpr int BN = EXPERT_COLS + (query ? GATE_RC : 0);
@@ -65,7 +67,7 @@ struct GateWeightsPtrs {
 //   tokens ty + 16 i (i < 4), experts tx + 16 j (j < NG).
 // Traffic: X read ceil(E / BE) * chunks times (from L2 after the first), each weight row
 //   once per token tile; z written once. At rank <= 4 it is one pass over X per expert tile,
-//   with a tile NC times wider than the linear gate's.
+//   as for the linear gate, with a tile of BE * NC columns (288 for low-rank vs 64).
 // Coefficient mode (dz given): instead of z, writes for j < rank into ws [T, 2 E rank]
 //   coefL at [t, e rank + j] (the gradient coefficient of left row j) and coefR at
 //   [t, E rank + e rank + j] (of V row j; attention: g K_ej.x / sqrt r, full: g A_ej.x,
@@ -75,7 +77,7 @@ template <class T, Form F, bool COEF>
 __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, const float* bias,
                                                  const float* dz, float* out, i64 tokens, int d,
                                                  int experts, int rank) {
-  using G = GateForm<F>;
+  using G = GateForm<F, COEF>;
   DYN_SHARED(float, smem);
   float* As = smem;                  // [BK][BM]
   float* Bs = smem + GATE_BK * GATE_BM;  // [BK][BN]

@@ -329,7 +329,7 @@ fn case_strategy(form: GateForm, ranks: &'static [usize]) -> impl Strategy<Value
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
     fn linear_matches_reference((case, dtype) in case_strategy(GateForm::Linear, &[1])) {

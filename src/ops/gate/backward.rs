@@ -223,7 +223,7 @@ pub fn scores_backward<T: FloatElement>(
             .input("dz", dz)
             .output("workspace", workspace);
         let name = format!("gate_coef_{}_{}", form.kernel_name(), T::NAME);
-        device.launch(&name, scoring_config(form, shape)?, dims_args(args, shape, form))?;
+        device.launch(&name, scoring_config(form, shape, true)?, dims_args(args, shape, form))?;
     }
     if t > 0 && matches!(form, GateForm::Attention | GateForm::Full) {
         // SAFETY: gate_sum_inplace_f32(buf, in_off, outer, inner, outer_stride, count, stride,

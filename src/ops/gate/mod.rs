@@ -18,13 +18,16 @@
 //! accumulation is f32 for every dtype. Gradients of the weights are f32 (`[same shape]`);
 //! dX has X's dtype.
 //!
-//! Cost: every forward is **one launch**, a tiled GEMM of an X tile against the stacked
-//! projection rows of a block of experts, whose epilogue forms the per-expert products and
-//! writes only z. The linear gate's tile holds 64 experts × 1 row; a quadratic tile holds 16
-//! experts × (r' projections + 1 linear row), r' ≤ 8 (low-rank: U and V rows of a chunk of 4
-//! ranks) so at r ≤ 4 X is streamed once per expert tile, like the linear gate; a rank above 4
+//! Cost: every forward is **one launch**, a tiled GEMM of an X tile (64 tokens) against the
+//! stacked projection rows of a block of experts, whose epilogue forms the per-expert
+//! products and writes only z. The linear gate's tile is 64 experts × 1 row = 64 columns; a
+//! quadratic tile is 32 experts × (its projections of a chunk of 4 ranks + the linear row):
+//! 288 columns for low-rank (U and V), 160 symmetric and full, 128 + 4 query rows attention.
+//! At r ≤ 4 the quadratic gate is the linear gate with a wider tile: X is read once per
+//! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
-//! `U = A_e` and `V = I` (rank d).
+//! `U = A_e` and `V = I` (rank d), so it loops over d/4 chunks: O(T·E·d²), for small d.
+
 mod backward;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
@@ -69,15 +72,20 @@ impl GateForm {
         matches!(self, GateForm::LowRank | GateForm::Symmetric | GateForm::Attention)
     }
 
-    /// Experts per block and shared columns of the scoring tile (`GateForm<F>` in gate.cu).
-    fn tile(self) -> (usize, usize) {
+    /// Experts per block and shared columns of the scoring tile (`GateForm<F, COEF>` in
+    /// gate.cu) of the forward or (`coef`) the backward coefficient kernel.
+    fn tile(self, coef: bool) -> (usize, usize) {
         let columns_per_expert = match self {
             GateForm::Linear => 1,
             GateForm::LowRank => 2 * RANK_CHUNK + 1,
             GateForm::Symmetric | GateForm::Full => RANK_CHUNK + 1,
             GateForm::Attention => RANK_CHUNK,
         };
-        let experts = if self == GateForm::Linear { 64 } else { 16 };
+        let experts = match (self, coef) {
+            (GateForm::Linear, _) => 64,
+            (_, false) => 32,
+            (_, true) => 16,
+        };
         let query = if self == GateForm::Attention { RANK_CHUNK } else { 0 };
         (experts, experts * columns_per_expert + query)
     }
@@ -280,7 +288,7 @@ impl<'a, T: FloatElement> GateWeights<'a, T> {
             let rows = elements("shape.rank", shape.experts, rank)?;
             super::check_range("shape.experts * rank", rows, 1..=i32::MAX as usize)?;
         }
-        let (experts_per_block, _) = form.tile();
+        let (experts_per_block, _) = form.tile(true);
         if shape.experts.div_ceil(experts_per_block) > 65535 {
             return Err(Error::InvalidArgument {
                 argument: "shape.experts",
@@ -362,7 +370,7 @@ pub fn scores<T: FloatElement>(
     }
     let form = weights.form();
     let o = weights.operands();
-    let config = scoring_config(form, shape)?;
+    let config = scoring_config(form, shape, false)?;
     // SAFETY of the argument list: the order and types of GATE_SCORES_PARAMS in gate.cu
     // (x, left, right, query, lin, bias, z, tokens, d, experts, rank); lengths checked above.
     let args = KernelArgs::new(device)
@@ -378,8 +386,8 @@ pub fn scores<T: FloatElement>(
 }
 
 /// The launch of a scoring (or coefficient) kernel: 64-token by BE-expert tiles.
-fn scoring_config(form: GateForm, shape: &GateShape) -> Result<LaunchConfig> {
-    let (experts_per_block, columns) = form.tile();
+fn scoring_config(form: GateForm, shape: &GateShape, coef: bool) -> Result<LaunchConfig> {
+    let (experts_per_block, columns) = form.tile(coef);
     let shared = (TILE + columns) * K_TILE * size_of::<f32>();
     Ok(LaunchConfig {
         grid: (
