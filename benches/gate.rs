@@ -87,10 +87,12 @@ fn bench(c: &mut Criterion) {
     let dz = normals(8, SHAPE.z_len(), 1.0);
     for form in [GateForm::Linear, GateForm::LowRank] {
         let host = params(form);
-        let label = format!(
-            "{form:?} T={} d={} E={} r={}",
-            SHAPE.tokens, SHAPE.dim, SHAPE.experts, SHAPE.rank
-        );
+        let rank = if form == GateForm::Linear {
+            String::new()
+        } else {
+            format!(" r={}", SHAPE.rank)
+        };
+        let label = format!("{form:?} T={} d={} E={}{rank}", SHAPE.tokens, SHAPE.dim, SHAPE.experts);
         println!("gate forward {label}: {}", forward_floor(form).describe());
         println!("gate backward {label}: {}", backward_floor(form).describe());
         let mut group = c.benchmark_group(format!("gate {label}"));

@@ -234,6 +234,14 @@ fn check_case<T: FloatElement>(device: &Device, case: &Case) {
         .into_iter()
         .map(|(n, t)| (n, device.upload(&vec![f32::NAN; t.len()]).unwrap()))
         .collect();
+    // The size helper lists exactly the parameters the case holds, with their lengths.
+    let listed: Vec<(&str, usize)> = w
+        .params(&shape)
+        .iter()
+        .map(|p| (p.name, p.dims[..p.ndim].iter().product()))
+        .collect();
+    let held: Vec<(&str, usize)> = host.tensors().iter().map(|(n, t)| (*n, t.len())).collect();
+    assert_eq!(listed, held, "{what}: GateWeights::params");
     let ws_len = gate::backward_workspace_len(case.form, &shape).unwrap();
     let mut ws = device.upload(&vec![f32::NAN; ws_len]).unwrap();
 

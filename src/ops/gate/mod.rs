@@ -177,17 +177,17 @@ pub enum GateWeights<'a, T: FloatElement> {
 }
 
 /// One parameter tensor of a form: its name (`weights.<name>`, `grads.<name>`) and layout
-/// (`dims[..rank]`).
+/// (`dims[..ndim]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GateParam {
     pub name: &'static str,
     pub dims: [usize; 3],
-    pub rank: usize,
+    pub ndim: usize,
 }
 
 impl GateParam {
     fn layout(&self) -> String {
-        let dims: Vec<String> = self.dims[..self.rank].iter().map(|d| d.to_string()).collect();
+        let dims: Vec<String> = self.dims[..self.ndim].iter().map(|d| d.to_string()).collect();
         format!("[{}]", dims.join(", "))
     }
 }
@@ -328,7 +328,7 @@ fn params(form: GateForm, shape: &GateShape) -> Vec<GateParam> {
         GateParam {
             name,
             dims: all,
-            rank: dims.len(),
+            ndim: dims.len(),
         }
     };
     match form {
