@@ -380,20 +380,32 @@ EMU_EXPORT(gate_dw_bf16)
 
 // ------------------------------------------------------------------------------------------
 // gate_sum_f32: out[o * inner + b] = sum_{s < count} in[o * outer_stride + s * stride + b]
-// (in and out offset by in_off and out_off elements),
-// s ascending (a fixed order), for o < outer, b < inner. Used for dc and db (sums of dz over
-// tokens) and for the attention and full forms' sums over experts of per-expert coefficients.
-// Mapping: one thread per output. Traffic: each input read once, each output written once.
-// Launch: grid ceil(outer * inner / 256), 256 threads, no shared memory.
+// (in and out offset by in_off and out_off elements) for o < outer, b < inner, in a fixed
+// order: lane p of GATE_SUM_LANES sums s = p, p + 8, p + 16, ... ascending, then the 8
+// partial sums are added p = 0 .. 7. Used for dc and db (sums of dz over tokens: long sums,
+// hence the lanes) and for the attention and full forms' sums over experts.
+// Mapping: 32 consecutive outputs per block, warp w = lane p (coalesced across outputs).
+// Traffic: each input read once, each output written once.
+// Launch: grid ceil(outer * inner / 32), 256 threads, 8 * 32 * 4 = 1 KiB dynamic shared.
+constexpr int GATE_SUM_LANES = GATE_THREADS / 32;
 __device__ __forceinline__ void gate_sum_body(const float* in, i64 outer, int inner,
                                               i64 outer_stride, i64 count, i64 stride, float* out) {
-  const i64 i = global_thread_x();
-  if (i >= outer * inner) return;
-  const i64 o = i / inner, b = i % inner;
-  const float* p = in + o * outer_stride + b;
+  DYN_SHARED(float, partial);  // [GATE_SUM_LANES][32]
+  const int lane = threadIdx.x % 32, p = threadIdx.x / 32;
+  const i64 i = i64(blockIdx.x) * 32 + lane;
+  const bool inside = i < outer * inner;
   float s = 0.0f;
-  for (i64 k = 0; k < count; ++k) s += p[k * stride];
-  out[i] = s;
+  if (inside) {
+    const float* src = in + (i / inner) * outer_stride + i % inner;
+    for (i64 k = p; k < count; k += GATE_SUM_LANES) s += src[k * stride];
+  }
+  partial[p * 32 + lane] = s;
+  __syncthreads();
+  if (p == 0 && inside) {
+    float total = 0.0f;
+    for (int q = 0; q < GATE_SUM_LANES; ++q) total += partial[q * 32 + lane];
+    out[i] = total;
+  }
 }
 
 extern "C" __global__ void gate_sum_f32(const float* in, long long in_off, long long outer,

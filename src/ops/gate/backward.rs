@@ -313,11 +313,14 @@ impl<'a> Coefs<'a> {
     }
 }
 
+/// `gate_sum[_inplace]_f32`: 32 outputs per block, 8 partial sums each in shared memory.
 fn sum_config(outputs: usize) -> Result<LaunchConfig> {
+    const OUTPUTS_PER_BLOCK: usize = 32;
+    let partials = THREADS as usize * size_of::<f32>();
     Ok(LaunchConfig::linear(
-        grid_blocks("shape", outputs, THREADS as usize)?,
+        grid_blocks("shape", outputs, OUTPUTS_PER_BLOCK)?,
         THREADS,
-        0,
+        partials as u32,
     ))
 }
 
