@@ -67,11 +67,6 @@ impl GateForm {
         }
     }
 
-    /// Whether `GateShape::rank` is used (the full form's rank is d).
-    pub fn uses_rank(self) -> bool {
-        matches!(self, GateForm::LowRank | GateForm::Symmetric | GateForm::Attention)
-    }
-
     /// Experts per block and shared columns of the scoring tile (`GateForm<F, COEF>` in
     /// gate.cu) of the forward or (`coef`) the backward coefficient kernel.
     fn tile(self, coef: bool) -> (usize, usize) {
@@ -117,8 +112,8 @@ impl Default for GateShape {
 
 impl GateShape {
     /// Checks the sizes every form needs: `dim` in `1..=4194240`, `experts` and `rank` in
-    /// `1..=i32::MAX`, and
-    /// `[T, d]`, `[T, E]` element counts that fit in memory.
+    /// `1..=i32::MAX` (`rank` too for the forms that ignore it), and `[T, d]`, `[T, E]`
+    /// element counts that fit in memory.
     pub fn validate(&self) -> Result<()> {
         let max = i32::MAX as usize;
         // d is split into 64-wide tiles along the grid's y axis by the backward kernels.
