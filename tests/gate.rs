@@ -4,6 +4,7 @@ mod common;
 
 use common::{Rng, Tolerance, assert_close, devices};
 use half::{bf16, f16};
+use moe_kernels::device::{EmulatorDevice, Schedule};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
 use moe_kernels::reference::gate::{self as reference, GateParams};
@@ -208,17 +209,28 @@ fn to_f32<T: FloatElement>(v: &[T]) -> Vec<f32> {
     v.iter().map(|v| v.to_f32()).collect()
 }
 
-/// Forward and backward of `case` on `device`, compared with the reference; also checks that
-/// the forward is one launch and that nothing syncs the host.
-fn check_case<T: FloatElement>(device: &Device, case: &Case) {
+/// What one forward and backward call produced, downloaded (dx widened to f32).
+#[derive(Debug, PartialEq)]
+struct Outputs {
+    z: Vec<u32>,
+    dx: Vec<u32>,
+    grads: Vec<(&'static str, Vec<u32>)>,
+}
+
+impl Outputs {
+    fn floats(bits: &[u32]) -> Vec<f32> {
+        bits.iter().map(|&b| f32::from_bits(b)).collect()
+    }
+}
+
+/// Runs forward and backward of `case` on `device` with the given host inputs. Checks the
+/// launch budget (forward: one launch; backward: the coefficient kernel and the sum over
+/// experts where the form needs them, dX, and one launch per parameter gradient), that no
+/// op syncs the host, and the parameter list of the size helper.
+fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x: &[f64], dz: &[f64]) -> Outputs {
     let shape = case.shape;
     let what = format!("{case:?} {} on {}", T::NAME, device.description());
-    let mut rng = Rng::new(case.seed);
-    let host = params::<T>(case, &mut rng);
-    let x = values::<T>(&mut rng, shape.x_len(), 1.0);
-    let dz = values::<f32>(&mut rng, shape.z_len(), 1.0);
-
-    let up = upload_params::<T>(device, &host);
+    let up = upload_params::<T>(device, host);
     let w = weights(case.form, &up);
     let x_dev = device
         .upload(&x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
@@ -248,10 +260,10 @@ fn check_case<T: FloatElement>(device: &Device, case: &Case) {
     let before = device.stats();
     gate::scores(device, &shape, &w, &x_dev, &mut z).unwrap_or_else(|e| panic!("{what}: {e}"));
     let after_forward = device.stats();
-    let expected_launches = u64::from(shape.tokens > 0);
+    let has_tokens = u64::from(shape.tokens > 0);
     assert_eq!(
         after_forward.launches - before.launches,
-        expected_launches,
+        has_tokens,
         "{what}: forward launches"
     );
     gate::scores_backward(
@@ -265,35 +277,60 @@ fn check_case<T: FloatElement>(device: &Device, case: &Case) {
         &mut ws,
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let coef = u64::from(case.form != GateForm::Linear);
+    let sum_over_experts = u64::from(matches!(case.form, GateForm::Attention | GateForm::Full));
+    let backward_launches = has_tokens * (coef + sum_over_experts + 1) + grad_bufs.len() as u64;
+    assert_eq!(
+        device.stats().launches - after_forward.launches,
+        backward_launches,
+        "{what}: backward launches"
+    );
     assert_eq!(
         device.stats().host_syncs,
         before.host_syncs,
         "{what}: an op synced the host"
     );
 
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    Outputs {
+        z: bits(device.download(&z).unwrap()),
+        dx: bits(to_f32(&device.download(&dx).unwrap())),
+        grads: grad_bufs
+            .iter()
+            .map(|(n, b)| (*n, bits(device.download(b).unwrap())))
+            .collect(),
+    }
+}
+
+/// The host inputs of `case`: parameters, X and dz, all exactly representable in `T`.
+fn inputs<T: FloatElement>(case: &Case) -> (GateParams, Vec<f64>, Vec<f64>) {
+    let mut rng = Rng::new(case.seed);
+    let host = params::<T>(case, &mut rng);
+    let x = values::<T>(&mut rng, case.shape.x_len(), 1.0);
+    let dz = values::<f32>(&mut rng, case.shape.z_len(), 1.0);
+    (host, x, dz)
+}
+
+/// Forward and backward of `case` on `device`, compared with the reference.
+fn check_case<T: FloatElement>(device: &Device, case: &Case) {
+    let shape = case.shape;
+    let what = format!("{case:?} {} on {}", T::NAME, device.description());
+    let (host, x, dz) = inputs::<T>(case);
+    let got = run_case::<T>(device, case, &host, &x, &dz);
+
     // The device saw exactly `x` and the parameters: f32 rounding is the only difference.
     let terms = case.terms();
     let z_ref = reference::scores(&shape, &host, &x);
     let z_tol = Tolerance::F32.over(shape.dim * terms).scaled(4.0);
-    assert_close(&format!("{what}: z"), &device.download(&z).unwrap(), &z_ref, z_tol);
+    assert_close(&format!("{what}: z"), &Outputs::floats(&got.z), &z_ref, z_tol);
 
     let g_ref = reference::scores_backward(&shape, &host, &x, &dz);
     let dx_tol = Tolerance::of::<T>().over(shape.experts * terms * 2).scaled(4.0);
-    assert_close(
-        &format!("{what}: dx"),
-        &to_f32(&device.download(&dx).unwrap()),
-        &g_ref.dx,
-        dx_tol,
-    );
+    assert_close(&format!("{what}: dx"), &Outputs::floats(&got.dx), &g_ref.dx, dx_tol);
     let dw_tol = Tolerance::F32.over(shape.tokens * shape.dim.max(terms) * 2).scaled(4.0);
-    for ((name, buf), (ref_name, want)) in grad_bufs.iter().zip(&g_ref.params) {
+    for ((name, bits), (ref_name, want)) in got.grads.iter().zip(&g_ref.params) {
         assert_eq!(name, ref_name);
-        assert_close(
-            &format!("{what}: d{name}"),
-            &device.download(buf).unwrap(),
-            want,
-            dw_tol,
-        );
+        assert_close(&format!("{what}: d{name}"), &Outputs::floats(bits), want, dw_tol);
     }
 }
 
@@ -345,17 +382,17 @@ proptest! {
     }
 
     #[test]
-    fn low_rank_matches_reference((case, dtype) in case_strategy(GateForm::LowRank, &[1, 2, 4, 8])) {
+    fn low_rank_matches_reference((case, dtype) in case_strategy(GateForm::LowRank, &[1, 2, 3, 4, 6, 8])) {
         check_all_dtypes(&case, dtype);
     }
 
     #[test]
-    fn symmetric_matches_reference((case, dtype) in case_strategy(GateForm::Symmetric, &[1, 2, 4, 8])) {
+    fn symmetric_matches_reference((case, dtype) in case_strategy(GateForm::Symmetric, &[1, 2, 3, 4, 6, 8])) {
         check_all_dtypes(&case, dtype);
     }
 
     #[test]
-    fn attention_matches_reference((case, dtype) in case_strategy(GateForm::Attention, &[1, 2, 4, 8])) {
+    fn attention_matches_reference((case, dtype) in case_strategy(GateForm::Attention, &[1, 2, 3, 4, 6, 8])) {
         check_all_dtypes(&case, dtype);
     }
 
@@ -404,6 +441,41 @@ fn every_forward_is_one_launch() {
                 // check_case asserts one forward launch and no host sync.
                 check_case::<f32>(&device, &case);
             }
+        }
+    }
+}
+
+/// Fixed reduction orders: every output is bitwise the same on a second run and under every
+/// emulator schedule (a float atomic or a schedule-dependent sum would differ).
+#[test]
+fn results_are_bitwise_reproducible() {
+    let emulator = EmulatorDevice::new();
+    let schedules = [Schedule::InOrder, Schedule::Reverse, Schedule::Random { seed: 5 }];
+    for form in [
+        GateForm::Linear,
+        GateForm::LowRank,
+        GateForm::Symmetric,
+        GateForm::Attention,
+        GateForm::Full,
+    ] {
+        let case = Case::new(form, 70, 19, 37, 6);
+        let (host, x, dz) = inputs::<bf16>(&case);
+        let first = run_case::<bf16>(&devices()[0], &case, &host, &x, &dz);
+        for device in devices() {
+            assert_eq!(
+                run_case::<bf16>(&device, &case, &host, &x, &dz),
+                first,
+                "{form:?} on {}",
+                device.description()
+            );
+        }
+        for schedule in schedules {
+            let device = Device::Emulator(emulator.with_schedule(schedule));
+            assert_eq!(
+                run_case::<bf16>(&device, &case, &host, &x, &dz),
+                first,
+                "{form:?} under {schedule:?}"
+            );
         }
     }
 }
