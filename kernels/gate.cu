@@ -10,24 +10,20 @@
 //   (B, b, c optional; the monomial form is full without B.) X and the weights share one
 //   dtype (f32/f16/bf16); z, dz, biases and weight gradients are f32; dX has X's dtype.
 //
-// Every kernel is a tiled f32 GEMM over k-tiles in shared memory (gate_tile.cuh), 256
-// threads, each owning a 4 x NG x NC register tile; all sums run in a fixed order (no
-// atomics), so results do not depend on the schedule.
+// Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
+// threads: f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC register tile,
+// and for the f16/bf16 forward mma.sync tensor-core tiles (gate_mma.cuh). All sums run in a
+// fixed order (no atomics), so results do not depend on the schedule.
 //
 // Kernels:
-//   gate_scores_<form>_<dtype>   forward: one launch, writes only z
+//   gate_scores_<form>_<dtype>   forward: one launch, writes only z (f32: FMA tiles below;
+//                                f16/bf16: gate_scores_mma_body)
 //   gate_coef_<form>_<dtype>     backward step 1 (not linear): recomputes the projections of
 //                                the forward tile and writes per-row gradient coefficients
 //   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term)
 //   gate_dw_<dtype>              dW = G^T X for one segment (f32)
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
-#include "include/gate_tile.cuh"
-
-enum class Form { Linear, LowRank, Symmetric, Attention, Full };
-
-constexpr int GATE_RC = 4;  // ranks per chunk: the projections of one chunk form one tile
-constexpr int GATE_TM = 4;  // tokens per thread
-constexpr int GATE_BM = 16 * GATE_TM;  // tokens per block
+#include "include/gate_mma.cuh"
 
 // The stacked-projection tile of one form: per expert NC adjacent columns, left projections
 // (U, K or A rows) of the chunk first, then right ones (V), then the linear row (W or B).
@@ -45,16 +41,6 @@ template <Form F, bool COEF> struct GateForm {
   static constexpr int BE = 16 * NG;                    // experts per block
   static constexpr int EXPERT_COLS = BE * NC;
   static constexpr int BN = EXPERT_COLS + (query ? GATE_RC : 0);
-};
-
-// p + off, or null for a null p (an absent optional operand).
-__device__ __forceinline__ const float* offset(const float* p, i64 off) { return p ? p + off : nullptr; }
-
-struct GateWeightsPtrs {
-  const void* left;   // U, K or A: [E, rank, d]
-  const void* right;  // V: [E, rank, d]
-  const void* query;  // Q: [rank, d]
-  const void* lin;    // W or B: [E, d]
 };
 
 // ------------------------------------------------------------------------------------------
@@ -187,9 +173,17 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
 #define GATE_SCORES_PARAMS(T)                                                                   \
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *bias,   \
       float *z, long long tokens, int d, int experts, int rank
+// The forward: f32 FMA tiles for f32 X, tensor cores (gate_mma.cuh) for f16 and bf16.
+template <class T> constexpr bool is_f32 = false;
+template <> constexpr bool is_f32<float> = true;
+template <class T, Form F>
+__device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const float* bias, float* z,
+                                            i64 tokens, int d, int experts, int rank) {
+  if constexpr (is_f32<T>) gate_scores_body<T, F, false>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+  else gate_scores_mma_body<T, F>(x, w, bias, z, tokens, d, experts, rank);
+}
 #define GATE_SCORES(T, F)                                                                       \
-  gate_scores_body<T, F, false>(x, GateWeightsPtrs{left, right, query, lin}, bias, nullptr, z,  \
-                                tokens, d, experts, rank)
+  gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank)
 #define GATE_COEF_PARAMS(T)                                                                     \
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *dz,     \
       float *ws, long long tokens, int d, int experts, int rank

@@ -11,7 +11,10 @@
 //!    `gate_sum` per bias gradient (Σ_t dz).
 //!
 //! Every reduction runs in a fixed order: the gradients are bitwise reproducible.
-use super::{Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, THREADS, TILE, dims_args, params, scoring_config};
+use super::{
+    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, ScoringTile, THREADS, TILE, dims_args, params,
+    scoring_config,
+};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
 use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
@@ -223,7 +226,11 @@ pub fn scores_backward<T: FloatElement>(
             .input("dz", dz)
             .output("workspace", workspace);
         let name = format!("gate_coef_{}_{}", form.kernel_name(), T::NAME);
-        device.launch(&name, scoring_config(form, shape, true)?, dims_args(args, shape, form))?;
+        device.launch(
+            &name,
+            scoring_config(form, shape, ScoringTile::Coefficients)?,
+            dims_args(args, shape, form),
+        )?;
     }
     if t > 0 && matches!(form, GateForm::Attention | GateForm::Full) {
         // SAFETY: gate_sum_inplace_f32(buf, in_off, outer, inner, outer_stride, count, stride,

@@ -20,9 +20,11 @@
 //!
 //! Cost: every forward is **one launch**, a tiled GEMM of an X tile (64 tokens) against the
 //! stacked projection rows of a block of experts, whose epilogue forms the per-expert
-//! products and writes only z. The linear gate's tile is 64 experts × 1 row = 64 columns; a
-//! quadratic tile is 32 experts × (its projections of a chunk of 4 ranks + the linear row):
-//! 288 columns for low-rank (U and V), 160 symmetric and full, 128 + 4 query rows attention.
+//! products and writes only z (never the `[T, E·r]` projections). f16/bf16 run on tensor
+//! cores (`mma.sync` m16n8k16, f32 accumulation): the linear tile is 128 experts × 1 row, a
+//! quadratic tile 32 experts × (8 rows: the two factors of a chunk of 4 ranks, interleaved so
+//! each lane multiplies its own pair) + 32 linear rows. f32 runs on FMA tiles: 64 experts × 1
+//! row, or 32 experts × (projections of a chunk of 4 ranks + the linear row).
 //! At r ≤ 4 the quadratic gate is the linear gate with a wider tile: X is read once per
 //! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
@@ -45,6 +47,8 @@ const TILE: usize = 64;
 const K_TILE: usize = 16;
 /// Ranks per chunk of a quadratic tile (`GATE_RC`).
 const RANK_CHUNK: usize = 4;
+/// Halves per shared row of the tensor-core tiles (`MMA_LD`).
+const MMA_ROW_HALVES: usize = 40;
 
 /// The scoring function's form (what [`GateWeights`] holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,23 +70,48 @@ impl GateForm {
             GateForm::Full => "full",
         }
     }
+}
 
-    /// Experts per block and shared columns of the scoring tile (`GateForm<F, COEF>` in
-    /// gate.cu) of the forward or (`coef`) the backward coefficient kernel.
-    fn tile(self, coef: bool) -> (usize, usize) {
-        let columns_per_expert = match self {
+/// The tile of a scoring-kernel launch (mirrors `GateForm` in gate.cu and `MmaForm` in
+/// gate_mma.cuh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScoringTile {
+    /// f32 X: FMA tiles, 64 experts per block (linear) or 32.
+    Forward,
+    /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 32.
+    TensorCores,
+    /// The backward coefficient kernels: FMA tiles of 16 experts.
+    Coefficients,
+}
+
+impl ScoringTile {
+    /// Experts per block and bytes of dynamic shared memory for `form`.
+    fn of(self, form: GateForm) -> (usize, usize) {
+        if self == ScoringTile::TensorCores {
+            let experts = if form == GateForm::Linear { 128 } else { 32 };
+            // Per expert a pair tile of 8 rows (L and R of 4 ranks) and its linear row.
+            let rows_per_expert = if form == GateForm::Linear {
+                1
+            } else {
+                2 * RANK_CHUNK + 1
+            };
+            let shared = (TILE + experts * rows_per_expert) * MMA_ROW_HALVES * 2;
+            return (experts, shared);
+        }
+        let columns_per_expert = match form {
             GateForm::Linear => 1,
             GateForm::LowRank => 2 * RANK_CHUNK + 1,
             GateForm::Symmetric | GateForm::Full => RANK_CHUNK + 1,
             GateForm::Attention => RANK_CHUNK,
         };
-        let experts = match (self, coef) {
+        let experts = match (form, self) {
             (GateForm::Linear, _) => 64,
-            (_, false) => 32,
-            (_, true) => 16,
+            (_, ScoringTile::Coefficients) => 16,
+            _ => 32,
         };
-        let query = if self == GateForm::Attention { RANK_CHUNK } else { 0 };
-        (experts, experts * columns_per_expert + query)
+        let query = if form == GateForm::Attention { RANK_CHUNK } else { 0 };
+        let shared = (TILE + experts * columns_per_expert + query) * K_TILE * size_of::<f32>();
+        (experts, shared)
     }
 }
 
@@ -283,7 +312,7 @@ impl<'a, T: FloatElement> GateWeights<'a, T> {
             let rows = elements("shape.rank", shape.experts, rank)?;
             super::check_range("shape.experts * rank", rows, 1..=i32::MAX as usize)?;
         }
-        let (experts_per_block, _) = form.tile(true);
+        let (experts_per_block, _) = ScoringTile::Coefficients.of(form);
         if shape.experts.div_ceil(experts_per_block) > 65535 {
             return Err(Error::InvalidArgument {
                 argument: "shape.experts",
@@ -365,7 +394,13 @@ pub fn scores<T: FloatElement>(
     }
     let form = weights.form();
     let o = weights.operands();
-    let config = scoring_config(form, shape, false)?;
+    // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
+    let tile = if size_of::<T>() == 2 {
+        ScoringTile::TensorCores
+    } else {
+        ScoringTile::Forward
+    };
+    let config = scoring_config(form, shape, tile)?;
     // SAFETY of the argument list: the order and types of GATE_SCORES_PARAMS in gate.cu
     // (x, left, right, query, lin, bias, z, tokens, d, experts, rank); lengths checked above.
     let args = KernelArgs::new(device)
@@ -381,9 +416,8 @@ pub fn scores<T: FloatElement>(
 }
 
 /// The launch of a scoring (or coefficient) kernel: 64-token by BE-expert tiles.
-fn scoring_config(form: GateForm, shape: &GateShape, coef: bool) -> Result<LaunchConfig> {
-    let (experts_per_block, columns) = form.tile(coef);
-    let shared = (TILE + columns) * K_TILE * size_of::<f32>();
+fn scoring_config(form: GateForm, shape: &GateShape, tile: ScoringTile) -> Result<LaunchConfig> {
+    let (experts_per_block, shared) = tile.of(form);
     Ok(LaunchConfig {
         grid: (
             grid_blocks("shape.tokens", shape.tokens, TILE)?,
