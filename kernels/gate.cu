@@ -25,10 +25,10 @@
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
 #include "include/gate_mma.cuh"
 
-// The stacked-projection tile of one form: per expert NC adjacent columns, left projections
+// The f32 FMA tile of one form: per expert NC adjacent columns, left projections
 // (U, K or A rows) of the chunk first, then right ones (V), then the linear row (W or B).
 // The attention form adds GATE_RC shared query columns after the experts' columns.
-// Experts per block: 64 (linear), 32 (quadratic forward), 16 (coefficient kernels, whose
+// Experts per block: 64 (linear), 32 (quadratic f32 forward), 16 (coefficient kernels, whose
 // epilogue holds more live values: 32 would cost up to 204 registers).
 template <Form F, bool COEF> struct GateForm {
   static constexpr bool left = F != Form::Linear;

@@ -10,7 +10,12 @@
 //       low-rank U_j, V_j; symmetric U_j, U_j; attention K_ej, Q_j; full A_e[j, :], e_j
 //       (the unit row, generated in shared memory: e_j . x = x_j).
 //   linear tiles: the W or B rows of 8 experts per n8 tile (lane t holds experts 2t, 2t+1).
-// Warps: 4 along tokens (16 rows each) x 2 along experts (BE/2 experts each).
+// Warps: 4 along tokens (16 rows each) x 2 along experts (BE/2 experts each); BE = 128
+//   (linear) or 32 experts per block.
+// Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
+//   64-token tile, z written once; shared tiles hold the stored 16-bit values.
+// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + COLS) * MMA_LD * 2 bytes of
+//   dynamic shared memory (COLS = BE rows for linear, 9 BE otherwise).
 #pragma once
 #include "gate_forms.cuh"
 #include "ptx.cuh"
