@@ -11,7 +11,8 @@
 //       (the unit row, generated in shared memory: e_j . x = x_j).
 //   linear tiles: the W or B rows of 8 experts per n8 tile (lane t holds experts 2t, 2t+1).
 // Warps: 4 along tokens (16 rows each) x 2 along experts (BE/2 experts each); BE = 128
-//   (linear) or 32 experts per block.
+//   (linear) or 16 experts per block (32 would hold 163 registers: one block per SM; the
+//   weight rows, read once per 64-token tile, dominate the L2 traffic either way).
 // Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
 //   64-token tile, z written once; shared tiles hold the stored 16-bit values.
 // Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + COLS) * MMA_LD * 2 bytes of
@@ -25,7 +26,7 @@ constexpr int MMA_LD = MMA_BK + 8;    // halves per shared row: 80 B (16-byte al
 
 template <Form F> struct MmaForm {
   static constexpr bool pairs = F != Form::Linear;
-  static constexpr int BE = pairs ? 32 : 128;      // experts per block
+  static constexpr int BE = pairs ? 16 : 128;      // experts per block
   static constexpr int WE = BE / 2;                // experts per warp
   static constexpr int PAIR_TILES = pairs ? WE : 0;
   static constexpr int LIN_TILES = WE / 8;

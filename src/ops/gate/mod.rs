@@ -22,8 +22,8 @@
 //! stacked projection rows of a block of experts, whose epilogue forms the per-expert
 //! products and writes only z (never the `[T, E·r]` projections). f16/bf16 run on tensor
 //! cores (`mma.sync` m16n8k16, f32 accumulation): the linear tile is 128 experts × 1 row, a
-//! quadratic tile 32 experts × (8 rows: the two factors of a chunk of 4 ranks, interleaved so
-//! each lane multiplies its own pair) + 32 linear rows. f32 runs on FMA tiles: 64 experts × 1
+//! quadratic tile 16 experts × (8 rows: the two factors of a chunk of 4 ranks, interleaved so
+//! each lane multiplies its own pair) + 16 linear rows (91-96 registers: 2 blocks per SM). f32 runs on FMA tiles: 64 experts × 1
 //! row, or 32 experts × (projections of a chunk of 4 ranks + the linear row).
 //! At r ≤ 4 the quadratic gate is the linear gate with a wider tile: X is read once per
 //! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
@@ -78,7 +78,7 @@ impl GateForm {
 enum ScoringTile {
     /// f32 X: FMA tiles, 64 experts per block (linear) or 32.
     Forward,
-    /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 32.
+    /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 16.
     TensorCores,
     /// The backward coefficient kernels: FMA tiles of 16 experts.
     Coefficients,
@@ -88,7 +88,7 @@ impl ScoringTile {
     /// Experts per block and bytes of dynamic shared memory for `form`.
     fn of(self, form: GateForm) -> (usize, usize) {
         if self == ScoringTile::TensorCores {
-            let experts = if form == GateForm::Linear { 128 } else { 32 };
+            let experts = if form == GateForm::Linear { 128 } else { 16 };
             // Per expert a pair tile of 8 rows (L and R of 4 ranks) and its linear row.
             let rows_per_expert = if form == GateForm::Linear {
                 1
