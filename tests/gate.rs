@@ -411,18 +411,21 @@ proptest! {
     }
 }
 
-/// Every form at the sizes the issue names, once each: T large-ish, E = 64, r = 4.
+/// Every form in every dtype at a larger size (several token, expert and k tiles): T = 200,
+/// d = 40, E = 130 (the tensor-core tiles' 128 + a ragged one), r = 4; the full form smaller.
 #[test]
 fn every_form_at_a_larger_size() {
-    for form in [
-        GateForm::Linear,
-        GateForm::LowRank,
-        GateForm::Symmetric,
-        GateForm::Attention,
-    ] {
-        check_all_dtypes(&Case::new(form, 200, 40, 64, 4), 0);
+    for dtype in 0..3 {
+        for form in [
+            GateForm::Linear,
+            GateForm::LowRank,
+            GateForm::Symmetric,
+            GateForm::Attention,
+        ] {
+            check_all_dtypes(&Case::new(form, 200, 40, 130, 4), dtype);
+        }
+        check_all_dtypes(&Case::new(GateForm::Full, 130, 12, 8, 1), dtype);
     }
-    check_all_dtypes(&Case::new(GateForm::Full, 130, 12, 8, 1), 2);
 }
 
 /// Every forward is one launch, at every rank (ranks above 4 loop inside the kernel).
