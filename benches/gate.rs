@@ -1,13 +1,16 @@
 //! Router scoring: the linear gate against the low-rank quadratic gate at r = 4, forward and
-//! backward. States each op's floor; benches the CPU reference and the emulator at a small
+//! backward, with f32 X (FMA tiles) and bf16 X (tensor-core forward). States each op's floor; benches the CPU reference and the emulator at a small
 //! size; on a GPU reports the fraction of the floor (`report_gpu_fraction`).
 mod common;
 
 use common::{Floor, devices, report_gpu_fraction};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use half::bf16;
+use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
 use moe_kernels::reference::gate::{self as reference, GateParams};
-use moe_kernels::{Device, DeviceBuffer};
+use moe_kernels::{Device, DeviceBuffer, DeviceKind, DeviceSlice};
 
 const SHAPE: GateShape = GateShape {
     tokens: 128,
@@ -25,25 +28,26 @@ fn rows_per_expert(form: GateForm) -> u64 {
     }
 }
 
-/// Forward floor: X, the weights and c read once, z written once (f32 everything here);
-/// 2 flops per multiply-add of X against every projection row.
-fn forward_floor(form: GateForm) -> Floor {
+/// Forward floor: X and the weights (`size` bytes per element) and the f32 bias read once,
+/// z (f32) written once; 2 flops per multiply-add of X against every projection row.
+fn forward_floor(form: GateForm, size: u64) -> Floor {
     let (t, d, e) = (SHAPE.tokens as u64, SHAPE.dim as u64, SHAPE.experts as u64);
     let rows = e * rows_per_expert(form);
     Floor {
-        bytes: 4 * (t * d + rows * d + e + t * e),
+        bytes: size * (t * d + rows * d) + 4 * (e + t * e),
         flops: 2 * t * d * rows,
     }
 }
 
-/// Backward floor: X, dz and the weights read once; dX and every weight gradient written once;
-/// the projections are recomputed (one forward GEMM) and two GEMMs of the same size follow.
-fn backward_floor(form: GateForm) -> Floor {
+/// Backward floor: X, dz and the weights read once; dX (X's dtype) and every weight gradient
+/// (f32) written once; the projections are recomputed (one forward GEMM) and two GEMMs of the
+/// same size follow.
+fn backward_floor(form: GateForm, size: u64) -> Floor {
     let (t, d, e) = (SHAPE.tokens as u64, SHAPE.dim as u64, SHAPE.experts as u64);
     let rows = e * rows_per_expert(form);
     let recompute = if form == GateForm::Linear { 0 } else { 1 };
     Floor {
-        bytes: 4 * (t * d + t * e + rows * d + t * d + rows * d + e),
+        bytes: size * (2 * t * d + rows * d) + 4 * (t * e + rows * d + e),
         flops: 2 * t * d * rows * (2 + recompute),
     }
 }
@@ -76,10 +80,75 @@ fn params(form: GateForm) -> GateParams {
     }
 }
 
-fn upload(device: &Device, v: &[f64]) -> DeviceBuffer<f32> {
+/// `v` rounded to `T` on `device`.
+fn upload<T: FloatElement>(device: &Device, v: &[f64]) -> DeviceBuffer<T> {
     device
-        .upload(&v.iter().map(|&v| v as f32).collect::<Vec<_>>())
+        .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
         .expect("upload")
+}
+
+/// The emulator (timed by criterion) or a GPU (`report_gpu_fraction`) on X and weights of type T.
+fn bench_device<T: FloatElement>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    device: &Device,
+    form: GateForm,
+    host: &GateParams,
+    x: &[f64],
+    dz: &[f64],
+    label: &str,
+) {
+    // The linear gate's bias and every c are f32; the other parameters are stored as T.
+    let f32_bias = |name: &str| name == "c" || (form == GateForm::Linear && name == "b");
+    let tensors = host.tensors();
+    let typed: Vec<DeviceBuffer<T>> = tensors.iter().map(|(_, t)| upload::<T>(device, t)).collect();
+    let float: Vec<DeviceBuffer<f32>> = tensors.iter().map(|(_, t)| upload::<f32>(device, t)).collect();
+    let pick = |i: usize| (!f32_bias(tensors[i].0)).then(|| &typed[i] as &dyn DeviceSlice<T>);
+    let pick_f32 = |i: usize| f32_bias(tensors[i].0).then(|| &float[i] as &dyn DeviceSlice<f32>);
+    let weights = match form {
+        GateForm::Linear => GateWeights::Linear {
+            w: pick(0).expect("w"),
+            b: pick_f32(1),
+        },
+        _ => GateWeights::LowRank {
+            u: pick(0).expect("u"),
+            v: pick(1).expect("v"),
+            b: pick(2),
+            c: pick_f32(3),
+        },
+    };
+    let x_dev = upload::<T>(device, x);
+    let dz_dev = upload::<f32>(device, dz);
+    let mut z = device.alloc_zeros::<f32>(SHAPE.z_len()).expect("alloc");
+    let mut dx = device.alloc_zeros::<T>(SHAPE.x_len()).expect("alloc");
+    let mut grads: Vec<DeviceBuffer<f32>> = tensors
+        .iter()
+        .map(|(_, t)| device.alloc_zeros(t.len()).expect("alloc"))
+        .collect();
+    let ws_len = gate::backward_workspace_len(form, &SHAPE).expect("workspace");
+    let mut ws = device.alloc_zeros::<f32>(ws_len).expect("alloc");
+    let mut forward = || gate::scores(device, &SHAPE, &weights, &x_dev, &mut z).expect("scores");
+    let mut backward = || {
+        let g = match &mut grads[..] {
+            [w, b] => GateGrads::Linear { w, b: Some(b) },
+            [u, v, b, c] => GateGrads::LowRank {
+                u,
+                v,
+                b: Some(b),
+                c: Some(c),
+            },
+            _ => unreachable!("two or four gradients"),
+        };
+        gate::scores_backward(device, &SHAPE, &weights, &x_dev, &dz_dev, &mut dx, g, &mut ws).expect("backward")
+    };
+    let size = size_of::<T>() as u64;
+    if device.kind() == DeviceKind::Emulator {
+        group.bench_function(format!("emulator forward {}", T::NAME), |b| b.iter(&mut forward));
+        group.bench_function(format!("emulator backward {}", T::NAME), |b| b.iter(&mut backward));
+    } else {
+        let name = |pass: &str| format!("gate {pass} {label} {}", T::NAME);
+        report_gpu_fraction(&name("forward"), device, forward_floor(form, size), &mut forward);
+        report_gpu_fraction(&name("backward"), device, backward_floor(form, size), &mut backward);
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -93,8 +162,16 @@ fn bench(c: &mut Criterion) {
             format!(" r={}", SHAPE.rank)
         };
         let label = format!("{form:?} T={} d={} E={}{rank}", SHAPE.tokens, SHAPE.dim, SHAPE.experts);
-        println!("gate forward {label}: {}", forward_floor(form).describe());
-        println!("gate backward {label}: {}", backward_floor(form).describe());
+        for size in [4, 2] {
+            println!(
+                "gate forward {label}, {size}-byte X: {}",
+                forward_floor(form, size).describe()
+            );
+            println!(
+                "gate backward {label}, {size}-byte X: {}",
+                backward_floor(form, size).describe()
+            );
+        }
         let mut group = c.benchmark_group(format!("gate {label}"));
         group.sample_size(10);
         group.bench_function("reference forward", |b| b.iter(|| reference::scores(&SHAPE, &host, &x)));
@@ -102,61 +179,8 @@ fn bench(c: &mut Criterion) {
             b.iter(|| reference::scores_backward(&SHAPE, &host, &x, &dz))
         });
         for device in devices() {
-            let tensors: Vec<DeviceBuffer<f32>> = host.tensors().iter().map(|(_, t)| upload(&device, t)).collect();
-            let weights = match form {
-                GateForm::Linear => GateWeights::Linear {
-                    w: &tensors[0],
-                    b: Some(&tensors[1]),
-                },
-                _ => GateWeights::LowRank {
-                    u: &tensors[0],
-                    v: &tensors[1],
-                    b: Some(&tensors[2]),
-                    c: Some(&tensors[3]),
-                },
-            };
-            let x_dev = upload(&device, &x);
-            let dz_dev = upload(&device, &dz);
-            let mut z = device.alloc_zeros::<f32>(SHAPE.z_len()).expect("alloc");
-            let mut dx = device.alloc_zeros::<f32>(SHAPE.x_len()).expect("alloc");
-            let mut grads: Vec<DeviceBuffer<f32>> = tensors
-                .iter()
-                .map(|t| device.alloc_zeros(t.len()).expect("alloc"))
-                .collect();
-            let ws_len = gate::backward_workspace_len(form, &SHAPE).expect("workspace");
-            let mut ws = device.alloc_zeros::<f32>(ws_len).expect("alloc");
-            let mut forward = || gate::scores(&device, &SHAPE, &weights, &x_dev, &mut z).expect("scores");
-            let mut backward = || {
-                let g = match &mut grads[..] {
-                    [w, b] => GateGrads::Linear { w, b: Some(b) },
-                    [u, v, b, c] => GateGrads::LowRank {
-                        u,
-                        v,
-                        b: Some(b),
-                        c: Some(c),
-                    },
-                    _ => unreachable!("two or four gradients"),
-                };
-                gate::scores_backward(&device, &SHAPE, &weights, &x_dev, &dz_dev, &mut dx, g, &mut ws)
-                    .expect("backward")
-            };
-            if device.kind() == moe_kernels::DeviceKind::Emulator {
-                group.bench_function("emulator forward", |b| b.iter(&mut forward));
-                group.bench_function("emulator backward", |b| b.iter(&mut backward));
-            } else {
-                report_gpu_fraction(
-                    &format!("gate forward {label}"),
-                    &device,
-                    forward_floor(form),
-                    &mut forward,
-                );
-                report_gpu_fraction(
-                    &format!("gate backward {label}"),
-                    &device,
-                    backward_floor(form),
-                    &mut backward,
-                );
-            }
+            bench_device::<f32>(&mut group, &device, form, &host, &x, &dz, &label);
+            bench_device::<bf16>(&mut group, &device, form, &host, &x, &dz, &label);
         }
         group.finish();
     }
