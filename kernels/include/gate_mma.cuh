@@ -16,7 +16,7 @@
 // Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
 //   64-token tile, z written once; shared tiles hold the stored 16-bit values.
 // Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + COLS) * MMA_LD * 2 bytes of
-//   dynamic shared memory (COLS = BE rows for linear, 9 BE otherwise).
+//   dynamic shared memory (COLS: MmaForm).
 #pragma once
 #include "gate_forms.cuh"
 #include "ptx.cuh"
@@ -24,14 +24,28 @@
 constexpr int MMA_BK = 32;            // k-tile: two k16 steps
 constexpr int MMA_LD = MMA_BK + 8;    // halves per shared row: 80 B (16-byte aligned rows)
 
+// Shared rows of the B tile: the L rows of each expert's chunk ([expert][4]), then the R rows
+// (low-rank: V per expert [expert][4]; attention and full: the 4 rows Q_j or e_j, shared by
+// every expert; symmetric: none, R is L), then one linear row per expert. A pair tile's
+// ldmatrix lanes address L and R rows wherever they are, so no row is stored twice.
 template <Form F> struct MmaForm {
   static constexpr bool pairs = F != Form::Linear;
   static constexpr int BE = pairs ? 16 : 128;      // experts per block
   static constexpr int WE = BE / 2;                // experts per warp
   static constexpr int PAIR_TILES = pairs ? WE : 0;
   static constexpr int LIN_TILES = WE / 8;
-  static constexpr int PAIR_COLS = pairs ? BE * 8 : 0;
-  static constexpr int COLS = PAIR_COLS + BE;      // shared rows of the B tile
+  static constexpr int L_ROWS = pairs ? BE * GATE_RC : 0;
+  static constexpr int R_ROWS = F == Form::LowRank ? BE * GATE_RC
+                                : (F == Form::Attention || F == Form::Full) ? GATE_RC
+                                                                             : 0;
+  static constexpr int LIN0 = L_ROWS + R_ROWS;     // first linear row
+  static constexpr int COLS = LIN0 + BE;           // shared rows of the B tile
+  // Shared row of the pair tile of block expert el, rank c of the chunk, factor s (0: L, 1: R).
+  static __device__ __forceinline__ int pair_row(int el, int c, int s) {
+    if (s == 0 || F == Form::Symmetric) return el * GATE_RC + c;
+    if (F == Form::LowRank) return L_ROWS + el * GATE_RC + c;
+    return L_ROWS + c;
+  }
 };
 
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
@@ -96,24 +110,27 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   float zlin[M::LIN_TILES][4] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int r0 = chunk * GATE_RC;
-    // Shared row n: pair columns (expert n / 8, rank n % 8 / 2, L or R), then linear rows.
-    auto pair_rank = [&](int n) { return r0 + (n % 8) / 2; };
+    // The source of shared row n (layout above MmaForm); null: zeros (or a unit row).
     auto weight_row = [&](int n) -> const T* {
-      if (n >= M::PAIR_COLS) {
-        const int e = e0 + n - M::PAIR_COLS;
+      if (n >= M::LIN0) {
+        const int e = e0 + n - M::LIN0;
         return (chunk == 0 && lin != nullptr && e < experts) ? lin + i64(e) * d : nullptr;
       }
-      const int e = e0 + n / 8, j = pair_rank(n);
-      if (e >= experts || j >= rank) return nullptr;
-      if (n % 2 == 0) return left + (i64(e) * rank + j) * d;
-      if constexpr (F == Form::LowRank) return right + (i64(e) * rank + j) * d;
-      if constexpr (F == Form::Symmetric) return left + (i64(e) * rank + j) * d;
-      if constexpr (F == Form::Attention) return query + i64(j) * d;
-      return nullptr;  // full: the unit row e_j
+      if (n >= M::L_ROWS) {  // R rows
+        const int m = n - M::L_ROWS, j = r0 + m % GATE_RC;
+        if constexpr (F == Form::LowRank) {
+          const int e = e0 + m / GATE_RC;
+          return (e < experts && j < rank) ? right + (i64(e) * rank + j) * d : nullptr;
+        }
+        if constexpr (F == Form::Attention) return j < rank ? query + i64(j) * d : nullptr;
+        return nullptr;  // full: the unit row e_j
+      }
+      const int e = e0 + n / GATE_RC, j = r0 + n % GATE_RC;
+      return (e < experts && j < rank) ? left + (i64(e) * rank + j) * d : nullptr;
     };
     auto unit_column = [&](int n) -> i64 {
-      const bool is_unit = F == Form::Full && n < M::PAIR_COLS && n % 2 == 1;
-      return (is_unit && e0 + n / 8 < experts && pair_rank(n) < rank) ? pair_rank(n) : -1;
+      const int j = r0 + (n - M::L_ROWS);
+      return (F == Form::Full && n >= M::L_ROWS && n < M::LIN0 && j < rank) ? j : -1;
     };
 
     float acc[M::PAIR_TILES + M::LIN_TILES][4] = {};
@@ -128,10 +145,13 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
         ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * MMA_LD + ks + (lane / 16) * 8);
 #pragma unroll
         for (int i = 0; i < M::PAIR_TILES + M::LIN_TILES; ++i) {
-          const int n0 = i < M::PAIR_TILES ? (wn * M::WE + i) * 8
-                                           : M::PAIR_COLS + wn * M::WE + (i - M::PAIR_TILES) * 8;
+          // Lane l addresses row l % 8 of the n8 tile: column 2c + s of a pair tile.
+          const int r8 = lane % 8;
+          const int row = i < M::PAIR_TILES
+                              ? M::pair_row(wn * M::WE + i, r8 / 2, r8 % 2)
+                              : M::LIN0 + wn * M::WE + (i - M::PAIR_TILES) * 8 + r8;
           uint32_t b[2];
-          ldmatrix_x2<false>(b, Bs + (n0 + lane % 8) * MMA_LD + ks + ((lane / 8) % 2) * 8);
+          ldmatrix_x2<false>(b, Bs + row * MMA_LD + ks + ((lane / 8) % 2) * 8);
           mma_16816(acc[i], a, b, static_cast<T*>(nullptr));
         }
       }

@@ -89,13 +89,14 @@ impl ScoringTile {
     fn of(self, form: GateForm) -> (usize, usize) {
         if self == ScoringTile::TensorCores {
             let experts = if form == GateForm::Linear { 128 } else { 16 };
-            // Per expert a pair tile of 8 rows (L and R of 4 ranks) and its linear row.
-            let rows_per_expert = if form == GateForm::Linear {
-                1
-            } else {
-                2 * RANK_CHUNK + 1
+            // Per expert its linear row and the L rows of a chunk; the R rows (`MmaForm`).
+            let (left, right) = match form {
+                GateForm::Linear => (0, 0),
+                GateForm::LowRank => (experts * RANK_CHUNK, experts * RANK_CHUNK),
+                GateForm::Symmetric => (experts * RANK_CHUNK, 0),
+                GateForm::Attention | GateForm::Full => (experts * RANK_CHUNK, RANK_CHUNK),
             };
-            let shared = (TILE + experts * rows_per_expert) * MMA_ROW_HALVES * 2;
+            let shared = (TILE + left + right + experts) * MMA_ROW_HALVES * 2;
             return (experts, shared);
         }
         let columns_per_expert = match form {
