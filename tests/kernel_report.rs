@@ -97,11 +97,20 @@ fn no_kernel_touches_local_memory() {
 #[test]
 fn tensor_core_kernels_contain_hmma() {
     let Some(all) = sass() else { return };
-    for kernel in [
+    let mut kernels: Vec<String> = [
         "selftest_mma_direct_bf16",
         "selftest_mma_direct_f16",
         "selftest_mma_ldmatrix_bf16",
-    ] {
+    ]
+    .map(String::from)
+    .to_vec();
+    // The gate's 16-bit forward runs on tensor cores, every form.
+    for form in ["linear", "lowrank", "symmetric", "attention", "full"] {
+        for dtype in ["f16", "bf16"] {
+            kernels.push(format!("gate_scores_{form}_{dtype}"));
+        }
+    }
+    for kernel in &kernels {
         for s in mix_of(&all, kernel) {
             assert!(s.mix.mma > 0, "{kernel} on sm_{} has no HMMA: {:?}", s.arch, s.mix);
         }

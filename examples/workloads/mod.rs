@@ -1,12 +1,13 @@
 //! One small run of every op family's ops, so that `kernel_report` learns the launch
 //! configuration the crate uses for each kernel (occupancy needs it). Shapes are small (the
 //! emulator runs them) but take every path: each router width, both dispatch map paths,
-//! capacity, every row-mover dtype.
+//! capacity, every row-mover dtype, every gate form in every dtype.
 use half::{bf16, f16};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, RoutingMap};
+use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction};
-use moe_kernels::{Device, DeviceBuffer, Result};
+use moe_kernels::{Device, DeviceBuffer, DeviceSlice, Result};
 
 /// Logits in [-2, 2) without ties, from a fixed recurrence.
 fn values(len: usize) -> Vec<f32> {
@@ -113,6 +114,109 @@ fn dispatch_ops(device: &Device, tokens: usize, capacity: Option<Capacity>) -> R
     row_movers::<bf16>(device, &map, (tokens, k, d))
 }
 
+fn upload<T: FloatElement>(device: &Device, len: usize) -> Result<DeviceBuffer<T>> {
+    device.upload(
+        &values(len)
+            .into_iter()
+            .map(|v| T::from_f32(v * 0.1))
+            .collect::<Vec<T>>(),
+    )
+}
+
+/// Forward and backward of `form` with X and weights in `T`; every optional term present.
+fn gate_ops<T: FloatElement>(device: &Device, form: GateForm) -> Result<()> {
+    let shape = GateShape {
+        tokens: 70,
+        dim: 24,
+        experts: 20,
+        rank: 4,
+    };
+    let (e, d, r) = (shape.experts, shape.dim, shape.rank);
+    let (left, right, linear) = (
+        upload::<T>(device, e * r * d)?,
+        upload::<T>(device, e * r * d)?,
+        upload::<T>(device, e * d)?,
+    );
+    let (query, full) = (upload::<T>(device, r * d)?, upload::<T>(device, e * d * d)?);
+    let bias = upload::<f32>(device, e)?;
+    let weights = match form {
+        GateForm::Linear => GateWeights::Linear {
+            w: t(&linear),
+            b: Some(&bias),
+        },
+        GateForm::LowRank => GateWeights::LowRank {
+            u: t(&left),
+            v: t(&right),
+            b: Some(t(&linear)),
+            c: Some(&bias),
+        },
+        GateForm::Symmetric => GateWeights::Symmetric {
+            u: t(&left),
+            b: Some(t(&linear)),
+            c: Some(&bias),
+        },
+        GateForm::Attention => GateWeights::Attention {
+            wq: t(&query),
+            k: t(&left),
+        },
+        GateForm::Full => GateWeights::Full {
+            a: t(&full),
+            b: Some(t(&linear)),
+            c: Some(&bias),
+        },
+    };
+    let x = upload::<T>(device, shape.x_len())?;
+    let mut z = device.alloc_zeros::<f32>(shape.z_len())?;
+    gate::scores(device, &shape, &weights, &x, &mut z)?;
+    let mut dx = device.alloc_zeros::<T>(shape.x_len())?;
+    let mut grads: Vec<DeviceBuffer<f32>> = weights
+        .params(&shape)
+        .iter()
+        .map(|p| device.alloc_zeros(p.dims[..p.ndim].iter().product()))
+        .collect::<Result<_>>()?;
+    let grads = match (form, &mut grads[..]) {
+        (GateForm::Linear, [w, b]) => GateGrads::Linear { w, b: Some(b) },
+        (GateForm::LowRank, [u, v, b, c]) => GateGrads::LowRank {
+            u,
+            v,
+            b: Some(b),
+            c: Some(c),
+        },
+        (GateForm::Symmetric, [u, b, c]) => GateGrads::Symmetric {
+            u,
+            b: Some(b),
+            c: Some(c),
+        },
+        (GateForm::Attention, [wq, k]) => GateGrads::Attention { wq, k },
+        (GateForm::Full, [a, b, c]) => GateGrads::Full {
+            a,
+            b: Some(b),
+            c: Some(c),
+        },
+        _ => unreachable!("GateWeights::params lists each present tensor of the form"),
+    };
+    let mut workspace = device.alloc_zeros::<f32>(gate::backward_workspace_len(form, &shape)?)?;
+    gate::scores_backward(device, &shape, &weights, &x, &z, &mut dx, grads, &mut workspace)
+}
+
+/// A buffer as the trait object `GateWeights` holds.
+fn t<T: FloatElement>(buffer: &DeviceBuffer<T>) -> &dyn DeviceSlice<T> {
+    buffer
+}
+
+fn gate_all<T: FloatElement>(device: &Device) -> Result<()> {
+    for form in [
+        GateForm::Linear,
+        GateForm::LowRank,
+        GateForm::Symmetric,
+        GateForm::Attention,
+        GateForm::Full,
+    ] {
+        gate_ops::<T>(device, form)?;
+    }
+    Ok(())
+}
+
 /// Runs every op family once on `device`.
 pub fn run_all(device: &Device) -> Result<()> {
     for experts in [8, 64, 128, 256, 512, 1024] {
@@ -120,5 +224,8 @@ pub fn run_all(device: &Device) -> Result<()> {
     }
     dispatch_ops(device, 64, None)?;
     dispatch_ops(device, 2048, None)?;
-    dispatch_ops(device, 2048, Some(Capacity::default()))
+    dispatch_ops(device, 2048, Some(Capacity::default()))?;
+    gate_all::<f32>(device)?;
+    gate_all::<f16>(device)?;
+    gate_all::<bf16>(device)
 }

@@ -8,6 +8,8 @@
 use crate::{DeviceSlice, Element, Error, Result};
 
 pub mod dispatch;
+pub mod gate;
+pub mod router;
 
 /// The floating-point element types kernels read and write: `f32`, `f16`, `bf16`.
 /// Kernels compute in f32 whatever the storage type.
@@ -99,4 +101,3 @@ pub(crate) fn grid_blocks(argument: &'static str, items: usize, per_block: usize
             expected: format!("at most {} items", (i32::MAX as usize) * per_block),
         })
 }
-pub mod router;

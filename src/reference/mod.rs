@@ -3,4 +3,5 @@
 //! (tolerances in SPEC §9). It depends on nothing but the ops' configuration types.
 
 pub mod dispatch;
+pub mod gate;
 pub mod router;

@@ -1,0 +1,234 @@
+//! Router scoring: the linear gate against the low-rank quadratic gate at r = 4, forward and
+//! backward, with f32 X (FMA tiles) and bf16 X (tensor-core forward). States each op's floor;
+//! benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
+//! of the floor at the realistic layer shapes (`common::layer_shapes`).
+mod common;
+
+use common::{Floor, devices, layer_shapes, report_gpu_fraction};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use half::bf16;
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
+use moe_kernels::reference::gate::{self as reference, GateParams};
+use moe_kernels::{Device, DeviceBuffer, DeviceKind, DeviceSlice};
+
+const SHAPE: GateShape = GateShape {
+    tokens: 128,
+    dim: 64,
+    experts: 32,
+    rank: 4,
+};
+
+/// Projection rows per expert the form reads (and multiplies X with).
+fn rows_per_expert(form: GateForm, shape: &GateShape) -> u64 {
+    match form {
+        GateForm::Linear => 1,
+        // U and V rows plus the linear row B.
+        _ => 2 * shape.rank as u64 + 1,
+    }
+}
+
+/// Forward floor: X and the weights (`size` bytes per element) and the f32 bias read once,
+/// z (f32) written once; 2 flops per multiply-add of X against every projection row.
+fn forward_floor(form: GateForm, shape: &GateShape, size: u64) -> Floor {
+    let (t, d, e) = (shape.tokens as u64, shape.dim as u64, shape.experts as u64);
+    let rows = e * rows_per_expert(form, shape);
+    Floor {
+        bytes: size * (t * d + rows * d) + 4 * (e + t * e),
+        flops: 2 * t * d * rows,
+    }
+}
+
+/// Backward floor: X, dz and the weights read once; dX (X's dtype) and every weight gradient
+/// (f32) written once; the projections are recomputed (one forward GEMM) and two GEMMs of the
+/// same size follow.
+fn backward_floor(form: GateForm, shape: &GateShape, size: u64) -> Floor {
+    let (t, d, e) = (shape.tokens as u64, shape.dim as u64, shape.experts as u64);
+    let rows = e * rows_per_expert(form, shape);
+    let recompute = if form == GateForm::Linear { 0 } else { 1 };
+    Floor {
+        bytes: size * (2 * t * d + rows * d) + 4 * (t * e + rows * d + e),
+        flops: 2 * t * d * rows * (2 + recompute),
+    }
+}
+
+fn normals(seed: u64, len: usize, scale: f64) -> Vec<f64> {
+    // A small LCG is enough for bench inputs.
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+fn params(form: GateForm, shape: &GateShape) -> GateParams {
+    let (d, e, r) = (shape.dim, shape.experts, shape.rank);
+    let s = 1.0 / (d as f64).sqrt();
+    match form {
+        GateForm::Linear => GateParams::Linear {
+            w: normals(1, e * d, s),
+            b: Some(normals(2, e, 1.0)),
+        },
+        _ => GateParams::LowRank {
+            u: normals(3, e * r * d, s),
+            v: normals(4, e * r * d, s),
+            b: Some(normals(5, e * d, s)),
+            c: Some(normals(6, e, 1.0)),
+        },
+    }
+}
+
+/// `v` rounded to `T` on `device`.
+fn upload<T: FloatElement>(device: &Device, v: &[f64]) -> DeviceBuffer<T> {
+    device
+        .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
+        .expect("upload")
+}
+
+/// The emulator (timed by criterion in `group`) or a GPU (`report_gpu_fraction`, `group` None)
+/// on X and weights of type T.
+#[allow(clippy::too_many_arguments)]
+fn bench_device<T: FloatElement>(
+    group: Option<&mut BenchmarkGroup<'_, WallTime>>,
+    device: &Device,
+    form: GateForm,
+    shape: &GateShape,
+    host: &GateParams,
+    x: &[f64],
+    dz: &[f64],
+    label: &str,
+) {
+    // The linear gate's bias and every c are f32; the other parameters are stored as T.
+    let f32_bias = |name: &str| name == "c" || (form == GateForm::Linear && name == "b");
+    let tensors = host.tensors();
+    let typed: Vec<DeviceBuffer<T>> = tensors.iter().map(|(_, t)| upload::<T>(device, t)).collect();
+    let float: Vec<DeviceBuffer<f32>> = tensors.iter().map(|(_, t)| upload::<f32>(device, t)).collect();
+    let pick = |i: usize| (!f32_bias(tensors[i].0)).then(|| &typed[i] as &dyn DeviceSlice<T>);
+    let pick_f32 = |i: usize| f32_bias(tensors[i].0).then(|| &float[i] as &dyn DeviceSlice<f32>);
+    let weights = match form {
+        GateForm::Linear => GateWeights::Linear {
+            w: pick(0).expect("w"),
+            b: pick_f32(1),
+        },
+        _ => GateWeights::LowRank {
+            u: pick(0).expect("u"),
+            v: pick(1).expect("v"),
+            b: pick(2),
+            c: pick_f32(3),
+        },
+    };
+    let x_dev = upload::<T>(device, x);
+    let dz_dev = upload::<f32>(device, dz);
+    let mut z = device.alloc_zeros::<f32>(shape.z_len()).expect("alloc");
+    let mut dx = device.alloc_zeros::<T>(shape.x_len()).expect("alloc");
+    let mut grads: Vec<DeviceBuffer<f32>> = tensors
+        .iter()
+        .map(|(_, t)| device.alloc_zeros(t.len()).expect("alloc"))
+        .collect();
+    let ws_len = gate::backward_workspace_len(form, shape).expect("workspace");
+    let mut ws = device.alloc_zeros::<f32>(ws_len).expect("alloc");
+    let mut forward = || gate::scores(device, shape, &weights, &x_dev, &mut z).expect("scores");
+    let mut backward = || {
+        let g = match &mut grads[..] {
+            [w, b] => GateGrads::Linear { w, b: Some(b) },
+            [u, v, b, c] => GateGrads::LowRank {
+                u,
+                v,
+                b: Some(b),
+                c: Some(c),
+            },
+            _ => unreachable!("two or four gradients"),
+        };
+        gate::scores_backward(device, shape, &weights, &x_dev, &dz_dev, &mut dx, g, &mut ws).expect("backward")
+    };
+    let size = size_of::<T>() as u64;
+    match group {
+        Some(group) => {
+            group.bench_function(format!("{:?} forward {}", device.kind(), T::NAME), |b| {
+                b.iter(&mut forward)
+            });
+            group.bench_function(format!("{:?} backward {}", device.kind(), T::NAME), |b| {
+                b.iter(&mut backward)
+            });
+        }
+        None => {
+            let op = |pass: &str| format!("gate/{form:?}_{pass}_{}", T::NAME);
+            report_gpu_fraction(
+                &op("forward"),
+                label,
+                device,
+                forward_floor(form, shape, size),
+                &mut forward,
+            );
+            report_gpu_fraction(
+                &op("backward"),
+                label,
+                device,
+                backward_floor(form, shape, size),
+                &mut backward,
+            );
+        }
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let devices = devices();
+    let x = normals(7, SHAPE.x_len(), 1.0);
+    let dz = normals(8, SHAPE.z_len(), 1.0);
+    for form in [GateForm::Linear, GateForm::LowRank] {
+        let host = params(form, &SHAPE);
+        let rank = if form == GateForm::Linear {
+            String::new()
+        } else {
+            format!(" r={}", SHAPE.rank)
+        };
+        let label = format!("{form:?} T={} d={} E={}{rank}", SHAPE.tokens, SHAPE.dim, SHAPE.experts);
+        for size in [4, 2] {
+            println!(
+                "gate forward {label}, {size}-byte X: {}",
+                forward_floor(form, &SHAPE, size).describe()
+            );
+            println!(
+                "gate backward {label}, {size}-byte X: {}",
+                backward_floor(form, &SHAPE, size).describe()
+            );
+        }
+        let mut group = c.benchmark_group(format!("gate {label}"));
+        group.sample_size(10);
+        group.bench_function("reference forward", |b| b.iter(|| reference::scores(&SHAPE, &host, &x)));
+        group.bench_function("reference backward", |b| {
+            b.iter(|| reference::scores_backward(&SHAPE, &host, &x, &dz))
+        });
+        for device in devices.iter().filter(|d| d.kind() == DeviceKind::Emulator) {
+            bench_device::<f32>(Some(&mut group), device, form, &SHAPE, &host, &x, &dz, &label);
+            bench_device::<bf16>(Some(&mut group), device, form, &SHAPE, &host, &x, &dz, &label);
+        }
+        group.finish();
+    }
+    for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        for layer in layer_shapes(device) {
+            let shape = GateShape {
+                tokens: layer.tokens,
+                dim: layer.d,
+                experts: layer.experts,
+                rank: SHAPE.rank,
+            };
+            let (x, dz) = (normals(7, shape.x_len(), 1.0), normals(8, shape.z_len(), 1.0));
+            for form in [GateForm::Linear, GateForm::LowRank] {
+                let host = params(form, &shape);
+                let label = match form {
+                    GateForm::Linear => layer.label(),
+                    _ => format!("{},r={}", layer.label(), shape.rank),
+                };
+                bench_device::<f32>(None, device, form, &shape, &host, &x, &dz, &label);
+                bench_device::<bf16>(None, device, form, &shape, &host, &x, &dz, &label);
+            }
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,417 @@
+// gate.cu: router scoring z = score(X) (SPEC §1), forward and backward.
+//
+// Forms (weights stored like nn.Linear, `in` = d contiguous; x_t a row of X [T, d]):
+//   linear     z_te = W_e . x_t + b_e                      W [E, d], b [E] f32
+//   low-rank   z_te = sum_j (U_ej . x)(V_ej . x) + B_e . x + c_e    U, V [E, r, d], B [E, d], c [E] f32
+//   symmetric  z_te = sum_j (U_ej . x)^2 + B_e . x + c_e            U [E, r, d]
+//   attention  z_te = sum_j (Q_j . x)(K_ej . x) / sqrt(r)           Q [r, d] shared, K [E, r, d]
+//   full       z_te = sum_j (A_ej . x) x_j + B_e . x + c_e          A [E, d, d] (row j = A_e[j, :]);
+//              the full form is the low-rank one with U = A_e and V = I, so it runs as rank d.
+//   (B, b, c optional; the monomial form is full without B.) X and the weights share one
+//   dtype (f32/f16/bf16); z, dz, biases and weight gradients are f32; dX has X's dtype.
+//
+// Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
+// threads: f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC register tile,
+// and for the f16/bf16 forward mma.sync tensor-core tiles (gate_mma.cuh). All sums run in a
+// fixed order (no atomics), so results do not depend on the schedule.
+//
+// Kernels:
+//   gate_scores_<form>_<dtype>   forward: one launch, writes only z (f32: FMA tiles below;
+//                                f16/bf16: gate_scores_mma_body)
+//   gate_coef_<form>_<dtype>     backward step 1 (not linear): recomputes the projections of
+//                                the forward tile and writes per-row gradient coefficients
+//   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term)
+//   gate_dw_<dtype>              dW = G^T X for one segment (f32)
+//   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
+#include "include/gate_mma.cuh"
+
+// The f32 FMA tile of one form: per expert NC adjacent columns, left projections
+// (U, K or A rows) of the chunk first, then right ones (V), then the linear row (W or B).
+// The attention form adds GATE_RC shared query columns after the experts' columns.
+// Experts per block: 64 (linear), 32 (quadratic f32 forward), 16 (coefficient kernels, whose
+// epilogue holds more live values: 32 would cost up to 204 registers).
+template <Form F, bool COEF> struct GateForm {
+  static constexpr bool left = F != Form::Linear;
+  static constexpr bool right = F == Form::LowRank;
+  static constexpr bool query = F == Form::Attention;
+  static constexpr bool lin = F != Form::Attention;
+  static constexpr int RC = left ? GATE_RC : 0;
+  static constexpr int NC = RC * (right ? 2 : 1) + (lin ? 1 : 0);
+  static constexpr int NG = F == Form::Linear ? 4 : (COEF ? 1 : 2);  // expert groups per thread
+  static constexpr int BE = 16 * NG;                    // experts per block
+  static constexpr int EXPERT_COLS = BE * NC;
+  static constexpr int BN = EXPERT_COLS + (query ? GATE_RC : 0);
+};
+
+// ------------------------------------------------------------------------------------------
+// gate_scores_<form>_<dtype> / gate_coef_<form>_<dtype>: the fused scoring GEMM.
+// Algorithm: for each chunk of GATE_RC ranks (one chunk for linear), C = X_tile S^T over
+//   k-tiles of d, S the chunk's stacked projection rows of BE experts; the epilogue combines
+//   each expert's NC columns (products, sum over the chunk's ranks, linear row in chunk 0)
+//   into z in registers. Ranks past `rank` and experts past E load as zero rows.
+// Mapping: blockIdx.x = 64-token tile, blockIdx.y = BE-expert tile; thread (ty, tx) owns
+//   tokens ty + 16 i (i < 4), experts tx + 16 j (j < NG).
+// Traffic: X read ceil(E / BE) * chunks times (from L2 after the first), each weight row
+//   once per token tile; z written once. At rank <= 4 it is one pass over X per expert tile,
+//   as for the linear gate, with a tile of BE * NC columns (288 for low-rank vs 64).
+// Coefficient mode (dz given): instead of z, writes for j < rank into ws [T, 2 E rank]
+//   coefL at [t, e rank + j] (the gradient coefficient of left row j) and coefR at
+//   [t, E rank + e rank + j] (of V row j; attention: g K_ej.x / sqrt r, full: g A_ej.x,
+//   both summed over e later; symmetric: unused).
+// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + BN) * 16 * 4 bytes dynamic shared.
+template <class T, Form F, bool COEF>
+__device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, const float* bias,
+                                                 const float* dz, float* out, i64 tokens, int d,
+                                                 int experts, int rank) {
+  using G = GateForm<F, COEF>;
+  DYN_SHARED(float, smem);
+  float* As = smem;                  // [BK][BM]
+  float* Bs = smem + GATE_BK * GATE_BM;  // [BK][BN]
+  const T* left = static_cast<const T*>(w.left);
+  const T* right = static_cast<const T*>(w.right);
+  const T* query = static_cast<const T*>(w.query);
+  const T* lin = static_cast<const T*>(w.lin);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const i64 t0 = i64(blockIdx.x) * GATE_BM;
+  const int e0 = blockIdx.y * G::BE;
+  const bool vec = rows_aligned_16(x, d) && rows_aligned_16(left, d) && rows_aligned_16(right, d) &&
+                   rows_aligned_16(query, d) && rows_aligned_16(lin, d);
+  const int chunks = G::left ? (rank + GATE_RC - 1) / GATE_RC : 1;
+  const float inv_sqrt_rank = G::query ? rsqrtf(float(rank)) : 1.0f;
+
+  float z[GATE_TM][G::NG] = {};
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    const int r0 = chunk * GATE_RC;
+    // The source row of shared column n for this chunk (null: a zero column).
+    auto weight_row = [&](int n) -> const T* {
+      if (n >= G::EXPERT_COLS) {
+        const int j = r0 + n - G::EXPERT_COLS;
+        return j < rank ? query + i64(j) * d : nullptr;
+      }
+      const int e = e0 + n / G::NC, c = n % G::NC;
+      if (e >= experts) return nullptr;
+      if (c < G::RC) return r0 + c < rank ? left + (i64(e) * rank + r0 + c) * d : nullptr;
+      if (G::right && c < 2 * G::RC) {
+        return r0 + c - G::RC < rank ? right + (i64(e) * rank + r0 + c - G::RC) * d : nullptr;
+      }
+      return (chunk == 0 && lin != nullptr) ? lin + i64(e) * d : nullptr;
+    };
+    auto x_row = [&](int m) -> const T* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
+
+    float acc[GATE_TM][G::NG * G::NC] = {};
+    float q[GATE_TM][G::query ? GATE_RC : 1] = {};
+    for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
+      __syncthreads();  // the previous k-tile has been consumed
+      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec);
+      load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
+      __syncthreads();
+      tile_fma<GATE_TM, G::NG, G::NC>(acc, As, GATE_BM, Bs, G::BN, ty, tx);
+      if constexpr (G::query) tile_fma<GATE_TM, 1, GATE_RC>(q, As, GATE_BM, Bs + G::EXPERT_COLS, G::BN, ty, 0);
+    }
+
+#pragma unroll
+    for (int i = 0; i < GATE_TM; ++i) {
+      const i64 t = t0 + ty + 16 * i;
+#pragma unroll
+      for (int jg = 0; jg < G::NG; ++jg) {
+        const int e = e0 + tx + 16 * jg;
+        const float* a = &acc[i][jg * G::NC];
+        if constexpr (COEF) {
+          if (t >= tokens || e >= experts) continue;
+          const float g = dz[t * experts + e];
+          float* coef_left = out + t * (2 * i64(experts) * rank) + i64(e) * rank;
+          float* coef_right = coef_left + i64(experts) * rank;
+#pragma unroll
+          for (int c = 0; c < G::RC; ++c) {
+            const int j = r0 + c;
+            if (j >= rank) break;
+            if constexpr (F == Form::LowRank) {
+              coef_left[j] = g * a[G::RC + c];
+              coef_right[j] = g * a[c];
+            } else if constexpr (F == Form::Symmetric) {
+              coef_left[j] = 2.0f * g * a[c];
+            } else if constexpr (F == Form::Attention) {
+              coef_left[j] = g * q[i][c] * inv_sqrt_rank;
+              coef_right[j] = g * a[c] * inv_sqrt_rank;
+            } else if constexpr (F == Form::Full) {
+              coef_left[j] = g * to_f32(x[t * d + j]);
+              coef_right[j] = g * a[c];
+            }
+          }
+        } else {
+          float s = 0.0f;
+#pragma unroll
+          for (int c = 0; c < G::RC; ++c) {
+            if constexpr (F == Form::LowRank) s += a[c] * a[G::RC + c];
+            if constexpr (F == Form::Symmetric) s += a[c] * a[c];
+            if constexpr (F == Form::Attention) s += q[i][c] * a[c];
+            if constexpr (F == Form::Full) {
+              const bool inside = t < tokens && r0 + c < d;
+              s += inside ? a[c] * to_f32(x[t * d + r0 + c]) : 0.0f;
+            }
+          }
+          if constexpr (G::query) s *= inv_sqrt_rank;
+          if constexpr (G::lin) s += a[G::NC - 1];  // zero after chunk 0 (zero rows)
+          z[i][jg] += s;
+        }
+      }
+    }
+  }
+  if constexpr (!COEF) {
+#pragma unroll
+    for (int i = 0; i < GATE_TM; ++i) {
+      const i64 t = t0 + ty + 16 * i;
+#pragma unroll
+      for (int jg = 0; jg < G::NG; ++jg) {
+        const int e = e0 + tx + 16 * jg;
+        if (t < tokens && e < experts) out[t * experts + e] = z[i][jg] + (bias ? bias[e] : 0.0f);
+      }
+    }
+  }
+}
+
+#define GATE_SCORES_PARAMS(T)                                                                   \
+  const T *x, const T *left, const T *right, const T *query, const T *lin, const float *bias,   \
+      float *z, long long tokens, int d, int experts, int rank
+// The forward: f32 FMA tiles for f32 X, tensor cores (gate_mma.cuh) for f16 and bf16.
+template <class T> constexpr bool is_f32 = false;
+template <> constexpr bool is_f32<float> = true;
+template <class T, Form F>
+__device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const float* bias, float* z,
+                                            i64 tokens, int d, int experts, int rank) {
+  if constexpr (is_f32<T>) gate_scores_body<T, F, false>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+  else gate_scores_mma_body<T, F>(x, w, bias, z, tokens, d, experts, rank);
+}
+#define GATE_SCORES(T, F)                                                                       \
+  gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank)
+#define GATE_COEF_PARAMS(T)                                                                     \
+  const T *x, const T *left, const T *right, const T *query, const T *lin, const float *dz,     \
+      float *ws, long long tokens, int d, int experts, int rank
+#define GATE_COEF(T, F)                                                                         \
+  gate_scores_body<T, F, true>(x, GateWeightsPtrs{left, right, query, lin}, nullptr, dz, ws,    \
+                               tokens, d, experts, rank)
+
+extern "C" __global__ void gate_scores_linear_f32(GATE_SCORES_PARAMS(float)) { GATE_SCORES(float, Form::Linear); }
+EMU_EXPORT(gate_scores_linear_f32)
+extern "C" __global__ void gate_scores_linear_f16(GATE_SCORES_PARAMS(__half)) { GATE_SCORES(__half, Form::Linear); }
+EMU_EXPORT(gate_scores_linear_f16)
+extern "C" __global__ void gate_scores_linear_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Linear); }
+EMU_EXPORT(gate_scores_linear_bf16)
+extern "C" __global__ void gate_scores_lowrank_f32(GATE_SCORES_PARAMS(float)) { GATE_SCORES(float, Form::LowRank); }
+EMU_EXPORT(gate_scores_lowrank_f32)
+extern "C" __global__ void gate_scores_lowrank_f16(GATE_SCORES_PARAMS(__half)) { GATE_SCORES(__half, Form::LowRank); }
+EMU_EXPORT(gate_scores_lowrank_f16)
+extern "C" __global__ void gate_scores_lowrank_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::LowRank); }
+EMU_EXPORT(gate_scores_lowrank_bf16)
+extern "C" __global__ void gate_scores_symmetric_f32(GATE_SCORES_PARAMS(float)) { GATE_SCORES(float, Form::Symmetric); }
+EMU_EXPORT(gate_scores_symmetric_f32)
+extern "C" __global__ void gate_scores_symmetric_f16(GATE_SCORES_PARAMS(__half)) { GATE_SCORES(__half, Form::Symmetric); }
+EMU_EXPORT(gate_scores_symmetric_f16)
+extern "C" __global__ void gate_scores_symmetric_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Symmetric); }
+EMU_EXPORT(gate_scores_symmetric_bf16)
+extern "C" __global__ void gate_scores_attention_f32(GATE_SCORES_PARAMS(float)) { GATE_SCORES(float, Form::Attention); }
+EMU_EXPORT(gate_scores_attention_f32)
+extern "C" __global__ void gate_scores_attention_f16(GATE_SCORES_PARAMS(__half)) { GATE_SCORES(__half, Form::Attention); }
+EMU_EXPORT(gate_scores_attention_f16)
+extern "C" __global__ void gate_scores_attention_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Attention); }
+EMU_EXPORT(gate_scores_attention_bf16)
+extern "C" __global__ void gate_scores_full_f32(GATE_SCORES_PARAMS(float)) { GATE_SCORES(float, Form::Full); }
+EMU_EXPORT(gate_scores_full_f32)
+extern "C" __global__ void gate_scores_full_f16(GATE_SCORES_PARAMS(__half)) { GATE_SCORES(__half, Form::Full); }
+EMU_EXPORT(gate_scores_full_f16)
+extern "C" __global__ void gate_scores_full_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Full); }
+EMU_EXPORT(gate_scores_full_bf16)
+
+extern "C" __global__ void gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
+EMU_EXPORT(gate_coef_lowrank_f32)
+extern "C" __global__ void gate_coef_lowrank_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::LowRank); }
+EMU_EXPORT(gate_coef_lowrank_f16)
+extern "C" __global__ void gate_coef_lowrank_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::LowRank); }
+EMU_EXPORT(gate_coef_lowrank_bf16)
+extern "C" __global__ void gate_coef_symmetric_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Symmetric); }
+EMU_EXPORT(gate_coef_symmetric_f32)
+extern "C" __global__ void gate_coef_symmetric_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Symmetric); }
+EMU_EXPORT(gate_coef_symmetric_f16)
+extern "C" __global__ void gate_coef_symmetric_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Symmetric); }
+EMU_EXPORT(gate_coef_symmetric_bf16)
+extern "C" __global__ void gate_coef_attention_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Attention); }
+EMU_EXPORT(gate_coef_attention_f32)
+extern "C" __global__ void gate_coef_attention_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Attention); }
+EMU_EXPORT(gate_coef_attention_f16)
+extern "C" __global__ void gate_coef_attention_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Attention); }
+EMU_EXPORT(gate_coef_attention_bf16)
+extern "C" __global__ void gate_coef_full_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Full); }
+EMU_EXPORT(gate_coef_full_f32)
+extern "C" __global__ void gate_coef_full_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Full); }
+EMU_EXPORT(gate_coef_full_f16)
+extern "C" __global__ void gate_coef_full_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Full); }
+EMU_EXPORT(gate_coef_full_bf16)
+
+// ------------------------------------------------------------------------------------------
+// gate_dx_<dtype>: dX[t, l] = sum_s sum_{n < n_s} G_s[t * ld_s + n] W_s[n * d + l]
+//                             (+ direct[t * ld_direct + l]), written in X's dtype.
+// Segments s = 0, 1, 2 are the weight tensors seen as [n_s, d] row stacks with their f32
+// coefficient columns (a null segment has n_s = 0; direct may be null). The sum over n runs
+// segment by segment, k-tile by k-tile, in a fixed order.
+// Mapping: blockIdx.x = 64-token tile, blockIdx.y = 64-column tile of d; thread (ty, tx)
+//   owns tokens ty + 16 i and columns tx + 16 j (i, j < 4).
+// Traffic: G read once per column tile, W once per token tile, dX written once.
+// Launch: grid (ceil(T/64), ceil(d/64)), 256 threads, 2 * 64 * 16 * 4 = 8 KiB dynamic shared.
+// acc += G[t0.., 0..n) W[0..n, l0..) for one segment, k-tile by k-tile.
+template <class T>
+__device__ __forceinline__ void gate_dx_segment(float (&acc)[GATE_TM][4], float* As, float* Bs,
+                                                const float* g, i64 ldg, const T* w, int n,
+                                                i64 t0, int l0, i64 tokens, int d) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const bool vec_g = rows_aligned_16(g, ldg), vec_w = rows_aligned_16(w, d);
+  auto g_row = [&](int m) -> const float* { return t0 + m < tokens ? g + (t0 + m) * ldg : nullptr; };
+  for (i64 k0 = 0; k0 < n; k0 += GATE_BK) {
+    auto w_row = [&](int k) -> const T* { return k0 + k < n ? w + (k0 + k) * d + l0 : nullptr; };
+    __syncthreads();  // the previous k-tile has been consumed
+    load_tile_k_contiguous<float>(As, GATE_BM, GATE_BM, g_row, k0, n, vec_g);
+    load_tile_m_contiguous<T>(Bs, 64, 64, w_row, d - l0, vec_w);
+    __syncthreads();
+    tile_fma<GATE_TM, 4, 1>(acc, As, GATE_BM, Bs, 64, ty, tx);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void gate_dx_body(const float* g0, i64 ldg0, const T* w0, int n0,
+                                             const float* g1, i64 ldg1, const T* w1, int n1,
+                                             const float* g2, i64 ldg2, const T* w2, int n2,
+                                             const float* direct, i64 ld_direct, T* dx, i64 tokens,
+                                             int d) {
+  DYN_SHARED(float, smem);
+  float* As = smem;                      // [BK][64] coefficients, k = n
+  float* Bs = smem + GATE_BK * GATE_BM;  // [BK][64] weight rows
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const i64 t0 = i64(blockIdx.x) * GATE_BM;
+  const int l0 = blockIdx.y * 64;
+  float acc[GATE_TM][4] = {};
+  gate_dx_segment<T>(acc, As, Bs, g0, ldg0, w0, n0, t0, l0, tokens, d);
+  gate_dx_segment<T>(acc, As, Bs, g1, ldg1, w1, n1, t0, l0, tokens, d);
+  gate_dx_segment<T>(acc, As, Bs, g2, ldg2, w2, n2, t0, l0, tokens, d);
+#pragma unroll
+  for (int i = 0; i < GATE_TM; ++i) {
+    const i64 t = t0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int l = l0 + tx + 16 * j;
+      if (t >= tokens || l >= d) continue;
+      const float extra = direct ? direct[t * ld_direct + l] : 0.0f;
+      dx[t * d + l] = from_f32<T>(acc[i][j] + extra);
+    }
+  }
+}
+
+// Each coefficient matrix is passed as (buffer, element offset, row stride): several of them
+// live in one workspace buffer.
+#define GATE_DX_PARAMS(T)                                                                       \
+  const float *g0, long long off0, long long ldg0, const T *w0, int n0, const float *g1,        \
+      long long off1, long long ldg1, const T *w1, int n1, const float *g2, long long off2,     \
+      long long ldg2, const T *w2, int n2, const float *direct, long long off_direct,           \
+      long long ld_direct, T *dx, long long tokens, int d
+#define GATE_DX(T)                                                                              \
+  gate_dx_body<T>(offset(g0, off0), ldg0, w0, n0, offset(g1, off1), ldg1, w1, n1,              \
+                  offset(g2, off2), ldg2, w2, n2, offset(direct, off_direct), ld_direct, dx,    \
+                  tokens, d)
+
+extern "C" __global__ void gate_dx_f32(GATE_DX_PARAMS(float)) { GATE_DX(float); }
+EMU_EXPORT(gate_dx_f32)
+extern "C" __global__ void gate_dx_f16(GATE_DX_PARAMS(__half)) { GATE_DX(__half); }
+EMU_EXPORT(gate_dx_f16)
+extern "C" __global__ void gate_dx_bf16(GATE_DX_PARAMS(__nv_bfloat16)) { GATE_DX(__nv_bfloat16); }
+EMU_EXPORT(gate_dx_bf16)
+
+// ------------------------------------------------------------------------------------------
+// gate_dw_<dtype>: dW[r, l] = sum_t G[t * ldg + r] X[t * d + l] for r < rows, l < d (f32).
+// The weight gradient of one stacked segment; t = 0 .. T-1 in k-tiles, in order (T = 0
+// writes zeros). Mapping: blockIdx.x = 64-row tile of dW, blockIdx.y = 64-column tile of d;
+// thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j (i, j < 4).
+// Traffic: G read once per column tile, X once per row tile, dW written once.
+// Launch: grid (ceil(rows/64), ceil(d/64)), 256 threads, 8 KiB dynamic shared.
+template <class T>
+__device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, const T* x,
+                                             i64 tokens, int d, float* dw) {
+  DYN_SHARED(float, smem);
+  float* As = smem;                      // [BK][64] coefficients, k = t
+  float* Bs = smem + GATE_BK * GATE_BM;  // [BK][64] X rows
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int r0 = blockIdx.x * 64, l0 = blockIdx.y * 64;
+  const bool vec_g = rows_aligned_16(g, ldg) && r0 % 4 == 0, vec_x = rows_aligned_16(x, d);
+  float acc[GATE_TM][4] = {};
+  for (i64 k0 = 0; k0 < tokens; k0 += GATE_BK) {
+    auto g_row = [&](int k) -> const float* { return k0 + k < tokens ? g + (k0 + k) * ldg + r0 : nullptr; };
+    auto x_row = [&](int k) -> const T* { return k0 + k < tokens ? x + (k0 + k) * d + l0 : nullptr; };
+    __syncthreads();
+    load_tile_m_contiguous<float>(As, GATE_BM, GATE_BM, g_row, rows - r0, vec_g);
+    load_tile_m_contiguous<T>(Bs, 64, 64, x_row, d - l0, vec_x);
+    __syncthreads();
+    tile_fma<GATE_TM, 4, 1>(acc, As, GATE_BM, Bs, 64, ty, tx);
+  }
+#pragma unroll
+  for (int i = 0; i < GATE_TM; ++i) {
+    const int r = r0 + ty + 16 * i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int l = l0 + tx + 16 * j;
+      if (r < rows && l < d) dw[i64(r) * d + l] = acc[i][j];
+    }
+  }
+}
+
+#define GATE_DW_PARAMS(T)                                                                       \
+  const float *g, long long off, long long ldg, int rows, const T *x, long long tokens, int d,   \
+      float *dw
+#define GATE_DW(T) gate_dw_body<T>(offset(g, off), ldg, rows, x, tokens, d, dw)
+
+extern "C" __global__ void gate_dw_f32(GATE_DW_PARAMS(float)) { GATE_DW(float); }
+EMU_EXPORT(gate_dw_f32)
+extern "C" __global__ void gate_dw_f16(GATE_DW_PARAMS(__half)) { GATE_DW(__half); }
+EMU_EXPORT(gate_dw_f16)
+extern "C" __global__ void gate_dw_bf16(GATE_DW_PARAMS(__nv_bfloat16)) { GATE_DW(__nv_bfloat16); }
+EMU_EXPORT(gate_dw_bf16)
+
+// ------------------------------------------------------------------------------------------
+// gate_sum_f32: out[o * inner + b] = sum_{s < count} in[o * outer_stride + s * stride + b]
+// (in and out offset by in_off and out_off elements) for o < outer, b < inner, in a fixed
+// order: lane p of GATE_SUM_LANES sums s = p, p + 8, p + 16, ... ascending, then the 8
+// partial sums are added p = 0 .. 7. Used for dc and db (sums of dz over tokens: long sums,
+// hence the lanes) and for the attention and full forms' sums over experts.
+// Mapping: 32 consecutive outputs per block, warp w = lane p (coalesced across outputs).
+// Traffic: each input read once, each output written once.
+// Launch: grid ceil(outer * inner / 32), 256 threads, 8 * 32 * 4 = 1 KiB dynamic shared.
+constexpr int GATE_SUM_LANES = GATE_THREADS / 32;
+__device__ __forceinline__ void gate_sum_body(const float* in, i64 outer, int inner,
+                                              i64 outer_stride, i64 count, i64 stride, float* out) {
+  DYN_SHARED(float, partial);  // [GATE_SUM_LANES][32]
+  const int lane = threadIdx.x % 32, p = threadIdx.x / 32;
+  const i64 i = i64(blockIdx.x) * 32 + lane;
+  const bool inside = i < outer * inner;
+  float s = 0.0f;
+  if (inside) {
+    const float* src = in + (i / inner) * outer_stride + i % inner;
+    for (i64 k = p; k < count; k += GATE_SUM_LANES) s += src[k * stride];
+  }
+  partial[p * 32 + lane] = s;
+  __syncthreads();
+  if (p == 0 && inside) {
+    float total = 0.0f;
+    for (int q = 0; q < GATE_SUM_LANES; ++q) total += partial[q * 32 + lane];
+    out[i] = total;
+  }
+}
+
+extern "C" __global__ void gate_sum_f32(const float* in, long long in_off, long long outer,
+                                        int inner, long long outer_stride, long long count,
+                                        long long stride, float* out, long long out_off) {
+  gate_sum_body(in + in_off, outer, inner, outer_stride, count, stride, out + out_off);
+}
+EMU_EXPORT(gate_sum_f32)
+// The same sums with input and output in one buffer (disjoint ranges of the workspace).
+extern "C" __global__ void gate_sum_inplace_f32(float* buf, long long in_off, long long outer,
+                                                int inner, long long outer_stride, long long count,
+                                                long long stride, long long out_off) {
+  gate_sum_body(buf + in_off, outer, inner, outer_stride, count, stride, buf + out_off);
+}
+EMU_EXPORT(gate_sum_inplace_f32)

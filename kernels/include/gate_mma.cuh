@@ -1,0 +1,201 @@
+// gate_mma.cuh: the tensor-core forward of the gate family for f16/bf16 X (kernels/gate.cu).
+//
+// Same algorithm as the f32 tile (gate_scores_body): per chunk of GATE_RC ranks, a GEMM of a
+// 64-token X tile against the block's stacked projection rows over k-tiles of d, then an
+// epilogue that forms z in registers. Here the GEMM is mma.sync m16n8k16 (f32 accumulation)
+// on 16-bit shared tiles read with ldmatrix, and the columns are laid out for the epilogue:
+//   pair tile of expert e (8 columns): [L_0, R_0, L_1, R_1, L_2, R_2, L_3, R_3] of the chunk,
+//     so lane (g, t) of the C fragment holds L_t.x and R_t.x of rows g and g + 8: the rank-t
+//     product is local and a quad shuffle sums the chunk. L, R per form:
+//       low-rank U_j, V_j; symmetric U_j, U_j; attention K_ej, Q_j; full A_e[j, :], e_j
+//       (the unit row, generated in shared memory: e_j . x = x_j).
+//   linear tiles: the W or B rows of 8 experts per n8 tile (lane t holds experts 2t, 2t+1).
+// Warps: 4 along tokens (16 rows each) x 2 along experts (BE/2 experts each); BE = 128
+//   (linear) or 16 experts per block (32 would hold 163 registers: one block per SM; the
+//   weight rows, read once per 64-token tile, dominate the L2 traffic either way).
+// Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
+//   64-token tile, z written once; shared tiles hold the stored 16-bit values.
+// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + COLS) * MMA_LD * 2 bytes of
+//   dynamic shared memory (COLS: MmaForm).
+#pragma once
+#include "gate_forms.cuh"
+#include "ptx.cuh"
+
+constexpr int MMA_BK = 32;            // k-tile: two k16 steps
+constexpr int MMA_LD = MMA_BK + 8;    // halves per shared row: 80 B (16-byte aligned rows)
+
+// Shared rows of the B tile: the L rows of each expert's chunk ([expert][4]), then the R rows
+// (low-rank: V per expert [expert][4]; attention and full: the 4 rows Q_j or e_j, shared by
+// every expert; symmetric: none, R is L), then one linear row per expert. A pair tile's
+// ldmatrix lanes address L and R rows wherever they are, so no row is stored twice.
+template <Form F> struct MmaForm {
+  static constexpr bool pairs = F != Form::Linear;
+  static constexpr int BE = pairs ? 16 : 128;      // experts per block
+  static constexpr int WE = BE / 2;                // experts per warp
+  static constexpr int PAIR_TILES = pairs ? WE : 0;
+  static constexpr int LIN_TILES = WE / 8;
+  static constexpr int L_ROWS = pairs ? BE * GATE_RC : 0;
+  static constexpr int R_ROWS = F == Form::LowRank ? BE * GATE_RC
+                                : (F == Form::Attention || F == Form::Full) ? GATE_RC
+                                                                             : 0;
+  static constexpr int LIN0 = L_ROWS + R_ROWS;     // first linear row
+  static constexpr int COLS = LIN0 + BE;           // shared rows of the B tile
+  // Shared row of the pair tile of block expert el, rank c of the chunk, factor s (0: L, 1: R).
+  static __device__ __forceinline__ int pair_row(int el, int c, int s) {
+    if (s == 0 || F == Form::Symmetric) return el * GATE_RC + c;
+    if (F == Form::LowRank) return L_ROWS + el * GATE_RC + c;
+    return L_ROWS + c;
+  }
+};
+
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                          __half*) {
+  mma_m16n8k16_f16(d, a, b, d);
+}
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                          __nv_bfloat16*) {
+  mma_m16n8k16_bf16(d, a, b, d);
+}
+
+// tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the stored 16-bit type;
+// 0 past klen and for null rows, except 1 at k0 + k == unit(m) (an identity row) when
+// unit(m) >= 0. vec: row starts 16-byte aligned (rows_aligned_16).
+template <class T, class RowFn, class UnitFn>
+__device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
+                                                i64 klen, bool vec) {
+  constexpr int V = 8, UNITS = MMA_BK / V;
+  for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
+    const int m = item / UNITS, u = item % UNITS;
+    const i64 k = k0 + u * V;
+    const T* p = row(m);
+    T* dst = tile + m * MMA_LD + u * V;
+    if (p != nullptr && vec && k + V <= klen) {
+      store_128(reinterpret_cast<Raw16*>(dst), load_128(reinterpret_cast<const Raw16*>(p + k)));
+    } else {
+      const i64 one_at = unit(m);
+#pragma unroll
+      for (int q = 0; q < V; ++q) {
+        const float v = (p != nullptr && k + q < klen) ? to_f32(p[k + q]) : (k + q == one_at ? 1.0f : 0.0f);
+        dst[q] = from_f32<T>(v);
+      }
+    }
+  }
+}
+
+template <class T, Form F>
+__device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs w, const float* bias,
+                                                     float* z, i64 tokens, int d, int experts, int rank) {
+  using M = MmaForm<F>;
+  DYN_SHARED(T, smem);
+  T* As = smem;                     // [64][MMA_LD] X rows
+  T* Bs = smem + GATE_BM * MMA_LD;  // [COLS][MMA_LD] projection rows
+  const T* left = static_cast<const T*>(w.left);
+  const T* right = static_cast<const T*>(w.right);
+  const T* query = static_cast<const T*>(w.query);
+  const T* lin = static_cast<const T*>(w.lin);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wm = warp % 4, wn = warp / 4, g = lane / 4, t = lane % 4;
+  const i64 t0 = i64(blockIdx.x) * GATE_BM;
+  const int e0 = blockIdx.y * M::BE;
+  const bool vec = rows_aligned_16(x, d) && rows_aligned_16(left, d) && rows_aligned_16(right, d) &&
+                   rows_aligned_16(query, d) && rows_aligned_16(lin, d);
+  const int chunks = M::pairs ? (rank + GATE_RC - 1) / GATE_RC : 1;
+  const float pair_scale = F == Form::Attention ? rsqrtf(float(rank)) : 1.0f;
+  auto x_row = [&](int m) -> const T* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
+  auto no_unit = [](int) -> i64 { return -1; };
+
+  // z of this warp's experts for rows g and g + 8, summed over chunks (every lane of a quad
+  // holds the same pair sums; the linear term is added at the end).
+  float zpair[M::PAIR_TILES > 0 ? M::PAIR_TILES : 1][2] = {};
+  float zlin[M::LIN_TILES][4] = {};
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    const int r0 = chunk * GATE_RC;
+    // The source of shared row n (layout above MmaForm); null: zeros (or a unit row).
+    auto weight_row = [&](int n) -> const T* {
+      if (n >= M::LIN0) {
+        const int e = e0 + n - M::LIN0;
+        return (chunk == 0 && lin != nullptr && e < experts) ? lin + i64(e) * d : nullptr;
+      }
+      if (n >= M::L_ROWS) {  // R rows
+        const int m = n - M::L_ROWS, j = r0 + m % GATE_RC;
+        if constexpr (F == Form::LowRank) {
+          const int e = e0 + m / GATE_RC;
+          return (e < experts && j < rank) ? right + (i64(e) * rank + j) * d : nullptr;
+        }
+        if constexpr (F == Form::Attention) return j < rank ? query + i64(j) * d : nullptr;
+        return nullptr;  // full: the unit row e_j
+      }
+      const int e = e0 + n / GATE_RC, j = r0 + n % GATE_RC;
+      return (e < experts && j < rank) ? left + (i64(e) * rank + j) * d : nullptr;
+    };
+    auto unit_column = [&](int n) -> i64 {
+      const int j = r0 + (n - M::L_ROWS);
+      return (F == Form::Full && n >= M::L_ROWS && n < M::LIN0 && j < rank) ? j : -1;
+    };
+
+    float acc[M::PAIR_TILES + M::LIN_TILES][4] = {};
+    for (i64 k0 = 0; k0 < d; k0 += MMA_BK) {
+      __syncthreads();  // the previous k-tile has been consumed
+      load_tile_16bit<T>(As, GATE_BM, x_row, no_unit, k0, d, vec);
+      load_tile_16bit<T>(Bs, M::COLS, weight_row, unit_column, k0, d, vec);
+      __syncthreads();
+#pragma unroll
+      for (int ks = 0; ks < MMA_BK; ks += 16) {
+        uint32_t a[4];
+        ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * MMA_LD + ks + (lane / 16) * 8);
+#pragma unroll
+        for (int i = 0; i < M::PAIR_TILES + M::LIN_TILES; ++i) {
+          // Lane l addresses row l % 8 of the n8 tile: column 2c + s of a pair tile.
+          const int r8 = lane % 8;
+          const int row = i < M::PAIR_TILES
+                              ? M::pair_row(wn * M::WE + i, r8 / 2, r8 % 2)
+                              : M::LIN0 + wn * M::WE + (i - M::PAIR_TILES) * 8 + r8;
+          uint32_t b[2];
+          ldmatrix_x2<false>(b, Bs + row * MMA_LD + ks + ((lane / 8) % 2) * 8);
+          mma_16816(acc[i], a, b, static_cast<T*>(nullptr));
+        }
+      }
+    }
+#pragma unroll
+    for (int p = 0; p < M::PAIR_TILES; ++p) {
+      float top = acc[p][0] * acc[p][1], bottom = acc[p][2] * acc[p][3];
+      top += __shfl_xor_sync(0xffffffffu, top, 1);
+      top += __shfl_xor_sync(0xffffffffu, top, 2);
+      bottom += __shfl_xor_sync(0xffffffffu, bottom, 1);
+      bottom += __shfl_xor_sync(0xffffffffu, bottom, 2);
+      zpair[p][0] += top * pair_scale;
+      zpair[p][1] += bottom * pair_scale;
+    }
+#pragma unroll
+    for (int i = 0; i < M::LIN_TILES; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) zlin[i][c] += acc[M::PAIR_TILES + i][c];
+  }
+
+  // Lane t writes experts 2t, 2t+1 of each linear tile (rows g and g + 8); the pair sums
+  // of those experts are in every lane of its quad.
+  const i64 row_top = t0 + wm * 16 + g, row_bottom = row_top + 8;
+#pragma unroll
+  for (int i = 0; i < M::LIN_TILES; ++i) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+      const int local = i * 8 + 2 * t + s;  // expert within this warp's WE
+      const int e = e0 + wn * M::WE + local;
+      float top = zlin[i][s], bottom = zlin[i][2 + s];
+      if constexpr (M::pairs) {
+        // zpair is indexed by a compile-time p: pick this lane's expert without dynamic indexing.
+#pragma unroll
+        for (int p = i * 8; p < i * 8 + 8; ++p) {
+          if (p == local) {
+            top += zpair[p][0];
+            bottom += zpair[p][1];
+          }
+        }
+      }
+      if (e >= experts) continue;
+      const float b = bias ? bias[e] : 0.0f;
+      if (row_top < tokens) z[row_top * experts + e] = top + b;
+      if (row_bottom < tokens) z[row_bottom * experts + e] = bottom + b;
+    }
+  }
+}

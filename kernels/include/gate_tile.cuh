@@ -1,0 +1,124 @@
+// gate_tile.cuh: the pieces of the gate family's tiled f32 GEMMs (kernels/gate.cu).
+//
+// Every gate kernel is C[m][n] = sum_k A(m, k) * B(k, n) over k-tiles of width GATE_BK held
+// in shared memory as f32, k-major: As[k][m] and Bs[k][n]. The loaders below convert the
+// stored dtype (f32, f16, bf16) to f32 once, when a tile is filled, so the inner loop is
+// f32 FMAs from shared memory whatever the input dtype.
+//
+// Thread mapping (256 threads = 16 x 16): tx = threadIdx.x % 16, ty = threadIdx.x / 16.
+// Thread (ty, tx) owns rows m = ty + 16 i (i < TM) and column groups g = tx + 16 j (j < NG),
+// each group NC adjacent columns (NC > 1 holds all projections of one expert together, so
+// the epilogue that combines them needs no exchange between threads).
+#pragma once
+#include "common.cuh"
+
+constexpr int GATE_THREADS = 256;
+constexpr int GATE_BK = 16;  // k-tile width: 64 B of f32, 32 B of f16/bf16 per row
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// 16 bytes read by one load_128, as raw words (the 16-bit types are not trivially copyable
+// on the emulator, so they are unpacked from the words below).
+struct alignas(16) Raw16 {
+  uint32_t w[4];
+};
+template <class S> constexpr int elems_per_16 = 16 / int(sizeof(S));
+
+// Element q of a Raw16 holding S values (little-endian, as on every CUDA target).
+__device__ __forceinline__ float raw16_element(const Raw16& r, int q, float*) {
+  return __uint_as_float(r.w[q]);
+}
+__device__ __forceinline__ float raw16_element(const Raw16& r, int q, __half*) {
+  return __half2float(__ushort_as_half((unsigned short)(r.w[q / 2] >> (16 * (q % 2)))));
+}
+__device__ __forceinline__ float raw16_element(const Raw16& r, int q, __nv_bfloat16*) {
+  return __bfloat162float(__ushort_as_bfloat16((unsigned short)(r.w[q / 2] >> (16 * (q % 2)))));
+}
+
+// True when rows starting at `base + i * stride` (elements) are all 16-byte aligned, so
+// every 16-byte-aligned k offset inside a row may be read with load_128.
+template <class S>
+__device__ __forceinline__ bool rows_aligned_16(const S* base, i64 stride) {
+  return base == nullptr ||
+         ((reinterpret_cast<uintptr_t>(base) % 16) == 0 && (stride * i64(sizeof(S))) % 16 == 0);
+}
+
+// Reads V = elems_per_16<S> consecutive elements p[k .. k+V) as f32: one 16-byte load when
+// `vec` (p + k aligned) and all are below `len`, else element by element, 0 past `len` or
+// for a null row.
+template <class S>
+__device__ __forceinline__ void read_run(float (&out)[elems_per_16<S>], const S* p, i64 k, i64 len,
+                                         bool vec) {
+  constexpr int V = elems_per_16<S>;
+  if (p != nullptr && vec && k + V <= len) {
+    const Raw16 raw = load_128(reinterpret_cast<const Raw16*>(p + k));
+#pragma unroll
+    for (int q = 0; q < V; ++q) out[q] = raw16_element(raw, q, static_cast<S*>(nullptr));
+  } else {
+#pragma unroll
+    for (int q = 0; q < V; ++q) out[q] = (p != nullptr && k + q < len) ? to_f32(p[k + q]) : 0.0f;
+  }
+}
+
+// Fills tile[k * ld + m] = row(m)[k0 + k] for m < rows, k < GATE_BK, where each source row
+// is contiguous along k (X rows, weight rows). Elements at k0 + k >= klen and null rows are 0.
+// vec: every row start is 16-byte aligned (rows_aligned_16); k0 is a multiple of GATE_BK.
+template <class S, class RowFn>
+__device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int rows, RowFn row,
+                                                       i64 k0, i64 klen, bool vec) {
+  constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
+  for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
+    const int m = item / UNITS, u = item % UNITS;
+    float v[V];
+    read_run<S>(v, row(m), k0 + u * V, klen, vec);
+#pragma unroll
+    for (int q = 0; q < V; ++q) tile[(u * V + q) * ld + m] = v[q];
+  }
+}
+
+// Fills tile[k * ld + m] = row(k)[m] for k < GATE_BK, m < width, where each source row is
+// contiguous along m and row(k) already points at the tile's first column (null: a row of 0).
+// Elements at m >= mlen are 0. width: a multiple of 16/sizeof(S). vec: row(k) 16-byte aligned.
+template <class S, class RowFn>
+__device__ __forceinline__ void load_tile_m_contiguous(float* tile, int ld, int width, RowFn row,
+                                                       i64 mlen, bool vec) {
+  constexpr int V = elems_per_16<S>;
+  const int units = width / V;
+  for (int item = threadIdx.x; item < GATE_BK * units; item += GATE_THREADS) {
+    const int k = item / units, u = item % units;
+    float v[V];
+    read_run<S>(v, row(k), i64(u) * V, mlen, vec);
+#pragma unroll
+    for (int q = 0; q < V; ++q) tile[k * ld + u * V + q] = v[q];
+  }
+}
+
+// acc[i][j * NC + c] += sum_k As[k][ty + 16 i] * Bs[k][(tx + 16 j) * NC + c] over one k-tile.
+template <int TM, int NG, int NC>
+__device__ __forceinline__ void tile_fma(float (&acc)[TM][NG * NC], const float* As, int lda,
+                                         const float* Bs, int ldb, int ty, int tx) {
+#pragma unroll 2
+  for (int k = 0; k < GATE_BK; ++k) {
+    float a[TM];
+#pragma unroll
+    for (int i = 0; i < TM; ++i) a[i] = As[k * lda + ty + 16 * i];
+#pragma unroll
+    for (int j = 0; j < NG; ++j) {
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const float b = Bs[k * ldb + (tx + 16 * j) * NC + c];
+#pragma unroll
+        for (int i = 0; i < TM; ++i) acc[i][j * NC + c] = fmaf(a[i], b, acc[i][j * NC + c]);
+      }
+    }
+  }
+}

@@ -1,0 +1,405 @@
+//! Backward of router scoring (SPEC §1): dX and every weight gradient from dz.
+//!
+//! Launches (none when their output is empty; no host sync):
+//! 1. quadratic forms: `gate_coef_<form>` recomputes the forward tile's projections and writes
+//!    per-row gradient coefficients into the workspace (`[T, 2·E·r]`: the coefficient of each
+//!    left row U/K/A, then of each right row V, or for attention and full the per-expert
+//!    terms that 2. sums over experts into `[T, r]`);
+//! 2. attention and full: `gate_sum_inplace` (fixed order over experts);
+//! 3. `gate_dx`: dX = Σ coefficients · weight rows, one GEMM over up to three stacked segments;
+//! 4. one `gate_dw` per weight gradient (coefficients^T X, over tokens in order) and one
+//!    `gate_sum` per bias gradient (Σ_t dz).
+//!
+//! Every reduction runs in a fixed order: the gradients are bitwise reproducible.
+use super::{
+    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, ScoringTile, THREADS, TILE, dims_args, params,
+    scoring_config,
+};
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::{FloatElement, check_len, elements, grid_blocks};
+use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Gradients of a gate's parameters, f32, each shaped like its weight (module docs). An
+/// optional gradient must be present exactly when the weight is.
+pub enum GateGrads<'a> {
+    Linear {
+        w: &'a mut dyn DeviceSliceMut<f32>,
+        b: Option<&'a mut dyn DeviceSliceMut<f32>>,
+    },
+    LowRank {
+        u: &'a mut dyn DeviceSliceMut<f32>,
+        v: &'a mut dyn DeviceSliceMut<f32>,
+        b: Option<&'a mut dyn DeviceSliceMut<f32>>,
+        c: Option<&'a mut dyn DeviceSliceMut<f32>>,
+    },
+    Symmetric {
+        u: &'a mut dyn DeviceSliceMut<f32>,
+        b: Option<&'a mut dyn DeviceSliceMut<f32>>,
+        c: Option<&'a mut dyn DeviceSliceMut<f32>>,
+    },
+    Attention {
+        wq: &'a mut dyn DeviceSliceMut<f32>,
+        k: &'a mut dyn DeviceSliceMut<f32>,
+    },
+    Full {
+        a: &'a mut dyn DeviceSliceMut<f32>,
+        b: Option<&'a mut dyn DeviceSliceMut<f32>>,
+        c: Option<&'a mut dyn DeviceSliceMut<f32>>,
+    },
+}
+
+/// The gradient outputs by the part their weight plays in the scoring tile.
+struct GradOutputs<'a> {
+    left: Option<DynMut<'a, f32>>,
+    right: Option<DynMut<'a, f32>>,
+    query: Option<DynMut<'a, f32>>,
+    linear: Option<DynMut<'a, f32>>,
+    bias: Option<DynMut<'a, f32>>,
+}
+
+impl<'a> GateGrads<'a> {
+    fn form(&self) -> GateForm {
+        match self {
+            GateGrads::Linear { .. } => GateForm::Linear,
+            GateGrads::LowRank { .. } => GateForm::LowRank,
+            GateGrads::Symmetric { .. } => GateForm::Symmetric,
+            GateGrads::Attention { .. } => GateForm::Attention,
+            GateGrads::Full { .. } => GateForm::Full,
+        }
+    }
+
+    /// Each gradient's length in `params` order (None: absent).
+    fn present_lens(&self) -> Vec<Option<usize>> {
+        fn len(b: &&mut dyn DeviceSliceMut<f32>) -> usize {
+            b.len()
+        }
+        match self {
+            GateGrads::Linear { w, b } => vec![Some(w.len()), b.as_ref().map(len)],
+            GateGrads::LowRank { u, v, b, c } => {
+                vec![Some(u.len()), Some(v.len()), b.as_ref().map(len), c.as_ref().map(len)]
+            }
+            GateGrads::Symmetric { u, b, c } => vec![Some(u.len()), b.as_ref().map(len), c.as_ref().map(len)],
+            GateGrads::Attention { wq, k } => vec![Some(wq.len()), Some(k.len())],
+            GateGrads::Full { a, b, c } => vec![Some(a.len()), b.as_ref().map(len), c.as_ref().map(len)],
+        }
+    }
+
+    fn outputs(self) -> GradOutputs<'a> {
+        let none = || GradOutputs {
+            left: None,
+            right: None,
+            query: None,
+            linear: None,
+            bias: None,
+        };
+        match self {
+            GateGrads::Linear { w, b } => GradOutputs {
+                linear: Some(DynMut(w)),
+                bias: b.map(DynMut),
+                ..none()
+            },
+            GateGrads::LowRank { u, v, b, c } => GradOutputs {
+                left: Some(DynMut(u)),
+                right: Some(DynMut(v)),
+                linear: b.map(DynMut),
+                bias: c.map(DynMut),
+                ..none()
+            },
+            GateGrads::Symmetric { u, b, c } => GradOutputs {
+                left: Some(DynMut(u)),
+                linear: b.map(DynMut),
+                bias: c.map(DynMut),
+                ..none()
+            },
+            GateGrads::Attention { wq, k } => GradOutputs {
+                left: Some(DynMut(k)),
+                query: Some(DynMut(wq)),
+                ..none()
+            },
+            GateGrads::Full { a, b, c } => GradOutputs {
+                left: Some(DynMut(a)),
+                linear: b.map(DynMut),
+                bias: c.map(DynMut),
+                ..none()
+            },
+        }
+    }
+
+    /// The same form as the weights, the same optional parameters, the same lengths.
+    fn validate<T: FloatElement>(&self, shape: &GateShape, weights: &GateWeights<'_, T>) -> Result<()> {
+        let form = weights.form();
+        if self.form() != form {
+            return Err(Error::InvalidArgument {
+                argument: "grads",
+                value: format!("{:?}", self.form()),
+                expected: format!("the weights' form, {form:?}"),
+            });
+        }
+        let all = params(form, shape);
+        for ((p, want), got) in all.iter().zip(weights.present_lens()).zip(self.present_lens()) {
+            let argument = grad_argument(p.name);
+            match (want, got) {
+                (Some(want), Some(got)) if want != got => {
+                    return Err(Error::Shape {
+                        argument,
+                        expected: format!("{} ({want} elements of f32)", p.layout()),
+                        got: format!("{got} elements"),
+                    });
+                }
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(Error::InvalidArgument {
+                        argument,
+                        value: if got.is_some() { "Some" } else { "None" }.into(),
+                        expected: "present exactly when the weight is".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn grad_argument(name: &str) -> &'static str {
+    match name {
+        "w" => "grads.w",
+        "b" => "grads.b",
+        "u" => "grads.u",
+        "v" => "grads.v",
+        "c" => "grads.c",
+        "wq" => "grads.wq",
+        "k" => "grads.k",
+        _ => "grads.a",
+    }
+}
+
+/// f32 elements of the workspace `scores_backward` needs: 0 for the linear gate, else
+/// `T · (2·E·r + r)` (r = d for the full form).
+pub fn backward_workspace_len(form: GateForm, shape: &GateShape) -> Result<usize> {
+    if form == GateForm::Linear {
+        return Ok(0);
+    }
+    let r = shape.effective_rank(form);
+    let row = elements("shape.rank", 2 * shape.experts + 1, r)?;
+    elements("shape.tokens", shape.tokens, row)
+}
+
+/// Backward of [`scores`](super::scores): from `dz` (`[T, E]`, f32) writes `dx` (`[T, d]`, X's
+/// dtype) and every gradient in `grads` (overwritten, not accumulated). `workspace`: f32,
+/// [`backward_workspace_len`] elements. No host sync.
+#[allow(clippy::too_many_arguments)]
+pub fn scores_backward<T: FloatElement>(
+    device: &Device,
+    shape: &GateShape,
+    weights: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    dz: &impl DeviceSlice<f32>,
+    dx: &mut impl DeviceSliceMut<T>,
+    grads: GateGrads<'_>,
+    workspace: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    weights.validate(shape)?;
+    grads.validate(shape, weights)?;
+    let form = weights.form();
+    let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
+    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("dz", dz, shape.z_len(), || format!("[T, E] = [{t}, {e}]"))?;
+    check_len("dx", dx, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
+    let ws_len = backward_workspace_len(form, shape)?;
+    check_len("workspace", workspace, ws_len, || {
+        "backward_workspace_len(form, shape)".into()
+    })?;
+
+    let rank = shape.effective_rank(form);
+    let ld = 2 * e * rank;
+    let sums_at = t * ld; // [T, r]: per-token sums over experts (attention, full)
+    let o = weights.operands();
+    if t > 0 && form != GateForm::Linear {
+        // SAFETY of the argument list: GATE_COEF_PARAMS in gate.cu (x, left, right, query, lin,
+        // dz, ws, tokens, d, experts, rank); the workspace holds T · 2·E·r coefficients.
+        let args = KernelArgs::new(device)
+            .input("x", x)
+            .input_or_null("weights", o.left.as_ref())
+            .input_or_null("weights", o.right.as_ref())
+            .input_or_null("weights", o.query.as_ref())
+            .input_or_null("weights", o.linear.as_ref())
+            .input("dz", dz)
+            .output("workspace", workspace);
+        let name = format!("gate_coef_{}_{}", form.kernel_name(), T::NAME);
+        device.launch(
+            &name,
+            scoring_config(form, shape, ScoringTile::Coefficients)?,
+            dims_args(args, shape, form),
+        )?;
+    }
+    if t > 0 && matches!(form, GateForm::Attention | GateForm::Full) {
+        // SAFETY: gate_sum_inplace_f32(buf, in_off, outer, inner, outer_stride, count, stride,
+        // out_off): reads [t, E·r + e·r + j] for e < E, writes [T·2·E·r + t·r + j].
+        let args = KernelArgs::new(device)
+            .output("workspace", workspace)
+            .scalar((e * rank) as i64)
+            .scalar(t as i64)
+            .scalar(rank as i32)
+            .scalar(ld as i64)
+            .scalar(e as i64)
+            .scalar(rank as i64)
+            .scalar(sums_at as i64);
+        device.launch("gate_sum_inplace_f32", sum_config(t * rank)?, args)?;
+    }
+
+    // From here on the workspace is only read.
+    let ws = Dyn(&*workspace as &dyn DeviceSlice<f32>);
+    let dz = Dyn(dz as &dyn DeviceSlice<f32>);
+    let left = Coefs::new(&ws, 0, ld);
+    let right = Coefs::new(&ws, e * rank, ld);
+    let query = Coefs::new(&ws, sums_at, rank);
+    let linear = Coefs::new(&dz, 0, e);
+
+    let mut segments = vec![];
+    if let Some(w) = &o.left {
+        segments.push((&left, w, e * rank));
+    }
+    if let Some(w) = &o.right {
+        segments.push((&right, w, e * rank));
+    }
+    if let Some(w) = &o.query {
+        segments.push((&query, w, rank));
+    }
+    if let Some(w) = &o.linear {
+        segments.push((&linear, w, e));
+    }
+    let direct = (form == GateForm::Full).then(|| Coefs::new(&ws, sums_at, d));
+    if t > 0 {
+        launch_dx(device, shape, &segments, direct.as_ref(), dx)?;
+    }
+
+    let g = grads.outputs();
+    let x = Dyn(x as &dyn DeviceSlice<T>);
+    for (coef, rows, out) in [
+        (&left, e * rank, g.left),
+        (&right, e * rank, g.right),
+        (&query, rank, g.query),
+        (&linear, e, g.linear),
+    ] {
+        if let Some(mut out) = out {
+            launch_dw(device, shape, coef, rows, &x, &mut out)?;
+        }
+    }
+    if let Some(mut db) = g.bias {
+        // SAFETY: gate_sum_f32(in, in_off, outer, inner, outer_stride, count, stride, out,
+        // out_off): db[e] = Σ_t dz[t·E + e].
+        let args = KernelArgs::new(device)
+            .input("dz", &dz)
+            .scalar(0i64)
+            .scalar(1i64)
+            .scalar(e as i32)
+            .scalar(0i64)
+            .scalar(t as i64)
+            .scalar(e as i64)
+            .output("grads", &mut db)
+            .scalar(0i64);
+        device.launch("gate_sum_f32", sum_config(e)?, args)?;
+    }
+    Ok(())
+}
+
+/// A matrix of f32 gradient coefficients: element (t, n) at `g[offset + t·ld + n]`.
+struct Coefs<'a> {
+    g: Dyn<'a, f32>,
+    offset: usize,
+    ld: usize,
+}
+
+impl<'a> Coefs<'a> {
+    fn new(g: &Dyn<'a, f32>, offset: usize, ld: usize) -> Self {
+        Coefs {
+            g: Dyn(g.0),
+            offset,
+            ld,
+        }
+    }
+}
+
+/// `gate_sum[_inplace]_f32`: 32 outputs per block, 8 partial sums each in shared memory.
+fn sum_config(outputs: usize) -> Result<LaunchConfig> {
+    const OUTPUTS_PER_BLOCK: usize = 32;
+    let partials = THREADS as usize * size_of::<f32>();
+    Ok(LaunchConfig::linear(
+        grid_blocks("shape", outputs, OUTPUTS_PER_BLOCK)?,
+        THREADS,
+        partials as u32,
+    ))
+}
+
+/// Shared memory of the dX and dW kernels: two 64-wide f32 k-tiles.
+const GEMM_SHARED: u32 = (2 * TILE * K_TILE * size_of::<f32>()) as u32;
+
+fn launch_dx<T: FloatElement>(
+    device: &Device,
+    shape: &GateShape,
+    segments: &[(&Coefs<'_>, &Dyn<'_, T>, usize)],
+    direct: Option<&Coefs<'_>>,
+    dx: &mut impl DeviceSliceMut<T>,
+) -> Result<()> {
+    debug_assert!(segments.len() <= 3, "every form has at most three weight segments");
+    let mut args = KernelArgs::new(device);
+    for i in 0..3 {
+        args = match segments.get(i) {
+            Some((c, w, rows)) => args
+                .input("workspace", &c.g)
+                .scalar(c.offset as i64)
+                .scalar(c.ld as i64)
+                .input("weights", *w)
+                .scalar(*rows as i32),
+            None => args.scalar(0u64).scalar(0i64).scalar(0i64).scalar(0u64).scalar(0i32),
+        };
+    }
+    args = match direct {
+        Some(c) => args
+            .input("workspace", &c.g)
+            .scalar(c.offset as i64)
+            .scalar(c.ld as i64),
+        None => args.scalar(0u64).scalar(0i64).scalar(0i64),
+    };
+    // SAFETY: GATE_DX_PARAMS in gate.cu (three segments, direct, dx, tokens, d).
+    let args = args
+        .output("dx", dx)
+        .scalar(shape.tokens as i64)
+        .scalar(shape.dim as i32);
+    let config = LaunchConfig {
+        grid: (
+            grid_blocks("shape.tokens", shape.tokens, TILE)?,
+            shape.dim.div_ceil(TILE) as u32,
+            1,
+        ),
+        block: (THREADS, 1, 1),
+        shared_bytes: GEMM_SHARED,
+    };
+    device.launch(&format!("gate_dx_{}", T::NAME), config, args)
+}
+
+fn launch_dw<T: FloatElement>(
+    device: &Device,
+    shape: &GateShape,
+    coefs: &Coefs<'_>,
+    rows: usize,
+    x: &Dyn<'_, T>,
+    dw: &mut DynMut<'_, f32>,
+) -> Result<()> {
+    // SAFETY: GATE_DW_PARAMS in gate.cu (g, off, ldg, rows, x, tokens, d, dw); dw holds rows·d.
+    let args = KernelArgs::new(device)
+        .input("workspace", &coefs.g)
+        .scalar(coefs.offset as i64)
+        .scalar(coefs.ld as i64)
+        .scalar(rows as i32)
+        .input("x", x)
+        .scalar(shape.tokens as i64)
+        .scalar(shape.dim as i32)
+        .output("grads", dw);
+    let config = LaunchConfig {
+        grid: (grid_blocks("grads", rows, TILE)?, shape.dim.div_ceil(TILE) as u32, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: GEMM_SHARED,
+    };
+    device.launch(&format!("gate_dw_{}", T::NAME), config, args)
+}

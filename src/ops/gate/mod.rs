@@ -1,0 +1,469 @@
+//! Router scoring (SPEC §1): `z = score(X)` for the linear gate and the quadratic gates
+//! (low-rank, symmetric, attention-like, full and monomial), forward and backward
+//! (`kernels/gate.cu`).
+//!
+//! Layouts (row-major, `nn.Linear`-style: the `d` inputs of every projection row contiguous):
+//!
+//! | form | weights (dtype of X) | f32 operands | z_{t,e} |
+//! |---|---|---|---|
+//! | `Linear` | `w [E, d]` | `b [E]` | `W_e·x_t + b_e` |
+//! | `LowRank` | `u, v [E, r, d]`, `b [E, d]` | `c [E]` | `Σ_j (U_ej·x)(V_ej·x) + B_e·x + c_e` |
+//! | `Symmetric` | `u [E, r, d]`, `b [E, d]` | `c [E]` | `Σ_j (U_ej·x)² + B_e·x + c_e` |
+//! | `Attention` | `wq [r, d]`, `k [E, r, d]` | | `Σ_j (Wq_j·x)(K_ej·x) / √r` |
+//! | `Full` | `a [E, d, d]`, `b [E, d]` | `c [E]` | `x^T A_e x + B_e·x + c_e` |
+//!
+//! `b` and `c` are optional everywhere; the *monomial* quadratic gate is `Full` with `b: None`.
+//! `U_ej` is row j of `U_e`, so `U_all` stacked as `[E·r, d]` is one projection matrix and
+//! SPEC's `U_i: [d, r]` is its transpose. X, z: `[T, d]` and `[T, E]`; z and dz are always f32,
+//! accumulation is f32 for every dtype. Gradients of the weights are f32 (`[same shape]`);
+//! dX has X's dtype.
+//!
+//! Cost: every forward is **one launch**, a tiled GEMM of an X tile (64 tokens) against the
+//! stacked projection rows of a block of experts, whose epilogue forms the per-expert
+//! products and writes only z (never the `[T, E·r]` projections). f16/bf16 run on tensor
+//! cores (`mma.sync` m16n8k16, f32 accumulation): the linear tile is 128 experts × 1 row, a
+//! quadratic tile 16 experts × (8 rows: the two factors of a chunk of 4 ranks, interleaved so
+//! each lane multiplies its own pair) + 16 linear rows (91-96 registers: 2 blocks per SM). f32 runs on FMA tiles: 64 experts × 1
+//! row, or 32 experts × (projections of a chunk of 4 ranks + the linear row).
+//! At r ≤ 4 the quadratic gate is the linear gate with a wider tile: X is read once per
+//! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
+//! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
+//! `U = A_e` and `V = I` (rank d), so it loops over d/4 chunks: O(T·E·d²), for small d.
+
+mod backward;
+
+pub use backward::{GateGrads, backward_workspace_len, scores_backward};
+
+use super::{FloatElement, check_len, elements, grid_blocks};
+use crate::device::memory::PtrGuard;
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::{Device, DeviceSlice, DeviceSliceMut, Element, Error, Result};
+
+/// Threads per block of every gate kernel (`GATE_THREADS` in gate_tile.cuh).
+const THREADS: u32 = 256;
+/// Tokens per block of the scoring kernels (`GATE_BM`), and rows/columns of the dX/dW tiles.
+const TILE: usize = 64;
+/// k-tile width (`GATE_BK`).
+const K_TILE: usize = 16;
+/// Ranks per chunk of a quadratic tile (`GATE_RC`).
+const RANK_CHUNK: usize = 4;
+/// Halves per shared row of the tensor-core tiles (`MMA_LD`).
+const MMA_ROW_HALVES: usize = 40;
+
+/// The scoring function's form (what [`GateWeights`] holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateForm {
+    Linear,
+    LowRank,
+    Symmetric,
+    Attention,
+    Full,
+}
+
+impl GateForm {
+    fn kernel_name(self) -> &'static str {
+        match self {
+            GateForm::Linear => "linear",
+            GateForm::LowRank => "lowrank",
+            GateForm::Symmetric => "symmetric",
+            GateForm::Attention => "attention",
+            GateForm::Full => "full",
+        }
+    }
+}
+
+/// The tile of a scoring-kernel launch (mirrors `GateForm` in gate.cu and `MmaForm` in
+/// gate_mma.cuh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScoringTile {
+    /// f32 X: FMA tiles, 64 experts per block (linear) or 32.
+    Forward,
+    /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 16.
+    TensorCores,
+    /// The backward coefficient kernels: FMA tiles of 16 experts.
+    Coefficients,
+}
+
+impl ScoringTile {
+    /// Experts per block and bytes of dynamic shared memory for `form`.
+    fn of(self, form: GateForm) -> (usize, usize) {
+        if self == ScoringTile::TensorCores {
+            let experts = if form == GateForm::Linear { 128 } else { 16 };
+            // Per expert its linear row and the L rows of a chunk; the R rows (`MmaForm`).
+            let (left, right) = match form {
+                GateForm::Linear => (0, 0),
+                GateForm::LowRank => (experts * RANK_CHUNK, experts * RANK_CHUNK),
+                GateForm::Symmetric => (experts * RANK_CHUNK, 0),
+                GateForm::Attention | GateForm::Full => (experts * RANK_CHUNK, RANK_CHUNK),
+            };
+            let shared = (TILE + left + right + experts) * MMA_ROW_HALVES * 2;
+            return (experts, shared);
+        }
+        let columns_per_expert = match form {
+            GateForm::Linear => 1,
+            GateForm::LowRank => 2 * RANK_CHUNK + 1,
+            GateForm::Symmetric | GateForm::Full => RANK_CHUNK + 1,
+            GateForm::Attention => RANK_CHUNK,
+        };
+        let experts = match (form, self) {
+            (GateForm::Linear, _) => 64,
+            (_, ScoringTile::Coefficients) => 16,
+            _ => 32,
+        };
+        let query = if form == GateForm::Attention { RANK_CHUNK } else { 0 };
+        let shared = (TILE + experts * columns_per_expert + query) * K_TILE * size_of::<f32>();
+        (experts, shared)
+    }
+}
+
+/// The sizes of one scoring call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateShape {
+    /// T: rows of X.
+    pub tokens: usize,
+    /// d: the model dimension.
+    pub dim: usize,
+    /// E: experts (columns of z).
+    pub experts: usize,
+    /// r: rank of the low-rank, symmetric and attention forms (ignored by the others).
+    pub rank: usize,
+}
+
+impl Default for GateShape {
+    fn default() -> Self {
+        Self {
+            tokens: 0,
+            dim: 1,
+            experts: 1,
+            rank: 1,
+        }
+    }
+}
+
+impl GateShape {
+    /// Checks the sizes every form needs: `dim` in `1..=4194240`, `experts` and `rank` in
+    /// `1..=i32::MAX` (`rank` too for the forms that ignore it), and `[T, d]`, `[T, E]`
+    /// element counts that fit in memory.
+    pub fn validate(&self) -> Result<()> {
+        let max = i32::MAX as usize;
+        // d is split into 64-wide tiles along the grid's y axis by the backward kernels.
+        super::check_range("shape.dim", self.dim, 1..=65535 * TILE)?;
+        super::check_range("shape.experts", self.experts, 1..=max)?;
+        super::check_range("shape.rank", self.rank, 1..=max)?;
+        elements("shape.tokens", self.tokens, self.dim)?;
+        elements("shape.tokens", self.tokens, self.experts)?;
+        Ok(())
+    }
+
+    /// Elements of X (`[T, d]`) and of dX.
+    pub fn x_len(&self) -> usize {
+        self.tokens * self.dim
+    }
+
+    /// Elements of z (`[T, E]`) and of dz.
+    pub fn z_len(&self) -> usize {
+        self.tokens * self.experts
+    }
+
+    /// The rank the kernels run: `rank`, or d for the full form.
+    fn effective_rank(&self, form: GateForm) -> usize {
+        if form == GateForm::Full { self.dim } else { self.rank }
+    }
+}
+
+/// The parameters of one gate, borrowed device buffers (layouts in the module docs). Any
+/// buffer type works (`DeviceBuffer`, cudarc's `CudaSlice` / `CudaView`).
+pub enum GateWeights<'a, T: FloatElement> {
+    Linear {
+        w: &'a dyn DeviceSlice<T>,
+        b: Option<&'a dyn DeviceSlice<f32>>,
+    },
+    LowRank {
+        u: &'a dyn DeviceSlice<T>,
+        v: &'a dyn DeviceSlice<T>,
+        b: Option<&'a dyn DeviceSlice<T>>,
+        c: Option<&'a dyn DeviceSlice<f32>>,
+    },
+    Symmetric {
+        u: &'a dyn DeviceSlice<T>,
+        b: Option<&'a dyn DeviceSlice<T>>,
+        c: Option<&'a dyn DeviceSlice<f32>>,
+    },
+    Attention {
+        wq: &'a dyn DeviceSlice<T>,
+        k: &'a dyn DeviceSlice<T>,
+    },
+    /// Also the monomial form (`b: None`). Meant for small d: O(T·E·d²) work.
+    Full {
+        a: &'a dyn DeviceSlice<T>,
+        b: Option<&'a dyn DeviceSlice<T>>,
+        c: Option<&'a dyn DeviceSlice<f32>>,
+    },
+}
+
+/// One parameter tensor of a form: its name (`weights.<name>`, `grads.<name>`) and layout
+/// (`dims[..ndim]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GateParam {
+    pub name: &'static str,
+    pub dims: [usize; 3],
+    pub ndim: usize,
+}
+
+impl GateParam {
+    fn layout(&self) -> String {
+        let dims: Vec<String> = self.dims[..self.ndim].iter().map(|d| d.to_string()).collect();
+        format!("[{}]", dims.join(", "))
+    }
+}
+
+/// The operands of the scoring kernel: which weight plays which part of the tile.
+struct Operands<'a, T: Element> {
+    left: Option<Dyn<'a, T>>,
+    right: Option<Dyn<'a, T>>,
+    query: Option<Dyn<'a, T>>,
+    linear: Option<Dyn<'a, T>>,
+    bias: Option<Dyn<'a, f32>>,
+}
+
+impl<'a, T: FloatElement> GateWeights<'a, T> {
+    pub fn form(&self) -> GateForm {
+        match self {
+            GateWeights::Linear { .. } => GateForm::Linear,
+            GateWeights::LowRank { .. } => GateForm::LowRank,
+            GateWeights::Symmetric { .. } => GateForm::Symmetric,
+            GateWeights::Attention { .. } => GateForm::Attention,
+            GateWeights::Full { .. } => GateForm::Full,
+        }
+    }
+
+    fn operands(&self) -> Operands<'a, T> {
+        let none = Operands {
+            left: None,
+            right: None,
+            query: None,
+            linear: None,
+            bias: None,
+        };
+        match *self {
+            GateWeights::Linear { w, b } => Operands {
+                linear: Some(Dyn(w)),
+                bias: b.map(Dyn),
+                ..none
+            },
+            GateWeights::LowRank { u, v, b, c } => Operands {
+                left: Some(Dyn(u)),
+                right: Some(Dyn(v)),
+                linear: b.map(Dyn),
+                bias: c.map(Dyn),
+                ..none
+            },
+            GateWeights::Symmetric { u, b, c } => Operands {
+                left: Some(Dyn(u)),
+                linear: b.map(Dyn),
+                bias: c.map(Dyn),
+                ..none
+            },
+            GateWeights::Attention { wq, k } => Operands {
+                left: Some(Dyn(k)),
+                query: Some(Dyn(wq)),
+                ..none
+            },
+            GateWeights::Full { a, b, c } => Operands {
+                left: Some(Dyn(a)),
+                linear: b.map(Dyn),
+                bias: c.map(Dyn),
+                ..none
+            },
+        }
+    }
+
+    /// Every parameter this gate holds, in declaration order, with its expected layout.
+    pub fn params(&self, shape: &GateShape) -> Vec<GateParam> {
+        let present = self.present_lens();
+        params(self.form(), shape)
+            .into_iter()
+            .zip(present)
+            .filter(|(_, len)| len.is_some())
+            .map(|(p, _)| p)
+            .collect()
+    }
+
+    /// The length of each parameter of the form, in `params` order (None: an absent option).
+    fn present_lens(&self) -> Vec<Option<usize>> {
+        fn len<T: Element>(b: &dyn DeviceSlice<T>) -> usize {
+            b.len()
+        }
+        match self {
+            GateWeights::Linear { w, b } => vec![Some(len(*w)), b.map(len)],
+            GateWeights::LowRank { u, v, b, c } => vec![Some(len(*u)), Some(len(*v)), b.map(len), c.map(len)],
+            GateWeights::Symmetric { u, b, c } => vec![Some(len(*u)), b.map(len), c.map(len)],
+            GateWeights::Attention { wq, k } => vec![Some(len(*wq)), Some(len(*k))],
+            GateWeights::Full { a, b, c } => vec![Some(len(*a)), b.map(len), c.map(len)],
+        }
+    }
+
+    /// Checks the shape and every weight's length for this form.
+    fn validate(&self, shape: &GateShape) -> Result<()> {
+        shape.validate()?;
+        let form = self.form();
+        let rank = shape.effective_rank(form);
+        // The stacked rows (E·r, E·d) are indexed with 32-bit ints by the kernels.
+        if form != GateForm::Linear {
+            let rows = elements("shape.rank", shape.experts, rank)?;
+            super::check_range("shape.experts * rank", rows, 1..=i32::MAX as usize)?;
+        }
+        let (experts_per_block, _) = ScoringTile::Coefficients.of(form);
+        if shape.experts.div_ceil(experts_per_block) > 65535 {
+            return Err(Error::InvalidArgument {
+                argument: "shape.experts",
+                value: shape.experts.to_string(),
+                expected: format!("at most {} experts for the {form:?} gate", 65535 * experts_per_block),
+            });
+        }
+        for (p, got) in params(form, shape).into_iter().zip(self.present_lens()) {
+            let expected = elements_of(&p)?;
+            match got {
+                Some(got) if got != expected => {
+                    return Err(Error::Shape {
+                        argument: weight_argument(p.name),
+                        expected: format!("{} ({expected} elements)", p.layout()),
+                        got: format!("{got} elements"),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A parameter's element count, or an error when it overflows.
+fn elements_of(p: &GateParam) -> Result<usize> {
+    let rows = elements(weight_argument(p.name), p.dims[0], p.dims[1])?;
+    elements(weight_argument(p.name), rows, p.dims[2])
+}
+
+/// Every parameter a form may hold, optional ones included: names and layouts.
+fn params(form: GateForm, shape: &GateShape) -> Vec<GateParam> {
+    let (e, d, r) = (shape.experts, shape.dim, shape.rank);
+    let p = |name, dims: &[usize]| {
+        let mut all = [1; 3];
+        all[..dims.len()].copy_from_slice(dims);
+        GateParam {
+            name,
+            dims: all,
+            ndim: dims.len(),
+        }
+    };
+    match form {
+        GateForm::Linear => vec![p("w", &[e, d]), p("b", &[e])],
+        GateForm::LowRank => vec![p("u", &[e, r, d]), p("v", &[e, r, d]), p("b", &[e, d]), p("c", &[e])],
+        GateForm::Symmetric => vec![p("u", &[e, r, d]), p("b", &[e, d]), p("c", &[e])],
+        GateForm::Attention => vec![p("wq", &[r, d]), p("k", &[e, r, d])],
+        GateForm::Full => vec![p("a", &[e, d, d]), p("b", &[e, d]), p("c", &[e])],
+    }
+}
+
+fn weight_argument(name: &str) -> &'static str {
+    match name {
+        "w" => "weights.w",
+        "b" => "weights.b",
+        "u" => "weights.u",
+        "v" => "weights.v",
+        "c" => "weights.c",
+        "wq" => "weights.wq",
+        "k" => "weights.k",
+        _ => "weights.a",
+    }
+}
+
+/// `z = score(X)` (`[T, E]`, f32) for any form: one launch, no host sync.
+pub fn scores<T: FloatElement>(
+    device: &Device,
+    shape: &GateShape,
+    weights: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    z: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    weights.validate(shape)?;
+    let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
+    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("z", z, shape.z_len(), || format!("[T, E] = [{t}, {e}]"))?;
+    if t == 0 {
+        return Ok(());
+    }
+    let form = weights.form();
+    let o = weights.operands();
+    // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
+    let tile = if size_of::<T>() == 2 {
+        ScoringTile::TensorCores
+    } else {
+        ScoringTile::Forward
+    };
+    let config = scoring_config(form, shape, tile)?;
+    // SAFETY of the argument list: the order and types of GATE_SCORES_PARAMS in gate.cu
+    // (x, left, right, query, lin, bias, z, tokens, d, experts, rank); lengths checked above.
+    let args = KernelArgs::new(device)
+        .input("x", x)
+        .input_or_null("weights", o.left.as_ref())
+        .input_or_null("weights", o.right.as_ref())
+        .input_or_null("weights", o.query.as_ref())
+        .input_or_null("weights", o.linear.as_ref())
+        .input_or_null("weights", o.bias.as_ref())
+        .output("z", z);
+    let args = dims_args(args, shape, form);
+    device.launch(&format!("gate_scores_{}_{}", form.kernel_name(), T::NAME), config, args)
+}
+
+/// The launch of a scoring (or coefficient) kernel: 64-token by BE-expert tiles.
+fn scoring_config(form: GateForm, shape: &GateShape, tile: ScoringTile) -> Result<LaunchConfig> {
+    let (experts_per_block, shared) = tile.of(form);
+    Ok(LaunchConfig {
+        grid: (
+            grid_blocks("shape.tokens", shape.tokens, TILE)?,
+            shape.experts.div_ceil(experts_per_block) as u32,
+            1,
+        ),
+        block: (THREADS, 1, 1),
+        shared_bytes: shared as u32,
+    })
+}
+
+/// The trailing `tokens, d, experts, rank` of the scoring and coefficient kernels.
+fn dims_args<'a>(args: KernelArgs<'a>, shape: &GateShape, form: GateForm) -> KernelArgs<'a> {
+    args.scalar(shape.tokens as i64)
+        .scalar(shape.dim as i32)
+        .scalar(shape.experts as i32)
+        .scalar(shape.effective_rank(form) as i32)
+}
+
+/// A borrowed `dyn` device slice usable where the launch path wants `impl DeviceSlice`.
+struct Dyn<'a, T>(&'a dyn DeviceSlice<T>);
+
+impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
+        self.0.kernel_ptr(device, argument)
+    }
+}
+
+/// A borrowed `dyn` mutable device slice usable where the launch path wants `impl DeviceSliceMut`.
+struct DynMut<'a, T>(&'a mut dyn DeviceSliceMut<T>);
+
+impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
+        self.0.kernel_ptr(device, argument)
+    }
+}
+
+impl<T: Element> DeviceSliceMut<T> for DynMut<'_, T> {
+    fn kernel_ptr_mut<'b>(&'b mut self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
+        self.0.kernel_ptr_mut(device, argument)
+    }
+}

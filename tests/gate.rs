@@ -1,0 +1,855 @@
+//! Router scoring (`ops::gate`) on every device against the f64 reference, the reference
+//! against finite differences, launch budgets, and every validation error.
+mod common;
+
+use common::{Rng, Tolerance, assert_close, devices};
+use half::{bf16, f16};
+use moe_kernels::device::{EmulatorDevice, Schedule};
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
+use moe_kernels::reference::gate::{self as reference, GateParams};
+use moe_kernels::{Device, DeviceBuffer, Error};
+use proptest::prelude::*;
+
+/// One test case: a form, its sizes, and which optional parameters it has.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    form: GateForm,
+    shape: GateShape,
+    with_b: bool,
+    with_c: bool,
+    seed: u64,
+}
+
+impl Case {
+    fn new(form: GateForm, tokens: usize, dim: usize, experts: usize, rank: usize) -> Self {
+        Case {
+            form,
+            shape: GateShape {
+                tokens,
+                dim,
+                experts,
+                rank,
+            },
+            with_b: true,
+            with_c: true,
+            seed: 7,
+        }
+    }
+
+    /// The rank the form really has (d for the full form).
+    fn terms(&self) -> usize {
+        match self.form {
+            GateForm::Linear => 1,
+            GateForm::Full => self.shape.dim,
+            _ => self.shape.rank,
+        }
+    }
+}
+
+/// Host values exactly representable in `T` (so device and reference see the same inputs).
+fn values<T: FloatElement>(rng: &mut Rng, len: usize, scale: f32) -> Vec<f64> {
+    rng.normals(len, scale)
+        .into_iter()
+        .map(|v| T::from_f32(v).to_f32() as f64)
+        .collect()
+}
+
+/// The case's parameters: weights scaled so that each projection is O(1) for unit-size x.
+fn params<T: FloatElement>(case: &Case, rng: &mut Rng) -> GateParams {
+    let GateShape {
+        dim: d,
+        experts: e,
+        rank: r,
+        ..
+    } = case.shape;
+    let s = 1.0 / (d as f32).sqrt();
+    let b_typed = |rng: &mut Rng| case.with_b.then(|| values::<T>(rng, e * d, s));
+    let c = |rng: &mut Rng| case.with_c.then(|| values::<f32>(rng, e, 1.0));
+    match case.form {
+        GateForm::Linear => GateParams::Linear {
+            w: values::<T>(rng, e * d, s),
+            b: case.with_b.then(|| values::<f32>(rng, e, 1.0)),
+        },
+        GateForm::LowRank => GateParams::LowRank {
+            u: values::<T>(rng, e * r * d, s),
+            v: values::<T>(rng, e * r * d, s),
+            b: b_typed(rng),
+            c: c(rng),
+        },
+        GateForm::Symmetric => GateParams::Symmetric {
+            u: values::<T>(rng, e * r * d, s),
+            b: b_typed(rng),
+            c: c(rng),
+        },
+        GateForm::Attention => GateParams::Attention {
+            wq: values::<T>(rng, r * d, s),
+            k: values::<T>(rng, e * r * d, s),
+        },
+        GateForm::Full => GateParams::Full {
+            a: values::<T>(rng, e * d * d, s),
+            b: b_typed(rng),
+            c: c(rng),
+        },
+    }
+}
+
+/// Whether a parameter is stored in f32 rather than X's dtype.
+fn is_f32(form: GateForm, name: &str) -> bool {
+    name == "c" || (form == GateForm::Linear && name == "b")
+}
+
+/// A parameter uploaded in its storage type.
+enum Uploaded<T: moe_kernels::Element> {
+    Typed(DeviceBuffer<T>),
+    F32(DeviceBuffer<f32>),
+}
+
+fn upload_params<T: FloatElement>(device: &Device, params: &GateParams) -> Vec<(&'static str, Uploaded<T>)> {
+    let form = params.form();
+    params
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let buffer = if is_f32(form, name) {
+                Uploaded::F32(device.upload(&v.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap())
+            } else {
+                Uploaded::Typed(
+                    device
+                        .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
+                        .unwrap(),
+                )
+            };
+            (name, buffer)
+        })
+        .collect()
+}
+
+/// The device weights of `form` from uploaded parameters.
+fn weights<'a, T: FloatElement>(form: GateForm, up: &'a [(&'static str, Uploaded<T>)]) -> GateWeights<'a, T> {
+    let typed = |name: &str| {
+        up.iter().find(|(n, _)| *n == name).map(|(_, b)| match b {
+            Uploaded::Typed(b) => b as &dyn moe_kernels::DeviceSlice<T>,
+            Uploaded::F32(_) => panic!("{name} is f32"),
+        })
+    };
+    let float = |name: &str| {
+        up.iter().find(|(n, _)| *n == name).map(|(_, b)| match b {
+            Uploaded::F32(b) => b as &dyn moe_kernels::DeviceSlice<f32>,
+            Uploaded::Typed(_) => panic!("{name} is typed"),
+        })
+    };
+    match form {
+        GateForm::Linear => GateWeights::Linear {
+            w: typed("w").unwrap(),
+            b: float("b"),
+        },
+        GateForm::LowRank => GateWeights::LowRank {
+            u: typed("u").unwrap(),
+            v: typed("v").unwrap(),
+            b: typed("b"),
+            c: float("c"),
+        },
+        GateForm::Symmetric => GateWeights::Symmetric {
+            u: typed("u").unwrap(),
+            b: typed("b"),
+            c: float("c"),
+        },
+        GateForm::Attention => GateWeights::Attention {
+            wq: typed("wq").unwrap(),
+            k: typed("k").unwrap(),
+        },
+        GateForm::Full => GateWeights::Full {
+            a: typed("a").unwrap(),
+            b: typed("b"),
+            c: float("c"),
+        },
+    }
+}
+
+/// Gradient views of `bufs` (named like the weights, in `params` order) for `form`.
+fn grads<'a>(form: GateForm, bufs: &'a mut [(&'static str, DeviceBuffer<f32>)]) -> GateGrads<'a> {
+    let mut map: Vec<(&'static str, Option<&'a mut DeviceBuffer<f32>>)> =
+        bufs.iter_mut().map(|(n, b)| (*n, Some(b))).collect();
+    let mut take = |name: &str| -> Option<&'a mut dyn moe_kernels::DeviceSliceMut<f32>> {
+        map.iter_mut()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, b)| b.take())
+            .map(|b| b as &mut dyn moe_kernels::DeviceSliceMut<f32>)
+    };
+    match form {
+        GateForm::Linear => GateGrads::Linear {
+            w: take("w").unwrap(),
+            b: take("b"),
+        },
+        GateForm::LowRank => GateGrads::LowRank {
+            u: take("u").unwrap(),
+            v: take("v").unwrap(),
+            b: take("b"),
+            c: take("c"),
+        },
+        GateForm::Symmetric => GateGrads::Symmetric {
+            u: take("u").unwrap(),
+            b: take("b"),
+            c: take("c"),
+        },
+        GateForm::Attention => GateGrads::Attention {
+            wq: take("wq").unwrap(),
+            k: take("k").unwrap(),
+        },
+        GateForm::Full => GateGrads::Full {
+            a: take("a").unwrap(),
+            b: take("b"),
+            c: take("c"),
+        },
+    }
+}
+
+fn to_f32<T: FloatElement>(v: &[T]) -> Vec<f32> {
+    v.iter().map(|v| v.to_f32()).collect()
+}
+
+/// What one forward and backward call produced, downloaded (dx widened to f32).
+#[derive(Debug, PartialEq)]
+struct Outputs {
+    z: Vec<u32>,
+    dx: Vec<u32>,
+    grads: Vec<(&'static str, Vec<u32>)>,
+}
+
+impl Outputs {
+    fn floats(bits: &[u32]) -> Vec<f32> {
+        bits.iter().map(|&b| f32::from_bits(b)).collect()
+    }
+}
+
+/// Runs forward and backward of `case` on `device` with the given host inputs. Checks the
+/// launch budget (forward: one launch; backward: the coefficient kernel and the sum over
+/// experts where the form needs them, dX, and one launch per parameter gradient), that no
+/// op syncs the host, and the parameter list of the size helper.
+fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x: &[f64], dz: &[f64]) -> Outputs {
+    let shape = case.shape;
+    let what = format!("{case:?} {} on {}", T::NAME, device.description());
+    let up = upload_params::<T>(device, host);
+    let w = weights(case.form, &up);
+    let x_dev = device
+        .upload(&x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
+        .unwrap();
+    let dz_dev = device
+        .upload(&dz.iter().map(|&v| v as f32).collect::<Vec<_>>())
+        .unwrap();
+    // Outputs start as garbage so an element the kernels never write shows.
+    let mut z = device.upload(&vec![f32::NAN; shape.z_len()]).unwrap();
+    let mut dx = device.upload(&vec![T::from_f32(f32::NAN); shape.x_len()]).unwrap();
+    let mut grad_bufs: Vec<(&'static str, DeviceBuffer<f32>)> = host
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, device.upload(&vec![f32::NAN; t.len()]).unwrap()))
+        .collect();
+    // The size helper lists exactly the parameters the case holds, with their lengths.
+    let listed: Vec<(&str, usize)> = w
+        .params(&shape)
+        .iter()
+        .map(|p| (p.name, p.dims[..p.ndim].iter().product()))
+        .collect();
+    let held: Vec<(&str, usize)> = host.tensors().iter().map(|(n, t)| (*n, t.len())).collect();
+    assert_eq!(listed, held, "{what}: GateWeights::params");
+    let ws_len = gate::backward_workspace_len(case.form, &shape).unwrap();
+    let mut ws = device.upload(&vec![f32::NAN; ws_len]).unwrap();
+
+    let before = device.stats();
+    gate::scores(device, &shape, &w, &x_dev, &mut z).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let after_forward = device.stats();
+    let has_tokens = u64::from(shape.tokens > 0);
+    assert_eq!(
+        after_forward.launches - before.launches,
+        has_tokens,
+        "{what}: forward launches"
+    );
+    gate::scores_backward(
+        device,
+        &shape,
+        &w,
+        &x_dev,
+        &dz_dev,
+        &mut dx,
+        grads(case.form, &mut grad_bufs),
+        &mut ws,
+    )
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let coef = u64::from(case.form != GateForm::Linear);
+    let sum_over_experts = u64::from(matches!(case.form, GateForm::Attention | GateForm::Full));
+    let backward_launches = has_tokens * (coef + sum_over_experts + 1) + grad_bufs.len() as u64;
+    assert_eq!(
+        device.stats().launches - after_forward.launches,
+        backward_launches,
+        "{what}: backward launches"
+    );
+    assert_eq!(
+        device.stats().host_syncs,
+        before.host_syncs,
+        "{what}: an op synced the host"
+    );
+
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    Outputs {
+        z: bits(device.download(&z).unwrap()),
+        dx: bits(to_f32(&device.download(&dx).unwrap())),
+        grads: grad_bufs
+            .iter()
+            .map(|(n, b)| (*n, bits(device.download(b).unwrap())))
+            .collect(),
+    }
+}
+
+/// The host inputs of `case`: parameters, X and dz, all exactly representable in `T`.
+fn inputs<T: FloatElement>(case: &Case) -> (GateParams, Vec<f64>, Vec<f64>) {
+    let mut rng = Rng::new(case.seed);
+    let host = params::<T>(case, &mut rng);
+    let x = values::<T>(&mut rng, case.shape.x_len(), 1.0);
+    let dz = values::<f32>(&mut rng, case.shape.z_len(), 1.0);
+    (host, x, dz)
+}
+
+/// Forward and backward of `case` on `device`, compared with the reference.
+fn check_case<T: FloatElement>(device: &Device, case: &Case) {
+    let shape = case.shape;
+    let what = format!("{case:?} {} on {}", T::NAME, device.description());
+    let (host, x, dz) = inputs::<T>(case);
+    let got = run_case::<T>(device, case, &host, &x, &dz);
+
+    // The device saw exactly `x` and the parameters: f32 rounding is the only difference.
+    let terms = case.terms();
+    let z_ref = reference::scores(&shape, &host, &x);
+    let z_tol = Tolerance::F32.over(shape.dim * terms).scaled(4.0);
+    assert_close(&format!("{what}: z"), &Outputs::floats(&got.z), &z_ref, z_tol);
+
+    let g_ref = reference::scores_backward(&shape, &host, &x, &dz);
+    let dx_tol = Tolerance::of::<T>().over(shape.experts * terms * 2).scaled(4.0);
+    assert_close(&format!("{what}: dx"), &Outputs::floats(&got.dx), &g_ref.dx, dx_tol);
+    let dw_tol = Tolerance::F32.over(shape.tokens * shape.dim.max(terms) * 2).scaled(4.0);
+    for ((name, bits), (ref_name, want)) in got.grads.iter().zip(&g_ref.params) {
+        assert_eq!(name, ref_name);
+        assert_close(&format!("{what}: d{name}"), &Outputs::floats(bits), want, dw_tol);
+    }
+}
+
+fn check_all_dtypes(case: &Case, dtype: usize) {
+    for device in devices() {
+        match dtype {
+            0 => check_case::<f32>(&device, case),
+            1 => check_case::<f16>(&device, case),
+            _ => check_case::<bf16>(&device, case),
+        }
+    }
+}
+
+const TOKENS: [usize; 4] = [0, 1, 7, 97];
+const EXPERTS: [usize; 7] = [1, 3, 8, 60, 64, 256, 1000];
+/// d values off the 16-wide k-tile and 64-wide column tile, and aligned ones.
+const DIMS: [usize; 6] = [1, 5, 16, 24, 33, 70];
+
+fn case_strategy(form: GateForm, ranks: &'static [usize]) -> impl Strategy<Value = (Case, usize)> {
+    (
+        prop::sample::select(&TOKENS[..]),
+        prop::sample::select(&EXPERTS[..]),
+        prop::sample::select(&DIMS[..]),
+        prop::sample::select(ranks),
+        any::<bool>(),
+        any::<bool>(),
+        0..3usize,
+        any::<u64>(),
+    )
+        .prop_map(move |(t, e, d, r, with_b, with_c, dtype, seed)| {
+            // Keep emulated work small: the biggest expert counts only with few tokens.
+            let t = if e >= 256 { t.min(7) } else { t };
+            let case = Case {
+                with_b,
+                with_c,
+                seed,
+                ..Case::new(form, t, d, e, r)
+            };
+            (case, dtype)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn linear_matches_reference((case, dtype) in case_strategy(GateForm::Linear, &[1])) {
+        check_all_dtypes(&case, dtype);
+    }
+
+    #[test]
+    fn low_rank_matches_reference((case, dtype) in case_strategy(GateForm::LowRank, &[1, 2, 3, 4, 6, 8])) {
+        check_all_dtypes(&case, dtype);
+    }
+
+    #[test]
+    fn symmetric_matches_reference((case, dtype) in case_strategy(GateForm::Symmetric, &[1, 2, 3, 4, 6, 8])) {
+        check_all_dtypes(&case, dtype);
+    }
+
+    #[test]
+    fn attention_matches_reference((case, dtype) in case_strategy(GateForm::Attention, &[1, 2, 3, 4, 6, 8])) {
+        check_all_dtypes(&case, dtype);
+    }
+
+    #[test]
+    fn full_matches_reference(
+        t in prop::sample::select(&TOKENS[..]),
+        e in prop::sample::select(&[1usize, 3, 8, 20][..]),
+        d in prop::sample::select(&[1usize, 3, 6, 9][..]),
+        with_b in any::<bool>(),
+        with_c in any::<bool>(),
+        dtype in 0..3usize,
+        seed in any::<u64>(),
+    ) {
+        let case = Case { with_b, with_c, seed, ..Case::new(GateForm::Full, t, d, e, 1) };
+        check_all_dtypes(&case, dtype);
+    }
+}
+
+/// Every form in every dtype at a larger size (several token, expert and k tiles): T = 200,
+/// d = 40, E = 130 (the tensor-core tiles' 128 + a ragged one), r = 4; the full form smaller.
+#[test]
+fn every_form_at_a_larger_size() {
+    for dtype in 0..3 {
+        for form in [
+            GateForm::Linear,
+            GateForm::LowRank,
+            GateForm::Symmetric,
+            GateForm::Attention,
+        ] {
+            check_all_dtypes(&Case::new(form, 200, 40, 130, 4), dtype);
+        }
+        check_all_dtypes(&Case::new(GateForm::Full, 130, 12, 8, 1), dtype);
+    }
+}
+
+/// Every forward is one launch, at every rank (ranks above 4 loop inside the kernel).
+#[test]
+fn every_forward_is_one_launch() {
+    for form in [
+        GateForm::Linear,
+        GateForm::LowRank,
+        GateForm::Symmetric,
+        GateForm::Attention,
+        GateForm::Full,
+    ] {
+        for rank in [1, 4, 8] {
+            let case = Case::new(form, 5, 9, 3, rank);
+            for device in devices() {
+                // check_case asserts one forward launch and no host sync.
+                check_case::<f32>(&device, &case);
+            }
+        }
+    }
+}
+
+/// Fixed reduction orders: every output is bitwise the same on a second run and under every
+/// emulator schedule (a float atomic or a schedule-dependent sum would differ).
+#[test]
+fn results_are_bitwise_reproducible() {
+    let emulator = EmulatorDevice::new();
+    let schedules = [Schedule::InOrder, Schedule::Reverse, Schedule::Random { seed: 5 }];
+    for form in [
+        GateForm::Linear,
+        GateForm::LowRank,
+        GateForm::Symmetric,
+        GateForm::Attention,
+        GateForm::Full,
+    ] {
+        let case = Case::new(form, 70, 19, 37, 6);
+        let (host, x, dz) = inputs::<bf16>(&case);
+        let first = run_case::<bf16>(&devices()[0], &case, &host, &x, &dz);
+        for device in devices() {
+            assert_eq!(
+                run_case::<bf16>(&device, &case, &host, &x, &dz),
+                first,
+                "{form:?} on {}",
+                device.description()
+            );
+        }
+        for schedule in schedules {
+            let device = Device::Emulator(emulator.with_schedule(schedule));
+            assert_eq!(
+                run_case::<bf16>(&device, &case, &host, &x, &dz),
+                first,
+                "{form:?} under {schedule:?}"
+            );
+        }
+    }
+}
+
+/// `L = Σ dz ⊙ z`: the reference's gradients against central differences of its scores.
+#[test]
+fn reference_gradients_match_finite_differences() {
+    let forms = [
+        GateForm::Linear,
+        GateForm::LowRank,
+        GateForm::Symmetric,
+        GateForm::Attention,
+        GateForm::Full,
+    ];
+    for form in forms {
+        let case = Case::new(form, 3, 4, 3, 2);
+        let shape = case.shape;
+        let mut rng = Rng::new(11);
+        let mut params = params::<f32>(&case, &mut rng);
+        let x = values::<f32>(&mut rng, shape.x_len(), 1.0);
+        let dz = values::<f32>(&mut rng, shape.z_len(), 1.0);
+        let loss = |p: &GateParams, x: &[f64]| -> f64 {
+            reference::scores(&shape, p, x)
+                .iter()
+                .zip(&dz)
+                .map(|(z, g)| z * g)
+                .sum()
+        };
+        let grads = reference::scores_backward(&shape, &params, &x, &dz);
+        let h = 1e-6;
+        let numeric_dx: Vec<f64> = (0..x.len())
+            .map(|i| {
+                let (mut up, mut down) = (x.clone(), x.clone());
+                up[i] += h;
+                down[i] -= h;
+                (loss(&params, &up) - loss(&params, &down)) / (2.0 * h)
+            })
+            .collect();
+        let tol = Tolerance { atol: 1e-6, rtol: 1e-6 };
+        let as_f32 = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<_>>();
+        assert_close(
+            &format!("{form:?} dx"),
+            &as_f32(&grads.dx),
+            &numeric_dx,
+            tol.scaled(10.0),
+        );
+        for (k, (name, analytic)) in grads.params.iter().enumerate() {
+            let mut numeric = vec![0.0; analytic.len()];
+            for (i, slot) in numeric.iter_mut().enumerate() {
+                let original = params.tensors_mut()[k].1[i];
+                params.tensors_mut()[k].1[i] = original + h;
+                let up = loss(&params, &x);
+                params.tensors_mut()[k].1[i] = original - h;
+                let down = loss(&params, &x);
+                params.tensors_mut()[k].1[i] = original;
+                *slot = (up - down) / (2.0 * h);
+            }
+            assert_close(
+                &format!("{form:?} d{name}"),
+                &as_f32(analytic),
+                &numeric,
+                tol.scaled(10.0),
+            );
+        }
+    }
+}
+
+/// `Err` naming `argument` (Shape or InvalidArgument), and nothing launched.
+#[track_caller]
+fn assert_refused(device: &Device, argument: &str, op: impl FnOnce() -> moe_kernels::Result<()>) {
+    let launches = device.stats().launches;
+    match op() {
+        Err(Error::Shape { argument: a, .. } | Error::InvalidArgument { argument: a, .. }) => {
+            assert_eq!(a, argument, "the error names the wrong argument")
+        }
+        other => panic!("expected an error naming {argument}, got {other:?}"),
+    }
+    assert_eq!(
+        device.stats().launches,
+        launches,
+        "{argument}: launched after a refusal"
+    );
+}
+
+fn zeros<T: moe_kernels::Element>(device: &Device, len: usize) -> DeviceBuffer<T> {
+    device.alloc_zeros(len).unwrap()
+}
+
+#[test]
+fn forward_refuses_bad_inputs() {
+    let device = &devices()[0];
+    let shape = GateShape {
+        tokens: 3,
+        dim: 5,
+        experts: 4,
+        rank: 2,
+    };
+    let (t, d, e, r) = (3, 5, 4, 2);
+    let x = zeros::<f32>(device, t * d);
+    let mut z = zeros::<f32>(device, t * e);
+    let (w, b) = (zeros::<f32>(device, e * d), zeros::<f32>(device, e));
+    let (u, v, bt) = (
+        zeros::<f32>(device, e * r * d),
+        zeros::<f32>(device, e * r * d),
+        zeros::<f32>(device, e * d),
+    );
+    let (wq, a) = (zeros::<f32>(device, r * d), zeros::<f32>(device, e * d * d));
+    let short = zeros::<f32>(device, 1);
+    let linear = GateWeights::Linear { w: &w, b: Some(&b) };
+    gate::scores(device, &shape, &linear, &x, &mut z).expect("the valid call works");
+
+    for (argument, bad) in [
+        ("shape.dim", GateShape { dim: 0, ..shape }),
+        (
+            "shape.dim",
+            GateShape {
+                dim: 65535 * 64 + 1,
+                ..shape
+            },
+        ),
+        ("shape.experts", GateShape { experts: 0, ..shape }),
+        ("shape.rank", GateShape { rank: 0, ..shape }),
+    ] {
+        assert_refused(device, argument, || gate::scores(device, &bad, &linear, &x, &mut z));
+    }
+    let many = GateShape {
+        experts: 65535 * 16 + 1,
+        ..shape
+    };
+    let low_rank = GateWeights::LowRank {
+        u: &u,
+        v: &v,
+        b: Some(&bt),
+        c: Some(&b),
+    };
+    assert_refused(device, "shape.experts", || {
+        gate::scores(device, &many, &low_rank, &x, &mut z)
+    });
+    let overflow = GateShape {
+        experts: 1 << 20,
+        rank: 1 << 12,
+        ..shape
+    };
+    assert_refused(device, "shape.experts * rank", || {
+        gate::scores(device, &overflow, &low_rank, &x, &mut z)
+    });
+    assert_refused(device, "x", || gate::scores(device, &shape, &linear, &short, &mut z));
+    let mut short_z = zeros::<f32>(device, 1);
+    assert_refused(device, "z", || gate::scores(device, &shape, &linear, &x, &mut short_z));
+
+    let bad_weights: [(&str, GateWeights<'_, f32>); 10] = [
+        ("weights.w", GateWeights::Linear { w: &short, b: None }),
+        ("weights.b", GateWeights::Linear { w: &w, b: Some(&short) }),
+        (
+            "weights.u",
+            GateWeights::LowRank {
+                u: &short,
+                v: &v,
+                b: None,
+                c: None,
+            },
+        ),
+        (
+            "weights.v",
+            GateWeights::LowRank {
+                u: &u,
+                v: &short,
+                b: None,
+                c: None,
+            },
+        ),
+        (
+            "weights.b",
+            GateWeights::LowRank {
+                u: &u,
+                v: &v,
+                b: Some(&short),
+                c: None,
+            },
+        ),
+        (
+            "weights.c",
+            GateWeights::Symmetric {
+                u: &u,
+                b: None,
+                c: Some(&short),
+            },
+        ),
+        ("weights.wq", GateWeights::Attention { wq: &short, k: &u }),
+        ("weights.k", GateWeights::Attention { wq: &wq, k: &short }),
+        (
+            "weights.a",
+            GateWeights::Full {
+                a: &short,
+                b: None,
+                c: None,
+            },
+        ),
+        (
+            "weights.b",
+            GateWeights::Full {
+                a: &a,
+                b: Some(&short),
+                c: None,
+            },
+        ),
+    ];
+    for (argument, weights) in &bad_weights {
+        assert_refused(device, argument, || gate::scores(device, &shape, weights, &x, &mut z));
+    }
+}
+
+#[test]
+fn backward_refuses_bad_inputs() {
+    let device = &devices()[0];
+    let shape = GateShape {
+        tokens: 3,
+        dim: 5,
+        experts: 4,
+        rank: 2,
+    };
+    let (t, d, e, r) = (3, 5, 4, 2);
+    let x = zeros::<f32>(device, t * d);
+    let dz = zeros::<f32>(device, t * e);
+    let mut dx = zeros::<f32>(device, t * d);
+    let (u, v, c) = (
+        zeros::<f32>(device, e * r * d),
+        zeros::<f32>(device, e * r * d),
+        zeros::<f32>(device, e),
+    );
+    let weights = GateWeights::LowRank {
+        u: &u,
+        v: &v,
+        b: None,
+        c: Some(&c),
+    };
+    let ws_len = gate::backward_workspace_len(GateForm::LowRank, &shape).unwrap();
+    let mut ws = zeros::<f32>(device, ws_len);
+    let (mut du, mut dv, mut dc) = (
+        zeros::<f32>(device, e * r * d),
+        zeros::<f32>(device, e * r * d),
+        zeros::<f32>(device, e),
+    );
+    let mut short = zeros::<f32>(device, 1);
+    let mut short_ws = zeros::<f32>(device, ws_len - 1);
+    let short_in = zeros::<f32>(device, 1);
+    gate::scores_backward(
+        device,
+        &shape,
+        &weights,
+        &x,
+        &dz,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: None,
+            c: Some(&mut dc),
+        },
+        &mut ws,
+    )
+    .expect("the valid call works");
+
+    macro_rules! refused {
+        ($argument:expr, $x:expr, $dz:expr, $dx:expr, $grads:expr, $ws:expr) => {
+            assert_refused(device, $argument, || {
+                gate::scores_backward(device, &shape, &weights, $x, $dz, $dx, $grads, $ws)
+            })
+        };
+    }
+    refused!(
+        "grads",
+        &x,
+        &dz,
+        &mut dx,
+        GateGrads::Symmetric {
+            u: &mut du,
+            b: None,
+            c: Some(&mut dc)
+        },
+        &mut ws
+    );
+    refused!(
+        "grads.c",
+        &x,
+        &dz,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: None,
+            c: None
+        },
+        &mut ws
+    );
+    refused!(
+        "grads.b",
+        &x,
+        &dz,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: Some(&mut short),
+            c: Some(&mut dc)
+        },
+        &mut ws
+    );
+    refused!(
+        "grads.u",
+        &x,
+        &dz,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut short,
+            v: &mut dv,
+            b: None,
+            c: Some(&mut dc)
+        },
+        &mut ws
+    );
+    refused!(
+        "x",
+        &short_in,
+        &dz,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: None,
+            c: Some(&mut dc)
+        },
+        &mut ws
+    );
+    refused!(
+        "dz",
+        &x,
+        &short_in,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: None,
+            c: Some(&mut dc)
+        },
+        &mut ws
+    );
+    refused!(
+        "dx",
+        &x,
+        &dz,
+        &mut short,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: None,
+            c: Some(&mut dc)
+        },
+        &mut ws
+    );
+    refused!(
+        "workspace",
+        &x,
+        &dz,
+        &mut dx,
+        GateGrads::LowRank {
+            u: &mut du,
+            v: &mut dv,
+            b: None,
+            c: Some(&mut dc)
+        },
+        &mut short_ws
+    );
+}
