@@ -56,6 +56,37 @@ __device__ __forceinline__ void store_128(T* p, const T& v) {
 #endif
 }
 
+// Conversions between a stored element (f32, f16, bf16) and the f32 every kernel computes in;
+// to 16 bits they round to nearest even (cvt.rn), like every kernel's store.
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// The same from and to an element's bits, held in the low bits of a word (for elements
+// unpacked from, or packed into, a wider access).
+template <class T> __device__ __forceinline__ float bits_to_f32(unsigned bits);
+template <> __device__ __forceinline__ float bits_to_f32<float>(unsigned bits) { return __uint_as_float(bits); }
+template <> __device__ __forceinline__ float bits_to_f32<__half>(unsigned bits) {
+  return __half2float(__ushort_as_half((unsigned short)bits));
+}
+template <> __device__ __forceinline__ float bits_to_f32<__nv_bfloat16>(unsigned bits) {
+  return __bfloat162float(__ushort_as_bfloat16((unsigned short)bits));
+}
+template <class T> __device__ __forceinline__ unsigned f32_to_bits(float v);
+template <> __device__ __forceinline__ unsigned f32_to_bits<float>(float v) { return __float_as_uint(v); }
+template <> __device__ __forceinline__ unsigned f32_to_bits<__half>(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+template <> __device__ __forceinline__ unsigned f32_to_bits<__nv_bfloat16>(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+
 // Global index of this thread along x, computed in 64 bits (grids of > 2^31 threads exist).
 __device__ __forceinline__ i64 global_thread_x() {
   return i64(blockIdx.x) * i64(blockDim.x) + i64(threadIdx.x);

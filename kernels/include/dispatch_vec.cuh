@@ -17,35 +17,6 @@ struct Vec {
   static constexpr int N = 16 / int(sizeof(T));
 };
 
-// An element's bits (in the low bits of a word) to f32, and back.
-template <class T> __device__ __forceinline__ float bits_to_f32(unsigned bits);
-template <> __device__ __forceinline__ float bits_to_f32<float>(unsigned bits) { return __uint_as_float(bits); }
-template <> __device__ __forceinline__ float bits_to_f32<__half>(unsigned bits) {
-  return __half2float(__ushort_as_half((unsigned short)bits));
-}
-template <> __device__ __forceinline__ float bits_to_f32<__nv_bfloat16>(unsigned bits) {
-  return __bfloat162float(__ushort_as_bfloat16((unsigned short)bits));
-}
-template <class T> __device__ __forceinline__ unsigned f32_to_bits(float v);
-template <> __device__ __forceinline__ unsigned f32_to_bits<float>(float v) { return __float_as_uint(v); }
-template <> __device__ __forceinline__ unsigned f32_to_bits<__half>(float v) {
-  return __half_as_ushort(__float2half_rn(v));
-}
-template <> __device__ __forceinline__ unsigned f32_to_bits<__nv_bfloat16>(float v) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
-
-// Scalar conversions, for rows that do not move in chunks.
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // 16 bytes of a row (see the header: why an integer and not a uint4).
 typedef unsigned __int128 Chunk;
 __device__ __forceinline__ Chunk zero_chunk() { return Chunk(0); }

@@ -15,17 +15,6 @@
 constexpr int GATE_THREADS = 256;
 constexpr int GATE_BK = 16;  // k-tile width: 64 B of f32, 32 B of f16/bf16 per row
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
 // 16 bytes read by one load_128, as raw words (the 16-bit types are not trivially copyable
 // on the emulator, so they are unpacked from the words below).
 struct alignas(16) Raw16 {
@@ -34,14 +23,10 @@ struct alignas(16) Raw16 {
 template <class S> constexpr int elems_per_16 = 16 / int(sizeof(S));
 
 // Element q of a Raw16 holding S values (little-endian, as on every CUDA target).
-__device__ __forceinline__ float raw16_element(const Raw16& r, int q, float*) {
-  return __uint_as_float(r.w[q]);
-}
-__device__ __forceinline__ float raw16_element(const Raw16& r, int q, __half*) {
-  return __half2float(__ushort_as_half((unsigned short)(r.w[q / 2] >> (16 * (q % 2)))));
-}
-__device__ __forceinline__ float raw16_element(const Raw16& r, int q, __nv_bfloat16*) {
-  return __bfloat162float(__ushort_as_bfloat16((unsigned short)(r.w[q / 2] >> (16 * (q % 2)))));
+template <class S>
+__device__ __forceinline__ float raw16_element(const Raw16& r, int q, S*) {
+  constexpr int per_word = 4 / int(sizeof(S));
+  return bits_to_f32<S>(r.w[q / per_word] >> (32 / per_word * (q % per_word)));
 }
 
 // True when rows starting at `base + i * stride` (elements) are all 16-byte aligned, so
