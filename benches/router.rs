@@ -8,34 +8,12 @@ mod common;
 
 use common::{Floor, devices, layer_shapes, report_gpu_fraction};
 use criterion::{Criterion, criterion_group, criterion_main};
-use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction};
+use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig};
 use moe_kernels::reference::router as reference;
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
 /// The shape the CPU reference and the emulator run (small: the emulator is slow).
 const SMALL_TOKENS: usize = 64;
-
-fn deepseek_v3() -> RouterConfig {
-    RouterConfig {
-        experts: 256,
-        k: 8,
-        score: ScoreFunction::Sigmoid,
-        renormalize: true,
-        scale: 2.5,
-        groups: 8,
-        topk_groups: 4,
-        ..RouterConfig::default()
-    }
-}
-
-fn mixtral() -> RouterConfig {
-    RouterConfig {
-        experts: 8,
-        k: 2,
-        order: router::SelectionOrder::TopkThenSoftmax,
-        ..RouterConfig::default()
-    }
-}
 
 fn logits(tokens: usize, experts: usize) -> Vec<f32> {
     (0..tokens * experts)
@@ -234,7 +212,10 @@ fn floor(op: &str, c: &RouterConfig, tokens: usize) -> Floor {
 
 fn bench_router(crit: &mut Criterion) {
     let devices = devices();
-    for (name, c) in [("deepseek_v3", deepseek_v3()), ("mixtral", mixtral())] {
+    for (name, c) in [
+        ("deepseek_v3", RouterConfig::deepseek_v3()),
+        ("mixtral", RouterConfig::mixtral()),
+    ] {
         let host_z = logits(SMALL_TOKENS, c.experts);
         let selection = reference::select(&c, &host_z, None);
         let weights: Vec<f32> = selection.weights.iter().map(|&w| w as f32).collect();
@@ -259,9 +240,9 @@ fn bench_router(crit: &mut Criterion) {
     for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
         for shape in layer_shapes(device) {
             let c = if shape.name == "deepseek" {
-                deepseek_v3()
+                RouterConfig::deepseek_v3()
             } else {
-                mixtral()
+                RouterConfig::mixtral()
             };
             let mut buffers = Buffers::new(device, &c, shape.tokens);
             for op in OPS {

@@ -254,16 +254,7 @@ fn select_at_every_kernel_width_edge() {
 #[test]
 fn select_deepseek_v3_routing() {
     let mut rng = Rng::new(11);
-    let config = RouterConfig {
-        experts: 256,
-        k: 8,
-        score: ScoreFunction::Sigmoid,
-        renormalize: true,
-        scale: 2.5,
-        groups: 8,
-        topk_groups: 4,
-        ..RouterConfig::default()
-    };
+    let config = RouterConfig::deepseek_v3();
     let logits = random_logits(&mut rng, &config, 9, Rows::Finite);
     let bias = rng.normals(256, 0.5);
     for device in devices() {

@@ -97,6 +97,31 @@ impl Default for RouterConfig {
 }
 
 impl RouterConfig {
+    /// DeepSeek-V3's router: 256 experts, 8 per token, sigmoid scores renormalized over the
+    /// chosen 8 and scaled by 2.5, the top 4 of 8 expert groups (use with a selection bias).
+    pub fn deepseek_v3() -> Self {
+        Self {
+            experts: 256,
+            k: 8,
+            score: ScoreFunction::Sigmoid,
+            renormalize: true,
+            scale: 2.5,
+            groups: 8,
+            topk_groups: 4,
+            ..Self::default()
+        }
+    }
+
+    /// Mixtral's router: 8 experts, 2 per token, softmax over the two chosen logits.
+    pub fn mixtral() -> Self {
+        Self {
+            experts: 8,
+            k: 2,
+            order: SelectionOrder::TopkThenSoftmax,
+            ..Self::default()
+        }
+    }
+
     /// Checks every field; the error names the offending one.
     pub fn validate(&self) -> Result<()> {
         check_range("experts", self.experts, 1..=MAX_EXPERTS)?;
