@@ -431,13 +431,7 @@ fn every_form_at_a_larger_size() {
 /// Every forward is one launch, at every rank (ranks above 4 loop inside the kernel).
 #[test]
 fn every_forward_is_one_launch() {
-    for form in [
-        GateForm::Linear,
-        GateForm::LowRank,
-        GateForm::Symmetric,
-        GateForm::Attention,
-        GateForm::Full,
-    ] {
+    for form in GateForm::ALL {
         for rank in [1, 4, 8] {
             let case = Case::new(form, 5, 9, 3, rank);
             for device in devices() {
@@ -454,13 +448,7 @@ fn every_forward_is_one_launch() {
 fn results_are_bitwise_reproducible() {
     let emulator = EmulatorDevice::new();
     let schedules = [Schedule::InOrder, Schedule::Reverse, Schedule::Random { seed: 5 }];
-    for form in [
-        GateForm::Linear,
-        GateForm::LowRank,
-        GateForm::Symmetric,
-        GateForm::Attention,
-        GateForm::Full,
-    ] {
+    for form in GateForm::ALL {
         let case = Case::new(form, 70, 19, 37, 6);
         let (host, x, dz) = inputs::<bf16>(&case);
         // Per device: nvcc contracts multiply-adds into FMAs where the emulator's host
@@ -489,13 +477,7 @@ fn results_are_bitwise_reproducible() {
 /// `L = Σ dz ⊙ z`: the reference's gradients against central differences of its scores.
 #[test]
 fn reference_gradients_match_finite_differences() {
-    let forms = [
-        GateForm::Linear,
-        GateForm::LowRank,
-        GateForm::Symmetric,
-        GateForm::Attention,
-        GateForm::Full,
-    ];
+    let forms = GateForm::ALL;
     for form in forms {
         let case = Case::new(form, 3, 4, 3, 2);
         let shape = case.shape;

@@ -205,13 +205,7 @@ fn t<T: FloatElement>(buffer: &DeviceBuffer<T>) -> &dyn DeviceSlice<T> {
 }
 
 fn gate_all<T: FloatElement>(device: &Device) -> Result<()> {
-    for form in [
-        GateForm::Linear,
-        GateForm::LowRank,
-        GateForm::Symmetric,
-        GateForm::Attention,
-        GateForm::Full,
-    ] {
+    for form in GateForm::ALL {
         gate_ops::<T>(device, form)?;
     }
     Ok(())

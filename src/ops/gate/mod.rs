@@ -61,6 +61,15 @@ pub enum GateForm {
 }
 
 impl GateForm {
+    /// Every form, in declaration order.
+    pub const ALL: [GateForm; 5] = [
+        GateForm::Linear,
+        GateForm::LowRank,
+        GateForm::Symmetric,
+        GateForm::Attention,
+        GateForm::Full,
+    ];
+
     fn kernel_name(self) -> &'static str {
         match self {
             GateForm::Linear => "linear",
