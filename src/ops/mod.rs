@@ -9,6 +9,7 @@ use crate::{DeviceSlice, Element, Error, Result};
 
 pub mod dispatch;
 pub mod gate;
+pub mod gemm;
 pub mod router;
 
 /// The floating-point element types kernels read and write: `f32`, `f16`, `bf16`.

@@ -4,4 +4,5 @@
 
 pub mod dispatch;
 pub mod gate;
+pub mod gemm;
 pub mod router;
