@@ -3,5 +3,7 @@
 //! (tolerances in SPEC §9). It depends on nothing but the ops' configuration types.
 
 pub mod dispatch;
+pub mod esft;
 pub mod gate;
+pub mod mix;
 pub mod router;
