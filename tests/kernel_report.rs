@@ -139,11 +139,17 @@ fn vector_kernels_move_128_bits_per_access() {
             s.arch
         );
     }
-    // The dispatch row movers: 16-byte accesses on their vector path (narrower ones remain for
-    // the index arrays and the scalar fallback).
-    for op in ["permute", "combine", "combine_bwd"] {
+    // The dispatch row movers and the VQ-MoE mixing gate: 16-byte accesses on their vector path
+    // (narrower ones remain for the index arrays, the logits and the scalar fallback).
+    for op in [
+        "dispatch_permute",
+        "dispatch_combine",
+        "dispatch_combine_bwd",
+        "mix_forward",
+        "mix_backward",
+    ] {
         for dtype in ["f32", "f16", "bf16"] {
-            let kernel = format!("dispatch_{op}_{dtype}");
+            let kernel = format!("{op}_{dtype}");
             for s in mix_of(&all, &kernel) {
                 assert!(
                     s.mix.global_loads_128 > 0 && s.mix.global_stores_128 > 0,

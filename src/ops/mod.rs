@@ -9,8 +9,10 @@ use crate::{DeviceSlice, Element, Error, Result};
 
 pub mod codebook;
 pub mod dispatch;
+pub mod esft;
 pub mod gate;
 pub mod gemm;
+pub mod mix;
 pub mod router;
 
 /// The floating-point element types kernels read and write: `f32`, `f16`, `bf16`.

@@ -4,6 +4,8 @@
 
 pub mod codebook;
 pub mod dispatch;
+pub mod esft;
 pub mod gate;
 pub mod gemm;
+pub mod mix;
 pub mod router;
