@@ -14,6 +14,7 @@ pub mod benchmarks;
 pub mod device;
 pub mod error;
 pub mod kernel_report;
+pub mod layers;
 pub mod ops;
 pub mod reference;
 pub mod selftest;

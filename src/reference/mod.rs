@@ -7,5 +7,6 @@ pub mod dispatch;
 pub mod esft;
 pub mod gate;
 pub mod gemm;
+pub mod layers;
 pub mod mix;
 pub mod router;

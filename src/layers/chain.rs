@@ -1,0 +1,1 @@
+//! [`ChainOfExperts`] (SPEC §7): C routed passes over one set of expert weights.

@@ -1,0 +1,201 @@
+//! The configuration of a routed MoE layer and what it implies for each op family.
+use crate::ops::dispatch::{Capacity, MapConfig};
+use crate::ops::gate::{GateForm, GateShape};
+use crate::ops::router::{AuxLossConfig, RouterConfig, ScoreFunction};
+use crate::ops::{FloatElement, check_range};
+use crate::{Error, Result};
+
+/// How tokens are scored before top-k selection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RouterKind {
+    /// `z = X Wg^T + bg`, softmax over E, top-k (Switch / DeepSeek-V2 style, no renormalization).
+    Linear,
+    /// A quadratic gate (`GateForm::LowRank`, `Symmetric`, `Attention` or `Full`) of rank `rank`
+    /// (ignored by `Full`), softmax over E, top-k.
+    Quadratic { form: GateForm, rank: usize },
+    /// DeepSeek-V3 style: a linear gate, sigmoid scores, a per-expert selection bias (selection
+    /// only, updated by [`MoeLayer::update_bias`](super::MoeLayer::update_bias)), top-k inside the
+    /// best `topk_groups` of `groups` groups, weights renormalized over the k and scaled.
+    Sigmoid {
+        groups: usize,
+        topk_groups: usize,
+        scale: f32,
+    },
+}
+
+/// A routed MoE layer: sizes, router, shared experts, capacity and loss coefficients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MoeConfig {
+    pub router: RouterKind,
+    /// E: routed experts.
+    pub experts: usize,
+    /// Experts per token.
+    pub k: usize,
+    /// d: model dimension (a multiple of 8 for f16/bf16: tensor-core rows are 16 bytes).
+    pub dim: usize,
+    /// h: hidden size of each SwiGLU expert (a multiple of 8 for f16/bf16).
+    pub hidden: usize,
+    /// Shared experts run on every token; n of them are one SwiGLU FFN of hidden size n·h.
+    pub shared_experts: usize,
+    /// Expert capacity `ceil(factor · T·k / E)` (SPEC §4); `None`: no token is dropped.
+    pub capacity_factor: Option<f64>,
+    /// Switch load-balancing loss coefficient α (0: off). Hugging Face's Mixtral convention is
+    /// k times smaller: pass `α = k · α_hf` to reproduce it.
+    pub aux_alpha: f32,
+    /// Router z-loss coefficient (0: off).
+    pub z_loss: f32,
+    /// The most tokens one call may carry: every work buffer is sized for it once.
+    pub max_tokens: usize,
+}
+
+impl Default for MoeConfig {
+    fn default() -> Self {
+        Self {
+            router: RouterKind::Linear,
+            experts: 8,
+            k: 2,
+            dim: 64,
+            hidden: 128,
+            shared_experts: 0,
+            capacity_factor: None,
+            aux_alpha: 0.0,
+            z_loss: 0.0,
+            max_tokens: 1024,
+        }
+    }
+}
+
+fn invalid(argument: &'static str, value: impl std::fmt::Display, expected: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        argument,
+        value: value.to_string(),
+        expected: expected.into(),
+    }
+}
+
+impl MoeConfig {
+    /// Checks every field; the error names the offending one (`k`, `groups`, `rank`, ...).
+    pub fn validate(&self) -> Result<()> {
+        check_range("experts", self.experts, 1..=crate::ops::router::MAX_EXPERTS)?;
+        check_range("k", self.k, 1..=self.experts.min(crate::ops::router::MAX_K))?;
+        check_range("dim", self.dim, 1..=i32::MAX as usize)?;
+        check_range("hidden", self.hidden, 1..=i32::MAX as usize)?;
+        check_range("max_tokens", self.max_tokens, 1..=i32::MAX as usize)?;
+        if let RouterKind::Quadratic { form, rank } = self.router {
+            if form == GateForm::Linear {
+                return Err(invalid(
+                    "router.form",
+                    "Linear",
+                    "a quadratic form (use RouterKind::Linear)",
+                ));
+            }
+            if rank == 0 && form != GateForm::Full {
+                return Err(invalid("router.rank", rank, "a rank of at least 1"));
+            }
+        }
+        self.router_config().validate()?;
+        self.gate_shape(self.max_tokens).validate()?;
+        if let Some(factor) = self.capacity_factor {
+            Capacity {
+                factor,
+                min_capacity: 0,
+            }
+            .validate()?;
+        }
+        for (argument, value) in [("aux_alpha", self.aux_alpha), ("z_loss", self.z_loss)] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(invalid(argument, value, "a finite coefficient >= 0"));
+            }
+        }
+        self.map_config().validate()
+    }
+
+    /// [`validate`](Self::validate) plus the storage type's limits: the tensor-core GEMMs of
+    /// f16/bf16 need d and h (and the shared hidden size) in multiples of 8.
+    pub fn validate_for<T: FloatElement>(&self) -> Result<()> {
+        self.validate()?;
+        if T::NAME != "f32" {
+            for (argument, value) in [("dim", self.dim), ("hidden", self.hidden)] {
+                if value % 8 != 0 {
+                    return Err(invalid(argument, value, format!("a multiple of 8 for {}", T::NAME)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The gate's form.
+    pub fn gate_form(&self) -> GateForm {
+        match self.router {
+            RouterKind::Quadratic { form, .. } => form,
+            _ => GateForm::Linear,
+        }
+    }
+
+    /// The scoring shape for `tokens` tokens.
+    pub fn gate_shape(&self, tokens: usize) -> GateShape {
+        let rank = match self.router {
+            RouterKind::Quadratic { rank, .. } => rank.max(1),
+            _ => 1,
+        };
+        GateShape {
+            tokens,
+            dim: self.dim,
+            experts: self.experts,
+            rank,
+        }
+    }
+
+    /// The top-k selection options the router kind implies.
+    pub fn router_config(&self) -> RouterConfig {
+        let base = RouterConfig {
+            experts: self.experts,
+            k: self.k,
+            ..RouterConfig::default()
+        };
+        match self.router {
+            RouterKind::Sigmoid {
+                groups,
+                topk_groups,
+                scale,
+            } => RouterConfig {
+                score: ScoreFunction::Sigmoid,
+                renormalize: true,
+                scale,
+                groups,
+                topk_groups,
+                ..base
+            },
+            _ => base,
+        }
+    }
+
+    /// Whether the router keeps a selection bias (`[E]` f32).
+    pub fn has_router_bias(&self) -> bool {
+        matches!(self.router, RouterKind::Sigmoid { .. })
+    }
+
+    /// The dispatch of `[T, k]` ids: every expert local, no padding, capacity as configured.
+    pub fn map_config(&self) -> MapConfig {
+        MapConfig {
+            capacity: self.capacity_factor.map(|factor| Capacity {
+                factor,
+                min_capacity: 0,
+            }),
+            ..MapConfig::new(self.experts)
+        }
+    }
+
+    /// The aux loss options, when the loss is on.
+    pub fn aux_config(&self) -> Option<AuxLossConfig> {
+        (self.aux_alpha > 0.0).then_some(AuxLossConfig {
+            alpha: self.aux_alpha,
+            sequence_length: None,
+        })
+    }
+
+    /// Hidden size of the shared FFN (n·h; 0 without shared experts).
+    pub fn shared_hidden(&self) -> usize {
+        self.shared_experts * self.hidden
+    }
+}

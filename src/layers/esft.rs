@@ -1,0 +1,1 @@
+//! Expert-specialized fine-tuning (SPEC §8).

@@ -1,0 +1,23 @@
+//! Layers: the op families composed into what users call (SPEC §2–§8).
+//!
+//! - [`MoeLayer`]: route → dispatch → GEMM1 + SwiGLU (gathered rows) → GEMM2 → combine, and
+//!   its backward, with optional shared experts, capacity and router losses;
+//! - [`ChainOfExperts`]: C routed passes over shared expert weights with an inner residual;
+//! - [`esft`]: expert-specialized fine-tuning statistics, selection and masked training steps.
+//!
+//! Every pass is stream-ordered and never waits for the device (`Device::stats().host_syncs`
+//! does not move inside `forward` or `backward`). Work buffers are sized once, at
+//! construction, for [`MoeConfig::max_tokens`] tokens; a call with fewer tokens uses prefixes of
+//! them ([`workspace`]).
+mod chain;
+mod config;
+pub mod esft;
+mod moe;
+mod pass;
+mod weights;
+pub mod workspace;
+
+pub use config::{MoeConfig, RouterKind};
+pub use moe::{LossValues, MoeLayer};
+pub use pass::{ExpertGrads, RouterGrads};
+pub use weights::HostWeights;

@@ -1,0 +1,201 @@
+//! [`MoeLayer`]: one routed MoE layer with its weights, forward and backward.
+use super::pass::{ExpertGrads, Experts, Gradients, Pass, Router, RouterGrads, Saved, Scratch, saved_bytes_per_token};
+use super::workspace::prefix;
+use super::{HostWeights, MoeConfig};
+use crate::ops::FloatElement;
+use crate::ops::gemm::ExpertMask;
+use crate::ops::router;
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// The router losses of the last forward, downloaded (0 where a loss is off).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossValues {
+    pub aux: f32,
+    pub z: f32,
+}
+
+/// A routed Mixture-of-Experts layer (SPEC §2–§5): `y = Σ_{i∈K(x)} w_i FFN_i(x) [+ FFN_shared(x)]`
+/// with SwiGLU experts, weights held on the device as `T` (f32, f16 or bf16; routing and
+/// accumulation in f32).
+///
+/// ```text
+/// forward:  scores → select → routing map → GEMM1+SwiGLU (gathered X) → GEMM2 → combine (weights)
+/// backward: combine⁻¹ → GEMM2 dgrad+SwiGLU⁻¹, dW2 → GEMM1 dgrad, dW1 → select⁻¹ (+losses) → gate⁻¹ → Σ into dx
+/// ```
+/// Launch counts are in the [`pass`](super::pass) docs; the routed forward is 6 launches for the
+/// linear and quadratic routers (no shared experts, no capacity, T·k <= 4096), and neither
+/// direction waits for the device. The caller passes the same `x` to `forward` and `backward`
+/// (like a framework that saved its input); everything else backward needs stays in the layer.
+pub struct MoeLayer<T: FloatElement> {
+    device: Device,
+    config: MoeConfig,
+    router: Router<T>,
+    experts: Experts<T>,
+    saved: Saved<T>,
+    scratch: Scratch<T>,
+    router_grads: RouterGrads,
+    expert_grads: ExpertGrads,
+    mask: Option<ExpertMask>,
+}
+
+impl<T: FloatElement> MoeLayer<T> {
+    /// A layer holding `weights` (uploaded once, rounded to `T`), with every work buffer sized
+    /// for `config.max_tokens`.
+    pub fn new(device: &Device, config: MoeConfig, weights: &HostWeights) -> Result<Self> {
+        config.validate_for::<T>()?;
+        Ok(Self {
+            device: device.clone(),
+            config,
+            router: Router::upload(device, &config, weights)?,
+            experts: Experts::upload(device, &config, weights)?,
+            saved: Saved::alloc(device, &config)?,
+            scratch: Scratch::alloc(device, &config)?,
+            router_grads: RouterGrads::alloc(device, &config)?,
+            expert_grads: ExpertGrads::alloc(device, &config)?,
+            mask: None,
+        })
+    }
+
+    /// A layer with [`HostWeights::random`] weights from `seed`.
+    pub fn random(device: &Device, config: MoeConfig, seed: u64) -> Result<Self> {
+        Self::new(device, config, &HostWeights::random(&config, seed))
+    }
+
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// `y = MoE(x)` for `tokens` rows (`x`, `y`: `[tokens, d]`, tokens in `1..=max_tokens`);
+    /// keeps what [`backward`](Self::backward) needs. No host sync.
+    pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        let mut pass = Pass {
+            device: &self.device,
+            config: &self.config,
+            router: &self.router,
+            experts: &self.experts,
+            scratch: &mut self.scratch,
+        };
+        pass.forward(&mut self.saved, x, tokens, None, y)
+    }
+
+    /// Backward of the last forward (same `x`): `dx` (`[T, d]`) from `dy`, the router gradients
+    /// ([`router_grads`](Self::router_grads), overwritten), the expert gradients
+    /// ([`expert_grads`](Self::expert_grads), overwritten except for experts outside the
+    /// [`expert mask`](Self::set_expert_mask), which are not touched), with the router losses'
+    /// gradients included (the total loss is `<y, dy> + aux + z`). No host sync.
+    pub fn backward(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
+        let grads = Gradients {
+            router: &mut self.router_grads,
+            experts: &mut self.expert_grads,
+            mask: self.mask.as_ref(),
+            accumulate: false,
+        };
+        let mut pass = Pass {
+            device: &self.device,
+            config: &self.config,
+            router: &self.router,
+            experts: &self.experts,
+            scratch: &mut self.scratch,
+        };
+        pass.backward(&self.saved, x, dy, false, dx, grads)
+    }
+
+    /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, SPEC §8); `None`:
+    /// all experts. Frozen experts cost no weight-gradient work and their gradients are not touched.
+    pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
+        if let Some(m) = &mask {
+            if m.experts != self.config.experts {
+                return Err(Error::InvalidArgument {
+                    argument: "mask",
+                    value: format!("a mask of {} experts", m.experts),
+                    expected: format!("{} experts", self.config.experts),
+                });
+            }
+        }
+        self.mask = mask;
+        Ok(())
+    }
+
+    pub fn expert_mask(&self) -> Option<&ExpertMask> {
+        self.mask.as_ref()
+    }
+
+    /// Gradients of the gate tensors from the last backward.
+    pub fn router_grads(&self) -> &RouterGrads {
+        &self.router_grads
+    }
+
+    /// Gradients of the expert weights from the last backward.
+    pub fn expert_grads(&self) -> &ExpertGrads {
+        &self.expert_grads
+    }
+
+    /// The last forward's selected ids (`[T, k]`, i32) and combine weights (`[T, k]`, f32).
+    pub fn routing(&self) -> Result<(impl DeviceSlice<i32> + '_, impl DeviceSlice<f32> + '_)> {
+        let slots = self.saved.tokens * self.config.k;
+        Ok((
+            prefix("ids", &self.saved.ids, slots)?,
+            prefix("weights", &self.saved.weights, slots)?,
+        ))
+    }
+
+    /// Rows each expert received in the last forward (`[E]`, after capacity).
+    pub fn expert_counts(&self) -> &DeviceBuffer<i32> {
+        &self.saved.counts
+    }
+
+    /// Tokens of the last forward (0 before the first).
+    pub fn tokens(&self) -> usize {
+        self.saved.tokens
+    }
+
+    /// The loss values of the last forward, on the device: `[aux]` and `[z]` (f32, one element each).
+    pub fn loss_buffers(&self) -> (&DeviceBuffer<f32>, &DeviceBuffer<f32>) {
+        (&self.saved.aux_loss, &self.saved.z_loss)
+    }
+
+    /// Downloads the loss values (a host sync: for reports, not inside a training step).
+    pub fn losses(&self) -> Result<LossValues> {
+        Ok(LossValues {
+            aux: self.device.download(&self.saved.aux_loss)?[0],
+            z: self.device.download(&self.saved.z_loss)?[0],
+        })
+    }
+
+    /// Non-finite router rows summed over every forward so far (one u32 on the device).
+    pub fn nonfinite_rows(&self) -> &DeviceBuffer<u32> {
+        &self.scratch.nonfinite_rows
+    }
+
+    /// DeepSeek-V3 auxiliary-loss-free balancing after a step: `bias += γ·sign(mean(c) − c)` with
+    /// the last forward's expert counts. Only for routers with a selection bias. One launch.
+    pub fn update_bias(&mut self, gamma: f32) -> Result<()> {
+        let Some(bias) = self.router.bias.as_mut() else {
+            return Err(Error::InvalidArgument {
+                argument: "router",
+                value: format!("{:?}", self.config.router),
+                expected: "a router with a selection bias (RouterKind::Sigmoid)".into(),
+            });
+        };
+        router::bias_update(&self.device, gamma, &self.saved.counts, bias)
+    }
+
+    /// Bytes per token the layer keeps for backward (buffers sized for `max_tokens`).
+    pub fn saved_bytes_per_token(&self) -> usize {
+        self.saved.bytes_per_token(self.config.max_tokens)
+    }
+
+    /// The documented formula for [`saved_bytes_per_token`](Self::saved_bytes_per_token).
+    pub fn saved_bytes_per_token_formula(config: &MoeConfig) -> usize {
+        saved_bytes_per_token(config, size_of::<T>())
+    }
+}

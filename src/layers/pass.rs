@@ -1,0 +1,957 @@
+//! One routed pass (SPEC §2–§5) and its backward, shared by [`MoeLayer`](super::MoeLayer) and
+//! [`ChainOfExperts`](super::ChainOfExperts): the parameters ([`Router`], [`Experts`]), what a
+//! forward keeps for its backward ([`Saved`]) and the buffers both directions reuse ([`Scratch`]).
+//!
+//! Forward launches (linear or quadratic router, no shared experts, no capacity, T·k <= 4096):
+//! scores 1, select 1, routing map 1, GEMM1 + SwiGLU (gathered rows) 1, GEMM2 1, combine
+//! (weights and residual) 1 = **6**. Shared experts add 2 GEMMs (+1 combine when a residual is
+//! added too); the aux loss adds 4, the z-loss 2; capacity or T·k > 4096 add the tiled map's
+//! launches (`ops::dispatch::routing_map`).
+//!
+//! Backward launches: combine backward 1, GEMM2 dgrad with the SwiGLU backward 1, wgrad(W2) 1,
+//! GEMM1 dgrad 1, wgrad(W1) 1 (none for an empty expert mask), select backward 1 (+1 per loss),
+//! gate backward 3 for the linear gate (dX, dW, Σ dz) or `ops::gate::scores_backward`'s count
+//! for a quadratic one (6 for low-rank), the sum into dx 1: **10** for the linear router. Shared
+//! experts add 4 GEMMs and 1 sum, a residual gradient (Chain-of-Experts) 1 sum.
+use super::MoeConfig;
+use super::weights::{HostWeights, gate_tensor_is_f32, gate_tensor_lens};
+use super::workspace::{DynSlice, prefix, prefix_mut};
+use crate::ops::dispatch::{RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
+use crate::ops::gate::{self, GateForm, GateGrads, GateWeights};
+use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups};
+use crate::ops::router::{self, AuxLossWorkspace};
+use crate::ops::{FloatElement, check_len, check_range};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// A host tensor as a `T` device buffer (one upload).
+fn upload_as<T: FloatElement>(device: &Device, values: &[f32]) -> Result<DeviceBuffer<T>> {
+    device.upload(&values.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>())
+}
+
+fn check_host(argument: &'static str, values: &[f32], expected: usize) -> Result<()> {
+    if values.len() == expected {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        argument,
+        expected: format!("{expected} elements"),
+        got: format!("{} elements", values.len()),
+    })
+}
+
+/// One router: its gate tensors (`ops::gate` layouts, f32 where the gate keeps f32) and the
+/// optional selection bias.
+pub(crate) struct Router<T: FloatElement> {
+    form: GateForm,
+    stored: Vec<(&'static str, DeviceBuffer<T>)>,
+    stored_f32: Vec<(&'static str, DeviceBuffer<f32>)>,
+    pub(crate) bias: Option<DeviceBuffer<f32>>,
+}
+
+impl<T: FloatElement> Router<T> {
+    pub(crate) fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
+        let form = config.gate_form();
+        let (mut stored, mut stored_f32) = (vec![], vec![]);
+        for (name, len) in gate_tensor_lens(config) {
+            let values = host.gate_tensor(name);
+            check_host("weights.gate", values, len)?;
+            if gate_tensor_is_f32(form, name) {
+                stored_f32.push((name, device.upload(values)?));
+            } else {
+                stored.push((name, upload_as::<T>(device, values)?));
+            }
+        }
+        let bias = if config.has_router_bias() {
+            check_host("weights.router_bias", &host.router_bias, config.experts)?;
+            Some(device.upload(&host.router_bias)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            form,
+            stored,
+            stored_f32,
+            bias,
+        })
+    }
+
+    /// The gate tensors as `ops::gate` takes them.
+    pub(crate) fn weights(&self) -> GateWeights<'_, T> {
+        let t = |name: &str| -> Option<&dyn DeviceSlice<T>> {
+            self.stored
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| b as &dyn DeviceSlice<T>)
+        };
+        let f = |name: &str| -> Option<&dyn DeviceSlice<f32>> {
+            self.stored_f32
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, b)| b as &dyn DeviceSlice<f32>)
+        };
+        let needed = "every gate tensor is uploaded at construction";
+        match self.form {
+            GateForm::Linear => GateWeights::Linear {
+                w: t("w").expect(needed),
+                b: f("b"),
+            },
+            GateForm::LowRank => GateWeights::LowRank {
+                u: t("u").expect(needed),
+                v: t("v").expect(needed),
+                b: t("b"),
+                c: f("c"),
+            },
+            GateForm::Symmetric => GateWeights::Symmetric {
+                u: t("u").expect(needed),
+                b: t("b"),
+                c: f("c"),
+            },
+            GateForm::Attention => GateWeights::Attention {
+                wq: t("wq").expect(needed),
+                k: t("k").expect(needed),
+            },
+            GateForm::Full => GateWeights::Full {
+                a: t("a").expect(needed),
+                b: t("b"),
+                c: f("c"),
+            },
+        }
+    }
+}
+
+/// Gradients of one router's gate tensors (f32, each shaped like its tensor, named as in
+/// [`HostWeights::gate`]). The selection bias has none (SPEC §2).
+pub struct RouterGrads {
+    form: GateForm,
+    tensors: Vec<(&'static str, DeviceBuffer<f32>)>,
+}
+
+impl RouterGrads {
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+        let tensors = gate_tensor_lens(config)
+            .into_iter()
+            .map(|(name, len)| Ok((name, device.alloc_zeros(len)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            form: config.gate_form(),
+            tensors,
+        })
+    }
+
+    /// Every gradient, by tensor name.
+    pub fn tensors(&self) -> &[(&'static str, DeviceBuffer<f32>)] {
+        &self.tensors
+    }
+
+    fn as_gate_grads(&mut self) -> GateGrads<'_> {
+        let mut by_name: Vec<(&'static str, Option<&mut dyn DeviceSliceMut<f32>>)> = self
+            .tensors
+            .iter_mut()
+            .map(|(n, b)| (*n, Some(b as &mut dyn DeviceSliceMut<f32>)))
+            .collect();
+        let mut take = |name: &str| by_name.iter_mut().find(|(n, _)| *n == name).and_then(|(_, b)| b.take());
+        let needed = "every gate gradient is allocated at construction";
+        match self.form {
+            GateForm::Linear => GateGrads::Linear {
+                w: take("w").expect(needed),
+                b: take("b"),
+            },
+            GateForm::LowRank => GateGrads::LowRank {
+                u: take("u").expect(needed),
+                v: take("v").expect(needed),
+                b: take("b"),
+                c: take("c"),
+            },
+            GateForm::Symmetric => GateGrads::Symmetric {
+                u: take("u").expect(needed),
+                b: take("b"),
+                c: take("c"),
+            },
+            GateForm::Attention => GateGrads::Attention {
+                wq: take("wq").expect(needed),
+                k: take("k").expect(needed),
+            },
+            GateForm::Full => GateGrads::Full {
+                a: take("a").expect(needed),
+                b: take("b"),
+                c: take("c"),
+            },
+        }
+    }
+}
+
+/// The routed experts (`W1 [E, 2h, d]`, `W2 [E, d, h]`) and the shared FFN (`[1, 2nh, d]`,
+/// `[1, d, nh]`).
+pub(crate) struct Experts<T: FloatElement> {
+    w1: DeviceBuffer<T>,
+    w2: DeviceBuffer<T>,
+    shared: Option<(DeviceBuffer<T>, DeviceBuffer<T>)>,
+}
+
+impl<T: FloatElement> Experts<T> {
+    pub(crate) fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
+        let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
+        check_host("weights.w1", &host.w1, e * 2 * h * d)?;
+        check_host("weights.w2", &host.w2, e * d * h)?;
+        check_host("weights.shared_w1", &host.shared_w1, 2 * hs * d)?;
+        check_host("weights.shared_w2", &host.shared_w2, d * hs)?;
+        let shared = if hs > 0 {
+            Some((upload_as(device, &host.shared_w1)?, upload_as(device, &host.shared_w2)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            w1: upload_as(device, &host.w1)?,
+            w2: upload_as(device, &host.w2)?,
+            shared,
+        })
+    }
+}
+
+/// Expert weight gradients, f32: `w1 [E, 2h, d]`, `w2 [E, d, h]`, and the shared FFN's
+/// (`None` without shared experts). Under an expert mask a frozen expert's slice is never written.
+pub struct ExpertGrads {
+    pub w1: DeviceBuffer<f32>,
+    pub w2: DeviceBuffer<f32>,
+    pub shared_w1: Option<DeviceBuffer<f32>>,
+    pub shared_w2: Option<DeviceBuffer<f32>>,
+}
+
+impl ExpertGrads {
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+        let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
+        let shared = |len: usize| -> Result<Option<DeviceBuffer<f32>>> {
+            if hs > 0 {
+                device.alloc_zeros(len).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            w1: device.alloc_zeros(e * 2 * h * d)?,
+            w2: device.alloc_zeros(e * d * h)?,
+            shared_w1: shared(2 * hs * d)?,
+            shared_w2: shared(d * hs)?,
+        })
+    }
+}
+
+/// The sizes of one call, derived once.
+#[derive(Clone, Copy)]
+struct Sizes {
+    tokens: usize,
+    experts: usize,
+    k: usize,
+    d: usize,
+    h: usize,
+    hs: usize,
+    slots: usize,
+    /// Rows of the grouped matrices (`MapConfig::sorted_rows_len`).
+    rows: usize,
+}
+
+impl Sizes {
+    fn new(config: &MoeConfig, tokens: usize) -> Result<Self> {
+        check_range("tokens", tokens, 1..=config.max_tokens)?;
+        Ok(Self {
+            tokens,
+            experts: config.experts,
+            k: config.k,
+            d: config.dim,
+            h: config.hidden,
+            hs: config.shared_hidden(),
+            slots: tokens * config.k,
+            rows: config.map_config().sorted_rows_len(tokens, config.k),
+        })
+    }
+    fn token_rows(&self) -> usize {
+        self.tokens * self.d
+    }
+    fn gemm1(&self) -> GemmShape {
+        GemmShape {
+            experts: self.experts,
+            n: 2 * self.h,
+            k: self.d,
+        }
+    }
+    fn gemm2(&self) -> GemmShape {
+        GemmShape {
+            experts: self.experts,
+            n: self.d,
+            k: self.h,
+        }
+    }
+    fn shared1(&self) -> GemmShape {
+        GemmShape {
+            experts: 1,
+            n: 2 * self.hs,
+            k: self.d,
+        }
+    }
+    fn shared2(&self) -> GemmShape {
+        GemmShape {
+            experts: 1,
+            n: self.d,
+            k: self.hs,
+        }
+    }
+}
+
+/// What one forward keeps for its backward, sized for `max_tokens` (per token: z, ids,
+/// weights, the map's rows, SwiGLU's GU and H, the expert outputs, the shared FFN's GU and H,
+/// the z-loss LSE).
+pub(crate) struct Saved<T: FloatElement> {
+    /// T of the forward these hold (0: none yet).
+    pub(crate) tokens: usize,
+    pub(crate) z: DeviceBuffer<f32>,
+    pub(crate) ids: DeviceBuffer<i32>,
+    pub(crate) weights: DeviceBuffer<f32>,
+    pub(crate) counts: DeviceBuffer<i32>,
+    offsets: DeviceBuffer<i32>,
+    sorted_rows: DeviceBuffer<i32>,
+    inverse: DeviceBuffer<i32>,
+    pub(crate) status: DeviceBuffer<i32>,
+    gu: DeviceBuffer<T>,
+    h: DeviceBuffer<T>,
+    yp: DeviceBuffer<T>,
+    shared_gu: DeviceBuffer<T>,
+    shared_h: DeviceBuffer<T>,
+    row_lse: DeviceBuffer<f32>,
+    /// The aux loss's workspace (owned by `ops::router`, sized per T: rebuilt when T changes).
+    aux: Option<(usize, AuxLossWorkspace)>,
+    pub(crate) aux_loss: DeviceBuffer<f32>,
+    pub(crate) z_loss: DeviceBuffer<f32>,
+}
+
+impl<T: FloatElement> Saved<T> {
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+        let s = Sizes::new(config, config.max_tokens)?;
+        let zeros_t = |len: usize| device.alloc_zeros::<T>(len);
+        Ok(Self {
+            tokens: 0,
+            z: device.alloc_zeros(s.tokens * s.experts)?,
+            ids: device.alloc_zeros(s.slots)?,
+            weights: device.alloc_zeros(s.slots)?,
+            counts: device.alloc_zeros(s.experts)?,
+            offsets: device.alloc_zeros(s.experts + 1)?,
+            sorted_rows: device.alloc_zeros(s.rows)?,
+            inverse: device.alloc_zeros(s.slots)?,
+            status: device.alloc_zeros(STATUS_LEN)?,
+            gu: zeros_t(s.rows * 2 * s.h)?,
+            h: zeros_t(s.rows * s.h)?,
+            yp: zeros_t(s.rows * s.d)?,
+            shared_gu: zeros_t(s.tokens * 2 * s.hs)?,
+            shared_h: zeros_t(s.tokens * s.hs)?,
+            row_lse: device.alloc_zeros(if config.z_loss > 0.0 { s.tokens } else { 0 })?,
+            aux: None,
+            aux_loss: device.alloc_zeros(1)?,
+            z_loss: device.alloc_zeros(1)?,
+        })
+    }
+
+    /// Bytes of the buffers that grow with the token count, over `max_tokens`.
+    pub(crate) fn bytes_per_token(&self, max_tokens: usize) -> usize {
+        fn bytes<E: crate::Element>(b: &DeviceBuffer<E>) -> usize {
+            b.len() * size_of::<E>()
+        }
+        let total = bytes(&self.z)
+            + bytes(&self.ids)
+            + bytes(&self.weights)
+            + bytes(&self.sorted_rows)
+            + bytes(&self.inverse)
+            + bytes(&self.gu)
+            + bytes(&self.h)
+            + bytes(&self.yp)
+            + bytes(&self.shared_gu)
+            + bytes(&self.shared_h)
+            + bytes(&self.row_lse);
+        total / max_tokens
+    }
+}
+
+/// The documented size of [`Saved`] per token: `4E` (z) + `4k` (ids) + `4k` (weights) + `4k`
+/// (inverse) + `4k` (sorted rows: T·k rows without capacity) + `k·(2h + h + d)·s` (GU, H and the
+/// expert outputs of the token's k rows) + `3·n·h·s` (the shared FFN's GU and H) + `4` with the
+/// z-loss (its LSE), for s = `size_of::<T>()`. With capacity the row buffers are sized for
+/// `min(T·k, E·C)` rows instead of T·k.
+pub(crate) fn saved_bytes_per_token(config: &MoeConfig, element_bytes: usize) -> usize {
+    let (e, k, d, h, hs) = (
+        config.experts,
+        config.k,
+        config.dim,
+        config.hidden,
+        config.shared_hidden(),
+    );
+    let z_loss = if config.z_loss > 0.0 { 4 } else { 0 };
+    4 * e + 4 * 4 * k + k * (3 * h + d) * element_bytes + 3 * hs * element_bytes + z_loss
+}
+
+/// Buffers every pass reuses, forward and backward, sized for `max_tokens`.
+pub(crate) struct Scratch<T: FloatElement> {
+    map_workspace: DeviceBuffer<i32>,
+    /// Non-finite router rows, summed over every call since construction.
+    pub(crate) nonfinite_rows: DeviceBuffer<u32>,
+    /// `[0, max_tokens]`: the shared FFN's one group (the GEMMs clamp it to the call's T rows).
+    shared_offsets: DeviceBuffer<i32>,
+    /// `0..max_tokens`: the inverse of a one-to-one combine, which adds two `[T, d]` tensors.
+    identity: DeviceBuffer<i32>,
+    shared_y: DeviceBuffer<T>,
+    sum_a: DeviceBuffer<T>,
+    sum_b: DeviceBuffer<T>,
+    dyp: DeviceBuffer<T>,
+    dw: DeviceBuffer<f32>,
+    dgu: DeviceBuffer<T>,
+    dxp: DeviceBuffer<T>,
+    dz: DeviceBuffer<f32>,
+    dx_gate: DeviceBuffer<T>,
+    gate_workspace: DeviceBuffer<f32>,
+    shared_dgu: DeviceBuffer<T>,
+    shared_dx: DeviceBuffer<T>,
+}
+
+impl<T: FloatElement> Scratch<T> {
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+        let s = Sizes::new(config, config.max_tokens)?;
+        let map = config.map_config();
+        let zeros_t = |len: usize| device.alloc_zeros::<T>(len);
+        let shared_rows = if s.hs > 0 { s.token_rows() } else { 0 };
+        let identity: Vec<i32> = (0..s.tokens as i32).collect();
+        Ok(Self {
+            map_workspace: device.alloc_zeros(map.workspace_len(s.tokens, s.k))?,
+            nonfinite_rows: device.alloc_zeros(1)?,
+            shared_offsets: device.upload(&[0, s.tokens as i32])?,
+            identity: device.upload(&identity)?,
+            shared_y: zeros_t(shared_rows)?,
+            sum_a: zeros_t(s.token_rows())?,
+            sum_b: zeros_t(s.token_rows())?,
+            dyp: zeros_t(s.rows * s.d)?,
+            dw: device.alloc_zeros(s.slots)?,
+            dgu: zeros_t(s.rows * 2 * s.h)?,
+            dxp: zeros_t(s.rows * s.d)?,
+            dz: device.alloc_zeros(s.tokens * s.experts)?,
+            dx_gate: zeros_t(s.token_rows())?,
+            gate_workspace: device.alloc_zeros(gate::backward_workspace_len(
+                config.gate_form(),
+                &config.gate_shape(s.tokens),
+            )?)?,
+            shared_dgu: zeros_t(s.tokens * 2 * s.hs)?,
+            shared_dx: zeros_t(shared_rows)?,
+        })
+    }
+}
+
+/// `out = a + b` (`[T, d]` each) in one launch: a combine with k = 1, the identity inverse and
+/// `b` as its residual (f32 sum, one rounding).
+fn add_rows<T: FloatElement>(
+    device: &Device,
+    identity: &DeviceBuffer<i32>,
+    s: &Sizes,
+    a: &impl DeviceSlice<T>,
+    b: &impl DeviceSlice<T>,
+    out: &mut impl DeviceSliceMut<T>,
+) -> Result<()> {
+    let inverse = prefix("identity", identity, s.tokens)?;
+    combine(
+        device,
+        a,
+        &inverse,
+        None::<&DeviceBuffer<f32>>,
+        Some(b),
+        s.tokens,
+        1,
+        s.d,
+        out,
+    )
+}
+
+/// The parameters and buffers of one pass.
+pub(crate) struct Pass<'a, T: FloatElement> {
+    pub(crate) device: &'a Device,
+    pub(crate) config: &'a MoeConfig,
+    pub(crate) router: &'a Router<T>,
+    pub(crate) experts: &'a Experts<T>,
+    pub(crate) scratch: &'a mut Scratch<T>,
+}
+
+impl<T: FloatElement> Pass<'_, T> {
+    /// `y = Σ_j w_j FFN_{id_j}(x) [+ FFN_shared(x)] [+ residual]` for `tokens` rows of `x`,
+    /// keeping in `saved` what [`backward`](Self::backward) needs. No host sync.
+    pub(crate) fn forward(
+        &mut self,
+        saved: &mut Saved<T>,
+        x: &impl DeviceSlice<T>,
+        tokens: usize,
+        residual: Option<&dyn DeviceSlice<T>>,
+        y: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
+        let (device, config) = (self.device, self.config);
+        let s = Sizes::new(config, tokens)?;
+        let layout = || format!("[T, d] = [{tokens}, {}]", s.d);
+        check_len("x", x, s.token_rows(), layout)?;
+        check_len("y", y, s.token_rows(), layout)?;
+        if let Some(r) = residual {
+            check_len("residual", &DynSlice(r), s.token_rows(), layout)?;
+        }
+        saved.tokens = 0;
+        let gate_shape = config.gate_shape(tokens);
+        let router_config = config.router_config();
+        let map_config = config.map_config();
+        let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
+        gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
+        let z = prefix("z", &saved.z, s.tokens * s.experts)?;
+        router::select(
+            device,
+            &router_config,
+            &z,
+            self.router.bias.as_ref(),
+            &mut prefix_mut("ids", &mut saved.ids, s.slots)?,
+            &mut prefix_mut("weights", &mut saved.weights, s.slots)?,
+            &mut self.scratch.nonfinite_rows,
+        )?;
+        let ids = prefix("ids", &saved.ids, s.slots)?;
+        let mut map = RoutingMap {
+            counts: prefix_mut("counts", &mut saved.counts, s.experts)?,
+            offsets: prefix_mut("offsets", &mut saved.offsets, s.experts + 1)?,
+            sorted_rows: prefix_mut("sorted_rows", &mut saved.sorted_rows, s.rows)?,
+            inverse: prefix_mut("inverse", &mut saved.inverse, s.slots)?,
+            status: prefix_mut("status", &mut saved.status, STATUS_LEN)?,
+        };
+        let workspace_len = map_config.workspace_len(s.tokens, s.k);
+        let mut workspace = prefix_mut("map_workspace", &mut self.scratch.map_workspace, workspace_len)?;
+        routing_map(device, &ids, s.tokens, s.k, &map_config, &mut map, &mut workspace)?;
+
+        let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
+        let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;
+        let groups = Groups {
+            offsets: &offsets,
+            sorted_rows: Some(&sorted_rows),
+            rows: s.rows,
+            max_group_rows: s.tokens,
+        };
+        let no_weights = None::<&DeviceBuffer<f32>>;
+        let gathered = ForwardConfig {
+            a_rows: ARows::Gathered { top_k: s.k },
+            epilogue: Epilogue::SwiGlu,
+            ..ForwardConfig::default()
+        };
+        let mut h = prefix_mut("h", &mut saved.h, s.rows * s.h)?;
+        let mut gu = prefix_mut("gu", &mut saved.gu, s.rows * 2 * s.h)?;
+        gemm::forward(
+            device,
+            x,
+            &self.experts.w1,
+            s.gemm1(),
+            &groups,
+            &gathered,
+            no_weights,
+            &mut h,
+            Some(&mut gu),
+        )?;
+        let h = prefix("h", &saved.h, s.rows * s.h)?;
+        let mut yp = prefix_mut("yp", &mut saved.yp, s.rows * s.d)?;
+        let plain = ForwardConfig::default();
+        let no_gu = None::<&mut DeviceBuffer<T>>;
+        gemm::forward(
+            device,
+            &h,
+            &self.experts.w2,
+            s.gemm2(),
+            &groups,
+            &plain,
+            no_weights,
+            &mut yp,
+            no_gu,
+        )?;
+
+        let shared = self.shared_forward(saved, &s, x)?;
+        // The combine's residual: the caller's, the shared FFN's output, or their sum.
+        let scratch = &mut *self.scratch;
+        if let (true, Some(r)) = (shared, residual) {
+            let shared_y = prefix("shared_y", &scratch.shared_y, s.token_rows())?;
+            let mut sum = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
+            add_rows(device, &scratch.identity, &s, &shared_y, &DynSlice(r), &mut sum)?;
+        }
+        let shared_y = if shared {
+            Some(prefix("shared_y", &scratch.shared_y, s.token_rows())?)
+        } else {
+            None
+        };
+        let sum = prefix("sum_a", &scratch.sum_a, s.token_rows())?;
+        let residual: Option<DynSlice<'_, T>> = match (&shared_y, residual) {
+            (None, r) => r.map(DynSlice),
+            (Some(shared_y), None) => Some(DynSlice(shared_y)),
+            (Some(_), Some(_)) => Some(DynSlice(&sum)),
+        };
+        let yp = prefix("yp", &saved.yp, s.rows * s.d)?;
+        let inverse = prefix("inverse", &saved.inverse, s.slots)?;
+        let weights = prefix("weights", &saved.weights, s.slots)?;
+        combine(
+            device,
+            &yp,
+            &inverse,
+            Some(&weights),
+            residual.as_ref(),
+            s.tokens,
+            s.k,
+            s.d,
+            y,
+        )?;
+        self.losses(saved, &s)?;
+        saved.tokens = tokens;
+        Ok(())
+    }
+
+    /// The shared FFN on every token (two GEMMs over one group of T rows) into
+    /// `scratch.shared_y`, keeping its GU and H; `false` without shared experts.
+    fn shared_forward(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<bool> {
+        let Some((w1, w2)) = &self.experts.shared else {
+            return Ok(false);
+        };
+        let device = self.device;
+        let offsets = &self.scratch.shared_offsets;
+        let groups = Groups::<DeviceBuffer<i32>> {
+            offsets,
+            sorted_rows: None,
+            rows: s.tokens,
+            max_group_rows: s.tokens,
+        };
+        let swiglu = ForwardConfig {
+            epilogue: Epilogue::SwiGlu,
+            ..ForwardConfig::default()
+        };
+        let no_weights = None::<&DeviceBuffer<f32>>;
+        let mut h = prefix_mut("shared_h", &mut saved.shared_h, s.tokens * s.hs)?;
+        let mut gu = prefix_mut("shared_gu", &mut saved.shared_gu, s.tokens * 2 * s.hs)?;
+        gemm::forward(
+            device,
+            x,
+            w1,
+            s.shared1(),
+            &groups,
+            &swiglu,
+            no_weights,
+            &mut h,
+            Some(&mut gu),
+        )?;
+        let h = prefix("shared_h", &saved.shared_h, s.tokens * s.hs)?;
+        let mut y = prefix_mut("shared_y", &mut self.scratch.shared_y, s.token_rows())?;
+        let plain = ForwardConfig::default();
+        let no_gu = None::<&mut DeviceBuffer<T>>;
+        gemm::forward(device, &h, w2, s.shared2(), &groups, &plain, no_weights, &mut y, no_gu)?;
+        Ok(true)
+    }
+
+    /// The aux loss (4 launches) and the z-loss (2 launches), each when its coefficient is set.
+    fn losses(&mut self, saved: &mut Saved<T>, s: &Sizes) -> Result<()> {
+        let (device, config) = (self.device, self.config);
+        let router_config = config.router_config();
+        let z = prefix("z", &saved.z, s.tokens * s.experts)?;
+        if let Some(aux) = config.aux_config() {
+            if saved.aux.as_ref().is_none_or(|(tokens, _)| *tokens != s.tokens) {
+                saved.aux = Some((s.tokens, AuxLossWorkspace::new(device, &router_config, &aux, s.tokens)?));
+            }
+            let (_, workspace) = saved.aux.as_mut().expect("allocated above");
+            let ids = prefix("ids", &saved.ids, s.slots)?;
+            router::aux_loss(device, &router_config, &aux, &z, &ids, workspace, &mut saved.aux_loss)?;
+        }
+        if config.z_loss > 0.0 {
+            let mut lse = prefix_mut("row_lse", &mut saved.row_lse, s.tokens)?;
+            router::z_loss(device, &router_config, config.z_loss, &z, &mut lse, &mut saved.z_loss)?;
+        }
+        Ok(())
+    }
+}
+
+/// What a backward writes besides dx.
+pub(crate) struct Gradients<'a> {
+    pub(crate) router: &'a mut RouterGrads,
+    pub(crate) experts: &'a mut ExpertGrads,
+    /// Weight gradients only for these experts (ESFT); `None`: all.
+    pub(crate) mask: Option<&'a ExpertMask>,
+    /// Add the expert gradients to what the buffers hold (Chain-of-Experts) instead of replacing it.
+    pub(crate) accumulate: bool,
+}
+
+impl<T: FloatElement> Pass<'_, T> {
+    /// Backward of [`forward`](Self::forward) with the same `x`: `dx` from `dy` (plus `dy` itself
+    /// when the forward added `x` as its residual), the router's gradients (overwritten) and the
+    /// expert gradients. The losses' gradients (coefficient 1 in the total loss) enter dz. No host sync.
+    pub(crate) fn backward(
+        &mut self,
+        saved: &Saved<T>,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        residual_grad: bool,
+        dx: &mut impl DeviceSliceMut<T>,
+        grads: Gradients<'_>,
+    ) -> Result<()> {
+        let (device, config) = (self.device, self.config);
+        if saved.tokens == 0 {
+            return Err(Error::InvalidArgument {
+                argument: "backward",
+                value: "no forward".into(),
+                expected: "a forward before each backward".into(),
+            });
+        }
+        let s = Sizes::new(config, saved.tokens)?;
+        let layout = || format!("[T, d] = [{}, {}] (T of the last forward)", s.tokens, s.d);
+        check_len("x", x, s.token_rows(), layout)?;
+        check_len("dy", dy, s.token_rows(), layout)?;
+        check_len("dx", dx, s.token_rows(), layout)?;
+        let scratch = &mut *self.scratch;
+        let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
+        let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;
+        let inverse = prefix("inverse", &saved.inverse, s.slots)?;
+        let weights = prefix("weights", &saved.weights, s.slots)?;
+        let groups = Groups {
+            offsets: &offsets,
+            sorted_rows: Some(&sorted_rows),
+            rows: s.rows,
+            max_group_rows: s.tokens,
+        };
+        let no_weights = None::<&DeviceBuffer<f32>>;
+        let no_gu = None::<&DeviceBuffer<T>>;
+
+        // Combine backward: dYp = w · dy per row, dw = <dy, Yp>.
+        let yp = prefix("yp", &saved.yp, s.rows * s.d)?;
+        let mut dyp = prefix_mut("dyp", &mut scratch.dyp, s.rows * s.d)?;
+        let mut dw = prefix_mut("dw", &mut scratch.dw, s.slots)?;
+        combine_backward(
+            device,
+            dy,
+            Some(&yp),
+            &sorted_rows,
+            &inverse,
+            Some(&weights),
+            s.tokens,
+            s.k,
+            s.d,
+            &mut dyp,
+            Some(&mut dw),
+        )?;
+        // GEMM2: dGU through the fused SwiGLU backward, and dW2 = dYp^T H.
+        let dyp = prefix("dyp", &scratch.dyp, s.rows * s.d)?;
+        let gu = prefix("gu", &saved.gu, s.rows * 2 * s.h)?;
+        let mut dgu = prefix_mut("dgu", &mut scratch.dgu, s.rows * 2 * s.h)?;
+        let swiglu_bwd = DgradEpilogue::SwiGluBackward;
+        gemm::dgrad(
+            device,
+            &dyp,
+            &self.experts.w2,
+            s.gemm2(),
+            &groups,
+            swiglu_bwd,
+            no_weights,
+            Some(&gu),
+            &mut dgu,
+        )?;
+        let h = prefix("h", &saved.h, s.rows * s.h)?;
+        let (mask, accumulate) = (grads.mask, grads.accumulate);
+        let contiguous = ARows::Contiguous;
+        gemm::wgrad(
+            device,
+            &dyp,
+            &h,
+            contiguous,
+            s.gemm2(),
+            &groups,
+            mask,
+            accumulate,
+            &mut grads.experts.w2,
+        )?;
+        // GEMM1: dXp = dGU W1, and dW1 = dGU^T X (X gathered through sorted_rows).
+        let dgu = prefix("dgu", &scratch.dgu, s.rows * 2 * s.h)?;
+        let mut dxp = prefix_mut("dxp", &mut scratch.dxp, s.rows * s.d)?;
+        let store = DgradEpilogue::Store;
+        gemm::dgrad(
+            device,
+            &dgu,
+            &self.experts.w1,
+            s.gemm1(),
+            &groups,
+            store,
+            no_weights,
+            no_gu,
+            &mut dxp,
+        )?;
+        let gathered = ARows::Gathered { top_k: s.k };
+        gemm::wgrad(
+            device,
+            &dgu,
+            x,
+            gathered,
+            s.gemm1(),
+            &groups,
+            mask,
+            accumulate,
+            &mut grads.experts.w1,
+        )?;
+
+        // Router: dz from the combine weights' gradient and the losses, then the gate.
+        let router_config = config.router_config();
+        let z = prefix("z", &saved.z, s.tokens * s.experts)?;
+        let ids = prefix("ids", &saved.ids, s.slots)?;
+        let dw = prefix("dw", &scratch.dw, s.slots)?;
+        let mut dz = prefix_mut("dz", &mut scratch.dz, s.tokens * s.experts)?;
+        router::select_backward(device, &router_config, &z, &ids, &dw, &mut dz)?;
+        if let (Some(aux), Some((_, workspace))) = (config.aux_config(), &saved.aux) {
+            router::aux_loss_backward(device, &router_config, &aux, &z, workspace, &mut dz)?;
+        }
+        if config.z_loss > 0.0 {
+            let lse = prefix("row_lse", &saved.row_lse, s.tokens)?;
+            router::z_loss_backward(device, &router_config, config.z_loss, &z, &lse, &mut dz)?;
+        }
+        let dz = prefix("dz", &scratch.dz, s.tokens * s.experts)?;
+        let gate_shape = config.gate_shape(s.tokens);
+        let workspace_len = gate::backward_workspace_len(config.gate_form(), &gate_shape)?;
+        let mut workspace = prefix_mut("gate_workspace", &mut scratch.gate_workspace, workspace_len)?;
+        let mut dx_gate = prefix_mut("dx_gate", &mut scratch.dx_gate, s.token_rows())?;
+        let weights = self.router.weights();
+        let gate_grads = grads.router.as_gate_grads();
+        gate::scores_backward(
+            device,
+            &gate_shape,
+            &weights,
+            x,
+            &dz,
+            &mut dx_gate,
+            gate_grads,
+            &mut workspace,
+        )?;
+
+        let shared = self.shared_backward(saved, &s, x, dy, grads.experts, accumulate)?;
+        // dx = Σ_j dXp[inverse] + dx_gate [+ dx_shared] [+ dy], in that order (fixed).
+        let scratch = &mut *self.scratch;
+        let dxp = prefix("dxp", &scratch.dxp, s.rows * s.d)?;
+        let dx_gate = prefix("dx_gate", &scratch.dx_gate, s.token_rows())?;
+        let mut extra: Vec<&dyn DeviceSlice<T>> = vec![];
+        let shared_dx = if shared {
+            Some(prefix("shared_dx", &scratch.shared_dx, s.token_rows())?)
+        } else {
+            None
+        };
+        if let Some(shared_dx) = &shared_dx {
+            extra.push(shared_dx);
+        }
+        if residual_grad {
+            extra.push(dy);
+        }
+        let Some((last, middle)) = extra.split_last() else {
+            return combine(
+                device,
+                &dxp,
+                &inverse,
+                no_weights,
+                Some(&dx_gate),
+                s.tokens,
+                s.k,
+                s.d,
+                dx,
+            );
+        };
+        let mut sum_a = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
+        combine(
+            device,
+            &dxp,
+            &inverse,
+            no_weights,
+            Some(&dx_gate),
+            s.tokens,
+            s.k,
+            s.d,
+            &mut sum_a,
+        )?;
+        let mut partial = &mut scratch.sum_a;
+        let mut spare = &mut scratch.sum_b;
+        for term in middle {
+            let current = prefix("partial", partial, s.token_rows())?;
+            let mut next = prefix_mut("partial", spare, s.token_rows())?;
+            add_rows(device, &scratch.identity, &s, &DynSlice(*term), &current, &mut next)?;
+            std::mem::swap(&mut partial, &mut spare);
+        }
+        let current = prefix("partial", partial, s.token_rows())?;
+        add_rows(device, &scratch.identity, &s, &DynSlice(*last), &current, dx)
+    }
+
+    /// The shared FFN's backward: dGU, dW2s, dX_shared (into `scratch.shared_dx`), dW1s; `false`
+    /// without shared experts.
+    fn shared_backward(
+        &mut self,
+        saved: &Saved<T>,
+        s: &Sizes,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        grads: &mut ExpertGrads,
+        accumulate: bool,
+    ) -> Result<bool> {
+        let (Some((w1, w2)), Some(dw1), Some(dw2)) =
+            (&self.experts.shared, grads.shared_w1.as_mut(), grads.shared_w2.as_mut())
+        else {
+            return Ok(false);
+        };
+        let device = self.device;
+        let scratch = &mut *self.scratch;
+        let groups = Groups::<DeviceBuffer<i32>> {
+            offsets: &scratch.shared_offsets,
+            sorted_rows: None,
+            rows: s.tokens,
+            max_group_rows: s.tokens,
+        };
+        let no_weights = None::<&DeviceBuffer<f32>>;
+        let no_gu = None::<&DeviceBuffer<T>>;
+        let contiguous = ARows::Contiguous;
+        let no_mask = None::<&ExpertMask>;
+        let gu = prefix("shared_gu", &saved.shared_gu, s.tokens * 2 * s.hs)?;
+        let mut dgu = prefix_mut("shared_dgu", &mut scratch.shared_dgu, s.tokens * 2 * s.hs)?;
+        let swiglu_bwd = DgradEpilogue::SwiGluBackward;
+        gemm::dgrad(
+            device,
+            dy,
+            w2,
+            s.shared2(),
+            &groups,
+            swiglu_bwd,
+            no_weights,
+            Some(&gu),
+            &mut dgu,
+        )?;
+        let h = prefix("shared_h", &saved.shared_h, s.tokens * s.hs)?;
+        gemm::wgrad(
+            device,
+            dy,
+            &h,
+            contiguous,
+            s.shared2(),
+            &groups,
+            no_mask,
+            accumulate,
+            dw2,
+        )?;
+        let dgu = prefix("shared_dgu", &scratch.shared_dgu, s.tokens * 2 * s.hs)?;
+        let mut dx = prefix_mut("shared_dx", &mut scratch.shared_dx, s.token_rows())?;
+        let store = DgradEpilogue::Store;
+        gemm::dgrad(
+            device,
+            &dgu,
+            w1,
+            s.shared1(),
+            &groups,
+            store,
+            no_weights,
+            no_gu,
+            &mut dx,
+        )?;
+        gemm::wgrad(
+            device,
+            &dgu,
+            x,
+            contiguous,
+            s.shared1(),
+            &groups,
+            no_mask,
+            accumulate,
+            dw1,
+        )?;
+        Ok(true)
+    }
+}

@@ -1,0 +1,120 @@
+//! Host copies of a layer's weights: what constructors upload and what references read.
+use super::MoeConfig;
+use crate::ops::FloatElement;
+use crate::ops::gate::GateForm;
+
+/// Every weight of a routed MoE layer as host f32 values (layouts of SPEC and `ops::gate`):
+/// gate tensors by name (`w`, `b` for the linear gate; `u`, `v`, `b`, `c`, ... for the
+/// quadratic forms, every optional tensor present), `w1 [E, 2h, d]` (gate rows, then up rows),
+/// `w2 [E, d, h]`, the shared FFN as one expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`,
+/// empty without shared experts) and the selection bias (`[E]`, empty unless the router keeps one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostWeights {
+    pub gate: Vec<(&'static str, Vec<f32>)>,
+    pub w1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub shared_w1: Vec<f32>,
+    pub shared_w2: Vec<f32>,
+    pub router_bias: Vec<f32>,
+}
+
+/// Whether a gate tensor is stored in f32 whatever the layer's dtype (`ops::gate` layouts: the
+/// linear gate's bias and the quadratic forms' constant `c`).
+pub(crate) fn gate_tensor_is_f32(form: GateForm, name: &str) -> bool {
+    name == "c" || (form == GateForm::Linear && name == "b")
+}
+
+/// Names and element counts of every tensor of `config`'s gate, in `ops::gate` order.
+pub(crate) fn gate_tensor_lens(config: &MoeConfig) -> Vec<(&'static str, usize)> {
+    let shape = config.gate_shape(0);
+    let (e, d, r) = (shape.experts, shape.dim, shape.rank);
+    match config.gate_form() {
+        GateForm::Linear => vec![("w", e * d), ("b", e)],
+        GateForm::LowRank => vec![("u", e * r * d), ("v", e * r * d), ("b", e * d), ("c", e)],
+        GateForm::Symmetric => vec![("u", e * r * d), ("b", e * d), ("c", e)],
+        GateForm::Attention => vec![("wq", r * d), ("k", e * r * d)],
+        GateForm::Full => vec![("a", e * d * d), ("b", e * d), ("c", e)],
+    }
+}
+
+/// SplitMix64 and a uniform in `[-1, 1)`: deterministic initial weights without a dependency.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn unit(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn fill(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.unit() * scale).collect()
+    }
+}
+
+impl HostWeights {
+    /// Uniform weights scaled by 1/√fan_in (biases 0.1), from `seed`; not yet rounded to a dtype.
+    pub fn random(config: &MoeConfig, seed: u64) -> Self {
+        let mut rng = SplitMix(seed);
+        let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
+        let inv_sqrt = |n: usize| 1.0 / (n.max(1) as f32).sqrt();
+        let gate = gate_tensor_lens(config)
+            .into_iter()
+            .map(|(name, len)| {
+                let scale = match name {
+                    "b" | "c" => 0.1,
+                    "a" => inv_sqrt(d * d),
+                    _ => inv_sqrt(d),
+                };
+                (name, rng.fill(len, scale))
+            })
+            .collect();
+        Self {
+            gate,
+            w1: rng.fill(e * 2 * h * d, inv_sqrt(d)),
+            w2: rng.fill(e * d * h, inv_sqrt(h)),
+            shared_w1: rng.fill(2 * hs * d, inv_sqrt(d)),
+            shared_w2: rng.fill(d * hs, inv_sqrt(hs)),
+            router_bias: if config.has_router_bias() {
+                rng.fill(e, 0.05)
+            } else {
+                vec![]
+            },
+        }
+    }
+
+    /// The values the layer holds once stored as `T`: every tensor rounded to `T`, except those
+    /// kept in f32 (gate biases, the selection bias).
+    pub fn rounded<T: FloatElement>(&self, config: &MoeConfig) -> Self {
+        let round = |v: &Vec<f32>| v.iter().map(|&x| T::from_f32(x).to_f32()).collect::<Vec<f32>>();
+        let form = config.gate_form();
+        Self {
+            gate: self
+                .gate
+                .iter()
+                .map(|(name, v)| {
+                    (
+                        *name,
+                        if gate_tensor_is_f32(form, name) {
+                            v.clone()
+                        } else {
+                            round(v)
+                        },
+                    )
+                })
+                .collect(),
+            w1: round(&self.w1),
+            w2: round(&self.w2),
+            shared_w1: round(&self.shared_w1),
+            shared_w2: round(&self.shared_w2),
+            router_bias: self.router_bias.clone(),
+        }
+    }
+
+    /// The gate tensor `name` (empty when absent).
+    pub fn gate_tensor(&self, name: &str) -> &[f32] {
+        self.gate.iter().find(|(n, _)| *n == name).map_or(&[], |(_, v)| v)
+    }
+}

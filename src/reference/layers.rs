@@ -1,0 +1,351 @@
+//! Whole-layer references (SPEC §2–§7), composed only of the per-family references: the same
+//! stages as `crate::layers`, each intermediate rounded by `store` where the device stores it
+//! in the layer's dtype (pass `|v| v as f32` for an f32 layer; logits, combine weights and their
+//! gradients are always f32).
+use super::dispatch::{self, RoutingMap};
+use super::gate::{self, GateParams};
+use super::gemm::{self, HostGroups};
+use super::router;
+use crate::layers::{HostWeights, MoeConfig};
+use crate::ops::gate::GateForm;
+use crate::ops::gemm::{ARows, DgradEpilogue, Epilogue, GemmShape};
+
+/// How a stored intermediate is rounded (to the layer's dtype, as an f32 value).
+pub type Store<'a> = &'a dyn Fn(f64) -> f32;
+
+fn stored(values: &[f64], store: Store) -> Vec<f32> {
+    values.iter().map(|&v| store(v)).collect()
+}
+
+fn f32s(values: &[f64]) -> Vec<f32> {
+    values.iter().map(|&v| v as f32).collect()
+}
+
+fn f64s(values: &[f32]) -> Vec<f64> {
+    values.iter().map(|&v| v as f64).collect()
+}
+
+/// The gate tensors of `weights` as the gate reference takes them.
+pub fn gate_params(config: &MoeConfig, weights: &HostWeights) -> GateParams {
+    let t = |name: &str| f64s(weights.gate_tensor(name));
+    let some = |name: &str| Some(t(name));
+    match config.gate_form() {
+        GateForm::Linear => GateParams::Linear {
+            w: t("w"),
+            b: some("b"),
+        },
+        GateForm::LowRank => GateParams::LowRank {
+            u: t("u"),
+            v: t("v"),
+            b: some("b"),
+            c: some("c"),
+        },
+        GateForm::Symmetric => GateParams::Symmetric {
+            u: t("u"),
+            b: some("b"),
+            c: some("c"),
+        },
+        GateForm::Attention => GateParams::Attention { wq: t("wq"), k: t("k") },
+        GateForm::Full => GateParams::Full {
+            a: t("a"),
+            b: some("b"),
+            c: some("c"),
+        },
+    }
+}
+
+/// Everything one routed pass computes (what the device layer keeps for backward, plus y).
+#[derive(Debug, Clone)]
+pub struct MoeForward {
+    pub y: Vec<f64>,
+    pub z: Vec<f32>,
+    pub ids: Vec<i32>,
+    pub weights: Vec<f32>,
+    pub map: RoutingMap,
+    pub gu: Vec<f32>,
+    pub h: Vec<f32>,
+    pub yp: Vec<f32>,
+    /// The shared FFN's GU and H (empty without shared experts).
+    pub shared_gu: Vec<f32>,
+    pub shared_h: Vec<f32>,
+    pub aux_loss: f64,
+    pub z_loss: f64,
+}
+
+/// The gradients of one routed pass.
+#[derive(Debug, Clone)]
+pub struct MoeGradients {
+    pub dx: Vec<f64>,
+    /// Gate tensor gradients by name.
+    pub gate: Vec<(&'static str, Vec<f64>)>,
+    pub w1: Vec<f64>,
+    pub w2: Vec<f64>,
+    pub shared_w1: Vec<f64>,
+    pub shared_w2: Vec<f64>,
+}
+
+struct Shapes {
+    gemm1: GemmShape,
+    gemm2: GemmShape,
+    shared1: GemmShape,
+    shared2: GemmShape,
+    rows: usize,
+}
+
+fn shapes(config: &MoeConfig, tokens: usize) -> Shapes {
+    let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
+    Shapes {
+        gemm1: GemmShape {
+            experts: e,
+            n: 2 * h,
+            k: d,
+        },
+        gemm2: GemmShape { experts: e, n: d, k: h },
+        shared1: GemmShape {
+            experts: 1,
+            n: 2 * hs,
+            k: d,
+        },
+        shared2: GemmShape {
+            experts: 1,
+            n: d,
+            k: hs,
+        },
+        rows: config.map_config().sorted_rows_len(tokens, config.k),
+    }
+}
+
+/// `a + b`, rounded once (the device's one-to-one combine).
+fn add(a: &[f32], b: &[f32], tokens: usize, d: usize, store: Store) -> Vec<f32> {
+    let identity: Vec<i32> = (0..tokens as i32).collect();
+    stored(&dispatch::combine(a, &identity, None, Some(b), tokens, 1, d), store)
+}
+
+/// One routed pass: `y = Σ_j w_j FFN_{id_j}(x) [+ FFN_shared(x)] [+ residual]`, and the losses.
+pub fn moe_forward(
+    config: &MoeConfig,
+    weights: &HostWeights,
+    x: &[f32],
+    tokens: usize,
+    residual: Option<&[f32]>,
+    store: Store,
+) -> MoeForward {
+    let (k, d) = (config.k, config.dim);
+    let s = shapes(config, tokens);
+    let z = f32s(&gate::scores(
+        &config.gate_shape(tokens),
+        &gate_params(config, weights),
+        &f64s(x),
+    ));
+    let router_config = config.router_config();
+    let bias = (!weights.router_bias.is_empty()).then_some(&weights.router_bias[..]);
+    let selection = router::select(&router_config, &z, bias);
+    let combine_weights = f32s(&selection.weights);
+    let map = dispatch::routing_map(&selection.ids, tokens, k, &config.map_config());
+    let groups = HostGroups {
+        offsets: &map.offsets,
+        sorted_rows: Some(&map.sorted_rows),
+        rows: s.rows,
+    };
+    let gathered = ARows::Gathered { top_k: k };
+    let (h, gu) = gemm::forward(x, gathered, &weights.w1, s.gemm1, &groups, Epilogue::SwiGlu, None);
+    let (h, gu) = (stored(&h, store), stored(&gu, store));
+    let (yp, _) = gemm::forward(
+        &h,
+        ARows::Contiguous,
+        &weights.w2,
+        s.gemm2,
+        &groups,
+        Epilogue::Store,
+        None,
+    );
+    let yp = stored(&yp, store);
+    let (mut shared_gu, mut shared_h) = (vec![], vec![]);
+    let shared_y = (config.shared_experts > 0).then(|| {
+        let offsets = [0, tokens as i32];
+        let one = HostGroups {
+            offsets: &offsets,
+            sorted_rows: None,
+            rows: tokens,
+        };
+        let (h, gu) = gemm::forward(
+            x,
+            ARows::Contiguous,
+            &weights.shared_w1,
+            s.shared1,
+            &one,
+            Epilogue::SwiGlu,
+            None,
+        );
+        (shared_h, shared_gu) = (stored(&h, store), stored(&gu, store));
+        let (y, _) = gemm::forward(
+            &shared_h,
+            ARows::Contiguous,
+            &weights.shared_w2,
+            s.shared2,
+            &one,
+            Epilogue::Store,
+            None,
+        );
+        stored(&y, store)
+    });
+    let total_residual = match (shared_y, residual) {
+        (None, r) => r.map(|r| r.to_vec()),
+        (Some(y), None) => Some(y),
+        (Some(y), Some(r)) => Some(add(&y, r, tokens, d, store)),
+    };
+    let y = dispatch::combine(
+        &yp,
+        &map.inverse,
+        Some(&combine_weights),
+        total_residual.as_deref(),
+        tokens,
+        k,
+        d,
+    );
+    let aux_loss = config
+        .aux_config()
+        .map_or(0.0, |aux| router::aux_loss(&router_config, &aux, &z, &selection.ids));
+    let z_loss = if config.z_loss > 0.0 {
+        router::z_loss(config.experts, config.z_loss, &z)
+    } else {
+        0.0
+    };
+    MoeForward {
+        y,
+        z,
+        ids: selection.ids,
+        weights: combine_weights,
+        map,
+        gu,
+        h,
+        yp,
+        shared_gu,
+        shared_h,
+        aux_loss,
+        z_loss,
+    }
+}
+
+/// Backward of [`moe_forward`] for the total loss `<y, dy> + aux + z`: dx (plus `dy` when the
+/// forward added `x` as its residual), gate, expert (only `selected` experts; others 0) and
+/// shared-expert gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn moe_backward(
+    config: &MoeConfig,
+    weights: &HostWeights,
+    x: &[f32],
+    forward: &MoeForward,
+    dy: &[f32],
+    residual_grad: bool,
+    selected: Option<&[bool]>,
+    store: Store,
+) -> MoeGradients {
+    let (k, d) = (config.k, config.dim);
+    let tokens = x.len() / d;
+    let s = shapes(config, tokens);
+    let map = &forward.map;
+    let groups = HostGroups {
+        offsets: &map.offsets,
+        sorted_rows: Some(&map.sorted_rows),
+        rows: s.rows,
+    };
+    let (dyp, dw) = dispatch::combine_backward(dy, &forward.yp, &map.sorted_rows, Some(&forward.weights), tokens, k, d);
+    let (dyp, dw) = (stored(&dyp, store), f32s(&dw));
+    let swiglu_bwd = DgradEpilogue::SwiGluBackward;
+    let dgu = stored(
+        &gemm::dgrad(&dyp, &weights.w2, s.gemm2, &groups, swiglu_bwd, None, Some(&forward.gu)),
+        store,
+    );
+    let zeros2 = vec![0.0; weights.w2.len()];
+    let w2 = gemm::wgrad(
+        &dyp,
+        &forward.h,
+        ARows::Contiguous,
+        s.gemm2,
+        &groups,
+        selected,
+        false,
+        &zeros2,
+    );
+    let dxp = stored(
+        &gemm::dgrad(&dgu, &weights.w1, s.gemm1, &groups, DgradEpilogue::Store, None, None),
+        store,
+    );
+    let zeros1 = vec![0.0; weights.w1.len()];
+    let gathered = ARows::Gathered { top_k: k };
+    let w1 = gemm::wgrad(&dgu, x, gathered, s.gemm1, &groups, selected, false, &zeros1);
+
+    let router_config = config.router_config();
+    let mut dz = router::select_backward(&router_config, &forward.z, &forward.ids, &dw);
+    if let Some(aux) = config.aux_config() {
+        router::aux_loss_backward(&router_config, &aux, &forward.z, &forward.ids, &mut dz);
+    }
+    if config.z_loss > 0.0 {
+        router::z_loss_backward(config.experts, config.z_loss, &forward.z, &mut dz);
+    }
+    let dz = f64s(&f32s(&dz));
+    let gate_grads = gate::scores_backward(&config.gate_shape(tokens), &gate_params(config, weights), &f64s(x), &dz);
+    let dx_gate = stored(&gate_grads.dx, store);
+
+    let (mut shared_w1, mut shared_w2, mut shared_dx) = (vec![], vec![], None);
+    if config.shared_experts > 0 {
+        let offsets = [0, tokens as i32];
+        let one = HostGroups {
+            offsets: &offsets,
+            sorted_rows: None,
+            rows: tokens,
+        };
+        let dgu = gemm::dgrad(
+            dy,
+            &weights.shared_w2,
+            s.shared2,
+            &one,
+            swiglu_bwd,
+            None,
+            Some(&forward.shared_gu),
+        );
+        let dgu = stored(&dgu, store);
+        let zeros = vec![0.0; weights.shared_w2.len()];
+        shared_w2 = gemm::wgrad(
+            dy,
+            &forward.shared_h,
+            ARows::Contiguous,
+            s.shared2,
+            &one,
+            None,
+            false,
+            &zeros,
+        );
+        let dx = gemm::dgrad(
+            &dgu,
+            &weights.shared_w1,
+            s.shared1,
+            &one,
+            DgradEpilogue::Store,
+            None,
+            None,
+        );
+        shared_dx = Some(stored(&dx, store));
+        let zeros = vec![0.0; weights.shared_w1.len()];
+        shared_w1 = gemm::wgrad(&dgu, x, ARows::Contiguous, s.shared1, &one, None, false, &zeros);
+    }
+    // dx = Σ_j dXp[inverse] + dx_gate [+ dx_shared] [+ dy], rounded where the device stores.
+    let mut terms: Vec<&[f32]> = shared_dx.as_deref().into_iter().collect();
+    if residual_grad {
+        terms.push(dy);
+    }
+    let mut dx = dispatch::combine(&dxp, &map.inverse, None, Some(&dx_gate), tokens, k, d);
+    for term in terms {
+        let identity: Vec<i32> = (0..tokens as i32).collect();
+        dx = dispatch::combine(term, &identity, None, Some(&stored(&dx, store)), tokens, 1, d);
+    }
+    MoeGradients {
+        dx,
+        gate: gate_grads.params,
+        w1,
+        w2,
+        shared_w1,
+        shared_w2,
+    }
+}

@@ -1,0 +1,13 @@
+//! The layers (issue 7) on every device against the whole-layer references
+//! (`moe_kernels::reference::layers`), finite differences of those references, the launch and
+//! host-sync budgets, determinism and bad configurations.
+mod common;
+#[path = "layers/support.rs"]
+mod support;
+
+#[path = "layers/chain.rs"]
+mod chain;
+#[path = "layers/esft.rs"]
+mod esft;
+#[path = "layers/moe.rs"]
+mod moe;

@@ -1,0 +1,305 @@
+//! MoeLayer: every router kind against the reference, finite differences, budgets, determinism,
+//! bad configurations.
+use crate::common::devices;
+use crate::support::*;
+use half::{bf16, f16};
+use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::gate::GateForm;
+use moe_kernels::ops::gemm::ExpertMask;
+use moe_kernels::{Device, Error};
+
+fn case_run<T: FloatElement>(device: &Device, config: MoeConfig, tokens: usize, seed: u64) -> (Case, Run) {
+    let case = Case::new::<T>(config, tokens, seed);
+    let mut layer = MoeLayer::<T>::new(device, config, &case.weights).unwrap();
+    let run = run(device, &mut layer, &case);
+    (case, run)
+}
+
+#[test]
+fn every_router_kind_matches_the_reference_f32() {
+    for device in devices() {
+        for (i, (name, router)) in router_kinds().into_iter().enumerate() {
+            // Alternate the options so every kind meets shared experts and both losses somewhere.
+            let config = MoeConfig {
+                shared_experts: i % 2,
+                aux_alpha: if i % 3 == 0 { 0.01 } else { 0.0 },
+                z_loss: if i % 3 == 1 { 1e-3 } else { 0.0 },
+                ..small(router)
+            };
+            let (case, run) = case_run::<f32>(&device, config, 13 + i, 100 + i as u64);
+            check_against_reference::<f32>(name, &case, &run, None);
+        }
+    }
+}
+
+#[test]
+fn sixteen_bit_layers_match_the_reference() {
+    for device in devices() {
+        let config = MoeConfig {
+            shared_experts: 1,
+            aux_alpha: 0.01,
+            z_loss: 1e-3,
+            ..small(RouterKind::Quadratic {
+                form: GateForm::LowRank,
+                rank: 4,
+            })
+        };
+        let (case, run) = case_run::<bf16>(&device, config, 20, 7);
+        check_against_reference::<bf16>("bf16", &case, &run, None);
+        let (case, run) = case_run::<f16>(&device, small(RouterKind::Linear), 17, 8);
+        check_against_reference::<f16>("f16", &case, &run, None);
+    }
+}
+
+#[test]
+fn capacity_drops_slots_like_the_reference() {
+    for device in devices() {
+        let config = MoeConfig {
+            capacity_factor: Some(0.5),
+            shared_experts: 1,
+            ..small(RouterKind::Linear)
+        };
+        let (case, run) = case_run::<f32>(&device, config, 24, 11);
+        let f = case.reference::<f32>();
+        assert!(f.map.inverse.contains(&-1), "capacity 0.5 must drop slots");
+        check_against_reference::<f32>("capacity", &case, &run, None);
+    }
+}
+
+/// d(loss)/d(every parameter kind) against central differences of the reference forward.
+#[test]
+fn gradients_match_finite_differences_for_every_router_kind() {
+    for device in devices() {
+        for (i, (name, router)) in router_kinds().into_iter().enumerate() {
+            let config = MoeConfig {
+                shared_experts: 1,
+                aux_alpha: 0.05,
+                z_loss: 0.01,
+                ..small(router)
+            };
+            let (case, run) = case_run::<f32>(&device, config, 12, 300 + i as u64);
+            let (_, base_ids) = case.loss(&case.weights, &case.x);
+            let seed = 900 + i as u64;
+            let x_loss = |j: usize, eps: f32| {
+                let mut x = case.x.clone();
+                x[j] += eps;
+                case.loss(&case.weights, &x)
+            };
+            check_finite_differences(&format!("{name}: dx"), &run.dx, 6, seed, x_loss, &base_ids);
+            let weight_loss = |edit: &dyn Fn(&mut HostWeights)| {
+                let mut w = case.weights.clone();
+                edit(&mut w);
+                case.loss(&w, &case.x)
+            };
+            for (tensor, grad) in &run.gate {
+                let loss = |j: usize, eps: f32| {
+                    weight_loss(&|w: &mut HostWeights| {
+                        let t = w.gate.iter_mut().find(|(n, _)| n == tensor).unwrap();
+                        t.1[j] += eps;
+                    })
+                };
+                check_finite_differences(&format!("{name}: gate.{tensor}"), grad, 4, seed, loss, &base_ids);
+            }
+            let loss = |j: usize, eps: f32| weight_loss(&|w: &mut HostWeights| w.w1[j] += eps);
+            check_finite_differences(&format!("{name}: W1"), &run.w1, 4, seed, loss, &base_ids);
+            let loss = |j: usize, eps: f32| weight_loss(&|w: &mut HostWeights| w.w2[j] += eps);
+            check_finite_differences(&format!("{name}: W2"), &run.w2, 4, seed, loss, &base_ids);
+            let loss = |j: usize, eps: f32| weight_loss(&|w: &mut HostWeights| w.shared_w1[j] += eps);
+            check_finite_differences(&format!("{name}: shared W1"), &run.shared_w1, 3, seed, loss, &base_ids);
+            let loss = |j: usize, eps: f32| weight_loss(&|w: &mut HostWeights| w.shared_w2[j] += eps);
+            check_finite_differences(&format!("{name}: shared W2"), &run.shared_w2, 3, seed, loss, &base_ids);
+        }
+    }
+}
+
+/// The routed forward of the linear and quadratic routers is at most 6 launches and neither
+/// direction syncs with the host; the counts with losses and shared experts are stated too.
+#[test]
+fn launch_and_host_sync_budgets() {
+    for device in devices() {
+        let quadratic = RouterKind::Quadratic {
+            form: GateForm::LowRank,
+            rank: 4,
+        };
+        // (router, shared experts, losses, forward launches, backward launches)
+        let budgets = [
+            (RouterKind::Linear, 0, false, 6, 10),
+            (quadratic, 0, false, 6, 13),
+            (RouterKind::Linear, 1, true, 6 + 2 + 4 + 2, 10 + 4 + 1 + 2),
+        ];
+        for (router, shared, losses, forward, backward) in budgets {
+            let config = MoeConfig {
+                shared_experts: shared,
+                aux_alpha: if losses { 0.01 } else { 0.0 },
+                z_loss: if losses { 1e-3 } else { 0.0 },
+                max_tokens: 64,
+                ..small(router)
+            };
+            let case = Case::new::<f32>(config, 64, 5);
+            let mut layer = MoeLayer::<f32>::new(&device, config, &case.weights).unwrap();
+            let x = device.upload(&case.x).unwrap();
+            let dy = device.upload(&case.dy).unwrap();
+            let mut y = device.alloc_zeros::<f32>(case.x.len()).unwrap();
+            let mut dx = device.alloc_zeros::<f32>(case.x.len()).unwrap();
+            let before = device.stats();
+            layer.forward(&x, case.tokens, &mut y).unwrap();
+            let middle = device.stats();
+            layer.backward(&x, &dy, &mut dx).unwrap();
+            let after = device.stats();
+            let what = format!("{router:?}, {shared} shared, losses {losses}");
+            assert_eq!(middle.launches - before.launches, forward, "{what}: forward launches");
+            assert_eq!(after.launches - middle.launches, backward, "{what}: backward launches");
+            assert_eq!(after.host_syncs, before.host_syncs, "{what}: host syncs");
+            assert_eq!(after.host_to_device, before.host_to_device, "{what}: uploads");
+        }
+    }
+}
+
+#[test]
+fn repeats_are_bitwise_equal_and_fewer_tokens_reuse_the_buffers() {
+    for device in devices() {
+        let config = MoeConfig {
+            shared_experts: 1,
+            aux_alpha: 0.01,
+            z_loss: 1e-3,
+            ..small(RouterKind::Quadratic {
+                form: GateForm::Symmetric,
+                rank: 2,
+            })
+        };
+        let case = Case::new::<bf16>(config, 24, 21);
+        let mut layer = MoeLayer::<bf16>::new(&device, config, &case.weights).unwrap();
+        let first = run(&device, &mut layer, &case);
+        // A smaller batch in between must not disturb the next full one.
+        let small_case = Case {
+            weights: case.weights.clone(),
+            ..Case::new::<bf16>(config, 5, 22)
+        };
+        let small_run = run(&device, &mut layer, &small_case);
+        check_against_reference::<bf16>("5 tokens", &small_case, &small_run, None);
+        let again = run(&device, &mut layer, &case);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&first.y), bits(&again.y), "y");
+        assert_eq!(bits(&first.dx), bits(&again.dx), "dx");
+        assert_eq!(bits(&first.w1), bits(&again.w1), "dW1");
+        assert_eq!(bits(&first.w2), bits(&again.w2), "dW2");
+        assert_eq!(bits(&first.shared_w1), bits(&again.shared_w1), "shared dW1");
+        for ((_, a), (_, b)) in first.gate.iter().zip(&again.gate) {
+            assert_eq!(bits(a), bits(b), "gate grads");
+        }
+        assert_eq!(first.aux.to_bits(), again.aux.to_bits(), "aux");
+    }
+}
+
+#[test]
+fn the_selection_bias_moves_against_the_load() {
+    for device in devices() {
+        let config = small(RouterKind::Sigmoid {
+            groups: 2,
+            topk_groups: 1,
+            scale: 1.0,
+        });
+        let case = Case::new::<f32>(config, 24, 31);
+        let mut layer = MoeLayer::<f32>::new(&device, config, &case.weights).unwrap();
+        run(&device, &mut layer, &case);
+        let counts = device.download(layer.expert_counts()).unwrap();
+        let reference_counts: Vec<i32> = case.reference::<f32>().map.counts;
+        assert_eq!(counts, reference_counts);
+        // Through the layer: the bias is what the next forward selects with.
+        layer.update_bias(0.5).unwrap();
+        let mut moved = case.weights.clone();
+        moved.router_bias = moe_kernels::reference::router::bias_update(0.5, &counts, &case.weights.router_bias);
+        let moved_case = Case { weights: moved, ..case };
+        let again = run(&device, &mut layer, &moved_case);
+        check_against_reference::<f32>("after bias update", &moved_case, &again, None);
+        let linear = MoeLayer::<f32>::random(&device, small(RouterKind::Linear), 1);
+        assert!(matches!(
+            linear.unwrap().update_bias(0.1),
+            Err(Error::InvalidArgument { argument: "router", .. })
+        ));
+    }
+}
+
+fn argument_of(result: Result<impl Sized, Error>) -> &'static str {
+    match result {
+        Err(Error::InvalidArgument { argument, .. }) | Err(Error::Shape { argument, .. }) => argument,
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("accepted a bad input"),
+    }
+}
+
+#[test]
+fn bad_configs_and_inputs_are_rejected_by_name() {
+    for device in devices() {
+        let base = small(RouterKind::Linear);
+        let bad = |config: MoeConfig| argument_of(MoeLayer::<f32>::random(&device, config, 1));
+        assert_eq!(bad(MoeConfig { k: 7, ..base }), "k");
+        assert_eq!(bad(MoeConfig { experts: 0, ..base }), "experts");
+        assert_eq!(bad(MoeConfig { max_tokens: 0, ..base }), "max_tokens");
+        let groups = RouterKind::Sigmoid {
+            groups: 4,
+            topk_groups: 1,
+            scale: 1.0,
+        };
+        assert_eq!(bad(small(groups)), "groups");
+        let rank0 = RouterKind::Quadratic {
+            form: GateForm::LowRank,
+            rank: 0,
+        };
+        assert_eq!(bad(small(rank0)), "router.rank");
+        let linear_form = RouterKind::Quadratic {
+            form: GateForm::Linear,
+            rank: 2,
+        };
+        assert_eq!(bad(small(linear_form)), "router.form");
+        assert_eq!(
+            bad(MoeConfig {
+                aux_alpha: -1.0,
+                ..base
+            }),
+            "aux_alpha"
+        );
+        assert_eq!(
+            bad(MoeConfig {
+                z_loss: f32::NAN,
+                ..base
+            }),
+            "z_loss"
+        );
+        assert_eq!(
+            bad(MoeConfig {
+                capacity_factor: Some(-1.0),
+                ..base
+            }),
+            "capacity.factor"
+        );
+        let odd = MoeConfig { dim: 30, ..base };
+        assert_eq!(argument_of(MoeLayer::<bf16>::random(&device, odd, 1)), "dim");
+
+        let mut weights = HostWeights::random(&base, 1);
+        weights.w2.pop();
+        assert_eq!(argument_of(MoeLayer::<f32>::new(&device, base, &weights)), "weights.w2");
+        let mut weights = HostWeights::random(&base, 1);
+        weights.gate[0].1.push(0.0);
+        assert_eq!(
+            argument_of(MoeLayer::<f32>::new(&device, base, &weights)),
+            "weights.gate"
+        );
+
+        let mut layer = MoeLayer::<f32>::random(&device, base, 1).unwrap();
+        let x = device.alloc_zeros::<f32>(8 * base.dim).unwrap();
+        let mut y = device.alloc_zeros::<f32>(8 * base.dim).unwrap();
+        let mut dx = device.alloc_zeros::<f32>(8 * base.dim).unwrap();
+        assert_eq!(argument_of(layer.backward(&x, &x, &mut dx)), "backward");
+        assert_eq!(argument_of(layer.forward(&x, 25, &mut y)), "tokens");
+        assert_eq!(argument_of(layer.forward(&x, 0, &mut y)), "tokens");
+        assert_eq!(argument_of(layer.forward(&x, 7, &mut y)), "x");
+        let mut short = device.alloc_zeros::<f32>(7).unwrap();
+        assert_eq!(argument_of(layer.forward(&x, 8, &mut short)), "y");
+        layer.forward(&x, 8, &mut y).unwrap();
+        assert_eq!(argument_of(layer.backward(&x, &x, &mut short)), "dx");
+        let wrong = ExpertMask::new(&device, &[true; 4]).unwrap();
+        assert_eq!(argument_of(layer.set_expert_mask(Some(wrong))), "mask");
+    }
+}
