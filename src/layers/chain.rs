@@ -1,1 +1,214 @@
-//! [`ChainOfExperts`] (SPEC §7): C routed passes over one set of expert weights.
+//! [`ChainOfExperts`] (SPEC §7): C routed passes over one set of expert weights,
+//! `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, each iteration with its own router.
+use super::pass::{ExpertGrads, Experts, Gradients, Pass, Router, RouterGrads, Saved, Scratch, saved_bytes_per_token};
+use super::workspace::{DynSlice, prefix, prefix_mut};
+use super::{HostWeights, MoeConfig};
+use crate::ops::FloatElement;
+use crate::ops::gemm::ExpertMask;
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Chain-of-Experts: C iterations of a routed MoE with an inner residual, one router per
+/// iteration (each with its own aux / z losses when configured), the routed and shared experts
+/// shared by every iteration. Backward runs the iterations in reverse and accumulates the expert
+/// weight gradients across them (the grouped GEMM's accumulate mode).
+///
+/// Memory: each iteration keeps only what its backward needs (its routing, SwiGLU's GU and H,
+/// the expert outputs: [`saved_bytes_per_token_per_iteration`](Self::saved_bytes_per_token_per_iteration));
+/// the work buffers of the passes are shared.
+pub struct ChainOfExperts<T: FloatElement> {
+    device: Device,
+    config: MoeConfig,
+    routers: Vec<Router<T>>,
+    experts: Experts<T>,
+    saved: Vec<Saved<T>>,
+    /// x⁽¹⁾ .. x⁽ᶜ⁻¹⁾ (`[max_tokens, d]` each): the inputs of iterations 2..C.
+    inputs: Vec<DeviceBuffer<T>>,
+    /// dx⁽ᵗ⁾ between iterations, two buffers used in turn.
+    carried: [DeviceBuffer<T>; 2],
+    scratch: Scratch<T>,
+    router_grads: Vec<RouterGrads>,
+    expert_grads: ExpertGrads,
+    mask: Option<ExpertMask>,
+}
+
+impl<T: FloatElement> ChainOfExperts<T> {
+    /// `weights.len()` iterations: iteration t routes with `weights[t]`'s gate (and selection
+    /// bias); the experts are `weights[0]`'s (the others' expert tensors are not read).
+    pub fn new(device: &Device, config: MoeConfig, weights: &[HostWeights]) -> Result<Self> {
+        config.validate_for::<T>()?;
+        if weights.is_empty() {
+            return Err(Error::InvalidArgument {
+                argument: "weights",
+                value: "[]".into(),
+                expected: "one HostWeights per iteration (at least 1)".into(),
+            });
+        }
+        let rows = config.max_tokens * config.dim;
+        let iterations = weights.len();
+        Ok(Self {
+            device: device.clone(),
+            config,
+            routers: weights
+                .iter()
+                .map(|w| Router::upload(device, &config, w))
+                .collect::<Result<_>>()?,
+            experts: Experts::upload(device, &config, &weights[0])?,
+            saved: (0..iterations)
+                .map(|_| Saved::alloc(device, &config))
+                .collect::<Result<_>>()?,
+            inputs: (1..iterations)
+                .map(|_| device.alloc_zeros(rows))
+                .collect::<Result<_>>()?,
+            carried: [device.alloc_zeros(rows)?, device.alloc_zeros(rows)?],
+            scratch: Scratch::alloc(device, &config)?,
+            router_grads: (0..iterations)
+                .map(|_| RouterGrads::alloc(device, &config))
+                .collect::<Result<_>>()?,
+            expert_grads: ExpertGrads::alloc(device, &config)?,
+            mask: None,
+        })
+    }
+
+    /// `iterations` routers and one set of experts from [`HostWeights::random`] (seeds `seed + t`).
+    pub fn random(device: &Device, config: MoeConfig, iterations: usize, seed: u64) -> Result<Self> {
+        let weights: Vec<HostWeights> = (0..iterations)
+            .map(|t| HostWeights::random(&config, seed + t as u64))
+            .collect();
+        Self::new(device, config, &weights)
+    }
+
+    pub fn iterations(&self) -> usize {
+        self.routers.len()
+    }
+
+    /// `y = x⁽ᶜ⁾` for `tokens` rows of `x` (`[tokens, d]`). No host sync.
+    pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        crate::ops::check_range("tokens", tokens, 1..=self.config.max_tokens)?;
+        let len = tokens * self.config.dim;
+        let last = self.routers.len() - 1;
+        for t in 0..=last {
+            let (before, after) = self.inputs.split_at_mut(t);
+            let held;
+            let input: DynSlice<'_, T> = if t == 0 {
+                DynSlice(x)
+            } else {
+                held = prefix("x(t)", &before[t - 1], len)?;
+                DynSlice(&held)
+            };
+            let mut pass = Pass {
+                device: &self.device,
+                config: &self.config,
+                router: &self.routers[t],
+                experts: &self.experts,
+                scratch: &mut self.scratch,
+                stages: None,
+            };
+            let saved = &mut self.saved[t];
+            if t == last {
+                pass.forward(saved, &input, tokens, Some(&input), y)?;
+            } else {
+                let mut output = prefix_mut("x(t)", &mut after[0], len)?;
+                pass.forward(saved, &input, tokens, Some(&input), &mut output)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Backward of the last forward (same `x`): `dx`, each iteration's router gradients and the
+    /// expert gradients summed over iterations (experts outside the mask untouched). No host sync.
+    pub fn backward(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
+        let len = self.saved[0].tokens * self.config.dim;
+        let last = self.routers.len() - 1;
+        let [first, second] = &mut self.carried;
+        let (mut incoming, mut outgoing) = (first, second);
+        for t in (0..=last).rev() {
+            let held_input;
+            let input: DynSlice<'_, T> = if t == 0 {
+                DynSlice(x)
+            } else {
+                held_input = prefix("x(t)", &self.inputs[t - 1], len)?;
+                DynSlice(&held_input)
+            };
+            let held_upstream;
+            let upstream: DynSlice<'_, T> = if t == last {
+                DynSlice(dy)
+            } else {
+                held_upstream = prefix("dx(t)", incoming, len)?;
+                DynSlice(&held_upstream)
+            };
+            let mut pass = Pass {
+                device: &self.device,
+                config: &self.config,
+                router: &self.routers[t],
+                experts: &self.experts,
+                scratch: &mut self.scratch,
+                stages: None,
+            };
+            let grads = Gradients {
+                router: &mut self.router_grads[t],
+                experts: &mut self.expert_grads,
+                mask: self.mask.as_ref(),
+                accumulate: t != last,
+            };
+            if t == 0 {
+                pass.backward(&self.saved[t], &input, &upstream, true, dx, grads)?;
+            } else {
+                let mut output = prefix_mut("dx(t)", outgoing, len)?;
+                pass.backward(&self.saved[t], &input, &upstream, true, &mut output, grads)?;
+            }
+            std::mem::swap(&mut incoming, &mut outgoing);
+        }
+        Ok(())
+    }
+
+    /// As [`MoeLayer::set_expert_mask`](super::MoeLayer::set_expert_mask).
+    pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
+        if let Some(m) = &mask {
+            if m.experts != self.config.experts {
+                return Err(Error::InvalidArgument {
+                    argument: "mask",
+                    value: format!("a mask of {} experts", m.experts),
+                    expected: format!("{} experts", self.config.experts),
+                });
+            }
+        }
+        self.mask = mask;
+        Ok(())
+    }
+
+    /// Iteration t's router gradients.
+    pub fn router_grads(&self, iteration: usize) -> Option<&RouterGrads> {
+        self.router_grads.get(iteration)
+    }
+
+    /// Expert weight gradients summed over iterations.
+    pub fn expert_grads(&self) -> &ExpertGrads {
+        &self.expert_grads
+    }
+
+    /// Iteration t's loss buffers (`[aux]`, `[z]`).
+    pub fn loss_buffers(&self, iteration: usize) -> Option<(&DeviceBuffer<f32>, &DeviceBuffer<f32>)> {
+        self.saved.get(iteration).map(|s| (&s.aux_loss, &s.z_loss))
+    }
+
+    /// Bytes each iteration keeps for its backward, per token: the routed pass's
+    /// (`4E + 16k + k·(3h + d)·s + 3·n·h·s (+4 with the z-loss)`, s = `size_of::<T>()`) plus
+    /// its input `x⁽ᵗ⁻¹⁾` (`d·s`). The first iteration's input is the caller's `x`, so the chain
+    /// holds `C·this − d·s` bytes per token ([`held_bytes_per_token`](Self::held_bytes_per_token)).
+    pub fn saved_bytes_per_token_per_iteration(config: &MoeConfig) -> usize {
+        saved_bytes_per_token(config, size_of::<T>()) + config.dim * size_of::<T>()
+    }
+
+    /// What the chain's buffers for backward actually hold per token (sized for `max_tokens`).
+    pub fn held_bytes_per_token(&self) -> usize {
+        let max = self.config.max_tokens;
+        let saved: usize = self.saved.iter().map(|s| s.bytes_per_token(max)).sum();
+        let inputs: usize = self.inputs.iter().map(|b| b.len() * size_of::<T>()).sum();
+        saved + inputs / max
+    }
+}

@@ -17,6 +17,7 @@ mod pass;
 mod weights;
 pub mod workspace;
 
+pub use chain::ChainOfExperts;
 pub use config::{MoeConfig, RouterKind};
 pub use moe::{LossValues, MoeLayer};
 pub use pass::{ExpertGrads, RouterGrads};

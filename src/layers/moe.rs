@@ -36,6 +36,8 @@ pub struct MoeLayer<T: FloatElement> {
     router_grads: RouterGrads,
     expert_grads: ExpertGrads,
     mask: Option<ExpertMask>,
+    /// `y = x + MoE(x)` (see [`with_residual`](MoeLayer::with_residual)).
+    residual: bool,
 }
 
 impl<T: FloatElement> MoeLayer<T> {
@@ -53,7 +55,16 @@ impl<T: FloatElement> MoeLayer<T> {
             router_grads: RouterGrads::alloc(device, &config)?,
             expert_grads: ExpertGrads::alloc(device, &config)?,
             mask: None,
+            residual: false,
         })
+    }
+
+    /// With `on`, the forward returns `x + MoE(x)`: the block's residual added by the combine
+    /// (no extra launch), and backward adds `dy` to dx (one launch). This is Chain-of-Experts
+    /// with one iteration.
+    pub fn with_residual(mut self, on: bool) -> Self {
+        self.residual = on;
+        self
     }
 
     /// A layer with [`HostWeights::random`] weights from `seed`.
@@ -72,14 +83,31 @@ impl<T: FloatElement> MoeLayer<T> {
     /// `y = MoE(x)` for `tokens` rows (`x`, `y`: `[tokens, d]`, tokens in `1..=max_tokens`);
     /// keeps what [`backward`](Self::backward) needs. No host sync.
     pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        self.forward_observed(x, tokens, y, None)
+    }
+
+    /// [`forward`](Self::forward), calling `stages` with each stage's name once its launches are
+    /// queued (the example times stages with it).
+    pub fn forward_observed(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        tokens: usize,
+        y: &mut impl DeviceSliceMut<T>,
+        mut stages: Option<&mut dyn FnMut(&'static str)>,
+    ) -> Result<()> {
         let mut pass = Pass {
             device: &self.device,
             config: &self.config,
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch,
+            stages: match stages.as_mut() {
+                Some(observer) => Some(&mut **observer),
+                None => None,
+            },
         };
-        pass.forward(&mut self.saved, x, tokens, None, y)
+        let residual = self.residual.then_some(x as &dyn DeviceSlice<T>);
+        pass.forward(&mut self.saved, x, tokens, residual, y)
     }
 
     /// Backward of the last forward (same `x`): `dx` (`[T, d]`) from `dy`, the router gradients
@@ -93,6 +121,17 @@ impl<T: FloatElement> MoeLayer<T> {
         dy: &impl DeviceSlice<T>,
         dx: &mut impl DeviceSliceMut<T>,
     ) -> Result<()> {
+        self.backward_observed(x, dy, dx, None)
+    }
+
+    /// [`backward`](Self::backward) with a stage observer, as in [`forward_observed`](Self::forward_observed).
+    pub fn backward_observed(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+        mut stages: Option<&mut dyn FnMut(&'static str)>,
+    ) -> Result<()> {
         let grads = Gradients {
             router: &mut self.router_grads,
             experts: &mut self.expert_grads,
@@ -105,8 +144,12 @@ impl<T: FloatElement> MoeLayer<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch,
+            stages: match stages.as_mut() {
+                Some(observer) => Some(&mut **observer),
+                None => None,
+            },
         };
-        pass.backward(&self.saved, x, dy, false, dx, grads)
+        pass.backward(&self.saved, x, dy, self.residual, dx, grads)
     }
 
     /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, SPEC §8); `None`:

@@ -471,6 +471,15 @@ pub(crate) struct Pass<'a, T: FloatElement> {
     pub(crate) router: &'a Router<T>,
     pub(crate) experts: &'a Experts<T>,
     pub(crate) scratch: &'a mut Scratch<T>,
+    /// Called with a stage's name once its launches are queued (timing in the example).
+    pub(crate) stages: Option<&'a mut dyn FnMut(&'static str)>,
+}
+
+/// Tells the stage observer, if any, that `stage` is queued.
+fn mark(stages: &mut Option<&mut dyn FnMut(&'static str)>, stage: &'static str) {
+    if let Some(observer) = stages {
+        observer(stage);
+    }
 }
 
 impl<T: FloatElement> Pass<'_, T> {
@@ -493,6 +502,7 @@ impl<T: FloatElement> Pass<'_, T> {
             check_len("residual", &DynSlice(r), s.token_rows(), layout)?;
         }
         saved.tokens = 0;
+        let mut stages = self.stages.take();
         let gate_shape = config.gate_shape(tokens);
         let router_config = config.router_config();
         let map_config = config.map_config();
@@ -508,6 +518,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut prefix_mut("weights", &mut saved.weights, s.slots)?,
             &mut self.scratch.nonfinite_rows,
         )?;
+        mark(&mut stages, "route: scores + top-k");
         let ids = prefix("ids", &saved.ids, s.slots)?;
         let mut map = RoutingMap {
             counts: prefix_mut("counts", &mut saved.counts, s.experts)?,
@@ -519,6 +530,7 @@ impl<T: FloatElement> Pass<'_, T> {
         let workspace_len = map_config.workspace_len(s.tokens, s.k);
         let mut workspace = prefix_mut("map_workspace", &mut self.scratch.map_workspace, workspace_len)?;
         routing_map(device, &ids, s.tokens, s.k, &map_config, &mut map, &mut workspace)?;
+        mark(&mut stages, "dispatch: routing map");
 
         let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
         let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;
@@ -564,6 +576,9 @@ impl<T: FloatElement> Pass<'_, T> {
         )?;
 
         let shared = self.shared_forward(saved, &s, x)?;
+        if shared {
+            mark(&mut stages, "shared experts");
+        }
         // The combine's residual: the caller's, the shared FFN's output, or their sum.
         let scratch = &mut *self.scratch;
         if let (true, Some(r)) = (shared, residual) {
@@ -641,8 +656,9 @@ impl<T: FloatElement> Pass<'_, T> {
         Ok(true)
     }
 
-    /// The aux loss (4 launches) and the z-loss (2 launches), each when its coefficient is set.
-    fn losses(&mut self, saved: &mut Saved<T>, s: &Sizes) -> Result<()> {
+    /// The aux loss (4 launches) and the z-loss (2 launches), each when its coefficient is set;
+    /// whether any ran.
+    fn losses(&mut self, saved: &mut Saved<T>, s: &Sizes) -> Result<bool> {
         let (device, config) = (self.device, self.config);
         let router_config = config.router_config();
         let z = prefix("z", &saved.z, s.tokens * s.experts)?;
@@ -658,7 +674,7 @@ impl<T: FloatElement> Pass<'_, T> {
             let mut lse = prefix_mut("row_lse", &mut saved.row_lse, s.tokens)?;
             router::z_loss(device, &router_config, config.z_loss, &z, &mut lse, &mut saved.z_loss)?;
         }
-        Ok(())
+        Ok(config.aux_config().is_some() || config.z_loss > 0.0)
     }
 }
 
@@ -698,6 +714,7 @@ impl<T: FloatElement> Pass<'_, T> {
         check_len("x", x, s.token_rows(), layout)?;
         check_len("dy", dy, s.token_rows(), layout)?;
         check_len("dx", dx, s.token_rows(), layout)?;
+        let mut stages = self.stages.take();
         let scratch = &mut *self.scratch;
         let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
         let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;
@@ -729,6 +746,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut dyp,
             Some(&mut dw),
         )?;
+        mark(&mut stages, "combine backward");
         // GEMM2: dGU through the fused SwiGLU backward, and dW2 = dYp^T H.
         let dyp = prefix("dyp", &scratch.dyp, s.rows * s.d)?;
         let gu = prefix("gu", &saved.gu, s.rows * 2 * s.h)?;
@@ -759,6 +777,7 @@ impl<T: FloatElement> Pass<'_, T> {
             accumulate,
             &mut grads.experts.w2,
         )?;
+        mark(&mut stages, "GEMM2 backward (dgrad + SwiGLU backward, wgrad)");
         // GEMM1: dXp = dGU W1, and dW1 = dGU^T X (X gathered through sorted_rows).
         let dgu = prefix("dgu", &scratch.dgu, s.rows * 2 * s.h)?;
         let mut dxp = prefix_mut("dxp", &mut scratch.dxp, s.rows * s.d)?;
@@ -787,6 +806,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut grads.experts.w1,
         )?;
 
+        mark(&mut stages, "GEMM1 backward (dgrad, wgrad)");
         // Router: dz from the combine weights' gradient and the losses, then the gate.
         let router_config = config.router_config();
         let z = prefix("z", &saved.z, s.tokens * s.experts)?;
@@ -819,7 +839,11 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut workspace,
         )?;
 
+        mark(&mut stages, "router backward (top-k, losses, gate)");
         let shared = self.shared_backward(saved, &s, x, dy, grads.experts, accumulate)?;
+        if shared {
+            mark(&mut stages, "shared experts backward");
+        }
         // dx = Σ_j dXp[inverse] + dx_gate [+ dx_shared] [+ dy], in that order (fixed).
         let scratch = &mut *self.scratch;
         let dxp = prefix("dxp", &scratch.dxp, s.rows * s.d)?;
@@ -870,7 +894,9 @@ impl<T: FloatElement> Pass<'_, T> {
             std::mem::swap(&mut partial, &mut spare);
         }
         let current = prefix("partial", partial, s.token_rows())?;
-        add_rows(device, &scratch.identity, &s, &DynSlice(*last), &current, dx)
+        add_rows(device, &scratch.identity, &s, &DynSlice(*last), &current, dx)?;
+        mark(&mut stages, "sum into dx");
+        Ok(())
     }
 
     /// The shared FFN's backward: dGU, dW2s, dX_shared (into `scratch.shared_dx`), dW1s; `false`

@@ -349,3 +349,85 @@ pub fn moe_backward(
         shared_w2,
     }
 }
+
+/// A Chain-of-Experts forward and backward (SPEC §7).
+#[derive(Debug, Clone)]
+pub struct ChainResult {
+    /// x⁽ᶜ⁾.
+    pub y: Vec<f64>,
+    /// Each iteration's routed pass.
+    pub iterations: Vec<MoeForward>,
+    /// dx, the expert gradients summed over iterations and, in `routers`, each iteration's gate
+    /// gradients (`gate` holds the first iteration's).
+    pub grads: MoeGradients,
+    pub routers: Vec<Vec<(&'static str, Vec<f64>)>>,
+}
+
+/// C = `weights.len()` iterations `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, iteration t routing with
+/// `weights[t]`'s gate and bias, every iteration using `weights[0]`'s experts; backward in
+/// reverse with the expert gradients summed (only `selected` experts).
+pub fn chain(
+    config: &MoeConfig,
+    weights: &[HostWeights],
+    x: &[f32],
+    dy: &[f32],
+    selected: Option<&[bool]>,
+    store: Store,
+) -> ChainResult {
+    let tokens = x.len() / config.dim;
+    let per_iteration: Vec<HostWeights> = weights
+        .iter()
+        .map(|w| HostWeights {
+            gate: w.gate.clone(),
+            router_bias: w.router_bias.clone(),
+            ..weights[0].clone()
+        })
+        .collect();
+    let mut inputs = vec![x.to_vec()];
+    let mut iterations: Vec<MoeForward> = vec![];
+    for w in &per_iteration {
+        let input = inputs.last().expect("x");
+        let forward = moe_forward(config, w, input, tokens, Some(input), store);
+        inputs.push(stored(&forward.y, store));
+        iterations.push(forward);
+    }
+    let y = iterations.last().expect("at least one iteration").y.clone();
+    let mut upstream = dy.to_vec();
+    let mut total: Option<MoeGradients> = None;
+    let mut routers = vec![];
+    for t in (0..per_iteration.len()).rev() {
+        let g = moe_backward(
+            config,
+            &per_iteration[t],
+            &inputs[t],
+            &iterations[t],
+            &upstream,
+            true,
+            selected,
+            store,
+        );
+        upstream = stored(&g.dx, store);
+        routers.push(g.gate.clone());
+        total = Some(match total {
+            None => g,
+            Some(sum) => {
+                let add = |a: Vec<f64>, b: &[f64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f64>>();
+                MoeGradients {
+                    dx: g.dx,
+                    gate: g.gate,
+                    w1: add(sum.w1, &g.w1),
+                    w2: add(sum.w2, &g.w2),
+                    shared_w1: add(sum.shared_w1, &g.shared_w1),
+                    shared_w2: add(sum.shared_w2, &g.shared_w2),
+                }
+            }
+        });
+    }
+    routers.reverse();
+    ChainResult {
+        y,
+        iterations,
+        grads: total.expect("at least one iteration"),
+        routers,
+    }
+}

@@ -1,0 +1,397 @@
+//! The main example: a realistic small MoE layer, forward and backward, on the best device here
+//! (a GPU if there is one, else the CPU emulator), checked against the whole-layer reference.
+//!
+//!     cargo run --release --example moe_layer [-- --help]
+//!
+//! Prints the device, the per-expert load, the router losses, the time of each stage, and the
+//! layer's kernel launches and host syncs (none inside the layer).
+use half::{bf16, f16};
+use moe_kernels::layers::esft::EsftTracker;
+use moe_kernels::layers::{ChainOfExperts, HostWeights, MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::esft::ScoreKind;
+use moe_kernels::ops::gate::GateForm;
+use moe_kernels::reference::layers as reference;
+use moe_kernels::{Device, DeviceKind, DeviceSlice};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+const HELP: &str = "\
+moe_layer: one MoE layer (d=256, h=512, E=16, k=2, SwiGLU experts) forward and backward,
+checked against the CPU reference.
+
+  --router R    linear | quadratic (low-rank gate, r=4; the default) | sigmoid (DeepSeek-V3
+                style: sigmoid scores, selection bias, 4 groups, top 2 groups, scale 2.5)
+  --chain C     Chain-of-Experts: C iterations, one router each, shared expert weights (default 1:
+                a plain MoE layer)
+  --esft P      ESFT: score the experts on this batch (gate scores), train only the shortest prefix
+                of experts whose cumulative score reaches P (0 < P <= 1); frozen experts get no
+                weight-gradient work
+  --dtype D     f32 | f16 | bf16 (default bf16): storage of activations and weights; routing and
+                accumulation are always f32
+  --tokens T    tokens in the batch (default 1024)
+  --help        this text
+
+On a GPU each stage is timed with a stream sync after it; on the emulator the times are CPU wall
+time of the emulated kernels (not GPU estimates).";
+
+#[derive(Clone, Copy)]
+enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+struct Options {
+    router: RouterKind,
+    chain: usize,
+    esft: Option<f64>,
+    dtype: Dtype,
+    tokens: usize,
+}
+
+fn parse() -> Result<Option<Options>, String> {
+    let mut options = Options {
+        router: RouterKind::Quadratic {
+            form: GateForm::LowRank,
+            rank: 4,
+        },
+        chain: 1,
+        esft: None,
+        dtype: Dtype::Bf16,
+        tokens: 1024,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            return Ok(None);
+        }
+        let value = args.next().ok_or(format!("{flag} needs a value (see --help)"))?;
+        let number = |v: &str| v.parse::<f64>().map_err(|_| format!("{flag}: not a number: {v}"));
+        match flag.as_str() {
+            "--router" => {
+                options.router = match value.as_str() {
+                    "linear" => RouterKind::Linear,
+                    "quadratic" => options.router,
+                    "sigmoid" => RouterKind::Sigmoid {
+                        groups: 4,
+                        topk_groups: 2,
+                        scale: 2.5,
+                    },
+                    other => return Err(format!("--router {other}: expected linear, quadratic or sigmoid")),
+                }
+            }
+            "--chain" => options.chain = number(&value)? as usize,
+            "--esft" => options.esft = Some(number(&value)?),
+            "--tokens" => options.tokens = number(&value)? as usize,
+            "--dtype" => {
+                options.dtype = match value.as_str() {
+                    "f32" => Dtype::F32,
+                    "f16" => Dtype::F16,
+                    "bf16" => Dtype::Bf16,
+                    other => return Err(format!("--dtype {other}: expected f32, f16 or bf16")),
+                }
+            }
+            other => return Err(format!("unknown flag {other} (see --help)")),
+        }
+    }
+    if options.chain == 0 {
+        return Err("--chain: at least 1 iteration".into());
+    }
+    Ok(Some(options))
+}
+
+fn main() -> ExitCode {
+    let options = match parse() {
+        Ok(Some(options)) => options,
+        Ok(None) => {
+            println!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match options.dtype {
+        Dtype::F32 => run::<f32>(&options),
+        Dtype::F16 => run::<f16>(&options),
+        Dtype::Bf16 => run::<bf16>(&options),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("the device disagrees with the reference");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Uniform values in [-1, 1) from a seed (SplitMix64), rounded to T.
+fn random<T: FloatElement>(len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            let unit = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
+            T::from_f32(unit * 2.0 - 1.0).to_f32()
+        })
+        .collect()
+}
+
+fn to_t<T: FloatElement>(values: &[f32]) -> Vec<T> {
+    values.iter().map(|&v| T::from_f32(v)).collect()
+}
+
+/// Stage timer: each stage's time since the previous mark, with a stream sync first so the
+/// queued work is done (a no-op on the emulator, which runs launches to completion).
+struct Timer<'a> {
+    device: &'a Device,
+    last: Instant,
+    stages: Vec<(String, Duration)>,
+    syncs: u64,
+}
+
+impl Timer<'_> {
+    fn mark(&mut self, prefix: &str, stage: &str) {
+        if self.device.synchronize().is_ok() {
+            self.syncs += 1;
+        }
+        let now = Instant::now();
+        self.stages.push((format!("{prefix}{stage}"), now - self.last));
+        self.last = now;
+    }
+}
+
+/// `‖got − want‖ / ‖want‖`.
+fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        diff += (g as f64 - w).powi(2);
+        norm += w * w;
+    }
+    (diff / norm.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn download_f32<T: FloatElement>(device: &Device, buffer: &impl DeviceSlice<T>) -> moe_kernels::Result<Vec<f32>> {
+    Ok(device.download(buffer)?.iter().map(|v| v.to_f32()).collect())
+}
+
+fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
+    let device = Device::best()?;
+    let timing = match device.kind() {
+        DeviceKind::Cuda => "GPU time between stream syncs",
+        DeviceKind::Emulator => "CPU wall time on the emulator",
+    };
+    println!("device: {}", device.description());
+    let config = MoeConfig {
+        router: options.router,
+        experts: 16,
+        k: 2,
+        dim: 256,
+        hidden: 512,
+        aux_alpha: 0.01,
+        z_loss: 1e-3,
+        max_tokens: options.tokens.max(1),
+        ..MoeConfig::default()
+    };
+    let t = options.tokens;
+    println!(
+        "layer: {:?} router, E={} k={} d={} h={}, {} tokens, {}{}",
+        config.router,
+        config.experts,
+        config.k,
+        config.dim,
+        config.hidden,
+        t,
+        T::NAME,
+        if options.chain > 1 {
+            format!(", Chain-of-Experts C={}", options.chain)
+        } else {
+            String::new()
+        }
+    );
+    let x_host = random::<T>(t * config.dim, 1);
+    let dy_host = random::<T>(t * config.dim, 2);
+    let x = device.upload(&to_t::<T>(&x_host))?;
+    let dy = device.upload(&to_t::<T>(&dy_host))?;
+    let mut y = device.alloc_zeros::<T>(t * config.dim)?;
+    let mut dx = device.alloc_zeros::<T>(t * config.dim)?;
+    let mut timer = Timer {
+        device: &device,
+        last: Instant::now(),
+        stages: vec![],
+        syncs: 0,
+    };
+    if options.chain > 1 {
+        return run_chain::<T>(options, &device, config, &x_host, &dy_host);
+    }
+    let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
+    let mut layer = MoeLayer::<T>::new(&device, config, &weights)?;
+
+    let before = device.stats();
+    let start = Instant::now();
+    timer.last = start;
+    layer.forward_observed(&x, t, &mut y, Some(&mut |stage| timer.mark("forward: ", stage)))?;
+    let middle = device.stats();
+    let mut selected = None;
+    if let Some(p) = options.esft {
+        let mut tracker = EsftTracker::new(&device, config.experts, config.k)?;
+        tracker.accumulate(&layer)?;
+        let mask = tracker.select(p, ScoreKind::Gate)?;
+        println!(
+            "ESFT: p = {p}, {} of {} experts train (gate scores of this batch)",
+            mask.active_count, config.experts
+        );
+        selected = Some(tracker.selected().to_vec());
+        layer.set_expert_mask(Some(mask))?;
+        timer.last = Instant::now();
+    }
+    let middle_after_esft = device.stats();
+    layer.backward_observed(&x, &dy, &mut dx, Some(&mut |stage| timer.mark("backward: ", stage)))?;
+    let after = device.stats();
+    let elapsed = start.elapsed();
+
+    let counts = device.download(layer.expert_counts())?;
+    println!("\nexpert load (tokens routed to each expert):");
+    let most = counts.iter().copied().max().unwrap_or(1).max(1);
+    for (e, &c) in counts.iter().enumerate() {
+        let bar = "#".repeat((c as usize * 40).div_ceil(most as usize));
+        println!("  expert {e:2} {c:6} {bar}");
+    }
+    let losses = layer.losses()?;
+    println!(
+        "\naux loss {:.6} (α = {}), z-loss {:.6} (coefficient {})",
+        losses.aux, config.aux_alpha, losses.z, config.z_loss
+    );
+
+    println!("\nstages ({timing}):");
+    for (stage, time) in &timer.stages {
+        println!("  {stage:60} {:9.2} ms", time.as_secs_f64() * 1e3);
+    }
+    println!("  {:60} {:9.2} ms", "total", elapsed.as_secs_f64() * 1e3);
+    println!(
+        "\nlaunches: forward {}, backward {}; host syncs inside the layer: {} (the example's stage timing added {})",
+        middle.launches - before.launches,
+        after.launches - middle_after_esft.launches,
+        (after.host_syncs - middle_after_esft.host_syncs + middle.host_syncs - before.host_syncs) - timer.syncs,
+        timer.syncs
+    );
+
+    // The reference, in f64 with the device's roundings, checks every output.
+    let check_start = Instant::now();
+    let store = |v: f64| T::from_f32(v as f32).to_f32();
+    let forward = reference::moe_forward(&config, &weights, &x_host, t, None, &store);
+    let mask: Option<Vec<bool>> = selected
+        .as_ref()
+        .map(|ids: &Vec<usize>| (0..config.experts).map(|e| ids.contains(&e)).collect());
+    let grads = reference::moe_backward(
+        &config,
+        &weights,
+        &x_host,
+        &forward,
+        &dy_host,
+        false,
+        mask.as_deref(),
+        &store,
+    );
+    let ids = device.download(&layer.routing()?.0)?;
+    let routing_agrees = ids.iter().zip(&forward.ids).filter(|(a, b)| a == b).count();
+    let bound = match T::NAME {
+        "f32" => 1e-4,
+        "f16" => 1e-2,
+        _ => 5e-2,
+    };
+    let expert_grads = layer.expert_grads();
+    let mut checks = vec![
+        ("y".to_string(), relative_error(&download_f32(&device, &y)?, &forward.y)),
+        ("dx".into(), relative_error(&download_f32(&device, &dx)?, &grads.dx)),
+        (
+            "dW1".into(),
+            relative_error(&device.download(&expert_grads.w1)?, &grads.w1),
+        ),
+        (
+            "dW2".into(),
+            relative_error(&device.download(&expert_grads.w2)?, &grads.w2),
+        ),
+    ];
+    for ((name, got), (_, want)) in layer.router_grads().tensors().iter().zip(&grads.gate) {
+        checks.push((format!("d gate.{name}"), relative_error(&device.download(got)?, want)));
+    }
+    checks.push(("aux loss".into(), relative_error(&[losses.aux], &[forward.aux_loss])));
+    checks.push(("z-loss".into(), relative_error(&[losses.z], &[forward.z_loss])));
+    println!(
+        "\nreference check ({:.1} s on the CPU): routing agrees on {routing_agrees} of {} slots",
+        check_start.elapsed().as_secs_f64(),
+        ids.len()
+    );
+    let mut ok = routing_agrees == ids.len();
+    for (name, error) in checks {
+        let verdict = if error <= bound { "ok" } else { "MISMATCH" };
+        ok &= error <= bound;
+        println!("  {name:12} relative error {error:.2e} (bound {bound:.0e}) {verdict}");
+    }
+    Ok(ok)
+}
+
+/// The Chain-of-Experts variant of [`run`].
+fn run_chain<T: FloatElement>(
+    options: &Options,
+    device: &Device,
+    config: MoeConfig,
+    x_host: &[f32],
+    dy_host: &[f32],
+) -> moe_kernels::Result<bool> {
+    let t = options.tokens;
+    let weights: Vec<HostWeights> = (0..options.chain)
+        .map(|i| HostWeights::random(&config, 42 + i as u64).rounded::<T>(&config))
+        .collect();
+    let mut chain = ChainOfExperts::<T>::new(device, config, &weights)?;
+    let x = device.upload(&to_t::<T>(x_host))?;
+    let dy = device.upload(&to_t::<T>(dy_host))?;
+    let mut y = device.alloc_zeros::<T>(t * config.dim)?;
+    let mut dx = device.alloc_zeros::<T>(t * config.dim)?;
+    let before = device.stats();
+    let start = Instant::now();
+    chain.forward(&x, t, &mut y)?;
+    let forward_time = start.elapsed();
+    let middle = device.stats();
+    chain.backward(&x, &dy, &mut dx)?;
+    let backward_time = start.elapsed() - forward_time;
+    let after = device.stats();
+    println!(
+        "forward {:.1} ms ({} launches), backward {:.1} ms ({} launches), host syncs {}",
+        forward_time.as_secs_f64() * 1e3,
+        middle.launches - before.launches,
+        backward_time.as_secs_f64() * 1e3,
+        after.launches - middle.launches,
+        after.host_syncs - before.host_syncs
+    );
+    println!(
+        "kept for backward: {} bytes per token per iteration",
+        ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)
+    );
+    let store = |v: f64| T::from_f32(v as f32).to_f32();
+    let result = reference::chain(&config, &weights, x_host, dy_host, None, &store);
+    let (forward, grads) = (result.y, result.grads);
+    let bound = if T::NAME == "f32" { 1e-4 } else { 5e-2 };
+    let mut ok = true;
+    let expert_grads = chain.expert_grads();
+    for (name, error) in [
+        ("y", relative_error(&download_f32(device, &y)?, &forward)),
+        ("dx", relative_error(&download_f32(device, &dx)?, &grads.dx)),
+        ("dW1", relative_error(&device.download(&expert_grads.w1)?, &grads.w1)),
+        ("dW2", relative_error(&device.download(&expert_grads.w2)?, &grads.w2)),
+    ] {
+        ok &= error <= bound;
+        println!("  {name:4} relative error {error:.2e} (bound {bound:.0e})");
+    }
+    Ok(ok)
+}
