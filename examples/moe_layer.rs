@@ -25,8 +25,8 @@ checked against the CPU reference.
   --chain C     Chain-of-Experts: C iterations, one router each, shared expert weights (default 1:
                 a plain MoE layer)
   --esft P      ESFT: score the experts on this batch (gate scores), train only the shortest prefix
-                of experts whose cumulative score reaches P (0 < P <= 1); frozen experts get no
-                weight-gradient work
+                of experts whose cumulative score reaches P (the paper uses 0.1; above the total
+                score every expert trains); frozen experts get no weight-gradient work
   --dtype D     f32 | f16 | bf16 (default bf16): storage of activations and weights; routing and
                 accumulation are always f32
   --tokens T    tokens in the batch (default 1024)
@@ -66,6 +66,9 @@ fn parse() -> Result<Option<Options>, String> {
         if flag == "--help" || flag == "-h" {
             return Ok(None);
         }
+        if !["--router", "--chain", "--esft", "--tokens", "--dtype"].contains(&flag.as_str()) {
+            return Err(format!("unknown flag {flag} (see --help)"));
+        }
         let value = args.next().ok_or(format!("{flag} needs a value (see --help)"))?;
         let number = |v: &str| v.parse::<f64>().map_err(|_| format!("{flag}: not a number: {v}"));
         match flag.as_str() {
@@ -92,7 +95,7 @@ fn parse() -> Result<Option<Options>, String> {
                     other => return Err(format!("--dtype {other}: expected f32, f16 or bf16")),
                 }
             }
-            other => return Err(format!("unknown flag {other} (see --help)")),
+            _ => unreachable!("flags are checked above"),
         }
     }
     if options.chain == 0 {

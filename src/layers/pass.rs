@@ -559,6 +559,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut h,
             Some(&mut gu),
         )?;
+        mark(&mut stages, "GEMM1 + SwiGLU (gathered rows)");
         let h = prefix("h", &saved.h, s.rows * s.h)?;
         let mut yp = prefix_mut("yp", &mut saved.yp, s.rows * s.d)?;
         let plain = ForwardConfig::default();
@@ -574,7 +575,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut yp,
             no_gu,
         )?;
-
+        mark(&mut stages, "GEMM2");
         let shared = self.shared_forward(saved, &s, x)?;
         if shared {
             mark(&mut stages, "shared experts");
@@ -611,7 +612,10 @@ impl<T: FloatElement> Pass<'_, T> {
             s.d,
             y,
         )?;
-        self.losses(saved, &s)?;
+        mark(&mut stages, "combine");
+        if self.losses(saved, &s)? {
+            mark(&mut stages, "router losses");
+        }
         saved.tokens = tokens;
         Ok(())
     }
@@ -861,7 +865,7 @@ impl<T: FloatElement> Pass<'_, T> {
             extra.push(dy);
         }
         let Some((last, middle)) = extra.split_last() else {
-            return combine(
+            combine(
                 device,
                 &dxp,
                 &inverse,
@@ -871,7 +875,9 @@ impl<T: FloatElement> Pass<'_, T> {
                 s.k,
                 s.d,
                 dx,
-            );
+            )?;
+            mark(&mut stages, "sum into dx");
+            return Ok(());
         };
         let mut sum_a = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
         combine(
