@@ -11,3 +11,5 @@ mod chain;
 mod esft;
 #[path = "layers/moe.rs"]
 mod moe;
+#[path = "layers/vq.rs"]
+mod vq;

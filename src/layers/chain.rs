@@ -150,7 +150,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 stages: None,
             };
             let grads = Gradients {
-                router: &mut self.router_grads[t],
+                router: Some(&mut self.router_grads[t]),
                 experts: &mut self.expert_grads,
                 mask: self.mask.as_ref(),
                 accumulate: t != last,

@@ -3,6 +3,7 @@
 //! - [`MoeLayer`]: route → dispatch → GEMM1 + SwiGLU (gathered rows) → GEMM2 → combine, and
 //!   its backward, with optional shared experts, capacity and router losses;
 //! - [`ChainOfExperts`]: C routed passes over shared expert weights with an inner residual;
+//! - [`VqMoe`]: a routed path and a codebook path mixed by a 2-way softmax gate, with VQ losses;
 //! - [`esft`]: expert-specialized fine-tuning statistics, selection and masked training steps.
 //!
 //! Every pass is stream-ordered and never waits for the device (`Device::stats().host_syncs`
@@ -14,6 +15,7 @@ mod config;
 pub mod esft;
 mod moe;
 mod pass;
+pub mod vq;
 mod weights;
 pub mod workspace;
 
@@ -21,4 +23,5 @@ pub use chain::ChainOfExperts;
 pub use config::{MoeConfig, RouterKind};
 pub use moe::{LossValues, MoeLayer};
 pub use pass::{ExpertGrads, RouterGrads};
+pub use vq::{VqMoe, VqWeights};
 pub use weights::HostWeights;

@@ -133,7 +133,7 @@ impl<T: FloatElement> MoeLayer<T> {
         mut stages: Option<&mut dyn FnMut(&'static str)>,
     ) -> Result<()> {
         let grads = Gradients {
-            router: &mut self.router_grads,
+            router: Some(&mut self.router_grads),
             experts: &mut self.expert_grads,
             mask: self.mask.as_ref(),
             accumulate: false,

@@ -143,7 +143,7 @@ impl RouterGrads {
         &self.tensors
     }
 
-    fn as_gate_grads(&mut self) -> GateGrads<'_> {
+    pub(crate) fn as_gate_grads(&mut self) -> GateGrads<'_> {
         let mut by_name: Vec<(&'static str, Option<&mut dyn DeviceSliceMut<f32>>)> = self
             .tensors
             .iter_mut()
@@ -394,7 +394,7 @@ pub(crate) struct Scratch<T: FloatElement> {
     /// `[0, max_tokens]`: the shared FFN's one group (the GEMMs clamp it to the call's T rows).
     shared_offsets: DeviceBuffer<i32>,
     /// `0..max_tokens`: the inverse of a one-to-one combine, which adds two `[T, d]` tensors.
-    identity: DeviceBuffer<i32>,
+    pub(crate) identity: DeviceBuffer<i32>,
     shared_y: DeviceBuffer<T>,
     sum_a: DeviceBuffer<T>,
     sum_b: DeviceBuffer<T>,
@@ -440,26 +440,26 @@ impl<T: FloatElement> Scratch<T> {
     }
 }
 
-/// `out = a + b` (`[T, d]` each) in one launch: a combine with k = 1, the identity inverse and
-/// `b` as its residual (f32 sum, one rounding).
-fn add_rows<T: FloatElement>(
+/// `out = a + b` (`[tokens, d]` each) in one launch: a combine with k = 1, the identity
+/// inverse (`identity`, `0..max_tokens`) and `b` as its residual (f32 sum, one rounding).
+pub(crate) fn add_rows<T: FloatElement>(
     device: &Device,
     identity: &DeviceBuffer<i32>,
-    s: &Sizes,
+    (tokens, d): (usize, usize),
     a: &impl DeviceSlice<T>,
     b: &impl DeviceSlice<T>,
     out: &mut impl DeviceSliceMut<T>,
 ) -> Result<()> {
-    let inverse = prefix("identity", identity, s.tokens)?;
+    let inverse = prefix("identity", identity, tokens)?;
     combine(
         device,
         a,
         &inverse,
         None::<&DeviceBuffer<f32>>,
         Some(b),
-        s.tokens,
+        tokens,
         1,
-        s.d,
+        d,
         out,
     )
 }
@@ -473,6 +473,15 @@ pub(crate) struct Pass<'a, T: FloatElement> {
     pub(crate) scratch: &'a mut Scratch<T>,
     /// Called with a stage's name once its launches are queued (timing in the example).
     pub(crate) stages: Option<&'a mut dyn FnMut(&'static str)>,
+}
+
+/// Where a pass's routing comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Routing {
+    /// The pass's router scores and selects (and its losses run).
+    Router,
+    /// The caller wrote the ids and weights (VQ-MoE's discrete path: the code's expert).
+    Given,
 }
 
 /// Tells the stage observer, if any, that `stage` is queued.
@@ -493,6 +502,20 @@ impl<T: FloatElement> Pass<'_, T> {
         residual: Option<&dyn DeviceSlice<T>>,
         y: &mut impl DeviceSliceMut<T>,
     ) -> Result<()> {
+        self.forward_routed(saved, x, tokens, Routing::Router, residual, y)
+    }
+
+    /// [`forward`](Self::forward), with the routing either computed by the router or `Given`: the
+    /// caller has written `saved.ids` and `saved.weights` (`[T, k]`) and no router loss runs.
+    pub(crate) fn forward_routed(
+        &mut self,
+        saved: &mut Saved<T>,
+        x: &impl DeviceSlice<T>,
+        tokens: usize,
+        routing: Routing,
+        residual: Option<&dyn DeviceSlice<T>>,
+        y: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
         let (device, config) = (self.device, self.config);
         let s = Sizes::new(config, tokens)?;
         let layout = || format!("[T, d] = [{tokens}, {}]", s.d);
@@ -506,19 +529,21 @@ impl<T: FloatElement> Pass<'_, T> {
         let gate_shape = config.gate_shape(tokens);
         let router_config = config.router_config();
         let map_config = config.map_config();
-        let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
-        gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
-        let z = prefix("z", &saved.z, s.tokens * s.experts)?;
-        router::select(
-            device,
-            &router_config,
-            &z,
-            self.router.bias.as_ref(),
-            &mut prefix_mut("ids", &mut saved.ids, s.slots)?,
-            &mut prefix_mut("weights", &mut saved.weights, s.slots)?,
-            &mut self.scratch.nonfinite_rows,
-        )?;
-        mark(&mut stages, "route: scores + top-k");
+        if routing == Routing::Router {
+            let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
+            gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
+            let z = prefix("z", &saved.z, s.tokens * s.experts)?;
+            router::select(
+                device,
+                &router_config,
+                &z,
+                self.router.bias.as_ref(),
+                &mut prefix_mut("ids", &mut saved.ids, s.slots)?,
+                &mut prefix_mut("weights", &mut saved.weights, s.slots)?,
+                &mut self.scratch.nonfinite_rows,
+            )?;
+            mark(&mut stages, "route: scores + top-k");
+        }
         let ids = prefix("ids", &saved.ids, s.slots)?;
         let mut map = RoutingMap {
             counts: prefix_mut("counts", &mut saved.counts, s.experts)?,
@@ -585,7 +610,14 @@ impl<T: FloatElement> Pass<'_, T> {
         if let (true, Some(r)) = (shared, residual) {
             let shared_y = prefix("shared_y", &scratch.shared_y, s.token_rows())?;
             let mut sum = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
-            add_rows(device, &scratch.identity, &s, &shared_y, &DynSlice(r), &mut sum)?;
+            add_rows(
+                device,
+                &scratch.identity,
+                (s.tokens, s.d),
+                &shared_y,
+                &DynSlice(r),
+                &mut sum,
+            )?;
         }
         let shared_y = if shared {
             Some(prefix("shared_y", &scratch.shared_y, s.token_rows())?)
@@ -613,7 +645,7 @@ impl<T: FloatElement> Pass<'_, T> {
             y,
         )?;
         mark(&mut stages, "combine");
-        if self.losses(saved, &s)? {
+        if routing == Routing::Router && self.losses(saved, &s)? {
             mark(&mut stages, "router losses");
         }
         saved.tokens = tokens;
@@ -623,7 +655,7 @@ impl<T: FloatElement> Pass<'_, T> {
     /// The shared FFN on every token (two GEMMs over one group of T rows) into
     /// `scratch.shared_y`, keeping its GU and H; `false` without shared experts.
     fn shared_forward(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<bool> {
-        let Some((w1, w2)) = &self.experts.shared else {
+        let (Some((w1, w2)), true) = (&self.experts.shared, s.hs > 0) else {
             return Ok(false);
         };
         let device = self.device;
@@ -684,7 +716,8 @@ impl<T: FloatElement> Pass<'_, T> {
 
 /// What a backward writes besides dx.
 pub(crate) struct Gradients<'a> {
-    pub(crate) router: &'a mut RouterGrads,
+    /// `None`: the routing was given (no router to differentiate).
+    pub(crate) router: Option<&'a mut RouterGrads>,
     pub(crate) experts: &'a mut ExpertGrads,
     /// Weight gradients only for these experts (ESFT); `None`: all.
     pub(crate) mask: Option<&'a ExpertMask>,
@@ -812,6 +845,101 @@ impl<T: FloatElement> Pass<'_, T> {
 
         mark(&mut stages, "GEMM1 backward (dgrad, wgrad)");
         // Router: dz from the combine weights' gradient and the losses, then the gate.
+        let routed = grads.router.is_some();
+        if let Some(router_grads) = grads.router {
+            self.router_backward(saved, &s, x, router_grads)?;
+            mark(&mut stages, "router backward (top-k, losses, gate)");
+        }
+        let shared = self.shared_backward(saved, &s, x, dy, grads.experts, accumulate)?;
+        if shared {
+            mark(&mut stages, "shared experts backward");
+        }
+        // dx = Σ_j dXp[inverse] + dx_gate [+ dx_shared] [+ dy], in that order (fixed).
+        let scratch = &mut *self.scratch;
+        let dxp = prefix("dxp", &scratch.dxp, s.rows * s.d)?;
+        let dx_gate = if routed {
+            Some(prefix("dx_gate", &scratch.dx_gate, s.token_rows())?)
+        } else {
+            None
+        };
+        let mut extra: Vec<&dyn DeviceSlice<T>> = vec![];
+        let shared_dx = if shared {
+            Some(prefix("shared_dx", &scratch.shared_dx, s.token_rows())?)
+        } else {
+            None
+        };
+        if let Some(shared_dx) = &shared_dx {
+            extra.push(shared_dx);
+        }
+        if residual_grad {
+            extra.push(dy);
+        }
+        let Some((last, middle)) = extra.split_last() else {
+            combine(
+                device,
+                &dxp,
+                &inverse,
+                no_weights,
+                dx_gate.as_ref(),
+                s.tokens,
+                s.k,
+                s.d,
+                dx,
+            )?;
+            mark(&mut stages, "sum into dx");
+            return Ok(());
+        };
+        let mut sum_a = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
+        combine(
+            device,
+            &dxp,
+            &inverse,
+            no_weights,
+            dx_gate.as_ref(),
+            s.tokens,
+            s.k,
+            s.d,
+            &mut sum_a,
+        )?;
+        let mut partial = &mut scratch.sum_a;
+        let mut spare = &mut scratch.sum_b;
+        for term in middle {
+            let current = prefix("partial", partial, s.token_rows())?;
+            let mut next = prefix_mut("partial", spare, s.token_rows())?;
+            add_rows(
+                device,
+                &scratch.identity,
+                (s.tokens, s.d),
+                &DynSlice(*term),
+                &current,
+                &mut next,
+            )?;
+            std::mem::swap(&mut partial, &mut spare);
+        }
+        let current = prefix("partial", partial, s.token_rows())?;
+        add_rows(
+            device,
+            &scratch.identity,
+            (s.tokens, s.d),
+            &DynSlice(*last),
+            &current,
+            dx,
+        )?;
+        mark(&mut stages, "sum into dx");
+        Ok(())
+    }
+
+    /// dz from the combine weights' gradient (in `scratch.dw`) and the router losses, then the
+    /// gate's backward: `scratch.dx_gate` and the gate gradients.
+    fn router_backward(
+        &mut self,
+        saved: &Saved<T>,
+        s: &Sizes,
+        x: &impl DeviceSlice<T>,
+        router_grads: &mut RouterGrads,
+    ) -> Result<()> {
+        let (device, config) = (self.device, self.config);
+        let scratch = &mut *self.scratch;
         let router_config = config.router_config();
         let z = prefix("z", &saved.z, s.tokens * s.experts)?;
         let ids = prefix("ids", &saved.ids, s.slots)?;
@@ -831,7 +959,7 @@ impl<T: FloatElement> Pass<'_, T> {
         let mut workspace = prefix_mut("gate_workspace", &mut scratch.gate_workspace, workspace_len)?;
         let mut dx_gate = prefix_mut("dx_gate", &mut scratch.dx_gate, s.token_rows())?;
         let weights = self.router.weights();
-        let gate_grads = grads.router.as_gate_grads();
+        let gate_grads = router_grads.as_gate_grads();
         gate::scores_backward(
             device,
             &gate_shape,
@@ -843,65 +971,6 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut workspace,
         )?;
 
-        mark(&mut stages, "router backward (top-k, losses, gate)");
-        let shared = self.shared_backward(saved, &s, x, dy, grads.experts, accumulate)?;
-        if shared {
-            mark(&mut stages, "shared experts backward");
-        }
-        // dx = Σ_j dXp[inverse] + dx_gate [+ dx_shared] [+ dy], in that order (fixed).
-        let scratch = &mut *self.scratch;
-        let dxp = prefix("dxp", &scratch.dxp, s.rows * s.d)?;
-        let dx_gate = prefix("dx_gate", &scratch.dx_gate, s.token_rows())?;
-        let mut extra: Vec<&dyn DeviceSlice<T>> = vec![];
-        let shared_dx = if shared {
-            Some(prefix("shared_dx", &scratch.shared_dx, s.token_rows())?)
-        } else {
-            None
-        };
-        if let Some(shared_dx) = &shared_dx {
-            extra.push(shared_dx);
-        }
-        if residual_grad {
-            extra.push(dy);
-        }
-        let Some((last, middle)) = extra.split_last() else {
-            combine(
-                device,
-                &dxp,
-                &inverse,
-                no_weights,
-                Some(&dx_gate),
-                s.tokens,
-                s.k,
-                s.d,
-                dx,
-            )?;
-            mark(&mut stages, "sum into dx");
-            return Ok(());
-        };
-        let mut sum_a = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
-        combine(
-            device,
-            &dxp,
-            &inverse,
-            no_weights,
-            Some(&dx_gate),
-            s.tokens,
-            s.k,
-            s.d,
-            &mut sum_a,
-        )?;
-        let mut partial = &mut scratch.sum_a;
-        let mut spare = &mut scratch.sum_b;
-        for term in middle {
-            let current = prefix("partial", partial, s.token_rows())?;
-            let mut next = prefix_mut("partial", spare, s.token_rows())?;
-            add_rows(device, &scratch.identity, &s, &DynSlice(*term), &current, &mut next)?;
-            std::mem::swap(&mut partial, &mut spare);
-        }
-        let current = prefix("partial", partial, s.token_rows())?;
-        add_rows(device, &scratch.identity, &s, &DynSlice(*last), &current, dx)?;
-        mark(&mut stages, "sum into dx");
         Ok(())
     }
 
@@ -916,9 +985,12 @@ impl<T: FloatElement> Pass<'_, T> {
         grads: &mut ExpertGrads,
         accumulate: bool,
     ) -> Result<bool> {
-        let (Some((w1, w2)), Some(dw1), Some(dw2)) =
-            (&self.experts.shared, grads.shared_w1.as_mut(), grads.shared_w2.as_mut())
-        else {
+        let (Some((w1, w2)), Some(dw1), Some(dw2), true) = (
+            &self.experts.shared,
+            grads.shared_w1.as_mut(),
+            grads.shared_w2.as_mut(),
+            s.hs > 0,
+        ) else {
             return Ok(false);
         };
         let device = self.device;

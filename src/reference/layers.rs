@@ -6,8 +6,11 @@ use super::dispatch::{self, RoutingMap};
 use super::gate::{self, GateParams};
 use super::gemm::{self, HostGroups};
 use super::router;
+use super::{codebook, mix};
+use crate::layers::vq::{COMMITMENT_BETA, MIX_COEFFICIENT, VqWeights, discrete_config, mix_config};
 use crate::layers::{HostWeights, MoeConfig};
-use crate::ops::gate::GateForm;
+use crate::ops::codebook::CodebookShape;
+use crate::ops::gate::{GateForm, GateShape};
 use crate::ops::gemm::{ARows, DgradEpilogue, Epilogue, GemmShape};
 
 /// How a stored intermediate is rounded (to the layer's dtype, as an f32 value).
@@ -130,8 +133,6 @@ pub fn moe_forward(
     residual: Option<&[f32]>,
     store: Store,
 ) -> MoeForward {
-    let (k, d) = (config.k, config.dim);
-    let s = shapes(config, tokens);
     let z = f32s(&gate::scores(
         &config.gate_shape(tokens),
         &gate_params(config, weights),
@@ -140,8 +141,47 @@ pub fn moe_forward(
     let router_config = config.router_config();
     let bias = (!weights.router_bias.is_empty()).then_some(&weights.router_bias[..]);
     let selection = router::select(&router_config, &z, bias);
-    let combine_weights = f32s(&selection.weights);
-    let map = dispatch::routing_map(&selection.ids, tokens, k, &config.map_config());
+    let aux_loss = config
+        .aux_config()
+        .map_or(0.0, |aux| router::aux_loss(&router_config, &aux, &z, &selection.ids));
+    let z_loss = if config.z_loss > 0.0 {
+        router::z_loss(config.experts, config.z_loss, &z)
+    } else {
+        0.0
+    };
+    MoeForward {
+        z,
+        aux_loss,
+        z_loss,
+        ..routed_forward(
+            config,
+            weights,
+            x,
+            tokens,
+            selection.ids,
+            f32s(&selection.weights),
+            residual,
+            store,
+        )
+    }
+}
+
+/// The pass after routing, with the ids and combine weights given (`[T, k]`): dispatch, the
+/// experts, shared experts, combine. `z` is left empty and the losses 0 (no router).
+#[allow(clippy::too_many_arguments)]
+pub fn routed_forward(
+    config: &MoeConfig,
+    weights: &HostWeights,
+    x: &[f32],
+    tokens: usize,
+    ids: Vec<i32>,
+    combine_weights: Vec<f32>,
+    residual: Option<&[f32]>,
+    store: Store,
+) -> MoeForward {
+    let (k, d) = (config.k, config.dim);
+    let s = shapes(config, tokens);
+    let map = dispatch::routing_map(&ids, tokens, k, &config.map_config());
     let groups = HostGroups {
         offsets: &map.offsets,
         sorted_rows: Some(&map.sorted_rows),
@@ -203,18 +243,10 @@ pub fn moe_forward(
         k,
         d,
     );
-    let aux_loss = config
-        .aux_config()
-        .map_or(0.0, |aux| router::aux_loss(&router_config, &aux, &z, &selection.ids));
-    let z_loss = if config.z_loss > 0.0 {
-        router::z_loss(config.experts, config.z_loss, &z)
-    } else {
-        0.0
-    };
     MoeForward {
         y,
-        z,
-        ids: selection.ids,
+        z: vec![],
+        ids,
         weights: combine_weights,
         map,
         gu,
@@ -222,8 +254,8 @@ pub fn moe_forward(
         yp,
         shared_gu,
         shared_h,
-        aux_loss,
-        z_loss,
+        aux_loss: 0.0,
+        z_loss: 0.0,
     }
 }
 
@@ -276,17 +308,22 @@ pub fn moe_backward(
     let gathered = ARows::Gathered { top_k: k };
     let w1 = gemm::wgrad(&dgu, x, gathered, s.gemm1, &groups, selected, false, &zeros1);
 
-    let router_config = config.router_config();
-    let mut dz = router::select_backward(&router_config, &forward.z, &forward.ids, &dw);
-    if let Some(aux) = config.aux_config() {
-        router::aux_loss_backward(&router_config, &aux, &forward.z, &forward.ids, &mut dz);
-    }
-    if config.z_loss > 0.0 {
-        router::z_loss_backward(config.experts, config.z_loss, &forward.z, &mut dz);
-    }
-    let dz = f64s(&f32s(&dz));
-    let gate_grads = gate::scores_backward(&config.gate_shape(tokens), &gate_params(config, weights), &f64s(x), &dz);
-    let dx_gate = stored(&gate_grads.dx, store);
+    // The router's backward, unless the routing was given (no logits).
+    let (gate_grads, dx_gate) = if forward.z.is_empty() {
+        (vec![], None)
+    } else {
+        let router_config = config.router_config();
+        let mut dz = router::select_backward(&router_config, &forward.z, &forward.ids, &dw);
+        if let Some(aux) = config.aux_config() {
+            router::aux_loss_backward(&router_config, &aux, &forward.z, &forward.ids, &mut dz);
+        }
+        if config.z_loss > 0.0 {
+            router::z_loss_backward(config.experts, config.z_loss, &forward.z, &mut dz);
+        }
+        let dz = f64s(&f32s(&dz));
+        let grads = gate::scores_backward(&config.gate_shape(tokens), &gate_params(config, weights), &f64s(x), &dz);
+        (grads.params, Some(stored(&grads.dx, store)))
+    };
 
     let (mut shared_w1, mut shared_w2, mut shared_dx) = (vec![], vec![], None);
     if config.shared_experts > 0 {
@@ -335,14 +372,14 @@ pub fn moe_backward(
     if residual_grad {
         terms.push(dy);
     }
-    let mut dx = dispatch::combine(&dxp, &map.inverse, None, Some(&dx_gate), tokens, k, d);
+    let mut dx = dispatch::combine(&dxp, &map.inverse, None, dx_gate.as_deref(), tokens, k, d);
     for term in terms {
         let identity: Vec<i32> = (0..tokens as i32).collect();
         dx = dispatch::combine(term, &identity, None, Some(&stored(&dx, store)), tokens, 1, d);
     }
     MoeGradients {
         dx,
-        gate: gate_grads.params,
+        gate: gate_grads,
         w1,
         w2,
         shared_w1,
@@ -429,5 +466,147 @@ pub fn chain(
         iterations,
         grads: total.expect("at least one iteration"),
         routers,
+    }
+}
+
+/// A VQ-MoE forward (SPEC §6): both paths, the mix, the VQ losses.
+#[derive(Debug, Clone)]
+pub struct VqForward {
+    pub y: Vec<f64>,
+    pub continuous: MoeForward,
+    pub discrete: MoeForward,
+    /// Each token's nearest code.
+    pub codes: Vec<i32>,
+    pub x_mix: Vec<f32>,
+    pub logits: Vec<f32>,
+    pub y_cont: Vec<f32>,
+    pub y_disc: Vec<f32>,
+    /// `[codebook loss, commitment loss]`.
+    pub vq_losses: [f64; 2],
+}
+
+/// Gradients of a VQ-MoE layer for `<y, dy>` + router losses + VQ losses.
+#[derive(Debug, Clone)]
+pub struct VqGradients {
+    pub dx: Vec<f64>,
+    pub router: Vec<(&'static str, Vec<f64>)>,
+    pub mix: Vec<(&'static str, Vec<f64>)>,
+    pub w1: Vec<f64>,
+    pub w2: Vec<f64>,
+    pub shared_w1: Vec<f64>,
+    pub shared_w2: Vec<f64>,
+    pub codebook: Vec<f64>,
+}
+
+fn vq_shapes(config: &MoeConfig, tokens: usize) -> (CodebookShape, GateShape) {
+    let shape = CodebookShape {
+        tokens,
+        dim: config.dim,
+        codes: config.experts,
+    };
+    (shape, mix_config(config).gate_shape(tokens))
+}
+
+fn mix_params(weights: &VqWeights) -> GateParams {
+    GateParams::Linear {
+        w: f64s(&weights.mix_w),
+        b: Some(f64s(&weights.mix_b)),
+    }
+}
+
+/// `y = a0·MoE(x) + a1·FFN_{code(x) mod E}(x̃)`, `[a0, a1] = softmax(Wc x + bc)`.
+pub fn vq_forward(config: &MoeConfig, weights: &VqWeights, x: &[f32], tokens: usize, store: Store) -> VqForward {
+    let (shape, mix_shape) = vq_shapes(config, tokens);
+    let (x64, codes64) = (f64s(x), f64s(&weights.codebook));
+    let nearest = codebook::nearest(&shape, &x64, &codes64, 1, config.experts);
+    let (_, mixed) = codebook::quantize(&shape, &x64, &codes64, &nearest.ids, MIX_COEFFICIENT as f64);
+    let x_mix = stored(&mixed, store);
+    let continuous = moe_forward(config, &weights.moe, x, tokens, None, store);
+    let discrete_config = discrete_config(config);
+    let ones = vec![1.0; tokens];
+    let discrete = routed_forward(
+        &discrete_config,
+        &weights.moe,
+        &x_mix,
+        tokens,
+        nearest.experts,
+        ones,
+        None,
+        store,
+    );
+    let logits = f32s(&gate::scores(&mix_shape, &mix_params(weights), &x64));
+    let (y_cont, y_disc) = (stored(&continuous.y, store), stored(&discrete.y, store));
+    VqForward {
+        y: mix::forward(&logits, &f64s(&y_cont), &f64s(&y_disc), config.dim),
+        vq_losses: codebook::losses(&shape, &x64, &codes64, &nearest.ids, COMMITMENT_BETA as f64),
+        continuous,
+        discrete,
+        codes: nearest.ids,
+        x_mix,
+        logits,
+        y_cont,
+        y_disc,
+    }
+}
+
+/// Backward of [`vq_forward`].
+pub fn vq_backward(
+    config: &MoeConfig,
+    weights: &VqWeights,
+    x: &[f32],
+    forward: &VqForward,
+    dy: &[f32],
+    store: Store,
+) -> VqGradients {
+    let (d, tokens) = (config.dim, x.len() / config.dim);
+    let (shape, mix_shape) = vq_shapes(config, tokens);
+    let (dy_cont, dy_disc, dlogits) = mix::backward(
+        &forward.logits,
+        &f64s(&forward.y_cont),
+        &f64s(&forward.y_disc),
+        &f64s(dy),
+        d,
+    );
+    let continuous = moe_backward(
+        config,
+        &weights.moe,
+        x,
+        &forward.continuous,
+        &stored(&dy_cont, store),
+        false,
+        None,
+        store,
+    );
+    let discrete_config = discrete_config(config);
+    let dy_disc = stored(&dy_disc, store);
+    let discrete = moe_backward(
+        &discrete_config,
+        &weights.moe,
+        &forward.x_mix,
+        &forward.discrete,
+        &dy_disc,
+        false,
+        None,
+        store,
+    );
+    let dx_mixed = f64s(&stored(&discrete.dx, store));
+    let (x64, codes64) = (f64s(x), f64s(&weights.codebook));
+    let beta = COMMITMENT_BETA as f64;
+    let (dx_vq, dcodes) = codebook::losses_backward(&shape, &x64, &codes64, &forward.codes, beta, Some(&dx_mixed));
+    let dlogits = f64s(&f32s(&dlogits));
+    let mix_grads = gate::scores_backward(&mix_shape, &mix_params(weights), &x64, &dlogits);
+    let sum = add(&stored(&dx_vq, store), &stored(&continuous.dx, store), tokens, d, store);
+    let identity: Vec<i32> = (0..tokens as i32).collect();
+    let dx = dispatch::combine(&stored(&mix_grads.dx, store), &identity, None, Some(&sum), tokens, 1, d);
+    let sum2 = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<f64>>();
+    VqGradients {
+        dx,
+        router: continuous.gate,
+        mix: mix_grads.params,
+        w1: sum2(&continuous.w1, &discrete.w1),
+        w2: sum2(&continuous.w2, &discrete.w2),
+        shared_w1: continuous.shared_w1,
+        shared_w2: continuous.shared_w2,
+        codebook: dcodes,
     }
 }

@@ -1,0 +1,488 @@
+//! [`VqMoe`] (SPEC §6, last bullet): a continuous path (an ordinary routed MoE) and a discrete
+//! path (each token's nearest code picks its expert, applied to the straight-through mix x̃),
+//! mixed per token by a 2-way softmax gate, `y = a0·y_cont + a1·y_disc`, plus the VQ losses.
+use super::pass::{ExpertGrads, Experts, Gradients, Pass, Router, RouterGrads, Routing, Saved, Scratch, add_rows};
+use super::workspace::{prefix, prefix_mut};
+use super::{HostWeights, MoeConfig, RouterKind};
+use crate::ops::codebook::{self, CodeOrder, CodebookShape, LossConfig, NearestConfig, NearestOutputs};
+use crate::ops::gate;
+use crate::ops::{FloatElement, check_range, mix};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// β of the commitment loss (VQ-VAE).
+pub const COMMITMENT_BETA: f32 = 0.25;
+/// c of the straight-through mix `x̃ = x + c·sg(q − x)`: 1 is the classic estimator (x̃ = q in
+/// value, gradient 1 to x).
+pub const MIX_COEFFICIENT: f32 = 1.0;
+
+/// The weights of a VQ-MoE layer beyond the routed MoE's: the codebook (`[E, d]`, one code per
+/// expert), and the mixing gate (`w [2, d]`, `b [2]` f32: logits of the continuous and discrete paths).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VqWeights {
+    pub moe: HostWeights,
+    pub codebook: Vec<f32>,
+    pub mix_w: Vec<f32>,
+    pub mix_b: Vec<f32>,
+}
+
+impl VqWeights {
+    /// Random weights from `seed` (codes uniform in [-1, 1), the mix gate scaled by 1/√d).
+    pub fn random(config: &MoeConfig, seed: u64) -> Self {
+        let mix = HostWeights::random(&mix_config(config), seed ^ 0x6d69);
+        let codes = HostWeights::random(&MoeConfig { hidden: 1, ..*config }, seed ^ 0x7671);
+        Self {
+            moe: HostWeights::random(config, seed),
+            // W2 of a hidden-1 expert set is [E, d, 1] uniform in [-1, 1): the codebook's shape.
+            codebook: codes.w2,
+            mix_w: mix.gate_tensor("w").to_vec(),
+            mix_b: mix.gate_tensor("b").to_vec(),
+        }
+    }
+
+    /// The values a `T` layer holds (see [`HostWeights::rounded`]); the mix bias stays f32.
+    pub fn rounded<T: FloatElement>(&self, config: &MoeConfig) -> Self {
+        let round = |v: &[f32]| v.iter().map(|&x| T::from_f32(x).to_f32()).collect();
+        Self {
+            moe: self.moe.rounded::<T>(config),
+            codebook: round(&self.codebook),
+            mix_w: round(&self.mix_w),
+            mix_b: self.mix_b.clone(),
+        }
+    }
+}
+
+/// The mixing gate as a linear router over 2 "experts" (the two paths).
+pub fn mix_config(config: &MoeConfig) -> MoeConfig {
+    MoeConfig {
+        router: RouterKind::Linear,
+        experts: 2,
+        k: 1,
+        shared_experts: 0,
+        capacity_factor: None,
+        aux_alpha: 0.0,
+        z_loss: 0.0,
+        ..*config
+    }
+}
+
+/// The discrete path: k = 1 (the code's expert, weight 1), no shared experts, no router losses.
+pub fn discrete_config(config: &MoeConfig) -> MoeConfig {
+    MoeConfig {
+        router: RouterKind::Linear,
+        k: 1,
+        shared_experts: 0,
+        capacity_factor: None,
+        aux_alpha: 0.0,
+        z_loss: 0.0,
+        ..*config
+    }
+}
+
+/// Per-token `[max_tokens, d]` buffers of the two paths and the mix.
+struct Rows<T: FloatElement> {
+    x_mix: DeviceBuffer<T>,
+    y_cont: DeviceBuffer<T>,
+    y_disc: DeviceBuffer<T>,
+    dy_cont: DeviceBuffer<T>,
+    dy_disc: DeviceBuffer<T>,
+    dx_cont: DeviceBuffer<T>,
+    dx_mixed: DeviceBuffer<T>,
+    dx_vq: DeviceBuffer<T>,
+    dx_gate: DeviceBuffer<T>,
+    sum: DeviceBuffer<T>,
+}
+
+/// A VQ-MoE layer: the continuous path is [`MoeLayer`](super::MoeLayer)'s routed pass (its
+/// router, shared experts, losses); the discrete path sends token t to expert `j*_t mod E` (its
+/// nearest code, Nc = E) with weight 1, applied to `x̃ = x + c·sg(q − x)`; both paths use the
+/// same expert weights, whose gradients sum both paths. Losses: the router's (aux, z) and the
+/// VQ codebook and commitment losses (`[2]`), all with upstream gradient 1 in backward.
+///
+/// Forward launches: code norms 1, nearest code 1, quantize 1, the routed pass (6 +
+/// losses), the discrete pass (map, 2 GEMMs, combine: 4), mix logits 1, mix 1, VQ losses 2.
+/// No host sync in either direction.
+pub struct VqMoe<T: FloatElement> {
+    device: Device,
+    config: MoeConfig,
+    discrete: MoeConfig,
+    mix: MoeConfig,
+    router: Router<T>,
+    mix_gate: Router<T>,
+    experts: Experts<T>,
+    codebook: DeviceBuffer<T>,
+    norms: DeviceBuffer<f32>,
+    codes: DeviceBuffer<i32>,
+    saved: Saved<T>,
+    saved_discrete: Saved<T>,
+    scratch: Scratch<T>,
+    scratch_discrete: Scratch<T>,
+    rows: Rows<T>,
+    logits: DeviceBuffer<f32>,
+    dlogits: DeviceBuffer<f32>,
+    loss_workspace: DeviceBuffer<f32>,
+    /// Empty: the nearest-code search runs unsplit (one launch, no workspace).
+    nearest_workspace: DeviceBuffer<u32>,
+    vq_losses: DeviceBuffer<f32>,
+    /// Tokens sorted by code for dC (sized per T: rebuilt when T changes).
+    order: Option<CodeOrder>,
+    router_grads: RouterGrads,
+    mix_grads: RouterGrads,
+    expert_grads: ExpertGrads,
+    codebook_grad: DeviceBuffer<f32>,
+}
+
+impl<T: FloatElement> VqMoe<T> {
+    pub fn new(device: &Device, config: MoeConfig, weights: &VqWeights) -> Result<Self> {
+        config.validate_for::<T>()?;
+        let (e, d, max) = (config.experts, config.dim, config.max_tokens);
+        let check = |argument: &'static str, values: &[f32], len: usize| {
+            if values.len() == len {
+                return Ok(());
+            }
+            Err(Error::Shape {
+                argument,
+                expected: format!("{len} elements"),
+                got: format!("{} elements", values.len()),
+            })
+        };
+        check("weights.codebook", &weights.codebook, e * d)?;
+        check("weights.mix_w", &weights.mix_w, 2 * d)?;
+        check("weights.mix_b", &weights.mix_b, 2)?;
+        let (discrete, mix) = (discrete_config(&config), mix_config(&config));
+        let mix_host = HostWeights {
+            gate: vec![("w", weights.mix_w.clone()), ("b", weights.mix_b.clone())],
+            ..HostWeights::random(&mix, 0)
+        };
+        let rows = |device: &Device| device.alloc_zeros::<T>(max * d);
+        let codebook: Vec<T> = weights.codebook.iter().map(|&v| T::from_f32(v)).collect();
+        let shape = CodebookShape {
+            tokens: max,
+            dim: d,
+            codes: e,
+        };
+        // A weight of 1 for every token of the discrete path (uploaded once).
+        let mut saved_discrete = Saved::alloc(device, &discrete)?;
+        saved_discrete.weights = device.upload(&vec![1.0f32; max])?;
+        Ok(Self {
+            device: device.clone(),
+            config,
+            discrete,
+            mix,
+            router: Router::upload(device, &config, &weights.moe)?,
+            mix_gate: Router::upload(device, &mix, &mix_host)?,
+            experts: Experts::upload(device, &config, &weights.moe)?,
+            codebook: device.upload(&codebook)?,
+            norms: device.alloc_zeros(e)?,
+            codes: device.alloc_zeros(max)?,
+            saved: Saved::alloc(device, &config)?,
+            saved_discrete,
+            scratch: Scratch::alloc(device, &config)?,
+            scratch_discrete: Scratch::alloc(device, &discrete)?,
+            rows: Rows {
+                x_mix: rows(device)?,
+                y_cont: rows(device)?,
+                y_disc: rows(device)?,
+                dy_cont: rows(device)?,
+                dy_disc: rows(device)?,
+                dx_cont: rows(device)?,
+                dx_mixed: rows(device)?,
+                dx_vq: rows(device)?,
+                dx_gate: rows(device)?,
+                sum: rows(device)?,
+            },
+            logits: device.alloc_zeros(2 * max)?,
+            dlogits: device.alloc_zeros(2 * max)?,
+            loss_workspace: device.alloc_zeros(codebook::losses_workspace_len::<T>(&shape))?,
+            nearest_workspace: device.alloc_zeros(0)?,
+            vq_losses: device.alloc_zeros(2)?,
+            order: None,
+            router_grads: RouterGrads::alloc(device, &config)?,
+            mix_grads: RouterGrads::alloc(device, &mix)?,
+            expert_grads: ExpertGrads::alloc(device, &config)?,
+            codebook_grad: device.alloc_zeros(e * d)?,
+        })
+    }
+
+    pub fn random(device: &Device, config: MoeConfig, seed: u64) -> Result<Self> {
+        Self::new(device, config, &VqWeights::random(&config, seed))
+    }
+
+    fn shape(&self, tokens: usize) -> CodebookShape {
+        CodebookShape {
+            tokens,
+            dim: self.config.dim,
+            codes: self.config.experts,
+        }
+    }
+
+    /// `y = a0·MoE(x) + a1·FFN_{code(x) mod E}(x̃)` for `tokens` rows. No host sync.
+    pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        check_range("tokens", tokens, 1..=self.config.max_tokens)?;
+        let device = &self.device;
+        let (e, len) = (self.config.experts, tokens * self.config.dim);
+        let shape = self.shape(tokens);
+        crate::ops::check_len("x", x, len, || format!("[T, d] = [{tokens}, {}]", self.config.dim))?;
+        codebook::code_norms(device, &shape, &self.codebook, &mut self.norms)?;
+        let nearest = NearestConfig {
+            k: 1,
+            num_experts: e,
+            splits: Some(1),
+        };
+        let mut codes = prefix_mut("codes", &mut self.codes, tokens)?;
+        let mut experts = prefix_mut("ids", &mut self.saved_discrete.ids, tokens)?;
+        let out = NearestOutputs {
+            ids: &mut codes,
+            distances: None,
+            experts: Some(&mut experts),
+        };
+        let (codebook, norms) = (&self.codebook, &self.norms);
+        codebook::nearest(
+            device,
+            &shape,
+            &nearest,
+            x,
+            codebook,
+            norms,
+            out,
+            &mut self.nearest_workspace,
+        )?;
+        let codes = prefix("codes", &self.codes, tokens)?;
+        let mut x_mix = prefix_mut("x_mix", &mut self.rows.x_mix, len)?;
+        codebook::quantize(
+            device,
+            &shape,
+            x,
+            &self.codebook,
+            &codes,
+            MIX_COEFFICIENT,
+            None,
+            Some(&mut x_mix),
+        )?;
+
+        let mut y_cont = prefix_mut("y_cont", &mut self.rows.y_cont, len)?;
+        let mut continuous = Pass {
+            device,
+            config: &self.config,
+            router: &self.router,
+            experts: &self.experts,
+            scratch: &mut self.scratch,
+            stages: None,
+        };
+        continuous.forward(&mut self.saved, x, tokens, None, &mut y_cont)?;
+        let x_mix = prefix("x_mix", &self.rows.x_mix, len)?;
+        let mut y_disc = prefix_mut("y_disc", &mut self.rows.y_disc, len)?;
+        let mut discrete = Pass {
+            device,
+            config: &self.discrete,
+            router: &self.router,
+            experts: &self.experts,
+            scratch: &mut self.scratch_discrete,
+            stages: None,
+        };
+        discrete.forward_routed(
+            &mut self.saved_discrete,
+            &x_mix,
+            tokens,
+            Routing::Given,
+            None,
+            &mut y_disc,
+        )?;
+
+        let mut logits = prefix_mut("logits", &mut self.logits, 2 * tokens)?;
+        gate::scores(
+            device,
+            &self.mix.gate_shape(tokens),
+            &self.mix_gate.weights(),
+            x,
+            &mut logits,
+        )?;
+        let logits = prefix("logits", &self.logits, 2 * tokens)?;
+        let y_cont = prefix("y_cont", &self.rows.y_cont, len)?;
+        let y_disc = prefix("y_disc", &self.rows.y_disc, len)?;
+        mix::forward(device, &logits, &y_cont, &y_disc, self.config.dim, y)?;
+        let workspace_len = codebook::losses_workspace_len::<T>(&shape);
+        let mut workspace = prefix_mut("loss_workspace", &mut self.loss_workspace, workspace_len)?;
+        let config = LossConfig { beta: COMMITMENT_BETA };
+        codebook::losses(
+            device,
+            &shape,
+            &config,
+            x,
+            &self.codebook,
+            &codes,
+            &mut self.vq_losses,
+            &mut workspace,
+        )
+    }
+
+    /// Backward of the last forward (same `x`) for the total loss `<y, dy>` + router losses + VQ
+    /// losses: dx (`[T, d]`), the router's and the mixing gate's gradients, the expert gradients
+    /// (both paths summed) and the codebook's (codebook loss; the straight-through path gives the
+    /// codes no gradient). No host sync.
+    pub fn backward(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
+        let tokens = self.saved.tokens;
+        if tokens == 0 {
+            return Err(Error::InvalidArgument {
+                argument: "backward",
+                value: "no forward".into(),
+                expected: "a forward before each backward".into(),
+            });
+        }
+        let device = &self.device;
+        let (d, len) = (self.config.dim, tokens * self.config.dim);
+        let layout = || format!("[T, d] = [{tokens}, {d}] (T of the last forward)");
+        crate::ops::check_len("x", x, len, layout)?;
+        crate::ops::check_len("dy", dy, len, layout)?;
+        crate::ops::check_len("dx", dx, len, layout)?;
+        let shape = self.shape(tokens);
+        let rows = &mut self.rows;
+        let logits = prefix("logits", &self.logits, 2 * tokens)?;
+        let (y_cont, y_disc) = (
+            prefix("y_cont", &rows.y_cont, len)?,
+            prefix("y_disc", &rows.y_disc, len)?,
+        );
+        let mut dy_cont = prefix_mut("dy_cont", &mut rows.dy_cont, len)?;
+        let mut dy_disc = prefix_mut("dy_disc", &mut rows.dy_disc, len)?;
+        let mut dlogits = prefix_mut("dlogits", &mut self.dlogits, 2 * tokens)?;
+        mix::backward(
+            device,
+            &logits,
+            &y_cont,
+            &y_disc,
+            dy,
+            d,
+            &mut dy_cont,
+            &mut dy_disc,
+            &mut dlogits,
+        )?;
+
+        let dy_cont = prefix("dy_cont", &rows.dy_cont, len)?;
+        let mut dx_cont = prefix_mut("dx_cont", &mut rows.dx_cont, len)?;
+        let mut continuous = Pass {
+            device,
+            config: &self.config,
+            router: &self.router,
+            experts: &self.experts,
+            scratch: &mut self.scratch,
+            stages: None,
+        };
+        let grads = Gradients {
+            router: Some(&mut self.router_grads),
+            experts: &mut self.expert_grads,
+            mask: None,
+            accumulate: false,
+        };
+        continuous.backward(&self.saved, x, &dy_cont, false, &mut dx_cont, grads)?;
+        let (x_mix, dy_disc) = (
+            prefix("x_mix", &rows.x_mix, len)?,
+            prefix("dy_disc", &rows.dy_disc, len)?,
+        );
+        let mut dx_mixed = prefix_mut("dx_mixed", &mut rows.dx_mixed, len)?;
+        let mut discrete = Pass {
+            device,
+            config: &self.discrete,
+            router: &self.router,
+            experts: &self.experts,
+            scratch: &mut self.scratch_discrete,
+            stages: None,
+        };
+        let grads = Gradients {
+            router: None,
+            experts: &mut self.expert_grads,
+            mask: None,
+            accumulate: true,
+        };
+        discrete.backward(&self.saved_discrete, &x_mix, &dy_disc, false, &mut dx_mixed, grads)?;
+
+        // The VQ losses' gradients, with the straight-through gradient of x̃ passed to x.
+        if self.order.as_ref().is_none_or(|o| o.dims().0 != tokens) {
+            self.order = Some(CodeOrder::alloc(device, tokens, self.config.experts)?);
+        }
+        let order = self.order.as_mut().expect("allocated above");
+        let codes = prefix("codes", &self.codes, tokens)?;
+        codebook::code_order(device, &codes, order)?;
+        let dx_mixed = prefix("dx_mixed", &rows.dx_mixed, len)?;
+        let mut dx_vq = prefix_mut("dx_vq", &mut rows.dx_vq, len)?;
+        let config = LossConfig { beta: COMMITMENT_BETA };
+        let dmix: &dyn DeviceSlice<T> = &dx_mixed;
+        let (codebook, codebook_grad) = (&self.codebook, &mut self.codebook_grad);
+        codebook::losses_backward(
+            device,
+            &shape,
+            &config,
+            x,
+            codebook,
+            &codes,
+            order,
+            Some(dmix),
+            &mut dx_vq,
+            codebook_grad,
+        )?;
+
+        // The mixing gate's backward, then dx = dx_gate + (dx_vq + dx_cont).
+        let dlogits = prefix("dlogits", &self.dlogits, 2 * tokens)?;
+        let mut dx_gate = prefix_mut("dx_gate", &mut rows.dx_gate, len)?;
+        let mut no_workspace = prefix_mut("workspace", &mut self.loss_workspace, 0)?;
+        let mix_shape = self.mix.gate_shape(tokens);
+        let mix_grads = self.mix_grads.as_gate_grads();
+        gate::scores_backward(
+            device,
+            &mix_shape,
+            &self.mix_gate.weights(),
+            x,
+            &dlogits,
+            &mut dx_gate,
+            mix_grads,
+            &mut no_workspace,
+        )?;
+        let identity = &self.scratch.identity;
+        let (dx_vq, dx_cont) = (
+            prefix("dx_vq", &rows.dx_vq, len)?,
+            prefix("dx_cont", &rows.dx_cont, len)?,
+        );
+        let mut sum = prefix_mut("sum", &mut rows.sum, len)?;
+        add_rows(device, identity, (tokens, d), &dx_vq, &dx_cont, &mut sum)?;
+        let (dx_gate, sum) = (prefix("dx_gate", &rows.dx_gate, len)?, prefix("sum", &rows.sum, len)?);
+        add_rows(device, identity, (tokens, d), &dx_gate, &sum, dx)
+    }
+
+    /// The continuous router's gradients.
+    pub fn router_grads(&self) -> &RouterGrads {
+        &self.router_grads
+    }
+
+    /// The mixing gate's gradients (`w [2, d]`, `b [2]`).
+    pub fn mix_grads(&self) -> &RouterGrads {
+        &self.mix_grads
+    }
+
+    /// Expert weight gradients (both paths).
+    pub fn expert_grads(&self) -> &ExpertGrads {
+        &self.expert_grads
+    }
+
+    /// The codebook's gradient (`[E, d]`, f32).
+    pub fn codebook_grad(&self) -> &DeviceBuffer<f32> {
+        &self.codebook_grad
+    }
+
+    /// `[codebook loss, commitment loss]` of the last forward, on the device.
+    pub fn vq_losses(&self) -> &DeviceBuffer<f32> {
+        &self.vq_losses
+    }
+
+    /// The continuous router's `[aux]`, `[z]` loss buffers.
+    pub fn router_losses(&self) -> (&DeviceBuffer<f32>, &DeviceBuffer<f32>) {
+        (&self.saved.aux_loss, &self.saved.z_loss)
+    }
+
+    /// Each token's nearest code (`[T]`, i32) from the last forward.
+    pub fn codes(&self) -> Result<impl DeviceSlice<i32> + '_> {
+        prefix("codes", &self.codes, self.saved.tokens)
+    }
+}
