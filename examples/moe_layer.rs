@@ -21,7 +21,9 @@ moe_layer: one MoE layer (d=256, h=512, E=16, k=2, SwiGLU experts) forward and b
 checked against the CPU reference.
 
   --router R    linear | quadratic (low-rank gate, r=4; the default) | sigmoid (DeepSeek-V3
-                style: sigmoid scores, selection bias, 4 groups, top 2 groups, scale 2.5)
+                style: sigmoid scores, selection bias, 4 groups, top 2 groups, scale 2.5) |
+                codebook (VQ routing: the nearest of E codes picks the expert, k=1, weight 1;
+                no router losses)
   --chain C     Chain-of-Experts: C iterations, one router each, shared expert weights (default 1:
                 a plain MoE layer)
   --esft P      ESFT: score the experts on this batch (gate scores), train only the shortest prefix
@@ -81,7 +83,12 @@ fn parse() -> Result<Option<Options>, String> {
                         topk_groups: 2,
                         scale: 2.5,
                     },
-                    other => return Err(format!("--router {other}: expected linear, quadratic or sigmoid")),
+                    "codebook" => RouterKind::Codebook,
+                    other => {
+                        return Err(format!(
+                            "--router {other}: expected linear, quadratic, sigmoid or codebook"
+                        ));
+                    }
                 }
             }
             "--chain" => options.chain = number(&value)? as usize,
@@ -194,14 +201,16 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         DeviceKind::Emulator => "CPU wall time on the emulator",
     };
     println!("device: {}", device.description());
+    // Codebook routing has one expert per token and no logits (no router losses).
+    let codebook = options.router == RouterKind::Codebook;
     let config = MoeConfig {
         router: options.router,
         experts: 16,
-        k: 2,
+        k: if codebook { 1 } else { 2 },
         dim: 256,
         hidden: 512,
-        aux_alpha: 0.01,
-        z_loss: 1e-3,
+        aux_alpha: if codebook { 0.0 } else { 0.01 },
+        z_loss: if codebook { 0.0 } else { 1e-3 },
         max_tokens: options.tokens.max(1),
         ..MoeConfig::default()
     };

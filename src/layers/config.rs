@@ -21,6 +21,11 @@ pub enum RouterKind {
         topk_groups: usize,
         scale: f32,
     },
+    /// VQ routing (SPEC §6): each token goes to the expert of its nearest code (a codebook of E
+    /// codes, `[E, d]`, one per expert) with weight 1; k = 1, no logits (so no aux or z-loss) and
+    /// no router gradient (train the codes with `ops::codebook`'s losses or EMA, or use
+    /// [`VqMoe`](super::VqMoe)).
+    Codebook,
 }
 
 /// A routed MoE layer: sizes, router, shared experts, capacity and loss coefficients.
@@ -91,6 +96,16 @@ impl MoeConfig {
             }
             if rank == 0 && form != GateForm::Full {
                 return Err(invalid("router.rank", rank, "a rank of at least 1"));
+            }
+        }
+        if self.router == RouterKind::Codebook {
+            if self.k != 1 {
+                return Err(invalid("k", self.k, "1 for the codebook router"));
+            }
+            for (argument, value) in [("aux_alpha", self.aux_alpha), ("z_loss", self.z_loss)] {
+                if value != 0.0 {
+                    return Err(invalid(argument, value, "0 for the codebook router (it has no logits)"));
+                }
             }
         }
         self.router_config().validate()?;

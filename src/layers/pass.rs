@@ -4,7 +4,8 @@
 //!
 //! Forward launches (linear or quadratic router, no shared experts, no capacity, T·k <= 4096):
 //! scores 1, select 1, routing map 1, GEMM1 + SwiGLU (gathered rows) 1, GEMM2 1, combine
-//! (weights and residual) 1 = **6**. Shared experts add 2 GEMMs (+1 combine when a residual is
+//! (weights and residual) 1 = **6**; the codebook router's code norms and nearest code take the
+//! place of scores and select (also 6). Shared experts add 2 GEMMs (+1 combine when a residual is
 //! added too); the aux loss adds 4, the z-loss 2; capacity or T·k > 4096 add the tiled map's
 //! launches (`ops::dispatch::routing_map`).
 //!
@@ -13,9 +14,10 @@
 //! gate backward 3 for the linear gate (dX, dW, Σ dz) or `ops::gate::scores_backward`'s count
 //! for a quadratic one (6 for low-rank), the sum into dx 1: **10** for the linear router. Shared
 //! experts add 4 GEMMs and 1 sum, a residual gradient (Chain-of-Experts) 1 sum.
-use super::MoeConfig;
 use super::weights::{HostWeights, gate_tensor_is_f32, gate_tensor_lens};
 use super::workspace::{DynSlice, prefix, prefix_mut};
+use super::{MoeConfig, RouterKind};
+use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
 use crate::ops::dispatch::{RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
 use crate::ops::gate::{self, GateForm, GateGrads, GateWeights};
 use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups};
@@ -75,6 +77,11 @@ impl<T: FloatElement> Router<T> {
         })
     }
 
+    /// The codes of a codebook router (`[E, d]`).
+    pub(crate) fn codebook(&self) -> Option<&DeviceBuffer<T>> {
+        self.stored.iter().find(|(n, _)| *n == "codes").map(|(_, b)| b)
+    }
+
     /// The gate tensors as `ops::gate` takes them.
     pub(crate) fn weights(&self) -> GateWeights<'_, T> {
         let t = |name: &str| -> Option<&dyn DeviceSlice<T>> {
@@ -128,8 +135,10 @@ pub struct RouterGrads {
 
 impl RouterGrads {
     pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+        // A codebook router has no gradient (its codes pick experts discretely, with weight 1).
         let tensors = gate_tensor_lens(config)
             .into_iter()
+            .filter(|_| config.router != RouterKind::Codebook)
             .map(|(name, len)| Ok((name, device.alloc_zeros(len)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -138,7 +147,7 @@ impl RouterGrads {
         })
     }
 
-    /// Every gradient, by tensor name.
+    /// Every gradient, by tensor name (none for a codebook router).
     pub fn tensors(&self) -> &[(&'static str, DeviceBuffer<f32>)] {
         &self.tensors
     }
@@ -331,7 +340,11 @@ impl<T: FloatElement> Saved<T> {
             tokens: 0,
             z: device.alloc_zeros(s.tokens * s.experts)?,
             ids: device.alloc_zeros(s.slots)?,
-            weights: device.alloc_zeros(s.slots)?,
+            weights: if config.router == RouterKind::Codebook {
+                device.upload(&vec![1.0f32; s.slots])?
+            } else {
+                device.alloc_zeros(s.slots)?
+            },
             counts: device.alloc_zeros(s.experts)?,
             offsets: device.alloc_zeros(s.experts + 1)?,
             sorted_rows: device.alloc_zeros(s.rows)?,
@@ -391,6 +404,10 @@ pub(crate) struct Scratch<T: FloatElement> {
     map_workspace: DeviceBuffer<i32>,
     /// Non-finite router rows, summed over every call since construction.
     pub(crate) nonfinite_rows: DeviceBuffer<u32>,
+    /// ‖c_j‖² of a codebook router (`[E]`; empty for the others).
+    code_norms: DeviceBuffer<f32>,
+    /// Empty: the nearest-code search runs unsplit (one launch, no workspace).
+    nearest_workspace: DeviceBuffer<u32>,
     /// `[0, max_tokens]`: the shared FFN's one group (the GEMMs clamp it to the call's T rows).
     shared_offsets: DeviceBuffer<i32>,
     /// `0..max_tokens`: the inverse of a one-to-one combine, which adds two `[T, d]` tensors.
@@ -419,6 +436,12 @@ impl<T: FloatElement> Scratch<T> {
         Ok(Self {
             map_workspace: device.alloc_zeros(map.workspace_len(s.tokens, s.k))?,
             nonfinite_rows: device.alloc_zeros(1)?,
+            code_norms: device.alloc_zeros(if config.router == RouterKind::Codebook {
+                s.experts
+            } else {
+                0
+            })?,
+            nearest_workspace: device.alloc_zeros(0)?,
             shared_offsets: device.upload(&[0, s.tokens as i32])?,
             identity: device.upload(&identity)?,
             shared_y: zeros_t(shared_rows)?,
@@ -529,7 +552,10 @@ impl<T: FloatElement> Pass<'_, T> {
         let gate_shape = config.gate_shape(tokens);
         let router_config = config.router_config();
         let map_config = config.map_config();
-        if routing == Routing::Router {
+        if routing == Routing::Router && config.router == RouterKind::Codebook {
+            self.route_by_code(saved, &s, x)?;
+            mark(&mut stages, "route: nearest code");
+        } else if routing == Routing::Router {
             let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
             gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
             let z = prefix("z", &saved.z, s.tokens * s.experts)?;
@@ -650,6 +676,32 @@ impl<T: FloatElement> Pass<'_, T> {
         }
         saved.tokens = tokens;
         Ok(())
+    }
+
+    /// Codebook routing (SPEC §6): each token's nearest code (Nc = E, so the code is the expert)
+    /// into `saved.ids`, weight 1 (`saved.weights` holds ones from construction). 2 launches.
+    fn route_by_code(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<()> {
+        let codes = self.router.codebook().expect("a codebook router holds its codes");
+        let shape = CodebookShape {
+            tokens: s.tokens,
+            dim: s.d,
+            codes: s.experts,
+        };
+        let scratch = &mut *self.scratch;
+        codebook::code_norms(self.device, &shape, codes, &mut scratch.code_norms)?;
+        let nearest = NearestConfig {
+            k: 1,
+            num_experts: s.experts,
+            splits: Some(1),
+        };
+        let mut ids = prefix_mut("ids", &mut saved.ids, s.slots)?;
+        let out = NearestOutputs {
+            ids: &mut ids,
+            distances: None,
+            experts: None,
+        };
+        let (norms, workspace) = (&scratch.code_norms, &mut scratch.nearest_workspace);
+        codebook::nearest(self.device, &shape, &nearest, x, codes, norms, out, workspace)
     }
 
     /// The shared FFN on every token (two GEMMs over one group of T rows) into
@@ -845,8 +897,9 @@ impl<T: FloatElement> Pass<'_, T> {
 
         mark(&mut stages, "GEMM1 backward (dgrad, wgrad)");
         // Router: dz from the combine weights' gradient and the losses, then the gate.
-        let routed = grads.router.is_some();
-        if let Some(router_grads) = grads.router {
+        // A code-routed pass has no router gradient: its weights are 1 and the code is discrete.
+        let routed = grads.router.is_some() && config.router != RouterKind::Codebook;
+        if let (Some(router_grads), true) = (grads.router, routed) {
             self.router_backward(saved, &s, x, router_grads)?;
             mark(&mut stages, "router backward (top-k, losses, gate)");
         }

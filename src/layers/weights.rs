@@ -1,12 +1,12 @@
 //! Host copies of a layer's weights: what constructors upload and what references read.
-use super::MoeConfig;
+use super::{MoeConfig, RouterKind};
 use crate::ops::FloatElement;
 use crate::ops::gate::GateForm;
 
 /// Every weight of a routed MoE layer as host f32 values (layouts of SPEC and `ops::gate`):
 /// gate tensors by name (`w`, `b` for the linear gate; `u`, `v`, `b`, `c`, ... for the
 /// quadratic forms, every optional tensor present), `w1 [E, 2h, d]` (gate rows, then up rows),
-/// `w2 [E, d, h]`, the shared FFN as one expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`,
+/// `w2 [E, d, h]`, the codebook router's `codes [E, d]`, the shared FFN as one expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`,
 /// empty without shared experts) and the selection bias (`[E]`, empty unless the router keeps one).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostWeights {
@@ -28,6 +28,9 @@ pub(crate) fn gate_tensor_is_f32(form: GateForm, name: &str) -> bool {
 pub(crate) fn gate_tensor_lens(config: &MoeConfig) -> Vec<(&'static str, usize)> {
     let shape = config.gate_shape(0);
     let (e, d, r) = (shape.experts, shape.dim, shape.rank);
+    if config.router == RouterKind::Codebook {
+        return vec![("codes", e * d)];
+    }
     match config.gate_form() {
         GateForm::Linear => vec![("w", e * d), ("b", e)],
         GateForm::LowRank => vec![("u", e * r * d), ("v", e * r * d), ("b", e * d), ("c", e)],
@@ -65,6 +68,7 @@ impl HostWeights {
             .map(|(name, len)| {
                 let scale = match name {
                     "b" | "c" => 0.1,
+                    "codes" => 1.0,
                     "a" => inv_sqrt(d * d),
                     _ => inv_sqrt(d),
                 };

@@ -8,7 +8,7 @@ use super::gemm::{self, HostGroups};
 use super::router;
 use super::{codebook, mix};
 use crate::layers::vq::{COMMITMENT_BETA, MIX_COEFFICIENT, VqWeights, discrete_config, mix_config};
-use crate::layers::{HostWeights, MoeConfig};
+use crate::layers::{HostWeights, MoeConfig, RouterKind};
 use crate::ops::codebook::CodebookShape;
 use crate::ops::gate::{GateForm, GateShape};
 use crate::ops::gemm::{ARows, DgradEpilogue, Epilogue, GemmShape};
@@ -29,6 +29,7 @@ fn f64s(values: &[f32]) -> Vec<f64> {
 }
 
 /// The gate tensors of `weights` as the gate reference takes them.
+/// (Not used by the codebook router, whose only tensor is its codes.)
 pub fn gate_params(config: &MoeConfig, weights: &HostWeights) -> GateParams {
     let t = |name: &str| f64s(weights.gate_tensor(name));
     let some = |name: &str| Some(t(name));
@@ -133,6 +134,26 @@ pub fn moe_forward(
     residual: Option<&[f32]>,
     store: Store,
 ) -> MoeForward {
+    if config.router == RouterKind::Codebook {
+        // Nearest code (Nc = E: the code is the expert), weight 1; no logits, no losses.
+        let shape = CodebookShape {
+            tokens,
+            dim: config.dim,
+            codes: config.experts,
+        };
+        let codes = f64s(weights.gate_tensor("codes"));
+        let nearest = codebook::nearest(&shape, &f64s(x), &codes, 1, config.experts);
+        return routed_forward(
+            config,
+            weights,
+            x,
+            tokens,
+            nearest.experts,
+            vec![1.0; tokens],
+            residual,
+            store,
+        );
+    }
     let z = f32s(&gate::scores(
         &config.gate_shape(tokens),
         &gate_params(config, weights),

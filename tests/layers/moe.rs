@@ -303,3 +303,52 @@ fn bad_configs_and_inputs_are_rejected_by_name() {
         assert_eq!(argument_of(layer.set_expert_mask(Some(wrong))), "mask");
     }
 }
+
+/// Codebook (VQ) routing: the nearest code picks the expert with weight 1; the routed forward is
+/// 6 launches (norms, nearest code, map, two GEMMs, combine), the gradient of x is a true one.
+#[test]
+fn the_codebook_router_matches_the_reference() {
+    for device in devices() {
+        let config = MoeConfig {
+            k: 1,
+            ..small(RouterKind::Codebook)
+        };
+        let (case, run) = case_run::<f32>(&device, config, 16, 140);
+        check_against_reference::<f32>("codebook f32", &case, &run, None);
+        assert!(run.gate.is_empty(), "a codebook router has no gradient");
+        let (_, base_ids) = case.loss(&case.weights, &case.x);
+        let x_loss = |j: usize, eps: f32| {
+            let mut x = case.x.clone();
+            x[j] += eps;
+            case.loss(&case.weights, &x)
+        };
+        check_finite_differences("codebook: dx", &run.dx, 6, 141, x_loss, &base_ids);
+        let shared = MoeConfig {
+            shared_experts: 1,
+            ..config
+        };
+        let (case, run) = case_run::<bf16>(&device, shared, 20, 142);
+        check_against_reference::<bf16>("codebook bf16", &case, &run, None);
+
+        let case = Case::new::<f32>(config, 24, 143);
+        let mut layer = MoeLayer::<f32>::new(&device, config, &case.weights).unwrap();
+        let x = device.upload(&case.x).unwrap();
+        let mut y = device.alloc_zeros::<f32>(case.x.len()).unwrap();
+        let before = device.stats();
+        layer.forward(&x, case.tokens, &mut y).unwrap();
+        let after = device.stats();
+        assert_eq!(after.launches - before.launches, 6, "codebook-routed forward launches");
+        assert_eq!(after.host_syncs, before.host_syncs);
+
+        let bad = |config: MoeConfig| argument_of(MoeLayer::<f32>::random(&device, config, 1));
+        assert_eq!(bad(MoeConfig { k: 2, ..config }), "k");
+        assert_eq!(
+            bad(MoeConfig {
+                aux_alpha: 0.1,
+                ..config
+            }),
+            "aux_alpha"
+        );
+        assert_eq!(bad(MoeConfig { z_loss: 0.1, ..config }), "z_loss");
+    }
+}
