@@ -7,7 +7,7 @@
 //! layer's kernel launches and host syncs (none inside the layer).
 use half::{bf16, f16};
 use moe_kernels::layers::esft::EsftTracker;
-use moe_kernels::layers::{ChainOfExperts, HostWeights, MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::layers::{ChainOfExperts, HostWeights, MoeConfig, MoeLayer, RouterKind, VqMoe, VqWeights};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::esft::ScoreKind;
 use moe_kernels::ops::gate::GateForm;
@@ -26,6 +26,9 @@ checked against the CPU reference.
                 no router losses)
   --chain C     Chain-of-Experts: C iterations, one router each, shared expert weights (default 1:
                 a plain MoE layer)
+  --vq          VQ-MoE: the routed path plus a discrete path (each token's nearest of E codes
+                picks its expert, applied to the straight-through mix), mixed by a 2-way softmax
+                gate, with the VQ codebook and commitment losses
   --esft P      ESFT: score the experts on this batch (gate scores), train only the shortest prefix
                 of experts whose cumulative score reaches P (the paper uses 0.1; above the total
                 score every expert trains); frozen experts get no weight-gradient work
@@ -47,6 +50,7 @@ enum Dtype {
 struct Options {
     router: RouterKind,
     chain: usize,
+    vq: bool,
     esft: Option<f64>,
     dtype: Dtype,
     tokens: usize,
@@ -59,6 +63,7 @@ fn parse() -> Result<Option<Options>, String> {
             rank: 4,
         },
         chain: 1,
+        vq: false,
         esft: None,
         dtype: Dtype::Bf16,
         tokens: 1024,
@@ -67,6 +72,10 @@ fn parse() -> Result<Option<Options>, String> {
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
             return Ok(None);
+        }
+        if flag == "--vq" {
+            options.vq = true;
+            continue;
         }
         if !["--router", "--chain", "--esft", "--tokens", "--dtype"].contains(&flag.as_str()) {
             return Err(format!("unknown flag {flag} (see --help)"));
@@ -245,6 +254,9 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     if options.chain > 1 {
         return run_chain::<T>(options, &device, config, &x_host, &dy_host);
     }
+    if options.vq {
+        return run_vq::<T>(options, &device, config, &x_host, &dy_host);
+    }
     let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = MoeLayer::<T>::new(&device, config, &weights)?;
 
@@ -279,10 +291,14 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         println!("  expert {e:2} {c:6} {bar}");
     }
     let losses = layer.losses()?;
-    println!(
-        "\naux loss {:.6} (α = {}), z-loss {:.6} (coefficient {})",
-        losses.aux, config.aux_alpha, losses.z, config.z_loss
-    );
+    if codebook {
+        println!("\nno router losses: the codebook router has no logits");
+    } else {
+        println!(
+            "\naux loss {:.6} (α = {}), z-loss {:.6} (coefficient {})",
+            losses.aux, config.aux_alpha, losses.z, config.z_loss
+        );
+    }
 
     println!("\nstages ({timing}):");
     for (stage, time) in &timer.stages {
@@ -401,6 +417,68 @@ fn run_chain<T: FloatElement>(
         ("dx", relative_error(&download_f32(device, &dx)?, &grads.dx)),
         ("dW1", relative_error(&device.download(&expert_grads.w1)?, &grads.w1)),
         ("dW2", relative_error(&device.download(&expert_grads.w2)?, &grads.w2)),
+    ] {
+        ok &= error <= bound;
+        println!("  {name:4} relative error {error:.2e} (bound {bound:.0e})");
+    }
+    Ok(ok)
+}
+
+/// The VQ-MoE variant of [`run`].
+fn run_vq<T: FloatElement>(
+    options: &Options,
+    device: &Device,
+    config: MoeConfig,
+    x_host: &[f32],
+    dy_host: &[f32],
+) -> moe_kernels::Result<bool> {
+    let t = options.tokens;
+    let weights = VqWeights::random(&config, 42).rounded::<T>(&config);
+    let mut layer = VqMoe::<T>::new(device, config, &weights)?;
+    let x = device.upload(&to_t::<T>(x_host))?;
+    let dy = device.upload(&to_t::<T>(dy_host))?;
+    let mut y = device.alloc_zeros::<T>(t * config.dim)?;
+    let mut dx = device.alloc_zeros::<T>(t * config.dim)?;
+    let before = device.stats();
+    let start = Instant::now();
+    layer.forward(&x, t, &mut y)?;
+    let forward_time = start.elapsed();
+    let middle = device.stats();
+    layer.backward(&x, &dy, &mut dx)?;
+    let backward_time = start.elapsed() - forward_time;
+    let after = device.stats();
+    println!(
+        "VQ-MoE: forward {:.1} ms ({} launches), backward {:.1} ms ({} launches), host syncs {}",
+        forward_time.as_secs_f64() * 1e3,
+        middle.launches - before.launches,
+        backward_time.as_secs_f64() * 1e3,
+        after.launches - middle.launches,
+        after.host_syncs - before.host_syncs
+    );
+    let codes = device.download(&layer.codes()?)?;
+    let mut uses = vec![0usize; config.experts];
+    for &c in &codes {
+        uses[c as usize] += 1;
+    }
+    println!("code (discrete expert) use: {uses:?}");
+    let vq_losses = device.download(layer.vq_losses())?;
+    println!("codebook loss {:.6}, commitment loss {:.6}", vq_losses[0], vq_losses[1]);
+    let store = |v: f64| T::from_f32(v as f32).to_f32();
+    let forward = reference::vq_forward(&config, &weights, x_host, t, &store);
+    let grads = reference::vq_backward(&config, &weights, x_host, &forward, dy_host, &store);
+    let bound = if T::NAME == "f32" { 1e-4 } else { 5e-2 };
+    let mut ok = codes == forward.codes;
+    println!("codes agree with the reference: {ok}");
+    let expert_grads = layer.expert_grads();
+    for (name, error) in [
+        ("y", relative_error(&download_f32(device, &y)?, &forward.y)),
+        ("dx", relative_error(&download_f32(device, &dx)?, &grads.dx)),
+        ("dW1", relative_error(&device.download(&expert_grads.w1)?, &grads.w1)),
+        ("dW2", relative_error(&device.download(&expert_grads.w2)?, &grads.w2)),
+        (
+            "dC",
+            relative_error(&device.download(layer.codebook_grad())?, &grads.codebook),
+        ),
     ] {
         ok &= error <= bound;
         println!("  {name:4} relative error {error:.2e} (bound {bound:.0e})");

@@ -352,3 +352,58 @@ fn the_codebook_router_matches_the_reference() {
         assert_eq!(bad(MoeConfig { z_loss: 0.1, ..config }), "z_loss");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, ..Default::default() })]
+
+    /// Shapes and options swept: E not a power of two, k up to E, odd T, d and h, every router
+    /// kind, shared experts, capacity, both losses; forward and backward against the reference.
+    #[test]
+    fn shape_and_option_sweep(
+        experts in 2usize..9,
+        k_pick in 0usize..8,
+        tokens in 1usize..20,
+        dim in 1usize..5,
+        hidden in 1usize..5,
+        kind in 0usize..7,
+        shared in 0usize..2,
+        capacity in proptest::option::of(0.25f64..2.0),
+        losses in proptest::bool::ANY,
+        seed in 0u64..1000,
+    ) {
+        let router = match kind {
+            6 => RouterKind::Codebook,
+            i => router_kinds()[i].1,
+        };
+        let codebook = router == RouterKind::Codebook;
+        // Group-limited routing needs E divisible by its groups: fall back to one group.
+        let router = match router {
+            RouterKind::Sigmoid { groups, .. } if experts % groups != 0 => {
+                RouterKind::Sigmoid { groups: 1, topk_groups: 1, scale: 1.0 }
+            }
+            r => r,
+        };
+        let config = MoeConfig {
+            router,
+            experts,
+            k: if codebook { 1 } else { 1 + k_pick % experts },
+            dim: dim * 8,
+            hidden: hidden * 8 - 3,
+            shared_experts: shared,
+            capacity_factor: capacity,
+            aux_alpha: if losses && !codebook { 0.02 } else { 0.0 },
+            z_loss: if losses && !codebook { 1e-3 } else { 0.0 },
+            max_tokens: 20,
+        };
+        let config = match router {
+            RouterKind::Sigmoid { groups, topk_groups, .. } if config.k > topk_groups * experts / groups => {
+                MoeConfig { router: RouterKind::Sigmoid { groups: 1, topk_groups: 1, scale: 1.0 }, ..config }
+            }
+            _ => config,
+        };
+        for device in devices() {
+            let (case, run) = case_run::<f32>(&device, config, tokens, seed);
+            check_against_reference::<f32>(&format!("{config:?} T = {tokens}"), &case, &run, None);
+        }
+    }
+}
