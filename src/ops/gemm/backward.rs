@@ -2,8 +2,8 @@
 //! (`grouped_gemm_wgrad_*`), with the ESFT expert mask and the Chain-of-Experts accumulate mode.
 use super::forward::check_grid_y;
 use super::{
-    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_out_type, i64_of,
-    row_tiles, tile_shared,
+    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_out_type, i64_of, row_tiles,
+    tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -64,16 +64,22 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     shape.validate::<T>()?;
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
-    check_len("b", b, shape.weight_len()?, || format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k))?;
+    check_len("b", b, shape.weight_len()?, || {
+        format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
+    })?;
     let out_f32 = check_out_type::<T, O>("out")?;
     let (mode, out_cols) = match epilogue {
         DgradEpilogue::Store => (EPI_STORE, shape.k),
         DgradEpilogue::SwiGluBackward => (EPI_SWIGLU_BWD, elements("out", 2, shape.k)?),
     };
-    check_len("out", out, elements("out", groups.rows, out_cols)?, || "[rows, K] (SwiGluBackward: [rows, 2K])".into())?;
+    check_len("out", out, elements("out", groups.rows, out_cols)?, || {
+        "[rows, K] (SwiGluBackward: [rows, 2K])".into()
+    })?;
     match (epilogue, gu) {
         (DgradEpilogue::SwiGluBackward, Some(gu)) => {
-            check_len("gu", gu, elements("gu", groups.rows, 2 * shape.k)?, || "[rows, 2K]".into())?
+            check_len("gu", gu, elements("gu", groups.rows, 2 * shape.k)?, || {
+                "[rows, 2K]".into()
+            })?
         }
         (DgradEpilogue::SwiGluBackward, None) => return Err(missing("gu", "the forward's GU for SwiGluBackward")),
         (DgradEpilogue::Store, Some(_)) => {
@@ -158,7 +164,9 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
                     expected: format!("{} experts", shape.experts),
                 });
             }
-            check_len("mask.active", &mask.active, mask.active_count.max(1), || "[active_count]".into())?;
+            check_len("mask.active", &mask.active, mask.active_count.max(1), || {
+                "[active_count]".into()
+            })?;
             mask.active_count
         }
         None => shape.experts,

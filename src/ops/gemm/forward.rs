@@ -85,7 +85,9 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     config.validate(&shape)?;
     groups.validate(&shape)?;
     let (a_rows, gather_slots) = check_a_rows(a, config.a_rows, &shape, groups)?;
-    check_len("b", b, shape.weight_len()?, || format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k))?;
+    check_len("b", b, shape.weight_len()?, || {
+        format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
+    })?;
     let out_f32 = check_out_type::<T, O>("out")?;
     let out_len = forward_out_len(&shape, groups.rows, config.epilogue)?;
     check_len("out", out, out_len, || "[rows, N] (SwiGLU: [rows, N/2])".into())?;
@@ -122,7 +124,11 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
     };
     let (name, launch) = if decode {
-        let per_block = if mode == EPI_SWIGLU { DECODE_WEIGHT_ROWS / 2 } else { DECODE_WEIGHT_ROWS };
+        let per_block = if mode == EPI_SWIGLU {
+            DECODE_WEIGHT_ROWS / 2
+        } else {
+            DECODE_WEIGHT_ROWS
+        };
         let blocks = grid_blocks("shape.n", out_cols, per_block)?;
         let config = LaunchConfig {
             grid: (blocks, shape.experts as u32, 1),
