@@ -18,7 +18,9 @@ struct MmaRowsTile {
   using Cfg = GemmTile;
   static constexpr int BM = Cfg::BM, BN = Cfg::BN, THREADS = Cfg::THREADS, SWIGLU_SPAN = Cfg::WN;
   typedef float Acc[Cfg::MI][Cfg::NI][4];
-  template <Major AM, Major BM2> static constexpr int smem_bytes() { return Cfg::smem_bytes<AM, BM2>(); }
+  template <Major AM, Major BM2> __host__ __device__ static constexpr int smem_bytes() {
+    return Cfg::smem_bytes<AM, BM2>();
+  }
   template <Major AM, Major BM2, class T, class ARow, class BRow>
   static __device__ __forceinline__ void mainloop(Acc& acc, ARow a_row, int a_limit, BRow b_row, int b_limit,
                                                   i64 kdim, void* smem, const T* fallback) {
@@ -53,7 +55,7 @@ struct MmaRowsTile {
 struct FmaRowsTile {
   static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, SWIGLU_SPAN = BN;
   typedef float Acc[4][4];
-  template <Major, Major> static constexpr int smem_bytes() { return BK * (BM + BN) * 4; }
+  template <Major, Major> __host__ __device__ static constexpr int smem_bytes() { return BK * (BM + BN) * 4; }
 
   // tile[k * ROWS + m] = operand(m, k0 + k) as f32; 0 outside (null rows, k >= kdim, m >= limit).
   template <Major M, int ROWS, class T, class Row>
