@@ -179,6 +179,19 @@ fn wgrad_mask_and_accumulate_with_gathered_a() {
 }
 
 #[test]
+fn several_tiles_in_every_dimension() {
+    // dA: 3 column tiles of K = 264, reduction N = 144 (5 k-tiles); dB: 2 x 3 tiles of [N, K],
+    // reduction over 300 rows (10 k-tiles).
+    let p = Problem::sized(&[130, 300], 144, 264, &mut Rng::new(161));
+    for device in devices() {
+        check_dgrad::<bf16, f32>(&device, &p, DgradEpilogue::Store, true, 162);
+        check_dgrad::<f32, f32>(&device, &p, DgradEpilogue::SwiGluBackward, false, 163);
+        check_wgrad::<bf16>(&device, &p, p.gathered(), Some(&[false, true]), true, 164);
+        check_wgrad::<f32>(&device, &p, ARows::Contiguous, None, false, 165);
+    }
+}
+
+#[test]
 fn wgrad_group_sizes_and_odd_f32_shapes() {
     let p = Problem::sized(&[0, 1, 7, 16, 129], 16, 24, &mut Rng::new(131));
     let odd = Problem::sized(&[5, 0, 70], 13, 19, &mut Rng::new(132));

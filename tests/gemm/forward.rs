@@ -249,3 +249,22 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn several_row_column_and_k_tiles() {
+    // 3 column tiles of the plain store (N = 272 > 2 x 128), 3 of SwiGLU (h = 144 > 2 x 64),
+    // groups of 2 and 3 row tiles, 5 k-tiles (more than the 3 pipeline stages).
+    let p = Problem::sized(&[130, 0, 300], 272, 160, &mut Rng::new(9));
+    let swiglu = Problem::sized(&[200, 5], 288, 40, &mut Rng::new(10));
+    for device in devices() {
+        check::<bf16, bf16>(&device, &p, Case::plain(GemmPath::Tiled), 91);
+        check::<f32, f32>(&device, &p, Case::plain(GemmPath::Tiled), 92);
+        let case = Case {
+            epilogue: Epilogue::SwiGlu,
+            save_gu: true,
+            ..Case::plain(GemmPath::Tiled)
+        };
+        check::<f16, f16>(&device, &swiglu, case, 93);
+        check::<f32, f32>(&device, &swiglu, case, 94);
+    }
+}

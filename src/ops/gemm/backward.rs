@@ -2,8 +2,8 @@
 //! (`grouped_gemm_wgrad_*`), with the ESFT expert mask and the Chain-of-Experts accumulate mode.
 use super::forward::check_grid_y;
 use super::{
-    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_out_type, i64_of, row_tiles,
-    tile_shared,
+    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type,
+    i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -67,6 +67,8 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     check_len("b", b, shape.weight_len()?, || {
         format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
     })?;
+    check_aligned_16(device, "dc", dc)?;
+    check_aligned_16(device, "b", b)?;
     let out_f32 = check_out_type::<T, O>("out")?;
     let (mode, out_cols) = match epilogue {
         DgradEpilogue::Store => (EPI_STORE, shape.k),
@@ -154,6 +156,8 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
     let (a_rows, _) = check_a_rows(a, a_mode, &shape, groups)?;
+    check_aligned_16(device, "dc", dc)?;
+    check_aligned_16(device, "a", a)?;
     check_len("db", db, shape.weight_len()?, || "[E, N, K] f32".into())?;
     let blocks_y = match mask {
         Some(mask) => {

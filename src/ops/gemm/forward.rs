@@ -1,7 +1,7 @@
 //! The forward: `C_e = A_e · B_e^T` with its epilogues (`grouped_gemm_fwd_*`, `grouped_gemm_decode_*`).
 use super::{
     ARows, DECODE_MAX_ROWS, DECODE_SHARED, DECODE_THREADS, DECODE_WEIGHT_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape,
-    Groups, TILE_THREADS, check_a_rows, check_out_type, i64_of, row_tiles, tile_shared,
+    Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -91,6 +91,8 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     check_len("b", b, shape.weight_len()?, || {
         format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
     })?;
+    check_aligned_16(device, "a", a)?;
+    check_aligned_16(device, "b", b)?;
     let out_f32 = check_out_type::<T, O>("out")?;
     let out_len = forward_out_len(&shape, groups.rows, config.epilogue)?;
     check_len("out", out, out_len, || "[rows, N] (SwiGLU: [rows, N/2])".into())?;
