@@ -53,7 +53,7 @@ template <class T> struct FwdArgs {
 // Traffic: each A row read once per column tile (L2 after the first), each weight row once per
 //   row tile of its group, C written once.
 // Launch: grid (ceil(rows / BM) + E, ceil(N_out / BN_out)), Tile::THREADS threads,
-//   Tile::smem_bytes<K, K>() + BM * 8 (the A-row table) dynamic shared bytes.
+//   Tile::smem_bytes<K, K>() + BM * 12 (the A-row and row-scale tables) dynamic shared bytes.
 template <class T>
 __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
   using Tile = typename RowsTileOf<T>::type;
@@ -67,12 +67,12 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
   const bool swiglu = p.epi.mode == EPI_SWIGLU;
   const i64 h = p.n / 2, c0 = i64(blockIdx.y) * (swiglu ? Tile::BN / 2 : Tile::BN);
   const T* be = p.b + i64(e) * p.n * p.kdim;
-  // The tile's A rows, resolved once (the gather reads sorted_rows here, not per k-tile); the
-  // mainloop's opening barrier publishes the table.
+  // The tile's A rows and row scales, resolved once (the gather reads sorted_rows here, not per
+  // k-tile or per element).
   const T** a_rows = reinterpret_cast<const T**>(smem + Tile::template smem_bytes<Major::K, Major::K>());
-  for (int m = threadIdx.x; m < Tile::BM; m += Tile::THREADS) {
-    a_rows[m] = row0 + m < row_end ? p.a.row(row0 + m) : nullptr;
-  }
+  float* scales = reinterpret_cast<float*>(a_rows + Tile::BM);
+  fill_tile_table<Tile::BM, Tile::THREADS>(a_rows, [&](int m) { return row0 + m < row_end ? p.a.row(row0 + m) : nullptr; });
+  fill_tile_table<Tile::BM, Tile::THREADS>(scales, [&](int m) { return row0 + m < row_end ? p.epi.scale(row0 + m) : 0.0f; });
   auto a_row = [&](int m) -> const T* { return a_rows[m]; };
   auto b_row = [&](int n) -> const T* {
     const i64 w = swiglu ? swiglu_weight_row(n, Tile::SWIGLU_SPAN, c0, h) : (c0 + n < p.n ? c0 + n : -1);
@@ -82,11 +82,11 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
   Tile::template mainloop<Major::K, Major::K>(acc, a_row, 0, b_row, 0, p.kdim, smem, p.b);
   if (swiglu) {
     Tile::pairs(acc, [&](int m, int c, float g, float u) {
-      if (row0 + m < row_end && c0 + c < h) p.epi.pair(row0 + m, c0 + c, g, u);
+      if (row0 + m < row_end && c0 + c < h) p.epi.pair(row0 + m, c0 + c, g, u, scales[m]);
     });
   } else {
     Tile::each(acc, [&](int m, int c, float v) {
-      if (row0 + m < row_end && c0 + c < p.n) p.epi.single(row0 + m, c0 + c, v);
+      if (row0 + m < row_end && c0 + c < p.n) p.epi.single(row0 + m, c0 + c, v, scales[m]);
     });
   }
 }
@@ -175,8 +175,9 @@ __device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
       }
     const int j = lane / DEC_ROWS, r = lane % DEC_ROWS;
     if (r0 + r >= g.end) continue;
-    if (!swiglu && c0 + j < p.n) p.epi.single(r0 + r, c0 + j, mine);
-    if (swiglu && j < 2 && c0 + j < h) p.epi.pair(r0 + r, c0 + j, mine, mine_up);
+    const float s = p.epi.scale(r0 + r);
+    if (!swiglu && c0 + j < p.n) p.epi.single(r0 + r, c0 + j, mine, s);
+    if (swiglu && j < 2 && c0 + j < h) p.epi.pair(r0 + r, c0 + j, mine, mine_up, s);
   }
 }
 
@@ -188,7 +189,7 @@ __device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
 //   transposed ldmatrix).
 // Traffic: dC rows once per column tile, B_e once per row tile of its group, dA written once.
 // Launch: grid (ceil(rows / BM) + E, ceil(K / BN)), Tile::THREADS threads,
-//   Tile::smem_bytes<K, MN>() dynamic shared bytes.
+//   Tile::smem_bytes<K, MN>() + BM * 4 (the row-scale table) dynamic shared bytes.
 template <class T>
 __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int* offsets, int experts, i64 rows,
                                               i64 n, i64 kdim, const Epilogue<T> epi) {
@@ -201,13 +202,15 @@ __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int
   if (e < 0) return;
   const i64 row0 = found[1], row_end = found[2], c0 = i64(blockIdx.y) * Tile::BN;
   const T* be = b + i64(e) * n * kdim;
+  float* scales = reinterpret_cast<float*>(smem + Tile::template smem_bytes<Major::K, Major::MN>());
+  fill_tile_table<Tile::BM, Tile::THREADS>(scales, [&](int m) { return row0 + m < row_end ? epi.scale(row0 + m) : 0.0f; });
   auto dc_row = [&](int m) -> const T* { return row0 + m < row_end ? dc + (row0 + m) * n : nullptr; };
   auto b_row = [&](i64 k) -> const T* { return be + k * kdim + c0; };
   typename Tile::Acc acc = {};
   Tile::template mainloop<Major::K, Major::MN>(acc, dc_row, 0, b_row, int(min(kdim - c0, i64(Tile::BN))), n, smem,
                                                dc);
   Tile::each(acc, [&](int m, int c, float v) {
-    if (row0 + m < row_end && c0 + c < kdim) epi.single(row0 + m, c0 + c, v);
+    if (row0 + m < row_end && c0 + c < kdim) epi.single(row0 + m, c0 + c, v, scales[m]);
   });
 }
 

@@ -9,6 +9,13 @@
 #pragma once
 #include "gate_tile.cuh"
 
+// Per-tile tables in shared memory, after the mainloop's buffers, filled before the mainloop
+// (whose opening barrier publishes them): tables[m] = f(m) for m < BM.
+template <int BM, int THREADS, class V, class F>
+__device__ __forceinline__ void fill_tile_table(V* table, F f) {
+  for (int m = threadIdx.x; m < BM; m += THREADS) table[m] = f(m);
+}
+
 // Rows [start, end) of group e, clamped to [0, rows).
 struct GroupRange {
   i64 start, end;
@@ -91,8 +98,9 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf
 //                   s_r u at h + c
 //   EPI_SWIGLU_BWD  dh = s_r v; reads g = gu[r, c], u = gu[r, h + c] and writes
 //                   out[r, c] = dh u silu'(g), out[r, h + c] = dh silu(g)  (out is dGU [rows, 2h])
-// s_r = weights[sorted_rows[r]] when weights are given (0 for a padding row), else 1.
-// out holds T or, with out_f32, float; ld is its row stride.
+// s_r = weights[sorted_rows[r]] when weights are given (0 for a padding row), else 1: scale(r),
+// which callers evaluate once per row and pass in. out holds T or, with out_f32, float; ld is
+// its row stride.
 template <class T> struct Epilogue {
   int mode;
   void* out;
@@ -114,8 +122,8 @@ template <class T> struct Epilogue {
     else static_cast<T*>(out)[i] = from_f32<T>(v);
   }
   // EPI_STORE and EPI_SWIGLU_BWD.
-  __device__ __forceinline__ void single(i64 r, i64 c, float v) const {
-    v *= scale(r);
+  __device__ __forceinline__ void single(i64 r, i64 c, float v, float s) const {
+    v *= s;
     if (mode == EPI_STORE) {
       put(r * ld + c, v);
       return;
@@ -126,8 +134,7 @@ template <class T> struct Epilogue {
     put(r * ld + h + c, v * g * sg);
   }
   // EPI_SWIGLU.
-  __device__ __forceinline__ void pair(i64 r, i64 c, float g, float u) const {
-    const float s = scale(r);
+  __device__ __forceinline__ void pair(i64 r, i64 c, float g, float u, float s) const {
     g *= s;
     u *= s;
     if (gu != nullptr) {

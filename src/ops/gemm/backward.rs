@@ -9,6 +9,9 @@ use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
+/// Bytes of the dgrad tile kernel's table of row scales (one per tile row, at most 128).
+const SCALE_TABLE: u32 = 128 * 4;
+
 /// What [`dgrad`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DgradEpilogue {
@@ -111,7 +114,7 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
             1,
         ),
         block: (TILE_THREADS, 1, 1),
-        shared_bytes: tile_shared::<T>(true, false),
+        shared_bytes: tile_shared::<T>(true, false) + SCALE_TABLE,
     };
     check_grid_y(launch.grid.1)?;
     // SAFETY of the argument list: DGRAD_PARAMS in grouped_gemm.cu, in order.

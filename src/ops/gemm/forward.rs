@@ -7,8 +7,9 @@ use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
 use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
 
-/// Bytes of the forward tile kernel's table of A-row pointers (one per tile row, at most 128).
-const A_ROW_TABLE: u32 = 128 * 8;
+/// Bytes of the forward tile kernel's tables of A-row pointers and row scales (one each per
+/// tile row, at most 128).
+const ROW_TABLES: u32 = 128 * (8 + 4);
 
 /// What the forward writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -151,7 +152,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
                 1,
             ),
             block: (TILE_THREADS, 1, 1),
-            shared_bytes: tile_shared::<T>(true, true) + A_ROW_TABLE,
+            shared_bytes: tile_shared::<T>(true, true) + ROW_TABLES,
         };
         (format!("grouped_gemm_fwd_{}", T::NAME), config)
     };
