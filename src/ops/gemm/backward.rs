@@ -51,7 +51,8 @@ impl ExpertMask<DeviceBuffer<i32>> {
 /// per row by `row_weights[sorted_rows[r]]` when given (the backward of the forward's row
 /// weights, with respect to A), then through `epilogue`:
 /// `out` is `[rows, K]` (`Store`) or `dGU: [rows, 2K]` (`SwiGluBackward`, which reads
-/// `gu: [rows, 2K]`), of dC's dtype or f32. One launch, no host sync.
+/// `gu: [rows, 2K]`), of dC's dtype or f32. One launch (none when `groups.rows` is 0), no host
+/// sync.
 #[allow(clippy::too_many_arguments)]
 pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     device: &Device,

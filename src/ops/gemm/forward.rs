@@ -72,7 +72,7 @@ pub fn forward_out_len(shape: &GemmShape, rows: usize, epilogue: Epilogue) -> Re
 /// - `out`: `[rows, N]` or, SwiGLU, `[rows, N/2]`, of A's dtype or f32;
 /// - `gu`: SwiGLU only, `[rows, N]` of A's dtype: the (scaled) gate and up values for the backward.
 ///
-/// One launch, no host sync.
+/// One launch (none when `groups.rows` is 0), no host sync.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     device: &Device,

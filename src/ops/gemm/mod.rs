@@ -24,8 +24,9 @@
 //! tiles of 8 warps; K and N multiples of 8), f32 on 64x64 FMA tiles (any shape). When every
 //! group has at most [`DECODE_MAX_ROWS`] rows (a host-known bound, [`Groups::max_group_rows`]),
 //! the forward streams B with 16-byte loads instead ([`GemmPath::Decode`]). Every op is **one
-//! launch** (`wgrad` with an empty mask: none) and never waits for the device. All sums run in a
-//! fixed order: results are bitwise reproducible.
+//! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
+//! and never waits for the device. All sums run in a fixed order: results are bitwise
+//! reproducible.
 mod backward;
 mod forward;
 
