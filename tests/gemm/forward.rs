@@ -201,7 +201,17 @@ fn auto_picks_decode_for_small_groups_and_tiles_for_large() {
     let large = Problem::sized(&[40, 2], 16, 16, &mut Rng::new(7));
     for device in devices() {
         check::<bf16, bf16>(&device, &small, Case::plain(GemmPath::Auto), 61);
+        let launched = device.launch_configs();
+        assert!(
+            launched.contains_key("grouped_gemm_decode_bf16"),
+            "Auto took the tiles for groups of at most 12 rows"
+        );
+        assert!(!launched.contains_key("grouped_gemm_fwd_bf16"));
         check::<bf16, bf16>(&device, &large, Case::plain(GemmPath::Auto), 62);
+        assert!(
+            device.launch_configs().contains_key("grouped_gemm_fwd_bf16"),
+            "Auto decoded 40-row groups"
+        );
     }
 }
 
