@@ -85,8 +85,8 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
       if (row0 + m < row_end && c0 + c < h) p.epi.pair(row0 + m, c0 + c, g, u, scales[m]);
     });
   } else {
-    Tile::each(acc, [&](int m, int c, float v) {
-      if (row0 + m < row_end && c0 + c < p.n) p.epi.single(row0 + m, c0 + c, v, scales[m]);
+    Tile::each_adjacent(acc, [&](int m, int c, float v0, float v1) {
+      if (row0 + m < row_end) p.epi.adjacent(row0 + m, c0 + c, v0, v1, scales[m], p.n);
     });
   }
 }
@@ -209,8 +209,8 @@ __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int
   typename Tile::Acc acc = {};
   Tile::template mainloop<Major::K, Major::MN>(acc, dc_row, 0, b_row, int(min(kdim - c0, i64(Tile::BN))), n, smem,
                                                dc);
-  Tile::each(acc, [&](int m, int c, float v) {
-    if (row0 + m < row_end && c0 + c < kdim) epi.single(row0 + m, c0 + c, v, scales[m]);
+  Tile::each_adjacent(acc, [&](int m, int c, float v0, float v1) {
+    if (row0 + m < row_end) epi.adjacent(row0 + m, c0 + c, v0, v1, scales[m], kdim);
   });
 }
 

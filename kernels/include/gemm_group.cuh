@@ -133,6 +133,21 @@ template <class T> struct Epilogue {
     put(r * ld + c, v * u * sg * (1.0f + g * (1.0f - sg)));
     put(r * ld + h + c, v * g * sg);
   }
+  // Columns c and c + 1 of row r, those below cols: one 2-element store where it can (plain
+  // store, both inside, an even element index: 4- or 8-byte aligned), else one at a time.
+  __device__ __forceinline__ void adjacent(i64 r, i64 c, float v0, float v1, float s, i64 cols) const {
+    const i64 i = r * ld + c;
+    if (mode == EPI_STORE && c + 1 < cols && i % 2 == 0) {
+      if (out_f32) {
+        *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(v0 * s, v1 * s);
+      } else {
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + i) = f32_to_bits<T>(v0 * s) | (f32_to_bits<T>(v1 * s) << 16);
+      }
+      return;
+    }
+    if (c < cols) single(r, c, v0, s);
+    if (c + 1 < cols) single(r, c + 1, v1, s);
+  }
   // EPI_SWIGLU.
   __device__ __forceinline__ void pair(i64 r, i64 c, float g, float u, float s) const {
     g *= s;
