@@ -53,7 +53,7 @@ template <class T> struct FwdArgs {
 // Traffic: each A row read once per column tile (L2 after the first), each weight row once per
 //   row tile of its group, C written once.
 // Launch: grid (ceil(rows / BM) + E, ceil(N_out / BN_out)), Tile::THREADS threads,
-//   Tile::smem_bytes<K, K>() dynamic shared bytes.
+//   Tile::smem_bytes<K, K>() + BM * 12 (the A-row and row-scale tables) dynamic shared bytes.
 template <class T>
 __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
   using Tile = typename RowsTileOf<T>::type;
@@ -67,7 +67,13 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
   const bool swiglu = p.epi.mode == EPI_SWIGLU;
   const i64 h = p.n / 2, c0 = i64(blockIdx.y) * (swiglu ? Tile::BN / 2 : Tile::BN);
   const T* be = p.b + i64(e) * p.n * p.kdim;
-  auto a_row = [&](int m) -> const T* { return row0 + m < row_end ? p.a.row(row0 + m) : nullptr; };
+  // The tile's A rows and row scales, resolved once (the gather reads sorted_rows here, not per
+  // k-tile or per element).
+  const T** a_rows = reinterpret_cast<const T**>(smem + Tile::template smem_bytes<Major::K, Major::K>());
+  float* scales = reinterpret_cast<float*>(a_rows + Tile::BM);
+  fill_tile_table<Tile::BM, Tile::THREADS>(a_rows, [&](int m) { return row0 + m < row_end ? p.a.row(row0 + m) : nullptr; });
+  fill_tile_table<Tile::BM, Tile::THREADS>(scales, [&](int m) { return row0 + m < row_end ? p.epi.scale(row0 + m) : 0.0f; });
+  auto a_row = [&](int m) -> const T* { return a_rows[m]; };
   auto b_row = [&](int n) -> const T* {
     const i64 w = swiglu ? swiglu_weight_row(n, Tile::SWIGLU_SPAN, c0, h) : (c0 + n < p.n ? c0 + n : -1);
     return w >= 0 ? be + w * p.kdim : nullptr;
@@ -76,11 +82,11 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
   Tile::template mainloop<Major::K, Major::K>(acc, a_row, 0, b_row, 0, p.kdim, smem, p.b);
   if (swiglu) {
     Tile::pairs(acc, [&](int m, int c, float g, float u) {
-      if (row0 + m < row_end && c0 + c < h) p.epi.pair(row0 + m, c0 + c, g, u);
+      if (row0 + m < row_end && c0 + c < h) p.epi.pair(row0 + m, c0 + c, g, u, scales[m]);
     });
   } else {
-    Tile::each(acc, [&](int m, int c, float v) {
-      if (row0 + m < row_end && c0 + c < p.n) p.epi.single(row0 + m, c0 + c, v);
+    Tile::each_adjacent(acc, [&](int m, int c, float v0, float v1) {
+      if (row0 + m < row_end) p.epi.adjacent(row0 + m, c0 + c, v0, v1, scales[m], p.n);
     });
   }
 }
@@ -96,7 +102,8 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
 // Traffic: B read once per DEC_ROWS-row block of its group (once for m_e <= 8); A rows read
 //   once per weight-row block (L2); C written once. Empty groups exit at once.
 // Launch: grid (ceil(N / (DEC_WARPS * 4)), E), DEC_WARPS * 32 threads,
-//   DEC_ROWS * DEC_K * 4 bytes of dynamic shared memory.
+//   DEC_ROWS * DEC_K * 4 bytes of dynamic shared memory; __launch_bounds__(256, 2): at most 128
+//   registers, so two blocks (16 warps of loads in flight) share an SM.
 constexpr int DEC_WARPS = 8, DEC_ROWS = 8, DEC_K = 256, DEC_COLS = 4;
 template <class T>
 __device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
@@ -131,37 +138,46 @@ __device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
         for (int q = 0; q < V; ++q) As[r * DEC_K + u * V + q] = v[q];
       }
       __syncthreads();
+      // All weight loads of the chunk first (4 x 16 bytes in flight per lane), then each staged
+      // row once against every weight row.
+      float w[DEC_COLS][8];
 #pragma unroll
-      for (int j = 0; j < DEC_COLS; ++j) {
-        float w[8];
+      for (int j = 0; j < DEC_COLS; ++j)
 #pragma unroll
         for (int s = 0; s < RUNS; ++s) {
           float part[V];
           read_run<T>(part, wrow[j], k0 + lane * 8 + s * V, p.kdim, vec);
 #pragma unroll
-          for (int q = 0; q < V; ++q) w[s * V + q] = part[q];
+          for (int q = 0; q < V; ++q) w[j][s * V + q] = part[q];
         }
 #pragma unroll
-        for (int r = 0; r < DEC_ROWS; ++r)
+      for (int r = 0; r < DEC_ROWS; ++r) {
+        float x[8];
 #pragma unroll
-          for (int q = 0; q < 8; ++q) acc[j][r] = fmaf(w[q], As[r * DEC_K + lane * 8 + q], acc[j][r]);
+        for (int q = 0; q < 8; ++q) x[q] = As[r * DEC_K + lane * 8 + q];
+#pragma unroll
+        for (int j = 0; j < DEC_COLS; ++j)
+#pragma unroll
+          for (int q = 0; q < 8; ++q) acc[j][r] = fmaf(w[j][q], x[q], acc[j][r]);
       }
     }
-#pragma unroll
-    for (int j = 0; j < DEC_COLS; ++j)
-#pragma unroll
-      for (int r = 0; r < DEC_ROWS; ++r)
-#pragma unroll
-        for (int d = 16; d > 0; d /= 2) acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], d);
-    // Lane j * DEC_ROWS + r writes weight row j of row r (SwiGLU: lanes of j < 2 write pairs).
+    // Butterfly sums; lane j * DEC_ROWS + r keeps weight row j of row r (SwiGLU: and the up
+    // row j + 2) and writes it, so the epilogue runs once per lane.
+    float mine = 0.0f, mine_up = 0.0f;
 #pragma unroll
     for (int j = 0; j < DEC_COLS; ++j)
 #pragma unroll
       for (int r = 0; r < DEC_ROWS; ++r) {
-        if (lane != j * DEC_ROWS + r || r0 + r >= g.end || wrow[j] == nullptr) continue;
-        if (!swiglu) p.epi.single(r0 + r, c0 + j, acc[j][r]);
-        else if (j < 2) p.epi.pair(r0 + r, c0 + j, acc[j][r], acc[j + 2][r]);
+#pragma unroll
+        for (int d = 16; d > 0; d /= 2) acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], d);
+        if (lane == j * DEC_ROWS + r) mine = acc[j][r];
+        if (lane == (j - 2) * DEC_ROWS + r) mine_up = acc[j][r];
       }
+    const int j = lane / DEC_ROWS, r = lane % DEC_ROWS;
+    if (r0 + r >= g.end) continue;
+    const float s = p.epi.scale(r0 + r);
+    if (!swiglu && c0 + j < p.n) p.epi.single(r0 + r, c0 + j, mine, s);
+    if (swiglu && j < 2 && c0 + j < h) p.epi.pair(r0 + r, c0 + j, mine, mine_up, s);
   }
 }
 
@@ -173,7 +189,7 @@ __device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
 //   transposed ldmatrix).
 // Traffic: dC rows once per column tile, B_e once per row tile of its group, dA written once.
 // Launch: grid (ceil(rows / BM) + E, ceil(K / BN)), Tile::THREADS threads,
-//   Tile::smem_bytes<K, MN>() dynamic shared bytes.
+//   Tile::smem_bytes<K, MN>() + BM * 4 (the row-scale table) dynamic shared bytes.
 template <class T>
 __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int* offsets, int experts, i64 rows,
                                               i64 n, i64 kdim, const Epilogue<T> epi) {
@@ -186,13 +202,15 @@ __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int
   if (e < 0) return;
   const i64 row0 = found[1], row_end = found[2], c0 = i64(blockIdx.y) * Tile::BN;
   const T* be = b + i64(e) * n * kdim;
+  float* scales = reinterpret_cast<float*>(smem + Tile::template smem_bytes<Major::K, Major::MN>());
+  fill_tile_table<Tile::BM, Tile::THREADS>(scales, [&](int m) { return row0 + m < row_end ? epi.scale(row0 + m) : 0.0f; });
   auto dc_row = [&](int m) -> const T* { return row0 + m < row_end ? dc + (row0 + m) * n : nullptr; };
   auto b_row = [&](i64 k) -> const T* { return be + k * kdim + c0; };
   typename Tile::Acc acc = {};
   Tile::template mainloop<Major::K, Major::MN>(acc, dc_row, 0, b_row, int(min(kdim - c0, i64(Tile::BN))), n, smem,
                                                dc);
-  Tile::each(acc, [&](int m, int c, float v) {
-    if (row0 + m < row_end && c0 + c < kdim) epi.single(row0 + m, c0 + c, v);
+  Tile::each_adjacent(acc, [&](int m, int c, float v0, float v1) {
+    if (row0 + m < row_end) epi.adjacent(row0 + m, c0 + c, v0, v1, scales[m], kdim);
   });
 }
 
@@ -249,7 +267,7 @@ __device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> 
 
 extern "C" __global__ void grouped_gemm_fwd_f32(FWD_PARAMS(float)) { grouped_fwd<float>(FWD_ARGS(float)); }
 EMU_EXPORT(grouped_gemm_fwd_f32)
-extern "C" __global__ void grouped_gemm_decode_f32(FWD_PARAMS(float)) { grouped_decode<float>(FWD_ARGS(float)); }
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_f32(FWD_PARAMS(float)) { grouped_decode<float>(FWD_ARGS(float)); }
 EMU_EXPORT(grouped_gemm_decode_f32)
 extern "C" __global__ void grouped_gemm_dgrad_f32(DGRAD_PARAMS(float)) {
   grouped_dgrad<float>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(float));
@@ -261,7 +279,7 @@ extern "C" __global__ void grouped_gemm_wgrad_f32(WGRAD_PARAMS(float)) {
 EMU_EXPORT(grouped_gemm_wgrad_f32)
 extern "C" __global__ void grouped_gemm_fwd_f16(FWD_PARAMS(__half)) { grouped_fwd<__half>(FWD_ARGS(__half)); }
 EMU_EXPORT(grouped_gemm_fwd_f16)
-extern "C" __global__ void grouped_gemm_decode_f16(FWD_PARAMS(__half)) { grouped_decode<__half>(FWD_ARGS(__half)); }
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_f16(FWD_PARAMS(__half)) { grouped_decode<__half>(FWD_ARGS(__half)); }
 EMU_EXPORT(grouped_gemm_decode_f16)
 extern "C" __global__ void grouped_gemm_dgrad_f16(DGRAD_PARAMS(__half)) {
   grouped_dgrad<__half>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(__half));
@@ -273,7 +291,7 @@ extern "C" __global__ void grouped_gemm_wgrad_f16(WGRAD_PARAMS(__half)) {
 EMU_EXPORT(grouped_gemm_wgrad_f16)
 extern "C" __global__ void grouped_gemm_fwd_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_fwd<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
 EMU_EXPORT(grouped_gemm_fwd_bf16)
-extern "C" __global__ void grouped_gemm_decode_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_decode<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_decode<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
 EMU_EXPORT(grouped_gemm_decode_bf16)
 extern "C" __global__ void grouped_gemm_dgrad_bf16(DGRAD_PARAMS(__nv_bfloat16)) {
   grouped_dgrad<__nv_bfloat16>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(__nv_bfloat16));

@@ -44,7 +44,11 @@ impl Problem {
             sorted_rows.swap(i, rng.below(i + 1));
         }
         Problem {
-            shape: GemmShape { experts: sizes.len(), n, k },
+            shape: GemmShape {
+                experts: sizes.len(),
+                n,
+                k,
+            },
             offsets,
             sorted_rows,
             tokens: rows,
@@ -55,7 +59,15 @@ impl Problem {
 
     /// A router's output: each token picks `top_k` distinct experts; rows grouped by expert then
     /// slot (dispatch's order), each group padded with -1 rows up to a multiple of `align`.
-    pub fn routed(tokens: usize, top_k: usize, experts: usize, align: usize, n: usize, k: usize, rng: &mut Rng) -> Problem {
+    pub fn routed(
+        tokens: usize,
+        top_k: usize,
+        experts: usize,
+        align: usize,
+        n: usize,
+        k: usize,
+        rng: &mut Rng,
+    ) -> Problem {
         let mut by_expert = vec![vec![]; experts];
         for t in 0..tokens {
             let mut chosen = vec![];

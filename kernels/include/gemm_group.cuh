@@ -9,6 +9,13 @@
 #pragma once
 #include "gate_tile.cuh"
 
+// Per-tile tables in shared memory, after the mainloop's buffers, filled before the mainloop
+// (whose opening barrier publishes them): tables[m] = f(m) for m < BM.
+template <int BM, int THREADS, class V, class F>
+__device__ __forceinline__ void fill_tile_table(V* table, F f) {
+  for (int m = threadIdx.x; m < BM; m += THREADS) table[m] = f(m);
+}
+
 // Rows [start, end) of group e, clamped to [0, rows).
 struct GroupRange {
   i64 start, end;
@@ -91,8 +98,9 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf
 //                   s_r u at h + c
 //   EPI_SWIGLU_BWD  dh = s_r v; reads g = gu[r, c], u = gu[r, h + c] and writes
 //                   out[r, c] = dh u silu'(g), out[r, h + c] = dh silu(g)  (out is dGU [rows, 2h])
-// s_r = weights[sorted_rows[r]] when weights are given (0 for a padding row), else 1.
-// out holds T or, with out_f32, float; ld is its row stride.
+// s_r = weights[sorted_rows[r]] when weights are given (0 for a padding row), else 1: scale(r),
+// which callers evaluate once per row and pass in. out holds T or, with out_f32, float; ld is
+// its row stride.
 template <class T> struct Epilogue {
   int mode;
   void* out;
@@ -114,8 +122,8 @@ template <class T> struct Epilogue {
     else static_cast<T*>(out)[i] = from_f32<T>(v);
   }
   // EPI_STORE and EPI_SWIGLU_BWD.
-  __device__ __forceinline__ void single(i64 r, i64 c, float v) const {
-    v *= scale(r);
+  __device__ __forceinline__ void single(i64 r, i64 c, float v, float s) const {
+    v *= s;
     if (mode == EPI_STORE) {
       put(r * ld + c, v);
       return;
@@ -125,9 +133,23 @@ template <class T> struct Epilogue {
     put(r * ld + c, v * u * sg * (1.0f + g * (1.0f - sg)));
     put(r * ld + h + c, v * g * sg);
   }
+  // Columns c and c + 1 of row r, those below cols: one 2-element store where it can (plain
+  // store, both inside, an even element index: 4- or 8-byte aligned), else one at a time.
+  __device__ __forceinline__ void adjacent(i64 r, i64 c, float v0, float v1, float s, i64 cols) const {
+    const i64 i = r * ld + c;
+    if (mode == EPI_STORE && c + 1 < cols && i % 2 == 0) {
+      if (out_f32) {
+        *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(v0 * s, v1 * s);
+      } else {
+        *reinterpret_cast<uint32_t*>(static_cast<T*>(out) + i) = f32_to_bits<T>(v0 * s) | (f32_to_bits<T>(v1 * s) << 16);
+      }
+      return;
+    }
+    if (c < cols) single(r, c, v0, s);
+    if (c + 1 < cols) single(r, c + 1, v1, s);
+  }
   // EPI_SWIGLU.
-  __device__ __forceinline__ void pair(i64 r, i64 c, float g, float u) const {
-    const float s = scale(r);
+  __device__ __forceinline__ void pair(i64 r, i64 c, float g, float u, float s) const {
     g *= s;
     u *= s;
     if (gu != nullptr) {

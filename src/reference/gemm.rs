@@ -37,7 +37,11 @@ impl HostGroups<'_> {
     fn weight(&self, r: usize, weights: Option<&[f32]>) -> f64 {
         let Some(w) = weights else { return 1.0 };
         let slot = self.sorted_rows.expect("row weights need sorted_rows")[r];
-        if slot < 0 || slot as usize >= w.len() { 0.0 } else { w[slot as usize] as f64 }
+        if slot < 0 || slot as usize >= w.len() {
+            0.0
+        } else {
+            w[slot as usize] as f64
+        }
     }
 }
 
@@ -64,7 +68,14 @@ pub fn forward(
     let h = n / 2;
     let out_cols = if epilogue == Epilogue::SwiGlu { h } else { n };
     let mut out = vec![0.0; groups.rows * out_cols];
-    let mut gu = vec![0.0; if epilogue == Epilogue::SwiGlu { groups.rows * n } else { 0 }];
+    let mut gu = vec![
+        0.0;
+        if epilogue == Epilogue::SwiGlu {
+            groups.rows * n
+        } else {
+            0
+        }
+    ];
     for e in 0..experts {
         for r in groups.range(e) {
             let s = groups.weight(r, weights);
@@ -102,13 +113,20 @@ pub fn dgrad(
     gu: Option<&[f32]>,
 ) -> Vec<f64> {
     let GemmShape { experts, n, k } = shape;
-    let cols = if epilogue == DgradEpilogue::SwiGluBackward { 2 * k } else { k };
+    let cols = if epilogue == DgradEpilogue::SwiGluBackward {
+        2 * k
+    } else {
+        k
+    };
     let mut out = vec![0.0; groups.rows * cols];
     for e in 0..experts {
         for r in groups.range(e) {
             let s = groups.weight(r, weights);
             for c in 0..k {
-                let dh = s * (0..n).map(|j| dc[r * n + j] as f64 * b[(e * n + j) * k + c] as f64).sum::<f64>();
+                let dh = s
+                    * (0..n)
+                        .map(|j| dc[r * n + j] as f64 * b[(e * n + j) * k + c] as f64)
+                        .sum::<f64>();
                 match epilogue {
                     DgradEpilogue::Store => out[r * k + c] = dh,
                     DgradEpilogue::SwiGluBackward => {

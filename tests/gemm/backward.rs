@@ -31,7 +31,9 @@ fn check_dgrad<T: FloatElement, O: FloatElement>(
         device.upload(&gu).unwrap(),
         device.upload(&w).unwrap(),
     );
-    let mut out = device.alloc_zeros::<O>(p.rows() * if swiglu { 2 * k } else { k }).unwrap();
+    let mut out = device
+        .alloc_zeros::<O>(p.rows() * if swiglu { 2 * k } else { k })
+        .unwrap();
     let before = device.stats();
     gemm::dgrad(
         device,
@@ -50,8 +52,22 @@ fn check_dgrad<T: FloatElement, O: FloatElement>(
     assert_eq!(after.launches - before.launches, 1, "dgrad launches");
     let got = to_f32(&device.download(&out).unwrap());
     let weights = weights.then_some(&w[..]);
-    let want = reference::dgrad(&dc32, &b32, p.shape, &p.host(), epilogue, weights, swiglu.then_some(&gu32[..]));
-    let what = format!("{} dgrad {}->{} {epilogue:?} {:?}", device.description(), T::NAME, O::NAME, p.shape);
+    let want = reference::dgrad(
+        &dc32,
+        &b32,
+        p.shape,
+        &p.host(),
+        epilogue,
+        weights,
+        swiglu.then_some(&gu32[..]),
+    );
+    let what = format!(
+        "{} dgrad {}->{} {epilogue:?} {:?}",
+        device.description(),
+        T::NAME,
+        O::NAME,
+        p.shape
+    );
     assert!(want.iter().any(|&v| v != 0.0), "{what}: a vacuous case");
     assert_close(&what, &got, &want, tolerance::<O>(n));
 }
@@ -86,7 +102,14 @@ fn dgrad_fused_swiglu_backward() {
 
 /// wgrad on `device` vs the reference, from a random initial `db`; masked experts must keep
 /// their initial bits.
-fn check_wgrad<T: FloatElement>(device: &Device, p: &Problem, a_rows: ARows, mask: Option<&[bool]>, accumulate: bool, seed: u64) {
+fn check_wgrad<T: FloatElement>(
+    device: &Device,
+    p: &Problem,
+    a_rows: ARows,
+    mask: Option<&[bool]>,
+    accumulate: bool,
+    seed: u64,
+) {
     let mut rng = Rng::new(seed);
     let GemmShape { experts, n, k } = p.shape;
     let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
@@ -97,20 +120,42 @@ fn check_wgrad<T: FloatElement>(device: &Device, p: &Problem, a_rows: ARows, mas
     let mut db = device.upload(&initial).unwrap();
     let mask_d = mask.map(|m| ExpertMask::new(device, m).unwrap());
     let before = device.stats();
-    gemm::wgrad(device, &dc_d, &a_d, a_rows, p.shape, &groups.groups(p), mask_d.as_ref(), accumulate, &mut db).unwrap();
+    gemm::wgrad(
+        device,
+        &dc_d,
+        &a_d,
+        a_rows,
+        p.shape,
+        &groups.groups(p),
+        mask_d.as_ref(),
+        accumulate,
+        &mut db,
+    )
+    .unwrap();
     let after = device.stats();
     assert_eq!(after.host_syncs, before.host_syncs, "wgrad synced the host");
     let active = mask.map_or(experts, |m| m.iter().filter(|&&s| s).count());
-    assert_eq!(after.launches - before.launches, u64::from(active > 0), "wgrad launches");
+    assert_eq!(
+        after.launches - before.launches,
+        u64::from(active > 0),
+        "wgrad launches"
+    );
     let got = device.download(&db).unwrap();
     let want = reference::wgrad(&dc32, &a32, a_rows, p.shape, &p.host(), mask, accumulate, &initial);
-    let what = format!("{} wgrad {} {a_rows:?} mask {mask:?} accumulate {accumulate}", device.description(), T::NAME);
+    let what = format!(
+        "{} wgrad {} {a_rows:?} mask {mask:?} accumulate {accumulate}",
+        device.description(),
+        T::NAME
+    );
     let rows = p.max_group_rows.max(1);
     assert_close(&what, &got, &want, tolerance::<f32>(rows).scaled(4.0));
     if let Some(mask) = mask {
         for e in (0..experts).filter(|&e| !mask[e]) {
             let range = e * n * k..(e + 1) * n * k;
-            let same = got[range.clone()].iter().zip(&initial[range]).all(|(g, i)| g.to_bits() == i.to_bits());
+            let same = got[range.clone()]
+                .iter()
+                .zip(&initial[range])
+                .all(|(g, i)| g.to_bits() == i.to_bits());
             assert!(same, "{what}: masked expert {e} was touched");
         }
     }
@@ -130,6 +175,19 @@ fn wgrad_mask_and_accumulate_with_gathered_a() {
         }
         // An empty mask launches nothing and leaves every gradient as it was.
         check_wgrad::<bf16>(&device, &p, p.gathered(), Some(&[false; 6]), false, 125);
+    }
+}
+
+#[test]
+fn several_tiles_in_every_dimension() {
+    // dA: 3 column tiles of K = 264, reduction N = 144 (5 k-tiles); dB: 2 x 3 tiles of [N, K],
+    // reduction over 300 rows (10 k-tiles).
+    let p = Problem::sized(&[130, 300], 144, 264, &mut Rng::new(161));
+    for device in devices() {
+        check_dgrad::<bf16, f32>(&device, &p, DgradEpilogue::Store, true, 162);
+        check_dgrad::<f32, f32>(&device, &p, DgradEpilogue::SwiGluBackward, false, 163);
+        check_wgrad::<bf16>(&device, &p, p.gathered(), Some(&[false, true]), true, 164);
+        check_wgrad::<f32>(&device, &p, ARows::Contiguous, None, false, 165);
     }
 }
 
@@ -157,11 +215,33 @@ fn backward_is_bitwise_deterministic() {
             let mut db = device.alloc_zeros::<f32>(4 * 32 * 32).unwrap();
             let mut da = device.alloc_zeros::<f32>(p.rows() * 32).unwrap();
             let g = groups.groups(&p);
-            gemm::wgrad(&device, &dc_d, &x_d, p.gathered(), p.shape, &g, None::<&ExpertMask>, false, &mut db).unwrap();
+            gemm::wgrad(
+                &device,
+                &dc_d,
+                &x_d,
+                p.gathered(),
+                p.shape,
+                &g,
+                None::<&ExpertMask>,
+                false,
+                &mut db,
+            )
+            .unwrap();
             let none = None::<&moe_kernels::DeviceBuffer<f32>>;
             let w = device.upload(&vec![bf16::from_f32(0.25); 4 * 32 * 32]).unwrap();
             let no_gu = None::<&moe_kernels::DeviceBuffer<bf16>>;
-            gemm::dgrad(&device, &dc_d, &w, p.shape, &g, DgradEpilogue::Store, none, no_gu, &mut da).unwrap();
+            gemm::dgrad(
+                &device,
+                &dc_d,
+                &w,
+                p.shape,
+                &g,
+                DgradEpilogue::Store,
+                none,
+                no_gu,
+                &mut da,
+            )
+            .unwrap();
             (device.download(&db).unwrap(), device.download(&da).unwrap())
         };
         assert!(run() == run(), "{}: two backward runs differ", device.description());
@@ -175,7 +255,10 @@ fn backward_is_bitwise_deterministic() {
 fn finite_differences_of_a_swiglu_expert_layer() {
     let (d, h) = (8, 8);
     let p1 = Problem::routed(6, 2, 3, 4, 2 * h, d, &mut Rng::new(151));
-    let p2 = Problem { shape: GemmShape { experts: 3, n: d, k: h }, ..p1.clone() };
+    let p2 = Problem {
+        shape: GemmShape { experts: 3, n: d, k: h },
+        ..p1.clone()
+    };
     let mut rng = Rng::new(152);
     let x = rng.normals(p1.tokens * d, 0.7);
     let w1 = rng.normals(3 * 2 * h * d, 0.5);
@@ -195,16 +278,75 @@ fn finite_differences_of_a_swiglu_expert_layer() {
         let mut hid = device.alloc_zeros::<f32>(p1.rows() * h).unwrap();
         let mut gu = device.alloc_zeros::<f32>(p1.rows() * 2 * h).unwrap();
         let none = None::<&moe_kernels::DeviceBuffer<f32>>;
-        let config = ForwardConfig { a_rows: p1.gathered(), epilogue: Epilogue::SwiGlu, path: GemmPath::Tiled };
-        gemm::forward(&device, &x_d, &w1_d, p1.shape, &g, &config, none, &mut hid, Some(&mut gu)).unwrap();
+        let config = ForwardConfig {
+            a_rows: p1.gathered(),
+            epilogue: Epilogue::SwiGlu,
+            path: GemmPath::Tiled,
+        };
+        gemm::forward(
+            &device,
+            &x_d,
+            &w1_d,
+            p1.shape,
+            &g,
+            &config,
+            none,
+            &mut hid,
+            Some(&mut gu),
+        )
+        .unwrap();
         let mut dgu = device.alloc_zeros::<f32>(p1.rows() * 2 * h).unwrap();
-        gemm::dgrad(&device, &r_d, &w2_d, p2.shape, &g, DgradEpilogue::SwiGluBackward, none, Some(&gu), &mut dgu).unwrap();
+        gemm::dgrad(
+            &device,
+            &r_d,
+            &w2_d,
+            p2.shape,
+            &g,
+            DgradEpilogue::SwiGluBackward,
+            none,
+            Some(&gu),
+            &mut dgu,
+        )
+        .unwrap();
         let mut dxp = device.alloc_zeros::<f32>(p1.rows() * d).unwrap();
-        gemm::dgrad(&device, &dgu, &w1_d, p1.shape, &g, DgradEpilogue::Store, none, none, &mut dxp).unwrap();
+        gemm::dgrad(
+            &device,
+            &dgu,
+            &w1_d,
+            p1.shape,
+            &g,
+            DgradEpilogue::Store,
+            none,
+            none,
+            &mut dxp,
+        )
+        .unwrap();
         let mut dw1 = device.alloc_zeros::<f32>(w1.len()).unwrap();
-        gemm::wgrad(&device, &dgu, &x_d, p1.gathered(), p1.shape, &g, None::<&ExpertMask>, false, &mut dw1).unwrap();
+        gemm::wgrad(
+            &device,
+            &dgu,
+            &x_d,
+            p1.gathered(),
+            p1.shape,
+            &g,
+            None::<&ExpertMask>,
+            false,
+            &mut dw1,
+        )
+        .unwrap();
         let mut dw2 = device.alloc_zeros::<f32>(w2.len()).unwrap();
-        gemm::wgrad(&device, &r_d, &hid, ARows::Contiguous, p2.shape, &g, None::<&ExpertMask>, false, &mut dw2).unwrap();
+        gemm::wgrad(
+            &device,
+            &r_d,
+            &hid,
+            ARows::Contiguous,
+            p2.shape,
+            &g,
+            None::<&ExpertMask>,
+            false,
+            &mut dw2,
+        )
+        .unwrap();
         let dxp = device.download(&dxp).unwrap();
         // dX[t] = Σ over the rows gathered from token t of dXp[row].
         let mut dx = vec![0.0f32; x.len()];

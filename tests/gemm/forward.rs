@@ -31,14 +31,23 @@ impl Case {
 
 /// The forward's output (and GU) on `device`, as f32, after checking it took one launch and
 /// no host sync; the inputs come from `seed`.
-pub fn run<T: FloatElement, O: FloatElement>(device: &Device, p: &Problem, case: Case, seed: u64) -> (Vec<f32>, Vec<f32>) {
+pub fn run<T: FloatElement, O: FloatElement>(
+    device: &Device,
+    p: &Problem,
+    case: Case,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
     let mut rng = Rng::new(seed);
     let (n, k) = (p.shape.n, p.shape.k);
     let (a, _) = values::<T>(&mut rng, p.a_rows(case.a_rows) * k, 0.5);
     let (b, _) = values::<T>(&mut rng, p.shape.experts * n * k, 0.5);
     let w: Vec<f32> = (0..p.tokens * p.top_k).map(|_| rng.uniform(0.1, 1.0)).collect();
     let groups = DeviceGroups::new(device, p);
-    let (a_d, b_d, w_d) = (device.upload(&a).unwrap(), device.upload(&b).unwrap(), device.upload(&w).unwrap());
+    let (a_d, b_d, w_d) = (
+        device.upload(&a).unwrap(),
+        device.upload(&b).unwrap(),
+        device.upload(&w).unwrap(),
+    );
     let mut out = device
         .alloc_zeros::<O>(forward_out_len(&p.shape, p.rows(), case.epilogue).unwrap())
         .unwrap();
@@ -63,8 +72,15 @@ pub fn run<T: FloatElement, O: FloatElement>(device: &Device, p: &Problem, case:
     .unwrap();
     let after = device.stats();
     assert_eq!(after.host_syncs, before.host_syncs, "forward synced the host");
-    assert_eq!(after.launches - before.launches, u64::from(p.rows() > 0), "forward launches");
-    (to_f32(&device.download(&out).unwrap()), to_f32(&device.download(&gu).unwrap()))
+    assert_eq!(
+        after.launches - before.launches,
+        u64::from(p.rows() > 0),
+        "forward launches"
+    );
+    (
+        to_f32(&device.download(&out).unwrap()),
+        to_f32(&device.download(&gu).unwrap()),
+    )
 }
 
 /// Runs `case` on `device` and compares with the reference.
@@ -78,8 +94,17 @@ pub fn check<T: FloatElement, O: FloatElement>(device: &Device, p: &Problem, cas
     let w: Vec<f32> = (0..p.tokens * p.top_k).map(|_| rng.uniform(0.1, 1.0)).collect();
     let weights = case.weights.then_some(&w[..]);
     let (want, want_gu) = reference::forward(&a, case.a_rows, &b, p.shape, &p.host(), case.epilogue, weights);
-    let what = format!("{} {}->{} {case:?} {:?}", device.description(), T::NAME, O::NAME, p.shape);
-    assert!(p.rows() == 0 || want.iter().any(|&v| v != 0.0), "{what}: a vacuous case");
+    let what = format!(
+        "{} {}->{} {case:?} {:?}",
+        device.description(),
+        T::NAME,
+        O::NAME,
+        p.shape
+    );
+    assert!(
+        p.rows() == 0 || want.iter().any(|&v| v != 0.0),
+        "{what}: a vacuous case"
+    );
     assert_close(&what, &got, &want, tolerance::<O>(k));
     if case.save_gu {
         assert_close(&format!("{what} gu"), &got_gu, &want_gu, tolerance::<T>(k));
@@ -176,7 +201,17 @@ fn auto_picks_decode_for_small_groups_and_tiles_for_large() {
     let large = Problem::sized(&[40, 2], 16, 16, &mut Rng::new(7));
     for device in devices() {
         check::<bf16, bf16>(&device, &small, Case::plain(GemmPath::Auto), 61);
+        let launched = device.launch_configs();
+        assert!(
+            launched.contains_key("grouped_gemm_decode_bf16"),
+            "Auto took the tiles for groups of at most 12 rows"
+        );
+        assert!(!launched.contains_key("grouped_gemm_fwd_bf16"));
         check::<bf16, bf16>(&device, &large, Case::plain(GemmPath::Auto), 62);
+        assert!(
+            device.launch_configs().contains_key("grouped_gemm_fwd_bf16"),
+            "Auto decoded 40-row groups"
+        );
     }
 }
 
@@ -222,5 +257,24 @@ proptest! {
                 _ => check::<bf16, bf16>(&device, &p, case, seed),
             }
         }
+    }
+}
+
+#[test]
+fn several_row_column_and_k_tiles() {
+    // 3 column tiles of the plain store (N = 272 > 2 x 128), 3 of SwiGLU (h = 144 > 2 x 64),
+    // groups of 2 and 3 row tiles, 5 k-tiles (more than the 3 pipeline stages).
+    let p = Problem::sized(&[130, 0, 300], 272, 160, &mut Rng::new(9));
+    let swiglu = Problem::sized(&[200, 5], 288, 40, &mut Rng::new(10));
+    for device in devices() {
+        check::<bf16, bf16>(&device, &p, Case::plain(GemmPath::Tiled), 91);
+        check::<f32, f32>(&device, &p, Case::plain(GemmPath::Tiled), 92);
+        let case = Case {
+            epilogue: Epilogue::SwiGlu,
+            save_gu: true,
+            ..Case::plain(GemmPath::Tiled)
+        };
+        check::<f16, f16>(&device, &swiglu, case, 93);
+        check::<f32, f32>(&device, &swiglu, case, 94);
     }
 }

@@ -2,12 +2,15 @@
 //! (`grouped_gemm_wgrad_*`), with the ESFT expert mask and the Chain-of-Experts accumulate mode.
 use super::forward::check_grid_y;
 use super::{
-    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_out_type, i64_of,
-    row_tiles, tile_shared,
+    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type,
+    i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Bytes of the dgrad tile kernel's table of row scales (one per tile row, at most 128).
+const SCALE_TABLE: u32 = 128 * 4;
 
 /// What [`dgrad`] writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,7 +51,8 @@ impl ExpertMask<DeviceBuffer<i32>> {
 /// per row by `row_weights[sorted_rows[r]]` when given (the backward of the forward's row
 /// weights, with respect to A), then through `epilogue`:
 /// `out` is `[rows, K]` (`Store`) or `dGU: [rows, 2K]` (`SwiGluBackward`, which reads
-/// `gu: [rows, 2K]`), of dC's dtype or f32. One launch, no host sync.
+/// `gu: [rows, 2K]`), of dC's dtype or f32. One launch (none when `groups.rows` is 0), no host
+/// sync.
 #[allow(clippy::too_many_arguments)]
 pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     device: &Device,
@@ -64,16 +68,24 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     shape.validate::<T>()?;
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
-    check_len("b", b, shape.weight_len()?, || format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k))?;
+    check_len("b", b, shape.weight_len()?, || {
+        format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
+    })?;
+    check_aligned_16(device, "dc", dc)?;
+    check_aligned_16(device, "b", b)?;
     let out_f32 = check_out_type::<T, O>("out")?;
     let (mode, out_cols) = match epilogue {
         DgradEpilogue::Store => (EPI_STORE, shape.k),
         DgradEpilogue::SwiGluBackward => (EPI_SWIGLU_BWD, elements("out", 2, shape.k)?),
     };
-    check_len("out", out, elements("out", groups.rows, out_cols)?, || "[rows, K] (SwiGluBackward: [rows, 2K])".into())?;
+    check_len("out", out, elements("out", groups.rows, out_cols)?, || {
+        "[rows, K] (SwiGluBackward: [rows, 2K])".into()
+    })?;
     match (epilogue, gu) {
         (DgradEpilogue::SwiGluBackward, Some(gu)) => {
-            check_len("gu", gu, elements("gu", groups.rows, 2 * shape.k)?, || "[rows, 2K]".into())?
+            check_len("gu", gu, elements("gu", groups.rows, 2 * shape.k)?, || {
+                "[rows, 2K]".into()
+            })?
         }
         (DgradEpilogue::SwiGluBackward, None) => return Err(missing("gu", "the forward's GU for SwiGluBackward")),
         (DgradEpilogue::Store, Some(_)) => {
@@ -103,7 +115,7 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
             1,
         ),
         block: (TILE_THREADS, 1, 1),
-        shared_bytes: tile_shared::<T>(true, false),
+        shared_bytes: tile_shared::<T>(true, false) + SCALE_TABLE,
     };
     check_grid_y(launch.grid.1)?;
     // SAFETY of the argument list: DGRAD_PARAMS in grouped_gemm.cu, in order.
@@ -148,6 +160,8 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
     let (a_rows, _) = check_a_rows(a, a_mode, &shape, groups)?;
+    check_aligned_16(device, "dc", dc)?;
+    check_aligned_16(device, "a", a)?;
     check_len("db", db, shape.weight_len()?, || "[E, N, K] f32".into())?;
     let blocks_y = match mask {
         Some(mask) => {
@@ -158,7 +172,9 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
                     expected: format!("{} experts", shape.experts),
                 });
             }
-            check_len("mask.active", &mask.active, mask.active_count.max(1), || "[active_count]".into())?;
+            check_len("mask.active", &mask.active, mask.active_count.max(1), || {
+                "[active_count]".into()
+            })?;
             mask.active_count
         }
         None => shape.experts,

@@ -1,11 +1,15 @@
 //! The forward: `C_e = A_e · B_e^T` with its epilogues (`grouped_gemm_fwd_*`, `grouped_gemm_decode_*`).
 use super::{
     ARows, DECODE_MAX_ROWS, DECODE_SHARED, DECODE_THREADS, DECODE_WEIGHT_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape,
-    Groups, TILE_THREADS, check_a_rows, check_out_type, i64_of, row_tiles, tile_shared,
+    Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
 use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Bytes of the forward tile kernel's tables of A-row pointers and row scales (one each per
+/// tile row, at most 128).
+const ROW_TABLES: u32 = 128 * (8 + 4);
 
 /// What the forward writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,7 +72,7 @@ pub fn forward_out_len(shape: &GemmShape, rows: usize, epilogue: Epilogue) -> Re
 /// - `out`: `[rows, N]` or, SwiGLU, `[rows, N/2]`, of A's dtype or f32;
 /// - `gu`: SwiGLU only, `[rows, N]` of A's dtype: the (scaled) gate and up values for the backward.
 ///
-/// One launch, no host sync.
+/// One launch (none when `groups.rows` is 0), no host sync.
 #[allow(clippy::too_many_arguments)]
 pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     device: &Device,
@@ -85,7 +89,11 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     config.validate(&shape)?;
     groups.validate(&shape)?;
     let (a_rows, gather_slots) = check_a_rows(a, config.a_rows, &shape, groups)?;
-    check_len("b", b, shape.weight_len()?, || format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k))?;
+    check_len("b", b, shape.weight_len()?, || {
+        format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
+    })?;
+    check_aligned_16(device, "a", a)?;
+    check_aligned_16(device, "b", b)?;
     let out_f32 = check_out_type::<T, O>("out")?;
     let out_len = forward_out_len(&shape, groups.rows, config.epilogue)?;
     check_len("out", out, out_len, || "[rows, N] (SwiGLU: [rows, N/2])".into())?;
@@ -122,7 +130,11 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
     };
     let (name, launch) = if decode {
-        let per_block = if mode == EPI_SWIGLU { DECODE_WEIGHT_ROWS / 2 } else { DECODE_WEIGHT_ROWS };
+        let per_block = if mode == EPI_SWIGLU {
+            DECODE_WEIGHT_ROWS / 2
+        } else {
+            DECODE_WEIGHT_ROWS
+        };
         let blocks = grid_blocks("shape.n", out_cols, per_block)?;
         let config = LaunchConfig {
             grid: (blocks, shape.experts as u32, 1),
@@ -140,7 +152,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
                 1,
             ),
             block: (TILE_THREADS, 1, 1),
-            shared_bytes: tile_shared::<T>(true, true),
+            shared_bytes: tile_shared::<T>(true, true) + ROW_TABLES,
         };
         (format!("grouped_gemm_fwd_{}", T::NAME), config)
     };

@@ -24,8 +24,9 @@
 //! tiles of 8 warps; K and N multiples of 8), f32 on 64x64 FMA tiles (any shape). When every
 //! group has at most [`DECODE_MAX_ROWS`] rows (a host-known bound, [`Groups::max_group_rows`]),
 //! the forward streams B with 16-byte loads instead ([`GemmPath::Decode`]). Every op is **one
-//! launch** (`wgrad` with an empty mask: none) and never waits for the device. All sums run in a
-//! fixed order: results are bitwise reproducible.
+//! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
+//! and never waits for the device. All sums run in a fixed order: results are bitwise
+//! reproducible.
 mod backward;
 mod forward;
 
@@ -33,7 +34,7 @@ pub use backward::{DgradEpilogue, ExpertMask, dgrad, wgrad};
 pub use forward::{Epilogue, ForwardConfig, GemmPath, forward, forward_out_len};
 
 use super::{FloatElement, check_len, check_range, elements};
-use crate::{DeviceSlice, Error, Result};
+use crate::{Device, DeviceSlice, Error, Result};
 
 /// The forward picks the decode kernel when no group can exceed this many rows.
 pub const DECODE_MAX_ROWS: usize = 32;
@@ -192,6 +193,27 @@ fn tile_shared<T: FloatElement>(a_k_major: bool, b_k_major: bool) -> u32 {
     }
     let halves = |k_major: bool| if k_major { 128 * 40 } else { 32 * 136 };
     (3 * (halves(a_k_major) + halves(b_k_major)) * 2) as u32
+}
+
+/// `Err` unless `buffer` starts 16-byte aligned on the tensor-core path (f16/bf16), whose
+/// loaders move rows with 16-byte `cp.async` (K and N multiples of 8 keep every row aligned).
+fn check_aligned_16<T: FloatElement>(
+    device: &Device,
+    argument: &'static str,
+    buffer: &impl DeviceSlice<T>,
+) -> Result<()> {
+    if T::NAME == "f32" || buffer.is_empty() {
+        return Ok(());
+    }
+    let (address, _guard) = buffer.kernel_ptr(device, argument)?;
+    if address % 16 == 0 {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        argument,
+        value: format!("a buffer at {address:#x}"),
+        expected: "a 16-byte aligned start on the f16/bf16 path".into(),
+    })
 }
 
 /// The i64 scalar of a size.
