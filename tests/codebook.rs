@@ -137,6 +137,8 @@ proptest! {
         tokens in 0usize..140, dim in 1usize..72, codes in 1usize..200, k in 1usize..=8,
         experts_pick in 0usize..4, splits in 0usize..4, dtype in 0usize..3, seed in 0u64..1000,
     ) {
+        // f16/bf16 rows go to the tensor cores in 16-byte copies: d a multiple of 8.
+        let dim = if dtype == 0 { dim } else { dim.div_ceil(8) * 8 };
         let shape = CodebookShape { tokens, dim, codes };
         let divisors: Vec<usize> = (1..=codes).filter(|e| codes % e == 0).collect();
         let tiles = codes.div_ceil(64);
@@ -154,12 +156,13 @@ proptest! {
 }
 
 /// Separated inputs: every row's best code beats the second by far more than rounding, so ids
-/// must equal the reference exactly; T and d are not multiples of any tile; the result is
-/// bitwise the same for every split and on a repeat.
+/// must equal the reference exactly; T and d are not multiples of any tile (d = 37 for f32, 40
+/// for the 16-bit types, whose rows must be 16 bytes); the result is bitwise the same for every
+/// split and on a repeat.
 fn exact_ids<T: FloatElement>() {
     let shape = CodebookShape {
         tokens: 70,
-        dim: 37,
+        dim: if size_of::<T>() == 4 { 37 } else { 40 },
         codes: 300,
     };
     let mut rng = Rng::new(11);
@@ -243,7 +246,7 @@ fn ties_go_to_the_lower_code() {
 fn non_finite_rows<T: FloatElement>() {
     let shape = CodebookShape {
         tokens: 6,
-        dim: 20,
+        dim: 24,
         codes: 90,
     };
     let (mut x, codes) = inputs::<T>(&shape, 5);
@@ -288,7 +291,7 @@ fn a_single_code() {
         codes: 1,
     };
     check_nearest::<f32>(&shape, &NearestConfig::default(), 1);
-    check_nearest::<bf16>(&shape, &NearestConfig::default(), 2);
+    check_nearest::<bf16>(&CodebookShape { dim: 16, ..shape }, &NearestConfig::default(), 2);
 }
 
 /// One launch unsplit, two split (the merge); never a host sync; experts = code mod E.
@@ -591,6 +594,17 @@ fn nearest_refuses_bad_inputs() {
     assert_refused(device, "config.k", || run(small, NearestConfig { k: 3, ..ok }, [15, 10, 2, 9, 9, 0]));
     assert_refused(device, "shape.dim", || run(CodebookShape { dim: 0, ..shape }, ok, [0, 0, 12, 3, 3, 0]));
     assert_refused(device, "shape.codes", || run(CodebookShape { codes: 0, ..shape }, ok, [15, 0, 0, 3, 3, 0]));
+    let (x16, c16) = (zeros::<f16>(device, 3 * 12), zeros::<f16>(device, 12 * 12));
+    let (mut ids, mut ws) = (zeros::<i32>(device, 3), zeros::<u32>(device, 0));
+    let out = NearestOutputs {
+        ids: &mut ids,
+        distances: None,
+        experts: None,
+    };
+    let d12 = CodebookShape { dim: 12, ..shape };
+    assert_refused(device, "shape.dim", || {
+        codebook::nearest(device, &d12, &ok, &x16, &c16, &zeros::<f32>(device, 12), out, &mut ws)
+    });
     let mut bad_norms = zeros::<f32>(device, 11);
     assert_refused(device, "norms", || codebook::code_norms(device, &shape, &c, &mut bad_norms));
     assert_refused(device, "codes", || codebook::code_norms(device, &shape, &x, &mut bad_norms));

@@ -5,9 +5,10 @@
 // codes. Each column tile is a GEMM of the X tile against 64 code rows over k-tiles of d:
 //   f32:      FMA tiles from gate_tile.cuh (16-wide k-tiles of f32 in shared memory; thread
 //             (ty, tx) owns rows ty + 16 i, codes tx + 16 j, i, j < 4);
-//   f16/bf16: mma.sync m16n8k16 with f32 accumulation on 16-bit shared tiles read with
-//             ldmatrix (load_tile_16bit / mma_16816 from gate_mma.cuh); warp w owns rows
-//             16 (w % 4) .. +16 and codes 32 (w / 4) .. +32 (four n8 tiles).
+//   f16/bf16: mma.sync m16n8k16 with f32 accumulation through mma_tile.cuh's pipelined
+//             mainloop (cp.async 16-byte copies, 3 stages, ldmatrix); warp w owns rows
+//             16 (w % 4) .. +16 and codes 32 (w / 4) .. +32 (four n8 fragments). Needs d % 8 == 0
+//             and 16-byte aligned X and C (the wrapper checks both).
 // The epilogue writes the tile's scores to shared memory (never to global memory: the [T, Nc]
 // matrix does not exist anywhere), and thread (row, quarter) = (tid / 4, tid % 4) folds
 // columns 16 quarter .. +16 of its row into a running top-K list in registers. After the last
@@ -18,13 +19,18 @@
 // depend on which thread or split saw a code first: the result is bitwise the same for any
 // split of the codes, and ties go to the lower index.
 #pragma once
-#include "gate_mma.cuh"
+#include "gate_tile.cuh"
+#include "mma_tile.cuh"
 
 constexpr int CB_THREADS = 256;
 constexpr int CB_BM = 64;            // tokens per block
 constexpr int CB_BN = 64;            // codes per column tile
 constexpr int CB_SLD = CB_BN + 1;    // floats per shared score row (odd: fewer bank conflicts)
 constexpr int CB_QUARTER = CB_BN / 4;
+// The 16-bit score tile on mma_tile.cuh: 64 x 64 codes, k-tiles of 32, 4 x 2 warps of 16 x 32
+// (one m16 by four n8 fragments each), a 3-stage cp.async pipeline (30 KiB of shared memory).
+using CbMmaTile = MmaTile<CB_BM, CB_BN, 32, 4, 2, 3>;
+static_assert(CbMmaTile::THREADS == CB_THREADS && CbMmaTile::MI == 1, "one m16 fragment per warp");
 
 // True when (s, i) ranks before (u, j): smaller score, NaN last, then lower index.
 __device__ __forceinline__ bool ranks_before(float s, int i, float u, int j) {
@@ -132,37 +138,17 @@ __device__ __forceinline__ void score_tile(float* scores, void* operands, const 
       for (int i = 0; i < 4; ++i) scores[(ty + 16 * i) * CB_SLD + n] = norm - 2.0f * acc[i][j];
     }
   } else {
-    T* As = static_cast<T*>(operands);  // [64][MMA_LD]
-    T* Bs = As + CB_BM * MMA_LD;        // [64][MMA_LD]
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int wm = warp % 4, wn = warp / 4, g = lane / 4, q = lane % 4;
-    auto no_unit = [](int) -> i64 { return -1; };
-    float acc[4][4] = {};
-    for (i64 k0 = 0; k0 < d; k0 += MMA_BK) {
-      __syncthreads();
-      load_tile_16bit<T>(As, CB_BM, x_row, no_unit, k0, d, vec);
-      load_tile_16bit<T>(Bs, CB_BN, code_row, no_unit, k0, d, vec);
-      __syncthreads();
+    float acc[CbMmaTile::MI][CbMmaTile::NI][4] = {};
+    cta_tile_mainloop<CbMmaTile>(acc, x_row, code_row, d, static_cast<T*>(operands), x);
+    const AccCoord<CbMmaTile> at(warp % CbMmaTile::WARPS_M, warp / CbMmaTile::WARPS_M, lane);
 #pragma unroll
-      for (int ks = 0; ks < MMA_BK; ks += 16) {
-        uint32_t a[4];
-        ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * MMA_LD + ks + (lane / 16) * 8);
+    for (int ni = 0; ni < CbMmaTile::NI; ++ni) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          uint32_t b[2];
-          ldmatrix_x2<false>(b, Bs + (wn * 32 + i * 8 + lane % 8) * MMA_LD + ks + ((lane / 8) % 2) * 8);
-          mma_16816(acc[i], a, b, static_cast<T*>(nullptr));
-        }
-      }
-    }
-    // C fragment (ptx.cuh): acc[i][c] at row g (+8 if c >= 2), column 2q + (c & 1) of n8 tile i.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int m = wm * 16 + g + (c >= 2 ? 8 : 0), n = wn * 32 + i * 8 + 2 * q + (c & 1);
+      for (int i = 0; i < 4; ++i) {
+        const int m = at.row(0, i), n = at.col(ni, i);
         const float norm = c0 + n < num_codes ? norms[c0 + n] : 0.0f;
-        scores[m * CB_SLD + n] = norm - 2.0f * acc[i][c];
+        scores[m * CB_SLD + n] = norm - 2.0f * acc[0][ni][i];
       }
     }
   }

@@ -23,8 +23,11 @@
 //! number, so a row with NaN (e.g. x holding NaN) gets codes `0..k` with distance NaN. The
 //! result is bitwise the same for every split.
 //!
-//! Any d works (no alignment needed: rows whose starts are 16-byte aligned are read with
-//! 16-byte loads, others element by element).
+//! f32 takes any d (rows whose starts are 16-byte aligned are read with 16-byte loads, others
+//! element by element). f16/bf16 [`nearest`] streams rows into the tensor-core tile with 16-byte
+//! `cp.async` copies (`kernels/include/mma_tile.cuh`): it needs d % 8 == 0 and 16-byte aligned
+//! X and C, and refuses other inputs with an error naming `shape.dim`, `x` or `codes`. The
+//! other ops take any d in every dtype.
 //!
 //! **Ids from the device.** Ops that take ids cannot reject an id outside `[0, Nc)` without a
 //! host sync: [`quantize`], [`losses`] and [`losses_backward`] read such a token's code as a

@@ -11,6 +11,9 @@ const TOKEN_TILE: usize = 64;
 const CODE_TILE: usize = 64;
 /// Floats per shared score row (`CB_SLD`).
 const SCORE_ROW: usize = CODE_TILE + 1;
+/// k-tile and pipeline depth of the 16-bit tile (`CbMmaTile` in codebook_nearest.cuh).
+const MMA_K_TILE: usize = 32;
+const MMA_STAGES: usize = 3;
 /// Threads per block of the merge kernel.
 const MERGE_THREADS: u32 = 128;
 /// Below this many token blocks the auto split spreads the codes over more blocks.
@@ -94,6 +97,33 @@ impl NearestConfig {
     }
 }
 
+/// The 16-bit path copies 16-byte chunks of rows with cp.async: d must be a multiple of 8 and
+/// X and C must start 16-byte aligned (every buffer this crate allocates does).
+fn check_tensor_core_rows<T: FloatElement>(
+    device: &Device,
+    shape: &CodebookShape,
+    x: &impl DeviceSlice<T>,
+    codes: &impl DeviceSlice<T>,
+) -> Result<()> {
+    if shape.dim % 8 != 0 {
+        return Err(Error::InvalidArgument {
+            argument: "shape.dim",
+            value: shape.dim.to_string(),
+            expected: format!("a multiple of 8 for {} (16-byte rows for the tensor-core tile)", T::NAME),
+        });
+    }
+    for (argument, address) in [("x", x.kernel_ptr(device, "x")?.0), ("codes", codes.kernel_ptr(device, "codes")?.0)] {
+        if address % 16 != 0 {
+            return Err(Error::InvalidArgument {
+                argument,
+                value: format!("address {address:#x}"),
+                expected: "a 16-byte aligned start for f16/bf16".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn column_tiles(shape: &CodebookShape) -> usize {
     shape.codes.div_ceil(CODE_TILE)
 }
@@ -149,6 +179,9 @@ pub fn nearest<T: FloatElement>(
     check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
     check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
+    if size_of::<T>() == 2 {
+        check_tensor_core_rows(device, shape, x, codes)?;
+    }
     let mut ids = DynMut(out.ids);
     let mut distances = out.distances.map(DynMut);
     let mut experts = out.experts.map(DynMut);
@@ -170,7 +203,7 @@ pub fn nearest<T: FloatElement>(
     let operand_bytes = if size_of::<T>() == 4 {
         2 * 16 * TOKEN_TILE * 4 // two [16][64] f32 k-tiles
     } else {
-        2 * TOKEN_TILE * 40 * 2 // two [64][MMA_LD] 16-bit k-tiles
+        MMA_STAGES * 2 * TOKEN_TILE * (MMA_K_TILE + 8) * 2 // A and B [64][32 + 8] halves per stage
     };
     let shared = TOKEN_TILE * SCORE_ROW * 4 + operand_bytes;
     let launch = LaunchConfig {
