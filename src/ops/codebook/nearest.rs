@@ -109,10 +109,16 @@ fn check_tensor_core_rows<T: FloatElement>(
         return Err(Error::InvalidArgument {
             argument: "shape.dim",
             value: shape.dim.to_string(),
-            expected: format!("a multiple of 8 for {} (16-byte rows for the tensor-core tile)", T::NAME),
+            expected: format!(
+                "a multiple of 8 for {} (16-byte rows for the tensor-core tile)",
+                T::NAME
+            ),
         });
     }
-    for (argument, address) in [("x", x.kernel_ptr(device, "x")?.0), ("codes", codes.kernel_ptr(device, "codes")?.0)] {
+    for (argument, address) in [
+        ("x", x.kernel_ptr(device, "x")?.0),
+        ("codes", codes.kernel_ptr(device, "codes")?.0),
+    ] {
         if address % 16 != 0 {
             return Err(Error::InvalidArgument {
                 argument,
@@ -137,7 +143,9 @@ pub fn code_norms<T: FloatElement>(
 ) -> Result<()> {
     shape.validate()?;
     let (nc, d) = (shape.codes, shape.dim);
-    check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
     // SAFETY of the argument list: codebook_norms_<dt>(codes, norms, num_codes, d).
     let args = KernelArgs::new(device)
@@ -164,6 +172,7 @@ pub struct NearestOutputs<'a> {
 /// The k nearest codes of every row of `x` (`[T, d]`) in `codes` (`[Nc, d]`, with `norms` from
 /// [`code_norms`]), into `out`. `workspace`: `config.workspace_len(shape)` u32 (may be empty).
 /// Launches: `config.launches(shape)` (1, or 2 when the codes are split); no host sync.
+#[allow(clippy::too_many_arguments)]
 pub fn nearest<T: FloatElement>(
     device: &Device,
     shape: &CodebookShape,
@@ -177,7 +186,9 @@ pub fn nearest<T: FloatElement>(
     config.validate(shape)?;
     let (t, d, nc, k) = (shape.tokens, shape.dim, shape.codes, config.k);
     check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
     if size_of::<T>() == 2 {
         check_tensor_core_rows(device, shape, x, codes)?;
@@ -214,14 +225,20 @@ pub fn nearest<T: FloatElement>(
     // SAFETY of the argument list: NEAREST_PARAMS in codebook.cu (x, codes, norms, ids,
     // distances, experts, partial, tokens, d, num_codes, k, num_experts, tiles_per_split);
     // lengths checked above; partial is null exactly when there is one split.
-    let args = KernelArgs::new(device).input("x", x).input("codes", codes).input("norms", norms);
+    let args = KernelArgs::new(device)
+        .input("x", x)
+        .input("codes", codes)
+        .input("norms", norms);
     let args = if splits == 1 {
         args.output("ids", &mut ids)
             .output_or_null("distances", distances.as_mut())
             .output_or_null("experts", experts.as_mut())
             .scalar(0u64)
     } else {
-        args.scalar(0u64).scalar(0u64).scalar(0u64).output("workspace", workspace)
+        args.scalar(0u64)
+            .scalar(0u64)
+            .scalar(0u64)
+            .output("workspace", workspace)
     };
     let args = args
         .scalar(t as i64)
