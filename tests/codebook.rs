@@ -160,7 +160,7 @@ proptest! {
         let dim = if dtype == 0 { dim } else { dim.div_ceil(8) * 8 };
         let shape = CodebookShape { tokens, dim, codes };
         let divisors: Vec<usize> = (1..=codes).filter(|e| codes % e == 0).collect();
-        let tiles = codes.div_ceil(64);
+        let tiles = NearestConfig::max_splits(&shape);
         let config = NearestConfig {
             k: k.min(codes),
             num_experts: divisors[experts_pick % divisors.len()],
@@ -182,7 +182,7 @@ fn exact_ids<T: FloatElement>() {
     let shape = CodebookShape {
         tokens: 70,
         dim: if size_of::<T>() == 4 { 37 } else { 40 },
-        codes: 300,
+        codes: 700,
     };
     let mut rng = Rng::new(11);
     let codes = values::<T>(&mut rng, shape.codebook_len(), 1.0);
@@ -225,25 +225,25 @@ fn nearest_ids_exact_when_separated() {
     exact_ids::<bf16>();
 }
 
-/// Codes 5, 77 and 190 are the same vector (in three different splits): the lower index wins
-/// and top-3 lists all three in index order.
+/// Codes 5, 300 and 515 are the same vector (in three different splits of 256 codes): the lower
+/// index wins and top-3 lists all three in index order.
 fn duplicate_codes<T: FloatElement>() {
     let shape = CodebookShape {
         tokens: 9,
         dim: 24,
-        codes: 200,
+        codes: 520,
     };
     let (mut x, mut codes) = inputs::<T>(&shape, 3);
     let d = shape.dim;
     let source: Vec<f64> = codes[5 * d..6 * d].to_vec();
-    for j in [77, 190] {
+    for j in [300, 515] {
         codes[j * d..(j + 1) * d].copy_from_slice(&source);
     }
     for t in 0..shape.tokens {
         x[t * d..(t + 1) * d].copy_from_slice(&source);
     }
     for device in devices() {
-        for splits in [Some(1), Some(4)] {
+        for splits in [Some(1), Some(3)] {
             let config = NearestConfig {
                 k: 3,
                 splits,
@@ -251,7 +251,7 @@ fn duplicate_codes<T: FloatElement>() {
             };
             let got = run_nearest::<T>(&device, &shape, &config, &x, &codes);
             for t in 0..shape.tokens {
-                assert_eq!(&got.ids[3 * t..3 * t + 3], &[5, 77, 190], "{} row {t}", T::NAME);
+                assert_eq!(&got.ids[3 * t..3 * t + 3], &[5, 300, 515], "{} row {t}", T::NAME);
             }
             let top1 = NearestConfig { k: 1, ..config };
             assert!(
@@ -277,7 +277,7 @@ fn non_finite_rows<T: FloatElement>() {
     let shape = CodebookShape {
         tokens: 6,
         dim: 24,
-        codes: 90,
+        codes: 200,
     };
     let (mut x, codes) = inputs::<T>(&shape, 5);
     let d = shape.dim;
@@ -335,7 +335,7 @@ fn nearest_launch_budget_and_no_host_sync() {
     let shape = CodebookShape {
         tokens: 33,
         dim: 16,
-        codes: 512,
+        codes: 1024,
     };
     let (x, codes) = inputs::<f16>(&shape, 9);
     for device in devices() {

@@ -1,17 +1,17 @@
 // codebook_nearest.cuh: the fused distance + top-k of the codebook family (kernels/codebook.cu).
 //
 // score(t, j) = ||c_j||^2 - 2 x_t . c_j   (||x_t||^2 is the same for every code: added back only
-// when distances are written). Per block: 64 tokens x all (or one split's) column tiles of 64
-// codes. Each column tile is a GEMM of the X tile against 64 code rows over k-tiles of d:
+// when distances are written). Per block: 64 tokens x all (or one split's) column tiles of 128
+// codes. Each column tile is a GEMM of the X tile against 128 code rows over k-tiles of d:
 //   f32:      FMA tiles from gate_tile.cuh (16-wide k-tiles of f32 in shared memory; thread
-//             (ty, tx) owns rows ty + 16 i, codes tx + 16 j, i, j < 4);
+//             (ty, tx) owns rows ty + 16 i, codes tx + 16 j, i < 4, j < 8);
 //   f16/bf16: mma.sync m16n8k16 with f32 accumulation through mma_tile.cuh's pipelined
 //             mainloop (cp.async 16-byte copies, 3 stages, ldmatrix); warp w owns rows
-//             16 (w % 4) .. +16 and codes 32 (w / 4) .. +32 (four n8 fragments). Needs d % 8 == 0
+//             32 (w % 2) .. +32 and codes 32 (w / 2) .. +32. Needs d % 8 == 0
 //             and 16-byte aligned X and C (the wrapper checks both).
 // The epilogue writes the tile's scores to shared memory (never to global memory: the [T, Nc]
 // matrix does not exist anywhere), and thread (row, quarter) = (tid / 4, tid % 4) folds
-// columns 16 quarter .. +16 of its row into a running top-K list in registers. After the last
+// columns 32 quarter .. +32 of its row into a running top-K list in registers. After the last
 // column tile the four lists of a row are merged through shared memory by its quarter-0 thread.
 //
 // Order: entries compare by (score, code index), NaN scores after every number (a NaN never
@@ -24,13 +24,14 @@
 
 constexpr int CB_THREADS = 256;
 constexpr int CB_BM = 64;            // tokens per block
-constexpr int CB_BN = 64;            // codes per column tile
+constexpr int CB_BN = 128;           // codes per column tile
 constexpr int CB_SLD = CB_BN + 1;    // floats per shared score row (odd: fewer bank conflicts)
-constexpr int CB_QUARTER = CB_BN / 4;
-// The 16-bit score tile on mma_tile.cuh: 64 x 64 codes, k-tiles of 32, 4 x 2 warps of 16 x 32
-// (one m16 by four n8 fragments each), a 3-stage cp.async pipeline (30 KiB of shared memory).
-using CbMmaTile = MmaTile<CB_BM, CB_BN, 32, 4, 2, 3>;
-static_assert(CbMmaTile::THREADS == CB_THREADS && CbMmaTile::MI == 1, "one m16 fragment per warp");
+constexpr int CB_QUARTER = CB_BN / 4;  // columns each of a row's four threads folds
+// The 16-bit score tile on mma_tile.cuh: 64 tokens x 128 codes, k-tiles of 32, 2 x 4 warps of
+// 32 x 32 (two m16 by four n8 fragments: 4 ldmatrix.x4 feed 8 mma per k16 step), a 3-stage
+// cp.async pipeline (45 KiB of shared memory, which the score tile reuses).
+using CbMmaTile = MmaTile<CB_BM, CB_BN, 32, 2, 4, 3>;
+static_assert(CbMmaTile::THREADS == CB_THREADS, "one thread count");
 
 // True when (s, i) ranks before (u, j): smaller score, NaN last, then lower index.
 __device__ __forceinline__ bool ranks_before(float s, int i, float u, int j) {
@@ -53,7 +54,9 @@ template <int K> struct TopK {
     }
   }
   // Inserts (s, j): it bubbles down the sorted list, pushing worse entries one place on.
+  // Most candidates rank after the last entry: one comparison turns them away.
   __device__ __forceinline__ void push(float s, int j) {
+    if (!ranks_before(s, j, score[K - 1], id[K - 1])) return;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (ranks_before(s, j, score[i], id[i])) {
@@ -106,10 +109,10 @@ __device__ __forceinline__ void write_row(const TopK<K>& best, const T* x, i64 t
   }
 }
 
-// Fills scores[r * CB_SLD + c] = ||c_{c0+c}||^2 - 2 x_{t0+r} . c_{c0+c} for the 64 x 64 tile
+// Fills scores[r * CB_SLD + c] = ||c_{c0+c}||^2 - 2 x_{t0+r} . c_{c0+c} for the 64 x 128 tile
 // (rows past T and codes past Nc load as zero rows; nobody reads their scores).
-// Ends with a barrier: the scores are visible to every thread. Uses `operands` as the
-// k-tile staging area.
+// Ends with a barrier: the scores are visible to every thread. `scores` and the k-tile staging
+// `operands` may overlap: the staging is dead once the tile's sums are in registers.
 template <class T>
 __device__ __forceinline__ void score_tile(float* scores, void* operands, const T* x, const T* codes,
                                            const float* norms, i64 t0, int c0, i64 tokens,
@@ -119,19 +122,20 @@ __device__ __forceinline__ void score_tile(float* scores, void* operands, const 
     return c0 + n < num_codes ? codes + i64(c0 + n) * d : nullptr;
   };
   if constexpr (sizeof(T) == 4) {
-    float* As = static_cast<float*>(operands);  // [GATE_BK][64]
+    float* As = static_cast<float*>(operands);  // [GATE_BK][64] X, then [GATE_BK][128] codes
     float* Bs = As + GATE_BK * CB_BM;           // [GATE_BK][64]
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float acc[4][4] = {};
+    float acc[4][8] = {};
     for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
       __syncthreads();  // the previous k-tile (and the previous column tile's scores) consumed
       load_tile_k_contiguous<T>(As, CB_BM, CB_BM, x_row, k0, d, vec);
       load_tile_k_contiguous<T>(Bs, CB_BN, CB_BN, code_row, k0, d, vec);
       __syncthreads();
-      tile_fma<4, 4, 1>(acc, As, CB_BM, Bs, CB_BN, ty, tx);
+      tile_fma<4, 8, 1>(acc, As, CB_BM, Bs, CB_BN, ty, tx);
     }
+    __syncthreads();  // every thread is done with the staging the scores overwrite
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 8; ++j) {
       const int n = tx + 16 * j;
       const float norm = c0 + n < num_codes ? norms[c0 + n] : 0.0f;
 #pragma unroll
@@ -146,9 +150,10 @@ __device__ __forceinline__ void score_tile(float* scores, void* operands, const 
     for (int ni = 0; ni < CbMmaTile::NI; ++ni) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int m = at.row(0, i), n = at.col(ni, i);
+        const int n = at.col(ni, i);
         const float norm = c0 + n < num_codes ? norms[c0 + n] : 0.0f;
-        scores[m * CB_SLD + n] = norm - 2.0f * acc[0][ni][i];
+#pragma unroll
+        for (int mi = 0; mi < CbMmaTile::MI; ++mi) scores[at.row(mi, i) * CB_SLD + n] = norm - 2.0f * acc[mi][ni][i];
       }
     }
   }
@@ -161,8 +166,8 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
                                              i64 tokens, int d, int num_codes, int k, int num_experts,
                                              int tiles_per_split) {
   DYN_SHARED(float, smem);
-  float* scores = smem;                       // [64][CB_SLD]
-  void* operands = smem + CB_BM * CB_SLD;     // the k-tile staging of score_tile
+  float* scores = smem;  // [64][CB_SLD], over the k-tile staging of score_tile
+  void* operands = smem;
   const i64 t0 = i64(blockIdx.x) * CB_BM;
   const int col_tiles = (num_codes + CB_BN - 1) / CB_BN;
   const int tile_begin = blockIdx.y * tiles_per_split;

@@ -14,7 +14,7 @@
 //! | [`ema_update`] | EMA counts, sums, new codebook, dead codes | 2 |
 //!
 //! **Nearest code.** `j* = argmin_j ‖x − c_j‖² = argmin_j (‖c_j‖² − 2 x·c_j)`: one fused kernel
-//! per 64-token block computes 64×64 score tiles (f16/bf16 on tensor cores, `mma.sync`
+//! per 64-token block computes 64×128 score tiles (f16/bf16 on tensor cores, `mma.sync`
 //! m16n8k16 with f32 accumulation; f32 on FMA tiles), adds `‖c_j‖²` in the epilogue and folds
 //! each tile into per-row running top-k lists. The `[T, Nc]` score matrix is never written to
 //! memory. When T is small, the codes are split across `splits` blocks per token block (more

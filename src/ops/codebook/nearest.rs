@@ -8,7 +8,7 @@ use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
 /// Tokens per block of the nearest-code kernel (`CB_BM`).
 const TOKEN_TILE: usize = 64;
 /// Codes per column tile (`CB_BN`).
-const CODE_TILE: usize = 64;
+const CODE_TILE: usize = 128;
 /// Floats per shared score row (`CB_SLD`).
 const SCORE_ROW: usize = CODE_TILE + 1;
 /// k-tile and pipeline depth of the 16-bit tile (`CbMmaTile` in codebook_nearest.cuh).
@@ -29,8 +29,9 @@ pub struct NearestConfig {
     /// E for the `experts` output (`code mod E`): at least 1 and dividing Nc, so every expert
     /// owns the same number of codes (VQMoE: Nc = E).
     pub num_experts: usize,
-    /// Blocks the codes are split over per token block; `None` picks from T and Nc
-    /// (1 when there are enough token blocks to fill a GPU). Results do not depend on it.
+    /// Blocks the codes are split over per token block, `1..=max_splits(shape)`; `None` picks
+    /// from T and Nc (1 when there are enough token blocks to fill a GPU). Results do not
+    /// depend on it.
     pub splits: Option<usize>,
 }
 
@@ -61,6 +62,11 @@ impl NearestConfig {
         }
         elements("config.k", shape.tokens, self.k)?;
         Ok(())
+    }
+
+    /// The most splits `shape` allows: one per column tile of 128 codes.
+    pub fn max_splits(shape: &CodebookShape) -> usize {
+        column_tiles(shape)
     }
 
     /// The list length the kernels keep (`K` of the instantiated kernel).
@@ -211,12 +217,14 @@ pub fn nearest<T: FloatElement>(
     }
     let (per_split, splits) = config.split_plan(shape);
     let list = config.list_len();
-    let operand_bytes = if size_of::<T>() == 4 {
-        2 * 16 * TOKEN_TILE * 4 // two [16][64] f32 k-tiles
+    // The score tile reuses the k-tile staging (f32: X and code k-tiles [16][64 + 128]; 16-bit:
+    // per stage X [64][32 + 8] and codes [128][32 + 8] halves).
+    let staging = if size_of::<T>() == 4 {
+        16 * (TOKEN_TILE + CODE_TILE) * 4
     } else {
-        MMA_STAGES * 2 * TOKEN_TILE * (MMA_K_TILE + 8) * 2 // A and B [64][32 + 8] halves per stage
+        MMA_STAGES * (TOKEN_TILE + CODE_TILE) * (MMA_K_TILE + 8) * 2
     };
-    let shared = TOKEN_TILE * SCORE_ROW * 4 + operand_bytes;
+    let shared = (TOKEN_TILE * SCORE_ROW * 4).max(staging);
     let launch = LaunchConfig {
         grid: (grid_blocks("shape.tokens", t, TOKEN_TILE)?, splits as u32, 1),
         block: (THREADS, 1, 1),
