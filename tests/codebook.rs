@@ -400,13 +400,23 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
         );
         let (mut q, mut mix) = (zeros::<T>(&device, shape.x_len()), zeros::<T>(&device, shape.x_len()));
         let before = device.stats();
+        let launches = || device.stats().launches;
         codebook::quantize(&device, shape, &xd, &cd, &idd, 0.75, Some(&mut q), Some(&mut mix)).unwrap();
+        assert_eq!(launches() - before.launches, 1, "{name}: quantize launches");
         let mut losses = zeros::<f32>(&device, 2);
         let mut ws = zeros::<f32>(&device, codebook::losses_workspace_len::<T>(shape));
-        codebook::losses(&device, shape, &config, &xd, &cd, &idd, &mut losses, &mut ws).unwrap();
+        let mut run_losses = |out: &mut DeviceBuffer<f32>| {
+            let start = launches();
+            codebook::losses(&device, shape, &config, &xd, &cd, &idd, out, &mut ws).unwrap();
+            assert_eq!(launches() - start, 2, "{name}: losses launches");
+        };
+        run_losses(&mut losses);
+        let mut again = zeros::<f32>(&device, 2);
+        run_losses(&mut again);
         let mut order = CodeOrder::alloc(&device, shape.tokens, shape.codes).unwrap();
         codebook::code_order(&device, &idd, &mut order).unwrap();
         let dmixd = upload::<T>(&device, &dmix);
+        let start = launches();
         let (mut dx, mut dc) = (
             zeros::<T>(&device, shape.x_len()),
             zeros::<f32>(&device, shape.codebook_len()),
@@ -424,10 +434,24 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
             &mut dc,
         )
         .unwrap();
+        assert_eq!(launches() - start, 2, "{name}: losses_backward launches");
         assert_eq!(
             device.stats().host_syncs,
             before.host_syncs,
             "{name}: a training op synced the host"
+        );
+        let bits = |b: &DeviceBuffer<f32>| {
+            device
+                .download(b)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            bits(&losses),
+            bits(&again),
+            "{name}: losses are not bitwise reproducible"
         );
 
         let q_ref: Vec<f64> = want_q.iter().map(|&v| round::<T>(v)).collect();
@@ -614,7 +638,9 @@ fn ema<T: FloatElement>() {
             dead: &mut dead,
             total: &mut total,
         };
+        let start = device.stats().launches;
         codebook::ema_update(&device, &shape, &config, &xd, &order, state, &mut codes).unwrap();
+        assert_eq!(device.stats().launches - start, 2, "ema_update launches");
         assert_eq!(device.stats().host_syncs, before.host_syncs, "ema synced the host");
         let name = T::NAME;
         assert_close(&format!("{name} N"), &device.download(&n).unwrap(), &want.counts, tol);
