@@ -586,9 +586,15 @@ fn code_order_is_a_stable_sort_by_code() {
         for device in devices() {
             let idd = device.upload(&ids).unwrap();
             let mut order = CodeOrder::alloc(&device, tokens, codes).unwrap();
-            let syncs = device.stats().host_syncs;
+            let before = device.stats();
             codebook::code_order(&device, &idd, &mut order).unwrap();
-            assert_eq!(device.stats().host_syncs, syncs, "code_order synced the host");
+            let after = device.stats();
+            assert_eq!(after.host_syncs, before.host_syncs, "code_order synced the host");
+            assert_eq!(
+                after.launches - before.launches,
+                order.launches() as u64,
+                "code_order launches"
+            );
             assert_eq!(
                 device.download(&order.offsets).unwrap(),
                 want_offsets,

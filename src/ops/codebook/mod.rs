@@ -9,7 +9,7 @@
 //! | [`nearest`] | the k ≤ 8 nearest codes `[T, k]`, optionally distances and experts | 1, or 2 when Nc is split |
 //! | [`quantize`] | `q = C[id]`, `x̃ = x + c·(q − x)` | 1 |
 //! | [`losses`] | codebook and commitment losses `[2]` f32 | 2 |
-//! | [`code_order`] | tokens sorted by code (stable) + per-code offsets | 3 to 9 (see [`CodeOrder`]) |
+//! | [`code_order`] | tokens sorted by code (stable) + per-code offsets | 3 to 7 ([`CodeOrder::launches`]) |
 //! | [`losses_backward`] | `dx`, `dC` | 2 |
 //! | [`ema_update`] | EMA counts, sums, new codebook, dead codes | 2 |
 //!

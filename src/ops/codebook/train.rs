@@ -196,7 +196,8 @@ struct SortPass {
 /// valid ids; `rows` past it hold -1. Built by [`code_order`] with an LSD radix sort whose
 /// passes are dispatch's stable counting sort ([`routing_map`], k = 1): one pass over the
 /// code when Nc <= 1024, else two (the low 8 bits, then the rest). Launches per pass: a key
-/// kernel + routing_map's (1 when T <= 4096, else 2 and a memset); then 1 to assemble.
+/// kernel + routing_map's (1 when T <= 4096, else 2 and a memset); then 1 to assemble
+/// ([`CodeOrder::launches`]: 3 to 7).
 pub struct CodeOrder {
     tokens: usize,
     codes: usize,
@@ -241,6 +242,22 @@ impl CodeOrder {
             keys: device.alloc_zeros(tokens)?,
             passes,
         })
+    }
+
+    /// Launches of one [`code_order`] call: per radix pass a key kernel and routing_map's
+    /// launches, then the assembly (0 for T = 0: a memset).
+    pub fn launches(&self) -> usize {
+        if self.tokens == 0 {
+            return 0;
+        }
+        let map_launches = |p: &SortPass| {
+            if p.config.tile_slots(self.tokens, 1).is_some() {
+                2
+            } else {
+                1
+            }
+        };
+        self.passes.iter().map(|p| 1 + map_launches(p)).sum::<usize>() + 1
     }
 
     /// (T, Nc) this order was allocated for.
