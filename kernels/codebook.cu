@@ -2,7 +2,8 @@
 //
 // Layouts: X [T, d] and the codebook C [Nc, d] row-major in one dtype (f32, f16, bf16); norms,
 // distances, losses, gradients of C and the EMA state in f32; ids, experts, sort orders i32.
-// Every sum is f32 in a fixed order; no float atomics anywhere (integer atomics: none either).
+// Every sum is f32 in a fixed order; no kernel here uses atomics (the code order's counting
+// sort is dispatch's routing_map, whose integer atomics only count).
 //
 // Kernels:
 //   codebook_norms_<dt>          norms[j] = ||c_j||^2

@@ -122,8 +122,8 @@ __device__ __forceinline__ void score_tile(float* scores, void* operands, const 
     return c0 + n < num_codes ? codes + i64(c0 + n) * d : nullptr;
   };
   if constexpr (sizeof(T) == 4) {
-    float* As = static_cast<float*>(operands);  // [GATE_BK][64] X, then [GATE_BK][128] codes
-    float* Bs = As + GATE_BK * CB_BM;           // [GATE_BK][64]
+    float* As = static_cast<float*>(operands);  // [GATE_BK][64] X
+    float* Bs = As + GATE_BK * CB_BM;           // [GATE_BK][128] codes
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float acc[4][8] = {};
     for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
@@ -153,7 +153,8 @@ __device__ __forceinline__ void score_tile(float* scores, void* operands, const 
         const int n = at.col(ni, i);
         const float norm = c0 + n < num_codes ? norms[c0 + n] : 0.0f;
 #pragma unroll
-        for (int mi = 0; mi < CbMmaTile::MI; ++mi) scores[at.row(mi, i) * CB_SLD + n] = norm - 2.0f * acc[mi][ni][i];
+        for (int mi = 0; mi < CbMmaTile::MI; ++mi)
+          scores[at.row(mi, i) * CB_SLD + n] = norm - 2.0f * acc[mi][ni][i];
       }
     }
   }
