@@ -93,9 +93,10 @@ EMU_EXPORT(codebook_nearest_top1_bf16)
 NEAREST(__nv_bfloat16, bf16, 8)
 EMU_EXPORT(codebook_nearest_top8_bf16)
 
-// codebook_merge_top<K>_<dt>: thread t merges the `splits` lists of row t (split order) and
-// writes the row like the unsplit kernel. Traffic: partial read once, outputs written once.
-// Launch: grid ceil(T / 128), 128 threads.
+// codebook_merge_top<K>_<dt>: 4 threads per row t: ||x_t||^2 (distances only), then the first
+// merges the `splits` lists of row t (split order) and writes the row like the unsplit kernel.
+// Traffic: partial read once, X once when distances are asked for, outputs written once.
+// Launch: grid ceil(4 T / 128), 128 threads.
 #define MERGE_PARAMS(T)                                                                       \
   const T *x, const unsigned *partial, int *ids, float *distances, int *experts,              \
       long long tokens, int d, int k, int num_experts, int splits

@@ -79,24 +79,32 @@ struct NearestOut {
   unsigned* partial; // [splits, T, K, 2] (score bits, id) when the codes are split, else null
 };
 
-// ||x_t||^2 in f32, in element order (the same function wherever a row is finished, so the
-// split and unsplit paths give identical bits).
+// ||x_t||^2 in f32 by the 4 adjacent lanes (quarter = lane % 4) that own row t: lane q sums
+// the 16-byte runs q, q + 4, ... in order, then two xor shuffles add the four partial sums (the
+// same bits in every lane: the additions commute). Both the unsplit kernel and the merge call
+// it, so split and unsplit distances are bitwise equal. All 32 lanes must call it; a lane with
+// live == false adds 0.
 template <class T>
-__device__ __forceinline__ float row_norm(const T* x, i64 t, int d) {
+__device__ __forceinline__ float row_norm_quad(const T* x, i64 t, int d, int quarter, bool live) {
+  constexpr int V = elems_per_16<T>;
+  const bool vec = rows_aligned_16(x, d);
   float s = 0.0f;
-  for (int e = 0; e < d; ++e) {
-    const float v = to_f32(x[t * d + e]);
-    s += v * v;
+  for (i64 k = i64(quarter) * V; live && k < d; k += 4 * V) {
+    float v[V];
+    read_run<T>(v, x + t * d, k, d, vec);
+#pragma unroll
+    for (int q = 0; q < V; ++q) s += v[q] * v[q];
   }
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
   return s;
 }
 
-// Writes the first k entries of a finished row t: ids, distances (score + ||x||^2, clamped at
-// 0; NaN stays NaN), experts (id mod E).
-template <class T, int K>
-__device__ __forceinline__ void write_row(const TopK<K>& best, const T* x, i64 t, int d, int k,
-                                          int num_experts, const NearestOut& out) {
-  const float xn = out.distances ? row_norm(x, t, d) : 0.0f;
+// Writes the first k entries of a finished row t: ids, distances (score + ||x||^2 = xn, clamped
+// at 0; NaN stays NaN), experts (id mod E).
+template <int K>
+__device__ __forceinline__ void write_row(const TopK<K>& best, float xn, i64 t, int k, int num_experts,
+                                          const NearestOut& out) {
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     if (i >= k) break;
@@ -198,13 +206,15 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
   }
   __syncthreads();
   const i64 t = t0 + row;
+  const bool finish = out.partial == nullptr;  // uniform: one split writes the outputs
+  const float xn = (finish && out.distances) ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
   if (quarter != 0 || t >= tokens) return;
   for (int q = 1; q < 4; ++q) {
 #pragma unroll
     for (int i = 0; i < K; ++i) best.push(list_score[(row * 4 + q) * K + i], list_id[(row * 4 + q) * K + i]);
   }
-  if (out.partial == nullptr) {
-    write_row<T, K>(best, x, t, d, k, num_experts, out);
+  if (finish) {
+    write_row<K>(best, xn, t, k, num_experts, out);
     return;
   }
   unsigned* mine = out.partial + (i64(blockIdx.y) * tokens + t) * (2 * K);
@@ -215,13 +225,16 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
   }
 }
 
-// The body of codebook_merge_top<K>_<dtype>: thread t merges the splits' lists of row t in
+// The body of codebook_merge_top<K>_<dtype>: the 4 threads of row t (global thread / 4) compute
+// ||x_t||^2 (when distances are asked for); the first merges the splits' lists of row t in
 // split order and finishes the row.
 template <class T, int K>
 __device__ __forceinline__ void merge_body(const T* x, const unsigned* partial, NearestOut out, i64 tokens,
                                            int d, int k, int num_experts, int splits) {
-  const i64 t = global_thread_x();
-  if (t >= tokens) return;
+  const i64 t = global_thread_x() / 4;
+  const int quarter = threadIdx.x % 4;
+  const float xn = out.distances ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
+  if (quarter != 0 || t >= tokens) return;
   TopK<K> best;
   best.clear();
   for (int s = 0; s < splits; ++s) {
@@ -229,5 +242,5 @@ __device__ __forceinline__ void merge_body(const T* x, const unsigned* partial, 
 #pragma unroll
     for (int i = 0; i < K; ++i) best.push(__uint_as_float(list[2 * i]), int(list[2 * i + 1]));
   }
-  write_row<T, K>(best, x, t, d, k, num_experts, out);
+  write_row<K>(best, xn, t, k, num_experts, out);
 }

@@ -272,7 +272,8 @@ pub fn nearest<T: FloatElement>(
         .scalar(k as i32)
         .scalar(config.num_experts as i32)
         .scalar(splits as i32);
-    let blocks = grid_blocks("shape.tokens", t, MERGE_THREADS as usize)?;
+    // Four threads per row (`codebook_merge_top*`).
+    let blocks = grid_blocks("shape.tokens", t, MERGE_THREADS as usize / 4)?;
     device.launch(
         &format!("codebook_merge_top{list}_{}", T::NAME),
         LaunchConfig::linear(blocks, MERGE_THREADS, 0),
