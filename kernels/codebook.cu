@@ -2,7 +2,8 @@
 //
 // Layouts: X [T, d] and the codebook C [Nc, d] row-major in one dtype (f32, f16, bf16); norms,
 // distances, losses, gradients of C and the EMA state in f32; ids, experts, sort orders i32.
-// Every sum is f32 in a fixed order; no float atomics anywhere (integer atomics: none either).
+// Every sum is f32 in a fixed order; no kernel here uses atomics (the code order's counting
+// sort is dispatch's routing_map, whose integer atomics only count).
 //
 // Kernels:
 //   codebook_norms_<dt>          norms[j] = ||c_j||^2
@@ -56,7 +57,7 @@ EMU_EXPORT(codebook_norms_bf16)
 
 // ------------------------------------------------------------------------------------------
 // codebook_nearest_top<K>_<dt>: the k <= K nearest codes of each token (codebook_nearest.cuh).
-// Algorithm: per 64-token block, column tiles of 64 codes in order (this block's split: tiles
+// Algorithm: per 64-token block, column tiles of 128 codes in order (this block's split: tiles
 //   [y * tiles_per_split, +tiles_per_split)); scores of a tile go to shared memory and into
 //   per-thread top-K lists; lists are merged per row at the end.
 // Traffic: X tile read once per column tile (L2 after the first), C once per token block,
@@ -64,14 +65,18 @@ EMU_EXPORT(codebook_norms_bf16)
 // Output: partial == null (one split): ids [T, k], distances [T, k] (optional: ||x||^2 +
 //   score, clamped >= 0), experts [T, k] (optional: id mod E). Else partial [splits, T, K, 2]
 //   (score bits, id) for codebook_merge_top<K>_<dt>.
-// Launch: grid (ceil(T / 64), splits), 256 threads, dynamic shared 64 * 65 * 4 bytes plus the
-//   k-tile staging: f32 2 * 16 * 64 * 4, f16/bf16 2 * 64 * 40 * 2.
+// Registers: top-1 capped at 128 for 2 blocks (16 warps) per SM; top-8 (16 more live values)
+//   runs at one block per SM rather than spill (__launch_bounds__).
+// Launch: grid (ceil(T / 64), splits), 256 threads, dynamic shared: the larger of the score
+//   tile (64 * 129 * 4 bytes) and the k-tile staging it reuses (f32: 16 * (64 + 128) * 4;
+//   f16/bf16: 3 stages * (64 + 128) * 40 * 2).
 #define NEAREST_PARAMS(T)                                                                     \
   const T *x, const T *codes, const float *norms, int *ids, float *distances, int *experts,   \
       unsigned *partial, long long tokens, int d, int num_codes, int k, int num_experts,      \
       int tiles_per_split
 #define NEAREST(T, dt, K)                                                                     \
-  extern "C" __global__ void codebook_nearest_top##K##_##dt(NEAREST_PARAMS(T)) {              \
+  extern "C" __global__ void __launch_bounds__(CB_THREADS, K == 1 ? 2 : 1)                   \
+      codebook_nearest_top##K##_##dt(NEAREST_PARAMS(T)) {                                     \
     nearest_body<T, K>(x, codes, norms, NearestOut{ids, distances, experts, partial}, tokens, \
                        d, num_codes, k, num_experts, tiles_per_split);                        \
   }
@@ -88,9 +93,10 @@ EMU_EXPORT(codebook_nearest_top1_bf16)
 NEAREST(__nv_bfloat16, bf16, 8)
 EMU_EXPORT(codebook_nearest_top8_bf16)
 
-// codebook_merge_top<K>_<dt>: thread t merges the `splits` lists of row t (split order) and
-// writes the row like the unsplit kernel. Traffic: partial read once, outputs written once.
-// Launch: grid ceil(T / 128), 128 threads.
+// codebook_merge_top<K>_<dt>: 4 threads per row t: ||x_t||^2 (distances only), then the first
+// merges the `splits` lists of row t (split order) and writes the row like the unsplit kernel.
+// Traffic: partial read once, X once when distances are asked for, outputs written once.
+// Launch: grid ceil(4 T / 128), 128 threads.
 #define MERGE_PARAMS(T)                                                                       \
   const T *x, const unsigned *partial, int *ids, float *distances, int *experts,              \
       long long tokens, int d, int k, int num_experts, int splits

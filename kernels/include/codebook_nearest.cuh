@@ -1,16 +1,17 @@
 // codebook_nearest.cuh: the fused distance + top-k of the codebook family (kernels/codebook.cu).
 //
 // score(t, j) = ||c_j||^2 - 2 x_t . c_j   (||x_t||^2 is the same for every code: added back only
-// when distances are written). Per block: 64 tokens x all (or one split's) column tiles of 64
-// codes. Each column tile is a GEMM of the X tile against 64 code rows over k-tiles of d:
+// when distances are written). Per block: 64 tokens x all (or one split's) column tiles of 128
+// codes. Each column tile is a GEMM of the X tile against 128 code rows over k-tiles of d:
 //   f32:      FMA tiles from gate_tile.cuh (16-wide k-tiles of f32 in shared memory; thread
-//             (ty, tx) owns rows ty + 16 i, codes tx + 16 j, i, j < 4);
-//   f16/bf16: mma.sync m16n8k16 with f32 accumulation on 16-bit shared tiles read with
-//             ldmatrix (load_tile_16bit / mma_16816 from gate_mma.cuh); warp w owns rows
-//             16 (w % 4) .. +16 and codes 32 (w / 4) .. +32 (four n8 tiles).
+//             (ty, tx) owns rows ty + 16 i, codes tx + 16 j, i < 4, j < 8);
+//   f16/bf16: mma.sync m16n8k16 with f32 accumulation through mma_tile.cuh's pipelined
+//             mainloop (cp.async 16-byte copies, 3 stages, ldmatrix); warp w owns rows
+//             32 (w % 2) .. +32 and codes 32 (w / 2) .. +32. Needs d % 8 == 0
+//             and 16-byte aligned X and C (the wrapper checks both).
 // The epilogue writes the tile's scores to shared memory (never to global memory: the [T, Nc]
 // matrix does not exist anywhere), and thread (row, quarter) = (tid / 4, tid % 4) folds
-// columns 16 quarter .. +16 of its row into a running top-K list in registers. After the last
+// columns 32 quarter .. +32 of its row into a running top-K list in registers. After the last
 // column tile the four lists of a row are merged through shared memory by its quarter-0 thread.
 //
 // Order: entries compare by (score, code index), NaN scores after every number (a NaN never
@@ -18,13 +19,19 @@
 // depend on which thread or split saw a code first: the result is bitwise the same for any
 // split of the codes, and ties go to the lower index.
 #pragma once
-#include "gate_mma.cuh"
+#include "gate_tile.cuh"
+#include "mma_tile.cuh"
 
 constexpr int CB_THREADS = 256;
 constexpr int CB_BM = 64;            // tokens per block
-constexpr int CB_BN = 64;            // codes per column tile
+constexpr int CB_BN = 128;           // codes per column tile
 constexpr int CB_SLD = CB_BN + 1;    // floats per shared score row (odd: fewer bank conflicts)
-constexpr int CB_QUARTER = CB_BN / 4;
+constexpr int CB_QUARTER = CB_BN / 4;  // columns each of a row's four threads folds
+// The 16-bit score tile on mma_tile.cuh: 64 tokens x 128 codes, k-tiles of 32, 2 x 4 warps of
+// 32 x 32 (two m16 by four n8 fragments: 4 ldmatrix.x4 feed 8 mma per k16 step), a 3-stage
+// cp.async pipeline (45 KiB of shared memory, which the score tile reuses).
+using CbMmaTile = MmaTile<CB_BM, CB_BN, 32, 2, 4, 3>;
+static_assert(CbMmaTile::THREADS == CB_THREADS, "one thread count");
 
 // True when (s, i) ranks before (u, j): smaller score, NaN last, then lower index.
 __device__ __forceinline__ bool ranks_before(float s, int i, float u, int j) {
@@ -47,7 +54,9 @@ template <int K> struct TopK {
     }
   }
   // Inserts (s, j): it bubbles down the sorted list, pushing worse entries one place on.
+  // Most candidates rank after the last entry: one comparison turns them away.
   __device__ __forceinline__ void push(float s, int j) {
+    if (!ranks_before(s, j, score[K - 1], id[K - 1])) return;
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (ranks_before(s, j, score[i], id[i])) {
@@ -70,24 +79,32 @@ struct NearestOut {
   unsigned* partial; // [splits, T, K, 2] (score bits, id) when the codes are split, else null
 };
 
-// ||x_t||^2 in f32, in element order (the same function wherever a row is finished, so the
-// split and unsplit paths give identical bits).
+// ||x_t||^2 in f32 by the 4 adjacent lanes (quarter = lane % 4) that own row t: lane q sums
+// the 16-byte runs q, q + 4, ... in order, then two xor shuffles add the four partial sums (the
+// same bits in every lane: the additions commute). Both the unsplit kernel and the merge call
+// it, so split and unsplit distances are bitwise equal. All 32 lanes must call it; a lane with
+// live == false adds 0.
 template <class T>
-__device__ __forceinline__ float row_norm(const T* x, i64 t, int d) {
+__device__ __forceinline__ float row_norm_quad(const T* x, i64 t, int d, int quarter, bool live) {
+  constexpr int V = elems_per_16<T>;
+  const bool vec = rows_aligned_16(x, d);
   float s = 0.0f;
-  for (int e = 0; e < d; ++e) {
-    const float v = to_f32(x[t * d + e]);
-    s += v * v;
+  for (i64 k = i64(quarter) * V; live && k < d; k += 4 * V) {
+    float v[V];
+    read_run<T>(v, x + t * d, k, d, vec);
+#pragma unroll
+    for (int q = 0; q < V; ++q) s += v[q] * v[q];
   }
+  s += __shfl_xor_sync(0xffffffffu, s, 1);
+  s += __shfl_xor_sync(0xffffffffu, s, 2);
   return s;
 }
 
-// Writes the first k entries of a finished row t: ids, distances (score + ||x||^2, clamped at
-// 0; NaN stays NaN), experts (id mod E).
-template <class T, int K>
-__device__ __forceinline__ void write_row(const TopK<K>& best, const T* x, i64 t, int d, int k,
-                                          int num_experts, const NearestOut& out) {
-  const float xn = out.distances ? row_norm(x, t, d) : 0.0f;
+// Writes the first k entries of a finished row t: ids, distances (score + ||x||^2 = xn, clamped
+// at 0; NaN stays NaN), experts (id mod E).
+template <int K>
+__device__ __forceinline__ void write_row(const TopK<K>& best, float xn, i64 t, int k, int num_experts,
+                                          const NearestOut& out) {
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     if (i >= k) break;
@@ -100,10 +117,10 @@ __device__ __forceinline__ void write_row(const TopK<K>& best, const T* x, i64 t
   }
 }
 
-// Fills scores[r * CB_SLD + c] = ||c_{c0+c}||^2 - 2 x_{t0+r} . c_{c0+c} for the 64 x 64 tile
+// Fills scores[r * CB_SLD + c] = ||c_{c0+c}||^2 - 2 x_{t0+r} . c_{c0+c} for the 64 x 128 tile
 // (rows past T and codes past Nc load as zero rows; nobody reads their scores).
-// Ends with a barrier: the scores are visible to every thread. Uses `operands` as the
-// k-tile staging area.
+// Ends with a barrier: the scores are visible to every thread. `scores` and the k-tile staging
+// `operands` may overlap: the staging is dead once the tile's sums are in registers.
 template <class T>
 __device__ __forceinline__ void score_tile(float* scores, void* operands, const T* x, const T* codes,
                                            const float* norms, i64 t0, int c0, i64 tokens,
@@ -113,56 +130,39 @@ __device__ __forceinline__ void score_tile(float* scores, void* operands, const 
     return c0 + n < num_codes ? codes + i64(c0 + n) * d : nullptr;
   };
   if constexpr (sizeof(T) == 4) {
-    float* As = static_cast<float*>(operands);  // [GATE_BK][64]
-    float* Bs = As + GATE_BK * CB_BM;           // [GATE_BK][64]
+    float* As = static_cast<float*>(operands);  // [GATE_BK][64] X
+    float* Bs = As + GATE_BK * CB_BM;           // [GATE_BK][128] codes
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float acc[4][4] = {};
+    float acc[4][8] = {};
     for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
       __syncthreads();  // the previous k-tile (and the previous column tile's scores) consumed
       load_tile_k_contiguous<T>(As, CB_BM, CB_BM, x_row, k0, d, vec);
       load_tile_k_contiguous<T>(Bs, CB_BN, CB_BN, code_row, k0, d, vec);
       __syncthreads();
-      tile_fma<4, 4, 1>(acc, As, CB_BM, Bs, CB_BN, ty, tx);
+      tile_fma<4, 8, 1>(acc, As, CB_BM, Bs, CB_BN, ty, tx);
     }
+    __syncthreads();  // every thread is done with the staging the scores overwrite
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 8; ++j) {
       const int n = tx + 16 * j;
       const float norm = c0 + n < num_codes ? norms[c0 + n] : 0.0f;
 #pragma unroll
       for (int i = 0; i < 4; ++i) scores[(ty + 16 * i) * CB_SLD + n] = norm - 2.0f * acc[i][j];
     }
   } else {
-    T* As = static_cast<T*>(operands);  // [64][MMA_LD]
-    T* Bs = As + CB_BM * MMA_LD;        // [64][MMA_LD]
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int wm = warp % 4, wn = warp / 4, g = lane / 4, q = lane % 4;
-    auto no_unit = [](int) -> i64 { return -1; };
-    float acc[4][4] = {};
-    for (i64 k0 = 0; k0 < d; k0 += MMA_BK) {
-      __syncthreads();
-      load_tile_16bit<T>(As, CB_BM, x_row, no_unit, k0, d, vec);
-      load_tile_16bit<T>(Bs, CB_BN, code_row, no_unit, k0, d, vec);
-      __syncthreads();
+    float acc[CbMmaTile::MI][CbMmaTile::NI][4] = {};
+    cta_tile_mainloop<CbMmaTile>(acc, x_row, code_row, d, static_cast<T*>(operands), x);
+    const AccCoord<CbMmaTile> at(warp % CbMmaTile::WARPS_M, warp / CbMmaTile::WARPS_M, lane);
 #pragma unroll
-      for (int ks = 0; ks < MMA_BK; ks += 16) {
-        uint32_t a[4];
-        ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * MMA_LD + ks + (lane / 16) * 8);
+    for (int ni = 0; ni < CbMmaTile::NI; ++ni) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          uint32_t b[2];
-          ldmatrix_x2<false>(b, Bs + (wn * 32 + i * 8 + lane % 8) * MMA_LD + ks + ((lane / 8) % 2) * 8);
-          mma_16816(acc[i], a, b, static_cast<T*>(nullptr));
-        }
-      }
-    }
-    // C fragment (ptx.cuh): acc[i][c] at row g (+8 if c >= 2), column 2q + (c & 1) of n8 tile i.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int m = wm * 16 + g + (c >= 2 ? 8 : 0), n = wn * 32 + i * 8 + 2 * q + (c & 1);
+      for (int i = 0; i < 4; ++i) {
+        const int n = at.col(ni, i);
         const float norm = c0 + n < num_codes ? norms[c0 + n] : 0.0f;
-        scores[m * CB_SLD + n] = norm - 2.0f * acc[i][c];
+#pragma unroll
+        for (int mi = 0; mi < CbMmaTile::MI; ++mi)
+          scores[at.row(mi, i) * CB_SLD + n] = norm - 2.0f * acc[mi][ni][i];
       }
     }
   }
@@ -175,8 +175,8 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
                                              i64 tokens, int d, int num_codes, int k, int num_experts,
                                              int tiles_per_split) {
   DYN_SHARED(float, smem);
-  float* scores = smem;                       // [64][CB_SLD]
-  void* operands = smem + CB_BM * CB_SLD;     // the k-tile staging of score_tile
+  float* scores = smem;  // [64][CB_SLD], over the k-tile staging of score_tile
+  void* operands = smem;
   const i64 t0 = i64(blockIdx.x) * CB_BM;
   const int col_tiles = (num_codes + CB_BN - 1) / CB_BN;
   const int tile_begin = blockIdx.y * tiles_per_split;
@@ -206,13 +206,15 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
   }
   __syncthreads();
   const i64 t = t0 + row;
+  const bool finish = out.partial == nullptr;  // uniform: one split writes the outputs
+  const float xn = (finish && out.distances) ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
   if (quarter != 0 || t >= tokens) return;
   for (int q = 1; q < 4; ++q) {
 #pragma unroll
     for (int i = 0; i < K; ++i) best.push(list_score[(row * 4 + q) * K + i], list_id[(row * 4 + q) * K + i]);
   }
-  if (out.partial == nullptr) {
-    write_row<T, K>(best, x, t, d, k, num_experts, out);
+  if (finish) {
+    write_row<K>(best, xn, t, k, num_experts, out);
     return;
   }
   unsigned* mine = out.partial + (i64(blockIdx.y) * tokens + t) * (2 * K);
@@ -223,13 +225,16 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
   }
 }
 
-// The body of codebook_merge_top<K>_<dtype>: thread t merges the splits' lists of row t in
+// The body of codebook_merge_top<K>_<dtype>: the 4 threads of row t (global thread / 4) compute
+// ||x_t||^2 (when distances are asked for); the first merges the splits' lists of row t in
 // split order and finishes the row.
 template <class T, int K>
 __device__ __forceinline__ void merge_body(const T* x, const unsigned* partial, NearestOut out, i64 tokens,
                                            int d, int k, int num_experts, int splits) {
-  const i64 t = global_thread_x();
-  if (t >= tokens) return;
+  const i64 t = global_thread_x() / 4;
+  const int quarter = threadIdx.x % 4;
+  const float xn = out.distances ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
+  if (quarter != 0 || t >= tokens) return;
   TopK<K> best;
   best.clear();
   for (int s = 0; s < splits; ++s) {
@@ -237,5 +242,5 @@ __device__ __forceinline__ void merge_body(const T* x, const unsigned* partial, 
 #pragma unroll
     for (int i = 0; i < K; ++i) best.push(__uint_as_float(list[2 * i]), int(list[2 * i + 1]));
   }
-  write_row<T, K>(best, x, t, d, k, num_experts, out);
+  write_row<K>(best, xn, t, k, num_experts, out);
 }

@@ -9,12 +9,12 @@
 //! | [`nearest`] | the k ≤ 8 nearest codes `[T, k]`, optionally distances and experts | 1, or 2 when Nc is split |
 //! | [`quantize`] | `q = C[id]`, `x̃ = x + c·(q − x)` | 1 |
 //! | [`losses`] | codebook and commitment losses `[2]` f32 | 2 |
-//! | [`code_order`] | tokens sorted by code (stable) + per-code offsets | 3 to 9 (see [`CodeOrder`]) |
+//! | [`code_order`] | tokens sorted by code (stable) + per-code offsets | 3 to 7 ([`CodeOrder::launches`]) |
 //! | [`losses_backward`] | `dx`, `dC` | 2 |
 //! | [`ema_update`] | EMA counts, sums, new codebook, dead codes | 2 |
 //!
 //! **Nearest code.** `j* = argmin_j ‖x − c_j‖² = argmin_j (‖c_j‖² − 2 x·c_j)`: one fused kernel
-//! per 64-token block computes 64×64 score tiles (f16/bf16 on tensor cores, `mma.sync`
+//! per 64-token block computes 64×128 score tiles (f16/bf16 on tensor cores, `mma.sync`
 //! m16n8k16 with f32 accumulation; f32 on FMA tiles), adds `‖c_j‖²` in the epilogue and folds
 //! each tile into per-row running top-k lists. The `[T, Nc]` score matrix is never written to
 //! memory. When T is small, the codes are split across `splits` blocks per token block (more
@@ -23,8 +23,11 @@
 //! number, so a row with NaN (e.g. x holding NaN) gets codes `0..k` with distance NaN. The
 //! result is bitwise the same for every split.
 //!
-//! Any d works (no alignment needed: rows whose starts are 16-byte aligned are read with
-//! 16-byte loads, others element by element).
+//! f32 takes any d (rows whose starts are 16-byte aligned are read with 16-byte loads, others
+//! element by element). f16/bf16 [`nearest`] streams rows into the tensor-core tile with 16-byte
+//! `cp.async` copies (`kernels/include/mma_tile.cuh`): it needs d % 8 == 0 and 16-byte aligned
+//! X and C, and refuses other inputs with an error naming `shape.dim`, `x` or `codes`. The
+//! other ops take any d in every dtype.
 //!
 //! **Ids from the device.** Ops that take ids cannot reject an id outside `[0, Nc)` without a
 //! host sync: [`quantize`], [`losses`] and [`losses_backward`] read such a token's code as a

@@ -8,9 +8,12 @@ use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
 /// Tokens per block of the nearest-code kernel (`CB_BM`).
 const TOKEN_TILE: usize = 64;
 /// Codes per column tile (`CB_BN`).
-const CODE_TILE: usize = 64;
+const CODE_TILE: usize = 128;
 /// Floats per shared score row (`CB_SLD`).
 const SCORE_ROW: usize = CODE_TILE + 1;
+/// k-tile and pipeline depth of the 16-bit tile (`CbMmaTile` in codebook_nearest.cuh).
+const MMA_K_TILE: usize = 32;
+const MMA_STAGES: usize = 3;
 /// Threads per block of the merge kernel.
 const MERGE_THREADS: u32 = 128;
 /// Below this many token blocks the auto split spreads the codes over more blocks.
@@ -26,8 +29,9 @@ pub struct NearestConfig {
     /// E for the `experts` output (`code mod E`): at least 1 and dividing Nc, so every expert
     /// owns the same number of codes (VQMoE: Nc = E).
     pub num_experts: usize,
-    /// Blocks the codes are split over per token block; `None` picks from T and Nc
-    /// (1 when there are enough token blocks to fill a GPU). Results do not depend on it.
+    /// Blocks the codes are split over per token block, `1..=max_splits(shape)`; `None` picks
+    /// from T and Nc (1 when there are enough token blocks to fill a GPU). Results do not
+    /// depend on it.
     pub splits: Option<usize>,
 }
 
@@ -58,6 +62,11 @@ impl NearestConfig {
         }
         elements("config.k", shape.tokens, self.k)?;
         Ok(())
+    }
+
+    /// The most splits `shape` allows: one per column tile of 128 codes.
+    pub fn max_splits(shape: &CodebookShape) -> usize {
+        column_tiles(shape)
     }
 
     /// The list length the kernels keep (`K` of the instantiated kernel).
@@ -94,6 +103,39 @@ impl NearestConfig {
     }
 }
 
+/// The 16-bit path copies 16-byte chunks of rows with cp.async: d must be a multiple of 8 and
+/// X and C must start 16-byte aligned (every buffer this crate allocates does).
+fn check_tensor_core_rows<T: FloatElement>(
+    device: &Device,
+    shape: &CodebookShape,
+    x: &impl DeviceSlice<T>,
+    codes: &impl DeviceSlice<T>,
+) -> Result<()> {
+    if shape.dim % 8 != 0 {
+        return Err(Error::InvalidArgument {
+            argument: "shape.dim",
+            value: shape.dim.to_string(),
+            expected: format!(
+                "a multiple of 8 for {} (16-byte rows for the tensor-core tile)",
+                T::NAME
+            ),
+        });
+    }
+    for (argument, address) in [
+        ("x", x.kernel_ptr(device, "x")?.0),
+        ("codes", codes.kernel_ptr(device, "codes")?.0),
+    ] {
+        if address % 16 != 0 {
+            return Err(Error::InvalidArgument {
+                argument,
+                value: format!("address {address:#x}"),
+                expected: "a 16-byte aligned start for f16/bf16".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn column_tiles(shape: &CodebookShape) -> usize {
     shape.codes.div_ceil(CODE_TILE)
 }
@@ -107,7 +149,9 @@ pub fn code_norms<T: FloatElement>(
 ) -> Result<()> {
     shape.validate()?;
     let (nc, d) = (shape.codes, shape.dim);
-    check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
     // SAFETY of the argument list: codebook_norms_<dt>(codes, norms, num_codes, d).
     let args = KernelArgs::new(device)
@@ -134,6 +178,7 @@ pub struct NearestOutputs<'a> {
 /// The k nearest codes of every row of `x` (`[T, d]`) in `codes` (`[Nc, d]`, with `norms` from
 /// [`code_norms`]), into `out`. `workspace`: `config.workspace_len(shape)` u32 (may be empty).
 /// Launches: `config.launches(shape)` (1, or 2 when the codes are split); no host sync.
+#[allow(clippy::too_many_arguments)]
 pub fn nearest<T: FloatElement>(
     device: &Device,
     shape: &CodebookShape,
@@ -147,8 +192,13 @@ pub fn nearest<T: FloatElement>(
     config.validate(shape)?;
     let (t, d, nc, k) = (shape.tokens, shape.dim, shape.codes, config.k);
     check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
+    if size_of::<T>() == 2 {
+        check_tensor_core_rows(device, shape, x, codes)?;
+    }
     let mut ids = DynMut(out.ids);
     let mut distances = out.distances.map(DynMut);
     let mut experts = out.experts.map(DynMut);
@@ -167,12 +217,14 @@ pub fn nearest<T: FloatElement>(
     }
     let (per_split, splits) = config.split_plan(shape);
     let list = config.list_len();
-    let operand_bytes = if size_of::<T>() == 4 {
-        2 * 16 * TOKEN_TILE * 4 // two [16][64] f32 k-tiles
+    // The score tile reuses the k-tile staging (f32: X and code k-tiles [16][64 + 128]; 16-bit:
+    // per stage X [64][32 + 8] and codes [128][32 + 8] halves).
+    let staging = if size_of::<T>() == 4 {
+        16 * (TOKEN_TILE + CODE_TILE) * 4
     } else {
-        2 * TOKEN_TILE * 40 * 2 // two [64][MMA_LD] 16-bit k-tiles
+        MMA_STAGES * (TOKEN_TILE + CODE_TILE) * (MMA_K_TILE + 8) * 2
     };
-    let shared = TOKEN_TILE * SCORE_ROW * 4 + operand_bytes;
+    let shared = (TOKEN_TILE * SCORE_ROW * 4).max(staging);
     let launch = LaunchConfig {
         grid: (grid_blocks("shape.tokens", t, TOKEN_TILE)?, splits as u32, 1),
         block: (THREADS, 1, 1),
@@ -181,14 +233,20 @@ pub fn nearest<T: FloatElement>(
     // SAFETY of the argument list: NEAREST_PARAMS in codebook.cu (x, codes, norms, ids,
     // distances, experts, partial, tokens, d, num_codes, k, num_experts, tiles_per_split);
     // lengths checked above; partial is null exactly when there is one split.
-    let args = KernelArgs::new(device).input("x", x).input("codes", codes).input("norms", norms);
+    let args = KernelArgs::new(device)
+        .input("x", x)
+        .input("codes", codes)
+        .input("norms", norms);
     let args = if splits == 1 {
         args.output("ids", &mut ids)
             .output_or_null("distances", distances.as_mut())
             .output_or_null("experts", experts.as_mut())
             .scalar(0u64)
     } else {
-        args.scalar(0u64).scalar(0u64).scalar(0u64).output("workspace", workspace)
+        args.scalar(0u64)
+            .scalar(0u64)
+            .scalar(0u64)
+            .output("workspace", workspace)
     };
     let args = args
         .scalar(t as i64)
@@ -214,7 +272,8 @@ pub fn nearest<T: FloatElement>(
         .scalar(k as i32)
         .scalar(config.num_experts as i32)
         .scalar(splits as i32);
-    let blocks = grid_blocks("shape.tokens", t, MERGE_THREADS as usize)?;
+    // Four threads per row (`codebook_merge_top*`).
+    let blocks = grid_blocks("shape.tokens", t, MERGE_THREADS as usize / 4)?;
     device.launch(
         &format!("codebook_merge_top{list}_{}", T::NAME),
         LaunchConfig::linear(blocks, MERGE_THREADS, 0),

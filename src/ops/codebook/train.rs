@@ -48,7 +48,9 @@ fn check_rows<T: FloatElement>(
     shape.validate()?;
     let (t, d, nc) = (shape.tokens, shape.dim, shape.codes);
     check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     check_len("ids", ids, t, || format!("[T] = [{t}]"))
 }
 
@@ -148,7 +150,9 @@ pub fn losses<T: FloatElement>(
     config.validate()?;
     check_len("losses", losses, 2, || "[2]".into())?;
     let blocks = losses_workspace_len::<T>(shape);
-    check_len("workspace", workspace, blocks, || "[losses_workspace_len(shape)]".into())?;
+    check_len("workspace", workspace, blocks, || {
+        "[losses_workspace_len(shape)]".into()
+    })?;
     // SAFETY of the argument list: codebook_loss_partial_<dt>(x, codes, ids, partial, tokens,
     // d, num_codes).
     let args = KernelArgs::new(device)
@@ -192,7 +196,8 @@ struct SortPass {
 /// valid ids; `rows` past it hold -1. Built by [`code_order`] with an LSD radix sort whose
 /// passes are dispatch's stable counting sort ([`routing_map`], k = 1): one pass over the
 /// code when Nc <= 1024, else two (the low 8 bits, then the rest). Launches per pass: a key
-/// kernel + routing_map's (1 when T <= 4096, else 2 and a memset); then 1 to assemble.
+/// kernel + routing_map's (1 when T <= 4096, else 2 and a memset); then 1 to assemble
+/// ([`CodeOrder::launches`]: 3 to 7).
 pub struct CodeOrder {
     tokens: usize,
     codes: usize,
@@ -208,12 +213,7 @@ impl CodeOrder {
     /// Buffers for sorting `tokens` ids over `codes` codes (both validated like
     /// [`CodebookShape`]).
     pub fn alloc(device: &Device, tokens: usize, codes: usize) -> Result<Self> {
-        CodebookShape {
-            tokens,
-            dim: 1,
-            codes,
-        }
-        .validate()?;
+        CodebookShape { tokens, dim: 1, codes }.validate()?;
         let digits: Vec<(usize, i32)> = if codes <= MAX_PASS_BUCKETS {
             vec![(codes, 0)]
         } else {
@@ -242,6 +242,22 @@ impl CodeOrder {
             keys: device.alloc_zeros(tokens)?,
             passes,
         })
+    }
+
+    /// Launches of one [`code_order`] call: per radix pass a key kernel and routing_map's
+    /// launches, then the assembly (0 for T = 0: a memset).
+    pub fn launches(&self) -> usize {
+        if self.tokens == 0 {
+            return 0;
+        }
+        let map_launches = |p: &SortPass| {
+            if p.config.tile_slots(self.tokens, 1).is_some() {
+                2
+            } else {
+                1
+            }
+        };
+        self.passes.iter().map(|p| 1 + map_launches(p)).sum::<usize>() + 1
     }
 
     /// (T, Nc) this order was allocated for.
@@ -284,7 +300,15 @@ pub fn code_order(device: &Device, ids: &impl DeviceSlice<i32>, order: &mut Code
             .scalar(pass.config.num_experts as i32)
             .scalar(nc as i32);
         device.launch("codebook_sort_keys", LaunchConfig::linear(blocks, THREADS, 0), args)?;
-        routing_map(device, &order.keys, t, 1, &pass.config, &mut pass.map, &mut pass.workspace)?;
+        routing_map(
+            device,
+            &order.keys,
+            t,
+            1,
+            &pass.config,
+            &mut pass.map,
+            &mut pass.workspace,
+        )?;
     }
     let first = &order.passes[0].map.sorted_rows;
     let second = order.passes.get(1).map(|p| &p.map.sorted_rows);
@@ -341,7 +365,9 @@ pub fn losses_backward<T: FloatElement>(
         check_len("dmix", b, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
     }
     check_len("dx", dx, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("dcodes", dcodes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("dcodes", dcodes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     let mean_scale = 2.0 / (t as f64 * d as f64);
     if t > 0 {
         // SAFETY of the argument list: codebook_loss_bwd_<dt>(x, codes, ids, dmix, dx, tokens, d,
@@ -447,13 +473,17 @@ pub fn ema_update<T: FloatElement>(
     order.check(shape)?;
     let (t, d, nc) = (shape.tokens, shape.dim, shape.codes);
     check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     let mut counts = DynMut(state.counts);
     let mut sums = DynMut(state.sums);
     let mut dead = DynMut(state.dead);
     let mut total = DynMut(state.total);
     check_len("state.counts", &counts, nc, || format!("[Nc] = [{nc}]"))?;
-    check_len("state.sums", &sums, shape.codebook_len(), || format!("[Nc, d] = [{nc}, {d}]"))?;
+    check_len("state.sums", &sums, shape.codebook_len(), || {
+        format!("[Nc, d] = [{nc}, {d}]")
+    })?;
     check_len("state.dead", &dead, nc, || format!("[Nc] = [{nc}]"))?;
     check_len("state.total", &total, 1, || "[1]".into())?;
     // SAFETY of the argument list: codebook_ema_counts(offsets, counts, dead, total, num_codes,
