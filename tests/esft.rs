@@ -193,6 +193,32 @@ fn k_equal_to_e_and_k_one_and_e_1024() {
     }
 }
 
+/// Signed weights (a router with `ScoreFunction::Identity`): negative gate scores rank last and
+/// the cumulative gate score is not monotone; the first prefix reaching p still wins.
+#[test]
+fn signed_weights() {
+    let mut rng = Rng::new(19);
+    let (experts, k) = (12, 3);
+    let mut batch = random_batch(&mut rng, 40, experts, k);
+    for w in &mut batch.weights {
+        *w = rng.uniform(-1.0, 1.0);
+    }
+    let want = reference_statistics(std::slice::from_ref(&batch), experts, k);
+    assert!(
+        want.weight_sums.iter().any(|&s| s < 0.0),
+        "the case needs a negative sum"
+    );
+    for device in devices() {
+        check_case(
+            &device,
+            std::slice::from_ref(&batch),
+            experts,
+            k,
+            &[0.05, 0.1, 0.2, 0.4, 2.0],
+        );
+    }
+}
+
 /// Many slots, so the accumulate grid has several blocks whose histograms meet in the state.
 #[test]
 fn accumulation_is_deterministic_across_blocks() {
