@@ -167,7 +167,7 @@ fn case_strategy() -> impl Strategy<Value = (usize, usize, Vec<usize>, u64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn statistics_and_selection_match_the_reference((experts, k, tokens, seed) in case_strategy()) {

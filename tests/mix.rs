@@ -125,7 +125,7 @@ fn check_all_dtypes(tokens: usize, d: usize, seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     /// d from 1 to 80: multiples of 4 and 8 take the 16-byte path (f32, 16-bit), others the
     /// element-wise one; T = 0 is an empty launch.
