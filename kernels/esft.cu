@@ -23,8 +23,8 @@
 // one slot's units, < 2^48, can never overflow a running sum on its own).
 constexpr float ESFT_FIXED_ONE = 4294967296.0f;
 constexpr float ESFT_MAX_WEIGHT = 65536.0f;
-// Score kinds (ScoreKind in src/ops/esft.rs).
-constexpr int ESFT_GATE = 0;
+// The `kind` of esft_select that ranks by token score (ScoreKind::Token in src/ops/esft.rs);
+// any other value, ScoreKind::Gate's 0, ranks by gate score.
 constexpr int ESFT_TOKEN = 1;
 
 // ------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ pub enum ScoreKind {
 }
 
 impl ScoreKind {
-    /// The kernel's code for this kind (`ESFT_GATE`, `ESFT_TOKEN` in esft.cu).
+    /// The kernel's code for this kind (`ESFT_TOKEN` in esft.cu is 1; 0 is the gate score).
     fn code(self) -> i32 {
         match self {
             ScoreKind::Gate => 0,
