@@ -6,8 +6,8 @@
 //   weight_sums[E]   sum of the slots' weights in fixed point: an i64 of ESFT_FIXED_ONE = 2^32
 //                    units per 1.0, added as u64 (two's complement wraps to the right signed
 //                    sum). Integer adds are exact and order-free: the sums are deterministic
-//                    whatever order blocks run in, and k batches give the very bits of one
-//                    batch of their concatenation. Each weight is rounded to 2^-32 (the mean
+//                    whatever order blocks run in, and several batches give the very bits
+//                    of one batch of their concatenation. Each weight is rounded to 2^-32 (the mean
 //                    g_i moves by at most 2^-33). Range: the total weight over all experts
 //                    stays below 2^31 in magnitude (esft_select adds the sums in i64 too).
 //   totals[2]        u64: [0] tokens accumulated, [1] slots skipped
@@ -34,7 +34,8 @@ constexpr int ESFT_TOKEN = 1;
 // memory (shared 64-bit integer atomics), then adds its nonzero bins to the state with one global
 // integer atomic each. No float atomics: every add is an integer add, exact in any order.
 // Traffic: ids and weights read once; 2 atomics per block and touched expert.
-// Launch: any grid, any block; dynamic shared 2·E u64 (16 KiB at E = 1024); 1 <= E; T >= 0.
+// Launch: any grid, any block (the wrapper: ceil(T·k / 4096) blocks, at most 128, of 256
+//   threads); dynamic shared 2·E u64 (16 KiB at E = 1024); 1 <= E; T >= 0.
 extern "C" __global__ void esft_accumulate(const int* ids, const float* weights, long long tokens, int k, int E,
                                            unsigned long long* counts, unsigned long long* weight_sums,
                                            unsigned long long* totals) {
