@@ -6,9 +6,10 @@
 //   weight_sums[E]   sum of the slots' weights in fixed point: an i64 of ESFT_FIXED_ONE = 2^32
 //                    units per 1.0, added as u64 (two's complement wraps to the right signed
 //                    sum). Integer adds are exact and order-free: the sums are deterministic
-//                    whatever order blocks run in, and k batches give the very bits of one
-//                    batch of their concatenation. Each weight is rounded to 2^-32 (the mean
-//                    g_i moves by at most 2^-33); sums are exact while |sum| < 2^31.
+//                    whatever order blocks run in, and several batches give the very bits
+//                    of one batch of their concatenation. Each weight is rounded to 2^-32 (the mean
+//                    g_i moves by at most 2^-33). Range: the total weight over all experts
+//                    stays below 2^31 in magnitude (esft_select adds the sums in i64 too).
 //   totals[2]        u64: [0] tokens accumulated, [1] slots skipped
 // A slot is skipped (counts nowhere, adds nothing, but is counted in totals[1]) when its id is
 // outside [0, E) or its weight is NaN, infinite or larger than ESFT_MAX_WEIGHT in magnitude.
@@ -22,8 +23,8 @@
 // one slot's units, < 2^48, can never overflow a running sum on its own).
 constexpr float ESFT_FIXED_ONE = 4294967296.0f;
 constexpr float ESFT_MAX_WEIGHT = 65536.0f;
-// Score kinds (ScoreKind in src/ops/esft.rs).
-constexpr int ESFT_GATE = 0;
+// The `kind` of esft_select that ranks by token score (ScoreKind::Token in src/ops/esft.rs);
+// any other value, ScoreKind::Gate's 0, ranks by gate score.
 constexpr int ESFT_TOKEN = 1;
 
 // ------------------------------------------------------------------------------------------
@@ -33,7 +34,8 @@ constexpr int ESFT_TOKEN = 1;
 // memory (shared 64-bit integer atomics), then adds its nonzero bins to the state with one global
 // integer atomic each. No float atomics: every add is an integer add, exact in any order.
 // Traffic: ids and weights read once; 2 atomics per block and touched expert.
-// Launch: any grid, any block; dynamic shared 2·E u64 (16 KiB at E = 1024); 1 <= E; T >= 0.
+// Launch: any grid, any block (the wrapper: ceil(T·k / 4096) blocks, at most 128, of 256
+//   threads); dynamic shared 2·E u64 (16 KiB at E = 1024); 1 <= E; T >= 0.
 extern "C" __global__ void esft_accumulate(const int* ids, const float* weights, long long tokens, int k, int E,
                                            unsigned long long* counts, unsigned long long* weight_sums,
                                            unsigned long long* totals) {
@@ -72,31 +74,36 @@ EMU_EXPORT(esft_accumulate)
 
 // ------------------------------------------------------------------------------------------
 // esft_select: the SPEC §8 selection from the state.
-// Algorithm: key_e = the score's numerator in exact integer units (counts for the token score,
-//   fixed-point weight sums for the gate score), over one positive denominator per kind
-//   (unit = T·k, or T·2^32): ranking keys ranks scores, and equal scores tie exactly. Thread e
-//   ranks expert e by counting the experts above it (a larger key, or an equal key and a lower
-//   id): O(E) per thread, no float compare. Thread 0 then walks the ranking, adding keys in rank
-//   order (in f64: exact below 2^53 units), and stops at the first prefix whose sum is
-//   >= p·unit, i.e. whose cumulative score is >= p without rounding each score first (p = 1
-//   over token scores is reached exactly at the last expert with a nonzero count). p <= 0:
-//   the empty prefix. A sum that never reaches p·unit (p above the total score, or no token
-//   accumulated): all E experts.
+// Algorithm, thread e for expert e (ranking) and then for rank position e (prefix):
+//   1. key_e = the score's numerator in exact integer units (counts for the token score,
+//      fixed-point weight sums for the gate score), over one positive denominator per kind
+//      (unit = T·k, or T·2^32): ranking keys ranks scores, and equal scores tie exactly.
+//   2. rank_e = #experts above e (a larger key, or an equal key and a lower id): O(E) per thread,
+//      integer compares only; order[rank_e] = e.
+//   3. prefix[r] = sum of the keys of ranks 0..r: a Hillis-Steele scan in i64, exact (within the
+//      state's documented range) and so independent of the scan's association.
+//   4. The shortest prefix: n = 1 + the lowest r with prefix[r] >= p·unit (an integer atomicMin;
+//      the cumulative *score* is compared without rounding each score, so p = 1 over token scores
+//      stops exactly at the last expert with a nonzero count). p <= 0: n = 0 (the empty prefix).
+//      No prefix reaching p·unit (p above the total score, or T = 0): n = E, every expert.
 // Scores: gate g_e = weight_sums[e] / 2^32 / T; token r_e = counts[e] / (T·k); 0 when T = 0.
 // Outputs: scores[E] f32; mask[E] (1 = train, 0 = frozen); selected[E] the chosen ids in rank
 //   order, then -1; selected_count[1].
-// Traffic: the state read once, outputs written once; O(E^2) shared reads (E <= 1024).
-// Launch: 1 block of a multiple of 32 threads >= E (at most 1024); dynamic shared E·(8 + 4) bytes.
+// Traffic: the state read once, outputs written once; O(E^2) shared broadcast reads (E <= 1024).
+// Launch: 1 block of a multiple of 32 threads >= E (at most 1024); dynamic shared E·(8 + 8 + 4)
+//   bytes.
 extern "C" __global__ void esft_select(const unsigned long long* counts, const unsigned long long* weight_sums,
                                        const unsigned long long* totals, int E, int k, int kind, double p,
                                        float* scores, int* mask, int* selected, int* selected_count) {
   __shared__ int chosen;
   DYN_SHARED(long long, keys);
-  int* order = reinterpret_cast<int*>(keys + E);
+  long long* prefix = keys + E;
+  int* order = reinterpret_cast<int*>(prefix + E);
   const int e = threadIdx.x;
   const double tokens = double(totals[0]);
   const double unit = kind == ESFT_TOKEN ? tokens * k : tokens * double(ESFT_FIXED_ONE);
   if (e < E) keys[e] = (long long)(kind == ESFT_TOKEN ? counts[e] : weight_sums[e]);
+  if (e == 0) chosen = p > 0.0 ? E : 0;
   __syncthreads();
   int rank = 0;
   if (e < E) {
@@ -106,23 +113,18 @@ extern "C" __global__ void esft_select(const unsigned long long* counts, const u
       rank += other > key || (other == key && j < e);
     }
     order[rank] = e;
+    prefix[rank] = key;
+  }
+  for (int offset = 1; offset < E; offset <<= 1) {
+    __syncthreads();
+    const long long add = e < E && e >= offset ? prefix[e - offset] : 0ll;
+    __syncthreads();
+    if (e < E) prefix[e] += add;
   }
   __syncthreads();
-  if (e == 0) {
-    int n = 0;
-    if (p > 0.0) {
-      const double target = p * unit;
-      double cumulative = 0.0;
-      while (n < E) {
-        cumulative += double(keys[order[n]]);
-        ++n;
-        if (unit > 0.0 && cumulative >= target) break;
-      }
-    }
-    chosen = n;
-    *selected_count = n;
-  }
+  if (e < E && p > 0.0 && unit > 0.0 && double(prefix[e]) >= p * unit) atomicMin(&chosen, e + 1);
   __syncthreads();
+  if (e == 0) *selected_count = chosen;
   if (e < E) {
     scores[e] = unit > 0.0 ? float(double(keys[e]) / unit) : 0.0f;
     mask[e] = rank < chosen ? 1 : 0;

@@ -167,7 +167,7 @@ fn case_strategy() -> impl Strategy<Value = (usize, usize, Vec<usize>, u64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     #[test]
     fn statistics_and_selection_match_the_reference((experts, k, tokens, seed) in case_strategy()) {
@@ -190,6 +190,32 @@ fn k_equal_to_e_and_k_one_and_e_1024() {
         for device in devices() {
             check_case(&device, &batches, experts, k, &[0.1, 0.2, 1.0]);
         }
+    }
+}
+
+/// Signed weights (a router with `ScoreFunction::Identity`): negative gate scores rank last and
+/// the cumulative gate score is not monotone; the first prefix reaching p still wins.
+#[test]
+fn signed_weights() {
+    let mut rng = Rng::new(19);
+    let (experts, k) = (12, 3);
+    let mut batch = random_batch(&mut rng, 40, experts, k);
+    for w in &mut batch.weights {
+        *w = rng.uniform(-1.0, 1.0);
+    }
+    let want = reference_statistics(std::slice::from_ref(&batch), experts, k);
+    assert!(
+        want.weight_sums.iter().any(|&s| s < 0.0),
+        "the case needs a negative sum"
+    );
+    for device in devices() {
+        check_case(
+            &device,
+            std::slice::from_ref(&batch),
+            experts,
+            k,
+            &[0.05, 0.1, 0.2, 0.4, 2.0],
+        );
     }
 }
 

@@ -5,6 +5,9 @@
 mod common;
 
 use common::{Rng, Tolerance, assert_close, devices};
+use moe_kernels::device::EmulatorDevice;
+use moe_kernels::device::emulator::profiling_build;
+use moe_kernels::device::profile::{Access, Space};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::mix;
 use moe_kernels::reference::mix as reference;
@@ -125,7 +128,7 @@ fn check_all_dtypes(tokens: usize, d: usize, seed: u64) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
     /// d from 1 to 80: multiples of 4 and 8 take the 16-byte path (f32, 16-bit), others the
     /// element-wise one; T = 0 is an empty launch.
@@ -208,6 +211,45 @@ fn repeated_calls_give_the_same_bits() {
         assert_eq!(bits(&g1.dlogits), bits(&g2.dlogits), "{device:?}: dlogits");
         assert_eq!(g1, g2, "{device:?}: gradients");
     }
+}
+
+/// In the profiling build (`MOE_EMU_PROFILE=1`): forward and backward touch exactly the bytes of
+/// their floor, and the forward's stores are whole 16-byte-per-lane warp requests (16 sectors).
+#[test]
+fn forward_and_backward_touch_only_their_floor_bytes() {
+    if !profiling_build() {
+        eprintln!("skipped: needs the profiling build (MOE_EMU_PROFILE=1, clang-19)");
+        return;
+    }
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let (tokens, d) = (8u64, 256u64);
+    let case = random_case::<half::bf16>(&mut Rng::new(23), tokens as usize, d as usize);
+    let row_bytes = 2 * tokens * d;
+    run(&device, &case);
+    let [forward, backward] = <[_; 2]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(forward.kernel, "mix_forward_bf16");
+    assert_eq!(
+        forward.unique_global_load_bytes,
+        8 * tokens + 2 * row_bytes,
+        "logits, y_cont, y_disc"
+    );
+    assert_eq!(forward.unique_global_store_bytes, row_bytes, "y");
+    assert_eq!(
+        forward.traffic(Space::Global, Access::Store).sectors_per_request(),
+        16.0
+    );
+    assert_eq!(backward.kernel, "mix_backward_bf16");
+    assert_eq!(
+        backward.unique_global_load_bytes,
+        8 * tokens + 3 * row_bytes,
+        "logits, y_cont, y_disc, dy"
+    );
+    assert_eq!(
+        backward.unique_global_store_bytes,
+        2 * row_bytes + 8 * tokens,
+        "dy_cont, dy_disc, dlogits"
+    );
 }
 
 #[track_caller]

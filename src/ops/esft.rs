@@ -24,9 +24,11 @@
 //! 1.0) added with integer atomics: exact in any order, so they are deterministic without a
 //! fixed-order float reduction, and accumulating several batches gives the same bits as one batch
 //! of their concatenation. Each weight is rounded to a multiple of 2^-32 (the mean moves by at
-//! most 2^-33); a sum stays exact while its magnitude is below 2^31 (two billion tokens of weight
-//! 1 per expert). f64 running sums would need a fixed-order reduction per batch and still
-//! depend on how the probe set is split into batches.
+//! most 2^-33). The range: the total weight accumulated over all experts must stay below 2^31 in
+//! magnitude (about 2 billion tokens of softmax weights summing to 1, or 850 million at
+//! DeepSeek-V3's route scale 2.5); [`select`] adds the experts' sums in the same integers.
+//! f64 running sums would need a fixed-order reduction per batch and would still depend on how
+//! the probe set is split into batches.
 //!
 //! **Skipped slots.** A slot whose id is outside `[0, E)`, or whose weight is NaN, infinite or
 //! larger than [`MAX_WEIGHT`] in magnitude, counts nowhere and adds nothing; it is counted in
@@ -59,7 +61,7 @@ pub enum ScoreKind {
 }
 
 impl ScoreKind {
-    /// The kernel's code for this kind (`ESFT_GATE`, `ESFT_TOKEN` in esft.cu).
+    /// The kernel's code for this kind (`ESFT_TOKEN` in esft.cu is 1; 0 is the gate score).
     fn code(self) -> i32 {
         match self {
             ScoreKind::Gate => 0,
@@ -229,9 +231,9 @@ impl EsftSelection {
 /// - `p` above the total score (or no token accumulated, every score 0) selects every expert.
 ///
 /// Ranking compares the exact integer statistics, so equal scores tie exactly; the cumulative
-/// test is on the numerators, `sum counts >= p T k` (token) or `sum weight_sums >= p T` (gate),
-/// added in rank order, so p = 1 over token scores is reached exactly at the last expert that
-/// received a slot, not one rounding step later. Writes `selection` (scores, mask, ids in order, count). One
+/// test is on the exact integer numerators, `sum counts >= p T k` (token) or
+/// `sum weight_sums >= p T` (gate), so p = 1 over token scores is reached exactly at the last
+/// expert that received a slot, not one rounding step earlier or later. Writes `selection` (scores, mask, ids in order, count). One
 /// launch; no host sync.
 pub fn select(
     device: &Device,
@@ -256,7 +258,7 @@ pub fn select(
         });
     }
     let threads = e.next_multiple_of(32) as u32;
-    let shared = e * (size_of::<i64>() + size_of::<i32>());
+    let shared = e * (2 * size_of::<i64>() + size_of::<i32>());
     // Matches the kernel's parameters, in order: esft_select(counts, weight_sums, totals, E, k,
     // kind, p, scores, mask, selected, selected_count).
     let args = KernelArgs::new(device)
