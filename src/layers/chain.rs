@@ -1,6 +1,8 @@
 //! [`ChainOfExperts`] (SPEC §7): C routed passes over one set of expert weights,
 //! `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, each iteration with its own router.
-use super::pass::{ExpertGrads, Experts, Gradients, Pass, Router, RouterGrads, Saved, Scratch, saved_bytes_per_token};
+use super::buffers::{Saved, Scratch, saved_bytes_per_token};
+use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::pass::{Gradients, Pass};
 use super::workspace::{DynSlice, prefix, prefix_mut};
 use super::{HostWeights, MoeConfig};
 use crate::ops::FloatElement;

@@ -10,10 +10,12 @@
 //! does not move inside `forward` or `backward`). Work buffers are sized once, at
 //! construction, for [`MoeConfig::max_tokens`] tokens; a call with fewer tokens uses prefixes of
 //! them ([`workspace`]).
+mod buffers;
 mod chain;
 mod config;
 pub mod esft;
 mod moe;
+mod params;
 mod pass;
 pub mod vq;
 mod weights;
@@ -22,6 +24,6 @@ pub mod workspace;
 pub use chain::ChainOfExperts;
 pub use config::{MoeConfig, RouterKind};
 pub use moe::{LossValues, MoeLayer};
-pub use pass::{ExpertGrads, RouterGrads};
+pub use params::{ExpertGrads, RouterGrads};
 pub use vq::{VqMoe, VqWeights};
 pub use weights::HostWeights;

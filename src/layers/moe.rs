@@ -1,5 +1,7 @@
 //! [`MoeLayer`]: one routed MoE layer with its weights, forward and backward.
-use super::pass::{ExpertGrads, Experts, Gradients, Pass, Router, RouterGrads, Saved, Scratch, saved_bytes_per_token};
+use super::buffers::{Saved, Scratch, saved_bytes_per_token};
+use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::pass::{Gradients, Pass};
 use super::workspace::prefix;
 use super::{HostWeights, MoeConfig};
 use crate::ops::FloatElement;

@@ -1,7 +1,9 @@
 //! [`VqMoe`] (SPEC §6, last bullet): a continuous path (an ordinary routed MoE) and a discrete
 //! path (each token's nearest code picks its expert, applied to the straight-through mix x̃),
 //! mixed per token by a 2-way softmax gate, `y = a0·y_cont + a1·y_disc`, plus the VQ losses.
-use super::pass::{ExpertGrads, Experts, Gradients, Pass, Router, RouterGrads, Routing, Saved, Scratch, add_rows};
+use super::buffers::{Saved, Scratch};
+use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::pass::{Gradients, Pass, Routing, add_rows};
 use super::workspace::{prefix, prefix_mut};
 use super::{HostWeights, MoeConfig, RouterKind};
 use crate::ops::codebook::{self, CodeOrder, CodebookShape, LossConfig, NearestConfig, NearestOutputs};
