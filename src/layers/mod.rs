@@ -6,6 +6,15 @@
 //! - [`VqMoe`]: a routed path and a codebook path mixed by a 2-way softmax gate, with VQ losses;
 //! - [`esft`]: expert-specialized fine-tuning statistics, selection and masked training steps.
 //!
+//! **Launch budget** of one routed forward (linear or quadratic router, no shared experts, no
+//! capacity, T·k <= 4096): scores 1, select 1, routing map 1, GEMM1 + SwiGLU with the gather
+//! fused 1, GEMM2 1, combine 1 = **6** (the codebook router: code norms and nearest code instead of
+//! scores and select, also 6). Shared experts add 2, the aux loss 4, the z-loss 2, capacity or
+//! T·k > 4096 the tiled map's extra launches. Backward: 10 for the linear router (combine⁻¹,
+//! GEMM2 dgrad + SwiGLU⁻¹, dW2, GEMM1 dgrad, dW1, select⁻¹, gate dX + dW + db, the sum into dx),
+//! +1 per loss, +5 with shared experts; quadratic gates add their coefficient launches.
+//! `tests/layers` asserts these counts.
+//!
 //! Every pass is stream-ordered and never waits for the device (`Device::stats().host_syncs`
 //! does not move inside `forward` or `backward`). Work buffers are sized once, at
 //! construction, for [`MoeConfig::max_tokens`] tokens; a call with fewer tokens uses prefixes of
