@@ -5,8 +5,8 @@ use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::{DynSlice, prefix, prefix_mut};
 use super::{HostWeights, MoeConfig};
-use crate::ops::FloatElement;
 use crate::ops::gemm::ExpertMask;
+use crate::ops::{FloatElement, check_len};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
 /// Chain-of-Experts: C iterations of a routed MoE with an inner residual, one router per
@@ -87,6 +87,10 @@ impl<T: FloatElement> ChainOfExperts<T> {
     pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
         crate::ops::check_range("tokens", tokens, 1..=self.config.max_tokens)?;
         let len = tokens * self.config.dim;
+        // Every argument is checked before the first iteration launches anything.
+        let layout = || format!("[T, d] = [{tokens}, {}]", self.config.dim);
+        check_len("x", x, len, layout)?;
+        check_len("y", y, len, layout)?;
         let last = self.routers.len() - 1;
         for t in 0..=last {
             let (before, after) = self.inputs.split_at_mut(t);
@@ -124,7 +128,14 @@ impl<T: FloatElement> ChainOfExperts<T> {
         dy: &impl DeviceSlice<T>,
         dx: &mut impl DeviceSliceMut<T>,
     ) -> Result<()> {
-        let len = self.saved[0].tokens * self.config.dim;
+        let tokens = self.saved[0].tokens;
+        let len = tokens * self.config.dim;
+        if tokens > 0 {
+            let layout = || format!("[T, d] = [{tokens}, {}] (T of the last forward)", self.config.dim);
+            check_len("x", x, len, layout)?;
+            check_len("dy", dy, len, layout)?;
+            check_len("dx", dx, len, layout)?;
+        }
         let last = self.routers.len() - 1;
         let [first, second] = &mut self.carried;
         let (mut incoming, mut outgoing) = (first, second);

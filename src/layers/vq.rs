@@ -223,7 +223,9 @@ impl<T: FloatElement> VqMoe<T> {
         let device = &self.device;
         let (e, len) = (self.config.experts, tokens * self.config.dim);
         let shape = self.shape(tokens);
-        crate::ops::check_len("x", x, len, || format!("[T, d] = [{tokens}, {}]", self.config.dim))?;
+        let layout = || format!("[T, d] = [{tokens}, {}]", self.config.dim);
+        crate::ops::check_len("x", x, len, layout)?;
+        crate::ops::check_len("y", y, len, layout)?;
         codebook::code_norms(device, &shape, &self.codebook, &mut self.norms)?;
         let nearest = NearestConfig {
             k: 1,

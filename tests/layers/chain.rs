@@ -289,3 +289,28 @@ fn bad_chain_inputs_are_rejected() {
         ));
     }
 }
+
+/// A wrong output length is rejected before any iteration launches.
+#[test]
+fn chain_arguments_are_checked_before_any_launch() {
+    for device in devices() {
+        let config = small(RouterKind::Linear);
+        let mut chain = ChainOfExperts::<f32>::random(&device, config, 3, 4).unwrap();
+        let x = device.alloc_zeros::<f32>(4 * config.dim).unwrap();
+        let mut y = device.alloc_zeros::<f32>(4 * config.dim).unwrap();
+        let mut short = device.alloc_zeros::<f32>(3).unwrap();
+        let before = device.stats().launches;
+        assert!(matches!(
+            chain.forward(&x, 4, &mut short),
+            Err(Error::Shape { argument: "y", .. })
+        ));
+        assert_eq!(device.stats().launches, before, "launched before rejecting y");
+        chain.forward(&x, 4, &mut y).unwrap();
+        let before = device.stats().launches;
+        assert!(matches!(
+            chain.backward(&x, &y, &mut short),
+            Err(Error::Shape { argument: "dx", .. })
+        ));
+        assert_eq!(device.stats().launches, before, "launched before rejecting dx");
+    }
+}

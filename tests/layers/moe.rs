@@ -1,6 +1,6 @@
 //! MoeLayer: every router kind against the reference, finite differences, budgets, determinism,
 //! bad configurations.
-use crate::common::devices;
+use crate::common::{assert_close, devices};
 use crate::support::*;
 use half::{bf16, f16};
 use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
@@ -405,5 +405,34 @@ proptest::proptest! {
             let (case, run) = case_run::<f32>(&device, config, tokens, seed);
             check_against_reference::<f32>(&format!("{config:?} T = {tokens}"), &case, &run, None);
         }
+    }
+}
+
+/// Past `SMALL_MAP_MAX_SLOTS` (T·k > 4096) the routing map is tiled (2 launches and a memset):
+/// the routed forward is then 7 launches, still without a host sync.
+#[test]
+fn large_batches_take_one_more_launch_for_the_tiled_map() {
+    for device in devices() {
+        let tokens = moe_kernels::ops::dispatch::SMALL_MAP_MAX_SLOTS / 2 + 1;
+        let config = MoeConfig {
+            max_tokens: tokens,
+            ..small(RouterKind::Linear)
+        };
+        let case = Case::new::<f32>(config, tokens, 9);
+        let mut layer = MoeLayer::<f32>::new(&device, config, &case.weights).unwrap();
+        let x = device.upload(&case.x).unwrap();
+        let mut y = device.alloc_zeros::<f32>(case.x.len()).unwrap();
+        let before = device.stats();
+        layer.forward(&x, tokens, &mut y).unwrap();
+        let after = device.stats();
+        assert_eq!(after.launches - before.launches, 7);
+        assert_eq!(after.host_syncs, before.host_syncs);
+        let f = case.reference::<f32>();
+        assert_close(
+            "large T: y",
+            &download_f32(&device, &y),
+            &f.y,
+            layer_tolerance::<f32>(&config),
+        );
     }
 }
