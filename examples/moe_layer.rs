@@ -5,6 +5,8 @@
 //!
 //! Prints the device, the per-expert load, the router losses, the time of each stage, and the
 //! layer's kernel launches and host syncs (none inside the layer).
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaStream};
 use half::{bf16, f16};
 use moe_kernels::layers::esft::EsftTracker;
 use moe_kernels::layers::{ChainOfExperts, HostWeights, MoeConfig, MoeLayer, RouterKind, VqMoe, VqWeights};
@@ -14,6 +16,7 @@ use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers as reference;
 use moe_kernels::{Device, DeviceKind, DeviceSlice};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const HELP: &str = "\
@@ -37,8 +40,8 @@ checked against the CPU reference.
   --tokens T    tokens in the batch (default 1024)
   --help        this text
 
-On a GPU each stage is timed with a stream sync after it, after one untimed warm-up pass; on the
-emulator the times are CPU wall time of the emulated kernels (not GPU estimates).";
+On a GPU each stage is timed by CUDA events, after one untimed warm-up pass; on the emulator the
+times are CPU wall time of the emulated kernels (not GPU estimates).";
 
 #[derive(Clone, Copy)]
 enum Dtype {
@@ -169,23 +172,76 @@ fn to_t<T: FloatElement>(values: &[f32]) -> Vec<T> {
     values.iter().map(|&v| T::from_f32(v)).collect()
 }
 
-/// Stage timer: each stage's time since the previous mark, with a stream sync first so the
-/// queued work is done (a no-op on the emulator, which runs launches to completion).
-struct Timer<'a> {
-    device: &'a Device,
+/// Stage timer. On a GPU a CUDA event is recorded after each stage's launches (nothing waits;
+/// the times are read once at the end); on the emulator, which runs each launch to completion,
+/// the wall time between marks.
+struct Timer {
+    stream: Option<Arc<CudaStream>>,
+    /// Per mark its stage name (empty: a pause not reported, e.g. the ESFT selection).
+    names: Vec<String>,
+    /// GPU: the start event, then one per mark.
+    events: Vec<CudaEvent>,
+    /// Emulator: the time of each mark's stage.
+    wall: Vec<Duration>,
     last: Instant,
-    stages: Vec<(String, Duration)>,
-    syncs: u64,
 }
 
-impl Timer<'_> {
+impl Timer {
+    fn new(device: &Device) -> Self {
+        Self {
+            stream: match device {
+                Device::Cuda(gpu) => Some(gpu.stream().clone()),
+                _ => None,
+            },
+            names: vec![],
+            events: vec![],
+            wall: vec![],
+            last: Instant::now(),
+        }
+    }
+
+    fn record(&mut self) -> bool {
+        let Some(stream) = &self.stream else { return true };
+        match stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)) {
+            Ok(event) => {
+                self.events.push(event);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn start(&mut self) {
+        self.record();
+        self.last = Instant::now();
+    }
+
     fn mark(&mut self, prefix: &str, stage: &str) {
-        if self.device.synchronize().is_ok() {
-            self.syncs += 1;
+        if !self.record() {
+            return;
         }
         let now = Instant::now();
-        self.stages.push((format!("{prefix}{stage}"), now - self.last));
+        self.wall.push(now - self.last);
         self.last = now;
+        self.names.push(if stage.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}{stage}")
+        });
+    }
+
+    /// Each named stage's milliseconds.
+    fn stages(&self) -> moe_kernels::Result<Vec<(String, f64)>> {
+        let times: Vec<f64> = if self.stream.is_some() {
+            let pairs = self.events.windows(2);
+            pairs
+                .map(|w| w[0].elapsed_ms(&w[1]).map(f64::from))
+                .collect::<Result<_, _>>()?
+        } else {
+            self.wall.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+        };
+        let named = self.names.iter().zip(times).filter(|(name, _)| !name.is_empty());
+        Ok(named.map(|(name, ms)| (name.clone(), ms)).collect())
     }
 }
 
@@ -206,7 +262,7 @@ fn download_f32<T: FloatElement>(device: &Device, buffer: &impl DeviceSlice<T>) 
 fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     let device = Device::best()?;
     let timing = match device.kind() {
-        DeviceKind::Cuda => "GPU time between stream syncs",
+        DeviceKind::Cuda => "GPU time between CUDA events",
         DeviceKind::Emulator => "CPU wall time on the emulator",
     };
     println!("device: {}", device.description());
@@ -245,12 +301,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     let dy = device.upload(&to_t::<T>(&dy_host))?;
     let mut y = device.alloc_zeros::<T>(t * config.dim)?;
     let mut dx = device.alloc_zeros::<T>(t * config.dim)?;
-    let mut timer = Timer {
-        device: &device,
-        last: Instant::now(),
-        stages: vec![],
-        syncs: 0,
-    };
+    let mut timer = Timer::new(&device);
     if options.chain > 1 {
         return run_chain::<T>(options, &device, config, &x_host, &dy_host);
     }
@@ -266,8 +317,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     }
 
     let before = device.stats();
-    let start = Instant::now();
-    timer.last = start;
+    timer.start();
     layer.forward_observed(&x, t, &mut y, Some(&mut |stage| timer.mark("forward: ", stage)))?;
     let middle = device.stats();
     let mut selected = None;
@@ -281,12 +331,12 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         );
         selected = Some(tracker.selected().to_vec());
         layer.set_expert_mask(Some(mask))?;
-        timer.last = Instant::now();
+        timer.mark("", "");
     }
     let middle_after_esft = device.stats();
     layer.backward_observed(&x, &dy, &mut dx, Some(&mut |stage| timer.mark("backward: ", stage)))?;
     let after = device.stats();
-    let elapsed = start.elapsed();
+    let stages = timer.stages()?;
 
     let counts = device.download(layer.expert_counts())?;
     println!("\nexpert load (tokens routed to each expert):");
@@ -306,16 +356,17 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     }
 
     println!("\nstages ({timing}):");
-    for (stage, time) in &timer.stages {
-        println!("  {stage:60} {:9.2} ms", time.as_secs_f64() * 1e3);
+    for (stage, ms) in &stages {
+        println!("  {stage:60} {ms:9.3} ms");
     }
-    println!("  {:60} {:9.2} ms", "total", elapsed.as_secs_f64() * 1e3);
+    let total: f64 = stages.iter().map(|(_, ms)| ms).sum();
+    println!("  {:60} {total:9.3} ms", "total");
     println!(
-        "\nlaunches: forward {}, backward {}; host syncs inside the layer: {} (the example's stage timing added {})",
+        "\nlaunches: forward {}, backward {}; host syncs: forward {}, backward {}",
         middle.launches - before.launches,
         after.launches - middle_after_esft.launches,
-        (after.host_syncs - middle_after_esft.host_syncs + middle.host_syncs - before.host_syncs) - timer.syncs,
-        timer.syncs
+        middle.host_syncs - before.host_syncs,
+        after.host_syncs - middle_after_esft.host_syncs,
     );
 
     // The reference, in f64 with the device's roundings, checks every output.
