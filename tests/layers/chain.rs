@@ -314,3 +314,37 @@ fn chain_arguments_are_checked_before_any_launch() {
         assert_eq!(device.stats().launches, before, "launched before rejecting dx");
     }
 }
+
+/// An ESFT mask on a chain: the selected experts' gradients are summed over iterations like the
+/// reference's, the frozen experts' are never written (here: still zero).
+#[test]
+fn a_masked_chain_accumulates_only_the_selected_experts() {
+    for device in devices() {
+        let config = small(RouterKind::Linear);
+        let case = ChainCase::new::<f32>(config, 2, 12, 150);
+        let mut chain = ChainOfExperts::<f32>::new(&device, config, &case.weights).unwrap();
+        let selected = [true, false, true, false, false, true];
+        let mask = moe_kernels::ops::gemm::ExpertMask::new(&device, &selected).unwrap();
+        chain.set_expert_mask(Some(mask)).unwrap();
+        let run = run_chain(&device, &mut chain, &case);
+        let r = reference::chain(&config, &case.weights, &case.x, &case.dy, Some(&selected), &|v| {
+            v as f32
+        });
+        let tol = layer_tolerance::<f32>(&config).scaled(2.0).over(12 * config.k * 2);
+        assert_close("masked chain dW1", &run.w1, &r.grads.w1, tol);
+        assert_close("masked chain dW2", &run.w2, &r.grads.w2, tol);
+        let per_expert = run.w1.len() / config.experts;
+        for e in (0..config.experts).filter(|&e| !selected[e]) {
+            assert!(
+                run.w1[e * per_expert..(e + 1) * per_expert].iter().all(|&v| v == 0.0),
+                "frozen expert {e}"
+            );
+        }
+        assert_close(
+            "masked chain dx",
+            &run.dx,
+            &r.grads.dx,
+            layer_tolerance::<f32>(&config).scaled(2.0),
+        );
+    }
+}
