@@ -110,6 +110,12 @@ fn tensor_core_kernels_contain_hmma() {
             kernels.push(format!("gate_scores_{form}_{dtype}"));
         }
     }
+    // The codebook's 16-bit nearest-code search runs its score tiles on tensor cores.
+    for list in ["top1", "top8"] {
+        for dtype in ["f16", "bf16"] {
+            kernels.push(format!("codebook_nearest_{list}_{dtype}"));
+        }
+    }
     for kernel in &kernels {
         for s in mix_of(&all, kernel) {
             assert!(s.mix.mma > 0, "{kernel} on sm_{} has no HMMA: {:?}", s.arch, s.mix);

@@ -7,6 +7,7 @@
 //! family's `*_len` / `*_workspace` helpers.
 use crate::{DeviceSlice, Element, Error, Result};
 
+pub mod codebook;
 pub mod dispatch;
 pub mod esft;
 pub mod gate;

@@ -2,6 +2,7 @@
 //! to be obviously correct rather than fast. Tests compare every device against it
 //! (tolerances in SPEC §9). It depends on nothing but the ops' configuration types.
 
+pub mod codebook;
 pub mod dispatch;
 pub mod esft;
 pub mod gate;

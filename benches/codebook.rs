@@ -1,0 +1,158 @@
+//! Codebook nearest neighbour (VQ routing): the fused distance + top-1 search with f32 (FMA
+//! tiles) and bf16 (tensor cores) inputs. States the floor (2·T·Nc·d flops; X, C, norms read
+//! once, ids written once) and the bytes of every buffer the op is given, against the `[T, Nc]`
+//! distance matrix it never allocates; benches the CPU reference and the emulator at a small
+//! size; on a GPU reports the fraction of the floor over T × Nc × d.
+mod common;
+
+use common::{Floor, devices, report_gpu_fraction};
+use criterion::{Criterion, criterion_group, criterion_main};
+use half::bf16;
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
+use moe_kernels::reference::codebook as reference;
+use moe_kernels::{Device, DeviceBuffer, DeviceKind};
+
+const SMALL: CodebookShape = CodebookShape {
+    tokens: 128,
+    dim: 64,
+    codes: 256,
+};
+
+/// X and C (`size` bytes per element) and the f32 norms read once, i32 ids written once;
+/// 2 flops per multiply-add of every token with every code.
+fn floor(shape: &CodebookShape, size: u64) -> Floor {
+    let (t, d, nc) = (shape.tokens as u64, shape.dim as u64, shape.codes as u64);
+    Floor {
+        bytes: size * (t * d + nc * d) + 4 * nc + 4 * t,
+        flops: 2 * t * nc * d,
+    }
+}
+
+fn normals(seed: u64, len: usize) -> Vec<f64> {
+    // A small LCG is enough for bench inputs.
+    let mut s = seed;
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        })
+        .collect()
+}
+
+fn upload<T: FloatElement>(device: &Device, v: &[f64]) -> DeviceBuffer<T> {
+    device
+        .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
+        .expect("upload")
+}
+
+/// The buffers of one top-1 search on `device`, and the op as a closure to time.
+struct Search<T: FloatElement> {
+    shape: CodebookShape,
+    config: NearestConfig,
+    x: DeviceBuffer<T>,
+    codes: DeviceBuffer<T>,
+    norms: DeviceBuffer<f32>,
+    ids: DeviceBuffer<i32>,
+    workspace: DeviceBuffer<u32>,
+}
+
+impl<T: FloatElement> Search<T> {
+    fn new(device: &Device, shape: CodebookShape) -> Self {
+        let config = NearestConfig::default();
+        let x = upload::<T>(device, &normals(1, shape.x_len()));
+        let codes = upload::<T>(device, &normals(2, shape.codebook_len()));
+        let mut norms = device.alloc_zeros(shape.codes).expect("alloc");
+        codebook::code_norms(device, &shape, &codes, &mut norms).expect("norms");
+        Self {
+            shape,
+            config,
+            x,
+            codes,
+            norms,
+            ids: device.alloc_zeros(shape.tokens).expect("alloc"),
+            workspace: device.alloc_zeros(config.workspace_len(&shape)).expect("alloc"),
+        }
+    }
+
+    fn run(&mut self, device: &Device) {
+        let out = NearestOutputs {
+            ids: &mut self.ids,
+            distances: None,
+            experts: None,
+        };
+        codebook::nearest(
+            device,
+            &self.shape,
+            &self.config,
+            &self.x,
+            &self.codes,
+            &self.norms,
+            out,
+            &mut self.workspace,
+        )
+        .expect("nearest");
+    }
+
+    /// Bytes of every buffer beside the inputs X and C that the op is given (norms, ids, the
+    /// split workspace): all it could hold intermediate results in. They stay below the
+    /// `[T, Nc]` f32 distance matrix a two-pass implementation would write.
+    fn scratch_bytes(&self) -> usize {
+        4 * (self.norms.len() + self.ids.len() + self.workspace.len())
+    }
+
+    fn report_memory(&self) {
+        let matrix = 4 * self.shape.tokens * self.shape.codes;
+        let inputs = (self.x.len() + self.codes.len()) * size_of::<T>();
+        println!(
+            "codebook nearest {} {:?}: X + C {inputs} bytes; norms + ids + workspace {} bytes; a [T, Nc] f32 matrix would be {matrix} bytes",
+            T::NAME,
+            self.shape,
+            self.scratch_bytes(),
+        );
+        assert!(self.scratch_bytes() < matrix, "a [T, Nc]-sized buffer crept in");
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let devices = devices();
+    for size in [4, 2] {
+        println!(
+            "codebook nearest {SMALL:?}, {size}-byte X and C: {}",
+            floor(&SMALL, size).describe()
+        );
+    }
+    let (x, codes) = (normals(1, SMALL.x_len()), normals(2, SMALL.codebook_len()));
+    let mut group = c.benchmark_group(format!("codebook nearest {SMALL:?}"));
+    group.sample_size(10);
+    group.bench_function("reference top-1", |b| {
+        b.iter(|| reference::nearest(&SMALL, &x, &codes, 1, 1))
+    });
+    for device in devices.iter().filter(|d| d.kind() == DeviceKind::Emulator) {
+        let mut f32_search = Search::<f32>::new(device, SMALL);
+        let mut bf16_search = Search::<bf16>::new(device, SMALL);
+        f32_search.report_memory();
+        bf16_search.report_memory();
+        group.bench_function("Emulator top-1 f32", |b| b.iter(|| f32_search.run(device)));
+        group.bench_function("Emulator top-1 bf16", |b| b.iter(|| bf16_search.run(device)));
+    }
+    group.finish();
+    for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        for tokens in [16, 4096, 65536] {
+            for codes in [256, 8192, 65536] {
+                for dim in [256, 1024, 4096] {
+                    let shape = CodebookShape { tokens, dim, codes };
+                    let mut search = Search::<bf16>::new(device, shape);
+                    search.report_memory();
+                    let label = format!("T={tokens},Nc={codes},d={dim}");
+                    report_gpu_fraction("codebook/nearest_bf16", &label, device, floor(&shape, 2), || {
+                        search.run(device)
+                    });
+                }
+            }
+        }
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
