@@ -116,6 +116,12 @@ fn tensor_core_kernels_contain_hmma() {
             kernels.push(format!("codebook_nearest_{list}_{dtype}"));
         }
     }
+    // The grouped expert GEMM's 16-bit tile kernels: forward, dA, dB.
+    for op in ["fwd", "dgrad", "wgrad"] {
+        for dtype in ["f16", "bf16"] {
+            kernels.push(format!("grouped_gemm_{op}_{dtype}"));
+        }
+    }
     for kernel in &kernels {
         for s in mix_of(&all, kernel) {
             assert!(s.mix.mma > 0, "{kernel} on sm_{} has no HMMA: {:?}", s.arch, s.mix);
@@ -158,6 +164,13 @@ fn vector_kernels_move_128_bits_per_access() {
                     s.mix
                 );
             }
+        }
+    }
+    // The grouped GEMM's decode path streams the weights with 16-byte loads.
+    for dtype in ["f32", "f16", "bf16"] {
+        let kernel = format!("grouped_gemm_decode_{dtype}");
+        for s in mix_of(&all, &kernel) {
+            assert!(s.mix.global_loads_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
         }
     }
     for s in mix_of(&all, "selftest_mma_ldmatrix_bf16") {

@@ -11,6 +11,7 @@ pub mod codebook;
 pub mod dispatch;
 pub mod esft;
 pub mod gate;
+pub mod gemm;
 pub mod mix;
 pub mod router;
 

@@ -6,5 +6,6 @@ pub mod codebook;
 pub mod dispatch;
 pub mod esft;
 pub mod gate;
+pub mod gemm;
 pub mod mix;
 pub mod router;

@@ -1,0 +1,303 @@
+// grouped_gemm.cu: the grouped expert GEMM (SPEC §5), forward and backward.
+//
+// For each expert e with rows [offsets[e], offsets[e+1]) of the grouped matrix:
+//   forward  C_e  = A_e · B_e^T      A_e [m_e, K] (rows contiguous, or gathered from token order:
+//                                    row r = A[sorted_rows[r] / top_k], -1 = a zero row),
+//                                    B [E, N, K] (nn.Linear), C [rows, N] (or H [rows, N/2])
+//   dgrad    dA_e = dC_e · B_e       dC [rows, N] -> dA [rows, K]
+//   wgrad    dB_e = dC_e^T · A_e     [N, K] f32 per expert, a reduction over the group's rows
+// Group sizes are read from device memory (offsets, i32 [E+1]); rows = the grouped matrix's
+// row count (dispatch's sorted_rows_len) bounds every group. Rows of a group are written
+// whatever they hold (a gathered padding row gives a zero input row); rows outside every group
+// are not touched. Epilogues (gemm_group.cuh): plain store, SwiGLU (W1 = [E, 2h, d], gate rows
+// [0, h) then up rows [h, 2h): H = silu(G) ⊙ U, optionally keeping GU [rows, 2h]), SwiGLU
+// backward fused into dgrad (dH -> dGU), and a per-row combine weight; output T or f32.
+//
+// Tiles (gemm_tiles.cuh): f16/bf16 on tensor cores (mma.sync m16n8k16 + ldmatrix, 3-stage
+// cp.async, 128x128x32, 8 warps of 64x32, padded shared rows: conflict-free ldmatrix), f32 on
+// 64x64x16 FMA tiles. Accumulation f32 everywhere; every sum in a fixed order (no atomics).
+// Alignment contract of the tensor-core path: K and N multiples of 8, operands 16-byte aligned.
+//
+// Kernels (<dtype> = f32, f16, bf16):
+//   grouped_gemm_fwd_<dtype>     forward, all epilogues
+//   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B with 16-byte loads
+//   grouped_gemm_dgrad_<dtype>   dA (plain, or SwiGLU backward into dGU), row weights optional
+//   grouped_gemm_wgrad_<dtype>   dB over a device list of active experts (ESFT mask), f32,
+//                                optionally accumulated into the existing values
+#include "include/gemm_tiles.cuh"
+
+template <class T> struct FwdArgs {
+  GroupedRows<T> a;
+  const T* b;
+  const int* offsets;
+  int experts;
+  i64 rows, n, kdim;
+  Epilogue<T> epi;
+};
+
+#define FWD_PARAMS(T)                                                                                   \
+  const T *a, long long a_rows, const int *sorted_rows, int top_k, const T *b, const int *offsets,      \
+      int experts, long long rows, long long n, long long kdim, void *out, int out_f32, int mode,        \
+      const float *weights, long long slots, T *gu
+#define FWD_ARGS(T)                                                                                     \
+  FwdArgs<T> {                                                                                          \
+    GroupedRows<T>{a, a_rows, sorted_rows, top_k, kdim}, b, offsets, experts, rows, n, kdim,           \
+        Epilogue<T>{mode, out, out_f32, mode == EPI_SWIGLU ? n / 2 : n, weights, sorted_rows, slots, gu, n / 2} \
+  }
+
+// ------------------------------------------------------------------------------------------
+// grouped_gemm_fwd_<dtype>: C_e = A_e B_e^T for every row tile of every group.
+// Mapping: blockIdx.x = row tile, numbered group after group (find_group_tile; tiles past the
+//   last one exit at once), blockIdx.y = column tile (BN output columns; SwiGLU: BN/2 output
+//   columns from BN/2 gate and BN/2 up rows, interleaved per warp span).
+// Traffic: each A row read once per column tile (L2 after the first), each weight row once per
+//   row tile of its group, C written once.
+// Launch: grid (ceil(rows / BM) + E, ceil(N_out / BN_out)), Tile::THREADS threads,
+//   Tile::smem_bytes<K, K>() + BM * 12 (the A-row and row-scale tables) dynamic shared bytes.
+template <class T>
+__device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
+  using Tile = typename RowsTileOf<T>::type;
+  DYN_SHARED(unsigned char, smem);
+  int* found = reinterpret_cast<int*>(smem);
+  find_group_tile(found, p.offsets, p.experts, p.rows, Tile::BM, blockIdx.x);
+  __syncthreads();
+  const int e = found[0];
+  if (e < 0) return;
+  const i64 row0 = found[1], row_end = found[2];
+  const bool swiglu = p.epi.mode == EPI_SWIGLU;
+  const i64 h = p.n / 2, c0 = i64(blockIdx.y) * (swiglu ? Tile::BN / 2 : Tile::BN);
+  const T* be = p.b + i64(e) * p.n * p.kdim;
+  // The tile's A rows and row scales, resolved once (the gather reads sorted_rows here, not per
+  // k-tile or per element).
+  const T** a_rows = reinterpret_cast<const T**>(smem + Tile::template smem_bytes<Major::K, Major::K>());
+  float* scales = reinterpret_cast<float*>(a_rows + Tile::BM);
+  fill_tile_table<Tile::BM, Tile::THREADS>(a_rows, [&](int m) { return row0 + m < row_end ? p.a.row(row0 + m) : nullptr; });
+  fill_tile_table<Tile::BM, Tile::THREADS>(scales, [&](int m) { return row0 + m < row_end ? p.epi.scale(row0 + m) : 0.0f; });
+  auto a_row = [&](int m) -> const T* { return a_rows[m]; };
+  auto b_row = [&](int n) -> const T* {
+    const i64 w = swiglu ? swiglu_weight_row(n, Tile::SWIGLU_SPAN, c0, h) : (c0 + n < p.n ? c0 + n : -1);
+    return w >= 0 ? be + w * p.kdim : nullptr;
+  };
+  typename Tile::Acc acc = {};
+  Tile::template mainloop<Major::K, Major::K>(acc, a_row, 0, b_row, 0, p.kdim, smem, p.b);
+  if (swiglu) {
+    Tile::pairs(acc, [&](int m, int c, float g, float u) {
+      if (row0 + m < row_end && c0 + c < h) p.epi.pair(row0 + m, c0 + c, g, u, scales[m]);
+    });
+  } else {
+    Tile::each_adjacent(acc, [&](int m, int c, float v0, float v1) {
+      if (row0 + m < row_end) p.epi.adjacent(row0 + m, c0 + c, v0, v1, scales[m], p.n);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// grouped_gemm_decode_<dtype>: the forward when groups have few rows (decode). The work is
+// reading B, so B is streamed once per block of DEC_ROWS rows of a group with 16-byte loads
+// (load_128; a scalar path when K or the operands are not 16-byte aligned), multiplied on FMAs
+// against the group's rows staged in shared memory as f32, k-chunk by k-chunk.
+// Mapping: blockIdx.y = expert, blockIdx.x = a block of DEC_WARPS * 4 weight rows; warp w owns
+//   4 weight rows (SwiGLU: gate and up rows of 2 output columns), lane l the k elements
+//   l*8 .. l*8+7 of each DEC_K-chunk; a butterfly reduces the per-lane partial sums.
+// Traffic: B read once per DEC_ROWS-row block of its group (once for m_e <= 8); A rows read
+//   once per weight-row block (L2); C written once. Empty groups exit at once.
+// Launch: grid (ceil(N / (DEC_WARPS * 4)), E), DEC_WARPS * 32 threads,
+//   DEC_ROWS * DEC_K * 4 bytes of dynamic shared memory; __launch_bounds__(256, 2): at most 128
+//   registers, so two blocks (16 warps of loads in flight) share an SM.
+constexpr int DEC_WARPS = 8, DEC_ROWS = 8, DEC_K = 256, DEC_COLS = 4;
+template <class T>
+__device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
+  constexpr int V = elems_per_16<T>, RUNS = 8 / V;
+  DYN_SHARED(float, As);  // [DEC_ROWS][DEC_K]
+  const int e = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const GroupRange g = group_range(p.offsets, e, p.rows);
+  if (g.start == g.end) return;
+  const bool swiglu = p.epi.mode == EPI_SWIGLU;
+  const i64 h = p.n / 2;
+  // Weight rows of this warp: plain: 4 consecutive; SwiGLU: gate c, c+1 then up h+c, h+c+1.
+  const i64 c0 = (i64(blockIdx.x) * DEC_WARPS + warp) * (swiglu ? DEC_COLS / 2 : DEC_COLS);
+  const T* be = p.b + i64(e) * p.n * p.kdim;
+  const T* wrow[DEC_COLS];
+#pragma unroll
+  for (int j = 0; j < DEC_COLS; ++j) {
+    const i64 c = swiglu ? c0 + j % 2 : c0 + j;
+    const bool live = c < (swiglu ? h : p.n);
+    wrow[j] = live ? be + (swiglu && j >= 2 ? h + c : c) * p.kdim : nullptr;
+  }
+  const bool vec = rows_aligned_16(p.b, p.kdim) && rows_aligned_16(p.a.a, p.kdim);
+  for (i64 r0 = g.start; r0 < g.end; r0 += DEC_ROWS) {
+    float acc[DEC_COLS][DEC_ROWS] = {};
+    for (i64 k0 = 0; k0 < p.kdim; k0 += DEC_K) {
+      __syncthreads();  // the previous chunk has been consumed
+      for (int item = threadIdx.x; item < DEC_ROWS * (DEC_K / V); item += DEC_WARPS * 32) {
+        const int r = item / (DEC_K / V), u = item % (DEC_K / V);
+        const T* src = r0 + r < g.end ? p.a.row(r0 + r) : nullptr;
+        float v[V];
+        read_run<T>(v, src, k0 + u * V, p.kdim, vec);
+#pragma unroll
+        for (int q = 0; q < V; ++q) As[r * DEC_K + u * V + q] = v[q];
+      }
+      __syncthreads();
+      // All weight loads of the chunk first (4 x 16 bytes in flight per lane), then each staged
+      // row once against every weight row.
+      float w[DEC_COLS][8];
+#pragma unroll
+      for (int j = 0; j < DEC_COLS; ++j)
+#pragma unroll
+        for (int s = 0; s < RUNS; ++s) {
+          float part[V];
+          read_run<T>(part, wrow[j], k0 + lane * 8 + s * V, p.kdim, vec);
+#pragma unroll
+          for (int q = 0; q < V; ++q) w[j][s * V + q] = part[q];
+        }
+#pragma unroll
+      for (int r = 0; r < DEC_ROWS; ++r) {
+        float x[8];
+#pragma unroll
+        for (int q = 0; q < 8; ++q) x[q] = As[r * DEC_K + lane * 8 + q];
+#pragma unroll
+        for (int j = 0; j < DEC_COLS; ++j)
+#pragma unroll
+          for (int q = 0; q < 8; ++q) acc[j][r] = fmaf(w[j][q], x[q], acc[j][r]);
+      }
+    }
+    // Butterfly sums; lane j * DEC_ROWS + r keeps weight row j of row r (SwiGLU: and the up
+    // row j + 2) and writes it, so the epilogue runs once per lane.
+    float mine = 0.0f, mine_up = 0.0f;
+#pragma unroll
+    for (int j = 0; j < DEC_COLS; ++j)
+#pragma unroll
+      for (int r = 0; r < DEC_ROWS; ++r) {
+#pragma unroll
+        for (int d = 16; d > 0; d /= 2) acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], d);
+        if (lane == j * DEC_ROWS + r) mine = acc[j][r];
+        if (lane == (j - 2) * DEC_ROWS + r) mine_up = acc[j][r];
+      }
+    const int j = lane / DEC_ROWS, r = lane % DEC_ROWS;
+    if (r0 + r >= g.end) continue;
+    const float s = p.epi.scale(r0 + r);
+    if (!swiglu && c0 + j < p.n) p.epi.single(r0 + r, c0 + j, mine, s);
+    if (swiglu && j < 2 && c0 + j < h) p.epi.pair(r0 + r, c0 + j, mine, mine_up, s);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// grouped_gemm_dgrad_<dtype>: dA_e = dC_e B_e, [rows, N] x [N, K] -> [rows, K]; with
+// EPI_SWIGLU_BWD the result is dH and the epilogue writes dGU [rows, 2K] from GU.
+// Mapping: as the forward (row tiles of all groups x column tiles of K); the reduction runs
+//   over N: dC tiles K-major, B_e tiles MN-major (rows of B_e along the reduction: the
+//   transposed ldmatrix).
+// Traffic: dC rows once per column tile, B_e once per row tile of its group, dA written once.
+// Launch: grid (ceil(rows / BM) + E, ceil(K / BN)), Tile::THREADS threads,
+//   Tile::smem_bytes<K, MN>() + BM * 4 (the row-scale table) dynamic shared bytes.
+template <class T>
+__device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int* offsets, int experts, i64 rows,
+                                              i64 n, i64 kdim, const Epilogue<T> epi) {
+  using Tile = typename RowsTileOf<T>::type;
+  DYN_SHARED(unsigned char, smem);
+  int* found = reinterpret_cast<int*>(smem);
+  find_group_tile(found, offsets, experts, rows, Tile::BM, blockIdx.x);
+  __syncthreads();
+  const int e = found[0];
+  if (e < 0) return;
+  const i64 row0 = found[1], row_end = found[2], c0 = i64(blockIdx.y) * Tile::BN;
+  const T* be = b + i64(e) * n * kdim;
+  float* scales = reinterpret_cast<float*>(smem + Tile::template smem_bytes<Major::K, Major::MN>());
+  fill_tile_table<Tile::BM, Tile::THREADS>(scales, [&](int m) { return row0 + m < row_end ? epi.scale(row0 + m) : 0.0f; });
+  auto dc_row = [&](int m) -> const T* { return row0 + m < row_end ? dc + (row0 + m) * n : nullptr; };
+  auto b_row = [&](i64 k) -> const T* { return be + k * kdim + c0; };
+  typename Tile::Acc acc = {};
+  Tile::template mainloop<Major::K, Major::MN>(acc, dc_row, 0, b_row, int(min(kdim - c0, i64(Tile::BN))), n, smem,
+                                               dc);
+  Tile::each_adjacent(acc, [&](int m, int c, float v0, float v1) {
+    if (row0 + m < row_end) epi.adjacent(row0 + m, c0 + c, v0, v1, scales[m], kdim);
+  });
+}
+
+// ------------------------------------------------------------------------------------------
+// grouped_gemm_wgrad_<dtype>: dB_e = dC_e^T A_e ([N, m_e] x [m_e, K]) for the experts listed
+// in active[0 .. gridDim.y) (null: every expert, blockIdx.y): masked experts get no block at
+// all. An empty group writes zeros
+// (or leaves the accumulated values as they are).
+// Mapping: blockIdx.y = index into active, blockIdx.x = (N tile, K tile) of dB_e; the reduction
+//   runs over the group's rows in order (deterministic): dC and A tiles both MN-major; A rows
+//   gathered like the forward's.
+// Traffic: dC_e read once per K tile, A_e once per N tile, dB written (or read and written) once.
+// Launch: grid (ceil(N / BM) * ceil(K / BN), active count), Tile::THREADS threads,
+//   Tile::smem_bytes<MN, MN>() dynamic shared bytes.
+template <class T>
+__device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> a, const int* offsets,
+                                              const int* active, int experts, i64 rows, i64 n, i64 kdim,
+                                              float* db, int accumulate) {
+  using Tile = typename RowsTileOf<T>::type;
+  DYN_SHARED(unsigned char, smem);
+  const int e = active != nullptr ? active[blockIdx.y] : int(blockIdx.y);
+  if (e < 0 || e >= experts) return;
+  const int tiles_n = int((n + Tile::BM - 1) / Tile::BM);
+  const i64 n0 = i64(blockIdx.x % tiles_n) * Tile::BM, k0 = i64(blockIdx.x / tiles_n) * Tile::BN;
+  const GroupRange g = group_range(offsets, e, rows);
+  auto dc_row = [&](i64 r) -> const T* { return dc + (g.start + r) * n + n0; };
+  auto a_row = [&](i64 r) -> const T* {
+    const T* p = a.row(g.start + r);
+    return p ? p + k0 : nullptr;
+  };
+  typename Tile::Acc acc = {};
+  Tile::template mainloop<Major::MN, Major::MN>(acc, dc_row, int(min(n - n0, i64(Tile::BM))), a_row,
+                                                int(min(kdim - k0, i64(Tile::BN))), g.end - g.start, smem, dc);
+  float* dbe = db + i64(e) * n * kdim;
+  Tile::each(acc, [&](int m, int c, float v) {
+    if (n0 + m >= n || k0 + c >= kdim) return;
+    const i64 i = (n0 + m) * kdim + k0 + c;
+    dbe[i] = accumulate ? dbe[i] + v : v;
+  });
+}
+
+#define DGRAD_PARAMS(T)                                                                                 \
+  const T *dc, const T *b, const int *offsets, int experts, long long rows, long long n, long long kdim, \
+      void *out, int out_f32, int mode, const int *sorted_rows, const float *weights, long long slots,   \
+      const T *gu
+#define DGRAD_EPILOGUE(T)                                                                               \
+  Epilogue<T> { mode, out, out_f32, mode == EPI_SWIGLU_BWD ? 2 * kdim : kdim, weights, sorted_rows, slots, \
+                const_cast<T*>(gu), kdim }
+#define WGRAD_PARAMS(T)                                                                                 \
+  const T *dc, const T *a, long long a_rows, const int *sorted_rows, int top_k, const int *offsets,     \
+      const int *active, int experts, long long rows, long long n, long long kdim, float *db, int accumulate
+
+#define WGRAD_ROWS(T) GroupedRows<T>{a, a_rows, sorted_rows, top_k, kdim}
+
+extern "C" __global__ void grouped_gemm_fwd_f32(FWD_PARAMS(float)) { grouped_fwd<float>(FWD_ARGS(float)); }
+EMU_EXPORT(grouped_gemm_fwd_f32)
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_f32(FWD_PARAMS(float)) { grouped_decode<float>(FWD_ARGS(float)); }
+EMU_EXPORT(grouped_gemm_decode_f32)
+extern "C" __global__ void grouped_gemm_dgrad_f32(DGRAD_PARAMS(float)) {
+  grouped_dgrad<float>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(float));
+}
+EMU_EXPORT(grouped_gemm_dgrad_f32)
+extern "C" __global__ void grouped_gemm_wgrad_f32(WGRAD_PARAMS(float)) {
+  grouped_wgrad<float>(dc, WGRAD_ROWS(float), offsets, active, experts, rows, n, kdim, db, accumulate);
+}
+EMU_EXPORT(grouped_gemm_wgrad_f32)
+extern "C" __global__ void grouped_gemm_fwd_f16(FWD_PARAMS(__half)) { grouped_fwd<__half>(FWD_ARGS(__half)); }
+EMU_EXPORT(grouped_gemm_fwd_f16)
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_f16(FWD_PARAMS(__half)) { grouped_decode<__half>(FWD_ARGS(__half)); }
+EMU_EXPORT(grouped_gemm_decode_f16)
+extern "C" __global__ void grouped_gemm_dgrad_f16(DGRAD_PARAMS(__half)) {
+  grouped_dgrad<__half>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(__half));
+}
+EMU_EXPORT(grouped_gemm_dgrad_f16)
+extern "C" __global__ void grouped_gemm_wgrad_f16(WGRAD_PARAMS(__half)) {
+  grouped_wgrad<__half>(dc, WGRAD_ROWS(__half), offsets, active, experts, rows, n, kdim, db, accumulate);
+}
+EMU_EXPORT(grouped_gemm_wgrad_f16)
+extern "C" __global__ void grouped_gemm_fwd_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_fwd<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
+EMU_EXPORT(grouped_gemm_fwd_bf16)
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_decode<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
+EMU_EXPORT(grouped_gemm_decode_bf16)
+extern "C" __global__ void grouped_gemm_dgrad_bf16(DGRAD_PARAMS(__nv_bfloat16)) {
+  grouped_dgrad<__nv_bfloat16>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(__nv_bfloat16));
+}
+EMU_EXPORT(grouped_gemm_dgrad_bf16)
+extern "C" __global__ void grouped_gemm_wgrad_bf16(WGRAD_PARAMS(__nv_bfloat16)) {
+  grouped_wgrad<__nv_bfloat16>(dc, WGRAD_ROWS(__nv_bfloat16), offsets, active, experts, rows, n, kdim, db, accumulate);
+}
+EMU_EXPORT(grouped_gemm_wgrad_bf16)

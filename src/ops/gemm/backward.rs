@@ -1,0 +1,220 @@
+//! The backward: `dA_e = dC_e · B_e` (`grouped_gemm_dgrad_*`) and `dB_e = dC_e^T · A_e`
+//! (`grouped_gemm_wgrad_*`), with the ESFT expert mask and the Chain-of-Experts accumulate mode.
+use super::forward::check_grid_y;
+use super::{
+    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type,
+    i64_of, row_tiles, tile_shared,
+};
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::{FloatElement, check_len, elements, grid_blocks};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Bytes of the dgrad tile kernel's table of row scales (one per tile row, at most 128).
+const SCALE_TABLE: u32 = 128 * 4;
+
+/// What [`dgrad`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DgradEpilogue {
+    /// `dA = dC_e · B_e`, `[rows, K]`.
+    #[default]
+    Store,
+    /// The product is `dH` (GEMM2's dA, K = h); with the forward's `GU = [G | U]` (`[rows, 2h]`)
+    /// the kernel writes `dGU = [dH ⊙ U ⊙ silu'(G) | dH ⊙ silu(G)]` (`[rows, 2h]`) instead: the
+    /// gradient of GEMM1's output, so `dH` never goes to memory.
+    SwiGluBackward,
+}
+
+/// The experts whose weight gradients are computed (ESFT, SPEC §8): a device list of the
+/// active expert ids, built once from host booleans, and its host-known count, so [`wgrad`]
+/// launches blocks for active experts only.
+pub struct ExpertMask<B = DeviceBuffer<i32>> {
+    pub active: B,
+    pub active_count: usize,
+    pub experts: usize,
+}
+
+impl ExpertMask<DeviceBuffer<i32>> {
+    /// The mask `selected[e]` (one upload; no host sync).
+    pub fn new(device: &Device, selected: &[bool]) -> Result<Self> {
+        super::check_range("selected.len()", selected.len(), 1..=crate::ops::dispatch::MAX_EXPERTS)?;
+        let active: Vec<i32> = (0..selected.len()).filter(|&e| selected[e]).map(|e| e as i32).collect();
+        Ok(Self {
+            active_count: active.len(),
+            // A list of at least one entry, so an empty mask still has a buffer.
+            active: device.upload(if active.is_empty() { &[-1] } else { &active })?,
+            experts: selected.len(),
+        })
+    }
+}
+
+/// `dA_e = dC_e · B_e` for every row of every group (`dC: [rows, N]`, `B: [E, N, K]`), scaled
+/// per row by `row_weights[sorted_rows[r]]` when given (the backward of the forward's row
+/// weights, with respect to A), then through `epilogue`:
+/// `out` is `[rows, K]` (`Store`) or `dGU: [rows, 2K]` (`SwiGluBackward`, which reads
+/// `gu: [rows, 2K]`), of dC's dtype or f32. One launch (none when `groups.rows` is 0), no host
+/// sync.
+#[allow(clippy::too_many_arguments)]
+pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
+    device: &Device,
+    dc: &impl DeviceSlice<T>,
+    b: &impl DeviceSlice<T>,
+    shape: GemmShape,
+    groups: &Groups<'_, I>,
+    epilogue: DgradEpilogue,
+    row_weights: Option<&impl DeviceSlice<f32>>,
+    gu: Option<&impl DeviceSlice<T>>,
+    out: &mut impl DeviceSliceMut<O>,
+) -> Result<()> {
+    shape.validate::<T>()?;
+    groups.validate(&shape)?;
+    check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
+    check_len("b", b, shape.weight_len()?, || {
+        format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
+    })?;
+    check_aligned_16(device, "dc", dc)?;
+    check_aligned_16(device, "b", b)?;
+    let out_f32 = check_out_type::<T, O>("out")?;
+    let (mode, out_cols) = match epilogue {
+        DgradEpilogue::Store => (EPI_STORE, shape.k),
+        DgradEpilogue::SwiGluBackward => (EPI_SWIGLU_BWD, elements("out", 2, shape.k)?),
+    };
+    check_len("out", out, elements("out", groups.rows, out_cols)?, || {
+        "[rows, K] (SwiGluBackward: [rows, 2K])".into()
+    })?;
+    match (epilogue, gu) {
+        (DgradEpilogue::SwiGluBackward, Some(gu)) => {
+            check_len("gu", gu, elements("gu", groups.rows, 2 * shape.k)?, || {
+                "[rows, 2K]".into()
+            })?
+        }
+        (DgradEpilogue::SwiGluBackward, None) => return Err(missing("gu", "the forward's GU for SwiGluBackward")),
+        (DgradEpilogue::Store, Some(_)) => {
+            return Err(Error::InvalidArgument {
+                argument: "gu",
+                value: "Some".into(),
+                expected: "None unless the epilogue is SwiGluBackward".into(),
+            });
+        }
+        (DgradEpilogue::Store, None) => {}
+    }
+    let slots = match row_weights {
+        Some(w) => {
+            groups.sorted_rows("row weights")?;
+            w.len()
+        }
+        None => 0,
+    };
+    if groups.rows == 0 {
+        return Ok(());
+    }
+    let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
+    let launch = LaunchConfig {
+        grid: (
+            row_tiles::<T>(groups.rows, shape.experts)?,
+            grid_blocks("shape.k", shape.k, tile_cols)?,
+            1,
+        ),
+        block: (TILE_THREADS, 1, 1),
+        shared_bytes: tile_shared::<T>(true, false) + SCALE_TABLE,
+    };
+    check_grid_y(launch.grid.1)?;
+    // SAFETY of the argument list: DGRAD_PARAMS in grouped_gemm.cu, in order.
+    let args = KernelArgs::new(device)
+        .input("dc", dc)
+        .input("b", b)
+        .input("groups.offsets", groups.offsets)
+        .scalar(shape.experts as i32)
+        .scalar(i64_of(groups.rows))
+        .scalar(i64_of(shape.n))
+        .scalar(i64_of(shape.k))
+        .output("out", out)
+        .scalar(out_f32)
+        .scalar(mode)
+        .input_or_null("groups.sorted_rows", groups.sorted_rows)
+        .input_or_null("row_weights", row_weights)
+        .scalar(i64_of(slots))
+        .input_or_null("gu", gu);
+    device.launch(&format!("grouped_gemm_dgrad_{}", T::NAME), launch, args)
+}
+
+/// `dB_e = dC_e^T · A_e` (`[N, K]` f32 per expert) for the experts of `mask` (all when `None`),
+/// summed over the group's rows in order. `db: [E, N, K]` f32: a masked expert's gradient is
+/// not touched (no block runs for it); with `accumulate` the result is added to `db`
+/// (Chain-of-Experts), else it replaces it (an empty group gives zeros). `a` as in [`forward`]
+/// (gathered from token order or contiguous). One launch (none for an empty mask), no host sync.
+///
+/// [`forward`]: super::forward
+#[allow(clippy::too_many_arguments)]
+pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
+    device: &Device,
+    dc: &impl DeviceSlice<T>,
+    a: &impl DeviceSlice<T>,
+    a_mode: ARows,
+    shape: GemmShape,
+    groups: &Groups<'_, I>,
+    mask: Option<&ExpertMask<M>>,
+    accumulate: bool,
+    db: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    shape.validate::<T>()?;
+    groups.validate(&shape)?;
+    check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
+    let (a_rows, _) = check_a_rows(a, a_mode, &shape, groups)?;
+    check_aligned_16(device, "dc", dc)?;
+    check_aligned_16(device, "a", a)?;
+    check_len("db", db, shape.weight_len()?, || "[E, N, K] f32".into())?;
+    let blocks_y = match mask {
+        Some(mask) => {
+            if mask.experts != shape.experts {
+                return Err(Error::InvalidArgument {
+                    argument: "mask",
+                    value: format!("a mask of {} experts", mask.experts),
+                    expected: format!("{} experts", shape.experts),
+                });
+            }
+            check_len("mask.active", &mask.active, mask.active_count.max(1), || {
+                "[active_count]".into()
+            })?;
+            mask.active_count
+        }
+        None => shape.experts,
+    };
+    if blocks_y == 0 {
+        return Ok(());
+    }
+    let (tile_m, tile_n) = if T::NAME == "f32" { (64, 64) } else { (128, 128) };
+    let tiles = elements("shape", shape.n.div_ceil(tile_m), shape.k.div_ceil(tile_n))?;
+    let launch = LaunchConfig {
+        grid: (grid_blocks("shape", tiles, 1)?, blocks_y as u32, 1),
+        block: (TILE_THREADS, 1, 1),
+        shared_bytes: tile_shared::<T>(false, false),
+    };
+    let top_k = match a_mode {
+        ARows::Contiguous => 0,
+        ARows::Gathered { top_k } => top_k as i32,
+    };
+    // SAFETY of the argument list: WGRAD_PARAMS in grouped_gemm.cu, in order.
+    let args = KernelArgs::new(device)
+        .input("dc", dc)
+        .input("a", a)
+        .scalar(i64_of(a_rows))
+        .input_or_null("groups.sorted_rows", groups.sorted_rows)
+        .scalar(top_k)
+        .input("groups.offsets", groups.offsets)
+        .input_or_null("mask.active", mask.map(|m| &m.active))
+        .scalar(shape.experts as i32)
+        .scalar(i64_of(groups.rows))
+        .scalar(i64_of(shape.n))
+        .scalar(i64_of(shape.k))
+        .output("db", db)
+        .scalar(i32::from(accumulate));
+    device.launch(&format!("grouped_gemm_wgrad_{}", T::NAME), launch, args)
+}
+
+fn missing(argument: &'static str, what: &str) -> Error {
+    Error::InvalidArgument {
+        argument,
+        value: "None".into(),
+        expected: what.into(),
+    }
+}

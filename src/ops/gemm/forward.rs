@@ -1,0 +1,195 @@
+//! The forward: `C_e = A_e · B_e^T` with its epilogues (`grouped_gemm_fwd_*`, `grouped_gemm_decode_*`).
+use super::{
+    ARows, DECODE_MAX_ROWS, DECODE_SHARED, DECODE_THREADS, DECODE_WEIGHT_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape,
+    Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
+};
+use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::{FloatElement, check_len, elements, grid_blocks};
+use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// Bytes of the forward tile kernel's tables of A-row pointers and row scales (one each per
+/// tile row, at most 128).
+const ROW_TABLES: u32 = 128 * (8 + 4);
+
+/// What the forward writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Epilogue {
+    /// `C = A_e B_e^T`, `[rows, N]`.
+    #[default]
+    Store,
+    /// `H = silu(G) ⊙ U`, `[rows, N/2]`, with G the first N/2 rows of `B_e` (gate) and U the last
+    /// N/2 (up); N must be even.
+    SwiGlu,
+}
+
+/// Which forward kernel runs. `Auto` is right outside tests and benches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmPath {
+    /// Decode when `groups.max_group_rows <= DECODE_MAX_ROWS`, else tiles.
+    #[default]
+    Auto,
+    /// Row tiles (tensor cores for f16/bf16, FMA tiles for f32).
+    Tiled,
+    /// The decode kernel: B streamed with 16-byte loads, any group size (slow for big groups).
+    Decode,
+}
+
+/// Options of [`forward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardConfig {
+    pub a_rows: ARows,
+    pub epilogue: Epilogue,
+    pub path: GemmPath,
+}
+
+impl ForwardConfig {
+    pub fn validate(&self, shape: &GemmShape) -> Result<()> {
+        if self.epilogue == Epilogue::SwiGlu && shape.n % 2 != 0 {
+            return Err(Error::InvalidArgument {
+                argument: "shape.n",
+                value: shape.n.to_string(),
+                expected: "an even N (gate and up rows) for the SwiGLU epilogue".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Elements of the forward's output: `rows · N`, or `rows · N/2` for SwiGLU (`gu`: `rows · N`).
+pub fn forward_out_len(shape: &GemmShape, rows: usize, epilogue: Epilogue) -> Result<usize> {
+    let cols = match epilogue {
+        Epilogue::Store => shape.n,
+        Epilogue::SwiGlu => shape.n / 2,
+    };
+    elements("out", rows, cols)
+}
+
+/// `out[r] = A_e[r] · B_e^T` for every row r of every group e, through the epilogue.
+///
+/// - `a`: `[rows, K]` ([`ARows::Contiguous`]) or `[T, K]` ([`ARows::Gathered`]);
+/// - `b`: `[E, N, K]`;
+/// - `row_weights`: `[slots]` f32 (T·k when gathered), row r scaled by `row_weights[sorted_rows[r]]`;
+/// - `out`: `[rows, N]` or, SwiGLU, `[rows, N/2]`, of A's dtype or f32;
+/// - `gu`: SwiGLU only, `[rows, N]` of A's dtype: the (scaled) gate and up values for the backward.
+///
+/// One launch (none when `groups.rows` is 0), no host sync.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
+    device: &Device,
+    a: &impl DeviceSlice<T>,
+    b: &impl DeviceSlice<T>,
+    shape: GemmShape,
+    groups: &Groups<'_, I>,
+    config: &ForwardConfig,
+    row_weights: Option<&impl DeviceSlice<f32>>,
+    out: &mut impl DeviceSliceMut<O>,
+    gu: Option<&mut impl DeviceSliceMut<T>>,
+) -> Result<()> {
+    shape.validate::<T>()?;
+    config.validate(&shape)?;
+    groups.validate(&shape)?;
+    let (a_rows, gather_slots) = check_a_rows(a, config.a_rows, &shape, groups)?;
+    check_len("b", b, shape.weight_len()?, || {
+        format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
+    })?;
+    check_aligned_16(device, "a", a)?;
+    check_aligned_16(device, "b", b)?;
+    let out_f32 = check_out_type::<T, O>("out")?;
+    let out_len = forward_out_len(&shape, groups.rows, config.epilogue)?;
+    check_len("out", out, out_len, || "[rows, N] (SwiGLU: [rows, N/2])".into())?;
+    let slots = match row_weights {
+        Some(w) => {
+            groups.sorted_rows("row weights")?;
+            if gather_slots > 0 {
+                check_len("row_weights", w, gather_slots, || "[T·top_k]".into())?;
+            }
+            w.len()
+        }
+        None => 0,
+    };
+    if let Some(gu) = &gu {
+        if config.epilogue != Epilogue::SwiGlu {
+            return Err(Error::InvalidArgument {
+                argument: "gu",
+                value: "Some".into(),
+                expected: "None unless the epilogue is SwiGlu".into(),
+            });
+        }
+        check_len("gu", *gu, elements("gu", groups.rows, shape.n)?, || "[rows, N]".into())?;
+    }
+    if groups.rows == 0 {
+        return Ok(());
+    }
+    let decode = match config.path {
+        GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS,
+        GemmPath::Tiled => false,
+        GemmPath::Decode => true,
+    };
+    let (mode, out_cols) = match config.epilogue {
+        Epilogue::Store => (EPI_STORE, shape.n),
+        Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
+    };
+    let (name, launch) = if decode {
+        let per_block = if mode == EPI_SWIGLU {
+            DECODE_WEIGHT_ROWS / 2
+        } else {
+            DECODE_WEIGHT_ROWS
+        };
+        let blocks = grid_blocks("shape.n", out_cols, per_block)?;
+        let config = LaunchConfig {
+            grid: (blocks, shape.experts as u32, 1),
+            block: (DECODE_THREADS, 1, 1),
+            shared_bytes: DECODE_SHARED,
+        };
+        (format!("grouped_gemm_decode_{}", T::NAME), config)
+    } else {
+        let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
+        let per_block = if mode == EPI_SWIGLU { tile_cols / 2 } else { tile_cols };
+        let config = LaunchConfig {
+            grid: (
+                row_tiles::<T>(groups.rows, shape.experts)?,
+                grid_blocks("shape.n", out_cols, per_block)?,
+                1,
+            ),
+            block: (TILE_THREADS, 1, 1),
+            shared_bytes: tile_shared::<T>(true, true) + ROW_TABLES,
+        };
+        (format!("grouped_gemm_fwd_{}", T::NAME), config)
+    };
+    check_grid_y(launch.grid.1)?;
+    let top_k = match config.a_rows {
+        ARows::Contiguous => 0,
+        ARows::Gathered { top_k } => top_k as i32,
+    };
+    // SAFETY of the argument list: FWD_PARAMS in grouped_gemm.cu, in order.
+    let args = KernelArgs::new(device)
+        .input("a", a)
+        .scalar(i64_of(a_rows))
+        .input_or_null("groups.sorted_rows", groups.sorted_rows)
+        .scalar(top_k)
+        .input("b", b)
+        .input("groups.offsets", groups.offsets)
+        .scalar(shape.experts as i32)
+        .scalar(i64_of(groups.rows))
+        .scalar(i64_of(shape.n))
+        .scalar(i64_of(shape.k))
+        .output("out", out)
+        .scalar(out_f32)
+        .scalar(mode)
+        .input_or_null("row_weights", row_weights)
+        .scalar(i64_of(slots))
+        .output_or_null("gu", gu);
+    device.launch(&name, launch, args)
+}
+
+/// CUDA's grid limit in y (column tiles).
+pub(super) fn check_grid_y(blocks: u32) -> Result<()> {
+    if blocks <= 65535 {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument {
+        argument: "shape",
+        value: format!("{blocks} column tiles"),
+        expected: "at most 65535 column tiles".into(),
+    })
+}

@@ -1,0 +1,379 @@
+//! dA (plain, row weights, the fused SwiGLU backward) and dB (expert mask, accumulate mode,
+//! gathered A) on every device against the reference, plus finite differences of a whole
+//! SwiGLU expert layer in f32.
+use super::common::{Rng, assert_close, devices};
+use super::{DeviceGroups, Problem, to_f32, tolerance, values};
+use half::{bf16, f16};
+use moe_kernels::Device;
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape};
+use moe_kernels::reference::gemm as reference;
+
+/// dgrad on `device` vs the reference: `dc [rows, N]`, `b [E, N, K]`, gu `[rows, 2K]` for SwiGLU.
+fn check_dgrad<T: FloatElement, O: FloatElement>(
+    device: &Device,
+    p: &Problem,
+    epilogue: DgradEpilogue,
+    weights: bool,
+    seed: u64,
+) {
+    let mut rng = Rng::new(seed);
+    let GemmShape { experts, n, k } = p.shape;
+    let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
+    let (b, b32) = values::<T>(&mut rng, experts * n * k, 0.5);
+    let (gu, gu32) = values::<T>(&mut rng, p.rows() * 2 * k, 1.0);
+    let w: Vec<f32> = (0..p.tokens * p.top_k).map(|_| rng.uniform(0.1, 1.0)).collect();
+    let swiglu = epilogue == DgradEpilogue::SwiGluBackward;
+    let groups = DeviceGroups::new(device, p);
+    let (dc_d, b_d, gu_d, w_d) = (
+        device.upload(&dc).unwrap(),
+        device.upload(&b).unwrap(),
+        device.upload(&gu).unwrap(),
+        device.upload(&w).unwrap(),
+    );
+    let mut out = device
+        .alloc_zeros::<O>(p.rows() * if swiglu { 2 * k } else { k })
+        .unwrap();
+    let before = device.stats();
+    gemm::dgrad(
+        device,
+        &dc_d,
+        &b_d,
+        p.shape,
+        &groups.groups(p),
+        epilogue,
+        weights.then_some(&w_d),
+        swiglu.then_some(&gu_d),
+        &mut out,
+    )
+    .unwrap();
+    let after = device.stats();
+    assert_eq!(after.host_syncs, before.host_syncs, "dgrad synced the host");
+    assert_eq!(after.launches - before.launches, 1, "dgrad launches");
+    let got = to_f32(&device.download(&out).unwrap());
+    let weights = weights.then_some(&w[..]);
+    let want = reference::dgrad(
+        &dc32,
+        &b32,
+        p.shape,
+        &p.host(),
+        epilogue,
+        weights,
+        swiglu.then_some(&gu32[..]),
+    );
+    let what = format!(
+        "{} dgrad {}->{} {epilogue:?} {:?}",
+        device.description(),
+        T::NAME,
+        O::NAME,
+        p.shape
+    );
+    assert!(want.iter().any(|&v| v != 0.0), "{what}: a vacuous case");
+    assert_close(&what, &got, &want, tolerance::<O>(n));
+}
+
+#[test]
+fn dgrad_plain_and_weighted_over_group_sizes() {
+    let p = Problem::sized(&[0, 1, 7, 16, 129], 40, 24, &mut Rng::new(101));
+    for device in devices() {
+        for weights in [false, true] {
+            check_dgrad::<f32, f32>(&device, &p, DgradEpilogue::Store, weights, 102);
+            check_dgrad::<f16, f16>(&device, &p, DgradEpilogue::Store, weights, 103);
+            check_dgrad::<bf16, f32>(&device, &p, DgradEpilogue::Store, weights, 104);
+        }
+    }
+}
+
+#[test]
+fn dgrad_fused_swiglu_backward() {
+    // GEMM2's dA: dY [rows, d = 32] x W2 [E, d, h = 24] -> dGU [rows, 48]; padding rows.
+    let p = Problem::routed(30, 2, 5, 8, 32, 24, &mut Rng::new(111));
+    for device in devices() {
+        check_dgrad::<f32, f32>(&device, &p, DgradEpilogue::SwiGluBackward, true, 112);
+        check_dgrad::<bf16, bf16>(&device, &p, DgradEpilogue::SwiGluBackward, false, 113);
+        check_dgrad::<f16, f32>(&device, &p, DgradEpilogue::SwiGluBackward, true, 114);
+    }
+    let odd = Problem::sized(&[9, 0, 3], 13, 11, &mut Rng::new(115));
+    for device in devices() {
+        check_dgrad::<f32, f32>(&device, &odd, DgradEpilogue::SwiGluBackward, false, 116);
+        check_dgrad::<f32, f32>(&device, &odd, DgradEpilogue::Store, true, 117);
+    }
+}
+
+/// wgrad on `device` vs the reference, from a random initial `db`; masked experts must keep
+/// their initial bits.
+fn check_wgrad<T: FloatElement>(
+    device: &Device,
+    p: &Problem,
+    a_rows: ARows,
+    mask: Option<&[bool]>,
+    accumulate: bool,
+    seed: u64,
+) {
+    let mut rng = Rng::new(seed);
+    let GemmShape { experts, n, k } = p.shape;
+    let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
+    let (a, a32) = values::<T>(&mut rng, p.a_rows(a_rows) * k, 0.5);
+    let initial = rng.normals(experts * n * k, 1.0);
+    let groups = DeviceGroups::new(device, p);
+    let (dc_d, a_d) = (device.upload(&dc).unwrap(), device.upload(&a).unwrap());
+    let mut db = device.upload(&initial).unwrap();
+    let mask_d = mask.map(|m| ExpertMask::new(device, m).unwrap());
+    let before = device.stats();
+    gemm::wgrad(
+        device,
+        &dc_d,
+        &a_d,
+        a_rows,
+        p.shape,
+        &groups.groups(p),
+        mask_d.as_ref(),
+        accumulate,
+        &mut db,
+    )
+    .unwrap();
+    let after = device.stats();
+    assert_eq!(after.host_syncs, before.host_syncs, "wgrad synced the host");
+    let active = mask.map_or(experts, |m| m.iter().filter(|&&s| s).count());
+    assert_eq!(
+        after.launches - before.launches,
+        u64::from(active > 0),
+        "wgrad launches"
+    );
+    let got = device.download(&db).unwrap();
+    let want = reference::wgrad(&dc32, &a32, a_rows, p.shape, &p.host(), mask, accumulate, &initial);
+    let what = format!(
+        "{} wgrad {} {a_rows:?} mask {mask:?} accumulate {accumulate}",
+        device.description(),
+        T::NAME
+    );
+    let rows = p.max_group_rows.max(1);
+    assert_close(&what, &got, &want, tolerance::<f32>(rows).scaled(4.0));
+    if let Some(mask) = mask {
+        for e in (0..experts).filter(|&e| !mask[e]) {
+            let range = e * n * k..(e + 1) * n * k;
+            let same = got[range.clone()]
+                .iter()
+                .zip(&initial[range])
+                .all(|(g, i)| g.to_bits() == i.to_bits());
+            assert!(same, "{what}: masked expert {e} was touched");
+        }
+    }
+}
+
+#[test]
+fn wgrad_mask_and_accumulate_with_gathered_a() {
+    let p = Problem::routed(40, 2, 6, 8, 24, 40, &mut Rng::new(121));
+    let mask = [true, false, true, true, false, true];
+    for device in devices() {
+        for accumulate in [false, true] {
+            for m in [None, Some(&mask[..])] {
+                check_wgrad::<bf16>(&device, &p, p.gathered(), m, accumulate, 122);
+                check_wgrad::<f32>(&device, &p, p.gathered(), m, accumulate, 123);
+            }
+            check_wgrad::<f16>(&device, &p, ARows::Contiguous, Some(&mask), accumulate, 124);
+        }
+        // An empty mask launches nothing and leaves every gradient as it was.
+        check_wgrad::<bf16>(&device, &p, p.gathered(), Some(&[false; 6]), false, 125);
+    }
+}
+
+#[test]
+fn several_tiles_in_every_dimension() {
+    // dA: 3 column tiles of K = 264, reduction N = 144 (5 k-tiles); dB: 2 x 3 tiles of [N, K],
+    // reduction over 300 rows (10 k-tiles).
+    let p = Problem::sized(&[130, 300], 144, 264, &mut Rng::new(161));
+    for device in devices() {
+        check_dgrad::<bf16, f32>(&device, &p, DgradEpilogue::Store, true, 162);
+        check_dgrad::<f32, f32>(&device, &p, DgradEpilogue::SwiGluBackward, false, 163);
+        check_wgrad::<bf16>(&device, &p, p.gathered(), Some(&[false, true]), true, 164);
+        check_wgrad::<f32>(&device, &p, ARows::Contiguous, None, false, 165);
+    }
+}
+
+#[test]
+fn wgrad_group_sizes_and_odd_f32_shapes() {
+    let p = Problem::sized(&[0, 1, 7, 16, 129], 16, 24, &mut Rng::new(131));
+    let odd = Problem::sized(&[5, 0, 70], 13, 19, &mut Rng::new(132));
+    for device in devices() {
+        check_wgrad::<bf16>(&device, &p, ARows::Contiguous, None, false, 133);
+        check_wgrad::<f32>(&device, &p, ARows::Contiguous, None, true, 134);
+        check_wgrad::<f32>(&device, &odd, odd.gathered(), Some(&[true, true, false]), false, 135);
+    }
+}
+
+#[test]
+fn backward_is_bitwise_deterministic() {
+    let p = Problem::routed(40, 2, 4, 8, 32, 32, &mut Rng::new(141));
+    for device in devices() {
+        let run = || {
+            let mut rng = Rng::new(142);
+            let (dc, _) = values::<bf16>(&mut rng, p.rows() * 32, 0.5);
+            let (x, _) = values::<bf16>(&mut rng, p.tokens * 32, 0.5);
+            let groups = DeviceGroups::new(&device, &p);
+            let (dc_d, x_d) = (device.upload(&dc).unwrap(), device.upload(&x).unwrap());
+            let mut db = device.alloc_zeros::<f32>(4 * 32 * 32).unwrap();
+            let mut da = device.alloc_zeros::<f32>(p.rows() * 32).unwrap();
+            let g = groups.groups(&p);
+            gemm::wgrad(
+                &device,
+                &dc_d,
+                &x_d,
+                p.gathered(),
+                p.shape,
+                &g,
+                None::<&ExpertMask>,
+                false,
+                &mut db,
+            )
+            .unwrap();
+            let none = None::<&moe_kernels::DeviceBuffer<f32>>;
+            let w = device.upload(&vec![bf16::from_f32(0.25); 4 * 32 * 32]).unwrap();
+            let no_gu = None::<&moe_kernels::DeviceBuffer<bf16>>;
+            gemm::dgrad(
+                &device,
+                &dc_d,
+                &w,
+                p.shape,
+                &g,
+                DgradEpilogue::Store,
+                none,
+                no_gu,
+                &mut da,
+            )
+            .unwrap();
+            (device.download(&db).unwrap(), device.download(&da).unwrap())
+        };
+        assert!(run() == run(), "{}: two backward runs differ", device.description());
+    }
+}
+
+/// A SwiGLU expert layer `Y = GEMM2(SwiGLU(GEMM1(gather X)))` in f32, loss `L = Σ Y ⊙ R`:
+/// the device backward (dgrad with the fused SwiGLU backward, dgrad, wgrad x2) against central
+/// differences of the f64 reference forward.
+#[test]
+fn finite_differences_of_a_swiglu_expert_layer() {
+    let (d, h) = (8, 8);
+    let p1 = Problem::routed(6, 2, 3, 4, 2 * h, d, &mut Rng::new(151));
+    let p2 = Problem {
+        shape: GemmShape { experts: 3, n: d, k: h },
+        ..p1.clone()
+    };
+    let mut rng = Rng::new(152);
+    let x = rng.normals(p1.tokens * d, 0.7);
+    let w1 = rng.normals(3 * 2 * h * d, 0.5);
+    let w2 = rng.normals(3 * d * h, 0.5);
+    let r = rng.normals(p1.rows() * d, 1.0);
+    let loss = |x: &[f32], w1: &[f32], w2: &[f32]| -> f64 {
+        let (hid, _) = reference::forward(x, p1.gathered(), w1, p1.shape, &p1.host(), Epilogue::SwiGlu, None);
+        let hid: Vec<f32> = hid.iter().map(|&v| v as f32).collect();
+        let (y, _) = reference::forward(&hid, ARows::Contiguous, w2, p2.shape, &p2.host(), Epilogue::Store, None);
+        y.iter().zip(&r).map(|(y, r)| y * *r as f64).sum()
+    };
+    for device in devices() {
+        let groups = DeviceGroups::new(&device, &p1);
+        let g = groups.groups(&p1);
+        let up = |v: &[f32]| device.upload(v).unwrap();
+        let (x_d, w1_d, w2_d, r_d) = (up(&x), up(&w1), up(&w2), up(&r));
+        let mut hid = device.alloc_zeros::<f32>(p1.rows() * h).unwrap();
+        let mut gu = device.alloc_zeros::<f32>(p1.rows() * 2 * h).unwrap();
+        let none = None::<&moe_kernels::DeviceBuffer<f32>>;
+        let config = ForwardConfig {
+            a_rows: p1.gathered(),
+            epilogue: Epilogue::SwiGlu,
+            path: GemmPath::Tiled,
+        };
+        gemm::forward(
+            &device,
+            &x_d,
+            &w1_d,
+            p1.shape,
+            &g,
+            &config,
+            none,
+            &mut hid,
+            Some(&mut gu),
+        )
+        .unwrap();
+        let mut dgu = device.alloc_zeros::<f32>(p1.rows() * 2 * h).unwrap();
+        gemm::dgrad(
+            &device,
+            &r_d,
+            &w2_d,
+            p2.shape,
+            &g,
+            DgradEpilogue::SwiGluBackward,
+            none,
+            Some(&gu),
+            &mut dgu,
+        )
+        .unwrap();
+        let mut dxp = device.alloc_zeros::<f32>(p1.rows() * d).unwrap();
+        gemm::dgrad(
+            &device,
+            &dgu,
+            &w1_d,
+            p1.shape,
+            &g,
+            DgradEpilogue::Store,
+            none,
+            none,
+            &mut dxp,
+        )
+        .unwrap();
+        let mut dw1 = device.alloc_zeros::<f32>(w1.len()).unwrap();
+        gemm::wgrad(
+            &device,
+            &dgu,
+            &x_d,
+            p1.gathered(),
+            p1.shape,
+            &g,
+            None::<&ExpertMask>,
+            false,
+            &mut dw1,
+        )
+        .unwrap();
+        let mut dw2 = device.alloc_zeros::<f32>(w2.len()).unwrap();
+        gemm::wgrad(
+            &device,
+            &r_d,
+            &hid,
+            ARows::Contiguous,
+            p2.shape,
+            &g,
+            None::<&ExpertMask>,
+            false,
+            &mut dw2,
+        )
+        .unwrap();
+        let dxp = device.download(&dxp).unwrap();
+        // dX[t] = Σ over the rows gathered from token t of dXp[row].
+        let mut dx = vec![0.0f32; x.len()];
+        for (row, &slot) in p1.sorted_rows.iter().enumerate() {
+            if slot >= 0 {
+                let t = slot as usize / p1.top_k;
+                for c in 0..d {
+                    dx[t * d + c] += dxp[row * d + c];
+                }
+            }
+        }
+        let fd = |which: usize, i: usize| -> f64 {
+            let eps = 1e-2f32;
+            let mut inputs = [x.clone(), w1.clone(), w2.clone()];
+            inputs[which][i] += eps;
+            let plus = loss(&inputs[0], &inputs[1], &inputs[2]);
+            inputs[which][i] -= 2.0 * eps;
+            let minus = loss(&inputs[0], &inputs[1], &inputs[2]);
+            (plus - minus) / (2.0 * eps as f64)
+        };
+        let dw1 = device.download(&dw1).unwrap();
+        let dw2 = device.download(&dw2).unwrap();
+        for (which, got) in [(0, &dx), (1, &dw1), (2, &dw2)] {
+            let want: Vec<f64> = (0..got.len()).map(|i| fd(which, i)).collect();
+            assert!(want.iter().any(|&v| v.abs() > 1e-3), "input {which}: vacuous gradient");
+            let tol = super::common::Tolerance { atol: 2e-3, rtol: 2e-3 };
+            assert_close(&format!("{} d(input {which})", device.description()), got, &want, tol);
+        }
+    }
+}
