@@ -13,7 +13,7 @@
 //! gives our time as a ratio to it.
 mod common;
 
-use common::{Floor, devices, gpu_seconds, layer_shapes, report_gpu_fraction};
+use common::{Floor, devices, gpu_seconds, layer_shapes, peak_bandwidth, report_gpu_fraction};
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::benchmarks::Record;
@@ -284,16 +284,6 @@ fn run_op(layer: &mut Layer, device: &Device, op: usize) {
         4 => layer.wgrad1(device),
         _ => layer.wgrad2(device),
     }
-}
-
-/// Peak DRAM bandwidth in bytes/s (as `common::report_gpu_fraction` computes it).
-fn peak_bandwidth(device: &Device) -> Option<f64> {
-    use cudarc::driver::sys::CUdevice_attribute::*;
-    let Device::Cuda(cuda) = device else { return None };
-    let ctx = cuda.stream().context();
-    let clock_khz = ctx.attribute(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).ok()? as f64;
-    let bus_bits = ctx.attribute(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH).ok()? as f64;
-    Some(2.0 * clock_khz * 1e3 * bus_bits / 8.0)
 }
 
 /// On a GPU: a dense cuBLAS bf16 GEMM `[M, K] x [N, K]^T` (M = Σm) timed in the same run, and a

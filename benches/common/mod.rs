@@ -38,7 +38,7 @@ pub fn devices() -> Vec<Device> {
 
 /// The GPU's peak DRAM bandwidth in bytes/s, from the driver's memory clock and bus width
 /// (double data rate).
-fn peak_bandwidth(device: &Device) -> Option<f64> {
+pub fn peak_bandwidth(device: &Device) -> Option<f64> {
     use cudarc::driver::sys::CUdevice_attribute::*;
     let Device::Cuda(cuda) = device else { return None };
     let ctx = cuda.stream().context();
