@@ -13,7 +13,7 @@
 //! gives our time as a ratio to it.
 mod common;
 
-use common::{Floor, devices, gpu_seconds, layer_shapes, report_gpu_fraction};
+use common::{Floor, devices, gpu_seconds, layer_shapes, peak_bandwidth, report_gpu_fraction};
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::benchmarks::Record;
@@ -66,10 +66,17 @@ impl Size {
             k: self.h,
         }
     }
-    /// A [a_rows, K] read, B [E, N, K] read, `c_elems` written (s = 2 bytes), 2·rows·N·K flops.
-    fn floor(&self, shape: GemmShape, a_rows: usize, c_elems: usize) -> Floor {
+    /// Experts that receive at least one row: only their weights need to be read (at decode,
+    /// T·k of E).
+    fn active_experts(&self) -> usize {
+        let (offsets, _) = self.routing();
+        offsets.windows(2).filter(|w| w[1] > w[0]).count()
+    }
+    /// A [a_rows, K] read, the B [N, K] of `weight_experts` experts read, `c_elems` written
+    /// (s = 2 bytes), 2·rows·N·K flops.
+    fn floor(&self, shape: GemmShape, a_rows: usize, c_elems: usize, weight_experts: usize) -> Floor {
         let (rows, n, k) = (self.rows() as u64, shape.n as u64, shape.k as u64);
-        let weights = (shape.experts * shape.n * shape.k) as u64;
+        let weights = (weight_experts * shape.n * shape.k) as u64;
         Floor {
             bytes: 2 * (a_rows as u64 * k + weights + c_elems as u64),
             flops: 2 * rows * n * k,
@@ -259,17 +266,23 @@ impl Layer {
 fn floors(s: Size) -> [(&'static str, Floor); 6] {
     let (rows, d, h) = (s.rows(), s.d, s.h);
     let (g1, g2) = (s.gemm1(), s.gemm2());
-    let mut dgrad2 = s.floor(g2, rows, rows * 2 * h);
+    // Forward and dA read the weights of the experts that have rows; dB writes every expert's
+    // f32 gradient (the `weights` term at 2 bytes plus 2 more).
+    let active = s.active_experts();
+    let mut dgrad2 = s.floor(g2, rows, rows * 2 * h, active);
     dgrad2.bytes += 2 * (rows * 2 * h) as u64; // GU read
-    let mut wgrad1 = s.floor(g1, s.tokens, 0);
+    let mut wgrad1 = s.floor(g1, s.tokens, 0, g1.experts);
     wgrad1.bytes += 2 * (rows * 2 * h) as u64 + 2 * (g1.experts * g1.n * g1.k) as u64; // dGU read; dW f32
-    let mut wgrad2 = s.floor(g2, rows, 0);
+    let mut wgrad2 = s.floor(g2, rows, 0, g2.experts);
     wgrad2.bytes += 2 * (rows * d) as u64 + 2 * (g2.experts * g2.n * g2.k) as u64;
     [
-        ("gemm/gemm1_swiglu_bf16", s.floor(g1, s.tokens, rows * h + rows * 2 * h)),
-        ("gemm/gemm2_weighted_bf16", s.floor(g2, rows, rows * d)),
+        (
+            "gemm/gemm1_swiglu_bf16",
+            s.floor(g1, s.tokens, rows * h + rows * 2 * h, active),
+        ),
+        ("gemm/gemm2_weighted_bf16", s.floor(g2, rows, rows * d, active)),
         ("gemm/dgrad2_swiglu_bwd_bf16", dgrad2),
-        ("gemm/dgrad1_bf16", s.floor(g1, rows, rows * d)),
+        ("gemm/dgrad1_bf16", s.floor(g1, rows, rows * d, active)),
         ("gemm/wgrad1_bf16", wgrad1),
         ("gemm/wgrad2_bf16", wgrad2),
     ]
@@ -284,16 +297,6 @@ fn run_op(layer: &mut Layer, device: &Device, op: usize) {
         4 => layer.wgrad1(device),
         _ => layer.wgrad2(device),
     }
-}
-
-/// Peak DRAM bandwidth in bytes/s (as `common::report_gpu_fraction` computes it).
-fn peak_bandwidth(device: &Device) -> Option<f64> {
-    use cudarc::driver::sys::CUdevice_attribute::*;
-    let Device::Cuda(cuda) = device else { return None };
-    let ctx = cuda.stream().context();
-    let clock_khz = ctx.attribute(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).ok()? as f64;
-    let bus_bits = ctx.attribute(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH).ok()? as f64;
-    Some(2.0 * clock_khz * 1e3 * bus_bits / 8.0)
 }
 
 /// On a GPU: a dense cuBLAS bf16 GEMM `[M, K] x [N, K]^T` (M = Σm) timed in the same run, and a
@@ -406,8 +409,10 @@ fn bench(c: &mut Criterion) {
                 let label = shape.label();
                 let mut layer = Layer::new(&device, size);
                 for (i, (op, floor)) in floors(size).into_iter().enumerate() {
-                    report_gpu_fraction(op, &label, &device, floor, || run_op(&mut layer, &device, i));
-                    let ours = gpu_seconds(&device, || run_op(&mut layer, &device, i));
+                    let Some(ours) = report_gpu_fraction(op, &label, &device, floor, || run_op(&mut layer, &device, i))
+                    else {
+                        continue;
+                    };
                     let dense = match i {
                         0 | 4 => size.gemm1(),
                         1 | 5 => size.gemm2(),

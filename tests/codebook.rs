@@ -3,14 +3,14 @@
 //! and inf rows; launch budgets, no host sync, determinism; every validation error.
 mod common;
 
-use common::{Rng, Tolerance, assert_close, devices};
+use common::{Rng, Tolerance, assert_close, assert_refused, devices};
 use half::{bf16, f16};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::codebook::{
     self, CodeOrder, CodebookShape, EmaConfig, EmaState, LossConfig, NearestConfig, NearestOutputs,
 };
 use moe_kernels::reference::codebook as reference;
-use moe_kernels::{Device, DeviceBuffer, Error};
+use moe_kernels::{Device, DeviceBuffer};
 use proptest::prelude::*;
 
 /// Host values exactly representable in `T` (device and reference see the same inputs).
@@ -673,23 +673,6 @@ fn ema<T: FloatElement>() {
 fn ema_update_matches_reference() {
     ema::<f32>();
     ema::<bf16>();
-}
-
-/// `Err` naming `argument` (Shape or InvalidArgument), and nothing launched.
-#[track_caller]
-fn assert_refused(device: &Device, argument: &str, op: impl FnOnce() -> moe_kernels::Result<()>) {
-    let launches = device.stats().launches;
-    match op() {
-        Err(Error::Shape { argument: a, .. } | Error::InvalidArgument { argument: a, .. }) => {
-            assert_eq!(a, argument, "the error names the wrong argument")
-        }
-        other => panic!("expected an error naming {argument}, got {other:?}"),
-    }
-    assert_eq!(
-        device.stats().launches,
-        launches,
-        "{argument}: launched after a refusal"
-    );
 }
 
 #[test]

@@ -2,13 +2,13 @@
 //! against finite differences, launch budgets, and every validation error.
 mod common;
 
-use common::{Rng, Tolerance, assert_close, devices};
+use common::{Rng, Tolerance, assert_close, assert_refused, devices};
 use half::{bf16, f16};
 use moe_kernels::device::{EmulatorDevice, Schedule};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
 use moe_kernels::reference::gate::{self as reference, GateParams};
-use moe_kernels::{Device, DeviceBuffer, Error};
+use moe_kernels::{Device, DeviceBuffer};
 use proptest::prelude::*;
 
 /// One test case: a form, its sizes, and which optional parameters it has.
@@ -529,23 +529,6 @@ fn reference_gradients_match_finite_differences() {
             );
         }
     }
-}
-
-/// `Err` naming `argument` (Shape or InvalidArgument), and nothing launched.
-#[track_caller]
-fn assert_refused(device: &Device, argument: &str, op: impl FnOnce() -> moe_kernels::Result<()>) {
-    let launches = device.stats().launches;
-    match op() {
-        Err(Error::Shape { argument: a, .. } | Error::InvalidArgument { argument: a, .. }) => {
-            assert_eq!(a, argument, "the error names the wrong argument")
-        }
-        other => panic!("expected an error naming {argument}, got {other:?}"),
-    }
-    assert_eq!(
-        device.stats().launches,
-        launches,
-        "{argument}: launched after a refusal"
-    );
 }
 
 fn zeros<T: moe_kernels::Element>(device: &Device, len: usize) -> DeviceBuffer<T> {

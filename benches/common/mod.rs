@@ -38,7 +38,7 @@ pub fn devices() -> Vec<Device> {
 
 /// The GPU's peak DRAM bandwidth in bytes/s, from the driver's memory clock and bus width
 /// (double data rate).
-fn peak_bandwidth(device: &Device) -> Option<f64> {
+pub fn peak_bandwidth(device: &Device) -> Option<f64> {
     use cudarc::driver::sys::CUdevice_attribute::*;
     let Device::Cuda(cuda) = device else { return None };
     let ctx = cuda.stream().context();
@@ -60,11 +60,9 @@ fn peak_tensor_flops(device: &Device) -> Option<f64> {
 
 /// On a GPU: times `run` from cold L2 ([`gpu_seconds`]), prints the
 /// achieved time against the op's floor, and the [`Record`] line `scripts/gpu-validate.sh`
-/// collects. Elsewhere: nothing.
-pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor, run: impl FnMut()) {
-    let Some(bandwidth) = peak_bandwidth(device) else {
-        return;
-    };
+/// collects, and returns the seconds. Elsewhere: nothing (`None`).
+pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor, run: impl FnMut()) -> Option<f64> {
+    let bandwidth = peak_bandwidth(device)?;
     let seconds = gpu_seconds(device, run);
     let memory_floor = floor.bytes as f64 / bandwidth;
     let tensor_floor = peak_tensor_flops(device)
@@ -87,6 +85,7 @@ pub fn report_gpu_fraction(op: &str, shape: &str, device: &Device, floor: Floor,
         100.0 * record.bandwidth_fraction
     );
     println!("{}", record.to_line());
+    Some(seconds)
 }
 
 /// Mean GPU seconds of one call of `run`, from cold L2: before each call a memset twice the

@@ -48,15 +48,6 @@ template <Form F> struct MmaForm {
   }
 };
 
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                          __half*) {
-  mma_m16n8k16_f16(d, a, b, d);
-}
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                          __nv_bfloat16*) {
-  mma_m16n8k16_bf16(d, a, b, d);
-}
-
 // tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the stored 16-bit type;
 // 0 past klen and for null rows, except 1 at k0 + k == unit(m) (an identity row) when
 // unit(m) >= 0. vec: row starts 16-byte aligned (rows_aligned_16).

@@ -24,7 +24,7 @@
 //   ldm_a_k / ldm_a_mn     the A fragment (m16k16) of mma.sync from a K- or MN-major tile;
 //   ldm_b_k / ldm_b_mn     two B fragments (n8k16 each, 16 columns) from a K- or MN-major tile
 //                          (the MN form is the transposed load: ldmatrix .trans);
-//   mma_16816(d, a, b, T*) d += a·b in the precision of T (__half or __nv_bfloat16);
+//   mma_16816(d, a, b, T*) (ptx.cuh) d += a·b in the precision of T (__half or __nv_bfloat16);
 //   warp_tile_mma<Cfg, AM, BM2, T>(acc, As, Bs, warp_m, warp_n)  one k-tile for one warp;
 //   AccCoord<Cfg>          row / column (inside the CTA tile) of accumulator acc[mi][ni][i];
 //   cta_tile_mainloop<Cfg>(acc, a_row, b_row, K, smem)  the whole pipelined loop for
@@ -81,14 +81,6 @@ __device__ __forceinline__ void tile_load_async(T* smem, RowFn row, int col_limi
     const bool live = src != nullptr && col < col_limit;
     cp_async<16>(smem + r * LD + col, live ? src + col : fallback, live ? 16 : 0);
   }
-}
-
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half*) {
-  mma_m16n8k16_f16(d, a, b, d);
-}
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
-                                          __nv_bfloat16*) {
-  mma_m16n8k16_bf16(d, a, b, d);
 }
 
 // A fragment of rows m0..m0+15, k0..k0+15. K-major: s[m * ld + k]; MN-major: s[k * ld + m].

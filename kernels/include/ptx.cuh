@@ -49,6 +49,16 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (
 #endif
 }
 
+// d += a·b in the precision of the element type T the tiles hold (__half or __nv_bfloat16),
+// picked by overload on a typed null pointer so templates over T call one name.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half*) {
+  mma_m16n8k16_f16(d, a, b, d);
+}
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                          __nv_bfloat16*) {
+  mma_m16n8k16_bf16(d, a, b, d);
+}
+
 // ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: N 8x8 matrices of 16-bit values
 // from shared memory. Lane l supplies the 16-byte-aligned address of row l%8 of matrix l/8
 // (lanes >= 8N are ignored). Register j of lane l receives row l/4, elements 2(l%4) and

@@ -3,8 +3,9 @@
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass};
-use super::workspace::{DynSlice, prefix, prefix_mut};
+use super::workspace::{prefix, prefix_mut};
 use super::{HostWeights, MoeConfig};
+use crate::ops::Dyn;
 use crate::ops::gemm::ExpertMask;
 use crate::ops::{FloatElement, check_len};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
@@ -95,11 +96,11 @@ impl<T: FloatElement> ChainOfExperts<T> {
         for t in 0..=last {
             let (before, after) = self.inputs.split_at_mut(t);
             let held;
-            let input: DynSlice<'_, T> = if t == 0 {
-                DynSlice(x)
+            let input: Dyn<'_, T> = if t == 0 {
+                Dyn(x)
             } else {
                 held = prefix("x(t)", &before[t - 1], len)?;
-                DynSlice(&held)
+                Dyn(&held)
             };
             let mut pass = Pass {
                 device: &self.device,
@@ -141,18 +142,18 @@ impl<T: FloatElement> ChainOfExperts<T> {
         let (mut incoming, mut outgoing) = (first, second);
         for t in (0..=last).rev() {
             let held_input;
-            let input: DynSlice<'_, T> = if t == 0 {
-                DynSlice(x)
+            let input: Dyn<'_, T> = if t == 0 {
+                Dyn(x)
             } else {
                 held_input = prefix("x(t)", &self.inputs[t - 1], len)?;
-                DynSlice(&held_input)
+                Dyn(&held_input)
             };
             let held_upstream;
-            let upstream: DynSlice<'_, T> = if t == last {
-                DynSlice(dy)
+            let upstream: Dyn<'_, T> = if t == last {
+                Dyn(dy)
             } else {
                 held_upstream = prefix("dx(t)", incoming, len)?;
-                DynSlice(&held_upstream)
+                Dyn(&held_upstream)
             };
             let mut pass = Pass {
                 device: &self.device,

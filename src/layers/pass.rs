@@ -16,8 +16,9 @@
 //! experts add 4 GEMMs and 1 sum, a residual gradient (Chain-of-Experts) 1 sum.
 use super::buffers::{Saved, Scratch, Sizes};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
-use super::workspace::{DynSlice, prefix, prefix_mut};
+use super::workspace::{prefix, prefix_mut};
 use super::{MoeConfig, RouterKind};
+use crate::ops::Dyn;
 use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
 use crate::ops::dispatch::{RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
 use crate::ops::gate;
@@ -108,7 +109,7 @@ impl<T: FloatElement> Pass<'_, T> {
         check_len("x", x, s.token_rows(), layout)?;
         check_len("y", y, s.token_rows(), layout)?;
         if let Some(r) = residual {
-            check_len("residual", &DynSlice(r), s.token_rows(), layout)?;
+            check_len("residual", &Dyn(r), s.token_rows(), layout)?;
         }
         saved.tokens = 0;
         let mut stages = self.stages.take();
@@ -199,14 +200,7 @@ impl<T: FloatElement> Pass<'_, T> {
         if let (true, Some(r)) = (shared, residual) {
             let shared_y = prefix("shared_y", &scratch.shared_y, s.token_rows())?;
             let mut sum = prefix_mut("sum_a", &mut scratch.sum_a, s.token_rows())?;
-            add_rows(
-                device,
-                &scratch.identity,
-                (s.tokens, s.d),
-                &shared_y,
-                &DynSlice(r),
-                &mut sum,
-            )?;
+            add_rows(device, &scratch.identity, (s.tokens, s.d), &shared_y, &Dyn(r), &mut sum)?;
         }
         let shared_y = if shared {
             Some(prefix("shared_y", &scratch.shared_y, s.token_rows())?)
@@ -214,10 +208,10 @@ impl<T: FloatElement> Pass<'_, T> {
             None
         };
         let sum = prefix("sum_a", &scratch.sum_a, s.token_rows())?;
-        let residual: Option<DynSlice<'_, T>> = match (&shared_y, residual) {
-            (None, r) => r.map(DynSlice),
-            (Some(shared_y), None) => Some(DynSlice(shared_y)),
-            (Some(_), Some(_)) => Some(DynSlice(&sum)),
+        let residual: Option<Dyn<'_, T>> = match (&shared_y, residual) {
+            (None, r) => r.map(Dyn),
+            (Some(shared_y), None) => Some(Dyn(shared_y)),
+            (Some(_), Some(_)) => Some(Dyn(&sum)),
         };
         let yp = prefix("yp", &saved.yp, s.rows * s.d)?;
         let inverse = prefix("inverse", &saved.inverse, s.slots)?;
@@ -526,21 +520,14 @@ impl<T: FloatElement> Pass<'_, T> {
                 device,
                 &scratch.identity,
                 (s.tokens, s.d),
-                &DynSlice(*term),
+                &Dyn(*term),
                 &current,
                 &mut next,
             )?;
             std::mem::swap(&mut partial, &mut spare);
         }
         let current = prefix("partial", partial, s.token_rows())?;
-        add_rows(
-            device,
-            &scratch.identity,
-            (s.tokens, s.d),
-            &DynSlice(*last),
-            &current,
-            dx,
-        )?;
+        add_rows(device, &scratch.identity, (s.tokens, s.d), &Dyn(*last), &current, dx)?;
         mark(&mut stages, "sum into dx");
         Ok(())
     }

@@ -70,15 +70,3 @@ impl<T: Element> DeviceSliceMut<T> for PrefixMut<'_, T> {
         self.buffer.kernel_ptr_mut(device, argument)
     }
 }
-
-/// A borrowed `dyn` device slice usable where an op wants `impl DeviceSlice`.
-pub struct DynSlice<'a, T: Element>(pub &'a dyn DeviceSlice<T>);
-
-impl<T: Element> DeviceSlice<T> for DynSlice<'_, T> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn kernel_ptr<'a>(&'a self, device: &'a Device, argument: &'static str) -> Result<(u64, PtrGuard<'a>)> {
-        self.0.kernel_ptr(device, argument)
-    }
-}

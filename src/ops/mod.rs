@@ -5,7 +5,8 @@
 //! builds the kernel's argument list once, for whichever [`Device`](crate::Device) runs it.
 //! Ops never wait for the device: outputs are caller-provided buffers, sized by the
 //! family's `*_len` / `*_workspace` helpers.
-use crate::{DeviceSlice, Element, Error, Result};
+use crate::device::memory::PtrGuard;
+use crate::{Device, DeviceSlice, DeviceSliceMut, Element, Error, Result};
 
 pub mod codebook;
 pub mod dispatch;
@@ -104,4 +105,34 @@ pub(crate) fn grid_blocks(argument: &'static str, items: usize, per_block: usize
             value: items.to_string(),
             expected: format!("at most {} items", (i32::MAX as usize) * per_block),
         })
+}
+
+/// A borrowed `dyn` device slice usable where the launch path wants `impl DeviceSlice`.
+pub(crate) struct Dyn<'a, T>(pub(crate) &'a dyn DeviceSlice<T>);
+
+impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
+        self.0.kernel_ptr(device, argument)
+    }
+}
+
+/// A borrowed `dyn` mutable device slice usable where the launch path wants `impl DeviceSliceMut`.
+pub(crate) struct DynMut<'a, T>(&'a mut dyn DeviceSliceMut<T>);
+
+impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
+        self.0.kernel_ptr(device, argument)
+    }
+}
+
+impl<T: Element> DeviceSliceMut<T> for DynMut<'_, T> {
+    fn kernel_ptr_mut<'b>(&'b mut self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
+        self.0.kernel_ptr_mut(device, argument)
+    }
 }

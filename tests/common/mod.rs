@@ -3,6 +3,7 @@
 //! Each test file includes it with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
+use moe_kernels::Error;
 use moe_kernels::device::{Device, available_devices};
 
 /// Every device available here (the emulator, and a GPU when there is one). Prints why a
@@ -128,4 +129,21 @@ pub fn assert_close(what: &str, got: &[f32], reference: &[f64], tol: Tolerance) 
             shown.join(", ")
         );
     }
+}
+
+/// `Err` naming `argument` (Shape or InvalidArgument), and nothing launched.
+#[track_caller]
+pub fn assert_refused(device: &Device, argument: &str, op: impl FnOnce() -> moe_kernels::Result<()>) {
+    let launches = device.stats().launches;
+    match op() {
+        Err(Error::Shape { argument: a, .. } | Error::InvalidArgument { argument: a, .. }) => {
+            assert_eq!(a, argument, "the error names the wrong argument")
+        }
+        other => panic!("expected an error naming {argument}, got {other:?}"),
+    }
+    assert_eq!(
+        device.stats().launches,
+        launches,
+        "{argument}: launched after a refusal"
+    );
 }

@@ -43,8 +43,7 @@ pub use train::{
 };
 
 use super::{check_range, elements};
-use crate::device::memory::PtrGuard;
-use crate::{Device, DeviceSlice, DeviceSliceMut, Element, Result};
+use crate::Result;
 
 /// The largest d.
 pub const MAX_DIM: usize = 1 << 16;
@@ -98,35 +97,5 @@ impl CodebookShape {
     /// Elements of the codebook and its gradient and EMA sums (`[Nc, d]`).
     pub fn codebook_len(&self) -> usize {
         self.codes * self.dim
-    }
-}
-
-/// A borrowed `dyn` mutable device slice usable where the launch path wants `impl DeviceSliceMut`.
-struct DynMut<'a, T>(&'a mut dyn DeviceSliceMut<T>);
-
-impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
-        self.0.kernel_ptr(device, argument)
-    }
-}
-
-impl<T: Element> DeviceSliceMut<T> for DynMut<'_, T> {
-    fn kernel_ptr_mut<'b>(&'b mut self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
-        self.0.kernel_ptr_mut(device, argument)
-    }
-}
-
-/// A borrowed `dyn` device slice usable where the launch path wants `impl DeviceSlice`.
-struct Dyn<'a, T>(&'a dyn DeviceSlice<T>);
-
-impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
-        self.0.kernel_ptr(device, argument)
     }
 }

@@ -1,7 +1,8 @@
 //! Code norms and the fused nearest-code search (`codebook_norms_*`, `codebook_nearest_top*_*`,
 //! `codebook_merge_top*_*`).
-use super::{CodebookShape, DynMut, MAX_K, THREADS};
+use super::{CodebookShape, MAX_K, THREADS};
 use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::DynMut;
 use crate::ops::{FloatElement, check_len, check_range, elements, grid_blocks};
 use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
 

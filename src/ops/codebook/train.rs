@@ -5,9 +5,10 @@
 //! `(1 − c)·x + c·q`, the gradient is the identity to x (`dx = dx̃`) and nothing flows to C
 //! through x̃; C learns from the codebook loss ([`losses_backward`]) or the EMA update
 //! ([`ema_update`]). [`losses_backward`] adds `dx̃` to the commitment gradient in the same pass.
-use super::{CodebookShape, Dyn, DynMut, THREADS};
+use super::{CodebookShape, THREADS};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::dispatch::{MapConfig, RoutingMap, routing_map};
+use crate::ops::{Dyn, DynMut};
 use crate::ops::{FloatElement, check_len, grid_blocks};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 

@@ -34,8 +34,7 @@ mod backward;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
 
-use super::{FloatElement, check_len, elements, grid_blocks};
-use crate::device::memory::PtrGuard;
+use super::{Dyn, DynMut, FloatElement, check_len, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::{Device, DeviceSlice, DeviceSliceMut, Element, Error, Result};
 
@@ -445,34 +444,4 @@ fn dims_args<'a>(args: KernelArgs<'a>, shape: &GateShape, form: GateForm) -> Ker
         .scalar(shape.dim as i32)
         .scalar(shape.experts as i32)
         .scalar(shape.effective_rank(form) as i32)
-}
-
-/// A borrowed `dyn` device slice usable where the launch path wants `impl DeviceSlice`.
-struct Dyn<'a, T>(&'a dyn DeviceSlice<T>);
-
-impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
-        self.0.kernel_ptr(device, argument)
-    }
-}
-
-/// A borrowed `dyn` mutable device slice usable where the launch path wants `impl DeviceSliceMut`.
-struct DynMut<'a, T>(&'a mut dyn DeviceSliceMut<T>);
-
-impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    fn kernel_ptr<'b>(&'b self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
-        self.0.kernel_ptr(device, argument)
-    }
-}
-
-impl<T: Element> DeviceSliceMut<T> for DynMut<'_, T> {
-    fn kernel_ptr_mut<'b>(&'b mut self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
-        self.0.kernel_ptr_mut(device, argument)
-    }
 }
