@@ -4,6 +4,7 @@
 use super::buffers::{Saved, Scratch};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass, Routing, add_rows};
+use super::weights::uniform;
 use super::workspace::{prefix, prefix_mut};
 use super::{HostWeights, MoeConfig, RouterKind};
 use crate::ops::codebook::{self, CodeOrder, CodebookShape, LossConfig, NearestConfig, NearestOutputs};
@@ -30,14 +31,12 @@ pub struct VqWeights {
 impl VqWeights {
     /// Random weights from `seed` (codes uniform in [-1, 1), the mix gate scaled by 1/√d).
     pub fn random(config: &MoeConfig, seed: u64) -> Self {
-        let mix = HostWeights::random(&mix_config(config), seed ^ 0x6d69);
-        let codes = HostWeights::random(&MoeConfig { hidden: 1, ..*config }, seed ^ 0x7671);
+        let d = config.dim;
         Self {
             moe: HostWeights::random(config, seed),
-            // W2 of a hidden-1 expert set is [E, d, 1] uniform in [-1, 1): the codebook's shape.
-            codebook: codes.w2,
-            mix_w: mix.gate_tensor("w").to_vec(),
-            mix_b: mix.gate_tensor("b").to_vec(),
+            codebook: uniform(seed ^ 0x7671, config.experts * d, 1.0),
+            mix_w: uniform(seed ^ 0x6d69, 2 * d, 1.0 / (d as f32).sqrt()),
+            mix_b: uniform(seed ^ 0x6d6a, 2, 0.1),
         }
     }
 

@@ -57,6 +57,11 @@ impl SplitMix {
     }
 }
 
+/// `len` values uniform in `[-scale, scale)` from `seed` (deterministic, no dependency).
+pub(crate) fn uniform(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+    SplitMix(seed).fill(len, scale)
+}
+
 impl HostWeights {
     /// Uniform weights scaled by 1/√fan_in (biases 0.1), from `seed`; not yet rounded to a dtype.
     pub fn random(config: &MoeConfig, seed: u64) -> Self {
