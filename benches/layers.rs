@@ -3,10 +3,12 @@
 //!
 //! Floors (s = 2 bytes per bf16 element; the routing metadata and intermediates are not part of
 //! a floor: an ideal layer keeps them on chip):
-//! - forward: read X (T·d·s), the gate (E·d·s) and the experts' weights (E·3h·d·s); write Y
-//!   (T·d·s). Flops: the gate 2·T·E·d plus the experts 2·T·k·3h·d.
-//! - forward + backward: the forward, plus read dY (T·d·s), write dX (T·d·s) and the f32 weight
-//!   gradients (E·3h·d·4 + E·d·4); flops three times the forward's (dgrad and wgrad).
+//! - forward: read X (T·d·s), the gate (E·d·s) and the weights of the experts that get rows,
+//!   at most min(E, T·k) of them (3h·d·s each); write Y (T·d·s). Flops: the gate 2·T·E·d plus
+//!   the experts 2·T·k·3h·d.
+//! - forward + backward: the forward, plus read dY (T·d·s), write dX (T·d·s) and every f32
+//!   weight gradient (E·3h·d·4 + E·d·4: outputs, written even for experts without rows); flops
+//!   three times the forward's (dgrad and wgrad).
 //!
 //! Without a GPU: the CPU reference and the emulator at a small size. On a GPU,
 //! `report_gpu_fraction` times the Mixtral-like shapes of `common::layer_shapes` (the DeepSeek-like
@@ -29,8 +31,9 @@ fn forward_floor(c: &MoeConfig, tokens: usize) -> Floor {
         c.k as u64,
         2,
     );
+    let used = e.min(t * k);
     Floor {
-        bytes: 2 * t * d * s + e * d * s + e * 3 * h * d * s,
+        bytes: 2 * t * d * s + e * d * s + used * 3 * h * d * s,
         flops: 2 * t * e * d + 2 * t * k * 3 * h * d,
     }
 }
