@@ -1,10 +1,14 @@
 //! One small run of every op family's ops, so that `kernel_report` learns the launch
 //! configuration the crate uses for each kernel (occupancy needs it). Shapes are small (the
 //! emulator runs them) but take every path: each router width, both dispatch map paths,
-//! capacity, every row-mover dtype, every gate form in every dtype.
+//! capacity, every row-mover dtype, every gate form in every dtype, and the layers (grouped
+//! GEMM, codebook, mixing gate, ESFT) in every dtype.
 use half::{bf16, f16};
+use moe_kernels::layers::esft::EsftTracker;
+use moe_kernels::layers::{MoeConfig, MoeLayer, RouterKind, VqMoe};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, RoutingMap};
+use moe_kernels::ops::esft::ScoreKind;
 use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction};
 use moe_kernels::{Device, DeviceBuffer, DeviceSlice, Result};
@@ -211,6 +215,42 @@ fn gate_all<T: FloatElement>(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// A layer's forward and backward: the grouped GEMM's tile kernels (forward, dA, dB), the decode
+/// kernel (4 tokens: at most 4 rows per expert), the shared expert, the losses; the VQ-MoE adds
+/// the codebook search, quantize, VQ losses and the mixing gate; ESFT its statistics, selection
+/// and the masked dB grid.
+fn layer_ops<T: FloatElement>(device: &Device) -> Result<()> {
+    let config = MoeConfig {
+        router: RouterKind::Quadratic {
+            form: GateForm::LowRank,
+            rank: 4,
+        },
+        experts: 8,
+        k: 2,
+        dim: 64,
+        hidden: 64,
+        shared_experts: 1,
+        aux_alpha: 0.01,
+        z_loss: 0.001,
+        max_tokens: 64,
+        ..MoeConfig::default()
+    };
+    let rows = |tokens: usize| upload::<T>(device, tokens * config.dim);
+    let mut tracker = EsftTracker::new(device, config.experts, config.k)?;
+    let mut layer = MoeLayer::<T>::random(device, config, 1)?;
+    for tokens in [64, 4] {
+        let (x, dy, mut y, mut dx) = (rows(tokens)?, rows(tokens)?, rows(tokens)?, rows(tokens)?);
+        layer.forward(&x, tokens, &mut y)?;
+        tracker.accumulate(&layer)?;
+        layer.set_expert_mask(Some(tracker.select(0.5, ScoreKind::Gate)?))?;
+        layer.backward(&x, &dy, &mut dx)?;
+    }
+    let mut vq = VqMoe::<T>::random(device, config, 2)?;
+    let (x, dy, mut y, mut dx) = (rows(64)?, rows(64)?, rows(64)?, rows(64)?);
+    vq.forward(&x, 64, &mut y)?;
+    vq.backward(&x, &dy, &mut dx)
+}
+
 /// Runs every op family once on `device`.
 pub fn run_all(device: &Device) -> Result<()> {
     for experts in [8, 64, 128, 256, 512, 1024] {
@@ -221,5 +261,8 @@ pub fn run_all(device: &Device) -> Result<()> {
     dispatch_ops(device, 2048, Some(Capacity::default()))?;
     gate_all::<f32>(device)?;
     gate_all::<f16>(device)?;
-    gate_all::<bf16>(device)
+    gate_all::<bf16>(device)?;
+    layer_ops::<f32>(device)?;
+    layer_ops::<f16>(device)?;
+    layer_ops::<bf16>(device)
 }
