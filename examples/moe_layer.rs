@@ -401,6 +401,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     );
     let ids = device.download(&layer.routing()?.0)?;
     let routing_agrees = ids.iter().zip(&forward.ids).filter(|(a, b)| a == b).count();
+    let near_ties = near_ties(&ids, &forward.ids, &forward.z, &config, &weights.router_bias, T::NAME);
     let bound = match T::NAME {
         "f32" => 1e-4,
         "f16" => 1e-2,
@@ -425,17 +426,47 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     checks.push(("aux loss".into(), relative_error(&[losses.aux], &[forward.aux_loss])));
     checks.push(("z-loss".into(), relative_error(&[losses.z], &[forward.z_loss])));
     println!(
-        "\nreference check ({:.1} s on the CPU): routing agrees on {routing_agrees} of {} slots",
+        "\nreference check ({:.1} s on the CPU): routing agrees on {routing_agrees} of {} slots{}",
         check_start.elapsed().as_secs_f64(),
-        ids.len()
+        ids.len(),
+        match (ids.len() - routing_agrees, near_ties) {
+            (0, _) => String::new(),
+            (differ, ties) =>
+                format!(" ({ties} of the {differ} others are near-ties in the reference's selection or group scores)"),
+        }
     );
-    let mut ok = routing_agrees == ids.len();
+    let mut ok = routing_agrees + near_ties == ids.len();
     for (name, error) in checks {
         let verdict = if error <= bound { "ok" } else { "MISMATCH" };
         ok &= error <= bound;
         println!("  {name:12} relative error {error:.2e} (bound {bound:.0e}) {verdict}");
     }
     Ok(ok)
+}
+
+/// Slots where the device picked another expert than the reference although the reference's
+/// decision there is within the rounding of the layer's dtype (SPEC §9: either id is then right):
+/// the two experts' selection keys, or (group-limited routing) their groups' scores, are within
+/// a relative 1e-3 (16-bit) or 1e-5 (f32) of each other. Logits of the same inputs differ between
+/// devices by the accumulation order only; a gap that small is where that order can flip a choice.
+fn near_ties(got: &[i32], want: &[i32], logits: &[f32], config: &MoeConfig, bias: &[f32], dtype: &str) -> usize {
+    use moe_kernels::reference::router::{group_scores, selection_keys};
+    let (experts, k) = (config.experts, config.k);
+    let router = config.router_config();
+    let tolerance = if dtype == "f32" { 1e-5 } else { 1e-3 };
+    let close = |a: f64, b: f64| (a - b).abs() <= tolerance * a.abs().max(b.abs()).max(1.0);
+    let tied = |slot: usize, a: usize, b: usize| {
+        let row = &logits[(slot / k) * experts..][..experts];
+        let keys = selection_keys(&router, row, (!bias.is_empty()).then_some(bias));
+        let size = experts / router.groups.max(1);
+        let groups = group_scores(&router, &keys);
+        close(keys[a], keys[b]) || (router.groups > 1 && close(groups[a / size], groups[b / size]))
+    };
+    let valid = |id: i32| (0..experts as i32).contains(&id);
+    (0..got.len())
+        .filter(|&slot| got[slot] != want[slot] && valid(got[slot]) && valid(want[slot]))
+        .filter(|&slot| tied(slot, got[slot] as usize, want[slot] as usize))
+        .count()
 }
 
 /// The Chain-of-Experts variant of [`run`].
