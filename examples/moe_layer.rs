@@ -469,6 +469,32 @@ fn near_ties(got: &[i32], want: &[i32], logits: &[f32], config: &MoeConfig, bias
         .count()
 }
 
+/// Runs `pass(false)` (forward) then `pass(true)` (backward) and prints each one's wall time and
+/// launches, and the host syncs of both (the chain and VQ-MoE runners' one-line report).
+fn timed_pass(
+    device: &Device,
+    label: &str,
+    mut pass: impl FnMut(bool) -> moe_kernels::Result<()>,
+) -> moe_kernels::Result<()> {
+    let before = device.stats();
+    let start = Instant::now();
+    pass(false)?;
+    let forward_time = start.elapsed();
+    let middle = device.stats();
+    pass(true)?;
+    let backward_time = start.elapsed() - forward_time;
+    let after = device.stats();
+    println!(
+        "{label}forward {:.1} ms ({} launches), backward {:.1} ms ({} launches), host syncs {}",
+        forward_time.as_secs_f64() * 1e3,
+        middle.launches - before.launches,
+        backward_time.as_secs_f64() * 1e3,
+        after.launches - middle.launches,
+        after.host_syncs - before.host_syncs
+    );
+    Ok(())
+}
+
 /// The Chain-of-Experts variant of [`run`].
 fn run_chain<T: FloatElement>(
     options: &Options,
@@ -486,22 +512,10 @@ fn run_chain<T: FloatElement>(
     let dy = device.upload(&to_t::<T>(dy_host))?;
     let mut y = device.alloc_zeros::<T>(t * config.dim)?;
     let mut dx = device.alloc_zeros::<T>(t * config.dim)?;
-    let before = device.stats();
-    let start = Instant::now();
-    chain.forward(&x, t, &mut y)?;
-    let forward_time = start.elapsed();
-    let middle = device.stats();
-    chain.backward(&x, &dy, &mut dx)?;
-    let backward_time = start.elapsed() - forward_time;
-    let after = device.stats();
-    println!(
-        "forward {:.1} ms ({} launches), backward {:.1} ms ({} launches), host syncs {}",
-        forward_time.as_secs_f64() * 1e3,
-        middle.launches - before.launches,
-        backward_time.as_secs_f64() * 1e3,
-        after.launches - middle.launches,
-        after.host_syncs - before.host_syncs
-    );
+    timed_pass(device, "", |backward| match backward {
+        false => chain.forward(&x, t, &mut y),
+        true => chain.backward(&x, &dy, &mut dx),
+    })?;
     println!(
         "kept for backward: {} bytes per token per iteration",
         ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)
@@ -539,22 +553,10 @@ fn run_vq<T: FloatElement>(
     let dy = device.upload(&to_t::<T>(dy_host))?;
     let mut y = device.alloc_zeros::<T>(t * config.dim)?;
     let mut dx = device.alloc_zeros::<T>(t * config.dim)?;
-    let before = device.stats();
-    let start = Instant::now();
-    layer.forward(&x, t, &mut y)?;
-    let forward_time = start.elapsed();
-    let middle = device.stats();
-    layer.backward(&x, &dy, &mut dx)?;
-    let backward_time = start.elapsed() - forward_time;
-    let after = device.stats();
-    println!(
-        "VQ-MoE: forward {:.1} ms ({} launches), backward {:.1} ms ({} launches), host syncs {}",
-        forward_time.as_secs_f64() * 1e3,
-        middle.launches - before.launches,
-        backward_time.as_secs_f64() * 1e3,
-        after.launches - middle.launches,
-        after.host_syncs - before.host_syncs
-    );
+    timed_pass(device, "VQ-MoE: ", |backward| match backward {
+        false => layer.forward(&x, t, &mut y),
+        true => layer.backward(&x, &dy, &mut dx),
+    })?;
     let codes = device.download(&layer.codes()?)?;
     let mut uses = vec![0usize; config.experts];
     for &c in &codes {

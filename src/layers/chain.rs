@@ -182,15 +182,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
 
     /// As [`MoeLayer::set_expert_mask`](super::MoeLayer::set_expert_mask).
     pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
-        if let Some(m) = &mask {
-            if m.experts != self.config.experts {
-                return Err(Error::InvalidArgument {
-                    argument: "mask",
-                    value: format!("a mask of {} experts", m.experts),
-                    expected: format!("{} experts", self.config.experts),
-                });
-            }
-        }
+        self.config.check_mask(mask.as_ref())?;
         self.mask = mask;
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! The configuration of a routed MoE layer and what it implies for each op family.
 use crate::ops::dispatch::{Capacity, MapConfig};
 use crate::ops::gate::{GateForm, GateShape};
+use crate::ops::gemm::ExpertMask;
 use crate::ops::router::{AuxLossConfig, RouterConfig, ScoreFunction};
 use crate::ops::{FloatElement, check_range};
 use crate::{Error, Result};
@@ -79,6 +80,18 @@ fn invalid(argument: &'static str, value: impl std::fmt::Display, expected: impl
 }
 
 impl MoeConfig {
+    /// An ESFT expert mask fits this layer: it covers `experts` experts (`None` always fits).
+    pub fn check_mask(&self, mask: Option<&ExpertMask>) -> Result<()> {
+        match mask {
+            Some(m) if m.experts != self.experts => Err(invalid(
+                "mask",
+                format!("a mask of {} experts", m.experts),
+                format!("{} experts", self.experts),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Checks every field; the error names the offending one (`k`, `groups`, `rank`, ...).
     pub fn validate(&self) -> Result<()> {
         check_range("experts", self.experts, 1..=crate::ops::router::MAX_EXPERTS)?;

@@ -157,15 +157,7 @@ impl<T: FloatElement> MoeLayer<T> {
     /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, SPEC §8); `None`:
     /// all experts. Frozen experts cost no weight-gradient work and their gradients are not touched.
     pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
-        if let Some(m) = &mask {
-            if m.experts != self.config.experts {
-                return Err(Error::InvalidArgument {
-                    argument: "mask",
-                    value: format!("a mask of {} experts", m.experts),
-                    expected: format!("{} experts", self.config.experts),
-                });
-            }
-        }
+        self.config.check_mask(mask.as_ref())?;
         self.mask = mask;
         Ok(())
     }
