@@ -375,9 +375,11 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     let total: f64 = stages.iter().map(|(_, ms)| ms).sum();
     println!("  {:60} {total:9.3} ms", "total");
     println!(
-        "\nlaunches: forward {}, backward {}; host syncs: forward {}, backward {}",
+        "\nlaunches: forward {} (+{} memsets), backward {} (+{} memsets); host syncs: forward {}, backward {}",
         middle.launches - before.launches,
+        middle.memsets - before.memsets,
         after.launches - middle_after_esft.launches,
+        after.memsets - middle_after_esft.memsets,
         middle.host_syncs - before.host_syncs,
         after.host_syncs - middle_after_esft.host_syncs,
     );

@@ -11,6 +11,8 @@
 // Capacity C >= 0 keeps each expert's first C slots in PRIORITY_ORDER (all j = 0 by token,
 // then j = 1, ...); capacity < 0 keeps all. Launches: T·k small -> dispatch_map_small (1);
 // otherwise [count, rank] in PRIORITY_ORDER if capacity >= 0, then [count, rank] in SOURCE_ORDER.
+// A kernel that writes the ids can do the SOURCE_ORDER count itself (count_slot, finish_count;
+// router_select_counted_*), leaving dispatch_map_rank alone to finish the map.
 //
 // Row movers (T: f32, f16, bf16; f32 arithmetic; element offsets 64-bit; 16-byte accesses when
 // d is a multiple of 16 bytes and the rows are 16-byte aligned, else one element at a time):
@@ -49,7 +51,7 @@ extern "C" __global__ void dispatch_map_small(const int* ids, int tokens, int k,
     __syncthreads();
     warp_prefix(m.buckets(), warp_counts, nullptr, totals);
     __syncthreads();
-    place_slots(m, PRIORITY_ORDER, first, last, warp_counts, nullptr, capacity, nullptr, inverse);
+    place_slots(m, PRIORITY_ORDER, first, last, warp_counts, nullptr, capacity, sorted_len, nullptr, inverse);
     count_dropped(totals, local_experts, capacity, &dropped);
     __syncthreads();  // the kept flags in inverse are read by other threads below
   }
@@ -58,7 +60,7 @@ extern "C" __global__ void dispatch_map_small(const int* ids, int tokens, int k,
   warp_prefix(m.buckets(), warp_counts, nullptr, totals);
   __syncthreads();
   write_offsets(totals, local_experts, align, counts, offsets, group_offsets, scratch);
-  place_slots(m, SOURCE_ORDER, first, last, warp_counts, group_offsets, capacity, sorted_rows, inverse);
+  place_slots(m, SOURCE_ORDER, first, last, warp_counts, group_offsets, capacity, sorted_len, sorted_rows, inverse);
   mark_unused_rows(local_experts, counts, offsets, sorted_len, sorted_rows, threadIdx.x, blockDim.x);
   if (threadIdx.x == 0) {
     status[0] = dropped;
@@ -88,7 +90,6 @@ extern "C" __global__ void dispatch_map_count(const int* ids, int tokens, int k,
   const MapShape m{ids, tokens, k, num_experts, expert_begin, local_experts};
   const int buckets = m.buckets();
   for (int b = threadIdx.x; b < buckets; b += blockDim.x) hist[b] = 0;
-  if (threadIdx.x == 0) dropped = 0;
   __syncthreads();
   const i64 begin = i64(blockIdx.x) * tile_slots, end = min(i64(m.slots()), begin + tile_slots);
   for (i64 i = begin + threadIdx.x; i < end; i += blockDim.x) {
@@ -98,26 +99,8 @@ extern "C" __global__ void dispatch_map_count(const int* ids, int tokens, int k,
   __syncthreads();
   int* tile_counts = workspace + MAP_WORKSPACE_HEADER;
   for (int b = threadIdx.x; b < buckets; b += blockDim.x) tile_counts[i64(blockIdx.x) * buckets + b] = hist[b];
-  __threadfence();  // this tile's counts are visible before its ticket
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(&workspace[0], 1) == int(gridDim.x) - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  prefix_over_tiles(tile_counts, buckets, gridDim.x, hist);
-  __syncthreads();
-  if (order == PRIORITY_ORDER) {
-    count_dropped(hist, local_experts, capacity, &dropped);
-    __syncthreads();
-    if (threadIdx.x == 0) status[0] = dropped;
-  } else {
-    write_offsets(hist, local_experts, align, counts, offsets, nullptr, scratch);
-    if (threadIdx.x == 0) {
-      status[1] = hist[local_experts];
-      if (capacity < 0) status[0] = 0;
-    }
-  }
-  if (threadIdx.x == 0) workspace[0] = 0;  // every block has taken its ticket
+  finish_count(m, order, align, capacity, gridDim.x, workspace, hist, scratch, &last_block, &dropped, counts, offsets,
+               status);
 }
 EMU_EXPORT(dispatch_map_count)
 
@@ -142,7 +125,7 @@ extern "C" __global__ void dispatch_map_rank(const int* ids, int tokens, int k, 
   const int* tile_prefix = workspace + MAP_WORKSPACE_HEADER + i64(blockIdx.x) * m.buckets();
   warp_prefix(m.buckets(), warp_counts, tile_prefix, nullptr);
   __syncthreads();
-  place_slots(m, order, first, last, warp_counts, offsets, capacity, sorted_rows, inverse);
+  place_slots(m, order, first, last, warp_counts, offsets, capacity, sorted_len, sorted_rows, inverse);
   if (order == SOURCE_ORDER)
     mark_unused_rows(local_experts, counts, offsets, sorted_len, sorted_rows, global_thread_x(),
                      i64(gridDim.x) * blockDim.x);

@@ -9,6 +9,7 @@
 // Kernels (launch contracts above each):
 //   router_select_e{32,64,128,256,512,1024}_f32   fused top-k selection, one warp per row,
 //                                                  the row in registers (E <= the suffix)
+//   router_select_counted_e{...}_f32               the same + the routing map's counting pass
 //   router_select_backward_f32                     dz from d(weights), one warp per row
 //   router_expert_statistics_f32                   per (segment, expert) counts, per-chunk weight sums
 //   router_sum_chunks_f32                          adds per-chunk partial sums in chunk order
@@ -17,6 +18,7 @@
 //   router_aux_loss_f32 / _backward_f32            Switch load-balancing loss, token or sequence level
 //   router_z_loss_f32 / _backward_f32              ST-MoE router z-loss
 //   router_bias_update_f32                         DeepSeek-V3 b += gamma * sign(mean(c) - c)
+#include "dispatch_map.cuh"
 #include "router_select.cuh"
 
 constexpr int kRowWarps = 4;    // rows per block in the warp-per-row kernels (128 threads)
@@ -36,28 +38,60 @@ constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction k
 // Launch: grid ceil(T / 4), block 128, no shared memory. 1 <= E <= N, 1 <= k <= min(E, 32),
 //   groups in 1..=32 dividing E, 1 <= topk_groups <= groups, k <= topk_groups * E / groups;
 //   bias [E] or null; nonfinite_rows: one counter the kernel adds the row count to (or null).
-#define ROUTER_SELECT(N)                                                                              \
-  extern "C" __global__ void router_select_e##N##_f32(                                               \
-      const float* z, const float* bias, long long T, int E, int k, int score, int topk_first,       \
-      int renormalize, float scale, int groups, int topk_groups, int* ids, float* weights,           \
-      unsigned* nonfinite_rows) {                                                                     \
-    const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;                               \
-    if (row >= T) return;                                                                             \
-    const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};                          \
-    select_row<N / kWarp>(z, bias, row, E, k, o, groups, topk_groups, ids, weights, nonfinite_rows); \
+//
+// router_select_counted_e<N>_f32: the same selection fused with the counting pass of the
+// routing map of the ids it writes (SPEC §4, kernels/dispatch.cu): lane r < k also counts its
+// slot into the per-tile counts of the map's tiled counting sort (count_slot: one integer
+// atomic), and the last block to finish turns them into tile prefixes, counts and offsets
+// (finish_count), so dispatch_map_rank alone completes the map, one launch fewer than
+// selection + routing map. A kernel of its own, so the plain selection keeps its registers.
+// Extra launch contract: dynamic shared (L + 1) ints; T·k < 2^31; map_workspace
+// [MAP_WORKSPACE_HEADER + ceil(T·k / tile_slots)·(L + 1)] zeroed; expert_begin, local_experts
+// and align as in the map. Traffic: k integer atomics per row; the last block reads the counts.
+#define ROUTER_SELECT_PARAMS                                                                        \
+  const float *z, const float *bias, long long T, int E, int k, int score, int topk_first,         \
+      int renormalize, float scale, int groups, int topk_groups, int *ids, float *weights,         \
+      unsigned *nonfinite_rows
+#define ROUTER_SELECT_ROW(N)                                                                        \
+  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;                               \
+  const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};                          \
+  if (row < T) select_row<N / kWarp>(z, bias, row, E, k, o, groups, topk_groups, ids, weights, nonfinite_rows)
+#define ROUTER_SELECT(N)                                                                            \
+  extern "C" __global__ void router_select_e##N##_f32(ROUTER_SELECT_PARAMS) { ROUTER_SELECT_ROW(N); } \
+  extern "C" __global__ void router_select_counted_e##N##_f32(                                     \
+      ROUTER_SELECT_PARAMS, int *map_workspace, int tile_slots, int expert_begin, int local_experts, \
+      int align, int *counts, int *offsets, int *status) {                                         \
+    __shared__ int scratch[32];                                                                     \
+    __shared__ int last_block;                                                                      \
+    __shared__ int dropped;                                                                         \
+    DYN_SHARED(int, totals);                                                                        \
+    ROUTER_SELECT_ROW(N);                                                                           \
+    const MapShape m{ids, int(T), k, E, expert_begin, local_experts};                              \
+    const int lane = threadIdx.x % kWarp;                                                           \
+    int* tile_counts = map_workspace + MAP_WORKSPACE_HEADER;                                        \
+    if (row < T && lane < k) count_slot(m, int(row) * k + lane, tile_slots, tile_counts);          \
+    const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);                         \
+    finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block,   \
+                 &dropped, counts, offsets, status);                                                \
   }
 ROUTER_SELECT(32)
 EMU_EXPORT(router_select_e32_f32)
+EMU_EXPORT(router_select_counted_e32_f32)
 ROUTER_SELECT(64)
 EMU_EXPORT(router_select_e64_f32)
+EMU_EXPORT(router_select_counted_e64_f32)
 ROUTER_SELECT(128)
 EMU_EXPORT(router_select_e128_f32)
+EMU_EXPORT(router_select_counted_e128_f32)
 ROUTER_SELECT(256)
 EMU_EXPORT(router_select_e256_f32)
+EMU_EXPORT(router_select_counted_e256_f32)
 ROUTER_SELECT(512)
 EMU_EXPORT(router_select_e512_f32)
+EMU_EXPORT(router_select_counted_e512_f32)
 ROUTER_SELECT(1024)
 EMU_EXPORT(router_select_e1024_f32)
+EMU_EXPORT(router_select_counted_e1024_f32)
 
 // ------------------------------------------------------------------------------------------
 // router_select_backward_f32: dz [T, E] (overwritten) from d_weights [T, k] and the forward's ids.

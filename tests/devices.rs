@@ -61,12 +61,15 @@ fn emulator_buffers_are_aligned_like_device_allocations() {
 }
 
 #[test]
-fn counters_count_transfers_and_syncs() {
+fn counters_count_transfers_syncs_and_memsets() {
     for d in devices() {
         let before = d.stats();
-        let b = d.upload(&[1u32, 2, 3]).unwrap();
+        let mut b = d.upload(&[1u32, 2, 3]).unwrap();
         d.download(&b).unwrap();
         d.synchronize().unwrap();
+        d.fill_zeros(&mut b).unwrap();
+        let mut empty = d.alloc_zeros::<u32>(0).unwrap();
+        d.fill_zeros(&mut empty).unwrap(); // nothing to clear: no memset
         let after = d.stats();
         assert_eq!(
             after,
@@ -75,6 +78,7 @@ fn counters_count_transfers_and_syncs() {
                 host_to_device: before.host_to_device + 1,
                 device_to_host: before.device_to_host + 1,
                 host_syncs: before.host_syncs + 2,
+                memsets: before.memsets + 1,
             }
         );
     }

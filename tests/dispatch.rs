@@ -1,10 +1,12 @@
 //! Dispatch (SPEC §4) on every device against the CPU reference: routing maps exactly
-//! (both map paths, capacity, padding, local ranges, invalid ids), permute / combine and their
+//! (both map paths, the counted map, capacity, padding, local ranges, invalid ids), permute / combine and their
 //! backward passes within SPEC §9 tolerances, determinism, launch counts, no host syncs, bad
 //! inputs, and 64-bit row offsets.
 #[path = "dispatch/bad_inputs.rs"]
 mod bad_inputs;
 mod common;
+#[path = "dispatch/counted.rs"]
+mod counted;
 #[path = "dispatch/map.rs"]
 mod map;
 #[path = "dispatch/memory.rs"]

@@ -47,6 +47,14 @@ struct MapShape {
   }
 };
 
+// Counting pass, per slot: one integer atomic into the row of the slot's tile (tiles of
+// tile_slots consecutive slots in SOURCE_ORDER) of the zeroed per-tile counts. Any thread of any
+// kernel that knows the slot's id can call it: the order of the atomics never matters.
+__device__ __forceinline__ void count_slot(const MapShape& m, int slot, int tile_slots, int* tile_counts) {
+  const int bucket = m.bucket_of(slot, nullptr);
+  if (bucket >= 0) atomicAdd(&tile_counts[i64(slot / tile_slots) * m.buckets() + bucket], 1);
+}
+
 // The lanes of this warp whose key equals this lane's (keys < 2^bits). All 32 lanes call it.
 __device__ __forceinline__ unsigned warp_peers(unsigned key, int bits) {
   unsigned peers = 0xffffffffu;
@@ -105,10 +113,12 @@ __device__ __forceinline__ void warp_prefix(int buckets, int* warp_counts, const
 
 // Phase 3 (after a __syncthreads): the same slots as phase 1, by the same threads. A slot's rank
 // in its bucket is final here. PRIORITY_ORDER: inverse[slot] = 0 if the rank is below capacity
-// (kept), -1 if not. SOURCE_ORDER: the slot goes to row group_offsets[bucket] + rank.
+// (kept), -1 if not. SOURCE_ORDER: the slot goes to row group_offsets[bucket] + rank, which is
+// below sorted_len whenever the counts came from these ids; a row outside [0, sorted_len) (counts
+// left by other ids: a misused counted map) is not written and the slot gets -1.
 __device__ __forceinline__ void place_slots(const MapShape& m, int order, i64 first, i64 last,
                                             const int* warp_counts, const int* group_offsets, int capacity,
-                                            int* sorted_rows, int* inverse) {
+                                            int sorted_len, int* sorted_rows, int* inverse) {
   const int* counts = warp_counts + (threadIdx.x / 32) * m.buckets();
   for (i64 i = first + threadIdx.x % 32; i < last; i += 32) {
     const int slot = m.slot_at(i, order);
@@ -119,9 +129,10 @@ __device__ __forceinline__ void place_slots(const MapShape& m, int order, i64 fi
     if (order == PRIORITY_ORDER) {
       inverse[slot] = rank < capacity ? 0 : -1;
     } else {
-      const int row = group_offsets[bucket] + rank;
-      sorted_rows[row] = slot;
-      inverse[slot] = row;
+      const i64 row = i64(group_offsets[bucket]) + rank;
+      const bool inside = row >= 0 && row < sorted_len;
+      if (inside) sorted_rows[row] = slot;
+      inverse[slot] = inside ? int(row) : -1;
     }
   }
 }
@@ -203,11 +214,48 @@ __device__ __forceinline__ void count_dropped(const int* totals, int local_exper
   if (mine) atomicAdd(dropped, mine);
 }
 
+// The end of a counting pass; every thread of every block calls it once its block's counts are
+// in the workspace (plain stores or count_slot atomics). The last block to take a ticket (after a
+// __threadfence) turns each bucket's column of per-tile counts into its exclusive prefix in tile
+// order (prefix_over_tiles), then: PRIORITY_ORDER writes status[0] (capacity drops); SOURCE_ORDER
+// writes counts, offsets, status[1] (invalid ids) and status[0] = 0 when capacity < 0. It resets
+// the ticket, so workspace[0] is 0 again after every pass. Shared memory, all from the calling
+// kernel: totals (buckets ints), scratch (32 ints), last_block and dropped (one int each).
+// `tiles`: rows of per-tile counts (the caller's grid is 1-D and may have more blocks than tiles).
+__device__ __forceinline__ void finish_count(const MapShape& m, int order, int align, int capacity, int tiles,
+                                             int* workspace, int* totals, int* scratch, int* last_block, int* dropped, int* counts,
+                                             int* offsets, int* status) {
+  if (threadIdx.x == 0) *dropped = 0;
+  __threadfence();  // this block's counts are visible before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) *last_block = atomicAdd(&workspace[0], 1) == int(gridDim.x) - 1;
+  __syncthreads();
+  if (!*last_block) return;
+  __threadfence();
+  const int local_experts = m.local_experts;
+  int* tile_counts = workspace + MAP_WORKSPACE_HEADER;
+  prefix_over_tiles(tile_counts, m.buckets(), tiles, totals);
+  __syncthreads();
+  if (order == PRIORITY_ORDER) {
+    count_dropped(totals, local_experts, capacity, dropped);
+    __syncthreads();
+    if (threadIdx.x == 0) status[0] = *dropped;
+  } else {
+    write_offsets(totals, local_experts, align, counts, offsets, nullptr, scratch);
+    if (threadIdx.x == 0) {
+      status[1] = totals[local_experts];
+      if (capacity < 0) status[0] = 0;
+    }
+  }
+  if (threadIdx.x == 0) workspace[0] = 0;  // every block has taken its ticket
+}
+
 // Rows of sorted_rows that hold no slot (each group's padding, and everything after the last
 // group up to the buffer's length) become -1; threads first, first + stride, ... share them.
+// Rows are clamped to [0, sorted_len) whatever offsets and counts hold.
 __device__ __forceinline__ void mark_unused_rows(int local_experts, const int* counts, const int* offsets,
                                                  int sorted_len, int* sorted_rows, i64 first, i64 stride) {
   for (i64 b = first; b < local_experts; b += stride)
-    for (int r = offsets[b] + counts[b]; r < offsets[b + 1]; ++r) sorted_rows[r] = -1;
-  for (i64 r = offsets[local_experts] + first; r < sorted_len; r += stride) sorted_rows[r] = -1;
+    for (int r = max(0, offsets[b] + counts[b]); r < min(offsets[b + 1], sorted_len); ++r) sorted_rows[r] = -1;
+  for (i64 r = max(0, offsets[local_experts]) + first; r < sorted_len; r += stride) sorted_rows[r] = -1;
 }

@@ -54,6 +54,8 @@ pub struct DeviceStats {
     pub device_to_host: u64,
     /// Explicit stream synchronizations, downloads included: the host waited for the device.
     pub host_syncs: u64,
+    /// Stream-ordered memsets ([`Device::fill_zeros`]): not kernel launches, but queued work.
+    pub memsets: u64,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +64,7 @@ pub(crate) struct Counters {
     host_to_device: AtomicU64,
     device_to_host: AtomicU64,
     host_syncs: AtomicU64,
+    memsets: AtomicU64,
     /// The configuration of each kernel's latest launch (for occupancy reports).
     configs: Mutex<BTreeMap<String, LaunchConfig>>,
 }
@@ -76,6 +79,7 @@ impl Counters {
             host_to_device: self.host_to_device.load(Ordering::Relaxed),
             device_to_host: self.device_to_host.load(Ordering::Relaxed),
             host_syncs: self.host_syncs.load(Ordering::Relaxed),
+            memsets: self.memsets.load(Ordering::Relaxed),
         }
     }
 }
@@ -200,6 +204,7 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
+        Counters::bump(&self.counters().memsets);
         match self {
             Device::Cuda(d) => d.fill_zeros(ptr, bytes),
             #[cfg(feature = "emulator")]

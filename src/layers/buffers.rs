@@ -197,7 +197,10 @@ impl<T: FloatElement> Scratch<T> {
         let shared_rows = if s.hs > 0 { s.token_rows() } else { 0 };
         let identity: Vec<i32> = (0..s.tokens as i32).collect();
         Ok(Self {
-            map_workspace: device.alloc_zeros(map.workspace_len(s.tokens, s.k))?,
+            map_workspace: device.alloc_zeros(
+                map.workspace_len(s.tokens, s.k)
+                    .max(map.counted_workspace_len(s.tokens, s.k)),
+            )?,
             nonfinite_rows: device.alloc_zeros(1)?,
             code_norms: device.alloc_zeros(if config.router == RouterKind::Codebook {
                 s.experts

@@ -7,12 +7,16 @@
 //! - [`esft`]: expert-specialized fine-tuning statistics, selection and masked training steps.
 //!
 //! **Launch budget** of one routed forward (linear or quadratic router, no shared experts, no
-//! capacity, T·k <= 4096): scores 1, select 1, routing map 1, GEMM1 + SwiGLU with the gather
-//! fused 1, GEMM2 1, combine 1 = **6** (the codebook router: code norms and nearest code instead of
-//! scores and select, also 6). Shared experts add 2, the aux loss 4, the z-loss 2, capacity or
-//! T·k > 4096 the tiled map's extra launches. Backward: 10 for the linear router (combine⁻¹,
-//! GEMM2 dgrad + SwiGLU⁻¹, dW2, GEMM1 dgrad, dW1, select⁻¹, gate dX + dW + db, the sum into dx),
-//! +1 per loss, +5 with shared experts; quadratic gates add their coefficient launches.
+//! capacity, any T): scores 1, top-k selection with the routing map's counting pass 1
+//! (`router::select_counted`), the map's placement 1 (`dispatch::place_counted`), GEMM1 + SwiGLU
+//! with the gather fused 1, GEMM2 1, combine 1 = **6**, plus one memset (the map's per-tile
+//! counts; `DeviceStats::memsets`). The codebook router takes code norms and nearest code in
+//! place of scores and selection, then the whole `routing_map`: 6 up to T·k = 4096, 7 past it.
+//! Shared experts add 2, the aux loss 4, the z-loss 2; capacity needs the map's priority pass
+//! first, so selection and `routing_map` run apart (6 up to T·k = 4096, 9 past it). Backward: 10
+//! for the linear router (combine⁻¹, GEMM2 dgrad + SwiGLU⁻¹, dW2, GEMM1 dgrad, dW1, select⁻¹,
+//! gate dX + dW + db, the sum into dx), +1 per loss, +5 with shared experts; quadratic gates add
+//! their coefficient launches.
 //! `tests/layers` asserts these counts.
 //!
 //! Every pass is stream-ordered and never waits for the device (`Device::stats().host_syncs`

@@ -2,12 +2,13 @@
 //! [`ChainOfExperts`](super::ChainOfExperts) and [`VqMoe`](super::VqMoe): the parameters are in
 //! [`params`](super::params), the buffers in [`buffers`](super::buffers).
 //!
-//! Forward launches (linear or quadratic router, no shared experts, no capacity, T·k <= 4096):
-//! scores 1, select 1, routing map 1, GEMM1 + SwiGLU (gathered rows) 1, GEMM2 1, combine
-//! (weights and residual) 1 = **6**; the codebook router's code norms and nearest code take the
-//! place of scores and select (also 6). Shared experts add 2 GEMMs (+1 combine when a residual is
-//! added too); the aux loss adds 4, the z-loss 2; capacity or T·k > 4096 add the tiled map's
-//! launches (`ops::dispatch::routing_map`).
+//! Forward launches (linear or quadratic router, no shared experts, no capacity, any T): scores
+//! 1, selection with the routing map's count 1, the map's placement 1, GEMM1 + SwiGLU (gathered
+//! rows) 1, GEMM2 1, combine (weights and residual) 1 = **6**, and one memset. The codebook
+//! router's code norms and nearest code take the place of scores and selection, and the map is
+//! `ops::dispatch::routing_map` (1 launch up to T·k = 4096, else 2); with capacity selection
+//! and `routing_map` run apart too. Shared experts add 2 GEMMs (+1 combine when a residual is
+//! added too); the aux loss adds 4, the z-loss 2.
 //!
 //! Backward launches: combine backward 1, GEMM2 dgrad with the SwiGLU backward 1, wgrad(W2) 1,
 //! GEMM1 dgrad 1, wgrad(W1) 1 (none for an empty expert mask), select backward 1 (+1 per loss),
@@ -20,7 +21,7 @@ use super::workspace::{prefix, prefix_mut};
 use super::{MoeConfig, RouterKind};
 use crate::ops::Dyn;
 use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
-use crate::ops::dispatch::{RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
+use crate::ops::dispatch::{CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, place_counted, routing_map};
 use crate::ops::gate;
 use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups};
 use crate::ops::router::{self, AuxLossWorkspace};
@@ -116,25 +117,11 @@ impl<T: FloatElement> Pass<'_, T> {
         let gate_shape = config.gate_shape(tokens);
         let router_config = config.router_config();
         let map_config = config.map_config();
-        if routing == Routing::Router && config.router == RouterKind::Codebook {
+        let by_router = routing == Routing::Router && config.router != RouterKind::Codebook;
+        if routing == Routing::Router && !by_router {
             self.route_by_code(saved, &s, x)?;
             mark(&mut stages, "route: nearest code");
-        } else if routing == Routing::Router {
-            let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
-            gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
-            let z = prefix("z", &saved.z, s.tokens * s.experts)?;
-            router::select(
-                device,
-                &router_config,
-                &z,
-                self.router.bias.as_ref(),
-                &mut prefix_mut("ids", &mut saved.ids, s.slots)?,
-                &mut prefix_mut("weights", &mut saved.weights, s.slots)?,
-                &mut self.scratch.nonfinite_rows,
-            )?;
-            mark(&mut stages, "route: scores + top-k");
         }
-        let ids = prefix("ids", &saved.ids, s.slots)?;
         let mut map = RoutingMap {
             counts: prefix_mut("counts", &mut saved.counts, s.experts)?,
             offsets: prefix_mut("offsets", &mut saved.offsets, s.experts + 1)?,
@@ -142,10 +129,62 @@ impl<T: FloatElement> Pass<'_, T> {
             inverse: prefix_mut("inverse", &mut saved.inverse, s.slots)?,
             status: prefix_mut("status", &mut saved.status, STATUS_LEN)?,
         };
-        let workspace_len = map_config.workspace_len(s.tokens, s.k);
-        let mut workspace = prefix_mut("map_workspace", &mut self.scratch.map_workspace, workspace_len)?;
-        routing_map(device, &ids, s.tokens, s.k, &map_config, &mut map, &mut workspace)?;
-        mark(&mut stages, "dispatch: routing map");
+        // Without capacity the router's selection also counts the map (CountedMap), which
+        // place_counted completes: one launch fewer than selection + routing_map.
+        let counted = by_router && map_config.capacity.is_none();
+        let workspace_len = if counted {
+            map_config.counted_workspace_len(s.tokens, s.k)
+        } else {
+            map_config.workspace_len(s.tokens, s.k)
+        };
+        let scratch = &mut *self.scratch;
+        let mut workspace = prefix_mut("map_workspace", &mut scratch.map_workspace, workspace_len)?;
+        let mut target = CountedMap {
+            config: &map_config,
+            map: &mut map,
+            workspace: &mut workspace,
+        };
+        if by_router {
+            let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
+            gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
+            let z = prefix("z", &saved.z, s.tokens * s.experts)?;
+            let mut ids = prefix_mut("ids", &mut saved.ids, s.slots)?;
+            let mut weights = prefix_mut("weights", &mut saved.weights, s.slots)?;
+            let bias = self.router.bias.as_ref();
+            let nonfinite = &mut scratch.nonfinite_rows;
+            if counted {
+                router::select_counted(
+                    device,
+                    &router_config,
+                    &z,
+                    bias,
+                    &mut ids,
+                    &mut weights,
+                    nonfinite,
+                    &mut target,
+                )?;
+            } else {
+                router::select(device, &router_config, &z, bias, &mut ids, &mut weights, nonfinite)?;
+            }
+            let stage = if counted {
+                "route: scores + top-k + map count"
+            } else {
+                "route: scores + top-k"
+            };
+            mark(&mut stages, stage);
+        }
+        let ids = prefix("ids", &saved.ids, s.slots)?;
+        if counted {
+            place_counted(device, &ids, s.tokens, s.k, &mut target)?;
+        } else {
+            routing_map(device, &ids, s.tokens, s.k, &map_config, target.map, target.workspace)?;
+        }
+        let stage = if counted {
+            "dispatch: routing map placement"
+        } else {
+            "dispatch: routing map"
+        };
+        mark(&mut stages, stage);
 
         let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
         let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;

@@ -122,13 +122,13 @@ fn launch_and_host_sync_budgets() {
             form: GateForm::LowRank,
             rank: 4,
         };
-        // (router, shared experts, losses, forward launches, backward launches)
+        // (router, shared experts, losses, forward launches, forward memsets, backward launches)
         let budgets = [
-            (RouterKind::Linear, 0, false, 6, 10),
-            (quadratic, 0, false, 6, 13),
-            (RouterKind::Linear, 1, true, 6 + 2 + 4 + 2, 10 + 4 + 1 + 2),
+            (RouterKind::Linear, 0, false, 6, 1, 10),
+            (quadratic, 0, false, 6, 1, 13),
+            (RouterKind::Linear, 1, true, 6 + 2 + 4 + 2, 1 + 1, 10 + 4 + 1 + 2),
         ];
-        for (router, shared, losses, forward, backward) in budgets {
+        for (router, shared, losses, forward, memsets, backward) in budgets {
             let config = MoeConfig {
                 shared_experts: shared,
                 aux_alpha: if losses { 0.01 } else { 0.0 },
@@ -149,6 +149,7 @@ fn launch_and_host_sync_budgets() {
             let after = device.stats();
             let what = format!("{router:?}, {shared} shared, losses {losses}");
             assert_eq!(middle.launches - before.launches, forward, "{what}: forward launches");
+            assert_eq!(middle.memsets - before.memsets, memsets, "{what}: forward memsets");
             assert_eq!(after.launches - middle.launches, backward, "{what}: backward launches");
             assert_eq!(after.host_syncs, before.host_syncs, "{what}: host syncs");
             assert_eq!(after.host_to_device, before.host_to_device, "{what}: uploads");
@@ -408,15 +409,24 @@ proptest::proptest! {
     }
 }
 
-/// Past `SMALL_MAP_MAX_SLOTS` (T·k > 4096) the routing map is tiled (2 launches and a memset):
-/// the routed forward is then 7 launches, still without a host sync.
+/// Past `SMALL_MAP_MAX_SLOTS` (T·k > 4096) the routing map has several tiles; the selection
+/// counts them (`router::select_counted`), so the routed forward keeps its 6 launches (and one
+/// memset), without a host sync, and matches the reference.
 #[test]
-fn large_batches_take_one_more_launch_for_the_tiled_map() {
-    for device in devices() {
-        let tokens = moe_kernels::ops::dispatch::SMALL_MAP_MAX_SLOTS / 2 + 1;
+fn large_batches_keep_the_six_launch_budget() {
+    let quadratic = RouterKind::Quadratic {
+        form: GateForm::LowRank,
+        rank: 4,
+    };
+    for (device, router) in devices()
+        .into_iter()
+        .flat_map(|d| [(d.clone(), RouterKind::Linear), (d, quadratic)])
+    {
+        // T·k just past one tile of the map: two tiles, the second with 2 slots.
+        let tokens = moe_kernels::ops::dispatch::DEFAULT_TILE_SLOTS / 2 + 1;
         let config = MoeConfig {
             max_tokens: tokens,
-            ..small(RouterKind::Linear)
+            ..small(router)
         };
         let case = Case::new::<f32>(config, tokens, 9);
         let mut layer = MoeLayer::<f32>::new(&device, config, &case.weights).unwrap();
@@ -425,11 +435,12 @@ fn large_batches_take_one_more_launch_for_the_tiled_map() {
         let before = device.stats();
         layer.forward(&x, tokens, &mut y).unwrap();
         let after = device.stats();
-        assert_eq!(after.launches - before.launches, 7);
+        assert_eq!(after.launches - before.launches, 6, "{router:?}");
+        assert_eq!(after.memsets - before.memsets, 1, "{router:?}");
         assert_eq!(after.host_syncs, before.host_syncs);
         let f = case.reference::<f32>();
         assert_close(
-            "large T: y",
+            &format!("large T, {router:?}: y"),
             &download_f32(&device, &y),
             &f.y,
             layer_tolerance::<f32>(&config),

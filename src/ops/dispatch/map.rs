@@ -58,43 +58,13 @@ pub fn routing_map<B: DeviceSliceMut<i32>>(
     map: &mut RoutingMap<B>,
     workspace: &mut impl DeviceSliceMut<i32>,
 ) -> Result<()> {
-    config.validate()?;
-    crate::ops::check_range("k", k, 1..=MAX_TOP_K.min(config.num_experts))?;
-    let slots = crate::ops::elements("ids", tokens, k)?;
-    let sorted_len = config.sorted_rows_len(tokens, k);
-    if slots > i32::MAX as usize || sorted_len > i32::MAX as usize {
-        return Err(Error::InvalidArgument {
-            argument: "tokens",
-            value: tokens.to_string(),
-            expected: format!("T·k and the padded row count below 2^31 (k = {k})"),
-        });
-    }
-    let local = config.local_count();
-    check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
-    check_len("counts", &map.counts, local, || format!("[L] = [{local}]"))?;
-    check_len("offsets", &map.offsets, local + 1, || {
-        format!("[L + 1] = [{}]", local + 1)
-    })?;
-    check_len("sorted_rows", &map.sorted_rows, sorted_len, || {
-        "[config.sorted_rows_len(T, k)]".into()
-    })?;
-    check_len("inverse", &map.inverse, slots, || format!("[T·k] = [{slots}]"))?;
-    check_len("status", &map.status, STATUS_LEN, || format!("[{STATUS_LEN}]"))?;
+    let shape = Shape::checked(config, tokens, k, map)?;
+    check_len("ids", ids, tokens * k, || format!("[T, k] = [{tokens}, {k}]"))?;
     let workspace_len = config.workspace_len(tokens, k);
     check_len("workspace", workspace, workspace_len, || {
         "[config.workspace_len(T, k)]".into()
     })?;
-
-    let shape = Shape {
-        tokens: tokens as i32,
-        k: k as i32,
-        num_experts: config.num_experts as i32,
-        expert_begin: config.local_range().start as i32,
-        local: local as i32,
-        align: config.align as i32,
-        capacity: config.capacity_per_expert(tokens, k).map_or(-1, |c| c as i32),
-        sorted_len: sorted_len as i32,
-    };
+    let local = config.local_count();
     let buckets = local + 1;
     match config.tile_slots(tokens, k) {
         None => {
@@ -122,7 +92,7 @@ pub fn routing_map<B: DeviceSliceMut<i32>>(
         }
         Some(tile) => {
             device.fill_zeros(workspace)?;
-            let tiles = crate::ops::grid_blocks("tokens", slots, tile)?;
+            let tiles = crate::ops::grid_blocks("tokens", tokens * k, tile)?;
             let tiled = Tiled {
                 shape,
                 tile: tile as i32,
@@ -140,6 +110,96 @@ pub fn routing_map<B: DeviceSliceMut<i32>>(
     }
 }
 
+/// A routing map whose counting pass runs inside the kernel that writes the ids
+/// ([`router::select_counted`](crate::ops::router::select_counted)); [`place_counted`] then ranks
+/// and places the slots. The outputs are bit-for-bit those of [`routing_map`] with the same
+/// config (the same stable order), in 2 launches counting the selection, where selection +
+/// [`routing_map`] takes 3 past [`SMALL_MAP_MAX_SLOTS`](super::SMALL_MAP_MAX_SLOTS) slots. The map
+/// is always tiled ([`MapConfig::counted_tile_slots`]). No capacity: its priority pass must see
+/// every id before any slot is counted, so a config with capacity is refused (use
+/// [`routing_map`]).
+pub struct CountedMap<'a, B, W> {
+    pub config: &'a MapConfig,
+    pub map: &'a mut RoutingMap<B>,
+    /// `config.counted_workspace_len(T, k)` i32s: the per-tile counts, from the count to the placement.
+    pub workspace: &'a mut W,
+}
+
+impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
+    /// Checks the map for `tokens` x `k` ids of `experts` experts and returns the kernels' shape.
+    fn checked(&self, experts: usize, tokens: usize, k: usize) -> Result<Shape> {
+        let config = self.config;
+        if config.capacity.is_some() {
+            return Err(Error::InvalidArgument {
+                argument: "config.capacity",
+                value: format!("{:?}", config.capacity),
+                expected: "None: a counted map has no capacity pass (routing_map has one)".into(),
+            });
+        }
+        if config.num_experts != experts {
+            return Err(Error::InvalidArgument {
+                argument: "config.num_experts",
+                value: config.num_experts.to_string(),
+                expected: format!("the router's E = {experts}"),
+            });
+        }
+        let shape = Shape::checked(config, tokens, k, self.map)?;
+        let workspace_len = config.counted_workspace_len(tokens, k);
+        check_len("workspace", self.workspace, workspace_len, || {
+            "[config.counted_workspace_len(T, k)]".into()
+        })?;
+        Ok(shape)
+    }
+
+    /// For the selection kernel: checks the map for `tokens` x `k` ids of `experts` experts,
+    /// zeroes the workspace and appends the count's parameters to `args` (`map_workspace,
+    /// tile_slots, expert_begin, local_experts, align, counts, offsets, status`). Returns them
+    /// with the dynamic shared bytes the count needs.
+    pub(crate) fn count_args<'k>(
+        &'k mut self,
+        device: &Device,
+        experts: usize,
+        tokens: usize,
+        k: usize,
+        args: KernelArgs<'k>,
+    ) -> Result<(KernelArgs<'k>, u32)> {
+        let shape = self.checked(experts, tokens, k)?;
+        device.fill_zeros(self.workspace)?;
+        let args = args
+            .output("map_workspace", &mut *self.workspace)
+            .scalar(self.config.counted_tile_slots() as i32)
+            .scalar(shape.expert_begin)
+            .scalar(shape.local)
+            .scalar(shape.align)
+            .output("counts", &mut self.map.counts)
+            .output("offsets", &mut self.map.offsets)
+            .output("status", &mut self.map.status);
+        Ok((args, ((shape.local + 1) as usize * size_of::<i32>()) as u32))
+    }
+}
+
+/// Completes a [`CountedMap`] whose count ran with these `ids` (`[tokens, k]`): ranks and places
+/// every slot. One launch, no host sync. Called after another count (other ids or shapes), or
+/// none, the map is wrong but every write stays inside its buffers.
+pub fn place_counted<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+    device: &Device,
+    ids: &impl DeviceSlice<i32>,
+    tokens: usize,
+    k: usize,
+    counted: &mut CountedMap<'_, B, W>,
+) -> Result<()> {
+    let shape = counted.checked(counted.config.num_experts, tokens, k)?;
+    check_len("ids", ids, tokens * k, || format!("[T, k] = [{tokens}, {k}]"))?;
+    let tile = counted.config.counted_tile_slots();
+    let tiled = Tiled {
+        shape,
+        tile: tile as i32,
+        tiles: crate::ops::grid_blocks("tokens", tokens * k, tile)?,
+        buckets: counted.config.local_count() + 1,
+    };
+    tiled.rank(device, ids, SOURCE_ORDER, false, counted.map, counted.workspace)
+}
+
 /// The kernels' view of the problem (their scalar parameters).
 #[derive(Clone, Copy)]
 struct Shape {
@@ -152,6 +212,43 @@ struct Shape {
     /// -1: no capacity.
     capacity: i32,
     sorted_len: i32,
+}
+
+impl Shape {
+    /// Checks `config`, `k` and the lengths of `map`'s buffers for `tokens` x `k` slots.
+    fn checked<B: DeviceSlice<i32>>(config: &MapConfig, tokens: usize, k: usize, map: &RoutingMap<B>) -> Result<Self> {
+        config.validate()?;
+        crate::ops::check_range("k", k, 1..=MAX_TOP_K.min(config.num_experts))?;
+        let slots = crate::ops::elements("ids", tokens, k)?;
+        let sorted_len = config.sorted_rows_len(tokens, k);
+        if slots > i32::MAX as usize || sorted_len > i32::MAX as usize {
+            return Err(Error::InvalidArgument {
+                argument: "tokens",
+                value: tokens.to_string(),
+                expected: format!("T·k and the padded row count below 2^31 (k = {k})"),
+            });
+        }
+        let local = config.local_count();
+        check_len("counts", &map.counts, local, || format!("[L] = [{local}]"))?;
+        check_len("offsets", &map.offsets, local + 1, || {
+            format!("[L + 1] = [{}]", local + 1)
+        })?;
+        check_len("sorted_rows", &map.sorted_rows, sorted_len, || {
+            "[config.sorted_rows_len(T, k)]".into()
+        })?;
+        check_len("inverse", &map.inverse, slots, || format!("[T·k] = [{slots}]"))?;
+        check_len("status", &map.status, STATUS_LEN, || format!("[{STATUS_LEN}]"))?;
+        Ok(Self {
+            tokens: tokens as i32,
+            k: k as i32,
+            num_experts: config.num_experts as i32,
+            expert_begin: config.local_range().start as i32,
+            local: local as i32,
+            align: config.align as i32,
+            capacity: config.capacity_per_expert(tokens, k).map_or(-1, |c| c as i32),
+            sorted_len: sorted_len as i32,
+        })
+    }
 }
 
 /// One pass of the tiled path: `dispatch_map_count` then `dispatch_map_rank` in one slot order.

@@ -2,6 +2,8 @@
 //!
 //! - [`routing_map`]: `counts`, `offsets`, `sorted_rows`, `inverse` and two device counters
 //!   ([`RoutingMap`]), with optional per-expert padding, capacity and a local expert range;
+//! - the same map in one launch fewer, its counting pass fused into the router's selection
+//!   ([`CountedMap`]: `router::select_counted`, then [`place_counted`]);
 //! - [`permute`] (gather) and [`combine`] (weighted, deterministic un-permute), and their
 //!   backward passes [`permute_backward`] and [`combine_backward`].
 //!
@@ -17,7 +19,7 @@
 mod map;
 mod rows;
 
-pub use map::{RoutingMap, routing_map};
+pub use map::{CountedMap, RoutingMap, place_counted, routing_map};
 pub use rows::{combine, combine_backward, permute, permute_backward};
 
 use crate::{Error, Result};
@@ -201,11 +203,28 @@ impl MapConfig {
 
     /// The i32 workspace [`routing_map`] needs (0 on the single-block path).
     pub fn workspace_len(&self, tokens: usize, k: usize) -> usize {
-        self.tile_slots(tokens, k).map_or(0, |tile| {
-            let tiles = tokens.saturating_mul(k).div_ceil(tile).max(1);
-            tiles
-                .saturating_mul(self.local_count() + 1)
-                .saturating_add(map::WORKSPACE_HEADER)
-        })
+        self.tile_slots(tokens, k)
+            .map_or(0, |tile| self.tiled_workspace_len(tile, tokens, k))
+    }
+
+    /// The tile size of a counted map ([`CountedMap`]), which is always tiled: `tile_slots` under
+    /// [`MapPath::Tiled`], else [`DEFAULT_TILE_SLOTS`].
+    pub fn counted_tile_slots(&self) -> usize {
+        match self.path {
+            MapPath::Tiled { tile_slots } => tile_slots,
+            MapPath::Auto | MapPath::SingleBlock => DEFAULT_TILE_SLOTS,
+        }
+    }
+
+    /// The i32 workspace a [`CountedMap`] needs.
+    pub fn counted_workspace_len(&self, tokens: usize, k: usize) -> usize {
+        self.tiled_workspace_len(self.counted_tile_slots(), tokens, k)
+    }
+
+    fn tiled_workspace_len(&self, tile: usize, tokens: usize, k: usize) -> usize {
+        let tiles = tokens.saturating_mul(k).div_ceil(tile).max(1);
+        tiles
+            .saturating_mul(self.local_count() + 1)
+            .saturating_add(map::WORKSPACE_HEADER)
     }
 }

@@ -24,9 +24,10 @@ pub use balance::{
     expert_statistics_workspace_len, z_loss, z_loss_backward,
 };
 
+use super::dispatch::CountedMap;
 use super::{check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
-use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
 /// The most experts a router supports (one warp holds a row in registers).
 pub const MAX_EXPERTS: usize = 1024;
@@ -210,16 +211,19 @@ pub(crate) fn row_launch(tokens: usize) -> Result<LaunchConfig> {
     ))
 }
 
-/// The selection kernel whose register row holds E experts.
-fn select_kernel(experts: usize) -> &'static str {
-    match experts {
-        ..=32 => "router_select_e32_f32",
-        33..=64 => "router_select_e64_f32",
-        65..=128 => "router_select_e128_f32",
-        129..=256 => "router_select_e256_f32",
-        257..=512 => "router_select_e512_f32",
-        _ => "router_select_e1024_f32",
-    }
+/// The selection kernel whose register row holds E experts; `counted`: the one that also
+/// counts the routing map.
+fn select_kernel(experts: usize, counted: bool) -> String {
+    let row = match experts {
+        ..=32 => 32,
+        33..=64 => 64,
+        65..=128 => 128,
+        129..=256 => 256,
+        257..=512 => 512,
+        _ => 1024,
+    };
+    let variant = if counted { "_counted" } else { "" };
+    format!("router_select{variant}_e{row}_f32")
 }
 
 /// Fused top-k selection (SPEC §2): `ids` and `weights` `[T, k]` from `logits` `[T, E]`.
@@ -237,6 +241,39 @@ pub fn select<B: DeviceSlice<f32>>(
     weights: &mut impl DeviceSliceMut<f32>,
     nonfinite_rows: &mut impl DeviceSliceMut<u32>,
 ) -> Result<()> {
+    let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+    launch_select(device, config, logits, bias, ids, weights, nonfinite_rows, no_map)
+}
+
+/// [`select`] that also runs the counting pass of the routing map of the ids it writes
+/// (`map.config.num_experts` must be E; no capacity): [`place_counted`](super::dispatch::place_counted) with the same
+/// `ids` and `map` then completes the map, the same map [`routing_map`](super::dispatch::routing_map) builds, in
+/// one launch fewer. One launch and one memset (of `map.workspace`); no host sync.
+#[allow(clippy::too_many_arguments)]
+pub fn select_counted<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+    map: &mut CountedMap<'_, M, W>,
+) -> Result<()> {
+    launch_select(device, config, logits, bias, ids, weights, nonfinite_rows, Some(map))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+    map: Option<&mut CountedMap<'_, M, W>>,
+) -> Result<()> {
     config.validate()?;
     let tokens = config.tokens(logits)?;
     let (e, k) = (config.experts, config.k);
@@ -248,7 +285,8 @@ pub fn select<B: DeviceSlice<f32>>(
     check_len("weights", weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
     check_len("nonfinite_rows", nonfinite_rows, 1, || "[1]".into())?;
     // Matches the kernel's parameters, in order: router_select_e<N>_f32(z, bias, T, E, k, score,
-    // topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows).
+    // topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows), and for
+    // router_select_counted_e<N>_f32 the map count's (CountedMap::count_args).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input_or_null("bias", bias)
@@ -262,7 +300,16 @@ pub fn select<B: DeviceSlice<f32>>(
         .output("ids", ids)
         .output("weights", weights)
         .output("nonfinite_rows", nonfinite_rows);
-    device.launch(select_kernel(e), row_launch(tokens)?, args)
+    let counted = map.is_some();
+    let (args, shared_bytes) = match map {
+        Some(map) => map.count_args(device, e, tokens, k, args)?,
+        None => (args, 0),
+    };
+    let launch = LaunchConfig {
+        shared_bytes,
+        ..row_launch(tokens)?
+    };
+    device.launch(&select_kernel(e, counted), launch, args)
 }
 
 /// Selection backward (SPEC §2): writes `dz` `[T, E]` (every element) from `d_weights`

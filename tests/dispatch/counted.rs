@@ -1,0 +1,328 @@
+//! The counted map: `router::select_counted` (selection + the map's counting pass, one launch)
+//! then `dispatch::place_counted` (one launch) give the ids and weights of `router::select` and
+//! the map of the CPU reference, bit for bit, whatever the tiling, local range and padding.
+use super::common::{Rng, assert_refused, devices};
+use moe_kernels::ops::dispatch::{self, Capacity, CountedMap, MapConfig, MapPath, RoutingMap};
+use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction};
+use moe_kernels::reference::dispatch as reference;
+use moe_kernels::{Device, DeviceBuffer, Error};
+
+/// What one counted selection produced, downloaded.
+#[derive(Debug, PartialEq)]
+struct Routed {
+    ids: Vec<i32>,
+    weights: Vec<u32>,
+    nonfinite_rows: u32,
+    map: reference::RoutingMap,
+}
+
+fn download_map(device: &Device, map: &RoutingMap<DeviceBuffer<i32>>) -> reference::RoutingMap {
+    let status = device.download(&map.status).unwrap();
+    reference::RoutingMap {
+        counts: device.download(&map.counts).unwrap(),
+        offsets: device.download(&map.offsets).unwrap(),
+        sorted_rows: device.download(&map.sorted_rows).unwrap(),
+        inverse: device.download(&map.inverse).unwrap(),
+        status: [status[0], status[1]],
+    }
+}
+
+/// Logits `[T, E]`: normal, with a few rows holding a NaN and a few ties.
+fn logits(rng: &mut Rng, tokens: usize, experts: usize) -> Vec<f32> {
+    let mut z = rng.normals(tokens * experts, 1.0);
+    for t in (0..tokens).step_by(97) {
+        z[t * experts + rng.below(experts)] = f32::NAN;
+    }
+    for t in (5..tokens).step_by(89) {
+        z[t * experts] = z[t * experts + experts - 1];
+    }
+    z
+}
+
+/// select_counted + place_counted on `device`, reusing `workspace`; asserts 2 launches, one
+/// memset and no host sync.
+fn counted(
+    device: &Device,
+    router_config: &RouterConfig,
+    map_config: &MapConfig,
+    z: &[f32],
+    workspace: &mut DeviceBuffer<i32>,
+) -> Routed {
+    let tokens = z.len() / router_config.experts;
+    let k = router_config.k;
+    let z = device.upload(z).unwrap();
+    let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
+    let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
+    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+    let mut map = RoutingMap::alloc(device, tokens, k, map_config).unwrap();
+    let before = device.stats();
+    let mut target = CountedMap {
+        config: map_config,
+        map: &mut map,
+        workspace,
+    };
+    let no_bias = None::<&DeviceBuffer<f32>>;
+    router::select_counted(
+        device,
+        router_config,
+        &z,
+        no_bias,
+        &mut ids,
+        &mut weights,
+        &mut nonfinite,
+        &mut target,
+    )
+    .unwrap();
+    dispatch::place_counted(device, &ids, tokens, k, &mut target).unwrap();
+    let after = device.stats();
+    assert_eq!(after.launches - before.launches, 2, "launches");
+    assert_eq!(after.memsets - before.memsets, 1, "memsets");
+    assert_eq!(after.host_syncs, before.host_syncs, "host syncs");
+    Routed {
+        ids: device.download(&ids).unwrap(),
+        weights: device.download(&weights).unwrap().iter().map(|w| w.to_bits()).collect(),
+        nonfinite_rows: device.download(&nonfinite).unwrap()[0],
+        map: download_map(device, &map),
+    }
+}
+
+/// What `router::select` alone writes, and the reference map of those ids.
+fn expected(device: &Device, router_config: &RouterConfig, map_config: &MapConfig, z: &[f32]) -> Routed {
+    let tokens = z.len() / router_config.experts;
+    let k = router_config.k;
+    let z = device.upload(z).unwrap();
+    let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
+    let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
+    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+    let no_bias = None::<&DeviceBuffer<f32>>;
+    router::select(
+        device,
+        router_config,
+        &z,
+        no_bias,
+        &mut ids,
+        &mut weights,
+        &mut nonfinite,
+    )
+    .unwrap();
+    let ids = device.download(&ids).unwrap();
+    Routed {
+        map: reference::routing_map(&ids, tokens, k, map_config),
+        ids,
+        weights: device.download(&weights).unwrap().iter().map(|w| w.to_bits()).collect(),
+        nonfinite_rows: device.download(&nonfinite).unwrap()[0],
+    }
+}
+
+#[test]
+fn counted_map_matches_select_and_the_reference_map() {
+    let mut rng = Rng::new(0xc0a7ed);
+    // (T, k, map): one tile, several with a partial last tile, small tiles, an expert-parallel
+    // range with padding, E past one warp's registers, a single token.
+    let tiles = |tile_slots| MapPath::Tiled { tile_slots };
+    let cases = [
+        (37, 2, MapConfig::new(8)),
+        (2051, 2, MapConfig::new(6)),
+        (
+            300,
+            4,
+            MapConfig {
+                path: tiles(256),
+                ..MapConfig::new(16)
+            },
+        ),
+        (
+            257,
+            3,
+            MapConfig {
+                local_experts: Some(4..11),
+                align: 8,
+                path: tiles(512),
+                ..MapConfig::new(16)
+            },
+        ),
+        (
+            129,
+            8,
+            MapConfig {
+                local_experts: Some(0..150),
+                align: 4,
+                path: tiles(256),
+                ..MapConfig::new(300)
+            },
+        ),
+        (
+            1,
+            4,
+            MapConfig {
+                path: MapPath::SingleBlock,
+                ..MapConfig::new(4)
+            },
+        ),
+    ];
+    for device in devices() {
+        for (tokens, k, map_config) in &cases {
+            let (tokens, k, experts) = (*tokens, *k, map_config.num_experts);
+            let router_config = RouterConfig {
+                experts,
+                k,
+                score: [ScoreFunction::Softmax, ScoreFunction::Sigmoid][rng.below(2)],
+                ..RouterConfig::default()
+            };
+            let mut workspace = device
+                .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k))
+                .unwrap();
+            // Twice on one workspace: the second map must not see the first one's counts.
+            for _ in 0..2 {
+                let z = logits(&mut rng, tokens, experts);
+                let got = counted(&device, &router_config, map_config, &z, &mut workspace);
+                let want = expected(&device, &router_config, map_config, &z);
+                assert_eq!(
+                    got,
+                    want,
+                    "{} T={tokens} E={experts} k={k} {map_config:?}",
+                    device.description()
+                );
+            }
+        }
+    }
+}
+
+fn argument_of(e: Error) -> &'static str {
+    match e {
+        Error::Shape { argument, .. } | Error::InvalidArgument { argument, .. } => argument,
+        other => panic!("not an argument error: {other}"),
+    }
+}
+
+#[test]
+fn bad_counted_maps_are_refused_before_any_launch() {
+    let (tokens, experts, k) = (40, 8, 2);
+    let router_config = RouterConfig {
+        experts,
+        k,
+        ..RouterConfig::default()
+    };
+    let good = MapConfig::new(experts);
+    for device in devices() {
+        let z = device.upload(&vec![0.5f32; tokens * experts]).unwrap();
+        let refused = |map_config: &MapConfig, workspace_len: usize| {
+            let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
+            let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
+            let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+            let mut map = RoutingMap::alloc(&device, tokens, k, &good).unwrap();
+            let mut workspace = device.alloc_zeros::<i32>(workspace_len).unwrap();
+            let mut target = CountedMap {
+                config: map_config,
+                map: &mut map,
+                workspace: &mut workspace,
+            };
+            let before = device.stats();
+            let no_bias = None::<&DeviceBuffer<f32>>;
+            let select = router::select_counted(
+                &device,
+                &router_config,
+                &z,
+                no_bias,
+                &mut ids,
+                &mut weights,
+                &mut nonfinite,
+                &mut target,
+            );
+            let place = dispatch::place_counted(&device, &ids, tokens, k, &mut target);
+            let after = device.stats();
+            assert_eq!((after.launches, after.memsets), (before.launches, before.memsets));
+            (argument_of(select.unwrap_err()), argument_of(place.unwrap_err()))
+        };
+        let ws = good.counted_workspace_len(tokens, k);
+        let capacity = MapConfig {
+            capacity: Some(Capacity::default()),
+            ..good.clone()
+        };
+        assert_eq!(refused(&capacity, ws), ("config.capacity", "config.capacity"));
+        // place_counted has no router to compare E with: the map's lengths disagree instead.
+        assert_eq!(
+            refused(&MapConfig::new(experts + 1), ws),
+            ("config.num_experts", "counts")
+        );
+        assert_eq!(refused(&good, ws - 1), ("workspace", "workspace"));
+        let padded = MapConfig {
+            align: 4,
+            ..good.clone()
+        };
+        assert_eq!(
+            refused(&padded, padded.counted_workspace_len(tokens, k)),
+            ("sorted_rows", "sorted_rows")
+        );
+        let local = MapConfig {
+            local_experts: Some(0..3),
+            ..good.clone()
+        };
+        assert_eq!(
+            refused(&local, local.counted_workspace_len(tokens, k)),
+            ("counts", "counts")
+        );
+        let short_ids = device.alloc_zeros::<i32>(tokens * k - 1).unwrap();
+        let mut map = RoutingMap::alloc(&device, tokens, k, &good).unwrap();
+        let mut workspace = device.alloc_zeros::<i32>(ws).unwrap();
+        let mut target = CountedMap {
+            config: &good,
+            map: &mut map,
+            workspace: &mut workspace,
+        };
+        assert_refused(&device, "ids", || {
+            dispatch::place_counted(&device, &short_ids, tokens, k, &mut target)
+        });
+    }
+}
+
+/// A placement after the count of other ids (a misuse) gives a wrong map, but every write stays
+/// inside its buffers (the ASan run checks that) and every row it names is a real one.
+#[test]
+fn a_mismatched_placement_stays_in_bounds() {
+    let mut rng = Rng::new(7);
+    let (experts, k) = (8, 2);
+    let router_config = RouterConfig {
+        experts,
+        k,
+        ..RouterConfig::default()
+    };
+    let config = MapConfig {
+        path: MapPath::Tiled { tile_slots: 256 },
+        ..MapConfig::new(experts)
+    };
+    for device in devices() {
+        // Count 600 tokens whose every slot goes to expert 0, then place 300 other tokens with
+        // the stale counts still in the workspace.
+        let mut z = vec![-5.0f32; 600 * experts];
+        for t in 0..600 {
+            z[t * experts] = 5.0;
+            z[t * experts + 1] = 4.0;
+        }
+        let mut workspace = device.alloc_zeros::<i32>(config.counted_workspace_len(600, k)).unwrap();
+        counted(&device, &router_config, &config, &z, &mut workspace);
+        let tokens = 300;
+        let ids: Vec<i32> = (0..tokens * k).map(|_| rng.below(experts) as i32).collect();
+        let ids_d = device.upload(&ids).unwrap();
+        let mut map = RoutingMap::alloc(&device, tokens, k, &config).unwrap();
+        let len = config.counted_workspace_len(tokens, k);
+        let mut stale = device.upload(&device.download(&workspace).unwrap()[..len]).unwrap();
+        let mut target = CountedMap {
+            config: &config,
+            map: &mut map,
+            workspace: &mut stale,
+        };
+        dispatch::place_counted(&device, &ids_d, tokens, k, &mut target).unwrap();
+        let got = download_map(&device, &map);
+        let rows = got.sorted_rows.len() as i32;
+        let slots = (tokens * k) as i32;
+        assert!(
+            got.inverse.iter().all(|&r| (-1..rows).contains(&r)),
+            "inverse outside its rows"
+        );
+        assert!(
+            got.sorted_rows.iter().all(|&s| (-1..slots).contains(&s)),
+            "sorted_rows outside the slots"
+        );
+    }
+}
