@@ -17,9 +17,9 @@ mod offsets_64bit;
 mod rows;
 
 use common::{Rng, devices};
-use moe_kernels::Device;
 use moe_kernels::ops::dispatch::{self, MapConfig, RoutingMap};
 use moe_kernels::reference::dispatch as reference;
+use moe_kernels::{Device, DeviceBuffer};
 
 /// The map the device builds, downloaded, after checking that building it took the documented
 /// number of launches (1 single-block, 2 tiled, 4 tiled with capacity) and never synced the host.
@@ -41,6 +41,11 @@ fn device_map(device: &Device, ids: &[i32], tokens: usize, k: usize, config: &Ma
         expected_launches,
         "launches of routing_map"
     );
+    download_map(device, &map)
+}
+
+/// A map on the device, downloaded.
+fn download_map(device: &Device, map: &RoutingMap<DeviceBuffer<i32>>) -> reference::RoutingMap {
     let status = device.download(&map.status).unwrap();
     reference::RoutingMap {
         counts: device.download(&map.counts).unwrap(),

@@ -152,20 +152,17 @@ impl<T: FloatElement> Pass<'_, T> {
             let mut weights = prefix_mut("weights", &mut saved.weights, s.slots)?;
             let bias = self.router.bias.as_ref();
             let nonfinite = &mut scratch.nonfinite_rows;
-            if counted {
-                router::select_counted(
-                    device,
-                    &router_config,
-                    &z,
-                    bias,
-                    &mut ids,
-                    &mut weights,
-                    nonfinite,
-                    &mut target,
-                )?;
-            } else {
-                router::select(device, &router_config, &z, bias, &mut ids, &mut weights, nonfinite)?;
-            }
+            let target = counted.then_some(&mut target);
+            router::select_counted(
+                device,
+                &router_config,
+                &z,
+                bias,
+                &mut ids,
+                &mut weights,
+                nonfinite,
+                target,
+            )?;
             let stage = if counted {
                 "route: scores + top-k + map count"
             } else {

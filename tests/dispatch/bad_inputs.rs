@@ -3,7 +3,7 @@ use super::common::devices;
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, MapPath, RoutingMap};
 use moe_kernels::{DeviceBuffer, Error};
 
-fn argument_of(e: Error) -> &'static str {
+pub fn argument_of(e: Error) -> &'static str {
     match e {
         Error::Shape { argument, .. } | Error::InvalidArgument { argument, .. } => argument,
         other => panic!("unexpected error {other}"),

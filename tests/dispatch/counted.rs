@@ -1,11 +1,13 @@
 //! The counted map: `router::select_counted` (selection + the map's counting pass, one launch)
 //! then `dispatch::place_counted` (one launch) give the ids and weights of `router::select` and
 //! the map of the CPU reference, bit for bit, whatever the tiling, local range and padding.
+use super::bad_inputs::argument_of;
 use super::common::{Rng, assert_refused, devices};
+use super::download_map;
 use moe_kernels::ops::dispatch::{self, Capacity, CountedMap, MapConfig, MapPath, RoutingMap};
 use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction};
 use moe_kernels::reference::dispatch as reference;
-use moe_kernels::{Device, DeviceBuffer, Error};
+use moe_kernels::{Device, DeviceBuffer};
 
 /// What one counted selection produced, downloaded.
 #[derive(Debug, PartialEq)]
@@ -14,17 +16,6 @@ struct Routed {
     weights: Vec<u32>,
     nonfinite_rows: u32,
     map: reference::RoutingMap,
-}
-
-fn download_map(device: &Device, map: &RoutingMap<DeviceBuffer<i32>>) -> reference::RoutingMap {
-    let status = device.download(&map.status).unwrap();
-    reference::RoutingMap {
-        counts: device.download(&map.counts).unwrap(),
-        offsets: device.download(&map.offsets).unwrap(),
-        sorted_rows: device.download(&map.sorted_rows).unwrap(),
-        inverse: device.download(&map.inverse).unwrap(),
-        status: [status[0], status[1]],
-    }
 }
 
 /// Logits `[T, E]`: normal, with a few rows holding a NaN and a few ties.
@@ -39,14 +30,14 @@ fn logits(rng: &mut Rng, tokens: usize, experts: usize) -> Vec<f32> {
     z
 }
 
-/// select_counted + place_counted on `device`, reusing `workspace`; asserts 2 launches, one
-/// memset and no host sync.
-fn counted(
+/// With a `workspace`: select_counted + place_counted on `device`. Without: the selection alone
+/// and the reference map of its ids. Asserts the launches (2 or 1), memsets and no host sync.
+fn route(
     device: &Device,
     router_config: &RouterConfig,
     map_config: &MapConfig,
     z: &[f32],
-    workspace: &mut DeviceBuffer<i32>,
+    workspace: Option<&mut DeviceBuffer<i32>>,
 ) -> Routed {
     let tokens = z.len() / router_config.experts;
     let k = router_config.k;
@@ -54,14 +45,15 @@ fn counted(
     let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
     let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
     let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+    let no_bias = None::<&DeviceBuffer<f32>>;
     let mut map = RoutingMap::alloc(device, tokens, k, map_config).unwrap();
-    let before = device.stats();
-    let mut target = CountedMap {
+    let counting = workspace.is_some();
+    let mut target = workspace.map(|workspace| CountedMap {
         config: map_config,
         map: &mut map,
         workspace,
-    };
-    let no_bias = None::<&DeviceBuffer<f32>>;
+    });
+    let before = device.stats();
     router::select_counted(
         device,
         router_config,
@@ -70,47 +62,26 @@ fn counted(
         &mut ids,
         &mut weights,
         &mut nonfinite,
-        &mut target,
+        target.as_mut(),
     )
     .unwrap();
-    dispatch::place_counted(device, &ids, tokens, k, &mut target).unwrap();
+    if let Some(target) = &mut target {
+        dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
+    }
     let after = device.stats();
-    assert_eq!(after.launches - before.launches, 2, "launches");
-    assert_eq!(after.memsets - before.memsets, 1, "memsets");
+    assert_eq!(after.launches - before.launches, 1 + counting as u64, "launches");
+    assert_eq!(after.memsets - before.memsets, counting as u64, "memsets");
     assert_eq!(after.host_syncs, before.host_syncs, "host syncs");
+    let map = if counting {
+        download_map(device, &map)
+    } else {
+        reference::routing_map(&device.download(&ids).unwrap(), tokens, k, map_config)
+    };
     Routed {
         ids: device.download(&ids).unwrap(),
         weights: device.download(&weights).unwrap().iter().map(|w| w.to_bits()).collect(),
         nonfinite_rows: device.download(&nonfinite).unwrap()[0],
-        map: download_map(device, &map),
-    }
-}
-
-/// What `router::select` alone writes, and the reference map of those ids.
-fn expected(device: &Device, router_config: &RouterConfig, map_config: &MapConfig, z: &[f32]) -> Routed {
-    let tokens = z.len() / router_config.experts;
-    let k = router_config.k;
-    let z = device.upload(z).unwrap();
-    let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
-    let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
-    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
-    let no_bias = None::<&DeviceBuffer<f32>>;
-    router::select(
-        device,
-        router_config,
-        &z,
-        no_bias,
-        &mut ids,
-        &mut weights,
-        &mut nonfinite,
-    )
-    .unwrap();
-    let ids = device.download(&ids).unwrap();
-    Routed {
-        map: reference::routing_map(&ids, tokens, k, map_config),
-        ids,
-        weights: device.download(&weights).unwrap().iter().map(|w| w.to_bits()).collect(),
-        nonfinite_rows: device.download(&nonfinite).unwrap()[0],
+        map,
     }
 }
 
@@ -175,8 +146,8 @@ fn counted_map_matches_select_and_the_reference_map() {
             // Twice on one workspace: the second map must not see the first one's counts.
             for _ in 0..2 {
                 let z = logits(&mut rng, tokens, experts);
-                let got = counted(&device, &router_config, map_config, &z, &mut workspace);
-                let want = expected(&device, &router_config, map_config, &z);
+                let got = route(&device, &router_config, map_config, &z, Some(&mut workspace));
+                let want = route(&device, &router_config, map_config, &z, None);
                 assert_eq!(
                     got,
                     want,
@@ -185,13 +156,6 @@ fn counted_map_matches_select_and_the_reference_map() {
                 );
             }
         }
-    }
-}
-
-fn argument_of(e: Error) -> &'static str {
-    match e {
-        Error::Shape { argument, .. } | Error::InvalidArgument { argument, .. } => argument,
-        other => panic!("not an argument error: {other}"),
     }
 }
 
@@ -227,7 +191,7 @@ fn bad_counted_maps_are_refused_before_any_launch() {
                 &mut ids,
                 &mut weights,
                 &mut nonfinite,
-                &mut target,
+                Some(&mut target),
             );
             let place = dispatch::place_counted(&device, &ids, tokens, k, &mut target);
             let after = device.stats();
@@ -300,7 +264,7 @@ fn a_mismatched_placement_stays_in_bounds() {
             z[t * experts + 1] = 4.0;
         }
         let mut workspace = device.alloc_zeros::<i32>(config.counted_workspace_len(600, k)).unwrap();
-        counted(&device, &router_config, &config, &z, &mut workspace);
+        route(&device, &router_config, &config, &z, Some(&mut workspace));
         let tokens = 300;
         let ids: Vec<i32> = (0..tokens * k).map(|_| rng.below(experts) as i32).collect();
         let ids_d = device.upload(&ids).unwrap();

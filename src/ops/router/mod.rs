@@ -242,29 +242,16 @@ pub fn select<B: DeviceSlice<f32>>(
     nonfinite_rows: &mut impl DeviceSliceMut<u32>,
 ) -> Result<()> {
     let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-    launch_select(device, config, logits, bias, ids, weights, nonfinite_rows, no_map)
+    select_counted(device, config, logits, bias, ids, weights, nonfinite_rows, no_map)
 }
 
-/// [`select`] that also runs the counting pass of the routing map of the ids it writes
-/// (`map.config.num_experts` must be E; no capacity): [`place_counted`](super::dispatch::place_counted) with the same
-/// `ids` and `map` then completes the map, the same map [`routing_map`](super::dispatch::routing_map) builds, in
-/// one launch fewer. One launch and one memset (of `map.workspace`); no host sync.
+/// [`select`] that also runs the counting pass of the routing map of the ids it writes, when
+/// `map` is given (`map.config.num_experts` must be E; no capacity):
+/// [`place_counted`](super::dispatch::place_counted) with the same `ids` and `map` then completes
+/// the map, the same map [`routing_map`](super::dispatch::routing_map) builds, in one launch
+/// fewer. One launch and one memset (of `map.workspace`); no host sync. `None`: [`select`].
 #[allow(clippy::too_many_arguments)]
 pub fn select_counted<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
-    device: &Device,
-    config: &RouterConfig,
-    logits: &impl DeviceSlice<f32>,
-    bias: Option<&B>,
-    ids: &mut impl DeviceSliceMut<i32>,
-    weights: &mut impl DeviceSliceMut<f32>,
-    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
-    map: &mut CountedMap<'_, M, W>,
-) -> Result<()> {
-    launch_select(device, config, logits, bias, ids, weights, nonfinite_rows, Some(map))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     device: &Device,
     config: &RouterConfig,
     logits: &impl DeviceSlice<f32>,
