@@ -9,7 +9,8 @@ use crate::{Error, Result};
 /// How tokens are scored before top-k selection.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RouterKind {
-    /// `z = X Wg^T + bg`, softmax over E, top-k (Switch / DeepSeek-V2 style, no renormalization).
+    /// `z = X Wg^T + bg`, softmax over E, top-k (Switch / DeepSeek-V2 style; Mixtral style with
+    /// [`MoeConfig::normalize_topk`]).
     Linear,
     /// A quadratic gate (`GateForm::LowRank`, `Symmetric`, `Attention` or `Full`) of rank `rank`
     /// (ignored by `Full`), softmax over E, top-k.
@@ -37,6 +38,12 @@ pub struct MoeConfig {
     pub experts: usize,
     /// Experts per token.
     pub k: usize,
+    /// Divide the k weights of a softmax router (linear or quadratic) by their sum, so they add
+    /// to 1: Mixtral's and Qwen3-MoE's `norm_topk_prob` (Mixtral's top-k of the softmax
+    /// renormalized is a softmax over the k chosen logits). `false`: the weights are the
+    /// probabilities themselves (Switch, DeepSeek-V2). The sigmoid router always renormalizes;
+    /// the codebook router's weight is 1 either way.
+    pub normalize_topk: bool,
     /// d: model dimension (a multiple of 8 for f16/bf16: tensor-core rows are 16 bytes).
     pub dim: usize,
     /// h: hidden size of each SwiGLU expert (a multiple of 8 for f16/bf16).
@@ -60,6 +67,7 @@ impl Default for MoeConfig {
             router: RouterKind::Linear,
             experts: 8,
             k: 2,
+            normalize_topk: false,
             dim: 64,
             hidden: 128,
             shared_experts: 0,
@@ -179,6 +187,7 @@ impl MoeConfig {
         let base = RouterConfig {
             experts: self.experts,
             k: self.k,
+            renormalize: self.normalize_topk,
             ..RouterConfig::default()
         };
         match self.router {

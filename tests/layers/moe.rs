@@ -72,12 +72,22 @@ fn capacity_drops_slots_like_the_reference() {
 fn gradients_match_finite_differences_for_every_router_kind() {
     for device in devices() {
         for (i, (name, router)) in router_kinds().into_iter().enumerate() {
+            // Every other softmax router renormalizes its k weights (Mixtral's norm_topk_prob).
             let config = MoeConfig {
                 shared_experts: 1,
                 aux_alpha: 0.05,
                 z_loss: 0.01,
+                normalize_topk: i % 2 == 1,
                 ..small(router)
             };
+            let name = &format!(
+                "{name}{}",
+                if config.normalize_topk {
+                    " (normalized top-k)"
+                } else {
+                    ""
+                }
+            );
             let (case, run) = case_run::<f32>(&device, config, 12, 300 + i as u64);
             let (_, base_ids) = case.loss(&case.weights, &case.x);
             let seed = 900 + i as u64;
@@ -370,6 +380,7 @@ proptest::proptest! {
         shared in 0usize..2,
         capacity in proptest::option::of(0.25f64..2.0),
         losses in proptest::bool::ANY,
+        normalize in proptest::bool::ANY,
         seed in 0u64..1000,
     ) {
         let router = match kind {
@@ -388,6 +399,7 @@ proptest::proptest! {
             router,
             experts,
             k: if codebook { 1 } else { 1 + k_pick % experts },
+            normalize_topk: normalize,
             dim: dim * 8,
             hidden: hidden * 8 - 3,
             shared_experts: shared,
