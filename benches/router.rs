@@ -1,4 +1,6 @@
-//! Router benches: selection (DeepSeek-V3 style and Mixtral style), its backward, expert
+//! Router benches: selection (DeepSeek-V3 style and Mixtral style), selection with the routing
+//! map (`select_and_map`: select + `dispatch::routing_map`; `select_counted`: the same map with
+//! its count fused into the selection, + `dispatch::place_counted`), its backward, expert
 //! statistics, the aux loss and the z-loss. Each states its floor; every router op is
 //! memory-bound (a few flops per logit), so the floor is bytes only.
 //!
@@ -8,7 +10,9 @@ mod common;
 
 use common::{Floor, devices, layer_shapes, report_gpu_fraction};
 use criterion::{Criterion, criterion_group, criterion_main};
+use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig};
+use moe_kernels::reference::dispatch as reference_dispatch;
 use moe_kernels::reference::router as reference;
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
@@ -30,6 +34,15 @@ fn bytes(rows: usize, cols: usize) -> u64 {
 fn select_floor(c: &RouterConfig, tokens: usize) -> Floor {
     Floor {
         bytes: bytes(tokens, c.experts) + bytes(1, c.experts) + 2 * bytes(tokens, c.k),
+        flops: 0,
+    }
+}
+
+/// select with the routing map: select's floor, then the ids read once more and the map written
+/// (counts, offsets, sorted rows and inverse; the tile counts are the implementation's).
+fn select_and_map_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: select_floor(c, tokens).bytes + 3 * bytes(tokens, c.k) + 2 * bytes(1, c.experts),
         flops: 0,
     }
 }
@@ -105,6 +118,11 @@ struct Buffers {
     row_lse: DeviceBuffer<f32>,
     loss: DeviceBuffer<f32>,
     aux: AuxLossWorkspace,
+    map: RoutingMap<DeviceBuffer<i32>>,
+    /// The workspaces of `routing_map` and of the counted map.
+    map_workspace: DeviceBuffer<i32>,
+    counted_workspace: DeviceBuffer<i32>,
+    tokens: usize,
 }
 
 impl Buffers {
@@ -112,6 +130,7 @@ impl Buffers {
         let host_z = logits(tokens, c.experts);
         let reference = reference::select(c, &host_z, None);
         let weights: Vec<f32> = reference.weights.iter().map(|&w| w as f32).collect();
+        let map_config = MapConfig::new(c.experts);
         let mut buffers = Self {
             z: device.upload(&host_z).unwrap(),
             bias: device.alloc_zeros(c.experts).unwrap(),
@@ -127,6 +146,12 @@ impl Buffers {
             row_lse: device.alloc_zeros(tokens).unwrap(),
             loss: device.alloc_zeros(1).unwrap(),
             aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
+            map: RoutingMap::alloc(device, tokens, c.k, &map_config).unwrap(),
+            map_workspace: device.alloc_zeros(map_config.workspace_len(tokens, c.k)).unwrap(),
+            counted_workspace: device
+                .alloc_zeros(map_config.counted_workspace_len(tokens, c.k))
+                .unwrap(),
+            tokens,
         };
         // What the backward ops and the bias update read: the forward's LSE, counts.
         for op in ["aux_loss", "z_loss", "expert_statistics"] {
@@ -137,8 +162,10 @@ impl Buffers {
 }
 
 /// The router ops by name, each one call on `b`.
-const OPS: [&str; 8] = [
+const OPS: [&str; 10] = [
     "select",
+    "select_and_map",
+    "select_counted",
     "select_backward",
     "expert_statistics",
     "aux_loss",
@@ -160,6 +187,7 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
             &mut b.weights,
             &mut b.counter,
         ),
+        "select_and_map" | "select_counted" => select_with_map(op, device, c, b),
         "select_backward" => router::select_backward(device, c, &b.z, &b.ids, &b.weights, &mut b.dz),
         "expert_statistics" => router::expert_statistics(
             device,
@@ -179,10 +207,54 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
     .unwrap()
 }
 
+/// The selection and the routing map of its ids, unfused or counted.
+fn select_with_map(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) -> moe_kernels::Result<()> {
+    let config = MapConfig::new(c.experts);
+    if op == "select_and_map" {
+        router::select(
+            device,
+            c,
+            &b.z,
+            Some(&b.bias),
+            &mut b.ids,
+            &mut b.weights,
+            &mut b.counter,
+        )?;
+        return dispatch::routing_map(device, &b.ids, b.tokens, c.k, &config, &mut b.map, &mut b.map_workspace);
+    }
+    let mut target = CountedMap {
+        config: &config,
+        map: &mut b.map,
+        workspace: &mut b.counted_workspace,
+    };
+    let map = Some(&mut target);
+    router::select_counted(
+        device,
+        c,
+        &b.z,
+        Some(&b.bias),
+        &mut b.ids,
+        &mut b.weights,
+        &mut b.counter,
+        map,
+    )?;
+    dispatch::place_counted(device, &b.ids, b.tokens, c.k, &mut target)
+}
+
 fn reference_op(op: &str, c: &RouterConfig, z: &[f32], ids: &[i32], weights: &[f32]) {
     let aux = AuxLossConfig::default();
     match op {
         "select" => drop(reference::select(c, z, None)),
+        "select_and_map" | "select_counted" => {
+            let selection = reference::select(c, z, None);
+            let tokens = z.len() / c.experts;
+            drop(reference_dispatch::routing_map(
+                &selection.ids,
+                tokens,
+                c.k,
+                &MapConfig::new(c.experts),
+            ))
+        }
         "select_backward" => drop(reference::select_backward(c, z, ids, weights)),
         "expert_statistics" => drop(reference::expert_weight_sums(c.experts, ids, weights)),
         "aux_loss" => drop(reference::aux_loss(c, &aux, z, ids)),
@@ -200,6 +272,7 @@ fn reference_op(op: &str, c: &RouterConfig, z: &[f32], ids: &[i32], weights: &[f
 fn floor(op: &str, c: &RouterConfig, tokens: usize) -> Floor {
     match op {
         "select" => select_floor(c, tokens),
+        "select_and_map" | "select_counted" => select_and_map_floor(c, tokens),
         "select_backward" => backward_floor(c, tokens),
         "expert_statistics" => statistics_floor(c, tokens),
         "aux_loss" => aux_floor(c, tokens),
