@@ -1,6 +1,6 @@
 //! The buffers of a routed pass, sized once for `max_tokens`: what a forward keeps for its
 //! backward ([`Saved`]) and the work buffers both directions reuse ([`Scratch`]).
-use super::{MoeConfig, RouterKind};
+use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::dispatch::STATUS_LEN;
 use crate::ops::gate;
 use crate::ops::gemm::GemmShape;
@@ -75,6 +75,8 @@ impl Sizes {
 pub(crate) struct Saved<T: FloatElement> {
     /// T of the forward these hold (0: none yet).
     pub(crate) tokens: usize,
+    /// Whether that forward kept what backward needs and ran the losses (a training forward).
+    pub(crate) for_backward: bool,
     pub(crate) z: DeviceBuffer<f32>,
     pub(crate) ids: DeviceBuffer<i32>,
     pub(crate) weights: DeviceBuffer<f32>,
@@ -96,11 +98,15 @@ pub(crate) struct Saved<T: FloatElement> {
 }
 
 impl<T: FloatElement> Saved<T> {
-    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+    /// In [`Mode::Inference`] the buffers only backward reads (SwiGLU's GU, the shared FFN's
+    /// GU, the z-loss LSE) are empty.
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig, mode: Mode) -> Result<Self> {
         let s = Sizes::new(config, config.max_tokens)?;
         let zeros_t = |len: usize| device.alloc_zeros::<T>(len);
+        let training = |len: usize| if mode == Mode::Training { len } else { 0 };
         Ok(Self {
             tokens: 0,
+            for_backward: false,
             z: device.alloc_zeros(s.tokens * s.experts)?,
             ids: device.alloc_zeros(s.slots)?,
             weights: if config.router == RouterKind::Codebook {
@@ -113,12 +119,12 @@ impl<T: FloatElement> Saved<T> {
             sorted_rows: device.alloc_zeros(s.rows)?,
             inverse: device.alloc_zeros(s.slots)?,
             status: device.alloc_zeros(STATUS_LEN)?,
-            gu: zeros_t(s.rows * 2 * s.h)?,
+            gu: zeros_t(training(s.rows * 2 * s.h))?,
             h: zeros_t(s.rows * s.h)?,
             yp: zeros_t(s.rows * s.d)?,
-            shared_gu: zeros_t(s.tokens * 2 * s.hs)?,
+            shared_gu: zeros_t(training(s.tokens * 2 * s.hs))?,
             shared_h: zeros_t(s.tokens * s.hs)?,
-            row_lse: device.alloc_zeros(if config.z_loss > 0.0 { s.tokens } else { 0 })?,
+            row_lse: device.alloc_zeros(training(if config.z_loss > 0.0 { s.tokens } else { 0 }))?,
             aux: None,
             aux_loss: device.alloc_zeros(1)?,
             z_loss: device.alloc_zeros(1)?,
@@ -190,8 +196,10 @@ pub(crate) struct Scratch<T: FloatElement> {
 }
 
 impl<T: FloatElement> Scratch<T> {
-    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+    /// In [`Mode::Inference`] the backward buffers are empty.
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig, mode: Mode) -> Result<Self> {
         let s = Sizes::new(config, config.max_tokens)?;
+        let training = |len: usize| if mode == Mode::Training { len } else { 0 };
         let map = config.map_config();
         let zeros_t = |len: usize| device.alloc_zeros::<T>(len);
         let shared_rows = if s.hs > 0 { s.token_rows() } else { 0 };
@@ -212,19 +220,19 @@ impl<T: FloatElement> Scratch<T> {
             identity: device.upload(&identity)?,
             shared_y: zeros_t(shared_rows)?,
             sum_a: zeros_t(s.token_rows())?,
-            sum_b: zeros_t(s.token_rows())?,
-            dyp: zeros_t(s.rows * s.d)?,
-            dw: device.alloc_zeros(s.slots)?,
-            dgu: zeros_t(s.rows * 2 * s.h)?,
-            dxp: zeros_t(s.rows * s.d)?,
-            dz: device.alloc_zeros(s.tokens * s.experts)?,
-            dx_gate: zeros_t(s.token_rows())?,
-            gate_workspace: device.alloc_zeros(gate::backward_workspace_len(
+            sum_b: zeros_t(training(s.token_rows()))?,
+            dyp: zeros_t(training(s.rows * s.d))?,
+            dw: device.alloc_zeros(training(s.slots))?,
+            dgu: zeros_t(training(s.rows * 2 * s.h))?,
+            dxp: zeros_t(training(s.rows * s.d))?,
+            dz: device.alloc_zeros(training(s.tokens * s.experts))?,
+            dx_gate: zeros_t(training(s.token_rows()))?,
+            gate_workspace: device.alloc_zeros(training(gate::backward_workspace_len(
                 config.gate_form(),
                 &config.gate_shape(s.tokens),
-            )?)?,
-            shared_dgu: zeros_t(s.tokens * 2 * s.hs)?,
-            shared_dx: zeros_t(shared_rows)?,
+            )?))?,
+            shared_dgu: zeros_t(training(s.tokens * 2 * s.hs))?,
+            shared_dx: zeros_t(training(shared_rows))?,
         })
     }
 }

@@ -4,7 +4,7 @@ use super::buffers::{Saved, Scratch, saved_bytes_per_token};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::{prefix, prefix_mut};
-use super::{HostWeights, MoeConfig};
+use super::{HostWeights, Mode, MoeConfig};
 use crate::ops::Dyn;
 use crate::ops::gemm::ExpertMask;
 use crate::ops::{FloatElement, check_len};
@@ -57,17 +57,17 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 .collect::<Result<_>>()?,
             experts: Experts::upload(device, &config, &weights[0])?,
             saved: (0..iterations)
-                .map(|_| Saved::alloc(device, &config))
+                .map(|_| Saved::alloc(device, &config, Mode::Training))
                 .collect::<Result<_>>()?,
             inputs: (1..iterations)
                 .map(|_| device.alloc_zeros(rows))
                 .collect::<Result<_>>()?,
             carried: [device.alloc_zeros(rows)?, device.alloc_zeros(rows)?],
-            scratch: Scratch::alloc(device, &config)?,
+            scratch: Scratch::alloc(device, &config, Mode::Training)?,
             router_grads: (0..iterations)
-                .map(|_| RouterGrads::alloc(device, &config))
+                .map(|_| RouterGrads::alloc(device, &config, Mode::Training))
                 .collect::<Result<_>>()?,
-            expert_grads: ExpertGrads::alloc(device, &config)?,
+            expert_grads: ExpertGrads::alloc(device, &config, Mode::Training)?,
             mask: None,
         })
     }
@@ -108,6 +108,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 router: &self.routers[t],
                 experts: &self.experts,
                 scratch: &mut self.scratch,
+                mode: Mode::Training,
                 stages: None,
             };
             let saved = &mut self.saved[t];
@@ -161,6 +162,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 router: &self.routers[t],
                 experts: &self.experts,
                 scratch: &mut self.scratch,
+                mode: Mode::Training,
                 stages: None,
             };
             let grads = Gradients {

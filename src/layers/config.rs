@@ -30,6 +30,33 @@ pub enum RouterKind {
     Codebook,
 }
 
+/// What a layer is built for, fixed at construction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Forward keeps what backward needs (SwiGLU's GU among it) and runs the router losses; the
+    /// layer holds f32 gradients of every weight and the backward's work buffers.
+    #[default]
+    Training,
+    /// Forward only, for serving: no GU kept, no router losses (the routed forward is 6 launches
+    /// whatever the loss coefficients), no gradient or backward buffers; `backward` is refused.
+    Inference,
+}
+
+impl Mode {
+    /// `Ok` for a training layer; for an inference one an error naming `argument`, the
+    /// training-only thing asked for.
+    pub(crate) fn require_training(self, argument: &'static str) -> Result<()> {
+        match self {
+            Mode::Training => Ok(()),
+            Mode::Inference => Err(invalid(
+                argument,
+                "a layer built for inference (Mode::Inference)",
+                "a layer built for training",
+            )),
+        }
+    }
+}
+
 /// A routed MoE layer: sizes, router, shared experts, capacity and loss coefficients.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MoeConfig {

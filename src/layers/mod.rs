@@ -19,6 +19,9 @@
 //! their coefficient launches.
 //! `tests/layers` asserts these counts.
 //!
+//! A [`MoeLayer`] built with [`Mode::Inference`] (`MoeLayer::with_mode`) is forward-only, for
+//! serving: it keeps no SwiGLU GU, runs no router loss and holds no gradient or backward buffer.
+//!
 //! Every pass is stream-ordered and never waits for the device (`Device::stats().host_syncs`
 //! does not move inside `forward` or `backward`). Work buffers are sized once, at
 //! construction, for [`MoeConfig::max_tokens`] tokens; a call with fewer tokens uses prefixes of
@@ -35,7 +38,7 @@ mod weights;
 pub mod workspace;
 
 pub use chain::ChainOfExperts;
-pub use config::{MoeConfig, RouterKind};
+pub use config::{Mode, MoeConfig, RouterKind};
 pub use moe::{LossValues, MoeLayer};
 pub use params::{ExpertGrads, RouterGrads};
 pub use vq::{VqMoe, VqWeights};

@@ -3,7 +3,7 @@ use super::buffers::{Saved, Scratch, saved_bytes_per_token};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::prefix;
-use super::{HostWeights, MoeConfig};
+use super::{HostWeights, Mode, MoeConfig};
 use crate::ops::FloatElement;
 use crate::ops::gemm::ExpertMask;
 use crate::ops::router;
@@ -40,25 +40,39 @@ pub struct MoeLayer<T: FloatElement> {
     mask: Option<ExpertMask>,
     /// `y = x + MoE(x)` (see [`with_residual`](MoeLayer::with_residual)).
     residual: bool,
+    mode: Mode,
 }
 
 impl<T: FloatElement> MoeLayer<T> {
     /// A layer holding `weights` (uploaded once, rounded to `T`), with every work buffer sized
     /// for `config.max_tokens`.
     pub fn new(device: &Device, config: MoeConfig, weights: &HostWeights) -> Result<Self> {
+        Self::with_mode(device, config, weights, Mode::Training)
+    }
+
+    /// A layer for `mode`: [`new`](Self::new) is [`Mode::Training`]; a [`Mode::Inference`]
+    /// layer holds the weights and the forward's buffers only (no gradients, no GU, no
+    /// backward buffers), and its forward runs no router loss.
+    pub fn with_mode(device: &Device, config: MoeConfig, weights: &HostWeights, mode: Mode) -> Result<Self> {
         config.validate_for::<T>()?;
         Ok(Self {
             device: device.clone(),
             config,
             router: Router::upload(device, &config, weights)?,
             experts: Experts::upload(device, &config, weights)?,
-            saved: Saved::alloc(device, &config)?,
-            scratch: Scratch::alloc(device, &config)?,
-            router_grads: RouterGrads::alloc(device, &config)?,
-            expert_grads: ExpertGrads::alloc(device, &config)?,
+            saved: Saved::alloc(device, &config, mode)?,
+            scratch: Scratch::alloc(device, &config, mode)?,
+            router_grads: RouterGrads::alloc(device, &config, mode)?,
+            expert_grads: ExpertGrads::alloc(device, &config, mode)?,
             mask: None,
             residual: false,
+            mode,
         })
+    }
+
+    /// What the layer was built for.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// With `on`, the forward returns `x + MoE(x)`: the block's residual added by the combine
@@ -103,6 +117,7 @@ impl<T: FloatElement> MoeLayer<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch,
+            mode: self.mode,
             stages: match stages.as_mut() {
                 Some(observer) => Some(&mut **observer),
                 None => None,
@@ -146,6 +161,7 @@ impl<T: FloatElement> MoeLayer<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch,
+            mode: self.mode,
             stages: match stages.as_mut() {
                 Some(observer) => Some(&mut **observer),
                 None => None,
@@ -200,8 +216,10 @@ impl<T: FloatElement> MoeLayer<T> {
         (&self.saved.aux_loss, &self.saved.z_loss)
     }
 
-    /// Downloads the loss values (a host sync: for reports, not inside a training step).
+    /// Downloads the loss values (a host sync: for reports, not inside a training step). An
+    /// inference layer computes none: an error.
     pub fn losses(&self) -> Result<LossValues> {
+        self.mode.require_training("losses")?;
         Ok(LossValues {
             aux: self.device.download(&self.saved.aux_loss)?[0],
             z: self.device.download(&self.saved.z_loss)?[0],

@@ -2,7 +2,7 @@
 //! ([`RouterGrads`]), the experts ([`Experts`]) and theirs ([`ExpertGrads`]), uploaded once from
 //! [`HostWeights`].
 use super::weights::{HostWeights, gate_tensor_is_f32, gate_tensor_lens};
-use super::{MoeConfig, RouterKind};
+use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::FloatElement;
 use crate::ops::gate::{GateForm, GateGrads, GateWeights};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
@@ -116,11 +116,12 @@ pub struct RouterGrads {
 }
 
 impl RouterGrads {
-    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+    /// Empty in [`Mode::Inference`].
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig, mode: Mode) -> Result<Self> {
         // A codebook router has no gradient (its codes pick experts discretely, with weight 1).
         let tensors = gate_tensor_lens(config)
             .into_iter()
-            .filter(|_| config.router != RouterKind::Codebook)
+            .filter(|_| config.router != RouterKind::Codebook && mode == Mode::Training)
             .map(|(name, len)| Ok((name, device.alloc_zeros(len)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -209,18 +210,21 @@ pub struct ExpertGrads {
 }
 
 impl ExpertGrads {
-    pub(crate) fn alloc(device: &Device, config: &MoeConfig) -> Result<Self> {
+    /// Empty buffers in [`Mode::Inference`].
+    pub(crate) fn alloc(device: &Device, config: &MoeConfig, mode: Mode) -> Result<Self> {
         let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
+        let training = mode == Mode::Training;
+        let routed = |len: usize| device.alloc_zeros(if training { len } else { 0 });
         let shared = |len: usize| -> Result<Option<DeviceBuffer<f32>>> {
-            if hs > 0 {
+            if hs > 0 && training {
                 device.alloc_zeros(len).map(Some)
             } else {
                 Ok(None)
             }
         };
         Ok(Self {
-            w1: device.alloc_zeros(e * 2 * h * d)?,
-            w2: device.alloc_zeros(e * d * h)?,
+            w1: routed(e * 2 * h * d)?,
+            w2: routed(e * d * h)?,
             shared_w1: shared(2 * hs * d)?,
             shared_w2: shared(d * hs)?,
         })

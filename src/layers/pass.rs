@@ -18,7 +18,7 @@
 use super::buffers::{Saved, Scratch, Sizes};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::workspace::{prefix, prefix_mut};
-use super::{MoeConfig, RouterKind};
+use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::Dyn;
 use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
 use crate::ops::dispatch::{CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, place_counted, routing_map};
@@ -59,6 +59,8 @@ pub(crate) struct Pass<'a, T: FloatElement> {
     pub(crate) router: &'a Router<T>,
     pub(crate) experts: &'a Experts<T>,
     pub(crate) scratch: &'a mut Scratch<T>,
+    /// Inference: forward keeps nothing for backward and runs no loss.
+    pub(crate) mode: Mode,
     /// Called with a stage's name once its launches are queued (timing in the example).
     pub(crate) stages: Option<&'a mut dyn FnMut(&'static str)>,
 }
@@ -113,6 +115,7 @@ impl<T: FloatElement> Pass<'_, T> {
             check_len("residual", &Dyn(r), s.token_rows(), layout)?;
         }
         saved.tokens = 0;
+        saved.for_backward = false;
         let mut stages = self.stages.take();
         let gate_shape = config.gate_shape(tokens);
         let router_config = config.router_config();
@@ -197,8 +200,11 @@ impl<T: FloatElement> Pass<'_, T> {
             epilogue: Epilogue::SwiGlu,
             ..ForwardConfig::default()
         };
+        let training = self.mode == Mode::Training;
         let mut h = prefix_mut("h", &mut saved.h, s.rows * s.h)?;
-        let mut gu = prefix_mut("gu", &mut saved.gu, s.rows * 2 * s.h)?;
+        let mut gu = training
+            .then(|| prefix_mut("gu", &mut saved.gu, s.rows * 2 * s.h))
+            .transpose()?;
         gemm::forward(
             device,
             x,
@@ -208,7 +214,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &gathered,
             no_weights,
             &mut h,
-            Some(&mut gu),
+            gu.as_mut(),
         )?;
         mark(&mut stages, "GEMM1 + SwiGLU (gathered rows)");
         let h = prefix("h", &saved.h, s.rows * s.h)?;
@@ -264,10 +270,11 @@ impl<T: FloatElement> Pass<'_, T> {
             y,
         )?;
         mark(&mut stages, "combine");
-        if routing == Routing::Router && self.losses(saved, &s)? {
+        if training && routing == Routing::Router && self.losses(saved, &s)? {
             mark(&mut stages, "router losses");
         }
         saved.tokens = tokens;
+        saved.for_backward = training;
         Ok(())
     }
 
@@ -317,7 +324,9 @@ impl<T: FloatElement> Pass<'_, T> {
         };
         let no_weights = None::<&DeviceBuffer<f32>>;
         let mut h = prefix_mut("shared_h", &mut saved.shared_h, s.tokens * s.hs)?;
-        let mut gu = prefix_mut("shared_gu", &mut saved.shared_gu, s.tokens * 2 * s.hs)?;
+        let mut gu = (self.mode == Mode::Training)
+            .then(|| prefix_mut("shared_gu", &mut saved.shared_gu, s.tokens * 2 * s.hs))
+            .transpose()?;
         gemm::forward(
             device,
             x,
@@ -327,7 +336,7 @@ impl<T: FloatElement> Pass<'_, T> {
             &swiglu,
             no_weights,
             &mut h,
-            Some(&mut gu),
+            gu.as_mut(),
         )?;
         let h = prefix("shared_h", &saved.shared_h, s.tokens * s.hs)?;
         let mut y = prefix_mut("shared_y", &mut self.scratch.shared_y, s.token_rows())?;
@@ -384,7 +393,8 @@ impl<T: FloatElement> Pass<'_, T> {
         grads: Gradients<'_>,
     ) -> Result<()> {
         let (device, config) = (self.device, self.config);
-        if saved.tokens == 0 {
+        self.mode.require_training("backward")?;
+        if !saved.for_backward {
             return Err(Error::InvalidArgument {
                 argument: "backward",
                 value: "no forward".into(),

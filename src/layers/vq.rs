@@ -6,7 +6,7 @@ use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass, Routing, add_rows};
 use super::weights::uniform;
 use super::workspace::{prefix, prefix_mut};
-use super::{HostWeights, MoeConfig, RouterKind};
+use super::{HostWeights, Mode, MoeConfig, RouterKind};
 use crate::ops::codebook::{self, CodeOrder, CodebookShape, LossConfig, NearestConfig, NearestOutputs};
 use crate::ops::gate;
 use crate::ops::{FloatElement, check_range, mix};
@@ -162,7 +162,7 @@ impl<T: FloatElement> VqMoe<T> {
             codes: e,
         };
         // A weight of 1 for every token of the discrete path (uploaded once).
-        let mut saved_discrete = Saved::alloc(device, &discrete)?;
+        let mut saved_discrete = Saved::alloc(device, &discrete, Mode::Training)?;
         saved_discrete.weights = device.upload(&vec![1.0f32; max])?;
         Ok(Self {
             device: device.clone(),
@@ -175,10 +175,10 @@ impl<T: FloatElement> VqMoe<T> {
             codebook: device.upload(&codebook)?,
             norms: device.alloc_zeros(e)?,
             codes: device.alloc_zeros(max)?,
-            saved: Saved::alloc(device, &config)?,
+            saved: Saved::alloc(device, &config, Mode::Training)?,
             saved_discrete,
-            scratch: Scratch::alloc(device, &config)?,
-            scratch_discrete: Scratch::alloc(device, &discrete)?,
+            scratch: Scratch::alloc(device, &config, Mode::Training)?,
+            scratch_discrete: Scratch::alloc(device, &discrete, Mode::Training)?,
             rows: Rows {
                 x_mix: rows(device)?,
                 y_cont: rows(device)?,
@@ -197,9 +197,9 @@ impl<T: FloatElement> VqMoe<T> {
             nearest_workspace: device.alloc_zeros(0)?,
             vq_losses: device.alloc_zeros(2)?,
             order: None,
-            router_grads: RouterGrads::alloc(device, &config)?,
-            mix_grads: RouterGrads::alloc(device, &mix)?,
-            expert_grads: ExpertGrads::alloc(device, &config)?,
+            router_grads: RouterGrads::alloc(device, &config, Mode::Training)?,
+            mix_grads: RouterGrads::alloc(device, &mix, Mode::Training)?,
+            expert_grads: ExpertGrads::alloc(device, &config, Mode::Training)?,
             codebook_grad: device.alloc_zeros(e * d)?,
         })
     }
@@ -269,6 +269,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch,
+            mode: Mode::Training,
             stages: None,
         };
         continuous.forward(&mut self.saved, x, tokens, None, &mut y_cont)?;
@@ -280,6 +281,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch_discrete,
+            mode: Mode::Training,
             stages: None,
         };
         discrete.forward_routed(
@@ -372,6 +374,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch,
+            mode: Mode::Training,
             stages: None,
         };
         let grads = Gradients {
@@ -392,6 +395,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: &self.router,
             experts: &self.experts,
             scratch: &mut self.scratch_discrete,
+            mode: Mode::Training,
             stages: None,
         };
         let grads = Gradients {

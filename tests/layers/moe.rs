@@ -3,7 +3,7 @@
 use crate::common::{assert_close, devices};
 use crate::support::*;
 use half::{bf16, f16};
-use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::layers::{HostWeights, Mode, MoeConfig, MoeLayer, RouterKind};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::ops::gemm::ExpertMask;
@@ -457,5 +457,62 @@ fn large_batches_keep_the_six_launch_budget() {
             &f.y,
             layer_tolerance::<f32>(&config),
         );
+    }
+}
+
+/// An inference layer's forward is the training forward's output bit for bit, without the
+/// router losses (6 launches fewer here) and without gradient or backward buffers; backward and
+/// losses are refused by name.
+#[test]
+fn inference_layers_forward_like_training_ones_and_refuse_backward() {
+    fn check<T: FloatElement>(device: &Device) {
+        let config = MoeConfig {
+            shared_experts: 1,
+            aux_alpha: 0.01,
+            z_loss: 1e-3,
+            max_tokens: 40,
+            ..small(RouterKind::Quadratic {
+                form: GateForm::LowRank,
+                rank: 2,
+            })
+        };
+        let config = MoeConfig {
+            dim: 32,
+            hidden: 16,
+            ..config
+        };
+        let case = Case::new::<T>(config, 40, 21);
+        let x = device.upload(&to_t::<T>(&case.x)).unwrap();
+        let mut y = Vec::new();
+        let mut launches = Vec::new();
+        for mode in [Mode::Training, Mode::Inference] {
+            let mut layer = MoeLayer::<T>::with_mode(device, config, &case.weights, mode).unwrap();
+            assert_eq!(layer.mode(), mode);
+            let mut out = device.alloc_zeros::<T>(case.x.len()).unwrap();
+            let before = device.stats();
+            layer.forward(&x, case.tokens, &mut out).unwrap();
+            let after = device.stats();
+            assert_eq!(after.host_syncs, before.host_syncs, "{mode:?}: host syncs");
+            launches.push(after.launches - before.launches);
+            y.push(device.download(&out).unwrap());
+            if mode == Mode::Inference {
+                assert!(layer.expert_grads().w1.is_empty() && layer.expert_grads().shared_w1.is_none());
+                let mut dx = device.alloc_zeros::<T>(case.x.len()).unwrap();
+                assert_eq!(argument_of(layer.backward(&x, &x, &mut dx)), "backward");
+                assert_eq!(argument_of(layer.losses()), "losses");
+            }
+        }
+        let bits = |v: &[T]| v.iter().map(|e| e.to_f32().to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&y[0]), bits(&y[1]), "{}: inference y differs", T::NAME);
+        assert_eq!(
+            launches,
+            [6 + 2 + 4 + 2, 6 + 2],
+            "{}: (training, inference) launches",
+            T::NAME
+        );
+    }
+    for device in devices() {
+        check::<f32>(&device);
+        check::<bf16>(&device);
     }
 }
