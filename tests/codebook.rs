@@ -3,7 +3,7 @@
 //! and inf rows; launch budgets, no host sync, determinism; every validation error.
 mod common;
 
-use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices};
+use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices, view_offset};
 use half::{bf16, f16};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::codebook::{
@@ -74,7 +74,7 @@ fn run_nearest<T: FloatElement>(
     run_nearest_at::<T>(device, shape, config, x, codes, 0).unwrap()
 }
 
-/// [`run_nearest`] with every buffer a view at `off` (see [`offset_of`]); the ops' error if
+/// [`run_nearest`] with every buffer a view at `off` (see [`view_offset`]); the ops' error if
 /// they refuse it.
 fn run_nearest_at<T: FloatElement>(
     device: &Device,
@@ -84,7 +84,7 @@ fn run_nearest_at<T: FloatElement>(
     codes: &[f64],
     off: usize,
 ) -> moe_kernels::Result<Found> {
-    let at = |i| offset_of(off, i);
+    let at = |i| view_offset(off, i);
     let xd = upload_at::<T>(device, x, at(0));
     let cd = upload_at::<T>(device, codes, at(1));
     let mut norms = AtOffset::<f32>::zeros(device, shape.codes, at(2));
@@ -404,12 +404,6 @@ fn ids_for(shape: &CodebookShape, seed: u64) -> Vec<i32> {
     ids
 }
 
-/// The element offset of argument number `i` of a call whose buffers are views at `off`: 0
-/// for every argument when `off` is 0, else odd offsets that differ between arguments.
-fn offset_of(off: usize, i: usize) -> usize {
-    if off == 0 { 0 } else { (off + 2 * i) % 8 | 1 }
-}
-
 /// `v` in `T`, as a view `offset` elements into its buffer.
 fn upload_at<T: FloatElement>(device: &Device, v: &[f64], offset: usize) -> AtOffset<T> {
     AtOffset::upload(
@@ -424,7 +418,7 @@ fn download_at<T: FloatElement>(device: &Device, b: &AtOffset<T>) -> Vec<f32> {
 }
 
 /// Quantize, losses, code order and the loss backward on every device against the reference,
-/// with every buffer a view at `off` (see [`offset_of`]).
+/// with every buffer a view at `off` (see [`view_offset`]).
 fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
     let (x, codes) = inputs::<T>(shape, 21);
     let ids = ids_for(shape, 4);
@@ -437,7 +431,7 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
     let (want_dx, want_dc) = reference::losses_backward(shape, &x, &codes, &ids, config.beta as f64, Some(&dmix));
     let name = format!("{} {shape:?}", T::NAME);
     for device in devices() {
-        let at = |i| offset_of(off, i);
+        let at = |i| view_offset(off, i);
         let (xa, ca, ida) = (
             upload_at::<T>(&device, &x, at(0)),
             upload_at::<T>(&device, &codes, at(1)),
@@ -686,7 +680,7 @@ fn ema<T: FloatElement>(off: usize) {
     assert!(want.dead[35..].iter().all(|&d| d) && !want.dead[..35].iter().any(|&d| d));
     let tol = Tolerance::F32.scaled(10.0);
     for device in devices() {
-        let at = |i| offset_of(off, i);
+        let at = |i| view_offset(off, i);
         let xd = upload_at::<T>(&device, &x, at(0));
         let idd = AtOffset::upload(&device, &ids, at(1));
         let mut order = CodeOrder::alloc(&device, shape.tokens, shape.codes).unwrap();

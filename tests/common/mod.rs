@@ -195,3 +195,10 @@ impl<T: Element> AtOffset<T> {
         all[self.offset..].to_vec()
     }
 }
+
+/// The element offset of argument number `i` of a call whose buffers are views at `off`: 0
+/// for every argument when `off` is 0, else odd offsets below 8 that differ between
+/// neighbouring arguments.
+pub fn view_offset(off: usize, i: usize) -> usize {
+    if off == 0 { 0 } else { ((off + 2 * i) % 8) | 1 }
+}
