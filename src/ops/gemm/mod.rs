@@ -27,6 +27,15 @@
 //! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
 //! and never waits for the device. All sums run in a fixed order: results are bitwise
 //! reproducible.
+//!
+//! **Alignment** (operands may be views, e.g. cudarc `CudaView`s, at any element; decided on
+//! the host from the pointers, before anything launches): on the f16/bf16 path the operands
+//! streamed with 16-byte `cp.async` / loads (forward `a` and `b`, dgrad `dc` and `b`, wgrad
+//! `dc` and `a`) must start 16-byte aligned and N, K must be multiples of 8; anything else is
+//! an `Err` naming the operand (`a`, `b`, `dc`) or `shape.n` / `shape.k`. f32 takes any start
+//! and any shape (16-byte loads only where every row is aligned). Outputs (`out`, `gu`, dA,
+//! dGU, dB), the forward's saved `gu` and `row_weights` may start at any element in every
+//! dtype: the epilogue stores two columns at once only at an address aligned for the pair.
 mod backward;
 mod forward;
 
