@@ -1105,6 +1105,16 @@ mod unaligned {
                     let mut sums = AtOffset::upload(&device, &vec![f32::NAN; experts], at(3));
                     let ws_len = router::expert_statistics_workspace_len(&router, tokens).unwrap();
                     let mut ws = AtOffset::upload(&device, &vec![f32::NAN; ws_len], at(4));
+                    let z = AtOffset::upload(&device, &logits, at(5));
+                    let mut row_lse = AtOffset::<f32>::zeros(&device, tokens, at(6));
+                    let mut loss = AtOffset::upload(&device, &[f32::NAN], at(7));
+                    let mut dz = AtOffset::upload(&device, &dz0, at(8));
+                    let d_sel = AtOffset::upload(&device, &selected, at(9));
+                    let mut workspace = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
+                    let mut aux_loss = AtOffset::<f32>::zeros(&device, 1, at(10));
+                    let mut aux_dz = AtOffset::upload(&device, &dz0, at(11));
+                    let zv = z.view();
+                    let before = device.stats();
                     router::expert_statistics(
                         &device,
                         &router,
@@ -1115,15 +1125,6 @@ mod unaligned {
                         &mut sums.view_mut(),
                     )
                     .unwrap();
-                    assert_eq!(counts.download(&device), want_counts, "E={experts} T={tokens} counts");
-                    let tol = Tolerance::F32.over(tokens * router.k);
-                    assert_close("weight sums", &sums.download(&device), &want_sums, tol);
-
-                    let z = AtOffset::upload(&device, &logits, at(5));
-                    let mut row_lse = AtOffset::<f32>::zeros(&device, tokens, at(6));
-                    let mut loss = AtOffset::upload(&device, &[f32::NAN], at(7));
-                    let mut dz = AtOffset::upload(&device, &dz0, at(8));
-                    let zv = z.view();
                     router::z_loss(
                         &device,
                         &router,
@@ -1134,19 +1135,6 @@ mod unaligned {
                     )
                     .unwrap();
                     router::z_loss_backward(&device, &router, 1e-3, &zv, &row_lse.view(), &mut dz.view_mut()).unwrap();
-                    let scalar = Tolerance { atol: 1e-7, rtol: 1e-4 };
-                    assert_close("z-loss", &loss.download(&device), &[want_z], scalar);
-                    assert_close(
-                        "z-loss dz",
-                        &dz.download(&device),
-                        &want_dz,
-                        Tolerance::F32.over(experts),
-                    );
-
-                    let d_sel = AtOffset::upload(&device, &selected, at(9));
-                    let mut workspace = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
-                    let mut aux_loss = AtOffset::<f32>::zeros(&device, 1, at(10));
-                    let mut aux_dz = AtOffset::upload(&device, &dz0, at(11));
                     router::aux_loss(
                         &device,
                         &router,
@@ -1158,13 +1146,22 @@ mod unaligned {
                     )
                     .unwrap();
                     router::aux_loss_backward(&device, &router, &aux, &zv, &workspace, &mut aux_dz.view_mut()).unwrap();
-                    assert_close("aux loss", &aux_loss.download(&device), &[want_aux], scalar);
-                    assert_close(
-                        "aux dz",
-                        &aux_dz.download(&device),
-                        &want_aux_dz,
-                        Tolerance::F32.over(experts),
+                    assert_eq!(
+                        device.stats().host_syncs,
+                        before.host_syncs,
+                        "a router op synced the host"
                     );
+                    assert_eq!(device.stats().launches - before.launches, 2 + 3 + 5, "launches");
+
+                    assert_eq!(counts.download(&device), want_counts, "E={experts} T={tokens} counts");
+                    let tol = Tolerance::F32.over(tokens * router.k);
+                    assert_close("weight sums", &sums.download(&device), &want_sums, tol);
+                    let scalar = Tolerance { atol: 1e-7, rtol: 1e-4 };
+                    let grad = Tolerance::F32.over(experts);
+                    assert_close("z-loss", &loss.download(&device), &[want_z], scalar);
+                    assert_close("z-loss dz", &dz.download(&device), &want_dz, grad);
+                    assert_close("aux loss", &aux_loss.download(&device), &[want_aux], scalar);
+                    assert_close("aux dz", &aux_dz.download(&device), &want_aux_dz, grad);
                 }
             }
         }

@@ -249,6 +249,7 @@ fn wgrad_at<T: FloatElement>(device: &Device, p: &Problem, a_mode: ARows, off: O
         AtOffset::upload(device, &a, off.a),
     );
     let mut db = AtOffset::upload(device, &initial, off.out);
+    let before = device.stats();
     gemm::wgrad(
         device,
         &dc_d.view(),
@@ -260,6 +261,8 @@ fn wgrad_at<T: FloatElement>(device: &Device, p: &Problem, a_mode: ARows, off: O
         true,
         &mut db.view_mut(),
     )?;
+    assert_eq!(device.stats().host_syncs, before.host_syncs, "wgrad synced the host");
+    assert_eq!(device.stats().launches - before.launches, 1, "wgrad launches");
     let want = reference::wgrad(&dc32, &a32, a_mode, p.shape, &p.host(), None, true, &initial);
     let what = format!(
         "{} wgrad {} {a_mode:?} {off:?} {:?}",
