@@ -1,9 +1,10 @@
 //! Operands as views at small element offsets (what a cudarc user's sub-slices are) and odd
 //! sizes, on every device against the reference. The contract (`ops::gemm` docs): f32 is right
-//! at any offset and any shape; f16/bf16 need A, B and dC 16-byte aligned (and N, K multiples
-//! of 8), else an `Err` naming the operand before anything launches; outputs, GU and row
-//! weights may start at any element. Plus the edge sizes: no rows, one expert, empty groups,
-//! k = E.
+//! at any offset and any shape; the f16/bf16 tensor-core tiles need A, B and dC 16-byte
+//! aligned (and N, K multiples of 8): otherwise the forward runs the decode kernel (an `Err`
+//! with `GemmPath::Tiled`) and dgrad / wgrad return an `Err` naming the operand before anything
+//! launches; outputs, GU and row weights may start at any element. Plus the edge sizes: no
+//! rows, one expert, empty groups, k = E.
 use super::common::{AtOffset, Rng, assert_close, assert_refused, devices};
 use super::{DeviceGroups, Problem, to_f32, tolerance, values};
 use half::{bf16, f16};
@@ -121,6 +122,8 @@ fn forward_f32_at_odd_offsets_and_odd_sizes() {
     }
 }
 
+/// 16-bit forward: outputs at odd elements are right on every path; A or B off 16 bytes is
+/// refused on the tensor-core tiles and right on the decode kernel, which `Auto` falls back to.
 fn forward_16bit<T: FloatElement>(device: &Device, p: &Problem, seed: u64) {
     for config in configs(p) {
         forward_at::<T, T>(device, p, config, ALIGNED_INPUTS_ODD_OUTPUTS, seed).unwrap();
@@ -132,29 +135,58 @@ fn forward_16bit<T: FloatElement>(device: &Device, p: &Problem, seed: u64) {
             ("b", at(0, 4, 0, 0, 0)),
             ("a", at(7, 7, 1, 1, 1)),
         ] {
-            assert_refused(device, argument, || forward_at::<T, T>(device, p, config, off, seed));
+            if config.path == GemmPath::Tiled {
+                assert_refused(device, argument, || forward_at::<T, T>(device, p, config, off, seed));
+            }
+            let fallback = ForwardConfig {
+                path: if config.path == GemmPath::Tiled {
+                    GemmPath::Auto
+                } else {
+                    config.path
+                },
+                ..config
+            };
+            // The tiles would fault on these operands (the emulator fails the launch).
+            forward_at::<T, T>(device, p, fallback, off, seed + 2).unwrap();
         }
     }
 }
 
 #[test]
-fn forward_16bit_outputs_at_any_offset_inputs_aligned_or_refused() {
+fn forward_16bit_outputs_at_any_offset_inputs_aligned_or_decode() {
+    // Groups of up to 19 rows padded to 24: Auto picks decode anyway for aligned inputs, so the
+    // big-group problem below checks that Auto falls back to decode for misaligned ones.
     let p = Problem::routed(19, 2, 4, 8, 24, 16, &mut Rng::new(20));
+    let big = Problem::sized(&[70, 3], 16, 24, &mut Rng::new(22));
     for device in devices() {
         forward_16bit::<f16>(&device, &p, 21);
-        forward_16bit::<bf16>(&device, &p, 23);
+        forward_16bit::<bf16>(&device, &big, 23);
     }
 }
 
 #[test]
-fn forward_16bit_sizes_off_a_multiple_of_8_are_refused() {
+fn forward_16bit_sizes_off_a_multiple_of_8_run_decode_or_are_refused_on_tiles() {
     for device in devices() {
         for (n, k, argument) in [(20, 16, "shape.n"), (16, 12, "shape.k"), (13, 9, "shape.n")] {
-            let p = Problem::sized(&[3, 2], n, k, &mut Rng::new(30));
-            let off = Offsets::default();
+            let p = Problem::sized(&[3, 40], n, k, &mut Rng::new(30));
+            let off = at(1, 3, 1, 1, 1);
+            let tiled = ForwardConfig {
+                path: GemmPath::Tiled,
+                ..ForwardConfig::default()
+            };
             assert_refused(&device, argument, || {
-                forward_at::<bf16, bf16>(&device, &p, ForwardConfig::default(), off, 31)
+                forward_at::<bf16, bf16>(&device, &p, tiled, off, 31)
             });
+            for config in [
+                ForwardConfig::default(),
+                ForwardConfig {
+                    path: GemmPath::Decode,
+                    ..tiled
+                },
+            ] {
+                forward_at::<bf16, bf16>(&device, &p, config, off, 32).unwrap();
+                forward_at::<f16, f32>(&device, &p, config, Offsets::default(), 33).unwrap();
+            }
         }
     }
 }
