@@ -52,7 +52,9 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     }
 
     let mut kernels = base();
-    kernels.flag("-x").flag("c++");
+    // Every typed access in kernel code is checked for alignment, as the GPU checks it; the
+    // handlers are the emulator's own (kernels/emu/runtime.cpp), which fail the launch.
+    kernels.flag("-x").flag("c++").flag("-fsanitize=alignment");
     if profile {
         // Keep each access at the width the CUDA thread used: no vectorizing.
         kernels

@@ -12,6 +12,7 @@
 //   planted_static_shared_overrun  static __shared__ write one past the end
 //   planted_divergent_barrier      __syncthreads in divergent code: a deadlock
 //   planted_trap                   __trap() in one thread
+//   planted_misaligned_access      a 16/8/4-byte access at an address off its alignment
 #include "ptx.cuh"
 
 // ------------------------------------------------------------------------------------------
@@ -145,3 +146,47 @@ extern "C" __global__ void planted_trap(int* out) {
   out[global_thread_x()] = 1;
 }
 EMU_EXPORT(planted_trap)
+
+// ------------------------------------------------------------------------------------------
+// planted_misaligned_access: every lane makes one access of the kind `access` (below) at
+// `offset` bytes past an aligned address, in global memory (`bytes` at lane * 16) or in a
+// static shared tile; what a load reads lands, aligned, in out.
+// Launch: one block of 32 threads; bytes has 1024 bytes (256-byte aligned), out 32 uint4.
+// Caught by: the emulator, which must fail the launch with the access, the address and the
+// alignment it needs ("misaligned address"), as the GPU faults. offset 0 is the control.
+// Accesses: 0 load_128, 1 store_128, 2/3 cp_async<16> with the source / the destination off,
+// 4 cp_async<8>, 5 cp_async<4>, 6 ldmatrix_x4 row, 7 a float2 load through a cast pointer,
+// 8 a uint32_t store through a cast pointer, 9 atomicAdd on an int, 10 __ldg of a float4.
+extern "C" __global__ void planted_misaligned_access(unsigned char* bytes, uint4* out, int access, int offset) {
+  __shared__ __align__(16) unsigned char tile[32 * 16 + 16];
+  const int lane = threadIdx.x;
+  unsigned char* g = bytes + lane * 16 + offset;
+  unsigned char* s = tile + lane * 16;
+  uint4 v = make_uint4(unsigned(lane), 0u, 0u, 0u);
+  switch (access) {
+    case 0: v = load_128(reinterpret_cast<const uint4*>(g)); break;
+    case 1: store_128(reinterpret_cast<uint4*>(g), v); break;
+    case 2: cp_async<16>(s, g); break;
+    case 3: cp_async<16>(s + offset, bytes + lane * 16); break;
+    case 4: cp_async<8>(s, g); break;
+    case 5: cp_async<4>(s, g); break;
+    case 6: {
+      uint32_t r[4];
+      ldmatrix_x4<false>(r, s + offset);
+      v = make_uint4(r[0], r[1], r[2], r[3]);
+      break;
+    }
+    case 7: {
+      const float2 f = *reinterpret_cast<const float2*>(g);
+      v.y = __float_as_uint(f.x);
+      break;
+    }
+    case 8: *reinterpret_cast<uint32_t*>(g) = unsigned(lane); break;
+    case 9: v.y = unsigned(atomicAdd(reinterpret_cast<int*>(g), 1)); break;
+    case 10: v.y = __float_as_uint(__ldg(reinterpret_cast<const float4*>(g)).x); break;
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  out[lane] = v;
+}
+EMU_EXPORT(planted_misaligned_access)

@@ -19,5 +19,5 @@ pub mod ops;
 pub mod reference;
 pub mod selftest;
 
-pub use device::{Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element};
+pub use device::{BufferView, BufferViewMut, Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element};
 pub use error::{Error, Result};

@@ -12,6 +12,7 @@
 pub mod probes;
 
 use crate::device::{Device, DeviceKind, Element, KernelArgs, LaunchConfig};
+use crate::ops::check_range;
 use crate::{Error, Result};
 use half::{bf16, f16};
 use std::fmt;
@@ -999,6 +1000,62 @@ pub mod planted {
         let mut out = device.alloc_zeros::<i32>((blocks * threads) as usize)?;
         let args = KernelArgs::new(device).output("out", &mut out);
         device.launch("planted_trap", LaunchConfig::linear(blocks, threads, 0), args)
+    }
+
+    /// The accesses of `planted_misaligned_access`, in the kernel's numbering.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum MisalignedAccess {
+        Load128,
+        Store128,
+        CpAsync16Source,
+        CpAsync16Destination,
+        CpAsync8,
+        CpAsync4,
+        LdMatrixRow,
+        Float2Load,
+        U32Store,
+        AtomicAdd,
+        LdgFloat4,
+    }
+
+    impl MisalignedAccess {
+        pub const ALL: [MisalignedAccess; 11] = [
+            Self::Load128,
+            Self::Store128,
+            Self::CpAsync16Source,
+            Self::CpAsync16Destination,
+            Self::CpAsync8,
+            Self::CpAsync4,
+            Self::LdMatrixRow,
+            Self::Float2Load,
+            Self::U32Store,
+            Self::AtomicAdd,
+            Self::LdgFloat4,
+        ];
+
+        /// The alignment the GPU requires of the access, in bytes.
+        pub fn alignment(self) -> usize {
+            match self {
+                Self::CpAsync8 | Self::Float2Load => 8,
+                Self::CpAsync4 | Self::U32Store | Self::AtomicAdd => 4,
+                _ => 16,
+            }
+        }
+    }
+
+    /// `planted_misaligned_access`: each of 32 lanes makes `access` at `offset` bytes past an
+    /// aligned address (`offset` < 16; 0 is the control, which must succeed).
+    pub fn misaligned_access(device: &Device, access: MisalignedAccess, offset: usize) -> Result<()> {
+        emulator_only(device, "planted_misaligned_access")?;
+        check_range("offset", offset, 0..=15)?;
+        let mut bytes = device.alloc_zeros::<u8>(1024)?;
+        let mut out = device.alloc_zeros::<u32>(32 * 4)?;
+        let args = KernelArgs::new(device)
+            .output("bytes", &mut bytes)
+            .output("out", &mut out)
+            .scalar(access as i32)
+            .scalar(offset as i32);
+        device.launch("planted_misaligned_access", LaunchConfig::linear(1, 32, 0), args)
     }
 
     /// How [`launch_with_wrong_arguments`] gets `selftest_dynamic_shared(float* out, int n)` wrong.

@@ -3,7 +3,7 @@
 //! and inf rows; launch budgets, no host sync, determinism; every validation error.
 mod common;
 
-use common::{Rng, Tolerance, assert_close, assert_refused, devices};
+use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices, view_offset};
 use half::{bf16, f16};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::codebook::{
@@ -29,10 +29,6 @@ fn upload<T: FloatElement>(device: &Device, v: &[f64]) -> DeviceBuffer<T> {
     device
         .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
         .unwrap()
-}
-
-fn download<T: FloatElement>(device: &Device, b: &DeviceBuffer<T>) -> Vec<f32> {
-    device.download(b).unwrap().into_iter().map(|v| v.to_f32()).collect()
 }
 
 fn zeros<T: moe_kernels::Element>(device: &Device, len: usize) -> DeviceBuffer<T> {
@@ -75,24 +71,51 @@ fn run_nearest<T: FloatElement>(
     x: &[f64],
     codes: &[f64],
 ) -> Found {
-    let xd = upload::<T>(device, x);
-    let cd = upload::<T>(device, codes);
-    let mut norms = zeros::<f32>(device, shape.codes);
-    codebook::code_norms(device, shape, &cd, &mut norms).unwrap();
+    run_nearest_at::<T>(device, shape, config, x, codes, 0).unwrap()
+}
+
+/// [`run_nearest`] with every buffer a view at `off` (see [`view_offset`]); the ops' error if
+/// they refuse it.
+fn run_nearest_at<T: FloatElement>(
+    device: &Device,
+    shape: &CodebookShape,
+    config: &NearestConfig,
+    x: &[f64],
+    codes: &[f64],
+    off: usize,
+) -> moe_kernels::Result<Found> {
+    let at = |i| view_offset(off, i);
+    let xd = upload_at::<T>(device, x, at(0));
+    let cd = upload_at::<T>(device, codes, at(1));
+    let mut norms = AtOffset::<f32>::zeros(device, shape.codes, at(2));
+    codebook::code_norms(device, shape, &cd.view(), &mut norms.view_mut())?;
     let n = shape.tokens * config.k;
-    let (mut ids, mut distances, mut experts) = (zeros::<i32>(device, n), zeros::<f32>(device, n), zeros(device, n));
-    let mut workspace = zeros::<u32>(device, config.workspace_len(shape));
+    let mut ids = AtOffset::<i32>::zeros(device, n, at(3));
+    let mut distances = AtOffset::<f32>::zeros(device, n, at(4));
+    let mut experts = AtOffset::<i32>::zeros(device, n, at(5));
+    let mut workspace = AtOffset::<u32>::zeros(device, config.workspace_len(shape), at(6));
     let out = NearestOutputs {
-        ids: &mut ids,
-        distances: Some(&mut distances),
-        experts: Some(&mut experts),
+        ids: &mut ids.view_mut(),
+        distances: Some(&mut distances.view_mut()),
+        experts: Some(&mut experts.view_mut()),
     };
-    codebook::nearest(device, shape, config, &xd, &cd, &norms, out, &mut workspace).unwrap();
-    Found {
-        ids: device.download(&ids).unwrap(),
-        distances: device.download(&distances).unwrap(),
-        experts: device.download(&experts).unwrap(),
-    }
+    let before = device.stats().host_syncs;
+    codebook::nearest(
+        device,
+        shape,
+        config,
+        &xd.view(),
+        &cd.view(),
+        &norms.view(),
+        out,
+        &mut workspace.view_mut(),
+    )?;
+    assert_eq!(device.stats().host_syncs, before, "nearest synced the host");
+    Ok(Found {
+        ids: ids.download(device),
+        distances: distances.download(device),
+        experts: experts.download(device),
+    })
 }
 
 /// Each returned id's reference score must equal the reference's score at that rank within
@@ -381,7 +404,22 @@ fn ids_for(shape: &CodebookShape, seed: u64) -> Vec<i32> {
     ids
 }
 
-fn train_ops<T: FloatElement>(shape: &CodebookShape) {
+/// `v` in `T`, as a view `offset` elements into its buffer.
+fn upload_at<T: FloatElement>(device: &Device, v: &[f64], offset: usize) -> AtOffset<T> {
+    AtOffset::upload(
+        device,
+        &v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>(),
+        offset,
+    )
+}
+
+fn download_at<T: FloatElement>(device: &Device, b: &AtOffset<T>) -> Vec<f32> {
+    b.download(device).into_iter().map(|v| v.to_f32()).collect()
+}
+
+/// Quantize, losses, code order and the loss backward on every device against the reference,
+/// with every buffer a view at `off` (see [`view_offset`]).
+fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
     let (x, codes) = inputs::<T>(shape, 21);
     let ids = ids_for(shape, 4);
     let mut rng = Rng::new(8);
@@ -393,34 +431,52 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
     let (want_dx, want_dc) = reference::losses_backward(shape, &x, &codes, &ids, config.beta as f64, Some(&dmix));
     let name = format!("{} {shape:?}", T::NAME);
     for device in devices() {
-        let (xd, cd, idd) = (
-            upload::<T>(&device, &x),
-            upload::<T>(&device, &codes),
-            device.upload(&ids).unwrap(),
+        let at = |i| view_offset(off, i);
+        let (xa, ca, ida) = (
+            upload_at::<T>(&device, &x, at(0)),
+            upload_at::<T>(&device, &codes, at(1)),
+            AtOffset::upload(&device, &ids, at(2)),
         );
-        let (mut q, mut mix) = (zeros::<T>(&device, shape.x_len()), zeros::<T>(&device, shape.x_len()));
+        let (xd, cd, idd) = (xa.view(), ca.view(), ida.view());
+        let (mut qa, mut mixa) = (
+            AtOffset::<T>::zeros(&device, shape.x_len(), at(3)),
+            AtOffset::<T>::zeros(&device, shape.x_len(), at(4)),
+        );
         let before = device.stats();
         let launches = || device.stats().launches;
-        codebook::quantize(&device, shape, &xd, &cd, &idd, 0.75, Some(&mut q), Some(&mut mix)).unwrap();
+        let (q, mix) = (&mut qa.view_mut(), &mut mixa.view_mut());
+        codebook::quantize(&device, shape, &xd, &cd, &idd, 0.75, Some(q), Some(mix)).unwrap();
         assert_eq!(launches() - before.launches, 1, "{name}: quantize launches");
-        let mut losses = zeros::<f32>(&device, 2);
-        let mut ws = zeros::<f32>(&device, codebook::losses_workspace_len::<T>(shape));
-        let mut run_losses = |out: &mut DeviceBuffer<f32>| {
+        let mut losses = AtOffset::<f32>::zeros(&device, 2, at(5));
+        let mut wsa = AtOffset::<f32>::zeros(&device, codebook::losses_workspace_len::<T>(shape), at(6));
+        let mut run_losses = |out: &mut AtOffset<f32>| {
             let start = launches();
-            codebook::losses(&device, shape, &config, &xd, &cd, &idd, out, &mut ws).unwrap();
+            codebook::losses(
+                &device,
+                shape,
+                &config,
+                &xd,
+                &cd,
+                &idd,
+                &mut out.view_mut(),
+                &mut wsa.view_mut(),
+            )
+            .unwrap();
             assert_eq!(launches() - start, 2, "{name}: losses launches");
         };
         run_losses(&mut losses);
-        let mut again = zeros::<f32>(&device, 2);
+        let mut again = AtOffset::<f32>::zeros(&device, 2, at(7));
         run_losses(&mut again);
         let mut order = CodeOrder::alloc(&device, shape.tokens, shape.codes).unwrap();
         codebook::code_order(&device, &idd, &mut order).unwrap();
-        let dmixd = upload::<T>(&device, &dmix);
+        let dmixa = upload_at::<T>(&device, &dmix, at(8));
+        let dmixd = dmixa.view();
         let start = launches();
-        let (mut dx, mut dc) = (
-            zeros::<T>(&device, shape.x_len()),
-            zeros::<f32>(&device, shape.codebook_len()),
+        let (mut dxa, mut dca) = (
+            AtOffset::<T>::zeros(&device, shape.x_len(), at(9)),
+            AtOffset::<f32>::zeros(&device, shape.codebook_len(), at(10)),
         );
+
         codebook::losses_backward(
             &device,
             shape,
@@ -430,8 +486,8 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
             &idd,
             &order,
             Some(&dmixd),
-            &mut dx,
-            &mut dc,
+            &mut dxa.view_mut(),
+            &mut dca.view_mut(),
         )
         .unwrap();
         assert_eq!(launches() - start, 2, "{name}: losses_backward launches");
@@ -440,14 +496,7 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
             before.host_syncs,
             "{name}: a training op synced the host"
         );
-        let bits = |b: &DeviceBuffer<f32>| {
-            device
-                .download(b)
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
+        let bits = |b: &AtOffset<f32>| b.download(&device).iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(
             bits(&losses),
             bits(&again),
@@ -457,20 +506,20 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
         let q_ref: Vec<f64> = want_q.iter().map(|&v| round::<T>(v)).collect();
         assert_close(
             &format!("{name} q"),
-            &download(&device, &q),
+            &download_at(&device, &qa),
             &q_ref,
             Tolerance::F32.scaled(0.0),
         );
         assert_close(
             &format!("{name} mix"),
-            &download(&device, &mix),
+            &download_at(&device, &mixa),
             &want_mix,
             tol.scaled(2.0),
         );
         let reduction = Tolerance::F32.over(shape.x_len()).scaled(10.0);
         assert_close(
             &format!("{name} losses"),
-            &device.download(&losses).unwrap(),
+            &losses.download(&device),
             &want_losses,
             reduction,
         );
@@ -479,12 +528,12 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
             atol: tol.atol * 1e-3 + grad_scale * 1e-4,
             rtol: tol.rtol * 2.0,
         };
-        assert_close(&format!("{name} dx"), &download(&device, &dx), &want_dx, grad_tol);
+        assert_close(&format!("{name} dx"), &download_at(&device, &dxa), &want_dx, grad_tol);
         let dc_tol = Tolerance {
             atol: grad_scale * 1e-5 * (shape.tokens as f64).sqrt(),
             rtol: 1e-4,
         };
-        assert_close(&format!("{name} dC"), &device.download(&dc).unwrap(), &want_dc, dc_tol);
+        assert_close(&format!("{name} dC"), &dca.download(&device), &want_dc, dc_tol);
     }
 }
 
@@ -492,9 +541,9 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape) {
 fn quantize_losses_and_gradients_match_reference() {
     for (tokens, dim, codes) in [(50, 19, 7), (9, 64, 40), (130, 8, 3)] {
         let shape = CodebookShape { tokens, dim, codes };
-        train_ops::<f32>(&shape);
-        train_ops::<f16>(&shape);
-        train_ops::<bf16>(&shape);
+        train_ops::<f32>(&shape, 0);
+        train_ops::<f16>(&shape, 0);
+        train_ops::<bf16>(&shape, 0);
     }
 }
 
@@ -606,7 +655,8 @@ fn code_order_is_a_stable_sort_by_code() {
     }
 }
 
-fn ema<T: FloatElement>() {
+/// The EMA update on every device against the reference, every buffer a view at `off`.
+fn ema<T: FloatElement>(off: usize) {
     let shape = CodebookShape {
         tokens: 50,
         dim: 21,
@@ -630,49 +680,58 @@ fn ema<T: FloatElement>() {
     assert!(want.dead[35..].iter().all(|&d| d) && !want.dead[..35].iter().any(|&d| d));
     let tol = Tolerance::F32.scaled(10.0);
     for device in devices() {
-        let xd = upload::<T>(&device, &x);
-        let idd = device.upload(&ids).unwrap();
+        let at = |i| view_offset(off, i);
+        let xd = upload_at::<T>(&device, &x, at(0));
+        let idd = AtOffset::upload(&device, &ids, at(1));
         let mut order = CodeOrder::alloc(&device, shape.tokens, shape.codes).unwrap();
-        let (mut n, mut m) = (upload::<f32>(&device, &counts), upload::<f32>(&device, &sums));
-        let (mut dead, mut total) = (zeros::<u8>(&device, shape.codes), zeros::<f32>(&device, 1));
-        let mut codes = zeros::<T>(&device, shape.codebook_len());
+        let (mut n, mut m) = (
+            upload_at::<f32>(&device, &counts, at(2)),
+            upload_at::<f32>(&device, &sums, at(3)),
+        );
+        let mut dead = AtOffset::<u8>::zeros(&device, shape.codes, at(4));
+        let mut total = AtOffset::<f32>::zeros(&device, 1, at(5));
+        let mut codes = AtOffset::<T>::zeros(&device, shape.codebook_len(), at(6));
         let before = device.stats();
-        codebook::code_order(&device, &idd, &mut order).unwrap();
+        codebook::code_order(&device, &idd.view(), &mut order).unwrap();
         let state = EmaState {
-            counts: &mut n,
-            sums: &mut m,
-            dead: &mut dead,
-            total: &mut total,
+            counts: &mut n.view_mut(),
+            sums: &mut m.view_mut(),
+            dead: &mut dead.view_mut(),
+            total: &mut total.view_mut(),
         };
         let start = device.stats().launches;
-        codebook::ema_update(&device, &shape, &config, &xd, &order, state, &mut codes).unwrap();
+        codebook::ema_update(
+            &device,
+            &shape,
+            &config,
+            &xd.view(),
+            &order,
+            state,
+            &mut codes.view_mut(),
+        )
+        .unwrap();
         assert_eq!(device.stats().launches - start, 2, "ema_update launches");
         assert_eq!(device.stats().host_syncs, before.host_syncs, "ema synced the host");
         let name = T::NAME;
-        assert_close(&format!("{name} N"), &device.download(&n).unwrap(), &want.counts, tol);
-        assert_close(&format!("{name} M"), &device.download(&m).unwrap(), &want.sums, tol);
-        assert_close(
-            &format!("{name} total"),
-            &device.download(&total).unwrap(),
-            &[want.total],
-            tol,
-        );
+        assert_close(&format!("{name} N"), &n.download(&device), &want.counts, tol);
+        assert_close(&format!("{name} M"), &m.download(&device), &want.sums, tol);
+        assert_close(&format!("{name} total"), &total.download(&device), &[want.total], tol);
         let want_codes: Vec<f64> = want.codes.iter().map(|&v| round::<T>(v)).collect();
         assert_close(
             &format!("{name} codes"),
-            &download(&device, &codes),
+            &download_at(&device, &codes),
             &want_codes,
             Tolerance::of::<T>(),
         );
-        let dead: Vec<bool> = device.download(&dead).unwrap().iter().map(|&d| d == 1).collect();
+        let dead: Vec<bool> = dead.download(&device).iter().map(|&d| d == 1).collect();
         assert_eq!(dead, want.dead, "{name} dead codes");
     }
 }
 
 #[test]
 fn ema_update_matches_reference() {
-    ema::<f32>();
-    ema::<bf16>();
+    ema::<f32>(0);
+    ema::<bf16>(0);
 }
 
 #[test]
@@ -837,4 +896,186 @@ fn training_ops_refuse_bad_inputs() {
     assert_refused(device, "shape.codes", || {
         CodeOrder::alloc(device, 4, codebook::MAX_CODES + 1).map(drop)
     });
+}
+
+/// Every buffer a view at odd element offsets (cudarc sub-slices) and odd d: f32 everywhere
+/// and the 16-bit row ops are right; 16-bit `nearest` (tensor cores) refuses X and C off
+/// 16-byte alignment with an error naming them. Edge sizes: no tokens, one code.
+mod unaligned {
+    use super::*;
+
+    #[test]
+    fn row_ops_at_odd_offsets_and_odd_dims() {
+        for (tokens, dim, codes) in [(37, 13, 6), (9, 24, 5)] {
+            let shape = CodebookShape { tokens, dim, codes };
+            for off in [1, 2] {
+                train_ops::<f32>(&shape, off);
+                train_ops::<bf16>(&shape, off);
+            }
+            train_ops::<f16>(&shape, 3);
+        }
+        ema::<f32>(1);
+        ema::<f16>(3);
+    }
+
+    #[test]
+    fn nearest_f32_at_odd_offsets_and_odd_dims() {
+        for (tokens, dim, codes, k) in [(29, 7, 20, 3), (5, 33, 300, 1)] {
+            let shape = CodebookShape { tokens, dim, codes };
+            let config = NearestConfig {
+                k,
+                num_experts: 4,
+                ..NearestConfig::default()
+            };
+            let (x, c) = inputs::<f32>(&shape, 70);
+            for device in devices() {
+                for off in [1, 2, 5] {
+                    let got = run_nearest_at::<f32>(&device, &shape, &config, &x, &c, off).unwrap();
+                    check_found(&format!("f32 at {off} {shape:?}"), &shape, &config, &x, &c, &got);
+                }
+            }
+        }
+    }
+
+    fn nearest_16bit<T: FloatElement>() {
+        let shape = CodebookShape {
+            tokens: 21,
+            dim: 16,
+            codes: 70,
+        };
+        let config = NearestConfig {
+            k: 2,
+            num_experts: 5,
+            ..NearestConfig::default()
+        };
+        let (x, c) = inputs::<T>(&shape, 71);
+        for device in devices() {
+            // X and C 16 bytes in (aligned), the outputs at odd elements: right.
+            let xa = upload_at::<T>(&device, &x, 8);
+            let ca = upload_at::<T>(&device, &c, 16);
+            let mut norms = AtOffset::<f32>::zeros(&device, shape.codes, 3);
+            codebook::code_norms(&device, &shape, &ca.view(), &mut norms.view_mut()).unwrap();
+            let n = shape.tokens * config.k;
+            let mut ids = AtOffset::<i32>::zeros(&device, n, 1);
+            let mut distances = AtOffset::<f32>::zeros(&device, n, 5);
+            let mut experts = AtOffset::<i32>::zeros(&device, n, 7);
+            let mut workspace = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape), 3);
+            let out = NearestOutputs {
+                ids: &mut ids.view_mut(),
+                distances: Some(&mut distances.view_mut()),
+                experts: Some(&mut experts.view_mut()),
+            };
+            let (xv, cv, nv) = (xa.view(), ca.view(), norms.view());
+            codebook::nearest(&device, &shape, &config, &xv, &cv, &nv, out, &mut workspace.view_mut()).unwrap();
+            let got = Found {
+                ids: ids.download(&device),
+                distances: distances.download(&device),
+                experts: experts.download(&device),
+            };
+            check_found(&format!("{} aligned inputs", T::NAME), &shape, &config, &x, &c, &got);
+            // X or C off 16 bytes: refused, naming it.
+            for (argument, x_off, c_off) in [("x", 1, 0), ("codes", 0, 3), ("x", 4, 4)] {
+                let (xa, ca) = (upload_at::<T>(&device, &x, x_off), upload_at::<T>(&device, &c, c_off));
+                let mut ws = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape), 0);
+                let mut ids = AtOffset::<i32>::zeros(&device, n, 0);
+                let out = NearestOutputs {
+                    ids: &mut ids.view_mut(),
+                    distances: None,
+                    experts: None,
+                };
+                let (xv, cv, nv) = (xa.view(), ca.view(), norms.view());
+                assert_refused(&device, argument, || {
+                    codebook::nearest(&device, &shape, &config, &xv, &cv, &nv, out, &mut ws.view_mut())
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_16bit_outputs_at_any_offset_inputs_aligned_or_refused() {
+        nearest_16bit::<f16>();
+        nearest_16bit::<bf16>();
+    }
+
+    #[test]
+    fn no_tokens_and_a_single_code() {
+        for device in devices() {
+            for (tokens, codes) in [(0, 5), (0, 1), (6, 1)] {
+                let shape = CodebookShape { tokens, dim: 9, codes };
+                let config = NearestConfig::default();
+                let (x, c) = inputs::<f32>(&shape, 72);
+                let got = run_nearest_at::<f32>(&device, &shape, &config, &x, &c, 1).unwrap();
+                check_found(&format!("{shape:?}"), &shape, &config, &x, &c, &got);
+                assert_eq!(got.ids.len(), tokens);
+            }
+        }
+        train_ops::<bf16>(
+            &CodebookShape {
+                tokens: 7,
+                dim: 9,
+                codes: 1,
+            },
+            1,
+        );
+    }
+
+    /// T = 0: every training op succeeds; the losses are NaN (means over nothing) and dC zero, as
+    /// in the reference.
+    #[test]
+    fn training_ops_with_no_tokens() {
+        let shape = CodebookShape {
+            tokens: 0,
+            dim: 9,
+            codes: 4,
+        };
+        let config = LossConfig::default();
+        for device in devices() {
+            let (x, ids) = (
+                AtOffset::<f32>::zeros(&device, 0, 1),
+                AtOffset::<i32>::zeros(&device, 0, 1),
+            );
+            let codes = upload_at::<f32>(&device, &[1.0; 36], 1);
+            let mut q = AtOffset::<f32>::zeros(&device, 0, 1);
+            let (xv, cv, idv) = (x.view(), codes.view(), ids.view());
+            codebook::quantize(&device, &shape, &xv, &cv, &idv, 1.0, Some(&mut q.view_mut()), None).unwrap();
+            let mut losses = upload_at::<f32>(&device, &[7.0, 7.0], 1);
+            let mut ws = AtOffset::<f32>::zeros(&device, codebook::losses_workspace_len::<f32>(&shape), 1);
+            codebook::losses(
+                &device,
+                &shape,
+                &config,
+                &xv,
+                &cv,
+                &idv,
+                &mut losses.view_mut(),
+                &mut ws.view_mut(),
+            )
+            .unwrap();
+            let mut order = CodeOrder::alloc(&device, 0, shape.codes).unwrap();
+            codebook::code_order(&device, &idv, &mut order).unwrap();
+            let mut dx = AtOffset::<f32>::zeros(&device, 0, 1);
+            let mut dc = upload_at::<f32>(&device, &[7.0; 36], 1);
+            let no_dmix = None;
+            codebook::losses_backward(
+                &device,
+                &shape,
+                &config,
+                &xv,
+                &cv,
+                &idv,
+                &order,
+                no_dmix,
+                &mut dx.view_mut(),
+                &mut dc.view_mut(),
+            )
+            .unwrap();
+            // A mean over no elements is NaN, as in the reference (and torch's mse_loss).
+            let want = reference::losses(&shape, &[], &[1.0; 36], &[], config.beta as f64);
+            assert!(want.iter().all(|v| v.is_nan()));
+            assert_close("T = 0 losses", &losses.download(&device), &want, Tolerance::F32);
+            let (_, want_dc) = reference::losses_backward(&shape, &[], &[1.0; 36], &[], config.beta as f64, None);
+            assert_close("T = 0 dC", &dc.download(&device), &want_dc, Tolerance::F32);
+            assert!(q.download(&device).is_empty() && dx.download(&device).is_empty());
+        }
+    }
 }

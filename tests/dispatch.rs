@@ -15,6 +15,8 @@ mod memory;
 mod offsets_64bit;
 #[path = "dispatch/rows.rs"]
 mod rows;
+#[path = "dispatch/unaligned.rs"]
+mod unaligned;
 
 use common::{Rng, devices};
 use moe_kernels::ops::dispatch::{self, MapConfig, RoutingMap};

@@ -433,3 +433,48 @@ fn bad_inputs_are_errors_naming_the_argument() {
         );
     }
 }
+
+/// Routing batches as views at odd element offsets (cudarc sub-slices of a bigger routing
+/// output), with the edge sizes: an empty batch, one expert, k = E.
+mod unaligned {
+    use super::*;
+    use common::{AtOffset, view_offset};
+
+    /// [`run_accumulate`] with batch b's ids and weights at `view_offset(offset, 2b)` and `2b + 1`.
+    fn accumulate_at(device: &Device, batches: &[Batch], scores: &mut EsftScores, offset: usize) {
+        for (b, batch) in batches.iter().enumerate() {
+            let ids = AtOffset::upload(device, &batch.ids, view_offset(offset, 2 * b));
+            let weights = AtOffset::upload(device, &batch.weights, view_offset(offset, 2 * b + 1));
+            let before = device.stats();
+            esft::accumulate(device, &ids.view(), &weights.view(), scores).unwrap();
+            assert_eq!(device.stats().launches - before.launches, 1, "accumulate is one launch");
+            assert_eq!(device.stats().host_syncs, before.host_syncs, "accumulate must not sync");
+        }
+    }
+
+    #[test]
+    fn batches_at_odd_offsets_and_edge_sizes() {
+        let mut rng = Rng::new(80);
+        for (experts, k, tokens) in [
+            (13, 3, [5, 0, 17]),
+            (1, 1, [3, 1, 0]),
+            (6, 6, [2, 9, 4]),
+            (64, 8, [33, 1, 7]),
+        ] {
+            let batches: Vec<Batch> = tokens.iter().map(|&t| random_batch(&mut rng, t, experts, k)).collect();
+            let want = reference_statistics(&batches, experts, k);
+            for device in devices() {
+                for offset in [1, 2, 3] {
+                    let what = format!("{device:?} E={experts} k={k} at {offset}");
+                    let mut scores = EsftScores::new(&device, experts, k).unwrap();
+                    accumulate_at(&device, &batches, &mut scores, offset);
+                    assert_statistics(&what, &scores.download(&device).unwrap(), &want);
+                    let token_scores = reference::scores(&want, k, ScoreKind::Token);
+                    let selected = run_select(&device, &scores, ScoreKind::Token, 0.5);
+                    let expected = reference::select(&want, k, ScoreKind::Token, 0.5);
+                    assert_selection(&what, &selected, &token_scores, &expected);
+                }
+            }
+        }
+    }
+}

@@ -2,13 +2,13 @@
 //! against finite differences, launch budgets, and every validation error.
 mod common;
 
-use common::{Rng, Tolerance, assert_close, assert_refused, devices};
+use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices, view_offset};
 use half::{bf16, f16};
 use moe_kernels::device::{EmulatorDevice, Schedule};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
 use moe_kernels::reference::gate::{self as reference, GateParams};
-use moe_kernels::{Device, DeviceBuffer};
+use moe_kernels::{BufferView, BufferViewMut, Device, DeviceBuffer};
 use proptest::prelude::*;
 
 /// One test case: a form, its sizes, and which optional parameters it has.
@@ -19,6 +19,8 @@ struct Case {
     with_b: bool,
     with_c: bool,
     seed: u64,
+    /// Every buffer a view at `common::view_offset(offset, i)` (0: the buffers themselves).
+    offset: usize,
 }
 
 impl Case {
@@ -34,6 +36,7 @@ impl Case {
             with_b: true,
             with_c: true,
             seed: 7,
+            offset: 0,
         }
     }
 
@@ -99,26 +102,52 @@ fn is_f32(form: GateForm, name: &str) -> bool {
     name == "c" || (form == GateForm::Linear && name == "b")
 }
 
-/// A parameter uploaded in its storage type.
-enum Uploaded<T: moe_kernels::Element> {
-    Typed(DeviceBuffer<T>),
-    F32(DeviceBuffer<f32>),
+/// A parameter uploaded in its storage type, `offset` elements into its buffer.
+enum Placed<T: moe_kernels::Element> {
+    Typed(AtOffset<T>),
+    F32(AtOffset<f32>),
 }
 
-fn upload_params<T: FloatElement>(device: &Device, params: &GateParams) -> Vec<(&'static str, Uploaded<T>)> {
+/// A view of a [`Placed`] parameter.
+enum Uploaded<'a, T: moe_kernels::Element> {
+    Typed(BufferView<'a, T>),
+    F32(BufferView<'a, f32>),
+}
+
+impl<T: moe_kernels::Element> Placed<T> {
+    fn view(&self) -> Uploaded<'_, T> {
+        match self {
+            Placed::Typed(b) => Uploaded::Typed(b.view()),
+            Placed::F32(b) => Uploaded::F32(b.view()),
+        }
+    }
+}
+
+/// The parameters on `device`, parameter i at `view_offset(offset, i)`.
+fn upload_params<T: FloatElement>(
+    device: &Device,
+    params: &GateParams,
+    offset: usize,
+) -> Vec<(&'static str, Placed<T>)> {
     let form = params.form();
     params
         .tensors()
         .into_iter()
-        .map(|(name, v)| {
+        .enumerate()
+        .map(|(i, (name, v))| {
+            let at = view_offset(offset, i);
             let buffer = if is_f32(form, name) {
-                Uploaded::F32(device.upload(&v.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap())
+                Placed::F32(AtOffset::upload(
+                    device,
+                    &v.iter().map(|&v| v as f32).collect::<Vec<_>>(),
+                    at,
+                ))
             } else {
-                Uploaded::Typed(
-                    device
-                        .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
-                        .unwrap(),
-                )
+                Placed::Typed(AtOffset::upload(
+                    device,
+                    &v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>(),
+                    at,
+                ))
             };
             (name, buffer)
         })
@@ -126,7 +155,7 @@ fn upload_params<T: FloatElement>(device: &Device, params: &GateParams) -> Vec<(
 }
 
 /// The device weights of `form` from uploaded parameters.
-fn weights<'a, T: FloatElement>(form: GateForm, up: &'a [(&'static str, Uploaded<T>)]) -> GateWeights<'a, T> {
+fn weights<'a, T: FloatElement>(form: GateForm, up: &'a [(&'static str, Uploaded<'a, T>)]) -> GateWeights<'a, T> {
     let typed = |name: &str| {
         up.iter().find(|(n, _)| *n == name).map(|(_, b)| match b {
             Uploaded::Typed(b) => b as &dyn moe_kernels::DeviceSlice<T>,
@@ -168,8 +197,8 @@ fn weights<'a, T: FloatElement>(form: GateForm, up: &'a [(&'static str, Uploaded
 }
 
 /// Gradient views of `bufs` (named like the weights, in `params` order) for `form`.
-fn grads<'a>(form: GateForm, bufs: &'a mut [(&'static str, DeviceBuffer<f32>)]) -> GateGrads<'a> {
-    let mut map: Vec<(&'static str, Option<&'a mut DeviceBuffer<f32>>)> =
+fn grads<'a, 'b: 'a>(form: GateForm, bufs: &'a mut [(&'static str, BufferViewMut<'b, f32>)]) -> GateGrads<'a> {
+    let mut map: Vec<(&'static str, Option<&'a mut BufferViewMut<'b, f32>>)> =
         bufs.iter_mut().map(|(n, b)| (*n, Some(b))).collect();
     let mut take = |name: &str| -> Option<&'a mut dyn moe_kernels::DeviceSliceMut<f32>> {
         map.iter_mut()
@@ -230,21 +259,24 @@ impl Outputs {
 fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x: &[f64], dz: &[f64]) -> Outputs {
     let shape = case.shape;
     let what = format!("{case:?} {} on {}", T::NAME, device.description());
-    let up = upload_params::<T>(device, host);
+    let placed = upload_params::<T>(device, host, case.offset);
+    let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
     let w = weights(case.form, &up);
-    let x_dev = device
-        .upload(&x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
-        .unwrap();
-    let dz_dev = device
-        .upload(&dz.iter().map(|&v| v as f32).collect::<Vec<_>>())
-        .unwrap();
+    let at = |i| view_offset(case.offset, i + 5);
+    let x_dev = AtOffset::upload(
+        device,
+        &x.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>(),
+        at(0),
+    );
+    let dz_dev = AtOffset::upload(device, &dz.iter().map(|&v| v as f32).collect::<Vec<_>>(), at(1));
     // Outputs start as garbage so an element the kernels never write shows.
-    let mut z = device.upload(&vec![f32::NAN; shape.z_len()]).unwrap();
-    let mut dx = device.upload(&vec![T::from_f32(f32::NAN); shape.x_len()]).unwrap();
-    let mut grad_bufs: Vec<(&'static str, DeviceBuffer<f32>)> = host
+    let mut z = AtOffset::upload(device, &vec![f32::NAN; shape.z_len()], at(2));
+    let mut dx = AtOffset::upload(device, &vec![T::from_f32(f32::NAN); shape.x_len()], at(3));
+    let mut grad_bufs: Vec<(&'static str, AtOffset<f32>)> = host
         .tensors()
         .into_iter()
-        .map(|(n, t)| (n, device.upload(&vec![f32::NAN; t.len()]).unwrap()))
+        .enumerate()
+        .map(|(i, (n, t))| (n, AtOffset::upload(device, &vec![f32::NAN; t.len()], at(4 + i))))
         .collect();
     // The size helper lists exactly the parameters the case holds, with their lengths.
     let listed: Vec<(&str, usize)> = w
@@ -255,10 +287,11 @@ fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x:
     let held: Vec<(&str, usize)> = host.tensors().iter().map(|(n, t)| (*n, t.len())).collect();
     assert_eq!(listed, held, "{what}: GateWeights::params");
     let ws_len = gate::backward_workspace_len(case.form, &shape).unwrap();
-    let mut ws = device.upload(&vec![f32::NAN; ws_len]).unwrap();
+    let mut ws = AtOffset::upload(device, &vec![f32::NAN; ws_len], at(9));
 
+    let mut grad_views: Vec<_> = grad_bufs.iter_mut().map(|(n, b)| (*n, b.view_mut())).collect();
     let before = device.stats();
-    gate::scores(device, &shape, &w, &x_dev, &mut z).unwrap_or_else(|e| panic!("{what}: {e}"));
+    gate::scores(device, &shape, &w, &x_dev.view(), &mut z.view_mut()).unwrap_or_else(|e| panic!("{what}: {e}"));
     let after_forward = device.stats();
     let has_tokens = u64::from(shape.tokens > 0);
     assert_eq!(
@@ -270,13 +303,14 @@ fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x:
         device,
         &shape,
         &w,
-        &x_dev,
-        &dz_dev,
-        &mut dx,
-        grads(case.form, &mut grad_bufs),
-        &mut ws,
+        &x_dev.view(),
+        &dz_dev.view(),
+        &mut dx.view_mut(),
+        grads(case.form, &mut grad_views),
+        &mut ws.view_mut(),
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
+    drop(grad_views);
     let coef = u64::from(case.form != GateForm::Linear);
     let sum_over_experts = u64::from(matches!(case.form, GateForm::Attention | GateForm::Full));
     let backward_launches = has_tokens * (coef + sum_over_experts + 1) + grad_bufs.len() as u64;
@@ -293,12 +327,9 @@ fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x:
 
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
     Outputs {
-        z: bits(device.download(&z).unwrap()),
-        dx: bits(to_f32(&device.download(&dx).unwrap())),
-        grads: grad_bufs
-            .iter()
-            .map(|(n, b)| (*n, bits(device.download(b).unwrap())))
-            .collect(),
+        z: bits(z.download(device)),
+        dx: bits(to_f32(&dx.download(device))),
+        grads: grad_bufs.iter().map(|(n, b)| (*n, bits(b.download(device)))).collect(),
     }
 }
 
@@ -820,4 +851,59 @@ fn backward_refuses_bad_inputs() {
         },
         &mut short_ws
     );
+}
+
+/// Every buffer a view at odd element offsets (cudarc sub-slices; 2 bytes off 16-byte
+/// alignment for 16-bit X and weights) with odd d: every form, forward and backward, in every
+/// dtype, right on every device (the kernels fall back to element-wise loads). Edge sizes: no
+/// tokens, one expert.
+mod unaligned {
+    use super::*;
+
+    #[test]
+    fn every_form_at_odd_offsets() {
+        for offset in [1, 2] {
+            for dtype in 0..3 {
+                for form in [
+                    GateForm::Linear,
+                    GateForm::LowRank,
+                    GateForm::Symmetric,
+                    GateForm::Attention,
+                ] {
+                    let case = Case {
+                        offset,
+                        ..Case::new(form, 70, 19, 37, 5)
+                    };
+                    check_all_dtypes(&case, dtype);
+                }
+                check_all_dtypes(
+                    &Case {
+                        offset,
+                        ..Case::new(GateForm::Full, 33, 9, 5, 1)
+                    },
+                    dtype,
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn aligned_16bit_sizes_at_odd_offsets_no_tokens_and_one_expert() {
+        for (tokens, dim, experts) in [(66, 32, 130), (0, 24, 8), (9, 16, 1), (0, 5, 1)] {
+            for form in GateForm::ALL {
+                let case = Case {
+                    offset: 3,
+                    ..Case::new(
+                        form,
+                        tokens,
+                        dim.min(if form == GateForm::Full { 8 } else { dim }),
+                        experts,
+                        4,
+                    )
+                };
+                check_all_dtypes(&case, 1);
+                check_all_dtypes(&case, 2);
+            }
+        }
+    }
 }

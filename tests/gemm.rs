@@ -10,6 +10,8 @@ mod bad_inputs;
 mod common;
 #[path = "gemm/forward.rs"]
 mod forward;
+#[path = "gemm/unaligned.rs"]
+mod unaligned;
 
 use common::{Rng, Tolerance};
 use moe_kernels::ops::FloatElement;

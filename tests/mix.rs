@@ -4,7 +4,7 @@
 //! validation error; one launch and no host sync per op.
 mod common;
 
-use common::{Rng, Tolerance, assert_close, devices};
+use common::{AtOffset, Rng, Tolerance, assert_close, devices, view_offset};
 use moe_kernels::device::EmulatorDevice;
 use moe_kernels::device::emulator::profiling_build;
 use moe_kernels::device::profile::{Access, Space};
@@ -21,6 +21,8 @@ struct Case<T> {
     y_disc: Vec<T>,
     dy: Vec<T>,
     d: usize,
+    /// Every buffer a view at `common::view_offset(offset, i)` (0: the buffers themselves).
+    offset: usize,
 }
 
 fn wide<T: FloatElement>(v: &[T]) -> Vec<f64> {
@@ -39,6 +41,7 @@ fn random_case<T: FloatElement>(rng: &mut Rng, tokens: usize, d: usize) -> Case<
         y_disc,
         dy,
         d,
+        offset: 0,
     }
 }
 
@@ -52,30 +55,32 @@ struct Gradients {
 
 /// Runs forward and backward once each (asserting one launch apiece and no host sync).
 fn run<T: FloatElement>(device: &Device, case: &Case<T>) -> (Vec<f32>, Gradients) {
-    let logits = device.upload(&case.logits).unwrap();
+    let at = |i| view_offset(case.offset, i);
+    let logits = AtOffset::upload(device, &case.logits, at(0));
     let (cont, disc, dy) = (
-        device.upload(&case.y_cont).unwrap(),
-        device.upload(&case.y_disc).unwrap(),
-        device.upload(&case.dy).unwrap(),
+        AtOffset::upload(device, &case.y_cont, at(1)),
+        AtOffset::upload(device, &case.y_disc, at(2)),
+        AtOffset::upload(device, &case.dy, at(3)),
     );
     let n = case.y_cont.len();
-    let mut y = device.alloc_zeros::<T>(n).unwrap();
-    let mut dcont = device.alloc_zeros::<T>(n).unwrap();
-    let mut ddisc = device.alloc_zeros::<T>(n).unwrap();
-    let mut dlogits = device.alloc_zeros::<f32>(case.logits.len()).unwrap();
+    let mut y = AtOffset::<T>::zeros(device, n, at(4));
+    let mut dcont = AtOffset::<T>::zeros(device, n, at(5));
+    let mut ddisc = AtOffset::<T>::zeros(device, n, at(6));
+    let mut dlogits = AtOffset::<f32>::zeros(device, case.logits.len(), at(7));
+    let (logits_v, cont_v, disc_v, dy_v) = (logits.view(), cont.view(), disc.view(), dy.view());
     let before = device.stats();
-    mix::forward(device, &logits, &cont, &disc, case.d, &mut y).unwrap();
+    mix::forward(device, &logits_v, &cont_v, &disc_v, case.d, &mut y.view_mut()).unwrap();
     let between = device.stats();
     mix::backward(
         device,
-        &logits,
-        &cont,
-        &disc,
-        &dy,
+        &logits_v,
+        &cont_v,
+        &disc_v,
+        &dy_v,
         case.d,
-        &mut dcont,
-        &mut ddisc,
-        &mut dlogits,
+        &mut dcont.view_mut(),
+        &mut ddisc.view_mut(),
+        &mut dlogits.view_mut(),
     )
     .unwrap();
     let after = device.stats();
@@ -83,11 +88,11 @@ fn run<T: FloatElement>(device: &Device, case: &Case<T>) -> (Vec<f32>, Gradients
     assert_eq!(after.launches - between.launches, 1, "backward is one launch");
     assert_eq!(after.host_syncs, before.host_syncs, "mix ops must not sync");
     let grads = Gradients {
-        dy_cont: narrow(&device.download(&dcont).unwrap()),
-        dy_disc: narrow(&device.download(&ddisc).unwrap()),
-        dlogits: device.download(&dlogits).unwrap(),
+        dy_cont: narrow(&dcont.download(device)),
+        dy_disc: narrow(&ddisc.download(device)),
+        dlogits: dlogits.download(device),
     };
-    (narrow(&device.download(&y).unwrap()), grads)
+    (narrow(&y.download(device)), grads)
 }
 
 /// Every output against the reference: rows within the dtype's rounding (one rounding of an
@@ -308,5 +313,38 @@ fn bad_inputs_are_errors_naming_the_argument() {
             launches,
             "{device:?}: a rejected call launched a kernel"
         );
+    }
+}
+
+/// Every buffer a view at odd element offsets (cudarc sub-slices; the 16-bit rows 2 bytes off
+/// 16-byte alignment), d a multiple of 8 (which would take the 16-byte path if aligned) and odd:
+/// right on every device, through the element-wise path.
+mod unaligned {
+    use super::*;
+
+    fn at_offset<T: FloatElement>(rng: &mut Rng, tokens: usize, d: usize, offset: usize) -> Case<T> {
+        Case {
+            offset,
+            ..random_case(rng, tokens, d)
+        }
+    }
+
+    #[test]
+    fn rows_at_odd_offsets() {
+        let mut rng = Rng::new(90);
+        for (tokens, d) in [(13, 64), (7, 37), (0, 8), (1, 1)] {
+            for offset in [1, 2, 4] {
+                let cases = (
+                    at_offset::<f32>(&mut rng, tokens, d, offset),
+                    at_offset::<half::f16>(&mut rng, tokens, d, offset),
+                    at_offset::<half::bf16>(&mut rng, tokens, d, offset),
+                );
+                for device in devices() {
+                    check(&device, &cases.0);
+                    check(&device, &cases.1);
+                    check(&device, &cases.2);
+                }
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! gradients against finite differences; every validation error.
 mod common;
 
-use common::{Rng, Tolerance, assert_close, devices};
+use common::{AtOffset, Rng, Tolerance, assert_close, devices, view_offset};
 use moe_kernels::device::EmulatorDevice;
 use moe_kernels::device::emulator::profiling_build;
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder};
@@ -23,21 +23,43 @@ struct Selected {
 
 /// Runs `select` (asserting one launch and no host sync) and downloads its outputs.
 fn run_select(device: &Device, config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> Selected {
+    run_select_at(device, config, logits, bias, 0)
+}
+
+/// [`run_select`] with every buffer a view at `common::view_offset(offset, i)`.
+fn run_select_at(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    offset: usize,
+) -> Selected {
+    let at = |i| view_offset(offset, i);
     let slots = logits.len() / config.experts * config.k;
-    let z = device.upload(logits).unwrap();
-    let bias = bias.map(|b| device.upload(b).unwrap());
-    let mut ids = device.alloc_zeros::<i32>(slots).unwrap();
-    let mut weights = device.alloc_zeros::<f32>(slots).unwrap();
-    let mut counter = device.upload(&[0u32]).unwrap();
+    let z = AtOffset::upload(device, logits, at(0));
+    let bias = bias.map(|b| AtOffset::upload(device, b, at(1)));
+    let mut ids = AtOffset::<i32>::zeros(device, slots, at(2));
+    let mut weights = AtOffset::<f32>::zeros(device, slots, at(3));
+    let mut counter = AtOffset::<u32>::zeros(device, 1, at(4));
+    let bias_view = bias.as_ref().map(|b| b.view());
     let before = device.stats();
-    router::select(device, config, &z, bias.as_ref(), &mut ids, &mut weights, &mut counter).unwrap();
+    router::select(
+        device,
+        config,
+        &z.view(),
+        bias_view.as_ref(),
+        &mut ids.view_mut(),
+        &mut weights.view_mut(),
+        &mut counter.view_mut(),
+    )
+    .unwrap();
     let after = device.stats();
     assert_eq!(after.launches - before.launches, 1, "select is one launch");
     assert_eq!(after.host_syncs, before.host_syncs, "select must not sync");
     Selected {
-        ids: device.download(&ids).unwrap(),
-        weights: device.download(&weights).unwrap(),
-        nonfinite_rows: device.download(&counter).unwrap()[0],
+        ids: ids.download(device),
+        weights: weights.download(device),
+        nonfinite_rows: counter.download(device)[0],
     }
 }
 
@@ -982,5 +1004,166 @@ fn large_batch_select_backward_and_statistics() {
             &want_sums,
             Tolerance::F32.over(tokens),
         );
+    }
+}
+
+/// Every buffer a view at odd element offsets (cudarc sub-slices of bigger tensors): rows of
+/// E % 4 == 0 logits that would take the 16-byte path when aligned, and odd E; every op on
+/// every device against the reference. Edge sizes: no tokens, one expert, k = E.
+mod unaligned {
+    use super::*;
+
+    const EXPERTS: [usize; 6] = [1, 3, 8, 13, 64, 300];
+
+    #[test]
+    fn select_and_backward_at_odd_offsets() {
+        let mut rng = Rng::new(120);
+        for experts in EXPERTS {
+            for tokens in [0, 1, 9] {
+                for k in [1, experts.min(32)] {
+                    let config = RouterConfig {
+                        k,
+                        ..random_config(&mut rng, experts)
+                    };
+                    let config = RouterConfig {
+                        groups: 1,
+                        topk_groups: 1,
+                        ..config
+                    };
+                    let logits = random_logits(&mut rng, &config, tokens, Rows::WithSpecials);
+                    let bias = random_bias(&mut rng, experts);
+                    let ids = reference::select(&config, &logits, None).ids;
+                    let d_weights = rng.normals(ids.len(), 1.0);
+                    let want_dz = reference::select_backward(&config, &logits, &ids, &d_weights);
+                    for device in devices() {
+                        for offset in [1, 2] {
+                            let got = run_select_at(&device, &config, &logits, bias.as_deref(), offset);
+                            check_selection(&config, &logits, bias.as_deref(), &got);
+                            let at = |i| view_offset(offset, i);
+                            let (z, d_ids, dw) = (
+                                AtOffset::upload(&device, &logits, at(0)),
+                                AtOffset::upload(&device, &ids, at(1)),
+                                AtOffset::upload(&device, &d_weights, at(2)),
+                            );
+                            let mut dz = AtOffset::upload(&device, &vec![f32::NAN; logits.len()], at(3));
+                            router::select_backward(
+                                &device,
+                                &config,
+                                &z.view(),
+                                &d_ids.view(),
+                                &dw.view(),
+                                &mut dz.view_mut(),
+                            )
+                            .unwrap();
+                            let tol = Tolerance::F32.over(config.k).scaled(config.scale as f64);
+                            assert_close(
+                                &format!("dz E={experts} k={k} T={tokens}"),
+                                &dz.download(&device),
+                                &want_dz,
+                                tol,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn statistics_and_losses_at_odd_offsets() {
+        let mut rng = Rng::new(121);
+        for experts in EXPERTS {
+            for tokens in [0, 1, 9] {
+                let router = RouterConfig {
+                    experts,
+                    k: experts.min(3),
+                    ..RouterConfig::default()
+                };
+                let (ids, weights) = random_slots(&mut rng, experts, tokens * router.k);
+                let want_counts = reference::expert_counts(experts, &ids);
+                let want_sums = reference::expert_weight_sums(experts, &ids, &weights);
+                let logits = random_logits(&mut rng, &router, tokens, Rows::Finite);
+                let dz0 = rng.normals(logits.len(), 1.0);
+                let want_z = reference::z_loss(experts, 1e-3, &logits);
+                let mut want_dz: Vec<f64> = dz0.iter().map(|&v| v as f64).collect();
+                reference::z_loss_backward(experts, 1e-3, &logits, &mut want_dz);
+                let selected = reference::select(&router, &logits, None).ids;
+                let aux = AuxLossConfig {
+                    alpha: 0.01,
+                    sequence_length: None,
+                };
+                let want_aux = reference::aux_loss(&router, &aux, &logits, &selected);
+                let mut want_aux_dz: Vec<f64> = dz0.iter().map(|&v| v as f64).collect();
+                reference::aux_loss_backward(&router, &aux, &logits, &selected, &mut want_aux_dz);
+                for device in devices() {
+                    let at = |i| view_offset(3, i);
+                    let (d_ids, d_w) = (
+                        AtOffset::upload(&device, &ids, at(0)),
+                        AtOffset::upload(&device, &weights, at(1)),
+                    );
+                    let mut counts = AtOffset::upload(&device, &vec![-7i32; experts], at(2));
+                    let mut sums = AtOffset::upload(&device, &vec![f32::NAN; experts], at(3));
+                    let ws_len = router::expert_statistics_workspace_len(&router, tokens).unwrap();
+                    let mut ws = AtOffset::upload(&device, &vec![f32::NAN; ws_len], at(4));
+                    let z = AtOffset::upload(&device, &logits, at(5));
+                    let mut row_lse = AtOffset::<f32>::zeros(&device, tokens, at(6));
+                    let mut loss = AtOffset::upload(&device, &[f32::NAN], at(7));
+                    let mut dz = AtOffset::upload(&device, &dz0, at(8));
+                    let d_sel = AtOffset::upload(&device, &selected, at(9));
+                    let mut workspace = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
+                    let mut aux_loss = AtOffset::<f32>::zeros(&device, 1, at(10));
+                    let mut aux_dz = AtOffset::upload(&device, &dz0, at(11));
+                    let zv = z.view();
+                    let before = device.stats();
+                    router::expert_statistics(
+                        &device,
+                        &router,
+                        &d_ids.view(),
+                        &d_w.view(),
+                        &mut ws.view_mut(),
+                        &mut counts.view_mut(),
+                        &mut sums.view_mut(),
+                    )
+                    .unwrap();
+                    router::z_loss(
+                        &device,
+                        &router,
+                        1e-3,
+                        &zv,
+                        &mut row_lse.view_mut(),
+                        &mut loss.view_mut(),
+                    )
+                    .unwrap();
+                    router::z_loss_backward(&device, &router, 1e-3, &zv, &row_lse.view(), &mut dz.view_mut()).unwrap();
+                    router::aux_loss(
+                        &device,
+                        &router,
+                        &aux,
+                        &zv,
+                        &d_sel.view(),
+                        &mut workspace,
+                        &mut aux_loss.view_mut(),
+                    )
+                    .unwrap();
+                    router::aux_loss_backward(&device, &router, &aux, &zv, &workspace, &mut aux_dz.view_mut()).unwrap();
+                    assert_eq!(
+                        device.stats().host_syncs,
+                        before.host_syncs,
+                        "a router op synced the host"
+                    );
+                    assert_eq!(device.stats().launches - before.launches, 2 + 3 + 5, "launches");
+
+                    assert_eq!(counts.download(&device), want_counts, "E={experts} T={tokens} counts");
+                    let tol = Tolerance::F32.over(tokens * router.k);
+                    assert_close("weight sums", &sums.download(&device), &want_sums, tol);
+                    let scalar = Tolerance { atol: 1e-7, rtol: 1e-4 };
+                    let grad = Tolerance::F32.over(experts);
+                    assert_close("z-loss", &loss.download(&device), &[want_z], scalar);
+                    assert_close("z-loss dz", &dz.download(&device), &want_dz, grad);
+                    assert_close("aux loss", &aux_loss.download(&device), &[want_aux], scalar);
+                    assert_close("aux dz", &aux_dz.download(&device), &want_aux_dz, grad);
+                }
+            }
+        }
     }
 }

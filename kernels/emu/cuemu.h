@@ -109,12 +109,20 @@ void cp_async_commit();
 void cp_async_wait_group(unsigned pending);
 [[noreturn]] void trap(const char* file, int line);
 [[noreturn]] void fail(const char* message);  // abandons the block: the launch returns the message
+// The GPU faults ("misaligned address") on an access whose address is not a multiple of its
+// width; these fail the launch with the access, the address and the alignment it needs.
+[[noreturn]] void misaligned(const char* access, const void* address, unsigned alignment);
+inline void check_aligned(const void* address, unsigned alignment, const char* access) {
+  if (reinterpret_cast<uintptr_t>(address) & (alignment - 1)) misaligned(access, address, alignment);
+}
 #ifdef CUEMU_PROFILE
 void profile_atomic(const void* p, unsigned bytes);  // the caller's address is the site
 #define CUEMU_PROFILE_ATOMIC(p) ::cuemu::profile_atomic(p, sizeof(*(p)))
 #else
 #define CUEMU_PROFILE_ATOMIC(p) ((void)0)
 #endif
+// Every atomic checks its address first: atomics need natural alignment on the GPU.
+#define CUEMU_ATOMIC_ENTRY(p) (::cuemu::check_aligned(p, sizeof(*(p)), "atomic"), CUEMU_PROFILE_ATOMIC(p))
 
 // What EMU_EXPORT publishes for one kernel; Rust reads it (src/device/emulator.rs).
 constexpr unsigned kMaxParams = 32;
@@ -188,7 +196,10 @@ inline float min(float a, float b) { return fminf(a, b); }
 inline float max(float a, float b) { return fmaxf(a, b); }
 inline double min(double a, double b) { return fmin(a, b); }
 inline double max(double a, double b) { return fmax(a, b); }
-template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldg(const T* p) {
+  ::cuemu::check_aligned(p, alignof(T), "__ldg");
+  return *p;
+}
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
 inline void __nanosleep(unsigned) {}
@@ -198,25 +209,25 @@ inline void __nanosleep(unsigned) {}
 // Relaxed, device scope. Fibers of one block never preempt each other, but blocks run on
 // several OS threads at once, so these are real atomic instructions.
 #define CUEMU_ATOMIC_INT(T)                                                                      \
-  inline T atomicAdd(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicSub(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicAnd(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicOr(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }             \
-  inline T atomicXor(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }           \
-  inline T atomicExch(T* p, T v) { CUEMU_PROFILE_ATOMIC(p); return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }         \
+  inline T atomicAdd(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicSub(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicAnd(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_and(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicOr(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }             \
+  inline T atomicXor(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_xor(p, v, __ATOMIC_RELAXED); }           \
+  inline T atomicExch(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }         \
   inline T atomicCAS(T* p, T expected, T v) {                                                    \
-    CUEMU_PROFILE_ATOMIC(p);                                                                     \
+    CUEMU_ATOMIC_ENTRY(p);                                                                     \
     __atomic_compare_exchange_n(p, &expected, v, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);     \
     return expected;                                                                             \
   }                                                                                              \
   inline T atomicMax(T* p, T v) {                                                                \
-    CUEMU_PROFILE_ATOMIC(p);                                                                     \
+    CUEMU_ATOMIC_ENTRY(p);                                                                     \
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
     while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
     return old;                                                                                  \
   }                                                                                              \
   inline T atomicMin(T* p, T v) {                                                                \
-    CUEMU_PROFILE_ATOMIC(p);                                                                     \
+    CUEMU_ATOMIC_ENTRY(p);                                                                     \
     T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
     while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
     return old;                                                                                  \
@@ -227,7 +238,7 @@ CUEMU_ATOMIC_INT(unsigned long long)
 CUEMU_ATOMIC_INT(long long)
 #undef CUEMU_ATOMIC_INT
 template <class F, class Bits> inline F cuemu_atomic_float_add(F* p, F v) {
-  CUEMU_PROFILE_ATOMIC(p);
+  CUEMU_ATOMIC_ENTRY(p);
   Bits* q = reinterpret_cast<Bits*>(p);
   Bits old = __atomic_load_n(q, __ATOMIC_RELAXED);
   while (!__atomic_compare_exchange_n(q, &old, cuemu_bitcast<Bits>(cuemu_bitcast<F>(old) + v), true,

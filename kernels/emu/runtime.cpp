@@ -473,11 +473,13 @@ void complete_copies(Fiber& f, unsigned pending_groups) {
 // ------------------------------------------------------------------ block execution
 constexpr unsigned char kCanaryByte = 0xCA;
 
+#ifndef CUEMU_ASAN  // under ASan the canary is poisoned instead: an overflow is reported at once
 bool canary_intact(const Fiber& f) {
   for (size_t i = 0; i < Worker::kCanary; ++i)
     if (static_cast<unsigned char>(f.stack_lo[i]) != kCanaryByte) return false;
   return true;
 }
+#endif
 
 [[noreturn]] void fiber_exit(Worker& w, Fiber* f) {
 #ifndef CUEMU_ASAN
@@ -761,7 +763,7 @@ void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row) {
   LaneSlot& s = tl_worker->slots[tl_fiber->linear];
   s.aux = num | uint32_t(trans) << 8;
   if (tl_fiber->lane < 8 * num) {  // this lane's row is read now, when the lane arrives
-    if (reinterpret_cast<uintptr_t>(row) & 15) fail_block("ldmatrix: row address %p is not 16-byte aligned", row);
+    check_aligned(row, 16, "ldmatrix row");
     memcpy(s.in, row, 16);
 #ifdef CUEMU_PROFILE
     profiler::record(row, 16, profiler::Access::Load, uintptr_t(__builtin_return_address(0)));
@@ -772,8 +774,12 @@ void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row) {
 }
 
 void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
-  if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) & (bytes - 1))
-    fail_block("cp.async of %u bytes: misaligned address (dst %p, src %p)", bytes, dst, src);
+  check_aligned(dst, bytes, bytes == 16 ? "cp.async (16 bytes) shared destination"
+                           : bytes == 8 ? "cp.async (8 bytes) shared destination"
+                                        : "cp.async (4 bytes) shared destination");
+  check_aligned(src, bytes, bytes == 16 ? "cp.async (16 bytes) global source"
+                           : bytes == 8 ? "cp.async (8 bytes) global source"
+                                        : "cp.async (4 bytes) global source");
   if (src_bytes > bytes) fail_block("cp.async: src-size %u exceeds the copy size %u", src_bytes, bytes);
   Fiber& f = *tl_fiber;
   f.copies.push_back({dst, src, bytes, src_bytes, f.committed_groups});
@@ -788,6 +794,14 @@ void cp_async_wait_group(unsigned pending) { complete_copies(*tl_fiber, pending)
 
 void trap(const char* file, int line) { fail_block("__trap() at %s:%d", file, line); }
 void fail(const char* message) { fail_block("%s", message); }
+void misaligned(const char* access, const void* address, unsigned alignment) {
+  if (!tl_worker || !tl_fiber) {
+    fprintf(stderr, "cuemu: misaligned address: %s at %p needs %u-byte alignment\n", access, address, alignment);
+    abort();
+  }
+  fail_block("misaligned address: %s at %p needs %u-byte alignment (the GPU faults here); CUDA thread (%u,%u,%u)",
+             access, address, alignment, threadIdx.x, threadIdx.y, threadIdx.z);
+}
 
 #ifdef CUEMU_PROFILE
 __attribute__((noinline)) void profile_atomic(const void* p, unsigned bytes) {
@@ -804,6 +818,45 @@ bool profiler::current_lane(LaneView* out) {
 #endif
 
 }  // namespace cuemu
+
+// ------------------------------------------------------------------ alignment of plain accesses
+// The kernel files are compiled with -fsanitize=alignment (build/emulator.rs): the compiler
+// checks every typed access in kernel code (a float2 or a uint32_t store through a cast
+// pointer, ...) and calls these handlers on a misaligned one. They are the only UBSan
+// entry points that flag emits, so no UBSan runtime is linked. Layouts: compiler-rt's
+// ubsan_handlers.h (the same in GCC's libsanitizer).
+namespace {
+struct UbsanSourceLocation {
+  const char* file;
+  uint32_t line, column;
+};
+struct UbsanTypeDescriptor {
+  uint16_t kind, info;
+  char name[1];
+};
+struct UbsanTypeMismatch {
+  UbsanSourceLocation location;
+  const UbsanTypeDescriptor* type;
+  unsigned char log_alignment, check_kind;
+};
+const char* ubsan_check_kind(unsigned char kind) {
+  static const char* const names[] = {"load of", "store to", "reference binding to", "member access within",
+                                      "member call on"};
+  return kind < sizeof names / sizeof *names ? names[kind] : "access to";
+}
+[[noreturn]] void ubsan_misaligned(const UbsanTypeMismatch* data, uintptr_t pointer) {
+  char access[512];
+  snprintf(access, sizeof access, "%s %s (%s:%u)", ubsan_check_kind(data->check_kind), data->type->name,
+           data->location.file, data->location.line);
+  cuemu::misaligned(access, reinterpret_cast<const void*>(pointer), 1u << data->log_alignment);
+}
+}  // namespace
+extern "C" void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* data, uintptr_t pointer) {
+  ubsan_misaligned(data, pointer);
+}
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(const UbsanTypeMismatch* data, uintptr_t pointer) {
+  ubsan_misaligned(data, pointer);
+}
 
 // ------------------------------------------------------------------ host-side API
 // Mirrors of the Rust structs in src/device/emulator.rs (repr(C)).

@@ -29,13 +29,15 @@ typedef int64_t i64;
 
 // One 16-byte global access (ld.global.v4 / st.global.v4 on the GPU). On the emulator it is
 // a single 128-bit access too, which the memory profiler sees at its real width (a plain
-// struct copy would be split into its fields by the host compiler). p: 16-byte aligned.
+// struct copy would be split into its fields by the host compiler). p: 16-byte aligned; the
+// emulator fails the launch on a misaligned p, as the GPU would.
 template <class T>
 __device__ __forceinline__ T load_128(const T* p) {
   static_assert(sizeof(T) == 16, "load_128 moves 16 bytes");
 #ifdef __CUDACC__
   return *p;
 #else
+  ::cuemu::check_aligned(p, 16, "load_128");  // the GPU faults: "misaligned address"
   typedef int bits128 __attribute__((vector_size(16)));
   const bits128 bits = *reinterpret_cast<const bits128*>(p);
   T v;
@@ -49,6 +51,7 @@ __device__ __forceinline__ void store_128(T* p, const T& v) {
 #ifdef __CUDACC__
   *p = v;
 #else
+  ::cuemu::check_aligned(p, 16, "store_128");
   typedef int bits128 __attribute__((vector_size(16)));
   bits128 bits;
   memcpy(&bits, &v, 16);

@@ -134,10 +134,12 @@ template <class T> struct Epilogue {
     put(r * ld + h + c, v * g * sg);
   }
   // Columns c and c + 1 of row r, those below cols: one 2-element store where it can (plain
-  // store, both inside, an even element index: 4- or 8-byte aligned), else one at a time.
+  // store, both inside, an address aligned to the pair: out may be a view at any element),
+  // else one at a time.
   __device__ __forceinline__ void adjacent(i64 r, i64 c, float v0, float v1, float s, i64 cols) const {
     const i64 i = r * ld + c;
-    if (mode == EPI_STORE && c + 1 < cols && i % 2 == 0) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(out) + uintptr_t(i) * (out_f32 ? 4 : sizeof(T));
+    if (mode == EPI_STORE && c + 1 < cols && address % (out_f32 ? 8 : 2 * sizeof(T)) == 0) {
       if (out_f32) {
         *reinterpret_cast<float2*>(static_cast<float*>(out) + i) = make_float2(v0 * s, v1 * s);
       } else {

@@ -96,7 +96,8 @@ impl<T: Element> Drop for HostBuffer<T> {
     }
 }
 
-/// An owned array of `T` on one device.
+/// An owned array of `T` on one device; [`slice`](Self::slice) and [`slice_mut`](Self::slice_mut)
+/// view a range of it (`src/device/view.rs`).
 pub enum DeviceBuffer<T: Element> {
     Cuda(CudaSlice<T>),
     Host(HostBuffer<T>),

@@ -15,12 +15,14 @@ pub mod launch;
 pub mod memory;
 pub mod profile;
 pub mod registry;
+pub mod view;
 
 pub use cuda::CudaDevice;
 #[cfg(feature = "emulator")]
 pub use emulator::{EmulatorDevice, Schedule};
 pub use launch::{KernelArgs, LaunchConfig};
 pub use memory::{DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, HostBuffer};
+pub use view::{BufferView, BufferViewMut};
 
 use crate::{Error, Result};
 use std::collections::BTreeMap;

@@ -34,6 +34,9 @@
 //! larger than [`MAX_WEIGHT`] in magnitude, counts nowhere and adds nothing; it is counted in
 //! [`EsftStatistics::skipped_slots`]. Its token still counts in T, so skipped slots lower the
 //! scores' total below 1 (token) or the mean weight (gate).
+//!
+//! **Alignment.** `ids` and `weights` may be views at any element (they are read element by
+//! element).
 use super::router::MAX_EXPERTS;
 use super::{check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};

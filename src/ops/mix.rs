@@ -11,6 +11,10 @@
 //! equal infinities, gives `a0 = a1 = NaN`, which propagates to every output of that token; one
 //! infinite logit against a finite one gives the limit `(1, 0)` or `(0, 1)`.
 //!
+//! **Alignment.** Any row tensor may be a view at any element: rows move 16 bytes at a time only
+//! when d is a multiple of the 16-byte vector and every row tensor of the call starts 16-byte
+//! aligned, else element by element.
+//!
 //! One launch per op; no host sync.
 use super::{FloatElement, check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};

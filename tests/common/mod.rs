@@ -3,8 +3,8 @@
 //! Each test file includes it with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
-use moe_kernels::Error;
 use moe_kernels::device::{Device, available_devices};
+use moe_kernels::{BufferView, BufferViewMut, DeviceBuffer, Element, Error};
 
 /// Every device available here (the emulator, and a GPU when there is one). Prints why a
 /// device was skipped; `MOE_REQUIRE_GPU=1` turns a missing GPU into a failure.
@@ -146,4 +146,59 @@ pub fn assert_refused(device: &Device, argument: &str, op: impl FnOnce() -> moe_
         launches,
         "{argument}: launched after a refusal"
     );
+}
+
+/// A buffer whose data starts `offset` elements in, like a cudarc view of a bigger tensor:
+/// for 16-bit elements an odd offset is 2 bytes off every 16-byte boundary (device buffers
+/// themselves start 256-byte aligned). The padding before the data is zeros.
+pub struct AtOffset<T: Element> {
+    pub buffer: DeviceBuffer<T>,
+    pub offset: usize,
+}
+
+impl<T: Element> AtOffset<T> {
+    pub fn upload(device: &Device, data: &[T], offset: usize) -> Self {
+        let mut padded = vec![<T as bytemuck::Zeroable>::zeroed(); offset];
+        padded.extend_from_slice(data);
+        AtOffset {
+            buffer: device.upload(&padded).expect("upload"),
+            offset,
+        }
+    }
+
+    pub fn zeros(device: &Device, len: usize, offset: usize) -> Self {
+        AtOffset {
+            buffer: device.alloc_zeros(offset + len).expect("alloc"),
+            offset,
+        }
+    }
+
+    pub fn view(&self) -> BufferView<'_, T> {
+        self.buffer.slice(self.offset..).expect("view")
+    }
+
+    pub fn view_mut(&mut self) -> BufferViewMut<'_, T> {
+        self.buffer.slice_mut(self.offset..).expect("view")
+    }
+
+    /// The view's elements; the padding before them must still be zeros (nothing wrote
+    /// outside the view).
+    pub fn download(&self, device: &Device) -> Vec<T> {
+        let all = device.download(&self.buffer).expect("download");
+        let zero = <T as bytemuck::Zeroable>::zeroed();
+        assert!(
+            all[..self.offset]
+                .iter()
+                .all(|v| bytemuck::bytes_of(v) == bytemuck::bytes_of(&zero)),
+            "a write landed before the view"
+        );
+        all[self.offset..].to_vec()
+    }
+}
+
+/// The element offset of argument number `i` of a call whose buffers are views at `off`: 0
+/// for every argument when `off` is 0, else offsets in 1..=7 (never a whole 16 bytes of a
+/// 16-bit type) that differ between neighbouring arguments.
+pub fn view_offset(off: usize, i: usize) -> usize {
+    if off == 0 { 0 } else { 1 + (off + 2 * i) % 7 }
 }

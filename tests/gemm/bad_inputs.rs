@@ -3,7 +3,9 @@
 use super::common::{Rng, devices};
 use super::{DeviceGroups, Problem};
 use half::{bf16, f16};
-use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups};
+use moe_kernels::ops::gemm::{
+    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, Groups,
+};
 use moe_kernels::{Device, DeviceBuffer, Error, Result};
 
 #[track_caller]
@@ -75,10 +77,13 @@ fn forward_rejects_bad_inputs() {
         let mut f = fresh();
         f.config.epilogue = Epilogue::SwiGlu; // out must then be [rows, N/2]
         assert_names(f.run(&dg.groups(&p)), "out");
+        // Sizes the tensor-core tiles cannot take (GemmPath::Auto would run the decode kernel).
         let mut f = fresh();
+        f.config.path = GemmPath::Tiled;
         f.shape.k = 20;
         assert_names(f.run(&dg.groups(&p)), "shape.k");
         let mut f = fresh();
+        f.config.path = GemmPath::Tiled;
         f.shape.n = 12;
         assert_names(f.run(&dg.groups(&p)), "shape.n");
         let mut f = fresh();

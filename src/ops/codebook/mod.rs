@@ -29,6 +29,11 @@
 //! X and C, and refuses other inputs with an error naming `shape.dim`, `x` or `codes`. The
 //! other ops take any d in every dtype.
 //!
+//! **Alignment.** Apart from X and C of 16-bit [`nearest`], every buffer may be a view at any
+//! element (norms, ids, distances, experts, workspaces, q, x̃, dx, dC, the EMA state, and X and
+//! C of the other ops): each kernel reads and writes 16-byte runs only where all the rows it
+//! touches start 16-byte aligned, and element by element otherwise.
+//!
 //! **Ids from the device.** Ops that take ids cannot reject an id outside `[0, Nc)` without a
 //! host sync: [`quantize`], [`losses`] and [`losses_backward`] read such a token's code as a
 //! zero row, and [`code_order`] leaves it out of every segment (no dC or EMA contribution).

@@ -29,6 +29,12 @@
 //! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
 //! `U = A_e` and `V = I` (rank d), so it loops over d/4 chunks: O(T·E·d²), for small d.
+//!
+//! **Alignment.** Every operand may be a view at any element, in every dtype and on every path:
+//! rows are read with 16-byte loads only when every row start of that operand is 16-byte
+//! aligned (`rows_aligned_16`), else element by element (the tensor-core tiles stage their
+//! operands through shared memory, so they take unaligned inputs too); outputs are written
+//! element by element.
 
 mod backward;
 

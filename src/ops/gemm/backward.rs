@@ -65,7 +65,8 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     gu: Option<&impl DeviceSlice<T>>,
     out: &mut impl DeviceSliceMut<O>,
 ) -> Result<()> {
-    shape.validate::<T>()?;
+    shape.validate()?;
+    shape.check_tile_sizes::<T>()?;
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
     check_len("b", b, shape.weight_len()?, || {
@@ -156,7 +157,8 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
     accumulate: bool,
     db: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    shape.validate::<T>()?;
+    shape.validate()?;
+    shape.check_tile_sizes::<T>()?;
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
     let (a_rows, _) = check_a_rows(a, a_mode, &shape, groups)?;

@@ -25,12 +25,16 @@ pub enum Epilogue {
 /// Which forward kernel runs. `Auto` is right outside tests and benches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmPath {
-    /// Decode when `groups.max_group_rows <= DECODE_MAX_ROWS`, else tiles.
+    /// Decode when `groups.max_group_rows <= DECODE_MAX_ROWS`, else tiles; also decode when the
+    /// f16/bf16 tiles cannot take the operands (A or B off 16-byte alignment, N or K not a
+    /// multiple of 8): correct, but slow for big groups.
     #[default]
     Auto,
-    /// Row tiles (tensor cores for f16/bf16, FMA tiles for f32).
+    /// Row tiles (tensor cores for f16/bf16, FMA tiles for f32); for f16/bf16 an `Err` naming
+    /// `a`, `b`, `shape.n` or `shape.k` when the tiles cannot take the operands.
     Tiled,
-    /// The decode kernel: B streamed with 16-byte loads, any group size (slow for big groups).
+    /// The decode kernel: B streamed with 16-byte loads where aligned (element by element
+    /// otherwise), any shape and alignment, any group size (slow for big groups).
     Decode,
 }
 
@@ -85,15 +89,29 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     out: &mut impl DeviceSliceMut<O>,
     gu: Option<&mut impl DeviceSliceMut<T>>,
 ) -> Result<()> {
-    shape.validate::<T>()?;
+    shape.validate()?;
+    if config.path == GemmPath::Tiled {
+        shape.check_tile_sizes::<T>()?;
+    }
     config.validate(&shape)?;
     groups.validate(&shape)?;
     let (a_rows, gather_slots) = check_a_rows(a, config.a_rows, &shape, groups)?;
     check_len("b", b, shape.weight_len()?, || {
         format!("[E, N, K] = [{}, {}, {}]", shape.experts, shape.n, shape.k)
     })?;
-    check_aligned_16(device, "a", a)?;
-    check_aligned_16(device, "b", b)?;
+    // The tiles stream A and B with 16-byte cp.async; the decode kernel reads any layout.
+    let tiles_take_operands = shape
+        .check_tile_sizes::<T>()
+        .and_then(|()| check_aligned_16(device, "a", a))
+        .and_then(|()| check_aligned_16(device, "b", b));
+    let decode = match config.path {
+        GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS || tiles_take_operands.is_err(),
+        GemmPath::Tiled => {
+            tiles_take_operands?;
+            false
+        }
+        GemmPath::Decode => true,
+    };
     let out_f32 = check_out_type::<T, O>("out")?;
     let out_len = forward_out_len(&shape, groups.rows, config.epilogue)?;
     check_len("out", out, out_len, || "[rows, N] (SwiGLU: [rows, N/2])".into())?;
@@ -120,11 +138,6 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     if groups.rows == 0 {
         return Ok(());
     }
-    let decode = match config.path {
-        GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS,
-        GemmPath::Tiled => false,
-        GemmPath::Decode => true,
-    };
     let (mode, out_cols) = match config.epilogue {
         Epilogue::Store => (EPI_STORE, shape.n),
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),

@@ -21,12 +21,23 @@
 //! weight of its slot; 0 for a padding row), for GEMM2's output (SwiGLU: G and U are scaled).
 //!
 //! Paths: f16/bf16 on tensor cores (mma.sync m16n8k16, ldmatrix, 3-stage cp.async, 128x128x32
-//! tiles of 8 warps; K and N multiples of 8), f32 on 64x64 FMA tiles (any shape). When every
+//! tiles of 8 warps; K and N multiples of 8, see **Alignment** below), f32 on 64x64 FMA tiles (any shape). When every
 //! group has at most [`DECODE_MAX_ROWS`] rows (a host-known bound, [`Groups::max_group_rows`]),
 //! the forward streams B with 16-byte loads instead ([`GemmPath::Decode`]). Every op is **one
 //! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
 //! and never waits for the device. All sums run in a fixed order: results are bitwise
 //! reproducible.
+//!
+//! **Alignment** (operands may be views, e.g. cudarc `CudaView`s, at any element; decided on
+//! the host from the pointers, before anything launches): the f16/bf16 tensor-core tiles
+//! stream their operands with 16-byte `cp.async` (forward `a` and `b`, dgrad `dc` and `b`,
+//! wgrad `dc` and `a`), so those must start 16-byte aligned and N, K must be multiples of 8.
+//! Otherwise the forward runs the decode kernel instead (any shape and alignment: right, but
+//! slow for big groups; [`GemmPath::Tiled`] makes it an `Err`), and dgrad and wgrad return an
+//! `Err` naming the operand (`a`, `b`, `dc`) or `shape.n` / `shape.k`. f32 takes any start and
+//! any shape (16-byte loads only where every row is aligned). Outputs (`out`, `gu`, dA, dGU,
+//! dB), the forward's saved `gu` and `row_weights` may start at any element in every dtype:
+//! the epilogue stores two columns at once only at an address aligned for the pair.
 mod backward;
 mod forward;
 
@@ -68,10 +79,16 @@ impl GemmShape {
         elements("b", elements("b", self.experts, self.n)?, self.k)
     }
 
-    fn validate<T: FloatElement>(&self) -> Result<()> {
+    fn validate(&self) -> Result<()> {
         check_range("shape.experts", self.experts, 1..=crate::ops::dispatch::MAX_EXPERTS)?;
         check_range("shape.n", self.n, 1..=i32::MAX as usize)?;
         check_range("shape.k", self.k, 1..=i32::MAX as usize)?;
+        Ok(())
+    }
+
+    /// What the f16/bf16 tensor-core tiles need of the sizes: N and K multiples of 8, so every
+    /// row of a 16-byte aligned operand starts 16-byte aligned (f32 tiles take any shape).
+    fn check_tile_sizes<T: FloatElement>(&self) -> Result<()> {
         if T::NAME != "f32" {
             for (argument, value) in [("shape.n", self.n), ("shape.k", self.k)] {
                 if value % 8 != 0 {
