@@ -16,6 +16,10 @@
 //! out nowhere, and it is counted in `status[STATUS_INVALID_IDS]`. No kernel ever indexes with it.
 //! Likewise the row movers treat `sorted_rows` / `inverse` entries outside their valid range as
 //! `-1` (padding or dropped), so no launch reads or writes out of bounds whatever they hold.
+//!
+//! **Alignment.** Every buffer may be a view at any element: the row movers use 16-byte
+//! accesses only when d is a multiple of 16 bytes and every row operand starts 16-byte aligned,
+//! else they move one element at a time; the map's buffers are i32 accessed one at a time.
 mod map;
 mod rows;
 

@@ -16,6 +16,10 @@
 //! the row softmax (one extra read of `z`) rather than storing a dense `[T, E]` probability
 //! tensor in the forward.
 //!
+//! **Alignment.** Every buffer may be a view at any element: rows of logits (and `dz`) are read
+//! and written 16 bytes at a time only when E is a multiple of 4 and the buffer starts 16-byte
+//! aligned, else element by element; everything else is accessed one element at a time.
+//!
 //! Nothing here waits for the device: every op only queues launches.
 pub mod balance;
 
