@@ -9,7 +9,7 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
 use half::{bf16, f16};
 use moe_kernels::layers::esft::EsftTracker;
-use moe_kernels::layers::{ChainOfExperts, HostWeights, MoeConfig, MoeLayer, RouterKind, VqMoe, VqWeights};
+use moe_kernels::layers::{ChainOfExperts, HostWeights, Mode, MoeConfig, MoeLayer, RouterKind, VqMoe, VqWeights};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::esft::ScoreKind;
 use moe_kernels::ops::gate::GateForm;
@@ -35,6 +35,8 @@ checked against the CPU reference.
   --esft P      ESFT: score the experts on this batch (gate scores), train only the shortest prefix
                 of experts whose cumulative score reaches P (the paper uses 0.1; above the total
                 score every expert trains); frozen experts get no weight-gradient work
+  --inference   forward only, on a layer built for serving (Mode::Inference: no saved GU, no
+                router losses, no gradient or backward buffers)
   --dtype D     f32 | f16 | bf16 (default bf16): storage of activations and weights; routing and
                 accumulation are always f32
   --tokens T    tokens in the batch (default 1024)
@@ -54,6 +56,7 @@ struct Options {
     router: RouterKind,
     chain: usize,
     vq: bool,
+    inference: bool,
     esft: Option<f64>,
     dtype: Dtype,
     tokens: usize,
@@ -67,6 +70,7 @@ fn parse() -> Result<Option<Options>, String> {
         },
         chain: 1,
         vq: false,
+        inference: false,
         esft: None,
         dtype: Dtype::Bf16,
         tokens: 1024,
@@ -76,8 +80,12 @@ fn parse() -> Result<Option<Options>, String> {
         if flag == "--help" || flag == "-h" {
             return Ok(None);
         }
-        if flag == "--vq" {
-            options.vq = true;
+        match flag.as_str() {
+            "--vq" => options.vq = true,
+            "--inference" => options.inference = true,
+            _ => {}
+        }
+        if flag == "--vq" || flag == "--inference" {
             continue;
         }
         if !["--router", "--chain", "--esft", "--tokens", "--dtype"].contains(&flag.as_str()) {
@@ -321,6 +329,9 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     if options.vq {
         return run_vq::<T>(options, &device, config, &x_host, &dy_host);
     }
+    if options.inference {
+        return run_inference::<T>(&device, config, &x_host);
+    }
     let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = MoeLayer::<T>::new(&device, config, &weights)?;
     if device.kind() == DeviceKind::Cuda {
@@ -495,6 +506,42 @@ fn timed_pass(
         after.host_syncs - before.host_syncs
     );
     Ok(())
+}
+
+/// The inference variant of [`run`]: one forward of a `Mode::Inference` layer, timed, its launches
+/// and host syncs, and y against the reference.
+fn run_inference<T: FloatElement>(device: &Device, config: MoeConfig, x_host: &[f32]) -> moe_kernels::Result<bool> {
+    let t = x_host.len() / config.dim;
+    let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
+    let mut layer = MoeLayer::<T>::with_mode(device, config, &weights, Mode::Inference)?;
+    let x = device.upload(&to_t::<T>(x_host))?;
+    let mut y = device.alloc_zeros::<T>(t * config.dim)?;
+    if device.kind() == DeviceKind::Cuda {
+        layer.forward(&x, t, &mut y)?; // loads the kernels' modules outside the timed pass
+    }
+    let before = device.stats();
+    let start = Instant::now();
+    layer.forward(&x, t, &mut y)?;
+    let after = device.stats();
+    device.synchronize()?;
+    let elapsed = start.elapsed();
+    println!(
+        "inference forward: {:.1} ms wall ({}), {} launches, {} memsets, host syncs {}",
+        elapsed.as_secs_f64() * 1e3,
+        match device.kind() {
+            DeviceKind::Cuda => "host wall time around the pass and one synchronize",
+            DeviceKind::Emulator => "CPU wall time on the emulator",
+        },
+        after.launches - before.launches,
+        after.memsets - before.memsets,
+        after.host_syncs - before.host_syncs,
+    );
+    let store = |v: f64| T::from_f32(v as f32).to_f32();
+    let forward = reference::moe_forward(&config, &weights, x_host, t, None, &store);
+    let error = relative_error(&download_f32(device, &y)?, &forward.y);
+    let bound = if T::NAME == "f32" { 1e-4 } else { 5e-2 };
+    println!("  y    relative error {error:.2e} (bound {bound:.0e})");
+    Ok(error <= bound)
 }
 
 /// The Chain-of-Experts variant of [`run`].
