@@ -101,7 +101,6 @@ fn parse() -> Result<Option<Options>, String> {
                     "sigmoid" => RouterKind::Sigmoid {
                         groups: 4,
                         topk_groups: 2,
-                        scale: 2.5,
                     },
                     "codebook" => RouterKind::Codebook,
                     other => {
@@ -297,6 +296,12 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         hidden: 512,
         aux_alpha: if codebook { 0.0 } else { 0.01 },
         z_loss: if codebook { 0.0 } else { 1e-3 },
+        // DeepSeek-V3's routed scaling factor goes with its sigmoid router.
+        route_scale: if matches!(options.router, RouterKind::Sigmoid { .. }) {
+            2.5
+        } else {
+            1.0
+        },
         max_tokens: options.tokens.max(1),
         ..MoeConfig::default()
     };

@@ -17,12 +17,9 @@ pub enum RouterKind {
     Quadratic { form: GateForm, rank: usize },
     /// DeepSeek-V3 style: a linear gate, sigmoid scores, a per-expert selection bias (selection
     /// only, updated by [`MoeLayer::update_bias`](super::MoeLayer::update_bias)), top-k inside the
-    /// best `topk_groups` of `groups` groups, weights renormalized over the k and scaled.
-    Sigmoid {
-        groups: usize,
-        topk_groups: usize,
-        scale: f32,
-    },
+    /// best `topk_groups` of `groups` groups, weights always renormalized over the k (and scaled
+    /// by [`MoeConfig::route_scale`]: 2.5 for DeepSeek-V3).
+    Sigmoid { groups: usize, topk_groups: usize },
     /// VQ routing (SPEC §6): each token goes to the expert of its nearest code (a codebook of E
     /// codes, `[E, d]`, one per expert) with weight 1; k = 1, no logits (so no aux or z-loss) and
     /// no router gradient (train the codes with `ops::codebook`'s losses or EMA, or use
@@ -71,6 +68,10 @@ pub struct MoeConfig {
     /// probabilities themselves (Switch, DeepSeek-V2). The sigmoid router always renormalizes;
     /// the codebook router's weight is 1 either way.
     pub normalize_topk: bool,
+    /// Multiplies the k combine weights of the linear, quadratic and sigmoid routers (DeepSeek's
+    /// `routed_scaling_factor`: 2.5 for V3, 16 for V2; 1 for Switch and Mixtral). A codebook
+    /// router's weight is 1: it needs 1 here.
+    pub route_scale: f32,
     /// d: model dimension (a multiple of 8 for f16/bf16: tensor-core rows are 16 bytes).
     pub dim: usize,
     /// h: hidden size of each SwiGLU expert (a multiple of 8 for f16/bf16).
@@ -95,6 +96,7 @@ impl Default for MoeConfig {
             experts: 8,
             k: 2,
             normalize_topk: false,
+            route_scale: 1.0,
             dim: 64,
             hidden: 128,
             shared_experts: 0,
@@ -146,9 +148,19 @@ impl MoeConfig {
                 return Err(invalid("router.rank", rank, "a rank of at least 1"));
             }
         }
+        if !self.route_scale.is_finite() {
+            return Err(invalid("route_scale", self.route_scale, "a finite factor"));
+        }
         if self.router == RouterKind::Codebook {
             if self.k != 1 {
                 return Err(invalid("k", self.k, "1 for the codebook router"));
+            }
+            if self.route_scale != 1.0 {
+                return Err(invalid(
+                    "route_scale",
+                    self.route_scale,
+                    "1 for the codebook router (weight 1)",
+                ));
             }
             for (argument, value) in [("aux_alpha", self.aux_alpha), ("z_loss", self.z_loss)] {
                 if value != 0.0 {
@@ -215,17 +227,13 @@ impl MoeConfig {
             experts: self.experts,
             k: self.k,
             renormalize: self.normalize_topk,
+            scale: self.route_scale,
             ..RouterConfig::default()
         };
         match self.router {
-            RouterKind::Sigmoid {
-                groups,
-                topk_groups,
-                scale,
-            } => RouterConfig {
+            RouterKind::Sigmoid { groups, topk_groups } => RouterConfig {
                 score: ScoreFunction::Sigmoid,
                 renormalize: true,
-                scale,
                 groups,
                 topk_groups,
                 ..base

@@ -62,6 +62,8 @@ pub fn mix_config(config: &MoeConfig) -> MoeConfig {
         capacity_factor: None,
         aux_alpha: 0.0,
         z_loss: 0.0,
+        normalize_topk: false,
+        route_scale: 1.0,
         ..*config
     }
 }
@@ -75,6 +77,8 @@ pub fn discrete_config(config: &MoeConfig) -> MoeConfig {
         capacity_factor: None,
         aux_alpha: 0.0,
         z_loss: 0.0,
+        normalize_topk: false,
+        route_scale: 1.0,
         ..*config
     }
 }

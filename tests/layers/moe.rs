@@ -72,22 +72,22 @@ fn capacity_drops_slots_like_the_reference() {
 fn gradients_match_finite_differences_for_every_router_kind() {
     for device in devices() {
         for (i, (name, router)) in router_kinds().into_iter().enumerate() {
-            // Every other softmax router renormalizes its k weights (Mixtral's norm_topk_prob).
+            // Every other softmax router renormalizes its k weights (Mixtral's norm_topk_prob);
+            // every third router scales them (DeepSeek's routed_scaling_factor).
             let config = MoeConfig {
                 shared_experts: 1,
                 aux_alpha: 0.05,
                 z_loss: 0.01,
                 normalize_topk: i % 2 == 1,
+                route_scale: if i % 3 == 2 { 2.5 } else { 1.0 },
                 ..small(router)
             };
-            let name = &format!(
-                "{name}{}",
-                if config.normalize_topk {
-                    " (normalized top-k)"
-                } else {
-                    ""
-                }
-            );
+            let normalized = if config.normalize_topk {
+                ", normalized top-k"
+            } else {
+                ""
+            };
+            let name = &format!("{name}{normalized}, route scale {}", config.route_scale);
             let (case, run) = case_run::<f32>(&device, config, 12, 300 + i as u64);
             let (_, base_ids) = case.loss(&case.weights, &case.x);
             let seed = 900 + i as u64;
@@ -209,7 +209,6 @@ fn the_selection_bias_moves_against_the_load() {
         let config = small(RouterKind::Sigmoid {
             groups: 2,
             topk_groups: 1,
-            scale: 1.0,
         });
         let case = Case::new::<f32>(config, 24, 31);
         let mut layer = MoeLayer::<f32>::new(&device, config, &case.weights).unwrap();
@@ -251,9 +250,21 @@ fn bad_configs_and_inputs_are_rejected_by_name() {
         let groups = RouterKind::Sigmoid {
             groups: 4,
             topk_groups: 1,
-            scale: 1.0,
         };
         assert_eq!(bad(small(groups)), "groups");
+        assert_eq!(
+            bad(MoeConfig {
+                route_scale: f32::NAN,
+                ..base
+            }),
+            "route_scale"
+        );
+        let codebook = MoeConfig {
+            k: 1,
+            route_scale: 2.0,
+            ..small(RouterKind::Codebook)
+        };
+        assert_eq!(bad(codebook), "route_scale");
         let rank0 = RouterKind::Quadratic {
             form: GateForm::LowRank,
             rank: 0,
@@ -381,6 +392,7 @@ proptest::proptest! {
         capacity in proptest::option::of(0.25f64..2.0),
         losses in proptest::bool::ANY,
         normalize in proptest::bool::ANY,
+        scaled in proptest::bool::ANY,
         seed in 0u64..1000,
     ) {
         let router = match kind {
@@ -391,7 +403,7 @@ proptest::proptest! {
         // Group-limited routing needs E divisible by its groups: fall back to one group.
         let router = match router {
             RouterKind::Sigmoid { groups, .. } if experts % groups != 0 => {
-                RouterKind::Sigmoid { groups: 1, topk_groups: 1, scale: 1.0 }
+                RouterKind::Sigmoid { groups: 1, topk_groups: 1 }
             }
             r => r,
         };
@@ -400,6 +412,7 @@ proptest::proptest! {
             experts,
             k: if codebook { 1 } else { 1 + k_pick % experts },
             normalize_topk: normalize,
+            route_scale: if scaled && !codebook { 2.5 } else { 1.0 },
             dim: dim * 8,
             hidden: hidden * 8 - 3,
             shared_experts: shared,
@@ -410,7 +423,7 @@ proptest::proptest! {
         };
         let config = match router {
             RouterKind::Sigmoid { groups, topk_groups, .. } if config.k > topk_groups * experts / groups => {
-                MoeConfig { router: RouterKind::Sigmoid { groups: 1, topk_groups: 1, scale: 1.0 }, ..config }
+                MoeConfig { router: RouterKind::Sigmoid { groups: 1, topk_groups: 1 }, ..config }
             }
             _ => config,
         };

@@ -35,7 +35,6 @@ pub fn router_kinds() -> Vec<(&'static str, RouterKind)> {
             RouterKind::Sigmoid {
                 groups: 3,
                 topk_groups: 2,
-                scale: 2.5,
             },
         ),
     ]
