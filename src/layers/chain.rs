@@ -32,12 +32,20 @@ pub struct ChainOfExperts<T: FloatElement> {
     router_grads: Vec<RouterGrads>,
     expert_grads: ExpertGrads,
     mask: Option<ExpertMask>,
+    mode: Mode,
 }
 
 impl<T: FloatElement> ChainOfExperts<T> {
     /// `weights.len()` iterations: iteration t routes with `weights[t]`'s gate (and selection
     /// bias); the experts are `weights[0]`'s (the others' expert tensors are not read).
     pub fn new(device: &Device, config: MoeConfig, weights: &[HostWeights]) -> Result<Self> {
+        Self::with_mode(device, config, weights, Mode::Training)
+    }
+
+    /// A chain for `mode` ([`new`](Self::new) is [`Mode::Training`]): a [`Mode::Inference`]
+    /// chain runs every iteration's forward through one set of pass buffers, keeps nothing for
+    /// backward, runs no router loss and holds no gradient.
+    pub fn with_mode(device: &Device, config: MoeConfig, weights: &[HostWeights], mode: Mode) -> Result<Self> {
         config.validate_for::<T>()?;
         if weights.is_empty() {
             return Err(Error::InvalidArgument {
@@ -48,6 +56,8 @@ impl<T: FloatElement> ChainOfExperts<T> {
         }
         let rows = config.max_tokens * config.dim;
         let iterations = weights.len();
+        let training = mode == Mode::Training;
+        let carried = if training { rows } else { 0 };
         Ok(Self {
             device: device.clone(),
             config,
@@ -56,19 +66,20 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 .map(|w| Router::upload(device, &config, w))
                 .collect::<Result<_>>()?,
             experts: Experts::upload(device, &config, &weights[0])?,
-            saved: (0..iterations)
-                .map(|_| Saved::alloc(device, &config, Mode::Training))
+            saved: (0..if training { iterations } else { 1 })
+                .map(|_| Saved::alloc(device, &config, mode))
                 .collect::<Result<_>>()?,
             inputs: (1..iterations)
                 .map(|_| device.alloc_zeros(rows))
                 .collect::<Result<_>>()?,
-            carried: [device.alloc_zeros(rows)?, device.alloc_zeros(rows)?],
-            scratch: Scratch::alloc(device, &config, Mode::Training)?,
+            carried: [device.alloc_zeros(carried)?, device.alloc_zeros(carried)?],
+            scratch: Scratch::alloc(device, &config, mode)?,
             router_grads: (0..iterations)
-                .map(|_| RouterGrads::alloc(device, &config, Mode::Training))
+                .map(|_| RouterGrads::alloc(device, &config, mode))
                 .collect::<Result<_>>()?,
-            expert_grads: ExpertGrads::alloc(device, &config, Mode::Training)?,
+            expert_grads: ExpertGrads::alloc(device, &config, mode)?,
             mask: None,
+            mode,
         })
     }
 
@@ -78,6 +89,11 @@ impl<T: FloatElement> ChainOfExperts<T> {
             .map(|t| HostWeights::random(&config, seed + t as u64))
             .collect();
         Self::new(device, config, &weights)
+    }
+
+    /// What the chain was built for.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     pub fn iterations(&self) -> usize {
@@ -108,10 +124,12 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 router: &self.routers[t],
                 experts: &self.experts,
                 scratch: &mut self.scratch,
-                mode: Mode::Training,
+                mode: self.mode,
                 stages: None,
             };
-            let saved = &mut self.saved[t];
+            // An inference chain has one set of saved buffers, which every iteration reuses.
+            let kept = t.min(self.saved.len() - 1);
+            let saved = &mut self.saved[kept];
             if t == last {
                 pass.forward(saved, &input, tokens, Some(&input), y)?;
             } else {
@@ -130,6 +148,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
         dy: &impl DeviceSlice<T>,
         dx: &mut impl DeviceSliceMut<T>,
     ) -> Result<()> {
+        self.mode.require_training("backward")?;
         let tokens = self.saved[0].tokens;
         let len = tokens * self.config.dim;
         if tokens > 0 {
@@ -162,7 +181,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 router: &self.routers[t],
                 experts: &self.experts,
                 scratch: &mut self.scratch,
-                mode: Mode::Training,
+                mode: self.mode,
                 stages: None,
             };
             let grads = Gradients {

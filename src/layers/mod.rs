@@ -19,8 +19,10 @@
 //! their coefficient launches.
 //! `tests/layers` asserts these counts.
 //!
-//! A [`MoeLayer`] built with [`Mode::Inference`] (`MoeLayer::with_mode`) is forward-only, for
-//! serving: it keeps no SwiGLU GU, runs no router loss and holds no gradient or backward buffer.
+//! A [`MoeLayer`] or [`ChainOfExperts`] built with [`Mode::Inference`] (`with_mode`) is
+//! forward-only, for serving: it keeps no SwiGLU GU, runs no router loss and holds no gradient or
+//! backward buffer (a chain reuses one set of pass buffers for every iteration). `VqMoe` is
+//! training-only.
 //!
 //! Every pass is stream-ordered and never waits for the device (`Device::stats().host_syncs`
 //! does not move inside `forward` or `backward`). Work buffers are sized once, at

@@ -3,7 +3,7 @@
 use crate::common::{Tolerance, assert_close, devices};
 use crate::support::*;
 use half::bf16;
-use moe_kernels::layers::{ChainOfExperts, HostWeights, MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::layers::{ChainOfExperts, HostWeights, Mode, MoeConfig, MoeLayer, RouterKind};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers::{self as reference, ChainResult};
@@ -346,5 +346,49 @@ fn a_masked_chain_accumulates_only_the_selected_experts() {
             &r.grads.dx,
             layer_tolerance::<f32>(&config).scaled(2.0),
         );
+    }
+}
+
+/// An inference chain (one set of pass buffers, no losses, no gradients) gives the training
+/// chain's y bit for bit, in 6 launches per iteration, and refuses backward by name.
+#[test]
+fn an_inference_chain_forwards_like_a_training_one() {
+    let config = MoeConfig {
+        aux_alpha: 0.02,
+        z_loss: 1e-3,
+        max_tokens: 14,
+        ..small(RouterKind::Linear)
+    };
+    for device in devices() {
+        let case = ChainCase::new::<bf16>(config, 3, 14, 70);
+        let x = device.upload(&to_t::<bf16>(&case.x)).unwrap();
+        let mut outputs = Vec::new();
+        for mode in [Mode::Training, Mode::Inference] {
+            let mut chain = ChainOfExperts::<bf16>::with_mode(&device, config, &case.weights, mode).unwrap();
+            assert_eq!(chain.mode(), mode);
+            let mut y = device.alloc_zeros::<bf16>(case.x.len()).unwrap();
+            let before = device.stats();
+            chain.forward(&x, 14, &mut y).unwrap();
+            let launches = device.stats().launches - before.launches;
+            assert_eq!(device.stats().host_syncs, before.host_syncs, "{mode:?}: host syncs");
+            if mode == Mode::Inference {
+                assert_eq!(launches, 3 * 6, "inference launches");
+                let mut dx = device.alloc_zeros::<bf16>(case.x.len()).unwrap();
+                let refused = chain.backward(&x, &x, &mut dx).unwrap_err();
+                assert!(
+                    matches!(
+                        refused,
+                        Error::InvalidArgument {
+                            argument: "backward",
+                            ..
+                        }
+                    ),
+                    "{refused}"
+                );
+                assert!(chain.expert_grads().w1.is_empty());
+            }
+            outputs.push(device.download(&y).unwrap());
+        }
+        assert_eq!(outputs[0], outputs[1], "inference y differs from training y");
     }
 }
