@@ -178,16 +178,7 @@ const OPS: [&str; 10] = [
 fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
     let aux = AuxLossConfig::default();
     match op {
-        "select" => router::select(
-            device,
-            c,
-            &b.z,
-            Some(&b.bias),
-            &mut b.ids,
-            &mut b.weights,
-            &mut b.counter,
-        ),
-        "select_and_map" | "select_counted" => select_with_map(op, device, c, b),
+        "select" | "select_and_map" | "select_counted" => select_with_map(op, device, c, b),
         "select_backward" => router::select_backward(device, c, &b.z, &b.ids, &b.weights, &mut b.dz),
         "expert_statistics" => router::expert_statistics(
             device,
@@ -207,10 +198,11 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
     .unwrap()
 }
 
-/// The selection and the routing map of its ids, unfused or counted.
+/// The selection alone (`select`), or with the routing map of its ids, unfused
+/// (`select_and_map`) or counted (`select_counted`).
 fn select_with_map(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) -> moe_kernels::Result<()> {
     let config = MapConfig::new(c.experts);
-    if op == "select_and_map" {
+    if op != "select_counted" {
         router::select(
             device,
             c,
@@ -220,6 +212,9 @@ fn select_with_map(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers)
             &mut b.weights,
             &mut b.counter,
         )?;
+        if op == "select" {
+            return Ok(());
+        }
         return dispatch::routing_map(device, &b.ids, b.tokens, c.k, &config, &mut b.map, &mut b.map_workspace);
     }
     let mut target = CountedMap {
