@@ -202,27 +202,12 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
 /// (`select_and_map`) or counted (`select_counted`).
 fn select_with_map(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) -> moe_kernels::Result<()> {
     let config = MapConfig::new(c.experts);
-    if op != "select_counted" {
-        router::select(
-            device,
-            c,
-            &b.z,
-            Some(&b.bias),
-            &mut b.ids,
-            &mut b.weights,
-            &mut b.counter,
-        )?;
-        if op == "select" {
-            return Ok(());
-        }
-        return dispatch::routing_map(device, &b.ids, b.tokens, c.k, &config, &mut b.map, &mut b.map_workspace);
-    }
     let mut target = CountedMap {
         config: &config,
         map: &mut b.map,
         workspace: &mut b.counted_workspace,
     };
-    let map = Some(&mut target);
+    let counted = (op == "select_counted").then_some(&mut target);
     router::select_counted(
         device,
         c,
@@ -231,9 +216,13 @@ fn select_with_map(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers)
         &mut b.ids,
         &mut b.weights,
         &mut b.counter,
-        map,
+        counted,
     )?;
-    dispatch::place_counted(device, &b.ids, b.tokens, c.k, &mut target)
+    match op {
+        "select" => Ok(()),
+        "select_counted" => dispatch::place_counted(device, &b.ids, b.tokens, c.k, &mut target),
+        _ => dispatch::routing_map(device, &b.ids, b.tokens, c.k, &config, target.map, &mut b.map_workspace),
+    }
 }
 
 fn reference_op(op: &str, c: &RouterConfig, z: &[f32], ids: &[i32], weights: &[f32]) {
