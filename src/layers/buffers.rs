@@ -75,8 +75,6 @@ impl Sizes {
 pub(crate) struct Saved<T: FloatElement> {
     /// T of the forward these hold (0: none yet).
     pub(crate) tokens: usize,
-    /// Whether that forward kept what backward needs and ran the losses (a training forward).
-    pub(crate) for_backward: bool,
     pub(crate) z: DeviceBuffer<f32>,
     pub(crate) ids: DeviceBuffer<i32>,
     pub(crate) weights: DeviceBuffer<f32>,
@@ -106,7 +104,6 @@ impl<T: FloatElement> Saved<T> {
         let training = |len: usize| if mode == Mode::Training { len } else { 0 };
         Ok(Self {
             tokens: 0,
-            for_backward: false,
             z: device.alloc_zeros(s.tokens * s.experts)?,
             ids: device.alloc_zeros(s.slots)?,
             weights: if config.router == RouterKind::Codebook {

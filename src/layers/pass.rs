@@ -115,7 +115,6 @@ impl<T: FloatElement> Pass<'_, T> {
             check_len("residual", &Dyn(r), s.token_rows(), layout)?;
         }
         saved.tokens = 0;
-        saved.for_backward = false;
         let mut stages = self.stages.take();
         let gate_shape = config.gate_shape(tokens);
         let router_config = config.router_config();
@@ -274,7 +273,6 @@ impl<T: FloatElement> Pass<'_, T> {
             mark(&mut stages, "router losses");
         }
         saved.tokens = tokens;
-        saved.for_backward = training;
         Ok(())
     }
 
@@ -394,7 +392,7 @@ impl<T: FloatElement> Pass<'_, T> {
     ) -> Result<()> {
         let (device, config) = (self.device, self.config);
         self.mode.require_training("backward")?;
-        if !saved.for_backward {
+        if saved.tokens == 0 {
             return Err(Error::InvalidArgument {
                 argument: "backward",
                 value: "no forward".into(),

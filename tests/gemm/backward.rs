@@ -2,14 +2,15 @@
 //! gathered A) on every device against the reference, plus finite differences of a whole
 //! SwiGLU expert layer in f32.
 use super::common::{Rng, assert_close, devices};
-use super::{DeviceGroups, Problem, to_f32, tolerance, values};
+use super::unaligned::{Offsets, dgrad_at};
+use super::{DeviceGroups, Problem, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::Device;
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape};
 use moe_kernels::reference::gemm as reference;
 
-/// dgrad on `device` vs the reference: `dc [rows, N]`, `b [E, N, K]`, gu `[rows, 2K]` for SwiGLU.
+/// dgrad on `device` vs the reference, on the buffers themselves (see `unaligned::dgrad_at`).
 fn check_dgrad<T: FloatElement, O: FloatElement>(
     device: &Device,
     p: &Problem,
@@ -17,59 +18,7 @@ fn check_dgrad<T: FloatElement, O: FloatElement>(
     weights: bool,
     seed: u64,
 ) {
-    let mut rng = Rng::new(seed);
-    let GemmShape { experts, n, k } = p.shape;
-    let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
-    let (b, b32) = values::<T>(&mut rng, experts * n * k, 0.5);
-    let (gu, gu32) = values::<T>(&mut rng, p.rows() * 2 * k, 1.0);
-    let w: Vec<f32> = (0..p.tokens * p.top_k).map(|_| rng.uniform(0.1, 1.0)).collect();
-    let swiglu = epilogue == DgradEpilogue::SwiGluBackward;
-    let groups = DeviceGroups::new(device, p);
-    let (dc_d, b_d, gu_d, w_d) = (
-        device.upload(&dc).unwrap(),
-        device.upload(&b).unwrap(),
-        device.upload(&gu).unwrap(),
-        device.upload(&w).unwrap(),
-    );
-    let mut out = device
-        .alloc_zeros::<O>(p.rows() * if swiglu { 2 * k } else { k })
-        .unwrap();
-    let before = device.stats();
-    gemm::dgrad(
-        device,
-        &dc_d,
-        &b_d,
-        p.shape,
-        &groups.groups(p),
-        epilogue,
-        weights.then_some(&w_d),
-        swiglu.then_some(&gu_d),
-        &mut out,
-    )
-    .unwrap();
-    let after = device.stats();
-    assert_eq!(after.host_syncs, before.host_syncs, "dgrad synced the host");
-    assert_eq!(after.launches - before.launches, 1, "dgrad launches");
-    let got = to_f32(&device.download(&out).unwrap());
-    let weights = weights.then_some(&w[..]);
-    let want = reference::dgrad(
-        &dc32,
-        &b32,
-        p.shape,
-        &p.host(),
-        epilogue,
-        weights,
-        swiglu.then_some(&gu32[..]),
-    );
-    let what = format!(
-        "{} dgrad {}->{} {epilogue:?} {:?}",
-        device.description(),
-        T::NAME,
-        O::NAME,
-        p.shape
-    );
-    assert!(want.iter().any(|&v| v != 0.0), "{what}: a vacuous case");
-    assert_close(&what, &got, &want, tolerance::<O>(n));
+    dgrad_at::<T, O>(device, p, epilogue, weights, Offsets::default(), seed).unwrap();
 }
 
 #[test]

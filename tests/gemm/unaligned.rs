@@ -15,7 +15,7 @@ use moe_kernels::{Device, Result};
 
 /// Element offsets of each operand's view (0: the buffer's own 256-byte aligned start).
 #[derive(Debug, Clone, Copy, Default)]
-struct Offsets {
+pub(super) struct Offsets {
     a: usize,
     b: usize,
     weights: usize,
@@ -191,11 +191,14 @@ fn forward_16bit_sizes_off_a_multiple_of_8_run_decode_or_are_refused_on_tiles() 
     }
 }
 
-/// dgrad with every operand a view at `off` (`a` is dC, `gu` the forward's GU).
-fn dgrad_at<T: FloatElement, O: FloatElement>(
+/// dgrad on `device` vs the reference with every operand a view at `off` (`a` is dC, `gu` the
+/// forward's GU; `Offsets::default()`: the buffers themselves): `dc [rows, N]`, `b [E, N, K]`,
+/// gu `[rows, 2K]` for SwiGLU, row weights when `weights`. One launch, no host sync.
+pub(super) fn dgrad_at<T: FloatElement, O: FloatElement>(
     device: &Device,
     p: &Problem,
     epilogue: DgradEpilogue,
+    weights: bool,
     off: Offsets,
     seed: u64,
 ) -> Result<()> {
@@ -222,18 +225,19 @@ fn dgrad_at<T: FloatElement, O: FloatElement>(
         p.shape,
         &groups.groups(p),
         epilogue,
-        Some(&w_d.view()),
+        weights.then_some(&w_d.view()),
         swiglu.then_some(&gu_d.view()),
         &mut out.view_mut(),
     )?;
     assert_eq!(device.stats().host_syncs, before.host_syncs, "dgrad synced the host");
+    assert_eq!(device.stats().launches - before.launches, 1, "dgrad launches");
     let want = reference::dgrad(
         &dc32,
         &b32,
         p.shape,
         &p.host(),
         epilogue,
-        Some(&w),
+        weights.then_some(&w[..]),
         swiglu.then_some(&gu32[..]),
     );
     let what = format!(
@@ -255,13 +259,13 @@ fn dgrad_at_offsets() {
     for device in devices() {
         for epilogue in [DgradEpilogue::Store, DgradEpilogue::SwiGluBackward] {
             for off in F32_OFFSETS {
-                dgrad_at::<f32, f32>(&device, &odd, epilogue, off, 42).unwrap();
+                dgrad_at::<f32, f32>(&device, &odd, epilogue, true, off, 42).unwrap();
             }
-            dgrad_at::<bf16, bf16>(&device, &p, epilogue, ALIGNED_INPUTS_ODD_OUTPUTS, 43).unwrap();
-            dgrad_at::<f16, f32>(&device, &p, epilogue, ALIGNED_INPUTS_ODD_OUTPUTS, 44).unwrap();
+            dgrad_at::<bf16, bf16>(&device, &p, epilogue, true, ALIGNED_INPUTS_ODD_OUTPUTS, 43).unwrap();
+            dgrad_at::<f16, f32>(&device, &p, epilogue, true, ALIGNED_INPUTS_ODD_OUTPUTS, 44).unwrap();
             for (argument, off) in [("dc", at(1, 0, 0, 0, 0)), ("b", at(0, 2, 0, 0, 0))] {
                 assert_refused(&device, argument, || {
-                    dgrad_at::<f16, f16>(&device, &p, epilogue, off, 45)
+                    dgrad_at::<f16, f16>(&device, &p, epilogue, true, off, 45)
                 });
             }
         }
@@ -341,7 +345,7 @@ fn edge_sizes_no_rows_one_expert_empty_groups_k_equals_e() {
             for config in configs(p) {
                 forward_at::<f16, f16>(&device, p, config, ALIGNED_INPUTS_ODD_OUTPUTS, 65).unwrap();
             }
-            dgrad_at::<bf16, f32>(&device, p, DgradEpilogue::Store, ALIGNED_INPUTS_ODD_OUTPUTS, 66).unwrap();
+            dgrad_at::<bf16, f32>(&device, p, DgradEpilogue::Store, true, ALIGNED_INPUTS_ODD_OUTPUTS, 66).unwrap();
             wgrad_at::<f32>(&device, p, p.gathered(), at(1, 1, 0, 1, 0), 67).unwrap();
         }
     }
