@@ -2,10 +2,11 @@
 //! tiles) and bf16 (tensor cores) inputs. States the floor (2·T·Nc·d flops; X, C, norms read
 //! once, ids written once) and the bytes of every buffer the op is given, against the `[T, Nc]`
 //! distance matrix it never allocates; benches the CPU reference and the emulator at a small
-//! size; on a GPU reports the fraction of the floor over T × Nc × d.
+//! size; on a GPU, the layer shapes of `common::layer_shapes` with one code per expert
+//! (VQ routing: Nc = E over the model dimension d).
 mod common;
 
-use common::{Floor, devices, report_gpu_fraction};
+use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::ops::FloatElement;
@@ -138,18 +139,19 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
     for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
-        for tokens in [16, 4096, 65536] {
-            for codes in [256, 8192, 65536] {
-                for dim in [256, 1024, 4096] {
-                    let shape = CodebookShape { tokens, dim, codes };
-                    let mut search = Search::<bf16>::new(device, shape);
-                    search.report_memory();
-                    let label = format!("T={tokens},Nc={codes},d={dim}");
-                    report_gpu_fraction("codebook/nearest_bf16", &label, device, floor(&shape, 2), || {
-                        search.run(device)
-                    });
-                }
-            }
+        let Some(gpu) = Gpu::new(device) else { continue };
+        // VQ routing: one code per expert, over the model dimension.
+        for layer in layer_shapes(device) {
+            let shape = CodebookShape {
+                tokens: layer.tokens,
+                dim: layer.d,
+                codes: layer.experts,
+            };
+            let mut search = Search::<bf16>::new(device, shape);
+            search.report_memory();
+            gpu.report("codebook/nearest_bf16", &layer.label(), floor(&shape, 2), || {
+                search.run(device)
+            });
         }
     }
 }

@@ -8,11 +8,11 @@
 //!   (T·d·s); 2·T·k·d flops (not tensor-core work, so only the bandwidth fraction is meaningful).
 //!
 //! Without a GPU: the CPU reference and the emulator at a small size. On a GPU,
-//! `report_gpu_fraction` times the realistic layer shapes (`common::layer_shapes`) and prints
+//! `Gpu` times the realistic layer shapes (`common::layer_shapes`) and prints
 //! the fraction of the floor.
 mod common;
 
-use common::{Floor, devices, layer_shapes, report_gpu_fraction};
+use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::ops::dispatch::{self, MapConfig, RoutingMap};
@@ -53,11 +53,9 @@ impl Size {
             flops: 2 * self.slots() * d,
         }
     }
-    /// Router-like ids: k distinct experts per token, spread evenly.
+    /// Router-like ids: k distinct experts per token, at random.
     fn ids(&self) -> Vec<i32> {
-        (0..self.tokens)
-            .flat_map(|t| (0..self.k).map(move |j| ((t * 7 + j * 13) % self.experts) as i32))
-            .collect()
+        common::inputs::routing_ids(self.tokens, self.k, self.experts, 0xd15)
     }
 }
 
@@ -79,9 +77,8 @@ impl Problem {
         let Size { tokens, k, d, .. } = size;
         let config = MapConfig::new(size.experts);
         let rows = config.sorted_rows_len(tokens, k);
-        let x: Vec<bf16> = (0..tokens * d)
-            .map(|i| bf16::from_f32((i % 97) as f32 / 97.0))
-            .collect();
+        let mut rng = common::inputs::Rng::new(0xd16);
+        let x: Vec<bf16> = (0..tokens * d).map(|_| bf16::from_f32(rng.uniform(1.0))).collect();
         let mut p = Self {
             ids: device.upload(&size.ids()).unwrap(),
             map: RoutingMap::alloc(device, tokens, k, &config).unwrap(),
@@ -153,7 +150,7 @@ fn bench(c: &mut Criterion) {
     let config = MapConfig::new(small.experts);
     let ids = small.ids();
     let host_map = reference::routing_map(&ids, small.tokens, small.k, &config);
-    let x: Vec<f32> = (0..small.tokens * small.d).map(|i| (i % 97) as f32).collect();
+    let x = common::inputs::Rng::new(3).fill(small.tokens * small.d, 1.0);
     let yp = reference::permute(&x, &host_map.sorted_rows, small.tokens, small.k, small.d);
     let yp: Vec<f32> = yp.iter().map(|&v| v as f32).collect();
     let w = vec![0.25f32; small.tokens * small.k];
@@ -183,6 +180,7 @@ fn bench(c: &mut Criterion) {
             group.bench_function("permute/emulator", |b| b.iter(|| p.permute(&device)));
             group.bench_function("combine/emulator", |b| b.iter(|| p.combine(&device)));
         } else {
+            let Some(gpu) = Gpu::new(&device) else { continue };
             for shape in layer_shapes(&device) {
                 let size = Size {
                     tokens: shape.tokens,
@@ -192,8 +190,8 @@ fn bench(c: &mut Criterion) {
                 };
                 let label = shape.label();
                 let mut p = Problem::new(&device, size);
-                report_gpu_fraction("dispatch/map", &label, &device, size.map_floor(), || p.map(&device));
-                report_gpu_fraction("dispatch/permute_bf16", &label, &device, size.permute_floor(), || {
+                gpu.report("dispatch/map", &label, size.map_floor(), || p.map(&device));
+                gpu.report("dispatch/permute_bf16", &label, size.permute_floor(), || {
                     p.permute(&device)
                 });
                 // Combine's flops are FMAs on CUDA cores, not tensor-core work: bandwidth only.
@@ -201,7 +199,7 @@ fn bench(c: &mut Criterion) {
                     flops: 0,
                     ..size.combine_floor()
                 };
-                report_gpu_fraction("dispatch/combine_bf16", &label, &device, combine, || p.combine(&device));
+                gpu.report("dispatch/combine_bf16", &label, combine, || p.combine(&device));
             }
         }
     }

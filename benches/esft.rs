@@ -6,19 +6,20 @@
 //! memory floor at the realistic layer shapes of `common::layer_shapes`.
 mod common;
 
-use common::{Floor, LayerShape, devices, layer_shapes, report_gpu_fraction};
+use common::{Floor, Gpu, LayerShape, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use moe_kernels::ops::esft::{self, EsftScores, EsftSelection, ScoreKind};
 use moe_kernels::reference::esft as reference;
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
-/// Routing of `tokens` tokens: k distinct ids per token (a stride through the experts) and
-/// weights summing to 1.
+/// Routing of `tokens` tokens: k distinct random ids per token and random weights in
+/// (0, 1/k].
 fn routing(tokens: usize, experts: usize, k: usize) -> (Vec<i32>, Vec<f32>) {
-    let ids = (0..tokens)
-        .flat_map(|t| (0..k).map(move |j| ((t * 7 + j) % experts) as i32))
+    let ids = common::inputs::routing_ids(tokens, k, experts, 0xe5f7);
+    let mut rng = common::inputs::Rng::new(0xe5f8);
+    let weights = (0..tokens * k)
+        .map(|_| (1.0 + rng.uniform(1.0)) / (2 * k) as f32)
         .collect();
-    let weights = (0..tokens * k).map(|i| (1 + i % 3) as f32 / (2 * k) as f32).collect();
     (ids, weights)
 }
 
@@ -93,16 +94,13 @@ fn bench_esft(crit: &mut Criterion) {
         group.finish();
     }
     for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        let Some(gpu) = Gpu::new(device) else { continue };
         for shape in layer_shapes(device) {
             let mut buffers = Buffers::new(device, &shape);
-            report_gpu_fraction(
-                "esft/accumulate",
-                &shape.label(),
-                device,
-                accumulate_floor(&shape),
-                || buffers.accumulate(device),
-            );
-            report_gpu_fraction("esft/select", &shape.label(), device, select_floor(&shape), || {
+            gpu.report("esft/accumulate", &shape.label(), accumulate_floor(&shape), || {
+                buffers.accumulate(device)
+            });
+            gpu.report("esft/select", &shape.label(), select_floor(&shape), || {
                 buffers.select(device)
             });
         }

@@ -4,7 +4,7 @@
 //! of the floor at the realistic layer shapes (`common::layer_shapes`).
 mod common;
 
-use common::{Floor, devices, layer_shapes, report_gpu_fraction};
+use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use half::bf16;
@@ -88,11 +88,12 @@ fn upload<T: FloatElement>(device: &Device, v: &[f64]) -> DeviceBuffer<T> {
         .expect("upload")
 }
 
-/// The emulator (timed by criterion in `group`) or a GPU (`report_gpu_fraction`, `group` None)
+/// The emulator (timed by criterion in `group`) or a GPU (timed by `gpu`, `group` None)
 /// on X and weights of type T.
 #[allow(clippy::too_many_arguments)]
 fn bench_device<T: FloatElement>(
     group: Option<&mut BenchmarkGroup<'_, WallTime>>,
+    gpu: Option<&Gpu>,
     device: &Device,
     form: GateForm,
     shape: &GateShape,
@@ -155,21 +156,10 @@ fn bench_device<T: FloatElement>(
             });
         }
         None => {
+            let gpu = gpu.expect("a GPU timer where criterion does not time");
             let op = |pass: &str| format!("gate/{form:?}_{pass}_{}", T::NAME);
-            report_gpu_fraction(
-                &op("forward"),
-                label,
-                device,
-                forward_floor(form, shape, size),
-                &mut forward,
-            );
-            report_gpu_fraction(
-                &op("backward"),
-                label,
-                device,
-                backward_floor(form, shape, size),
-                &mut backward,
-            );
+            gpu.report(&op("forward"), label, forward_floor(form, shape, size), &mut forward);
+            gpu.report(&op("backward"), label, backward_floor(form, shape, size), &mut backward);
         }
     }
 }
@@ -203,12 +193,13 @@ fn bench(c: &mut Criterion) {
             b.iter(|| reference::scores_backward(&SHAPE, &host, &x, &dz))
         });
         for device in devices.iter().filter(|d| d.kind() == DeviceKind::Emulator) {
-            bench_device::<f32>(Some(&mut group), device, form, &SHAPE, &host, &x, &dz, &label);
-            bench_device::<bf16>(Some(&mut group), device, form, &SHAPE, &host, &x, &dz, &label);
+            bench_device::<f32>(Some(&mut group), None, device, form, &SHAPE, &host, &x, &dz, &label);
+            bench_device::<bf16>(Some(&mut group), None, device, form, &SHAPE, &host, &x, &dz, &label);
         }
         group.finish();
     }
     for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        let Some(gpu) = Gpu::new(device) else { continue };
         for layer in layer_shapes(device) {
             let shape = GateShape {
                 tokens: layer.tokens,
@@ -223,8 +214,8 @@ fn bench(c: &mut Criterion) {
                     GateForm::Linear => layer.label(),
                     _ => format!("{},r={}", layer.label(), shape.rank),
                 };
-                bench_device::<f32>(None, device, form, &shape, &host, &x, &dz, &label);
-                bench_device::<bf16>(None, device, form, &shape, &host, &x, &dz, &label);
+                bench_device::<f32>(None, Some(&gpu), device, form, &shape, &host, &x, &dz, &label);
+                bench_device::<bf16>(None, Some(&gpu), device, form, &shape, &host, &x, &dz, &label);
             }
         }
     }

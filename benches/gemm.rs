@@ -1,22 +1,27 @@
 //! Grouped expert GEMM benches (bf16): GEMM1 with the SwiGLU epilogue (A gathered from token
 //! order), GEMM2 with row weights, and the backward (dGU through the fused SwiGLU backward, dX,
-//! dW1, dW2), each beside its floor. Decode shapes (T = 1, 16) take the decode path.
+//! dW1, dW2), each beside its floor (`common::floors::ExpertGemms`: only the experts that get
+//! rows count, for weights and weight gradients). Decode shapes (T <= 32) take the decode path.
 //!
-//! Floors (rows = Σm = T·k, s = 2 bytes): flops `2·Σm·N·K`; bytes: A, B and C each moved once
-//! (A gathered: X's T rows; SwiGLU: C is H plus the saved GU; row weights and index arrays
-//! neglected). Backward: dgrad reads dC and B, writes dA (with SwiGLU: also reads GU, writes dGU);
-//! wgrad reads dC and A, writes dB in f32.
-//!
-//! Without a GPU: the CPU reference and the emulator at a small size. On a GPU,
-//! `report_gpu_fraction` times every layer shape (`common::layer_shapes`), and a dense cuBLAS
-//! GEMM of the same total size (M = Σm, N, K) is timed in the same run: a `MOE_BENCH` record
-//! gives our time as a ratio to it.
+//! Without a GPU: the CPU reference and the emulator at a small size. On a GPU, every layer
+//! shape (`common::layer_shapes`) on random inputs and a random top-k routing, with two peers
+//! timed in the same run on the same shapes:
+//! - `cublas_loop`: one cuBLAS GEMM per expert with rows, what a user without this crate
+//!   writes. It gets its A rows already permuted, no SwiGLU or row weights, and writes bf16
+//!   weight gradients (half our f32 bytes): every advantage is the peer's.
+//! - `cublas_dense` (prefill, T > 64, only): one cuBLAS GEMM of equal flops over all rows
+//!   against one weight matrix. At decode it would read one matrix where the grouped op reads
+//!   one per active expert, so it is left out there.
 mod common;
 
-use common::{Floor, devices, gpu_seconds, layer_shapes, peak_bandwidth, report_gpu_fraction};
+use common::blas::Op;
+use common::floors::{ExpertGemms, active_experts};
+use common::gpu::{cuda, cuda_mut};
+use common::inputs::{grouped, random, random_bf16, routing_ids};
+use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
+use cudarc::driver::CudaView;
 use half::bf16;
-use moe_kernels::benchmarks::Record;
 use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups};
 use moe_kernels::reference::gemm::{self as reference, HostGroups};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
@@ -35,23 +40,6 @@ impl Size {
     fn rows(&self) -> usize {
         self.tokens * self.k
     }
-    /// Router-like routing: k distinct experts per token, spread evenly; offsets and sorted_rows
-    /// in dispatch's order (by expert, then slot).
-    fn routing(&self) -> (Vec<i32>, Vec<i32>) {
-        let mut by_expert = vec![vec![]; self.experts];
-        for t in 0..self.tokens {
-            for j in 0..self.k {
-                by_expert[(t * 7 + j * 13) % self.experts].push((t * self.k + j) as i32);
-            }
-        }
-        let mut offsets = vec![0];
-        let mut sorted = vec![];
-        for group in by_expert {
-            sorted.extend(group);
-            offsets.push(sorted.len() as i32);
-        }
-        (offsets, sorted)
-    }
     fn gemm1(&self) -> GemmShape {
         GemmShape {
             experts: self.experts,
@@ -66,33 +54,39 @@ impl Size {
             k: self.h,
         }
     }
-    /// Experts that receive at least one row: only their weights need to be read (at decode,
-    /// T·k of E).
-    fn active_experts(&self) -> usize {
-        let (offsets, _) = self.routing();
-        offsets.windows(2).filter(|w| w[1] > w[0]).count()
-    }
-    /// A [a_rows, K] read, the B [N, K] of `weight_experts` experts read, `c_elems` written
-    /// (s = 2 bytes), 2·rows·N·K flops.
-    fn floor(&self, shape: GemmShape, a_rows: usize, c_elems: usize, weight_experts: usize) -> Floor {
-        let (rows, n, k) = (self.rows() as u64, shape.n as u64, shape.k as u64);
-        let weights = (weight_experts * shape.n * shape.k) as u64;
-        Floor {
-            bytes: 2 * (a_rows as u64 * k + weights + c_elems as u64),
-            flops: 2 * rows * n * k,
+    fn floors(&self, offsets: &[i32]) -> ExpertGemms {
+        ExpertGemms {
+            tokens: self.tokens as u64,
+            k: self.k as u64,
+            d: self.d as u64,
+            h: self.h as u64,
+            active: active_experts(offsets) as u64,
         }
     }
 }
 
-fn host(v: &[f32]) -> Vec<bf16> {
-    v.iter().map(|&x| bf16::from_f32(x)).collect()
-}
-fn pattern(len: usize, salt: usize) -> Vec<f32> {
-    (0..len).map(|i| ((i * 31 + salt) % 97) as f32 / 97.0 - 0.5).collect()
+/// The ops, in the order they run (each reads what the previous ones wrote).
+const OPS: [&str; 6] = [
+    "gemm/gemm1_swiglu_bf16",
+    "gemm/gemm2_weighted_bf16",
+    "gemm/dgrad2_swiglu_bwd_bf16",
+    "gemm/dgrad1_bf16",
+    "gemm/wgrad1_bf16",
+    "gemm/wgrad2_bf16",
+];
+
+fn floor(f: &ExpertGemms, op: usize) -> Floor {
+    match op {
+        0 => f.gemm1_swiglu(),
+        1 => f.gemm2_weighted(),
+        2 => f.dgrad2_swiglu(),
+        3 => f.dgrad1(),
+        4 => f.wgrad1(),
+        _ => f.wgrad2(),
+    }
 }
 
-/// The layer's groups. Each token picks an expert at most once, so no group exceeds T rows:
-/// the forward takes the decode path at T <= 32.
+/// The layer's groups. Each token picks an expert at most once, so no group exceeds T rows.
 fn groups<'a>(
     offsets: &'a DeviceBuffer<i32>,
     sorted: &'a DeviceBuffer<i32>,
@@ -106,9 +100,10 @@ fn groups<'a>(
     }
 }
 
-/// One layer's buffers on one device.
+/// One layer's buffers on one device, every one random (inputs and outputs alike).
 struct Layer {
     size: Size,
+    offsets_host: Vec<i32>,
     offsets: DeviceBuffer<i32>,
     sorted: DeviceBuffer<i32>,
     x: DeviceBuffer<bf16>,
@@ -125,225 +120,233 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(device: &Device, size: Size) -> Self {
-        let Size {
-            tokens,
-            k,
-            experts,
-            d,
-            h,
-        } = size;
+    fn new(device: &Device, size: Size, seed: u64) -> Self {
+        let Size { tokens, d, h, .. } = size;
         let rows = size.rows();
-        let (offsets, sorted) = size.routing();
-        let up = |v: Vec<f32>| device.upload(&host(&v)).unwrap();
+        let (offsets, sorted) = grouped(&routing_ids(tokens, size.k, size.experts, seed), size.experts);
+        let bf = |len: usize, salt: u64, fan_in: usize| {
+            random_bf16(device, len, seed ^ salt, (fan_in as f32).sqrt().recip())
+        };
         Self {
             offsets: device.upload(&offsets).unwrap(),
             sorted: device.upload(&sorted).unwrap(),
-            x: up(pattern(tokens * d, 1)),
-            w1: up(pattern(experts * 2 * h * d, 2)),
-            w2: up(pattern(experts * d * h, 3)),
-            weights: device.upload(&vec![1.0 / k as f32; rows]).unwrap(),
-            hid: device.alloc_zeros(rows * h).unwrap(),
-            gu: device.alloc_zeros(rows * 2 * h).unwrap(),
-            y: device.alloc_zeros(rows * d).unwrap(),
-            dgu: device.alloc_zeros(rows * 2 * h).unwrap(),
-            dxp: device.alloc_zeros(rows * d).unwrap(),
-            dw1: device.alloc_zeros(experts * 2 * h * d).unwrap(),
-            dw2: device.alloc_zeros(experts * d * h).unwrap(),
+            offsets_host: offsets,
+            x: bf(tokens * d, 1, 1),
+            w1: bf(size.experts * 2 * h * d, 2, d),
+            w2: bf(size.experts * d * h, 3, h),
+            weights: random(device, rows, seed ^ 4, 1.0),
+            hid: bf(rows * h, 5, 1),
+            gu: bf(rows * 2 * h, 6, 1),
+            y: bf(rows * d, 7, 1),
+            dgu: bf(rows * 2 * h, 8, 1),
+            dxp: bf(rows * d, 9, 1),
+            dw1: random(device, size.experts * 2 * h * d, seed ^ 10, 1.0),
+            dw2: random(device, size.experts * d * h, seed ^ 11, 1.0),
             size,
         }
     }
-    fn gemm1(&mut self, device: &Device) {
-        let config = ForwardConfig {
-            a_rows: ARows::Gathered { top_k: self.size.k },
-            epilogue: Epilogue::SwiGlu,
-            ..ForwardConfig::default()
-        };
-        let groups = groups(&self.offsets, &self.sorted, self.size);
-        let shape = self.size.gemm1();
-        let none = None::<&DeviceBuffer<f32>>;
-        gemm::forward(
-            device,
-            &self.x,
-            &self.w1,
-            shape,
-            &groups,
-            &config,
-            none,
-            &mut self.hid,
-            Some(&mut self.gu),
-        )
-        .unwrap();
-    }
-    fn gemm2(&mut self, device: &Device) {
-        let config = ForwardConfig::default();
-        let groups = groups(&self.offsets, &self.sorted, self.size);
-        let none = None::<&mut DeviceBuffer<bf16>>;
-        let shape = self.size.gemm2();
-        gemm::forward(
-            device,
-            &self.hid,
-            &self.w2,
-            shape,
-            &groups,
-            &config,
-            Some(&self.weights),
-            &mut self.y,
-            none,
-        )
-        .unwrap();
-    }
-    fn dgrad2_swiglu(&mut self, device: &Device) {
-        let groups = groups(&self.offsets, &self.sorted, self.size);
-        let (shape, epilogue) = (self.size.gemm2(), DgradEpilogue::SwiGluBackward);
-        gemm::dgrad(
-            device,
-            &self.y,
-            &self.w2,
-            shape,
-            &groups,
-            epilogue,
-            Some(&self.weights),
-            Some(&self.gu),
-            &mut self.dgu,
-        )
-        .unwrap();
-    }
-    fn dgrad1(&mut self, device: &Device) {
-        let groups = groups(&self.offsets, &self.sorted, self.size);
-        let (none_w, none_gu) = (None::<&DeviceBuffer<f32>>, None::<&DeviceBuffer<bf16>>);
-        let shape = self.size.gemm1();
-        gemm::dgrad(
-            device,
-            &self.dgu,
-            &self.w1,
-            shape,
-            &groups,
-            DgradEpilogue::Store,
-            none_w,
-            none_gu,
-            &mut self.dxp,
-        )
-        .unwrap();
-    }
-    fn wgrad1(&mut self, device: &Device) {
-        let groups = groups(&self.offsets, &self.sorted, self.size);
-        let a = ARows::Gathered { top_k: self.size.k };
-        let shape = self.size.gemm1();
-        gemm::wgrad(
-            device,
-            &self.dgu,
-            &self.x,
-            a,
-            shape,
-            &groups,
-            None::<&ExpertMask>,
-            false,
-            &mut self.dw1,
-        )
-        .unwrap();
-    }
-    fn wgrad2(&mut self, device: &Device) {
-        let groups = groups(&self.offsets, &self.sorted, self.size);
-        let shape = self.size.gemm2();
-        let a = ARows::Contiguous;
-        gemm::wgrad(
-            device,
-            &self.y,
-            &self.hid,
-            a,
-            shape,
-            &groups,
-            None::<&ExpertMask>,
-            false,
-            &mut self.dw2,
-        )
-        .unwrap();
+
+    fn run(&mut self, device: &Device, op: usize) {
+        let size = self.size;
+        let groups = groups(&self.offsets, &self.sorted, size);
+        let (g1, g2) = (size.gemm1(), size.gemm2());
+        let gathered = ARows::Gathered { top_k: size.k };
+        let (no_weights, no_gu) = (None::<&DeviceBuffer<f32>>, None::<&DeviceBuffer<bf16>>);
+        let no_mask = None::<&ExpertMask>;
+        match op {
+            0 => {
+                let config = ForwardConfig {
+                    a_rows: gathered,
+                    epilogue: Epilogue::SwiGlu,
+                    ..ForwardConfig::default()
+                };
+                let out = (&mut self.hid, Some(&mut self.gu));
+                gemm::forward(
+                    device, &self.x, &self.w1, g1, &groups, &config, no_weights, out.0, out.1,
+                )
+            }
+            1 => {
+                let none = None::<&mut DeviceBuffer<bf16>>;
+                let config = ForwardConfig::default();
+                gemm::forward(
+                    device,
+                    &self.hid,
+                    &self.w2,
+                    g2,
+                    &groups,
+                    &config,
+                    Some(&self.weights),
+                    &mut self.y,
+                    none,
+                )
+            }
+            2 => {
+                let epilogue = DgradEpilogue::SwiGluBackward;
+                let (weights, gu) = (Some(&self.weights), Some(&self.gu));
+                gemm::dgrad(
+                    device,
+                    &self.y,
+                    &self.w2,
+                    g2,
+                    &groups,
+                    epilogue,
+                    weights,
+                    gu,
+                    &mut self.dgu,
+                )
+            }
+            3 => gemm::dgrad(
+                device,
+                &self.dgu,
+                &self.w1,
+                g1,
+                &groups,
+                DgradEpilogue::Store,
+                no_weights,
+                no_gu,
+                &mut self.dxp,
+            ),
+            4 => gemm::wgrad(
+                device,
+                &self.dgu,
+                &self.x,
+                gathered,
+                g1,
+                &groups,
+                no_mask,
+                false,
+                &mut self.dw1,
+            ),
+            _ => gemm::wgrad(
+                device,
+                &self.y,
+                &self.hid,
+                ARows::Contiguous,
+                g2,
+                &groups,
+                no_mask,
+                false,
+                &mut self.dw2,
+            ),
+        }
+        .unwrap()
     }
 }
 
-/// The floor of each op of a layer, by name.
-fn floors(s: Size) -> [(&'static str, Floor); 6] {
-    let (rows, d, h) = (s.rows(), s.d, s.h);
-    let (g1, g2) = (s.gemm1(), s.gemm2());
-    // Forward and dA read the weights of the experts that have rows; dB writes every expert's
-    // f32 gradient (the `weights` term at 2 bytes plus 2 more).
-    let active = s.active_experts();
-    let mut dgrad2 = s.floor(g2, rows, rows * 2 * h, active);
-    dgrad2.bytes += 2 * (rows * 2 * h) as u64; // GU read
-    let mut wgrad1 = s.floor(g1, s.tokens, 0, g1.experts);
-    wgrad1.bytes += 2 * (rows * 2 * h) as u64 + 2 * (g1.experts * g1.n * g1.k) as u64; // dGU read; dW f32
-    let mut wgrad2 = s.floor(g2, rows, 0, g2.experts);
-    wgrad2.bytes += 2 * (rows * d) as u64 + 2 * (g2.experts * g2.n * g2.k) as u64;
-    [
-        (
-            "gemm/gemm1_swiglu_bf16",
-            s.floor(g1, s.tokens, rows * h + rows * 2 * h, active),
-        ),
-        ("gemm/gemm2_weighted_bf16", s.floor(g2, rows, rows * d, active)),
-        ("gemm/dgrad2_swiglu_bwd_bf16", dgrad2),
-        ("gemm/dgrad1_bf16", s.floor(g1, rows, rows * d, active)),
-        ("gemm/wgrad1_bf16", wgrad1),
-        ("gemm/wgrad2_bf16", wgrad2),
-    ]
+/// The peers' buffers: A rows already permuted, and bf16 outputs of the largest op.
+struct PeerBuffers {
+    xp: DeviceBuffer<bf16>,
+    c: DeviceBuffer<bf16>,
+    dw: DeviceBuffer<bf16>,
 }
 
-fn run_op(layer: &mut Layer, device: &Device, op: usize) {
+impl PeerBuffers {
+    fn new(device: &Device, size: Size, seed: u64) -> Self {
+        let (rows, d, h) = (size.rows(), size.d, size.h);
+        Self {
+            xp: random_bf16(device, rows * d, seed ^ 12, 1.0),
+            c: random_bf16(device, rows * d.max(2 * h), seed ^ 13, 1.0),
+            dw: random_bf16(device, size.experts * 2 * h * d, seed ^ 14, 1.0),
+        }
+    }
+}
+
+/// One cuBLAS GEMM of `op` over rows `first..first + m`, against expert `e`'s weights.
+fn peer_gemm(gpu: &Gpu, layer: &Layer, peer: &mut PeerBuffers, op: usize, (first, m, e): (usize, usize, usize)) {
+    let (d, h) = (layer.size.d, layer.size.h);
+    let (w1, w2) = (cuda(&layer.w1), cuda(&layer.w2));
+    let w1_e = w1.slice(e * 2 * h * d..(e + 1) * 2 * h * d);
+    let w2_e = w2.slice(e * d * h..(e + 1) * d * h);
+    fn rows_of(b: &DeviceBuffer<bf16>, first: usize, m: usize, width: usize) -> CudaView<'_, bf16> {
+        cuda(b).slice(first * width..(first + m) * width)
+    }
+    let rows = |b, width| rows_of(b, first, m, width);
+    let c = cuda_mut(&mut peer.c);
+    let dw = cuda_mut(&mut peer.dw);
+    let blas = &gpu.blas;
     match op {
-        0 => layer.gemm1(device),
-        1 => layer.gemm2(device),
-        2 => layer.dgrad2_swiglu(device),
-        3 => layer.dgrad1(device),
-        4 => layer.wgrad1(device),
-        _ => layer.wgrad2(device),
+        // Hp[m, 2h] = Xp[m, d] · W1ᵀ; Y[m, d] = H[m, h] · W2ᵀ
+        0 => blas.gemm_bf16((Op::N, Op::T), (m, 2 * h, d), &rows(&peer.xp, d), d, &w1_e, d, c, 2 * h),
+        1 => blas.gemm_bf16((Op::N, Op::T), (m, d, h), &rows(&layer.hid, h), h, &w2_e, h, c, d),
+        // dH[m, h] = dY[m, d] · W2; dXp[m, d] = dGU[m, 2h] · W1
+        2 => blas.gemm_bf16((Op::N, Op::N), (m, h, d), &rows(&layer.y, d), d, &w2_e, h, c, h),
+        3 => blas.gemm_bf16(
+            (Op::N, Op::N),
+            (m, d, 2 * h),
+            &rows(&layer.dgu, 2 * h),
+            2 * h,
+            &w1_e,
+            d,
+            c,
+            d,
+        ),
+        // dW1[2h, d] = dGUᵀ · Xp; dW2[d, h] = dYᵀ · H, each expert into its own slot
+        4 => {
+            let mut out = dw.slice_mut(e * 2 * h * d..(e + 1) * 2 * h * d);
+            blas.gemm_bf16(
+                (Op::T, Op::N),
+                (2 * h, d, m),
+                &rows(&layer.dgu, 2 * h),
+                2 * h,
+                &rows(&peer.xp, d),
+                d,
+                &mut out,
+                d,
+            )
+        }
+        _ => {
+            let mut out = dw.slice_mut(e * d * h..(e + 1) * d * h);
+            blas.gemm_bf16(
+                (Op::T, Op::N),
+                (d, h, m),
+                &rows(&layer.y, d),
+                d,
+                &rows(&layer.hid, h),
+                h,
+                &mut out,
+                h,
+            )
+        }
     }
 }
 
-/// On a GPU: a dense cuBLAS bf16 GEMM `[M, K] x [N, K]^T` (M = Σm) timed in the same run, and a
-/// record of our time as a ratio to it.
-fn compare_with_cublas(device: &Device, op: &str, label: &str, shape: GemmShape, rows: usize, floor: Floor, ours: f64) {
-    use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
-    let Device::Cuda(cuda) = device else { return };
-    let stream = cuda.stream().clone();
-    let Ok(blas) = CudaBlas::new(stream.clone()) else {
-        println!("{op} {label}: cuBLAS could not be loaded, no comparison");
-        return;
-    };
-    let (m, n, k) = (rows as i32, shape.n as i32, shape.k as i32);
-    let a = stream.alloc_zeros::<bf16>(rows * shape.k).unwrap();
-    let b = stream.alloc_zeros::<bf16>(shape.n * shape.k).unwrap();
-    let mut c = stream.alloc_zeros::<bf16>(rows * shape.n).unwrap();
-    // Row-major C [M, N] = A B^T is column-major C^T = B A^T: op(B) = T, op(A) = N.
-    let config = GemmConfig {
-        transa: cublasOperation_t::CUBLAS_OP_T,
-        transb: cublasOperation_t::CUBLAS_OP_N,
-        m: n,
-        n: m,
-        k,
-        alpha: bf16::ONE,
-        lda: k,
-        ldb: k,
-        beta: bf16::ZERO,
-        ldc: n,
-    };
-    // SAFETY: a, b, c hold M·K, N·K and M·N elements, matching the dimensions and strides above.
-    let dense = gpu_seconds(device, || unsafe { blas.gemm(config, &b, &a, &mut c).unwrap() });
-    let record = Record {
-        op: op.into(),
-        shape: format!("{label},vs_cublas"),
-        micros: ours * 1e6,
-        floor_bytes: floor.bytes,
-        floor_flops: floor.flops,
-        bandwidth_fraction: peak_bandwidth(device).map_or(f64::NAN, |bw| floor.bytes as f64 / bw / ours),
-        tensor_fraction: None,
-        versus: Some(("cublas_dense_bf16".into(), ours / dense)),
-    };
-    println!(
-        "{op} {label}: {:.2} us vs dense cuBLAS {:.2} us",
-        ours * 1e6,
-        dense * 1e6
-    );
-    println!("{}", record.to_line());
+fn bench_gpu(gpu: &Gpu) {
+    let device = gpu.device.clone();
+    for shape in layer_shapes(&device) {
+        let size = Size {
+            tokens: shape.tokens,
+            k: shape.k,
+            experts: shape.experts,
+            d: shape.d,
+            h: shape.h,
+        };
+        let label = shape.label();
+        let mut layer = Layer::new(&device, size, 0x6e6d ^ shape.tokens as u64);
+        let mut peer = PeerBuffers::new(&device, size, 0x7065);
+        let floors = size.floors(&layer.offsets_host);
+        let groups: Vec<(usize, usize, usize)> = layer
+            .offsets_host
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[1] > w[0])
+            .map(|(e, w)| (w[0] as usize, (w[1] - w[0]) as usize, e))
+            .collect();
+        for (op, name) in OPS.iter().enumerate() {
+            let floor = floor(&floors, op);
+            gpu.report(name, &label, floor, || layer.run(&device, op));
+            let time_peer = |implementation: &str, calls: &[(usize, usize, usize)], peer: &mut PeerBuffers| {
+                gpu.record(name, &label, implementation, floor, || {
+                    for &call in calls {
+                        peer_gemm(gpu, &layer, peer, op, call)
+                    }
+                });
+            };
+            time_peer("cublas_loop", &groups, &mut peer);
+            if size.tokens > 64 {
+                time_peer("cublas_dense", &[(0, size.rows(), 0)], &mut peer);
+            }
+        }
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -354,24 +357,26 @@ fn bench(c: &mut Criterion) {
         d: 256,
         h: 128,
     };
-    for (op, floor) in floors(small) {
-        eprintln!("{op} T=64 k=4 E=16 d=256 h=128: {}", floor.describe());
-    }
     let mut group = c.benchmark_group("gemm");
     group.sample_size(10);
-    let (offsets, sorted) = small.routing();
+    let (offsets, sorted) = grouped(&routing_ids(small.tokens, small.k, small.experts, 1), small.experts);
+    let floors = small.floors(&offsets);
+    for (op, name) in OPS.iter().enumerate() {
+        eprintln!("{name} T=64 k=4 E=16 d=256 h=128: {}", floor(&floors, op).describe());
+    }
     let groups = HostGroups {
         offsets: &offsets,
         sorted_rows: Some(&sorted),
         rows: small.rows(),
     };
-    let x = pattern(small.tokens * small.d, 1);
-    let w1 = pattern(small.experts * 2 * small.h * small.d, 2);
+    let mut rng = common::inputs::Rng::new(2);
+    let x = rng.fill(small.tokens * small.d, 1.0);
+    let w1 = rng.fill(small.experts * 2 * small.h * small.d, 0.1);
     let gathered = ARows::Gathered { top_k: small.k };
     group.bench_function("gemm1_swiglu/reference", |b| {
         b.iter(|| reference::forward(&x, gathered, &w1, small.gemm1(), &groups, Epilogue::SwiGlu, None))
     });
-    let dgu = pattern(small.rows() * 2 * small.h, 4);
+    let dgu = rng.fill(small.rows() * 2 * small.h, 1.0);
     group.bench_function("wgrad1/reference", |b| {
         b.iter(|| {
             reference::wgrad(
@@ -388,49 +393,16 @@ fn bench(c: &mut Criterion) {
     });
     for device in devices() {
         if device.kind() == DeviceKind::Emulator {
-            let mut layer = Layer::new(&device, small);
-            for (i, (op, _)) in floors(small).iter().enumerate() {
-                group.bench_function(format!("{}/emulator", &op[5..]), |b| {
-                    b.iter(|| run_op(&mut layer, &device, i))
+            let mut layer = Layer::new(&device, small, 1);
+            for (op, name) in OPS.iter().enumerate() {
+                group.bench_function(format!("{}/emulator", &name[5..]), |b| {
+                    b.iter(|| layer.run(&device, op))
                 });
             }
-            let decode = Size { tokens: 4, ..small };
-            let mut layer = Layer::new(&device, decode);
-            group.bench_function("gemm1_swiglu_decode_T4/emulator", |b| b.iter(|| layer.gemm1(&device)));
-        } else {
-            for shape in layer_shapes(&device) {
-                let size = Size {
-                    tokens: shape.tokens,
-                    k: shape.k,
-                    experts: shape.experts,
-                    d: shape.d,
-                    h: shape.h,
-                };
-                let label = shape.label();
-                let mut layer = Layer::new(&device, size);
-                for (i, (op, floor)) in floors(size).into_iter().enumerate() {
-                    let Some(ours) = report_gpu_fraction(op, &label, &device, floor, || run_op(&mut layer, &device, i))
-                    else {
-                        continue;
-                    };
-                    let dense = match i {
-                        0 | 4 => size.gemm1(),
-                        1 | 5 => size.gemm2(),
-                        // dA = dC·B: M = Σm, N = K of the forward, reduction over the forward's N.
-                        2 => GemmShape {
-                            experts: 1,
-                            n: size.h,
-                            k: size.d,
-                        },
-                        _ => GemmShape {
-                            experts: 1,
-                            n: size.d,
-                            k: 2 * size.h,
-                        },
-                    };
-                    compare_with_cublas(&device, op, &label, dense, size.rows(), floor, ours);
-                }
-            }
+            let mut layer = Layer::new(&device, Size { tokens: 4, ..small }, 1);
+            group.bench_function("gemm1_swiglu_decode_T4/emulator", |b| b.iter(|| layer.run(&device, 0)));
+        } else if let Some(gpu) = Gpu::new(&device) {
+            bench_gpu(&gpu);
         }
     }
     group.finish();

@@ -6,7 +6,7 @@
 //! memory floor at the realistic layer shapes of `common::layer_shapes`.
 mod common;
 
-use common::{Floor, LayerShape, devices, layer_shapes, report_gpu_fraction};
+use common::{Floor, Gpu, LayerShape, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use moe_kernels::ops::{FloatElement, mix};
 use moe_kernels::reference::mix as reference;
@@ -30,10 +30,9 @@ fn backward_floor<T: FloatElement>(s: &LayerShape) -> Floor {
     }
 }
 
+/// Random values in [-0.5, 0.5).
 fn values(len: usize, salt: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7919 + salt) % 1009) as f32 / 1009.0 - 0.5)
-        .collect()
+    common::inputs::Rng::new(salt as u64).fill(len, 0.5)
 }
 
 struct Buffers<T: FloatElement> {
@@ -109,23 +108,16 @@ fn bench_dtype<T: FloatElement>(crit: &mut Criterion, devices: &[Device]) {
         group.finish();
     }
     for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        let Some(gpu) = Gpu::new(device) else { continue };
         for shape in layer_shapes(device) {
             let mut buffers = Buffers::<T>::new(device, &shape);
             let op = |name| format!("mix/{name}_{}", T::NAME);
-            report_gpu_fraction(
-                &op("forward"),
-                &shape.label(),
-                device,
-                forward_floor::<T>(&shape),
-                || buffers.forward(device),
-            );
-            report_gpu_fraction(
-                &op("backward"),
-                &shape.label(),
-                device,
-                backward_floor::<T>(&shape),
-                || buffers.backward(device),
-            );
+            gpu.report(&op("forward"), &shape.label(), forward_floor::<T>(&shape), || {
+                buffers.forward(device)
+            });
+            gpu.report(&op("backward"), &shape.label(), backward_floor::<T>(&shape), || {
+                buffers.backward(device)
+            });
         }
     }
 }

@@ -8,7 +8,7 @@
 //! memory floor at the realistic layer shapes of `common::layer_shapes`.
 mod common;
 
-use common::{Floor, devices, layer_shapes, report_gpu_fraction};
+use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
 use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig};
@@ -19,10 +19,9 @@ use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 /// The shape the CPU reference and the emulator run (small: the emulator is slow).
 const SMALL_TOKENS: usize = 64;
 
+/// Random logits in [-2, 2).
 fn logits(tokens: usize, experts: usize) -> Vec<f32> {
-    (0..tokens * experts)
-        .map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * 4.0)
-        .collect()
+    common::inputs::Rng::new(0x2047).fill(tokens * experts, 2.0)
 }
 
 /// Bytes of `[rows, cols]` 4-byte elements.
@@ -295,6 +294,7 @@ fn bench_router(crit: &mut Criterion) {
         group.finish();
     }
     for device in devices.iter().filter(|d| d.kind() == DeviceKind::Cuda) {
+        let Some(gpu) = Gpu::new(device) else { continue };
         for shape in layer_shapes(device) {
             let c = if shape.name == "deepseek" {
                 RouterConfig::deepseek_v3()
@@ -304,7 +304,7 @@ fn bench_router(crit: &mut Criterion) {
             let mut buffers = Buffers::new(device, &c, shape.tokens);
             for op in OPS {
                 let floor = floor(op, &c, shape.tokens);
-                report_gpu_fraction(&format!("router/{op}"), &shape.label(), device, floor, || {
+                gpu.report(&format!("router/{op}"), &shape.label(), floor, || {
                     run(op, device, &c, &mut buffers)
                 });
             }
