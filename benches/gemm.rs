@@ -261,7 +261,9 @@ fn peer_gemm(gpu: &Gpu, layer: &Layer, peer: &mut PeerBuffers, op: usize, (first
         cuda(b).slice(first * width..(first + m) * width)
     }
     let rows = |b, width| rows_of(b, first, m, width);
-    let c = cuda_mut(&mut peer.c);
+    // Each group's output rows at the group's own offset, as the grouped op writes them.
+    let out_width = [2 * h, d, h, d].get(op).copied().unwrap_or(0);
+    let c = &mut cuda_mut(&mut peer.c).slice_mut(first * out_width..(first + m) * out_width);
     let dw = cuda_mut(&mut peer.dw);
     let blas = &gpu.blas;
     match op {

@@ -3,9 +3,10 @@
 #
 # Two halves, on two machines:
 #   --build   here, on the development machine (no GPU needed): builds the test and bench
-#             executables and the page generator in release for the target arch, strips them
-#             and copies them into the bundle folder (default .gpu-bundle, git-ignored), which is
-#             carried to the GPU machine. Nothing is built there: building spends the lease.
+#             executables and the page generator in release for the target arch, strips them,
+#             copies them into the bundle folder (default .gpu-bundle) and packs that into
+#             .gpu-bundle.tar.xz (both git-ignored): the archive is what is carried to the GPU
+#             machine, where a run unpacks it. Nothing is built there: building spends the lease.
 #   (run)     on the GPU machine: runs one part of the plan from the bundle. The plan is, in
 #             order: short correctness tests with MOE_REQUIRE_GPU=1, the ceilings (copy bandwidth,
 #             bf16 GEMM 8192^3), every bench for the Mixtral-like and then the DeepSeek-like
@@ -22,9 +23,9 @@ usage() {
   cat <<'USAGE'
 usage: scripts/gpu-validate.sh --build [--bundle DIR] [--arch N]
        scripts/gpu-validate.sh [--budget SECONDS] [--part N] [--out DIR] [--bundle DIR] [--no-tests] [--dry-run]
-  --build         build the executables here and copy them into the bundle (no GPU needed)
+  --build         build the executables here into the bundle and DIR.tar.xz (no GPU needed)
   --arch N        with --build: the GPU architecture to compile for (default 90: H100, H200)
-  --bundle DIR    the executables (default .gpu-bundle)
+  --bundle DIR    the executables (default .gpu-bundle; a run unpacks DIR.tar.xz if DIR is missing)
   --out DIR       where a run writes its results (default gpu-results)
   --budget S      seconds one part may take (default 540: a remote command may run 10 minutes)
   --part N        the part of the plan to run (default 1)
@@ -115,6 +116,8 @@ if [ "$build" = 1 ]; then
     while IFS= read -r line; do
       exe=$(printf '%s\n' "$line" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 || true)
       [ -n "$exe" ] || continue
+      # Bench and test targets only (not the library's own harness).
+      printf '%s\n' "$line" | grep -q '"kind":\["\(bench\|test\)"\]' || continue
       name=$(printf '%s\n' "$line" | grep -o '"target":{[^}]*"name":"[^"]*"' | grep -o '"name":"[^"]*"' | cut -d'"' -f4)
       cp "$exe" "$dest/$name"
       strip "$dest/$name" 2>/dev/null || true
@@ -129,9 +132,11 @@ if [ "$build" = 1 ]; then
   strip "$bundle/benchmarks_md" 2>/dev/null || true
   echo "$arch" >"$bundle/ARCH"
   git rev-parse HEAD >"$bundle/COMMIT" 2>/dev/null || echo unknown >"$bundle/COMMIT"
-  size=$(du -sm "$bundle" | cut -f1)
-  echo "gpu-validate: bundle $bundle for sm_$arch: $size MiB, $(find "$bundle/tests" -type f | wc -l) test and $(find "$bundle/benches" -type f | wc -l) bench executables"
-  [ "$size" -le 60 ] || echo "gpu-validate: warning: over 60 MiB; the device tool carries 64 MiB with the working tree" >&2
+  # The executables share their embedded kernels: one solid xz archive with a 64 MiB window
+  # keeps one copy (about 200 MiB of executables become about 7 MiB).
+  tar -C "$(dirname "$bundle")" -cf - "$(basename "$bundle")" | xz -9 -T0 >"$bundle.tar.xz"
+  echo "gpu-validate: $bundle.tar.xz for sm_$arch: $(du -m "$bundle.tar.xz" | cut -f1) MiB," \
+    "$(find "$bundle/tests" -type f | wc -l) test and $(find "$bundle/benches" -type f | wc -l) bench executables"
   exit 0
 fi
 
@@ -210,6 +215,14 @@ if [ "$part" -lt 1 ] || [ "$part" -gt "$parts" ]; then
 fi
 
 cd "$root"
+if [ ! -x "$bundle/benchmarks_md" ] && [ -f "$bundle.tar.xz" ]; then
+  echo "gpu-validate: unpacking $bundle.tar.xz"
+  if command -v xz >/dev/null; then
+    xz -dc "$bundle.tar.xz" | tar -C "$(dirname "$bundle")" -xf -
+  else
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$bundle.tar.xz" "$(dirname "$bundle")"
+  fi
+fi
 [ -x "$bundle/benchmarks_md" ] || die "no bundle in $bundle: run scripts/gpu-validate.sh --build on the development machine and carry $bundle"
 bundle_arch=$(cat "$bundle/ARCH")
 [ "$bundle_arch" = "$gpu_arch" ] || echo "gpu-validate: warning: the bundle is built for sm_$bundle_arch, this GPU is sm_$gpu_arch" >&2

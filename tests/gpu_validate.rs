@@ -415,10 +415,20 @@ fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
     for suite in ["devices", "gemm", "dispatch", "router", "layers"] {
         executable(&bundle.join("tests").join(suite), &body("echo 'test result: ok'\n"));
     }
+    // Carried as the archive `--build` makes: the run unpacks it.
+    let packed = Command::new("sh")
+        .arg("-c")
+        .arg("tar -C \"$1\" -cf - bundle | xz -1 >\"$1/bundle.tar.xz\" && rm -r \"$1/bundle\"")
+        .arg("sh")
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(packed.success());
     let results = dir.join("results");
     let args = ["--bundle", bundle.to_str().unwrap(), "--out", results.to_str().unwrap()];
     let out = script(&args, smi.to_str().unwrap(), None);
     let said = text(&out);
+    assert!(said.contains("unpacking"), "{said}");
     // The torch items fail here (no PyTorch with a GPU): the run says so and exits non-zero,
     // with every other item done and the page written.
     assert_ne!(out.status.code(), Some(0), "{said}");
