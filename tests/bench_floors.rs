@@ -1,5 +1,6 @@
 //! The benches' floors and timing summary, checked on small cases by hand: a floor that
 //! counted idle experts (or forgot active ones) would misstate every % of floor.
+#[allow(dead_code)] // the benches' descriptions
 #[path = "../benches/common/floors.rs"]
 mod floors;
 #[path = "../benches/common/stats.rs"]

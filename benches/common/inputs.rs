@@ -4,26 +4,19 @@ use half::bf16;
 use moe_kernels::ops::FloatElement;
 use moe_kernels::{Device, DeviceBuffer};
 
-/// SplitMix64: small, seedable, the same everywhere.
-pub struct Rng(u64);
+/// The tests' seeded generator (`tests/common`), with what the benches draw from it.
+pub struct Rng(super::tests_common::Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        Rng(super::tests_common::Rng::new(seed))
     }
     /// Uniform in `[-scale, scale)`.
     pub fn uniform(&mut self, scale: f32) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        self.0.uniform(-scale, scale)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        self.0.below(n)
     }
     pub fn fill(&mut self, len: usize, scale: f32) -> Vec<f32> {
         (0..len).map(|_| self.uniform(scale)).collect()

@@ -15,6 +15,9 @@ pub mod floors;
 pub mod gpu;
 pub mod inputs;
 pub mod stats;
+/// The tests' shared helpers: the benches draw from the same seeded generator.
+#[path = "../../tests/common/mod.rs"]
+mod tests_common;
 
 #[allow(unused_imports)]
 pub use floors::Floor;
