@@ -88,7 +88,7 @@ estimate() {
     test:*) echo 20 ;;
     ceilings) echo 6 ;;
     bench:router:*) echo 10 ;;
-    bench:gate:*) echo 16 ;;
+    bench:gate:*) echo 20 ;;
     bench:dispatch:*) echo 8 ;;
     bench:gemm:mixtral) echo 40 ;;
     bench:gemm:deepseek) echo 50 ;;

@@ -113,12 +113,36 @@ def routing(torch, tokens, experts, k):
     ids = torch.rand(tokens, experts, device="cuda").topk(k, dim=1).indices.to(torch.int32)
     flat = ids.flatten()
     order = torch.argsort(flat * (tokens * k) + torch.arange(tokens * k, device="cuda", dtype=torch.int32))
-    counts = torch.bincount(flat, minlength=experts)
+    counts = torch.bincount(flat.long(), minlength=experts)
     offs = torch.cumsum(counts, 0).to(torch.int32)
     return ids, order, offs, int((counts > 0).sum())
 
 
-def bench_ops(torch, timer, model, tokens):
+class ExpertWeights:
+    """The experts' W1 [E, 2h, d] and W2 [E, d, h] in bf16, each also laid out column-major in
+    its last two dimensions (what torch._grouped_mm's CUTLASS path takes as mat_b)."""
+
+    def __init__(self, torch, d, h, experts):
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        self.w1 = torch.randn(experts, 2 * h, d, **bf).mul_(d**-0.5)
+        self.w2 = torch.randn(experts, d, h, **bf).mul_(h**-0.5)
+        self.w1_cm = self.w1.transpose(-2, -1).contiguous().transpose(-2, -1)
+        self.w2_cm = self.w2.transpose(-2, -1).contiguous().transpose(-2, -1)
+
+
+def first_working(candidates):
+    """The first of `candidates` (closures) that runs: layouts torch._grouped_mm may reject."""
+    errors = []
+    for run in candidates:
+        try:
+            run()
+            return run
+        except Exception as e:  # this layout is not supported here: try the next
+            errors.append(f"{type(e).__name__}: {e}".replace("\n", " "))
+    raise RuntimeError("; ".join(errors))
+
+
+def bench_ops(torch, timer, model, tokens, weights):
     F = torch.nn.functional
     d, h, experts, k = MODELS[model]
     shape = f"{model},T={tokens}"
@@ -136,45 +160,53 @@ def bench_ops(torch, timer, model, tokens):
     record(timer, "router/select", shape, "torch_topk_softmax", fl["router/select"], select)
 
     x = torch.randn(tokens, d, **bf)
-    token_of_row = (order // k).to(torch.int64)
+    token_of_row = order // k
     record(timer, "dispatch/permute_bf16", shape, "torch_index_select", fl["dispatch/permute_bf16"],
            lambda: x.index_select(0, token_of_row))
     yp = torch.randn(rows, d, **bf)
-    w_rows = torch.rand(rows, device="cuda")
+    w_rows = torch.rand(rows, device="cuda").to(torch.bfloat16)
 
     def combine():
-        return x.clone().index_add_(0, token_of_row, yp * w_rows[:, None].to(yp.dtype))
+        return x.clone().index_add_(0, token_of_row, yp * w_rows[:, None])
 
     record(timer, "dispatch/combine_bf16", shape, "torch_index_add", fl["dispatch/combine_bf16"], combine)
 
-    w1 = torch.randn(experts, 2 * h, d, **bf) / d**0.5
-    w2 = torch.randn(experts, d, h, **bf) / h**0.5
+    w1, w2, w1_cm, w2_cm = weights.w1, weights.w2, weights.w1_cm, weights.w2_cm
     xp = torch.randn(rows, d, **bf)
     hid = torch.randn(rows, h, **bf)
     gu = torch.randn(rows, 2 * h, **bf)
     dy = torch.randn(rows, d, **bf)
     dgu = torch.randn(rows, 2 * h, **bf)
+    # The transposed activations of the weight gradients, copied once outside the timing, for
+    # a PyTorch that takes only row-major mat_a.
+    dgu_t, dy_t = dgu.t().contiguous(), dy.t().contiguous()
     mm = torch._grouped_mm
 
-    def gemm1():
-        out = mm(xp, w1.transpose(-2, -1), offs=offs)
+    def swiglu(out):
         return F.silu(out[:, :h]) * out[:, h:]
 
-    def dgrad2():
-        dh = mm(dy, w2, offs=offs)
+    def swiglu_backward(dh):
         g, u = gu[:, :h].float(), gu[:, h:].float()
         sig = torch.sigmoid(g)
-        return torch.cat(((dh * u * sig * (1 + g * (1 - sig))), dh * g * sig), dim=1).to(torch.bfloat16)
+        return torch.cat((dh * u * sig * (1 + g * (1 - sig)), dh * g * sig), dim=1).to(torch.bfloat16)
 
     ops = {
-        "gemm/gemm1_swiglu_bf16": gemm1,
-        "gemm/gemm2_weighted_bf16": lambda: mm(hid, w2.transpose(-2, -1), offs=offs) * w_rows[:, None].to(hid.dtype),
-        "gemm/dgrad2_swiglu_bwd_bf16": dgrad2,
-        "gemm/dgrad1_bf16": lambda: mm(dgu, w1, offs=offs),
-        "gemm/wgrad1_bf16": lambda: mm(dgu.t(), xp, offs=offs),
-        "gemm/wgrad2_bf16": lambda: mm(dy.t(), hid, offs=offs),
+        "gemm/gemm1_swiglu_bf16": [lambda: swiglu(mm(xp, w1.transpose(-2, -1), offs=offs))],
+        "gemm/gemm2_weighted_bf16": [lambda: mm(hid, w2.transpose(-2, -1), offs=offs) * w_rows[:, None]],
+        "gemm/dgrad2_swiglu_bwd_bf16": [
+            lambda: swiglu_backward(mm(dy, w2_cm, offs=offs)),
+            lambda: swiglu_backward(mm(dy, w2, offs=offs)),
+        ],
+        "gemm/dgrad1_bf16": [lambda: mm(dgu, w1_cm, offs=offs), lambda: mm(dgu, w1, offs=offs)],
+        "gemm/wgrad1_bf16": [lambda: mm(dgu.t(), xp, offs=offs), lambda: mm(dgu_t, xp, offs=offs)],
+        "gemm/wgrad2_bf16": [lambda: mm(dy.t(), hid, offs=offs), lambda: mm(dy_t, hid, offs=offs)],
     }
-    for op, run in ops.items():
+    for op, candidates in ops.items():
+        try:
+            run = first_working(candidates)
+        except RuntimeError as e:
+            print(f"torch_peers: {op} {shape} [torch_grouped_mm] skipped: {e}")
+            continue
         record(timer, op, shape, "torch_grouped_mm", fl[op], run)
 
 
@@ -261,9 +293,12 @@ def main():
     torch.manual_seed(0)
     timer = Timer(torch)
     print(f"torch_peers: torch {torch.__version__} on {torch.cuda.get_device_name(0)}")
+    d, h, experts, _ = MODELS[args.model]
+    weights = ExpertWeights(torch, d, h, experts)
     for tokens in token_counts:
-        bench_ops(torch, timer, args.model, tokens)
-        torch.cuda.empty_cache()
+        bench_ops(torch, timer, args.model, tokens, weights)
+    del weights
+    torch.cuda.empty_cache()
     bench_layer(torch, timer, args.model, token_counts)
     return 0
 
