@@ -77,6 +77,7 @@ done
 test_suites=(devices gemm dispatch router layers)
 benches=(router gate dispatch gemm codebook esft mix layers)
 models=(mixtral deepseek)
+token_counts=1,16,64,4096,16384
 
 # Estimated seconds of each item on an H200, process start and input setup included: the
 # benches' per-op times (the 2026-11-23 H100 run, rounded up) times their samples (10 to 50,
@@ -175,7 +176,10 @@ print_plan() {
         printf '  %-24s %4ss\n' ceilings "$(estimate ceilings)"
         ceilings_due=0
       fi
-      printf '  %-24s %4ss\n' "$item" "$cost"
+      case "$item" in
+        test:*) printf '  %-24s %4ss\n' "$item" "$cost" ;;
+        *) printf '  %-24s %4ss  T=%s\n' "$item" "$cost" "$token_counts" ;;
+      esac
       total=$((total + cost))
     done
     printf '  %-24s %4ss\n' page "$(estimate page)"
@@ -262,10 +266,12 @@ run_item() {
     test) timeout "$left" "$bundle/tests/$bench" --test-threads=16 >>"$log" 2>&1 || status=$? ;;
     ceilings) timeout "$left" "$bundle/benches/ceilings" >>"$log" 2>&1 || status=$? ;;
     bench)
-      MOE_BENCH_MODELS=$model timeout "$left" "$bundle/benches/$bench" --bench __gpu_records_only__ >>"$log" 2>&1 || status=$?
+      MOE_BENCH_MODELS=$model MOE_BENCH_TOKENS=$token_counts timeout "$left" "$bundle/benches/$bench" \
+        --bench __gpu_records_only__ >>"$log" 2>&1 || status=$?
       ;;
     torch)
-      PYTHONUNBUFFERED=1 timeout "$left" python3 scripts/torch_peers.py --model "$bench" >>"$log" 2>&1 || status=$?
+      PYTHONUNBUFFERED=1 timeout "$left" python3 scripts/torch_peers.py --model "$bench" --tokens "$token_counts" \
+        >>"$log" 2>&1 || status=$?
       ;;
   esac
   echo "== $item: exit $status after $((SECONDS - began))s (estimated $(estimate "$item")s)" | tee -a "$log"

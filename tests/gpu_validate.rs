@@ -310,11 +310,12 @@ fn plan(said: &str) -> (Vec<(usize, u64, String)>, Vec<u64>) {
             part = rest.split(' ').next().unwrap().parse().unwrap();
         } else if let Some(rest) = line.trim().strip_prefix("estimated total: ") {
             totals.push(rest.split('s').next().unwrap().parse().unwrap());
-        } else if let Some((item, secs)) = line.trim().rsplit_once(' ').filter(|_| line.starts_with("  ")) {
+        } else if line.starts_with("  ") {
+            let words: Vec<&str> = line.split_whitespace().collect();
             items.push((
                 part,
-                secs.trim_end_matches('s').parse().unwrap(),
-                item.trim().to_string(),
+                words[1].trim_end_matches('s').parse().unwrap(),
+                words[0].to_string(),
             ));
         }
     }
@@ -349,6 +350,13 @@ fn the_dry_run_plan_fits_the_budget_and_covers_every_family_and_shape() {
     for model in ["mixtral", "deepseek"] {
         assert!(items.iter().any(|i| i.2 == format!("torch:{model}")), "{said}");
     }
+    // Every timed item covers the five token counts.
+    let timed: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains("bench:") || l.contains("torch:"))
+        .collect();
+    assert_eq!(timed.len(), 18, "{said}");
+    assert!(timed.iter().all(|l| l.ends_with("T=1,16,64,4096,16384")), "{said}");
     // A smaller budget splits the same items into parts that each fit and each measure the
     // ceilings.
     let small = script(
