@@ -210,9 +210,9 @@ impl Score<'_> {
 }
 
 /// The headline rows: each of our records that a peer also ran, and every whole-layer record,
-/// in the order measured.
+/// by op, then model, then token count.
 pub fn scoreboard(records: &[Record]) -> Vec<Score<'_>> {
-    records
+    let mut rows: Vec<Score<'_>> = records
         .iter()
         .filter(|r| r.is_ours())
         .filter_map(|ours| {
@@ -222,7 +222,12 @@ pub fn scoreboard(records: &[Record]) -> Vec<Score<'_>> {
                 .min_by(|a, b| a.median_us.total_cmp(&b.median_us));
             (best_peer.is_some() || ours.op.starts_with("layers/")).then_some(Score { ours, best_peer })
         })
-        .collect()
+        .collect();
+    rows.sort_by_key(|s| {
+        let (model, tokens) = s.ours.model_and_tokens().unwrap_or((&s.ours.shape, 0));
+        (&s.ours.op, model, tokens)
+    });
+    rows
 }
 
 /// One line of the chart: our % of floor for one op of one model, by token count.
