@@ -428,3 +428,56 @@ pub fn json(machine: &Machine, ceilings: &Ceilings, records: &[Record]) -> Strin
     }
     out + "\n  ]\n}\n"
 }
+
+/// One item of a `scripts/gpu-validate.sh` run (a test suite, the ceilings, a bench, the
+/// PyTorch peers), from its log line `== ITEM: exit STATUS after Ns (estimated Es)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunItem {
+    pub name: String,
+    /// The exit status: 0 passed; 124 or 137 cut by the time left in the part.
+    pub status: i32,
+    pub seconds: u64,
+    pub estimated: u64,
+}
+
+/// Every run item in a log, in order.
+pub fn run_items(text: &str) -> Vec<RunItem> {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("== ")?;
+            let (name, rest) = rest.split_once(": exit ")?;
+            let (status, rest) = rest.split_once(" after ")?;
+            let (seconds, rest) = rest.split_once("s (estimated ")?;
+            let estimated = rest.strip_suffix("s)")?;
+            Some(RunItem {
+                name: name.into(),
+                status: status.parse().ok()?,
+                seconds: seconds.parse().ok()?,
+                estimated: estimated.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The page's account of the run: each item's result and its seconds beside the plan's
+/// estimate (what the script's estimates are corrected from).
+pub fn run_table(items: &[RunItem]) -> String {
+    let mut out = String::from("\n## The run\n\n");
+    if items.is_empty() {
+        return out + "No item of `scripts/gpu-validate.sh` is in the logs.\n";
+    }
+    out += "| item | result | seconds | estimated |\n|---|---|---:|---:|\n";
+    for item in items {
+        let result = match item.status {
+            0 => "passed".to_string(),
+            124 | 137 => "cut by the time limit".to_string(),
+            status => format!("failed (exit {status})"),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {result} | {} | {} |",
+            item.name, item.seconds, item.estimated
+        );
+    }
+    out
+}

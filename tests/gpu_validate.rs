@@ -8,7 +8,7 @@ mod chart;
 
 use moe_kernels::benchmarks::{
     BANDWIDTH, Ceiling, Ceilings, Machine, OURS, Record, TENSOR, ceiling_line, ceilings, chart_series, datasheet, json,
-    markdown, records, scoreboard,
+    markdown, records, run_items, run_table, scoreboard,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -18,6 +18,10 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu-validate.
 /// A log as a GPU run prints it: cargo's and criterion's lines around the records, two
 /// ceilings, our records and peers', and lines that must not parse.
 const RECORDED_LOG: &str = "\
+== test:gemm (at 0s, 535s left, estimated 20s)
+test result: ok. 40 passed; 0 failed
+== test:gemm: exit 0 after 12s (estimated 20s)
+== test:layers: exit 101 after 3s (estimated 20s)
 == ceilings (at 3s, 530s left, estimated 6s)
 ceilings on NVIDIA H200 (sm_90): copy 4000 GB/s (read + write), bf16 GEMM 8192³ 800 TFLOP/s on random data
 MOE_CEILING name=copy_bandwidth measured=4.0000e12 datasheet=4.8000e12
@@ -36,6 +40,7 @@ MOE_BENCH op=broken shape=x impl=ours us=notanumber p10=1 p90=1 bytes=1 flops=0
 MOE_BENCH op=zero shape=x impl=ours us=0 p10=0 p90=0 bytes=1 flops=0
 MOE_BENCH op=old shape=mixtral,T=1 us=5.31 bytes=1 flops=0 bw=0.1
 MOE_CEILING name=copy_bandwidth measured=nan datasheet=none
+== bench:gemm:deepseek: exit 124 after 40s (estimated 50s)
 ";
 
 fn machine() -> Machine {
@@ -240,6 +245,31 @@ fn the_chart_plots_our_records_by_model_and_tokens() {
 }
 
 #[test]
+fn the_run_table_says_what_passed_failed_and_was_cut() {
+    let items = run_items(RECORDED_LOG);
+    let names: Vec<(&str, i32, u64)> = items.iter().map(|i| (i.name.as_str(), i.status, i.seconds)).collect();
+    assert_eq!(
+        names,
+        [
+            ("test:gemm", 0, 12),
+            ("test:layers", 101, 3),
+            ("bench:gemm:deepseek", 124, 40)
+        ]
+    );
+    let table = run_table(&items);
+    assert!(table.contains("| test:gemm | passed | 12 | 20 |"), "{table}");
+    assert!(
+        table.contains("| test:layers | failed (exit 101) | 3 | 20 |"),
+        "{table}"
+    );
+    assert!(
+        table.contains("| bench:gemm:deepseek | cut by the time limit | 40 | 50 |"),
+        "{table}"
+    );
+    assert!(run_table(&[]).contains("No item"));
+}
+
+#[test]
 fn datasheets_are_known_for_the_parts_we_run_on() {
     assert_eq!(datasheet("NVIDIA H200 (sm_90)"), Some((4.8e12, 989e12)));
     assert_eq!(datasheet("NVIDIA H100 80GB HBM3"), Some((3.35e12, 989e12)));
@@ -376,19 +406,22 @@ fn the_dry_run_plan_fits_the_budget_and_covers_every_family_and_shape() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// The page generator built beside this test (`cargo test` builds the examples); built on
-/// demand when only this test was built.
+/// The page generator, built (or found up to date) by cargo beside this test's own profile.
 fn benchmarks_md() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let built = exe.parent().unwrap().parent().unwrap().join("examples/benchmarks_md");
-    if !built.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--example", "benchmarks_md"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building the page generator");
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo
+        .args(["build", "--quiet", "--example", "benchmarks_md"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|name| name == "release") {
+        cargo.arg("--release");
     }
+    assert!(
+        cargo.status().expect("cargo runs").success(),
+        "building the page generator"
+    );
+    let built = profile_dir.join("examples/benchmarks_md");
     assert!(built.exists(), "{} after the build", built.display());
     built
 }
@@ -460,6 +493,8 @@ fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
         "{page}"
     );
     assert!(page.contains("| 4000 GB/s |"), "{page}");
+    assert!(page.contains("| test:devices | passed |"), "{page}");
+    assert!(page.contains("| torch:mixtral | failed (exit "), "{page}");
     let done = std::fs::read_to_string(results.join("done")).unwrap();
     assert_eq!(
         done.lines().count(),

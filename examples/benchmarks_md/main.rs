@@ -8,7 +8,9 @@
 //! writes DIR/BENCHMARKS.md, DIR/benchmarks.json and DIR/benchmarks.png.
 mod chart;
 
-use moe_kernels::benchmarks::{Machine, ceilings, chart_series, json, markdown, records, scoreboard};
+use moe_kernels::benchmarks::{
+    Machine, ceilings, chart_series, json, markdown, records, run_items, run_table, scoreboard,
+};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,7 +54,10 @@ fn run() -> Result<(), String> {
         let path = out.join(name);
         std::fs::write(&path, body).map_err(|e| format!("writing {}: {e}", path.display()))
     };
-    write("BENCHMARKS.md", markdown(&machine, &ceilings, &records))?;
+    write(
+        "BENCHMARKS.md",
+        markdown(&machine, &ceilings, &records) + &run_table(&run_items(&text)),
+    )?;
     write("benchmarks.json", json(&machine, &ceilings, &records))?;
     let headline: Vec<&str> = scoreboard(&records).iter().map(|s| s.ours.op.as_str()).collect();
     let series: Vec<_> = chart_series(&records, &ceilings)
