@@ -44,11 +44,14 @@ fn measure(gpu: &Gpu) {
         datasheet: tensor_sheet,
     };
 
+    let sheet = |v: Option<f64>, scale: f64| v.map_or_else(|| "unknown".into(), |v| format!("{:.0}", v / scale));
     println!(
-        "ceilings on {}: copy {:.0} GB/s (read + write), bf16 GEMM {n}³ {:.0} TFLOP/s on random data",
+        "ceilings on {}: copy {:.0} GB/s (read + write; datasheet {}), bf16 GEMM {n}³ {:.0} TFLOP/s on random data (datasheet {})",
         gpu.device.description(),
         bandwidth.measured / 1e9,
-        tensor.measured / 1e12
+        sheet(bandwidth_sheet, 1e9),
+        tensor.measured / 1e12,
+        sheet(tensor_sheet, 1e12)
     );
     println!("{}", ceiling_line(BANDWIDTH, &bandwidth));
     println!("{}", ceiling_line(TENSOR, &tensor));

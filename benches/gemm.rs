@@ -18,7 +18,7 @@ use common::blas::Op;
 use common::floors::{ExpertGemms, active_experts};
 use common::gpu::{cuda, cuda_mut};
 use common::inputs::{grouped, random, random_bf16, routing_ids};
-use common::{Floor, Gpu, devices, layer_shapes};
+use common::{Floor, Gpu, LayerShape, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use cudarc::driver::CudaView;
 use half::bf16;
@@ -27,16 +27,9 @@ use moe_kernels::reference::gemm::{self as reference, HostGroups};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
 /// T tokens routed to k of E experts; model dimension d, expert hidden size h.
-#[derive(Clone, Copy)]
-struct Size {
-    tokens: usize,
-    k: usize,
-    experts: usize,
-    d: usize,
-    h: usize,
-}
+type Size = LayerShape;
 
-impl Size {
+impl LayerShape {
     fn rows(&self) -> usize {
         self.tokens * self.k
     }
@@ -315,13 +308,7 @@ fn peer_gemm(gpu: &Gpu, layer: &Layer, peer: &mut PeerBuffers, op: usize, (first
 fn bench_gpu(gpu: &Gpu) {
     let device = gpu.device.clone();
     for shape in layer_shapes(&device) {
-        let size = Size {
-            tokens: shape.tokens,
-            k: shape.k,
-            experts: shape.experts,
-            d: shape.d,
-            h: shape.h,
-        };
+        let size = shape;
         let label = shape.label();
         let mut layer = Layer::new(&device, size, 0x6e6d ^ shape.tokens as u64);
         let mut peer = PeerBuffers::new(&device, size, 0x7065);
@@ -353,11 +340,13 @@ fn bench_gpu(gpu: &Gpu) {
 
 fn bench(c: &mut Criterion) {
     let small = Size {
+        name: "small",
         tokens: 64,
         k: 4,
         experts: 16,
         d: 256,
         h: 128,
+        groups: None,
     };
     let mut group = c.benchmark_group("gemm");
     group.sample_size(10);
