@@ -79,14 +79,17 @@ benches=(router gate dispatch gemm codebook esft mix layers)
 models=(mixtral deepseek)
 token_counts=1,16,64,4096,16384
 
-# Estimated seconds of each item on an H200, process start and input setup included: the
-# benches' per-op times (the 2026-11-23 H100 run, rounded up) times their samples (10 to 50,
-# 0.25 s per op at most, plus 4 warm-up calls), and the host's share (random inputs, the
-# DeepSeek-like layer's 11 G weights). Each run's logs hold the real seconds per item: correct
-# this table from them.
+# Estimated seconds of each item on an H200, process start and input setup included. Tests:
+# their time here (release build, emulator only, 2 cores: devices 0, gemm 5, dispatch 37,
+# router 5, layers 6) shared over 16 cores, plus their GPU half. Benches: their per-op times
+# (the 2026-11-23 H100 run, rounded up) times their samples (10 to 50, 0.25 s per op at most,
+# plus 4 warm-up calls), and the host's share (random inputs, the DeepSeek-like layer's 11 G
+# weights). The page's last table has each item's real seconds: correct this one from it.
 estimate() {
   case "$1" in
-    test:*) echo 20 ;;
+    test:devices) echo 5 ;;
+    test:dispatch) echo 25 ;;
+    test:*) echo 15 ;;
     ceilings) echo 6 ;;
     bench:router:*) echo 10 ;;
     bench:gate:*) echo 20 ;;
@@ -263,7 +266,7 @@ run_item() {
   IFS=: read -r kind bench model <<<"$item"
   status=0
   case "$kind" in
-    test) timeout "$left" "$bundle/tests/$bench" --test-threads=16 >>"$log" 2>&1 || status=$? ;;
+    test) timeout "$left" "$bundle/tests/$bench" --test-threads="$(nproc)" >>"$log" 2>&1 || status=$? ;;
     ceilings) timeout "$left" "$bundle/benches/ceilings" >>"$log" 2>&1 || status=$? ;;
     bench)
       MOE_BENCH_MODELS=$model MOE_BENCH_TOKENS=$token_counts timeout "$left" "$bundle/benches/$bench" \
