@@ -114,14 +114,15 @@ if [ "$build" = 1 ]; then
   export MOE_CUDA_ARCHS=$arch MOE_REQUIRE_KERNELS=1
   mkdir -p "$bundle/tests" "$bundle/benches"
   rm -f "$bundle"/tests/* "$bundle"/benches/* "$bundle/benchmarks_md"
-  # Each executable, by target name: cargo prints its path in the compiler-artifact message.
+  # Each executable of a target of KIND, by target name, into DEST: cargo prints its path
+  # in the compiler-artifact message (wherever CARGO_TARGET_DIR puts it).
   copy_executables() {
-    local dest=$1 line name exe
+    local dest=$1 kind=$2 line name exe
     while IFS= read -r line; do
       exe=$(printf '%s\n' "$line" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 || true)
       [ -n "$exe" ] || continue
-      # Bench and test targets only (not the library's own harness).
-      printf '%s\n' "$line" | grep -q '"kind":\["\(bench\|test\)"\]' || continue
+      # Not the library's own test harness: only targets of the kind asked for.
+      printf '%s\n' "$line" | grep -q "\"kind\":\[\"$kind\"\]" || continue
       name=$(printf '%s\n' "$line" | grep -o '"target":{[^}]*"name":"[^"]*"' | grep -o '"name":"[^"]*"' | cut -d'"' -f4)
       cp "$exe" "$dest/$name"
       strip "$dest/$name" 2>/dev/null || true
@@ -129,11 +130,9 @@ if [ "$build" = 1 ]; then
   }
   test_args=()
   for suite in "${test_suites[@]}"; do test_args+=(--test "$suite"); done
-  cargo test --release --no-run --message-format=json "${test_args[@]}" | copy_executables "$bundle/tests"
-  cargo bench --no-run --message-format=json | copy_executables "$bundle/benches"
-  cargo build --release --example benchmarks_md
-  cp target/release/examples/benchmarks_md "$bundle/"
-  strip "$bundle/benchmarks_md" 2>/dev/null || true
+  cargo test --release --no-run --message-format=json "${test_args[@]}" | copy_executables "$bundle/tests" test
+  cargo bench --no-run --message-format=json | copy_executables "$bundle/benches" bench
+  cargo build --release --message-format=json --example benchmarks_md | copy_executables "$bundle" example
   echo "$arch" >"$bundle/ARCH"
   git rev-parse HEAD >"$bundle/COMMIT" 2>/dev/null || echo unknown >"$bundle/COMMIT"
   # The executables share their embedded kernels: one solid xz archive with a 64 MiB window
