@@ -11,11 +11,12 @@
 #             order: short correctness tests with MOE_REQUIRE_GPU=1, the ceilings (copy bandwidth,
 #             bf16 GEMM 8192^3), every bench for the Mixtral-like and then the DeepSeek-like
 #             shapes at T = 1, 16, 64, 4096, 16384, and the PyTorch peers
-#             (scripts/torch_peers.py). Items are packed into parts of at most --budget seconds
-#             by their estimates; each part measures the ceilings again, after its tests. Every part writes under
-#             --out: partN.log (every record), done (finished items: a rerun with the same
-#             folder skips them), plan.txt, and BENCHMARKS.md, benchmarks.json and
-#             benchmarks.png rebuilt from every partN.log there. Never more than 8 files.
+#             (scripts/torch_peers.py). Items are packed into parts of at most --budget
+#             seconds by their estimates; each part measures the ceilings again, after its
+#             tests. Every part writes under --out: partN.log (every record), done (finished
+#             items: a rerun with the same folder skips them), plan.txt, and BENCHMARKS.md,
+#             benchmarks.json and benchmarks.png rebuilt from every partN.log there: five
+#             files and one log per part, no subfolder (a device tool brings back 8 files).
 # Without a GPU the run says so and changes nothing; --dry-run prints the plan anywhere.
 set -euo pipefail
 
