@@ -13,10 +13,10 @@
 #             shapes at T = 1, 16, 64, 4096, 16384, and the PyTorch peers
 #             (scripts/torch_peers.py). Items are packed into parts of at most --budget
 #             seconds by their estimates; each part measures the ceilings again, after its
-#             tests. Every part writes under --out: partN.log (every record), done (finished
-#             items: a rerun with the same folder skips them), plan.txt, and BENCHMARKS.md,
-#             benchmarks.json and benchmarks.png rebuilt from every partN.log there: five
-#             files and one log per part, no subfolder (a device tool brings back 8 files).
+#             tests. Every part writes under --out: run.log (every part's output appended:
+#             every record), done (finished items: a rerun with the same folder skips them),
+#             plan.txt, and BENCHMARKS.md, benchmarks.json and benchmarks.png rebuilt from
+#             run.log: six files, no subfolder (a device tool brings back 8 files).
 # Without a GPU the run says so and changes nothing; --dry-run prints the plan anywhere.
 set -euo pipefail
 
@@ -245,7 +245,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
 fi
 
 mkdir -p "$out"
-log="$out/part$part.log"
+log="$out/run.log"
 done_file="$out/done"
 touch "$done_file"
 print_plan >"$out/plan.txt"
@@ -305,7 +305,7 @@ for line in "${plan_parts[@]}"; do
 done
 
 "$bundle/benchmarks_md" --device "$name" --driver "$driver" --date "$(date -u +%Y-%m-%d)" \
-  --out "$out" "$out"/part*.log
+  --out "$out" "$log"
 echo "gpu-validate: part $part done in $((SECONDS - start))s, $failures failed item(s); results in $out"
 [ "$part" = "$parts" ] || echo "gpu-validate: next: scripts/gpu-validate.sh --part $((part + 1)) --out $out (same --budget)"
 [ "$failures" = 0 ]

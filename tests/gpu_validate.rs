@@ -426,17 +426,16 @@ fn benchmarks_md() -> PathBuf {
     built
 }
 
-#[test]
-fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
-    let dir = scratch("fake-run");
-    let smi = fake_smi(&dir);
+/// A fake bundle in `dir/bundle.tar.xz`, packed as `--build` packs it: each executable
+/// prints what the real one would and appends its name and arguments to `dir/runs`. Returns
+/// the bundle folder and the runs file.
+fn fake_bundle(dir: &Path) -> (PathBuf, PathBuf) {
     let bundle = dir.join("bundle");
     for sub in ["tests", "benches"] {
         std::fs::create_dir_all(bundle.join(sub)).unwrap();
     }
     std::fs::copy(benchmarks_md(), bundle.join("benchmarks_md")).unwrap();
     std::fs::write(bundle.join("ARCH"), "90\n").unwrap();
-    // Each fake executable prints what the real one would, and counts its runs.
     let counter = dir.join("runs");
     let ceilings = RECORDED_LOG.lines().filter(|l| l.starts_with("MOE_CEILING")).take(2);
     let body = |lines: &str| {
@@ -456,15 +455,22 @@ fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
     for suite in ["devices", "gemm", "dispatch", "router", "layers"] {
         executable(&bundle.join("tests").join(suite), &body("echo 'test result: ok'\n"));
     }
-    // Carried as the archive `--build` makes: the run unpacks it.
     let packed = Command::new("sh")
         .arg("-c")
         .arg("tar -C \"$1\" -cf - bundle | xz -1 >\"$1/bundle.tar.xz\" && rm -r \"$1/bundle\"")
         .arg("sh")
-        .arg(&dir)
+        .arg(dir)
         .status()
         .unwrap();
     assert!(packed.success());
+    (bundle, counter)
+}
+
+#[test]
+fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
+    let dir = scratch("fake-run");
+    let smi = fake_smi(&dir);
+    let (bundle, counter) = fake_bundle(&dir);
     let results = dir.join("results");
     let args = ["--bundle", bundle.to_str().unwrap(), "--out", results.to_str().unwrap()];
     let out = script(&args, smi.to_str().unwrap(), None);
@@ -477,7 +483,7 @@ fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
         "BENCHMARKS.md",
         "benchmarks.json",
         "benchmarks.png",
-        "part1.log",
+        "run.log",
         "done",
         "plan.txt",
     ] {
@@ -519,6 +525,59 @@ fn a_run_on_a_fake_gpu_writes_the_page_and_resumes() {
     let again = script(&args, smi.to_str().unwrap(), None);
     let runs = std::fs::read_to_string(&counter).unwrap();
     assert_eq!(runs.lines().collect::<Vec<_>>(), ["ceilings "], "{}", text(&again));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_part_runs_its_own_items_only() {
+    let dir = scratch("fake-part");
+    let smi = fake_smi(&dir);
+    let (bundle, counter) = fake_bundle(&dir);
+    let budget = ["--budget", "60", "--no-tests"];
+    let (items, _) = plan(&text(&script(
+        &[&budget[..], &["--dry-run"]].concat(),
+        smi.to_str().unwrap(),
+        None,
+    )));
+    let part2: Vec<String> = items
+        .iter()
+        .filter(|i| i.0 == 2 && i.2.starts_with("bench:"))
+        .map(|i| i.2.split(':').nth(1).unwrap().to_string() + " --bench")
+        .collect();
+    assert!(!part2.is_empty());
+    let results = dir.join("results");
+    let run = [
+        &budget[..],
+        &[
+            "--part",
+            "2",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--out",
+            results.to_str().unwrap(),
+        ],
+    ]
+    .concat();
+    let out = script(&run, smi.to_str().unwrap(), None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("next: scripts/gpu-validate.sh --part 3"),
+        "{}",
+        text(&out)
+    );
+    let runs = std::fs::read_to_string(&counter).unwrap();
+    let benches: Vec<&str> = runs
+        .lines()
+        .filter(|l| l.contains("--bench"))
+        .map(|l| l.split(" __").next().unwrap())
+        .collect();
+    assert_eq!(benches, part2, "{runs}");
+    assert!(runs.starts_with("ceilings"), "{runs}");
+    let log = std::fs::read_to_string(results.join("run.log")).unwrap();
+    assert!(log.starts_with("gpu-validate: part 2 of "), "{log}");
+    let past_end = [&budget[..], &["--part", "99", "--bundle", bundle.to_str().unwrap()]].concat();
+    let out = script(&past_end, smi.to_str().unwrap(), None);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
