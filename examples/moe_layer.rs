@@ -572,7 +572,7 @@ fn run_chain<T: FloatElement>(
     })?;
     println!(
         "kept for backward: {} bytes per token per iteration",
-        ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)
+        ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)?
     );
     let store = |v: f64| T::from_f32(v as f32).to_f32();
     let result = reference::chain(&config, &weights, x_host, dy_host, None, &store);

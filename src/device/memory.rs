@@ -41,13 +41,25 @@ unsafe impl<T: Element> Sync for HostBuffer<T> {}
 
 const HOST_ALIGN: usize = 256;
 
-impl<T: Element> HostBuffer<T> {
-    fn layout(len: usize) -> Result<Layout> {
-        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument {
+/// The bytes of `len` elements of `T`, or an error naming `len` when the count overflows
+/// `isize` (no allocation, host or device, can be larger).
+pub(crate) fn byte_len<T: Element>(len: usize) -> Result<usize> {
+    len.checked_mul(size_of::<T>())
+        .filter(|&bytes| bytes <= isize::MAX as usize)
+        .ok_or_else(|| Error::InvalidArgument {
             argument: "len",
             value: len.to_string(),
-            expected: "a buffer size that fits in memory".into(),
-        })?;
+            expected: format!(
+                "a buffer of at most {} elements of {}",
+                isize::MAX as usize / size_of::<T>(),
+                T::NAME
+            ),
+        })
+}
+
+impl<T: Element> HostBuffer<T> {
+    fn layout(len: usize) -> Result<Layout> {
+        let bytes = byte_len::<T>(len)?;
         Layout::from_size_align(bytes.max(1), HOST_ALIGN).map_err(|e| Error::InvalidArgument {
             argument: "len",
             value: len.to_string(),

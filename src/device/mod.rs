@@ -114,9 +114,15 @@ impl Device {
         Err(Error::EmulatorUnavailable)
     }
 
-    /// The best device here: the first GPU if there is one, else the emulator.
+    /// The best device here: the first GPU if there is one, else the emulator. When neither
+    /// can be had, the error carries both reasons ([`Error::NoDevice`]).
     pub fn best() -> Result<Self> {
-        Self::cuda().or_else(|cuda| Self::emulator().map_err(|_| cuda))
+        Self::cuda().or_else(|cuda| {
+            Self::emulator().map_err(|emulator| Error::NoDevice {
+                cuda: Box::new(cuda),
+                emulator: Box::new(emulator),
+            })
+        })
     }
 
     pub fn kind(&self) -> DeviceKind {
@@ -175,8 +181,9 @@ impl Device {
         }
     }
 
-    /// A zeroed buffer of `len` elements.
+    /// A zeroed buffer of `len` elements; `Err` when that many cannot be allocated.
     pub fn alloc_zeros<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        memory::byte_len::<T>(len)?;
         match self {
             Device::Cuda(d) => Ok(DeviceBuffer::Cuda(d.stream().alloc_zeros(len)?)),
             #[cfg(feature = "emulator")]

@@ -2,8 +2,9 @@
 use crate::ops::dispatch::{Capacity, MapConfig};
 use crate::ops::gate::{GateForm, GateShape};
 use crate::ops::gemm::ExpertMask;
+use crate::ops::gemm::GemmShape;
 use crate::ops::router::{AuxLossConfig, RouterConfig, ScoreFunction};
-use crate::ops::{FloatElement, check_range};
+use crate::ops::{FloatElement, check_range, elements};
 use crate::{Error, Result};
 
 /// How tokens are scored before top-k selection.
@@ -182,7 +183,25 @@ impl MoeConfig {
                 return Err(invalid(argument, value, "a finite coefficient >= 0"));
             }
         }
-        self.map_config().validate()
+        self.map_config().validate()?;
+        self.check_buffer_sizes()
+    }
+
+    /// Every buffer a layer allocates for `max_tokens` (grouped rows by 2h, the shared FFN's
+    /// `[T, 2·n·h]`, the expert weights) has an element count that fits the kernels' 64-bit
+    /// offsets, so the layers' size arithmetic cannot overflow.
+    fn check_buffer_sizes(&self) -> Result<()> {
+        let shared = elements("shared_experts", self.shared_experts, self.hidden)?;
+        check_range("shared_experts", shared, 0..=i32::MAX as usize / 2)?;
+        let rows = self.map_config().sorted_rows_len(self.max_tokens, self.k)?;
+        elements("max_tokens", rows, 2 * self.hidden.max(self.dim))?;
+        elements("max_tokens", self.max_tokens, 2 * shared)?;
+        let experts = GemmShape {
+            experts: self.experts,
+            n: 2 * self.hidden,
+            k: self.dim,
+        };
+        experts.weight_len().map(drop)
     }
 
     /// [`validate`](Self::validate) plus the storage type's limits: the tensor-core GEMMs of
@@ -268,6 +287,7 @@ impl MoeConfig {
 
     /// Hidden size of the shared FFN (n·h; 0 without shared experts).
     pub fn shared_hidden(&self) -> usize {
-        self.shared_experts * self.hidden
+        // Saturating: `validate` refuses anything near the limit.
+        self.shared_experts.saturating_mul(self.hidden)
     }
 }

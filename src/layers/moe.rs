@@ -249,8 +249,10 @@ impl<T: FloatElement> MoeLayer<T> {
         self.saved.bytes_per_token(self.config.max_tokens)
     }
 
-    /// The documented formula for [`saved_bytes_per_token`](Self::saved_bytes_per_token).
-    pub fn saved_bytes_per_token_formula(config: &MoeConfig) -> usize {
-        saved_bytes_per_token(config, size_of::<T>())
+    /// The documented formula for [`saved_bytes_per_token`](Self::saved_bytes_per_token); `Err`
+    /// for a config [`MoeConfig::validate`] refuses (whose sizes could overflow).
+    pub fn saved_bytes_per_token_formula(config: &MoeConfig) -> Result<usize> {
+        config.validate()?;
+        Ok(saved_bytes_per_token(config, size_of::<T>()))
     }
 }

@@ -135,9 +135,9 @@ impl<T: FloatElement> Pass<'_, T> {
         // place_counted completes: one launch fewer than selection + routing_map.
         let counted = by_router && map_config.capacity.is_none();
         let workspace_len = if counted {
-            map_config.counted_workspace_len(s.tokens, s.k)
+            map_config.counted_workspace_len(s.tokens, s.k)?
         } else {
-            map_config.workspace_len(s.tokens, s.k)
+            map_config.workspace_len(s.tokens, s.k)?
         };
         let scratch = &mut *self.scratch;
         let mut workspace = prefix_mut("map_workspace", &mut scratch.map_workspace, workspace_len)?;

@@ -80,8 +80,8 @@ fn code(shape: &CodebookShape, codes: &[f64], id: i32) -> Vec<f64> {
 
 /// `(q, x̃)`: `q = C[ids]`, `x̃ = x + c·(q − x)`.
 pub fn quantize(shape: &CodebookShape, x: &[f64], codes: &[f64], ids: &[i32], c: f64) -> (Vec<f64>, Vec<f64>) {
-    let mut q = Vec::with_capacity(shape.x_len());
-    let mut mix = Vec::with_capacity(shape.x_len());
+    let mut q = Vec::with_capacity(x.len());
+    let mut mix = Vec::with_capacity(x.len());
     for (t, row) in x.chunks(shape.dim).take(shape.tokens).enumerate() {
         for (xv, qv) in row.iter().zip(code(shape, codes, ids[t])) {
             q.push(qv);
@@ -111,10 +111,10 @@ pub fn losses_backward(
 ) -> (Vec<f64>, Vec<f64>) {
     let (d, scale) = (shape.dim, 2.0 / (shape.tokens * shape.dim) as f64);
     let (q, _) = quantize(shape, x, codes, ids, 1.0);
-    let dx = (0..shape.x_len())
+    let dx = (0..shape.tokens * d)
         .map(|i| dmix.map_or(0.0, |g| g[i]) + beta * scale * (x[i] - q[i]))
         .collect();
-    let mut dcodes = vec![0.0; shape.codebook_len()];
+    let mut dcodes = vec![0.0; shape.codes * d];
     for (t, &id) in ids.iter().enumerate().take(shape.tokens) {
         if id < 0 || id as usize >= shape.codes {
             continue;

@@ -169,14 +169,14 @@ impl GateShape {
         Ok(())
     }
 
-    /// Elements of X (`[T, d]`) and of dX.
-    pub fn x_len(&self) -> usize {
-        self.tokens * self.dim
+    /// Elements of X (`[T, d]`) and of dX; `Err` when the count overflows `usize`.
+    pub fn x_len(&self) -> Result<usize> {
+        elements("shape.tokens", self.tokens, self.dim)
     }
 
-    /// Elements of z (`[T, E]`) and of dz.
-    pub fn z_len(&self) -> usize {
-        self.tokens * self.experts
+    /// Elements of z (`[T, E]`) and of dz; `Err` when the count overflows `usize`.
+    pub fn z_len(&self) -> Result<usize> {
+        elements("shape.tokens", self.tokens, self.experts)
     }
 
     /// The rank the kernels run: `rank`, or d for the full form.
@@ -402,8 +402,8 @@ pub fn scores<T: FloatElement>(
 ) -> Result<()> {
     weights.validate(shape)?;
     let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
-    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("z", z, shape.z_len(), || format!("[T, E] = [{t}, {e}]"))?;
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("z", z, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))?;
     if t == 0 {
         return Ok(());
     }
