@@ -428,7 +428,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
 }
 
 /// Slots where the device picked another expert than the reference although the reference's
-/// decision there is within the rounding of the layer's dtype (SPEC §9: either id is then right):
+/// decision there is within the rounding of the layer's dtype (math §9: either id is then right):
 /// the two experts' selection keys, or (group-limited routing) their groups' scores, are within
 /// a relative 1e-3 (16-bit) or 1e-5 (f32) of each other. Logits of the same inputs differ between
 /// devices by the accumulation order only; a gap that small is where that order can flip a choice.

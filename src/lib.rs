@@ -10,13 +10,19 @@
 //!
 //! Ops validate their arguments, choose a launch configuration and build the kernel's
 //! argument list once; only the final launch differs per device (see [`device`]).
-pub mod benchmarks;
 pub mod device;
 pub mod error;
-pub mod kernel_report;
 pub mod layers;
 pub mod ops;
+
+// Development tooling (feature `dev-tools`, on for this crate's own tests, examples and benches).
+#[cfg(feature = "dev-tools")]
+pub mod benchmarks;
+#[cfg(feature = "dev-tools")]
+pub mod kernel_report;
+#[cfg(feature = "dev-tools")]
 pub mod reference;
+#[cfg(feature = "dev-tools")]
 pub mod selftest;
 
 pub use device::{BufferView, BufferViewMut, Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element};

@@ -1,6 +1,6 @@
-//! Dispatch (SPEC §4) on every device against the CPU reference: routing maps exactly
+//! Dispatch (math §4) on every device against the CPU reference: routing maps exactly
 //! (both map paths, the counted map, capacity, padding, local ranges, invalid ids), permute / combine and their
-//! backward passes within SPEC §9 tolerances, determinism, launch counts, no host syncs, bad
+//! backward passes within math §9 tolerances, determinism, launch counts, no host syncs, bad
 //! inputs, and 64-bit row offsets.
 #[path = "dispatch/bad_inputs.rs"]
 mod bad_inputs;

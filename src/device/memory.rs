@@ -67,6 +67,7 @@ impl<T: Element> HostBuffer<T> {
         })
     }
 
+    #[cfg_attr(not(feature = "emulator"), allow(dead_code))] // only the emulator allocates these
     pub(crate) fn zeroed(len: usize) -> Result<Self> {
         let layout = Self::layout(len)?;
         // SAFETY: the layout has a non-zero size.

@@ -1,4 +1,4 @@
-//! [`ChainOfExperts`] (SPEC §7): C routed passes over one set of expert weights,
+//! [`ChainOfExperts`] (math §7): C routed passes over one set of expert weights,
 //! `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, each iteration with its own router.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};

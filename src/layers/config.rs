@@ -21,7 +21,7 @@ pub enum RouterKind {
     /// best `topk_groups` of `groups` groups, weights always renormalized over the k (and scaled
     /// by [`MoeConfig::route_scale`]: 2.5 for DeepSeek-V3).
     Sigmoid { groups: usize, topk_groups: usize },
-    /// VQ routing (SPEC §6): each token goes to the expert of its nearest code (a codebook of E
+    /// VQ routing (math §6): each token goes to the expert of its nearest code (a codebook of E
     /// codes, `[E, d]`, one per expert) with weight 1; k = 1, no logits (so no aux or z-loss) and
     /// no router gradient (train the codes with `ops::codebook`'s losses or EMA, or use
     /// [`VqMoe`](super::VqMoe)).
@@ -79,7 +79,7 @@ pub struct MoeConfig {
     pub hidden: usize,
     /// Shared experts run on every token; n of them are one SwiGLU FFN of hidden size n·h.
     pub shared_experts: usize,
-    /// Expert capacity `ceil(factor · T·k / E)` (SPEC §4); `None`: no token is dropped.
+    /// Expert capacity `ceil(factor · T·k / E)` (math §4); `None`: no token is dropped.
     pub capacity_factor: Option<f64>,
     /// Switch load-balancing loss coefficient α (0: off). Hugging Face's Mixtral convention is
     /// k times smaller: pass `α = k · α_hf` to reproduce it.

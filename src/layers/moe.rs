@@ -16,7 +16,7 @@ pub struct LossValues {
     pub z: f32,
 }
 
-/// A routed Mixture-of-Experts layer (SPEC §2–§5): `y = Σ_{i∈K(x)} w_i FFN_i(x) [+ FFN_shared(x)]`
+/// A routed Mixture-of-Experts layer (math §2–§5): `y = Σ_{i∈K(x)} w_i FFN_i(x) [+ FFN_shared(x)]`
 /// with SwiGLU experts, weights held on the device as `T` (f32, f16 or bf16; routing and
 /// accumulation in f32).
 ///
@@ -170,7 +170,7 @@ impl<T: FloatElement> MoeLayer<T> {
         pass.backward(&self.saved, x, dy, self.residual, dx, grads)
     }
 
-    /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, SPEC §8); `None`:
+    /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, math §8); `None`:
     /// all experts. Frozen experts cost no weight-gradient work and their gradients are not touched.
     pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
         self.config.check_mask(mask.as_ref())?;

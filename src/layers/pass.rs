@@ -1,4 +1,4 @@
-//! One routed pass (SPEC §2–§5) and its backward, shared by [`MoeLayer`](super::MoeLayer),
+//! One routed pass (math §2–§5) and its backward, shared by [`MoeLayer`](super::MoeLayer),
 //! [`ChainOfExperts`](super::ChainOfExperts) and [`VqMoe`](super::VqMoe): the parameters are in
 //! [`params`](super::params), the buffers in [`buffers`](super::buffers).
 //!
@@ -276,7 +276,7 @@ impl<T: FloatElement> Pass<'_, T> {
         Ok(())
     }
 
-    /// Codebook routing (SPEC §6): each token's nearest code (Nc = E, so the code is the expert)
+    /// Codebook routing (math §6): each token's nearest code (Nc = E, so the code is the expert)
     /// into `saved.ids`, weight 1 (`saved.weights` holds ones from construction). 2 launches.
     fn route_by_code(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<()> {
         let codes = self.router.codebook().expect("a codebook router holds its codes");

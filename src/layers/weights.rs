@@ -5,7 +5,7 @@ use crate::ops::gate::GateForm;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Every weight of a routed MoE layer as host f32 values (layouts of SPEC and `ops::gate`):
+/// Every weight of a routed MoE layer as host f32 values (layouts of math §1 and `ops::gate`):
 /// gate tensors by name (`w`, `b` for the linear gate; `u`, `v`, `b`, `c`, ... for the
 /// quadratic forms, every optional tensor present), `w1 [E, 2h, d]` (gate rows, then up rows),
 /// `w2 [E, d, h]`, the codebook router's `codes [E, d]`, the shared FFN as one expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`,

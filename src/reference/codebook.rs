@@ -1,4 +1,4 @@
-//! Codebook nearest neighbour, VQ losses and EMA update (SPEC §6) on the host: f64, plain loops.
+//! Codebook nearest neighbour, VQ losses and EMA update (math §6) on the host: f64, plain loops.
 //! Layouts as in [`crate::ops::codebook`]; every tensor a flat row-major slice.
 use crate::ops::codebook::{CodebookShape, EmaConfig};
 use std::cmp::Ordering;

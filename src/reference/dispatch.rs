@@ -1,4 +1,4 @@
-//! Dispatch (SPEC §4) on the CPU: the routing map by plain loops over experts and slots, and
+//! Dispatch (math §4) on the CPU: the routing map by plain loops over experts and slots, and
 //! the row movers with f64 accumulation. Same argument order as `ops::dispatch`.
 use crate::ops::dispatch::{MapConfig, STATUS_CAPACITY_DROPPED, STATUS_INVALID_IDS, STATUS_LEN};
 

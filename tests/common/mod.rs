@@ -1,5 +1,5 @@
 //! What every op-family test file shares: the devices to run on, a seeded generator of
-//! inputs, and the SPEC §9 comparison of a device's output with the reference.
+//! inputs, and the math §9 comparison of a device's output with the reference.
 //! Each test file includes it with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
@@ -48,7 +48,7 @@ impl Rng {
     }
 }
 
-/// SPEC §9: per element `|got - ref| <= atol + rtol * |ref|`, and per tensor
+/// math §9: per element `|got - ref| <= atol + rtol * |ref|`, and per tensor
 /// `||got - ref|| <= rtol * ||ref|| + atol * sqrt(n)`.
 #[derive(Debug, Clone, Copy)]
 pub struct Tolerance {

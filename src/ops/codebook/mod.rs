@@ -1,4 +1,4 @@
-//! Codebook nearest neighbour for VQ routing (SPEC §6), `kernels/codebook.cu`.
+//! Codebook nearest neighbour for VQ routing (math §6), `kernels/codebook.cu`.
 //!
 //! X `[T, d]` and the codebook C `[Nc, d]` share one dtype (f32, f16, bf16); everything is
 //! computed in f32. The ops, in the order a VQ layer calls them:

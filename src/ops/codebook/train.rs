@@ -455,7 +455,7 @@ pub struct EmaState<'a> {
     pub total: &'a mut dyn DeviceSliceMut<f32>,
 }
 
-/// One EMA codebook step (SPEC §6) for the tokens in `order` ([`code_order`] of this step's ids)
+/// One EMA codebook step (math §6) for the tokens in `order` ([`code_order`] of this step's ids)
 /// with rows `x`: `n_j`, `m_j` = count and sum of the code's tokens (in token order);
 /// `N ← γN + (1−γ)n`, `M ← γM + (1−γ)m`; `codes_j = M_j / N̂_j` with
 /// `N̂_j = (N_j + ε)/(ΣN + Nc·ε)·ΣN` (written in X's dtype, in place); dead codes and `ΣN`

@@ -1,4 +1,4 @@
-//! Dispatch (SPEC §4): from the router's ids `[T, k]` to rows grouped by expert, and back.
+//! Dispatch (math §4): from the router's ids `[T, k]` to rows grouped by expert, and back.
 //!
 //! - [`routing_map`]: `counts`, `offsets`, `sorted_rows`, `inverse` and two device counters
 //!   ([`RoutingMap`]), with optional per-expert padding, capacity and a local expert range;

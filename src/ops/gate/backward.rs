@@ -1,4 +1,4 @@
-//! Backward of router scoring (SPEC §1): dX and every weight gradient from dz.
+//! Backward of router scoring (math §1): dX and every weight gradient from dz.
 //!
 //! Launches (none when their output is empty; no host sync):
 //! 1. quadratic forms: `gate_coef_<form>` recomputes the forward tile's projections and writes

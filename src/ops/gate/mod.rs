@@ -1,4 +1,4 @@
-//! Router scoring (SPEC §1): `z = score(X)` for the linear gate and the quadratic gates
+//! Router scoring (math §1): `z = score(X)` for the linear gate and the quadratic gates
 //! (low-rank, symmetric, attention-like, full and monomial), forward and backward
 //! (`kernels/gate.cu`).
 //!
@@ -14,7 +14,7 @@
 //!
 //! `b` and `c` are optional everywhere; the *monomial* quadratic gate is `Full` with `b: None`.
 //! `U_ej` is row j of `U_e`, so `U_all` stacked as `[E·r, d]` is one projection matrix and
-//! SPEC's `U_i: [d, r]` is its transpose. X, z: `[T, d]` and `[T, E]`; z and dz are always f32,
+//! math §1's `U_i: [d, r]` is its transpose. X, z: `[T, d]` and `[T, E]`; z and dz are always f32,
 //! accumulation is f32 for every dtype. Gradients of the weights are f32 (`[same shape]`);
 //! dX has X's dtype.
 //!
