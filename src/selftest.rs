@@ -883,7 +883,7 @@ pub mod planted {
     }
 
     /// `planted_missing_syncthreads` (or, `with_sync`, the control `planted_with_syncthreads`):
-    /// y[g] = x[g-1] within each block of 256 threads, through shared memory. Inputs come from
+    /// `y[g] = x[g-1]` within each block of 256 threads, through shared memory. Inputs come from
     /// `seed`: vary it between launches, so stale shared memory never holds the right values.
     pub fn shift(device: &Device, with_sync: bool, blocks: u32, seed: u64) -> Result<Outputs<f32>> {
         let kernel = if with_sync {

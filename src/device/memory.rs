@@ -110,7 +110,18 @@ impl<T: Element> Drop for HostBuffer<T> {
 }
 
 /// An owned array of `T` on one device; [`slice`](Self::slice) and [`slice_mut`](Self::slice_mut)
-/// view a range of it (`src/device/view.rs`).
+/// view a range of it (`src/device/view.rs`), and a range outside it is an error:
+///
+/// ```
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = moe_kernels::Device::emulator()?;
+/// let buffer = device.alloc_zeros::<half::bf16>(6)?;
+/// let view = buffer.slice(2..5)?; // any element: a view may start unaligned
+/// assert_eq!((view.start(), moe_kernels::DeviceSlice::len(&view)), (2, 3));
+/// assert!(buffer.slice(4..7).is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub enum DeviceBuffer<T: Element> {
     Cuda(CudaSlice<T>),
     Host(HostBuffer<T>),

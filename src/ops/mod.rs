@@ -2,7 +2,7 @@
 //!
 //! Each op validates every argument (shape, range, dtype) before anything is launched and
 //! returns an [`Error`] that names the argument; it then picks the launch configuration and
-//! builds the kernel's argument list once, for whichever [`Device`](crate::Device) runs it.
+//! builds the kernel's argument list once, for whichever [`Device`] runs it.
 //! Ops never wait for the device: outputs are caller-provided buffers, sized by the
 //! family's `*_len` / `*_workspace` helpers.
 use crate::device::memory::PtrGuard;

@@ -20,7 +20,7 @@ fn rank(a: (f64, usize), b: (f64, usize)) -> Ordering {
 }
 
 /// The k nearest codes of one row: scores `‖c_j‖² − 2 x·c_j` (IEEE arithmetic, so an infinite
-/// or NaN x gives infinite or NaN scores) sorted by [`rank`].
+/// or NaN x gives infinite or NaN scores) sorted by `rank`.
 pub fn nearest_scores(x: &[f64], codes: &[f64], dim: usize, k: usize) -> Vec<(f64, usize)> {
     let mut all: Vec<(f64, usize)> = codes
         .chunks(dim)

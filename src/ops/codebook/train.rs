@@ -135,7 +135,7 @@ pub fn losses_workspace_len<T: FloatElement>(shape: &CodebookShape) -> usize {
 }
 
 /// `losses[0]` = codebook loss `mean ‖sg(x) − q‖²`, `losses[1]` = commitment loss
-/// `β·mean ‖x − sg(q)‖²` (means over T·d, q = C[ids]); f32, summed in a fixed order (per-block
+/// `β·mean ‖x − sg(q)‖²` (means over T·d, q = C\[ids\]); f32, summed in a fixed order (per-block
 /// sums, then one block). Launches: 2; no host sync. T = 0 gives NaN (an empty mean).
 #[allow(clippy::too_many_arguments)]
 pub fn losses<T: FloatElement>(

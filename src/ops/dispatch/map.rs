@@ -52,6 +52,28 @@ impl RoutingMap<DeviceBuffer<i32>> {
 /// host sync. Launches: 1 when `config.tile_slots(T, k)` is `None` (single block), else 2, or 4
 /// with capacity (a priority pass marks the kept slots first); plus one memset of `workspace`
 /// (`config.workspace_len(T, k)` i32s; may be empty on the single-block path).
+///
+/// ```
+/// use moe_kernels::Device;
+/// use moe_kernels::ops::dispatch::{self, MapConfig, RoutingMap};
+///
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = Device::emulator()?;
+/// let (tokens, k) = (3, 2);
+/// let config = MapConfig { align: 2, ..MapConfig::new(3) }; // 3 experts, groups padded to 2 rows
+/// let ids = device.upload(&[2i32, 0, /**/ 0, 1, /**/ 2, 0])?; // slot t·k + j
+/// let mut map = RoutingMap::alloc(&device, tokens, k, &config)?;
+/// let mut workspace = device.alloc_zeros::<i32>(config.workspace_len(tokens, k)?)?;
+/// dispatch::routing_map(&device, &ids, tokens, k, &config, &mut map, &mut workspace)?;
+/// assert_eq!(device.download(&map.counts)?, [3, 1, 2]);
+/// assert_eq!(device.download(&map.offsets)?, [0, 4, 6, 8]);
+/// // Expert 0 gets slots 1, 2, 5 (then a padding row), expert 1 slot 3, expert 2 slots 0, 4.
+/// let rows = device.download(&map.sorted_rows)?;
+/// assert_eq!(rows[..8], [1, 2, 5, -1, 3, -1, 0, 4]);
+/// assert_eq!(device.download(&map.inverse)?, [6, 0, 1, 4, 7, 2]);
+/// # Ok(())
+/// # }
+/// ```
 pub fn routing_map<B: DeviceSliceMut<i32>>(
     device: &Device,
     ids: &impl DeviceSlice<i32>,

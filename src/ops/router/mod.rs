@@ -236,6 +236,28 @@ fn select_kernel(experts: usize, counted: bool) -> String {
 /// the weights come from the unbiased scores. `nonfinite_rows` (one `u32`) has the number of
 /// non-finite rows *added* to it, so one counter can cover several calls: zero it with
 /// [`Device::fill_zeros`] to count one. One launch; no host sync.
+///
+/// ```
+/// use moe_kernels::Device;
+/// use moe_kernels::ops::router::{self, RouterConfig};
+///
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = Device::emulator()?;
+/// let config = RouterConfig { experts: 4, k: 2, ..RouterConfig::default() };
+/// // Two tokens; the second row is a tie between experts 1 and 3: the lower id wins.
+/// let logits = device.upload(&[0.0f32, 3.0, 1.0, 2.0, /**/ 0.0, 5.0, 1.0, 5.0])?;
+/// let mut ids = device.alloc_zeros::<i32>(4)?;
+/// let mut weights = device.alloc_zeros::<f32>(4)?;
+/// let mut nonfinite = device.alloc_zeros::<u32>(1)?;
+/// let no_bias = None::<&moe_kernels::DeviceBuffer<f32>>;
+/// router::select(&device, &config, &logits, no_bias, &mut ids, &mut weights, &mut nonfinite)?;
+/// assert_eq!(device.download(&ids)?, [1, 3, 1, 3]);
+/// let w = device.download(&weights)?; // softmax probabilities of the chosen experts
+/// assert!(w[0] > w[1] && (w[2] - w[3]).abs() < 1e-6);
+/// assert_eq!(device.download(&nonfinite)?, [0]);
+/// # Ok(())
+/// # }
+/// ```
 pub fn select<B: DeviceSlice<f32>>(
     device: &Device,
     config: &RouterConfig,
