@@ -8,7 +8,7 @@ use moe_kernels::ops::codebook::{self, CodeOrder, CodebookShape, NearestConfig};
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, MapPath, RoutingMap};
 use moe_kernels::ops::gate::{self, GateForm, GateShape};
 use moe_kernels::ops::gemm::{self, Epilogue, GemmShape};
-use moe_kernels::ops::{mix, router};
+use moe_kernels::ops::{esft, mix, router};
 use proptest::prelude::*;
 
 const EXTREMES: [usize; 10] = [
@@ -132,6 +132,15 @@ proptest! {
             prop_assert_eq!(map.sorted_rows.len(), config.sorted_rows_len(tokens, k).unwrap());
         }
         let _ = CodeOrder::alloc(&device, tokens, experts);
+        let _ = (esft::EsftScores::new(&device, experts, k), esft::EsftSelection::new(&device, experts));
+        let rc = router::RouterConfig { experts: experts.clamp(1, 8), k: 1, ..router::RouterConfig::default() };
+        for sequence_length in [None, Some(len), Some(tokens)] {
+            let aux = router::AuxLossConfig { alpha: 0.01, sequence_length };
+            if let Ok(workspace) = router::AuxLossWorkspace::new(&device, &rc, &aux, tokens) {
+                prop_assert!(aux.validate(tokens).is_ok());
+                prop_assert_eq!(workspace.counts().len() % rc.experts, 0);
+            }
+        }
         match device.alloc_zeros::<f32>(len) {
             Ok(buffer) => prop_assert_eq!(buffer.len(), len),
             Err(_) => prop_assert!(len >= 1 << 62, "refused {} elements", len),
