@@ -8,6 +8,12 @@
 //!   (`MOE_EMU_SANITIZE=address` for an AddressSanitizer build).
 //!
 //! Both feed `$OUT_DIR/kernels.rs`, included by `src/device/registry.rs`.
+//!
+//! The test-only kernel files ([`TEST_ONLY`]) are built only with the feature `dev-tools` (this
+//! crate's tests, examples and benches), so a crate depending on this one compiles none of them.
+//! The build also tells the tests what it produced, as cfgs: `moe_gpu_kernels` (nvcc compiled
+//! every kernel) and `moe_sass_tools` (cuobjdump and nvdisasm are beside that nvcc), so a test
+//! that needs them is `#[ignore]`d, with the reason, where they are missing.
 #[path = "build/codegen.rs"]
 mod codegen;
 #[path = "build/emulator.rs"]
@@ -24,7 +30,10 @@ pub struct KernelFile {
     pub kernels: Vec<String>,
 }
 
-fn kernel_files(dir: &Path) -> Vec<KernelFile> {
+/// Kernel files that only the development tooling launches (feature `dev-tools`).
+const TEST_ONLY: [&str; 3] = ["planted_bugs", "profiler_probes", "selftest"];
+
+fn kernel_files(dir: &Path, dev_tools: bool) -> Vec<KernelFile> {
     let mut files: Vec<KernelFile> = std::fs::read_dir(dir)
         .expect("kernels/ directory")
         .map(|e| e.expect("kernels/ entry").path())
@@ -40,6 +49,7 @@ fn kernel_files(dir: &Path) -> Vec<KernelFile> {
             let module = path.file_stem().unwrap().to_string_lossy().into_owned();
             KernelFile { module, path, kernels }
         })
+        .filter(|f: &KernelFile| dev_tools || !TEST_ONLY.contains(&f.module.as_str()))
         .collect();
     files.sort_by(|a, b| a.module.cmp(&b.module));
     files
@@ -50,8 +60,19 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build");
-    let files = kernel_files(&root.join("kernels"));
+    let dev_tools = std::env::var_os("CARGO_FEATURE_DEV_TOOLS").is_some();
+    let files = kernel_files(&root.join("kernels"), dev_tools);
     let gpu = nvcc::build(&root, &out, &files);
+    println!("cargo::rustc-check-cfg=cfg(moe_emu_profile)"); // set by emulator::build
+    println!("cargo::rustc-check-cfg=cfg(moe_gpu_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(moe_sass_tools)");
+    if !gpu.fatbins.is_empty() {
+        println!("cargo:rustc-cfg=moe_gpu_kernels");
+        let bin = gpu.nvcc.as_deref().and_then(Path::parent);
+        if bin.is_some_and(|b| b.join("cuobjdump").is_file() && b.join("nvdisasm").is_file()) {
+            println!("cargo:rustc-cfg=moe_sass_tools");
+        }
+    }
     let emulator = std::env::var_os("CARGO_FEATURE_EMULATOR").is_some();
     if emulator {
         emulator::build(&root, &files);

@@ -61,8 +61,8 @@ struct Search<T: FloatElement> {
 impl<T: FloatElement> Search<T> {
     fn new(device: &Device, shape: CodebookShape) -> Self {
         let config = NearestConfig::default();
-        let x = upload::<T>(device, &normals(1, shape.x_len()));
-        let codes = upload::<T>(device, &normals(2, shape.codebook_len()));
+        let x = upload::<T>(device, &normals(1, shape.x_len().unwrap()));
+        let codes = upload::<T>(device, &normals(2, shape.codebook_len().unwrap()));
         let mut norms = device.alloc_zeros(shape.codes).expect("alloc");
         codebook::code_norms(device, &shape, &codes, &mut norms).expect("norms");
         Self {
@@ -72,7 +72,9 @@ impl<T: FloatElement> Search<T> {
             codes,
             norms,
             ids: device.alloc_zeros(shape.tokens).expect("alloc"),
-            workspace: device.alloc_zeros(config.workspace_len(&shape)).expect("alloc"),
+            workspace: device
+                .alloc_zeros(config.workspace_len(&shape).unwrap())
+                .expect("alloc"),
         }
     }
 
@@ -123,7 +125,10 @@ fn bench(c: &mut Criterion) {
             floor(&SMALL, size).describe()
         );
     }
-    let (x, codes) = (normals(1, SMALL.x_len()), normals(2, SMALL.codebook_len()));
+    let (x, codes) = (
+        normals(1, SMALL.x_len().unwrap()),
+        normals(2, SMALL.codebook_len().unwrap()),
+    );
     let mut group = c.benchmark_group(format!("codebook nearest {SMALL:?}"));
     group.sample_size(10);
     group.bench_function("reference top-1", |b| {

@@ -76,13 +76,13 @@ impl Problem {
     fn new(device: &Device, size: Size) -> Self {
         let Size { tokens, k, d, .. } = size;
         let config = MapConfig::new(size.experts);
-        let rows = config.sorted_rows_len(tokens, k);
+        let rows = config.sorted_rows_len(tokens, k).unwrap();
         let mut rng = common::inputs::Rng::new(0xd16);
         let x: Vec<bf16> = (0..tokens * d).map(|_| bf16::from_f32(rng.uniform(1.0))).collect();
         let mut p = Self {
             ids: device.upload(&size.ids()).unwrap(),
             map: RoutingMap::alloc(device, tokens, k, &config).unwrap(),
-            workspace: device.alloc_zeros(config.workspace_len(tokens, k)).unwrap(),
+            workspace: device.alloc_zeros(config.workspace_len(tokens, k).unwrap()).unwrap(),
             x: device.upload(&x).unwrap(),
             xp: device.alloc_zeros(rows * d).unwrap(),
             weights: device.upload(&vec![1.0 / k as f32; tokens * k]).unwrap(),

@@ -123,8 +123,8 @@ fn bench_device<T: FloatElement>(
     };
     let x_dev = upload::<T>(device, x);
     let dz_dev = upload::<f32>(device, dz);
-    let mut z = device.alloc_zeros::<f32>(shape.z_len()).expect("alloc");
-    let mut dx = device.alloc_zeros::<T>(shape.x_len()).expect("alloc");
+    let mut z = device.alloc_zeros::<f32>(shape.z_len().unwrap()).expect("alloc");
+    let mut dx = device.alloc_zeros::<T>(shape.x_len().unwrap()).expect("alloc");
     let mut grads: Vec<DeviceBuffer<f32>> = tensors
         .iter()
         .map(|(_, t)| device.alloc_zeros(t.len()).expect("alloc"))
@@ -166,8 +166,8 @@ fn bench_device<T: FloatElement>(
 
 fn bench(c: &mut Criterion) {
     let devices = devices();
-    let x = normals(7, SHAPE.x_len(), 1.0);
-    let dz = normals(8, SHAPE.z_len(), 1.0);
+    let x = normals(7, SHAPE.x_len().unwrap(), 1.0);
+    let dz = normals(8, SHAPE.z_len().unwrap(), 1.0);
     for form in [GateForm::Linear, GateForm::LowRank] {
         let host = params(form, &SHAPE);
         let rank = if form == GateForm::Linear {
@@ -207,7 +207,10 @@ fn bench(c: &mut Criterion) {
                 experts: layer.experts,
                 rank: SHAPE.rank,
             };
-            let (x, dz) = (normals(7, shape.x_len(), 1.0), normals(8, shape.z_len(), 1.0));
+            let (x, dz) = (
+                normals(7, shape.x_len().unwrap(), 1.0),
+                normals(8, shape.z_len().unwrap(), 1.0),
+            );
             for form in [GateForm::Linear, GateForm::LowRank] {
                 let host = params(form, &shape);
                 let label = match form {

@@ -146,9 +146,11 @@ impl Buffers {
             loss: device.alloc_zeros(1).unwrap(),
             aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
             map: RoutingMap::alloc(device, tokens, c.k, &map_config).unwrap(),
-            map_workspace: device.alloc_zeros(map_config.workspace_len(tokens, c.k)).unwrap(),
+            map_workspace: device
+                .alloc_zeros(map_config.workspace_len(tokens, c.k).unwrap())
+                .unwrap(),
             counted_workspace: device
-                .alloc_zeros(map_config.counted_workspace_len(tokens, c.k))
+                .alloc_zeros(map_config.counted_workspace_len(tokens, c.k).unwrap())
                 .unwrap(),
             tokens,
         };

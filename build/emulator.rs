@@ -12,7 +12,6 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     for var in ["MOE_EMU_SANITIZE", "MOE_EMU_PROFILE", "MOE_EMU_CLANG"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    println!("cargo::rustc-check-cfg=cfg(moe_emu_profile)");
     let profile = std::env::var("MOE_EMU_PROFILE").is_ok_and(|v| v == "1");
     let sanitize = std::env::var("MOE_EMU_SANITIZE").unwrap_or_default();
     let clang = std::env::var("MOE_EMU_CLANG").unwrap_or_else(|_| "clang++-19".into());

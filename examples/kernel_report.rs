@@ -125,46 +125,50 @@ fn print_table(rows: &[Row]) {
 }
 
 fn print_json(rows: &[Row]) {
-    let items: Vec<String> = rows
+    let items: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
             let m = r.mix.unwrap_or_default();
-            format!(
-                "{{\"kernel\":{:?},\"arch\":{},\"registers\":{},\"static_shared_bytes\":{},\"spill_bytes\":{},\
-                 \"block_threads\":{},\"dynamic_shared_bytes\":{},\"occupancy\":{},\"occupancy_limiter\":{},\
-                 \"sass\":{},\"mma\":{},\"global_loads\":{},\"global_loads_128\":{},\"global_stores\":{},\
-                 \"global_stores_128\":{},\"async_copies\":{},\"shared_loads\":{},\"shared_stores\":{},\
-                 \"barriers\":{},\"local_loads\":{},\"local_stores\":{},\"instructions\":{}}}",
-                r.kernel,
-                r.arch,
-                r.registers,
-                r.static_shared,
-                r.spills,
-                dash(r.launch.map(|c| c.block.0 * c.block.1 * c.block.2)).replace('-', "null"),
-                dash(r.launch.map(|c| c.shared_bytes)).replace('-', "null"),
-                dash(r.occupancy.map(|(f, _)| format!("{f:.4}"))).replace('-', "null"),
-                r.occupancy.map_or("null".into(), |(_, l)| format!("{l:?}")),
-                r.mix.is_some(),
-                m.mma,
-                m.global_loads,
-                m.global_loads_128,
-                m.global_stores,
-                m.global_stores_128,
-                m.async_copies,
-                m.shared_loads,
-                m.shared_stores,
-                m.barriers,
-                m.local_loads,
-                m.local_stores,
-                m.instructions
-            )
+            serde_json::json!({
+                "kernel": r.kernel,
+                "arch": r.arch,
+                "registers": r.registers,
+                "static_shared_bytes": r.static_shared,
+                "spill_bytes": r.spills,
+                "block_threads": r.launch.map(|c| c.block.0 * c.block.1 * c.block.2),
+                "dynamic_shared_bytes": r.launch.map(|c| c.shared_bytes),
+                "occupancy": r.occupancy.map(|(f, _)| f),
+                "occupancy_limiter": r.occupancy.map(|(_, l)| l),
+                "sass": r.mix.is_some(),
+                "mma": m.mma,
+                "global_loads": m.global_loads,
+                "global_loads_128": m.global_loads_128,
+                "global_stores": m.global_stores,
+                "global_stores_128": m.global_stores_128,
+                "async_copies": m.async_copies,
+                "shared_loads": m.shared_loads,
+                "shared_stores": m.shared_stores,
+                "barriers": m.barriers,
+                "local_loads": m.local_loads,
+                "local_stores": m.local_stores,
+                "instructions": m.instructions,
+            })
         })
         .collect();
-    println!("[\n  {}\n]", items.join(",\n  "));
+    let json = serde_json::to_string_pretty(&items).expect("JSON values always serialize");
+    println!("{json}");
+}
+
+/// Static evidence of every embedded kernel's quality (see the module docs).
+#[derive(clap::Parser)]
+struct Args {
+    /// One JSON object per kernel and arch instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
-    let json = std::env::args().any(|a| a == "--json");
+    let json = <Args as clap::Parser>::parse().json;
     if !registry::gpu_kernels_built() {
         eprintln!(
             "kernel_report: this build has no GPU kernels ({})",

@@ -160,7 +160,7 @@ fn print_table(rows: &[Row]) {
 }
 
 fn print_json(rows: &[Row]) {
-    let items: Vec<String> = rows
+    let items: Vec<serde_json::Value> = rows
         .iter()
         .map(|r| {
             let s = &r.summary;
@@ -168,42 +168,42 @@ fn print_json(rows: &[Row]) {
             let store = s.get(Space::Global, Access::Store);
             let sl = s.get(Space::Shared, Access::Load);
             let ss = s.get(Space::Shared, Access::Store);
-            format!(
-                "{{\"workload\":{:?},\"kernel\":{:?},\"launches\":{},\"global_load_requests\":{},\
-                 \"global_load_sectors_per_request\":{:.4},\"global_store_requests\":{},\
-                 \"global_store_sectors_per_request\":{:.4},\"global_load_redundancy\":{:.4},\
-                 \"shared_load_requests\":{},\"shared_load_conflict_degree\":{:.4},\"shared_store_requests\":{},\
-                 \"shared_store_conflict_degree\":{:.4},\"max_conflict_degree\":{},\"atomics\":{},\
-                 \"local_bytes\":{},\"unique_global_bytes\":{},\"floor_bytes\":{}}}",
-                r.workload,
-                r.kernel,
-                s.launches,
-                load.requests,
-                load.sectors_per_request(),
-                store.requests,
-                store.sectors_per_request(),
-                s.load_redundancy(r.unique_loaded),
-                sl.requests,
-                sl.bank_conflict_degree(),
-                ss.requests,
-                ss.bank_conflict_degree(),
-                sl.max_bank_degree.max(ss.max_bank_degree),
-                s.atomics,
-                s.local_bytes,
-                s.unique_bytes,
-                r.floor.map_or("null".to_string(), |f| f.to_string())
-            )
+            serde_json::json!({
+                "workload": r.workload,
+                "kernel": r.kernel,
+                "launches": s.launches,
+                "global_load_requests": load.requests,
+                "global_load_sectors_per_request": load.sectors_per_request(),
+                "global_store_requests": store.requests,
+                "global_store_sectors_per_request": store.sectors_per_request(),
+                "global_load_redundancy": s.load_redundancy(r.unique_loaded),
+                "shared_load_requests": sl.requests,
+                "shared_load_conflict_degree": sl.bank_conflict_degree(),
+                "shared_store_requests": ss.requests,
+                "shared_store_conflict_degree": ss.bank_conflict_degree(),
+                "max_conflict_degree": sl.max_bank_degree.max(ss.max_bank_degree),
+                "atomics": s.atomics,
+                "local_bytes": s.local_bytes,
+                "unique_global_bytes": s.unique_bytes,
+                "floor_bytes": r.floor,
+            })
         })
         .collect();
-    println!("[\n  {}\n]", items.join(",\n  "));
+    let json = serde_json::to_string_pretty(&items).expect("JSON values always serialize");
+    println!("{json}");
+}
+
+/// Memory behaviour of every kernel on the profiling build of the emulator (see the module
+/// docs); run with `MOE_EMU_PROFILE=1`.
+#[derive(clap::Parser)]
+struct Args {
+    /// One JSON object per workload and kernel instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
-    let json = std::env::args().any(|a| a == "--json");
-    if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!("usage: MOE_EMU_PROFILE=1 cargo run --release --example memprofile [-- --json]");
-        return ExitCode::SUCCESS;
-    }
+    let json = <Args as clap::Parser>::parse().json;
     if !profiling_build() {
         eprintln!(
             "memprofile needs the profiling build of the emulator: install clang-19 \

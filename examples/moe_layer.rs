@@ -5,6 +5,7 @@
 //!
 //! Prints the device, the per-expert load, the router losses, the time of each stage, and the
 //! layer's kernel launches and host syncs (none inside the layer).
+use clap::{Parser, ValueEnum};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
 use half::{bf16, f16};
@@ -15,133 +16,103 @@ use moe_kernels::ops::esft::ScoreKind;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers as reference;
 use moe_kernels::{Device, DeviceKind, DeviceSlice};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const HELP: &str = "\
-moe_layer: one MoE layer (d=256, h=512, E=16, k=2, SwiGLU experts) forward and backward,
-checked against the CPU reference.
+/// One MoE layer (d=256, h=512, E=16, k=2, SwiGLU experts) forward and backward, checked
+/// against the CPU reference.
+///
+/// On a GPU each stage is timed by CUDA events, after one untimed warm-up pass; on the emulator
+/// the times are CPU wall time of the emulated kernels (not GPU estimates).
+#[derive(Parser)]
+#[command(name = "moe_layer")]
+struct Options {
+    /// The router. quadratic: a low-rank gate, r=4. sigmoid: DeepSeek-V3 style (sigmoid
+    /// scores, selection bias, 4 groups, top 2 groups, scale 2.5). codebook: VQ routing (the
+    /// nearest of E codes picks the expert, k=1, weight 1; no router losses).
+    #[arg(long, value_enum, default_value_t = RouterArg::Quadratic)]
+    router: RouterArg,
+    /// Chain-of-Experts: C iterations, one router each, shared expert weights (1: a plain MoE
+    /// layer).
+    #[arg(long, value_name = "C", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_CHAIN),
+          conflicts_with_all = ["vq", "inference", "esft"])]
+    chain: u32,
+    /// VQ-MoE: the routed path plus a discrete path (each token's nearest of E codes picks its
+    /// expert, applied to the straight-through mix), mixed by a 2-way softmax gate, with the VQ
+    /// codebook and commitment losses.
+    #[arg(long, conflicts_with_all = ["inference", "esft"])]
+    vq: bool,
+    /// ESFT: score the experts on this batch (gate scores), train only the shortest prefix of
+    /// experts whose cumulative score reaches P (the paper uses 0.1; above the total score every
+    /// expert trains); frozen experts get no weight-gradient work.
+    #[arg(long, value_name = "P", value_parser = esft_threshold, conflicts_with = "inference",
+          allow_negative_numbers = true)]
+    esft: Option<f64>,
+    /// Forward only, on a layer built for serving (Mode::Inference: no saved GU, no router
+    /// losses, no gradient or backward buffers).
+    #[arg(long)]
+    inference: bool,
+    /// Storage of activations and weights; routing and accumulation are always f32.
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
+    /// Tokens in the batch.
+    #[arg(long, value_name = "T", default_value_t = 1024, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_TOKENS))]
+    tokens: u32,
+}
 
-  --router R    linear | quadratic (low-rank gate, r=4; the default) | sigmoid (DeepSeek-V3
-                style: sigmoid scores, selection bias, 4 groups, top 2 groups, scale 2.5) |
-                codebook (VQ routing: the nearest of E codes picks the expert, k=1, weight 1;
-                no router losses)
-  --chain C     Chain-of-Experts: C iterations, one router each, shared expert weights (default 1:
-                a plain MoE layer)
-  --vq          VQ-MoE: the routed path plus a discrete path (each token's nearest of E codes
-                picks its expert, applied to the straight-through mix), mixed by a 2-way softmax
-                gate, with the VQ codebook and commitment losses
-  --esft P      ESFT: score the experts on this batch (gate scores), train only the shortest prefix
-                of experts whose cumulative score reaches P (the paper uses 0.1; above the total
-                score every expert trains); frozen experts get no weight-gradient work
-  --inference   forward only, on a layer built for serving (Mode::Inference: no saved GU, no
-                router losses, no gradient or backward buffers)
-  --dtype D     f32 | f16 | bf16 (default bf16): storage of activations and weights; routing and
-                accumulation are always f32
-  --tokens T    tokens in the batch (default 1024)
-  --help        this text
+/// The most Chain-of-Experts iterations the example runs.
+const MAX_CHAIN: i64 = 16;
+/// The most tokens: the whole-layer reference runs on the CPU in f64, and must finish.
+const MAX_TOKENS: i64 = 1 << 18;
 
-On a GPU each stage is timed by CUDA events, after one untimed warm-up pass; on the emulator the
-times are CPU wall time of the emulated kernels (not GPU estimates).";
+#[derive(Clone, Copy, ValueEnum)]
+enum RouterArg {
+    Linear,
+    Quadratic,
+    Sigmoid,
+    Codebook,
+}
 
-#[derive(Clone, Copy)]
+impl RouterArg {
+    fn kind(self) -> RouterKind {
+        match self {
+            RouterArg::Linear => RouterKind::Linear,
+            RouterArg::Quadratic => RouterKind::Quadratic {
+                form: GateForm::LowRank,
+                rank: 4,
+            },
+            RouterArg::Sigmoid => RouterKind::Sigmoid {
+                groups: 4,
+                topk_groups: 2,
+            },
+            RouterArg::Codebook => RouterKind::Codebook,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Dtype {
     F32,
     F16,
     Bf16,
 }
 
-struct Options {
-    router: RouterKind,
-    chain: usize,
-    vq: bool,
-    inference: bool,
-    esft: Option<f64>,
-    dtype: Dtype,
-    tokens: usize,
-}
-
-fn parse() -> Result<Option<Options>, String> {
-    let mut options = Options {
-        router: RouterKind::Quadratic {
-            form: GateForm::LowRank,
-            rank: 4,
-        },
-        chain: 1,
-        vq: false,
-        inference: false,
-        esft: None,
-        dtype: Dtype::Bf16,
-        tokens: 1024,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "--help" || flag == "-h" {
-            return Ok(None);
-        }
-        match flag.as_str() {
-            "--vq" => options.vq = true,
-            "--inference" => options.inference = true,
-            _ => {}
-        }
-        if flag == "--vq" || flag == "--inference" {
-            continue;
-        }
-        if !["--router", "--chain", "--esft", "--tokens", "--dtype"].contains(&flag.as_str()) {
-            return Err(format!("unknown flag {flag} (see --help)"));
-        }
-        let value = args.next().ok_or(format!("{flag} needs a value (see --help)"))?;
-        let number = |v: &str| v.parse::<f64>().map_err(|_| format!("{flag}: not a number: {v}"));
-        match flag.as_str() {
-            "--router" => {
-                options.router = match value.as_str() {
-                    "linear" => RouterKind::Linear,
-                    "quadratic" => options.router,
-                    "sigmoid" => RouterKind::Sigmoid {
-                        groups: 4,
-                        topk_groups: 2,
-                    },
-                    "codebook" => RouterKind::Codebook,
-                    other => {
-                        return Err(format!(
-                            "--router {other}: expected linear, quadratic, sigmoid or codebook"
-                        ));
-                    }
-                }
-            }
-            "--chain" => options.chain = number(&value)? as usize,
-            "--esft" => options.esft = Some(number(&value)?),
-            "--tokens" => options.tokens = number(&value)? as usize,
-            "--dtype" => {
-                options.dtype = match value.as_str() {
-                    "f32" => Dtype::F32,
-                    "f16" => Dtype::F16,
-                    "bf16" => Dtype::Bf16,
-                    other => return Err(format!("--dtype {other}: expected f32, f16 or bf16")),
-                }
-            }
-            _ => unreachable!("flags are checked above"),
-        }
+/// `--esft P`: a finite threshold >= 0.
+fn esft_threshold(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        Ok(p) => Err(format!("{p} is not a finite threshold >= 0")),
+        Err(e) => Err(e.to_string()),
     }
-    if options.chain == 0 {
-        return Err("--chain: at least 1 iteration".into());
-    }
-    Ok(Some(options))
 }
 
 fn main() -> ExitCode {
-    let options = match parse() {
-        Ok(Some(options)) => options,
-        Ok(None) => {
-            println!("{HELP}");
-            return ExitCode::SUCCESS;
-        }
-        Err(message) => {
-            eprintln!("{message}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let options = Options::parse();
     let result = match options.dtype {
         Dtype::F32 => run::<f32>(&options),
         Dtype::F16 => run::<f16>(&options),
@@ -160,18 +131,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Uniform values in [-1, 1) from a seed (SplitMix64), rounded to T.
+/// Uniform values in [-1, 1) from a seed (ChaCha8), rounded to T.
 fn random<T: FloatElement>(len: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     (0..len)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            let unit = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
-            T::from_f32(unit * 2.0 - 1.0).to_f32()
-        })
+        .map(|_| T::from_f32(rng.random_range(-1.0f32..1.0)).to_f32())
         .collect()
 }
 
@@ -287,9 +251,10 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     };
     println!("device: {}", device.description());
     // Codebook routing has one expert per token and no logits (no router losses).
-    let codebook = options.router == RouterKind::Codebook;
+    let router = options.router.kind();
+    let codebook = router == RouterKind::Codebook;
     let config = MoeConfig {
-        router: options.router,
+        router,
         experts: 16,
         k: if codebook { 1 } else { 2 },
         dim: 256,
@@ -297,15 +262,15 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         aux_alpha: if codebook { 0.0 } else { 0.01 },
         z_loss: if codebook { 0.0 } else { 1e-3 },
         // DeepSeek-V3's routed scaling factor goes with its sigmoid router.
-        route_scale: if matches!(options.router, RouterKind::Sigmoid { .. }) {
+        route_scale: if matches!(router, RouterKind::Sigmoid { .. }) {
             2.5
         } else {
             1.0
         },
-        max_tokens: options.tokens.max(1),
+        max_tokens: options.tokens as usize,
         ..MoeConfig::default()
     };
-    let t = options.tokens;
+    let t = options.tokens as usize;
     println!(
         "layer: {:?} router, E={} k={} d={} h={}, {} tokens, {}{}",
         config.router,
@@ -463,7 +428,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
 }
 
 /// Slots where the device picked another expert than the reference although the reference's
-/// decision there is within the rounding of the layer's dtype (SPEC §9: either id is then right):
+/// decision there is within the rounding of the layer's dtype (math §9: either id is then right):
 /// the two experts' selection keys, or (group-limited routing) their groups' scores, are within
 /// a relative 1e-3 (16-bit) or 1e-5 (f32) of each other. Logits of the same inputs differ between
 /// devices by the accumulation order only; a gap that small is where that order can flip a choice.
@@ -557,7 +522,7 @@ fn run_chain<T: FloatElement>(
     x_host: &[f32],
     dy_host: &[f32],
 ) -> moe_kernels::Result<bool> {
-    let t = options.tokens;
+    let t = options.tokens as usize;
     let weights: Vec<HostWeights> = (0..options.chain)
         .map(|i| HostWeights::random(&config, 42 + i as u64).rounded::<T>(&config))
         .collect();
@@ -572,7 +537,7 @@ fn run_chain<T: FloatElement>(
     })?;
     println!(
         "kept for backward: {} bytes per token per iteration",
-        ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)
+        ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)?
     );
     let store = |v: f64| T::from_f32(v as f32).to_f32();
     let result = reference::chain(&config, &weights, x_host, dy_host, None, &store);
@@ -600,7 +565,7 @@ fn run_vq<T: FloatElement>(
     x_host: &[f32],
     dy_host: &[f32],
 ) -> moe_kernels::Result<bool> {
-    let t = options.tokens;
+    let t = options.tokens as usize;
     let weights = VqWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = VqMoe::<T>::new(device, config, &weights)?;
     let x = device.upload(&to_t::<T>(x_host))?;
@@ -640,4 +605,63 @@ fn run_vq<T: FloatElement>(
         println!("  {name:4} relative error {error:.2e} (bound {bound:.0e})");
     }
     Ok(ok)
+}
+
+/// `cargo test` runs these (`test = true` for this example in Cargo.toml).
+#[cfg(test)]
+mod tests {
+    use super::Options;
+    use clap::Parser;
+    use clap::error::ErrorKind;
+
+    fn refusal(args: &str) -> ErrorKind {
+        let argv = std::iter::once("moe_layer").chain(args.split_whitespace());
+        match Options::try_parse_from(argv) {
+            Ok(_) => panic!("`{args}` was accepted"),
+            Err(e) => e.kind(),
+        }
+    }
+
+    #[test]
+    fn numbers_are_integers_in_range() {
+        for args in [
+            "--tokens -1",
+            "--tokens NaN",
+            "--tokens 2.9",
+            "--tokens 1e20",
+            "--tokens 1e12",
+        ] {
+            assert_eq!(refusal(args), ErrorKind::ValueValidation, "{args}");
+        }
+        for args in [
+            "--tokens 0",
+            "--tokens 262145",
+            "--chain 0",
+            "--chain 17",
+            "--esft -1",
+            "--esft NaN",
+            "--esft inf",
+        ] {
+            assert_eq!(refusal(args), ErrorKind::ValueValidation, "{args}");
+        }
+        let options = Options::try_parse_from(["moe_layer", "--tokens", "7", "--chain", "3", "--esft", "0.1"]);
+        assert!(options.is_err(), "--chain with --esft conflicts");
+        let options = Options::try_parse_from(["moe_layer", "--tokens", "7", "--chain", "3"]).unwrap();
+        assert_eq!((options.tokens, options.chain, options.esft), (7, 3, None));
+    }
+
+    #[test]
+    fn conflicting_modes_are_refused() {
+        for args in [
+            "--vq --chain 2",
+            "--chain 2 --inference",
+            "--chain 2 --esft 0.1",
+            "--inference --esft 0.1",
+            "--vq --inference",
+            "--vq --esft 0.1",
+        ] {
+            assert_eq!(refusal(args), ErrorKind::ArgumentConflict, "{args}");
+        }
+        assert!(Options::try_parse_from(["moe_layer", "--vq", "--dtype", "f32"]).is_ok());
+    }
 }

@@ -1,4 +1,4 @@
-// codebook.cu: codebook nearest neighbour for VQ routing (SPEC §6), its losses and EMA update.
+// codebook.cu: codebook nearest neighbour for VQ routing (math §6), its losses and EMA update.
 //
 // Layouts: X [T, d] and the codebook C [Nc, d] row-major in one dtype (f32, f16, bf16); norms,
 // distances, losses, gradients of C and the EMA state in f32; ids, experts, sort orders i32.

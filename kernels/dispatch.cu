@@ -1,4 +1,4 @@
-// dispatch.cu: from routing (ids [T, k]) to expert-grouped rows and back (SPEC §4).
+// dispatch.cu: from routing (ids [T, k]) to expert-grouped rows and back (math §4).
 //
 // Routing map (the counting sort of include/dispatch_map.cuh; L = e_end - e_begin local experts):
 //   counts[L]          slots kept per local expert

@@ -1,4 +1,4 @@
-// esft.cu: expert-specialized fine-tuning (SPEC §8): per-expert statistics accumulated over a
+// esft.cu: expert-specialized fine-tuning (math §8): per-expert statistics accumulated over a
 // probe set of any number of batches, then the experts to train.
 //
 // Running state (EsftScores in src/ops/esft.rs allocates it zeroed, for E <= 1024 experts):
@@ -73,7 +73,7 @@ extern "C" __global__ void esft_accumulate(const int* ids, const float* weights,
 EMU_EXPORT(esft_accumulate)
 
 // ------------------------------------------------------------------------------------------
-// esft_select: the SPEC §8 selection from the state.
+// esft_select: the math §8 selection from the state.
 // Algorithm, thread e for expert e (ranking) and then for rank position e (prefix):
 //   1. key_e = the score's numerator in exact integer units (counts for the token score,
 //      fixed-point weight sums for the gate score), over one positive denominator per kind

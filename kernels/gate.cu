@@ -1,4 +1,4 @@
-// gate.cu: router scoring z = score(X) (SPEC §1), forward and backward.
+// gate.cu: router scoring z = score(X) (math §1), forward and backward.
 //
 // Forms (weights stored like nn.Linear, `in` = d contiguous; x_t a row of X [T, d]):
 //   linear     z_te = W_e . x_t + b_e                      W [E, d], b [E] f32

@@ -1,4 +1,4 @@
-// grouped_gemm.cu: the grouped expert GEMM (SPEC §5), forward and backward.
+// grouped_gemm.cu: the grouped expert GEMM (math §5), forward and backward.
 //
 // For each expert e with rows [offsets[e], offsets[e+1]) of the grouped matrix:
 //   forward  C_e  = A_e · B_e^T      A_e [m_e, K] (rows contiguous, or gathered from token order:

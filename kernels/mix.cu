@@ -1,4 +1,4 @@
-// mix.cu: the VQ-MoE mixing gate (SPEC §6, last bullet): per token t, from the gate's two logits
+// mix.cu: the VQ-MoE mixing gate (math §6, last bullet): per token t, from the gate's two logits
 // l_t = (l0, l1) (f32, [T, 2]),
 //   [a0, a1] = softmax(l_t), computed as a0 = sigmoid(l0 - l1), a1 = sigmoid(l1 - l0)
 //   forward:  y = a0·y_cont + a1·y_disc                                   ([T, d] rows)

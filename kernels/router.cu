@@ -1,5 +1,5 @@
 // router.cu: top-k expert selection, its backward, expert statistics and the balance losses
-// (SPEC §2, §3). The gate that produces the logits is the `gate` family.
+// (math §2, §3). The gate that produces the logits is the `gate` family.
 //
 // Layout: logits z [T, E] f32 row-major; ids [T, k] i32; weights and d_weights [T, k] f32.
 // Everything accumulates in f32, in fixed orders (butterfly warp sums, fixed warp and block
@@ -40,7 +40,7 @@ constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction k
 //   bias [E] or null; nonfinite_rows: one counter the kernel adds the row count to (or null).
 //
 // router_select_counted_e<N>_f32: the same selection fused with the counting pass of the
-// routing map of the ids it writes (SPEC §4, kernels/dispatch.cu): lane r < k also counts its
+// routing map of the ids it writes (math §4, kernels/dispatch.cu): lane r < k also counts its
 // slot into the per-tile counts of the map's tiled counting sort (count_slot: one integer
 // atomic), and the last block to finish turns them into tile prefixes, counts and offsets
 // (finish_count), so dispatch_map_rank alone completes the map, one launch fewer than

@@ -21,6 +21,9 @@ pub enum Error {
     /// Memory profiling needs the profiling build of the emulator.
     #[error("memory profiling needs the profiling build: rebuild with MOE_EMU_PROFILE=1 (and clang-19 installed)")]
     ProfilingUnavailable,
+    /// Neither device could be had ([`Device::best`](crate::Device::best)): why not, for each.
+    #[error("no device: the GPU: {cuda}; the emulator: {emulator}")]
+    NoDevice { cuda: Box<Error>, emulator: Box<Error> },
     /// An environment variable that configures the crate has a value it cannot use.
     #[error("environment variable {name}={value}: expected {expected}")]
     Environment {

@@ -1,5 +1,5 @@
 //! Static evidence of each kernel's quality, without a GPU: the ptxas resource report (in
-//! [`registry`](crate::device::registry)), theoretical occupancy for a launch
+//! [`registry`]), theoretical occupancy for a launch
 //! configuration, and the instruction mix of the SASS in the embedded fatbins
 //! (`cuobjdump -sass`, which needs `nvdisasm` beside it: pip `nvidia-cuda-cuobjdump` and
 //! `nvidia-cuda-nvdisasm`). Used by `examples/kernel_report.rs` and `tests/kernel_report.rs`.

@@ -15,6 +15,8 @@ use crate::device::{Device, DeviceKind, Element, KernelArgs, LaunchConfig};
 use crate::ops::check_range;
 use crate::{Error, Result};
 use half::{bf16, f16};
+use rand::{Rng as _, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::fmt;
 
 /// The outcome of one self-test.
@@ -54,19 +56,17 @@ pub fn run_all(device: &Device) -> Result<Vec<Check>> {
 // ------------------------------------------------------------------------------------------
 // Inputs and comparison.
 
-/// xorshift64*: a tiny deterministic generator, so every run sees the same inputs.
-struct Rng(u64);
+/// The crate's seeded generator (ChaCha8), so every run sees the same inputs, with the draws
+/// the checks need.
+struct Rng(ChaCha8Rng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1) // never the fixed point 0
+        Self(ChaCha8Rng::seed_from_u64(seed))
     }
 
     fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.next_u64()
     }
 
     fn next_u32(&mut self) -> u32 {
@@ -75,8 +75,7 @@ impl Rng {
 
     /// Uniform in `lo..=hi`.
     fn int(&mut self, lo: i32, hi: i32) -> i32 {
-        let span = (i64::from(hi) - i64::from(lo) + 1) as u64;
-        (i64::from(lo) + (self.next_u64() % span) as i64) as i32
+        self.0.random_range(lo..=hi)
     }
 
     /// Uniform in [-1, 1), a multiple of 2^-23 (exact in f32).
@@ -884,7 +883,7 @@ pub mod planted {
     }
 
     /// `planted_missing_syncthreads` (or, `with_sync`, the control `planted_with_syncthreads`):
-    /// y[g] = x[g-1] within each block of 256 threads, through shared memory. Inputs come from
+    /// `y[g] = x[g-1]` within each block of 256 threads, through shared memory. Inputs come from
     /// `seed`: vary it between launches, so stale shared memory never holds the right values.
     pub fn shift(device: &Device, with_sync: bool, blocks: u32, seed: u64) -> Result<Outputs<f32>> {
         let kernel = if with_sync {

@@ -39,8 +39,8 @@ fn zeros<T: moe_kernels::Element>(device: &Device, len: usize) -> DeviceBuffer<T
 /// every few rows a plain random row (so near ties happen too).
 fn inputs<T: FloatElement>(shape: &CodebookShape, seed: u64) -> (Vec<f64>, Vec<f64>) {
     let mut rng = Rng::new(seed);
-    let codes = values::<T>(&mut rng, shape.codebook_len(), 1.0);
-    let mut x = Vec::with_capacity(shape.x_len());
+    let codes = values::<T>(&mut rng, shape.codebook_len().unwrap(), 1.0);
+    let mut x = Vec::with_capacity(shape.x_len().unwrap());
     for t in 0..shape.tokens {
         let j = rng.below(shape.codes);
         for e in 0..shape.dim {
@@ -93,7 +93,7 @@ fn run_nearest_at<T: FloatElement>(
     let mut ids = AtOffset::<i32>::zeros(device, n, at(3));
     let mut distances = AtOffset::<f32>::zeros(device, n, at(4));
     let mut experts = AtOffset::<i32>::zeros(device, n, at(5));
-    let mut workspace = AtOffset::<u32>::zeros(device, config.workspace_len(shape), at(6));
+    let mut workspace = AtOffset::<u32>::zeros(device, config.workspace_len(shape).unwrap(), at(6));
     let out = NearestOutputs {
         ids: &mut ids.view_mut(),
         distances: Some(&mut distances.view_mut()),
@@ -208,7 +208,7 @@ fn exact_ids<T: FloatElement>() {
         codes: 700,
     };
     let mut rng = Rng::new(11);
-    let codes = values::<T>(&mut rng, shape.codebook_len(), 1.0);
+    let codes = values::<T>(&mut rng, shape.codebook_len().unwrap(), 1.0);
     let mut x = vec![];
     for t in 0..shape.tokens {
         let j = (t * 7) % shape.codes;
@@ -374,7 +374,7 @@ fn nearest_launch_budget_and_no_host_sync() {
             assert_eq!(config.launches(&shape), launches);
             let mut ids = zeros::<i32>(&device, shape.tokens * 2);
             let mut experts = zeros::<i32>(&device, shape.tokens * 2);
-            let mut workspace = zeros::<u32>(&device, config.workspace_len(&shape));
+            let mut workspace = zeros::<u32>(&device, config.workspace_len(&shape).unwrap());
             let before = device.stats();
             codebook::code_norms(&device, &shape, &cd, &mut norms).unwrap();
             let out = NearestOutputs {
@@ -423,7 +423,7 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
     let (x, codes) = inputs::<T>(shape, 21);
     let ids = ids_for(shape, 4);
     let mut rng = Rng::new(8);
-    let dmix = values::<T>(&mut rng, shape.x_len(), 1e-3);
+    let dmix = values::<T>(&mut rng, shape.x_len().unwrap(), 1e-3);
     let config = LossConfig::default();
     let tol = Tolerance::of::<T>();
     let (want_q, want_mix) = reference::quantize(shape, &x, &codes, &ids, 0.75);
@@ -439,8 +439,8 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
         );
         let (xd, cd, idd) = (xa.view(), ca.view(), ida.view());
         let (mut qa, mut mixa) = (
-            AtOffset::<T>::zeros(&device, shape.x_len(), at(3)),
-            AtOffset::<T>::zeros(&device, shape.x_len(), at(4)),
+            AtOffset::<T>::zeros(&device, shape.x_len().unwrap(), at(3)),
+            AtOffset::<T>::zeros(&device, shape.x_len().unwrap(), at(4)),
         );
         let before = device.stats();
         let launches = || device.stats().launches;
@@ -473,8 +473,8 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
         let dmixd = dmixa.view();
         let start = launches();
         let (mut dxa, mut dca) = (
-            AtOffset::<T>::zeros(&device, shape.x_len(), at(9)),
-            AtOffset::<f32>::zeros(&device, shape.codebook_len(), at(10)),
+            AtOffset::<T>::zeros(&device, shape.x_len().unwrap(), at(9)),
+            AtOffset::<f32>::zeros(&device, shape.codebook_len().unwrap(), at(10)),
         );
 
         codebook::losses_backward(
@@ -516,14 +516,14 @@ fn train_ops<T: FloatElement>(shape: &CodebookShape, off: usize) {
             &want_mix,
             tol.scaled(2.0),
         );
-        let reduction = Tolerance::F32.over(shape.x_len()).scaled(10.0);
+        let reduction = Tolerance::F32.over(shape.x_len().unwrap()).scaled(10.0);
         assert_close(
             &format!("{name} losses"),
             &losses.download(&device),
             &want_losses,
             reduction,
         );
-        let grad_scale = 2.0 / shape.x_len() as f64;
+        let grad_scale = 2.0 / shape.x_len().unwrap() as f64;
         let grad_tol = Tolerance {
             atol: tol.atol * 1e-3 + grad_scale * 1e-4,
             rtol: tol.rtol * 2.0,
@@ -675,7 +675,7 @@ fn ema<T: FloatElement>(off: usize) {
     let counts: Vec<f64> = (0..shape.codes)
         .map(|j| if j < 35 { 1.0 + j as f64 / 8.0 } else { 0.0 })
         .collect();
-    let sums = values::<f32>(&mut rng, shape.codebook_len(), 1.0);
+    let sums = values::<f32>(&mut rng, shape.codebook_len().unwrap(), 1.0);
     let want = reference::ema_update(&shape, &config, &x, &ids, &counts, &sums);
     assert!(want.dead[35..].iter().all(|&d| d) && !want.dead[..35].iter().any(|&d| d));
     let tol = Tolerance::F32.scaled(10.0);
@@ -690,7 +690,7 @@ fn ema<T: FloatElement>(off: usize) {
         );
         let mut dead = AtOffset::<u8>::zeros(&device, shape.codes, at(4));
         let mut total = AtOffset::<f32>::zeros(&device, 1, at(5));
-        let mut codes = AtOffset::<T>::zeros(&device, shape.codebook_len(), at(6));
+        let mut codes = AtOffset::<T>::zeros(&device, shape.codebook_len().unwrap(), at(6));
         let before = device.stats();
         codebook::code_order(&device, &idd.view(), &mut order).unwrap();
         let state = EmaState {
@@ -959,7 +959,7 @@ mod unaligned {
             let mut ids = AtOffset::<i32>::zeros(&device, n, 1);
             let mut distances = AtOffset::<f32>::zeros(&device, n, 5);
             let mut experts = AtOffset::<i32>::zeros(&device, n, 7);
-            let mut workspace = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape), 3);
+            let mut workspace = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape).unwrap(), 3);
             let out = NearestOutputs {
                 ids: &mut ids.view_mut(),
                 distances: Some(&mut distances.view_mut()),
@@ -976,7 +976,7 @@ mod unaligned {
             // X or C off 16 bytes: refused, naming it.
             for (argument, x_off, c_off) in [("x", 1, 0), ("codes", 0, 3), ("x", 4, 4)] {
                 let (xa, ca) = (upload_at::<T>(&device, &x, x_off), upload_at::<T>(&device, &c, c_off));
-                let mut ws = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape), 0);
+                let mut ws = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape).unwrap(), 0);
                 let mut ids = AtOffset::<i32>::zeros(&device, n, 0);
                 let out = NearestOutputs {
                     ids: &mut ids.view_mut(),

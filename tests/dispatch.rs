@@ -1,6 +1,6 @@
-//! Dispatch (SPEC §4) on every device against the CPU reference: routing maps exactly
+//! Dispatch (math §4) on every device against the CPU reference: routing maps exactly
 //! (both map paths, the counted map, capacity, padding, local ranges, invalid ids), permute / combine and their
-//! backward passes within SPEC §9 tolerances, determinism, launch counts, no host syncs, bad
+//! backward passes within math §9 tolerances, determinism, launch counts, no host syncs, bad
 //! inputs, and 64-bit row offsets.
 #[path = "dispatch/bad_inputs.rs"]
 mod bad_inputs;
@@ -28,7 +28,9 @@ use moe_kernels::{Device, DeviceBuffer};
 fn device_map(device: &Device, ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> reference::RoutingMap {
     let ids_d = device.upload(ids).unwrap();
     let mut map = RoutingMap::alloc(device, tokens, k, config).unwrap();
-    let mut workspace = device.alloc_zeros::<i32>(config.workspace_len(tokens, k)).unwrap();
+    let mut workspace = device
+        .alloc_zeros::<i32>(config.workspace_len(tokens, k).unwrap())
+        .unwrap();
     let before = device.stats();
     dispatch::routing_map(device, &ids_d, tokens, k, config, &mut map, &mut workspace).unwrap();
     let after = device.stats();

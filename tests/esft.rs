@@ -1,4 +1,4 @@
-//! ESFT (SPEC §8) on every available device against `reference::esft`: statistics accumulated
+//! ESFT (math §8) on every available device against `reference::esft`: statistics accumulated
 //! over several batches equal one batch of their concatenation (bit for bit) and the reference
 //! (counts exact, sums within rounding); selection (ids, mask, count exact; scores within f32
 //! rounding) for both score kinds; ties to the lower id; p at its edges; skipped slots; k = 1 and

@@ -270,8 +270,8 @@ fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x:
     );
     let dz_dev = AtOffset::upload(device, &dz.iter().map(|&v| v as f32).collect::<Vec<_>>(), at(1));
     // Outputs start as garbage so an element the kernels never write shows.
-    let mut z = AtOffset::upload(device, &vec![f32::NAN; shape.z_len()], at(2));
-    let mut dx = AtOffset::upload(device, &vec![T::from_f32(f32::NAN); shape.x_len()], at(3));
+    let mut z = AtOffset::upload(device, &vec![f32::NAN; shape.z_len().unwrap()], at(2));
+    let mut dx = AtOffset::upload(device, &vec![T::from_f32(f32::NAN); shape.x_len().unwrap()], at(3));
     let mut grad_bufs: Vec<(&'static str, AtOffset<f32>)> = host
         .tensors()
         .into_iter()
@@ -337,8 +337,8 @@ fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x:
 fn inputs<T: FloatElement>(case: &Case) -> (GateParams, Vec<f64>, Vec<f64>) {
     let mut rng = Rng::new(case.seed);
     let host = params::<T>(case, &mut rng);
-    let x = values::<T>(&mut rng, case.shape.x_len(), 1.0);
-    let dz = values::<f32>(&mut rng, case.shape.z_len(), 1.0);
+    let x = values::<T>(&mut rng, case.shape.x_len().unwrap(), 1.0);
+    let dz = values::<f32>(&mut rng, case.shape.z_len().unwrap(), 1.0);
     (host, x, dz)
 }
 
@@ -514,8 +514,8 @@ fn reference_gradients_match_finite_differences() {
         let shape = case.shape;
         let mut rng = Rng::new(11);
         let mut params = params::<f32>(&case, &mut rng);
-        let x = values::<f32>(&mut rng, shape.x_len(), 1.0);
-        let dz = values::<f32>(&mut rng, shape.z_len(), 1.0);
+        let x = values::<f32>(&mut rng, shape.x_len().unwrap(), 1.0);
+        let dz = values::<f32>(&mut rng, shape.z_len().unwrap(), 1.0);
         let loss = |p: &GateParams, x: &[f64]| -> f64 {
             reference::scores(&shape, p, x)
                 .iter()

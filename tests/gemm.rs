@@ -1,4 +1,4 @@
-//! The grouped expert GEMM (SPEC §5) on every device against the CPU reference: forward with
+//! The grouped expert GEMM (math §5) on every device against the CPU reference: forward with
 //! every epilogue (contiguous and gathered A, -1 padding rows, row weights, f32 output), the
 //! decode and tiled paths, group sizes 0, 1, 7, 16, 129, long reductions, dA (plain and the
 //! fused SwiGLU backward), dB with the expert mask and accumulate mode, finite differences,

@@ -7,23 +7,20 @@ use moe_kernels::selftest::probes::{Probe, WARP};
 
 const BLOCKS: u32 = 3;
 
-/// The profile of one probe launch, or None (skipped) outside the profiling build.
-fn profile(probe: Probe) -> Option<MemoryProfile> {
-    if !profiling_build() {
-        assert!(
-            std::env::var("MOE_EMU_PROFILE").map_or(true, |v| v != "1"),
-            "MOE_EMU_PROFILE=1 but the library is not the profiling build"
-        );
-        eprintln!("skipped: needs the profiling build (MOE_EMU_PROFILE=1, clang-19)");
-        return None;
-    }
+/// The profile of one probe launch. Every test here is ignored (with the reason) outside the
+/// profiling build (cfg `moe_emu_profile`, set by build.rs).
+fn profile(probe: Probe) -> MemoryProfile {
+    assert!(
+        profiling_build(),
+        "cfg moe_emu_profile is set by the profiling build only"
+    );
     let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
     probe.run(&Device::Emulator(emulator.clone()), BLOCKS).unwrap();
     let mut profiles = emulator.take_profiles();
     assert_eq!(profiles.len(), 1);
     let p = profiles.pop().unwrap();
     assert_eq!(p.kernel, probe.kernel());
-    Some(p)
+    p
 }
 
 fn global(p: &MemoryProfile, access: Access) -> (u64, f64) {
@@ -32,8 +29,12 @@ fn global(p: &MemoryProfile, access: Access) -> (u64, f64) {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn coalesced_4_byte_accesses_touch_4_sectors_per_request() {
-    let Some(p) = profile(Probe::Coalesced) else { return };
+    let p = profile(Probe::Coalesced);
     assert_eq!(global(&p, Access::Load), (BLOCKS as u64, 4.0));
     assert_eq!(global(&p, Access::Store), (BLOCKS as u64, 4.0));
     assert_eq!(p.global_load_redundancy(), 1.0);
@@ -41,8 +42,12 @@ fn coalesced_4_byte_accesses_touch_4_sectors_per_request() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn vector_16_byte_accesses_touch_16_sectors_per_request() {
-    let Some(p) = profile(Probe::Vector) else { return };
+    let p = profile(Probe::Vector);
     assert_eq!(global(&p, Access::Load), (BLOCKS as u64, 16.0));
     assert_eq!(global(&p, Access::Store), (BLOCKS as u64, 16.0));
     assert_eq!(
@@ -52,23 +57,35 @@ fn vector_16_byte_accesses_touch_16_sectors_per_request() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn a_stride_of_32_floats_touches_32_sectors_per_request() {
-    let Some(p) = profile(Probe::Strided) else { return };
+    let p = profile(Probe::Strided);
     assert_eq!(global(&p, Access::Load), (BLOCKS as u64, 32.0));
     assert_eq!(global(&p, Access::Store), (BLOCKS as u64, 4.0));
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn a_broadcast_touches_1_sector() {
-    let Some(p) = profile(Probe::Broadcast) else { return };
+    let p = profile(Probe::Broadcast);
     assert_eq!(global(&p, Access::Load), (BLOCKS as u64, 1.0));
     assert_eq!(p.unique_global_load_bytes, 4);
     assert_eq!(p.global_load_redundancy(), (BLOCKS * WARP) as f64);
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn a_column_read_of_a_32x32_float_tile_is_a_32_way_bank_conflict() {
-    let Some(p) = profile(Probe::SharedColumns) else { return };
+    let p = profile(Probe::SharedColumns);
     let loads = p.traffic(Space::Shared, Access::Load);
     let stores = p.traffic(Space::Shared, Access::Store);
     assert_eq!(loads.requests, 32 * BLOCKS as u64);
@@ -77,25 +94,35 @@ fn a_column_read_of_a_32x32_float_tile_is_a_32_way_bank_conflict() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn padding_the_tile_to_33_columns_removes_the_conflicts() {
-    let Some(p) = profile(Probe::SharedColumnsPadded) else {
-        return;
-    };
+    let p = profile(Probe::SharedColumnsPadded);
     let loads = p.traffic(Space::Shared, Access::Load);
     assert_eq!(loads.requests, 32 * BLOCKS as u64);
     assert_eq!((loads.bank_conflict_degree(), loads.max_bank_degree), (1.0, 1));
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn reading_the_input_twice_is_redundancy_2() {
-    let Some(p) = profile(Probe::ReadTwice) else { return };
+    let p = profile(Probe::ReadTwice);
     assert_eq!(p.global_load_redundancy(), 2.0);
     assert_eq!(global(&p, Access::Load).0, 2 * BLOCKS as u64);
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn atomics_are_counted_per_lane() {
-    let Some(p) = profile(Probe::Atomics) else { return };
+    let p = profile(Probe::Atomics);
     assert_eq!(p.atomics(), (BLOCKS * WARP) as u64);
     assert_eq!(p.traffic(Space::Global, Access::Atomic).requests, BLOCKS as u64);
 }

@@ -111,7 +111,7 @@ fn dispatch_ops(device: &Device, tokens: usize, capacity: Option<Capacity>) -> R
         .collect();
     let ids = device.upload(&ids)?;
     let mut map = RoutingMap::alloc(device, tokens, k, &config)?;
-    let mut workspace = device.alloc_zeros::<i32>(config.workspace_len(tokens, k))?;
+    let mut workspace = device.alloc_zeros::<i32>(config.workspace_len(tokens, k)?)?;
     dispatch::routing_map(device, &ids, tokens, k, &config, &mut map, &mut workspace)?;
     row_movers::<f32>(device, &map, (tokens, k, d))?;
     row_movers::<f16>(device, &map, (tokens, k, d))?;
@@ -169,10 +169,10 @@ fn gate_ops<T: FloatElement>(device: &Device, form: GateForm) -> Result<()> {
             c: Some(&bias),
         },
     };
-    let x = upload::<T>(device, shape.x_len())?;
-    let mut z = device.alloc_zeros::<f32>(shape.z_len())?;
+    let x = upload::<T>(device, shape.x_len()?)?;
+    let mut z = device.alloc_zeros::<f32>(shape.z_len()?)?;
     gate::scores(device, &shape, &weights, &x, &mut z)?;
-    let mut dx = device.alloc_zeros::<T>(shape.x_len())?;
+    let mut dx = device.alloc_zeros::<T>(shape.x_len()?)?;
     let mut grads: Vec<DeviceBuffer<f32>> = weights
         .params(&shape)
         .iter()

@@ -10,7 +10,7 @@
 //   lane_strided_read / lane_strided_write   a warp's pass over one row, 16 bytes per lane
 //                                        access when the row is 16-byte aligned
 //
-// The non-finite-row rule (SPEC §2, made precise): a row is *non-finite* when one of its
+// The non-finite-row rule (math §2, made precise): a row is *non-finite* when one of its
 // logits is NaN or +inf, or none of them is finite. Such a row still gets k distinct ids (NaN
 // ranks lowest, ties to the lower index) but all its weights are 0, its dense probabilities
 // are 0, it adds nothing to the losses and gets a zero gradient; the select kernel counts it.
@@ -21,7 +21,7 @@
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
-// Added to the denominator when k weights are renormalized (SPEC §2).
+// Added to the denominator when k weights are renormalized (math §2).
 constexpr float kRenormEpsilon = 1e-20f;
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -12,7 +12,7 @@
 
 enum ScoreFunction : int { kSoftmax = 0, kSigmoid = 1, kNone = 2 };
 
-// The routing options of SPEC §2 that shape the weights (RouterConfig in src/ops/router).
+// The routing options of math §2 that shape the weights (RouterConfig in src/ops/router).
 struct SelectOptions {
   int score;         // ScoreFunction
   bool topk_first;   // topk_then_softmax (score must be kSoftmax)

@@ -64,8 +64,10 @@ impl CudaDevice {
         if !registry::gpu_kernels_built() {
             return Err(Error::NoGpuKernels(registry::GPU_BUILD_NOTE));
         }
-        // cudarc panics on first use when libcuda cannot be loaded: look first.
+        // cudarc panics on first use when libcuda cannot be loaded: look first. (Linked at build
+        // time instead, the library is there or the program would not have started.)
         // SAFETY: only tries to open the library.
+        #[cfg(feature = "cuda-dynamic-loading")]
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::CudaUnavailable(
                 "the CUDA driver library (libcuda) was not found".into(),

@@ -115,7 +115,14 @@ impl EmulatorDevice {
             }
         };
         if let Some(w) = parse_env::<u32>("MOE_EMU_WORKERS", "a positive integer")? {
-            d.workers = w.max(1);
+            if w == 0 {
+                return Err(Error::Environment {
+                    name: "MOE_EMU_WORKERS",
+                    value: w.to_string(),
+                    expected: "a positive integer",
+                });
+            }
+            d.workers = w;
         }
         if let Some(s) = parse_env::<u32>("MOE_EMU_STACK_KIB", "a size in KiB (>= 16)")? {
             d.stack_kib = s.max(16);

@@ -1,5 +1,5 @@
 //! The one launch path: an op builds a [`KernelArgs`] and a [`LaunchConfig`] once, and
-//! [`Device::launch`](super::Device::launch) hands them to whichever device runs it.
+//! `Device::launch` hands them to whichever device runs it.
 //!
 //! Arguments are packed as `cuLaunchKernel` wants them (`kernelParams`: one pointer per
 //! argument, pointing at its value), which is also what the emulator's launchers take.

@@ -41,13 +41,25 @@ unsafe impl<T: Element> Sync for HostBuffer<T> {}
 
 const HOST_ALIGN: usize = 256;
 
-impl<T: Element> HostBuffer<T> {
-    fn layout(len: usize) -> Result<Layout> {
-        let bytes = len.checked_mul(size_of::<T>()).ok_or_else(|| Error::InvalidArgument {
+/// The bytes of `len` elements of `T`, or an error naming `len` when the count overflows
+/// `isize` (no allocation, host or device, can be larger).
+pub(crate) fn byte_len<T: Element>(len: usize) -> Result<usize> {
+    len.checked_mul(size_of::<T>())
+        .filter(|&bytes| bytes <= isize::MAX as usize)
+        .ok_or_else(|| Error::InvalidArgument {
             argument: "len",
             value: len.to_string(),
-            expected: "a buffer size that fits in memory".into(),
-        })?;
+            expected: format!(
+                "a buffer of at most {} elements of {}",
+                isize::MAX as usize / size_of::<T>(),
+                T::NAME
+            ),
+        })
+}
+
+impl<T: Element> HostBuffer<T> {
+    fn layout(len: usize) -> Result<Layout> {
+        let bytes = byte_len::<T>(len)?;
         Layout::from_size_align(bytes.max(1), HOST_ALIGN).map_err(|e| Error::InvalidArgument {
             argument: "len",
             value: len.to_string(),
@@ -55,6 +67,7 @@ impl<T: Element> HostBuffer<T> {
         })
     }
 
+    #[cfg_attr(not(feature = "emulator"), allow(dead_code))] // only the emulator allocates these
     pub(crate) fn zeroed(len: usize) -> Result<Self> {
         let layout = Self::layout(len)?;
         // SAFETY: the layout has a non-zero size.
@@ -97,7 +110,18 @@ impl<T: Element> Drop for HostBuffer<T> {
 }
 
 /// An owned array of `T` on one device; [`slice`](Self::slice) and [`slice_mut`](Self::slice_mut)
-/// view a range of it (`src/device/view.rs`).
+/// view a range of it (`src/device/view.rs`), and a range outside it is an error:
+///
+/// ```
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = moe_kernels::Device::emulator()?;
+/// let buffer = device.alloc_zeros::<half::bf16>(6)?;
+/// let view = buffer.slice(2..5)?; // any element: a view may start unaligned
+/// assert_eq!((view.start(), moe_kernels::DeviceSlice::len(&view)), (2, 3));
+/// assert!(buffer.slice(4..7).is_err());
+/// # Ok(())
+/// # }
+/// ```
 pub enum DeviceBuffer<T: Element> {
     Cuda(CudaSlice<T>),
     Host(HostBuffer<T>),
@@ -135,7 +159,42 @@ impl<T: Element> From<CudaSlice<T>> for DeviceBuffer<T> {
 pub struct PtrGuard<'a>(#[allow(dead_code)] Option<SyncOnDrop<'a>>);
 
 /// Read access to device memory for a kernel argument.
-pub trait DeviceSlice<T: Element> {
+///
+/// Implemented for [`DeviceBuffer`], its views ([`BufferView`](super::BufferView),
+/// [`BufferViewMut`](super::BufferViewMut)) and cudarc's `CudaSlice`, `CudaView` and
+/// `CudaViewMut`. Ops and [`Device::download`] read `len()` elements from the address
+/// [`kernel_ptr`](Self::kernel_ptr) returns, trusting both without a check they could make:
+/// hence an `unsafe trait`.
+///
+/// # Safety
+///
+/// An implementation promises, for every `device` on which `kernel_ptr` returns `Ok((ptr, guard))`:
+/// - `ptr` is the address of `len()` consecutive, initialised `T`s that stay allocated and
+///   are not written by anyone else while `guard` and the borrow of `self` live: device memory
+///   in `device`'s context on the CUDA device, host memory on the emulator;
+/// - `ptr` is aligned to `align_of::<T>()`;
+/// - `len()` returns the same value for as long as `self` is borrowed.
+///
+/// A wrapper that forwards `kernel_ptr` to another implementation but reports a larger `len()`
+/// breaks this contract, and is exactly what the `unsafe` is for:
+///
+/// ```compile_fail,E0200
+/// use moe_kernels::{Device, DeviceBuffer, DeviceSlice, Result};
+/// use moe_kernels::device::memory::PtrGuard;
+///
+/// struct Liar(DeviceBuffer<f32>);
+/// // Without `unsafe impl` this does not compile: a safe impl cannot lie about its length.
+/// impl DeviceSlice<f32> for Liar {
+///     fn len(&self) -> usize {
+///         1 << 40
+///     }
+///     fn kernel_ptr<'a>(&'a self, device: &'a Device, argument: &'static str) -> Result<(u64, PtrGuard<'a>)> {
+///         self.0.kernel_ptr(device, argument)
+///     }
+/// }
+/// ```
+pub unsafe trait DeviceSlice<T: Element> {
+    /// The number of `T` elements at [`kernel_ptr`](Self::kernel_ptr).
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -145,7 +204,15 @@ pub trait DeviceSlice<T: Element> {
 }
 
 /// Write access to device memory for a kernel argument.
-pub trait DeviceSliceMut<T: Element>: DeviceSlice<T> {
+///
+/// # Safety
+///
+/// The [`DeviceSlice`] contract, for [`kernel_ptr_mut`](Self::kernel_ptr_mut) too, and: the
+/// `len()` elements at the address it returns may be written by a kernel on `device` while the
+/// returned guard and the mutable borrow of `self` live, and nothing else reads or writes them
+/// meanwhile.
+pub unsafe trait DeviceSliceMut<T: Element>: DeviceSlice<T> {
+    /// The address a kernel on `device` writes this memory at.
     fn kernel_ptr_mut<'a>(&'a mut self, device: &'a Device, argument: &'static str) -> Result<(u64, PtrGuard<'a>)>;
 }
 
@@ -157,7 +224,9 @@ fn wrong_device(argument: &'static str, device: &Device, found: DeviceKind) -> E
     }
 }
 
-impl<T: Element> DeviceSlice<T> for DeviceBuffer<T> {
+// SAFETY: `len` is the allocation's length; a host buffer's pointer is handed out only to the
+// emulator, a CUDA buffer's through cudarc (which checks the stream's context).
+unsafe impl<T: Element> DeviceSlice<T> for DeviceBuffer<T> {
     fn len(&self) -> usize {
         DeviceBuffer::len(self)
     }
@@ -172,7 +241,8 @@ impl<T: Element> DeviceSlice<T> for DeviceBuffer<T> {
     }
 }
 
-impl<T: Element> DeviceSliceMut<T> for DeviceBuffer<T> {
+// SAFETY: as for `DeviceSlice`; `&mut self` makes the access exclusive.
+unsafe impl<T: Element> DeviceSliceMut<T> for DeviceBuffer<T> {
     fn kernel_ptr_mut<'a>(&'a mut self, device: &'a Device, argument: &'static str) -> Result<(u64, PtrGuard<'a>)> {
         match self {
             DeviceBuffer::Cuda(s) => s.kernel_ptr_mut(device, argument),
@@ -187,7 +257,8 @@ impl<T: Element> DeviceSliceMut<T> for DeviceBuffer<T> {
 // cudarc's own types: what a cudarc user already holds, usable on the CUDA device.
 macro_rules! cudarc_slice {
     ($($ty:ty),*) => {$(
-        impl<T: Element> DeviceSlice<T> for $ty {
+        // SAFETY: cudarc's length and device pointer of the same slice, with its stream guard.
+        unsafe impl<T: Element> DeviceSlice<T> for $ty {
             fn len(&self) -> usize {
                 cudarc::driver::DeviceSlice::len(self)
             }
@@ -201,7 +272,8 @@ macro_rules! cudarc_slice {
 }
 macro_rules! cudarc_slice_mut {
     ($($ty:ty),*) => {$(
-        impl<T: Element> DeviceSliceMut<T> for $ty {
+        // SAFETY: as above, through a mutable borrow.
+        unsafe impl<T: Element> DeviceSliceMut<T> for $ty {
             fn kernel_ptr_mut<'a>(&'a mut self, device: &'a Device, argument: &'static str) -> Result<(u64, PtrGuard<'a>)> {
                 let stream = device.cuda_stream().ok_or_else(|| wrong_device(argument, device, DeviceKind::Cuda))?;
                 let (ptr, guard) = self.device_ptr_mut(stream);

@@ -5,7 +5,7 @@
 //! - [`EmulatorDevice`]: the CPU; the same kernels compiled as host C++ (`kernels/emu`).
 //!
 //! An op validates its inputs, builds a [`LaunchConfig`] and a [`KernelArgs`], and calls
-//! [`Device::launch`] with the kernel's name: that call is the only place where the devices
+//! `Device::launch` with the kernel's name: that call is the only place where the devices
 //! differ. Every device counts its launches and host transfers ([`DeviceStats`]) so tests
 //! can assert an op's launch budget and that it never syncs the host.
 pub mod cuda;
@@ -87,6 +87,24 @@ impl Counters {
 }
 
 /// A device that runs this crate's kernels. Cheap to clone (shared handles).
+///
+/// Memory moves with [`upload`](Self::upload) and [`download`](Self::download); only downloads
+/// (and [`synchronize`](Self::synchronize)) wait for the device, and [`stats`](Self::stats)
+/// counts them:
+///
+/// ```
+/// use moe_kernels::Device;
+///
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = Device::emulator()?; // or Device::best(): a GPU when there is one
+/// let mut buffer = device.upload(&[1.0f32, 2.0, 3.0, 4.0])?;
+/// device.fill_zeros(&mut buffer.slice_mut(1..3)?)?; // stream-ordered, no host sync
+/// assert_eq!(device.stats().host_syncs, 0);
+/// assert_eq!(device.download(&buffer)?, [1.0, 0.0, 0.0, 4.0]);
+/// assert_eq!(device.stats().host_syncs, 1);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub enum Device {
     Cuda(CudaDevice),
@@ -114,9 +132,15 @@ impl Device {
         Err(Error::EmulatorUnavailable)
     }
 
-    /// The best device here: the first GPU if there is one, else the emulator.
+    /// The best device here: the first GPU if there is one, else the emulator. When neither
+    /// can be had, the error carries both reasons ([`Error::NoDevice`]).
     pub fn best() -> Result<Self> {
-        Self::cuda().or_else(|cuda| Self::emulator().map_err(|_| cuda))
+        Self::cuda().or_else(|cuda| {
+            Self::emulator().map_err(|emulator| Error::NoDevice {
+                cuda: Box::new(cuda),
+                emulator: Box::new(emulator),
+            })
+        })
     }
 
     pub fn kind(&self) -> DeviceKind {
@@ -175,8 +199,9 @@ impl Device {
         }
     }
 
-    /// A zeroed buffer of `len` elements.
+    /// A zeroed buffer of `len` elements; `Err` when that many cannot be allocated.
     pub fn alloc_zeros<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        memory::byte_len::<T>(len)?;
         match self {
             Device::Cuda(d) => Ok(DeviceBuffer::Cuda(d.stream().alloc_zeros(len)?)),
             #[cfg(feature = "emulator")]

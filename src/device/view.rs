@@ -114,7 +114,8 @@ impl<T: Element> BufferViewMut<'_, T> {
     }
 }
 
-impl<T: Element> DeviceSlice<T> for BufferView<'_, T> {
+// SAFETY: `resolve` kept `start..start + len` within the buffer, which the view borrows.
+unsafe impl<T: Element> DeviceSlice<T> for BufferView<'_, T> {
     fn len(&self) -> usize {
         self.len
     }
@@ -123,7 +124,8 @@ impl<T: Element> DeviceSlice<T> for BufferView<'_, T> {
     }
 }
 
-impl<T: Element> DeviceSlice<T> for BufferViewMut<'_, T> {
+// SAFETY: as for `BufferView`.
+unsafe impl<T: Element> DeviceSlice<T> for BufferViewMut<'_, T> {
     fn len(&self) -> usize {
         self.len
     }
@@ -132,7 +134,8 @@ impl<T: Element> DeviceSlice<T> for BufferViewMut<'_, T> {
     }
 }
 
-impl<T: Element> DeviceSliceMut<T> for BufferViewMut<'_, T> {
+// SAFETY: as for `BufferView`; the view borrows its buffer mutably.
+unsafe impl<T: Element> DeviceSliceMut<T> for BufferViewMut<'_, T> {
     fn kernel_ptr_mut<'a>(&'a mut self, device: &'a Device, argument: &'static str) -> Result<(u64, PtrGuard<'a>)> {
         offset::<T>(self.buffer.kernel_ptr_mut(device, argument), self.start)
     }

@@ -33,7 +33,7 @@ impl Sizes {
             h: config.hidden,
             hs: config.shared_hidden(),
             slots: tokens * config.k,
-            rows: config.map_config().sorted_rows_len(tokens, config.k),
+            rows: config.map_config().sorted_rows_len(tokens, config.k)?,
         })
     }
     pub(super) fn token_rows(&self) -> usize {
@@ -153,6 +153,7 @@ impl<T: FloatElement> Saved<T> {
 /// expert outputs of the token's k rows) + `3·n·h·s` (the shared FFN's GU and H) + `4` with the
 /// z-loss (its LSE), for s = `size_of::<T>()`. With capacity the row buffers are sized for
 /// `min(T·k, E·C)` rows instead of T·k.
+/// `config` must be valid: [`MoeConfig::validate`] bounds every term, so nothing overflows.
 pub(crate) fn saved_bytes_per_token(config: &MoeConfig, element_bytes: usize) -> usize {
     let (e, k, d, h, hs) = (
         config.experts,
@@ -203,8 +204,8 @@ impl<T: FloatElement> Scratch<T> {
         let identity: Vec<i32> = (0..s.tokens as i32).collect();
         Ok(Self {
             map_workspace: device.alloc_zeros(
-                map.workspace_len(s.tokens, s.k)
-                    .max(map.counted_workspace_len(s.tokens, s.k)),
+                map.workspace_len(s.tokens, s.k)?
+                    .max(map.counted_workspace_len(s.tokens, s.k)?),
             )?,
             nonfinite_rows: device.alloc_zeros(1)?,
             code_norms: device.alloc_zeros(if config.router == RouterKind::Codebook {

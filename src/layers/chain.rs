@@ -1,4 +1,4 @@
-//! [`ChainOfExperts`] (SPEC §7): C routed passes over one set of expert weights,
+//! [`ChainOfExperts`] (math §7): C routed passes over one set of expert weights,
 //! `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, each iteration with its own router.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
@@ -227,8 +227,10 @@ impl<T: FloatElement> ChainOfExperts<T> {
     /// (`4E + 16k + k·(3h + d)·s + 3·n·h·s (+4 with the z-loss)`, s = `size_of::<T>()`) plus
     /// its input `x⁽ᵗ⁻¹⁾` (`d·s`). The first iteration's input is the caller's `x`, so the chain
     /// holds `C·this − d·s` bytes per token ([`held_bytes_per_token`](Self::held_bytes_per_token)).
-    pub fn saved_bytes_per_token_per_iteration(config: &MoeConfig) -> usize {
-        saved_bytes_per_token(config, size_of::<T>()) + config.dim * size_of::<T>()
+    /// `Err` for a config [`MoeConfig::validate`] refuses (whose sizes could overflow).
+    pub fn saved_bytes_per_token_per_iteration(config: &MoeConfig) -> Result<usize> {
+        config.validate()?;
+        Ok(saved_bytes_per_token(config, size_of::<T>()) + config.dim * size_of::<T>())
     }
 
     /// What the chain's buffers for backward actually hold per token (sized for `max_tokens`).

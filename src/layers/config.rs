@@ -2,8 +2,9 @@
 use crate::ops::dispatch::{Capacity, MapConfig};
 use crate::ops::gate::{GateForm, GateShape};
 use crate::ops::gemm::ExpertMask;
+use crate::ops::gemm::GemmShape;
 use crate::ops::router::{AuxLossConfig, RouterConfig, ScoreFunction};
-use crate::ops::{FloatElement, check_range};
+use crate::ops::{FloatElement, check_range, elements};
 use crate::{Error, Result};
 
 /// How tokens are scored before top-k selection.
@@ -20,7 +21,7 @@ pub enum RouterKind {
     /// best `topk_groups` of `groups` groups, weights always renormalized over the k (and scaled
     /// by [`MoeConfig::route_scale`]: 2.5 for DeepSeek-V3).
     Sigmoid { groups: usize, topk_groups: usize },
-    /// VQ routing (SPEC §6): each token goes to the expert of its nearest code (a codebook of E
+    /// VQ routing (math §6): each token goes to the expert of its nearest code (a codebook of E
     /// codes, `[E, d]`, one per expert) with weight 1; k = 1, no logits (so no aux or z-loss) and
     /// no router gradient (train the codes with `ops::codebook`'s losses or EMA, or use
     /// [`VqMoe`](super::VqMoe)).
@@ -78,7 +79,7 @@ pub struct MoeConfig {
     pub hidden: usize,
     /// Shared experts run on every token; n of them are one SwiGLU FFN of hidden size n·h.
     pub shared_experts: usize,
-    /// Expert capacity `ceil(factor · T·k / E)` (SPEC §4); `None`: no token is dropped.
+    /// Expert capacity `ceil(factor · T·k / E)` (math §4); `None`: no token is dropped.
     pub capacity_factor: Option<f64>,
     /// Switch load-balancing loss coefficient α (0: off). Hugging Face's Mixtral convention is
     /// k times smaller: pass `α = k · α_hf` to reproduce it.
@@ -182,7 +183,25 @@ impl MoeConfig {
                 return Err(invalid(argument, value, "a finite coefficient >= 0"));
             }
         }
-        self.map_config().validate()
+        self.map_config().validate()?;
+        self.check_buffer_sizes()
+    }
+
+    /// Every buffer a layer allocates for `max_tokens` (grouped rows by 2h, the shared FFN's
+    /// `[T, 2·n·h]`, the expert weights) has an element count that fits the kernels' 64-bit
+    /// offsets, so the layers' size arithmetic cannot overflow.
+    fn check_buffer_sizes(&self) -> Result<()> {
+        let shared = elements("shared_experts", self.shared_experts, self.hidden)?;
+        check_range("shared_experts", shared, 0..=i32::MAX as usize / 2)?;
+        let rows = self.map_config().sorted_rows_len(self.max_tokens, self.k)?;
+        elements("max_tokens", rows, 2 * self.hidden.max(self.dim))?;
+        elements("max_tokens", self.max_tokens, 2 * shared)?;
+        let experts = GemmShape {
+            experts: self.experts,
+            n: 2 * self.hidden,
+            k: self.dim,
+        };
+        experts.weight_len().map(drop)
     }
 
     /// [`validate`](Self::validate) plus the storage type's limits: the tensor-core GEMMs of
@@ -268,6 +287,7 @@ impl MoeConfig {
 
     /// Hidden size of the shared FFN (n·h; 0 without shared experts).
     pub fn shared_hidden(&self) -> usize {
-        self.shared_experts * self.hidden
+        // Saturating: `validate` refuses anything near the limit.
+        self.shared_experts.saturating_mul(self.hidden)
     }
 }

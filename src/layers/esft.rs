@@ -1,4 +1,4 @@
-//! Expert-specialized fine-tuning (SPEC §8): score the experts of a layer over any number of
+//! Expert-specialized fine-tuning (math §8): score the experts of a layer over any number of
 //! probe batches on the device, select the shortest prefix of experts (by score) whose
 //! cumulative score reaches p, and train only those: the layer's expert mask makes the
 //! weight-gradient GEMM launch blocks for the selected experts only (frozen experts cost no dW
@@ -44,7 +44,7 @@ impl EsftTracker {
         self.scores.reset(&self.device)
     }
 
-    /// The SPEC §8 selection by `kind` scores at cumulative share `p` (ties to the lower id), as
+    /// The math §8 selection by `kind` scores at cumulative share `p` (ties to the lower id), as
     /// the expert mask of a training step. The selection runs on the device (one launch); the
     /// mask is then read back once (**one host sync**, outside any training step: the
     /// weight-gradient grid is sized from the number of selected experts).

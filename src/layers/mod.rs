@@ -1,4 +1,4 @@
-//! Layers: the op families composed into what users call (SPEC §2–§8).
+//! Layers: the op families composed into what users call (math §2–§8).
 //!
 //! - [`MoeLayer`]: route → dispatch → GEMM1 + SwiGLU (gathered rows) → GEMM2 → combine, and
 //!   its backward, with optional shared experts, capacity and router losses;

@@ -16,7 +16,7 @@ pub struct LossValues {
     pub z: f32,
 }
 
-/// A routed Mixture-of-Experts layer (SPEC §2–§5): `y = Σ_{i∈K(x)} w_i FFN_i(x) [+ FFN_shared(x)]`
+/// A routed Mixture-of-Experts layer (math §2–§5): `y = Σ_{i∈K(x)} w_i FFN_i(x) [+ FFN_shared(x)]`
 /// with SwiGLU experts, weights held on the device as `T` (f32, f16 or bf16; routing and
 /// accumulation in f32).
 ///
@@ -28,6 +28,38 @@ pub struct LossValues {
 /// linear and quadratic routers (no shared experts, no capacity, T·k <= 4096), and neither
 /// direction waits for the device. The caller passes the same `x` to `forward` and `backward`
 /// (like a framework that saved its input); everything else backward needs stays in the layer.
+///
+/// Training is in the [crate docs](crate#quick-start); serving uses a forward-only layer
+/// ([`Mode::Inference`]), here in bf16 with DeepSeek-style sigmoid routing and a shared expert:
+///
+/// ```
+/// use half::bf16;
+/// use moe_kernels::Device;
+/// use moe_kernels::layers::{HostWeights, Mode, MoeConfig, MoeLayer, RouterKind};
+///
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = Device::best()?;
+/// let config = MoeConfig {
+///     router: RouterKind::Sigmoid { groups: 2, topk_groups: 1 },
+///     route_scale: 2.5,
+///     shared_experts: 1,
+///     dim: 16,
+///     hidden: 16,
+///     max_tokens: 8,
+///     ..MoeConfig::default()
+/// };
+/// let weights = HostWeights::random(&config, 7);
+/// let mut layer = MoeLayer::<bf16>::with_mode(&device, config, &weights, Mode::Inference)?;
+/// let x = device.upload(&vec![bf16::from_f32(0.25); 3 * config.dim])?;
+/// let mut y = device.alloc_zeros::<bf16>(3 * config.dim)?;
+/// layer.forward(&x, 3, &mut y)?; // 3 of the 8 tokens the buffers were sized for
+/// let (ids, _weights) = layer.routing()?;
+/// let ids = device.download(&ids)?;
+/// // 8 experts in 2 groups of 4, one group searched per token: both choices share a group.
+/// assert!(ids.chunks(2).all(|pair| pair[0] / 4 == pair[1] / 4 && pair[0] != pair[1]));
+/// # Ok(())
+/// # }
+/// ```
 pub struct MoeLayer<T: FloatElement> {
     device: Device,
     config: MoeConfig,
@@ -170,7 +202,7 @@ impl<T: FloatElement> MoeLayer<T> {
         pass.backward(&self.saved, x, dy, self.residual, dx, grads)
     }
 
-    /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, SPEC §8); `None`:
+    /// Restricts the routed experts' weight gradients to `mask`'s experts (ESFT, math §8); `None`:
     /// all experts. Frozen experts cost no weight-gradient work and their gradients are not touched.
     pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
         self.config.check_mask(mask.as_ref())?;
@@ -249,8 +281,10 @@ impl<T: FloatElement> MoeLayer<T> {
         self.saved.bytes_per_token(self.config.max_tokens)
     }
 
-    /// The documented formula for [`saved_bytes_per_token`](Self::saved_bytes_per_token).
-    pub fn saved_bytes_per_token_formula(config: &MoeConfig) -> usize {
-        saved_bytes_per_token(config, size_of::<T>())
+    /// The documented formula for [`saved_bytes_per_token`](Self::saved_bytes_per_token); `Err`
+    /// for a config [`MoeConfig::validate`] refuses (whose sizes could overflow).
+    pub fn saved_bytes_per_token_formula(config: &MoeConfig) -> Result<usize> {
+        config.validate()?;
+        Ok(saved_bytes_per_token(config, size_of::<T>()))
     }
 }

@@ -109,7 +109,7 @@ impl<T: FloatElement> Router<T> {
 }
 
 /// Gradients of one router's gate tensors (f32, each shaped like its tensor, named as in
-/// [`HostWeights::gate`]). The selection bias has none (SPEC §2).
+/// [`HostWeights::gate`]). The selection bias has none (math §2).
 pub struct RouterGrads {
     form: GateForm,
     tensors: Vec<(&'static str, DeviceBuffer<f32>)>,

@@ -1,4 +1,4 @@
-//! One routed pass (SPEC §2–§5) and its backward, shared by [`MoeLayer`](super::MoeLayer),
+//! One routed pass (math §2–§5) and its backward, shared by [`MoeLayer`](super::MoeLayer),
 //! [`ChainOfExperts`](super::ChainOfExperts) and [`VqMoe`](super::VqMoe): the parameters are in
 //! [`params`](super::params), the buffers in [`buffers`](super::buffers).
 //!
@@ -135,9 +135,9 @@ impl<T: FloatElement> Pass<'_, T> {
         // place_counted completes: one launch fewer than selection + routing_map.
         let counted = by_router && map_config.capacity.is_none();
         let workspace_len = if counted {
-            map_config.counted_workspace_len(s.tokens, s.k)
+            map_config.counted_workspace_len(s.tokens, s.k)?
         } else {
-            map_config.workspace_len(s.tokens, s.k)
+            map_config.workspace_len(s.tokens, s.k)?
         };
         let scratch = &mut *self.scratch;
         let mut workspace = prefix_mut("map_workspace", &mut scratch.map_workspace, workspace_len)?;
@@ -276,7 +276,7 @@ impl<T: FloatElement> Pass<'_, T> {
         Ok(())
     }
 
-    /// Codebook routing (SPEC §6): each token's nearest code (Nc = E, so the code is the expert)
+    /// Codebook routing (math §6): each token's nearest code (Nc = E, so the code is the expert)
     /// into `saved.ids`, weight 1 (`saved.weights` holds ones from construction). 2 launches.
     fn route_by_code(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<()> {
         let codes = self.router.codebook().expect("a codebook router holds its codes");

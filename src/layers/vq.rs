@@ -1,4 +1,4 @@
-//! [`VqMoe`] (SPEC §6, last bullet): a continuous path (an ordinary routed MoE) and a discrete
+//! [`VqMoe`] (math §6, last bullet): a continuous path (an ordinary routed MoE) and a discrete
 //! path (each token's nearest code picks its expert, applied to the straight-through mix x̃),
 //! mixed per token by a 2-way softmax gate, `y = a0·y_cont + a1·y_disc`, plus the VQ losses.
 use super::buffers::{Saved, Scratch};

@@ -2,8 +2,10 @@
 use super::{MoeConfig, RouterKind};
 use crate::ops::FloatElement;
 use crate::ops::gate::GateForm;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
-/// Every weight of a routed MoE layer as host f32 values (layouts of SPEC and `ops::gate`):
+/// Every weight of a routed MoE layer as host f32 values (layouts of math §1 and `ops::gate`):
 /// gate tensors by name (`w`, `b` for the linear gate; `u`, `v`, `b`, `c`, ... for the
 /// quadratic forms, every optional tensor present), `w1 [E, 2h, d]` (gate rows, then up rows),
 /// `w2 [E, d, h]`, the codebook router's `codes [E, d]`, the shared FFN as one expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`,
@@ -40,32 +42,21 @@ pub(crate) fn gate_tensor_lens(config: &MoeConfig) -> Vec<(&'static str, usize)>
     }
 }
 
-/// SplitMix64 and a uniform in `[-1, 1)`: deterministic initial weights without a dependency.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn unit(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn fill(&mut self, len: usize, scale: f32) -> Vec<f32> {
-        (0..len).map(|_| self.unit() * scale).collect()
-    }
+/// `len` values uniform in `[-scale, scale)` drawn from `rng`.
+fn fill(rng: &mut ChaCha8Rng, len: usize, scale: f32) -> Vec<f32> {
+    (0..len).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
 }
 
-/// `len` values uniform in `[-scale, scale)` from `seed` (deterministic, no dependency).
+/// `len` values uniform in `[-scale, scale)` from `seed`: ChaCha8, whose stream is fixed for a
+/// seed, so the same seed gives the same weights everywhere.
 pub(crate) fn uniform(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-    SplitMix(seed).fill(len, scale)
+    fill(&mut ChaCha8Rng::seed_from_u64(seed), len, scale)
 }
 
 impl HostWeights {
     /// Uniform weights scaled by 1/√fan_in (biases 0.1), from `seed`; not yet rounded to a dtype.
     pub fn random(config: &MoeConfig, seed: u64) -> Self {
-        let mut rng = SplitMix(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
         let inv_sqrt = |n: usize| 1.0 / (n.max(1) as f32).sqrt();
         let gate = gate_tensor_lens(config)
@@ -77,17 +68,17 @@ impl HostWeights {
                     "a" => inv_sqrt(d * d),
                     _ => inv_sqrt(d),
                 };
-                (name, rng.fill(len, scale))
+                (name, fill(&mut rng, len, scale))
             })
             .collect();
         Self {
             gate,
-            w1: rng.fill(e * 2 * h * d, inv_sqrt(d)),
-            w2: rng.fill(e * d * h, inv_sqrt(h)),
-            shared_w1: rng.fill(2 * hs * d, inv_sqrt(d)),
-            shared_w2: rng.fill(d * hs, inv_sqrt(hs)),
+            w1: fill(&mut rng, e * 2 * h * d, inv_sqrt(d)),
+            w2: fill(&mut rng, e * d * h, inv_sqrt(h)),
+            shared_w1: fill(&mut rng, 2 * hs * d, inv_sqrt(d)),
+            shared_w2: fill(&mut rng, d * hs, inv_sqrt(hs)),
             router_bias: if config.has_router_bias() {
-                rng.fill(e, 0.05)
+                fill(&mut rng, e, 0.05)
             } else {
                 vec![]
             },

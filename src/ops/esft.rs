@@ -1,4 +1,4 @@
-//! Expert-specialized fine-tuning (ESFT, SPEC §8): which experts of a layer to train, from the
+//! Expert-specialized fine-tuning (ESFT, math §8): which experts of a layer to train, from the
 //! routing of a probe set. Kernels: `kernels/esft.cu`.
 //!
 //! Per expert i, over every accumulated token t (ids and weights `[T, k]` from the router):
@@ -53,7 +53,7 @@ const ACCUMULATE_THREADS: u32 = 256;
 const SLOTS_PER_THREAD: usize = 16;
 const MAX_ACCUMULATE_BLOCKS: u32 = 128;
 
-/// Which ESFT score ranks the experts (SPEC §8).
+/// Which ESFT score ranks the experts (math §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScoreKind {
     /// `g_i = mean_t w_{t,i}`: the average gate weight (ESFT-Gate; the paper uses p ≈ 0.1).
@@ -228,7 +228,7 @@ impl EsftSelection {
     }
 }
 
-/// The SPEC §8 selection from `scores`: ranks the experts by the `kind` score (descending, ties to
+/// The math §8 selection from `scores`: ranks the experts by the `kind` score (descending, ties to
 /// the lower id) and selects the shortest prefix whose cumulative score is `>= p`:
 /// - `p = 0` selects no expert (the empty prefix already reaches it);
 /// - `p` above the total score (or no token accumulated, every score 0) selects every expert.

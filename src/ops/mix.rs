@@ -1,4 +1,4 @@
-//! The VQ-MoE mixing gate (SPEC §6, last bullet): a 2-way softmax over per-token logits
+//! The VQ-MoE mixing gate (math §6, last bullet): a 2-way softmax over per-token logits
 //! `l [T, 2]` (f32; the gate family's linear form with E = 2 produces them) mixes a continuous
 //! and a discrete path: `y = a0·y_cont + a1·y_disc` with `[a0, a1] = softmax(l)`, rows `[T, d]`
 //! of f32, f16 or bf16 (f32 arithmetic, output in the input dtype). Kernels: `kernels/mix.cu`.

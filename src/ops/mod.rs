@@ -2,7 +2,7 @@
 //!
 //! Each op validates every argument (shape, range, dtype) before anything is launched and
 //! returns an [`Error`] that names the argument; it then picks the launch configuration and
-//! builds the kernel's argument list once, for whichever [`Device`](crate::Device) runs it.
+//! builds the kernel's argument list once, for whichever [`Device`] runs it.
 //! Ops never wait for the device: outputs are caller-provided buffers, sized by the
 //! family's `*_len` / `*_workspace` helpers.
 use crate::device::memory::PtrGuard;
@@ -110,7 +110,8 @@ pub(crate) fn grid_blocks(argument: &'static str, items: usize, per_block: usize
 /// A borrowed `dyn` device slice usable where the launch path wants `impl DeviceSlice`.
 pub(crate) struct Dyn<'a, T>(pub(crate) &'a dyn DeviceSlice<T>);
 
-impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
+// SAFETY: forwards both methods to one implementation.
+unsafe impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -122,7 +123,8 @@ impl<T: Element> DeviceSlice<T> for Dyn<'_, T> {
 /// A borrowed `dyn` mutable device slice usable where the launch path wants `impl DeviceSliceMut`.
 pub(crate) struct DynMut<'a, T>(&'a mut dyn DeviceSliceMut<T>);
 
-impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
+// SAFETY: forwards both methods to one implementation.
+unsafe impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
     fn len(&self) -> usize {
         self.0.len()
     }
@@ -131,7 +133,8 @@ impl<T: Element> DeviceSlice<T> for DynMut<'_, T> {
     }
 }
 
-impl<T: Element> DeviceSliceMut<T> for DynMut<'_, T> {
+// SAFETY: forwards to one implementation.
+unsafe impl<T: Element> DeviceSliceMut<T> for DynMut<'_, T> {
     fn kernel_ptr_mut<'b>(&'b mut self, device: &'b Device, argument: &'static str) -> Result<(u64, PtrGuard<'b>)> {
         self.0.kernel_ptr_mut(device, argument)
     }

@@ -1,4 +1,4 @@
-//! Codebook nearest neighbour, VQ losses and EMA update (SPEC §6) on the host: f64, plain loops.
+//! Codebook nearest neighbour, VQ losses and EMA update (math §6) on the host: f64, plain loops.
 //! Layouts as in [`crate::ops::codebook`]; every tensor a flat row-major slice.
 use crate::ops::codebook::{CodebookShape, EmaConfig};
 use std::cmp::Ordering;
@@ -20,7 +20,7 @@ fn rank(a: (f64, usize), b: (f64, usize)) -> Ordering {
 }
 
 /// The k nearest codes of one row: scores `‖c_j‖² − 2 x·c_j` (IEEE arithmetic, so an infinite
-/// or NaN x gives infinite or NaN scores) sorted by [`rank`].
+/// or NaN x gives infinite or NaN scores) sorted by `rank`.
 pub fn nearest_scores(x: &[f64], codes: &[f64], dim: usize, k: usize) -> Vec<(f64, usize)> {
     let mut all: Vec<(f64, usize)> = codes
         .chunks(dim)
@@ -80,8 +80,8 @@ fn code(shape: &CodebookShape, codes: &[f64], id: i32) -> Vec<f64> {
 
 /// `(q, x̃)`: `q = C[ids]`, `x̃ = x + c·(q − x)`.
 pub fn quantize(shape: &CodebookShape, x: &[f64], codes: &[f64], ids: &[i32], c: f64) -> (Vec<f64>, Vec<f64>) {
-    let mut q = Vec::with_capacity(shape.x_len());
-    let mut mix = Vec::with_capacity(shape.x_len());
+    let mut q = Vec::with_capacity(x.len());
+    let mut mix = Vec::with_capacity(x.len());
     for (t, row) in x.chunks(shape.dim).take(shape.tokens).enumerate() {
         for (xv, qv) in row.iter().zip(code(shape, codes, ids[t])) {
             q.push(qv);
@@ -111,10 +111,10 @@ pub fn losses_backward(
 ) -> (Vec<f64>, Vec<f64>) {
     let (d, scale) = (shape.dim, 2.0 / (shape.tokens * shape.dim) as f64);
     let (q, _) = quantize(shape, x, codes, ids, 1.0);
-    let dx = (0..shape.x_len())
+    let dx = (0..shape.tokens * d)
         .map(|i| dmix.map_or(0.0, |g| g[i]) + beta * scale * (x[i] - q[i]))
         .collect();
-    let mut dcodes = vec![0.0; shape.codebook_len()];
+    let mut dcodes = vec![0.0; shape.codes * d];
     for (t, &id) in ids.iter().enumerate().take(shape.tokens) {
         if id < 0 || id as usize >= shape.codes {
             continue;

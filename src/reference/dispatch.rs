@@ -1,4 +1,4 @@
-//! Dispatch (SPEC §4) on the CPU: the routing map by plain loops over experts and slots, and
+//! Dispatch (math §4) on the CPU: the routing map by plain loops over experts and slots, and
 //! the row movers with f64 accumulation. Same argument order as `ops::dispatch`.
 use crate::ops::dispatch::{MapConfig, STATUS_CAPACITY_DROPPED, STATUS_INVALID_IDS, STATUS_LEN};
 
@@ -18,6 +18,10 @@ pub struct RoutingMap {
 ///    one j, t = 0, 1, ...; the rest are dropped and counted.
 /// 3. Each local expert in order: its kept slots in increasing s, then -1 up to a multiple of
 ///    `align`. Rows after the last group, up to `config.sorted_rows_len`, hold -1.
+///
+/// # Panics
+///
+/// When `config.sorted_rows_len(tokens, k)` is an `Err` (a config the device op refuses too).
 pub fn routing_map(ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> RoutingMap {
     let slots = tokens * k;
     assert_eq!(ids.len(), slots, "ids: [T, k]");
@@ -63,7 +67,10 @@ pub fn routing_map(ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> 
         }
         offsets.push(sorted_rows.len() as i32);
     }
-    sorted_rows.resize(config.sorted_rows_len(tokens, k), -1);
+    let rows = config
+        .sorted_rows_len(tokens, k)
+        .expect("the reference maps valid configs only");
+    sorted_rows.resize(rows, -1);
     RoutingMap {
         counts,
         offsets,

@@ -1,4 +1,4 @@
-//! ESFT's oracle (SPEC §8): per-expert statistics of routing batches, the gate and token scores,
+//! ESFT's oracle (math §8): per-expert statistics of routing batches, the gate and token scores,
 //! and the shortest-prefix selection, in f64 over host slices. It follows the op's rules
 //! (`crate::ops::esft`): a slot with an id outside `[0, E)` or a weight that is not finite or
 //! exceeds `MAX_WEIGHT` in magnitude is skipped; `p = 0` selects nothing; a `p` the total score

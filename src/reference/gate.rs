@@ -1,4 +1,4 @@
-//! Router scoring (SPEC §1) on the host: z = score(X) and its gradients, f64, plain loops.
+//! Router scoring (math §1) on the host: z = score(X) and its gradients, f64, plain loops.
 //! Layouts as in [`crate::ops::gate`]; every tensor a flat row-major slice.
 use crate::ops::gate::{GateForm, GateShape};
 
@@ -125,7 +125,7 @@ pub struct GateGradients {
     pub params: Vec<(&'static str, Vec<f64>)>,
 }
 
-/// Backward of [`scores`] (SPEC §1): every gradient from dz `[T, E]`.
+/// Backward of [`scores`] (math §1): every gradient from dz `[T, E]`.
 pub fn scores_backward(shape: &GateShape, params: &GateParams, x: &[f64], dz: &[f64]) -> GateGradients {
     let (d, e_count, r) = (shape.dim, shape.experts, shape.rank);
     let mut dx = vec![0.0; shape.tokens * d];

@@ -1,4 +1,4 @@
-//! The grouped expert GEMM (SPEC §5) in f64 loops: forward with its epilogues, `dA`, `dB`.
+//! The grouped expert GEMM (math §5) in f64 loops: forward with its epilogues, `dA`, `dB`.
 //! Inputs are host f32 values (16-bit inputs converted exactly); the same layouts as
 //! `ops::gemm`. Rows outside every group are left at 0.
 use crate::ops::gemm::{ARows, DgradEpilogue, Epilogue, GemmShape};

@@ -1,4 +1,4 @@
-//! Whole-layer references (SPEC §2–§7), composed only of the per-family references: the same
+//! Whole-layer references (math §2–§7), composed only of the per-family references: the same
 //! stages as `crate::layers`, each intermediate rounded by `store` where the device stores it
 //! in the layer's dtype (pass `|v| v as f32` for an f32 layer; logits, combine weights and their
 //! gradients are always f32).
@@ -115,7 +115,10 @@ fn shapes(config: &MoeConfig, tokens: usize) -> Shapes {
             n: d,
             k: hs,
         },
-        rows: config.map_config().sorted_rows_len(tokens, config.k),
+        rows: config
+            .map_config()
+            .sorted_rows_len(tokens, config.k)
+            .expect("the reference runs validated configs only"),
     }
 }
 
@@ -408,7 +411,7 @@ pub fn moe_backward(
     }
 }
 
-/// A Chain-of-Experts forward and backward (SPEC §7).
+/// A Chain-of-Experts forward and backward (math §7).
 #[derive(Debug, Clone)]
 pub struct ChainResult {
     /// x⁽ᶜ⁾.
@@ -490,7 +493,7 @@ pub fn chain(
     }
 }
 
-/// A VQ-MoE forward (SPEC §6): both paths, the mix, the VQ losses.
+/// A VQ-MoE forward (math §6): both paths, the mix, the VQ losses.
 #[derive(Debug, Clone)]
 pub struct VqForward {
     pub y: Vec<f64>,

@@ -1,4 +1,4 @@
-//! The mixing gate's oracle (SPEC §6, last bullet), in f64 over host slices: logits `[T, 2]`,
+//! The mixing gate's oracle (math §6, last bullet), in f64 over host slices: logits `[T, 2]`,
 //! rows `[T, d]` given as f64. `[a0, a1] = softmax(l)` as `a0 = sigmoid(l0 - l1)`,
 //! `a1 = sigmoid(l1 - l0)`: a NaN logit or two equal infinities give NaN weights, one infinity
 //! against a finite logit gives (1, 0) or (0, 1).

@@ -1,4 +1,4 @@
-//! The router's oracle (SPEC §2, §3): top-k selection and its backward, expert statistics,
+//! The router's oracle (math §2, §3): top-k selection and its backward, expert statistics,
 //! the Switch aux loss, the z-loss and the bias update, as plain loops in f64 over host slices
 //! (`[T, E]` row-major logits, `[T, k]` ids and weights). It follows the crate's
 //! non-finite-row rule (`crate::ops::router`): a row with a NaN or +inf logit, or with no
@@ -107,7 +107,7 @@ pub fn allowed_experts(config: &RouterConfig, keys: &[f64]) -> Vec<bool> {
     allowed
 }
 
-/// The k weights of a row given its selected ids (SPEC §2), `scale` included.
+/// The k weights of a row given its selected ids (math §2), `scale` included.
 pub fn weights_for(config: &RouterConfig, row: &[f32], ids: &[i32]) -> Vec<f64> {
     if row_is_nonfinite(row) {
         return vec![0.0; ids.len()];
@@ -146,7 +146,7 @@ pub fn weights_for(config: &RouterConfig, row: &[f32], ids: &[i32]) -> Vec<f64> 
     normalized.iter().map(|w| w * config.scale as f64).collect()
 }
 
-/// Top-k selection of every row of `logits` `[T, E]` (SPEC §2; `config.validate()` holds).
+/// Top-k selection of every row of `logits` `[T, E]` (math §2; `config.validate()` holds).
 pub fn select(config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> Selection {
     let mut out = Selection {
         ids: vec![],
@@ -170,7 +170,7 @@ pub fn select(config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> Se
 }
 
 /// `dz` `[T, E]` of the selection weights, given the forward's ids and `d_weights` `[T, k]`
-/// (SPEC §2 backward; ids are distinct and in range).
+/// (math §2 backward; ids are distinct and in range).
 pub fn select_backward(config: &RouterConfig, logits: &[f32], ids: &[i32], d_weights: &[f32]) -> Vec<f64> {
     let (e_count, k) = (config.experts, config.k);
     let rho = config.scale as f64;
@@ -282,7 +282,7 @@ fn aux_loss_prob_grad(router: &RouterConfig, aux: &AuxLossConfig, logits: &[f32]
 }
 
 /// Switch load-balancing loss `alpha E/k sum_i f_i P_i`, averaged over segments
-/// (SPEC §3; token level when `sequence_length` is `None`).
+/// (math §3; token level when `sequence_length` is `None`).
 pub fn aux_loss(router: &RouterConfig, aux: &AuxLossConfig, logits: &[f32], ids: &[i32]) -> f64 {
     let grad = aux_loss_prob_grad(router, aux, logits, ids);
     let e_count = router.experts;

@@ -1,10 +1,12 @@
 //! What every op-family test file shares: the devices to run on, a seeded generator of
-//! inputs, and the SPEC §9 comparison of a device's output with the reference.
+//! inputs, and the math §9 comparison of a device's output with the reference.
 //! Each test file includes it with `mod common;` and uses what it needs.
 #![allow(dead_code)]
 
 use moe_kernels::device::{Device, available_devices};
 use moe_kernels::{BufferView, BufferViewMut, DeviceBuffer, Element, Error};
+use rand::{Rng as _, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 /// Every device available here (the emulator, and a GPU when there is one). Prints why a
 /// device was skipped; `MOE_REQUIRE_GPU=1` turns a missing GPU into a failure.
@@ -16,28 +18,24 @@ pub fn devices() -> Vec<Device> {
     list.devices
 }
 
-/// SplitMix64: small, seedable, and the same everywhere, so a failing case replays.
-pub struct Rng(u64);
+/// The crate's seeded generator (ChaCha8, the `rand` family), with the draws tests use. The
+/// same seed gives the same inputs everywhere, so a failing case replays.
+pub struct Rng(ChaCha8Rng);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(ChaCha8Rng::seed_from_u64(seed))
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in `[0, n)`.
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
+        self.0.random_range(0..n)
     }
     /// Uniform in `[lo, hi)`.
     pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
-        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
-        lo + (hi - lo) * unit
+        if lo < hi { self.0.random_range(lo..hi) } else { lo }
     }
     /// Standard normal (Box-Muller).
     pub fn normal(&mut self) -> f32 {
@@ -50,7 +48,7 @@ impl Rng {
     }
 }
 
-/// SPEC §9: per element `|got - ref| <= atol + rtol * |ref|`, and per tensor
+/// math §9: per element `|got - ref| <= atol + rtol * |ref|`, and per tensor
 /// `||got - ref|| <= rtol * ||ref|| + atol * sqrt(n)`.
 #[derive(Debug, Clone, Copy)]
 pub struct Tolerance {

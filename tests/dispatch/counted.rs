@@ -141,7 +141,7 @@ fn counted_map_matches_select_and_the_reference_map() {
                 ..RouterConfig::default()
             };
             let mut workspace = device
-                .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k))
+                .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k).unwrap())
                 .unwrap();
             // Twice on one workspace: the second map must not see the first one's counts.
             for _ in 0..2 {
@@ -198,7 +198,7 @@ fn bad_counted_maps_are_refused_before_any_launch() {
             assert_eq!((after.launches, after.memsets), (before.launches, before.memsets));
             (argument_of(select.unwrap_err()), argument_of(place.unwrap_err()))
         };
-        let ws = good.counted_workspace_len(tokens, k);
+        let ws = good.counted_workspace_len(tokens, k).unwrap();
         let capacity = MapConfig {
             capacity: Some(Capacity::default()),
             ..good.clone()
@@ -215,7 +215,7 @@ fn bad_counted_maps_are_refused_before_any_launch() {
             ..good.clone()
         };
         assert_eq!(
-            refused(&padded, padded.counted_workspace_len(tokens, k)),
+            refused(&padded, padded.counted_workspace_len(tokens, k).unwrap()),
             ("sorted_rows", "sorted_rows")
         );
         let local = MapConfig {
@@ -223,7 +223,7 @@ fn bad_counted_maps_are_refused_before_any_launch() {
             ..good.clone()
         };
         assert_eq!(
-            refused(&local, local.counted_workspace_len(tokens, k)),
+            refused(&local, local.counted_workspace_len(tokens, k).unwrap()),
             ("counts", "counts")
         );
         let short_ids = device.alloc_zeros::<i32>(tokens * k - 1).unwrap();
@@ -263,13 +263,15 @@ fn a_mismatched_placement_stays_in_bounds() {
             z[t * experts] = 5.0;
             z[t * experts + 1] = 4.0;
         }
-        let mut workspace = device.alloc_zeros::<i32>(config.counted_workspace_len(600, k)).unwrap();
+        let mut workspace = device
+            .alloc_zeros::<i32>(config.counted_workspace_len(600, k).unwrap())
+            .unwrap();
         route(&device, &router_config, &config, &z, Some(&mut workspace));
         let tokens = 300;
         let ids: Vec<i32> = (0..tokens * k).map(|_| rng.below(experts) as i32).collect();
         let ids_d = device.upload(&ids).unwrap();
         let mut map = RoutingMap::alloc(&device, tokens, k, &config).unwrap();
-        let len = config.counted_workspace_len(tokens, k);
+        let len = config.counted_workspace_len(tokens, k).unwrap();
         let mut stale = device.upload(&device.download(&workspace).unwrap()[..len]).unwrap();
         let mut target = CountedMap {
             config: &config,

@@ -24,10 +24,10 @@ fn map_at(
     let ids_d = AtOffset::upload(device, ids, at(0));
     let mut counts = AtOffset::<i32>::zeros(device, local, at(1));
     let mut offsets = AtOffset::<i32>::zeros(device, local + 1, at(2));
-    let mut sorted = AtOffset::<i32>::zeros(device, config.sorted_rows_len(tokens, k), at(3));
+    let mut sorted = AtOffset::<i32>::zeros(device, config.sorted_rows_len(tokens, k).unwrap(), at(3));
     let mut inverse = AtOffset::<i32>::zeros(device, tokens * k, at(4));
     let mut status = AtOffset::<i32>::zeros(device, 2, at(5));
-    let mut workspace = AtOffset::<i32>::zeros(device, config.workspace_len(tokens, k), at(6));
+    let mut workspace = AtOffset::<i32>::zeros(device, config.workspace_len(tokens, k).unwrap(), at(6));
     let mut map = RoutingMap {
         counts: counts.view_mut(),
         offsets: offsets.view_mut(),

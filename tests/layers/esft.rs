@@ -1,4 +1,4 @@
-//! ESFT: statistics over batches and the SPEC §8 selection against the reference; a training
+//! ESFT: statistics over batches and the math §8 selection against the reference; a training
 //! step computes weight gradients for the selected experts only.
 use crate::common::{assert_close, devices};
 use crate::support::*;

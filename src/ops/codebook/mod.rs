@@ -1,4 +1,4 @@
-//! Codebook nearest neighbour for VQ routing (SPEC §6), `kernels/codebook.cu`.
+//! Codebook nearest neighbour for VQ routing (math §6), `kernels/codebook.cu`.
 //!
 //! X `[T, d]` and the codebook C `[Nc, d]` share one dtype (f32, f16, bf16); everything is
 //! computed in f32. The ops, in the order a VQ layer calls them:
@@ -94,13 +94,14 @@ impl CodebookShape {
         Ok(())
     }
 
-    /// Elements of X, x̃, q, dx (`[T, d]`).
-    pub fn x_len(&self) -> usize {
-        self.tokens * self.dim
+    /// Elements of X, x̃, q, dx (`[T, d]`); `Err` when the count overflows `usize`.
+    pub fn x_len(&self) -> Result<usize> {
+        elements("shape.tokens", self.tokens, self.dim)
     }
 
-    /// Elements of the codebook and its gradient and EMA sums (`[Nc, d]`).
-    pub fn codebook_len(&self) -> usize {
-        self.codes * self.dim
+    /// Elements of the codebook and its gradient and EMA sums (`[Nc, d]`); `Err` when the count
+    /// overflows `usize`.
+    pub fn codebook_len(&self) -> Result<usize> {
+        elements("shape.codes", self.codes, self.dim)
     }
 }

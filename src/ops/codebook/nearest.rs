@@ -82,17 +82,21 @@ impl NearestConfig {
             let token_blocks = shape.tokens.div_ceil(TOKEN_TILE).max(1);
             (TARGET_BLOCKS / token_blocks).clamp(1, (tiles / MIN_TILES_PER_SPLIT).max(1))
         });
-        let per_split = tiles.div_ceil(wanted.max(1));
+        // At least one tile per split, so an invalid shape (no codes) cannot divide by zero.
+        let per_split = tiles.div_ceil(wanted.max(1)).max(1);
         (per_split, tiles.div_ceil(per_split))
     }
 
-    /// The u32 workspace [`nearest`] needs: the splits' top-k lists, or 0 when Nc is not split.
-    pub fn workspace_len(&self, shape: &CodebookShape) -> usize {
+    /// The u32 workspace [`nearest`] needs: the splits' top-k lists, or 0 when Nc is not split;
+    /// `Err` for a config or shape [`validate`](Self::validate) refuses.
+    pub fn workspace_len(&self, shape: &CodebookShape) -> Result<usize> {
+        self.validate(shape)?;
         let (_, splits) = self.split_plan(shape);
         if splits == 1 {
-            return 0;
+            return Ok(0);
         }
-        splits * shape.tokens * self.list_len() * 2
+        // A (distance, index) pair per list entry.
+        elements("shape.tokens", shape.tokens, splits * self.list_len() * 2)
     }
 
     /// Launches of one [`nearest`] call: 1, or 2 when the codes are split (T > 0).
@@ -150,7 +154,7 @@ pub fn code_norms<T: FloatElement>(
 ) -> Result<()> {
     shape.validate()?;
     let (nc, d) = (shape.codes, shape.dim);
-    check_len("codes", codes, shape.codebook_len(), || {
+    check_len("codes", codes, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
@@ -192,8 +196,8 @@ pub fn nearest<T: FloatElement>(
 ) -> Result<()> {
     config.validate(shape)?;
     let (t, d, nc, k) = (shape.tokens, shape.dim, shape.codes, config.k);
-    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || {
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
     check_len("norms", norms, nc, || format!("[Nc] = [{nc}]"))?;
@@ -210,7 +214,7 @@ pub fn nearest<T: FloatElement>(
     if let Some(buffer) = &experts {
         check_len("experts", buffer, t * k, || format!("[T, k] = [{t}, {k}]"))?;
     }
-    check_len("workspace", workspace, config.workspace_len(shape), || {
+    check_len("workspace", workspace, config.workspace_len(shape)?, || {
         "[config.workspace_len(shape)]".into()
     })?;
     if t == 0 {

@@ -35,7 +35,8 @@ fn finite(argument: &'static str, value: f32, range: std::ops::RangeInclusive<f3
 
 /// Blocks of a grid-stride row kernel over `[T, d]` of `T` (runs of 16 bytes per thread).
 fn row_blocks<T: FloatElement>(shape: &CodebookShape) -> usize {
-    let runs = shape.tokens * shape.dim.div_ceil(16 / size_of::<T>());
+    // Saturating: the clamp below caps the count anyway.
+    let runs = shape.tokens.saturating_mul(shape.dim.div_ceil(16 / size_of::<T>()));
     runs.div_ceil(THREADS as usize).clamp(1, MAX_ROW_BLOCKS)
 }
 
@@ -48,8 +49,8 @@ fn check_rows<T: FloatElement>(
 ) -> Result<()> {
     shape.validate()?;
     let (t, d, nc) = (shape.tokens, shape.dim, shape.codes);
-    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || {
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
     check_len("ids", ids, t, || format!("[T] = [{t}]"))
@@ -83,7 +84,7 @@ pub fn quantize<'a, T: FloatElement>(
     }
     for (name, buffer) in [("q", &q), ("mix", &mix)] {
         if let Some(b) = buffer {
-            check_len(name, b, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
+            check_len(name, b, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
         }
     }
     if t == 0 {
@@ -134,7 +135,7 @@ pub fn losses_workspace_len<T: FloatElement>(shape: &CodebookShape) -> usize {
 }
 
 /// `losses[0]` = codebook loss `mean ‖sg(x) − q‖²`, `losses[1]` = commitment loss
-/// `β·mean ‖x − sg(q)‖²` (means over T·d, q = C[ids]); f32, summed in a fixed order (per-block
+/// `β·mean ‖x − sg(q)‖²` (means over T·d, q = C\[ids\]); f32, summed in a fixed order (per-block
 /// sums, then one block). Launches: 2; no host sync. T = 0 gives NaN (an empty mean).
 #[allow(clippy::too_many_arguments)]
 pub fn losses<T: FloatElement>(
@@ -229,7 +230,7 @@ impl CodeOrder {
                 let config = MapConfig::new(radix);
                 Ok(SortPass {
                     map: RoutingMap::alloc(device, tokens, 1, &config)?,
-                    workspace: device.alloc_zeros(config.workspace_len(tokens, 1))?,
+                    workspace: device.alloc_zeros(config.workspace_len(tokens, 1)?)?,
                     config,
                     shift,
                 })
@@ -363,10 +364,10 @@ pub fn losses_backward<T: FloatElement>(
     let (t, d, nc) = (shape.tokens, shape.dim, shape.codes);
     let dmix = dmix.map(Dyn);
     if let Some(b) = &dmix {
-        check_len("dmix", b, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
+        check_len("dmix", b, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
     }
-    check_len("dx", dx, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("dcodes", dcodes, shape.codebook_len(), || {
+    check_len("dx", dx, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("dcodes", dcodes, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
     let mean_scale = 2.0 / (t as f64 * d as f64);
@@ -454,7 +455,7 @@ pub struct EmaState<'a> {
     pub total: &'a mut dyn DeviceSliceMut<f32>,
 }
 
-/// One EMA codebook step (SPEC §6) for the tokens in `order` ([`code_order`] of this step's ids)
+/// One EMA codebook step (math §6) for the tokens in `order` ([`code_order`] of this step's ids)
 /// with rows `x`: `n_j`, `m_j` = count and sum of the code's tokens (in token order);
 /// `N ← γN + (1−γ)n`, `M ← γM + (1−γ)m`; `codes_j = M_j / N̂_j` with
 /// `N̂_j = (N_j + ε)/(ΣN + Nc·ε)·ΣN` (written in X's dtype, in place); dead codes and `ΣN`
@@ -473,8 +474,8 @@ pub fn ema_update<T: FloatElement>(
     config.validate()?;
     order.check(shape)?;
     let (t, d, nc) = (shape.tokens, shape.dim, shape.codes);
-    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("codes", codes, shape.codebook_len(), || {
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("codes", codes, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
     let mut counts = DynMut(state.counts);
@@ -482,7 +483,7 @@ pub fn ema_update<T: FloatElement>(
     let mut dead = DynMut(state.dead);
     let mut total = DynMut(state.total);
     check_len("state.counts", &counts, nc, || format!("[Nc] = [{nc}]"))?;
-    check_len("state.sums", &sums, shape.codebook_len(), || {
+    check_len("state.sums", &sums, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
     check_len("state.dead", &dead, nc, || format!("[Nc] = [{nc}]"))?;

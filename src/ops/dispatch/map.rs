@@ -33,13 +33,16 @@ pub struct RoutingMap<B> {
 
 impl RoutingMap<DeviceBuffer<i32>> {
     /// Zeroed buffers of the right lengths for `tokens` x `k` ids under `config`.
+    /// `Err`, allocating nothing, for what [`routing_map`] would refuse: an invalid config or
+    /// `k`, or more than 2^31 - 1 slots or rows.
     pub fn alloc(device: &Device, tokens: usize, k: usize, config: &MapConfig) -> Result<Self> {
+        let (slots, sorted_len) = map_lengths(config, tokens, k)?;
         let local = config.local_count();
         Ok(Self {
             counts: device.alloc_zeros(local)?,
             offsets: device.alloc_zeros(local + 1)?,
-            sorted_rows: device.alloc_zeros(config.sorted_rows_len(tokens, k))?,
-            inverse: device.alloc_zeros(tokens * k)?,
+            sorted_rows: device.alloc_zeros(sorted_len)?,
+            inverse: device.alloc_zeros(slots)?,
             status: device.alloc_zeros(STATUS_LEN)?,
         })
     }
@@ -49,6 +52,28 @@ impl RoutingMap<DeviceBuffer<i32>> {
 /// host sync. Launches: 1 when `config.tile_slots(T, k)` is `None` (single block), else 2, or 4
 /// with capacity (a priority pass marks the kept slots first); plus one memset of `workspace`
 /// (`config.workspace_len(T, k)` i32s; may be empty on the single-block path).
+///
+/// ```
+/// use moe_kernels::Device;
+/// use moe_kernels::ops::dispatch::{self, MapConfig, RoutingMap};
+///
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = Device::emulator()?;
+/// let (tokens, k) = (3, 2);
+/// let config = MapConfig { align: 2, ..MapConfig::new(3) }; // 3 experts, groups padded to 2 rows
+/// let ids = device.upload(&[2i32, 0, /**/ 0, 1, /**/ 2, 0])?; // slot t·k + j
+/// let mut map = RoutingMap::alloc(&device, tokens, k, &config)?;
+/// let mut workspace = device.alloc_zeros::<i32>(config.workspace_len(tokens, k)?)?;
+/// dispatch::routing_map(&device, &ids, tokens, k, &config, &mut map, &mut workspace)?;
+/// assert_eq!(device.download(&map.counts)?, [3, 1, 2]);
+/// assert_eq!(device.download(&map.offsets)?, [0, 4, 6, 8]);
+/// // Expert 0 gets slots 1, 2, 5 (then a padding row), expert 1 slot 3, expert 2 slots 0, 4.
+/// let rows = device.download(&map.sorted_rows)?;
+/// assert_eq!(rows[..8], [1, 2, 5, -1, 3, -1, 0, 4]);
+/// assert_eq!(device.download(&map.inverse)?, [6, 0, 1, 4, 7, 2]);
+/// # Ok(())
+/// # }
+/// ```
 pub fn routing_map<B: DeviceSliceMut<i32>>(
     device: &Device,
     ids: &impl DeviceSlice<i32>,
@@ -60,7 +85,7 @@ pub fn routing_map<B: DeviceSliceMut<i32>>(
 ) -> Result<()> {
     let shape = Shape::checked(config, tokens, k, map)?;
     check_len("ids", ids, tokens * k, || format!("[T, k] = [{tokens}, {k}]"))?;
-    let workspace_len = config.workspace_len(tokens, k);
+    let workspace_len = config.workspace_len(tokens, k)?;
     check_len("workspace", workspace, workspace_len, || {
         "[config.workspace_len(T, k)]".into()
     })?;
@@ -144,7 +169,7 @@ impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
             });
         }
         let shape = Shape::checked(config, tokens, k, self.map)?;
-        let workspace_len = config.counted_workspace_len(tokens, k);
+        let workspace_len = config.counted_workspace_len(tokens, k)?;
         check_len("workspace", self.workspace, workspace_len, || {
             "[config.counted_workspace_len(T, k)]".into()
         })?;
@@ -200,6 +225,23 @@ pub fn place_counted<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     tiled.rank(device, ids, SOURCE_ORDER, false, counted.map, counted.workspace)
 }
 
+/// `(T·k, config.sorted_rows_len(T, k))` after checking `config` and `k`, and that both counts
+/// fit the kernels' i32 indices.
+fn map_lengths(config: &MapConfig, tokens: usize, k: usize) -> Result<(usize, usize)> {
+    config.validate()?;
+    crate::ops::check_range("k", k, 1..=MAX_TOP_K.min(config.num_experts))?;
+    let slots = crate::ops::elements("ids", tokens, k)?;
+    let sorted_len = config.sorted_rows_len(tokens, k)?;
+    if slots > i32::MAX as usize || sorted_len > i32::MAX as usize {
+        return Err(Error::InvalidArgument {
+            argument: "tokens",
+            value: tokens.to_string(),
+            expected: format!("T·k and the padded row count below 2^31 (k = {k})"),
+        });
+    }
+    Ok((slots, sorted_len))
+}
+
 /// The kernels' view of the problem (their scalar parameters).
 #[derive(Clone, Copy)]
 struct Shape {
@@ -217,17 +259,7 @@ struct Shape {
 impl Shape {
     /// Checks `config`, `k` and the lengths of `map`'s buffers for `tokens` x `k` slots.
     fn checked<B: DeviceSlice<i32>>(config: &MapConfig, tokens: usize, k: usize, map: &RoutingMap<B>) -> Result<Self> {
-        config.validate()?;
-        crate::ops::check_range("k", k, 1..=MAX_TOP_K.min(config.num_experts))?;
-        let slots = crate::ops::elements("ids", tokens, k)?;
-        let sorted_len = config.sorted_rows_len(tokens, k);
-        if slots > i32::MAX as usize || sorted_len > i32::MAX as usize {
-            return Err(Error::InvalidArgument {
-                argument: "tokens",
-                value: tokens.to_string(),
-                expected: format!("T·k and the padded row count below 2^31 (k = {k})"),
-            });
-        }
+        let (slots, sorted_len) = map_lengths(config, tokens, k)?;
         let local = config.local_count();
         check_len("counts", &map.counts, local, || format!("[L] = [{local}]"))?;
         check_len("offsets", &map.offsets, local + 1, || {

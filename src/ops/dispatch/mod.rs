@@ -1,4 +1,4 @@
-//! Dispatch (SPEC §4): from the router's ids `[T, k]` to rows grouped by expert, and back.
+//! Dispatch (math §4): from the router's ids `[T, k]` to rows grouped by expert, and back.
 //!
 //! - [`routing_map`]: `counts`, `offsets`, `sorted_rows`, `inverse` and two device counters
 //!   ([`RoutingMap`]), with optional per-expert padding, capacity and a local expert range;
@@ -185,14 +185,22 @@ impl MapConfig {
     }
 
     /// The length of `sorted_rows` (and of the permuted rows): the most rows any ids can
-    /// produce, `min(T·k, L·C) + L·(align − 1)`. Rows after `offsets[L]` hold -1.
-    pub fn sorted_rows_len(&self, tokens: usize, k: usize) -> usize {
+    /// produce, `min(T·k, L·C) + L·(align − 1)`. Rows after `offsets[L]` hold -1. `Err` for a
+    /// config [`validate`](Self::validate) refuses or a count that overflows `usize`.
+    pub fn sorted_rows_len(&self, tokens: usize, k: usize) -> Result<usize> {
+        self.validate()?;
         let local = self.local_count();
-        let slots = tokens * k;
+        let slots = super::elements("tokens", tokens, k)?;
         let kept = self
             .capacity_per_expert(tokens, k)
-            .map_or(slots, |c| slots.min(local * c));
-        kept + local * (self.align - 1)
+            .map_or(slots, |c| slots.min(local.saturating_mul(c)));
+        // align <= MAX_ALIGN and L <= MAX_EXPERTS (validated), so the padding is small.
+        kept.checked_add(local * (self.align - 1))
+            .ok_or_else(|| Error::InvalidArgument {
+                argument: "tokens",
+                value: tokens.to_string(),
+                expected: format!("a padded row count that fits in usize (k = {k})"),
+            })
     }
 
     /// The tile size of the tiled path, or `None` for the single-block path.
@@ -205,10 +213,12 @@ impl MapConfig {
         }
     }
 
-    /// The i32 workspace [`routing_map`] needs (0 on the single-block path).
-    pub fn workspace_len(&self, tokens: usize, k: usize) -> usize {
+    /// The i32 workspace [`routing_map`] needs (0 on the single-block path); `Err` for a config
+    /// [`validate`](Self::validate) refuses.
+    pub fn workspace_len(&self, tokens: usize, k: usize) -> Result<usize> {
+        self.validate()?;
         self.tile_slots(tokens, k)
-            .map_or(0, |tile| self.tiled_workspace_len(tile, tokens, k))
+            .map_or(Ok(0), |tile| self.tiled_workspace_len(tile, tokens, k))
     }
 
     /// The tile size of a counted map ([`CountedMap`]), which is always tiled: `tile_slots` under
@@ -220,15 +230,23 @@ impl MapConfig {
         }
     }
 
-    /// The i32 workspace a [`CountedMap`] needs.
-    pub fn counted_workspace_len(&self, tokens: usize, k: usize) -> usize {
+    /// The i32 workspace a [`CountedMap`] needs; `Err` for a config [`validate`](Self::validate)
+    /// refuses.
+    pub fn counted_workspace_len(&self, tokens: usize, k: usize) -> Result<usize> {
+        self.validate()?;
         self.tiled_workspace_len(self.counted_tile_slots(), tokens, k)
     }
 
-    fn tiled_workspace_len(&self, tile: usize, tokens: usize, k: usize) -> usize {
-        let tiles = tokens.saturating_mul(k).div_ceil(tile).max(1);
-        tiles
-            .saturating_mul(self.local_count() + 1)
-            .saturating_add(map::WORKSPACE_HEADER)
+    /// Per tile of `tile` (> 0, validated) slots, L + 1 counts, after the header.
+    fn tiled_workspace_len(&self, tile: usize, tokens: usize, k: usize) -> Result<usize> {
+        let tiles = super::elements("tokens", tokens, k)?.div_ceil(tile).max(1);
+        let counts = super::elements("tokens", tiles, self.local_count() + 1)?;
+        counts
+            .checked_add(map::WORKSPACE_HEADER)
+            .ok_or_else(|| Error::InvalidArgument {
+                argument: "tokens",
+                value: tokens.to_string(),
+                expected: "a workspace length that fits in usize".into(),
+            })
     }
 }

@@ -1,4 +1,4 @@
-//! Backward of router scoring (SPEC §1): dX and every weight gradient from dz.
+//! Backward of router scoring (math §1): dX and every weight gradient from dz.
 //!
 //! Launches (none when their output is empty; no host sync):
 //! 1. quadratic forms: `gate_coef_<form>` recomputes the forward tile's projections and writes
@@ -180,7 +180,8 @@ pub fn backward_workspace_len(form: GateForm, shape: &GateShape) -> Result<usize
         return Ok(0);
     }
     let r = shape.effective_rank(form);
-    let row = elements("shape.rank", 2 * shape.experts + 1, r)?;
+    let scores = elements("shape.experts", 2, shape.experts)?.checked_add(1);
+    let row = elements("shape.rank", scores.unwrap_or(usize::MAX), r)?;
     elements("shape.tokens", shape.tokens, row)
 }
 
@@ -202,9 +203,9 @@ pub fn scores_backward<T: FloatElement>(
     grads.validate(shape, weights)?;
     let form = weights.form();
     let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
-    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("dz", dz, shape.z_len(), || format!("[T, E] = [{t}, {e}]"))?;
-    check_len("dx", dx, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("dz", dz, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))?;
+    check_len("dx", dx, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
     let ws_len = backward_workspace_len(form, shape)?;
     check_len("workspace", workspace, ws_len, || {
         "backward_workspace_len(form, shape)".into()

@@ -1,4 +1,4 @@
-//! Router scoring (SPEC §1): `z = score(X)` for the linear gate and the quadratic gates
+//! Router scoring (math §1): `z = score(X)` for the linear gate and the quadratic gates
 //! (low-rank, symmetric, attention-like, full and monomial), forward and backward
 //! (`kernels/gate.cu`).
 //!
@@ -14,7 +14,7 @@
 //!
 //! `b` and `c` are optional everywhere; the *monomial* quadratic gate is `Full` with `b: None`.
 //! `U_ej` is row j of `U_e`, so `U_all` stacked as `[E·r, d]` is one projection matrix and
-//! SPEC's `U_i: [d, r]` is its transpose. X, z: `[T, d]` and `[T, E]`; z and dz are always f32,
+//! math §1's `U_i: [d, r]` is its transpose. X, z: `[T, d]` and `[T, E]`; z and dz are always f32,
 //! accumulation is f32 for every dtype. Gradients of the weights are f32 (`[same shape]`);
 //! dX has X's dtype.
 //!
@@ -169,14 +169,14 @@ impl GateShape {
         Ok(())
     }
 
-    /// Elements of X (`[T, d]`) and of dX.
-    pub fn x_len(&self) -> usize {
-        self.tokens * self.dim
+    /// Elements of X (`[T, d]`) and of dX; `Err` when the count overflows `usize`.
+    pub fn x_len(&self) -> Result<usize> {
+        elements("shape.tokens", self.tokens, self.dim)
     }
 
-    /// Elements of z (`[T, E]`) and of dz.
-    pub fn z_len(&self) -> usize {
-        self.tokens * self.experts
+    /// Elements of z (`[T, E]`) and of dz; `Err` when the count overflows `usize`.
+    pub fn z_len(&self) -> Result<usize> {
+        elements("shape.tokens", self.tokens, self.experts)
     }
 
     /// The rank the kernels run: `rank`, or d for the full form.
@@ -402,8 +402,8 @@ pub fn scores<T: FloatElement>(
 ) -> Result<()> {
     weights.validate(shape)?;
     let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
-    check_len("x", x, shape.x_len(), || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("z", z, shape.z_len(), || format!("[T, E] = [{t}, {e}]"))?;
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("z", z, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))?;
     if t == 0 {
         return Ok(());
     }

@@ -24,7 +24,7 @@ pub enum DgradEpilogue {
     SwiGluBackward,
 }
 
-/// The experts whose weight gradients are computed (ESFT, SPEC §8): a device list of the
+/// The experts whose weight gradients are computed (ESFT, math §8): a device list of the
 /// active expert ids, built once from host booleans, and its host-known count, so [`wgrad`]
 /// launches blocks for active experts only.
 pub struct ExpertMask<B = DeviceBuffer<i32>> {

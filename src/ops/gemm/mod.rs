@@ -1,4 +1,4 @@
-//! The grouped expert GEMM (SPEC §5, `kernels/grouped_gemm.cu`): per expert e with rows
+//! The grouped expert GEMM (math §5, `kernels/grouped_gemm.cu`): per expert e with rows
 //! `[offsets[e], offsets[e+1])` of the grouped matrix,
 //!
 //! - [`forward`]: `C_e = A_e · B_e^T`, with the SwiGLU epilogue for `W1` and per-row combine weights;
@@ -14,7 +14,7 @@
 //! order (`X: [T, K]`), no permuted copy; a `-1` (padding) row reads as zeros and its output row
 //! is still written (zeros for the plain store). Rows outside every group are not touched.
 //!
-//! **SwiGLU** (`W1: [E, 2h, d]`, gate rows `[0, h)`, up rows `[h, 2h)`, as in SPEC and nn.Linear
+//! **SwiGLU** (`W1: [E, 2h, d]`, gate rows `[0, h)`, up rows `[h, 2h)`, as in math §5 and nn.Linear
 //! stacking): one CTA computes matching gate and up tiles and writes `H = silu(G) ⊙ U`
 //! (`[rows, h]`), and, when asked, `GU = [G | U]` (`[rows, 2h]`, the dtype of A) for the backward.
 //! **Row weights**: each output row r is multiplied by `weights[sorted_rows[r]]` (the combine

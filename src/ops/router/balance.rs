@@ -1,4 +1,4 @@
-//! Expert statistics, load-balance losses and the bias update (SPEC §3), all device-side:
+//! Expert statistics, load-balance losses and the bias update (math §3), all device-side:
 //! loss values land in a one-element device buffer, nothing waits for the device.
 //!
 //! Float reductions over tokens run in a fixed order (no float atomics): the same inputs give
@@ -144,7 +144,7 @@ pub fn expert_statistics(
     )
 }
 
-/// The Switch load-balancing loss (SPEC §3): `L = alpha * E/k * sum_i f_i P_i`, with
+/// The Switch load-balancing loss (math §3): `L = alpha * E/k * sum_i f_i P_i`, with
 /// `f_i = (1/T) sum_t 1[i in K_t]` and `P_i = (1/T) sum_t softmax(z_t)_i`; it equals `alpha`
 /// when routing is perfectly balanced.
 ///
@@ -393,7 +393,7 @@ fn check_z_loss(
     Ok(tokens)
 }
 
-/// The router z-loss (ST-MoE, SPEC §3) `coefficient / T * sum_t LSE_t^2` of `logits` `[T, E]`
+/// The router z-loss (ST-MoE, math §3) `coefficient / T * sum_t LSE_t^2` of `logits` `[T, E]`
 /// into `loss` (`[1]`); keeps the per-row LSE in `row_lse` (`[T]`, NaN for non-finite rows,
 /// which add nothing) for [`z_loss_backward`]. Two launches; no host sync.
 pub fn z_loss(

@@ -1,5 +1,5 @@
-//! Router: top-k expert selection and its backward (SPEC §2), expert statistics, balance
-//! losses and the bias update (SPEC §3, in [`balance`]). Kernels: `kernels/router.cu`.
+//! Router: top-k expert selection and its backward (math §2), expert statistics, balance
+//! losses and the bias update (math §3, in [`balance`]). Kernels: `kernels/router.cu`.
 //!
 //! Logits `z` are `[T, E]` f32 row-major (T = `logits.len() / E`); ids `[T, k]` i32 in rank
 //! order (best first); weights `[T, k]` f32.
@@ -40,7 +40,7 @@ pub const MAX_K: usize = 32;
 /// The most expert groups of group-limited routing (one per lane).
 pub const MAX_GROUPS: usize = 32;
 
-/// What the logits become before selection and weighting (SPEC §2 `score_fn`).
+/// What the logits become before selection and weighting (math §2 `score_fn`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ScoreFunction {
     /// Softmax over all E logits (Switch, Mixtral, DeepSeek-V2).
@@ -48,11 +48,11 @@ pub enum ScoreFunction {
     Softmax,
     /// Elementwise sigmoid (DeepSeek-V3).
     Sigmoid,
-    /// The logits as given (SPEC's `none`).
+    /// The logits as given (math §2's `none`).
     Identity,
 }
 
-/// Where the softmax sits relative to top-k (SPEC §2 `order`); only meaningful for
+/// Where the softmax sits relative to top-k (math §2 `order`); only meaningful for
 /// [`ScoreFunction::Softmax`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SelectionOrder {
@@ -64,7 +64,7 @@ pub enum SelectionOrder {
     TopkThenSoftmax,
 }
 
-/// One router's selection options (SPEC §2).
+/// One router's selection options (math §2).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouterConfig {
     /// E, the routed experts (1..=1024).
@@ -230,12 +230,34 @@ fn select_kernel(experts: usize, counted: bool) -> String {
     format!("router_select{variant}_e{row}_f32")
 }
 
-/// Fused top-k selection (SPEC §2): `ids` and `weights` `[T, k]` from `logits` `[T, E]`.
+/// Fused top-k selection (math §2): `ids` and `weights` `[T, k]` from `logits` `[T, E]`.
 ///
 /// `bias` (`[E]`, DeepSeek-V3's load-balancing bias) is added to the scores for selection only;
 /// the weights come from the unbiased scores. `nonfinite_rows` (one `u32`) has the number of
 /// non-finite rows *added* to it, so one counter can cover several calls: zero it with
 /// [`Device::fill_zeros`] to count one. One launch; no host sync.
+///
+/// ```
+/// use moe_kernels::Device;
+/// use moe_kernels::ops::router::{self, RouterConfig};
+///
+/// # fn main() -> moe_kernels::Result<()> {
+/// let device = Device::emulator()?;
+/// let config = RouterConfig { experts: 4, k: 2, ..RouterConfig::default() };
+/// // Two tokens; the second row is a tie between experts 1 and 3: the lower id wins.
+/// let logits = device.upload(&[0.0f32, 3.0, 1.0, 2.0, /**/ 0.0, 5.0, 1.0, 5.0])?;
+/// let mut ids = device.alloc_zeros::<i32>(4)?;
+/// let mut weights = device.alloc_zeros::<f32>(4)?;
+/// let mut nonfinite = device.alloc_zeros::<u32>(1)?;
+/// let no_bias = None::<&moe_kernels::DeviceBuffer<f32>>;
+/// router::select(&device, &config, &logits, no_bias, &mut ids, &mut weights, &mut nonfinite)?;
+/// assert_eq!(device.download(&ids)?, [1, 3, 1, 3]);
+/// let w = device.download(&weights)?; // softmax probabilities of the chosen experts
+/// assert!(w[0] > w[1] && (w[2] - w[3]).abs() < 1e-6);
+/// assert_eq!(device.download(&nonfinite)?, [0]);
+/// # Ok(())
+/// # }
+/// ```
 pub fn select<B: DeviceSlice<f32>>(
     device: &Device,
     config: &RouterConfig,
@@ -303,7 +325,7 @@ pub fn select_counted<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSlic
     device.launch(&select_kernel(e, counted), launch, args)
 }
 
-/// Selection backward (SPEC §2): writes `dz` `[T, E]` (every element) from `d_weights`
+/// Selection backward (math §2): writes `dz` `[T, E]` (every element) from `d_weights`
 /// `[T, k]`, the forward's `ids` and the `logits` (the softmax is recomputed). Slots whose id is
 /// outside `[0, E)` or repeats an earlier slot's id get no gradient (the forward never makes
 /// them). Loss gradients ([`aux_loss_backward`], [`z_loss_backward`]) add into `dz` afterwards.
