@@ -8,7 +8,10 @@
 //     There is no preemption, so between two blocking points a thread's code is atomic
 //     with respect to its block: bugs hide unless the schedule varies. The schedule
 //     (in order, reversed, or shuffled with a seed) orders every set of fibers released
-//     together: at block start, at each barrier, at each warp collective.
+//     together: at block start, at each barrier, at each warp collective; the run-ahead
+//     schedule instead lets one warp run to its next barrier before another moves.
+//   - In the profiling build, the race detector (racecheck.h) hears of every barrier,
+//     __syncwarp, ldmatrix row, cp.async and atomic from here.
 //   - Warp collectives capture each lane's contribution when that lane arrives (a shuffle's
 //     value, the 16 bytes of an ldmatrix row, mma fragments), never when the last lane
 //     arrives: real collectives do not order memory, and reading late would hide a
