@@ -22,6 +22,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -135,18 +137,24 @@ std::string describe_site(uintptr_t site) {
   snprintf(buf, sizeof buf, "addr2line -i -f -C -e '%s' %#zx 2>/dev/null", info.dli_fname, size_t(offset));
   std::vector<std::string> lines;  // function, file:line, innermost inlined frame first
   if (FILE* p = popen(buf, "r")) {
-    while (fgets(buf, sizeof buf, p)) {
-      std::string l = buf;
+    char* text = nullptr;  // whole lines: demangled template names run long
+    size_t capacity = 0;
+    while (getline(&text, &capacity, p) > 0) {
+      std::string l = text;
       while (!l.empty() && (l.back() == '\n' || l.back() == ' ')) l.pop_back();
       if (const size_t k = l.rfind("kernels/"); k != std::string::npos && lines.size() % 2) l.erase(0, k);
       if (const size_t d = l.find(" (discriminator"); d != std::string::npos) l.erase(d);
       lines.push_back(l);
     }
+    free(text);
     pclose(p);
   }
   if (lines.size() >= 2 && lines[1][0] != '?') {
-    const std::string& outer = lines[lines.size() - 1];
-    return lines.size() > 2 && outer[0] != '?' ? lines[1] + " (inlined at " + outer + ")" : lines[1];
+    // The outermost frame of kernel code: the emulator's launch glue (cuemu.h) inlines kernels.
+    size_t outer = lines.size() - 1;
+    while (outer > 1 && (lines[outer].find("kernels/emu/") != std::string::npos || lines[outer][0] == '?'))
+      outer -= 2;
+    return outer > 1 ? lines[1] + " (inlined at " + lines[outer] + ")" : lines[1];
   }
   if (!lines.empty() && lines[0][0] != '?') return lines[0] + " (no line information)";
   if (info.dli_sname) return info.dli_sname;
