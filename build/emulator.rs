@@ -3,8 +3,9 @@
 //!
 //! `MOE_EMU_SANITIZE=address`: everything under AddressSanitizer.
 //! `MOE_EMU_PROFILE=1`: the kernel files are compiled by clang (`MOE_EMU_CLANG`, default
-//! `clang++-19`) with load/store tracing for the memory profiler (`kernels/emu/profiler.cpp`);
-//! the emulator's own code is not instrumented.
+//! `clang++-19`) with load/store tracing for the memory profiler (`kernels/emu/profiler.cpp`)
+//! and the shared-memory race detector (`kernels/emu/racecheck.cpp`, on at run time with
+//! `MOE_EMU_RACECHECK=1`); the emulator's own code is not instrumented.
 use crate::KernelFile;
 use std::path::Path;
 
@@ -69,7 +70,9 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     let mut runtime = base();
     runtime.file(root.join("kernels/emu/runtime.cpp"));
     if profile {
-        runtime.file(root.join("kernels/emu/profiler.cpp"));
+        runtime
+            .file(root.join("kernels/emu/profiler.cpp"))
+            .file(root.join("kernels/emu/racecheck.cpp"));
         println!("cargo:rustc-cfg=moe_emu_profile");
     }
     runtime.compile("moe_emulator_runtime");

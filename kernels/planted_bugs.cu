@@ -13,6 +13,9 @@
 //   planted_divergent_barrier      __syncthreads in divergent code: a deadlock
 //   planted_trap                   __trap() in one thread
 //   planted_misaligned_access      a 16/8/4-byte access at an address off its alignment
+//   planted_tile_barrier           ldmatrix-fed k-tiles without the "tile consumed" barrier (mode)
+//   planted_warp_rank              ballot ranks without the __syncwarp after the count advance (flag)
+//   planted_race_free_idioms       the control of the race detector: nothing to report
 #include "ptx.cuh"
 
 // ------------------------------------------------------------------------------------------
@@ -65,7 +68,9 @@ extern "C" __global__ void planted_missing_cp_async_wait(const float4* in, float
   cp_async_commit();
   if (do_wait) cp_async_wait<0>();
   __syncthreads();
-  out[g] = s[(t + 1) % blockDim.x];
+  // load_128, not a float4 copy: the race detector sees this read (clang turns a struct copy
+  // into a memcpy, which its load tracing does not see).
+  store_128(&out[g], load_128(&s[(t + 1) % blockDim.x]));
 }
 EMU_EXPORT(planted_missing_cp_async_wait)
 
@@ -190,3 +195,123 @@ extern "C" __global__ void planted_misaligned_access(unsigned char* bytes, uint4
   out[lane] = v;
 }
 EMU_EXPORT(planted_misaligned_access)
+
+// ------------------------------------------------------------------------------------------
+// planted_tile_barrier: out = A · B^T on tensor cores (mma.sync m16n8k16, f32 accumulation),
+// A and B 16 x K f16 row-major (K = 16 * k_tiles), out 16 x 16 f32, through shared k-tiles read
+// with ldmatrix, the way gate_mma.cuh, mma_tile.cuh and the codebook kernels feed theirs.
+// `mode` picks the tiling (PlantedTiling in src/selftest/planted/races.rs):
+//   0  one tile buffer, two barriers per k-tile: "previous tile consumed", "tile loaded"
+//   1  the same without the "consumed" barrier (planted: the survivor of gate_mma.cuh)
+//   2  two tile buffers, one barrier per k-tile (race-free)
+//   3  two tile buffers filled by cp.async one k-tile ahead, the copy of tile kt + 1 in
+//      flight while tile kt is read (race-free)
+// Launch: one block of 64 threads (2 warps), no dynamic shared memory. Warp w computes output
+// columns 8w .. 8w + 7; lane l of warp 0 loads 16 bytes of the A tile (row l / 2, columns
+// 8 (l % 2) ..), warp 1 the same of the B tile.
+// Host: out[r * 16 + c] = sum_k A[r][k] B[c][k] (small integers: exact in f32).
+// Bug (mode 1): a warp that has consumed tile kt loads its operand of tile kt + 1 over it while
+// the other warp may still read tile kt. The race detector reports it under every schedule. The
+// run-ahead schedule makes it wrong values: one warp computes tile kt and loads kt + 1 before
+// the other reads kt. The first-in first-out schedules hide it: released warps re-queue behind
+// each other, so no warp gets a collective ahead, and ldmatrix reads when each lane arrives.
+constexpr int PLANTED_LD = 24;  // halves per shared tile row: 48 bytes, rows 16-byte aligned
+
+extern "C" __global__ void planted_tile_barrier(const __half* a, const __half* b, float* out, int k_tiles,
+                                                int mode) {
+  __shared__ __align__(16) __half tiles[2][2][16 * PLANTED_LD];  // [buffer][A, B][row * LD + k]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const i64 K = 16 * i64(k_tiles);
+  const int row = lane / 2, col = 8 * (lane % 2);
+  const __half* src = (warp == 0 ? a : b) + row * K + col;
+  auto load = [&](int kt, int buffer) {
+    __half* dst = &tiles[buffer][warp][row * PLANTED_LD + col];
+    if (mode == 3) cp_async<16>(dst, src + 16 * kt);
+    else store_128(reinterpret_cast<uint4*>(dst), load_128(reinterpret_cast<const uint4*>(src + 16 * kt)));
+  };
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (mode == 3) {
+    load(0, 0);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    const int buffer = mode >= 2 ? kt % 2 : 0;
+    if (mode == 3) {
+      if (kt + 1 < k_tiles) load(kt + 1, (kt + 1) % 2);
+      cp_async_commit();
+      cp_async_wait<1>();  // tile kt has landed (tile kt + 1 may be in flight)
+    } else {
+      if (mode == 0) __syncthreads();  // the previous k-tile has been consumed (mode 1: planted)
+      load(kt, buffer);
+    }
+    __syncthreads();
+    uint32_t fa[4], fb[2];
+    ldmatrix_x4<false>(fa, &tiles[buffer][0][(lane % 16) * PLANTED_LD + (lane / 16) * 8]);
+    ldmatrix_x2<false>(fb, &tiles[buffer][1][(warp * 8 + lane % 8) * PLANTED_LD + ((lane / 8) % 2) * 8]);
+    mma_16816(acc, fa, fb, static_cast<__half*>(nullptr));
+    if (mode == 3) __syncthreads();  // consumed before the next k-tile's copy overwrites it
+  }
+  const int g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) out[(g + (i >= 2 ? 8 : 0)) * 16 + warp * 8 + 2 * t + (i & 1)] = acc[i];
+}
+EMU_EXPORT(planted_tile_barrier)
+
+// ------------------------------------------------------------------------------------------
+// planted_warp_rank: rank[i] = how many of keys[0 .. i) equal keys[i] (keys in 0..7), by one
+// warp in chunks of 32 the way rank_in_warp (dispatch_map.cuh) ranks slots: lanes with the
+// same key find each other with one ballot per key bit; a key's rank is the warp's running
+// count for it (shared memory) plus its peers on lower lanes; the lowest peer then advances
+// the count.
+// Launch: one block of 32 threads; keys and rank have n ints.
+// Bug (sync = 0): no __syncwarp between a chunk's count advance and the next chunk's count
+// reads. The emulated ballots wait for all 32 lanes, so the values are right under every
+// schedule; on a GPU a ballot orders no memory. Only the race detector catches it.
+extern "C" __global__ void planted_warp_rank(const int* keys, int* rank, int n, int sync) {
+  __shared__ int counts[8];
+  const int lane = threadIdx.x % 32;
+  if (lane < 8) counts[lane] = 0;
+  __syncwarp();
+  for (int chunk = 0; chunk < n; chunk += 32) {
+    const int i = chunk + lane;
+    const int key = i < n ? keys[i] : 8;  // 8: no key (peers only of the other absent lanes)
+    unsigned peers = 0xffffffffu;
+    for (int bit = 0; bit < 4; ++bit) {
+      const unsigned ones = __ballot_sync(0xffffffffu, (key >> bit) & 1);
+      peers &= (key >> bit) & 1 ? ones : ~ones;
+    }
+    const unsigned lower = peers & ((1u << lane) - 1u);
+    const int r = key < 8 ? counts[key] + __popc(lower) : 0;
+    __syncwarp();  // every lane has read its count before the lowest peer advances it
+    if (key < 8 && lower == 0) counts[key] += __popc(peers);
+    if (sync) __syncwarp();  // the advance before the next chunk's reads (0: planted)
+    if (i < n) rank[i] = r;
+  }
+}
+EMU_EXPORT(planted_warp_rank)
+
+// ------------------------------------------------------------------------------------------
+// planted_race_free_idioms: what the race detector must accept (any report is a false alarm).
+// Launch: one block of 64 threads (2 warps); out has 64 + 8 + 64 ints. t = thread, l = lane.
+//   warp-private scratch: l writes scratch[w][l], __syncwarp, reads scratch[w][(l + 1) % 32]:
+//     out[t] = 32 w + (l + 1) % 32
+//   shared atomics from both warps in one epoch, a barrier, then plain reads: out[64 + b] = 8
+//     (the threads with t % 8 == b)
+//   the two 16-bit halves of one word stored by two threads, unordered (different bytes), read
+//     after a barrier by the other: out[72 + t] = t ^ 1
+extern "C" __global__ void planted_race_free_idioms(int* out) {
+  __shared__ int scratch[2][32];
+  __shared__ int histogram[8];
+  __shared__ __align__(4) unsigned short halves[64];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  if (t < 8) histogram[t] = 0;
+  scratch[warp][lane] = t;
+  halves[t] = static_cast<unsigned short>(t);
+  __syncwarp();
+  out[t] = scratch[warp][(lane + 1) % 32];
+  __syncthreads();
+  atomicAdd(&histogram[t % 8], 1);
+  __syncthreads();
+  if (t < 8) out[64 + t] = histogram[t];
+  out[72 + t] = halves[t ^ 1];
+}
+EMU_EXPORT(planted_race_free_idioms)

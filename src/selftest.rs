@@ -856,6 +856,8 @@ fn conversion_input(rng: &mut Rng) -> f32 {
 pub mod planted {
     use super::*;
 
+    pub mod races;
+
     /// A planted kernel's output beside what the correct kernel writes.
     #[derive(Debug, Clone)]
     pub struct Outputs<T> {

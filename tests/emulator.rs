@@ -140,6 +140,13 @@ mod schedules {
             every_check_passes(Schedule::Random { seed });
         }
     }
+
+    #[test]
+    fn run_ahead() {
+        for seed in [1, 7] {
+            every_check_passes(Schedule::RunAhead { seed });
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------

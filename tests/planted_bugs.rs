@@ -1,26 +1,41 @@
 //! The emulator's tools against kernels with planted bugs (`kernels/planted_bugs.cu`). Each
-//! test fails if its tool stopped catching its bug: the shuffled schedules (missing
-//! barriers), copies landing only at `cp.async.wait_group`, ldmatrix reading each row when its
-//! lane arrives, deadlock and `__trap` reporting, and the AddressSanitizer build.
+//! test fails if its tool stopped catching its bug: the shuffled and run-ahead schedules
+//! (missing barriers), copies landing only at `cp.async.wait_group`, ldmatrix reading each row
+//! when its lane arrives, the race detector of the profiling build, deadlock and `__trap`
+//! reporting, and the AddressSanitizer build.
 #![cfg(feature = "emulator")]
 use moe_kernels::device::emulator::{address_sanitizer, profiling_build};
 use moe_kernels::device::{Device, EmulatorDevice, Schedule};
 use moe_kernels::selftest::planted;
+use moe_kernels::selftest::planted::races::{self, Tiling};
 use moe_kernels::{Error, Result};
+use std::fmt::Debug;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The emulator on `schedule`, without the race detector even when MOE_EMU_RACECHECK=1 (these
+/// tests look at what the bugs do to the values).
 fn emulator(schedule: Schedule) -> Device {
-    Device::Emulator(EmulatorDevice::from_env().expect("emulator").with_schedule(schedule))
+    let emu = EmulatorDevice::from_env().expect("emulator").with_schedule(schedule);
+    Device::Emulator(emu.with_racecheck(false).expect("the race detector off"))
 }
 
 /// The schedules that reorder the threads released together.
-const SHUFFLED: [Schedule; 4] = [
+const SHUFFLED: [Schedule; 5] = [
     Schedule::Reverse,
     Schedule::Random { seed: 1 },
     Schedule::Random { seed: 2 },
     Schedule::Random { seed: 0x5EED },
+    Schedule::RunAhead { seed: 7 },
+];
+
+/// Run-ahead with several seeds: each picks other warps to run ahead.
+const RUN_AHEAD: [Schedule; 4] = [
+    Schedule::RunAhead { seed: 1 },
+    Schedule::RunAhead { seed: 2 },
+    Schedule::RunAhead { seed: 3 },
+    Schedule::RunAhead { seed: 4 },
 ];
 
 fn every_schedule() -> impl Iterator<Item = Schedule> {
@@ -304,4 +319,178 @@ fn static_shared_overrun_is_caught_by_address_sanitizer() {
         "global-buffer-overflow",
         "(63,0,0) of block (0,0,0)",
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// Races the schedules hide: a dropped "tile consumed" barrier before ldmatrix-fed k-tiles
+// (shown by run-ahead) and a dropped __syncwarp between ballot-ranked count updates (shown by
+// no schedule). The race detector (profiling build, MOE_EMU_RACECHECK) reports both.
+
+/// The emulator on `schedule` with the race detector, or None (saying so) in a build without it.
+fn race_detector(schedule: Schedule) -> Option<Device> {
+    if !profiling_build() {
+        eprintln!("skipped: the race detector needs the profiling build (MOE_EMU_PROFILE=1)");
+        return None;
+    }
+    let emu = EmulatorDevice::from_env().expect("emulator").with_schedule(schedule);
+    Some(Device::Emulator(emu.with_racecheck(true).expect("the race detector")))
+}
+
+/// `result` is the race detector's report, naming `kernel` and containing each of `expected`.
+fn assert_race<T: Debug>(result: Result<T>, kernel: &str, expected: &[&str]) {
+    match result {
+        Err(Error::LaunchFailed(message)) => {
+            eprintln!("the report: {message}");
+            for part in [kernel, "shared-memory race"].iter().chain(expected) {
+                assert!(message.contains(part), "`{message}` lacks `{part}`");
+            }
+            // Both accesses are named by thread, warp and lane.
+            assert_eq!(message.matches(" (warp ").count(), 2, "{message}");
+            if cfg!(debug_assertions) {
+                // Test builds carry debug information: the sites are source lines.
+                assert!(
+                    message.matches(".cu:").count() + message.matches(".cuh:").count() >= 2,
+                    "{message}"
+                );
+            }
+        }
+        other => panic!("expected the race detector to fail the launch, got {other:?}"),
+    }
+}
+
+#[test]
+fn dropped_tile_barrier_hides_in_first_in_first_out_schedules_and_shows_running_ahead() {
+    let mut seed = seeds(800);
+    for schedule in every_schedule().filter(|s| !matches!(s, Schedule::RunAhead { .. })) {
+        // Warps stay within one collective of each other: every warp has read tile kt before
+        // any overwrites it, so the values come out right.
+        let out = races::tile_barrier(&emulator(schedule), Tiling::OneBufferNoConsumedBarrier, seed()).unwrap();
+        assert_eq!(
+            out.got, out.expected,
+            "{schedule:?} is expected to hide the dropped barrier"
+        );
+    }
+    for schedule in RUN_AHEAD {
+        let out = races::tile_barrier(&emulator(schedule), Tiling::OneBufferNoConsumedBarrier, seed()).unwrap();
+        assert!(
+            out.differing() > 0,
+            "{schedule:?} hid the dropped \"tile consumed\" barrier"
+        );
+    }
+}
+
+#[test]
+fn dropped_tile_barrier_is_caught_by_the_race_detector() {
+    let mut seed = seeds(1000);
+    for schedule in every_schedule() {
+        let Some(device) = race_detector(schedule) else { return };
+        // A warp's store of tile kt + 1 against the other warp's ldmatrix of tile kt, in
+        // either order.
+        assert_race(
+            races::tile_barrier(&device, Tiling::OneBufferNoConsumedBarrier, seed()),
+            "planted_tile_barrier",
+            &[
+                "ldmatrix row read of 16 bytes",
+                "store of 16 bytes",
+                "static __shared__ offset",
+            ],
+        );
+    }
+}
+
+#[test]
+fn race_free_tilings_are_right_and_raise_no_report_under_every_schedule() {
+    let mut seed = seeds(900);
+    for tiling in Tiling::RACE_FREE {
+        for schedule in every_schedule().chain(RUN_AHEAD) {
+            for device in std::iter::once(emulator(schedule)).chain(race_detector(schedule)) {
+                let out = races::tile_barrier(&device, tiling, seed())
+                    .unwrap_or_else(|e| panic!("{tiling:?} under {schedule:?}: {e}"));
+                assert_eq!(out.got, out.expected, "{tiling:?} under {schedule:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn dropped_syncwarp_between_ballot_ranks_hides_under_every_schedule() {
+    let mut seed = seeds(1200);
+    for schedule in every_schedule() {
+        // The emulated ballots wait for every lane, so they order what a GPU leaves unordered.
+        let out = races::warp_rank(&emulator(schedule), false, seed()).unwrap();
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+    }
+}
+
+#[test]
+fn dropped_syncwarp_between_ballot_ranks_is_caught_by_the_race_detector() {
+    let mut seed = seeds(1300);
+    for schedule in every_schedule() {
+        let Some(device) = race_detector(schedule) else { return };
+        // A lowest peer's count advance, then another lane's read of it in the next chunk.
+        assert_race(
+            races::warp_rank(&device, false, seed()),
+            "planted_warp_rank",
+            &["store of 4 bytes", "load of 4 bytes", "__syncwarp"],
+        );
+        let out = races::warp_rank(&device, true, seed()).unwrap();
+        assert_eq!(out.got, out.expected, "{schedule:?}: with the __syncwarp");
+    }
+}
+
+#[test]
+fn race_free_idioms_raise_no_report_and_are_right() {
+    for schedule in every_schedule() {
+        let out = races::race_free_idioms(&emulator(schedule)).unwrap();
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+        let Some(device) = race_detector(schedule) else { return };
+        let out = races::race_free_idioms(&device).unwrap_or_else(|e| panic!("{schedule:?}: {e}"));
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+    }
+}
+
+#[test]
+fn the_race_detector_catches_the_older_planted_races_and_passes_their_controls() {
+    let mut seed = seeds(1400);
+    for schedule in every_schedule() {
+        let Some(device) = race_detector(schedule) else { return };
+        // In order too: the detector does not need the schedule to expose the race.
+        assert_race(
+            planted::shift(&device, false, SHIFT_BLOCKS, seed()),
+            "planted_missing_syncthreads",
+            &["store of 4 bytes", "load of 4 bytes"],
+        );
+        assert_race(
+            planted::ldmatrix_after_writes(&device, false, seed()),
+            "planted_missing_syncwarp",
+            &["store of 2 bytes", "ldmatrix row read of 16 bytes"],
+        );
+        assert_race(
+            planted::cp_async_stage(&device, false, STAGE_BLOCKS, STAGE_THREADS, seed()),
+            "planted_missing_cp_async_wait",
+            &["cp.async copy of 16 bytes", "load of 16 bytes"],
+        );
+        let shift = planted::shift(&device, true, SHIFT_BLOCKS, seed()).unwrap();
+        assert_eq!(shift.got, shift.expected, "{schedule:?}");
+        let rows = planted::ldmatrix_after_writes(&device, true, seed()).unwrap();
+        assert_eq!(rows.got, rows.expected, "{schedule:?}");
+        let stage = planted::cp_async_stage(&device, true, STAGE_BLOCKS, STAGE_THREADS, seed()).unwrap();
+        assert_eq!(stage.got, stage.expected, "{schedule:?}");
+    }
+}
+
+#[test]
+fn the_race_detector_is_refused_without_the_profiling_build() {
+    let result = EmulatorDevice::new().with_racecheck(true);
+    if profiling_build() {
+        assert!(result.is_ok_and(|d| d.racecheck()));
+    } else {
+        match result {
+            Err(Error::Environment { name, expected, .. }) => {
+                assert_eq!(name, "MOE_EMU_RACECHECK");
+                assert!(expected.contains("MOE_EMU_PROFILE=1"), "{expected}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
 }

@@ -207,7 +207,10 @@ inline void __nanosleep(unsigned) {}
 
 // ------------------------------------------------------------------ atomics
 // Relaxed, device scope. Fibers of one block never preempt each other, but blocks run on
-// several OS threads at once, so these are real atomic instructions.
+// several OS threads at once, so these are real atomic instructions. An atomic's first read
+// is a read-modify-write of nothing (fetch_or 0), not an atomic load: the profiling build
+// traces loads, and its race detector must not take an atomic's own read for a plain one.
+template <class T> inline T cuemu_atomic_read(T* p) { return __atomic_fetch_or(p, T(0), __ATOMIC_RELAXED); }
 #define CUEMU_ATOMIC_INT(T)                                                                      \
   inline T atomicAdd(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }           \
   inline T atomicSub(T* p, T v) { CUEMU_ATOMIC_ENTRY(p); return __atomic_fetch_sub(p, v, __ATOMIC_RELAXED); }           \
@@ -222,13 +225,13 @@ inline void __nanosleep(unsigned) {}
   }                                                                                              \
   inline T atomicMax(T* p, T v) {                                                                \
     CUEMU_ATOMIC_ENTRY(p);                                                                     \
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
+    T old = cuemu_atomic_read(p);                                                                \
     while (old < v && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
     return old;                                                                                  \
   }                                                                                              \
   inline T atomicMin(T* p, T v) {                                                                \
     CUEMU_ATOMIC_ENTRY(p);                                                                     \
-    T old = __atomic_load_n(p, __ATOMIC_RELAXED);                                                \
+    T old = cuemu_atomic_read(p);                                                                \
     while (v < old && !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {} \
     return old;                                                                                  \
   }
@@ -240,7 +243,7 @@ CUEMU_ATOMIC_INT(long long)
 template <class F, class Bits> inline F cuemu_atomic_float_add(F* p, F v) {
   CUEMU_ATOMIC_ENTRY(p);
   Bits* q = reinterpret_cast<Bits*>(p);
-  Bits old = __atomic_load_n(q, __ATOMIC_RELAXED);
+  Bits old = cuemu_atomic_read(q);
   while (!__atomic_compare_exchange_n(q, &old, cuemu_bitcast<Bits>(cuemu_bitcast<F>(old) + v), true,
                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {}
   return cuemu_bitcast<F>(old);

@@ -10,6 +10,8 @@
 // Not modelled: L1/L2 hits, timing, occupancy.
 #include "profiler.h"
 
+#include "racecheck.h"
+
 #include <algorithm>
 #include <map>
 #include <mutex>
@@ -173,14 +175,19 @@ void record(const void* addr, unsigned bytes, Access access, uintptr_t site) {
 
 // ------------------------------------------------------------------ coverage callbacks
 // clang calls these before every load and store of an instrumented kernel file; the
-// return address identifies the access site.
+// return address identifies the access site. The race detector (racecheck.h) sees them too.
 using cuemu::profiler::Access;
+namespace racecheck = cuemu::racecheck;
 #define CUEMU_TRACE(N, T)                                                                    \
   extern "C" void __sanitizer_cov_load##N(T* p) {                                            \
-    cuemu::profiler::record(p, N, Access::Load, uintptr_t(__builtin_return_address(0)));     \
+    const uintptr_t site = uintptr_t(__builtin_return_address(0));                          \
+    cuemu::profiler::record(p, N, Access::Load, site);                                       \
+    if (racecheck::on) racecheck::access(p, N, racecheck::Kind::Load, site);                 \
   }                                                                                          \
   extern "C" void __sanitizer_cov_store##N(T* p) {                                           \
-    cuemu::profiler::record(p, N, Access::Store, uintptr_t(__builtin_return_address(0)));    \
+    const uintptr_t site = uintptr_t(__builtin_return_address(0));                          \
+    cuemu::profiler::record(p, N, Access::Store, site);                                      \
+    if (racecheck::on) racecheck::access(p, N, racecheck::Kind::Store, site);                \
   }
 CUEMU_TRACE(1, uint8_t)
 CUEMU_TRACE(2, uint16_t)

@@ -8,7 +8,10 @@
 //     There is no preemption, so between two blocking points a thread's code is atomic
 //     with respect to its block: bugs hide unless the schedule varies. The schedule
 //     (in order, reversed, or shuffled with a seed) orders every set of fibers released
-//     together: at block start, at each barrier, at each warp collective.
+//     together: at block start, at each barrier, at each warp collective; the run-ahead
+//     schedule instead lets one warp run to its next barrier before another moves.
+//   - In the profiling build, the race detector (racecheck.h) hears of every barrier,
+//     __syncwarp, ldmatrix row, cp.async and atomic from here.
 //   - Warp collectives capture each lane's contribution when that lane arrives (a shuffle's
 //     value, the 16 bytes of an ldmatrix row, mma fragments), never when the last lane
 //     arrives: real collectives do not order memory, and reading late would hide a
@@ -19,6 +22,11 @@
 #include "cuemu.h"
 #ifdef CUEMU_PROFILE
 #include "profiler.h"
+#include "racecheck.h"
+// A race-detector hook (racecheck.h), evaluated only when this launch is checked.
+#define CUEMU_RACECHECK(call) (racecheck::on ? racecheck::call : void())
+#else
+#define CUEMU_RACECHECK(call) ((void)0)
 #endif
 
 #include <algorithm>
@@ -84,7 +92,7 @@ cuemu_switch_stack:
 namespace cuemu {
 namespace {
 
-enum class Schedule : uint32_t { InOrder = 0, Reverse = 1, Random = 2 };
+enum class Schedule : uint32_t { InOrder = 0, Reverse = 1, Random = 2, RunAhead = 3 };
 enum class Wait : uint8_t { Runnable, Barrier, Warp, Exited };
 enum class Collective : uint8_t { Sync, Shuffle, Ballot, Mma, LdMatrix };
 const char* collective_name(Collective c) {
@@ -111,6 +119,9 @@ struct PendingCopy {
   void* dst;
   const void* src;
   unsigned bytes, src_bytes, group;
+#ifdef CUEMU_PROFILE
+  racecheck::Issue issue;  // what the issuer knew: the copy is checked against that
+#endif
 };
 
 struct Fiber {
@@ -134,6 +145,7 @@ struct Fiber {
 
 struct WarpState {
   unsigned live = 0, waiting = 0;
+  unsigned runnable = 0;  // the run-ahead schedule's run queue: lanes ready to run
 };
 
 struct Launch {
@@ -158,6 +170,7 @@ struct Worker {
   unsigned thread_count = 0, live = 0;
   std::vector<unsigned> run_queue, released;
   unsigned queue_head = 0, queue_size = 0;
+  unsigned leader = 0;  // run-ahead: the warp that runs while it can
   unsigned barrier_arrived = 0, barrier_generation = 0;
   int barrier_count[2] = {0, 0}, barrier_arrivals[2] = {0, 0};
   WarpState warps[32];
@@ -261,12 +274,42 @@ void transfer(Worker& w, Fiber* from, Fiber* to, bool from_never_resumes) {
 }
 
 // ------------------------------------------------------------------ run queue
+// In order, reversed and shuffled schedules: a first-in first-out queue of the threads made
+// runnable, in batches ordered by the schedule. Released warps re-queue behind the others,
+// so no warp gets more than one collective ahead. Run-ahead: a leader warp, chosen at
+// random among those that can run, runs its lowest runnable lane until none of its lanes
+// can run (all wait at a barrier or have exited); only then does another warp move. A warp
+// thus runs from one barrier to the next while the others have not left the previous one,
+// which turns a missing "tile consumed" barrier into stale reads.
 void queue_push(Worker& w, unsigned i) {
+  if (w.launch->schedule == Schedule::RunAhead) {
+    w.warps[i >> 5].runnable |= 1u << (i & 31);
+    ++w.queue_size;
+    return;
+  }
   unsigned p = w.queue_head + w.queue_size++;
   w.run_queue[p >= w.thread_count ? p - w.thread_count : p] = i;
 }
+int run_ahead_pop(Worker& w) {
+  const unsigned warps = (w.thread_count + 31) / 32;
+  if (!w.warps[w.leader].runnable) {
+    unsigned ready = 0;
+    for (unsigned i = 0; i < warps; ++i) ready += w.warps[i].runnable != 0;
+    for (unsigned i = 0, pick = unsigned(next_random(w) % ready);; ++i)
+      if (w.warps[i].runnable && pick-- == 0) {
+        w.leader = i;
+        break;
+      }
+  }
+  unsigned& lanes = w.warps[w.leader].runnable;
+  const unsigned lane = __builtin_ctz(lanes);
+  lanes &= lanes - 1;
+  --w.queue_size;
+  return int(w.leader * 32 + lane);
+}
 int queue_pop(Worker& w) {
   if (!w.queue_size) return -1;
+  if (w.launch->schedule == Schedule::RunAhead) return run_ahead_pop(w);
   const unsigned i = w.run_queue[w.queue_head];
   if (++w.queue_head == w.thread_count) w.queue_head = 0;
   --w.queue_size;
@@ -276,7 +319,8 @@ int queue_pop(Worker& w) {
 void release(Worker& w) {
   auto& r = w.released;
   switch (w.launch->schedule) {
-    case Schedule::InOrder: break;
+    case Schedule::InOrder:
+    case Schedule::RunAhead: break;
     case Schedule::Reverse: std::reverse(r.begin(), r.end()); break;
     case Schedule::Random:
       for (size_t i = r.size(); i > 1; --i) std::swap(r[i - 1], r[next_random(w) % i]);
@@ -329,6 +373,7 @@ void release_block_barrier(Worker& w) {
   w.barrier_arrivals[w.barrier_generation & 1] = int(w.released.size());
   w.barrier_arrived = 0;
   ++w.barrier_generation;
+  CUEMU_RACECHECK(barrier());
   release(w);
 }
 
@@ -433,6 +478,7 @@ void try_release_warp(Worker& w, unsigned wi) {
                    __builtin_ctz(t), wi, collective_name(lanes[first].op),
                    collective_name(lanes[__builtin_ctz(t)].op), mask);
     resolve(lanes[first].op, lanes, group);
+    if (lanes[first].op == Collective::Sync) CUEMU_RACECHECK(warp_sync(wi, group));
     ws.waiting &= ~group;
     for (unsigned t = group; t; t &= t - 1) w.released.push_back(wi * 32 + __builtin_ctz(t));
     release(w);
@@ -461,6 +507,9 @@ void complete_copies(Fiber& f, unsigned pending_groups) {
   size_t kept = 0;
   for (PendingCopy& c : f.copies) {
     if (c.group + pending_groups < f.committed_groups) {
+#ifdef CUEMU_PROFILE
+      CUEMU_RACECHECK(land(c.issue, c.dst, c.bytes));
+#endif
       memcpy(c.dst, c.src, c.src_bytes);
       memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);
     } else {
@@ -579,6 +628,7 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   w.barrier_arrived = 0;
   w.run_queue.assign(n, 0);
   w.queue_head = w.queue_size = 0;
+  w.leader = 0;
   w.released.clear();
   w.failure.clear();
   for (WarpState& ws : w.warps) ws = WarpState{};
@@ -611,6 +661,7 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   release(w);
 #ifdef CUEMU_PROFILE
   if (L.profiling) profiler::block_begin(n);
+  CUEMU_RACECHECK(block_begin(n, w.shared, L.shared_bytes));
 #endif
   tl_worker = &w;
   transfer(w, nullptr, &w.fibers[queue_pop(w)], false);
@@ -766,7 +817,9 @@ void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row) {
     check_aligned(row, 16, "ldmatrix row");
     memcpy(s.in, row, 16);
 #ifdef CUEMU_PROFILE
-    profiler::record(row, 16, profiler::Access::Load, uintptr_t(__builtin_return_address(0)));
+    const uintptr_t site = uintptr_t(__builtin_return_address(0));
+    profiler::record(row, 16, profiler::Access::Load, site);
+    CUEMU_RACECHECK(access(row, 16, racecheck::Kind::LdMatrix, site));
 #endif
   }
   arrive(0xffffffffu, Collective::LdMatrix);
@@ -782,11 +835,13 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
                                         : "cp.async (4 bytes) global source");
   if (src_bytes > bytes) fail_block("cp.async: src-size %u exceeds the copy size %u", src_bytes, bytes);
   Fiber& f = *tl_fiber;
-  f.copies.push_back({dst, src, bytes, src_bytes, f.committed_groups});
 #ifdef CUEMU_PROFILE
   const uintptr_t site = uintptr_t(__builtin_return_address(0));
+  f.copies.push_back({dst, src, bytes, src_bytes, f.committed_groups, racecheck::issue(site)});
   if (src_bytes) profiler::record(src, src_bytes, profiler::Access::Load, site);
   profiler::record(dst, bytes, profiler::Access::Store, site);
+#else
+  f.copies.push_back({dst, src, bytes, src_bytes, f.committed_groups});
 #endif
 }
 void cp_async_commit() { ++tl_fiber->committed_groups; }
@@ -805,7 +860,9 @@ void misaligned(const char* access, const void* address, unsigned alignment) {
 
 #ifdef CUEMU_PROFILE
 __attribute__((noinline)) void profile_atomic(const void* p, unsigned bytes) {
-  profiler::record(p, bytes, profiler::Access::Atomic, uintptr_t(__builtin_return_address(0)));
+  const uintptr_t site = uintptr_t(__builtin_return_address(0));
+  profiler::record(p, bytes, profiler::Access::Atomic, site);
+  CUEMU_RACECHECK(access(p, bytes, racecheck::Kind::Atomic, site));
 }
 
 bool profiler::current_lane(LaneView* out) {
@@ -864,12 +921,12 @@ struct cuemu_launch_config {
   uint32_t grid[3];
   uint32_t block[3];
   uint32_t shared_bytes;
-  uint32_t schedule;  // 0 in order, 1 reverse, 2 random
+  uint32_t schedule;  // 0 in order, 1 reverse, 2 random, 3 run-ahead
   uint64_t seed;
   uint32_t workers;   // OS threads for this launch (>= 1); capped by the pool
   uint32_t stack_kib;
   uint32_t profile;   // 1: record memory accesses (MOE_EMU_PROFILE builds only)
-  uint32_t reserved;
+  uint32_t racecheck; // 1: detect shared-memory races (MOE_EMU_PROFILE builds only)
 };
 
 // Static limits of the emulated device (those of sm_90).
@@ -896,9 +953,10 @@ extern "C" int cuemu_launch(const cuemu::KernelEntry* kernel, const cuemu_launch
   if (cfg->shared_bytes > kMaxSharedBytes)
     return reject("dynamic shared memory of " + std::to_string(cfg->shared_bytes) + " bytes exceeds " +
                   std::to_string(kMaxSharedBytes));
-  if (cfg->schedule > 2) return reject("unknown schedule " + std::to_string(cfg->schedule));
+  if (cfg->schedule > 3) return reject("unknown schedule " + std::to_string(cfg->schedule));
 #ifndef CUEMU_PROFILE
   if (cfg->profile) return reject("memory profiling needs the profiling build (MOE_EMU_PROFILE=1)");
+  if (cfg->racecheck) return reject("the race detector needs the profiling build (MOE_EMU_PROFILE=1)");
 #endif
 #ifdef CUEMU_ASAN
   static const bool hooked = (__asan_set_error_report_callback(name_cuda_thread_in_report), true);
@@ -919,6 +977,7 @@ extern "C" int cuemu_launch(const cuemu::KernelEntry* kernel, const cuemu_launch
   std::lock_guard<std::mutex> one_launch(serial);
 #ifdef CUEMU_PROFILE
   if (L.profiling) *profile_out = profiler::launch_begin();
+  racecheck::launch_begin(cfg->racecheck != 0);
 #else
   (void)profile_out;
 #endif

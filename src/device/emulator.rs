@@ -19,13 +19,20 @@ pub const MAX_DYNAMIC_SHARED_BYTES: u32 = if registry::TARGET_ARCHS[0] >= 90 {
 
 /// The order in which the emulator runs the CUDA threads released together (at block
 /// start, at each barrier, at each warp collective). Kernels must be correct under all of
-/// them; the shuffled ones expose missing barriers that in-order execution hides.
+/// them; the shuffled ones expose missing barriers that in-order execution hides, and
+/// run-ahead the missing barriers that keep warps from overtaking each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
     InOrder,
     Reverse,
     /// Shuffled; the seed (varied per launch) makes a run repeatable.
     Random {
+        seed: u64,
+    },
+    /// One warp at a time, chosen with the seed, runs as far as it can (to a block barrier or
+    /// its exit) before another moves: a warp overwrites a shared tile others still read
+    /// unless a barrier stops it, so such a race shows as wrong values.
+    RunAhead {
         seed: u64,
     },
 }
@@ -36,6 +43,7 @@ pub struct EmulatorDevice {
     schedule: Schedule,
     workers: u32,
     stack_kib: u32,
+    racecheck: bool,
     pub(super) counters: Arc<Counters>,
     /// Where profiled launches leave their memory profiles (None: not profiling).
     profiles: Option<Arc<Mutex<Vec<MemoryProfile>>>>,
@@ -51,7 +59,7 @@ struct LaunchConfigC {
     workers: u32,
     stack_kib: u32,
     profile: u32,
-    reserved: u32,
+    racecheck: u32,
 }
 
 unsafe extern "C" {
@@ -91,14 +99,17 @@ impl EmulatorDevice {
             schedule: Schedule::InOrder,
             workers,
             stack_kib: 256,
+            racecheck: false,
             counters: Arc::default(),
             profiles: None,
         }
     }
 
     /// [`new`](Self::new), adjusted by the environment:
-    /// `MOE_EMU_SCHEDULE` = `inorder` | `reverse` | `random`, `MOE_EMU_SEED` (for random),
-    /// `MOE_EMU_WORKERS` (OS threads running blocks), `MOE_EMU_STACK_KIB` (per CUDA thread).
+    /// `MOE_EMU_SCHEDULE` = `inorder` | `reverse` | `random` | `runahead`, `MOE_EMU_SEED` (for
+    /// random and runahead), `MOE_EMU_WORKERS` (OS threads running blocks),
+    /// `MOE_EMU_STACK_KIB` (per CUDA thread), `MOE_EMU_RACECHECK=1` (the race detector, see
+    /// [`with_racecheck`](Self::with_racecheck)).
     pub fn from_env() -> Result<Self> {
         let mut d = Self::new();
         let seed = parse_env("MOE_EMU_SEED", "an unsigned integer")?.unwrap_or(1);
@@ -106,14 +117,26 @@ impl EmulatorDevice {
             None | Some("inorder") => Schedule::InOrder,
             Some("reverse") => Schedule::Reverse,
             Some("random") => Schedule::Random { seed },
+            Some("runahead") => Schedule::RunAhead { seed },
             Some(other) => {
                 return Err(Error::Environment {
                     name: "MOE_EMU_SCHEDULE",
                     value: other.into(),
-                    expected: "inorder, reverse or random",
+                    expected: "inorder, reverse, random or runahead",
                 });
             }
         };
+        match env_var("MOE_EMU_RACECHECK").as_deref() {
+            None | Some("0") => {}
+            Some("1") => d = d.with_racecheck(true)?,
+            Some(other) => {
+                return Err(Error::Environment {
+                    name: "MOE_EMU_RACECHECK",
+                    value: other.into(),
+                    expected: "0 or 1 (1 needs the profiling build, MOE_EMU_PROFILE=1)",
+                });
+            }
+        }
         if let Some(w) = parse_env::<u32>("MOE_EMU_WORKERS", "a positive integer")? {
             if w == 0 {
                 return Err(Error::Environment {
@@ -150,6 +173,30 @@ impl EmulatorDevice {
         })
     }
 
+    /// The same device with the shared-memory race detector on or off. On, a launch fails with
+    /// [`Error::LaunchFailed`] naming the kernel, the shared-memory offset, both threads and
+    /// both accesses (kind, width, source line) when two threads touch a shared word, one of
+    /// them writing, and no barrier or `__syncwarp` orders them. Needs the profiling build
+    /// (`MOE_EMU_PROFILE=1`), whose load/store tracing it rides on.
+    pub fn with_racecheck(&self, on: bool) -> Result<Self> {
+        if on && !profiling_build() {
+            return Err(Error::Environment {
+                name: "MOE_EMU_RACECHECK",
+                value: "1".into(),
+                expected: "unset or 0 in this build: the race detector needs the profiling build (MOE_EMU_PROFILE=1)",
+            });
+        }
+        Ok(Self {
+            racecheck: on,
+            ..self.clone()
+        })
+    }
+
+    /// Whether launches run under the race detector.
+    pub fn racecheck(&self) -> bool {
+        self.racecheck
+    }
+
     /// The profiles of the launches made since the last call (empty when not profiling).
     pub fn take_profiles(&self) -> Vec<MemoryProfile> {
         self.profiles
@@ -167,9 +214,14 @@ impl EmulatorDevice {
             Schedule::InOrder => "in-order".to_string(),
             Schedule::Reverse => "reverse".to_string(),
             Schedule::Random { seed } => format!("random, seed {seed}"),
+            Schedule::RunAhead { seed } => format!("run-ahead, seed {seed}"),
         };
         let asan = if address_sanitizer() { ", AddressSanitizer" } else { "" };
-        format!("CPU emulator ({} workers, {schedule} schedule{asan})", self.workers)
+        let racecheck = if self.racecheck { ", race detector" } else { "" };
+        format!(
+            "CPU emulator ({} workers, {schedule} schedule{asan}{racecheck})",
+            self.workers
+        )
     }
 
     pub(super) fn launch(
@@ -186,6 +238,7 @@ impl EmulatorDevice {
             Schedule::Reverse => (1, 0),
             // Vary the shuffle between launches, repeatably.
             Schedule::Random { seed } => (2, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ launch_index),
+            Schedule::RunAhead { seed } => (3, seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ launch_index),
         };
         let c = LaunchConfigC {
             grid: [config.grid.0, config.grid.1, config.grid.2],
@@ -196,7 +249,7 @@ impl EmulatorDevice {
             workers: self.workers,
             stack_kib: self.stack_kib,
             profile: self.profiles.is_some() as u32,
-            reserved: 0,
+            racecheck: self.racecheck as u32,
         };
         let mut params = args.param_pointers();
         let mut error = vec![0 as c_char; 4096];
