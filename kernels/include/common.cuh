@@ -27,6 +27,10 @@ extern __shared__ __align__(16) unsigned char moe_dynamic_shared[];
 
 typedef int64_t i64;
 
+// The expert id of a slot routed nowhere (a non-finite row, math §2): dispatch lays it out
+// nowhere and, unlike other ids outside [0, E), does not count it as invalid.
+constexpr int kNoExpert = -1;
+
 // One 16-byte global access (ld.global.v4 / st.global.v4 on the GPU). On the emulator it is
 // a single 128-bit access too, which the memory profiler sees at its real width (a plain
 // struct copy would be split into its fields by the host compiler). p: 16-byte aligned; the

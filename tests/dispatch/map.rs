@@ -3,6 +3,7 @@
 use super::common::{Rng, devices};
 use super::{check_map, device_map, random_ids, with_shuffled_schedule};
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, MapPath, SMALL_MAP_MAX_SLOTS, STATUS_CAPACITY_DROPPED};
+use moe_kernels::ops::router;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -36,11 +37,15 @@ fn map_edge_cases_match_reference() {
             };
             check_map(&device, &random_ids(&mut rng, 120, 3, 9), 120, 3, &local);
             let mut invalid = random_ids(&mut rng, 100, 2, 6);
-            for (i, bad) in [(0, -1), (7, 6), (50, i32::MIN), (199, i32::MAX)] {
+            for (i, bad) in [(3, -2), (7, 6), (50, i32::MIN), (199, i32::MAX)] {
                 invalid[i] = bad;
             }
+            // A token routed nowhere (the router's mark of a non-finite row): laid out nowhere,
+            // not an invalid id.
+            invalid[20..22].fill(router::NO_EXPERT);
             let map = check_map(&device, &invalid, 100, 2, &cfg(6));
             assert_eq!(map.status[dispatch::STATUS_INVALID_IDS], 4);
+            assert_eq!(map.inverse[20..22], [-1, -1]);
         }
     }
 }
