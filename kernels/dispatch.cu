@@ -23,6 +23,9 @@
 //                              router's mark of a row routed nowhere): then Y[t] is NaN;
 //                              also the permute backward (no weights: dX[t] = sum_j dXp[inverse])
 //   dispatch_combine_bwd_<T>   dYp[r] = w[slot] dY[slot / k], dw[slot] = <dY[slot / k], Yp[r]>
+//   dispatch_live_rows         rows[t] = t, or -1 for a token routed nowhere (ids[t·k] = kNoExpert):
+//                              the gathered row list that keeps such tokens out of the shared
+//                              experts' weight gradients
 // Row indices read from device memory (sorted_rows, inverse) outside their valid range are
 // treated as -1, so no launch reads or writes out of bounds whatever they hold.
 #include "dispatch_map.cuh"
@@ -303,3 +306,15 @@ DISPATCH_COMBINE_BWD(f16, __half)
 EMU_EXPORT(dispatch_combine_bwd_f16)
 DISPATCH_COMBINE_BWD(bf16, __nv_bfloat16)
 EMU_EXPORT(dispatch_combine_bwd_bf16)
+
+// ------------------------------------------------------------------------------------------
+// dispatch_live_rows(ids [T, k], tokens, k, rows [T]): rows[t] = t, or -1 when the router routed
+// token t nowhere (a non-finite row: all its ids are kNoExpert, so its first one is). A GEMM
+// that gathers its rows through `rows` sees such a token as padding (zeros), which keeps it out
+// of the sums over tokens of the shared experts' weight gradients.
+// Launch: any grid, any block; grid-stride. Traffic: one id read and one int written per token.
+extern "C" __global__ void dispatch_live_rows(const int* ids, int tokens, int k, int* rows) {
+  for (i64 t = global_thread_x(); t < tokens; t += i64(gridDim.x) * blockDim.x)
+    rows[t] = ids[t * k] == kNoExpert ? -1 : int(t);
+}
+EMU_EXPORT(dispatch_live_rows)

@@ -27,6 +27,9 @@ extern __shared__ __align__(16) unsigned char moe_dynamic_shared[];
 
 typedef int64_t i64;
 
+// v is neither NaN nor +-inf.
+__device__ __forceinline__ bool finite_f32(float v) { return fabsf(v) <= 3.402823466e+38f; }
+
 // The expert id of a slot routed nowhere (a non-finite row, math §2): dispatch lays it out
 // nowhere and, unlike other ids outside [0, E), does not count it as invalid.
 constexpr int kNoExpert = -1;

@@ -82,6 +82,13 @@ pub fn routing_map(ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> 
     }
 }
 
+/// `rows[t] = t`, or -1 for a token routed nowhere (its first id is [`NO_EXPERT`]).
+pub fn live_rows(ids: &[i32], tokens: usize, k: usize) -> Vec<i32> {
+    (0..tokens)
+        .map(|t| if ids[t * k] == NO_EXPERT { -1 } else { t as i32 })
+        .collect()
+}
+
 /// Row `r` of `rows` (`[n, d]`), or None for an index outside it.
 fn row(rows: &[f32], index: i32, d: usize) -> Option<&[f32]> {
     let start = usize::try_from(index).ok()? * d;

@@ -156,6 +156,11 @@ pub fn scores_backward(shape: &GateShape, params: &GateParams, x: &[f64], dz: &[
         let dx_t = &mut dx[t * d..(t + 1) * d];
         for e in 0..e_count {
             let g = dz[t * e_count + e];
+            if g == 0.0 {
+                // Every term is linear in g: nothing to add, even where the row's projections
+                // are not finite (a row routed nowhere, math §2, has dz = 0 and may be NaN).
+                continue;
+            }
             // The linear term B_e·x + c_e (b of the linear gate is a bias, handled there).
             let linear = |b: &Option<Vec<f64>>, dx_t: &mut [f64], grads: &mut Vec<(&'static str, Vec<f64>)>| {
                 if let (Some(b), Some(ib)) = (b, ib) {

@@ -27,7 +27,7 @@
 mod map;
 mod rows;
 
-pub use map::{CountedMap, RoutingMap, place_counted, routing_map};
+pub use map::{CountedMap, RoutingMap, live_rows, place_counted, routing_map};
 pub use rows::{combine, combine_backward, permute, permute_backward};
 
 use crate::{Error, Result};
