@@ -10,6 +10,10 @@
 //   (B, b, c optional; the monomial form is full without B.) X and the weights share one
 //   dtype (f32/f16/bf16); z, dz, biases and weight gradients are f32; dX has X's dtype.
 //
+// Non-finite input rows (math §1): a row of X with an element that is NaN, +-inf or at least
+// 2^64 in magnitude (its square overflows f32) gets NaN logits from the forward, whatever the
+// form, so the router routes it nowhere; in the backward its dz is 0, which adds nothing.
+//
 // Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
 // threads: f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC register tile,
 // and for the f16/bf16 forward mma.sync tensor-core tiles (gate_mma.cuh). All sums run in a
@@ -79,6 +83,10 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   const int chunks = G::left ? (rank + GATE_RC - 1) / GATE_RC : 1;
   const float inv_sqrt_rank = G::query ? rsqrtf(float(rank)) : 1.0f;
 
+  // Forward: the rows of the tile with a huge_input element get NaN logits (math §1). Written
+  // by the loaders, read after the k-loop's barriers.
+  __shared__ int huge_rows[GATE_BM];
+  if (!COEF && threadIdx.x < GATE_BM) huge_rows[threadIdx.x] = 0;
   float z[GATE_TM][G::NG] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int r0 = chunk * GATE_RC;
@@ -102,7 +110,7 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
     float q[GATE_TM][G::query ? GATE_RC : 1] = {};
     for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
       __syncthreads();  // the previous k-tile has been consumed
-      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec);
+      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, COEF ? nullptr : huge_rows);
       load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
       __syncthreads();
       tile_fma<GATE_TM, G::NG, G::NC>(acc, As, GATE_BM, Bs, G::BN, ty, tx);
@@ -167,7 +175,8 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
 #pragma unroll
       for (int jg = 0; jg < G::NG; ++jg) {
         const int e = e0 + tx + 16 * jg;
-        if (t < tokens && e < experts) out[t * experts + e] = z[i][jg] + (bias ? bias[e] : 0.0f);
+        if (t < tokens && e < experts)
+          out[t * experts + e] = huge_rows[ty + 16 * i] ? __uint_as_float(kQuietNaN) : z[i][jg] + (bias ? bias[e] : 0.0f);
       }
     }
   }

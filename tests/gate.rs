@@ -505,10 +505,11 @@ fn results_are_bitwise_reproducible() {
     }
 }
 
-/// Rows routed nowhere (math §2) add nothing to the gate's gradients: a batch whose last rows
-/// hold a NaN, an infinity and values that overflow the projections, each with a zero dz row
-/// (what the router's backward gives them), has weight gradients bitwise equal to the batch
-/// without those rows, every one finite, and the same z and dX on the other rows. The rows are
+/// Non-finite input rows (math §1) get NaN logits and, routed nowhere (§2), add nothing to the
+/// gate's gradients: a batch whose last rows hold a NaN, an infinity and values of at least
+/// 2^64 (that overflow the projections), each with a zero dz row (what the router's backward
+/// gives them), has NaN z there, weight gradients bitwise equal to the batch without those
+/// rows, every one finite, and the same z and dX on the other rows. The rows are
 /// last so that every other row keeps its place in the fixed summation orders (tokens in order
 /// for dW; 8 strided lanes for the bias sums), which is what makes "bitwise" the right test:
 /// the extra rows only add exact zeros. The reference (which skips zero dz) agrees.
@@ -529,6 +530,10 @@ fn rows_routed_nowhere_add_nothing_to_gradients() {
         let want = run_case::<T>(device, &kept, &host, &x[..good * d], &dz[..good * e]);
         assert_eq!(got.grads, want.grads, "{what}: weight gradients");
         assert_eq!(got.z[..good * e], want.z[..], "{what}: z");
+        assert!(
+            Outputs::floats(&got.z[good * e..]).iter().all(|v| v.is_nan()),
+            "{what}: NaN z"
+        );
         assert_eq!(got.dx[..good * d], want.dx[..], "{what}: dx");
         for (name, bits) in &got.grads {
             assert!(Outputs::floats(bits).iter().all(|v| v.is_finite()), "{what}: d{name}");

@@ -24,8 +24,6 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
 // Added to the denominator when k weights are renormalized (math §2).
 constexpr float kRenormEpsilon = 1e-20f;
-// The weight a non-finite row gets in every slot (a quiet NaN).
-constexpr unsigned kQuietNaN = 0x7fc00000u;
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

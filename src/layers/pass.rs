@@ -18,8 +18,9 @@
 //! their weight gradients (`ops::dispatch::live_rows`), a residual gradient (Chain-of-Experts)
 //! 1 sum.
 //!
-//! **Non-finite rows** (math §2): a token whose logits are non-finite (a NaN or infinity in its
-//! input row reaches every logit) is routed nowhere: no expert sees it, its output row is NaN,
+//! **Non-finite rows** (math §2): a token whose logits are non-finite (the gate makes every
+//! logit NaN for an input row with a NaN, an infinity or an element of at least 2^64) is
+//! routed nowhere: no expert sees it, its output row is NaN,
 //! its dz row is zero so the gate's gradients skip it, and the shared experts' weight gradients
 //! gather the tokens through a list where it is padding. Every other token's output and every
 //! weight gradient are then bitwise what the batch without it gives (without aux or z losses,

@@ -1,5 +1,5 @@
-//! The non-finite policy (math §2) through whole layers: a token whose input row holds a NaN or
-//! an infinity is routed nowhere, counted in `nonfinite_rows`, gets a NaN output row, and
+//! The non-finite policy (math §1, §2) through whole layers: a token whose input row holds a
+//! NaN, an infinity or a huge value (1e30: its square overflows f32) is routed nowhere, counted in `nonfinite_rows`, gets a NaN output row, and
 //! leaves every other output row and every gradient bitwise what the batch without it gives.
 use crate::common::devices;
 use crate::support::{Case, Run, router_kinds, run, small};
@@ -47,15 +47,16 @@ fn check<T: FloatElement>(device: &Device, name: &str, router: RouterKind) {
         ..small(router)
     };
     let (good, d) = (13, config.dim);
-    let mut full = Case::new::<T>(config, good + 2, 3);
+    let mut full = Case::new::<T>(config, good + 3, 3);
     full.x[good * d + 5] = f32::NAN;
     full.x[(good + 1) * d + 7] = f32::INFINITY;
-    let kept = without_last(&full, 2);
+    full.x[(good + 2) * d..].fill(1e30);
+    let kept = without_last(&full, 3);
     let what = format!("{name} {} on {}", T::NAME, device.description());
 
     let mut layer = MoeLayer::<T>::new(device, config, &full.weights).unwrap();
     let got = run::<T>(device, &mut layer, &full);
-    assert_eq!(device.download(layer.nonfinite_rows()).unwrap(), [2], "{what}: counted");
+    assert_eq!(device.download(layer.nonfinite_rows()).unwrap(), [3], "{what}: counted");
     let want = run::<T>(
         device,
         &mut MoeLayer::<T>::new(device, config, &kept.weights).unwrap(),

@@ -7,8 +7,7 @@
 //! **Rules every op follows.** Ties go to the lower expert index. A NaN score ranks below
 //! every number. The k ids of a finite row are distinct and in `[0, E)`. A row is *non-finite*
 //! when one of its logits is NaN or +inf, or none is finite (all -inf / NaN); that covers a
-//! non-finite input row, whose NaN or infinity reaches every logit, and a finite one whose
-//! logits overflow. Such a row is routed nowhere: all its ids are [`NO_EXPERT`] and all its
+//! non-finite input row, whose logits `ops::gate` makes NaN, and one whose logits overflow. Such a row is routed nowhere: all its ids are [`NO_EXPERT`] and all its
 //! weights NaN, so dispatch lays it out for no expert and the combine makes its output row NaN
 //! (the caller sees it); its probabilities are 0, it adds nothing to the losses, gets a zero
 //! gradient, and [`select`] counts it. -inf logits in a row with finite ones are ordinary
