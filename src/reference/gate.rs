@@ -83,7 +83,7 @@ fn row(m: &[f64], i: usize, n: usize) -> &[f64] {
 /// An input element that makes its row non-finite (math §1): NaN, ±∞, or a magnitude of at
 /// least 2^64, whose square overflows f32.
 pub fn is_huge_input(v: f64) -> bool {
-    !(v.abs() < 18446744073709551616.0)
+    v.is_nan() || v.abs() >= 18446744073709551616.0
 }
 
 /// z `[T, E]` of every form; NaN rows for rows of `x` with an [`is_huge_input`] element.
