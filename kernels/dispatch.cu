@@ -6,8 +6,9 @@
 //   sorted_rows[len]   per row the source slot t·k + j, by expert then slot; -1 for padding and for
 //                      every row after offsets[L] (len is the host's upper bound)
 //   inverse[T·k]       the row of each slot; -1 if not laid out (other rank's expert, dropped by
-//                      capacity, or an id outside [0, E))
-//   status[2]          [0] slots dropped by capacity, [1] ids outside [0, E) (never read past)
+//                      capacity, routed nowhere: kNoExpert, or an id outside [0, E))
+//   status[2]          [0] slots dropped by capacity, [1] ids outside [0, E) other than kNoExpert
+//                      (never read past)
 // Capacity C >= 0 keeps each expert's first C slots in PRIORITY_ORDER (all j = 0 by token,
 // then j = 1, ...); capacity < 0 keeps all. Launches: T·k small -> dispatch_map_small (1);
 // otherwise [count, rank] in PRIORITY_ORDER if capacity >= 0, then [count, rank] in SOURCE_ORDER.
@@ -18,8 +19,13 @@
 // d is a multiple of 16 bytes and the rows are 16-byte aligned, else one element at a time):
 //   dispatch_permute_<T>       Xp[r] = X[sorted_rows[r] / k] (zeros where sorted_rows[r] = -1)
 //   dispatch_combine_<T>       Y[t] = sum_j w[t,j] Yp[inverse[t·k+j]] (+ R[t]), j = 0..k-1 in order;
+//                              a slot not laid out adds nothing, unless its weight is NaN (the
+//                              router's mark of a row routed nowhere): then Y[t] is NaN;
 //                              also the permute backward (no weights: dX[t] = sum_j dXp[inverse])
 //   dispatch_combine_bwd_<T>   dYp[r] = w[slot] dY[slot / k], dw[slot] = <dY[slot / k], Yp[r]>
+//   dispatch_live_rows         rows[t] = t, or -1 for a token routed nowhere (ids[t·k] = kNoExpert):
+//                              the gathered row list that keeps such tokens out of the shared
+//                              experts' weight gradients
 // Row indices read from device memory (sorted_rows, inverse) outside their valid range are
 // treated as -1, so no launch reads or writes out of bounds whatever they hold.
 #include "dispatch_map.cuh"
@@ -178,7 +184,8 @@ EMU_EXPORT(dispatch_permute_f16)
 DISPATCH_PERMUTE(bf16, __nv_bfloat16)
 EMU_EXPORT(dispatch_permute_bf16)
 
-// One token's output row: y = sum_j w_j yp[inverse_j] (+ residual), f32, j in order.
+// One token's output row: y = sum_j w_j yp[inverse_j] (+ residual), f32, j in order; NaN when a
+// slot not laid out has a NaN weight (a row routed nowhere: its output shows it).
 template <class T, int V>
 __device__ __forceinline__ void combine_row(const T* yp, const int* inverse, const float* weights,
                                             const T* residual, int k, int d, i64 yp_rows, T* y, int lane,
@@ -188,8 +195,12 @@ __device__ __forceinline__ void combine_row(const T* yp, const int* inverse, con
     for (int i = 0; i < V; ++i) acc[i] = 0.0f;
     for (int j = 0; j < k; ++j) {
       const int r = inverse[j];
-      if (r < 0 || r >= yp_rows) continue;  // dropped or not dispatched: contributes nothing
       const float w = weights ? weights[j] : 1.0f;
+      if (r < 0 || r >= yp_rows) {  // dropped or not dispatched: contributes nothing ...
+        if (w != w)                 // ... but routed nowhere (NaN weight) makes the row NaN
+          for (int i = 0; i < V; ++i) acc[i] = w;
+        continue;
+      }
       load_f32<T, V>(v, yp + i64(r) * d + c);
       for (int i = 0; i < V; ++i) acc[i] += w * v[i];
     }
@@ -295,3 +306,15 @@ DISPATCH_COMBINE_BWD(f16, __half)
 EMU_EXPORT(dispatch_combine_bwd_f16)
 DISPATCH_COMBINE_BWD(bf16, __nv_bfloat16)
 EMU_EXPORT(dispatch_combine_bwd_bf16)
+
+// ------------------------------------------------------------------------------------------
+// dispatch_live_rows(ids [T, k], tokens, k, rows [T]): rows[t] = t, or -1 when the router routed
+// token t nowhere (a non-finite row: all its ids are kNoExpert, so its first one is). A GEMM
+// that gathers its rows through `rows` sees such a token as padding (zeros), which keeps it out
+// of the sums over tokens of the shared experts' weight gradients.
+// Launch: any grid, any block; grid-stride. Traffic: one id read and one int written per token.
+extern "C" __global__ void dispatch_live_rows(const int* ids, int tokens, int k, int* rows) {
+  for (i64 t = global_thread_x(); t < tokens; t += i64(gridDim.x) * blockDim.x)
+    rows[t] = ids[t * k] == kNoExpert ? -1 : int(t);
+}
+EMU_EXPORT(dispatch_live_rows)

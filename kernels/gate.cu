@@ -10,6 +10,10 @@
 //   (B, b, c optional; the monomial form is full without B.) X and the weights share one
 //   dtype (f32/f16/bf16); z, dz, biases and weight gradients are f32; dX has X's dtype.
 //
+// Non-finite input rows (math §1): a row of X with an element that is NaN, +-inf or at least
+// 2^64 in magnitude (its square overflows f32) gets NaN logits from the forward, whatever the
+// form, so the router routes it nowhere; in the backward its dz is 0, which adds nothing.
+//
 // Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
 // threads: f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC register tile,
 // and for the f16/bf16 forward mma.sync tensor-core tiles (gate_mma.cuh). All sums run in a
@@ -57,7 +61,7 @@ template <Form F, bool COEF> struct GateForm {
 // Coefficient mode (dz given): instead of z, writes for j < rank into ws [T, 2 E rank]
 //   coefL at [t, e rank + j] (the gradient coefficient of left row j) and coefR at
 //   [t, E rank + e rank + j] (of V row j; attention: g K_ej.x / sqrt r, full: g A_ej.x,
-//   both summed over e later; symmetric: unused).
+//   both summed over e later; symmetric: unused); 0 wherever dz is 0.
 // Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + BN) * 16 * 4 bytes dynamic shared.
 template <class T, Form F, bool COEF>
 __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, const float* bias,
@@ -79,6 +83,10 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   const int chunks = G::left ? (rank + GATE_RC - 1) / GATE_RC : 1;
   const float inv_sqrt_rank = G::query ? rsqrtf(float(rank)) : 1.0f;
 
+  // Forward: the rows of the tile with a huge_input element get NaN logits (math §1). Written
+  // by the loaders, read after the k-loop's barriers.
+  __shared__ int huge_rows[GATE_BM];
+  if (!COEF && threadIdx.x < GATE_BM) huge_rows[threadIdx.x] = 0;
   float z[GATE_TM][G::NG] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int r0 = chunk * GATE_RC;
@@ -102,7 +110,7 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
     float q[GATE_TM][G::query ? GATE_RC : 1] = {};
     for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
       __syncthreads();  // the previous k-tile has been consumed
-      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec);
+      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, COEF ? nullptr : huge_rows);
       load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
       __syncthreads();
       tile_fma<GATE_TM, G::NG, G::NC>(acc, As, GATE_BM, Bs, G::BN, ty, tx);
@@ -118,7 +126,10 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
         const float* a = &acc[i][jg * G::NC];
         if constexpr (COEF) {
           if (t >= tokens || e >= experts) continue;
+          // A zero dz (every logit of a row routed nowhere, math §2) gives exactly zero
+          // coefficients: the row's projections may be NaN or inf, and 0 * NaN is not 0.
           const float g = dz[t * experts + e];
+          auto times_g = [g](float v) { return g == 0.0f ? 0.0f : g * v; };
           float* coef_left = out + t * (2 * i64(experts) * rank) + i64(e) * rank;
           float* coef_right = coef_left + i64(experts) * rank;
 #pragma unroll
@@ -126,16 +137,16 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
             const int j = r0 + c;
             if (j >= rank) break;
             if constexpr (F == Form::LowRank) {
-              coef_left[j] = g * a[G::RC + c];
-              coef_right[j] = g * a[c];
+              coef_left[j] = times_g(a[G::RC + c]);
+              coef_right[j] = times_g(a[c]);
             } else if constexpr (F == Form::Symmetric) {
-              coef_left[j] = 2.0f * g * a[c];
+              coef_left[j] = times_g(2.0f * a[c]);
             } else if constexpr (F == Form::Attention) {
-              coef_left[j] = g * q[i][c] * inv_sqrt_rank;
-              coef_right[j] = g * a[c] * inv_sqrt_rank;
+              coef_left[j] = times_g(q[i][c]) * inv_sqrt_rank;
+              coef_right[j] = times_g(a[c]) * inv_sqrt_rank;
             } else if constexpr (F == Form::Full) {
-              coef_left[j] = g * to_f32(x[t * d + j]);
-              coef_right[j] = g * a[c];
+              coef_left[j] = times_g(to_f32(x[t * d + j]));
+              coef_right[j] = times_g(a[c]);
             }
           }
         } else {
@@ -164,7 +175,8 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
 #pragma unroll
       for (int jg = 0; jg < G::NG; ++jg) {
         const int e = e0 + tx + 16 * jg;
-        if (t < tokens && e < experts) out[t * experts + e] = z[i][jg] + (bias ? bias[e] : 0.0f);
+        if (t < tokens && e < experts)
+          out[t * experts + e] = huge_rows[ty + 16 * i] ? __uint_as_float(kQuietNaN) : z[i][jg] + (bias ? bias[e] : 0.0f);
       }
     }
   }
@@ -326,7 +338,9 @@ EMU_EXPORT(gate_dx_bf16)
 // ------------------------------------------------------------------------------------------
 // gate_dw_<dtype>: dW[r, l] = sum_t G[t * ldg + r] X[t * d + l] for r < rows, l < d (f32).
 // The weight gradient of one stacked segment; t = 0 .. T-1 in k-tiles, in order (T = 0
-// writes zeros). Mapping: blockIdx.x = 64-row tile of dW, blockIdx.y = 64-column tile of d;
+// writes zeros). A NaN or +-inf element of X counts as 0: it makes every logit of its row
+// non-finite, so the row was routed nowhere (math §2), its dz and coefficients are 0, and it
+// must add exactly nothing (0 * NaN would poison dW). Mapping: blockIdx.x = 64-row tile of dW, blockIdx.y = 64-column tile of d;
 // thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j (i, j < 4).
 // Traffic: G read once per column tile, X once per row tile, dW written once.
 // Launch: grid (ceil(rows/64), ceil(d/64)), 256 threads, 8 KiB dynamic shared.
@@ -345,7 +359,7 @@ __device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, 
     auto x_row = [&](int k) -> const T* { return k0 + k < tokens ? x + (k0 + k) * d + l0 : nullptr; };
     __syncthreads();
     load_tile_m_contiguous<float>(As, GATE_BM, GATE_BM, g_row, rows - r0, vec_g);
-    load_tile_m_contiguous<T>(Bs, 64, 64, x_row, d - l0, vec_x);
+    load_tile_m_contiguous<T>(Bs, 64, 64, x_row, d - l0, vec_x, true);
     __syncthreads();
     tile_fma<GATE_TM, 4, 1>(acc, As, GATE_BM, Bs, 64, ty, tx);
   }

@@ -221,7 +221,7 @@ __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int
 // (or leaves the accumulated values as they are).
 // Mapping: blockIdx.y = index into active, blockIdx.x = (N tile, K tile) of dB_e; the reduction
 //   runs over the group's rows in order (deterministic): dC and A tiles both MN-major; A rows
-//   gathered like the forward's.
+//   gathered like the forward's; a row A lacks (nullptr) loads as zeros in dC too.
 // Traffic: dC_e read once per K tile, A_e once per N tile, dB written (or read and written) once.
 // Launch: grid (ceil(N / BM) * ceil(K / BN), active count), Tile::THREADS threads,
 //   Tile::smem_bytes<MN, MN>() dynamic shared bytes.
@@ -236,7 +236,9 @@ __device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> 
   const int tiles_n = int((n + Tile::BM - 1) / Tile::BM);
   const i64 n0 = i64(blockIdx.x % tiles_n) * Tile::BM, k0 = i64(blockIdx.x / tiles_n) * Tile::BN;
   const GroupRange g = group_range(offsets, e, rows);
-  auto dc_row = [&](i64 r) -> const T* { return dc + (g.start + r) * n + n0; };
+  // A row absent from A (padding, or a token routed nowhere in a gathered list) is absent from
+  // dC too: 0 * NaN would otherwise reach dB.
+  auto dc_row = [&](i64 r) -> const T* { return a.row(g.start + r) ? dc + (g.start + r) * n + n0 : nullptr; };
   auto a_row = [&](i64 r) -> const T* {
     const T* p = a.row(g.start + r);
     return p ? p + k0 : nullptr;

@@ -237,7 +237,7 @@ extern "C" __global__ void router_row_logsumexp_f32(const float* z, long long T,
   const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (row >= T) return;
   const RowSoftmax stats = row_softmax_global(z + row * E, E, E % 4 == 0 && aligned_16(z));
-  if (threadIdx.x % kWarp == 0) lse[row] = stats.nonfinite ? __uint_as_float(0x7fc00000u) : stats.max + logf(stats.sum);
+  if (threadIdx.x % kWarp == 0) lse[row] = stats.nonfinite ? __uint_as_float(kQuietNaN) : stats.max + logf(stats.sum);
 }
 EMU_EXPORT(router_row_logsumexp_f32)
 

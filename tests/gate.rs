@@ -505,6 +505,64 @@ fn results_are_bitwise_reproducible() {
     }
 }
 
+/// Non-finite input rows (math §1) get NaN logits and, routed nowhere (§2), add nothing to the
+/// gate's gradients: a batch whose last rows hold a NaN, an infinity and values of at least
+/// 2^64 (that overflow the projections), each with a zero dz row (what the router's backward
+/// gives them), has NaN z there, weight gradients bitwise equal to the batch without those
+/// rows, every one finite, and the same z and dX on the other rows. The rows are
+/// last so that every other row keeps its place in the fixed summation orders (tokens in order
+/// for dW; 8 strided lanes for the bias sums), which is what makes "bitwise" the right test:
+/// the extra rows only add exact zeros. The reference (which skips zero dz) agrees.
+#[test]
+fn rows_routed_nowhere_add_nothing_to_gradients() {
+    fn check<T: FloatElement>(device: &Device, form: GateForm, rank: usize) {
+        let (good, d) = (37, 19);
+        let full = Case::new(form, good + 3, d, 9, rank);
+        let kept = Case::new(form, good, d, 9, rank);
+        let (host, mut x, mut dz) = inputs::<T>(&full);
+        let e = full.shape.experts;
+        x[good * d + 4] = f64::NAN;
+        x[(good + 1) * d + 2] = f64::NEG_INFINITY;
+        x[(good + 2) * d..].fill(3e38);
+        dz[good * e..].fill(0.0);
+        let what = format!("{form:?} rank {rank} {} on {}", T::NAME, device.description());
+        let got = run_case::<T>(device, &full, &host, &x, &dz);
+        let want = run_case::<T>(device, &kept, &host, &x[..good * d], &dz[..good * e]);
+        assert_eq!(got.grads, want.grads, "{what}: weight gradients");
+        assert_eq!(got.z[..good * e], want.z[..], "{what}: z");
+        assert!(
+            Outputs::floats(&got.z[good * e..]).iter().all(|v| v.is_nan()),
+            "{what}: NaN z"
+        );
+        assert_eq!(got.dx[..good * d], want.dx[..], "{what}: dx");
+        for (name, bits) in &got.grads {
+            assert!(Outputs::floats(bits).iter().all(|v| v.is_finite()), "{what}: d{name}");
+        }
+        let g_ref = reference::scores_backward(&full.shape, &host, &x, &dz);
+        let dw_tol = Tolerance::F32.over(full.shape.tokens * d * 2).scaled(4.0);
+        for ((name, bits), (_, want)) in got.grads.iter().zip(&g_ref.params) {
+            assert_close(
+                &format!("{what}: reference d{name}"),
+                &Outputs::floats(bits),
+                want,
+                dw_tol,
+            );
+        }
+    }
+    for device in devices() {
+        for form in GateForm::ALL {
+            let rank = if form == GateForm::Linear || form == GateForm::Full {
+                1
+            } else {
+                3
+            };
+            check::<f32>(&device, form, rank);
+            check::<f16>(&device, form, rank);
+            check::<bf16>(&device, form, rank);
+        }
+    }
+}
+
 /// `L = Σ dz ⊙ z`: the reference's gradients against central differences of its scores.
 #[test]
 fn reference_gradients_match_finite_differences() {

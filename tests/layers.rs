@@ -11,5 +11,7 @@ mod chain;
 mod esft;
 #[path = "layers/moe.rs"]
 mod moe;
+#[path = "layers/nonfinite.rs"]
+mod nonfinite;
 #[path = "layers/vq.rs"]
 mod vq;

@@ -111,6 +111,15 @@ fn check_selection(config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>, 
     let mut expected_weights = vec![];
     for (t, row) in logits.chunks(e).enumerate() {
         let ids = &got.ids[t * k..(t + 1) * k];
+        if reference::row_is_nonfinite(row) {
+            // Routed nowhere: every id NO_EXPERT, every weight NaN (checked below).
+            assert!(
+                ids.iter().all(|&i| i == router::NO_EXPERT),
+                "non-finite row {t}: ids {ids:?}"
+            );
+            expected_weights.extend(reference::weights_for(config, row, ids));
+            continue;
+        }
         let mut sorted = ids.to_vec();
         sorted.sort();
         sorted.dedup();
@@ -303,19 +312,22 @@ fn select_ties_and_nonfinite_rows() {
     let logits = [
         1.0, 1.0, 1.0, 1.0, 1.0, 1.0, // all equal: ids 0, 1, 2, weights 1/6
         0.0, 2.0, 0.0, 2.0, 0.0, 2.0, // planted ties: 1, 3, 5
-        nan, nan, nan, nan, nan, nan, // all NaN: 0, 1, 2, weights 0
-        -inf, -inf, -inf, -inf, -inf, -inf, // all -inf: 0, 1, 2, weights 0
-        nan, -inf, nan, -inf, 3.0, nan, // NaN below -inf: 4, 1, 3, weights 0 (a NaN)
-        0.0, inf, 1.0, 2.0, 0.0, 0.0, // +inf first: 1, 3, 2, weights 0
+        nan, nan, nan, nan, nan, nan, // all NaN: routed nowhere (ids -1, weights NaN)
+        -inf, -inf, -inf, -inf, -inf, -inf, // all -inf: routed nowhere
+        nan, -inf, nan, -inf, 3.0, nan, // one NaN: routed nowhere
+        0.0, inf, 1.0, 2.0, 0.0, 0.0, // one +inf: routed nowhere
         -inf, 1.0, -inf, 0.0, -inf, -inf, // -inf masks: 1, 3, 0 with finite weights
     ];
-    let expected_ids = [0, 1, 2, 1, 3, 5, 0, 1, 2, 0, 1, 2, 4, 1, 3, 1, 3, 2, 1, 3, 0];
+    let no = router::NO_EXPERT;
+    let expected_ids = [
+        0, 1, 2, 1, 3, 5, no, no, no, no, no, no, no, no, no, no, no, no, 1, 3, 0,
+    ];
     for device in devices() {
         let got = run_select(&device, &config, &logits, None);
         assert_eq!(got.ids, expected_ids);
         assert_eq!(got.nonfinite_rows, 4);
         check_selection(&config, &logits, None, &got);
-        assert!(got.weights[6..18].iter().all(|&w| w == 0.0), "{:?}", got.weights);
+        assert!(got.weights[6..18].iter().all(|w| w.is_nan()), "{:?}", got.weights);
         assert!(got.weights[18..20].iter().all(|&w| w > 0.0) && got.weights[20] == 0.0);
 
         // The counter accumulates: a second call without zeroing adds 4 more.

@@ -27,6 +27,18 @@ extern __shared__ __align__(16) unsigned char moe_dynamic_shared[];
 
 typedef int64_t i64;
 
+// v is neither NaN nor +-inf.
+__device__ __forceinline__ bool finite_f32(float v) { return fabsf(v) <= 3.402823466e+38f; }
+// An input element this large (2^64: its square overflows f32), NaN or +-inf makes its row
+// non-finite (math §1): the gate writes NaN logits for it, so the router routes it nowhere.
+__device__ __forceinline__ bool huge_input(float v) { return !(fabsf(v) < 18446744073709551616.0f); }
+// A quiet NaN's bits.
+constexpr unsigned kQuietNaN = 0x7fc00000u;
+
+// The expert id of a slot routed nowhere (a non-finite row, math §2): dispatch lays it out
+// nowhere and, unlike other ids outside [0, E), does not count it as invalid.
+constexpr int kNoExpert = -1;
+
 // One 16-byte global access (ld.global.v4 / st.global.v4 on the GPU). On the emulator it is
 // a single 128-bit access too, which the memory profiler sees at its real width (a plain
 // struct copy would be split into its fields by the host compiler). p: 16-byte aligned; the

@@ -3,8 +3,9 @@
 // Slots s = t·k + j are visited in one of two orders:
 //   SOURCE_ORDER    s = 0, 1, 2, ...                     (the order rows are laid out in)
 //   PRIORITY_ORDER  all j = 0 by token, then j = 1, ...  (the order capacity keeps slots in)
-// Each slot falls in a bucket: 0..L-1 its local expert, L an id outside [0, E) (counted, never
-// laid out), or -1 (another rank's expert, or a slot capacity dropped: not dispatched here).
+// Each slot falls in a bucket: 0..L-1 its local expert, L an id outside [0, E) other than
+// kNoExpert (counted, never laid out), or -1 (kNoExpert: routed nowhere; another rank's expert;
+// or a slot capacity dropped: not dispatched here).
 //
 // A block ranks a tile of slots stably in three phases, each warp owning a contiguous part:
 //   1. rank_in_warp: 32 slots at a time, lanes with the same bucket find each other with one
@@ -37,9 +38,10 @@ struct MapShape {
     return t * k + j;
   }
   // The bucket of `slot`; with `kept` (the capacity pass's flags), a local slot whose flag is
-  // negative was dropped and gets -1.
+  // negative was dropped and gets -1, as does kNoExpert.
   __device__ __forceinline__ int bucket_of(int slot, const int* kept) const {
     const int id = ids[slot];
+    if (id == kNoExpert) return -1;
     if (id < 0 || id >= num_experts) return local_experts;
     const int local = id - expert_begin;
     if (local < 0 || local >= local_experts || (kept && kept[slot] < 0)) return -1;

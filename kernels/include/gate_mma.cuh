@@ -50,10 +50,11 @@ template <Form F> struct MmaForm {
 
 // tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the stored 16-bit type;
 // 0 past klen and for null rows, except 1 at k0 + k == unit(m) (an identity row) when
-// unit(m) >= 0. vec: row starts 16-byte aligned (rows_aligned_16).
+// unit(m) >= 0. vec: row starts 16-byte aligned (rows_aligned_16). huge_rows (shared, or
+// null): set to 1 for a row with a huge_input element.
 template <class T, class RowFn, class UnitFn>
 __device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
-                                                i64 klen, bool vec) {
+                                                i64 klen, bool vec, int* huge_rows = nullptr) {
   constexpr int V = 8, UNITS = MMA_BK / V;
   for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
     const int m = item / UNITS, u = item % UNITS;
@@ -61,13 +62,20 @@ __device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, Un
     const T* p = row(m);
     T* dst = tile + m * MMA_LD + u * V;
     if (p != nullptr && vec && k + V <= klen) {
-      store_128(reinterpret_cast<Raw16*>(dst), load_128(reinterpret_cast<const Raw16*>(p + k)));
+      const Raw16 raw = load_128(reinterpret_cast<const Raw16*>(p + k));
+      store_128(reinterpret_cast<Raw16*>(dst), raw);
+      if (huge_rows) {
+#pragma unroll
+        for (int q = 0; q < V; ++q)
+          if (huge_input(raw16_element(raw, q, static_cast<T*>(nullptr)))) huge_rows[m] = 1;
+      }
     } else {
       const i64 one_at = unit(m);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         const float v = (p != nullptr && k + q < klen) ? to_f32(p[k + q]) : (k + q == one_at ? 1.0f : 0.0f);
         dst[q] = from_f32<T>(v);
+        if (huge_rows && huge_input(v)) huge_rows[m] = 1;
       }
     }
   }
@@ -97,6 +105,10 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
 
   // z of this warp's experts for rows g and g + 8, summed over chunks (every lane of a quad
   // holds the same pair sums; the linear term is added at the end).
+  // Rows of the tile with a huge_input element get NaN logits (gate.cu); read after the
+  // k-loop's barriers.
+  __shared__ int huge_rows[GATE_BM];
+  if (threadIdx.x < GATE_BM) huge_rows[threadIdx.x] = 0;
   float zpair[M::PAIR_TILES > 0 ? M::PAIR_TILES : 1][2] = {};
   float zlin[M::LIN_TILES][4] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
@@ -127,7 +139,7 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
     float acc[M::PAIR_TILES + M::LIN_TILES][4] = {};
     for (i64 k0 = 0; k0 < d; k0 += MMA_BK) {
       __syncthreads();  // the previous k-tile has been consumed
-      load_tile_16bit<T>(As, GATE_BM, x_row, no_unit, k0, d, vec);
+      load_tile_16bit<T>(As, GATE_BM, x_row, no_unit, k0, d, vec, huge_rows);
       load_tile_16bit<T>(Bs, M::COLS, weight_row, unit_column, k0, d, vec);
       __syncthreads();
 #pragma unroll
@@ -166,6 +178,8 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   // Lane t writes experts 2t, 2t+1 of each linear tile (rows g and g + 8); the pair sums
   // of those experts are in every lane of its quad.
   const i64 row_top = t0 + wm * 16 + g, row_bottom = row_top + 8;
+  const bool huge_top = huge_rows[wm * 16 + g], huge_bottom = huge_rows[wm * 16 + g + 8];
+  const float nan = __uint_as_float(kQuietNaN);
 #pragma unroll
   for (int i = 0; i < M::LIN_TILES; ++i) {
 #pragma unroll
@@ -185,8 +199,8 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
       }
       if (e >= experts) continue;
       const float b = bias ? bias[e] : 0.0f;
-      if (row_top < tokens) z[row_top * experts + e] = top + b;
-      if (row_bottom < tokens) z[row_bottom * experts + e] = bottom + b;
+      if (row_top < tokens) z[row_top * experts + e] = huge_top ? nan : top + b;
+      if (row_bottom < tokens) z[row_bottom * experts + e] = huge_bottom ? nan : bottom + b;
     }
   }
 }

@@ -57,25 +57,30 @@ __device__ __forceinline__ void read_run(float (&out)[elems_per_16<S>], const S*
 // Fills tile[k * ld + m] = row(m)[k0 + k] for m < rows, k < GATE_BK, where each source row
 // is contiguous along k (X rows, weight rows). Elements at k0 + k >= klen and null rows are 0.
 // vec: every row start is 16-byte aligned (rows_aligned_16); k0 is a multiple of GATE_BK.
+// huge_rows (shared, or null): set to 1 for a row with a huge_input element.
 template <class S, class RowFn>
 __device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int rows, RowFn row,
-                                                       i64 k0, i64 klen, bool vec) {
+                                                       i64 k0, i64 klen, bool vec, int* huge_rows = nullptr) {
   constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
   for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
     const int m = item / UNITS, u = item % UNITS;
     float v[V];
     read_run<S>(v, row(m), k0 + u * V, klen, vec);
 #pragma unroll
-    for (int q = 0; q < V; ++q) tile[(u * V + q) * ld + m] = v[q];
+    for (int q = 0; q < V; ++q) {
+      tile[(u * V + q) * ld + m] = v[q];
+      if (huge_rows && huge_input(v[q])) huge_rows[m] = 1;
+    }
   }
 }
 
 // Fills tile[k * ld + m] = row(k)[m] for k < GATE_BK, m < width, where each source row is
 // contiguous along m and row(k) already points at the tile's first column (null: a row of 0).
 // Elements at m >= mlen are 0. width: a multiple of 16/sizeof(S). vec: row(k) 16-byte aligned.
+// finite_only: NaN and +-inf load as 0 too (gate_dw's X: such a row was routed nowhere).
 template <class S, class RowFn>
 __device__ __forceinline__ void load_tile_m_contiguous(float* tile, int ld, int width, RowFn row,
-                                                       i64 mlen, bool vec) {
+                                                       i64 mlen, bool vec, bool finite_only = false) {
   constexpr int V = elems_per_16<S>;
   const int units = width / V;
   for (int item = threadIdx.x; item < GATE_BK * units; item += GATE_THREADS) {
@@ -83,7 +88,7 @@ __device__ __forceinline__ void load_tile_m_contiguous(float* tile, int ld, int 
     float v[V];
     read_run<S>(v, row(k), i64(u) * V, mlen, vec);
 #pragma unroll
-    for (int q = 0; q < V; ++q) tile[k * ld + u * V + q] = v[q];
+    for (int q = 0; q < V; ++q) tile[k * ld + u * V + q] = finite_only && !finite_f32(v[q]) ? 0.0f : v[q];
   }
 }
 

@@ -11,9 +11,10 @@
 //                                        access when the row is 16-byte aligned
 //
 // The non-finite-row rule (math §2, made precise): a row is *non-finite* when one of its
-// logits is NaN or +inf, or none of them is finite. Such a row still gets k distinct ids (NaN
-// ranks lowest, ties to the lower index) but all its weights are 0, its dense probabilities
-// are 0, it adds nothing to the losses and gets a zero gradient; the select kernel counts it.
+// logits is NaN or +inf, or none of them is finite. Such a row is routed nowhere: its k ids are
+// kNoExpert (-1, which dispatch lays out nowhere and does not count as invalid) and its k
+// weights NaN (so the combine makes its output row NaN), its dense probabilities are 0, it adds
+// nothing to the losses and gets a zero gradient; the select kernel counts it.
 // -inf logits in an otherwise finite row are ordinary (probability 0): they are how callers
 // mask experts out.
 #pragma once
@@ -52,7 +53,7 @@ __device__ __forceinline__ unsigned rank_key(float x) {
 }
 // The float a key came from (NaN for key 1). Not defined for key 0.
 __device__ __forceinline__ float rank_value(unsigned key) {
-  if (key == 1u) return __uint_as_float(0x7fc00000u);
+  if (key == 1u) return __uint_as_float(kQuietNaN);
   return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 

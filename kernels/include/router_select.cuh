@@ -73,7 +73,8 @@ struct SelectedWeights {
   float normalized;  // the weight before `scale`
 };
 
-// The weights of the selected logits z (one per active lane): all 0 for a non-finite row;
+// The weights of the selected logits z (one per active lane): all 0 for a non-finite row (whose
+// written weights select_row replaces by NaN; the backward sees the zero);
 // topk_then_softmax: a softmax over the k logits (0 when they are all -inf); otherwise the score,
 // divided by the k scores' sum + 1e-20 with renormalize. Warp-collective: all lanes call it.
 __device__ __forceinline__ SelectedWeights selected_weights(const SelectOptions& o, const RowSoftmax& s,
@@ -173,7 +174,8 @@ __device__ __forceinline__ int take_top_k(unsigned (&key)[VPL], int k, SlotLayou
 }
 
 // Selects row `row` of z [T, E] (one warp, every lane calls it): writes ids[row, 0..k) and
-// weights[row, 0..k) and counts the row in *nonfinite_rows (when not null) if it is non-finite.
+// weights[row, 0..k) and counts the row in *nonfinite_rows (when not null) if it is non-finite
+// (then its ids are kNoExpert and its weights NaN).
 // The algorithm and its contract are at router_select_e<N>_f32 (router.cu). z holds rows of E
 // logits (global memory, or a shared-memory tile in a fused scoring kernel). E <= 32 * VPL.
 template <int VPL>
@@ -209,9 +211,9 @@ __device__ __forceinline__ void select_row(const float* z, const float* bias, i6
   const int id = take_top_k<VPL>(key, k, layout);
   const bool active = lane < k;
   const SelectedWeights w = selected_weights(o, stats, active ? z_row[id] : 0.0f, active);
-  if (active) {
-    ids[row * k + lane] = id;
-    weights[row * k + lane] = o.scale * w.normalized;
+  if (active) {  // a non-finite row is routed nowhere: no expert, a NaN weight (router_row.cuh)
+    ids[row * k + lane] = stats.nonfinite ? kNoExpert : id;
+    weights[row * k + lane] = stats.nonfinite ? __uint_as_float(kQuietNaN) : o.scale * w.normalized;
   }
   if (lane == 0 && stats.nonfinite && nonfinite_rows) atomicAdd(nonfinite_rows, 1u);
 }

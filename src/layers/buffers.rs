@@ -191,6 +191,9 @@ pub(crate) struct Scratch<T: FloatElement> {
     pub(super) gate_workspace: DeviceBuffer<f32>,
     pub(super) shared_dgu: DeviceBuffer<T>,
     pub(super) shared_dx: DeviceBuffer<T>,
+    /// `[T]`: each token's row for the shared FFN's weight gradients, -1 for a token routed
+    /// nowhere (`ops::dispatch::live_rows`).
+    pub(super) shared_live_rows: DeviceBuffer<i32>,
 }
 
 impl<T: FloatElement> Scratch<T> {
@@ -231,6 +234,7 @@ impl<T: FloatElement> Scratch<T> {
             )?))?,
             shared_dgu: zeros_t(training(s.tokens * 2 * s.hs))?,
             shared_dx: zeros_t(training(shared_rows))?,
+            shared_live_rows: device.alloc_zeros(training(if s.hs > 0 { s.tokens } else { 0 }))?,
         })
     }
 }

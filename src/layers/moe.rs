@@ -258,7 +258,10 @@ impl<T: FloatElement> MoeLayer<T> {
         })
     }
 
-    /// Non-finite router rows summed over every forward so far (one u32 on the device).
+    /// Non-finite router rows summed over every forward so far (one u32 on the device): the
+    /// tokens routed nowhere (math §2), whose output rows are NaN and which add nothing to any
+    /// gradient; a NaN, an infinity or an element of at least 2^64 in a token's input row
+    /// makes it one.
     pub fn nonfinite_rows(&self) -> &DeviceBuffer<u32> {
         &self.scratch.nonfinite_rows
     }

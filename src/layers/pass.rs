@@ -14,14 +14,26 @@
 //! GEMM1 dgrad 1, wgrad(W1) 1 (none for an empty expert mask), select backward 1 (+1 per loss),
 //! gate backward 3 for the linear gate (dX, dW, Σ dz) or `ops::gate::scores_backward`'s count
 //! for a quadratic one (6 for low-rank), the sum into dx 1: **10** for the linear router. Shared
-//! experts add 4 GEMMs and 1 sum, a residual gradient (Chain-of-Experts) 1 sum.
+//! experts add 4 GEMMs, 1 sum and the live-row list that keeps tokens routed nowhere out of
+//! their weight gradients (`ops::dispatch::live_rows`), a residual gradient (Chain-of-Experts)
+//! 1 sum.
+//!
+//! **Non-finite rows** (math §2): a token whose logits are non-finite (the gate makes every
+//! logit NaN for an input row with a NaN, an infinity or an element of at least 2^64) is
+//! routed nowhere: no expert sees it, its output row is NaN,
+//! its dz row is zero so the gate's gradients skip it, and the shared experts' weight gradients
+//! gather the tokens through a list where it is padding. Every other token's output and every
+//! weight gradient are then bitwise what the batch without it gives (without aux or z losses,
+//! whose means still count it in T). The router counts such rows in `nonfinite_rows`.
 use super::buffers::{Saved, Scratch, Sizes};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::workspace::{prefix, prefix_mut};
 use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::Dyn;
 use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
-use crate::ops::dispatch::{CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, place_counted, routing_map};
+use crate::ops::dispatch::{
+    self, CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, place_counted, routing_map,
+};
 use crate::ops::gate;
 use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups};
 use crate::ops::router::{self, AuxLossWorkspace};
@@ -642,15 +654,28 @@ impl<T: FloatElement> Pass<'_, T> {
         };
         let device = self.device;
         let scratch = &mut *self.scratch;
+        // A token routed nowhere (a non-finite row) must add nothing to dW1s and dW2s: the
+        // weight gradients gather the tokens through a list where it is padding.
+        let ids = prefix("ids", &saved.ids, s.slots)?;
+        let mut live = prefix_mut("shared_live_rows", &mut scratch.shared_live_rows, s.tokens)?;
+        dispatch::live_rows(device, &ids, s.tokens, s.k, &mut live)?;
+        let live = prefix("shared_live_rows", &scratch.shared_live_rows, s.tokens)?;
         let groups = Groups::<DeviceBuffer<i32>> {
             offsets: &scratch.shared_offsets,
             sorted_rows: None,
             rows: s.tokens,
             max_group_rows: s.tokens,
         };
+        let offsets = prefix("shared_offsets", &scratch.shared_offsets, 2)?;
+        let live_groups = Groups {
+            offsets: &offsets,
+            sorted_rows: Some(&live),
+            rows: s.tokens,
+            max_group_rows: s.tokens,
+        };
         let no_weights = None::<&DeviceBuffer<f32>>;
         let no_gu = None::<&DeviceBuffer<T>>;
-        let contiguous = ARows::Contiguous;
+        let gathered = ARows::Gathered { top_k: 1 };
         let no_mask = None::<&ExpertMask>;
         let gu = prefix("shared_gu", &saved.shared_gu, s.tokens * 2 * s.hs)?;
         let mut dgu = prefix_mut("shared_dgu", &mut scratch.shared_dgu, s.tokens * 2 * s.hs)?;
@@ -671,9 +696,9 @@ impl<T: FloatElement> Pass<'_, T> {
             device,
             dy,
             &h,
-            contiguous,
+            gathered,
             s.shared2(),
-            &groups,
+            &live_groups,
             no_mask,
             accumulate,
             dw2,
@@ -696,9 +721,9 @@ impl<T: FloatElement> Pass<'_, T> {
             device,
             &dgu,
             x,
-            contiguous,
+            gathered,
             s.shared1(),
-            &groups,
+            &live_groups,
             no_mask,
             accumulate,
             dw1,

@@ -1,6 +1,7 @@
 //! Dispatch (math §4) on the CPU: the routing map by plain loops over experts and slots, and
 //! the row movers with f64 accumulation. Same argument order as `ops::dispatch`.
 use crate::ops::dispatch::{MapConfig, STATUS_CAPACITY_DROPPED, STATUS_INVALID_IDS, STATUS_LEN};
+use crate::ops::router::NO_EXPERT;
 
 /// The routing map on the host; fields as in `ops::dispatch::RoutingMap`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,7 +14,8 @@ pub struct RoutingMap {
 }
 
 /// The map of `ids` (`[tokens, k]`).
-/// 1. Slot s = t·k + j with an id outside `[0, E)`: invalid, counted, never laid out.
+/// 1. Slot s = t·k + j with an id outside `[0, E)`: never laid out; counted as invalid unless it
+///    is [`NO_EXPERT`] (routed nowhere).
 /// 2. Capacity C: each local expert keeps its first C slots visiting j = 0, 1, ... and, within
 ///    one j, t = 0, 1, ...; the rest are dropped and counted.
 /// 3. Each local expert in order: its kept slots in increasing s, then -1 up to a multiple of
@@ -29,7 +31,7 @@ pub fn routing_map(ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> 
     let mut status = [0i32; STATUS_LEN];
     status[STATUS_INVALID_IDS] = ids
         .iter()
-        .filter(|&&e| e < 0 || e as usize >= config.num_experts)
+        .filter(|&&e| e != NO_EXPERT && (e < 0 || e as usize >= config.num_experts))
         .count() as i32;
 
     let mut kept = vec![false; slots];
@@ -80,6 +82,13 @@ pub fn routing_map(ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> 
     }
 }
 
+/// `rows[t] = t`, or -1 for a token routed nowhere (its first id is [`NO_EXPERT`]).
+pub fn live_rows(ids: &[i32], tokens: usize, k: usize) -> Vec<i32> {
+    (0..tokens)
+        .map(|t| if ids[t * k] == NO_EXPERT { -1 } else { t as i32 })
+        .collect()
+}
+
 /// Row `r` of `rows` (`[n, d]`), or None for an index outside it.
 fn row(rows: &[f32], index: i32, d: usize) -> Option<&[f32]> {
     let start = usize::try_from(index).ok()? * d;
@@ -101,7 +110,8 @@ pub fn permute(x: &[f32], sorted_rows: &[i32], tokens: usize, k: usize, d: usize
 }
 
 /// `y[t] = Σ_j w[t, j] · yp[inverse[t·k + j]] + residual[t]`; slots whose inverse is not a row
-/// of `yp` contribute nothing; no weights means 1.
+/// of `yp` contribute nothing, unless their weight is NaN (a row routed nowhere): then `y[t]` is
+/// NaN; no weights means 1.
 pub fn combine(
     yp: &[f32],
     inverse: &[i32],
@@ -116,10 +126,13 @@ pub fn combine(
         let out = &mut y[t * d..(t + 1) * d];
         for j in 0..k {
             let s = t * k + j;
+            let w = weights.map_or(1.0, |w| w[s] as f64);
             let Some(expert_row) = row(yp, inverse[s], d) else {
+                if w.is_nan() {
+                    out.fill(f64::NAN);
+                }
                 continue;
             };
-            let w = weights.map_or(1.0, |w| w[s] as f64);
             for (o, &v) in out.iter_mut().zip(expert_row) {
                 *o += w * v as f64;
             }

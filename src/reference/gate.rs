@@ -80,12 +80,22 @@ fn row(m: &[f64], i: usize, n: usize) -> &[f64] {
     &m[i * n..(i + 1) * n]
 }
 
-/// z `[T, E]` = score(X) for X `[T, d]`.
+/// An input element that makes its row non-finite (math §1): NaN, ±∞, or a magnitude of at
+/// least 2^64, whose square overflows f32.
+pub fn is_huge_input(v: f64) -> bool {
+    v.is_nan() || v.abs() >= 18446744073709551616.0
+}
+
+/// z `[T, E]` of every form; NaN rows for rows of `x` with an [`is_huge_input`] element.
 pub fn scores(shape: &GateShape, params: &GateParams, x: &[f64]) -> Vec<f64> {
     let (d, e_count, r) = (shape.dim, shape.experts, shape.rank);
     let mut z = vec![0.0; shape.tokens * e_count];
     for t in 0..shape.tokens {
         let x_t = row(x, t, d);
+        if x_t.iter().any(|&v| is_huge_input(v)) {
+            z[t * e_count..(t + 1) * e_count].fill(f64::NAN);
+            continue;
+        }
         for e in 0..e_count {
             let linear = |b: &Option<Vec<f64>>, c: &Option<Vec<f64>>| {
                 b.as_ref().map_or(0.0, |b| dot(row(b, e, d), x_t)) + c.as_ref().map_or(0.0, |c| c[e])
@@ -156,6 +166,11 @@ pub fn scores_backward(shape: &GateShape, params: &GateParams, x: &[f64], dz: &[
         let dx_t = &mut dx[t * d..(t + 1) * d];
         for e in 0..e_count {
             let g = dz[t * e_count + e];
+            if g == 0.0 {
+                // Every term is linear in g: nothing to add, even where the row's projections
+                // are not finite (a row routed nowhere, math §2, has dz = 0 and may be NaN).
+                continue;
+            }
             // The linear term B_e·x + c_e (b of the linear gate is a bias, handled there).
             let linear = |b: &Option<Vec<f64>>, dx_t: &mut [f64], grads: &mut Vec<(&'static str, Vec<f64>)>| {
                 if let (Some(b), Some(ib)) = (b, ib) {

@@ -367,13 +367,20 @@ pub fn moe_backward(
             Some(&forward.shared_gu),
         );
         let dgu = stored(&dgu, store);
+        // Tokens routed nowhere are padding in the weight gradients' row list.
+        let live = dispatch::live_rows(&forward.ids, tokens, k);
+        let live_rows = HostGroups {
+            sorted_rows: Some(&live),
+            ..one
+        };
+        let gathered = ARows::Gathered { top_k: 1 };
         let zeros = vec![0.0; weights.shared_w2.len()];
         shared_w2 = gemm::wgrad(
             dy,
             &forward.shared_h,
-            ARows::Contiguous,
+            gathered,
             s.shared2,
-            &one,
+            &live_rows,
             None,
             false,
             &zeros,
@@ -389,7 +396,7 @@ pub fn moe_backward(
         );
         shared_dx = Some(stored(&dx, store));
         let zeros = vec![0.0; weights.shared_w1.len()];
-        shared_w1 = gemm::wgrad(&dgu, x, ARows::Contiguous, s.shared1, &one, None, false, &zeros);
+        shared_w1 = gemm::wgrad(&dgu, x, gathered, s.shared1, &live_rows, None, false, &zeros);
     }
     // dx = Σ_j dXp[inverse] + dx_gate [+ dx_shared] [+ dy], rounded where the device stores.
     let mut terms: Vec<&[f32]> = shared_dx.as_deref().into_iter().collect();

@@ -2,9 +2,9 @@
 //! the Switch aux loss, the z-loss and the bias update, as plain loops in f64 over host slices
 //! (`[T, E]` row-major logits, `[T, k]` ids and weights). It follows the crate's
 //! non-finite-row rule (`crate::ops::router`): a row with a NaN or +inf logit, or with no
-//! finite logit, keeps its ranked ids but gets zero weights, zero probabilities, no loss and
-//! no gradient.
-use crate::ops::router::{AuxLossConfig, RouterConfig, ScoreFunction, SelectionOrder};
+//! finite logit, is routed nowhere (ids [`NO_EXPERT`], NaN weights) and gets zero
+//! probabilities, no loss and no gradient.
+use crate::ops::router::{AuxLossConfig, NO_EXPERT, RouterConfig, ScoreFunction, SelectionOrder};
 use std::cmp::Ordering;
 
 /// The result of [`select`]: ids `[T, k]` in rank order, weights `[T, k]`, and how many rows
@@ -107,10 +107,11 @@ pub fn allowed_experts(config: &RouterConfig, keys: &[f64]) -> Vec<bool> {
     allowed
 }
 
-/// The k weights of a row given its selected ids (math §2), `scale` included.
+/// The k weights of a row given its selected ids (math §2), `scale` included; NaN for a
+/// non-finite row (routed nowhere).
 pub fn weights_for(config: &RouterConfig, row: &[f32], ids: &[i32]) -> Vec<f64> {
     if row_is_nonfinite(row) {
-        return vec![0.0; ids.len()];
+        return vec![f64::NAN; ids.len()];
     }
     let z: Vec<f64> = ids.iter().map(|&i| row[i as usize] as f64).collect();
     let normalized: Vec<f64> = match (config.score, config.order) {
@@ -154,6 +155,13 @@ pub fn select(config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> Se
         nonfinite_rows: 0,
     };
     for row in logits.chunks(config.experts) {
+        if row_is_nonfinite(row) {
+            let ids = vec![NO_EXPERT; config.k];
+            out.weights.extend(weights_for(config, row, &ids));
+            out.ids.extend(ids);
+            out.nonfinite_rows += 1;
+            continue;
+        }
         let keys = selection_keys(config, row, bias);
         let allowed = allowed_experts(config, &keys);
         let ids: Vec<i32> = ranked(&keys)
@@ -164,7 +172,6 @@ pub fn select(config: &RouterConfig, logits: &[f32], bias: Option<&[f32]>) -> Se
             .collect();
         out.weights.extend(weights_for(config, row, &ids));
         out.ids.extend(ids);
-        out.nonfinite_rows += row_is_nonfinite(row) as u32;
     }
     out
 }

@@ -1,8 +1,9 @@
 //! The routing map against the reference: edge cases, capacity priority, size limits, the
 //! boundary between the two map paths, determinism, random configurations.
 use super::common::{Rng, devices};
-use super::{check_map, device_map, random_ids, with_shuffled_schedule};
+use super::{check_map, device_map, random_ids, reference, with_shuffled_schedule};
 use moe_kernels::ops::dispatch::{self, Capacity, MapConfig, MapPath, SMALL_MAP_MAX_SLOTS, STATUS_CAPACITY_DROPPED};
+use moe_kernels::ops::router;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 
@@ -36,11 +37,15 @@ fn map_edge_cases_match_reference() {
             };
             check_map(&device, &random_ids(&mut rng, 120, 3, 9), 120, 3, &local);
             let mut invalid = random_ids(&mut rng, 100, 2, 6);
-            for (i, bad) in [(0, -1), (7, 6), (50, i32::MIN), (199, i32::MAX)] {
+            for (i, bad) in [(3, -2), (7, 6), (50, i32::MIN), (199, i32::MAX)] {
                 invalid[i] = bad;
             }
+            // A token routed nowhere (the router's mark of a non-finite row): laid out nowhere,
+            // not an invalid id.
+            invalid[20..22].fill(router::NO_EXPERT);
             let map = check_map(&device, &invalid, 100, 2, &cfg(6));
             assert_eq!(map.status[dispatch::STATUS_INVALID_IDS], 4);
+            assert_eq!(map.inverse[20..22], [-1, -1]);
         }
     }
 }
@@ -252,5 +257,30 @@ proptest! {
         for device in devices() {
             check_map(&device, &ids, tokens, k, &config);
         }
+    }
+}
+
+/// `live_rows` marks exactly the tokens routed nowhere (first id NO_EXPERT) with -1, on every
+/// device like the reference, at one and several blocks, and refuses a short `rows`.
+#[test]
+fn live_rows_mark_tokens_routed_nowhere() {
+    let mut rng = Rng::new(4);
+    for device in devices() {
+        for (tokens, k) in [(0, 2), (1, 1), (300, 3)] {
+            let mut ids = random_ids(&mut rng, tokens, k, 8);
+            for t in (0..tokens).step_by(7) {
+                ids[t * k..(t + 1) * k].fill(router::NO_EXPERT);
+            }
+            let ids_d = device.upload(&ids).unwrap();
+            let mut rows = device.upload(&vec![i32::MIN; tokens]).unwrap();
+            dispatch::live_rows(&device, &ids_d, tokens, k, &mut rows).unwrap();
+            let want = reference::live_rows(&ids, tokens, k);
+            assert_eq!(device.download(&rows).unwrap(), want, "T={tokens} k={k}");
+            assert_eq!(want.iter().filter(|&&r| r < 0).count(), tokens.div_ceil(7));
+        }
+        let ids = device.upload(&[0i32; 4]).unwrap();
+        let mut short = device.alloc_zeros::<i32>(1).unwrap();
+        let err = dispatch::live_rows(&device, &ids, 2, 2, &mut short).unwrap_err();
+        assert!(err.to_string().contains("rows"), "{err}");
     }
 }

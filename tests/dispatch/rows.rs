@@ -315,3 +315,38 @@ fn row_movers_ignore_out_of_range_indices() {
         );
     }
 }
+
+/// A token routed nowhere (slots not laid out, NaN weights: the router's non-finite row) gets a
+/// NaN output row; a slot not laid out with a finite weight (dropped by capacity) adds nothing;
+/// every other row is the reference's, with and without a residual, at both row widths.
+#[test]
+fn combine_marks_tokens_routed_nowhere() {
+    let (tokens, k) = (4, 2);
+    let mut rng = Rng::new(9);
+    // Token 1 routed nowhere; token 2's second slot dropped; the others laid out.
+    let inverse = vec![0, 1, -1, -1, 2, -1, 3, 4];
+    let mut weights = rng.normals(tokens * k, 1.0);
+    weights[2..4].fill(f32::NAN);
+    for d in [8, 3] {
+        let yp = rng.normals(5 * d, 1.0);
+        let residual = rng.normals(tokens * d, 1.0);
+        for device in devices() {
+            let (yp_d, inverse_d) = (device.upload(&yp).unwrap(), device.upload(&inverse).unwrap());
+            let (w_d, r_d) = (device.upload(&weights).unwrap(), device.upload(&residual).unwrap());
+            for with_residual in [false, true] {
+                let mut y = device.alloc_zeros::<f32>(tokens * d).unwrap();
+                let r = with_residual.then_some(&r_d);
+                dispatch::combine(&device, &yp_d, &inverse_d, Some(&w_d), r, tokens, k, d, &mut y).unwrap();
+                let got = device.download(&y).unwrap();
+                let r_host = with_residual.then_some(&residual[..]);
+                let want = reference::combine(&yp, &inverse, Some(&weights), r_host, tokens, k, d);
+                assert!(want[d..2 * d].iter().all(|v| v.is_nan()), "the reference marks token 1");
+                assert!(
+                    want[2 * d..3 * d].iter().all(|v| v.is_finite()),
+                    "a dropped slot adds nothing"
+                );
+                assert_close("combine", &got, &want, Tolerance::F32.over(k));
+            }
+        }
+    }
+}

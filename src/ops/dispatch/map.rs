@@ -225,6 +225,42 @@ pub fn place_counted<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     tiled.rank(device, ids, SOURCE_ORDER, false, counted.map, counted.workspace)
 }
 
+/// The rows of a contiguous `[tokens, ·]` operand that were routed somewhere: `rows[t] = t`, or
+/// -1 when token t was routed nowhere (its ids are
+/// [`NO_EXPERT`](crate::ops::router::NO_EXPERT): a non-finite row). Passed as the
+/// `sorted_rows` of a GEMM over all tokens with `ARows::Gathered { top_k: 1 }` (the shared
+/// experts), it makes such tokens padding, so they add nothing to a weight gradient.
+/// `ids: [T, k]`, `rows: [T]`. One launch, no host sync.
+pub fn live_rows(
+    device: &Device,
+    ids: &impl DeviceSlice<i32>,
+    tokens: usize,
+    k: usize,
+    rows: &mut impl DeviceSliceMut<i32>,
+) -> Result<()> {
+    crate::ops::check_range("k", k, 1..=MAX_TOP_K)?;
+    let slots = crate::ops::elements("ids", tokens, k)?;
+    crate::ops::check_range("tokens", slots, 0..=i32::MAX as usize)?;
+    check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+    check_len("rows", rows, tokens, || format!("[T] = [{tokens}]"))?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    const THREADS: usize = 256;
+    let blocks = crate::ops::grid_blocks("tokens", tokens, THREADS)?.min(4096);
+    // SAFETY: dispatch_live_rows(ids, tokens, k, rows) in kernels/dispatch.cu.
+    let args = KernelArgs::new(device)
+        .input("ids", ids)
+        .scalar(tokens as i32)
+        .scalar(k as i32)
+        .output("rows", rows);
+    device.launch(
+        "dispatch_live_rows",
+        LaunchConfig::linear(blocks, THREADS as u32, 0),
+        args,
+    )
+}
+
 /// `(T·k, config.sorted_rows_len(T, k))` after checking `config` and `k`, and that both counts
 /// fit the kernels' i32 indices.
 fn map_lengths(config: &MapConfig, tokens: usize, k: usize) -> Result<(usize, usize)> {

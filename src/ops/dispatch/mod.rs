@@ -13,7 +13,11 @@
 //!
 //! **Out-of-range ids.** Ids live on the device, so an op cannot reject them without a host
 //! sync. An id outside `[0, E)` is treated as dropped: its slot gets `inverse = -1`, it is laid
-//! out nowhere, and it is counted in `status[STATUS_INVALID_IDS]`. No kernel ever indexes with it.
+//! out nowhere, and, unless it is [`NO_EXPERT`](crate::ops::router::NO_EXPERT) (the router's
+//! id for a non-finite row, routed nowhere on purpose), it is counted in
+//! `status[STATUS_INVALID_IDS]`. No kernel ever indexes with it. [`combine`] gives a NaN output
+//! row for a token with a slot not laid out whose weight is NaN (the router's mark of a
+//! non-finite row); other slots not laid out add nothing.
 //! Likewise the row movers treat `sorted_rows` / `inverse` entries outside their valid range as
 //! `-1` (padding or dropped), so no launch reads or writes out of bounds whatever they hold.
 //!
@@ -23,7 +27,7 @@
 mod map;
 mod rows;
 
-pub use map::{CountedMap, RoutingMap, place_counted, routing_map};
+pub use map::{CountedMap, RoutingMap, live_rows, place_counted, routing_map};
 pub use rows::{combine, combine_backward, permute, permute_backward};
 
 use crate::{Error, Result};
@@ -45,7 +49,8 @@ pub const TILE_SLOTS_MULTIPLE: usize = 256;
 pub const MAX_TILE_SLOTS: usize = 1 << 20;
 /// Index in `status` of the number of slots dropped by capacity.
 pub const STATUS_CAPACITY_DROPPED: usize = 0;
-/// Index in `status` of the number of ids outside `[0, E)`.
+/// Index in `status` of the number of ids outside `[0, E)`, not counting
+/// [`NO_EXPERT`](crate::ops::router::NO_EXPERT).
 pub const STATUS_INVALID_IDS: usize = 1;
 /// Length of the `status` buffer.
 pub const STATUS_LEN: usize = 2;

@@ -30,6 +30,11 @@
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
 //! `U = A_e` and `V = I` (rank d), so it loops over d/4 chunks: O(T·E·d²), for small d.
 //!
+//! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
+//! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
+//! treats a zero dz as absent (zero coefficients; NaN or ±∞ in X loads as 0 for dW), so such a
+//! row adds exactly nothing to the weight gradients.
+//!
 //! **Alignment.** Every operand may be a view at any element, in every dtype and on every path:
 //! rows are read with 16-byte loads only when every row start of that operand is 16-byte
 //! aligned (`rows_aligned_16`), else element by element (the tensor-core tiles stage their

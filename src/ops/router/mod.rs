@@ -5,10 +5,11 @@
 //! order (best first); weights `[T, k]` f32.
 //!
 //! **Rules every op follows.** Ties go to the lower expert index. A NaN score ranks below
-//! every number. The k ids of a row are distinct and in `[0, E)`. A row is *non-finite* when
-//! one of its logits is NaN or +inf, or none is finite (all -inf / NaN): it still gets k
-//! distinct ids (by the ranking rule; an all-NaN or all -inf row gets ids 0..k), but all its
-//! weights are 0, its probabilities are 0, it adds nothing to the losses and gets a zero
+//! every number. The k ids of a finite row are distinct and in `[0, E)`. A row is *non-finite*
+//! when one of its logits is NaN or +inf, or none is finite (all -inf / NaN); that covers a
+//! non-finite input row, whose logits `ops::gate` makes NaN, and one whose logits overflow. Such a row is routed nowhere: all its ids are [`NO_EXPERT`] and all its
+//! weights NaN, so dispatch lays it out for no expert and the combine makes its output row NaN
+//! (the caller sees it); its probabilities are 0, it adds nothing to the losses, gets a zero
 //! gradient, and [`select`] counts it. -inf logits in a row with finite ones are ordinary
 //! (probability 0): that is how callers mask experts.
 //!
@@ -35,6 +36,9 @@ use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
 /// The most experts a router supports (one warp holds a row in registers).
 pub const MAX_EXPERTS: usize = 1024;
+/// The id every slot of a non-finite row gets: routed to no expert (dispatch lays it out
+/// nowhere and does not count it as an invalid id).
+pub const NO_EXPERT: i32 = -1;
 /// The most experts one token may be routed to (one per lane).
 pub const MAX_K: usize = 32;
 /// The most expert groups of group-limited routing (one per lane).

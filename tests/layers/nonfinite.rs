@@ -1,0 +1,91 @@
+//! The non-finite policy (math §1, §2) through whole layers: a token whose input row holds a
+//! NaN, an infinity or a huge value (1e30: its square overflows f32) is routed nowhere, counted in `nonfinite_rows`, gets a NaN output row, and
+//! leaves every other output row and every gradient bitwise what the batch without it gives.
+use crate::common::devices;
+use crate::support::{Case, Run, router_kinds, run, small};
+use half::bf16;
+use moe_kernels::Device;
+use moe_kernels::layers::{MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::router::NO_EXPERT;
+
+/// The batch of `full` minus its last `drop` tokens.
+fn without_last(full: &Case, drop: usize) -> Case {
+    let (tokens, d) = (full.tokens - drop, full.config.dim);
+    Case {
+        config: full.config,
+        weights: full.weights.clone(),
+        tokens,
+        x: full.x[..tokens * d].to_vec(),
+        dy: full.dy[..tokens * d].to_vec(),
+    }
+}
+
+/// Every gradient of a run with its name, to compare two runs tensor by tensor.
+fn gradients(run: &Run) -> Vec<(&str, &[f32])> {
+    let mut all: Vec<(&str, &[f32])> = run.gate.iter().map(|(n, g)| (*n, &g[..])).collect();
+    all.extend([
+        ("w1", &run.w1[..]),
+        ("w2", &run.w2[..]),
+        ("shared_w1", &run.shared_w1[..]),
+        ("shared_w2", &run.shared_w2[..]),
+    ]);
+    all
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The tokens routed nowhere are the last ones, so every other token keeps its place in every
+/// fixed summation order (the expert groups, the shared experts' and the gate's sums over
+/// tokens): with them only exact zeros are added, and "bitwise" is the right comparison.
+/// Without aux and z losses, whose means over T count every token.
+fn check<T: FloatElement>(device: &Device, name: &str, router: RouterKind) {
+    let config = MoeConfig {
+        shared_experts: 1,
+        ..small(router)
+    };
+    let (good, d) = (13, config.dim);
+    let mut full = Case::new::<T>(config, good + 3, 3);
+    full.x[good * d + 5] = f32::NAN;
+    full.x[(good + 1) * d + 7] = f32::INFINITY;
+    full.x[(good + 2) * d..].fill(1e30);
+    let kept = without_last(&full, 3);
+    let what = format!("{name} {} on {}", T::NAME, device.description());
+
+    let mut layer = MoeLayer::<T>::new(device, config, &full.weights).unwrap();
+    let got = run::<T>(device, &mut layer, &full);
+    assert_eq!(device.download(layer.nonfinite_rows()).unwrap(), [3], "{what}: counted");
+    let want = run::<T>(
+        device,
+        &mut MoeLayer::<T>::new(device, config, &kept.weights).unwrap(),
+        &kept,
+    );
+
+    let k = config.k;
+    assert!(
+        got.ids[good * k..].iter().all(|&i| i == NO_EXPERT),
+        "{what}: routed nowhere"
+    );
+    assert!(got.y[good * d..].iter().all(|v| v.is_nan()), "{what}: NaN output rows");
+    assert_eq!(bits(&got.y[..good * d]), bits(&want.y), "{what}: other outputs");
+    assert_eq!(bits(&got.dx[..good * d]), bits(&want.dx), "{what}: other tokens' dx");
+    for ((name, g), (_, w)) in gradients(&got).into_iter().zip(gradients(&want)) {
+        assert!(g.iter().all(|v| v.is_finite()), "{what}: d{name} is not finite");
+        assert_eq!(bits(g), bits(w), "{what}: d{name}");
+    }
+}
+
+#[test]
+fn tokens_routed_nowhere_leave_the_rest_bitwise_unchanged() {
+    for device in devices() {
+        for (name, router) in router_kinds() {
+            if router == RouterKind::Codebook {
+                continue; // the codebook router's nearest code has no non-finite rule yet
+            }
+            check::<f32>(&device, name, router);
+            check::<bf16>(&device, name, router);
+        }
+    }
+}
