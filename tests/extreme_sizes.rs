@@ -156,7 +156,8 @@ proptest! {
         // 8 slots take the single-block path, which needs no workspace.
         let mut ws = device.alloc_zeros::<i32>(0).unwrap();
         let mapped = dispatch::routing_map(&device, &ids, tokens, k, &config, &mut map, &mut ws);
-        prop_assert_eq!(mapped.is_ok(), (tokens, k, experts) == (2, 4, 8));
+        // Any (T, k) with T·k = 8 fits the map's 8 slots (no padding at align 1).
+        prop_assert_eq!(mapped.is_ok(), tokens.checked_mul(k) == Some(8) && experts == 8);
 
         let logits = device.alloc_zeros::<f32>(4).unwrap();
         let rows = device.alloc_zeros::<f32>(8).unwrap();
