@@ -16,6 +16,7 @@
 //   planted_tile_barrier           ldmatrix-fed k-tiles without the "tile consumed" barrier (mode)
 //   planted_warp_rank              ballot ranks without the __syncwarp after the count advance (flag)
 //   planted_race_free_idioms       the control of the race detector: nothing to report
+//   planted_array_overrun          a local or static shared array indexed past its end
 #include "ptx.cuh"
 
 // ------------------------------------------------------------------------------------------
@@ -315,3 +316,21 @@ extern "C" __global__ void planted_race_free_idioms(int* out) {
   out[72 + t] = halves[t ^ 1];
 }
 EMU_EXPORT(planted_race_free_idioms)
+
+// ------------------------------------------------------------------------------------------
+// planted_array_overrun: out[t] = local[index] or, with `shared`, tile[index], where thread t's
+// local[i] = 10 t + i and tile[i] = i (8 ints each).
+// Launch: one block of 32 threads; out has 32 ints.
+// Caught by: the emulator (kernels compiled with -fsanitize=bounds): an index outside 0..7
+// fails the launch ("index ... out of bounds"); on the GPU it reads whatever lies there.
+// index 0..7 is the control: out[t] = shared ? index : 10 t + index.
+extern "C" __global__ void planted_array_overrun(int* out, int index, int shared) {
+  __shared__ int tile[8];
+  int local[8];
+  const int t = threadIdx.x;
+  for (int i = 0; i < 8; ++i) local[i] = 10 * t + i;
+  if (t < 8) tile[t] = t;
+  __syncthreads();
+  out[t] = shared ? tile[index] : local[index];
+}
+EMU_EXPORT(planted_array_overrun)
