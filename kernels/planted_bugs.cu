@@ -118,10 +118,13 @@ EMU_EXPORT(planted_out_of_bounds_write)
 // Launch: blockDim.x = 64; out has gridDim.x * 64 floats.
 // Caught by: the AddressSanitizer build (the emulator makes static shared arrays ASan-visible
 // globals with redzones). Without ASan out[b*64 + t] = t - 1 for t >= 1 (s[0] never written).
+// The write goes through a pointer, as kernels pass shared arrays down: indexing the array
+// itself would be caught first, in every build, by the bounds checks (planted_array_overrun).
 extern "C" __global__ void planted_static_shared_overrun(float* out) {
   __shared__ float s[64];
+  float* tile = s;
   const unsigned t = threadIdx.x;
-  s[t + 1] = float(t);  // planted: thread 63 writes s[64]
+  tile[t + 1] = float(t);  // planted: thread 63 writes s[64]
   __syncthreads();
   out[global_thread_x()] = s[t];
 }
