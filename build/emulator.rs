@@ -52,9 +52,11 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     }
 
     let mut kernels = base();
-    // Every typed access in kernel code is checked for alignment, as the GPU checks it; the
+    // Every typed access in kernel code is checked for alignment, as the GPU checks it, and
+    // every index into an array of known size for its bounds (undefined behaviour on the GPU,
+    // where a local array indexed past its end silently reads or writes something else); the
     // handlers are the emulator's own (kernels/emu/runtime.cpp), which fail the launch.
-    kernels.flag("-x").flag("c++").flag("-fsanitize=alignment");
+    kernels.flag("-x").flag("c++").flag("-fsanitize=alignment,bounds");
     if profile {
         // Keep each access at the width the CUDA thread used: no vectorizing.
         kernels

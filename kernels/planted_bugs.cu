@@ -16,6 +16,7 @@
 //   planted_tile_barrier           ldmatrix-fed k-tiles without the "tile consumed" barrier (mode)
 //   planted_warp_rank              ballot ranks without the __syncwarp after the count advance (flag)
 //   planted_race_free_idioms       the control of the race detector: nothing to report
+//   planted_array_overrun          a local or static shared array indexed past its end
 #include "ptx.cuh"
 
 // ------------------------------------------------------------------------------------------
@@ -117,10 +118,13 @@ EMU_EXPORT(planted_out_of_bounds_write)
 // Launch: blockDim.x = 64; out has gridDim.x * 64 floats.
 // Caught by: the AddressSanitizer build (the emulator makes static shared arrays ASan-visible
 // globals with redzones). Without ASan out[b*64 + t] = t - 1 for t >= 1 (s[0] never written).
+// The write goes through a pointer, as kernels pass shared arrays down: indexing the array
+// itself would be caught first, in every build, by the bounds checks (planted_array_overrun).
 extern "C" __global__ void planted_static_shared_overrun(float* out) {
   __shared__ float s[64];
+  float* tile = s;
   const unsigned t = threadIdx.x;
-  s[t + 1] = float(t);  // planted: thread 63 writes s[64]
+  tile[t + 1] = float(t);  // planted: thread 63 writes s[64]
   __syncthreads();
   out[global_thread_x()] = s[t];
 }
@@ -315,3 +319,21 @@ extern "C" __global__ void planted_race_free_idioms(int* out) {
   out[72 + t] = halves[t ^ 1];
 }
 EMU_EXPORT(planted_race_free_idioms)
+
+// ------------------------------------------------------------------------------------------
+// planted_array_overrun: out[t] = local[index] or, with `shared`, tile[index], where thread t's
+// local[i] = 10 t + i and tile[i] = i (8 ints each).
+// Launch: one block of 32 threads; out has 32 ints.
+// Caught by: the emulator (kernels compiled with -fsanitize=bounds): an index outside 0..7
+// fails the launch ("index ... out of bounds"); on the GPU it reads whatever lies there.
+// index 0..7 is the control: out[t] = shared ? index : 10 t + index.
+extern "C" __global__ void planted_array_overrun(int* out, int index, int shared) {
+  __shared__ int tile[8];
+  int local[8];
+  const int t = threadIdx.x;
+  for (int i = 0; i < 8; ++i) local[i] = 10 * t + i;
+  if (t < 8) tile[t] = t;
+  __syncthreads();
+  out[t] = shared ? tile[index] : local[index];
+}
+EMU_EXPORT(planted_array_overrun)

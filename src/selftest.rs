@@ -856,6 +856,7 @@ fn conversion_input(rng: &mut Rng) -> f32 {
 pub mod planted {
     use super::*;
 
+    pub mod bounds;
     pub mod races;
 
     /// A planted kernel's output beside what the correct kernel writes.

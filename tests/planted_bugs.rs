@@ -259,6 +259,36 @@ fn misaligned_accesses_fail_the_launch_with_the_access_address_and_alignment() {
 }
 
 // ------------------------------------------------------------------------------------------
+// An array of known size indexed past its end: undefined behaviour on the GPU; the emulated
+// kernels are compiled with bounds checks that fail the launch.
+
+#[test]
+fn array_indexed_past_its_end_fails_the_launch() {
+    let device = emulator(Schedule::InOrder);
+    for shared in [false, true] {
+        for index in 0..8 {
+            let out = planted::bounds::array_overrun(&device, index, shared).unwrap();
+            assert_eq!(out.got, out.expected, "index {index}, shared {shared}");
+        }
+        for index in [8, -1] {
+            match planted::bounds::array_overrun(&device, index, shared) {
+                Err(Error::LaunchFailed(message)) => {
+                    for expected in [
+                        "planted_array_overrun",
+                        &format!("index {index} out of bounds"),
+                        "planted_bugs.cu",
+                    ] {
+                        assert!(message.contains(expected), "`{message}` lacks `{expected}`");
+                    }
+                }
+                other => panic!("index {index}, shared {shared}: expected a launch failure, got {other:?}"),
+            }
+        }
+    }
+    assert_emulator_recovered(Schedule::InOrder);
+}
+
+// ------------------------------------------------------------------------------------------
 // Memory errors: only the AddressSanitizer build sees them, and it aborts the process, so the
 // bad kernel runs in a child process: this same test binary, running only the same test.
 

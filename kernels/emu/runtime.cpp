@@ -849,6 +849,16 @@ void cp_async_wait_group(unsigned pending) { complete_copies(*tl_fiber, pending)
 
 void trap(const char* file, int line) { fail_block("__trap() at %s:%d", file, line); }
 void fail(const char* message) { fail_block("%s", message); }
+// An array indexed past its end in kernel code (a local or shared array of known size).
+[[noreturn]] void index_out_of_bounds(const char* access) {
+  if (!tl_worker || !tl_fiber) {
+    fprintf(stderr, "cuemu: %s\n", access);
+    abort();
+  }
+  fail_block("%s (undefined behaviour on the GPU); CUDA thread (%u,%u,%u)", access, threadIdx.x, threadIdx.y,
+             threadIdx.z);
+}
+
 void misaligned(const char* access, const void* address, unsigned alignment) {
   if (!tl_worker || !tl_fiber) {
     fprintf(stderr, "cuemu: misaligned address: %s at %p needs %u-byte alignment\n", access, address, alignment);
@@ -876,12 +886,13 @@ bool profiler::current_lane(LaneView* out) {
 
 }  // namespace cuemu
 
-// ------------------------------------------------------------------ alignment of plain accesses
-// The kernel files are compiled with -fsanitize=alignment (build/emulator.rs): the compiler
-// checks every typed access in kernel code (a float2 or a uint32_t store through a cast
-// pointer, ...) and calls these handlers on a misaligned one. They are the only UBSan
-// entry points that flag emits, so no UBSan runtime is linked. Layouts: compiler-rt's
-// ubsan_handlers.h (the same in GCC's libsanitizer).
+// ------------------------------------------------------------------ alignment and array bounds
+// The kernel files are compiled with -fsanitize=alignment,bounds (build/emulator.rs): the
+// compiler checks every typed access in kernel code (a float2 or a uint32_t store through a
+// cast pointer, ...) and every index into an array of known size (local arrays, static
+// shared arrays), and calls these handlers on a misaligned access or an index past the end.
+// They are the only UBSan entry points those flags emit, so no UBSan runtime is linked.
+// Layouts: compiler-rt's ubsan_handlers.h and ubsan_value.h (the same in GCC's libsanitizer).
 namespace {
 struct UbsanSourceLocation {
   const char* file;
@@ -913,6 +924,34 @@ extern "C" void __ubsan_handle_type_mismatch_v1(const UbsanTypeMismatch* data, u
 }
 extern "C" void __ubsan_handle_type_mismatch_v1_abort(const UbsanTypeMismatch* data, uintptr_t pointer) {
   ubsan_misaligned(data, pointer);
+}
+
+namespace cuemu {
+[[noreturn]] void index_out_of_bounds(const char* access);
+}
+namespace {
+struct UbsanOutOfBounds {
+  UbsanSourceLocation location;
+  const UbsanTypeDescriptor* array_type;
+  const UbsanTypeDescriptor* index_type;
+};
+// An integer index travels in the handle itself; its type's info is signedness (bit 0) and
+// log2 of its width (the bits above).
+[[noreturn]] void ubsan_out_of_bounds(const UbsanOutOfBounds* data, uintptr_t index) {
+  const unsigned width = 1u << (data->index_type->info >> 1), unused = width < 64 ? 64 - width : 0;
+  const long long value = (data->index_type->info & 1) ? (long long)(int64_t(uint64_t(index) << unused) >> unused)
+                                                       : (long long)(uint64_t(index) << unused >> unused);
+  char access[512];
+  snprintf(access, sizeof access, "index %lld out of bounds for type %s (%s:%u)", value, data->array_type->name,
+           data->location.file, data->location.line);
+  cuemu::index_out_of_bounds(access);
+}
+}  // namespace
+extern "C" void __ubsan_handle_out_of_bounds(const UbsanOutOfBounds* data, uintptr_t index) {
+  ubsan_out_of_bounds(data, index);
+}
+extern "C" void __ubsan_handle_out_of_bounds_abort(const UbsanOutOfBounds* data, uintptr_t index) {
+  ubsan_out_of_bounds(data, index);
 }
 
 // ------------------------------------------------------------------ host-side API
