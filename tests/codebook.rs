@@ -635,6 +635,9 @@ fn code_order_is_a_stable_sort_by_code() {
         for device in devices() {
             let idd = device.upload(&ids).unwrap();
             let mut order = CodeOrder::alloc(&device, tokens, codes).unwrap();
+            // Poisoned, as a reused order holds the last step's: every element must be written.
+            order.offsets = device.upload(&vec![i32::MIN; codes + 1]).unwrap();
+            order.rows = device.upload(&vec![i32::MIN; tokens]).unwrap();
             let before = device.stats();
             codebook::code_order(&device, &idd, &mut order).unwrap();
             let after = device.stats();

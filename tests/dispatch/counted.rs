@@ -7,7 +7,7 @@ use super::download_map;
 use moe_kernels::ops::dispatch::{self, Capacity, CountedMap, MapConfig, MapPath, RoutingMap};
 use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction};
 use moe_kernels::reference::dispatch as reference;
-use moe_kernels::{Device, DeviceBuffer};
+use moe_kernels::{Device, DeviceBuffer, DeviceSliceMut};
 
 /// What one counted selection produced, downloaded.
 #[derive(Debug, PartialEq)]
@@ -32,12 +32,12 @@ fn logits(rng: &mut Rng, tokens: usize, experts: usize) -> Vec<f32> {
 
 /// With a `workspace`: select_counted + place_counted on `device`. Without: the selection alone
 /// and the reference map of its ids. Asserts the launches (2 or 1), memsets and no host sync.
-fn route(
+fn route<W: DeviceSliceMut<i32>>(
     device: &Device,
     router_config: &RouterConfig,
     map_config: &MapConfig,
     z: &[f32],
-    workspace: Option<&mut DeviceBuffer<i32>>,
+    workspace: Option<&mut W>,
 ) -> Routed {
     let tokens = z.len() / router_config.experts;
     let k = router_config.k;
@@ -147,7 +147,7 @@ fn counted_map_matches_select_and_the_reference_map() {
             for _ in 0..2 {
                 let z = logits(&mut rng, tokens, experts);
                 let got = route(&device, &router_config, map_config, &z, Some(&mut workspace));
-                let want = route(&device, &router_config, map_config, &z, None);
+                let want = route(&device, &router_config, map_config, &z, None::<&mut DeviceBuffer<i32>>);
                 assert_eq!(
                     got,
                     want,
@@ -156,6 +156,41 @@ fn counted_map_matches_select_and_the_reference_map() {
                 );
             }
         }
+    }
+}
+
+/// T·k filling its tiles exactly (the tile count must not round up past them): the map is the
+/// reference's, and nothing is written past the workspace, which ends where a guard begins.
+#[test]
+fn counted_map_stays_inside_its_workspace_when_the_tiles_are_full() {
+    const GUARD: i32 = 0x5a5a_5a5a;
+    let mut rng = Rng::new(0xf011);
+    let (tokens, k, experts) = (256, 2, 16);
+    let map_config = MapConfig {
+        path: MapPath::Tiled { tile_slots: 256 },
+        ..MapConfig::new(experts)
+    };
+    let router_config = RouterConfig {
+        experts,
+        k,
+        ..RouterConfig::default()
+    };
+    let len = map_config.counted_workspace_len(tokens, k).unwrap();
+    for device in devices() {
+        let z = logits(&mut rng, tokens, experts);
+        let mut guarded = device.upload(&vec![GUARD; len + 64]).unwrap();
+        let got = {
+            let mut workspace = guarded.slice_mut(..len).unwrap();
+            route(&device, &router_config, &map_config, &z, Some(&mut workspace))
+        };
+        let want = route(&device, &router_config, &map_config, &z, None::<&mut DeviceBuffer<i32>>);
+        assert_eq!(got, want, "{}", device.description());
+        let after = device.download(&guarded).unwrap();
+        assert!(
+            after[len..].iter().all(|&v| v == GUARD),
+            "{}: the counted selection wrote past its workspace",
+            device.description()
+        );
     }
 }
 
