@@ -51,7 +51,8 @@ template <Form F> struct MmaForm {
 // tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the stored 16-bit type;
 // 0 past klen and for null rows, except 1 at k0 + k == unit(m) (an identity row) when
 // unit(m) >= 0. vec: row starts 16-byte aligned (rows_aligned_16). huge_rows (shared, or
-// null): set to 1 for a row with a huge_input element.
+// null): set to 1 for a row with a huge_input element (an atomic: several threads load one row,
+// and plain stores of one flag would race).
 template <class T, class RowFn, class UnitFn>
 __device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
                                                 i64 klen, bool vec, int* huge_rows = nullptr) {
@@ -67,7 +68,7 @@ __device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, Un
       if (huge_rows) {
 #pragma unroll
         for (int q = 0; q < V; ++q)
-          if (huge_input(raw16_element(raw, q, static_cast<T*>(nullptr)))) huge_rows[m] = 1;
+          if (huge_input(raw16_element(raw, q, static_cast<T*>(nullptr)))) atomicOr(&huge_rows[m], 1);
       }
     } else {
       const i64 one_at = unit(m);
@@ -75,7 +76,7 @@ __device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, Un
       for (int q = 0; q < V; ++q) {
         const float v = (p != nullptr && k + q < klen) ? to_f32(p[k + q]) : (k + q == one_at ? 1.0f : 0.0f);
         dst[q] = from_f32<T>(v);
-        if (huge_rows && huge_input(v)) huge_rows[m] = 1;
+        if (huge_rows && huge_input(v)) atomicOr(&huge_rows[m], 1);
       }
     }
   }

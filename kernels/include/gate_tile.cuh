@@ -57,7 +57,8 @@ __device__ __forceinline__ void read_run(float (&out)[elems_per_16<S>], const S*
 // Fills tile[k * ld + m] = row(m)[k0 + k] for m < rows, k < GATE_BK, where each source row
 // is contiguous along k (X rows, weight rows). Elements at k0 + k >= klen and null rows are 0.
 // vec: every row start is 16-byte aligned (rows_aligned_16); k0 is a multiple of GATE_BK.
-// huge_rows (shared, or null): set to 1 for a row with a huge_input element.
+// huge_rows (shared, or null): set to 1 for a row with a huge_input element (an atomic: several
+// threads load one row, and plain stores of one flag would race).
 template <class S, class RowFn>
 __device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int rows, RowFn row,
                                                        i64 k0, i64 klen, bool vec, int* huge_rows = nullptr) {
@@ -69,7 +70,7 @@ __device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int 
 #pragma unroll
     for (int q = 0; q < V; ++q) {
       tile[(u * V + q) * ld + m] = v[q];
-      if (huge_rows && huge_input(v[q])) huge_rows[m] = 1;
+      if (huge_rows && huge_input(v[q])) atomicOr(&huge_rows[m], 1);
     }
   }
 }
