@@ -114,7 +114,7 @@ struct Buffers {
     counts: DeviceBuffer<i32>,
     sums: DeviceBuffer<f32>,
     workspace: DeviceBuffer<f32>,
-    row_lse: DeviceBuffer<f32>,
+    z_workspace: router::ZLossWorkspace,
     loss: DeviceBuffer<f32>,
     aux: AuxLossWorkspace,
     map: RoutingMap<DeviceBuffer<i32>>,
@@ -142,7 +142,7 @@ impl Buffers {
             workspace: device
                 .alloc_zeros(router::expert_statistics_workspace_len(c, tokens).unwrap())
                 .unwrap(),
-            row_lse: device.alloc_zeros(tokens).unwrap(),
+            z_workspace: router::ZLossWorkspace::new(device, tokens).unwrap(),
             loss: device.alloc_zeros(1).unwrap(),
             aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
             map: RoutingMap::alloc(device, tokens, c.k, &map_config).unwrap(),
@@ -192,8 +192,8 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
         ),
         "aux_loss" => router::aux_loss(device, c, &aux, &b.z, &b.ids, &mut b.aux, &mut b.loss),
         "aux_loss_backward" => router::aux_loss_backward(device, c, &aux, &b.z, &b.aux, &mut b.dz),
-        "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.row_lse, &mut b.loss),
-        "z_loss_backward" => router::z_loss_backward(device, c, 1e-3, &b.z, &b.row_lse, &mut b.dz),
+        "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.z_workspace, &mut b.loss),
+        "z_loss_backward" => router::z_loss_backward(device, c, 1e-3, &b.z, &b.z_workspace, &mut b.dz),
         _ => router::bias_update(device, 1e-3, &b.counts, &mut b.bias),
     }
     .unwrap()

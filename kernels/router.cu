@@ -243,24 +243,30 @@ EMU_EXPORT(router_row_logsumexp_f32)
 
 // router_prob_sums_f32: prob_sums[s, c, e] = sum over the rows t of chunk c of segment s of
 // exp(z[t, e] - lse[t]) (rows with a NaN lse, the non-finite ones, add nothing); the aux loss
-// adds the chunks in order.
+// adds the chunks in order. The blocks of the first expert slice also write live[s, c], the rows
+// of the chunk with a finite lse: the aux loss averages over those, not over every row.
 // Mapping: warp w takes rows w, w + 8, ... of the chunk; lane l reads column 32*blockIdx.x + l
 //   (a 128-byte coalesced row piece). Traffic: z read once, lse read ceil(E/32) times.
 // Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
 extern "C" __global__ void router_prob_sums_f32(const float* z, const float* lse, long long tokens_per_segment,
-                                                long long tokens_per_chunk, int E, float* prob_sums) {
+                                                long long tokens_per_chunk, int E, float* prob_sums, int* live) {
   __shared__ float partials[kSliceWarps][kWarp];
+  __shared__ int live_partials[kSliceWarps][kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int expert = blockIdx.x * kWarp + lane;
   const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
   float sum = 0.0f;
+  int rows = 0;
   for (i64 t = chunk.first + warp; t < chunk.end; t += kSliceWarps) {
     const float row_lse = lse[t];
+    rows += row_lse == row_lse;
     if (expert < E && row_lse == row_lse) sum += expf(z[t * E + expert] - row_lse);
   }
   const float total = sum_warp_partials(partials, sum);
-  const i64 out = (i64(blockIdx.y) * gridDim.z + blockIdx.z) * E + expert;
-  if (warp == 0 && expert < E) prob_sums[out] = total;
+  const int live_rows = sum_warp_partials(live_partials, rows);
+  const i64 chunk_index = i64(blockIdx.y) * gridDim.z + blockIdx.z;
+  if (warp == 0 && expert < E) prob_sums[chunk_index * E + expert] = total;
+  if (blockIdx.x == 0 && threadIdx.x == 0) live[chunk_index] = live_rows;
 }
 EMU_EXPORT(router_prob_sums_f32)
 
@@ -269,7 +275,8 @@ EMU_EXPORT(router_prob_sums_f32)
 // in a fixed order) and writes coefficient * sum to loss[0].
 constexpr int kLossThreads = 256;
 
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
   scratch[threadIdx.x] = v;
   __syncthreads();
   for (int stride = kLossThreads / 2; stride > 0; stride >>= 1) {
@@ -279,33 +286,65 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return scratch[0];
 }
 
-// router_aux_loss_f32: loss = coefficient * sum_{s,e} counts[s, e] * sum_c prob_sums[s, c, e]
-// (chunks c in order), coefficient = alpha * E / (k * segments * tokens_per_segment^2) (from the
-// host). Thread i takes the (s, e) pairs i, i + 256, ... Launch: grid 1, block 256.
-extern "C" __global__ void router_aux_loss_f32(const int* counts, const float* prob_sums, long long segments,
-                                               int chunks, int E, float coefficient, float* loss) {
+// The aux loss's dL/dp factor of a segment with `live` rows routed somewhere:
+// alpha E / (k S live^2), with scale = alpha E / (k S) from the host; 0 for a segment with none.
+// In double, so that the factor of a batch equals that of the same batch without its tokens
+// routed nowhere bit for bit.
+__device__ __forceinline__ float aux_coefficient(double scale, int live) {
+  return live == 0 ? 0.0f : float(scale / (double(live) * double(live)));
+}
+
+// router_aux_loss_f32: live[s] = sum_c live_chunks[s, c] (the rows of segment s routed
+// somewhere), then loss = sum_{s,e} aux_coefficient(s) * counts[s, e] * sum_c prob_sums[s, c, e]
+// (chunks c in order). Thread i takes the segments i, i + 256, ..., then the (s, e) pairs
+// i, i + 256, ... Launch: grid 1, block 256.
+extern "C" __global__ void router_aux_loss_f32(const int* counts, const float* prob_sums, const int* live_chunks,
+                                               long long segments, int chunks, int E, double scale, int* live,
+                                               float* loss) {
   __shared__ float scratch[kLossThreads];
+  for (i64 s = threadIdx.x; s < segments; s += kLossThreads) {
+    int rows = 0;
+    for (int c = 0; c < chunks; ++c) rows += live_chunks[s * chunks + c];
+    live[s] = rows;
+  }
+  __syncthreads();
   float partial = 0.0f;
   for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
     const i64 s = i / E, e = i % E;
     float prob = 0.0f;
     for (int c = 0; c < chunks; ++c) prob += prob_sums[(s * chunks + c) * E + e];
-    partial += float(counts[i]) * prob;
+    partial += aux_coefficient(scale, live[s]) * float(counts[i]) * prob;
   }
   const float total = block_sum(partial, scratch);
-  if (threadIdx.x == 0) loss[0] = coefficient * total;
+  if (threadIdx.x == 0) loss[0] = total;
 }
 EMU_EXPORT(router_aux_loss_f32)
 
-// router_z_loss_f32: loss = coefficient * sum_t lse[t]^2 over the rows with a finite lse,
-// coefficient = c / T. Launch: grid 1, block 256.
-extern "C" __global__ void router_z_loss_f32(const float* lse, long long T, float coefficient, float* loss) {
+// The z-loss factor c / live (f32, as c / T would be for a batch without its rows routed
+// nowhere), times `times`; 0 for a batch with no live row.
+__device__ __forceinline__ float z_coefficient(float coefficient, float times, int live) {
+  return live == 0 ? 0.0f : times * coefficient / float(live);
+}
+
+// router_z_loss_f32: live[0] = the rows with a finite lse, loss = c / live[0] * sum_t lse[t]^2
+// over them. Launch: grid 1, block 256.
+extern "C" __global__ void router_z_loss_f32(const float* lse, long long T, float coefficient, int* live,
+                                             float* loss) {
   __shared__ float scratch[kLossThreads];
+  __shared__ int live_scratch[kLossThreads];
   float partial = 0.0f;
+  int rows = 0;
   for (i64 t = threadIdx.x; t < T; t += kLossThreads)
-    if (lse[t] == lse[t]) partial += lse[t] * lse[t];
+    if (lse[t] == lse[t]) {
+      partial += lse[t] * lse[t];
+      ++rows;
+    }
   const float total = block_sum(partial, scratch);
-  if (threadIdx.x == 0) loss[0] = coefficient * total;
+  const int live_rows = block_sum(rows, live_scratch);
+  if (threadIdx.x == 0) {
+    live[0] = live_rows;
+    loss[0] = z_coefficient(coefficient, 1.0f, live_rows) * total;
+  }
 }
 EMU_EXPORT(router_z_loss_f32)
 
@@ -313,17 +352,19 @@ EMU_EXPORT(router_z_loss_f32)
 // Loss gradients, added into dz. Both are a dense softmax backward of a per-row g = dL/dp:
 // dz_e += p_e (g_e - <p, g>) with p = exp(z - lse); rows with a NaN lse get nothing.
 
-// router_aux_loss_backward_f32: g_e = coefficient * counts[segment(t), e] (coefficient as the
-// forward's: dL/dp_{t,e} = alpha E / (k S L^2) c_{s,e}).
+// router_aux_loss_backward_f32: g_e = aux_coefficient(s) * counts[s, e] for the segment s of row
+// t (the forward's factor: dL/dp_{t,e} = alpha E / (k S live_s^2) c_{s,e}).
 // Launch: grid ceil(T / 4), block 128; one warp per row, two lane-strided passes.
 extern "C" __global__ void router_aux_loss_backward_f32(const float* z, const float* lse, const int* counts,
-                                                        long long T, long long tokens_per_segment, int E,
-                                                        float coefficient, float* dz) {
+                                                        const int* live, long long T, long long tokens_per_segment,
+                                                        int E, double scale, float* dz) {
   const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (row >= T || lse[row] != lse[row]) return;
   const float row_lse = lse[row];
   const float* z_row = z + row * E;
-  const int* c = counts + (row / tokens_per_segment) * E;
+  const i64 segment = row / tokens_per_segment;
+  const int* c = counts + segment * E;
+  const float coefficient = aux_coefficient(scale, live[segment]);
   const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
   float dot = 0.0f;
   lane_strided_read(z_row, E, vec, [&](int e, float zv) { dot += expf(zv - row_lse) * coefficient * float(c[e]); });
@@ -334,13 +375,15 @@ extern "C" __global__ void router_aux_loss_backward_f32(const float* z, const fl
 }
 EMU_EXPORT(router_aux_loss_backward_f32)
 
-// router_z_loss_backward_f32: dz_e += coefficient * lse_t * p_e, coefficient = 2c / T.
+// router_z_loss_backward_f32: dz_e += coefficient * lse_t * p_e, coefficient = 2c / live[0] (the rows the
+// forward counted).
 // Launch: grid ceil(T / 4), block 128; one warp per row.
-extern "C" __global__ void router_z_loss_backward_f32(const float* z, const float* lse, long long T, int E,
-                                                      float coefficient, float* dz) {
+extern "C" __global__ void router_z_loss_backward_f32(const float* z, const float* lse, const int* live, long long T,
+                                                      int E, float c, float* dz) {
   const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (row >= T || lse[row] != lse[row]) return;
   const float row_lse = lse[row];
+  const float coefficient = z_coefficient(c, 2.0f, live[0]);
   const float* z_row = z + row * E;
   const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
   lane_strided_write(dz + row * E, dz + row * E, E, vec, [&](int e, float old) {

@@ -6,7 +6,9 @@ mod common;
 
 use common::{AtOffset, Rng, Tolerance, assert_close, devices, view_offset};
 use moe_kernels::device::EmulatorDevice;
-use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder};
+use moe_kernels::ops::router::{
+    self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder, ZLossWorkspace,
+};
 use moe_kernels::reference::router as reference;
 use moe_kernels::{Device, DeviceBuffer, Error};
 use proptest::prelude::*;
@@ -633,12 +635,12 @@ proptest! {
         reference::z_loss_backward(experts, coefficient, &logits, &mut want_dz);
         for device in devices() {
             let z = device.upload(&logits).unwrap();
-            let mut row_lse = device.alloc_zeros::<f32>(tokens).unwrap();
+            let mut workspace = ZLossWorkspace::new(&device, tokens).unwrap();
             let mut loss = device.upload(&[f32::NAN]).unwrap();
             let mut dz = device.upload(&dz0).unwrap();
             let before = device.stats();
-            router::z_loss(&device, &router, coefficient, &z, &mut row_lse, &mut loss).unwrap();
-            router::z_loss_backward(&device, &router, coefficient, &z, &row_lse, &mut dz).unwrap();
+            router::z_loss(&device, &router, coefficient, &z, &mut workspace, &mut loss).unwrap();
+            router::z_loss_backward(&device, &router, coefficient, &z, &workspace, &mut dz).unwrap();
             let after = device.stats();
             prop_assert_eq!(after.launches - before.launches, 3, "z-loss: 2 launches, backward: 1");
             prop_assert_eq!(after.host_syncs, before.host_syncs);
@@ -805,14 +807,21 @@ fn balance_ops_reject_bad_arguments_before_launching() {
             "dz",
         );
 
-        let mut lse = buf(4);
+        let mut lse = ZLossWorkspace::new(&device, 4).unwrap();
         assert_invalid(
             router::z_loss(&device, &router, f32::NAN, &z, &mut lse, &mut loss),
             "coefficient",
         );
         assert_invalid(
-            router::z_loss(&device, &router, 0.1, &z, &mut buf(3), &mut loss),
-            "row_lse",
+            router::z_loss(
+                &device,
+                &router,
+                0.1,
+                &z,
+                &mut ZLossWorkspace::new(&device, 3).unwrap(),
+                &mut loss,
+            ),
+            "workspace",
         );
         assert_invalid(router::z_loss(&device, &router, 0.1, &z, &mut lse, &mut buf(0)), "loss");
         assert_invalid(
@@ -1117,7 +1126,7 @@ mod unaligned {
                     let ws_len = router::expert_statistics_workspace_len(&router, tokens).unwrap();
                     let mut ws = AtOffset::upload(&device, &vec![f32::NAN; ws_len], at(4));
                     let z = AtOffset::upload(&device, &logits, at(5));
-                    let mut row_lse = AtOffset::<f32>::zeros(&device, tokens, at(6));
+                    let mut z_workspace = ZLossWorkspace::new(&device, tokens).unwrap();
                     let mut loss = AtOffset::upload(&device, &[f32::NAN], at(7));
                     let mut dz = AtOffset::upload(&device, &dz0, at(8));
                     let d_sel = AtOffset::upload(&device, &selected, at(9));
@@ -1136,16 +1145,8 @@ mod unaligned {
                         &mut sums.view_mut(),
                     )
                     .unwrap();
-                    router::z_loss(
-                        &device,
-                        &router,
-                        1e-3,
-                        &zv,
-                        &mut row_lse.view_mut(),
-                        &mut loss.view_mut(),
-                    )
-                    .unwrap();
-                    router::z_loss_backward(&device, &router, 1e-3, &zv, &row_lse.view(), &mut dz.view_mut()).unwrap();
+                    router::z_loss(&device, &router, 1e-3, &zv, &mut z_workspace, &mut loss.view_mut()).unwrap();
+                    router::z_loss_backward(&device, &router, 1e-3, &zv, &z_workspace, &mut dz.view_mut()).unwrap();
                     router::aux_loss(
                         &device,
                         &router,

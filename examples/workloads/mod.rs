@@ -51,9 +51,9 @@ fn router_ops(device: &Device, experts: usize, k: usize, tokens: usize) -> Resul
     let mut loss = device.alloc_zeros::<f32>(1)?;
     router::aux_loss(device, &config, &aux, &logits, &ids, &mut aux_workspace, &mut loss)?;
     router::aux_loss_backward(device, &config, &aux, &logits, &aux_workspace, &mut dz)?;
-    let mut row_lse = device.alloc_zeros::<f32>(tokens)?;
-    router::z_loss(device, &config, 1e-3, &logits, &mut row_lse, &mut loss)?;
-    router::z_loss_backward(device, &config, 1e-3, &logits, &row_lse, &mut dz)?;
+    let mut z_workspace = router::ZLossWorkspace::new(device, tokens)?;
+    router::z_loss(device, &config, 1e-3, &logits, &mut z_workspace, &mut loss)?;
+    router::z_loss_backward(device, &config, 1e-3, &logits, &z_workspace, &mut dz)?;
     let mut bias = device.alloc_zeros::<f32>(experts)?;
     router::bias_update(device, 1e-3, &counts, &mut bias)
 }

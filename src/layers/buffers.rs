@@ -4,7 +4,7 @@ use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::dispatch::STATUS_LEN;
 use crate::ops::gate;
 use crate::ops::gemm::GemmShape;
-use crate::ops::router::AuxLossWorkspace;
+use crate::ops::router::{AuxLossWorkspace, ZLossWorkspace};
 use crate::ops::{FloatElement, check_range};
 use crate::{Device, DeviceBuffer, Result};
 
@@ -88,7 +88,7 @@ pub(crate) struct Saved<T: FloatElement> {
     pub(super) yp: DeviceBuffer<T>,
     pub(super) shared_gu: DeviceBuffer<T>,
     pub(super) shared_h: DeviceBuffer<T>,
-    pub(super) row_lse: DeviceBuffer<f32>,
+    pub(super) z_workspace: ZLossWorkspace,
     /// The aux loss's workspace (owned by `ops::router`, sized per T: rebuilt when T changes).
     pub(super) aux: Option<(usize, AuxLossWorkspace)>,
     pub(crate) aux_loss: DeviceBuffer<f32>,
@@ -121,7 +121,7 @@ impl<T: FloatElement> Saved<T> {
             yp: zeros_t(s.rows * s.d)?,
             shared_gu: zeros_t(training(s.tokens * 2 * s.hs))?,
             shared_h: zeros_t(s.tokens * s.hs)?,
-            row_lse: device.alloc_zeros(training(if config.z_loss > 0.0 { s.tokens } else { 0 }))?,
+            z_workspace: ZLossWorkspace::new(device, training(if config.z_loss > 0.0 { s.tokens } else { 0 }))?,
             aux: None,
             aux_loss: device.alloc_zeros(1)?,
             z_loss: device.alloc_zeros(1)?,
@@ -143,7 +143,7 @@ impl<T: FloatElement> Saved<T> {
             + bytes(&self.yp)
             + bytes(&self.shared_gu)
             + bytes(&self.shared_h)
-            + bytes(&self.row_lse);
+            + bytes(self.z_workspace.row_lse());
         total / max_tokens
     }
 }

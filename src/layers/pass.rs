@@ -371,8 +371,8 @@ impl<T: FloatElement> Pass<'_, T> {
             router::aux_loss(device, &router_config, &aux, &z, &ids, workspace, &mut saved.aux_loss)?;
         }
         if config.z_loss > 0.0 {
-            let mut lse = prefix_mut("row_lse", &mut saved.row_lse, s.tokens)?;
-            router::z_loss(device, &router_config, config.z_loss, &z, &mut lse, &mut saved.z_loss)?;
+            let workspace = &mut saved.z_workspace;
+            router::z_loss(device, &router_config, config.z_loss, &z, workspace, &mut saved.z_loss)?;
         }
         Ok(config.aux_config().is_some() || config.z_loss > 0.0)
     }
@@ -609,8 +609,7 @@ impl<T: FloatElement> Pass<'_, T> {
             router::aux_loss_backward(device, &router_config, &aux, &z, workspace, &mut dz)?;
         }
         if config.z_loss > 0.0 {
-            let lse = prefix("row_lse", &saved.row_lse, s.tokens)?;
-            router::z_loss_backward(device, &router_config, config.z_loss, &z, &lse, &mut dz)?;
+            router::z_loss_backward(device, &router_config, config.z_loss, &z, &saved.z_workspace, &mut dz)?;
         }
         let dz = prefix("dz", &scratch.dz, s.tokens * s.experts)?;
         let gate_shape = config.gate_shape(s.tokens);

@@ -269,7 +269,14 @@ fn segment_len(aux: &AuxLossConfig, tokens: usize) -> usize {
     aux.sequence_length.unwrap_or(tokens)
 }
 
-/// `dL_aux/dp_{t,e}` for every token (its segment's `alpha E / (k S L^2) c_{s,e}`).
+/// Rows of `logits` that are routed somewhere (not non-finite): the count every mean over
+/// tokens divides by, so a token routed nowhere changes no other token's gradient.
+fn live_rows(experts: usize, logits: &[f32]) -> usize {
+    logits.chunks(experts).filter(|row| !row_is_nonfinite(row)).count()
+}
+
+/// `dL_aux/dp_{t,e}` for every token (its segment's `alpha E / (k S L'^2) c_{s,e}`, with `L'`
+/// the segment's tokens routed somewhere).
 fn aux_loss_prob_grad(router: &RouterConfig, aux: &AuxLossConfig, logits: &[f32], ids: &[i32]) -> Vec<f64> {
     let e_count = router.experts;
     let tokens = logits.len() / e_count;
@@ -278,7 +285,11 @@ fn aux_loss_prob_grad(router: &RouterConfig, aux: &AuxLossConfig, logits: &[f32]
     let mut grad = vec![0.0; logits.len()];
     for s in 0..segments {
         let counts = expert_counts(e_count, &ids[s * len * router.k..(s + 1) * len * router.k]);
-        let coefficient = aux.alpha as f64 * e_count as f64 / (router.k * segments * len * len) as f64;
+        let live = live_rows(e_count, &logits[s * len * e_count..(s + 1) * len * e_count]);
+        if live == 0 {
+            continue;
+        }
+        let coefficient = aux.alpha as f64 * e_count as f64 / (router.k * segments * live * live) as f64;
         for t in s * len..(s + 1) * len {
             for e in 0..e_count {
                 grad[t * e_count + e] = coefficient * counts[e] as f64;
@@ -331,9 +342,9 @@ pub fn row_logsumexp(row: &[f32]) -> Option<f64> {
     Some(max + row.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln())
 }
 
-/// Router z-loss `c/T sum_t LSE_t^2` (non-finite rows add nothing).
+/// Router z-loss `c/T' sum_t LSE_t^2` (non-finite rows add nothing, and `T'` counts the others).
 pub fn z_loss(experts: usize, coefficient: f32, logits: &[f32]) -> f64 {
-    let tokens = logits.len() / experts;
+    let tokens = live_rows(experts, logits);
     let sum: f64 = logits.chunks(experts).filter_map(row_logsumexp).map(|l| l * l).sum();
     if tokens == 0 {
         0.0
@@ -342,9 +353,9 @@ pub fn z_loss(experts: usize, coefficient: f32, logits: &[f32]) -> f64 {
     }
 }
 
-/// Adds the z-loss gradient `(2c/T) LSE_t p_{t,e}` to `dz`.
+/// Adds the z-loss gradient `(2c/T') LSE_t p_{t,e}` to `dz`.
 pub fn z_loss_backward(experts: usize, coefficient: f32, logits: &[f32], dz: &mut [f64]) {
-    let tokens = logits.len() / experts;
+    let tokens = live_rows(experts, logits);
     for (t, row) in logits.chunks(experts).enumerate() {
         if let Some(lse) = row_logsumexp(row) {
             let p = probabilities(row);

@@ -198,23 +198,23 @@ impl AuxLossConfig {
         }
     }
 
-    /// `alpha E / (k S L^2)`: the loss is it times `sum_{s,i} c_{s,i} Psum_{s,i}`, and
-    /// `dL/dp_{t,i}` is it times `c_{s(t),i}` (0 for an empty batch).
-    fn coefficient(&self, router: &RouterConfig, tokens: usize) -> f32 {
-        let (segments, len) = self.segments(tokens);
-        if tokens == 0 {
-            return 0.0;
-        }
-        (self.alpha as f64 * router.experts as f64 / (router.k as f64 * segments as f64 * (len as f64).powi(2))) as f32
+    /// `alpha E / (k S)`: a segment's `dL/dp_{t,i}` is it times `c_{s,i} / live_s^2`, with
+    /// `live_s` the segment's tokens not routed nowhere (counted on the device).
+    fn scale(&self, router: &RouterConfig, tokens: usize) -> f64 {
+        let (segments, _) = self.segments(tokens);
+        self.alpha as f64 * router.experts as f64 / (router.k as f64 * segments as f64)
     }
 }
 
 /// What [`aux_loss`] keeps for [`aux_loss_backward`]: per-row log-sum-exp `[T]`, per-sequence
-/// counts `[S, E]`, and the probability sums of each chunk of tokens `[S, chunks, E]`.
+/// counts `[S, E]`, the probability sums of each chunk of tokens `[S, chunks, E]`, and the
+/// tokens routed somewhere per chunk `[S, chunks]` and per sequence `[S]`.
 pub struct AuxLossWorkspace {
     row_lse: DeviceBuffer<f32>,
     counts: DeviceBuffer<i32>,
     prob_sums: DeviceBuffer<f32>,
+    live_chunks: DeviceBuffer<i32>,
+    live_rows: DeviceBuffer<i32>,
     tokens: usize,
     experts: usize,
     segments: usize,
@@ -227,11 +227,14 @@ impl AuxLossWorkspace {
         aux.validate(tokens)?;
         let (segments, len) = aux.segments(tokens);
         let per_segment = elements("tokens", segments, router.experts)?;
-        let per_chunk = elements("tokens", per_segment, chunking(len).0)?;
+        let chunks = elements("tokens", segments, chunking(len).0)?;
+        let per_chunk = elements("tokens", chunks, router.experts)?;
         Ok(Self {
             row_lse: device.alloc_zeros(tokens)?,
             counts: device.alloc_zeros(per_segment)?,
             prob_sums: device.alloc_zeros(per_chunk)?,
+            live_chunks: device.alloc_zeros(chunks)?,
+            live_rows: device.alloc_zeros(segments)?,
             tokens,
             experts: router.experts,
             segments,
@@ -241,6 +244,12 @@ impl AuxLossWorkspace {
     /// The per-(sequence, expert) token counts of the last [`aux_loss`] (`[S, E]`).
     pub fn counts(&self) -> &DeviceBuffer<i32> {
         &self.counts
+    }
+
+    /// The tokens of each sequence that the last [`aux_loss`] averaged over (`[S]`): those not
+    /// routed nowhere (a non-finite row of logits adds to no count and no mean).
+    pub fn live_rows(&self) -> &DeviceBuffer<i32> {
+        &self.live_rows
     }
 
     fn check(&self, router: &RouterConfig, aux: &AuxLossConfig, tokens: usize) -> Result<()> {
@@ -322,34 +331,37 @@ pub fn aux_loss(
         None::<&mut DeviceBuffer<f32>>,
     )?;
     // Matches the kernel's parameters, in order:
-    // router_prob_sums_f32(z, lse, tokens_per_segment, tokens_per_chunk, E, prob_sums).
+    // router_prob_sums_f32(z, lse, tokens_per_segment, tokens_per_chunk, E, prob_sums, live).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input("row_lse", &workspace.row_lse)
         .scalar(len as i64)
         .scalar(tokens_per_chunk as i64)
         .scalar(router.experts as i32)
-        .output("prob_sums", &mut workspace.prob_sums);
+        .output("prob_sums", &mut workspace.prob_sums)
+        .output("live_chunks", &mut workspace.live_chunks);
     device.launch(
         "router_prob_sums_f32",
         slice_launch(router.experts, segments, chunks),
         args,
     )?;
     // Matches the kernel's parameters, in order:
-    // router_aux_loss_f32(counts, prob_sums, segments, chunks, E, coefficient, loss).
+    // router_aux_loss_f32(counts, prob_sums, live_chunks, segments, chunks, E, scale, live, loss).
     let args = KernelArgs::new(device)
         .input("counts", &workspace.counts)
         .input("prob_sums", &workspace.prob_sums)
+        .input("live_chunks", &workspace.live_chunks)
         .scalar(segments as i64)
         .scalar(chunks as i32)
         .scalar(router.experts as i32)
-        .scalar(aux.coefficient(router, tokens))
+        .scalar(aux.scale(router, tokens))
+        .output("live_rows", &mut workspace.live_rows)
         .output("loss", loss);
     device.launch("router_aux_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
 }
 
-/// Adds the aux loss gradient to `dz` `[T, E]`: `dL/dp_{t,i} = alpha (E/k) f_i / T` (per
-/// sequence at sequence level) through the dense softmax backward. `workspace` must hold the
+/// Adds the aux loss gradient to `dz` `[T, E]`: `dL/dp_{t,i} = alpha (E/k) f_i / T'` (per
+/// sequence at sequence level; `T'` the tokens not routed nowhere) through the dense softmax backward. `workspace` must hold the
 /// [`aux_loss`] of the same logits and ids. One launch; no host sync.
 pub fn aux_loss_backward(
     device: &Device,
@@ -365,84 +377,118 @@ pub fn aux_loss_backward(
     check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
     let (_, len) = aux.segments(tokens);
     // Matches the kernel's parameters, in order:
-    // router_aux_loss_backward_f32(z, lse, counts, T, tokens_per_segment, E, coefficient, dz).
+    // router_aux_loss_backward_f32(z, lse, counts, live, T, tokens_per_segment, E, scale, dz).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input("row_lse", &workspace.row_lse)
         .input("counts", &workspace.counts)
+        .input("live_rows", &workspace.live_rows)
         .scalar(tokens as i64)
         .scalar(len.max(1) as i64)
         .scalar(e as i32)
-        .scalar(aux.coefficient(router, tokens))
+        .scalar(aux.scale(router, tokens))
         .output("dz", dz);
     device.launch("router_aux_loss_backward_f32", row_launch(tokens)?, args)
+}
+
+/// What [`z_loss`] keeps for [`z_loss_backward`]: the per-row log-sum-exp (NaN for a non-finite
+/// row; room for `max_tokens` rows, a batch of T uses the first T) and the number of rows with a
+/// finite one `[1]`, the mean's denominator.
+pub struct ZLossWorkspace {
+    row_lse: DeviceBuffer<f32>,
+    live_rows: DeviceBuffer<i32>,
+}
+
+impl ZLossWorkspace {
+    /// Buffers for batches of up to `max_tokens` rows.
+    pub fn new(device: &Device, max_tokens: usize) -> Result<Self> {
+        Ok(Self {
+            row_lse: device.alloc_zeros(max_tokens)?,
+            live_rows: device.alloc_zeros(1)?,
+        })
+    }
+
+    /// The per-row log-sum-exp of the last [`z_loss`] (its first T elements; NaN for a
+    /// non-finite row).
+    pub fn row_lse(&self) -> &DeviceBuffer<f32> {
+        &self.row_lse
+    }
+
+    /// The rows the last [`z_loss`] averaged over (`[1]`): those with finite logits.
+    pub fn live_rows(&self) -> &DeviceBuffer<i32> {
+        &self.live_rows
+    }
 }
 
 fn check_z_loss(
     router: &RouterConfig,
     coefficient: f32,
     logits: &impl DeviceSlice<f32>,
-    row_lse: &impl DeviceSlice<f32>,
+    workspace: &ZLossWorkspace,
 ) -> Result<usize> {
     router.validate()?;
     if !coefficient.is_finite() {
         return Err(invalid("coefficient", coefficient, "a finite number"));
     }
     let tokens = router.tokens(logits)?;
-    check_len("row_lse", row_lse, tokens, || format!("[T] = [{tokens}]"))?;
+    if workspace.row_lse.len() < tokens {
+        return Err(Error::Shape {
+            argument: "workspace",
+            expected: format!("a z-loss workspace for at least T = {tokens} rows"),
+            got: format!("one for {}", workspace.row_lse.len()),
+        });
+    }
     Ok(tokens)
 }
 
-/// The router z-loss (ST-MoE, math §3) `coefficient / T * sum_t LSE_t^2` of `logits` `[T, E]`
-/// into `loss` (`[1]`); keeps the per-row LSE in `row_lse` (`[T]`, NaN for non-finite rows,
-/// which add nothing) for [`z_loss_backward`]. Two launches; no host sync.
+/// The router z-loss (ST-MoE, math §3) `coefficient / T' * sum_t LSE_t^2` of `logits` `[T, E]`
+/// into `loss` (`[1]`), where the sum and its count `T'` take only the rows with finite logits (a
+/// non-finite row is routed nowhere and adds nothing: the other rows' gradients are bitwise those
+/// of the batch without it). Keeps the per-row LSE and `T'` in `workspace` for
+/// [`z_loss_backward`]. Two launches; no host sync.
 pub fn z_loss(
     device: &Device,
     router: &RouterConfig,
     coefficient: f32,
     logits: &impl DeviceSlice<f32>,
-    row_lse: &mut impl DeviceSliceMut<f32>,
+    workspace: &mut ZLossWorkspace,
     loss: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    let tokens = check_z_loss(router, coefficient, logits, row_lse)?;
+    let tokens = check_z_loss(router, coefficient, logits, workspace)?;
     check_len("loss", loss, 1, || "[1]".into())?;
-    launch_row_lse(device, router, logits, row_lse)?;
-    let scaled = if tokens == 0 { 0.0 } else { coefficient / tokens as f32 };
-    // Matches the kernel's parameters, in order: router_z_loss_f32(lse, T, coefficient, loss).
+    launch_row_lse(device, router, logits, &mut workspace.row_lse)?;
+    // Matches the kernel's parameters, in order: router_z_loss_f32(lse, T, coefficient, live, loss).
     let args = KernelArgs::new(device)
-        .input("row_lse", row_lse)
+        .input("row_lse", &workspace.row_lse)
         .scalar(tokens as i64)
-        .scalar(scaled)
+        .scalar(coefficient)
+        .output("live_rows", &mut workspace.live_rows)
         .output("loss", loss);
     device.launch("router_z_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
 }
 
-/// Adds the z-loss gradient `(2 coefficient / T) LSE_t p_{t,j}` to `dz` `[T, E]`; `row_lse` is
-/// the one [`z_loss`] wrote for these logits. One launch; no host sync.
+/// Adds the z-loss gradient `(2 coefficient / T') LSE_t p_{t,j}` to `dz` `[T, E]`; `workspace`
+/// holds the [`z_loss`] of these logits. One launch; no host sync.
 pub fn z_loss_backward(
     device: &Device,
     router: &RouterConfig,
     coefficient: f32,
     logits: &impl DeviceSlice<f32>,
-    row_lse: &impl DeviceSlice<f32>,
+    workspace: &ZLossWorkspace,
     dz: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    let tokens = check_z_loss(router, coefficient, logits, row_lse)?;
+    let tokens = check_z_loss(router, coefficient, logits, workspace)?;
     let e = router.experts;
     check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
-    let scaled = if tokens == 0 {
-        0.0
-    } else {
-        2.0 * coefficient / tokens as f32
-    };
     // Matches the kernel's parameters, in order:
-    // router_z_loss_backward_f32(z, lse, T, E, coefficient, dz).
+    // router_z_loss_backward_f32(z, lse, live, T, E, coefficient, dz).
     let args = KernelArgs::new(device)
         .input("logits", logits)
-        .input("row_lse", row_lse)
+        .input("row_lse", &workspace.row_lse)
+        .input("live_rows", &workspace.live_rows)
         .scalar(tokens as i64)
         .scalar(e as i32)
-        .scalar(scaled)
+        .scalar(coefficient)
         .output("dz", dz);
     device.launch("router_z_loss_backward_f32", row_launch(tokens)?, args)
 }
