@@ -12,7 +12,9 @@
 //! The test-only kernel files ([`TEST_ONLY`]) are built only with the feature `dev-tools` (this
 //! crate's tests, examples and benches), so a crate depending on this one compiles none of them.
 //! The build also tells the tests what it produced, as cfgs: `moe_gpu_kernels` (nvcc compiled
-//! every kernel) and `moe_sass_tools` (cuobjdump and nvdisasm are beside that nvcc), so a test
+//! every kernel), `moe_sass_tools` (cuobjdump and nvdisasm are beside that nvcc), and the
+//! emulator builds `moe_emu_asan` (`MOE_EMU_SANITIZE=address`) and `moe_emu_profile`
+//! (`MOE_EMU_PROFILE=1`, with the race detector), so a test
 //! that needs them is `#[ignore]`d, with the reason, where they are missing.
 #[path = "build/codegen.rs"]
 mod codegen;
@@ -64,6 +66,7 @@ fn main() {
     let files = kernel_files(&root.join("kernels"), dev_tools);
     let gpu = nvcc::build(&root, &out, &files);
     println!("cargo::rustc-check-cfg=cfg(moe_emu_profile)"); // set by emulator::build
+    println!("cargo::rustc-check-cfg=cfg(moe_emu_asan)"); // set by emulator::build
     println!("cargo::rustc-check-cfg=cfg(moe_gpu_kernels)");
     println!("cargo::rustc-check-cfg=cfg(moe_sass_tools)");
     if !gpu.fatbins.is_empty() {

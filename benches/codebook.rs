@@ -6,6 +6,7 @@
 //! (VQ routing: Nc = E over the model dimension d).
 mod common;
 
+use common::inputs::uniform_values;
 use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
@@ -30,17 +31,6 @@ fn floor(shape: &CodebookShape, size: u64) -> Floor {
     }
 }
 
-fn normals(seed: u64, len: usize) -> Vec<f64> {
-    // A small LCG is enough for bench inputs.
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
-        .collect()
-}
-
 fn upload<T: FloatElement>(device: &Device, v: &[f64]) -> DeviceBuffer<T> {
     device
         .upload(&v.iter().map(|&v| T::from_f32(v as f32)).collect::<Vec<_>>())
@@ -61,8 +51,8 @@ struct Search<T: FloatElement> {
 impl<T: FloatElement> Search<T> {
     fn new(device: &Device, shape: CodebookShape) -> Self {
         let config = NearestConfig::default();
-        let x = upload::<T>(device, &normals(1, shape.x_len().unwrap()));
-        let codes = upload::<T>(device, &normals(2, shape.codebook_len().unwrap()));
+        let x = upload::<T>(device, &uniform_values(1, shape.x_len().unwrap(), 0.5));
+        let codes = upload::<T>(device, &uniform_values(2, shape.codebook_len().unwrap(), 0.5));
         let mut norms = device.alloc_zeros(shape.codes).expect("alloc");
         codebook::code_norms(device, &shape, &codes, &mut norms).expect("norms");
         Self {
@@ -126,8 +116,8 @@ fn bench(c: &mut Criterion) {
         );
     }
     let (x, codes) = (
-        normals(1, SMALL.x_len().unwrap()),
-        normals(2, SMALL.codebook_len().unwrap()),
+        uniform_values(1, SMALL.x_len().unwrap(), 0.5),
+        uniform_values(2, SMALL.codebook_len().unwrap(), 0.5),
     );
     let mut group = c.benchmark_group(format!("codebook nearest {SMALL:?}"));
     group.sample_size(10);

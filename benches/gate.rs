@@ -4,6 +4,7 @@
 //! of the floor at the realistic layer shapes (`common::layer_shapes`).
 mod common;
 
+use common::inputs::uniform_values;
 use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
@@ -53,30 +54,19 @@ fn backward_floor(form: GateForm, shape: &GateShape, size: u64) -> Floor {
     }
 }
 
-fn normals(seed: u64, len: usize, scale: f64) -> Vec<f64> {
-    // A small LCG is enough for bench inputs.
-    let mut s = seed;
-    (0..len)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 2.0 * scale
-        })
-        .collect()
-}
-
 fn params(form: GateForm, shape: &GateShape) -> GateParams {
     let (d, e, r) = (shape.dim, shape.experts, shape.rank);
     let s = 1.0 / (d as f64).sqrt();
     match form {
         GateForm::Linear => GateParams::Linear {
-            w: normals(1, e * d, s),
-            b: Some(normals(2, e, 1.0)),
+            w: uniform_values(1, e * d, s as f32),
+            b: Some(uniform_values(2, e, 1.0)),
         },
         _ => GateParams::LowRank {
-            u: normals(3, e * r * d, s),
-            v: normals(4, e * r * d, s),
-            b: Some(normals(5, e * d, s)),
-            c: Some(normals(6, e, 1.0)),
+            u: uniform_values(3, e * r * d, s as f32),
+            v: uniform_values(4, e * r * d, s as f32),
+            b: Some(uniform_values(5, e * d, s as f32)),
+            c: Some(uniform_values(6, e, 1.0)),
         },
     }
 }
@@ -166,8 +156,8 @@ fn bench_device<T: FloatElement>(
 
 fn bench(c: &mut Criterion) {
     let devices = devices();
-    let x = normals(7, SHAPE.x_len().unwrap(), 1.0);
-    let dz = normals(8, SHAPE.z_len().unwrap(), 1.0);
+    let x = uniform_values(7, SHAPE.x_len().unwrap(), 1.0);
+    let dz = uniform_values(8, SHAPE.z_len().unwrap(), 1.0);
     for form in [GateForm::Linear, GateForm::LowRank] {
         let host = params(form, &SHAPE);
         let rank = if form == GateForm::Linear {
@@ -208,8 +198,8 @@ fn bench(c: &mut Criterion) {
                 rank: SHAPE.rank,
             };
             let (x, dz) = (
-                normals(7, shape.x_len().unwrap(), 1.0),
-                normals(8, shape.z_len().unwrap(), 1.0),
+                uniform_values(7, shape.x_len().unwrap(), 1.0),
+                uniform_values(8, shape.z_len().unwrap(), 1.0),
             );
             for form in [GateForm::Linear, GateForm::LowRank] {
                 let host = params(form, &shape);

@@ -49,6 +49,7 @@ pub fn build(root: &Path, files: &[KernelFile]) {
         // rustc links with -nodefaultlibs, so the runtime must be named, and ASan wants it
         // first among the shared libraries: before the lines cc prints.
         println!("cargo:rustc-link-lib=dylib=asan");
+        println!("cargo:rustc-cfg=moe_emu_asan");
     }
 
     let mut kernels = base();

@@ -298,11 +298,11 @@ const CHILD: &str = "MOE_PLANTED_CHILD";
 /// The test `test` launches `bad` in a child process and asserts that AddressSanitizer reported
 /// `error` and that the emulator named the CUDA `thread` (as "(x,y,z) of block (x,y,z)").
 fn caught_by_address_sanitizer(test: &str, bad: fn(&Device) -> Result<()>, error: &str, thread: &str) {
-    if !address_sanitizer() {
-        // Never launch the bad kernel here: it would corrupt this process's memory.
-        eprintln!("skipped: needs the AddressSanitizer build (MOE_EMU_SANITIZE=address)");
-        return;
-    }
+    // Never launch the bad kernel without the sanitizer: it would corrupt this process's memory.
+    assert!(
+        address_sanitizer(),
+        "needs the AddressSanitizer build (MOE_EMU_SANITIZE=address)"
+    );
     if std::env::var(CHILD).is_ok_and(|v| v == test) {
         let result = bad(&emulator(Schedule::InOrder));
         panic!("AddressSanitizer let the planted bug through (the launch returned {result:?})");
@@ -332,6 +332,10 @@ fn caught_by_address_sanitizer(test: &str, bad: fn(&Device) -> Result<()>, error
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_asan),
+    ignore = "needs the AddressSanitizer build: MOE_EMU_SANITIZE=address; CI runs it"
+)]
 fn out_of_bounds_global_write_is_caught_by_address_sanitizer() {
     caught_by_address_sanitizer(
         "out_of_bounds_global_write_is_caught_by_address_sanitizer",
@@ -342,6 +346,10 @@ fn out_of_bounds_global_write_is_caught_by_address_sanitizer() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_asan),
+    ignore = "needs the AddressSanitizer build: MOE_EMU_SANITIZE=address; CI runs it"
+)]
 fn static_shared_overrun_is_caught_by_address_sanitizer() {
     caught_by_address_sanitizer(
         "static_shared_overrun_is_caught_by_address_sanitizer",
@@ -356,14 +364,11 @@ fn static_shared_overrun_is_caught_by_address_sanitizer() {
 // (shown by run-ahead) and a dropped __syncwarp between ballot-ranked count updates (shown by
 // no schedule). The race detector (profiling build, MOE_EMU_RACECHECK) reports both.
 
-/// The emulator on `schedule` with the race detector, or None (saying so) in a build without it.
-fn race_detector(schedule: Schedule) -> Option<Device> {
-    if !profiling_build() {
-        eprintln!("skipped: the race detector needs the profiling build (MOE_EMU_PROFILE=1)");
-        return None;
-    }
+/// The emulator on `schedule` with the race detector (the tests that call it are ignored outside
+/// the profiling build, which has it).
+fn race_detector(schedule: Schedule) -> Device {
     let emu = EmulatorDevice::from_env().expect("emulator").with_schedule(schedule);
-    Some(Device::Emulator(emu.with_racecheck(true).expect("the race detector")))
+    Device::Emulator(emu.with_racecheck(true).expect("the race detector (MOE_EMU_PROFILE=1)"))
 }
 
 /// `result` is the race detector's report, naming `kernel` and containing each of `expected`.
@@ -410,10 +415,14 @@ fn dropped_tile_barrier_hides_in_first_in_first_out_schedules_and_shows_running_
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the race detector of the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn dropped_tile_barrier_is_caught_by_the_race_detector() {
     let mut seed = seeds(1000);
     for schedule in every_schedule() {
-        let Some(device) = race_detector(schedule) else { return };
+        let device = race_detector(schedule);
         // A warp's store of tile kt + 1 against the other warp's ldmatrix of tile kt, in
         // either order.
         assert_race(
@@ -428,18 +437,29 @@ fn dropped_tile_barrier_is_caught_by_the_race_detector() {
     }
 }
 
-#[test]
-fn race_free_tilings_are_right_and_raise_no_report_under_every_schedule() {
-    let mut seed = seeds(900);
+/// The race-free tilings on `device(schedule)` under every schedule: right, and no report.
+fn race_free_tilings_on(device: fn(Schedule) -> Device, mut seed: impl FnMut() -> u64) {
     for tiling in Tiling::RACE_FREE {
         for schedule in every_schedule().chain(RUN_AHEAD) {
-            for device in std::iter::once(emulator(schedule)).chain(race_detector(schedule)) {
-                let out = races::tile_barrier(&device, tiling, seed())
-                    .unwrap_or_else(|e| panic!("{tiling:?} under {schedule:?}: {e}"));
-                assert_eq!(out.got, out.expected, "{tiling:?} under {schedule:?}");
-            }
+            let out = races::tile_barrier(&device(schedule), tiling, seed())
+                .unwrap_or_else(|e| panic!("{tiling:?} under {schedule:?}: {e}"));
+            assert_eq!(out.got, out.expected, "{tiling:?} under {schedule:?}");
         }
     }
+}
+
+#[test]
+fn race_free_tilings_are_right_under_every_schedule() {
+    race_free_tilings_on(emulator, seeds(900));
+}
+
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the race detector of the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn race_free_tilings_raise_no_race_report() {
+    race_free_tilings_on(race_detector, seeds(950));
 }
 
 #[test]
@@ -453,10 +473,14 @@ fn dropped_syncwarp_between_ballot_ranks_hides_under_every_schedule() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the race detector of the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn dropped_syncwarp_between_ballot_ranks_is_caught_by_the_race_detector() {
     let mut seed = seeds(1300);
     for schedule in every_schedule() {
-        let Some(device) = race_detector(schedule) else { return };
+        let device = race_detector(schedule);
         // A lowest peer's count advance, then another lane's read of it in the next chunk.
         assert_race(
             races::warp_rank(&device, false, seed()),
@@ -469,21 +493,34 @@ fn dropped_syncwarp_between_ballot_ranks_is_caught_by_the_race_detector() {
 }
 
 #[test]
-fn race_free_idioms_raise_no_report_and_are_right() {
+fn race_free_idioms_are_right_under_every_schedule() {
     for schedule in every_schedule() {
         let out = races::race_free_idioms(&emulator(schedule)).unwrap();
-        assert_eq!(out.got, out.expected, "{schedule:?}");
-        let Some(device) = race_detector(schedule) else { return };
-        let out = races::race_free_idioms(&device).unwrap_or_else(|e| panic!("{schedule:?}: {e}"));
         assert_eq!(out.got, out.expected, "{schedule:?}");
     }
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the race detector of the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn race_free_idioms_raise_no_race_report() {
+    for schedule in every_schedule() {
+        let out = races::race_free_idioms(&race_detector(schedule)).unwrap_or_else(|e| panic!("{schedule:?}: {e}"));
+        assert_eq!(out.got, out.expected, "{schedule:?}");
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the race detector of the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
 fn the_race_detector_catches_the_older_planted_races_and_passes_their_controls() {
     let mut seed = seeds(1400);
     for schedule in every_schedule() {
-        let Some(device) = race_detector(schedule) else { return };
+        let device = race_detector(schedule);
         // In order too: the detector does not need the schedule to expose the race.
         assert_race(
             planted::shift(&device, false, SHIFT_BLOCKS, seed()),

@@ -23,6 +23,11 @@ impl Rng {
     }
 }
 
+/// `len` host values uniform in `[-scale, scale)` from `seed` (parameters the references read).
+pub fn uniform_values(seed: u64, len: usize, scale: f32) -> Vec<f64> {
+    Rng::new(seed).fill(len, scale).into_iter().map(f64::from).collect()
+}
+
 /// Elements generated on the host per random block; larger buffers repeat the block on the
 /// device (the values stay random bits for the tensor cores, and the host does not spend the
 /// lease generating tens of gigabytes).
