@@ -19,12 +19,13 @@
 //! 1 sum.
 //!
 //! **Non-finite rows** (math §2): a token whose logits are non-finite (the gate makes every
-//! logit NaN for an input row with a NaN, an infinity or an element of at least 2^64) is
-//! routed nowhere: no expert sees it, its output row is NaN,
-//! its dz row is zero so the gate's gradients skip it, and the shared experts' weight gradients
-//! gather the tokens through a list where it is padding. Every other token's output and every
-//! weight gradient are then bitwise what the batch without it gives (without aux or z losses,
-//! whose means still count it in T). The router counts such rows in `nonfinite_rows`.
+//! logit NaN for an input row with a NaN, an infinity or an element of at least 2^64), or, with
+//! the codebook router, whose nearest distance is not finite, is routed nowhere: no expert sees
+//! it, its output row is NaN, its dz row is zero so the gate's gradients skip it, and the shared
+//! experts' weight gradients gather the tokens through a list where it is padding. The aux and
+//! z losses average over the other tokens only. Every other token's output and every gradient
+//! are then bitwise what the batch without it gives. The router counts such rows in
+//! `nonfinite_rows`.
 use super::buffers::{Saved, Scratch, Sizes};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::workspace::{prefix, prefix_mut};
@@ -289,7 +290,8 @@ impl<T: FloatElement> Pass<'_, T> {
     }
 
     /// Codebook routing (math §6): each token's nearest code (Nc = E, so the code is the expert)
-    /// into `saved.ids`, weight 1 (`saved.weights` holds ones from construction). 2 launches.
+    /// into `saved.ids`, weight 1 into `saved.weights`; a row whose distance is not finite is
+    /// routed nowhere (weight NaN) and counted in `scratch.nonfinite_rows`. 2 launches.
     fn route_by_code(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<()> {
         let codes = self.router.codebook().expect("a codebook router holds its codes");
         let shape = CodebookShape {
@@ -305,10 +307,13 @@ impl<T: FloatElement> Pass<'_, T> {
             splits: Some(1),
         };
         let mut ids = prefix_mut("ids", &mut saved.ids, s.slots)?;
+        let mut weights = prefix_mut("weights", &mut saved.weights, s.slots)?;
         let out = NearestOutputs {
             ids: &mut ids,
             distances: None,
             experts: None,
+            weights: Some(&mut weights),
+            nonfinite_rows: Some(&mut scratch.nonfinite_rows),
         };
         let (norms, workspace) = (&scratch.code_norms, &mut scratch.nearest_workspace);
         codebook::nearest(self.device, &shape, &nearest, x, codes, norms, out, workspace)
