@@ -218,6 +218,14 @@ impl<T: FloatElement> ChainOfExperts<T> {
         &self.expert_grads
     }
 
+    /// Tokens routed nowhere (one u32 on the device), summed over every iteration of every forward
+    /// so far: a token whose input row is not finite is counted once per iteration, since its
+    /// row stays non-finite through the residual. Such a token's output row is NaN and it adds
+    /// nothing to any gradient or loss.
+    pub fn nonfinite_rows(&self) -> &DeviceBuffer<u32> {
+        &self.scratch.nonfinite_rows
+    }
+
     /// Iteration t's loss buffers (`[aux]`, `[z]`).
     pub fn loss_buffers(&self, iteration: usize) -> Option<(&DeviceBuffer<f32>, &DeviceBuffer<f32>)> {
         self.saved.get(iteration).map(|s| (&s.aux_loss, &s.z_loss))

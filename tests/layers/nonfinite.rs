@@ -1,12 +1,13 @@
 //! The non-finite policy (math §1, §2) through whole layers: a token whose input row holds a
 //! NaN, an infinity or a huge value (1e30: its square overflows f32) is routed nowhere, counted in `nonfinite_rows`, gets a NaN output row, and
 //! leaves every other output row and every gradient bitwise what the batch without it gives.
+use crate::chain::{ChainCase, run_chain};
 use crate::common::devices;
 use crate::support::{Case, Run, router_kinds, run, small};
 use crate::vq::{config as vq_config, run_vq, vq_case};
 use half::bf16;
 use moe_kernels::Device;
-use moe_kernels::layers::{MoeConfig, MoeLayer, RouterKind, VqMoe};
+use moe_kernels::layers::{ChainOfExperts, MoeConfig, MoeLayer, RouterKind, VqMoe};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::router::NO_EXPERT;
 
@@ -144,5 +145,57 @@ fn vq_tokens_routed_nowhere_leave_the_rest_bitwise_unchanged() {
     for device in devices() {
         check_vq::<f32>(&device);
         check_vq::<bf16>(&device);
+    }
+}
+
+/// ChainOfExperts (2 iterations, aux and z losses on): the bad tokens stay non-finite through the
+/// residual, are routed nowhere and counted by each iteration, and leave every other output
+/// row, dx row and gradient bitwise what the batch without them gives.
+fn check_chain<T: FloatElement>(device: &Device) {
+    let config = MoeConfig {
+        shared_experts: 1,
+        aux_alpha: 0.03,
+        z_loss: 0.01,
+        ..small(RouterKind::Linear)
+    };
+    let (good, d) = (13, config.dim);
+    let mut full = ChainCase::new::<T>(config, 2, good + 3, 4);
+    full.x[good * d + 2] = f32::NAN;
+    full.x[(good + 1) * d] = f32::INFINITY;
+    full.x[(good + 2) * d..].fill(-1e30);
+    let kept = ChainCase {
+        x: full.x[..good * d].to_vec(),
+        dy: full.dy[..good * d].to_vec(),
+        weights: full.weights.clone(),
+        ..full
+    };
+    let what = format!("chain {} on {}", T::NAME, device.description());
+    let mut chain = ChainOfExperts::<T>::new(device, config, &full.weights).unwrap();
+    let got = run_chain::<T>(device, &mut chain, &full);
+    assert_eq!(device.download(chain.nonfinite_rows()).unwrap(), [6], "{what}: counted");
+    let want = run_chain::<T>(
+        device,
+        &mut ChainOfExperts::<T>::new(device, config, &kept.weights).unwrap(),
+        &kept,
+    );
+    assert!(got.y[good * d..].iter().all(|v| v.is_nan()), "{what}: NaN output rows");
+    assert_eq!(bits(&got.y[..good * d]), bits(&want.y), "{what}: other outputs");
+    assert_eq!(bits(&got.dx[..good * d]), bits(&want.dx), "{what}: other tokens' dx");
+    let mut tensors = vec![("w1", (&got.w1, &want.w1)), ("w2", (&got.w2, &want.w2))];
+    tensors.push(("shared_w1", (&got.shared_w1, &want.shared_w1)));
+    for (g, w) in got.routers.iter().flatten().zip(want.routers.iter().flatten()) {
+        tensors.push((g.0, (&g.1, &w.1)));
+    }
+    for (name, (g, w)) in tensors {
+        assert!(g.iter().all(|v| v.is_finite()), "{what}: d{name} is not finite");
+        assert_eq!(bits(g), bits(w), "{what}: d{name}");
+    }
+}
+
+#[test]
+fn chain_tokens_routed_nowhere_leave_the_rest_bitwise_unchanged() {
+    for device in devices() {
+        check_chain::<f32>(&device);
+        check_chain::<bf16>(&device);
     }
 }
