@@ -185,7 +185,7 @@ impl<T: FloatElement> MoeLayer<T> {
             router: Some(&mut self.router_grads),
             experts: &mut self.expert_grads,
             mask: self.mask.as_ref(),
-            accumulate: false,
+            call: 0,
         };
         let mut pass = Pass {
             device: &self.device,
@@ -222,6 +222,12 @@ impl<T: FloatElement> MoeLayer<T> {
     /// Gradients of the expert weights from the last backward.
     pub fn expert_grads(&self) -> &ExpertGrads {
         &self.expert_grads
+    }
+
+    /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
+    /// for [`ExpertGrads::zero_unwritten`].
+    pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        &mut self.expert_grads
     }
 
     /// The last forward's selected ids (`[T, k]`, i32) and combine weights (`[T, k]`, f32).

@@ -388,7 +388,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: Some(&mut self.router_grads),
             experts: &mut self.expert_grads,
             mask: None,
-            accumulate: false,
+            call: 0,
         };
         continuous.backward(&self.saved, x, &dy_cont, false, &mut dx_cont, grads)?;
         let (x_mix, dy_disc) = (
@@ -409,7 +409,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: None,
             experts: &mut self.expert_grads,
             mask: None,
-            accumulate: true,
+            call: 1,
         };
         discrete.backward(&self.saved_discrete, &x_mix, &dy_disc, false, &mut dx_mixed, grads)?;
 
@@ -478,6 +478,12 @@ impl<T: FloatElement> VqMoe<T> {
     /// Expert weight gradients (both paths).
     pub fn expert_grads(&self) -> &ExpertGrads {
         &self.expert_grads
+    }
+
+    /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
+    /// for [`ExpertGrads::zero_unwritten`].
+    pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        &mut self.expert_grads
     }
 
     /// The codebook's gradient (`[E, d]`, f32).
