@@ -156,6 +156,16 @@ impl CudaDevice {
         Ok(())
     }
 
+    pub(super) fn upload_into<T: Element>(&self, host: &[T], ptr: u64) -> Result<()> {
+        if !host.is_empty() {
+            // SAFETY: `ptr` addresses `host.len()` elements of device memory on this stream's
+            // context, borrowed mutably by the caller; the driver stages pageable host memory
+            // before this returns.
+            unsafe { result::memcpy_htod_async(ptr, host, self.stream.cu_stream())? };
+        }
+        Ok(())
+    }
+
     pub(super) fn download<T: Element>(&self, ptr: u64, len: usize) -> Result<Vec<T>> {
         let mut host = vec![T::zeroed(); len];
         if len > 0 {

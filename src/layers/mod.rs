@@ -32,6 +32,7 @@ mod buffers;
 mod chain;
 mod config;
 pub mod esft;
+mod graph;
 mod moe;
 mod params;
 mod pass;
@@ -41,6 +42,7 @@ pub mod workspace;
 
 pub use chain::ChainOfExperts;
 pub use config::{Mode, MoeConfig, RouterKind};
+pub use graph::{Captures, GraphIo};
 pub use moe::{LossValues, MoeLayer};
 pub use params::{ExpertGrads, RouterGrads};
 pub use vq::{VqMoe, VqWeights};

@@ -6,7 +6,7 @@ use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers::{self as reference, MoeForward};
-use moe_kernels::{Device, DeviceBuffer};
+use moe_kernels::{Device, DeviceBuffer, DeviceSlice};
 
 /// A small config: d 32, h 32, E 6, k 2, up to 24 tokens.
 pub fn small(router: RouterKind) -> MoeConfig {
@@ -56,7 +56,7 @@ pub fn store_of<T: FloatElement>() -> impl Fn(f64) -> f32 {
     |v| T::from_f32(v as f32).to_f32()
 }
 
-pub fn download_f32<T: FloatElement>(device: &Device, buffer: &DeviceBuffer<T>) -> Vec<f32> {
+pub fn download_f32<T: FloatElement>(device: &Device, buffer: &impl DeviceSlice<T>) -> Vec<f32> {
     to_f32(&device.download(buffer).unwrap())
 }
 
