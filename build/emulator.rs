@@ -24,6 +24,8 @@ pub fn build(root: &Path, files: &[KernelFile]) {
             .include(root.join("kernels/emu/include")) // <cuda_bf16.h> and friends -> cuemu.h
             .include(root.join("kernels/include"))
             .flag("-Wno-unused-parameter")
+            // A TensorMap parameter is 64-byte aligned; GCC notes an ABI change from 2011.
+            .flag("-Wno-psabi")
             .flag("-Wno-unknown-pragmas")
             // Emulated kernels at -O0 would be unbearably slow in debug test builds.
             .opt_level(2);
@@ -71,7 +73,9 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     kernels.compile("moe_emulated_kernels");
 
     let mut runtime = base();
-    runtime.file(root.join("kernels/emu/runtime.cpp"));
+    runtime
+        .file(root.join("kernels/emu/runtime.cpp"))
+        .file(root.join("kernels/emu/hopper_async.cpp"));
     if profile {
         runtime
             .file(root.join("kernels/emu/profiler.cpp"))

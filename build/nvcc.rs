@@ -162,10 +162,11 @@ fn compile(
         .args(["-std=c++17", "-O3", "-lineinfo", "-Xptxas", "-v"])
         .arg("-I")
         .arg(root.join("kernels/include"));
-    for a in archs {
-        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+    for &a in archs {
+        let v = arch_variant(a);
+        cmd.arg(format!("-gencode=arch=compute_{v},code=sm_{v}"));
     }
-    let lowest = archs[0];
+    let lowest = arch_variant(archs[0]);
     cmd.arg(format!("-gencode=arch=compute_{lowest},code=compute_{lowest}"));
     cmd.arg("-o").arg(&fatbin).arg(&file.path);
     let output = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
@@ -177,9 +178,18 @@ fn compile(
     Ok((fatbin, format!("{stdout}{stderr}")))
 }
 
+/// The target nvcc builds for `arch`: sm_90 becomes sm_90a, whose wgmma, setmaxnreg and
+/// friends plain sm_90 lacks. `-arch=sm_90a` would not do: with nvcc 13.0 it also runs a
+/// plain sm_90 pass that rejects them. sm_90a code runs only on sm_90 devices (no forward
+/// compatibility), which is why the other archs keep their own SASS and the lowest its PTX;
+/// the driver picks the image that matches the device.
+fn arch_variant(arch: u32) -> String {
+    if arch == 90 { "90a".into() } else { arch.to_string() }
+}
+
 /// Parses `-Xptxas -v` output:
 /// ```text
-/// ptxas info    : Compiling entry function 'k' for 'sm_80'
+/// ptxas info    : Compiling entry function 'k' for 'sm_80'   (or 'sm_90a': arch 90)
 /// ptxas info    : Function properties for k
 ///     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 /// ptxas info    : Used 12 registers, used 1 barriers, 128 bytes smem, 368 bytes cmem[0]
@@ -202,7 +212,7 @@ fn parse_ptxas_report(report: &str) -> Vec<Resources> {
             let kernel = parts.next().unwrap_or_default().to_string();
             let arch = parts
                 .nth(1)
-                .and_then(|a| a.trim_start_matches("sm_").parse().ok())
+                .and_then(|a| a.trim_start_matches("sm_").trim_end_matches('a').parse().ok())
                 .unwrap_or(0);
             current = Some(Resources {
                 kernel,

@@ -8,6 +8,7 @@
 //!
 //! [`planted`] holds the launchers of the deliberately broken kernels of
 //! `kernels/planted_bugs.cu`, for the tests that prove the emulator's tools catch them.
+pub mod hopper;
 #[doc(hidden)]
 pub mod probes;
 
@@ -857,6 +858,7 @@ pub mod planted {
     use super::*;
 
     pub mod bounds;
+    pub mod hopper;
     pub mod races;
 
     /// A planted kernel's output beside what the correct kernel writes.

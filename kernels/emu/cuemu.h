@@ -8,9 +8,11 @@
 //
 // What is emulated: thread/block indices, static and dynamic shared memory, __syncthreads
 // (+ _count/_and/_or), __syncwarp, shuffles, votes, atomics, 16-bit floats, and the PTX
-// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async).
+// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async, and Hopper's
+// mbarrier, TMA tensor and bulk copies, elect.sync: hopper_async.h).
 // What is not: timing, the weak memory model (fences are plain fences), warp divergence
-// costs, texture/surface memory, cooperative groups, wgmma/TMA.
+// costs, texture/surface memory, cooperative groups, clusters (TMA multicast, distributed
+// shared memory), TMA im2col mode.
 #pragma once
 #ifdef __CUDACC__
 #error "cuemu.h is the CPU emulation header; nvcc must not see it"
@@ -43,6 +45,7 @@
 #define __forceinline__ inline __attribute__((always_inline))
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __align__(n) __attribute__((aligned(n)))
 #if defined(CUEMU_ASAN)
 // AddressSanitizer puts redzones around globals but not around thread_local data, so in
@@ -108,6 +111,9 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void cp_async_commit();
 void cp_async_wait_group(unsigned pending);
 [[noreturn]] void trap(const char* file, int line);
+}  // namespace cuemu
+#include "hopper_async.h"
+namespace cuemu {
 [[noreturn]] void fail(const char* message);  // abandons the block: the launch returns the message
 // The GPU faults ("misaligned address") on an access whose address is not a multiple of its
 // width; these fail the launch with the access, the address and the alignment it needs.

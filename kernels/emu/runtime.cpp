@@ -93,7 +93,7 @@ namespace cuemu {
 namespace {
 
 enum class Schedule : uint32_t { InOrder = 0, Reverse = 1, Random = 2, RunAhead = 3 };
-enum class Wait : uint8_t { Runnable, Barrier, Warp, Exited };
+enum class Wait : uint8_t { Runnable, Barrier, Warp, Parked, Exited };
 enum class Collective : uint8_t { Sync, Shuffle, Ballot, Mma, LdMatrix };
 const char* collective_name(Collective c) {
   switch (c) {
@@ -136,6 +136,8 @@ struct Fiber {
   Wait wait = Wait::Runnable;
   const char* barrier_file = nullptr;
   int barrier_line = 0, barrier_predicate = 0;
+  const void* parked_on = nullptr;  // Wait::Parked: the mbarrier (hopper_async.h); the site in barrier_*
+  unsigned parked_parity = 0;
   std::vector<PendingCopy> copies;  // cp.async: performed at the covering wait_group
   unsigned committed_groups = 0;
 #ifdef CUEMU_ASAN
@@ -347,15 +349,28 @@ void release(Worker& w) {
     } else if (f.wait == Wait::Barrier && (i == 0 || w.fibers[i - 1].barrier_line != f.barrier_line)) {
       snprintf(line, sizeof line, "; thread %u waits at __syncthreads %s:%d", i, f.barrier_file, f.barrier_line);
       msg += line;
+    } else if (f.wait == Wait::Parked && (i == 0 || w.fibers[i - 1].parked_on != f.parked_on)) {
+      char what[768];
+      hopper::describe_wait(f.parked_on, f.parked_parity, what, sizeof what);
+      snprintf(line, sizeof line, "; thread %u waits at %s:%d ", i, f.barrier_file, f.barrier_line);
+      msg += line;
+      msg += what;
     }
     if (msg.size() > 1500) break;
   }
   fail_block("%s", msg.c_str());
 }
 
+// The next fiber to run, or -1. When none can run, the copy engine finishes the copies in
+// flight (hopper_async.h): that may complete an mbarrier phase and release its waiters.
+int next_runnable(Worker& w) {
+  const int next = queue_pop(w);
+  return next < 0 && hopper::progress() ? queue_pop(w) : next;
+}
+
 // The current fiber blocked: run the next runnable one (possibly itself).
 void run_next(Worker& w, Fiber* self) {
-  const int next = queue_pop(w);
+  const int next = next_runnable(w);
   if (next < 0) deadlock(w);
   Fiber* t = &w.fibers[next];
   if (t != self) transfer(w, self, t, false);
@@ -538,12 +553,13 @@ bool canary_intact(const Fiber& f) {
 #endif
   ++f->committed_groups;  // copies still in flight land before the thread is gone
   complete_copies(*f, 0);
+  hopper::thread_exit(f->linear);
   f->wait = Wait::Exited;
   --w.live;
   w.warps[f->warp].live &= ~(1u << f->lane);
   if (w.live && w.barrier_arrived == w.live) release_block_barrier(w);  // exited threads count as arrived
   if (w.warps[f->warp].waiting) try_release_warp(w, f->warp);
-  const int next = queue_pop(w);
+  const int next = w.live ? next_runnable(w) : queue_pop(w);
   if (next < 0 && w.live) deadlock(w);
   transfer(w, f, next < 0 ? nullptr : &w.fibers[next], true);
   __builtin_unreachable();
@@ -632,6 +648,7 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   w.released.clear();
   w.failure.clear();
   for (WarpState& ws : w.warps) ws = WarpState{};
+  hopper::block_begin(n);
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
     prepare_fiber(w, f, i);
@@ -644,10 +661,11 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   }
   // Dynamic shared memory: a heap block of the launch's size (ASan sees overruns past it),
   // filled with 0xFF (NaN as float) so that reads of never-written shared memory stand out.
-  const size_t rounded = (L.shared_bytes + 127) & ~size_t(127);
+  // 1024-byte aligned, as the GPU's shared window: swizzle patterns follow address bits 4-9.
+  const size_t rounded = (L.shared_bytes + 1023) & ~size_t(1023);
   if (rounded > w.shared_capacity) {
     free(w.shared);
-    w.shared = static_cast<unsigned char*>(aligned_alloc(128, rounded));
+    w.shared = static_cast<unsigned char*>(aligned_alloc(1024, rounded));
     if (!w.shared) internal_error("allocation of dynamic shared memory failed");
     w.shared_capacity = rounded;
   }
@@ -846,6 +864,26 @@ void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
 }
 void cp_async_commit() { ++tl_fiber->committed_groups; }
 void cp_async_wait_group(unsigned pending) { complete_copies(*tl_fiber, pending); }
+
+void sched::park(const void* object, unsigned parity, Site site) {
+  Worker& w = *tl_worker;
+  Fiber* f = tl_fiber;
+  f->wait = Wait::Parked;
+  f->parked_on = object;
+  f->parked_parity = parity;
+  f->barrier_file = site.file;
+  f->barrier_line = site.line;
+  run_next(w, f);
+}
+
+void sched::unpark(const void* object) {
+  Worker& w = *tl_worker;
+  for (unsigned i = 0; i < w.thread_count; ++i)
+    if (w.fibers[i].wait == Wait::Parked && w.fibers[i].parked_on == object) w.released.push_back(i);
+  release(w);
+}
+
+unsigned sched::thread_index() { return tl_fiber->linear; }
 
 void trap(const char* file, int line) { fail_block("__trap() at %s:%d", file, line); }
 void fail(const char* message) { fail_block("%s", message); }

@@ -138,3 +138,294 @@ __device__ __forceinline__ void cp_async_wait() {
   ::cuemu::cp_async_wait_group(N);
 #endif
 }
+
+// ==========================================================================================
+// Hopper's asynchronous data movement (sm_90): mbarrier, TMA, bulk copies. The emulated
+// twins and their model are in kernels/emu/hopper_async.{h,cpp}. Every kernel file is also
+// compiled for sm_80, where these instructions do not exist: there the wrappers trap, and a
+// kernel that needs them must not be launched (the runtime picks the sm_90a image on sm_90).
+//
+// Host wrappers take the caller's file and line (defaulted, never written by kernels) so that
+// the emulator's errors name the kernel's line.
+#if defined(CUEMU_HOST)
+#define MOE_SITE_PARAMS , const char* site_file = __builtin_FILE(), int site_line = __builtin_LINE()
+#define MOE_SITE ::cuemu::Site{site_file, site_line}
+#else
+#define MOE_SITE_PARAMS
+#endif
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_SM90 1
+#endif
+
+// A tensor map as a kernel parameter: `const __grid_constant__ TensorMap map`, passed by the
+// Rust launcher (src/device/tensor_map.rs) and addressed as `&map`. On the GPU its bytes are
+// what cuTensorMapEncodeTiled wrote; on the emulator a cuemu::EmuTensorMap.
+struct alignas(64) TensorMap {
+  uint64_t opaque[16];
+};
+
+// ------------------------------------------------------------------ mbarrier
+// A 64-bit shared-memory object counting arrivals (and transaction bytes) per phase. A phase
+// completes when `count` threads have arrived and every byte announced with expect_tx has
+// landed; then the next phase begins with the same count. Waits name a phase by its parity:
+// wait(p) returns once the phase of parity p has completed (so on a fresh barrier wait(1)
+// returns at once: "the phase before phase 0" is complete).
+
+// mbarrier.init.shared::cta.b64: expects `count` arrivals per phase (1..2^20-1). Make the
+// initialisation visible (__syncthreads) before another thread uses the barrier.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned count MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count) : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::mbarrier_init(bar, count, MOE_SITE);
+#endif
+}
+
+// mbarrier.arrive.shared::cta.b64: one arrival (release semantics: this thread's earlier
+// writes are visible to whoever waits on the phase).
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(shared_address(bar))
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::mbarrier_arrive(bar, 0, MOE_SITE);
+#endif
+}
+
+// mbarrier.arrive.expect_tx.shared::cta.b64: announce `tx_bytes` more bytes for the current
+// phase (the copies that will complete them) and arrive.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, unsigned tx_bytes MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(
+                   shared_address(bar)),
+               "r"(tx_bytes)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::mbarrier_arrive(bar, tx_bytes, MOE_SITE);
+#endif
+}
+
+// mbarrier.try_wait.parity.shared::cta.b64: true once the phase of `parity` has completed
+// (acquire semantics). The GPU may give up after a time and return false, so callers loop:
+// mbarrier_wait below.
+__device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  unsigned done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(shared_address(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+#elif defined(__CUDA_ARCH__)
+  __trap();
+  return false;
+#elif defined(CUEMU_HOST)
+  return ::cuemu::mbarrier_try_wait_parity(bar, parity, MOE_SITE);
+#endif
+}
+
+// mbarrier.test_wait.parity.shared::cta.b64: the same test without waiting.
+__device__ __forceinline__ bool mbarrier_test_wait_parity(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  unsigned done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(shared_address(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+#elif defined(__CUDA_ARCH__)
+  __trap();
+  return false;
+#elif defined(CUEMU_HOST)
+  return ::cuemu::mbarrier_test_wait_parity(bar, parity, MOE_SITE);
+#endif
+}
+
+// Waits until the phase of `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
+#if defined(CUEMU_HOST)
+  while (!mbarrier_try_wait_parity(bar, parity, site_file, site_line)) {}
+#else
+  while (!mbarrier_try_wait_parity(bar, parity)) {}
+#endif
+}
+
+// ------------------------------------------------------------------ TMA and bulk copies
+// cp.async.bulk.tensor.Nd.shared::cluster.global.tile.mbarrier::complete_tx::bytes: the box
+// of the tensor map at element coordinates `c` (dimension 0 first; negative or past the end is
+// allowed: those elements are zero-filled) into shared memory at `smem_dst` (128-byte aligned,
+// and aligned to the swizzle's repeat), laid out densely with dimension 0 fastest and then
+// swizzled (swizzle.cuh). The box's bytes, out-of-bounds ones included, complete tx-count on
+// `bar`: announce them with mbarrier_arrive_expect_tx and read the tile only after the wait.
+#if defined(MOE_SM90)
+#define MOE_TMA_LOAD(N, COORDS, ...)                                                                \
+  asm volatile("cp.async.bulk.tensor." #N "d.shared::cluster.global.tile.mbarrier::complete_tx::bytes " \
+               "[%0], [%1, {" COORDS "}], [%2];\n" ::"r"(shared_address(smem_dst)),                 \
+               "l"(map), "r"(shared_address(bar)), __VA_ARGS__                                       \
+               : "memory")
+#endif
+template <int N>
+__device__ __forceinline__ void tma_load(void* smem_dst, const TensorMap* map, uint64_t* bar,
+                                         const int (&c)[N] MOE_SITE_PARAMS) {
+  static_assert(N >= 2 && N <= 5, "TMA tensor copies here are 2D to 5D");
+#if defined(MOE_SM90)
+  if constexpr (N == 2) MOE_TMA_LOAD(2, "%3, %4", "r"(c[0]), "r"(c[1]));
+  if constexpr (N == 3) MOE_TMA_LOAD(3, "%3, %4, %5", "r"(c[0]), "r"(c[1]), "r"(c[2]));
+  if constexpr (N == 4) MOE_TMA_LOAD(4, "%3, %4, %5, %6", "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+  if constexpr (N == 5)
+    MOE_TMA_LOAD(5, "%3, %4, %5, %6, %7", "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]), "r"(c[4]));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::tma_load(smem_dst, map, bar, c, N, MOE_SITE);
+#endif
+}
+
+// cp.async.bulk.tensor.Nd.global.shared::cta.tile.bulk_group: the box at `c` from shared
+// memory (the layout of tma_load) to global memory; elements outside the tensor are not
+// written. Part of this thread's current bulk group: shared memory may be reused after
+// bulk_wait_group_read, global memory holds the data after bulk_wait_group. Ordinary stores
+// that filled the tile must be made visible first with fence_proxy_async_shared().
+#if defined(MOE_SM90)
+#define MOE_TMA_STORE(N, COORDS, ...)                                                      \
+  asm volatile("cp.async.bulk.tensor." #N "d.global.shared::cta.tile.bulk_group "          \
+               "[%0, {" COORDS "}], [%1];\n" ::"l"(map), "r"(shared_address(smem_src)), \
+               __VA_ARGS__                                                                 \
+               : "memory")
+#endif
+template <int N>
+__device__ __forceinline__ void tma_store(const TensorMap* map, const void* smem_src,
+                                          const int (&c)[N] MOE_SITE_PARAMS) {
+  static_assert(N >= 2 && N <= 5, "TMA tensor copies here are 2D to 5D");
+#if defined(MOE_SM90)
+  if constexpr (N == 2) MOE_TMA_STORE(2, "%2, %3", "r"(c[0]), "r"(c[1]));
+  if constexpr (N == 3) MOE_TMA_STORE(3, "%2, %3, %4", "r"(c[0]), "r"(c[1]), "r"(c[2]));
+  if constexpr (N == 4) MOE_TMA_STORE(4, "%2, %3, %4, %5", "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+  if constexpr (N == 5)
+    MOE_TMA_STORE(5, "%2, %3, %4, %5, %6", "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]), "r"(c[4]));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::tma_store(map, smem_src, c, N, MOE_SITE);
+#endif
+}
+
+// cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes: `bytes` (a multiple of
+// 16) contiguous bytes, both addresses 16-byte aligned, completing tx-count on `bar` like
+// tma_load. For gathered rows: one copy per row.
+__device__ __forceinline__ void bulk_load(void* smem_dst, const void* gmem_src, unsigned bytes,
+                                          uint64_t* bar MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   shared_address(smem_dst)),
+               "l"(gmem_src), "r"(bytes), "r"(shared_address(bar))
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::bulk_load(smem_dst, gmem_src, bytes, bar, MOE_SITE);
+#endif
+}
+
+// cp.async.bulk.global.shared::cta.bulk_group: `bytes` (a multiple of 16) from shared to
+// global memory, both 16-byte aligned; completion as tma_store.
+__device__ __forceinline__ void bulk_store(void* gmem_dst, const void* smem_src, unsigned bytes MOE_SITE_PARAMS) {
+#if defined(MOE_SM90)
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(gmem_dst),
+               "r"(shared_address(smem_src)), "r"(bytes)
+               : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::bulk_store(gmem_dst, smem_src, bytes, MOE_SITE);
+#endif
+}
+
+// cp.async.bulk.commit_group: closes this thread's current group of bulk stores.
+__device__ __forceinline__ void bulk_commit_group() {
+#if defined(MOE_SM90)
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::bulk_commit_group();
+#endif
+}
+
+// cp.async.bulk.wait_group N: at most N of this thread's committed groups are in flight;
+// the others have written global memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_group() {
+#if defined(MOE_SM90)
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::bulk_wait_group(N);
+#endif
+}
+
+// cp.async.bulk.wait_group.read N: the others have finished reading shared memory (which may
+// then be overwritten). The emulator performs the whole store here (read and write at once).
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+#if defined(MOE_SM90)
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::bulk_wait_group(N);
+#endif
+}
+
+// ------------------------------------------------------------------ fences, election, PDL
+// fence.proxy.async.shared::cta: ordinary (generic-proxy) writes to shared memory become
+// visible to the async proxy (TMA stores, wgmma operands) issued after it by this thread.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(MOE_SM90)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::fence_proxy_async_shared();
+#endif
+}
+
+// elect.sync: true in exactly one lane of the full warp (the lowest), which must be converged.
+__device__ __forceinline__ bool elect_one() {
+#if defined(MOE_SM90)
+  unsigned elected;
+  asm volatile("{\n .reg .pred p;\n elect.sync _|p, %1;\n selp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(elected)
+               : "r"(0xffffffffu));
+  return elected != 0;
+#elif defined(__CUDA_ARCH__)
+  __trap();
+  return false;
+#elif defined(CUEMU_HOST)
+  return ::cuemu::elect_sync(0xffffffffu);
+#endif
+}
+
+// griddepcontrol.launch_dependents / .wait (programmatic dependent launch): let the next
+// kernel of the stream start its prologue / wait until the previous kernel's memory is
+// visible. The emulator runs launches one after another, so both are no-ops there; on sm_80
+// they are no-ops too (no PDL).
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(MOE_SM90)
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_wait() {
+#if defined(MOE_SM90)
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}

@@ -7,6 +7,7 @@
 //! where a little-endian reader of 4 bytes finds it.
 use super::Device;
 use super::memory::{DeviceSlice, DeviceSliceMut, Element, PtrGuard};
+use super::tensor_map::{self, TensorMap, TensorMapSpec};
 use crate::{Error, Result};
 
 /// Grid, block and dynamic shared memory of one launch.
@@ -72,6 +73,9 @@ pub struct KernelArgs<'a> {
     device: &'a Device,
     pub(super) values: Vec<u64>,
     pub(super) sizes: Vec<u16>,
+    /// Tensor maps by parameter index: 128-byte values, 64-byte aligned, that the
+    /// parameter's slot in `values` stands for.
+    maps: Vec<(usize, Box<TensorMap>)>,
     guards: Vec<PtrGuard<'a>>,
     error: Option<Error>,
 }
@@ -82,6 +86,7 @@ impl<'a> KernelArgs<'a> {
             device,
             values: vec![],
             sizes: vec![],
+            maps: vec![],
             guards: vec![],
             error: None,
         }
@@ -147,6 +152,54 @@ impl<'a> KernelArgs<'a> {
         }
     }
 
+    /// A `const __grid_constant__ TensorMap` parameter over `buffer` (TMA loads), checked and
+    /// encoded by [`tensor_map::encode`].
+    pub fn tensor_map<T: Element>(
+        self,
+        argument: &'static str,
+        buffer: &'a impl DeviceSlice<T>,
+        spec: &TensorMapSpec<'_>,
+    ) -> Self {
+        let device = self.device;
+        let bytes = (buffer.len() * size_of::<T>()) as u64;
+        self.map(argument, T::NAME, bytes, spec, buffer.kernel_ptr(device, argument))
+    }
+
+    /// A tensor map over a buffer the kernel writes (TMA stores).
+    pub fn tensor_map_mut<T: Element>(
+        self,
+        argument: &'static str,
+        buffer: &'a mut impl DeviceSliceMut<T>,
+        spec: &TensorMapSpec<'_>,
+    ) -> Self {
+        let device = self.device;
+        let bytes = (buffer.len() * size_of::<T>()) as u64;
+        self.map(argument, T::NAME, bytes, spec, buffer.kernel_ptr_mut(device, argument))
+    }
+
+    fn map(
+        mut self,
+        argument: &'static str,
+        element: &str,
+        bytes: u64,
+        spec: &TensorMapSpec<'_>,
+        ptr: Result<(u64, PtrGuard<'a>)>,
+    ) -> Self {
+        let map = ptr.and_then(|(address, guard)| {
+            self.guards.push(guard);
+            tensor_map::encode(self.device, argument, element, address, bytes, spec)
+        });
+        match map {
+            Ok(map) => self.maps.push((self.values.len(), Box::new(map))),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+        self.values.push(0);
+        self.sizes.push(size_of::<TensorMap>() as u16);
+        self
+    }
+
     /// A scalar parameter; its Rust type must match the kernel's (i32 for `int`, ...).
     pub fn scalar(mut self, value: impl KernelScalar) -> Self {
         let (bits, size) = value.bits();
@@ -162,6 +215,10 @@ impl<'a> KernelArgs<'a> {
 
     /// `kernelParams`: pointers to each value. Valid while `self` is neither moved nor changed.
     pub(super) fn param_pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
-        self.values.iter_mut().map(|v| (v as *mut u64).cast()).collect()
+        let mut pointers: Vec<*mut std::ffi::c_void> = self.values.iter_mut().map(|v| (v as *mut u64).cast()).collect();
+        for (index, map) in &mut self.maps {
+            pointers[*index] = (&mut **map as *mut TensorMap).cast();
+        }
+        pointers
     }
 }

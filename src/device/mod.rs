@@ -16,6 +16,7 @@ pub mod launch;
 pub mod memory;
 pub mod profile;
 pub mod registry;
+pub mod tensor_map;
 pub mod view;
 
 pub use cuda::CudaDevice;
@@ -24,6 +25,7 @@ pub use emulator::{EmulatorDevice, Schedule};
 pub use graph::Graph;
 pub use launch::{KernelArgs, LaunchConfig};
 pub use memory::{DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, HostBuffer};
+pub use tensor_map::{Swizzle, TensorMap, TensorMapSpec};
 pub use view::{BufferView, BufferViewMut};
 
 use crate::{Error, Result};
