@@ -222,3 +222,44 @@ fn tensor_maps_the_driver_refuses_are_errors_naming_the_field() {
         }
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// The memory profiler counts TMA traffic.
+
+#[cfg(feature = "emulator")]
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn the_memory_profiler_counts_a_tma_load_row_by_row() {
+    use moe_kernels::device::EmulatorDevice;
+    use moe_kernels::device::profile::{Access, Space};
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    // A 64 x 8 box of u16 at (60, 20) of a 100 x 30 tensor: 8 rows of 40 elements inside.
+    let tile = planted::hopper::tma_tile(
+        &Device::Emulator(emulator.clone()),
+        planted::hopper::TileMistake::Control,
+        60,
+        7,
+    )
+    .unwrap();
+    assert_eq!(tile.differing(), 0);
+    let profiles = emulator.take_profiles();
+    assert_eq!(profiles.len(), 1);
+    let p = &profiles[0];
+    let loads = p.traffic(Space::Global, Access::Load);
+    assert_eq!(
+        (loads.requests, loads.bytes),
+        (8, 8 * 40 * 2),
+        "global loads: {loads:?}"
+    );
+    assert_eq!(p.unique_global_load_bytes, 8 * 40 * 2);
+    // The tile lands as one request of the whole box (the kernel itself stores nothing there).
+    let tile_stores = p.traffic(Space::Shared, Access::Store);
+    assert_eq!(
+        (tile_stores.requests, tile_stores.bytes),
+        (1, 64 * 8 * 2),
+        "shared stores: {tile_stores:?}"
+    );
+}

@@ -42,6 +42,7 @@ struct Load {
 };
 
 struct Store {
+  uintptr_t site;  // the caller, for the memory profiler
   unsigned group;
   bool tensor;
   EmuTensorMap map;  // a copy: the kernel's parameter may be gone when the store lands
@@ -188,28 +189,56 @@ template <class F> void for_each_box_element(const EmuTensorMap& m, const int* c
   }
 }
 
+// The memory profiler's view of a copy (MOE_EMU_PROFILE builds): requests of the issuing
+// thread at the call site of the wrapper. The shared side is one request of the whole tile;
+// the global side one request per contiguous run of elements inside the tensor (a box row, or
+// less at an edge), so TMA and bulk copies get memprofile rows.
+struct Traffic {
+  uintptr_t site;
+  bool load;  // global -> shared
+  const unsigned char* run = nullptr;
+  unsigned run_bytes = 0;
+  void global(const unsigned char* g, unsigned bytes) {
+    if (run && g == run + run_bytes) {
+      run_bytes += bytes;
+      return;
+    }
+    flush();
+    run = g;
+    run_bytes = bytes;
+  }
+  void flush() {
 #ifdef CUEMU_PROFILE
-// A copy's traffic as requests of the issuing thread: each contiguous global run of the box
-// and the whole shared tile, so TMA and bulk copies get memprofile rows at their call site.
-void profile_copy(const void* gmem, unsigned bytes, profiler::Access access, uintptr_t site) {
-  profiler::record(gmem, bytes, access, site);
-}
-#define CUEMU_PROFILE_COPY(p, n, access) \
-  profile_copy(p, n, profiler::Access::access, uintptr_t(__builtin_return_address(0)))
-#else
-#define CUEMU_PROFILE_COPY(p, n, access) ((void)0)
+    if (run) profiler::record(run, run_bytes, load ? profiler::Access::Load : profiler::Access::Store, site);
 #endif
+    run = nullptr;
+  }
+  void shared(const void* p, unsigned bytes) const {
+#ifdef CUEMU_PROFILE
+    profiler::record(p, bytes, load ? profiler::Access::Store : profiler::Access::Load, site);
+#else
+    (void)p, (void)bytes;
+#endif
+  }
+};
+#define CUEMU_CALLER uintptr_t(__builtin_return_address(0))
 
 void land_store(const Store& st) {
+  Traffic traffic{st.site, false};
+  traffic.shared(st.smem, st.bytes);
   if (!st.tensor) {
     memcpy(st.gmem, st.smem, st.bytes);
-    return;
+    traffic.global(static_cast<unsigned char*>(st.gmem), st.bytes);
+  } else {
+    const auto* smem = static_cast<const unsigned char*>(st.smem);
+    const unsigned esize = st.map.element_bytes;
+    for_each_box_element(st.map, st.coords, st.smem, [&](unsigned off, unsigned char* g) {
+      if (!g) return;  // out-of-bounds elements are not written
+      memcpy(g, smem + off, esize);
+      traffic.global(g, esize);
+    });
   }
-  const auto* smem = static_cast<const unsigned char*>(st.smem);
-  const unsigned esize = st.map.element_bytes;
-  for_each_box_element(st.map, st.coords, st.smem, [&](unsigned off, unsigned char* g) {
-    if (g) memcpy(g, smem + off, esize);  // out-of-bounds elements are not written
-  });
+  traffic.flush();
 }
 
 void complete_stores(ThreadCopies& t, unsigned pending) {
@@ -272,15 +301,17 @@ void tma_load(void* smem_dst, const void* map, uint64_t* bar, const int* coords,
   check_box_destination(smem_dst, m, site, op);
   std::vector<unsigned char> bytes(box_bytes(m));
   const unsigned esize = m.element_bytes;
+  Traffic traffic{CUEMU_CALLER, true};
   for_each_box_element(m, coords, smem_dst, [&](unsigned off, const unsigned char* g) {
     if (g) {
       memcpy(&bytes[off], g, esize);
-      CUEMU_PROFILE_COPY(g, esize, Load);
+      traffic.global(g, esize);
     } else {
       memset(&bytes[off], 0, esize);  // out of bounds: zero-filled
     }
   });
-  CUEMU_PROFILE_COPY(smem_dst, unsigned(bytes.size()), Store);
+  traffic.flush();
+  traffic.shared(smem_dst, unsigned(bytes.size()));
   issue_load(bar, static_cast<unsigned char*>(smem_dst), std::move(bytes), site, op);
 }
 
@@ -289,9 +320,8 @@ void tma_store(const void* map, const void* smem_src, const int* coords, unsigne
   const EmuTensorMap& m = tensor_map(map, rank, site, op);
   check_box_destination(smem_src, m, site, op);
   ThreadCopies& t = this_thread();
-  Store st{t.committed, true, m, {0, 0, 0, 0, 0}, nullptr, smem_src, unsigned(box_bytes(m))};
+  Store st{CUEMU_CALLER, t.committed, true, m, {0, 0, 0, 0, 0}, nullptr, smem_src, unsigned(box_bytes(m))};
   memcpy(st.coords, coords, rank * sizeof(int));
-  CUEMU_PROFILE_COPY(smem_src, st.bytes, Load);
   t.stores.push_back(st);
 }
 
@@ -306,17 +336,17 @@ void bulk_load(void* smem_dst, const void* gmem_src, unsigned bytes, uint64_t* b
   const char* op = "cp.async.bulk (global -> shared)";
   check_bulk(smem_dst, gmem_src, bytes, site, op);
   const auto* src = static_cast<const unsigned char*>(gmem_src);
-  CUEMU_PROFILE_COPY(gmem_src, bytes, Load);
-  CUEMU_PROFILE_COPY(smem_dst, bytes, Store);
+  Traffic traffic{CUEMU_CALLER, true};
+  traffic.global(src, bytes);
+  traffic.flush();
+  traffic.shared(smem_dst, bytes);
   issue_load(bar, static_cast<unsigned char*>(smem_dst), std::vector<unsigned char>(src, src + bytes), site, op);
 }
 
 void bulk_store(void* gmem_dst, const void* smem_src, unsigned bytes, Site site) {
   check_bulk(smem_src, gmem_dst, bytes, site, "cp.async.bulk (shared -> global)");
   ThreadCopies& t = this_thread();
-  CUEMU_PROFILE_COPY(smem_src, bytes, Load);
-  CUEMU_PROFILE_COPY(gmem_dst, bytes, Store);
-  t.stores.push_back(Store{t.committed, false, {}, {0, 0, 0, 0, 0}, gmem_dst, smem_src, bytes});
+  t.stores.push_back(Store{CUEMU_CALLER, t.committed, false, {}, {0, 0, 0, 0, 0}, gmem_dst, smem_src, bytes});
 }
 
 void bulk_commit_group() { ++this_thread().committed; }
@@ -360,10 +390,11 @@ void thread_exit(unsigned thread) {
 }
 
 void describe_wait(const void* object, unsigned parity, char* out, unsigned long len) {
-  for (const Barrier& b : tl_block.barriers)
-    if (b.word == object) {
+  const auto& barriers = tl_block.barriers;
+  for (auto b = barriers.rbegin(); b != barriers.rend(); ++b)  // the latest init of the word
+    if (b->word == object) {
       char what[512];
-      describe(b, what, sizeof what);
+      describe(*b, what, sizeof what);
       snprintf(out, len, "for parity %u of %s", parity, what);
       return;
     }
