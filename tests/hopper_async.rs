@@ -7,14 +7,11 @@ use moe_kernels::selftest::{Check, planted};
 use moe_kernels::{Error, Result};
 
 fn assert_passed(device: &Device, check: Result<Check>) {
-    let check = check.unwrap_or_else(|e| panic!("on {}: {e}", device.description()));
-    assert!(
-        check.passed,
-        "{} on {}: {}",
-        check.name,
-        device.description(),
-        check.detail
-    );
+    match check {
+        Ok(check) if check.passed => {}
+        Ok(check) => panic!("on {}: {check}", device.description()),
+        Err(e) => panic!("on {}: {e}", device.description()),
+    }
 }
 
 /// Every device here that runs sm_90 instructions, and the emulator under each schedule.
@@ -72,10 +69,18 @@ mod planted_bugs {
         Schedule::RunAhead { seed: 4 },
     ];
 
-    fn launch_failure<T: std::fmt::Debug>(result: Result<T>) -> String {
-        match result {
-            Err(Error::LaunchFailed(message)) => message,
-            other => panic!("expected a launch failure, got {other:?}"),
+    /// `planted_tma_tile` with `mistake` fails the launch under every schedule, with a message
+    /// that says each of `says`.
+    fn assert_tile_fails(mistake: TileMistake, says: &[&str]) {
+        for schedule in SCHEDULES {
+            match bugs::tma_tile(&emulator(schedule), mistake, 8, 3) {
+                Err(Error::LaunchFailed(message)) => {
+                    for says in ["planted_tma_tile", "mbarrier"].iter().chain(says) {
+                        assert!(message.contains(says), "{schedule:?}: `{message}` lacks `{says}`");
+                    }
+                }
+                other => panic!("{mistake:?} under {schedule:?}: expected a launch failure, got {other:?}"),
+            }
         }
     }
 
@@ -103,33 +108,16 @@ mod planted_bugs {
 
     #[test]
     fn an_expect_tx_announcing_too_many_bytes_is_a_deadlock_naming_the_barrier() {
-        for schedule in SCHEDULES {
-            let message = launch_failure(bugs::tma_tile(&emulator(schedule), TileMistake::ExpectTooMany, 8, 3));
-            for says in [
-                "planted_tma_tile",
-                "deadlock",
-                "mbarrier",
-                "planted_async.cu",
-                "tx-count 16 bytes",
-                "for parity 0",
-            ] {
-                assert!(message.contains(says), "{schedule:?}: `{message}` lacks `{says}`");
-            }
-        }
+        let says = ["deadlock", "planted_async.cu", "tx-count 16 bytes", "for parity 0"];
+        assert_tile_fails(TileMistake::ExpectTooMany, &says);
     }
 
     #[test]
     fn an_expect_tx_announcing_too_few_bytes_is_an_error() {
-        for schedule in SCHEDULES {
-            let message = launch_failure(bugs::tma_tile(&emulator(schedule), TileMistake::ExpectTooFew, 8, 4));
-            for says in [
-                "planted_tma_tile",
-                "mbarrier",
-                "16 bytes more than arrive.expect_tx announced",
-            ] {
-                assert!(message.contains(says), "{schedule:?}: `{message}` lacks `{says}`");
-            }
-        }
+        assert_tile_fails(
+            TileMistake::ExpectTooFew,
+            &["16 bytes more than arrive.expect_tx announced"],
+        );
     }
 
     #[test]

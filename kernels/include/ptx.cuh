@@ -150,8 +150,10 @@ __device__ __forceinline__ void cp_async_wait() {
 #if defined(CUEMU_HOST)
 #define MOE_SITE_PARAMS , const char* site_file = __builtin_FILE(), int site_line = __builtin_LINE()
 #define MOE_SITE ::cuemu::Site{site_file, site_line}
+#define MOE_SITE_FORWARD , site_file, site_line
 #else
 #define MOE_SITE_PARAMS
+#define MOE_SITE_FORWARD
 #endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define MOE_SM90 1
@@ -211,51 +213,43 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, unsigne
 #endif
 }
 
-// mbarrier.try_wait.parity.shared::cta.b64: true once the phase of `parity` has completed
-// (acquire semantics). The GPU may give up after a time and return false, so callers loop:
-// mbarrier_wait below.
-__device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
+// mbarrier.{try,test}_wait.parity.shared::cta.b64 (acquire semantics): true once the phase
+// of `parity` has completed. try_wait may wait a while first; test_wait looks and returns.
+#if defined(MOE_SM90)
+#define MOE_MBARRIER_POLL(OP)                                                                   \
+  asm volatile("{\n .reg .pred p;\n mbarrier." OP ".parity.shared::cta.b64 p, [%1], %2;\n"    \
+               " selp.u32 %0, 1, 0, p;\n}\n"                                                  \
+               : "=r"(done)                                                                     \
+               : "r"(shared_address(bar)), "r"(parity)                                          \
+               : "memory")
+#endif
+template <bool Try>
+__device__ __forceinline__ bool mbarrier_poll_parity(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
 #if defined(MOE_SM90)
   unsigned done;
-  asm volatile(
-      "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(shared_address(bar)), "r"(parity)
-      : "memory");
+  if constexpr (Try) MOE_MBARRIER_POLL("try_wait");
+  else MOE_MBARRIER_POLL("test_wait");
   return done != 0;
 #elif defined(__CUDA_ARCH__)
   __trap();
   return false;
 #elif defined(CUEMU_HOST)
-  return ::cuemu::mbarrier_try_wait_parity(bar, parity, MOE_SITE);
+  return Try ? ::cuemu::mbarrier_try_wait_parity(bar, parity, MOE_SITE)
+             : ::cuemu::mbarrier_test_wait_parity(bar, parity, MOE_SITE);
 #endif
 }
-
-// mbarrier.test_wait.parity.shared::cta.b64: the same test without waiting.
+// The GPU's try_wait may give up after a time and return false, so callers loop (as
+// mbarrier_wait below does).
+__device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
+  return mbarrier_poll_parity<true>(bar, parity MOE_SITE_FORWARD);
+}
 __device__ __forceinline__ bool mbarrier_test_wait_parity(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
-#if defined(MOE_SM90)
-  unsigned done;
-  asm volatile(
-      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(done)
-      : "r"(shared_address(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-#elif defined(__CUDA_ARCH__)
-  __trap();
-  return false;
-#elif defined(CUEMU_HOST)
-  return ::cuemu::mbarrier_test_wait_parity(bar, parity, MOE_SITE);
-#endif
+  return mbarrier_poll_parity<false>(bar, parity MOE_SITE_FORWARD);
 }
 
 // Waits until the phase of `parity` has completed.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity MOE_SITE_PARAMS) {
-#if defined(CUEMU_HOST)
-  while (!mbarrier_try_wait_parity(bar, parity, site_file, site_line)) {}
-#else
-  while (!mbarrier_try_wait_parity(bar, parity)) {}
-#endif
+  while (!mbarrier_try_wait_parity(bar, parity MOE_SITE_FORWARD)) {}
 }
 
 // ------------------------------------------------------------------ TMA and bulk copies
@@ -292,8 +286,9 @@ __device__ __forceinline__ void tma_load(void* smem_dst, const TensorMap* map, u
 // cp.async.bulk.tensor.Nd.global.shared::cta.tile.bulk_group: the box at `c` from shared
 // memory (the layout of tma_load) to global memory; elements outside the tensor are not
 // written. Part of this thread's current bulk group: shared memory may be reused after
-// bulk_wait_group_read, global memory holds the data after bulk_wait_group. Ordinary stores
-// that filled the tile must be made visible first with fence_proxy_async_shared().
+// bulk_wait_group<N, true> (.read), global memory holds the data after bulk_wait_group<N>.
+// Ordinary stores that filled the tile must be made visible first with
+// fence_proxy_async_shared().
 #if defined(MOE_SM90)
 #define MOE_TMA_STORE(N, COORDS, ...)                                                      \
   asm volatile("cp.async.bulk.tensor." #N "d.global.shared::cta.tile.bulk_group "          \
@@ -360,25 +355,14 @@ __device__ __forceinline__ void bulk_commit_group() {
 #endif
 }
 
-// cp.async.bulk.wait_group N: at most N of this thread's committed groups are in flight;
-// the others have written global memory.
-template <int N>
+// cp.async.bulk.wait_group[.read] N: at most N of this thread's committed groups are in
+// flight; the others have written global memory (Read: have at least finished reading shared
+// memory, which may then be overwritten). The emulator performs each covered store whole here.
+template <int N, bool Read = false>
 __device__ __forceinline__ void bulk_wait_group() {
 #if defined(MOE_SM90)
-  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
-#elif defined(__CUDA_ARCH__)
-  __trap();
-#elif defined(CUEMU_HOST)
-  ::cuemu::bulk_wait_group(N);
-#endif
-}
-
-// cp.async.bulk.wait_group.read N: the others have finished reading shared memory (which may
-// then be overwritten). The emulator performs the whole store here (read and write at once).
-template <int N>
-__device__ __forceinline__ void bulk_wait_group_read() {
-#if defined(MOE_SM90)
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+  if constexpr (Read) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+  else asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
 #elif defined(__CUDA_ARCH__)
   __trap();
 #elif defined(CUEMU_HOST)
