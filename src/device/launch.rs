@@ -4,7 +4,8 @@
 //! Arguments are packed as `cuLaunchKernel` wants them (`kernelParams`: one pointer per
 //! argument, pointing at its value), which is also what the emulator's launchers take.
 //! Every value sits in its own 8-byte slot; a 4-byte scalar occupies the low half, which is
-//! where a little-endian reader of 4 bytes finds it.
+//! where a little-endian reader of 4 bytes finds it. A tensor map (128 bytes) fills 16 slots,
+//! so a recorded launch (graph) keeps it with the other bits.
 use super::Device;
 use super::memory::{DeviceSlice, DeviceSliceMut, Element, PtrGuard};
 use super::tensor_map::{self, TensorMap, TensorMapSpec};
@@ -73,9 +74,9 @@ pub struct KernelArgs<'a> {
     device: &'a Device,
     pub(super) values: Vec<u64>,
     pub(super) sizes: Vec<u16>,
-    /// Tensor maps by parameter index: 128-byte values, 64-byte aligned, that the
-    /// parameter's slot in `values` stands for.
-    maps: Vec<(usize, Box<TensorMap>)>,
+    /// Where `param_pointers` copies each tensor map (its 16 slots in `values`) so that the
+    /// kernel reads it 64-byte aligned.
+    maps: Vec<TensorMap>,
     guards: Vec<PtrGuard<'a>>,
     error: Option<Error>,
 }
@@ -99,6 +100,7 @@ impl<'a> KernelArgs<'a> {
             device,
             values,
             sizes,
+            maps: vec![],
             guards: vec![],
             error: None,
         }
@@ -189,13 +191,11 @@ impl<'a> KernelArgs<'a> {
             self.guards.push(guard);
             tensor_map::encode(self.device, argument, element, address, bytes, spec)
         });
-        match map {
-            Ok(map) => self.maps.push((self.values.len(), Box::new(map))),
-            Err(e) => {
-                self.error.get_or_insert(e);
-            }
-        }
-        self.values.push(0);
+        let words = map.unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            TensorMap([0; 16])
+        });
+        self.values.extend(words.0); // 16 slots: a recorded launch (graph) keeps the map
         self.sizes.push(size_of::<TensorMap>() as u16);
         self
     }
@@ -214,11 +214,65 @@ impl<'a> KernelArgs<'a> {
     }
 
     /// `kernelParams`: pointers to each value. Valid while `self` is neither moved nor changed.
+    /// A tensor map (128 bytes) takes 16 slots; its pointer is to an aligned copy in `maps`.
     pub(super) fn param_pointers(&mut self) -> Vec<*mut std::ffi::c_void> {
-        let mut pointers: Vec<*mut std::ffi::c_void> = self.values.iter_mut().map(|v| (v as *mut u64).cast()).collect();
-        for (index, map) in &mut self.maps {
-            pointers[*index] = (&mut **map as *mut TensorMap).cast();
+        const MAP: u16 = size_of::<TensorMap>() as u16;
+        self.maps.clear();
+        // No reallocation below: the pointers into `maps` stay valid.
+        self.maps
+            .reserve_exact(self.sizes.iter().filter(|&&size| size == MAP).count());
+        let mut slot = 0;
+        let mut pointers = Vec::with_capacity(self.sizes.len());
+        for &size in &self.sizes {
+            if size == MAP {
+                let mut map = TensorMap([0; 16]);
+                map.0.copy_from_slice(&self.values[slot..slot + 16]);
+                self.maps.push(map);
+                pointers.push((self.maps.last_mut().expect("just pushed") as *mut TensorMap).cast());
+                slot += 16;
+            } else {
+                pointers.push((&mut self.values[slot] as *mut u64).cast());
+                slot += 1;
+            }
         }
         pointers
+    }
+}
+
+#[cfg(all(test, feature = "emulator"))]
+mod tests {
+    use super::*;
+    use crate::device::tensor_map::Swizzle;
+
+    #[test]
+    fn a_tensor_map_is_passed_aligned_and_survives_recording() {
+        let device = Device::emulator().unwrap();
+        let buffer = device.alloc_zeros::<u16>(4096).unwrap();
+        let spec = TensorMapSpec {
+            dims: &[128, 32],
+            strides: &[256],
+            box_dims: &[64, 16],
+            swizzle: Swizzle::B128,
+        };
+        let (address, _guard) = buffer.kernel_ptr(&device, "map").unwrap();
+        let expected = tensor_map::encode(&device, "map", "u16", address, 8192, &spec).unwrap();
+        let mut args = KernelArgs::new(&device)
+            .scalar(7i32)
+            .tensor_map("map", &buffer, &spec)
+            .scalar(9u64);
+        args.check().unwrap();
+        assert_eq!(args.sizes, [4, 128, 8]);
+        let mut replayed = KernelArgs::recorded(&device, args.values.clone(), args.sizes.clone());
+        for a in [&mut args, &mut replayed] {
+            let p = a.param_pointers();
+            assert_eq!(p.len(), 3);
+            assert_eq!(p[1] as usize % 64, 0, "the map is not 64-byte aligned");
+            // SAFETY: param_pointers points at a live i32 slot, TensorMap and u64 slot of `a`.
+            unsafe {
+                assert_eq!(*(p[0] as *const i32), 7);
+                assert_eq!(*(p[1] as *const TensorMap), expected);
+                assert_eq!(*(p[2] as *const u64), 9);
+            }
+        }
     }
 }
