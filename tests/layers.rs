@@ -15,3 +15,5 @@ mod moe;
 mod nonfinite;
 #[path = "layers/vq.rs"]
 mod vq;
+#[path = "layers/weights.rs"]
+mod weights;

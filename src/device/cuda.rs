@@ -156,6 +156,14 @@ impl CudaDevice {
         Ok(())
     }
 
+    pub(super) fn write<T: Element>(&self, host: &[T], ptr: u64) -> Result<()> {
+        // SAFETY: `ptr` addresses `host.len()` elements of device memory on this stream's
+        // context, borrowed mutably by the caller; a pageable source is staged before the call
+        // returns, so `host` may be dropped afterwards.
+        unsafe { result::memcpy_htod_async(ptr, host, self.stream.cu_stream())? };
+        Ok(())
+    }
+
     pub(super) fn download<T: Element>(&self, ptr: u64, len: usize) -> Result<Vec<T>> {
         let mut host = vec![T::zeroed(); len];
         if len > 0 {

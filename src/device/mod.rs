@@ -223,6 +223,33 @@ impl Device {
         }
     }
 
+    /// Copies `host` into `buffer`, which holds as many elements (stream-ordered, no host sync;
+    /// counted as a host-to-device copy): new values for a weight in place.
+    pub fn write<T: Element>(&self, host: &[T], buffer: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        if host.len() != buffer.len() {
+            return Err(Error::Shape {
+                argument: "host",
+                expected: format!("{} elements, the buffer's length", buffer.len()),
+                got: format!("{} elements", host.len()),
+            });
+        }
+        let (ptr, _guard) = buffer.kernel_ptr_mut(self, "buffer")?;
+        Counters::bump(&self.counters().host_to_device);
+        if host.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Device::Cuda(d) => d.write(host, ptr),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => {
+                // SAFETY: on the emulator a kernel pointer is a live, writable host address of
+                // `buffer.len()` elements, borrowed mutably for this call.
+                unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), ptr as *mut T, host.len()) };
+                Ok(())
+            }
+        }
+    }
+
     /// Sets every element of `buffer` to zero bits, stream-ordered (no host sync). Ops use it
     /// to clear accumulators and counters before the kernels that add into them.
     pub fn fill_zeros<T: Element>(&self, buffer: &mut impl DeviceSliceMut<T>) -> Result<()> {

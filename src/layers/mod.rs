@@ -31,6 +31,7 @@
 mod buffers;
 mod chain;
 mod config;
+mod device_weights;
 pub mod esft;
 mod moe;
 mod params;
@@ -41,6 +42,7 @@ pub mod workspace;
 
 pub use chain::ChainOfExperts;
 pub use config::{Mode, MoeConfig, RouterKind};
+pub use device_weights::{DeviceWeights, LayerWeights};
 pub use moe::{LossValues, MoeLayer};
 pub use params::{ExpertGrads, RouterGrads};
 pub use vq::{VqMoe, VqWeights};
