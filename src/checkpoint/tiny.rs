@@ -49,7 +49,7 @@ impl Scheme {
         }
     }
 
-    /// The decoder layers of [`write`] that hold an MoE block.
+    /// The decoder layers of [`write()`] that hold an MoE block.
     pub fn moe_layers(self, blocks: usize) -> Vec<usize> {
         let first = usize::from(self == Scheme::DeepseekV3);
         (first..first + blocks).collect()

@@ -231,14 +231,6 @@ fn the_selection_bias_moves_against_the_load() {
     }
 }
 
-fn argument_of(result: Result<impl Sized, Error>) -> &'static str {
-    match result {
-        Err(Error::InvalidArgument { argument, .. }) | Err(Error::Shape { argument, .. }) => argument,
-        Err(other) => panic!("unexpected error {other}"),
-        Ok(_) => panic!("accepted a bad input"),
-    }
-}
-
 #[test]
 fn bad_configs_and_inputs_are_rejected_by_name() {
     for device in devices() {

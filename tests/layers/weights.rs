@@ -142,14 +142,6 @@ fn weights_stepped_in_place_change_the_next_forward_as_the_reference_predicts() 
     }
 }
 
-fn argument_of(result: Result<impl Sized, Error>) -> &'static str {
-    match result {
-        Err(Error::InvalidArgument { argument, .. }) | Err(Error::Shape { argument, .. }) => argument,
-        Err(other) => panic!("unexpected error {other}"),
-        Ok(_) => panic!("accepted a bad input"),
-    }
-}
-
 #[test]
 fn wrong_or_missing_tensors_are_named() {
     for device in devices() {
