@@ -10,7 +10,7 @@ use moe_kernels::layers::{
 };
 use moe_kernels::ops::FloatElement;
 use moe_kernels::reference::layers as reference;
-use moe_kernels::{Device, DeviceBuffer, Error};
+use moe_kernels::{Device, DeviceBuffer};
 
 /// `host` uploaded tensor by tensor into the device buffers a caller would hold.
 fn device_weights<T: FloatElement>(device: &Device, config: &MoeConfig, host: &HostWeights) -> DeviceWeights<T> {
