@@ -157,6 +157,8 @@ impl Checkpoint {
         let missing = || problem(name, "not in the checkpoint");
         let file = &self.files[*self.tensors.get(name).ok_or_else(missing)?];
         let info: &TensorInfo = file.metadata.info(name).ok_or_else(missing)?;
+        // The data follow the header's 8-byte length and the header; `read_metadata` checked
+        // that every tensor's offsets lie inside them.
         let start = 8 + file.header_len;
         let (begin, end) = info.data_offsets;
         Ok(Tensor {
