@@ -73,6 +73,8 @@ impl<T: FloatElement> Search<T> {
             ids: &mut self.ids,
             distances: None,
             experts: None,
+            weights: None,
+            nonfinite_rows: None,
         };
         codebook::nearest(
             device,

@@ -22,7 +22,9 @@ use common::{Floor, Gpu, LayerShape, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use cudarc::driver::CudaView;
 use half::bf16;
-use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups};
+use moe_kernels::ops::gemm::{
+    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups, WgradWrite,
+};
 use moe_kernels::reference::gemm::{self as reference, HostGroups};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
@@ -207,7 +209,7 @@ impl Layer {
                 g1,
                 &groups,
                 no_mask,
-                false,
+                WgradWrite::Replace,
                 &mut self.dw1,
             ),
             _ => gemm::wgrad(
@@ -218,7 +220,7 @@ impl Layer {
                 g2,
                 &groups,
                 no_mask,
-                false,
+                WgradWrite::Replace,
                 &mut self.dw2,
             ),
         }

@@ -16,7 +16,7 @@ use common::inputs::{Rng, random_bf16};
 use common::{Floor, Gpu, LayerShape, devices, models, token_counts};
 use criterion::{Criterion, criterion_group, criterion_main};
 use half::bf16;
-use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
+use moe_kernels::layers::{Captures, HostWeights, MoeConfig, MoeLayer, RouterKind};
 use moe_kernels::reference::layers as reference;
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
 
@@ -75,6 +75,9 @@ fn weights(c: &MoeConfig, seed: u64) -> HostWeights {
     host
 }
 
+/// Token counts up to which the GPU bench also times graph replays.
+const GRAPH_TOKENS: usize = 64;
+
 /// A layer and its buffers on one device.
 struct Problem {
     layer: MoeLayer<bf16>,
@@ -104,6 +107,21 @@ impl Problem {
         self.forward();
         self.layer.backward(&self.x, &self.dy, &mut self.dx).unwrap();
     }
+    /// Captures the layer's pass into a graph fed with this problem's x (and dy), so
+    /// [`replay`](Self::replay) does the work of `forward` (or `train`) in one submission.
+    fn capture(&mut self, captures: Captures) {
+        let device = self.layer.device().clone();
+        let (x, dy) = (device.download(&self.x).unwrap(), device.download(&self.dy).unwrap());
+        self.layer.capture(self.tokens, captures).unwrap();
+        let mut io = self.layer.graph_io().unwrap();
+        device.upload_into(&x, &mut io.x).unwrap();
+        if captures == Captures::ForwardBackward {
+            device.upload_into(&dy, &mut io.dy).unwrap();
+        }
+    }
+    fn replay(&mut self) {
+        self.layer.replay().unwrap();
+    }
     /// Experts the last forward's routing gave rows (downloads the counts: not in a timed region).
     fn active_experts(&self) -> usize {
         let counts = self.layer.device().download(self.layer.expert_counts()).unwrap();
@@ -130,6 +148,18 @@ fn bench_gpu(gpu: &Gpu) {
             gpu.report("layers/moe_forward_backward_bf16", &label, f.forward_backward(), || {
                 p.train()
             });
+            // Decode is launch-bound: the same passes replayed from a graph.
+            if t <= GRAPH_TOKENS {
+                p.capture(Captures::Forward);
+                gpu.report("layers/moe_forward_graph_bf16", &label, f.forward(), || p.replay());
+                p.capture(Captures::ForwardBackward);
+                gpu.report(
+                    "layers/moe_forward_backward_graph_bf16",
+                    &label,
+                    f.forward_backward(),
+                    || p.replay(),
+                );
+            }
             layer = p.into_layer();
         }
     }

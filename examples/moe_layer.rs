@@ -10,7 +10,9 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
 use half::{bf16, f16};
 use moe_kernels::layers::esft::EsftTracker;
-use moe_kernels::layers::{ChainOfExperts, HostWeights, Mode, MoeConfig, MoeLayer, RouterKind, VqMoe, VqWeights};
+use moe_kernels::layers::{
+    Captures, ChainOfExperts, HostWeights, Mode, MoeConfig, MoeLayer, RouterKind, VqMoe, VqWeights,
+};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::esft::ScoreKind;
 use moe_kernels::ops::gate::GateForm;
@@ -56,6 +58,11 @@ struct Options {
     /// losses, no gradient or backward buffers).
     #[arg(long)]
     inference: bool,
+    /// Also capture the layer's pass (the forward, or forward and backward) into a graph,
+    /// replay it on the same inputs, time the replay, and check it equals the eager pass
+    /// bitwise.
+    #[arg(long, conflicts_with_all = ["chain", "vq", "esft"])]
+    graph: bool,
     /// Storage of activations and weights; routing and accumulation are always f32.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
@@ -298,7 +305,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         return run_vq::<T>(options, &device, config, &x_host, &dy_host);
     }
     if options.inference {
-        return run_inference::<T>(&device, config, &x_host);
+        return run_inference::<T>(&device, config, &x_host, options.graph);
     }
     let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = MoeLayer::<T>::new(&device, config, &weights)?;
@@ -422,7 +429,67 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         ok &= error <= bound;
         println!("  {name:12} relative error {error:.2e} (bound {bound:.0e}) {verdict}");
     }
+    if options.graph {
+        let eager = [download_f32(&device, &y)?, download_f32(&device, &dx)?];
+        ok &= replay_graph(
+            &device,
+            &mut layer,
+            Captures::ForwardBackward,
+            &x_host,
+            &dy_host,
+            &eager,
+        )?;
+    }
     Ok(ok)
+}
+
+/// `--graph`: captures the layer's pass at this token count, writes the same inputs into the
+/// graph's buffers, replays it (once untimed on a GPU, then timed), and checks y (and dx) equal
+/// the eager pass's `eager` outputs bitwise.
+fn replay_graph<T: FloatElement>(
+    device: &Device,
+    layer: &mut MoeLayer<T>,
+    captures: Captures,
+    x_host: &[f32],
+    dy_host: &[f32],
+    eager: &[Vec<f32>],
+) -> moe_kernels::Result<bool> {
+    let t = x_host.len() / layer.config().dim;
+    layer.capture(t, captures)?;
+    let mut io = layer.graph_io()?;
+    device.upload_into(&to_t::<T>(x_host), &mut io.x)?;
+    if captures == Captures::ForwardBackward {
+        device.upload_into(&to_t::<T>(dy_host), &mut io.dy)?;
+    }
+    if device.kind() == DeviceKind::Cuda {
+        layer.replay()?; // the first launch of a graph uploads it
+        device.synchronize()?;
+    }
+    let before = device.stats();
+    let start = Instant::now();
+    layer.replay()?;
+    let after = device.stats();
+    device.synchronize()?;
+    let elapsed = start.elapsed();
+    let io = layer.graph_io()?;
+    let outputs = [download_f32(device, &io.y)?, download_f32(device, &io.dx)?];
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let same = outputs.iter().zip(eager).all(|(got, want)| bits(got) == bits(want));
+    println!(
+        "
+graph replay of the {}: {:.3} ms wall ({}), {} launches and {} memsets in one submission, host syncs {}; equals the eager pass bitwise: {}",
+        if captures == Captures::Forward { "forward" } else { "forward and backward" },
+        elapsed.as_secs_f64() * 1e3,
+        match device.kind() {
+            DeviceKind::Cuda => "host wall time around the replay and one synchronize",
+            DeviceKind::Emulator => "CPU wall time on the emulator",
+        },
+        after.launches - before.launches,
+        after.memsets - before.memsets,
+        after.host_syncs - before.host_syncs,
+        if same { "yes" } else { "NO" },
+    );
+    Ok(same)
 }
 
 /// Slots where the device picked another expert than the reference although the reference's
@@ -478,7 +545,12 @@ fn timed_pass(
 
 /// The inference variant of [`run`]: one forward of a `Mode::Inference` layer, timed, its launches
 /// and host syncs, and y against the reference.
-fn run_inference<T: FloatElement>(device: &Device, config: MoeConfig, x_host: &[f32]) -> moe_kernels::Result<bool> {
+fn run_inference<T: FloatElement>(
+    device: &Device,
+    config: MoeConfig,
+    x_host: &[f32],
+    graph: bool,
+) -> moe_kernels::Result<bool> {
     let t = x_host.len() / config.dim;
     let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = MoeLayer::<T>::with_mode(device, config, &weights, Mode::Inference)?;
@@ -509,7 +581,12 @@ fn run_inference<T: FloatElement>(device: &Device, config: MoeConfig, x_host: &[
     let error = relative_error(&download_f32(device, &y)?, &forward.y);
     let bound = if T::NAME == "f32" { 1e-4 } else { 5e-2 };
     println!("  y    relative error {error:.2e} (bound {bound:.0e})");
-    Ok(error <= bound)
+    let mut ok = error <= bound;
+    if graph {
+        let eager = [download_f32(device, &y)?];
+        ok &= replay_graph(device, &mut layer, Captures::Forward, x_host, &[], &eager)?;
+    }
+    Ok(ok)
 }
 
 /// The Chain-of-Experts variant of [`run`].

@@ -61,10 +61,13 @@ EMU_EXPORT(codebook_norms_bf16)
 //   [y * tiles_per_split, +tiles_per_split)); scores of a tile go to shared memory and into
 //   per-thread top-K lists; lists are merged per row at the end.
 // Traffic: X tile read once per column tile (L2 after the first), C once per token block,
-//   norms once per token block; ids/distances/experts written once. Never a [T, Nc] buffer.
+//   norms once per token block, X once more for ||x||^2 (L2-hot); outputs written once. Never a
+//   [T, Nc] buffer.
 // Output: partial == null (one split): ids [T, k], distances [T, k] (optional: ||x||^2 +
-//   score, clamped >= 0), experts [T, k] (optional: id mod E). Else partial [splits, T, K, 2]
-//   (score bits, id) for codebook_merge_top<K>_<dt>.
+//   score, clamped >= 0), experts [T, k] (optional: id mod E), weights [T, k] (optional: 1);
+//   a row whose nearest distance is not finite is routed nowhere (write_row) and added to
+//   nonfinite_rows (optional). Else partial [splits, T, K, 2] (score bits, id) for
+//   codebook_merge_top<K>_<dt>.
 // Registers: top-1 capped at 128 for 2 blocks (16 warps) per SM; top-8 (16 more live values)
 //   runs at one block per SM rather than spill (__launch_bounds__).
 // Launch: grid (ceil(T / 64), splits), 256 threads, dynamic shared: the larger of the score
@@ -72,13 +75,14 @@ EMU_EXPORT(codebook_norms_bf16)
 //   f16/bf16: 3 stages * (64 + 128) * 40 * 2).
 #define NEAREST_PARAMS(T)                                                                     \
   const T *x, const T *codes, const float *norms, int *ids, float *distances, int *experts,   \
-      unsigned *partial, long long tokens, int d, int num_codes, int k, int num_experts,      \
-      int tiles_per_split
+      float *weights, unsigned *nonfinite_rows, unsigned *partial, long long tokens, int d,   \
+      int num_codes, int k, int num_experts, int tiles_per_split
 #define NEAREST(T, dt, K)                                                                     \
   extern "C" __global__ void __launch_bounds__(CB_THREADS, K == 1 ? 2 : 1)                   \
       codebook_nearest_top##K##_##dt(NEAREST_PARAMS(T)) {                                     \
-    nearest_body<T, K>(x, codes, norms, NearestOut{ids, distances, experts, partial}, tokens, \
-                       d, num_codes, k, num_experts, tiles_per_split);                        \
+    nearest_body<T, K>(x, codes, norms,                                                       \
+                       NearestOut{ids, distances, experts, weights, nonfinite_rows, partial},  \
+                       tokens, d, num_codes, k, num_experts, tiles_per_split);                \
   }
 NEAREST(float, f32, 1)
 EMU_EXPORT(codebook_nearest_top1_f32)
@@ -93,17 +97,19 @@ EMU_EXPORT(codebook_nearest_top1_bf16)
 NEAREST(__nv_bfloat16, bf16, 8)
 EMU_EXPORT(codebook_nearest_top8_bf16)
 
-// codebook_merge_top<K>_<dt>: 4 threads per row t: ||x_t||^2 (distances only), then the first
-// merges the `splits` lists of row t (split order) and writes the row like the unsplit kernel.
-// Traffic: partial read once, X once when distances are asked for, outputs written once.
+// codebook_merge_top<K>_<dt>: 4 threads per row t: ||x_t||^2, then the first merges the
+// `splits` lists of row t (split order) and writes the row like the unsplit kernel.
+// Traffic: partial read once, X once, outputs written once.
 // Launch: grid ceil(4 T / 128), 128 threads.
 #define MERGE_PARAMS(T)                                                                       \
   const T *x, const unsigned *partial, int *ids, float *distances, int *experts,              \
-      long long tokens, int d, int k, int num_experts, int splits
+      float *weights, unsigned *nonfinite_rows, long long tokens, int d, int k, int num_experts, \
+      int splits
 #define MERGE(T, dt, K)                                                                       \
   extern "C" __global__ void codebook_merge_top##K##_##dt(MERGE_PARAMS(T)) {                  \
-    merge_body<T, K>(x, partial, NearestOut{ids, distances, experts, nullptr}, tokens, d, k,  \
-                     num_experts, splits);                                                    \
+    merge_body<T, K>(x, partial, NearestOut{ids, distances, experts, weights, nonfinite_rows, \
+                                            nullptr},                                         \
+                     tokens, d, k, num_experts, splits);                                      \
   }
 MERGE(float, f32, 1)
 EMU_EXPORT(codebook_merge_top1_f32)
@@ -154,11 +160,20 @@ QUANTIZE(__nv_bfloat16, bf16)
 EMU_EXPORT(codebook_quantize_bf16)
 
 // ------------------------------------------------------------------------------------------
+// The VQ means run over the tokens with a code (an id in [0, Nc)): a token routed nowhere (id
+// kNoExpert, a non-finite row) adds nothing to a sum and is not counted, so it changes no other
+// token's gradient. 2 / (live d), the gradient scale of a mean of squares over live rows of d
+// (0 for none).
+__device__ __forceinline__ double mean_square_gradient(i64 live, int d) {
+  return live == 0 ? 0.0 : 2.0 / (double(live) * double(d));
+}
+
 // codebook_loss_partial_<dt>: partial[b] = sum over block b's runs of (x - C[id])^2 (f32; the
-//   runs of a thread in grid-stride order, then block_sum). The grid size is part of the
-//   summation order: the wrapper derives it from the shape only.
-// codebook_loss_final: one block; losses[0] = S / (T d) (codebook), losses[1] = beta S / (T d)
-//   (commitment), S the sum of partial[0 .. blocks) (strided per thread, then block_sum).
+//   runs of a thread in grid-stride order, then block_sum), the tokens with a code only. The
+//   grid size is part of the summation order: the wrapper derives it from the shape only.
+// codebook_loss_final: one block; live = the tokens with a code (counted from ids);
+//   losses[0] = S / (live d) (codebook), losses[1] = beta S / (live d) (commitment), S the sum of
+//   partial[0 .. blocks) (strided per thread, then block_sum). No live token: NaN (an empty mean).
 // Launch: partial: grid `blocks`, 256 threads, 32 bytes dynamic shared; final: 1 x 256, 32 bytes.
 template <class T>
 __device__ __forceinline__ void loss_partial_body(const T* x, const T* codes, const int* ids, float* partial,
@@ -167,8 +182,10 @@ __device__ __forceinline__ void loss_partial_body(const T* x, const T* codes, co
   const bool vec = rows_aligned_16(x, d) && rows_aligned_16(codes, d);
   float s = 0.0f;
   for_each_run<T>(tokens, d, [&](i64 t, i64 k) {
+    const T* code = code_row(codes, ids[t], num_codes, d);
+    if (code == nullptr) return;
     float q[V], xv[V];
-    read_run<T>(q, code_row(codes, ids[t], num_codes, d), k, d, vec);
+    read_run<T>(q, code, k, d, vec);
     read_run<T>(xv, x + t * d, k, d, vec);
 #pragma unroll
     for (int i = 0; i < V; ++i) s += (xv[i] - q[i]) * (xv[i] - q[i]);
@@ -189,40 +206,56 @@ EMU_EXPORT(codebook_loss_partial_f16)
 LOSS_PARTIAL(__nv_bfloat16, bf16)
 EMU_EXPORT(codebook_loss_partial_bf16)
 
-extern "C" __global__ void codebook_loss_final(const float* partial, float* losses, int blocks,
-                                               float inv_count, float beta) {
+extern "C" __global__ void codebook_loss_final(const float* partial, const int* ids, float* losses, int blocks,
+                                               long long tokens, int d, int num_codes, float beta) {
   float s = 0.0f;
   for (int b = threadIdx.x; b < blocks; b += blockDim.x) s += partial[b];
   s = block_sum(s);
+  // Integer counts: exact in any order (float block_sum of 0/1 would lose counts past 2^24).
+  __shared__ unsigned long long live;
+  if (threadIdx.x == 0) live = 0;
+  __syncthreads();
+  unsigned long long mine = 0;
+  for (i64 t = threadIdx.x; t < tokens; t += blockDim.x) mine += ids[t] >= 0 && ids[t] < num_codes;
+  atomicAdd(&live, mine);
+  __syncthreads();
   if (threadIdx.x != 0) return;
+  const float inv_count = float(1.0 / (double(live) * double(d)));  // inf for no live token
   losses[0] = s * inv_count;
   losses[1] = beta * s * inv_count;
 }
 EMU_EXPORT(codebook_loss_final)
 
-// codebook_loss_bwd_<dt>: dx = dmix + scale (x - C[id]) (dmix optional: the straight-through
-//   gradient of the mix, passed to x unchanged). Mapping and launch as codebook_quantize.
+// codebook_loss_bwd_<dt>: dx = dmix + scale (x - C[id]) with scale = beta * 2 / (live d), live =
+//   offsets[Nc] of the code order (its count of tokens with a code); dmix is optional (the
+//   straight-through gradient of the mix, passed to x unchanged), and a token without a code
+//   gets dmix only. Mapping and launch as codebook_quantize.
 template <class T>
-__device__ __forceinline__ void loss_bwd_body(const T* x, const T* codes, const int* ids, const T* dmix, T* dx,
-                                              i64 tokens, int d, int num_codes, float scale) {
+__device__ __forceinline__ void loss_bwd_body(const T* x, const T* codes, const int* ids, const int* offsets,
+                                              const T* dmix, T* dx, i64 tokens, int d, int num_codes, float beta) {
   constexpr int V = elems_per_16<T>;
   const bool vec = rows_aligned_16(x, d) && rows_aligned_16(codes, d) && rows_aligned_16(dmix, d) &&
                    rows_aligned_16(dx, d);
+  const float scale = float(double(beta) * mean_square_gradient(offsets[num_codes], d));
   for_each_run<T>(tokens, d, [&](i64 t, i64 k) {
     float q[V], xv[V], g[V];
-    read_run<T>(q, code_row(codes, ids[t], num_codes, d), k, d, vec);
-    read_run<T>(xv, x + t * d, k, d, vec);
+    const T* code = code_row(codes, ids[t], num_codes, d);
     read_run<T>(g, dmix ? dmix + t * d : nullptr, k, d, vec);
+    if (code != nullptr) {
+      read_run<T>(q, code, k, d, vec);
+      read_run<T>(xv, x + t * d, k, d, vec);
 #pragma unroll
-    for (int i = 0; i < V; ++i) g[i] += scale * (xv[i] - q[i]);
+      for (int i = 0; i < V; ++i) g[i] += scale * (xv[i] - q[i]);
+    }
     write_run<T>(dx + t * d, k, d, vec, g);
   });
 }
 #define LOSS_BWD(T, dt)                                                                       \
   extern "C" __global__ void codebook_loss_bwd_##dt(const T* x, const T* codes, const int* ids, \
-                                                    const T* dmix, T* dx, long long tokens,   \
-                                                    int d, int num_codes, float scale) {      \
-    loss_bwd_body<T>(x, codes, ids, dmix, dx, tokens, d, num_codes, scale);                   \
+                                                    const int* offsets, const T* dmix, T* dx, \
+                                                    long long tokens, int d, int num_codes,   \
+                                                    float beta) {                             \
+    loss_bwd_body<T>(x, codes, ids, offsets, dmix, dx, tokens, d, num_codes, beta);           \
   }
 LOSS_BWD(float, f32)
 EMU_EXPORT(codebook_loss_bwd_f32)
@@ -276,16 +309,18 @@ EMU_EXPORT(codebook_segments)
 
 // ------------------------------------------------------------------------------------------
 // codebook_code_grad_<dt>: dC[j, :] = scale * sum_{r in segment j} (c_j - x_{rows[r]}), tokens in
-//   sorted (ascending) order; 0 for a code no token chose. Mapping: block (j, y), thread = a
-//   16-byte run of columns. Traffic: each chosen X row read once, C and dC once.
+//   sorted (ascending) order, scale = 2 / (live d) with live = offsets[Nc] (gridDim.x codes);
+//   0 for a code no token chose. Mapping: block (j, y), thread = a 16-byte run of columns.
+//   Traffic: each chosen X row read once, C and dC once.
 // Launch: grid (Nc, ceil(runs / 256)), 256 threads, runs = ceil(d / elems per 16 bytes).
 template <class T>
 __device__ __forceinline__ void code_grad_body(const T* x, const T* codes, const int* rows, const int* offsets,
-                                               float* dcodes, int d, float scale) {
+                                               float* dcodes, int d) {
   constexpr int V = elems_per_16<T>;
   const bool vec = rows_aligned_16(x, d) && rows_aligned_16(codes, d);
   const i64 j = blockIdx.x, k = code_column_run<T>();
   if (k >= d) return;
+  const float scale = float(mean_square_gradient(offsets[gridDim.x], d));
   float acc[V], c[V];
   read_run<T>(c, codes + j * d, k, d, vec);
   segment_run_sum<T>(acc, x, rows, offsets, j, k, d, vec, [&](int q, float xv) { return c[q] - xv; });
@@ -295,9 +330,8 @@ __device__ __forceinline__ void code_grad_body(const T* x, const T* codes, const
 }
 #define CODE_GRAD(T, dt)                                                                      \
   extern "C" __global__ void codebook_code_grad_##dt(const T* x, const T* codes, const int* rows, \
-                                                     const int* offsets, float* dcodes, int d, \
-                                                     float scale) {                           \
-    code_grad_body<T>(x, codes, rows, offsets, dcodes, d, scale);                             \
+                                                     const int* offsets, float* dcodes, int d) { \
+    code_grad_body<T>(x, codes, rows, offsets, dcodes, d);                                    \
   }
 CODE_GRAD(float, f32)
 EMU_EXPORT(codebook_code_grad_f32)

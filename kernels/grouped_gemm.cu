@@ -23,7 +23,8 @@
 //   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B with 16-byte loads
 //   grouped_gemm_dgrad_<dtype>   dA (plain, or SwiGLU backward into dGU), row weights optional
 //   grouped_gemm_wgrad_<dtype>   dB over a device list of active experts (ESFT mask), f32,
-//                                optionally accumulated into the existing values
+//                                replacing, accumulating, or sparse (experts with rows only)
+//   grouped_gemm_zero_unwritten  zeroes the dB of experts a sparse pass did not write
 #include "include/gemm_tiles.cuh"
 
 template <class T> struct FwdArgs {
@@ -217,25 +218,55 @@ __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int
 // ------------------------------------------------------------------------------------------
 // grouped_gemm_wgrad_<dtype>: dB_e = dC_e^T A_e ([N, m_e] x [m_e, K]) for the experts listed
 // in active[0 .. gridDim.y) (null: every expert, blockIdx.y): masked experts get no block at
-// all. An empty group writes zeros
-// (or leaves the accumulated values as they are).
+// all. How dB_e is written (`mode`):
+//   kWgradReplace     dB_e = result; an empty group writes zeros;
+//   kWgradAccumulate  dB_e += result; an empty group leaves dB_e as it is;
+//   kWgradSparse      an empty group is neither computed nor written; otherwise dB_e is replaced
+//                     the first time it is written in the caller's pass and added to after.
+//                     `written[e]` (zeroed by the caller before the pass) records it as
+//                     (call + 1) << 1 | added, where `call` numbers the wgrad launches of the pass
+//                     from 0 and `added` says whether an earlier call had written dB_e. Every block
+//                     of expert e reads the flag and writes the same new value, so a block that
+//                     reads a flag already marked by this call still recovers `added`: no order
+//                     between blocks is needed. Two launches sharing a call index (dW1 and dW2 of
+//                     one layer iteration) must have the same groups.
 // Mapping: blockIdx.y = index into active, blockIdx.x = (N tile, K tile) of dB_e; the reduction
 //   runs over the group's rows in order (deterministic): dC and A tiles both MN-major; A rows
 //   gathered like the forward's; a row A lacks (nullptr) loads as zeros in dC too.
-// Traffic: dC_e read once per K tile, A_e once per N tile, dB written (or read and written) once.
+// Traffic: dC_e read once per K tile, A_e once per N tile, dB written (or read and written) once;
+//   nothing for an empty group in sparse mode.
 // Launch: grid (ceil(N / BM) * ceil(K / BN), active count), Tile::THREADS threads,
 //   Tile::smem_bytes<MN, MN>() dynamic shared bytes.
+enum WgradMode : int { kWgradReplace = 0, kWgradAccumulate = 1, kWgradSparse = 2 };
+
+// Sparse mode: whether this call adds to dB_e (an earlier call of the pass wrote it), recorded
+// in written[e] on the way. Called by thread 0 only.
+__device__ __forceinline__ bool wgrad_mark_written(unsigned* written, int e, unsigned call) {
+  const unsigned mark = (call + 1u) << 1;
+  const unsigned seen = atomicOr(&written[e], 0u);  // an atomic read: other blocks write it
+  const bool added = (seen & ~1u) == mark ? (seen & 1u) != 0 : seen != 0;
+  atomicExch(&written[e], mark | unsigned(added));
+  return added;
+}
+
 template <class T>
 __device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> a, const int* offsets,
                                               const int* active, int experts, i64 rows, i64 n, i64 kdim,
-                                              float* db, int accumulate) {
+                                              float* db, int mode, unsigned* written, unsigned call) {
   using Tile = typename RowsTileOf<T>::type;
   DYN_SHARED(unsigned char, smem);
+  __shared__ int add_to_db;
   const int e = active != nullptr ? active[blockIdx.y] : int(blockIdx.y);
   if (e < 0 || e >= experts) return;
+  const GroupRange g = group_range(offsets, e, rows);
+  if (mode == kWgradSparse && g.end == g.start) return;  // uniform: the group is the block's
+  if (threadIdx.x == 0) {
+    add_to_db = mode == kWgradSparse ? wgrad_mark_written(written, e, call) : mode == kWgradAccumulate;
+  }
+  __syncthreads();
+  const bool accumulate = add_to_db != 0;
   const int tiles_n = int((n + Tile::BM - 1) / Tile::BM);
   const i64 n0 = i64(blockIdx.x % tiles_n) * Tile::BM, k0 = i64(blockIdx.x / tiles_n) * Tile::BN;
-  const GroupRange g = group_range(offsets, e, rows);
   // A row absent from A (padding, or a token routed nowhere in a gathered list) is absent from
   // dC too: 0 * NaN would otherwise reach dB.
   auto dc_row = [&](i64 r) -> const T* { return a.row(g.start + r) ? dc + (g.start + r) * n + n0 : nullptr; };
@@ -254,6 +285,27 @@ __device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> 
   });
 }
 
+// grouped_gemm_zero_unwritten(written [E], db [E, per_expert] f32, experts, per_expert): zeroes
+// dB_e of every expert whose written[e] is 0 (after a pass of sparse wgrad calls: the experts
+// that got no rows, or were masked), so dB becomes the dense gradient.
+// Mapping: blockIdx.y = expert (a written expert's blocks return at once), grid-stride over its
+// elements in 16-byte stores (per_expert a multiple of 4 and db 16-byte aligned) or one at a time.
+// Traffic: E flags; 4 bytes written per element of an unwritten expert.
+extern "C" __global__ void grouped_gemm_zero_unwritten(const unsigned* written, float* db, int experts,
+                                                       long long per_expert) {
+  const int e = int(blockIdx.y);
+  if (e >= experts || written[e] != 0) return;
+  float* dbe = db + i64(e) * per_expert;
+  const i64 stride = i64(gridDim.x) * blockDim.x;
+  if (per_expert % 4 == 0 && reinterpret_cast<uintptr_t>(db) % 16 == 0) {
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (i64 i = global_thread_x(); i < per_expert / 4; i += stride) store_128(reinterpret_cast<float4*>(dbe) + i, zero);
+  } else {
+    for (i64 i = global_thread_x(); i < per_expert; i += stride) dbe[i] = 0.0f;
+  }
+}
+EMU_EXPORT(grouped_gemm_zero_unwritten)
+
 #define DGRAD_PARAMS(T)                                                                                 \
   const T *dc, const T *b, const int *offsets, int experts, long long rows, long long n, long long kdim, \
       void *out, int out_f32, int mode, const int *sorted_rows, const float *weights, long long slots,   \
@@ -263,7 +315,8 @@ __device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> 
                 const_cast<T*>(gu), kdim }
 #define WGRAD_PARAMS(T)                                                                                 \
   const T *dc, const T *a, long long a_rows, const int *sorted_rows, int top_k, const int *offsets,     \
-      const int *active, int experts, long long rows, long long n, long long kdim, float *db, int accumulate
+      const int *active, int experts, long long rows, long long n, long long kdim, float *db, int mode,   \
+      unsigned *written, unsigned call
 
 #define WGRAD_ROWS(T) GroupedRows<T>{a, a_rows, sorted_rows, top_k, kdim}
 
@@ -276,7 +329,7 @@ extern "C" __global__ void grouped_gemm_dgrad_f32(DGRAD_PARAMS(float)) {
 }
 EMU_EXPORT(grouped_gemm_dgrad_f32)
 extern "C" __global__ void grouped_gemm_wgrad_f32(WGRAD_PARAMS(float)) {
-  grouped_wgrad<float>(dc, WGRAD_ROWS(float), offsets, active, experts, rows, n, kdim, db, accumulate);
+  grouped_wgrad<float>(dc, WGRAD_ROWS(float), offsets, active, experts, rows, n, kdim, db, mode, written, call);
 }
 EMU_EXPORT(grouped_gemm_wgrad_f32)
 extern "C" __global__ void grouped_gemm_fwd_f16(FWD_PARAMS(__half)) { grouped_fwd<__half>(FWD_ARGS(__half)); }
@@ -288,7 +341,7 @@ extern "C" __global__ void grouped_gemm_dgrad_f16(DGRAD_PARAMS(__half)) {
 }
 EMU_EXPORT(grouped_gemm_dgrad_f16)
 extern "C" __global__ void grouped_gemm_wgrad_f16(WGRAD_PARAMS(__half)) {
-  grouped_wgrad<__half>(dc, WGRAD_ROWS(__half), offsets, active, experts, rows, n, kdim, db, accumulate);
+  grouped_wgrad<__half>(dc, WGRAD_ROWS(__half), offsets, active, experts, rows, n, kdim, db, mode, written, call);
 }
 EMU_EXPORT(grouped_gemm_wgrad_f16)
 extern "C" __global__ void grouped_gemm_fwd_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_fwd<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
@@ -300,6 +353,6 @@ extern "C" __global__ void grouped_gemm_dgrad_bf16(DGRAD_PARAMS(__nv_bfloat16)) 
 }
 EMU_EXPORT(grouped_gemm_dgrad_bf16)
 extern "C" __global__ void grouped_gemm_wgrad_bf16(WGRAD_PARAMS(__nv_bfloat16)) {
-  grouped_wgrad<__nv_bfloat16>(dc, WGRAD_ROWS(__nv_bfloat16), offsets, active, experts, rows, n, kdim, db, accumulate);
+  grouped_wgrad<__nv_bfloat16>(dc, WGRAD_ROWS(__nv_bfloat16), offsets, active, experts, rows, n, kdim, db, mode, written, call);
 }
 EMU_EXPORT(grouped_gemm_wgrad_bf16)

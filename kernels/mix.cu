@@ -6,8 +6,9 @@
 //             da0 = <dy, y_cont>, da1 = <dy, y_disc>,
 //             dl0 = a0 a1 (da0 - da1), dl1 = -dl0                        (softmax backward, f32)
 // Non-finite logits: the difference l0 - l1 decides. A NaN logit, or two equal infinities
-// (inf - inf), makes a0 = a1 = NaN, which propagates to y, dy_cont, dy_disc and dl. One infinite
-// logit against a finite one gives the limit (1, 0) or (0, 1).
+// (inf - inf), makes a0 = a1 = NaN: the token's y is NaN, and the mix routes it nowhere (math
+// §2): its dy_cont, dy_disc and dl are exactly 0, so it adds nothing to either path's or the
+// gate's gradients. One infinite logit against a finite one gives the limit (1, 0) or (0, 1).
 //
 // Layout: rows of d elements of T (f32, f16, bf16), row-major; f32 arithmetic; element offsets
 // 64-bit. A row moves in 16-byte chunks when d is a multiple of 16 bytes and every row pointer is
@@ -30,6 +31,12 @@ struct MixWeights {
 __device__ __forceinline__ MixWeights mix_weights(const float* logits, i64 t) {
   const float diff = logits[2 * t] - logits[2 * t + 1];
   return {1.0f / (1.0f + expf(-diff)), 1.0f / (1.0f + expf(diff))};
+}
+// The weights the backward uses: (0, 0) for a token the mix routes nowhere (NaN weights), so
+// its gradients are exact zeros whatever dy holds.
+__device__ __forceinline__ MixWeights mix_backward_weights(const float* logits, i64 t) {
+  const MixWeights a = mix_weights(logits, t);
+  return a.a0 == a.a0 ? a : MixWeights{0.0f, 0.0f};
 }
 
 // Lane `lane`'s share of one row: y = a0·cont + a1·disc.
@@ -57,9 +64,9 @@ __device__ __forceinline__ float2 mix_row_backward(const T* cont, const T* disc,
     for (int i = 0; i < V; ++i) dots.x += g[i] * v[i];
     load_f32<T, V>(v, disc + c);
     for (int i = 0; i < V; ++i) dots.y += g[i] * v[i];
-    for (int i = 0; i < V; ++i) v[i] = a.a0 * g[i];
+    for (int i = 0; i < V; ++i) v[i] = a.a0 == 0.0f ? 0.0f : a.a0 * g[i];
     store_f32<T, V>(dcont + c, v);
-    for (int i = 0; i < V; ++i) v[i] = a.a1 * g[i];
+    for (int i = 0; i < V; ++i) v[i] = a.a1 == 0.0f ? 0.0f : a.a1 * g[i];
     store_f32<T, V>(ddisc + c, v);
   }
   return dots;
@@ -89,7 +96,7 @@ __device__ __forceinline__ void mix_backward(const float* logits, const T* cont,
   const bool vec = d % Vec<T>::N == 0 && aligned16(cont) && aligned16(disc) && aligned16(dy) &&
                    aligned16(dcont) && aligned16(ddisc);
   for (i64 t = first_token(); t < tokens; t += token_stride()) {
-    const MixWeights a = mix_weights(logits, t);
+    const MixWeights a = mix_backward_weights(logits, t);
     const i64 row = t * d;
     float2 dots = vec ? mix_row_backward<T, Vec<T>::N>(cont + row, disc + row, dy + row, a, d, dcont + row,
                                                        ddisc + row, lane)
@@ -100,7 +107,7 @@ __device__ __forceinline__ void mix_backward(const float* logits, const T* cont,
       dots.y += __shfl_xor_sync(kMixFullMask, dots.y, m);
     }
     if (lane == 0) {
-      const float g = a.a0 * a.a1 * (dots.x - dots.y);
+      const float g = a.a0 * a.a1 == 0.0f ? 0.0f : a.a0 * a.a1 * (dots.x - dots.y);
       dlogits[2 * t] = g;
       dlogits[2 * t + 1] = -g;
     }

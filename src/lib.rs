@@ -101,5 +101,7 @@ pub mod reference;
 #[cfg(feature = "dev-tools")]
 pub mod selftest;
 
-pub use device::{BufferView, BufferViewMut, Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element};
+pub use device::{
+    BufferView, BufferViewMut, Device, DeviceBuffer, DeviceKind, DeviceSlice, DeviceSliceMut, Element, Graph,
+};
 pub use error::{Error, Result};

@@ -9,6 +9,7 @@ use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::codebook::{
     self, CodeOrder, CodebookShape, EmaConfig, EmaState, LossConfig, NearestConfig, NearestOutputs,
 };
+use moe_kernels::ops::router::NO_EXPERT;
 use moe_kernels::reference::codebook as reference;
 use moe_kernels::{Device, DeviceBuffer};
 use proptest::prelude::*;
@@ -61,6 +62,8 @@ struct Found {
     ids: Vec<i32>,
     distances: Vec<f32>,
     experts: Vec<i32>,
+    weights: Vec<f32>,
+    nonfinite_rows: u32,
 }
 
 /// Norms + nearest on `device`, with every output asked for.
@@ -94,10 +97,14 @@ fn run_nearest_at<T: FloatElement>(
     let mut distances = AtOffset::<f32>::zeros(device, n, at(4));
     let mut experts = AtOffset::<i32>::zeros(device, n, at(5));
     let mut workspace = AtOffset::<u32>::zeros(device, config.workspace_len(shape).unwrap(), at(6));
+    let mut weights = AtOffset::<f32>::zeros(device, n, at(7));
+    let mut nonfinite = AtOffset::<u32>::zeros(device, 1, at(8));
     let out = NearestOutputs {
         ids: &mut ids.view_mut(),
         distances: Some(&mut distances.view_mut()),
         experts: Some(&mut experts.view_mut()),
+        weights: Some(&mut weights.view_mut()),
+        nonfinite_rows: Some(&mut nonfinite.view_mut()),
     };
     let before = device.stats().host_syncs;
     codebook::nearest(
@@ -115,23 +122,46 @@ fn run_nearest_at<T: FloatElement>(
         ids: ids.download(device),
         distances: distances.download(device),
         experts: experts.download(device),
+        weights: weights.download(device),
+        nonfinite_rows: nonfinite.download(device)[0],
     })
 }
 
 /// Each returned id's reference score must equal the reference's score at that rank within
 /// `tol` (exactly the reference id when the scores are separated by more than rounding), the
-/// ids of a row distinct, experts `id mod E`, distances within tolerance.
+/// ids of a row distinct, experts `id mod E`, weights 1, distances within tolerance. A row the
+/// reference routes nowhere must be routed nowhere (ids and experts −1, weights and distances
+/// NaN) and counted.
 fn check_found(what: &str, shape: &CodebookShape, config: &NearestConfig, x: &[f64], codes: &[f64], got: &Found) {
     let (d, k) = (shape.dim, config.k);
     let want = reference::nearest(shape, x, codes, k, config.num_experts);
+    assert_eq!(
+        got.nonfinite_rows as usize, want.nonfinite_rows,
+        "{what}: rows routed nowhere"
+    );
+    let routed = (0..shape.tokens).filter(|&t| want.ids[t * k] != NO_EXPERT);
     let magnitude: f64 = reference::code_norms(shape, codes)
         .iter()
         .fold(1.0f64, |m, &v| m.max(v))
-        + x.chunks(d)
-            .map(|r| r.iter().map(|v| v * v).sum::<f64>())
+        + routed
+            .map(|t| x[t * d..][..d].iter().map(|v| v * v).sum::<f64>())
             .fold(0.0, f64::max);
     let tol = 2e-5 * magnitude * (d as f64).sqrt();
     for t in 0..shape.tokens {
+        let slots = t * k..(t + 1) * k;
+        if want.ids[t * k] == NO_EXPERT {
+            let nowhere = got.ids[slots.clone()]
+                .iter()
+                .chain(&got.experts[slots.clone()])
+                .all(|&i| i == NO_EXPERT)
+                && got.weights[slots.clone()]
+                    .iter()
+                    .chain(&got.distances[slots])
+                    .all(|v| v.is_nan());
+            assert!(nowhere, "{what}: row {t} should be routed nowhere");
+            continue;
+        }
+        assert!(got.weights[slots].iter().all(|&w| w == 1.0), "{what}: row {t}: weights");
         let row = &x[t * d..][..d];
         let all = reference::nearest_scores(row, codes, d, shape.codes);
         let score_of = |j: i32| all.iter().find(|(_, i)| *i == j as usize).unwrap().0;
@@ -294,11 +324,11 @@ fn ties_go_to_the_lower_code() {
     duplicate_codes::<bf16>();
 }
 
-/// A NaN anywhere in a row makes every score NaN: ids 0..k, distances NaN. A row with +inf has
-/// infinite scores: the reference's order (−inf first, ties to the lower code) holds.
+/// A row holding a NaN or an infinity, or whose `‖x‖²` overflows f32 (1e30), is routed nowhere
+/// and counted; the finite rows beside it are routed as usual.
 fn non_finite_rows<T: FloatElement>() {
     let shape = CodebookShape {
-        tokens: 6,
+        tokens: 7,
         dim: 24,
         codes: 200,
     };
@@ -308,6 +338,7 @@ fn non_finite_rows<T: FloatElement>() {
     x[2 * d + 7] = f64::NAN;
     x[3 * d] = f64::INFINITY;
     x[4 * d + 3] = f64::NEG_INFINITY;
+    x[5 * d + 1] = round::<T>(1e30);
     for device in devices() {
         for splits in [Some(1), Some(2)] {
             let config = NearestConfig {
@@ -316,18 +347,12 @@ fn non_finite_rows<T: FloatElement>() {
                 ..NearestConfig::default()
             };
             let got = run_nearest::<T>(&device, &shape, &config, &x, &codes);
-            let want = reference::nearest(&shape, &x, &codes, 4, 1);
-            for t in [0, 2] {
-                assert_eq!(&got.ids[4 * t..4 * t + 4], &[0, 1, 2, 3], "{} NaN row {t}", T::NAME);
-                assert!(got.distances[4 * t..4 * t + 4].iter().all(|v| v.is_nan()));
+            assert_eq!(got.nonfinite_rows, 5, "{}", T::NAME);
+            for t in [0, 2, 3, 4, 5] {
+                assert_eq!(&got.ids[4 * t..4 * t + 4], &[NO_EXPERT; 4], "{} row {t}", T::NAME);
             }
-            for t in [3, 4] {
-                assert_eq!(
-                    &got.ids[4 * t..4 * t + 4],
-                    &want.ids[4 * t..4 * t + 4],
-                    "{} inf row {t}",
-                    T::NAME
-                );
+            for t in [1, 6] {
+                assert!(got.ids[4 * t..4 * t + 4].iter().all(|&i| i >= 0), "{} row {t}", T::NAME);
             }
             check_found(T::NAME, &shape, &config, &x, &codes, &got);
         }
@@ -381,6 +406,8 @@ fn nearest_launch_budget_and_no_host_sync() {
                 ids: &mut ids,
                 distances: None,
                 experts: Some(&mut experts),
+                weights: None,
+                nonfinite_rows: None,
             };
             codebook::nearest(&device, &shape, &config, &xd, &cd, &norms, out, &mut workspace).unwrap();
             let after = device.stats();
@@ -759,6 +786,8 @@ fn nearest_refuses_bad_inputs() {
             ids: &mut ids,
             distances: Some(&mut dist),
             experts: None,
+            weights: None,
+            nonfinite_rows: None,
         };
         codebook::nearest(device, &shape, &config, &x2, &c2, &n2, out, &mut ws)
     };
@@ -801,6 +830,8 @@ fn nearest_refuses_bad_inputs() {
         ids: &mut ids,
         distances: None,
         experts: None,
+        weights: None,
+        nonfinite_rows: None,
     };
     let d12 = CodebookShape { dim: 12, ..shape };
     assert_refused(device, "shape.dim", || {
@@ -963,10 +994,14 @@ mod unaligned {
             let mut distances = AtOffset::<f32>::zeros(&device, n, 5);
             let mut experts = AtOffset::<i32>::zeros(&device, n, 7);
             let mut workspace = AtOffset::<u32>::zeros(&device, config.workspace_len(&shape).unwrap(), 3);
+            let mut weights = AtOffset::<f32>::zeros(&device, n, 9);
+            let mut nonfinite = AtOffset::<u32>::zeros(&device, 1, 2);
             let out = NearestOutputs {
                 ids: &mut ids.view_mut(),
                 distances: Some(&mut distances.view_mut()),
                 experts: Some(&mut experts.view_mut()),
+                weights: Some(&mut weights.view_mut()),
+                nonfinite_rows: Some(&mut nonfinite.view_mut()),
             };
             let (xv, cv, nv) = (xa.view(), ca.view(), norms.view());
             codebook::nearest(&device, &shape, &config, &xv, &cv, &nv, out, &mut workspace.view_mut()).unwrap();
@@ -974,6 +1009,8 @@ mod unaligned {
                 ids: ids.download(&device),
                 distances: distances.download(&device),
                 experts: experts.download(&device),
+                weights: weights.download(&device),
+                nonfinite_rows: nonfinite.download(&device)[0],
             };
             check_found(&format!("{} aligned inputs", T::NAME), &shape, &config, &x, &c, &got);
             // X or C off 16 bytes: refused, naming it.
@@ -985,6 +1022,8 @@ mod unaligned {
                     ids: &mut ids.view_mut(),
                     distances: None,
                     experts: None,
+                    weights: None,
+                    nonfinite_rows: None,
                 };
                 let (xv, cv, nv) = (xa.view(), ca.view(), norms.view());
                 assert_refused(&device, argument, || {

@@ -9,6 +9,8 @@ mod support;
 mod chain;
 #[path = "layers/esft.rs"]
 mod esft;
+#[path = "layers/graph.rs"]
+mod graph;
 #[path = "layers/moe.rs"]
 mod moe;
 #[path = "layers/nonfinite.rs"]
@@ -17,3 +19,5 @@ mod nonfinite;
 mod vq;
 #[path = "layers/weights.rs"]
 mod weights;
+#[path = "layers/written.rs"]
+mod written;

@@ -177,9 +177,9 @@ fn reference_gradient_matches_finite_differences() {
     }
 }
 
-/// NaN logits and equal infinities make NaN weights that propagate to every output of their token;
-/// one infinity picks a path; huge finite logits saturate without overflow. Other tokens are
-/// untouched.
+/// NaN logits and equal infinities make NaN weights: a NaN output row, and exact zero gradients
+/// (the mix routes the token nowhere), even where dy is NaN; one infinity picks a path; huge
+/// finite logits saturate without overflow. Other tokens are untouched.
 #[test]
 fn non_finite_logits_follow_the_documented_rule() {
     let (inf, nan) = (f32::INFINITY, f32::NAN);
@@ -190,6 +190,7 @@ fn non_finite_logits_follow_the_documented_rule() {
     let mut rng = Rng::new(13);
     let mut case = random_case::<f32>(&mut rng, tokens, 12);
     case.logits = logits.to_vec();
+    case.dy[..case.d].fill(f32::NAN);
     let nan_rows = [0usize, 1, 2, 3];
     for device in devices() {
         check(&device, &case);
@@ -198,7 +199,14 @@ fn non_finite_logits_follow_the_documented_rule() {
             let row = &y[t * case.d..(t + 1) * case.d];
             let nan_row = nan_rows.contains(&t);
             assert_eq!(row.iter().all(|v| v.is_nan()), nan_row, "{device:?}: token {t} y");
-            assert_eq!(g.dlogits[2 * t].is_nan(), nan_row, "{device:?}: token {t} dl");
+            if nan_row {
+                let rows = g.dy_cont[t * case.d..][..case.d]
+                    .iter()
+                    .chain(&g.dy_disc[t * case.d..][..case.d]);
+                let zero = rows.chain(&g.dlogits[2 * t..2 * t + 2]).all(|&v| v == 0.0);
+                assert!(zero, "{device:?}: token {t} routed nowhere has a gradient");
+            }
+            assert!(g.dlogits[2 * t].is_finite(), "{device:?}: token {t} dl");
         }
     }
 }

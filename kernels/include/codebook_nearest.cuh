@@ -76,6 +76,8 @@ struct NearestOut {
   int* ids;          // [T, k]
   float* distances;  // [T, k] or null
   int* experts;      // [T, k] or null
+  float* weights;    // [T, k] or null: 1, or NaN for a row routed nowhere
+  unsigned* nonfinite_rows;  // [1] or null: rows routed nowhere are added to it
   unsigned* partial; // [splits, T, K, 2] (score bits, id) when the codes are split, else null
 };
 
@@ -101,19 +103,26 @@ __device__ __forceinline__ float row_norm_quad(const T* x, i64 t, int d, int qua
 }
 
 // Writes the first k entries of a finished row t: ids, distances (score + ||x||^2 = xn, clamped
-// at 0; NaN stays NaN), experts (id mod E).
+// at 0), experts (id mod E), weights (1). A row whose nearest distance is not finite (x holds a
+// NaN or an infinity, or ||x||^2 overflows f32) is routed nowhere, as a non-finite row of logits
+// is: ids and experts kNoExpert, distances and weights NaN, and it is counted.
 template <int K>
 __device__ __forceinline__ void write_row(const TopK<K>& best, float xn, i64 t, int k, int num_experts,
                                           const NearestOut& out) {
+  const float nearest = best.score[0] + xn;
+  const bool nowhere = !(nearest - nearest == 0.0f);  // NaN or an infinity
+  const float nan = __uint_as_float(kQuietNaN);
+  if (nowhere && out.nonfinite_rows) atomicAdd(out.nonfinite_rows, 1u);
 #pragma unroll
   for (int i = 0; i < K; ++i) {
     if (i >= k) break;
-    out.ids[t * k + i] = best.id[i];
+    out.ids[t * k + i] = nowhere ? kNoExpert : best.id[i];
     if (out.distances) {
       const float dist = best.score[i] + xn;
-      out.distances[t * k + i] = dist < 0.0f ? 0.0f : dist;
+      out.distances[t * k + i] = nowhere ? nan : dist < 0.0f ? 0.0f : dist;
     }
-    if (out.experts) out.experts[t * k + i] = best.id[i] % num_experts;
+    if (out.experts) out.experts[t * k + i] = nowhere ? kNoExpert : best.id[i] % num_experts;
+    if (out.weights) out.weights[t * k + i] = nowhere ? nan : 1.0f;
   }
 }
 
@@ -207,7 +216,7 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
   __syncthreads();
   const i64 t = t0 + row;
   const bool finish = out.partial == nullptr;  // uniform: one split writes the outputs
-  const float xn = (finish && out.distances) ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
+  const float xn = finish ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
   if (quarter != 0 || t >= tokens) return;
   for (int q = 1; q < 4; ++q) {
 #pragma unroll
@@ -226,14 +235,14 @@ __device__ __forceinline__ void nearest_body(const T* x, const T* codes, const f
 }
 
 // The body of codebook_merge_top<K>_<dtype>: the 4 threads of row t (global thread / 4) compute
-// ||x_t||^2 (when distances are asked for); the first merges the splits' lists of row t in
+// ||x_t||^2; the first merges the splits' lists of row t in
 // split order and finishes the row.
 template <class T, int K>
 __device__ __forceinline__ void merge_body(const T* x, const unsigned* partial, NearestOut out, i64 tokens,
                                            int d, int k, int num_experts, int splits) {
   const i64 t = global_thread_x() / 4;
   const int quarter = threadIdx.x % 4;
-  const float xn = out.distances ? row_norm_quad(x, t, d, quarter, t < tokens) : 0.0f;
+  const float xn = row_norm_quad(x, t, d, quarter, t < tokens);
   if (quarter != 0 || t >= tokens) return;
   TopK<K> best;
   best.clear();

@@ -156,11 +156,13 @@ impl CudaDevice {
         Ok(())
     }
 
-    pub(super) fn write<T: Element>(&self, host: &[T], ptr: u64) -> Result<()> {
-        // SAFETY: `ptr` addresses `host.len()` elements of device memory on this stream's
-        // context, borrowed mutably by the caller; a pageable source is staged before the call
-        // returns, so `host` may be dropped afterwards.
-        unsafe { result::memcpy_htod_async(ptr, host, self.stream.cu_stream())? };
+    pub(super) fn upload_into<T: Element>(&self, host: &[T], ptr: u64) -> Result<()> {
+        if !host.is_empty() {
+            // SAFETY: `ptr` addresses `host.len()` elements of device memory on this stream's
+            // context, borrowed mutably by the caller; the driver stages pageable host memory
+            // before this returns.
+            unsafe { result::memcpy_htod_async(ptr, host, self.stream.cu_stream())? };
+        }
         Ok(())
     }
 

@@ -87,6 +87,18 @@ impl<'a> KernelArgs<'a> {
         }
     }
 
+    /// The argument list of a recorded launch (graph replay): raw bits, no borrows.
+    #[cfg(feature = "emulator")]
+    pub(super) fn recorded(device: &'a Device, values: Vec<u64>, sizes: Vec<u16>) -> Self {
+        Self {
+            device,
+            values,
+            sizes,
+            guards: vec![],
+            error: None,
+        }
+    }
+
     fn pointer(mut self, ptr: Result<(u64, PtrGuard<'a>)>) -> Self {
         match ptr {
             Ok((p, guard)) => {

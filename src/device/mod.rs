@@ -11,6 +11,7 @@
 pub mod cuda;
 #[cfg(feature = "emulator")]
 pub mod emulator;
+pub mod graph;
 pub mod launch;
 pub mod memory;
 pub mod profile;
@@ -20,6 +21,7 @@ pub mod view;
 pub use cuda::CudaDevice;
 #[cfg(feature = "emulator")]
 pub use emulator::{EmulatorDevice, Schedule};
+pub use graph::Graph;
 pub use launch::{KernelArgs, LaunchConfig};
 pub use memory::{DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, HostBuffer};
 pub use view::{BufferView, BufferViewMut};
@@ -69,6 +71,8 @@ pub(crate) struct Counters {
     memsets: AtomicU64,
     /// The configuration of each kernel's latest launch (for occupancy reports).
     configs: Mutex<BTreeMap<String, LaunchConfig>>,
+    /// Whether stream work is being captured into a graph ([`Device::capture`]).
+    capture: Mutex<graph::CaptureState>,
 }
 
 impl Counters {
@@ -202,6 +206,7 @@ impl Device {
     /// A zeroed buffer of `len` elements; `Err` when that many cannot be allocated.
     pub fn alloc_zeros<T: Element>(&self, len: usize) -> Result<DeviceBuffer<T>> {
         memory::byte_len::<T>(len)?;
+        self.refuse_while_capturing("alloc_zeros")?;
         match self {
             Device::Cuda(d) => Ok(DeviceBuffer::Cuda(d.stream().alloc_zeros(len)?)),
             #[cfg(feature = "emulator")]
@@ -211,6 +216,7 @@ impl Device {
 
     /// A new buffer holding a copy of `host` (stream-ordered; counted as a host-to-device copy).
     pub fn upload<T: Element>(&self, host: &[T]) -> Result<DeviceBuffer<T>> {
+        self.refuse_while_capturing("upload")?;
         Counters::bump(&self.counters().host_to_device);
         match self {
             Device::Cuda(d) => Ok(DeviceBuffer::Cuda(d.stream().clone_htod(host)?)),
@@ -223,27 +229,25 @@ impl Device {
         }
     }
 
-    /// Copies `host` into `buffer`, which holds as many elements (stream-ordered, no host sync;
-    /// counted as a host-to-device copy): new values for a weight in place.
-    pub fn write<T: Element>(&self, host: &[T], buffer: &mut impl DeviceSliceMut<T>) -> Result<()> {
-        if host.len() != buffer.len() {
+    /// Copies `host` into the existing buffer `dst` (same length), stream-ordered; counted as a
+    /// host-to-device copy. This is how new inputs reach the buffers of a captured graph.
+    pub fn upload_into<T: Element>(&self, host: &[T], dst: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        self.refuse_while_capturing("upload_into")?;
+        if host.len() != dst.len() {
             return Err(Error::Shape {
-                argument: "host",
-                expected: format!("{} elements, the buffer's length", buffer.len()),
-                got: format!("{} elements", host.len()),
+                argument: "dst",
+                expected: format!("{} elements (host.len())", host.len()),
+                got: format!("{} elements", dst.len()),
             });
         }
-        let (ptr, _guard) = buffer.kernel_ptr_mut(self, "buffer")?;
+        let (ptr, _guard) = dst.kernel_ptr_mut(self, "dst")?;
         Counters::bump(&self.counters().host_to_device);
-        if host.is_empty() {
-            return Ok(());
-        }
         match self {
-            Device::Cuda(d) => d.write(host, ptr),
+            Device::Cuda(d) => d.upload_into(host, ptr),
             #[cfg(feature = "emulator")]
             Device::Emulator(_) => {
                 // SAFETY: on the emulator a kernel pointer is a live, writable host address of
-                // `buffer.len()` elements, borrowed mutably for this call.
+                // `dst.len()` = `host.len()` elements, borrowed mutably for this call.
                 unsafe { std::ptr::copy_nonoverlapping(host.as_ptr(), ptr as *mut T, host.len()) };
                 Ok(())
             }
@@ -258,7 +262,13 @@ impl Device {
         if bytes == 0 {
             return Ok(());
         }
-        Counters::bump(&self.counters().memsets);
+        match self.record(|| graph::Recorded::Memset { ptr, bytes }) {
+            graph::Captured::Recorded => return Ok(()),
+            graph::Captured::ByStream => {}
+            graph::Captured::No => {
+                Counters::bump(&self.counters().memsets);
+            }
+        }
         match self {
             Device::Cuda(d) => d.fill_zeros(ptr, bytes),
             #[cfg(feature = "emulator")]
@@ -273,6 +283,7 @@ impl Device {
 
     /// Copies `data` back to the host. This waits for the device: a host sync, counted.
     pub fn download<T: Element>(&self, data: &impl DeviceSlice<T>) -> Result<Vec<T>> {
+        self.refuse_while_capturing("download")?;
         let len = data.len();
         let (ptr, _guard) = data.kernel_ptr(self, "data")?;
         Counters::bump(&self.counters().device_to_host);
@@ -290,6 +301,7 @@ impl Device {
     /// Waits for all queued work (a host sync, counted). The emulator runs launches to
     /// completion, so there it only counts.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_while_capturing("synchronize")?;
         Counters::bump(&self.counters().host_syncs);
         match self {
             Device::Cuda(d) => Ok(d.stream().synchronize()?),
@@ -308,7 +320,17 @@ impl Device {
                 kernel: name.into(),
                 reason,
             })?;
-        let _launch_index = Counters::bump(&self.counters().launches);
+        let record = || graph::Recorded::Launch {
+            name: name.to_string(),
+            config,
+            values: args.values.clone(),
+            sizes: args.sizes.clone(),
+        };
+        let _launch_index = match self.record(record) {
+            graph::Captured::Recorded => return Ok(()),
+            graph::Captured::ByStream => 0,
+            graph::Captured::No => Counters::bump(&self.counters().launches),
+        };
         let mut configs = self.counters().configs.lock().unwrap_or_else(|e| e.into_inner());
         match configs.get_mut(name) {
             Some(c) => *c = config,

@@ -190,7 +190,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 router: Some(&mut self.router_grads[t]),
                 experts: &mut self.expert_grads,
                 mask: self.mask.as_ref(),
-                accumulate: t != last,
+                call: (last - t) as u32,
             };
             if t == 0 {
                 pass.backward(&self.saved[t], &input, &upstream, true, dx, grads)?;
@@ -266,6 +266,20 @@ impl<T: FloatElement> ChainOfExperts<T> {
     /// Expert weight gradients summed over iterations.
     pub fn expert_grads(&self) -> &ExpertGrads {
         &self.expert_grads
+    }
+
+    /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
+    /// for [`ExpertGrads::zero_unwritten`].
+    pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        &mut self.expert_grads
+    }
+
+    /// Tokens routed nowhere (one u32 on the device), summed over every iteration of every forward
+    /// so far: a token whose input row is not finite is counted once per iteration, since its
+    /// row stays non-finite through the residual. Such a token's output row is NaN and it adds
+    /// nothing to any gradient or loss.
+    pub fn nonfinite_rows(&self) -> &DeviceBuffer<u32> {
+        &self.scratch.nonfinite_rows
     }
 
     /// Iteration t's loss buffers (`[aux]`, `[z]`).

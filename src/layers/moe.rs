@@ -1,5 +1,6 @@
 //! [`MoeLayer`]: one routed MoE layer with its weights, forward and backward.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
+use super::graph::{Captures, GraphIo, IoBuffers, LayerGraph, no_graph};
 use super::params::{ExpertGrads, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::prefix;
@@ -73,6 +74,8 @@ pub struct MoeLayer<T: FloatElement> {
     /// `y = x + MoE(x)` (see [`with_residual`](MoeLayer::with_residual)).
     residual: bool,
     mode: Mode,
+    /// The captured pass, if any ([`capture`](MoeLayer::capture)).
+    graph: Option<LayerGraph<T>>,
 }
 
 impl<T: FloatElement> MoeLayer<T> {
@@ -137,6 +140,7 @@ impl<T: FloatElement> MoeLayer<T> {
             mask: None,
             residual: false,
             mode,
+            graph: None,
         })
     }
 
@@ -149,6 +153,7 @@ impl<T: FloatElement> MoeLayer<T> {
     /// (no extra launch), and backward adds `dy` to dx (one launch). This is Chain-of-Experts
     /// with one iteration.
     pub fn with_residual(mut self, on: bool) -> Self {
+        self.graph = None;
         self.residual = on;
         self
     }
@@ -173,8 +178,19 @@ impl<T: FloatElement> MoeLayer<T> {
     }
 
     /// [`forward`](Self::forward), calling `stages` with each stage's name once its launches are
-    /// queued (the example times stages with it).
+    /// queued (the example times stages with it). Drops a captured graph.
     pub fn forward_observed(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        tokens: usize,
+        y: &mut impl DeviceSliceMut<T>,
+        stages: Option<&mut dyn FnMut(&'static str)>,
+    ) -> Result<()> {
+        self.graph = None;
+        self.run_forward(x, tokens, y, stages)
+    }
+
+    fn run_forward(
         &mut self,
         x: &impl DeviceSlice<T>,
         tokens: usize,
@@ -213,7 +229,19 @@ impl<T: FloatElement> MoeLayer<T> {
     }
 
     /// [`backward`](Self::backward) with a stage observer, as in [`forward_observed`](Self::forward_observed).
+    /// Drops a captured graph.
     pub fn backward_observed(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+        stages: Option<&mut dyn FnMut(&'static str)>,
+    ) -> Result<()> {
+        self.graph = None;
+        self.run_backward(x, dy, dx, stages)
+    }
+
+    fn run_backward(
         &mut self,
         x: &impl DeviceSlice<T>,
         dy: &impl DeviceSlice<T>,
@@ -224,7 +252,7 @@ impl<T: FloatElement> MoeLayer<T> {
             router: Some(&mut self.router_grads),
             experts: &mut self.expert_grads,
             mask: self.mask.as_ref(),
-            accumulate: false,
+            call: 0,
         };
         self.weights.validate(&self.config)?;
         let mut pass = Pass {
@@ -246,6 +274,7 @@ impl<T: FloatElement> MoeLayer<T> {
     /// all experts. Frozen experts cost no weight-gradient work and their gradients are not touched.
     pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
         self.config.check_mask(mask.as_ref())?;
+        self.graph = None;
         self.mask = mask;
         Ok(())
     }
@@ -260,8 +289,9 @@ impl<T: FloatElement> MoeLayer<T> {
     }
 
     /// The weights, to step in place between passes ([`LayerWeights::tensor_mut`]); the next
-    /// forward reads what is there.
+    /// forward reads what is there. Drops a captured graph (a buffer may be swapped).
     pub fn weights_mut(&mut self) -> &mut LayerWeights<T> {
+        self.graph = None;
         &mut self.weights
     }
 
@@ -273,7 +303,8 @@ impl<T: FloatElement> MoeLayer<T> {
     /// The gradient of the weight `name` from the last backward (f32, the weight's shape:
     /// [`MoeConfig::weight_shapes`]): `gate.w`, ..., `experts.w1`, `experts.w2`, `shared.w1`,
     /// `shared.w2`. The selection bias and a codebook's codes have none; an inference layer
-    /// holds none.
+    /// holds none. A routed expert that received no rows keeps what its slice held
+    /// ([`ExpertGrads::written`], [`ExpertGrads::zero_unwritten`]).
     pub fn grad(&self, name: &str) -> Result<&DeviceBuffer<f32>> {
         let g = &self.expert_grads;
         let experts = [
@@ -312,6 +343,66 @@ impl<T: FloatElement> MoeLayer<T> {
     /// Gradients of the expert weights from the last backward.
     pub fn expert_grads(&self) -> &ExpertGrads {
         &self.expert_grads
+    }
+
+    /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
+    /// for [`ExpertGrads::zero_unwritten`].
+    pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        self.graph = None; // the caller may swap a buffer the graph writes
+        &mut self.expert_grads
+    }
+
+    /// Captures a pass over `tokens` tokens into a graph the layer keeps, with its own `x`, `y`
+    /// (and `dy`, `dx`) buffers ([`graph_io`](Self::graph_io)): [`replay`](Self::replay) then
+    /// runs the whole pass as one submission, reading whatever those buffers hold, with the
+    /// results (outputs, routing, gradients, losses) exactly those of an eager pass on the same
+    /// inputs. At decode, where every launch costs more than its work, this removes the launch
+    /// gaps. The layer runs the pass once eagerly first (loading every kernel, sizing every
+    /// workspace), then captures it: no allocation and no host sync inside. An eager
+    /// `forward`/`backward`, a new mask, or handing out the gradients mutably drops the graph.
+    /// [`Captures::ForwardBackward`] needs a [`Mode::Training`] layer.
+    pub fn capture(&mut self, tokens: usize, captures: Captures) -> Result<()> {
+        self.graph = None;
+        crate::ops::check_range("tokens", tokens, 1..=self.config.max_tokens)?;
+        if captures == Captures::ForwardBackward && self.mode != Mode::Training {
+            return Err(Error::InvalidArgument {
+                argument: "captures",
+                value: "ForwardBackward".into(),
+                expected: "Forward for a Mode::Inference layer".into(),
+            });
+        }
+        let mut io = IoBuffers::alloc(&self.device, tokens * self.config.dim, captures)?;
+        let pass = |layer: &mut Self, io: &mut IoBuffers<T>| -> Result<()> {
+            layer.run_forward(&io.x, tokens, &mut io.y, None)?;
+            if captures == Captures::ForwardBackward {
+                layer.run_backward(&io.x, &io.dy, &mut io.dx, None)?;
+            }
+            Ok(())
+        };
+        pass(self, &mut io)?;
+        let device = self.device.clone();
+        let graph = device.capture(|| pass(self, &mut io))?;
+        self.graph = Some(LayerGraph { graph, tokens, io });
+        Ok(())
+    }
+
+    /// The captured pass's buffers: write the next batch into `x` (and `dy`), read `y` (and `dx`).
+    pub fn graph_io(&mut self) -> Result<GraphIo<'_, T>> {
+        self.graph.as_mut().ok_or_else(no_graph)?.io()
+    }
+
+    /// Runs the captured pass again on what its buffers hold now. No host sync.
+    pub fn replay(&mut self) -> Result<()> {
+        let graph = self.graph.as_ref().ok_or_else(no_graph)?;
+        // SAFETY: every buffer the captured pass touched is owned by this layer (weights, work
+        // buffers, gradients, mask) or by `graph` (its I/O), and none has been replaced since
+        // the capture: every method that could replace one drops the graph first.
+        unsafe { self.device.replay(&graph.graph) }
+    }
+
+    /// The token count of the captured pass, if there is one.
+    pub fn graph_tokens(&self) -> Option<usize> {
+        self.graph.as_ref().map(|g| g.tokens)
     }
 
     /// The last forward's selected ids (`[T, k]`, i32) and combine weights (`[T, k]`, f32).

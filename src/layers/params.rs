@@ -3,8 +3,8 @@
 //! [`HostWeights`] or taken over from device buffers ([`DeviceWeights`](super::DeviceWeights)).
 use super::weights::{HostWeights, gate_name, gate_tensor_is_f32, gate_tensor_is_optional, gate_tensor_lens};
 use super::{Mode, MoeConfig, RouterKind};
-use crate::ops::FloatElement;
 use crate::ops::gate::{GateForm, GateGrads, GateWeights};
+use crate::ops::{FloatElement, gemm};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, Error, Result};
 
 /// A host tensor as a `T` device buffer (one upload); an empty one is absent.
@@ -336,12 +336,23 @@ impl<T: FloatElement> Experts<T> {
 }
 
 /// Expert weight gradients, f32: `w1 [E, 2h, d]`, `w2 [E, d, h]`, and the shared FFN's
-/// (`None` without shared experts). Under an expert mask a frozen expert's slice is never written.
+/// (`None` without shared experts).
+///
+/// **Only the experts that got rows are written.** A backward computes and writes the routed
+/// gradient of an expert only if some token of the pass reached it (and, under an expert mask,
+/// only if the mask selects it): at decode a handful of experts get rows, and writing the other
+/// experts' zeros would cost more than the whole pass. [`written`](Self::written) says on the
+/// device which experts hold this pass's gradient; the others hold whatever they held (zeros
+/// before the first backward). Call [`zero_unwritten`](Self::zero_unwritten) for the dense
+/// gradient, or read `written` in the optimizer. The shared experts' gradients are always
+/// written whole.
 pub struct ExpertGrads {
     pub w1: DeviceBuffer<f32>,
     pub w2: DeviceBuffer<f32>,
     pub shared_w1: Option<DeviceBuffer<f32>>,
     pub shared_w2: Option<DeviceBuffer<f32>>,
+    /// `[E]` u32: nonzero where w1 and w2 hold the last backward's gradient.
+    pub(crate) written: DeviceBuffer<u32>,
 }
 
 impl ExpertGrads {
@@ -362,6 +373,21 @@ impl ExpertGrads {
             w2: routed(e * d * h)?,
             shared_w1: shared(2 * hs * d)?,
             shared_w2: shared(d * hs)?,
+            written: device.alloc_zeros(if training { e } else { 0 })?,
         })
+    }
+
+    /// `[E]` u32, on the device: nonzero exactly where `w1[e]` and `w2[e]` hold the last
+    /// backward's gradient (the expert got rows, and the mask, if any, selects it).
+    pub fn written(&self) -> &DeviceBuffer<u32> {
+        &self.written
+    }
+
+    /// Zeroes `w1[e]` and `w2[e]` of every expert the last backward did not write, making them
+    /// the dense gradient (an unwritten expert's gradient is zero, or frozen under a mask: use
+    /// it only without one, or when frozen experts may read as zero). Two launches, no host sync.
+    pub fn zero_unwritten(&mut self, device: &Device) -> Result<()> {
+        gemm::zero_unwritten(device, &self.written, &mut self.w1)?;
+        gemm::zero_unwritten(device, &self.written, &mut self.w2)
     }
 }

@@ -16,15 +16,18 @@
 //! for a quadratic one (6 for low-rank), the sum into dx 1: **10** for the linear router. Shared
 //! experts add 4 GEMMs, 1 sum and the live-row list that keeps tokens routed nowhere out of
 //! their weight gradients (`ops::dispatch::live_rows`), a residual gradient (Chain-of-Experts)
-//! 1 sum.
+//! 1 sum. The first backward of a layer's pass adds one memset: the `[E]` flags of the experts
+//! whose routed weight gradients it writes (`ops::gemm::WgradWrite::Sparse`: an expert without
+//! rows is neither computed nor written).
 //!
 //! **Non-finite rows** (math §2): a token whose logits are non-finite (the gate makes every
-//! logit NaN for an input row with a NaN, an infinity or an element of at least 2^64) is
-//! routed nowhere: no expert sees it, its output row is NaN,
-//! its dz row is zero so the gate's gradients skip it, and the shared experts' weight gradients
-//! gather the tokens through a list where it is padding. Every other token's output and every
-//! weight gradient are then bitwise what the batch without it gives (without aux or z losses,
-//! whose means still count it in T). The router counts such rows in `nonfinite_rows`.
+//! logit NaN for an input row with a NaN, an infinity or an element of at least 2^64), or, with
+//! the codebook router, whose nearest distance is not finite, is routed nowhere: no expert sees
+//! it, its output row is NaN, its dz row is zero so the gate's gradients skip it, and the shared
+//! experts' weight gradients gather the tokens through a list where it is padding. The aux and
+//! z losses average over the other tokens only. Every other token's output and every gradient
+//! are then bitwise what the batch without it gives. The router counts such rows in
+//! `nonfinite_rows`.
 use super::buffers::{Saved, Scratch, Sizes};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::workspace::{prefix, prefix_mut};
@@ -35,7 +38,7 @@ use crate::ops::dispatch::{
     self, CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, place_counted, routing_map,
 };
 use crate::ops::gate;
-use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups};
+use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups, WgradWrite};
 use crate::ops::router::{self, AuxLossWorkspace};
 use crate::ops::{FloatElement, check_len};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
@@ -289,7 +292,8 @@ impl<T: FloatElement> Pass<'_, T> {
     }
 
     /// Codebook routing (math §6): each token's nearest code (Nc = E, so the code is the expert)
-    /// into `saved.ids`, weight 1 (`saved.weights` holds ones from construction). 2 launches.
+    /// into `saved.ids`, weight 1 into `saved.weights`; a row whose distance is not finite is
+    /// routed nowhere (weight NaN) and counted in `scratch.nonfinite_rows`. 2 launches.
     fn route_by_code(&mut self, saved: &mut Saved<T>, s: &Sizes, x: &impl DeviceSlice<T>) -> Result<()> {
         let codes = self.router.codebook().expect("a codebook router holds its codes");
         let shape = CodebookShape {
@@ -305,10 +309,13 @@ impl<T: FloatElement> Pass<'_, T> {
             splits: Some(1),
         };
         let mut ids = prefix_mut("ids", &mut saved.ids, s.slots)?;
+        let mut weights = prefix_mut("weights", &mut saved.weights, s.slots)?;
         let out = NearestOutputs {
             ids: &mut ids,
             distances: None,
             experts: None,
+            weights: Some(&mut weights),
+            nonfinite_rows: Some(&mut scratch.nonfinite_rows),
         };
         let (norms, workspace) = (&scratch.code_norms, &mut scratch.nearest_workspace);
         codebook::nearest(self.device, &shape, &nearest, x, codes, norms, out, workspace)
@@ -385,8 +392,10 @@ pub(crate) struct Gradients<'a> {
     pub(crate) experts: &'a mut ExpertGrads,
     /// Weight gradients only for these experts (ESFT); `None`: all.
     pub(crate) mask: Option<&'a ExpertMask>,
-    /// Add the expert gradients to what the buffers hold (Chain-of-Experts) instead of replacing it.
-    pub(crate) accumulate: bool,
+    /// Which backward of the layer's pass this is, from 0: the first clears
+    /// `experts.written` and replaces the shared experts' gradients; later ones (Chain-of-Experts
+    /// iterations, VQ-MoE's second path) add to the gradients the pass already wrote.
+    pub(crate) call: u32,
 }
 
 impl<T: FloatElement> Pass<'_, T> {
@@ -466,7 +475,10 @@ impl<T: FloatElement> Pass<'_, T> {
             &mut dgu,
         )?;
         let h = prefix("h", &saved.h, s.rows * s.h)?;
-        let (mask, accumulate) = (grads.mask, grads.accumulate);
+        let (mask, call) = (grads.mask, grads.call);
+        if call == 0 {
+            device.fill_zeros(&mut grads.experts.written)?;
+        }
         let contiguous = ARows::Contiguous;
         gemm::wgrad(
             device,
@@ -476,7 +488,10 @@ impl<T: FloatElement> Pass<'_, T> {
             s.gemm2(),
             &groups,
             mask,
-            accumulate,
+            WgradWrite::Sparse {
+                written: &mut grads.experts.written,
+                call,
+            },
             &mut grads.experts.w2,
         )?;
         mark(&mut stages, "GEMM2 backward (dgrad + SwiGLU backward, wgrad)");
@@ -504,7 +519,10 @@ impl<T: FloatElement> Pass<'_, T> {
             s.gemm1(),
             &groups,
             mask,
-            accumulate,
+            WgradWrite::Sparse {
+                written: &mut grads.experts.written,
+                call,
+            },
             &mut grads.experts.w1,
         )?;
 
@@ -516,7 +534,7 @@ impl<T: FloatElement> Pass<'_, T> {
             self.router_backward(saved, &s, x, router_grads)?;
             mark(&mut stages, "router backward (top-k, losses, gate)");
         }
-        let shared = self.shared_backward(saved, &s, x, dy, grads.experts, accumulate)?;
+        let shared = self.shared_backward(saved, &s, x, dy, grads.experts, call > 0)?;
         if shared {
             mark(&mut stages, "shared experts backward");
         }
@@ -699,7 +717,7 @@ impl<T: FloatElement> Pass<'_, T> {
             s.shared2(),
             &live_groups,
             no_mask,
-            accumulate,
+            WgradWrite::dense(accumulate),
             dw2,
         )?;
         let dgu = prefix("shared_dgu", &scratch.shared_dgu, s.tokens * 2 * s.hs)?;
@@ -724,7 +742,7 @@ impl<T: FloatElement> Pass<'_, T> {
             s.shared1(),
             &live_groups,
             no_mask,
-            accumulate,
+            WgradWrite::dense(accumulate),
             dw1,
         )?;
         Ok(true)

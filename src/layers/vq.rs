@@ -165,9 +165,9 @@ impl<T: FloatElement> VqMoe<T> {
             dim: d,
             codes: e,
         };
-        // A weight of 1 for every token of the discrete path (uploaded once).
-        let mut saved_discrete = Saved::alloc(device, &discrete, Mode::Training)?;
-        saved_discrete.weights = device.upload(&vec![1.0f32; max])?;
+        // The discrete path's routing weights (1, NaN for a row routed nowhere) are written by
+        // the nearest-code search of each forward.
+        let saved_discrete = Saved::alloc(device, &discrete, Mode::Training)?;
         Ok(Self {
             device: device.clone(),
             config,
@@ -237,10 +237,13 @@ impl<T: FloatElement> VqMoe<T> {
         };
         let mut codes = prefix_mut("codes", &mut self.codes, tokens)?;
         let mut experts = prefix_mut("ids", &mut self.saved_discrete.ids, tokens)?;
+        let mut weights = prefix_mut("weights", &mut self.saved_discrete.weights, tokens)?;
         let out = NearestOutputs {
             ids: &mut codes,
             distances: None,
             experts: Some(&mut experts),
+            weights: Some(&mut weights),
+            nonfinite_rows: Some(&mut self.scratch_discrete.nonfinite_rows),
         };
         let (codebook, norms) = (&self.codebook, &self.norms);
         codebook::nearest(
@@ -385,7 +388,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: Some(&mut self.router_grads),
             experts: &mut self.expert_grads,
             mask: None,
-            accumulate: false,
+            call: 0,
         };
         continuous.backward(&self.saved, x, &dy_cont, false, &mut dx_cont, grads)?;
         let (x_mix, dy_disc) = (
@@ -406,7 +409,7 @@ impl<T: FloatElement> VqMoe<T> {
             router: None,
             experts: &mut self.expert_grads,
             mask: None,
-            accumulate: true,
+            call: 1,
         };
         discrete.backward(&self.saved_discrete, &x_mix, &dy_disc, false, &mut dx_mixed, grads)?;
 
@@ -477,6 +480,12 @@ impl<T: FloatElement> VqMoe<T> {
         &self.expert_grads
     }
 
+    /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
+    /// for [`ExpertGrads::zero_unwritten`].
+    pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        &mut self.expert_grads
+    }
+
     /// The codebook's gradient (`[E, d]`, f32).
     pub fn codebook_grad(&self) -> &DeviceBuffer<f32> {
         &self.codebook_grad
@@ -492,7 +501,16 @@ impl<T: FloatElement> VqMoe<T> {
         (&self.saved.aux_loss, &self.saved.z_loss)
     }
 
-    /// Each token's nearest code (`[T]`, i32) from the last forward.
+    /// Tokens routed nowhere, summed over every forward so far (one u32 each, on the device):
+    /// `(router, codebook)`, by the continuous path's router (non-finite logits) and by the
+    /// nearest-code search (a nearest distance that is not finite; its code is -1). Such a
+    /// token's output row is NaN and it adds nothing to any gradient or VQ loss.
+    pub fn nonfinite_rows(&self) -> (&DeviceBuffer<u32>, &DeviceBuffer<u32>) {
+        (&self.scratch.nonfinite_rows, &self.scratch_discrete.nonfinite_rows)
+    }
+
+    /// Each token's nearest code (`[T]`, i32; -1 for a token routed nowhere) from the last
+    /// forward.
     pub fn codes(&self) -> Result<impl DeviceSlice<i32> + '_> {
         prefix("codes", &self.codes, self.saved.tokens)
     }

@@ -8,8 +8,10 @@
 //! fixed order (deterministic). The backward recomputes `a` from the logits.
 //!
 //! **Non-finite logits.** `a0 = sigmoid(l0 - l1)`, `a1 = sigmoid(l1 - l0)`: a NaN logit, or two
-//! equal infinities, gives `a0 = a1 = NaN`, which propagates to every output of that token; one
-//! infinite logit against a finite one gives the limit `(1, 0)` or `(0, 1)`.
+//! equal infinities, gives `a0 = a1 = NaN`: the token's output row is NaN and the mix routes it
+//! nowhere, so its `dy_cont`, `dy_disc` and `dlogits` are exact zeros (it adds nothing to either
+//! path's or the gate's gradients). One infinite logit against a finite one gives the limit
+//! `(1, 0)` or `(0, 1)`; a weight of exactly 0 passes exactly 0 gradient, whatever `dy` holds.
 //!
 //! **Alignment.** Any row tensor may be a view at any element: rows move 16 bytes at a time only
 //! when d is a multiple of the 16-byte vector and every row tensor of the call starts 16-byte

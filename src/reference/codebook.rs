@@ -1,6 +1,7 @@
 //! Codebook nearest neighbour, VQ losses and EMA update (math §6) on the host: f64, plain loops.
 //! Layouts as in [`crate::ops::codebook`]; every tensor a flat row-major slice.
 use crate::ops::codebook::{CodebookShape, EmaConfig};
+use crate::ops::router::NO_EXPERT;
 use std::cmp::Ordering;
 
 /// `‖c_j‖²` for every code.
@@ -40,12 +41,23 @@ pub fn nearest_scores(x: &[f64], codes: &[f64], dim: usize, k: usize) -> Vec<(f6
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nearest {
     pub ids: Vec<i32>,
-    /// `‖x‖² + score`, clamped at 0 (NaN stays NaN).
+    /// `‖x‖² + score`, clamped at 0.
     pub distances: Vec<f64>,
     /// `id mod E`.
     pub experts: Vec<i32>,
+    /// The routing weights: 1, NaN for a row routed nowhere.
+    pub weights: Vec<f64>,
     /// The scores `‖c‖² − 2 x·c` (without `‖x‖²`), for near-tie checks.
     pub scores: Vec<f64>,
+    /// Rows routed nowhere.
+    pub nonfinite_rows: usize,
+}
+
+/// Whether a row with `‖x‖² = x_norm` and nearest score `best` is routed nowhere: its nearest
+/// distance is not finite in the kernels' f32 (a NaN or an infinity in x, or `‖x‖²` past f32's
+/// range).
+pub fn routed_nowhere(x_norm: f64, best: f64) -> bool {
+    !(x_norm + best).is_finite() || x_norm > f32::MAX as f64
 }
 
 /// The k nearest codes of every row of `x`, with distances and experts.
@@ -54,15 +66,28 @@ pub fn nearest(shape: &CodebookShape, x: &[f64], codes: &[f64], k: usize, num_ex
         ids: vec![],
         distances: vec![],
         experts: vec![],
+        weights: vec![],
         scores: vec![],
+        nonfinite_rows: 0,
     };
     for row in x.chunks(shape.dim).take(shape.tokens) {
         let x_norm: f64 = row.iter().map(|v| v * v).sum();
-        for (score, j) in nearest_scores(row, codes, shape.dim, k) {
+        let nearest = nearest_scores(row, codes, shape.dim, k);
+        let nowhere = routed_nowhere(x_norm, nearest[0].0);
+        out.nonfinite_rows += nowhere as usize;
+        for (score, j) in nearest {
             let distance = x_norm + score;
-            out.ids.push(j as i32);
-            out.distances.push(if distance < 0.0 { 0.0 } else { distance });
-            out.experts.push((j % num_experts) as i32);
+            out.ids.push(if nowhere { NO_EXPERT } else { j as i32 });
+            out.distances.push(if nowhere {
+                f64::NAN
+            } else if distance < 0.0 {
+                0.0
+            } else {
+                distance
+            });
+            out.experts
+                .push(if nowhere { NO_EXPERT } else { (j % num_experts) as i32 });
+            out.weights.push(if nowhere { f64::NAN } else { 1.0 });
             out.scores.push(score);
         }
     }
@@ -91,16 +116,32 @@ pub fn quantize(shape: &CodebookShape, x: &[f64], codes: &[f64], ids: &[i32], c:
     (q, mix)
 }
 
-/// `[codebook loss, commitment loss]` = `[mean (x − q)², β·mean (x − q)²]` over T·d.
+/// Whether token `t` has a code (an id in `[0, Nc)`); the VQ means count only those.
+fn has_code(shape: &CodebookShape, ids: &[i32], t: usize) -> bool {
+    (0..shape.codes as i32).contains(&ids[t])
+}
+
+/// Tokens with a code: T' of the VQ means.
+fn live_tokens(shape: &CodebookShape, ids: &[i32]) -> usize {
+    (0..shape.tokens).filter(|&t| has_code(shape, ids, t)).count()
+}
+
+/// `[codebook loss, commitment loss]` = `[mean (x − q)², β·mean (x − q)²]` over the T'·d
+/// elements of the tokens with a code (NaN when there is none).
 pub fn losses(shape: &CodebookShape, x: &[f64], codes: &[f64], ids: &[i32], beta: f64) -> [f64; 2] {
     let (q, _) = quantize(shape, x, codes, ids, 1.0);
-    let sum: f64 = x.iter().zip(&q).map(|(a, b)| (a - b) * (a - b)).sum();
-    let mean = sum / (shape.tokens * shape.dim) as f64;
+    let d = shape.dim;
+    let sum: f64 = (0..shape.tokens)
+        .filter(|&t| has_code(shape, ids, t))
+        .flat_map(|t| t * d..(t + 1) * d)
+        .map(|i| (x[i] - q[i]) * (x[i] - q[i]))
+        .sum();
+    let mean = sum / (live_tokens(shape, ids) * d) as f64;
     [mean, beta * mean]
 }
 
-/// `(dx, dC)` of `losses[0] + losses[1]`: `dx = dmix + β(2/(T·d))(x − q)`,
-/// `dC_j = (2/(T·d)) Σ_{t: id_t = j} (c_j − x_t)`.
+/// `(dx, dC)` of `losses[0] + losses[1]`: `dx = dmix + β(2/(T'·d))(x − q)` (`dmix` alone for a
+/// token without a code), `dC_j = (2/(T'·d)) Σ_{t: id_t = j} (c_j − x_t)`.
 pub fn losses_backward(
     shape: &CodebookShape,
     x: &[f64],
@@ -109,10 +150,19 @@ pub fn losses_backward(
     beta: f64,
     dmix: Option<&[f64]>,
 ) -> (Vec<f64>, Vec<f64>) {
-    let (d, scale) = (shape.dim, 2.0 / (shape.tokens * shape.dim) as f64);
+    let d = shape.dim;
+    let live = live_tokens(shape, ids);
+    let scale = if live == 0 { 0.0 } else { 2.0 / (live * d) as f64 };
     let (q, _) = quantize(shape, x, codes, ids, 1.0);
     let dx = (0..shape.tokens * d)
-        .map(|i| dmix.map_or(0.0, |g| g[i]) + beta * scale * (x[i] - q[i]))
+        .map(|i| {
+            let commitment = if has_code(shape, ids, i / d) {
+                beta * scale * (x[i] - q[i])
+            } else {
+                0.0
+            };
+            dmix.map_or(0.0, |g| g[i]) + commitment
+        })
         .collect();
     let mut dcodes = vec![0.0; shape.codes * d];
     for (t, &id) in ids.iter().enumerate().take(shape.tokens) {

@@ -177,3 +177,33 @@ pub fn wgrad(
     }
     db
 }
+
+/// [`wgrad`] in the sparse mode of a pass (`ops::gemm::WgradWrite::Sparse`), one call: an expert
+/// without rows (or not `selected`) keeps `db` and its `written` flag; any other is replaced when
+/// its flag is false, else added to, and its flag set. `db` (`[E, N, K]`) and `written` (`[E]`)
+/// are the pass's state, updated in place.
+#[allow(clippy::too_many_arguments)]
+pub fn wgrad_sparse(
+    dc: &[f32],
+    a: &[f32],
+    mode: ARows,
+    shape: GemmShape,
+    groups: &HostGroups,
+    selected: Option<&[bool]>,
+    written: &mut [bool],
+    db: &mut [f64],
+) {
+    let per_expert = shape.n * shape.k;
+    let zeros = vec![0.0f32; shape.experts * per_expert];
+    let fresh = wgrad(dc, a, mode, shape, groups, selected, false, &zeros);
+    for e in 0..shape.experts {
+        if groups.range(e).is_empty() || selected.is_some_and(|s| !s[e]) {
+            continue;
+        }
+        let range = e * per_expert..(e + 1) * per_expert;
+        for (slot, v) in db[range.clone()].iter_mut().zip(&fresh[range]) {
+            *slot = if written[e] { *slot + v } else { *v };
+        }
+        written[e] = true;
+    }
+}

@@ -139,7 +139,8 @@ pub fn moe_forward(
     store: Store,
 ) -> MoeForward {
     if config.router == RouterKind::Codebook {
-        // Nearest code (Nc = E: the code is the expert), weight 1; no logits, no losses.
+        // Nearest code (Nc = E: the code is the expert), weight 1 (NaN for a row routed
+        // nowhere); no logits, no losses.
         let shape = CodebookShape {
             tokens,
             dim: config.dim,
@@ -153,7 +154,7 @@ pub fn moe_forward(
             x,
             tokens,
             nearest.experts,
-            vec![1.0; tokens],
+            f32s(&nearest.weights),
             residual,
             store,
         );
@@ -555,14 +556,13 @@ pub fn vq_forward(config: &MoeConfig, weights: &VqWeights, x: &[f32], tokens: us
     let x_mix = stored(&mixed, store);
     let continuous = moe_forward(config, &weights.moe, x, tokens, None, store);
     let discrete_config = discrete_config(config);
-    let ones = vec![1.0; tokens];
     let discrete = routed_forward(
         &discrete_config,
         &weights.moe,
         &x_mix,
         tokens,
         nearest.experts,
-        ones,
+        f32s(&nearest.weights),
         None,
         store,
     );

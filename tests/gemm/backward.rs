@@ -7,7 +7,9 @@ use super::{DeviceGroups, Problem, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::Device;
 use moe_kernels::ops::FloatElement;
-use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape};
+use moe_kernels::ops::gemm::{
+    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, WgradWrite,
+};
 use moe_kernels::reference::gemm as reference;
 
 /// dgrad on `device` vs the reference, on the buffers themselves (see `unaligned::dgrad_at`).
@@ -77,7 +79,7 @@ fn check_wgrad<T: FloatElement>(
         p.shape,
         &groups.groups(p),
         mask_d.as_ref(),
-        accumulate,
+        WgradWrite::dense(accumulate),
         &mut db,
     )
     .unwrap();
@@ -127,6 +129,113 @@ fn wgrad_mask_and_accumulate_with_gathered_a() {
     }
 }
 
+/// Sparse wgrad as a layer pass uses it, into a random initial dB: call 0 twice (dW1 and dW2 of
+/// one iteration share the flags and the groups) over p0's groups, then call 1 over p1's (other
+/// group sizes). An expert without rows in a call is neither computed nor written (its initial
+/// bits survive while no call had rows for it), an expert first reached by call 1 is replaced
+/// there (not added to the stale value), one reached by both is their sum; the flags say which
+/// were written. Then zero_unwritten gives the dense gradient.
+fn check_sparse_wgrad<T: FloatElement>(device: &Device, mask: Option<&[bool]>, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let calls = [
+        Problem::sized(&[5, 0, 3, 0, 9], 16, 24, &mut rng),
+        Problem::sized(&[0, 0, 4, 2, 1], 16, 24, &mut rng),
+    ];
+    let GemmShape { experts, n, k } = calls[0].shape;
+    let initial = rng.normals(experts * n * k, 1.0);
+    let mut dbs = [device.upload(&initial).unwrap(), device.upload(&initial).unwrap()];
+    let mut written = device.alloc_zeros::<u32>(experts).unwrap();
+    let mask_d = mask.map(|m| ExpertMask::new(device, m).unwrap());
+    let mut want: Vec<f64> = initial.iter().map(|&v| v as f64).collect();
+    let mut want_written = vec![false; experts];
+    let what = format!("{} sparse wgrad {} mask {mask:?}", device.description(), T::NAME);
+    let mut states = vec![]; // (dB, written) after each call, the latest first
+    for (call, p) in calls.iter().enumerate() {
+        let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
+        let (a, a32) = values::<T>(&mut rng, p.rows() * k, 0.5);
+        let groups = DeviceGroups::new(device, p);
+        let (dc_d, a_d) = (device.upload(&dc).unwrap(), device.upload(&a).unwrap());
+        // Call 0 writes both buffers (as dW1 and dW2 share a call); call 1 the first only.
+        for db in dbs.iter_mut().take(2 - call) {
+            let write = WgradWrite::Sparse {
+                written: &mut written,
+                call: call as u32,
+            };
+            let g = groups.groups(p);
+            gemm::wgrad(
+                device,
+                &dc_d,
+                &a_d,
+                ARows::Contiguous,
+                p.shape,
+                &g,
+                mask_d.as_ref(),
+                write,
+                db,
+            )
+            .unwrap();
+        }
+        let host = p.host();
+        reference::wgrad_sparse(
+            &dc32,
+            &a32,
+            ARows::Contiguous,
+            p.shape,
+            &host,
+            mask,
+            &mut want_written,
+            &mut want,
+        );
+        let flags: Vec<bool> = device.download(&written).unwrap().iter().map(|&f| f != 0).collect();
+        assert_eq!(flags, want_written, "{what}: written after call {call}");
+        states.insert(0, (want.clone(), want_written.clone()));
+    }
+    // dbs[0] saw both calls, dbs[1] call 0 only.
+    let tol = tolerance::<f32>(9).scaled(4.0);
+    let slice = |e: usize| e * n * k..(e + 1) * n * k;
+    for ((db, (want, want_written)), i) in dbs.iter().zip(&states).zip(0..) {
+        let got = device.download(db).unwrap();
+        for e in 0..experts {
+            let what = format!("{what}: buffer {i} expert {e}");
+            if want_written[e] {
+                assert_close(&what, &got[slice(e)], &want[slice(e)], tol);
+            } else {
+                let kept = got[slice(e)]
+                    .iter()
+                    .zip(&initial[slice(e)])
+                    .all(|(g, i)| g.to_bits() == i.to_bits());
+                assert!(kept, "{what}: not written, yet changed");
+            }
+        }
+    }
+    let (want, want_written) = &states[0];
+    gemm::zero_unwritten(device, &written, &mut dbs[0]).unwrap();
+    let dense = device.download(&dbs[0]).unwrap();
+    for e in 0..experts {
+        if want_written[e] {
+            assert_close(
+                &format!("{what}: dense expert {e}"),
+                &dense[slice(e)],
+                &want[slice(e)],
+                tol,
+            );
+        } else {
+            assert!(
+                dense[slice(e)].iter().all(|&v| v == 0.0),
+                "{what}: unwritten expert {e} not zeroed"
+            );
+        }
+    }
+}
+
+#[test]
+fn sparse_wgrad_writes_only_experts_with_rows() {
+    for device in devices() {
+        check_sparse_wgrad::<bf16>(&device, None, 171);
+        check_sparse_wgrad::<f32>(&device, Some(&[true, true, false, true, true]), 172);
+    }
+}
+
 #[test]
 fn several_tiles_in_every_dimension() {
     // dA: 3 column tiles of K = 264, reduction N = 144 (5 k-tiles); dB: 2 x 3 tiles of [N, K],
@@ -172,7 +281,7 @@ fn backward_is_bitwise_deterministic() {
                 p.shape,
                 &g,
                 None::<&ExpertMask>,
-                false,
+                WgradWrite::Replace,
                 &mut db,
             )
             .unwrap();
@@ -279,7 +388,7 @@ fn finite_differences_of_a_swiglu_expert_layer() {
             p1.shape,
             &g,
             None::<&ExpertMask>,
-            false,
+            WgradWrite::Replace,
             &mut dw1,
         )
         .unwrap();
@@ -292,7 +401,7 @@ fn finite_differences_of_a_swiglu_expert_layer() {
             p2.shape,
             &g,
             None::<&ExpertMask>,
-            false,
+            WgradWrite::Replace,
             &mut dw2,
         )
         .unwrap();

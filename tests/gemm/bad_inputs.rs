@@ -4,7 +4,7 @@ use super::common::{Rng, devices};
 use super::{DeviceGroups, Problem};
 use half::{bf16, f16};
 use moe_kernels::ops::gemm::{
-    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, Groups,
+    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, Groups, WgradWrite,
 };
 use moe_kernels::{Device, DeviceBuffer, Error, Result};
 
@@ -251,20 +251,60 @@ fn backward_rejects_bad_inputs() {
         let none = None::<&ExpertMask>;
         let contiguous = ARows::Contiguous;
         assert_names(
-            gemm::wgrad(&device, &dc, &a, contiguous, p.shape, &g, Some(&mask3), false, &mut db),
+            gemm::wgrad(
+                &device,
+                &dc,
+                &a,
+                contiguous,
+                p.shape,
+                &g,
+                Some(&mask3),
+                WgradWrite::Replace,
+                &mut db,
+            ),
             "mask",
         );
         assert_names(
-            gemm::wgrad(&device, &dc, &zeros(8), contiguous, p.shape, &g, none, false, &mut db),
+            gemm::wgrad(
+                &device,
+                &dc,
+                &zeros(8),
+                contiguous,
+                p.shape,
+                &g,
+                none,
+                WgradWrite::Replace,
+                &mut db,
+            ),
             "a",
         );
         assert_names(
-            gemm::wgrad(&device, &zeros(3), &a, contiguous, p.shape, &g, none, false, &mut db),
+            gemm::wgrad(
+                &device,
+                &zeros(3),
+                &a,
+                contiguous,
+                p.shape,
+                &g,
+                none,
+                WgradWrite::Replace,
+                &mut db,
+            ),
             "dc",
         );
         let mut short_db = device.alloc_zeros::<f32>(10).unwrap();
         assert_names(
-            gemm::wgrad(&device, &dc, &a, contiguous, p.shape, &g, none, false, &mut short_db),
+            gemm::wgrad(
+                &device,
+                &dc,
+                &a,
+                contiguous,
+                p.shape,
+                &g,
+                none,
+                WgradWrite::Replace,
+                &mut short_db,
+            ),
             "db",
         );
         let gathered = ARows::Gathered { top_k: 1 };
@@ -277,13 +317,24 @@ fn backward_rejects_bad_inputs() {
                 p.shape,
                 &g,
                 none,
-                false,
+                WgradWrite::Replace,
                 &mut db,
             ),
             "a",
         );
         assert_names(ExpertMask::new(&device, &[]).map(|_| ()), "selected.len()");
         assert_eq!(device.stats().launches, launches, "a rejected call launched");
-        gemm::wgrad(&device, &dc, &a, contiguous, p.shape, &g, Some(&mask2), false, &mut db).unwrap();
+        gemm::wgrad(
+            &device,
+            &dc,
+            &a,
+            contiguous,
+            p.shape,
+            &g,
+            Some(&mask2),
+            WgradWrite::Replace,
+            &mut db,
+        )
+        .unwrap();
     }
 }

@@ -9,7 +9,7 @@ use super::common::{AtOffset, Rng, assert_close, assert_refused, devices};
 use super::{DeviceGroups, Problem, to_f32, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::ops::FloatElement;
-use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ForwardConfig, GemmPath, GemmShape};
+use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ForwardConfig, GemmPath, GemmShape, WgradWrite};
 use moe_kernels::reference::gemm as reference;
 use moe_kernels::{Device, Result};
 
@@ -294,7 +294,7 @@ fn wgrad_at<T: FloatElement>(device: &Device, p: &Problem, a_mode: ARows, off: O
         p.shape,
         &groups.groups(p),
         None::<&gemm::ExpertMask>,
-        true,
+        WgradWrite::Accumulate,
         &mut db.view_mut(),
     )?;
     assert_eq!(device.stats().host_syncs, before.host_syncs, "wgrad synced the host");

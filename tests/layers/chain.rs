@@ -10,15 +10,15 @@ use moe_kernels::reference::layers::{self as reference, ChainResult};
 use moe_kernels::{Device, Error};
 
 /// Inputs of a chain case: one HostWeights per iteration (rounded to T), x, dy.
-struct ChainCase {
-    config: MoeConfig,
-    weights: Vec<HostWeights>,
-    x: Vec<f32>,
-    dy: Vec<f32>,
+pub struct ChainCase {
+    pub config: MoeConfig,
+    pub weights: Vec<HostWeights>,
+    pub x: Vec<f32>,
+    pub dy: Vec<f32>,
 }
 
 impl ChainCase {
-    fn new<T: FloatElement>(config: MoeConfig, iterations: usize, tokens: usize, seed: u64) -> Self {
+    pub fn new<T: FloatElement>(config: MoeConfig, iterations: usize, tokens: usize, seed: u64) -> Self {
         let base = Case::new::<T>(config, tokens, seed);
         let weights = (0..iterations)
             .map(|t| HostWeights::random(&config, seed + 17 * t as u64).rounded::<T>(&config))
@@ -44,16 +44,16 @@ impl ChainCase {
     }
 }
 
-struct ChainRun {
-    y: Vec<f32>,
-    dx: Vec<f32>,
-    w1: Vec<f32>,
-    w2: Vec<f32>,
-    shared_w1: Vec<f32>,
-    routers: Vec<Vec<(&'static str, Vec<f32>)>>,
+pub struct ChainRun {
+    pub y: Vec<f32>,
+    pub dx: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub shared_w1: Vec<f32>,
+    pub routers: Vec<Vec<(&'static str, Vec<f32>)>>,
 }
 
-fn run_chain<T: FloatElement>(device: &Device, chain: &mut ChainOfExperts<T>, case: &ChainCase) -> ChainRun {
+pub fn run_chain<T: FloatElement>(device: &Device, chain: &mut ChainOfExperts<T>, case: &ChainCase) -> ChainRun {
     let x = device.upload(&to_t::<T>(&case.x)).unwrap();
     let dy = device.upload(&to_t::<T>(&case.dy)).unwrap();
     let mut y = device.alloc_zeros::<T>(case.x.len()).unwrap();

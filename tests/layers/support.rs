@@ -6,7 +6,7 @@ use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers::{self as reference, MoeForward};
-use moe_kernels::{Device, DeviceBuffer, Error};
+use moe_kernels::{Device, DeviceBuffer, DeviceSlice, Error};
 
 /// The argument an `Err` names (panics on success or another kind of error).
 pub fn argument_of(result: Result<impl Sized, Error>) -> &'static str {
@@ -65,7 +65,7 @@ pub fn store_of<T: FloatElement>() -> impl Fn(f64) -> f32 {
     |v| T::from_f32(v as f32).to_f32()
 }
 
-pub fn download_f32<T: FloatElement>(device: &Device, buffer: &DeviceBuffer<T>) -> Vec<f32> {
+pub fn download_f32<T: FloatElement>(device: &Device, buffer: &impl DeviceSlice<T>) -> Vec<f32> {
     to_f32(&device.download(buffer).unwrap())
 }
 
@@ -122,6 +122,9 @@ pub struct Run {
     pub w2: Vec<f32>,
     pub shared_w1: Vec<f32>,
     pub shared_w2: Vec<f32>,
+    /// Which experts' routed gradients the backward wrote (`w1` and `w2` of the others hold
+    /// whatever they held: see `ExpertGrads`, and [`dense`]).
+    pub written: Vec<bool>,
     pub aux: f32,
     pub z: f32,
 }
@@ -139,6 +142,12 @@ pub fn run<T: FloatElement>(device: &Device, layer: &mut MoeLayer<T>, case: &Cas
     let losses = layer.losses().unwrap();
     let grads = layer.expert_grads();
     let opt = |b: &Option<DeviceBuffer<f32>>| b.as_ref().map_or(vec![], |b| device.download(b).unwrap());
+    let written = device
+        .download(grads.written())
+        .unwrap()
+        .iter()
+        .map(|&f| f != 0)
+        .collect();
     Run {
         y: download_f32(device, &y),
         ids,
@@ -153,6 +162,7 @@ pub fn run<T: FloatElement>(device: &Device, layer: &mut MoeLayer<T>, case: &Cas
         w2: device.download(&grads.w2).unwrap(),
         shared_w1: opt(&grads.shared_w1),
         shared_w2: opt(&grads.shared_w2),
+        written,
         aux: losses.aux,
         z: losses.z,
     }
@@ -166,6 +176,16 @@ pub fn layer_tolerance<T: FloatElement>(config: &MoeConfig) -> Tolerance {
     } else {
         base.scaled(3.0)
     }
+}
+
+/// A routed weight gradient `[E, ..]` as the dense gradient: zeros for the experts not `written`.
+pub fn dense(gradient: &[f32], written: &[bool]) -> Vec<f32> {
+    let mut v = gradient.to_vec();
+    let per_expert = v.len() / written.len();
+    for (chunk, _) in v.chunks_mut(per_expert).zip(written).filter(|(_, w)| !**w) {
+        chunk.fill(0.0);
+    }
+    v
 }
 
 /// Forward and backward of `run` against the reference of `case` (ids exact).
@@ -198,13 +218,21 @@ pub fn check_against_reference<T: FloatElement>(what: &str, case: &Case, run: &R
         &store,
     );
     let grad_tol = tol.over(case.tokens * case.config.k);
+    let written: Vec<bool> = (0..case.config.experts)
+        .map(|e| f.map.offsets[e + 1] > f.map.offsets[e] && selected.is_none_or(|s| s[e]))
+        .collect();
+    assert_eq!(
+        run.written, written,
+        "{what}: experts written (those with rows, selected)"
+    );
     assert_close(&format!("{what}: dx"), &run.dx, &g.dx, tol);
     for ((name, got), (ref_name, want)) in run.gate.iter().zip(&g.gate) {
         assert_eq!(name, ref_name);
         assert_close(&format!("{what}: d gate.{name}"), got, want, grad_tol);
     }
-    assert_close(&format!("{what}: dW1"), &run.w1, &g.w1, grad_tol);
-    assert_close(&format!("{what}: dW2"), &run.w2, &g.w2, grad_tol);
+    let (w1, w2) = (dense(&run.w1, &run.written), dense(&run.w2, &run.written));
+    assert_close(&format!("{what}: dW1"), &w1, &g.w1, grad_tol);
+    assert_close(&format!("{what}: dW2"), &w2, &g.w2, grad_tol);
     assert_close(&format!("{what}: d shared W1"), &run.shared_w1, &g.shared_w1, grad_tol);
     assert_close(&format!("{what}: d shared W2"), &run.shared_w2, &g.shared_w2, grad_tol);
 }

@@ -9,19 +9,19 @@ use moe_kernels::ops::FloatElement;
 use moe_kernels::reference::layers as reference;
 use moe_kernels::{Device, DeviceBuffer, Error};
 
-struct VqRun {
-    y: Vec<f32>,
-    dx: Vec<f32>,
-    codes: Vec<i32>,
-    router: Vec<f32>,
-    mix: Vec<f32>,
-    w1: Vec<f32>,
-    w2: Vec<f32>,
-    codebook: Vec<f32>,
-    losses: Vec<f32>,
+pub struct VqRun {
+    pub y: Vec<f32>,
+    pub dx: Vec<f32>,
+    pub codes: Vec<i32>,
+    pub router: Vec<f32>,
+    pub mix: Vec<f32>,
+    pub w1: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub codebook: Vec<f32>,
+    pub losses: Vec<f32>,
 }
 
-fn run_vq<T: FloatElement>(device: &Device, layer: &mut VqMoe<T>, case: &Case) -> VqRun {
+pub fn run_vq<T: FloatElement>(device: &Device, layer: &mut VqMoe<T>, case: &Case) -> VqRun {
     let x = device.upload(&to_t::<T>(&case.x)).unwrap();
     let dy = device.upload(&to_t::<T>(&case.dy)).unwrap();
     let mut y = device.alloc_zeros::<T>(case.x.len()).unwrap();
@@ -52,7 +52,7 @@ fn run_vq<T: FloatElement>(device: &Device, layer: &mut VqMoe<T>, case: &Case) -
     }
 }
 
-fn vq_case<T: FloatElement>(config: MoeConfig, tokens: usize, seed: u64) -> (Case, VqWeights) {
+pub fn vq_case<T: FloatElement>(config: MoeConfig, tokens: usize, seed: u64) -> (Case, VqWeights) {
     let weights = VqWeights::random(&config, seed).rounded::<T>(&config);
     let case = Case {
         weights: weights.moe.clone(),
@@ -89,7 +89,7 @@ fn check_vq<T: FloatElement>(what: &str, case: &Case, weights: &VqWeights, run: 
     );
 }
 
-fn config() -> MoeConfig {
+pub fn config() -> MoeConfig {
     MoeConfig {
         shared_experts: 1,
         aux_alpha: 0.02,

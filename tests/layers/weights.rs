@@ -113,13 +113,13 @@ fn weights_stepped_in_place_change_the_next_forward_as_the_reference_predicts() 
             };
             step(host, &grad);
             device
-                .write(host, layer.weights_mut().tensor_mut(name).unwrap())
+                .upload_into(host, layer.weights_mut().tensor_mut(name).unwrap())
                 .unwrap();
         }
         let db = device.download(layer.grad("gate.b").unwrap()).unwrap();
         step(&mut stepped.gate[1].1, &db);
         device
-            .write(
+            .upload_into(
                 &stepped.gate[1].1,
                 layer.weights_mut().tensor_f32_mut("gate.b").unwrap(),
             )

@@ -172,12 +172,24 @@ pub fn code_norms<T: FloatElement>(
     )
 }
 
-/// Where [`nearest`] writes, all `[T, k]`: `ids` (i32) always; `distances` (f32,
-/// `‖x − c‖²` = score + `‖x‖²`, clamped at 0) and `experts` (i32, `id mod E`) when given.
+/// Where [`nearest`] writes, `[T, k]` unless said: `ids` (i32) always; when given, `distances`
+/// (f32, `‖x − c‖²` = score + `‖x‖²`, clamped at 0), `experts` (i32, `id mod E`), `weights`
+/// (f32 routing weights: 1, the hard VQ route) and `nonfinite_rows` (`[1]` u32, caller-zeroed).
+///
+/// **Non-finite rows.** A row whose nearest distance is not finite (x holds a NaN or an
+/// infinity, or `‖x‖²` overflows f32) is routed nowhere, as [`router::select`] routes a
+/// non-finite row of logits: ids and experts [`NO_EXPERT`], distances and weights NaN (so the
+/// combine makes its output row NaN), and it is added to `nonfinite_rows`. The VQ ops that take
+/// ids leave such a row out of every loss, mean and code gradient.
+///
+/// [`router::select`]: crate::ops::router::select
+/// [`NO_EXPERT`]: crate::ops::router::NO_EXPERT
 pub struct NearestOutputs<'a> {
     pub ids: &'a mut dyn DeviceSliceMut<i32>,
     pub distances: Option<&'a mut dyn DeviceSliceMut<f32>>,
     pub experts: Option<&'a mut dyn DeviceSliceMut<i32>>,
+    pub weights: Option<&'a mut dyn DeviceSliceMut<f32>>,
+    pub nonfinite_rows: Option<&'a mut dyn DeviceSliceMut<u32>>,
 }
 
 /// The k nearest codes of every row of `x` (`[T, d]`) in `codes` (`[Nc, d]`, with `norms` from
@@ -207,12 +219,21 @@ pub fn nearest<T: FloatElement>(
     let mut ids = DynMut(out.ids);
     let mut distances = out.distances.map(DynMut);
     let mut experts = out.experts.map(DynMut);
-    check_len("ids", &ids, t * k, || format!("[T, k] = [{t}, {k}]"))?;
+    let mut weights = out.weights.map(DynMut);
+    let mut nonfinite_rows = out.nonfinite_rows.map(DynMut);
+    let per_slot = || format!("[T, k] = [{t}, {k}]");
+    check_len("ids", &ids, t * k, per_slot)?;
     if let Some(buffer) = &distances {
-        check_len("distances", buffer, t * k, || format!("[T, k] = [{t}, {k}]"))?;
+        check_len("distances", buffer, t * k, per_slot)?;
     }
     if let Some(buffer) = &experts {
-        check_len("experts", buffer, t * k, || format!("[T, k] = [{t}, {k}]"))?;
+        check_len("experts", buffer, t * k, per_slot)?;
+    }
+    if let Some(buffer) = &weights {
+        check_len("weights", buffer, t * k, per_slot)?;
+    }
+    if let Some(buffer) = &nonfinite_rows {
+        check_len("nonfinite_rows", buffer, 1, || "[1]".into())?;
     }
     check_len("workspace", workspace, config.workspace_len(shape)?, || {
         "[config.workspace_len(shape)]".into()
@@ -236,7 +257,8 @@ pub fn nearest<T: FloatElement>(
         shared_bytes: shared as u32,
     };
     // SAFETY of the argument list: NEAREST_PARAMS in codebook.cu (x, codes, norms, ids,
-    // distances, experts, partial, tokens, d, num_codes, k, num_experts, tiles_per_split);
+    // distances, experts, weights, nonfinite_rows, partial, tokens, d, num_codes, k,
+    // num_experts, tiles_per_split);
     // lengths checked above; partial is null exactly when there is one split.
     let args = KernelArgs::new(device)
         .input("x", x)
@@ -246,11 +268,12 @@ pub fn nearest<T: FloatElement>(
         args.output("ids", &mut ids)
             .output_or_null("distances", distances.as_mut())
             .output_or_null("experts", experts.as_mut())
+            .output_or_null("weights", weights.as_mut())
+            .output_or_null("nonfinite_rows", nonfinite_rows.as_mut())
             .scalar(0u64)
     } else {
-        args.scalar(0u64)
-            .scalar(0u64)
-            .scalar(0u64)
+        (0..5)
+            .fold(args, |args, _| args.scalar(0u64))
             .output("workspace", workspace)
     };
     let args = args
@@ -265,13 +288,15 @@ pub fn nearest<T: FloatElement>(
         return Ok(());
     }
     // SAFETY of the argument list: MERGE_PARAMS in codebook.cu (x, partial, ids, distances,
-    // experts, tokens, d, k, num_experts, splits).
+    // experts, weights, nonfinite_rows, tokens, d, k, num_experts, splits).
     let args = KernelArgs::new(device)
         .input("x", x)
         .input("workspace", workspace)
         .output("ids", &mut ids)
         .output_or_null("distances", distances.as_mut())
         .output_or_null("experts", experts.as_mut())
+        .output_or_null("weights", weights.as_mut())
+        .output_or_null("nonfinite_rows", nonfinite_rows.as_mut())
         .scalar(t as i64)
         .scalar(d as i32)
         .scalar(k as i32)

@@ -135,8 +135,10 @@ pub fn losses_workspace_len<T: FloatElement>(shape: &CodebookShape) -> usize {
 }
 
 /// `losses[0]` = codebook loss `mean ‖sg(x) − q‖²`, `losses[1]` = commitment loss
-/// `β·mean ‖x − sg(q)‖²` (means over T·d, q = C\[ids\]); f32, summed in a fixed order (per-block
-/// sums, then one block). Launches: 2; no host sync. T = 0 gives NaN (an empty mean).
+/// `β·mean ‖x − sg(q)‖²` (means over the T'·d elements of the T' tokens with an id in
+/// `[0, Nc)`, q = C\[ids\]: a token routed nowhere adds nothing and is not counted); f32, summed
+/// in a fixed order (per-block sums, then one block). Launches: 2; no host sync. T' = 0 gives
+/// NaN (an empty mean).
 #[allow(clippy::too_many_arguments)]
 pub fn losses<T: FloatElement>(
     device: &Device,
@@ -170,13 +172,16 @@ pub fn losses<T: FloatElement>(
         LaunchConfig::linear(blocks as u32, THREADS, BLOCK_SUM_SHARED),
         args,
     )?;
-    let inv_count = (1.0 / (shape.tokens as f64 * shape.dim as f64)) as f32;
-    // SAFETY of the argument list: codebook_loss_final(partial, losses, blocks, inv_count, beta).
+    // SAFETY of the argument list: codebook_loss_final(partial, ids, losses, blocks, tokens, d,
+    // num_codes, beta).
     let args = KernelArgs::new(device)
         .input("workspace", workspace)
+        .input("ids", ids)
         .output("losses", losses)
         .scalar(blocks as i32)
-        .scalar(inv_count)
+        .scalar(shape.tokens as i64)
+        .scalar(shape.dim as i32)
+        .scalar(shape.codes as i32)
         .scalar(config.beta);
     device.launch(
         "codebook_loss_final",
@@ -338,10 +343,12 @@ fn per_code_launch<T: FloatElement>(shape: &CodebookShape) -> LaunchConfig {
     }
 }
 
-/// Gradients of `losses[0] + losses[1]` (each loss with upstream gradient 1):
-/// - `dx = dmix + β·(2/(T·d))·(x − q)` (`[T, d]`, X's dtype): the commitment gradient plus, when
-///   given, the straight-through gradient `dmix` of the mix (identity to x);
-/// - `dcodes_j = (2/(T·d)) Σ_{t: id_t = j} (c_j − x_t)` (`[Nc, d]`, f32), summed over the
+/// Gradients of `losses[0] + losses[1]` (each loss with upstream gradient 1), with T' the
+/// tokens with an id in `[0, Nc)` (`order`'s count, read on the device):
+/// - `dx = dmix + β·(2/(T'·d))·(x − q)` (`[T, d]`, X's dtype): the commitment gradient plus, when
+///   given, the straight-through gradient `dmix` of the mix (identity to x); a token without a
+///   code gets `dmix` alone;
+/// - `dcodes_j = (2/(T'·d)) Σ_{t: id_t = j} (c_j − x_t)` (`[Nc, d]`, f32), summed over the
 ///   code's tokens in ascending order (`order` from [`code_order`] of the same ids): no atomics.
 ///
 /// Launches: 2; no host sync.
@@ -370,36 +377,35 @@ pub fn losses_backward<T: FloatElement>(
     check_len("dcodes", dcodes, shape.codebook_len()?, || {
         format!("[Nc, d] = [{nc}, {d}]")
     })?;
-    let mean_scale = 2.0 / (t as f64 * d as f64);
     if t > 0 {
-        // SAFETY of the argument list: codebook_loss_bwd_<dt>(x, codes, ids, dmix, dx, tokens, d,
-        // num_codes, scale).
+        // SAFETY of the argument list: codebook_loss_bwd_<dt>(x, codes, ids, offsets, dmix, dx,
+        // tokens, d, num_codes, beta).
         let args = KernelArgs::new(device)
             .input("x", x)
             .input("codes", codes)
             .input("ids", ids)
+            .input("order", &order.offsets)
             .input_or_null("dmix", dmix.as_ref())
             .output("dx", dx)
             .scalar(t as i64)
             .scalar(d as i32)
             .scalar(nc as i32)
-            .scalar((config.beta as f64 * mean_scale) as f32);
+            .scalar(config.beta);
         device.launch(
             &format!("codebook_loss_bwd_{}", T::NAME),
             LaunchConfig::linear(row_blocks::<T>(shape) as u32, THREADS, 0),
             args,
         )?;
     }
-    // SAFETY of the argument list: codebook_code_grad_<dt>(x, codes, rows, offsets, dcodes, d,
-    // scale); rows/offsets of a CodeOrder for (T, Nc), checked above.
+    // SAFETY of the argument list: codebook_code_grad_<dt>(x, codes, rows, offsets, dcodes, d);
+    // rows/offsets of a CodeOrder for (T, Nc), checked above.
     let args = KernelArgs::new(device)
         .input("x", x)
         .input("codes", codes)
         .input("order", &order.rows)
         .input("order", &order.offsets)
         .output("dcodes", dcodes)
-        .scalar(d as i32)
-        .scalar(if t > 0 { mean_scale as f32 } else { 0.0 });
+        .scalar(d as i32);
     device.launch(
         &format!("codebook_code_grad_{}", T::NAME),
         per_code_launch::<T>(shape),

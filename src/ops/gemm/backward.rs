@@ -1,12 +1,13 @@
 //! The backward: `dA_e = dC_e · B_e` (`grouped_gemm_dgrad_*`) and `dB_e = dC_e^T · A_e`
-//! (`grouped_gemm_wgrad_*`), with the ESFT expert mask and the Chain-of-Experts accumulate mode.
+//! (`grouped_gemm_wgrad_*`), with the ESFT expert mask, the Chain-of-Experts accumulate mode and
+//! the sparse mode that writes only the experts that got rows.
 use super::forward::check_grid_y;
 use super::{
     ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type,
     i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
-use crate::ops::{FloatElement, check_len, elements, grid_blocks};
+use crate::ops::{DynMut, FloatElement, check_len, elements, grid_blocks};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
 /// Bytes of the dgrad tile kernel's table of row scales (one per tile row, at most 128).
@@ -138,10 +139,40 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     device.launch(&format!("grouped_gemm_dgrad_{}", T::NAME), launch, args)
 }
 
+/// How [`wgrad`] writes each expert's `dB_e` (a masked expert's is never touched).
+pub enum WgradWrite<'a> {
+    /// `dB_e` = the result; an expert without rows gets zeros.
+    Replace,
+    /// `dB_e` += the result (Chain-of-Experts); an expert without rows keeps its values.
+    Accumulate,
+    /// **The gradient of an expert without rows is neither computed nor written**: at decode,
+    /// where a few experts get rows, the op reads and writes only theirs. An expert with rows is
+    /// replaced the first time the pass writes it and added to after (so a Chain-of-Experts
+    /// pass accumulates exactly), as recorded on the device in `written`: `[E]` u32, zeroed by
+    /// the caller before the pass's first call (one memset), after which `written[e] != 0`
+    /// exactly when `dB_e` holds this pass's gradient. `call` numbers the pass's wgrad launches
+    /// from 0 in order; two launches may share an index (the two weight matrices of one layer
+    /// iteration) when they have the same groups. The rest of `db` holds whatever it held:
+    /// [`zero_unwritten`] makes it the dense gradient, at the cost of writing it.
+    Sparse {
+        written: &'a mut dyn DeviceSliceMut<u32>,
+        call: u32,
+    },
+}
+
+impl WgradWrite<'_> {
+    /// [`Accumulate`](Self::Accumulate) when `accumulate`, else [`Replace`](Self::Replace).
+    pub fn dense(accumulate: bool) -> Self {
+        if accumulate { Self::Accumulate } else { Self::Replace }
+    }
+}
+
+/// The largest `call` index of [`WgradWrite::Sparse`] (the flag keeps `call + 1` in 31 bits).
+pub const MAX_WGRAD_CALL: u32 = (1 << 30) - 1;
+
 /// `dB_e = dC_e^T · A_e` (`[N, K]` f32 per expert) for the experts of `mask` (all when `None`),
-/// summed over the group's rows in order. `db: [E, N, K]` f32: a masked expert's gradient is
-/// not touched (no block runs for it); with `accumulate` the result is added to `db`
-/// (Chain-of-Experts), else it replaces it (an empty group gives zeros). `a` as in [`forward`]
+/// summed over the group's rows in order, written into `db: [E, N, K]` f32 as `write` says
+/// (replaced, accumulated, or only for the experts with rows). `a` as in [`forward`]
 /// (gathered from token order or contiguous). One launch (none for an empty mask), no host sync.
 ///
 /// [`forward`]: super::forward
@@ -154,10 +185,19 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
     shape: GemmShape,
     groups: &Groups<'_, I>,
     mask: Option<&ExpertMask<M>>,
-    accumulate: bool,
+    write: WgradWrite<'_>,
     db: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
     shape.validate()?;
+    let (mode, mut written, call) = match write {
+        WgradWrite::Replace => (0, None, 0),
+        WgradWrite::Accumulate => (1, None, 0),
+        WgradWrite::Sparse { written, call } => (2, Some(DynMut(written)), call),
+    };
+    if let Some(flags) = &written {
+        check_len("written", flags, shape.experts, || "[E] u32".into())?;
+        crate::ops::check_range("call", call as usize, 0..=MAX_WGRAD_CALL as usize)?;
+    }
     shape.check_tile_sizes::<T>()?;
     groups.validate(&shape)?;
     check_len("dc", dc, elements("dc", groups.rows, shape.n)?, || "[rows, N]".into())?;
@@ -209,8 +249,47 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
         .scalar(i64_of(shape.n))
         .scalar(i64_of(shape.k))
         .output("db", db)
-        .scalar(i32::from(accumulate));
+        .scalar(mode)
+        .output_or_null("written", written.as_mut())
+        .scalar(call);
     device.launch(&format!("grouped_gemm_wgrad_{}", T::NAME), launch, args)
+}
+
+/// After a pass of [`WgradWrite::Sparse`] calls: zeroes `dB_e` (`db: [E, per_expert]` f32) of
+/// every expert whose `written[e]` is 0, so `db` becomes the dense gradient. One launch, no host
+/// sync; it writes every unwritten expert's gradient, which is what sparse mode saves.
+pub fn zero_unwritten(
+    device: &Device,
+    written: &impl DeviceSlice<u32>,
+    db: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let experts = written.len();
+    if experts == 0 || db.len() == 0 {
+        return Ok(());
+    }
+    if db.len() % experts != 0 {
+        return Err(Error::Shape {
+            argument: "db",
+            expected: format!("[E, per_expert] with E = {experts} (written.len())"),
+            got: format!("{} elements", db.len()),
+        });
+    }
+    crate::ops::check_range("written", experts, 1..=65535)?;
+    let per_expert = db.len() / experts;
+    const THREADS: u32 = 256;
+    let blocks_x = grid_blocks("db", per_expert.div_ceil(4 * THREADS as usize).min(1024), 1)?;
+    let launch = LaunchConfig {
+        grid: (blocks_x, experts as u32, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    // SAFETY of the argument list: grouped_gemm_zero_unwritten in grouped_gemm.cu, in order.
+    let args = KernelArgs::new(device)
+        .input("written", written)
+        .output("db", db)
+        .scalar(experts as i32)
+        .scalar(i64_of(per_expert));
+    device.launch("grouped_gemm_zero_unwritten", launch, args)
 }
 
 fn missing(argument: &'static str, what: &str) -> Error {

@@ -3,8 +3,10 @@
 //!
 //! - [`forward`]: `C_e = A_e · B_e^T`, with the SwiGLU epilogue for `W1` and per-row combine weights;
 //! - [`dgrad`]: `dA_e = dC_e · B_e`, optionally with the SwiGLU backward fused into its epilogue;
-//! - [`wgrad`]: `dB_e = dC_e^T · A_e` in f32, for the experts of an [`ExpertMask`] only, optionally
-//!   accumulated into an existing gradient.
+//! - [`wgrad`]: `dB_e = dC_e^T · A_e` in f32, for the experts of an [`ExpertMask`] only, replacing
+//!   or accumulated into an existing gradient, or ([`WgradWrite::Sparse`]) computed and written
+//!   only for the experts that got rows, which it records on the device ([`zero_unwritten`]
+//!   makes such a gradient dense).
 //!
 //! Layouts (row-major): `B` is `[E, N, K]` (nn.Linear: `[E, out, in]`); the grouped matrices
 //! (`C`, `dC`, `dA`, contiguous `A`) have [`Groups::rows`] rows, dispatch's
@@ -41,7 +43,7 @@
 mod backward;
 mod forward;
 
-pub use backward::{DgradEpilogue, ExpertMask, dgrad, wgrad};
+pub use backward::{DgradEpilogue, ExpertMask, MAX_WGRAD_CALL, WgradWrite, dgrad, wgrad, zero_unwritten};
 pub use forward::{Epilogue, ForwardConfig, GemmPath, forward, forward_out_len};
 
 use super::{FloatElement, check_len, check_range, elements};
