@@ -260,6 +260,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     // Codebook routing has one expert per token and no logits (no router losses).
     let router = options.router.kind();
     let codebook = router == RouterKind::Codebook;
+    let sigmoid = matches!(router, RouterKind::Sigmoid { .. });
     let config = MoeConfig {
         router,
         experts: 16,
@@ -268,12 +269,9 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         hidden: 512,
         aux_alpha: if codebook { 0.0 } else { 0.01 },
         z_loss: if codebook { 0.0 } else { 1e-3 },
-        // DeepSeek-V3's routed scaling factor goes with its sigmoid router.
-        route_scale: if matches!(router, RouterKind::Sigmoid { .. }) {
-            2.5
-        } else {
-            1.0
-        },
+        // DeepSeek-V3's renormalized, scaled weights go with its sigmoid router.
+        normalize_topk: sigmoid,
+        route_scale: if sigmoid { 2.5 } else { 1.0 },
         max_tokens: options.tokens as usize,
         ..MoeConfig::default()
     };

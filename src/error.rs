@@ -57,6 +57,10 @@ pub enum Error {
         expected: String,
         got: String,
     },
+    /// A checkpoint that cannot be read or does not fit the layer: `name` is the tensor, file or
+    /// `config.json` field concerned.
+    #[error("checkpoint: `{name}`: {problem}")]
+    Checkpoint { name: String, problem: String },
     /// An argument's value is outside what the op supports.
     #[error("argument `{argument}` = {value}: expected {expected}")]
     InvalidArgument {

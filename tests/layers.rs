@@ -17,5 +17,7 @@ mod moe;
 mod nonfinite;
 #[path = "layers/vq.rs"]
 mod vq;
+#[path = "layers/weights.rs"]
+mod weights;
 #[path = "layers/written.rs"]
 mod written;

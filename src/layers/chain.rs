@@ -58,13 +58,13 @@ impl<T: FloatElement> ChainOfExperts<T> {
         let iterations = weights.len();
         let training = mode == Mode::Training;
         let carried = if training { rows } else { 0 };
+        let routers: Vec<Router<T>> = weights
+            .iter()
+            .map(|w| Router::upload(device, &config, w))
+            .collect::<Result<_>>()?;
         Ok(Self {
             device: device.clone(),
             config,
-            routers: weights
-                .iter()
-                .map(|w| Router::upload(device, &config, w))
-                .collect::<Result<_>>()?,
             experts: Experts::upload(device, &config, &weights[0])?,
             saved: (0..if training { iterations } else { 1 })
                 .map(|_| Saved::alloc(device, &config, mode))
@@ -74,9 +74,11 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 .collect::<Result<_>>()?,
             carried: [device.alloc_zeros(carried)?, device.alloc_zeros(carried)?],
             scratch: Scratch::alloc(device, &config, mode)?,
-            router_grads: (0..iterations)
-                .map(|_| RouterGrads::alloc(device, &config, mode))
+            router_grads: routers
+                .iter()
+                .map(|router| RouterGrads::alloc_for(device, &config, router, mode))
                 .collect::<Result<_>>()?,
+            routers,
             expert_grads: ExpertGrads::alloc(device, &config, mode)?,
             mask: None,
             mode,
@@ -206,6 +208,54 @@ impl<T: FloatElement> ChainOfExperts<T> {
         self.config.check_mask(mask.as_ref())?;
         self.mask = mask;
         Ok(())
+    }
+
+    /// What iteration `t`'s forward kept: every iteration's in a training chain, only the last
+    /// one's in an inference chain (its iterations share one set of buffers).
+    fn saved_of(&self, iteration: usize) -> Result<&Saved<T>> {
+        let last = self.routers.len() - 1;
+        crate::ops::check_range("iteration", iteration, 0..=last)?;
+        if self.saved.len() == 1 && iteration != last {
+            return Err(Error::InvalidArgument {
+                argument: "iteration",
+                value: iteration.to_string(),
+                expected: format!("{last}, the last: an inference chain keeps only its routing"),
+            });
+        }
+        Ok(&self.saved[iteration.min(self.saved.len() - 1)])
+    }
+
+    /// Iteration `t`'s routing in the last forward: selected ids (`[T, k]`, i32) and combine
+    /// weights (`[T, k]`, f32), on the device. An inference chain keeps the last iteration's only.
+    pub fn routing(&self, iteration: usize) -> Result<(impl DeviceSlice<i32> + '_, impl DeviceSlice<f32> + '_)> {
+        let saved = self.saved_of(iteration)?;
+        let slots = saved.tokens * self.config.k;
+        Ok((
+            prefix("ids", &saved.ids, slots)?,
+            prefix("weights", &saved.weights, slots)?,
+        ))
+    }
+
+    /// Iteration `t`'s router logits in the last forward (`[T, E]`, f32, on the device); as
+    /// [`routing`](Self::routing), the last iteration only in an inference chain.
+    pub fn router_logits(&self, iteration: usize) -> Result<impl DeviceSlice<f32> + '_> {
+        let saved = self.saved_of(iteration)?;
+        if self.config.router == super::RouterKind::Codebook {
+            return Err(Error::InvalidArgument {
+                argument: "router_logits",
+                value: "a codebook router".into(),
+                expected: "a router with logits".into(),
+            });
+        }
+        prefix("z", &saved.z, saved.tokens * self.config.experts)
+    }
+
+    /// The input `x⁽ᵗ⁾` of iteration `t` in the last forward (`[T, d]`, on the device), for
+    /// `t` in `1..iterations` (iteration 0's is the caller's `x`).
+    pub fn input(&self, iteration: usize) -> Result<impl DeviceSlice<T> + '_> {
+        crate::ops::check_range("iteration", iteration, 1..=self.inputs.len())?;
+        let tokens = self.saved[0].tokens;
+        prefix("x(t)", &self.inputs[iteration - 1], tokens * self.config.dim)
     }
 
     /// Iteration t's router gradients.

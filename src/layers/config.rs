@@ -18,8 +18,9 @@ pub enum RouterKind {
     Quadratic { form: GateForm, rank: usize },
     /// DeepSeek-V3 style: a linear gate, sigmoid scores, a per-expert selection bias (selection
     /// only, updated by [`MoeLayer::update_bias`](super::MoeLayer::update_bias)), top-k inside the
-    /// best `topk_groups` of `groups` groups, weights always renormalized over the k (and scaled
-    /// by [`MoeConfig::route_scale`]: 2.5 for DeepSeek-V3).
+    /// best `topk_groups` of `groups` groups, weights renormalized over the k when
+    /// [`MoeConfig::normalize_topk`] is set (DeepSeek-V3's `norm_topk_prob = True`) and scaled by
+    /// [`MoeConfig::route_scale`] (2.5 for DeepSeek-V3).
     Sigmoid { groups: usize, topk_groups: usize },
     /// VQ routing (math §6): each token goes to the expert of its nearest code (a codebook of E
     /// codes, `[E, d]`, one per expert) with weight 1; k = 1, no logits (so no aux or z-loss) and
@@ -63,11 +64,11 @@ pub struct MoeConfig {
     pub experts: usize,
     /// Experts per token.
     pub k: usize,
-    /// Divide the k weights of a softmax router (linear or quadratic) by their sum, so they add
-    /// to 1: Mixtral's and Qwen3-MoE's `norm_topk_prob` (Mixtral's top-k of the softmax
-    /// renormalized is a softmax over the k chosen logits). `false`: the weights are the
-    /// probabilities themselves (Switch, DeepSeek-V2). The sigmoid router always renormalizes;
-    /// the codebook router's weight is 1 either way.
+    /// Divide the k weights of a softmax or sigmoid router by their sum, so they add to 1:
+    /// Hugging Face's `norm_topk_prob` (Mixtral's top-k of the softmax renormalized is a softmax
+    /// over the k chosen logits; DeepSeek-V3 renormalizes its k sigmoid scores). `false`: the
+    /// weights are the probabilities or sigmoid scores themselves (Switch, DeepSeek-V2). The
+    /// codebook router's weight is 1 either way.
     pub normalize_topk: bool,
     /// Multiplies the k combine weights of the linear, quadratic and sigmoid routers (DeepSeek's
     /// `routed_scaling_factor`: 2.5 for V3, 16 for V2; 1 for Switch and Mixtral). A codebook
@@ -252,7 +253,6 @@ impl MoeConfig {
         match self.router {
             RouterKind::Sigmoid { groups, topk_groups } => RouterConfig {
                 score: ScoreFunction::Sigmoid,
-                renormalize: true,
                 groups,
                 topk_groups,
                 ..base

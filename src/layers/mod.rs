@@ -31,6 +31,7 @@
 mod buffers;
 mod chain;
 mod config;
+mod device_weights;
 pub mod esft;
 mod graph;
 mod moe;
@@ -42,6 +43,7 @@ pub mod workspace;
 
 pub use chain::ChainOfExperts;
 pub use config::{Mode, MoeConfig, RouterKind};
+pub use device_weights::{DeviceWeights, LayerWeights};
 pub use graph::{Captures, GraphIo};
 pub use moe::{LossValues, MoeLayer};
 pub use params::{ExpertGrads, RouterGrads};

@@ -1,10 +1,10 @@
 //! [`MoeLayer`]: one routed MoE layer with its weights, forward and backward.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
 use super::graph::{Captures, GraphIo, IoBuffers, LayerGraph, no_graph};
-use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::params::{ExpertGrads, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::prefix;
-use super::{HostWeights, Mode, MoeConfig};
+use super::{HostWeights, LayerWeights, Mode, MoeConfig, RouterKind};
 use crate::ops::FloatElement;
 use crate::ops::gemm::ExpertMask;
 use crate::ops::router;
@@ -42,6 +42,7 @@ pub struct LossValues {
 /// let device = Device::best()?;
 /// let config = MoeConfig {
 ///     router: RouterKind::Sigmoid { groups: 2, topk_groups: 1 },
+///     normalize_topk: true,
 ///     route_scale: 2.5,
 ///     shared_experts: 1,
 ///     dim: 16,
@@ -64,8 +65,7 @@ pub struct LossValues {
 pub struct MoeLayer<T: FloatElement> {
     device: Device,
     config: MoeConfig,
-    router: Router<T>,
-    experts: Experts<T>,
+    weights: LayerWeights<T>,
     saved: Saved<T>,
     scratch: Scratch<T>,
     router_grads: RouterGrads,
@@ -90,15 +90,53 @@ impl<T: FloatElement> MoeLayer<T> {
     /// backward buffers), and its forward runs no router loss.
     pub fn with_mode(device: &Device, config: MoeConfig, weights: &HostWeights, mode: Mode) -> Result<Self> {
         config.validate_for::<T>()?;
+        Self::from_weights(device, config, LayerWeights::upload(device, &config, weights)?, mode)
+    }
+
+    /// A layer for `mode` holding `weights`, device buffers it takes over without a copy
+    /// (see [`LayerWeights::new`]; an engine loads a checkpoint's bf16 tensors once and hands
+    /// them here). Given the same values, it computes bitwise what [`with_mode`](Self::with_mode)
+    /// does.
+    ///
+    /// ```
+    /// use half::bf16;
+    /// use moe_kernels::Device;
+    /// use moe_kernels::layers::{DeviceWeights, LayerWeights, Mode, MoeConfig, MoeLayer};
+    ///
+    /// # fn main() -> moe_kernels::Result<()> {
+    /// let device = Device::best()?;
+    /// let config = MoeConfig { experts: 4, k: 2, dim: 8, hidden: 16, max_tokens: 4, ..MoeConfig::default() };
+    /// let (e, d, h) = (config.experts, config.dim, config.hidden);
+    /// // Mixtral's router: a gate without a bias.
+    /// let weights = DeviceWeights {
+    ///     gate: vec![("w", device.upload_from_f32::<bf16>(&vec![0.1; e * d])?)],
+    ///     gate_f32: vec![],
+    ///     selection_bias: None,
+    ///     w1: device.upload_from_f32(&vec![0.01; e * 2 * h * d])?,
+    ///     w2: device.upload_from_f32(&vec![0.02; e * d * h])?,
+    ///     shared: None,
+    /// };
+    /// let weights = LayerWeights::new(&config, weights)?;
+    /// let mut layer = MoeLayer::<bf16>::from_weights(&device, config, weights, Mode::Inference)?;
+    /// let x = device.upload_from_f32::<bf16>(&vec![1.0; 2 * d])?;
+    /// let mut y = device.alloc_zeros::<bf16>(2 * d)?;
+    /// layer.forward(&x, 2, &mut y)?;
+    /// assert_eq!(layer.weights().names(), ["gate.w", "experts.w1", "experts.w2"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn from_weights(device: &Device, config: MoeConfig, weights: LayerWeights<T>, mode: Mode) -> Result<Self> {
+        config.validate_for::<T>()?;
+        weights.validate(&config)?;
+        weights.check_device(device)?;
         Ok(Self {
             device: device.clone(),
             config,
-            router: Router::upload(device, &config, weights)?,
-            experts: Experts::upload(device, &config, weights)?,
             saved: Saved::alloc(device, &config, mode)?,
             scratch: Scratch::alloc(device, &config, mode)?,
-            router_grads: RouterGrads::alloc(device, &config, mode)?,
+            router_grads: RouterGrads::alloc_for(device, &config, &weights.router, mode)?,
             expert_grads: ExpertGrads::alloc(device, &config, mode)?,
+            weights,
             mask: None,
             residual: false,
             mode,
@@ -159,11 +197,12 @@ impl<T: FloatElement> MoeLayer<T> {
         y: &mut impl DeviceSliceMut<T>,
         mut stages: Option<&mut dyn FnMut(&'static str)>,
     ) -> Result<()> {
+        self.weights.validate(&self.config)?;
         let mut pass = Pass {
             device: &self.device,
             config: &self.config,
-            router: &self.router,
-            experts: &self.experts,
+            router: &self.weights.router,
+            experts: &self.weights.experts,
             scratch: &mut self.scratch,
             mode: self.mode,
             stages: match stages.as_mut() {
@@ -215,11 +254,12 @@ impl<T: FloatElement> MoeLayer<T> {
             mask: self.mask.as_ref(),
             call: 0,
         };
+        self.weights.validate(&self.config)?;
         let mut pass = Pass {
             device: &self.device,
             config: &self.config,
-            router: &self.router,
-            experts: &self.experts,
+            router: &self.weights.router,
+            experts: &self.weights.experts,
             scratch: &mut self.scratch,
             mode: self.mode,
             stages: match stages.as_mut() {
@@ -241,6 +281,58 @@ impl<T: FloatElement> MoeLayer<T> {
 
     pub fn expert_mask(&self) -> Option<&ExpertMask> {
         self.mask.as_ref()
+    }
+
+    /// The weights, by name ([`LayerWeights::tensor`]).
+    pub fn weights(&self) -> &LayerWeights<T> {
+        &self.weights
+    }
+
+    /// The weights, to step in place between passes ([`LayerWeights::tensor_mut`]); the next
+    /// forward reads what is there. Drops a captured graph (a buffer may be swapped).
+    pub fn weights_mut(&mut self) -> &mut LayerWeights<T> {
+        self.graph = None;
+        &mut self.weights
+    }
+
+    /// The weights back, as they are now.
+    pub fn into_weights(self) -> LayerWeights<T> {
+        self.weights
+    }
+
+    /// The gradient of the weight `name` from the last backward (f32, the weight's shape:
+    /// [`MoeConfig::weight_shapes`]): `gate.w`, ..., `experts.w1`, `experts.w2`, `shared.w1`,
+    /// `shared.w2`. The selection bias and a codebook's codes have none; an inference layer
+    /// holds none. A routed expert that received no rows keeps what its slice held
+    /// ([`ExpertGrads::written`], [`ExpertGrads::zero_unwritten`]).
+    pub fn grad(&self, name: &str) -> Result<&DeviceBuffer<f32>> {
+        let g = &self.expert_grads;
+        let experts = [
+            ("experts.w1", Some(&g.w1)),
+            ("experts.w2", Some(&g.w2)),
+            ("shared.w1", g.shared_w1.as_ref()),
+            ("shared.w2", g.shared_w2.as_ref()),
+        ];
+        let gate = self
+            .router_grads
+            .tensors()
+            .iter()
+            .map(|(n, b)| (super::weights::gate_name(n), Some(b)));
+        let all: Vec<(&'static str, &DeviceBuffer<f32>)> = (experts.into_iter().chain(gate))
+            .filter_map(|(n, b)| b.map(|b| (n, b)))
+            .filter(|_| self.mode == Mode::Training)
+            .collect();
+        match all.iter().find(|(n, _)| *n == name) {
+            Some((_, b)) => Ok(b),
+            None => Err(Error::InvalidArgument {
+                argument: "name",
+                value: name.into(),
+                expected: format!(
+                    "a weight with a gradient: one of {:?}",
+                    all.iter().map(|(n, _)| n).collect::<Vec<_>>()
+                ),
+            }),
+        }
     }
 
     /// Gradients of the gate tensors from the last backward.
@@ -322,6 +414,20 @@ impl<T: FloatElement> MoeLayer<T> {
         ))
     }
 
+    /// The router's logits of the last forward, on the device (`[T, E]`, f32): the gate's
+    /// scores before softmax or sigmoid (Hugging Face's `router_logits`). A codebook router
+    /// has none: an error.
+    pub fn router_logits(&self) -> Result<impl DeviceSlice<f32> + '_> {
+        if self.config.router == RouterKind::Codebook {
+            return Err(Error::InvalidArgument {
+                argument: "router_logits",
+                value: "a codebook router".into(),
+                expected: "a router with logits (linear, quadratic or sigmoid)".into(),
+            });
+        }
+        prefix("z", &self.saved.z, self.saved.tokens * self.config.experts)
+    }
+
     /// Rows each expert received in the last forward (`[E]`, after capacity).
     pub fn expert_counts(&self) -> &DeviceBuffer<i32> {
         &self.saved.counts
@@ -358,7 +464,7 @@ impl<T: FloatElement> MoeLayer<T> {
     /// DeepSeek-V3 auxiliary-loss-free balancing after a step: `bias += γ·sign(mean(c) − c)` with
     /// the last forward's expert counts. Only for routers with a selection bias. One launch.
     pub fn update_bias(&mut self, gamma: f32) -> Result<()> {
-        let Some(bias) = self.router.bias.as_mut() else {
+        let Some(bias) = self.weights.router.bias.as_mut() else {
             return Err(Error::InvalidArgument {
                 argument: "router",
                 value: format!("{:?}", self.config.router),

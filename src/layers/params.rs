@@ -1,34 +1,53 @@
 //! The parameters of a routed pass: a router's gate tensors ([`Router`]) and their gradients
 //! ([`RouterGrads`]), the experts ([`Experts`]) and theirs ([`ExpertGrads`]), uploaded once from
-//! [`HostWeights`].
-use super::weights::{HostWeights, gate_tensor_is_f32, gate_tensor_lens};
+//! [`HostWeights`] or taken over from device buffers ([`DeviceWeights`](super::DeviceWeights)).
+use super::weights::{HostWeights, gate_name, gate_tensor_is_f32, gate_tensor_is_optional, gate_tensor_lens};
 use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::gate::{GateForm, GateGrads, GateWeights};
 use crate::ops::{FloatElement, gemm};
-use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Element, Error, Result};
 
-/// A host tensor as a `T` device buffer (one upload).
-fn upload_as<T: FloatElement>(device: &Device, values: &[f32]) -> Result<DeviceBuffer<T>> {
-    device.upload(&values.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>())
+/// A host tensor as a `T` device buffer (one upload); an empty one is absent.
+fn upload_present<T: FloatElement>(device: &Device, values: &[f32]) -> Result<Option<DeviceBuffer<T>>> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    device.upload_from_f32(values).map(Some)
 }
 
-fn check_host(argument: &'static str, values: &[f32], expected: usize) -> Result<()> {
-    if values.len() == expected {
-        return Ok(());
-    }
+/// `Err` naming `argument` unless `buffer` holds `expected` elements (`None`: the tensor is
+/// missing).
+pub(crate) fn check_tensor<T: Element>(
+    argument: &'static str,
+    buffer: Option<&DeviceBuffer<T>>,
+    expected: usize,
+) -> Result<()> {
+    let got = match buffer {
+        Some(b) if b.len() == expected => return Ok(()),
+        Some(b) => format!("{} elements", b.len()),
+        None => "no tensor".into(),
+    };
     Err(Error::Shape {
         argument,
-        expected: format!("{expected} elements"),
-        got: format!("{} elements", values.len()),
+        expected: format!("{expected} elements of {}", T::NAME),
+        got,
     })
+}
+
+fn unexpected(argument: &'static str, value: impl Into<String>, expected: impl Into<String>) -> Error {
+    Error::InvalidArgument {
+        argument,
+        value: value.into(),
+        expected: expected.into(),
+    }
 }
 
 /// One router: its gate tensors (`ops::gate` layouts, f32 where the gate keeps f32) and the
 /// optional selection bias.
 pub(crate) struct Router<T: FloatElement> {
     form: GateForm,
-    stored: Vec<(&'static str, DeviceBuffer<T>)>,
-    stored_f32: Vec<(&'static str, DeviceBuffer<f32>)>,
+    pub(crate) stored: Vec<(&'static str, DeviceBuffer<T>)>,
+    pub(crate) stored_f32: Vec<(&'static str, DeviceBuffer<f32>)>,
     pub(crate) bias: Option<DeviceBuffer<f32>>,
 }
 
@@ -36,27 +55,95 @@ impl<T: FloatElement> Router<T> {
     pub(crate) fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
         let form = config.gate_form();
         let (mut stored, mut stored_f32) = (vec![], vec![]);
-        for (name, len) in gate_tensor_lens(config) {
-            let values = host.gate_tensor(name);
-            check_host("weights.gate", values, len)?;
+        for (name, values) in &host.gate {
             if gate_tensor_is_f32(form, name) {
-                stored_f32.push((name, device.upload(values)?));
+                stored_f32.extend(upload_present(device, values)?.map(|b| (*name, b)));
             } else {
-                stored.push((name, upload_as::<T>(device, values)?));
+                stored.extend(upload_present(device, values)?.map(|b| (*name, b)));
             }
         }
-        let bias = if config.has_router_bias() {
-            check_host("weights.router_bias", &host.router_bias, config.experts)?;
-            Some(device.upload(&host.router_bias)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            form,
+        let bias = upload_present(device, &host.router_bias)?;
+        Self::new(config, stored, stored_f32, bias)
+    }
+
+    /// A router holding these tensors (short names; `stored_f32` those the gate keeps in f32),
+    /// checked against `config`: every required tensor present, once, with its length, and
+    /// nothing else.
+    pub(crate) fn new(
+        config: &MoeConfig,
+        stored: Vec<(&'static str, DeviceBuffer<T>)>,
+        stored_f32: Vec<(&'static str, DeviceBuffer<f32>)>,
+        bias: Option<DeviceBuffer<f32>>,
+    ) -> Result<Self> {
+        let router = Self {
+            form: config.gate_form(),
             stored,
             stored_f32,
             bias,
-        })
+        };
+        router.validate(config)?;
+        Ok(router)
+    }
+
+    /// The checks of [`new`](Self::new), also run before every pass: a tensor handed out
+    /// mutably may have been replaced.
+    pub(crate) fn validate(&self, config: &MoeConfig) -> Result<()> {
+        let expected = gate_tensor_lens(config);
+        let names: Vec<&str> = expected.iter().map(|(n, _)| *n).collect();
+        let given =
+            (self.stored.iter().map(|(n, _)| (*n, false))).chain(self.stored_f32.iter().map(|(n, _)| (*n, true)));
+        for (name, in_f32) in given {
+            if !names.contains(&name) {
+                return Err(unexpected(
+                    "gate",
+                    format!("a tensor `{name}`"),
+                    format!("the {:?} router's tensors {names:?}", config.router),
+                ));
+            }
+            if gate_tensor_is_f32(self.form, name) != in_f32 {
+                let (got, want) = if in_f32 { ("f32", T::NAME) } else { (T::NAME, "f32") };
+                return Err(unexpected(
+                    gate_name(name),
+                    format!("stored as {got}"),
+                    format!("stored as {want}"),
+                ));
+            }
+        }
+        for (name, len) in expected {
+            let count = names_given(self, name);
+            if count > 1 {
+                return Err(unexpected(
+                    gate_name(name),
+                    format!("given {count} times"),
+                    "one tensor",
+                ));
+            }
+            if gate_tensor_is_f32(self.form, name) {
+                let tensor = self.stored_f32.iter().find(|(n, _)| *n == name).map(|(_, b)| b);
+                if tensor.is_some() || !gate_tensor_is_optional(name) {
+                    check_tensor(gate_name(name), tensor, len)?;
+                }
+            } else {
+                let tensor = self.stored.iter().find(|(n, _)| *n == name).map(|(_, b)| b);
+                if tensor.is_some() || !gate_tensor_is_optional(name) {
+                    check_tensor(gate_name(name), tensor, len)?;
+                }
+            }
+        }
+        match (config.has_router_bias(), &self.bias) {
+            (true, bias) => check_tensor("gate.selection_bias", bias.as_ref(), config.experts),
+            (false, None) => Ok(()),
+            (false, Some(_)) => Err(unexpected(
+                "gate.selection_bias",
+                "a tensor",
+                "none: only the sigmoid router keeps a selection bias",
+            )),
+        }
+    }
+
+    /// Whether the gate holds the tensor `name` (short name).
+    pub(crate) fn has(&self, name: &str) -> bool {
+        names_given(self, name) > 0
     }
 
     /// The codes of a codebook router (`[E, d]`).
@@ -108,6 +195,12 @@ impl<T: FloatElement> Router<T> {
     }
 }
 
+/// How many of the router's tensors are called `name`.
+fn names_given<T: FloatElement>(router: &Router<T>, name: &str) -> usize {
+    let stored = router.stored.iter().filter(|(n, _)| *n == name).count();
+    stored + router.stored_f32.iter().filter(|(n, _)| *n == name).count()
+}
+
 /// Gradients of one router's gate tensors (f32, each shaped like its tensor, named as in
 /// [`HostWeights::gate`]). The selection bias has none (math §2).
 pub struct RouterGrads {
@@ -116,12 +209,27 @@ pub struct RouterGrads {
 }
 
 impl RouterGrads {
-    /// Empty in [`Mode::Inference`].
+    /// Empty in [`Mode::Inference`]; every tensor of `config`'s gate (for a router built from
+    /// complete weights, such as [`HostWeights::random`]'s).
     pub(crate) fn alloc(device: &Device, config: &MoeConfig, mode: Mode) -> Result<Self> {
+        Self::alloc_where(device, config, mode, |_| true)
+    }
+
+    /// [`alloc`](Self::alloc) for the tensors `router` holds (its optional ones may be absent).
+    pub(crate) fn alloc_for<T: FloatElement>(
+        device: &Device,
+        config: &MoeConfig,
+        router: &Router<T>,
+        mode: Mode,
+    ) -> Result<Self> {
+        Self::alloc_where(device, config, mode, |name| router.has(name))
+    }
+
+    fn alloc_where(device: &Device, config: &MoeConfig, mode: Mode, present: impl Fn(&str) -> bool) -> Result<Self> {
         // A codebook router has no gradient (its codes pick experts discretely, with weight 1).
         let tensors = gate_tensor_lens(config)
             .into_iter()
-            .filter(|_| config.router != RouterKind::Codebook && mode == Mode::Training)
+            .filter(|(name, _)| config.router != RouterKind::Codebook && mode == Mode::Training && present(name))
             .map(|(name, len)| Ok((name, device.alloc_zeros(len)?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -182,21 +290,48 @@ pub(crate) struct Experts<T: FloatElement> {
 
 impl<T: FloatElement> Experts<T> {
     pub(crate) fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
-        let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
-        check_host("weights.w1", &host.w1, e * 2 * h * d)?;
-        check_host("weights.w2", &host.w2, e * d * h)?;
-        check_host("weights.shared_w1", &host.shared_w1, 2 * hs * d)?;
-        check_host("weights.shared_w2", &host.shared_w2, d * hs)?;
-        let shared = if hs > 0 {
-            Some((upload_as(device, &host.shared_w1)?, upload_as(device, &host.shared_w2)?))
-        } else {
-            None
+        let upload = |values: &[f32]| upload_present::<T>(device, values);
+        let (w1, w2) = (upload(&host.w1)?, upload(&host.w2)?);
+        let shared = (upload(&host.shared_w1)?, upload(&host.shared_w2)?);
+        let missing = |name| Error::Shape {
+            argument: name,
+            expected: "a tensor".into(),
+            got: "no tensor".into(),
         };
-        Ok(Self {
-            w1: upload_as(device, &host.w1)?,
-            w2: upload_as(device, &host.w2)?,
-            shared,
-        })
+        let experts = Self {
+            w1: w1.ok_or_else(|| missing("experts.w1"))?,
+            w2: w2.ok_or_else(|| missing("experts.w2"))?,
+            shared: match shared {
+                (None, None) => None,
+                (w1, w2) => Some((
+                    w1.ok_or_else(|| missing("shared.w1"))?,
+                    w2.ok_or_else(|| missing("shared.w2"))?,
+                )),
+            },
+        };
+        experts.validate(config)?;
+        Ok(experts)
+    }
+
+    /// Each tensor's length for `config`, by name (`experts.w1`, ..., `shared.w2`); the shared
+    /// FFN present exactly when the config has shared experts.
+    pub(crate) fn validate(&self, config: &MoeConfig) -> Result<()> {
+        let (e, d, h, hs) = (config.experts, config.dim, config.hidden, config.shared_hidden());
+        check_tensor("experts.w1", Some(&self.w1), e * 2 * h * d)?;
+        check_tensor("experts.w2", Some(&self.w2), e * d * h)?;
+        match (&self.shared, hs > 0) {
+            (Some((w1, w2)), true) => {
+                check_tensor("shared.w1", Some(w1), 2 * hs * d)?;
+                check_tensor("shared.w2", Some(w2), d * hs)
+            }
+            (None, true) => check_tensor::<T>("shared.w1", None, 2 * hs * d),
+            (None, false) => Ok(()),
+            (Some(_), false) => Err(unexpected(
+                "shared.w1",
+                "a tensor",
+                "none: the config has no shared experts",
+            )),
+        }
     }
 }
 

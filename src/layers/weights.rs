@@ -5,11 +5,15 @@ use crate::ops::gate::GateForm;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Every weight of a routed MoE layer as host f32 values (layouts of math §1 and `ops::gate`):
-/// gate tensors by name (`w`, `b` for the linear gate; `u`, `v`, `b`, `c`, ... for the
-/// quadratic forms, every optional tensor present), `w1 [E, 2h, d]` (gate rows, then up rows),
-/// `w2 [E, d, h]`, the codebook router's `codes [E, d]`, the shared FFN as one expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`,
-/// empty without shared experts) and the selection bias (`[E]`, empty unless the router keeps one).
+/// Every weight of a routed MoE layer as host f32 values (layouts of math §1 and `ops::gate`,
+/// shapes in [`MoeConfig::weight_shapes`]): gate tensors by short name (`w`, `b` for the linear
+/// gate; `u`, `v`, `b`, `c`, ... for the quadratic forms; `codes [E, d]` for the codebook
+/// router), `w1 [E, 2h, d]` (gate rows, then up rows), `w2 [E, d, h]`, the shared FFN as one
+/// expert of hidden size n·h (`[1, 2nh, d]`, `[1, d, nh]`, empty without shared experts) and the
+/// selection bias (`[E]`, empty unless the router keeps one).
+///
+/// The gate's `b` and `c` are optional: leave them out of `gate` (or empty) for a gate without
+/// them, e.g. Mixtral's bias-free linear router.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostWeights {
     pub gate: Vec<(&'static str, Vec<f32>)>,
@@ -26,19 +30,81 @@ pub(crate) fn gate_tensor_is_f32(form: GateForm, name: &str) -> bool {
     name == "c" || (form == GateForm::Linear && name == "b")
 }
 
-/// Names and element counts of every tensor of `config`'s gate, in `ops::gate` order.
-pub(crate) fn gate_tensor_lens(config: &MoeConfig) -> Vec<(&'static str, usize)> {
+/// Whether a gate tensor may be left out (`ops::gate`: `b` and `c` are optional everywhere).
+pub(crate) fn gate_tensor_is_optional(name: &str) -> bool {
+    name == "b" || name == "c"
+}
+
+/// Names and shapes of every tensor of `config`'s gate, in `ops::gate` order.
+fn gate_tensor_shapes(config: &MoeConfig) -> Vec<(&'static str, Vec<usize>)> {
     let shape = config.gate_shape(0);
     let (e, d, r) = (shape.experts, shape.dim, shape.rank);
     if config.router == RouterKind::Codebook {
-        return vec![("codes", e * d)];
+        return vec![("codes", vec![e, d])];
     }
     match config.gate_form() {
-        GateForm::Linear => vec![("w", e * d), ("b", e)],
-        GateForm::LowRank => vec![("u", e * r * d), ("v", e * r * d), ("b", e * d), ("c", e)],
-        GateForm::Symmetric => vec![("u", e * r * d), ("b", e * d), ("c", e)],
-        GateForm::Attention => vec![("wq", r * d), ("k", e * r * d)],
-        GateForm::Full => vec![("a", e * d * d), ("b", e * d), ("c", e)],
+        GateForm::Linear => vec![("w", vec![e, d]), ("b", vec![e])],
+        GateForm::LowRank => vec![
+            ("u", vec![e, r, d]),
+            ("v", vec![e, r, d]),
+            ("b", vec![e, d]),
+            ("c", vec![e]),
+        ],
+        GateForm::Symmetric => vec![("u", vec![e, r, d]), ("b", vec![e, d]), ("c", vec![e])],
+        GateForm::Attention => vec![("wq", vec![r, d]), ("k", vec![e, r, d])],
+        GateForm::Full => vec![("a", vec![e, d, d]), ("b", vec![e, d]), ("c", vec![e])],
+    }
+}
+
+/// Names and element counts of every tensor of `config`'s gate, in `ops::gate` order.
+pub(crate) fn gate_tensor_lens(config: &MoeConfig) -> Vec<(&'static str, usize)> {
+    gate_tensor_shapes(config)
+        .into_iter()
+        .map(|(name, dims)| (name, dims.iter().product()))
+        .collect()
+}
+
+/// The full name of the gate tensor `short` (`"w"` → `"gate.w"`), as errors and
+/// [`LayerWeights`](super::LayerWeights) name it.
+pub(crate) fn gate_name(short: &str) -> &'static str {
+    match short {
+        "w" => "gate.w",
+        "b" => "gate.b",
+        "u" => "gate.u",
+        "v" => "gate.v",
+        "c" => "gate.c",
+        "wq" => "gate.wq",
+        "k" => "gate.k",
+        "a" => "gate.a",
+        "codes" => "gate.codes",
+        _ => "gate",
+    }
+}
+
+impl MoeConfig {
+    /// Every tensor a layer of this config may hold, by full name, with its shape (row-major):
+    /// the gate's (`gate.w [E, d]`, `gate.b [E]` for the linear gate; `gate.u`, `gate.v`,
+    /// `gate.b`, `gate.c`, `gate.wq`, `gate.k`, `gate.a` for the quadratic forms as in
+    /// `ops::gate`; `gate.codes [E, d]` for the codebook router), the selection bias
+    /// `gate.selection_bias [E]` (sigmoid router), `experts.w1 [E, 2h, d]` (each expert's gate
+    /// rows, then its up rows), `experts.w2 [E, d, h]` and, with shared experts,
+    /// `shared.w1 [2nh, d]` and `shared.w2 [d, nh]`. Optional gate tensors (`b`, `c`) are listed.
+    pub fn weight_shapes(&self) -> Vec<(&'static str, Vec<usize>)> {
+        let (e, d, h, hs) = (self.experts, self.dim, self.hidden, self.shared_hidden());
+        let mut shapes: Vec<_> = gate_tensor_shapes(self)
+            .into_iter()
+            .map(|(name, dims)| (gate_name(name), dims))
+            .collect();
+        if self.has_router_bias() {
+            shapes.push(("gate.selection_bias", vec![e]));
+        }
+        shapes.push(("experts.w1", vec![e, 2 * h, d]));
+        shapes.push(("experts.w2", vec![e, d, h]));
+        if hs > 0 {
+            shapes.push(("shared.w1", vec![2 * hs, d]));
+            shapes.push(("shared.w2", vec![d, hs]));
+        }
+        shapes
     }
 }
 
@@ -113,7 +179,7 @@ impl HostWeights {
         }
     }
 
-    /// The gate tensor `name` (empty when absent).
+    /// The gate tensor `name` (short name, e.g. `"w"`; empty when absent).
     pub fn gate_tensor(&self, name: &str) -> &[f32] {
         self.gate.iter().find(|(n, _)| *n == name).map_or(&[], |(_, v)| v)
     }

@@ -51,6 +51,23 @@ impl FloatElement for half::bf16 {
     }
 }
 
+impl Device {
+    /// A new `T` buffer holding `values` rounded to `T` (to nearest, ties to even): f32 host
+    /// data into a bf16 or f16 device buffer in one upload.
+    ///
+    /// ```
+    /// # fn main() -> moe_kernels::Result<()> {
+    /// let device = moe_kernels::Device::emulator()?;
+    /// let weights = device.upload_from_f32::<half::bf16>(&[1.0, 0.1, -3.5])?;
+    /// assert_eq!(device.download(&weights)?[1], half::bf16::from_f32(0.1));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn upload_from_f32<T: FloatElement>(&self, values: &[f32]) -> Result<crate::DeviceBuffer<T>> {
+        self.upload(&values.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>())
+    }
+}
+
 /// `Err(Shape)` unless `buffer` holds exactly `expected` elements; `layout` says what the
 /// argument is, e.g. `"[T, E] = [5, 8]"`.
 pub(crate) fn check_len<T: Element>(

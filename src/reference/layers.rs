@@ -32,7 +32,8 @@ fn f64s(values: &[f32]) -> Vec<f64> {
 /// (Not used by the codebook router, whose only tensor is its codes.)
 pub fn gate_params(config: &MoeConfig, weights: &HostWeights) -> GateParams {
     let t = |name: &str| f64s(weights.gate_tensor(name));
-    let some = |name: &str| Some(t(name));
+    // An optional tensor left out (or empty) is absent, as in the layers.
+    let some = |name: &str| Some(t(name)).filter(|v| !v.is_empty());
     match config.gate_form() {
         GateForm::Linear => GateParams::Linear {
             w: t("w"),

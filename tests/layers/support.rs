@@ -6,7 +6,16 @@ use moe_kernels::layers::{HostWeights, MoeConfig, MoeLayer, RouterKind};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers::{self as reference, MoeForward};
-use moe_kernels::{Device, DeviceBuffer, DeviceSlice};
+use moe_kernels::{Device, DeviceBuffer, DeviceSlice, Error};
+
+/// The argument an `Err` names (panics on success or another kind of error).
+pub fn argument_of(result: Result<impl Sized, Error>) -> &'static str {
+    match result {
+        Err(Error::InvalidArgument { argument, .. }) | Err(Error::Shape { argument, .. }) => argument,
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("accepted a bad input"),
+    }
+}
 
 /// A small config: d 32, h 32, E 6, k 2, up to 24 tokens.
 pub fn small(router: RouterKind) -> MoeConfig {
