@@ -33,7 +33,13 @@ pub struct KernelFile {
 }
 
 /// Kernel files that only the development tooling launches (feature `dev-tools`).
-const TEST_ONLY: [&str; 3] = ["planted_bugs", "profiler_probes", "selftest"];
+const TEST_ONLY: [&str; 5] = [
+    "planted_bugs",
+    "planted_wgmma",
+    "profiler_probes",
+    "selftest",
+    "wgmma_selftest",
+];
 
 fn kernel_files(dir: &Path, dev_tools: bool) -> Vec<KernelFile> {
     let mut files: Vec<KernelFile> = std::fs::read_dir(dir)

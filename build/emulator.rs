@@ -71,7 +71,9 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     kernels.compile("moe_emulated_kernels");
 
     let mut runtime = base();
-    runtime.file(root.join("kernels/emu/runtime.cpp"));
+    runtime
+        .file(root.join("kernels/emu/runtime.cpp"))
+        .file(root.join("kernels/emu/wgmma.cpp"));
     if profile {
         runtime
             .file(root.join("kernels/emu/profiler.cpp"))

@@ -10,6 +10,9 @@
 //! `kernels/planted_bugs.cu`, for the tests that prove the emulator's tools catch them.
 #[doc(hidden)]
 pub mod probes;
+mod wgmma;
+
+pub use wgmma::wgmma;
 
 use crate::device::{Device, DeviceKind, Element, KernelArgs, LaunchConfig};
 use crate::ops::check_range;
@@ -858,6 +861,7 @@ pub mod planted {
 
     pub mod bounds;
     pub mod races;
+    pub mod wgmma;
 
     /// A planted kernel's output beside what the correct kernel writes.
     #[derive(Debug, Clone)]
