@@ -8,9 +8,13 @@
 //
 // What is emulated: thread/block indices, static and dynamic shared memory, __syncthreads
 // (+ _count/_and/_or), __syncwarp, shuffles, votes, atomics, 16-bit floats, and the PTX
-// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async).
+// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async, and Hopper's
+// warpgroup instructions in wgmma.cpp: wgmma.mma_async with fence / commit_group /
+// wait_group, setmaxnreg, fence.proxy.async). Warpgroup instructions are collectives of the
+// 128 threads of an aligned warpgroup; wgmma reads its operands at the covering wait_group
+// and poisons its accumulators until then.
 // What is not: timing, the weak memory model (fences are plain fences), warp divergence
-// costs, texture/surface memory, cooperative groups, wgmma/TMA.
+// costs, texture/surface memory, cooperative groups, TMA and mbarrier.
 #pragma once
 #ifdef __CUDACC__
 #error "cuemu.h is the CPU emulation header; nvcc must not see it"
