@@ -74,9 +74,9 @@ EMU_EXPORT(planted_wgmma_pipeline)
 // Launch: 1 block of 256 threads; out has 256 ints.
 extern "C" __global__ void __launch_bounds__(256, 1) planted_warpgroup(int* out, int mode) {
   const unsigned t = threadIdx.x, warp = t / 32;
-  if (warp < 4) setmaxnreg_dec<40>();
-  else if (mode == 2 && warp >= 6) setmaxnreg_inc<240>();
-  else setmaxnreg_inc<232>();
+  if (warp < 4) setmaxnreg<false, 40>();
+  else if (mode == 2 && warp >= 6) setmaxnreg<true, 240>();
+  else setmaxnreg<true, 232>();
   const bool consumer = mode == 1 ? warp >= 1 && warp <= 4 : warp >= 4;
   if (consumer) {
     wgmma_fence();

@@ -78,15 +78,22 @@ fn sass_parser_counts_hopper_instructions() {
 }
 
 /// ptxas's notes that would make a Hopper kernel slow in silence: `setmaxnreg` ignored (C7508)
-/// and wgmma serialised (C7510, C7515); and register spills on any arch.
-const HOPPER_PERFORMANCE_LOSS: [&str; 3] = ["(C7508)", "(C7510)", "(C7515)"];
+/// and wgmma serialised (C7510, C7515, and the other reasons ptxas gives for it, e.g. C7514);
+/// and register spills on any arch.
+const HOPPER_PERFORMANCE_LOSS: [&str; 4] = [
+    "(C7508)",
+    "(C7510)",
+    "(C7515)",
+    "wgmma.mma_async instructions are serialized",
+];
 
 #[test]
 #[cfg_attr(not(moe_gpu_kernels), ignore = "needs GPU kernels: nvcc's ptxas report")]
 fn ptxas_reports_no_spill_and_no_hopper_performance_loss() {
-    for d in PTXAS_DIAGNOSTICS {
-        for code in HOPPER_PERFORMANCE_LOSS {
-            assert!(!d.message.contains(code), "kernels/{}.cu: {}", d.module, d.message);
+    // The planted bugs may serialise wgmma on purpose (an accumulator read before its wait).
+    for d in PTXAS_DIAGNOSTICS.iter().filter(|d| !d.module.starts_with("planted")) {
+        for note in HOPPER_PERFORMANCE_LOSS {
+            assert!(!d.message.contains(note), "kernels/{}.cu: {}", d.module, d.message);
         }
     }
     assert!(!KERNEL_RESOURCES.is_empty(), "the GPU build reported no kernel");

@@ -269,16 +269,21 @@ __device__ __forceinline__ void wgmma_fence_operand(float (&d)[R]) {
   else M(256, TYPE, MOE_REGS128, MOE_ACC128(0), 128, 129, 130, 131, 132, 133, 134)
 #endif
 
-template <int N>
-constexpr bool wgmma_n_supported = N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256;
+// Whether T is bf16 (else f16), after checking N and T.
+template <int N, class T>
+__host__ __device__ constexpr bool wgmma_bf16() {
+  static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
+                "wgmma_m64k16: N must be 8, 16, 32, 64, 128 or 256");
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
+                "wgmma_m64k16: T must be __nv_bfloat16 or __half");
+  return std::is_same_v<T, __nv_bfloat16>;
+}
 
 // D = A*B + (accumulate ? D : 0), A and B from shared memory; T is __nv_bfloat16 or __half.
 // TransA / TransB: the operand is MN-major instead of K-major.
 template <int N, class T, bool TransA = false, bool TransB = false>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(wgmma_n_supported<N>, "wgmma_m64k16: N must be 8, 16, 32, 64, 128 or 256");
-  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  static_assert(bf16 || std::is_same_v<T, __half>, "wgmma_m64k16: T must be __nv_bfloat16 or __half");
+  constexpr bool bf16 = wgmma_bf16<N, T>();
 #if defined(MOE_SM90A)
   if constexpr (bf16) MOE_WGMMA_EACH_N(MOE_WGMMA_SS, "bf16");
   else MOE_WGMMA_EACH_N(MOE_WGMMA_SS, "f16");
@@ -294,9 +299,7 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t desc_a,
 template <int N, class T, bool TransB = false>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                              bool accumulate) {
-  static_assert(wgmma_n_supported<N>, "wgmma_m64k16: N must be 8, 16, 32, 64, 128 or 256");
-  constexpr bool bf16 = std::is_same_v<T, __nv_bfloat16>;
-  static_assert(bf16 || std::is_same_v<T, __half>, "wgmma_m64k16: T must be __nv_bfloat16 or __half");
+  constexpr bool bf16 = wgmma_bf16<N, T>();
 #if defined(MOE_SM90A)
   if constexpr (bf16) MOE_WGMMA_EACH_N(MOE_WGMMA_RS, "bf16");
   else MOE_WGMMA_EACH_N(MOE_WGMMA_RS, "f16");
@@ -308,24 +311,18 @@ __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], const uint32_t (
 #endif
 }
 
-// setmaxnreg.{inc,dec}.sync.aligned.u32: the warpgroup's per-thread register budget becomes
-// Regs (a multiple of 8 in 24..256), warpgroup-uniform. A hint elsewhere than sm_90a: nothing.
-template <int Regs>
-__device__ __forceinline__ void setmaxnreg_inc() {
+// setmaxnreg.{inc,dec}.sync.aligned.u32: the warpgroup's per-thread register budget rises
+// (Increase) or falls to Regs, a multiple of 8 in 24..256, warpgroup-uniform. A hint
+// elsewhere than sm_90a: nothing. The kernel needs __launch_bounds__ (ptxas ignores it
+// otherwise: C7508).
+template <bool Increase, int Regs>
+__device__ __forceinline__ void setmaxnreg() {
   static_assert(Regs % 8 == 0 && Regs >= 24 && Regs <= 256, "setmaxnreg takes a multiple of 8 in 24..256");
 #if defined(MOE_SM90A)
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs));
+  if constexpr (Increase) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs));
+  else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs));
 #elif defined(CUEMU_HOST)
-  ::cuemu::setmaxnreg(true, Regs);
-#endif
-}
-template <int Regs>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  static_assert(Regs % 8 == 0 && Regs >= 24 && Regs <= 256, "setmaxnreg takes a multiple of 8 in 24..256");
-#if defined(MOE_SM90A)
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs));
-#elif defined(CUEMU_HOST)
-  ::cuemu::setmaxnreg(false, Regs);
+  ::cuemu::setmaxnreg(Increase, Regs);
 #endif
 }
 
