@@ -34,12 +34,14 @@ pub struct KernelFile {
 }
 
 /// Kernel files that only the development tooling launches (feature `dev-tools`).
-const TEST_ONLY: [&str; 5] = [
+const TEST_ONLY: [&str; 7] = [
     "planted_async",
     "planted_bugs",
+    "planted_wgmma",
     "profiler_probes",
     "selftest",
     "selftest_async",
+    "wgmma_selftest",
 ];
 
 fn kernel_files(dir: &Path, dev_tools: bool) -> Vec<KernelFile> {

@@ -43,6 +43,12 @@ pub fn generate(files: &[KernelFile], gpu: &GpuBuild, emulator: bool) -> String 
     }
     s.push_str("];\n");
 
+    s.push_str("pub static PTXAS_DIAGNOSTICS: &[PtxasDiagnostic] = &[\n");
+    for (module, message) in &gpu.diagnostics {
+        writeln!(s, "    PtxasDiagnostic {{ module: {module:?}, message: {message:?} }},").unwrap();
+    }
+    s.push_str("];\n");
+
     // The emulator's entries: one `cuemu_kernel_<name>` symbol per EMU_EXPORT line.
     let names: Vec<&String> = files.iter().flat_map(|f| &f.kernels).collect();
     if emulator {

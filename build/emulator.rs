@@ -75,7 +75,8 @@ pub fn build(root: &Path, files: &[KernelFile]) {
     let mut runtime = base();
     runtime
         .file(root.join("kernels/emu/runtime.cpp"))
-        .file(root.join("kernels/emu/hopper_async.cpp"));
+        .file(root.join("kernels/emu/hopper_async.cpp"))
+        .file(root.join("kernels/emu/wgmma.cpp"));
     if profile {
         runtime
             .file(root.join("kernels/emu/profiler.cpp"))

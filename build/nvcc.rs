@@ -10,6 +10,8 @@ pub struct GpuBuild {
     pub nvcc: Option<PathBuf>,
     pub fatbins: Vec<(String, PathBuf)>,
     pub resources: Vec<Resources>,
+    /// ptxas's warnings and performance notes, as (module, line).
+    pub diagnostics: Vec<(String, String)>,
     pub note: String,
 }
 
@@ -54,6 +56,7 @@ pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
             nvcc: None,
             fatbins: vec![],
             resources: vec![],
+            diagnostics: vec![],
             note,
         };
     };
@@ -71,12 +74,15 @@ pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
         nvcc: Some(nvcc.clone()),
         fatbins: vec![],
         resources: vec![],
+        diagnostics: vec![],
         note: String::new(),
     };
     for (f, result) in files.iter().zip(results) {
         match result {
             Ok((fatbin, report)) => {
                 build.resources.extend(parse_ptxas_report(&report));
+                let diagnostics = ptxas_diagnostics(&report).map(|line| (f.module.clone(), line));
+                build.diagnostics.extend(diagnostics);
                 build.fatbins.push((f.module.clone(), fatbin));
             }
             Err(e) if require => panic!("MOE_REQUIRE_KERNELS=1 and nvcc failed:\n{e}"),
@@ -91,6 +97,7 @@ pub fn build(root: &Path, out: &Path, files: &[KernelFile]) -> GpuBuild {
                     nvcc: None,
                     fatbins: vec![],
                     resources: vec![],
+                    diagnostics: vec![],
                     note,
                 };
             }
@@ -185,6 +192,18 @@ fn compile(
 /// the driver picks the image that matches the device.
 fn arch_variant(arch: u32) -> String {
     if arch == 90 { "90a".into() } else { arch.to_string() }
+}
+
+/// ptxas's warnings and its "Potential Performance Loss" notes, e.g.
+/// ```text
+/// ptxas info    : (C7508) Potential Performance Loss: 'setmaxnreg' ignored; unable to determine register count at entry.
+/// ```
+/// They do not reliably name the kernel (that one comes before "Compiling entry function").
+fn ptxas_diagnostics(report: &str) -> impl Iterator<Item = String> + '_ {
+    report
+        .lines()
+        .filter(|l| l.starts_with("ptxas") && (l.contains("Potential Performance Loss") || l.contains("warning")))
+        .map(|l| l.trim().to_string())
 }
 
 /// Parses `-Xptxas -v` output:

@@ -2,8 +2,8 @@
 //! registers, shared memory and spills (ptxas), theoretical occupancy for the launch
 //! configuration the crate uses (learnt by running every kernel once on the emulator: the
 //! self-tests, the probes and `workloads`, a small run of every op), and
-//! the SASS instruction mix (tensor-core MMAs, 128-bit global accesses, shared loads,
-//! barriers, local-memory traffic).
+//! the SASS instruction mix (tensor-core MMAs, Hopper's HGMMA, TMA and SYNCS, 128-bit global
+//! accesses, shared loads, barriers, local-memory traffic).
 //!
 //!     NVCC=... cargo run --release --example kernel_report [-- --json]
 //!
@@ -33,6 +33,7 @@ struct Row {
 fn launch_configs() -> moe_kernels::Result<BTreeMap<String, LaunchConfig>> {
     let device = Device::emulator()?;
     selftest::run_all(&device)?;
+    selftest::wgmma(&device)?;
     selftest::probes::run_all(&device, 4)?;
     workloads::run_all(&device)?;
     Ok(device.launch_configs())
@@ -72,7 +73,7 @@ fn dash<T: ToString>(v: Option<T>) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<30} {:>5} {:>4} {:>6} {:>6} {:>14} {:>16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>4} {:>5}",
+        "{:<30} {:>5} {:>4} {:>6} {:>6} {:>14} {:>16} {:>5} {:>5} {:>5} {:>5} {:>7} {:>7} {:>7} {:>7} {:>4} {:>5}",
         "kernel",
         "arch",
         "regs",
@@ -81,6 +82,9 @@ fn print_table(rows: &[Row]) {
         "launch",
         "occupancy",
         "mma",
+        "hgmma",
+        "utma",
+        "syncs",
         "ldg128",
         "stg128",
         "ldgsts",
@@ -100,7 +104,7 @@ fn print_table(rows: &[Row]) {
         let occ = r.occupancy.map(|(f, limiter)| format!("{:.0}% ({limiter})", f * 100.0));
         let m = r.mix;
         println!(
-            "{:<30} {:>5} {:>4} {:>6} {:>6} {:>14} {:>16} {:>5} {:>7} {:>7} {:>7} {:>7} {:>4} {:>5}",
+            "{:<30} {:>5} {:>4} {:>6} {:>6} {:>14} {:>16} {:>5} {:>5} {:>5} {:>5} {:>7} {:>7} {:>7} {:>7} {:>4} {:>5}",
             r.kernel,
             format!("sm_{}", r.arch),
             r.registers,
@@ -109,6 +113,9 @@ fn print_table(rows: &[Row]) {
             dash(launch),
             dash(occ),
             dash(m.map(|m| m.mma)),
+            dash(m.map(|m| m.wgmma)),
+            dash(m.map(|m| format!("{}/{}", m.tma_loads, m.tma_stores))),
+            dash(m.map(|m| m.syncs)),
             dash(m.map(|m| m.global_loads_128)),
             dash(m.map(|m| m.global_stores_128)),
             dash(m.map(|m| m.async_copies)),
@@ -119,7 +126,8 @@ fn print_table(rows: &[Row]) {
     }
     println!(
         "\nsmem: static shared bytes; launch: blocks x threads + dynamic shared bytes, as the crate last launched it;\n\
-         occupancy: resident warps / 64 per SM and what limits it; mma: HMMA; ldg128/stg128: 128-bit global\n\
+         occupancy: resident warps / 64 per SM and what limits it; mma: HMMA; hgmma: HGMMA (wgmma);\n\
+         utma: TMA loads/stores (UTMALDG/UTMASTG); syncs: SYNCS (mbarrier); ldg128/stg128: 128-bit global\n\
          loads/stores; ldgsts: cp.async; lds: shared loads incl. ldmatrix; bar: barriers; local: LDL+STL."
     );
 }
@@ -141,6 +149,10 @@ fn print_json(rows: &[Row]) {
                 "occupancy_limiter": r.occupancy.map(|(_, l)| l),
                 "sass": r.mix.is_some(),
                 "mma": m.mma,
+                "wgmma": m.wgmma,
+                "tma_loads": m.tma_loads,
+                "tma_stores": m.tma_stores,
+                "syncs": m.syncs,
                 "global_loads": m.global_loads,
                 "global_loads_128": m.global_loads_128,
                 "global_stores": m.global_stores,

@@ -76,7 +76,7 @@ extern "C" __global__ void selftest_mbarrier_pipeline(const unsigned* src, int r
   }
   __syncthreads();
   if (t == 32) {
-    fence_proxy_async_shared();  // the result row was written by ordinary stores
+    fence_proxy_async_shared_cta();  // the result row was written by ordinary stores
     bulk_store(out, result, row_bytes);
     bulk_commit_group();
     bulk_wait_group<0>();

@@ -82,6 +82,13 @@ pub struct InstructionMix {
     pub instructions: u32,
     /// Tensor-core matrix multiply-accumulates (HMMA).
     pub mma: u32,
+    /// Hopper's warpgroup MMAs (HGMMA, from wgmma.mma_async).
+    pub wgmma: u32,
+    /// TMA tensor loads and stores (UTMALDG, UTMASTG, from cp.async.bulk.tensor).
+    pub tma_loads: u32,
+    pub tma_stores: u32,
+    /// Transaction-barrier operations (SYNCS.*, from mbarrier).
+    pub syncs: u32,
     pub global_loads: u32,
     pub global_loads_128: u32,
     pub global_stores: u32,
@@ -104,6 +111,10 @@ impl InstructionMix {
         self.instructions += 1;
         match class {
             "HMMA" => self.mma += 1,
+            "HGMMA" => self.wgmma += 1,
+            "UTMALDG" => self.tma_loads += 1,
+            "UTMASTG" => self.tma_stores += 1,
+            "SYNCS" => self.syncs += 1,
             "LDG" => {
                 self.global_loads += 1;
                 self.global_loads_128 += wide as u32;
@@ -128,6 +139,8 @@ impl InstructionMix {
 pub struct KernelSass {
     pub kernel: String,
     pub arch: u32,
+    /// Arch-specific code (`sm_90a`: wgmma, setmaxnreg), which runs on that arch only.
+    pub arch_specific: bool,
     pub mix: InstructionMix,
 }
 
@@ -139,15 +152,18 @@ pub struct KernelSass {
 /// ```
 pub fn parse_sass(text: &str) -> Vec<KernelSass> {
     let mut kernels: Vec<KernelSass> = vec![];
-    let mut arch = 0;
+    let (mut arch, mut arch_specific) = (0, false);
     for line in text.lines() {
         let line = line.trim();
         if let Some(a) = line.strip_prefix("arch = sm_") {
-            arch = a.trim().parse().unwrap_or(0);
+            let a = a.trim();
+            arch_specific = a.ends_with('a');
+            arch = a.trim_end_matches('a').parse().unwrap_or(0);
         } else if let Some(name) = line.strip_prefix("Function : ") {
             kernels.push(KernelSass {
                 kernel: name.trim().to_string(),
                 arch,
+                arch_specific,
                 mix: InstructionMix::default(),
             });
         } else if let (Some(k), Some(rest)) = (kernels.last_mut(), line.strip_prefix("/*")) {

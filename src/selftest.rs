@@ -11,6 +11,9 @@
 pub mod hopper;
 #[doc(hidden)]
 pub mod probes;
+mod wgmma;
+
+pub use wgmma::wgmma;
 
 use crate::device::{Device, DeviceKind, Element, KernelArgs, LaunchConfig};
 use crate::ops::check_range;
@@ -860,6 +863,7 @@ pub mod planted {
     pub mod bounds;
     pub mod hopper;
     pub mod races;
+    pub mod wgmma;
 
     /// A planted kernel's output beside what the correct kernel writes.
     #[derive(Debug, Clone)]

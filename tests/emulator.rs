@@ -91,6 +91,23 @@ fn convert_16bit() {
     on_every_device(selftest::convert_16bit);
 }
 
+/// Runs the wgmma self-test on `device`; a GPU without sm_90a is listed as skipped.
+fn wgmma_on(device: &Device) {
+    match selftest::wgmma(device) {
+        Err(Error::UnsupportedGpu { found, .. }) => {
+            eprintln!("skipped wgmma on {}: sm_{found} has no wgmma", device.description());
+        }
+        result => assert_all_passed(device, result.map(|check| vec![check])),
+    }
+}
+
+#[test]
+fn wgmma() {
+    for device in devices() {
+        wgmma_on(&device);
+    }
+}
+
 #[test]
 fn run_all_reports_every_check_once() {
     let device = Device::best().expect("a device");
@@ -122,6 +139,7 @@ mod schedules {
     fn every_check_passes(schedule: Schedule) {
         let device = Device::Emulator(EmulatorDevice::from_env().expect("emulator").with_schedule(schedule));
         assert_all_passed(&device, selftest::run_all(&device));
+        wgmma_on(&device);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Invariants of the compiled kernels that must never regress, read from the SASS, plus the
 //! report's own arithmetic (occupancy, SASS parsing) on hand-computed cases.
-use moe_kernels::device::registry::{KERNELS, TARGET_ARCHS};
+use moe_kernels::device::registry::{KERNEL_RESOURCES, KERNELS, PTXAS_DIAGNOSTICS, TARGET_ARCHS};
 use moe_kernels::kernel_report::{self, ArchLimits, KernelSass, occupancy, parse_sass};
 
 #[test]
@@ -52,6 +52,76 @@ fn sass_parser_counts_a_recorded_sample() {
         (1, 1, 1, 1, 0)
     );
     assert_eq!((kernels[1].mix.global_loads, kernels[1].mix.global_loads_128), (1, 0));
+    assert!(!v.arch_specific);
+}
+
+#[test]
+fn sass_parser_counts_hopper_instructions() {
+    let sample = "
+        arch = sm_90a
+                Function : hopper
+        /*0000*/                   SYNCS.EXCH.64 URZ, [UR4], UR6 ;                          /* 0x... */
+        /*0010*/                   UTMALDG.2D [UR8], [UR10] ;                               /* 0x... */
+        /*0020*/              @!P0 SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR4], R3 ;           /* 0x... */
+        /*0030*/                   WARPGROUP.ARRIVE ;                                       /* 0x... */
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24, UP0, gsb0 ; /* 0x... */
+        /*0050*/                   HGMMA.64x128x16.F32.BF16 R24, R88, gdesc[UR16], R24, gsb0 ; /* 0x... */
+        /*0060*/                   UTMASTG.2D [UR4], [UR6] ;                                /* 0x... */
+        /*0070*/                   EXIT ;                                                   /* 0x... */
+    ";
+    let kernels = parse_sass(sample);
+    assert_eq!(kernels.len(), 1);
+    let (k, m) = (&kernels[0], kernels[0].mix);
+    assert_eq!((k.arch, k.arch_specific), (90, true));
+    assert_eq!((m.instructions, m.wgmma, m.mma), (8, 2, 0));
+    assert_eq!((m.tma_loads, m.tma_stores, m.syncs), (1, 1, 2));
+}
+
+/// ptxas's notes that would make a Hopper kernel slow in silence: `setmaxnreg` ignored (C7508)
+/// and wgmma serialised (C7510, C7515, and the other reasons ptxas gives for it, e.g. C7514);
+/// and register spills on any arch.
+const HOPPER_PERFORMANCE_LOSS: [&str; 4] = [
+    "(C7508)",
+    "(C7510)",
+    "(C7515)",
+    "wgmma.mma_async instructions are serialized",
+];
+
+#[test]
+#[cfg_attr(not(moe_gpu_kernels), ignore = "needs GPU kernels: nvcc's ptxas report")]
+fn ptxas_reports_no_spill_and_no_hopper_performance_loss() {
+    // The planted bugs may serialise wgmma on purpose (an accumulator read before its wait).
+    for d in PTXAS_DIAGNOSTICS.iter().filter(|d| !d.module.starts_with("planted")) {
+        for note in HOPPER_PERFORMANCE_LOSS {
+            assert!(!d.message.contains(note), "kernels/{}.cu: {}", d.module, d.message);
+        }
+    }
+    assert!(!KERNEL_RESOURCES.is_empty(), "the GPU build reported no kernel");
+    for r in KERNEL_RESOURCES {
+        assert_eq!(
+            (r.spill_store_bytes, r.spill_load_bytes),
+            (0, 0),
+            "{} spills on sm_{}",
+            r.kernel,
+            r.arch
+        );
+    }
+}
+
+#[test]
+fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
+    let all = sass();
+    for kernel in [
+        "selftest_wgmma_bf16_n64",
+        "selftest_wgmma_bf16_n256",
+        "selftest_wgmma_f16_n128",
+    ] {
+        let hopper: Vec<&KernelSass> = all.iter().filter(|s| s.kernel == kernel && s.arch_specific).collect();
+        assert!(!hopper.is_empty(), "{kernel} has no sm_90a code");
+        for s in hopper {
+            assert!(s.mix.wgmma > 0, "{kernel} on sm_{}a has no HGMMA: {:?}", s.arch, s.mix);
+        }
+    }
 }
 
 /// The SASS of every embedded kernel. The tests that call it are ignored (with the reason)

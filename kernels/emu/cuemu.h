@@ -9,7 +9,11 @@
 // What is emulated: thread/block indices, static and dynamic shared memory, __syncthreads
 // (+ _count/_and/_or), __syncwarp, shuffles, votes, atomics, 16-bit floats, and the PTX
 // wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async, and Hopper's
-// mbarrier, TMA tensor and bulk copies, elect.sync: hopper_async.h).
+// mbarrier, TMA tensor and bulk copies, elect.sync: hopper_async.h; and the warpgroup
+// instructions in wgmma.cpp: wgmma.mma_async with fence / commit_group / wait_group,
+// setmaxnreg, fence.proxy.async). Warpgroup instructions are collectives of the 128 threads
+// of an aligned warpgroup; wgmma reads its operands at the covering wait_group and poisons its
+// accumulators until then.
 // What is not: timing, the weak memory model (fences are plain fences), warp divergence
 // costs, texture/surface memory, cooperative groups, clusters (TMA multicast, distributed
 // shared memory), TMA im2col mode.
@@ -110,6 +114,24 @@ void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row);
 void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void cp_async_commit();
 void cp_async_wait_group(unsigned pending);
+// Hopper's warpgroup instructions and the async-proxy shadow (wgmma.cpp; layouts in ptx.cuh).
+uint32_t wgmma_shared_offset(const void* p);  // the shared address of p (dynamic shared memory only)
+void wgmma_fence();
+void wgmma_commit_group();
+void wgmma_wait_group(unsigned pending);
+void wgmma_mma_async(float* d, unsigned n, MmaInput input, uint64_t desc_a, const uint32_t* a_regs,
+                     uint64_t desc_b, bool trans_a, bool trans_b, bool accumulate);
+void setmaxnreg(bool increase, unsigned registers);
+void fence_proxy_async_shared_cta();
+// For the async proxy's twins (wgmma here, TMA stores): fails the launch if generic-proxy
+// stores changed [smem, smem + bytes) since the last fence.proxy.async. Shared memory that
+// the async proxy itself wrote (a TMA load landing) must be announced by async_proxy_write.
+void async_proxy_read(const void* smem, size_t bytes, const char* what);
+void async_proxy_write(const void* smem, size_t bytes);
+// Runtime internals: the warpgroup rendezvous (the last of the 128 threads to arrive runs
+// `resolve` before any continues) and the per-block reset of wgmma.cpp's state.
+void warpgroup_arrive(const char* what, void (*resolve)(unsigned warpgroup));
+void hopper_block_begin(unsigned char* shared, size_t shared_bytes);
 [[noreturn]] void trap(const char* file, int line);
 }  // namespace cuemu
 #include "hopper_async.h"

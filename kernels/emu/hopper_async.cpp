@@ -111,6 +111,7 @@ void complete_phase(Barrier& b) {
   for (size_t i : b.counted) {
     Load& l = tl_block.loads[i];
     memcpy(l.dst, l.bytes.data(), l.bytes.size());
+    async_proxy_write(l.dst, l.bytes.size());  // the async proxy wrote it: no fence needed to read it so
     std::vector<unsigned char>().swap(l.bytes);
   }
   b.counted.clear();
@@ -140,6 +141,7 @@ void issue_load(uint64_t* bar, unsigned char* dst, std::vector<unsigned char>&& 
   Barrier& b = barrier_at(bar, site, op);
   const unsigned index = unsigned(&b - tl_block.barriers.data());
   memset(dst, kPoison, bytes.size());
+  async_proxy_write(dst, bytes.size());
   tl_block.loads.push_back(Load{index, dst, std::move(bytes), site, sched::thread_index()});
 }
 
@@ -321,6 +323,7 @@ void tma_store(const void* map, const void* smem_src, const int* coords, unsigne
   check_box_destination(smem_src, m, site, op);
   ThreadCopies& t = this_thread();
   Store st{CUEMU_CALLER, t.committed, true, m, {0, 0, 0, 0, 0}, nullptr, smem_src, unsigned(box_bytes(m))};
+  async_proxy_read(smem_src, st.bytes, op);  // ordinary stores into the tile need a proxy fence first
   memcpy(st.coords, coords, rank * sizeof(int));
   t.stores.push_back(st);
 }
@@ -345,6 +348,7 @@ void bulk_load(void* smem_dst, const void* gmem_src, unsigned bytes, uint64_t* b
 
 void bulk_store(void* gmem_dst, const void* smem_src, unsigned bytes, Site site) {
   check_bulk(smem_src, gmem_dst, bytes, site, "cp.async.bulk (shared -> global)");
+  async_proxy_read(smem_src, bytes, "cp.async.bulk (shared -> global)");
   ThreadCopies& t = this_thread();
   t.stores.push_back(Store{CUEMU_CALLER, t.committed, false, {}, {0, 0, 0, 0, 0}, gmem_dst, smem_src, bytes});
 }
@@ -356,8 +360,6 @@ bool elect_sync(unsigned mask) {
   const unsigned voters = warp_ballot(mask, 1);
   return lane_id() == unsigned(__builtin_ctz(voters));
 }
-
-void fence_proxy_async_shared() {}
 
 // ------------------------------------------------------------------ scheduler hooks
 namespace hopper {

@@ -60,8 +60,6 @@ void bulk_commit_group();
 void bulk_wait_group(unsigned pending);  // .read or not: both complete the covered stores
 
 bool elect_sync(unsigned mask);
-// A hook: ordinary shared-memory writes before it become visible to the async proxy.
-void fence_proxy_async_shared();
 
 // What the scheduler (runtime.cpp) asks of this file.
 namespace hopper {

@@ -93,7 +93,7 @@ namespace cuemu {
 namespace {
 
 enum class Schedule : uint32_t { InOrder = 0, Reverse = 1, Random = 2, RunAhead = 3 };
-enum class Wait : uint8_t { Runnable, Barrier, Warp, Parked, Exited };
+enum class Wait : uint8_t { Runnable, Barrier, Warp, Warpgroup, Parked, Exited };
 enum class Collective : uint8_t { Sync, Shuffle, Ballot, Mma, LdMatrix };
 const char* collective_name(Collective c) {
   switch (c) {
@@ -150,6 +150,12 @@ struct WarpState {
   unsigned runnable = 0;  // the run-ahead schedule's run queue: lanes ready to run
 };
 
+// A warpgroup collective (wgmma.cpp) being gathered: which one, and how many have arrived.
+struct WarpgroupWait {
+  const char* what = nullptr;
+  unsigned arrived = 0;
+};
+
 struct Launch {
   const KernelEntry* kernel;
   void** params;
@@ -176,6 +182,7 @@ struct Worker {
   unsigned barrier_arrived = 0, barrier_generation = 0;
   int barrier_count[2] = {0, 0}, barrier_arrivals[2] = {0, 0};
   WarpState warps[32];
+  WarpgroupWait warpgroups[8];
   LaneSlot slots[1024];
   void* main_sp = nullptr;
 #ifdef CUEMU_UCONTEXT
@@ -345,6 +352,12 @@ void release(Worker& w) {
     if (f.wait == Wait::Warp) {
       snprintf(line, sizeof line, "; thread %u (warp %u lane %u) waits in %s with mask %08x", i, f.warp,
                f.lane, collective_name(w.slots[i].op), w.slots[i].mask);
+      msg += line;
+    } else if (f.wait == Wait::Warpgroup && (i % 128 == 0 || w.fibers[i - 1].wait != Wait::Warpgroup)) {
+      snprintf(line, sizeof line,
+               "; thread %u waits in %s for all 128 threads of warpgroup %u (warps %u..%u: a warpgroup is four "
+               "aligned warps)",
+               i, w.warpgroups[i / 128].what, i / 128, i / 128 * 4, i / 128 * 4 + 3);
       msg += line;
     } else if (f.wait == Wait::Barrier && (i == 0 || w.fibers[i - 1].barrier_line != f.barrier_line)) {
       snprintf(line, sizeof line, "; thread %u waits at __syncthreads %s:%d", i, f.barrier_file, f.barrier_line);
@@ -559,6 +572,10 @@ bool canary_intact(const Fiber& f) {
   w.warps[f->warp].live &= ~(1u << f->lane);
   if (w.live && w.barrier_arrived == w.live) release_block_barrier(w);  // exited threads count as arrived
   if (w.warps[f->warp].waiting) try_release_warp(w, f->warp);
+  if (w.warpgroups[f->linear / 128].arrived)
+    fail_block("thread %u exited while warpgroup %u waits for it in %s (a warpgroup is four aligned warps, "
+               "and all 128 threads execute its collectives)",
+               f->linear, f->linear / 128, w.warpgroups[f->linear / 128].what);
   const int next = w.live ? next_runnable(w) : queue_pop(w);
   if (next < 0 && w.live) deadlock(w);
   transfer(w, f, next < 0 ? nullptr : &w.fibers[next], true);
@@ -649,6 +666,7 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   w.failure.clear();
   for (WarpState& ws : w.warps) ws = WarpState{};
   hopper::block_begin(n);
+  for (WarpgroupWait& g : w.warpgroups) g = WarpgroupWait{};
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
     prepare_fiber(w, f, i);
@@ -661,7 +679,8 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   }
   // Dynamic shared memory: a heap block of the launch's size (ASan sees overruns past it),
   // filled with 0xFF (NaN as float) so that reads of never-written shared memory stand out.
-  // 1024-byte aligned, as the GPU's shared window: swizzle patterns follow address bits 4-9.
+  // Aligned to 1024 bytes, as the GPU's shared window and the repeat of the 128-byte swizzle
+  // (swizzle.cuh): the emulated shared address (wgmma_shared_offset) is the offset from here.
   const size_t rounded = (L.shared_bytes + 1023) & ~size_t(1023);
   if (rounded > w.shared_capacity) {
     free(w.shared);
@@ -676,6 +695,7 @@ bool run_block(Worker& w, Launch& L, uint64_t b) {
   }
 #endif
   if (L.shared_bytes) memset(w.shared, 0xFF, L.shared_bytes);
+  hopper_block_begin(w.shared, L.shared_bytes);
   release(w);
 #ifdef CUEMU_PROFILE
   if (L.profiling) profiler::block_begin(n);
@@ -816,6 +836,33 @@ unsigned warp_ballot(unsigned mask, int predicate) {
 }
 
 unsigned active_mask() { return tl_worker->warps[tl_fiber->warp].live; }
+
+void warpgroup_arrive(const char* what, void (*resolve)(unsigned warpgroup)) {
+  Worker& w = *tl_worker;
+  Fiber* f = tl_fiber;
+  const unsigned g = f->linear / 128;
+  if (w.thread_count < 128 * (g + 1))
+    fail_block("%s: thread %u is in warpgroup %u, which the block's %u threads do not fill (a warpgroup is four "
+               "aligned warps, 128 threads)",
+               what, f->linear, g, w.thread_count);
+  for (unsigned warp = 4 * g; warp < 4 * g + 4; ++warp)
+    if (w.warps[warp].live != 0xffffffffu)
+      fail_block("%s: warp %u of warpgroup %u has exited threads (all 128 threads of the warpgroup, warps %u..%u, "
+                 "execute it together)",
+                 what, warp, g, 4 * g, 4 * g + 3);
+  WarpgroupWait& wg = w.warpgroups[g];
+  if (wg.arrived && strcmp(wg.what, what) != 0)
+    fail_block("threads of warpgroup %u meet in different warpgroup collectives (%s, %s)", g, wg.what, what);
+  wg.what = what;
+  f->wait = Wait::Warpgroup;
+  if (++wg.arrived == 128) {
+    resolve(g);
+    wg.arrived = 0;
+    for (unsigned i = 128 * g; i < 128 * (g + 1); ++i) w.released.push_back(i);
+    release(w);
+  }
+  run_next(w, f);
+}
 unsigned lane_id() { return tl_fiber->lane; }
 
 void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c, MmaInput input) {

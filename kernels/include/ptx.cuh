@@ -288,7 +288,7 @@ __device__ __forceinline__ void tma_load(void* smem_dst, const TensorMap* map, u
 // written. Part of this thread's current bulk group: shared memory may be reused after
 // bulk_wait_group<N, true> (.read), global memory holds the data after bulk_wait_group<N>.
 // Ordinary stores that filled the tile must be made visible first with
-// fence_proxy_async_shared().
+// fence_proxy_async_shared_cta().
 #if defined(MOE_SM90)
 #define MOE_TMA_STORE(N, COORDS, ...)                                                      \
   asm volatile("cp.async.bulk.tensor." #N "d.global.shared::cta.tile.bulk_group "          \
@@ -371,18 +371,6 @@ __device__ __forceinline__ void bulk_wait_group() {
 }
 
 // ------------------------------------------------------------------ fences, election, PDL
-// fence.proxy.async.shared::cta: ordinary (generic-proxy) writes to shared memory become
-// visible to the async proxy (TMA stores, wgmma operands) issued after it by this thread.
-__device__ __forceinline__ void fence_proxy_async_shared() {
-#if defined(MOE_SM90)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#elif defined(__CUDA_ARCH__)
-  __trap();
-#elif defined(CUEMU_HOST)
-  ::cuemu::fence_proxy_async_shared();
-#endif
-}
-
 // elect.sync: true in exactly one lane of the full warp (the lowest), which must be converged.
 __device__ __forceinline__ bool elect_one() {
 #if defined(MOE_SM90)
@@ -411,5 +399,202 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 __device__ __forceinline__ void griddep_wait() {
 #if defined(MOE_SM90)
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// ------------------------------------------------------------------ Hopper warpgroup MMA
+// wgmma (sm_90a only: nvcc -gencode=arch=compute_90a,code=sm_90a). In other GPU passes
+// wgmma_m64k16 traps and the rest are empty; the emulator always runs them (kernels/emu/wgmma.cpp).
+// Every wrapper here is `.sync.aligned` over a warpgroup: all 128 threads of warps 4g..4g+3
+// execute it together, with warpgroup-uniform operands.
+//
+// D (64 x N, f32) += A (64 x 16) * B (16 x N), N a multiple of 8 in 8..256 (the wrappers take
+// N in {8, 16, 32, 64, 128, 256}). Thread t of the warpgroup, w = t/32, g = (t%32)/4, q = t%4:
+//   d[4j + i] (N/2 floats): row 16w + g + 8(i/2), column 8j + 2q + i%2, for j < N/8, i < 4
+//   a[i] (A in registers, 4 x b32): row 16w + g + 8(i%2), columns 2q, 2q+1 (+8 if i >= 2)
+// A and B in shared memory are read through 64-bit matrix descriptors (wgmma_descriptor). The
+// canonical layouts for 16-bit elements (PTX ISA, "Shared memory matrix layout"), for the
+// 16-deep slice one instruction reads; `mn` is a row of A or a column of B:
+//   K-major (default): rows of `span` bytes (16 unswizzled, else the swizzle's 32/64/128),
+//     element (mn, k) at (mn%8)*span + (mn/8)*SBO + (k%8)*2 + (k/8)*(unswizzled ? LBO : 16);
+//     so a 128B-swizzled tile of rows of 64 elements has SBO = 1024 (LBO is ignored) and the
+//     k-th 16-deep slice starts 32k bytes in.
+//   MN-major (Trans = true): the same with mn and k exchanged; unswizzled, (mn%8)*2 +
+//     (mn/8)*SBO + (k%8)*16 + (k/8)*LBO; swizzled, (mn%8)*2 + (mn/8 % (span/16))*16 +
+//     (mn/8 / (span/16))*LBO + (k%8)*span + (k/8)*SBO.
+// then permuted by swizzle_address (swizzle.cuh). A swizzled tile must start on a multiple of
+// its repeat (the emulator requires the descriptor's base offset to be 0).
+//
+// Asynchrony: wgmma_m64k16 only starts the product. Before the first one (and whenever the
+// accumulator or A registers were written since), call wgmma_fence(); close a batch with
+// wgmma_commit_group(); wgmma_wait_group<N>() waits until at most N batches are in flight.
+// Until then the accumulators must not be read (the emulator fills them with NaN) and the
+// shared operands must not be overwritten (the emulator reads them at the wait). Bracket the
+// accumulator array with wgmma_fence_operand(d) before the first wgmma and after the wait so
+// nvcc keeps its reads and writes on the right side of the asm. Shared memory written by
+// ordinary stores (or cp.async) needs fence_proxy_async_shared_cta() before wgmma reads it.
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOE_SM90A 1
+#endif
+#include <type_traits>
+
+#include "swizzle.cuh"
+
+// The matrix descriptor of an operand tile at `smem` (PTX ISA, "Matrix Descriptor Format"):
+// bits 0-13 start address >> 4, 16-29 leading byte offset >> 4, 32-45 stride byte offset >> 4,
+// 49-51 base offset (0), 62-63 layout (0 none, 1 128B, 2 64B, 3 32B swizzle).
+__device__ __forceinline__ uint64_t wgmma_descriptor(const void* smem, unsigned leading_bytes, unsigned stride_bytes,
+                                                     SwizzleMode swizzle) {
+#if defined(__CUDA_ARCH__)
+  const unsigned address = shared_address(smem);
+#else
+  const unsigned address = ::cuemu::wgmma_shared_offset(smem);
+#endif
+  const uint64_t layout = (4u - swizzle_bits(swizzle)) & 3u;
+  return uint64_t((address >> 4) & 0x3fffu) | uint64_t((leading_bytes >> 4) & 0x3fffu) << 16 |
+         uint64_t((stride_bytes >> 4) & 0x3fffu) << 32 | layout << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(MOE_SM90A)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#elif defined(CUEMU_HOST)
+  ::cuemu::wgmma_fence();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit_group() {
+#if defined(MOE_SM90A)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#elif defined(CUEMU_HOST)
+  ::cuemu::wgmma_commit_group();
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_wait_group() {
+  static_assert(N >= 0 && N <= 7, "wgmma.wait_group takes 0..7");
+#if defined(MOE_SM90A)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#elif defined(CUEMU_HOST)
+  ::cuemu::wgmma_wait_group(N);
+#endif
+}
+
+// Tells nvcc that every accumulator may change here (no code; nothing in the emulator).
+template <int R>
+__device__ __forceinline__ void wgmma_fence_operand(float (&d)[R]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+#endif
+}
+
+#if defined(MOE_SM90A)
+// Operand lists for the accumulators: "+f"(d[i]) ... and the matching "{%0, %1, ...}".
+#define MOE_ACC4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define MOE_ACC8(i) MOE_ACC4(i), MOE_ACC4(i + 4)
+#define MOE_ACC16(i) MOE_ACC8(i), MOE_ACC8(i + 8)
+#define MOE_ACC32(i) MOE_ACC16(i), MOE_ACC16(i + 16)
+#define MOE_ACC64(i) MOE_ACC32(i), MOE_ACC32(i + 32)
+#define MOE_ACC128(i) MOE_ACC64(i), MOE_ACC64(i + 64)
+#define MOE_R10(t) "%" #t "0,%" #t "1,%" #t "2,%" #t "3,%" #t "4,%" #t "5,%" #t "6,%" #t "7,%" #t "8,%" #t "9"
+#define MOE_REGS4 "{%0,%1,%2,%3}"
+#define MOE_REGS8 "{%0,%1,%2,%3,%4,%5,%6,%7}"
+#define MOE_REGS16 "{" MOE_R10() ",%10,%11,%12,%13,%14,%15}"
+#define MOE_REGS32 "{" MOE_R10() "," MOE_R10(1) "," MOE_R10(2) ",%30,%31}"
+#define MOE_REGS64 \
+  "{" MOE_R10() "," MOE_R10(1) "," MOE_R10(2) "," MOE_R10(3) "," MOE_R10(4) "," MOE_R10(5) ",%60,%61,%62,%63}"
+#define MOE_REGS128                                                                                              \
+  "{" MOE_R10() "," MOE_R10(1) "," MOE_R10(2) "," MOE_R10(3) "," MOE_R10(4) "," MOE_R10(5) "," MOE_R10(6) "," \
+      MOE_R10(7) "," MOE_R10(8) "," MOE_R10(9) "," MOE_R10(10) "," MOE_R10(11) ",%120,%121,%122,%123,%124,%125,%126,%127}"
+// A and B from shared memory: %Q descriptor A, %Q+1 descriptor B, %Q+2 scale-d, %Q+3/%Q+4
+// transposes (the two numbers after them are the register form's).
+#define MOE_WGMMA_SS(NN, TYPE, REGS, ACC, QA, QB, QS, QTA, QTB, UNUSED1, UNUSED2)                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #QS ", 0;\n"                                       \
+               "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TYPE "." TYPE " " REGS ", %" #QA    \
+               ", %" #QB ", p, 1, 1, %" #QTA ", %" #QTB ";\n}\n"                                     \
+               : ACC                                                                                   \
+               : "l"(desc_a), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransA)), "n"(int(TransB)))
+// A from registers: %Q..%Q+3 A, %Q+4 descriptor B, %Q+5 scale-d, %Q+6 transpose of B.
+#define MOE_WGMMA_RS(NN, TYPE, REGS, ACC, Q0, Q1, Q2, Q3, QB, QS, QTB)                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #QS ", 0;\n"                                          \
+               "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TYPE "." TYPE " " REGS ", {%" #Q0 ", %" #Q1 \
+               ", %" #Q2 ", %" #Q3 "}, %" #QB ", p, 1, 1, %" #QTB ";\n}\n"                                 \
+               : ACC                                                                                      \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(int(accumulate)), "n"(int(TransB)))
+#define MOE_WGMMA_EACH_N(M, TYPE)                                                                   \
+  if constexpr (N == 8) M(8, TYPE, MOE_REGS4, MOE_ACC4(0), 4, 5, 6, 7, 8, 9, 10);                    \
+  else if constexpr (N == 16) M(16, TYPE, MOE_REGS8, MOE_ACC8(0), 8, 9, 10, 11, 12, 13, 14);          \
+  else if constexpr (N == 32) M(32, TYPE, MOE_REGS16, MOE_ACC16(0), 16, 17, 18, 19, 20, 21, 22);      \
+  else if constexpr (N == 64) M(64, TYPE, MOE_REGS32, MOE_ACC32(0), 32, 33, 34, 35, 36, 37, 38);      \
+  else if constexpr (N == 128) M(128, TYPE, MOE_REGS64, MOE_ACC64(0), 64, 65, 66, 67, 68, 69, 70);    \
+  else M(256, TYPE, MOE_REGS128, MOE_ACC128(0), 128, 129, 130, 131, 132, 133, 134)
+#endif
+
+// Whether T is bf16 (else f16), after checking N and T.
+template <int N, class T>
+__host__ __device__ constexpr bool wgmma_bf16() {
+  static_assert(N == 8 || N == 16 || N == 32 || N == 64 || N == 128 || N == 256,
+                "wgmma_m64k16: N must be 8, 16, 32, 64, 128 or 256");
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>,
+                "wgmma_m64k16: T must be __nv_bfloat16 or __half");
+  return std::is_same_v<T, __nv_bfloat16>;
+}
+
+// D = A*B + (accumulate ? D : 0), A and B from shared memory; T is __nv_bfloat16 or __half.
+// TransA / TransB: the operand is MN-major instead of K-major.
+template <int N, class T, bool TransA = false, bool TransB = false>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  constexpr bool bf16 = wgmma_bf16<N, T>();
+#if defined(MOE_SM90A)
+  if constexpr (bf16) MOE_WGMMA_EACH_N(MOE_WGMMA_SS, "bf16");
+  else MOE_WGMMA_EACH_N(MOE_WGMMA_SS, "f16");
+#elif defined(__CUDA_ARCH__)
+  __trap();  // wgmma exists only in sm_90a code
+#elif defined(CUEMU_HOST)
+  ::cuemu::wgmma_mma_async(d, N, bf16 ? ::cuemu::MmaInput::Bf16 : ::cuemu::MmaInput::F16, desc_a, nullptr, desc_b,
+                           TransA, TransB, accumulate);
+#endif
+}
+
+// The same with A from registers (layout above); only B may be MN-major.
+template <int N, class T, bool TransB = false>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
+                                             bool accumulate) {
+  constexpr bool bf16 = wgmma_bf16<N, T>();
+#if defined(MOE_SM90A)
+  if constexpr (bf16) MOE_WGMMA_EACH_N(MOE_WGMMA_RS, "bf16");
+  else MOE_WGMMA_EACH_N(MOE_WGMMA_RS, "f16");
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(CUEMU_HOST)
+  ::cuemu::wgmma_mma_async(d, N, bf16 ? ::cuemu::MmaInput::Bf16 : ::cuemu::MmaInput::F16, 0, a, desc_b, false,
+                           TransB, accumulate);
+#endif
+}
+
+// setmaxnreg.{inc,dec}.sync.aligned.u32: the warpgroup's per-thread register budget rises
+// (Increase) or falls to Regs, a multiple of 8 in 24..256, warpgroup-uniform. A hint
+// elsewhere than sm_90a: nothing. The kernel needs __launch_bounds__ (ptxas ignores it
+// otherwise: C7508).
+template <bool Increase, int Regs>
+__device__ __forceinline__ void setmaxnreg() {
+  static_assert(Regs % 8 == 0 && Regs >= 24 && Regs <= 256, "setmaxnreg takes a multiple of 8 in 24..256");
+#if defined(MOE_SM90A)
+  if constexpr (Increase) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Regs));
+  else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Regs));
+#elif defined(CUEMU_HOST)
+  ::cuemu::setmaxnreg(Increase, Regs);
+#endif
+}
+
+// fence.proxy.async.shared::cta: this thread's earlier ordinary shared-memory stores become
+// visible to the async proxy (wgmma operands, TMA stores). Before sm_90 there is no async proxy.
+__device__ __forceinline__ void fence_proxy_async_shared_cta() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#elif defined(CUEMU_HOST)
+  ::cuemu::fence_proxy_async_shared_cta();
 #endif
 }

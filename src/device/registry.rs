@@ -29,6 +29,14 @@ pub struct KernelResources {
     pub spill_load_bytes: u32,
 }
 
+/// A ptxas warning or "Potential Performance Loss" note from compiling one kernel file, e.g.
+/// (C7508) `setmaxnreg` ignored or (C7510)/(C7515) wgmma serialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PtxasDiagnostic {
+    pub module: &'static str,
+    pub message: &'static str,
+}
+
 /// What `EMU_EXPORT` publishes for one kernel (`cuemu::KernelEntry` in kernels/emu/cuemu.h).
 #[repr(C)]
 #[derive(Debug)]
