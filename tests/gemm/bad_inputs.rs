@@ -323,6 +323,20 @@ fn backward_rejects_bad_inputs() {
             "a",
         );
         assert_names(ExpertMask::new(&device, &[]).map(|_| ()), "selected.len()");
+        // Sparse mode: flags of the wrong length, a call index past MAX_WGRAD_CALL.
+        let mut short_flags = device.alloc_zeros::<u32>(1).unwrap();
+        let mut flags = device.alloc_zeros::<u32>(p.shape.experts).unwrap();
+        for (written, call, argument) in [
+            (&mut short_flags, 0, "written"),
+            (&mut flags, gemm::MAX_WGRAD_CALL + 1, "call"),
+        ] {
+            let write = WgradWrite::Sparse { written, call };
+            let result = gemm::wgrad(&device, &dc, &a, contiguous, p.shape, &g, none, write, &mut db);
+            assert_names(result, argument);
+        }
+        // zero_unwritten: db not a whole number of experts.
+        let mut ragged = device.alloc_zeros::<f32>(3 * p.shape.experts + 1).unwrap();
+        assert_names(gemm::zero_unwritten(&device, &flags, &mut ragged), "db");
         assert_eq!(device.stats().launches, launches, "a rejected call launched");
         gemm::wgrad(
             &device,
