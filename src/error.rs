@@ -61,6 +61,10 @@ pub enum Error {
     /// `config.json` field concerned.
     #[error("checkpoint: `{name}`: {problem}")]
     Checkpoint { name: String, problem: String },
+    /// candle refused something ([`candle`](crate::candle), feature `candle`).
+    #[cfg(feature = "candle")]
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
     /// An argument's value is outside what the op supports.
     #[error("argument `{argument}` = {value}: expected {expected}")]
     InvalidArgument {

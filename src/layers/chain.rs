@@ -93,6 +93,16 @@ impl<T: FloatElement> ChainOfExperts<T> {
         Self::new(device, config, &weights)
     }
 
+    /// The device the layer runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// What the layer was built with.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
     /// What the chain was built for.
     pub fn mode(&self) -> Mode {
         self.mode

@@ -212,6 +212,16 @@ impl<T: FloatElement> VqMoe<T> {
         Self::new(device, config, &VqWeights::random(&config, seed))
     }
 
+    /// The device the layer runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// What the layer was built with.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
     fn shape(&self, tokens: usize) -> CodebookShape {
         CodebookShape {
             tokens,
