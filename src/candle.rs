@@ -130,10 +130,11 @@ pub fn forward<T: CandleElement, L: TokenLayer<T>>(layer: &mut L, x: &Tensor) ->
         }
         #[cfg(feature = "candle-cuda")]
         Storage::Cuda(cuda) => {
+            #[allow(irrefutable_let_patterns)] // without `emulator`, Cuda is Device's only variant
             let Device::Cuda(device) = on(layer.device(), DeviceKind::Cuda, "candle's CUDA device")? else {
                 unreachable!("`on` checked the kind")
             };
-            let candle = cuda.device().clone();
+            let candle = cuda.device.clone();
             if device.stream().cu_stream() != candle.cuda_stream().cu_stream() {
                 return Err(Error::WrongDevice {
                     argument: "x",
