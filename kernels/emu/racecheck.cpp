@@ -325,8 +325,10 @@ void warp_sync(unsigned warp, unsigned lanes) {
   }
   if (!g.cross_on) return;
   std::vector<uint32_t> known(g.threads, 0);  // what any of the lanes knows of other warps
-  for (uint32_t t = lanes; t; t &= t - 1)
-    for (unsigned u = 0; u < g.threads; ++u) known[u] = std::max(known[u], g.cross[(warp * 32 + __builtin_ctz(t)) * size_t(g.threads) + u]);
+  for (uint32_t t = lanes; t; t &= t - 1) {
+    const uint32_t* row = cross_row(warp * 32 + __builtin_ctz(t));
+    for (unsigned u = 0; u < g.threads; ++u) known[u] = std::max(known[u], row[u]);
+  }
   for (uint32_t t = lanes; t; t &= t - 1)
     std::copy(known.begin(), known.end(), g.cross.begin() + (warp * 32 + __builtin_ctz(t)) * ptrdiff_t(g.threads));
 }
