@@ -34,7 +34,8 @@ pub struct KernelFile {
 }
 
 /// Kernel files that only the development tooling launches (feature `dev-tools`).
-const TEST_ONLY: [&str; 7] = [
+const TEST_ONLY: [&str; 8] = [
+    "hopper_demo",
     "planted_async",
     "planted_bugs",
     "planted_wgmma",
