@@ -103,6 +103,8 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
 // Launch: grid (ceil(cols / (32 * DEC_WARPS / ksplit)), E), DEC_WARPS * 32 threads,
 //   DEC_WARPS * DEC_STAGES * decode_stage_bytes(COLS, rows_cap) + DEC_ROWS * 8 dynamic shared
 //   bytes (COLS = 2 for the SwiGLU forward, else 1); cols = N (forward), N/2 (SwiGLU), K (dgrad).
+//   __launch_bounds__(128, 3): at most 168 registers (32 rows x COLS accumulators), 3 blocks
+//   (12 warps, 36 ring stages of weights in flight) per SM where shared memory allows.
 template <class T>
 __device__ __forceinline__ void grouped_decode(const FwdArgs<T> p, int ksplit, int rows_cap) {
   const bool swiglu = p.epi.mode == EPI_SWIGLU;
@@ -255,7 +257,7 @@ EMU_EXPORT(grouped_gemm_zero_unwritten)
     GroupedRows<T>{dc, rows, nullptr, 0, n}, b, offsets, experts, rows, n, kdim, n, kdim, DGRAD_EPILOGUE(T), \
         ksplit, rows_cap                                                                                \
   }
-#define DECODE_BOUNDS __launch_bounds__(DEC_WARPS * 32, 2)
+#define DECODE_BOUNDS __launch_bounds__(DEC_WARPS * 32, 3)
 
 #define WGRAD_ROWS(T) GroupedRows<T>{a, a_rows, sorted_rows, top_k, kdim}
 

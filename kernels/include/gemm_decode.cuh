@@ -45,8 +45,7 @@ template <class T> struct DecodeArgs {
   int rows_cap;    // rows per pass (<= DEC_ROWS): the A tile's rows
 };
 
-// Bytes of one warp's ring stage and of the block's dynamic shared memory (the host mirrors
-// it: ops/gemm decode_shared).
+// Bytes of one warp's ring stage (the host mirrors it: ops/gemm/decode.rs, decode_plan).
 __host__ __device__ constexpr int decode_stage_bytes(int cols, int rows_cap) {
   return cols * DEC_B_BYTES + rows_cap * DEC_CHUNK_BYTES;
 }
