@@ -6,9 +6,11 @@ use crate::common::devices;
 use crate::support::{dense, download_f32, small, to_t};
 use crate::vq::{config as vq_config, run_vq, vq_case};
 use half::bf16;
-use moe_kernels::layers::{Captures, ChainOfExperts, ExpertGrads, MoeConfig, RouterKind, VqMoe};
+use moe_kernels::layers::{Captures, ChainOfExperts, ExpertGrads, GraphIo, MoeConfig, RouterKind, VqMoe};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::{Device, Error};
+
+type Chain = ChainOfExperts<f32>;
 
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|v| v.to_bits()).collect()
@@ -26,6 +28,26 @@ fn dense_grads(device: &Device, grads: &ExpertGrads) -> Vec<u32> {
     let mut all = dense(&device.download(&grads.w1).unwrap(), &written);
     all.extend(dense(&device.download(&grads.w2).unwrap(), &written));
     bits(&all)
+}
+
+/// Writes x and dy into a captured pass's buffers.
+fn write_inputs<T: FloatElement>(device: &Device, mut io: GraphIo<'_, T>, x: &[f32], dy: &[f32]) {
+    device.upload_into(&to_t::<T>(x), &mut io.x).unwrap();
+    device.upload_into(&to_t::<T>(dy), &mut io.dy).unwrap();
+}
+
+/// Runs `replay`, checking that it launched and did not sync.
+fn replay_checked(device: &Device, what: &str, replay: impl FnOnce() -> moe_kernels::Result<()>) {
+    let before = device.stats();
+    replay().unwrap();
+    let after = device.stats();
+    assert_eq!(after.host_syncs, before.host_syncs, "{what}: replay synced");
+    assert!(after.launches > before.launches, "{what}: replay launched nothing");
+}
+
+/// y and dx of a captured pass's buffers.
+fn outputs<T: FloatElement>(device: &Device, io: GraphIo<'_, T>) -> (Vec<f32>, Vec<f32>) {
+    (download_f32(device, &io.y), download_f32(device, &io.dx))
 }
 
 fn chain_config() -> MoeConfig {
@@ -51,18 +73,9 @@ fn check_chain<T: FloatElement>(device: &Device) {
     let mut eager = ChainOfExperts::<T>::new(device, config, &weights).unwrap();
     for (i, case) in cases.iter().enumerate() {
         let what = format!("chain {} batch {i} on {}", T::NAME, device.description());
-        let mut io = captured.graph_io().unwrap();
-        device.upload_into(&to_t::<T>(&case.x), &mut io.x).unwrap();
-        device.upload_into(&to_t::<T>(&case.dy), &mut io.dy).unwrap();
-        let before = device.stats();
-        captured.replay().unwrap();
-        assert_eq!(device.stats().host_syncs, before.host_syncs, "{what}: replay synced");
-        assert!(
-            device.stats().launches > before.launches,
-            "{what}: replay launched nothing"
-        );
-        let io = captured.graph_io().unwrap();
-        let (y, dx) = (download_f32(device, &io.y), download_f32(device, &io.dx));
+        write_inputs(device, captured.graph_io().unwrap(), &case.x, &case.dy);
+        replay_checked(device, &what, || captured.replay());
+        let (y, dx) = outputs(device, captured.graph_io().unwrap());
         let want = run_chain(device, &mut eager, case);
         assert_eq!(bits(&y), bits(&want.y), "{what}: y");
         assert_eq!(bits(&dx), bits(&want.dx), "{what}: dx");
@@ -93,18 +106,9 @@ fn check_vq<T: FloatElement>(device: &Device) {
     let mut eager = VqMoe::<T>::new(device, config, &weights).unwrap();
     for (i, case) in [first, second].iter().enumerate() {
         let what = format!("VQ-MoE {} batch {i} on {}", T::NAME, device.description());
-        let mut io = captured.graph_io().unwrap();
-        device.upload_into(&to_t::<T>(&case.x), &mut io.x).unwrap();
-        device.upload_into(&to_t::<T>(&case.dy), &mut io.dy).unwrap();
-        let before = device.stats();
-        captured.replay().unwrap();
-        assert_eq!(device.stats().host_syncs, before.host_syncs, "{what}: replay synced");
-        assert!(
-            device.stats().launches > before.launches,
-            "{what}: replay launched nothing"
-        );
-        let io = captured.graph_io().unwrap();
-        let (y, dx) = (download_f32(device, &io.y), download_f32(device, &io.dx));
+        write_inputs(device, captured.graph_io().unwrap(), &case.x, &case.dy);
+        replay_checked(device, &what, || captured.replay());
+        let (y, dx) = outputs(device, captured.graph_io().unwrap());
         let want = run_vq(device, &mut eager, case);
         let get = |b: &moe_kernels::DeviceBuffer<f32>| bits(&device.download(b).unwrap());
         assert_eq!(bits(&y), bits(&want.y), "{what}: y");
@@ -153,7 +157,7 @@ fn what_drops_a_chain_or_vq_graph() {
         let case = ChainCase::new::<f32>(config, 2, 4, 320);
         let mut chain = ChainOfExperts::<f32>::new(&device, config, &case.weights).unwrap();
         assert!(no_graph(chain.replay()), "a new chain has no graph");
-        let drops: [&dyn Fn(&mut ChainOfExperts<f32>); 3] = [
+        let drops: [&dyn Fn(&mut Chain); 3] = [
             &|c| drop(run_chain(&device, c, &case)),
             &|c| c.set_expert_mask(None).unwrap(),
             &|c| {

@@ -1,11 +1,11 @@
 //! The backward: `dA_e = dC_e · B_e` (`grouped_gemm_dgrad_*`) and `dB_e = dC_e^T · A_e`
 //! (`grouped_gemm_wgrad_*`), with the ESFT expert mask, the Chain-of-Experts accumulate mode and
 //! the sparse mode that writes only the experts that got rows.
-use super::decode::{decode_plan, with_decode_plan};
+use super::decode::{decode_launch, with_decode_plan};
 use super::forward::check_grid_y;
 use super::{
-    ARows, DECODE_MAX_ROWS, DECODE_THREADS, EPI_STORE, EPI_SWIGLU_BWD, GemmPath, GemmShape, Groups, TILE_THREADS,
-    check_a_rows, check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
+    ARows, DECODE_MAX_ROWS, EPI_STORE, EPI_SWIGLU_BWD, GemmPath, GemmShape, Groups, TILE_THREADS, check_a_rows,
+    check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{DynMut, FloatElement, check_len, elements, grid_blocks};
@@ -141,20 +141,7 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         GemmPath::Decode => true,
     };
     let (name, launch, plan) = if decode {
-        let plan = decode_plan(
-            shape.k,
-            shape.n,
-            std::mem::size_of::<T>(),
-            1,
-            shape.experts,
-            groups.rows,
-            groups.max_group_rows,
-        )?;
-        let launch = LaunchConfig {
-            grid: (plan.column_blocks, shape.experts as u32, 1),
-            block: (DECODE_THREADS, 1, 1),
-            shared_bytes: plan.shared_bytes,
-        };
+        let (launch, plan) = decode_launch((shape.k, shape.n, size_of::<T>(), 1), shape.experts, groups)?;
         (format!("grouped_gemm_decode_dgrad_{}", T::NAME), launch, Some(plan))
     } else {
         let tile_cols = if T::NAME == "f32" { 64 } else { 128 };

@@ -4,12 +4,16 @@
 //! its weight tile through a ring of [`DECODE_STAGES`] stages of 64 bytes per weight row and
 //! splits the reduction `ksplit` ways inside the block.
 use super::DECODE_MAX_ROWS;
+use super::Groups;
+use crate::DeviceSlice;
 use crate::Result;
-use crate::device::KernelArgs;
+use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::grid_blocks;
 
 /// Warps per decode block (`DEC_WARPS`).
 pub const DECODE_WARPS: usize = 4;
+/// Threads of a decode block.
+const DECODE_THREADS: u32 = (DECODE_WARPS * 32) as u32;
 /// Stages of each warp's cp.async ring (`DEC_STAGES`).
 const DECODE_STAGES: usize = 4;
 /// Bytes of one weight row (or one row of the group) per ring stage (`DEC_CHUNK_BYTES`).
@@ -62,6 +66,29 @@ pub fn decode_plan(
         rows_per_pass,
         shared_bytes: shared as u32,
     })
+}
+
+/// The launch of a decode kernel over `groups` (see [`decode_plan`] for the other arguments).
+pub(super) fn decode_launch<I: DeviceSlice<i32>>(
+    (cols, reduction, elem_bytes, weight_rows_per_lane): (usize, usize, usize, usize),
+    experts: usize,
+    groups: &Groups<'_, I>,
+) -> Result<(LaunchConfig, DecodePlan)> {
+    let plan = decode_plan(
+        cols,
+        reduction,
+        elem_bytes,
+        weight_rows_per_lane,
+        experts,
+        groups.rows,
+        groups.max_group_rows,
+    )?;
+    let launch = LaunchConfig {
+        grid: (plan.column_blocks, experts as u32, 1),
+        block: (DECODE_THREADS, 1, 1),
+        shared_bytes: plan.shared_bytes,
+    };
+    Ok((launch, plan))
 }
 
 /// The decode kernels' last two arguments (`ksplit`, `rows_cap`) after the tile kernels' list.

@@ -1,8 +1,8 @@
 //! The forward: `C_e = A_e · B_e^T` with its epilogues (`grouped_gemm_fwd_*`, `grouped_gemm_decode_*`).
-use super::decode::{decode_plan, with_decode_plan};
+use super::decode::{decode_launch, with_decode_plan};
 use super::{
-    ARows, DECODE_MAX_ROWS, DECODE_THREADS, EPI_STORE, EPI_SWIGLU, GemmShape, Groups, TILE_THREADS, check_a_rows,
-    check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
+    ARows, DECODE_MAX_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16,
+    check_out_type, i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -146,20 +146,8 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
     };
     let (name, launch, plan) = if decode {
-        let plan = decode_plan(
-            out_cols,
-            shape.k,
-            std::mem::size_of::<T>(),
-            if mode == EPI_SWIGLU { 2 } else { 1 },
-            shape.experts,
-            groups.rows,
-            groups.max_group_rows,
-        )?;
-        let config = LaunchConfig {
-            grid: (plan.column_blocks, shape.experts as u32, 1),
-            block: (DECODE_THREADS, 1, 1),
-            shared_bytes: plan.shared_bytes,
-        };
+        let per_lane = if mode == EPI_SWIGLU { 2 } else { 1 };
+        let (config, plan) = decode_launch((out_cols, shape.k, size_of::<T>(), per_lane), shape.experts, groups)?;
         (format!("grouped_gemm_decode_{}", T::NAME), config, Some(plan))
     } else {
         let tile_cols = if T::NAME == "f32" { 64 } else { 128 };

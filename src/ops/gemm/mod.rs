@@ -60,8 +60,6 @@ const MMA_TILE: usize = 128;
 const FMA_TILE: usize = 64;
 /// Threads of the tile kernels.
 const TILE_THREADS: u32 = 256;
-/// Threads of a decode block.
-const DECODE_THREADS: u32 = (decode::DECODE_WARPS * 32) as u32;
 /// Epilogue modes (`EpilogueMode` in gemm_group.cuh).
 const EPI_STORE: i32 = 0;
 const EPI_SWIGLU: i32 = 1;
