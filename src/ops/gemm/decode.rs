@@ -40,7 +40,8 @@ pub struct DecodePlan {
 /// `experts` groups over `rows` rows, no group over `max_group_rows` (host-known).
 ///
 /// The split is the smallest of 1, 2, 4 that gives [`DECODE_TARGET_BLOCKS`] blocks over the
-/// experts that can have rows (`min(E, rows)`), and leaves each split at least one chunk.
+/// experts that can have rows (`min(E, rows)`), with no more splits than 64-byte chunks of the
+/// reduction (a split may still get none: it adds zeros).
 pub fn decode_plan(
     cols: usize,
     reduction: usize,
