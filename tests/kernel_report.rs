@@ -266,11 +266,14 @@ fn vector_kernels_move_128_bits_per_access() {
             }
         }
     }
-    // The grouped GEMM's decode path streams the weights with 16-byte loads.
-    for dtype in ["f32", "f16", "bf16"] {
-        let kernel = format!("grouped_gemm_decode_{dtype}");
-        for s in mix_of(&all, &kernel) {
-            assert!(s.mix.global_loads_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
+    // The grouped GEMM's decode kernels (forward and dgrad) stream the weights with 16-byte
+    // cp.async (LDGSTS.128) into their rings.
+    for op in ["grouped_gemm_decode", "grouped_gemm_decode_dgrad"] {
+        for dtype in ["f32", "f16", "bf16"] {
+            let kernel = format!("{op}_{dtype}");
+            for s in mix_of(&all, &kernel) {
+                assert!(s.mix.async_copies_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
+            }
         }
     }
     for s in mix_of(&all, "selftest_mma_ldmatrix_bf16") {
