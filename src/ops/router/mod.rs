@@ -34,7 +34,7 @@ use super::{check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
-/// The most experts a router supports (one warp holds a row in registers).
+/// The most experts a router supports (a row lives in registers: 32 per lane, 32 lanes at most).
 pub const MAX_EXPERTS: usize = 1024;
 /// The id every slot of a non-finite row gets: routed to no expert (dispatch lays it out
 /// nowhere and does not count it as an invalid id).
