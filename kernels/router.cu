@@ -45,7 +45,8 @@ constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction k
 //   rows (32 per row). The warp-per-row mapping (L = 32): 110 on the chain, 210 per row.
 //   E <= 32 (L = 1): no shuffle at all, a row per lane.
 // Traffic: z (and bias) read once, ids and weights written once. Registers: 32 keys per lane
-//   plus the row while keys are formed (what the warp-per-row kernel at E = 1024 holds).
+//   plus the row while keys are formed, as the warp-per-row kernel at E = 1024 holds (ptxas,
+//   sm_90: 127 at E = 256, where the warp-per-row mapping takes 40; no spills).
 // The row's work is select_row (router_select.cuh), which a fused scoring kernel can call too.
 // Launch: grid ceil(T / (128 / L)), block 128, no shared memory. 1 <= E <= N,
 //   1 <= k <= min(E, 32), groups in 1..=32 dividing E, 1 <= topk_groups <= groups,
@@ -58,8 +59,8 @@ constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction k
 // atomic), and the last block to finish turns them into tile prefixes, counts and offsets
 // (finish_count), so dispatch_map_rank alone completes the map, one launch fewer than
 // selection + routing map. A kernel of its own, so the plain selection keeps its registers.
-// Extra launch contract: dynamic shared (L + 1) ints; T·k < 2^31; map_workspace
-// [MAP_WORKSPACE_HEADER + ceil(T·k / tile_slots)·(L + 1)] zeroed; expert_begin, local_experts
+// Extra launch contract: dynamic shared (local_experts + 1) ints; T·k < 2^31; map_workspace
+// [MAP_WORKSPACE_HEADER + ceil(T·k / tile_slots)·(local_experts + 1)] zeroed; expert_begin, local_experts
 // and align as in the map. Traffic: k integer atomics per row; the last block reads the counts.
 #define ROUTER_SELECT(N)                                                                            \
   extern "C" __global__ void router_select_e##N##_f32(ROUTER_SELECT_PARAMS) { ROUTER_SELECT_ROW(N, N / kWarp); } \
