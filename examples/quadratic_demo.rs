@@ -2,7 +2,8 @@
 //!
 //!     cargo run --release --example quadratic_demo [-- --steps 300 --out quadratic_demo]
 //!
-//! Points of the plane are split into three experts' regions by two nested, rotated ellipses:
+//! Points of the plane are split into three experts' regions by two nested, rotated ellipses
+//! (off-centre):
 //! inside the inner one (expert 0), between the two (expert 1), outside (expert 2). A linear
 //! gate picks `argmax_e (W_e·x + b_e)`, whose regions are convex, so it cannot carve out the
 //! ring; the full quadratic gate `x^T A_e x + B_e·x + c_e` can. Both gates are trained for the
@@ -53,11 +54,17 @@ const BETAS: (f32, f32) = (0.9, 0.999);
 /// Steps between printed rows.
 const EVERY: usize = 25;
 
-/// The region of a point: the squared elliptic radius (semi-axes 1.5 and 0.75, rotated by 30°)
-/// below 1.2 is expert 0, below 3.2 expert 1, else expert 2 (about 27% / 38% / 35% of the square).
+/// The centre of the ellipses: off the origin, so that a linear gate has something to learn
+/// (with regions symmetric about the origin its best is the base rate).
+const CENTRE: [f32; 2] = [0.6, 0.4];
+
+/// The region of a point: the squared elliptic radius around [`CENTRE`] (semi-axes 1.5 and
+/// 0.75, rotated by 30°) below 1.2 is expert 0, below 3.2 expert 1, else expert 2 (about 26% /
+/// 33% / 41% of the square).
 fn region(p: [f32; 2]) -> usize {
     let (sin, cos) = 30f32.to_radians().sin_cos();
-    let (u, v) = (p[0] * cos + p[1] * sin, -p[0] * sin + p[1] * cos);
+    let (x, y) = (p[0] - CENTRE[0], p[1] - CENTRE[1]);
+    let (u, v) = (x * cos + y * sin, -x * sin + y * cos);
     let radius = (u / 1.5).powi(2) + (v / 0.75).powi(2);
     match radius {
         r if r < 1.2 => 0,
@@ -223,10 +230,10 @@ fn cross_entropy(z: &[f32], labels: &[usize]) -> (f32, Vec<f32>) {
 fn adam(p: &mut Adam, g: &[f32], t: i32) {
     let (b1, b2) = BETAS;
     let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-    for i in 0..g.len() {
-        p.m[i] = b1 * p.m[i] + (1.0 - b1) * g[i];
-        p.v[i] = b2 * p.v[i] + (1.0 - b2) * g[i] * g[i];
-        p.values[i] -= LEARNING_RATE * (p.m[i] / c1) / ((p.v[i] / c2).sqrt() + 1e-8);
+    for (((value, m), v), &g) in p.values.iter_mut().zip(&mut p.m).zip(&mut p.v).zip(g) {
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        *value -= LEARNING_RATE * (*m / c1) / ((*v / c2).sqrt() + 1e-8);
     }
 }
 
@@ -299,9 +306,10 @@ fn run(options: &Options) -> moe_kernels::Result<()> {
         "step", "linear loss", "quad. loss", "linear routing", "quad. routing"
     );
     for (i, &(step, linear_accuracy)) in linear.accuracy.iter().enumerate() {
-        let loss_at = |c: &Curves| c.loss.get(step as usize).map_or(f64::NAN, |l| l.1);
+        // The loss before step `step` (none after the last step).
+        let loss_at = |c: &Curves| c.loss.get(step as usize).map_or("-".into(), |l| format!("{:.4}", l.1));
         println!(
-            "{:>6} {:>12.4} {:>12.4} {:>14.1}% {:>14.1}%",
+            "{:>6} {:>12} {:>12} {:>14.1}% {:>14.1}%",
             step,
             loss_at(&linear),
             loss_at(&quadratic),
@@ -316,7 +324,10 @@ fn run(options: &Options) -> moe_kernels::Result<()> {
         100.0 * last(&quadratic)
     );
     println!(
-        "This shows the quadratic gate's function class routing by curved (elliptic) boundaries that a\n\
+        "The linear gate's regions are convex (an argmax of affine scores): it can cut the plane\n\
+         into three sectors, not an ellipse inside a ring inside the rest, so its accuracy stays\n\
+         near what a few straight cuts can get.\n\
+         This shows the quadratic gate's function class routing by curved (elliptic) boundaries that a\n\
          linear gate's convex regions cannot follow, on data built to need them; the gate is trained\n\
          alone, supervised by the known regions. It does not show end-to-end MoE training, nor that\n\
          real tokens have such boundaries."
@@ -373,14 +384,14 @@ mod tests {
 
     #[test]
     fn regions_follow_the_ellipses() {
-        assert_eq!(region([0.0, 0.0]), 0);
+        assert_eq!(region(CENTRE), 0);
         // Along the major axis (30°): radius (r / 1.5)², so r = 1.5 is 1 (expert 0), 2.4 is
         // 2.56 (expert 1), and past √3.2 · 1.5 ≈ 2.68 expert 2.
         let (sin, cos) = 30f32.to_radians().sin_cos();
-        let at = |r: f32| region([r * cos, r * sin]);
+        let at = |r: f32| region([CENTRE[0] + r * cos, CENTRE[1] + r * sin]);
         assert_eq!((at(1.5), at(2.4), at(2.75)), (0, 1, 2));
         // Along the minor axis the same radii come 2x sooner.
-        let minor = |r: f32| region([-r * sin, r * cos]);
+        let minor = |r: f32| region([CENTRE[0] - r * sin, CENTRE[1] + r * cos]);
         assert_eq!((minor(0.75), minor(1.2), minor(1.4)), (0, 1, 2));
     }
 }

@@ -303,6 +303,8 @@ mod esft_delta {
     }
 
     type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+    /// An edit of a file's tensors and metadata.
+    type Edit = Box<dyn FnOnce(&mut Tensors, &mut HashMap<String, String>)>;
 
     /// `source` rewritten into `target` after `edit` of its tensors and metadata.
     fn rewrite(source: &Path, target: &Path, edit: impl FnOnce(&mut Tensors, &mut HashMap<String, String>)) {
@@ -375,7 +377,7 @@ mod esft_delta {
             export_tuned(&device, &config, tuned.weights(), PREFIX, &[0, 2], false, &good).unwrap();
             let mut layer = MoeLayer::<bf16>::new(&device, config, &base).unwrap();
             let before = all_bits(&device, layer.weights());
-            let cases: Vec<(String, Box<dyn FnOnce(&mut Tensors, &mut HashMap<String, String>)>)> = vec![
+            let cases: Vec<(String, Edit)> = vec![
                 (
                     down.clone(),
                     Box::new(|t: &mut Tensors, _: &mut _| t.retain(|x| !x.0.ends_with("2.down_proj.weight"))),

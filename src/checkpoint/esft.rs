@@ -52,15 +52,63 @@ impl TunedExperts {
     }
 }
 
-/// The three projections of expert `e` under `prefix`: (name, rows, columns) for gate, up, down.
-fn expert_tensors(prefix: &str, e: usize, (h, d): (usize, usize)) -> [(String, [usize; 2]); 3] {
-    let [gate, up, down] = if prefix.contains("block_sparse_moe") {
+/// One tensor of an ESFT file and where it lives in the layer: `len` elements of the layer
+/// tensor `source` from element `start`.
+struct DeltaTensor {
+    name: String,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    source: &'static str,
+    start: usize,
+}
+
+impl DeltaTensor {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The tensors of a delta of `experts` (and the gate when `gate`; its f32 bias when
+/// `gate_bias`) under `prefix`, for a layer of `config` stored as `T`: each expert's gate, up
+/// and down projections, then the gate.
+fn delta_tensors<T: FloatElement>(
+    config: &MoeConfig,
+    prefix: &str,
+    experts: &[usize],
+    (gate, gate_bias): (bool, bool),
+) -> Vec<DeltaTensor> {
+    let (e, d, h) = (config.experts, config.dim, config.hidden);
+    let [gate_proj, up_proj, down_proj] = if prefix.contains("block_sparse_moe") {
         ["w1", "w3", "w2"]
     } else {
         ["gate_proj", "up_proj", "down_proj"]
     };
-    let name = |proj: &str| format!("{prefix}experts.{e}.{proj}.weight");
-    [(name(gate), [h, d]), (name(up), [h, d]), (name(down), [d, h])]
+    let tensor = |name: String, shape: Vec<usize>, source, start| DeltaTensor {
+        name,
+        dtype: if source == "gate.b" {
+            Dtype::F32
+        } else {
+            dtype_of::<T>()
+        },
+        shape,
+        source,
+        start,
+    };
+    let mut tensors = vec![];
+    for &id in experts {
+        let name = |proj: &str| format!("{prefix}experts.{id}.{proj}.weight");
+        let rows = id * 2 * h * d;
+        tensors.push(tensor(name(gate_proj), vec![h, d], "experts.w1", rows));
+        tensors.push(tensor(name(up_proj), vec![h, d], "experts.w1", rows + h * d));
+        tensors.push(tensor(name(down_proj), vec![d, h], "experts.w2", id * d * h));
+    }
+    if gate {
+        tensors.push(tensor(format!("{prefix}gate.weight"), vec![e, d], "gate.w", 0));
+    }
+    if gate && gate_bias {
+        tensors.push(tensor(format!("{prefix}gate.bias"), vec![e], "gate.b", 0));
+    }
+    tensors
 }
 
 fn check_prefix(prefix: &str) -> Result<()> {
@@ -107,52 +155,33 @@ pub fn export_tuned<T: FloatElement>(
 ) -> Result<TunedExperts> {
     check_prefix(prefix)?;
     check_experts(experts, config)?;
-    let (e, d, h) = (config.experts, config.dim, config.hidden);
-    let w1 = device.download(weights.tensor("experts.w1")?)?;
-    let w2 = device.download(weights.tensor("experts.w2")?)?;
-    let bytes = |values: &[T]| bytemuck::cast_slice::<T, u8>(values).to_vec();
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![];
-    for &id in experts {
-        let [gate_proj, up_proj, down_proj] = expert_tensors(prefix, id, (h, d));
-        let rows = id * 2 * h * d;
-        tensors.push((
-            gate_proj.0,
-            dtype_of::<T>(),
-            gate_proj.1.to_vec(),
-            bytes(&w1[rows..rows + h * d]),
-        ));
-        tensors.push((
-            up_proj.0,
-            dtype_of::<T>(),
-            up_proj.1.to_vec(),
-            bytes(&w1[rows + h * d..rows + 2 * h * d]),
-        ));
-        let down = id * d * h;
-        tensors.push((
-            down_proj.0,
-            dtype_of::<T>(),
-            down_proj.1.to_vec(),
-            bytes(&w2[down..down + d * h]),
-        ));
-    }
-    if gate {
-        let w = weights.tensor("gate.w").map_err(|_| Error::InvalidArgument {
+    if gate && weights.tensor("gate.w").is_err() {
+        return Err(Error::InvalidArgument {
             argument: "gate",
             value: format!("true for a {:?} router", config.router),
             expected: "a linear or sigmoid router (`gate.w`, the checkpoint's `gate.weight`)".into(),
-        })?;
-        tensors.push((
-            format!("{prefix}gate.weight"),
-            dtype_of::<T>(),
-            vec![e, d],
-            bytes(&device.download(w)?),
-        ));
-        if let Ok(b) = weights.tensor_f32("gate.b") {
-            let values = device.download(b)?;
-            let b = bytemuck::cast_slice::<f32, u8>(&values).to_vec();
-            tensors.push((format!("{prefix}gate.bias"), Dtype::F32, vec![e], b));
+        });
+    }
+    let gate_bias = weights.tensor_f32("gate.b").is_ok();
+    let delta = delta_tensors::<T>(config, prefix, experts, (gate, gate_bias));
+    // Each layer tensor a delta reads, downloaded once, as bytes.
+    let mut downloaded: HashMap<&'static str, Vec<u8>> = HashMap::new();
+    for t in &delta {
+        if !downloaded.contains_key(t.source) {
+            let bytes = match t.source {
+                "gate.b" => bytemuck::cast_slice(&device.download(weights.tensor_f32(t.source)?)?).to_vec(),
+                _ => bytemuck::cast_slice(&device.download(weights.tensor(t.source)?)?).to_vec(),
+            };
+            downloaded.insert(t.source, bytes);
         }
     }
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = (delta.iter())
+        .map(|t| {
+            let size = t.dtype.bitsize() / 8;
+            let bytes = &downloaded[t.source][t.start * size..(t.start + t.len()) * size];
+            (t.name.clone(), t.dtype, t.shape.clone(), bytes.to_vec())
+        })
+        .collect();
     let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
     let metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
@@ -235,44 +264,15 @@ pub fn apply_tuned<T: FloatElement>(
         .as_bool()
         .ok_or_else(|| problem(format!("{file}: metadata `gate`"), "expected true or false"))?;
 
-    let (e, d, h) = (config.experts, config.dim, config.hidden);
-    // (name, dtype, shape, destination: (tensor, first element)).
-    let mut expected: Vec<(String, Dtype, Vec<usize>, (&'static str, usize))> = vec![];
-    for &id in &experts {
-        let [gate_proj, up_proj, down_proj] = expert_tensors(&prefix, id, (h, d));
-        let rows = id * 2 * h * d;
-        expected.push((gate_proj.0, dtype_of::<T>(), gate_proj.1.to_vec(), ("experts.w1", rows)));
-        expected.push((
-            up_proj.0,
-            dtype_of::<T>(),
-            up_proj.1.to_vec(),
-            ("experts.w1", rows + h * d),
-        ));
-        expected.push((
-            down_proj.0,
-            dtype_of::<T>(),
-            down_proj.1.to_vec(),
-            ("experts.w2", id * d * h),
-        ));
-    }
-    if gate {
-        expected.push((
-            format!("{prefix}gate.weight"),
-            dtype_of::<T>(),
-            vec![e, d],
-            ("gate.w", 0),
-        ));
-        if weights.tensor_f32("gate.b").is_ok() {
-            expected.push((format!("{prefix}gate.bias"), Dtype::F32, vec![e], ("gate.b", 0)));
-        }
-    }
+    let gate_bias = weights.tensor_f32("gate.b").is_ok();
+    let expected = delta_tensors::<T>(config, &prefix, &experts, (gate, gate_bias));
     for name in tensors.names() {
-        if !expected.iter().any(|x| x.0 == name) {
+        if !expected.iter().any(|x| x.name == name) {
             return Err(problem(name, "not a tensor this file's metadata names (experts, gate)"));
         }
     }
     let mut views = Vec::with_capacity(expected.len());
-    for (name, dtype, shape, _) in &expected {
+    for DeltaTensor { name, dtype, shape, .. } in &expected {
         let view = tensors
             .tensor(name)
             .map_err(|_| problem(name, "missing from the ESFT file"))?;
@@ -284,17 +284,14 @@ pub fn apply_tuned<T: FloatElement>(
         }
         views.push(view);
     }
-    for ((_, _, shape, (tensor, start)), view) in expected.iter().zip(&views) {
-        let len: usize = shape.iter().product();
-        let data = view.data();
-        if *tensor == "gate.b" {
-            let values: Vec<f32> = from_bytes(data, len);
-            let target = weights.tensor_f32_mut(tensor)?;
-            device.upload_into(&values, &mut target.slice_mut(*start..start + len)?)?;
+    for (t, view) in expected.iter().zip(&views) {
+        let range = t.start..t.start + t.len();
+        if t.source == "gate.b" {
+            let target = weights.tensor_f32_mut(t.source)?;
+            device.upload_into(&from_bytes::<f32>(view.data(), t.len()), &mut target.slice_mut(range)?)?;
         } else {
-            let values: Vec<T> = from_bytes(data, len);
-            let target = weights.tensor_mut(tensor)?;
-            device.upload_into(&values, &mut target.slice_mut(*start..start + len)?)?;
+            let target = weights.tensor_mut(t.source)?;
+            device.upload_into(&from_bytes::<T>(view.data(), t.len()), &mut target.slice_mut(range)?)?;
         }
     }
     Ok(TunedExperts {
@@ -302,6 +299,6 @@ pub fn apply_tuned<T: FloatElement>(
         experts,
         gate,
         tuned_bytes: views.iter().map(|v| v.data().len() as u64).sum(),
-        tensors: expected.into_iter().map(|x| x.0).collect(),
+        tensors: expected.into_iter().map(|x| x.name).collect(),
     })
 }

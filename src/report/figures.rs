@@ -72,9 +72,17 @@ fn chart<'a, 'b>(
         .x_desc(x_desc)
         .y_desc(y_desc)
         .label_style((FONT, 14).into_font())
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .draw()
         .map_err(|e| failed(path, e))?;
     Ok(chart)
+}
+
+/// An axis label: whole numbers without decimals, others to at most 3 decimals.
+fn tick(value: &f64) -> String {
+    let text = format!("{value:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// Slots routed to each expert (blue) and rows kept after capacity (orange, when they differ).
@@ -112,12 +120,15 @@ pub fn transition_heatmap(transitions: &Transitions, experts: usize, path: &Path
     let root = canvas(path, &title)?;
     let e = experts as f64;
     let desc = ("expert at t+1", "expert at t");
-    let mut chart = chart(&root, path, (0.0..e, 0.0..e), desc)?;
+    let mut chart = chart(&root, path, (-0.5..e - 0.5, -0.5..e - 0.5), desc)?;
     let most = transitions.matrix.iter().copied().max().unwrap_or(0).max(1) as f64;
     let cells = transitions.matrix.iter().enumerate().map(|(n, &count)| {
         let (i, j) = ((n / experts) as f64, (n % experts) as f64);
         let shade = 255 - (235.0 * count as f64 / most) as u8;
-        Rectangle::new([(j, i), (j + 1.0, i + 1.0)], RGBColor(shade, shade, 255).filled())
+        Rectangle::new(
+            [(j - 0.5, i - 0.5), (j + 0.5, i + 0.5)],
+            RGBColor(shade, shade, 255).filled(),
+        )
     });
     chart.draw_series(cells).map_err(|e| failed(path, e))?;
     root.present().map_err(|e| failed(path, e))

@@ -57,7 +57,8 @@ pub struct Transitions {
 /// from changing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Margins {
-    /// One per token with finite logits, in token order (batches appended).
+    /// One per token with finite logits, in token order (batches, and a chain's iterations,
+    /// appended).
     pub values: Vec<f32>,
     /// The scores the margins are between ("softmax", "sigmoid" or "logits").
     pub scores: &'static str,

@@ -92,7 +92,7 @@ impl Display for RoutingReport {
 /// Mean, median and near ties of `m`.
 fn summary(m: &Margins) -> String {
     format!(
-        "k-th minus (k+1)-th score over {} tokens: mean {:.4}, median {:.4}, {:.1}% below 0.01",
+        "k-th minus (k+1)-th score over {} routed tokens: mean {:.4}, median {:.4}, {:.1}% below 0.01",
         m.values.len(),
         m.mean(),
         m.median(),
