@@ -178,19 +178,30 @@ pub fn margin_histogram(series: &[(&str, &Margins)], path: &Path) -> Result<()> 
     let top = histograms.iter().flatten().copied().fold(0.01, f64::max) * 1.1;
     let mut chart = chart(&root, path, (0.0..max, 0.0..top), ("margin", "share of tokens"))?;
     for (n, ((name, _), bins)) in series.iter().zip(&histograms).enumerate() {
-        let color = Palette99::pick(n).to_rgba();
         let steps = bins.iter().enumerate().flat_map(|(b, &v)| {
             let x = b as f64 * width;
             [(x, v), (x + width, v)]
         });
-        chart
-            .draw_series(LineSeries::new(steps, color.stroke_width(2)))
-            .map_err(|e| failed(path, e))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        curve(&mut chart, path, (n, name), steps)?;
     }
     legend(&mut chart, path)?;
     root.present().map_err(|e| failed(path, e))
+}
+
+/// Series `n` of a chart, `name` in the legend: a line through `points` in palette colour n.
+fn curve<'a, 'b: 'a>(
+    chart: &mut Chart<'a, 'b>,
+    path: &Path,
+    (n, name): (usize, &str),
+    points: impl Iterator<Item = (f64, f64)>,
+) -> Result<()> {
+    let color = Palette99::pick(n).to_rgba();
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))
+        .map_err(|e| failed(path, e))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    Ok(())
 }
 
 fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, path: &Path) -> Result<()> {
@@ -211,13 +222,8 @@ pub fn line_chart(path: &Path, title: &str, axes: (&str, &str), series: &[(&str,
     let x_max = points().map(|p| p.0).fold(1.0, f64::max);
     let y_max = points().map(|p| p.1).filter(|y| y.is_finite()).fold(1e-6, f64::max) * 1.05;
     let mut chart = chart(&root, path, (0.0..x_max, 0.0..y_max), axes)?;
-    for (n, (name, curve)) in series.iter().enumerate() {
-        let color = Palette99::pick(n).to_rgba();
-        chart
-            .draw_series(LineSeries::new(curve.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| failed(path, e))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+    for (n, (name, points)) in series.iter().enumerate() {
+        curve(&mut chart, path, (n, name), points.iter().copied())?;
     }
     legend(&mut chart, path)?;
     root.present().map_err(|e| failed(path, e))

@@ -120,22 +120,23 @@ struct Routed {
     logits: Option<Vec<f32>>,
 }
 
-fn no_forward(source: &str) -> Error {
-    Error::InvalidArgument {
-        argument: "layer",
-        value: format!("a {source} before its first forward"),
-        expected: "a layer that has run a forward".into(),
-    }
-}
-
 impl RoutingReport {
-    fn empty(source: &'static str, config: &MoeConfig, fallback: &'static str) -> Self {
-        Self {
+    /// An empty report of one forward of `tokens` tokens through a layer of `config` (with the
+    /// residual or not); `Err` before the first forward (0 tokens).
+    fn started(source: &'static str, config: &MoeConfig, tokens: usize, residual: bool) -> Result<Self> {
+        if tokens == 0 {
+            return Err(Error::InvalidArgument {
+                argument: "layer",
+                value: format!("a {source} before its first forward"),
+                expected: "a layer that has run a forward".into(),
+            });
+        }
+        Ok(Self {
             source,
             experts: config.experts,
             k: config.k,
-            batches: 0,
-            tokens: 0,
+            batches: 1,
+            tokens: tokens as u64,
             routed: vec![0; config.experts],
             kept: vec![0; config.experts],
             capacity: config.capacity_factor.map(|_| CapacityUse {
@@ -146,12 +147,12 @@ impl RoutingReport {
             }),
             nonfinite_tokens: 0,
             nonfinite_since_built: 0,
-            fallback,
+            fallback: fallback(config, residual),
             transitions: vec![],
             codes: None,
             margins: None,
             esft: None,
-        }
+        })
     }
 
     /// The report of `layer`'s last forward. Downloads (host syncs) the ids, the expert counts,
@@ -161,13 +162,7 @@ impl RoutingReport {
         let config = layer.config();
         let saved = layer.saved();
         let device = layer.device();
-        if saved.tokens == 0 {
-            return Err(no_forward("MoeLayer"));
-        }
-        let fallback = fallback(config, layer.residual());
-        let mut report = Self::empty("MoeLayer", config, fallback);
-        report.tokens = saved.tokens as u64;
-        report.batches = 1;
+        let mut report = Self::started("MoeLayer", config, saved.tokens, layer.residual())?;
         let routed = download_routing(device, config, saved)?;
         if config.router == RouterKind::Codebook {
             report.codes = Some(code_use(&routed.ids, config.experts));
@@ -186,12 +181,7 @@ impl RoutingReport {
         let saved = chain.saved_iterations();
         let device = chain.device();
         let tokens = saved.last().map_or(0, |s| s.tokens);
-        if tokens == 0 {
-            return Err(no_forward("ChainOfExperts"));
-        }
-        let mut report = Self::empty("ChainOfExperts", config, fallback(config, true));
-        report.tokens = tokens as u64;
-        report.batches = 1;
+        let mut report = Self::started("ChainOfExperts", config, tokens, true)?;
         let mut previous: Option<Vec<i32>> = None;
         for (t, iteration) in saved.iter().enumerate() {
             let routed = download_routing(device, config, iteration)?;
@@ -212,12 +202,7 @@ impl RoutingReport {
         let config = layer.config();
         let saved = layer.saved();
         let device = layer.device();
-        if saved.tokens == 0 {
-            return Err(no_forward("VqMoe"));
-        }
-        let mut report = Self::empty("VqMoe", config, fallback(config, false));
-        report.tokens = saved.tokens as u64;
-        report.batches = 1;
+        let mut report = Self::started("VqMoe", config, saved.tokens, false)?;
         let routed = download_routing(device, config, saved)?;
         report.add_routing(config, saved.tokens, &routed);
         report.codes = Some(code_use(&device.download(&layer.codes()?)?, config.experts));
