@@ -61,6 +61,9 @@ pub enum Error {
     /// `config.json` field concerned.
     #[error("checkpoint: `{name}`: {problem}")]
     Checkpoint { name: String, problem: String },
+    /// A report or figure file that could not be written: `path` names it.
+    #[error("report: `{path}`: {problem}")]
+    Report { path: String, problem: String },
     /// An argument's value is outside what the op supports.
     #[error("argument `{argument}` = {value}: expected {expected}")]
     InvalidArgument {

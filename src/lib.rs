@@ -64,6 +64,8 @@
 //!   each taking caller-provided device buffers ([`DeviceSlice`]);
 //! - [`checkpoint`]: Hugging Face Mixtral, Qwen3-MoE and DeepSeek-V3 MoE blocks as layers;
 //! - [`device`]: the two devices, memory ([`DeviceBuffer`] and its views) and launch counters;
+//! - [`report`]: routing reports (load, capacity, transitions, code use, margins, ESFT) read
+//!   back after a forward, as text and figures;
 //! - [`math`]: the definitions the docs cite as "math §n".
 //!
 //! ## Cargo features
@@ -76,6 +78,8 @@
 //!   `cuda-dynamic-linking`, `cuda-static-linking`: how the driver library is found;
 //! - `checkpoint` (default): [`checkpoint`], Hugging Face checkpoints (safetensors, memory-mapped,
 //!   and `config.json`) loaded into layers;
+//! - `figures`: `report::figures`, the routing report's PNG figures (plotters, with an embedded
+//!   font); off by default, on for this crate's own tests and examples;
 //! - `dev-tools`: this crate's development tooling (CPU references, self-tests, kernel report,
 //!   benchmark tables) and the test-only kernels; not part of the API.
 //!
@@ -87,6 +91,7 @@ pub mod device;
 pub mod error;
 pub mod layers;
 pub mod ops;
+pub mod report;
 
 #[doc = include_str!("../docs/math.md")]
 pub mod math {}

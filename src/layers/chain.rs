@@ -102,6 +102,19 @@ impl<T: FloatElement> ChainOfExperts<T> {
         self.mode
     }
 
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// What the last forward kept, per iteration (only the last one's in an inference chain).
+    pub(crate) fn saved_iterations(&self) -> &[Saved<T>] {
+        &self.saved
+    }
+
     pub fn iterations(&self) -> usize {
         self.routers.len()
     }

@@ -382,6 +382,16 @@ impl<T: FloatElement> MoeLayer<T> {
         &self.saved.counts
     }
 
+    /// What the last forward kept (the routing reports read it).
+    pub(crate) fn saved(&self) -> &Saved<T> {
+        &self.saved
+    }
+
+    /// Whether the forward adds the residual ([`with_residual`](Self::with_residual)).
+    pub fn residual(&self) -> bool {
+        self.residual
+    }
+
     /// Tokens of the last forward (0 before the first).
     pub fn tokens(&self) -> usize {
         self.saved.tokens

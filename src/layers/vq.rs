@@ -216,6 +216,19 @@ impl<T: FloatElement> VqMoe<T> {
         Self::new(device, config, &VqWeights::random(&config, seed))
     }
 
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// What the continuous path's last forward kept (the routing reports read it).
+    pub(crate) fn saved(&self) -> &Saved<T> {
+        &self.saved
+    }
+
     fn shape(&self, tokens: usize) -> CodebookShape {
         CodebookShape {
             tokens,
