@@ -64,6 +64,10 @@ pub enum Error {
     /// A report or figure file that could not be written: `path` names it.
     #[error("report: `{path}`: {problem}")]
     Report { path: String, problem: String },
+    /// candle refused something ([`candle`](crate::candle), feature `candle`).
+    #[cfg(feature = "candle")]
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
     /// An argument's value is outside what the op supports.
     #[error("argument `{argument}` = {value}: expected {expected}")]
     InvalidArgument {

@@ -62,6 +62,7 @@
 //!   [`ChainOfExperts`](layers::ChainOfExperts), [`VqMoe`](layers::VqMoe), ESFT;
 //! - [`ops`]: the kernels one by one (gate, router, dispatch, grouped GEMM, codebook, mix, ESFT),
 //!   each taking caller-provided device buffers ([`DeviceSlice`]);
+//! - `candle` (feature `candle`): candle `Tensor`s through a layer's forward;
 //! - [`checkpoint`]: Hugging Face Mixtral, Qwen3-MoE and DeepSeek-V3 MoE blocks as layers;
 //! - [`device`]: the two devices, memory ([`DeviceBuffer`] and its views) and launch counters;
 //! - [`report`]: routing reports (load, capacity, transitions, code use, margins, ESFT) read
@@ -80,11 +81,17 @@
 //!   and `config.json`) loaded into layers;
 //! - `figures`: `report::figures`, the routing report's PNG figures (plotters, with an embedded
 //!   font); off by default, on for this crate's own tests and examples;
+//! - `candle`: `moe_kernels::candle`, a layer's forward on candle 0.11 `Tensor`s (candle's
+//!   CPU device through the emulator); `candle-cuda` adds candle's CUDA device, zero copy on
+//!   its stream (candle's cudarc needs `cuda-version-from-build-system` and
+//!   `cuda-dynamic-linking` in place of the defaults);
 //! - `dev-tools`: this crate's development tooling (CPU references, self-tests, kernel report,
 //!   benchmark tables) and the test-only kernels; not part of the API.
 //!
 //! GPU kernels are compiled when `build.rs` finds nvcc (`NVCC`, `CUDA_HOME`, PATH or a pip
 //! `nvidia-cuda-nvcc`); without it the crate builds emulator-only, with a warning.
+#[cfg(feature = "candle")]
+pub mod candle;
 #[cfg(feature = "checkpoint")]
 pub mod checkpoint;
 pub mod device;

@@ -97,17 +97,19 @@ impl<T: FloatElement> ChainOfExperts<T> {
         Self::new(device, config, &weights)
     }
 
-    /// What the chain was built for.
-    pub fn mode(&self) -> Mode {
-        self.mode
+    /// The device the layer runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
+    /// What the layer was built with.
     pub fn config(&self) -> &MoeConfig {
         &self.config
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    /// What the chain was built for.
+    pub fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// What the last forward kept, per iteration (only the last one's in an inference chain).

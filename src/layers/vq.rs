@@ -216,12 +216,14 @@ impl<T: FloatElement> VqMoe<T> {
         Self::new(device, config, &VqWeights::random(&config, seed))
     }
 
-    pub fn config(&self) -> &MoeConfig {
-        &self.config
-    }
-
+    /// The device the layer runs on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// What the layer was built with.
+    pub fn config(&self) -> &MoeConfig {
+        &self.config
     }
 
     /// What the continuous path's last forward kept (the routing reports read it).
