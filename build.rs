@@ -34,11 +34,13 @@ pub struct KernelFile {
 }
 
 /// Kernel files that only the development tooling launches (feature `dev-tools`).
-const TEST_ONLY: [&str; 7] = [
+const TEST_ONLY: [&str; 9] = [
+    "hopper_demo",
     "planted_async",
     "planted_bugs",
     "planted_wgmma",
     "profiler_probes",
+    "router_warp_rows",
     "selftest",
     "selftest_async",
     "wgmma_selftest",

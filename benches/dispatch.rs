@@ -3,7 +3,8 @@
 //! Floors (s = bytes per element, rows = T·k without capacity or padding):
 //! - routing map: read ids (T·k·4 B); write inverse (T·k·4), sorted_rows (rows·4), counts and
 //!   offsets; no flops.
-//! - permute: read X (T·d·s) and sorted_rows (rows·4); write Xp (rows·d·s); no flops.
+//! - permute: read X (T·d·s) and inverse (T·k·4); write Xp (rows·d·s); no flops (the kernel also
+//!   reads sorted_rows, rows·4, to find the padding rows it zeroes).
 //! - combine: read Yp (T·k·d·s), inverse and weights (T·k·8), the residual (T·d·s); write Y
 //!   (T·d·s); 2·T·k·d flops (not tensor-core work, so only the bandwidth fraction is meaningful).
 //!
@@ -108,7 +109,17 @@ impl Problem {
     }
     fn permute(&mut self, device: &Device) {
         let Size { tokens, k, d, .. } = self.size;
-        dispatch::permute(device, &self.x, &self.map.sorted_rows, tokens, k, d, &mut self.xp).unwrap();
+        dispatch::permute(
+            device,
+            &self.x,
+            &self.map.sorted_rows,
+            &self.map.inverse,
+            tokens,
+            k,
+            d,
+            &mut self.xp,
+        )
+        .unwrap();
     }
     fn combine(&mut self, device: &Device) {
         let Size { tokens, k, d, .. } = self.size;

@@ -7,9 +7,11 @@
 //! Needs the profiling build (clang-19: `apt-get install clang-19`). What the numbers mean
 //! and what they do not model: `moe_kernels::device::profile`. Every kernel of the crate
 //! runs here except the planted-bug kernels, which are broken on purpose.
+use half::bf16;
 use moe_kernels::device::emulator::profiling_build;
 use moe_kernels::device::profile::{Access, MemoryProfile, Space, Traffic};
 use moe_kernels::device::{Device, EmulatorDevice};
+use moe_kernels::ops::gemm::{self, DgradConfig, DgradEpilogue, ForwardConfig, GemmPath, GemmShape, Groups};
 use moe_kernels::selftest::{self, probes::Probe};
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -29,6 +31,17 @@ fn workloads() -> Vec<Workload> {
         floor_bytes: None,
         run: Box::new(|d| selftest::run_all(d).map(drop)),
     }];
+    for dgrad in [false, true] {
+        list.push(Workload {
+            name: if dgrad {
+                "decode dgrad (T = 1)"
+            } else {
+                "decode forward (T = 1)"
+            },
+            floor_bytes: Some(decode_floor()),
+            run: Box::new(move |d| decode_gemm(d, dgrad)),
+        });
+    }
     for probe in Probe::ALL {
         list.push(Workload {
             name: probe.kernel(),
@@ -37,6 +50,76 @@ fn workloads() -> Vec<Workload> {
         });
     }
     list
+}
+
+/// The decode shape: 8 experts of [N = 256, K = 512] bf16, two of them with one row each (T = 1,
+/// top-2): the floor is their weights plus the rows in and out.
+const DECODE_SHAPE: GemmShape = GemmShape {
+    experts: 8,
+    n: 256,
+    k: 512,
+};
+const DECODE_OFFSETS: [i32; 9] = [0, 0, 1, 1, 1, 2, 2, 2, 2];
+
+fn decode_floor() -> u64 {
+    let GemmShape { n, k, .. } = DECODE_SHAPE;
+    (2 * (n * k + k + n) * 2) as u64
+}
+
+/// The decode forward (`dgrad`: the decode dgrad) on [`DECODE_SHAPE`], random-free inputs.
+fn decode_gemm(device: &Device, dgrad: bool) -> moe_kernels::Result<()> {
+    let GemmShape { experts, n, k } = DECODE_SHAPE;
+    let ramp = |len: usize| {
+        (0..len)
+            .map(|i| bf16::from_f32((i % 17) as f32 / 17.0))
+            .collect::<Vec<_>>()
+    };
+    let b = device.upload(&ramp(experts * n * k))?;
+    let offsets = device.upload(&DECODE_OFFSETS)?;
+    let groups = Groups {
+        offsets: &offsets,
+        sorted_rows: None,
+        rows: 2,
+        max_group_rows: 1,
+    };
+    let no_weights = None::<&moe_kernels::DeviceBuffer<f32>>;
+    if dgrad {
+        let (dc, mut da) = (device.upload(&ramp(2 * n))?, device.alloc_zeros::<bf16>(2 * k)?);
+        let config = DgradConfig {
+            epilogue: DgradEpilogue::Store,
+            path: GemmPath::Decode,
+        };
+        let no_gu = None::<&moe_kernels::DeviceBuffer<bf16>>;
+        gemm::dgrad(
+            device,
+            &dc,
+            &b,
+            DECODE_SHAPE,
+            &groups,
+            config,
+            no_weights,
+            no_gu,
+            &mut da,
+        )
+    } else {
+        let (a, mut c) = (device.upload(&ramp(2 * k))?, device.alloc_zeros::<bf16>(2 * n)?);
+        let config = ForwardConfig {
+            path: GemmPath::Decode,
+            ..ForwardConfig::default()
+        };
+        let no_gu = None::<&mut moe_kernels::DeviceBuffer<bf16>>;
+        gemm::forward(
+            device,
+            &a,
+            &b,
+            DECODE_SHAPE,
+            &groups,
+            &config,
+            no_weights,
+            &mut c,
+            no_gu,
+        )
+    }
 }
 
 /// Everything one kernel did over all its launches in a workload.

@@ -4,7 +4,9 @@
 //!     cargo run --release --example moe_layer [-- --help]
 //!
 //! Prints the device, the per-expert load, the router losses, the time of each stage, and the
-//! layer's kernel launches and host syncs (none inside the layer).
+//! layer's kernel launches and host syncs (none inside the layer). `--report DIR` also prints
+//! the routing report (load imbalance, capacity, non-finite tokens, Chain-of-Experts
+//! transitions, code use, margins, ESFT scores) and writes its figures into DIR.
 use clap::{Parser, ValueEnum};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaStream};
@@ -17,9 +19,11 @@ use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::esft::ScoreKind;
 use moe_kernels::ops::gate::GateForm;
 use moe_kernels::reference::layers as reference;
+use moe_kernels::report::{RoutingReport, figures, text};
 use moe_kernels::{Device, DeviceKind, DeviceSlice};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,6 +74,11 @@ struct Options {
     #[arg(long, value_name = "T", default_value_t = 1024, allow_negative_numbers = true,
           value_parser = clap::value_parser!(u32).range(1..=MAX_TOKENS))]
     tokens: u32,
+    /// Print the routing report of the forward and write its figures (PNG) into DIR: load bars,
+    /// transition heatmaps (--chain), code use (--vq, codebook), margin histograms (with the
+    /// quadratic router, a linear gate's on the same inputs overlaid).
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
 }
 
 /// The most Chain-of-Experts iterations the example runs.
@@ -305,7 +314,7 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         return run_vq::<T>(options, &device, config, &x_host, &dy_host);
     }
     if options.inference {
-        return run_inference::<T>(&device, config, &x_host, options.graph);
+        return run_inference::<T>(&device, config, &x_host, options);
     }
     let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = MoeLayer::<T>::new(&device, config, &weights)?;
@@ -320,8 +329,9 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     layer.forward_observed(&x, t, &mut y, Some(&mut |stage| timer.mark("forward: ", stage)))?;
     let middle = device.stats();
     let mut selected = None;
+    let mut esft_tracker = None;
     if let Some(p) = options.esft {
-        let mut tracker = EsftTracker::new(&device, config.experts, config.k)?;
+        let tracker = esft_tracker.insert(EsftTracker::new(&device, config.experts, config.k)?);
         tracker.accumulate(&layer)?;
         let mask = tracker.select(p, ScoreKind::Gate)?;
         println!(
@@ -337,6 +347,21 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
     let after = device.stats();
     let stages = timer.stages()?;
 
+    if let Some(dir) = &options.report {
+        let mut report = RoutingReport::of_layer(&layer)?;
+        if let Some(tracker) = &esft_tracker {
+            report = report.with_esft(&device, tracker)?;
+        }
+        let linear = match config.router {
+            RouterKind::Quadratic { .. } => Some(linear_gate_report::<T>(&device, config, &x)?),
+            _ => None,
+        };
+        write_report(&report, dir, "quadratic", linear.as_ref().map(|r| ("linear", r)))?;
+        #[cfg(feature = "checkpoint")]
+        if let Some(ids) = &selected {
+            export_selected(&device, &layer, ids, dir)?;
+        }
+    }
     let counts = device.download(layer.expert_counts())?;
     println!("\nexpert load (tokens routed to each expert):");
     let most = counts.iter().copied().max().unwrap_or(1).max(1);
@@ -441,6 +466,69 @@ fn run<T: FloatElement>(options: &Options) -> moe_kernels::Result<bool> {
         )?;
     }
     Ok(ok)
+}
+
+/// `--report DIR`: prints `report` (and the margin comparison with `compare`) and writes its
+/// figures into `dir`.
+fn write_report(
+    report: &RoutingReport,
+    dir: &Path,
+    name: &str,
+    compare: Option<(&str, &RoutingReport)>,
+) -> moe_kernels::Result<()> {
+    println!("\n{report}");
+    if let Some((other, other_report)) = compare {
+        println!(
+            "margins on the same inputs (both gates random, untrained: this compares their initial scales, not what training makes of them; see the quadratic_demo example):"
+        );
+        print!("{}", text::margin_comparison(name, report, other, other_report));
+    }
+    for path in figures::write_all(report, dir, name, compare)? {
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// `--esft P --report DIR`: writes the selected experts as an ESFT delta file into `dir` and
+/// prints its storage ratio. The example takes no optimizer step, so the file holds the
+/// selected experts as they are; a fine-tuning loop would write them after its steps.
+#[cfg(feature = "checkpoint")]
+fn export_selected<T: FloatElement>(
+    device: &Device,
+    layer: &MoeLayer<T>,
+    ids: &[usize],
+    dir: &Path,
+) -> moe_kernels::Result<()> {
+    use moe_kernels::checkpoint::esft::export_tuned;
+    let path = dir.join("esft_experts.safetensors");
+    let prefix = "model.layers.0.mlp.";
+    let tuned = export_tuned(device, layer.config(), layer.weights(), prefix, ids, false, &path)?;
+    println!(
+        "ESFT delta: experts {ids:?} in {} ({} bytes, {:.1}% of the layer's weights)",
+        path.display(),
+        tuned.tuned_bytes,
+        100.0 * tuned.storage_ratio(layer.weights())
+    );
+    Ok(())
+}
+
+/// The routing report of a linear gate (random, seed 42) on the same `x`: the quadratic gate's
+/// margin comparison. A forward-only layer.
+fn linear_gate_report<T: FloatElement>(
+    device: &Device,
+    config: MoeConfig,
+    x: &impl DeviceSlice<T>,
+) -> moe_kernels::Result<RoutingReport> {
+    let linear = MoeConfig {
+        router: RouterKind::Linear,
+        ..config
+    };
+    let weights = HostWeights::random(&linear, 42).rounded::<T>(&linear);
+    let mut layer = MoeLayer::<T>::with_mode(device, linear, &weights, Mode::Inference)?;
+    let t = x.len() / config.dim;
+    let mut y = device.alloc_zeros::<T>(t * config.dim)?;
+    layer.forward(x, t, &mut y)?;
+    RoutingReport::of_layer(&layer)
 }
 
 /// `--graph`: captures the layer's pass at this token count, writes the same inputs into the
@@ -549,8 +637,9 @@ fn run_inference<T: FloatElement>(
     device: &Device,
     config: MoeConfig,
     x_host: &[f32],
-    graph: bool,
+    options: &Options,
 ) -> moe_kernels::Result<bool> {
+    let graph = options.graph;
     let t = x_host.len() / config.dim;
     let weights = HostWeights::random(&config, 42).rounded::<T>(&config);
     let mut layer = MoeLayer::<T>::with_mode(device, config, &weights, Mode::Inference)?;
@@ -565,6 +654,9 @@ fn run_inference<T: FloatElement>(
     let after = device.stats();
     device.synchronize()?;
     let elapsed = start.elapsed();
+    if let Some(dir) = &options.report {
+        write_report(&RoutingReport::of_layer(&layer)?, dir, "gate", None)?;
+    }
     println!(
         "inference forward: {:.1} ms wall ({}), {} launches, {} memsets, host syncs {}",
         elapsed.as_secs_f64() * 1e3,
@@ -576,6 +668,9 @@ fn run_inference<T: FloatElement>(
         after.memsets - before.memsets,
         after.host_syncs - before.host_syncs,
     );
+    if let Some(dir) = &options.report {
+        write_report(&RoutingReport::of_layer(&layer)?, dir, "gate", None)?;
+    }
     let store = |v: f64| T::from_f32(v as f32).to_f32();
     let forward = reference::moe_forward(&config, &weights, x_host, t, None, &store);
     let error = relative_error(&download_f32(device, &y)?, &forward.y);
@@ -614,6 +709,9 @@ fn run_chain<T: FloatElement>(
         "kept for backward: {} bytes per token per iteration",
         ChainOfExperts::<T>::saved_bytes_per_token_per_iteration(&config)?
     );
+    if let Some(dir) = &options.report {
+        write_report(&RoutingReport::of_chain(&chain)?, dir, "gate", None)?;
+    }
     let store = |v: f64| T::from_f32(v as f32).to_f32();
     let result = reference::chain(&config, &weights, x_host, dy_host, None, &store);
     let (forward, grads) = (result.y, result.grads);
@@ -657,6 +755,9 @@ fn run_vq<T: FloatElement>(
         uses[c as usize] += 1;
     }
     println!("code (discrete expert) use: {uses:?}");
+    if let Some(dir) = &options.report {
+        write_report(&RoutingReport::of_vq(&layer)?, dir, "gate", None)?;
+    }
     let vq_losses = device.download(layer.vq_losses())?;
     println!("codebook loss {:.6}, commitment loss {:.6}", vq_losses[0], vq_losses[1]);
     let store = |v: f64| T::from_f32(v as f32).to_f32();
@@ -723,6 +824,9 @@ mod tests {
         assert!(options.is_err(), "--chain with --esft conflicts");
         let options = Options::try_parse_from(["moe_layer", "--tokens", "7", "--chain", "3"]).unwrap();
         assert_eq!((options.tokens, options.chain, options.esft), (7, 3, None));
+        let options = Options::try_parse_from(["moe_layer", "--report", "out/figures"]).unwrap();
+        assert_eq!(options.report.as_deref(), Some(std::path::Path::new("out/figures")));
+        assert_eq!(refusal("--report"), ErrorKind::InvalidValue);
     }
 
     #[test]

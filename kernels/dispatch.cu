@@ -17,7 +17,8 @@
 //
 // Row movers (T: f32, f16, bf16; f32 arithmetic; element offsets 64-bit; 16-byte accesses when
 // d is a multiple of 16 bytes and the rows are 16-byte aligned, else one element at a time):
-//   dispatch_permute_<T>       Xp[r] = X[sorted_rows[r] / k] (zeros where sorted_rows[r] = -1)
+//   dispatch_permute_<T>       Xp[inverse[t·k+j]] = X[t], token-major: each X row read once and
+//                              written to its k rows; zeros where sorted_rows[r] = -1
 //   dispatch_combine_<T>       Y[t] = sum_j w[t,j] Yp[inverse[t·k+j]] (+ R[t]), j = 0..k-1 in order;
 //                              a slot not laid out adds nothing, unless its weight is NaN (the
 //                              router's mark of a row routed nowhere): then Y[t] is NaN;
@@ -155,27 +156,85 @@ __device__ __forceinline__ void permute_row(const T* src, T* dst, int d, int lan
   }
 }
 
-template <class T>
-__device__ __forceinline__ void permute(const T* x, const int* sorted_rows, int slots, int k, int d, i64 rows,
-                                        int lanes_per_row, T* xp) {
-  const int rows_per_block = blockDim.x / lanes_per_row, lane = threadIdx.x % lanes_per_row;
-  const bool vec = d % Vec<T>::N == 0 && aligned16(x) && aligned16(xp);
-  for (i64 r = i64(blockIdx.x) * rows_per_block + threadIdx.x / lanes_per_row; r < rows;
-       r += i64(gridDim.x) * rows_per_block) {
-    const int slot = sorted_rows[r];
-    const T* src = slot >= 0 && slot < slots ? x + i64(slot / k) * d : nullptr;
-    if (vec) permute_row<T, Vec<T>::N>(src, xp + r * d, d, lane, lanes_per_row);
-    else permute_row<T, 1>(src, xp + r * d, d, lane, lanes_per_row);
+// One token's row to its destination rows (dests[j * stride], j < k; -1: none), lanes of a row
+// group: each lane loads its chunks of the row once (none when the token has no destination) and
+// stores each to the k destinations in j order.
+template <class T, int V>
+__device__ __forceinline__ void permute_token(const T* src, const int* dests, int stride, int k, int d, T* xp,
+                                              int lane, int lanes) {
+  bool routed = false;
+  for (int j = 0; j < k; ++j) routed |= dests[j * stride] >= 0;
+  if (!routed) return;
+  for (int c = lane * V; c < d; c += lanes * V) {
+    if constexpr (V == 1) {
+      const T v = src[c];
+      for (int j = 0; j < k; ++j)
+        if (dests[j * stride] >= 0) xp[i64(dests[j * stride]) * d + c] = v;
+    } else {
+      const Chunk v = load_128(reinterpret_cast<const Chunk*>(src + c));
+      for (int j = 0; j < k; ++j)
+        if (dests[j * stride] >= 0) store_128(reinterpret_cast<Chunk*>(xp + i64(dests[j * stride]) * d + c), v);
+    }
   }
 }
 
-// dispatch_permute_<T>(x [T, d], sorted_rows [rows], slots = T·k, k, d, rows, lanes_per_row, xp [rows, d])
-// Launch: any grid, blockDim.x a multiple of lanes_per_row. Traffic: each output row written once,
-// each live row of X read once per destination row, sorted_rows once.
+// Token-major permute: block-strided over tokens, per_block = blockDim.x / lanes_per_row tokens
+// a pass, one row group each. The block stages its tokens' destination rows (inverse, read once,
+// coalesced; outside [0, rows): -1) in shared memory as staged[j * per_block + group] (a row
+// group's reads are broadcasts, neighbouring groups' distinct banks), then each group moves its
+// token (permute_token). A second block-strided pass over the rows stages whether sorted_rows
+// holds a slot in [0, T·k) and zero-fills the rows that do not (padding, unused).
+template <class T>
+__device__ __forceinline__ void permute(const T* x, const int* inverse, const int* sorted_rows, i64 tokens, int k,
+                                        int d, i64 rows, int lanes_per_row, T* xp, int* staged) {
+  const int per_block = blockDim.x / lanes_per_row, lane = threadIdx.x % lanes_per_row;
+  const int group = threadIdx.x / lanes_per_row;
+  const bool vec = d % Vec<T>::N == 0 && aligned16(x) && aligned16(xp);
+  for (i64 first = i64(blockIdx.x) * per_block; first < tokens; first += i64(gridDim.x) * per_block) {
+    const int span = int(min(i64(per_block), tokens - first)) * k;
+    __syncthreads();  // the previous pass's reads of staged are done
+    for (int i = threadIdx.x; i < span; i += blockDim.x) {
+      const int r = inverse[first * k + i];
+      staged[(i % k) * per_block + i / k] = r >= 0 && r < rows ? r : -1;
+    }
+    __syncthreads();
+    if (first + group < tokens) {
+      const T* src = x + (first + group) * d;
+      if (vec) permute_token<T, Vec<T>::N>(src, staged + group, per_block, k, d, xp, lane, lanes_per_row);
+      else permute_token<T, 1>(src, staged + group, per_block, k, d, xp, lane, lanes_per_row);
+    }
+  }
+  const i64 slots = tokens * k;
+  for (i64 first = i64(blockIdx.x) * per_block; first < rows; first += i64(gridDim.x) * per_block) {
+    const int span = int(min(i64(per_block), rows - first));
+    __syncthreads();
+    for (int i = threadIdx.x; i < span; i += blockDim.x) {
+      const int slot = sorted_rows[first + i];
+      staged[i] = slot >= 0 && slot < slots;
+    }
+    __syncthreads();
+    if (group < span && !staged[group]) {
+      T* dst = xp + (first + group) * d;
+      if (vec) permute_row<T, Vec<T>::N>(nullptr, dst, d, lane, lanes_per_row);
+      else permute_row<T, 1>(nullptr, dst, d, lane, lanes_per_row);
+    }
+  }
+}
+
+// dispatch_permute_<T>(x [T, d], inverse [T·k], sorted_rows [rows], T, k, d, rows, lanes_per_row,
+// xp [rows, d]): Xp[inverse[t·k + j]] = X[t], and zeros in the rows whose sorted_rows entry is
+// not a slot. inverse and sorted_rows are one routing map's (each row's slot is the slot whose
+// row it is), so every row of xp is written once.
+// Launch: any grid, blockDim.x a multiple of lanes_per_row; dynamic shared
+// (blockDim.x / lanes_per_row) * k ints. Traffic: each routed X row read once (16-byte loads when
+// d fills chunks and the rows are aligned), each output row written once, inverse and sorted_rows
+// read once.
 #define DISPATCH_PERMUTE(SUFFIX, T)                                                                      \
-  extern "C" __global__ void dispatch_permute_##SUFFIX(const T* x, const int* sorted_rows, int slots, int k, \
-                                                       int d, long long rows, int lanes_per_row, T* xp) {   \
-    permute<T>(x, sorted_rows, slots, k, d, rows, lanes_per_row, xp);                                     \
+  extern "C" __global__ void dispatch_permute_##SUFFIX(const T* x, const int* inverse, const int* sorted_rows, \
+                                                       long long tokens, int k, int d, long long rows,         \
+                                                       int lanes_per_row, T* xp) {                             \
+    DYN_SHARED(int, staged);                                                                                  \
+    permute<T>(x, inverse, sorted_rows, tokens, k, d, rows, lanes_per_row, xp, staged);                     \
   }
 DISPATCH_PERMUTE(f32, float)
 EMU_EXPORT(dispatch_permute_f32)

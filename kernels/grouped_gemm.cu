@@ -20,11 +20,14 @@
 //
 // Kernels (<dtype> = f32, f16, bf16):
 //   grouped_gemm_fwd_<dtype>     forward, all epilogues
-//   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B with 16-byte loads
+//   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B through cp.async
+//                                rings, split-K inside the CTA (gemm_decode.cuh)
+//   grouped_gemm_decode_dgrad_<dtype>  dgrad likewise, B read across its rows
 //   grouped_gemm_dgrad_<dtype>   dA (plain, or SwiGLU backward into dGU), row weights optional
 //   grouped_gemm_wgrad_<dtype>   dB over a device list of active experts (ESFT mask), f32,
 //                                replacing, accumulating, or sparse (experts with rows only)
 //   grouped_gemm_zero_unwritten  zeroes the dB of experts a sparse pass did not write
+#include "include/gemm_decode.cuh"
 #include "include/gemm_tiles.cuh"
 
 template <class T> struct FwdArgs {
@@ -93,93 +96,22 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// grouped_gemm_decode_<dtype>: the forward when groups have few rows (decode). The work is
-// reading B, so B is streamed once per block of DEC_ROWS rows of a group with 16-byte loads
-// (load_128; a scalar path when K or the operands are not 16-byte aligned), multiplied on FMAs
-// against the group's rows staged in shared memory as f32, k-chunk by k-chunk.
-// Mapping: blockIdx.y = expert, blockIdx.x = a block of DEC_WARPS * 4 weight rows; warp w owns
-//   4 weight rows (SwiGLU: gate and up rows of 2 output columns), lane l the k elements
-//   l*8 .. l*8+7 of each DEC_K-chunk; a butterfly reduces the per-lane partial sums.
-// Traffic: B read once per DEC_ROWS-row block of its group (once for m_e <= 8); A rows read
-//   once per weight-row block (L2); C written once. Empty groups exit at once.
-// Launch: grid (ceil(N / (DEC_WARPS * 4)), E), DEC_WARPS * 32 threads,
-//   DEC_ROWS * DEC_K * 4 bytes of dynamic shared memory; __launch_bounds__(256, 2): at most 128
-//   registers, so two blocks (16 warps of loads in flight) share an SM.
-constexpr int DEC_WARPS = 8, DEC_ROWS = 8, DEC_K = 256, DEC_COLS = 4;
+// grouped_gemm_decode_<dtype>: the forward when groups have few rows (decode), and
+// grouped_gemm_decode_dgrad_<dtype>: dgrad likewise; both stream B_e once per pass of up to
+// rows_cap rows through per-warp cp.async rings, split-K inside the CTA (gemm_decode.cuh has
+// the algorithm, mapping and traffic).
+// Launch: grid (ceil(cols / (32 * DEC_WARPS / ksplit)), E), DEC_WARPS * 32 threads,
+//   DEC_WARPS * DEC_STAGES * decode_stage_bytes(COLS, rows_cap) + DEC_ROWS * 8 dynamic shared
+//   bytes (COLS = 2 for the SwiGLU forward, else 1); cols = N (forward), N/2 (SwiGLU), K (dgrad).
+//   __launch_bounds__(128, 3): at most 168 registers (32 rows x COLS accumulators), 3 blocks
+//   (12 warps, 36 ring stages of weights in flight) per SM where shared memory allows.
 template <class T>
-__device__ __forceinline__ void grouped_decode(const FwdArgs<T> p) {
-  constexpr int V = elems_per_16<T>, RUNS = 8 / V;
-  DYN_SHARED(float, As);  // [DEC_ROWS][DEC_K]
-  const int e = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const GroupRange g = group_range(p.offsets, e, p.rows);
-  if (g.start == g.end) return;
+__device__ __forceinline__ void grouped_decode(const FwdArgs<T> p, int ksplit, int rows_cap) {
   const bool swiglu = p.epi.mode == EPI_SWIGLU;
-  const i64 h = p.n / 2;
-  // Weight rows of this warp: plain: 4 consecutive; SwiGLU: gate c, c+1 then up h+c, h+c+1.
-  const i64 c0 = (i64(blockIdx.x) * DEC_WARPS + warp) * (swiglu ? DEC_COLS / 2 : DEC_COLS);
-  const T* be = p.b + i64(e) * p.n * p.kdim;
-  const T* wrow[DEC_COLS];
-#pragma unroll
-  for (int j = 0; j < DEC_COLS; ++j) {
-    const i64 c = swiglu ? c0 + j % 2 : c0 + j;
-    const bool live = c < (swiglu ? h : p.n);
-    wrow[j] = live ? be + (swiglu && j >= 2 ? h + c : c) * p.kdim : nullptr;
-  }
-  const bool vec = rows_aligned_16(p.b, p.kdim) && rows_aligned_16(p.a.a, p.kdim);
-  for (i64 r0 = g.start; r0 < g.end; r0 += DEC_ROWS) {
-    float acc[DEC_COLS][DEC_ROWS] = {};
-    for (i64 k0 = 0; k0 < p.kdim; k0 += DEC_K) {
-      __syncthreads();  // the previous chunk has been consumed
-      for (int item = threadIdx.x; item < DEC_ROWS * (DEC_K / V); item += DEC_WARPS * 32) {
-        const int r = item / (DEC_K / V), u = item % (DEC_K / V);
-        const T* src = r0 + r < g.end ? p.a.row(r0 + r) : nullptr;
-        float v[V];
-        read_run<T>(v, src, k0 + u * V, p.kdim, vec);
-#pragma unroll
-        for (int q = 0; q < V; ++q) As[r * DEC_K + u * V + q] = v[q];
-      }
-      __syncthreads();
-      // All weight loads of the chunk first (4 x 16 bytes in flight per lane), then each staged
-      // row once against every weight row.
-      float w[DEC_COLS][8];
-#pragma unroll
-      for (int j = 0; j < DEC_COLS; ++j)
-#pragma unroll
-        for (int s = 0; s < RUNS; ++s) {
-          float part[V];
-          read_run<T>(part, wrow[j], k0 + lane * 8 + s * V, p.kdim, vec);
-#pragma unroll
-          for (int q = 0; q < V; ++q) w[j][s * V + q] = part[q];
-        }
-#pragma unroll
-      for (int r = 0; r < DEC_ROWS; ++r) {
-        float x[8];
-#pragma unroll
-        for (int q = 0; q < 8; ++q) x[q] = As[r * DEC_K + lane * 8 + q];
-#pragma unroll
-        for (int j = 0; j < DEC_COLS; ++j)
-#pragma unroll
-          for (int q = 0; q < 8; ++q) acc[j][r] = fmaf(w[j][q], x[q], acc[j][r]);
-      }
-    }
-    // Butterfly sums; lane j * DEC_ROWS + r keeps weight row j of row r (SwiGLU: and the up
-    // row j + 2) and writes it, so the epilogue runs once per lane.
-    float mine = 0.0f, mine_up = 0.0f;
-#pragma unroll
-    for (int j = 0; j < DEC_COLS; ++j)
-#pragma unroll
-      for (int r = 0; r < DEC_ROWS; ++r) {
-#pragma unroll
-        for (int d = 16; d > 0; d /= 2) acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], d);
-        if (lane == j * DEC_ROWS + r) mine = acc[j][r];
-        if (lane == (j - 2) * DEC_ROWS + r) mine_up = acc[j][r];
-      }
-    const int j = lane / DEC_ROWS, r = lane % DEC_ROWS;
-    if (r0 + r >= g.end) continue;
-    const float s = p.epi.scale(r0 + r);
-    if (!swiglu && c0 + j < p.n) p.epi.single(r0 + r, c0 + j, mine, s);
-    if (swiglu && j < 2 && c0 + j < h) p.epi.pair(r0 + r, c0 + j, mine, mine_up, s);
-  }
+  const DecodeArgs<T> d{p.a,    p.b,    p.offsets, p.experts, p.rows,  p.n,
+                        p.kdim, p.kdim, swiglu ? p.n / 2 : p.n, p.epi, ksplit, rows_cap};
+  if (swiglu) decode_stream<T, 2, false>(d);
+  else decode_stream<T, 1, false>(d);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -318,12 +250,27 @@ EMU_EXPORT(grouped_gemm_zero_unwritten)
       const int *active, int experts, long long rows, long long n, long long kdim, float *db, int mode,   \
       unsigned *written, unsigned call
 
+#define DECODE_PARAMS(T) FWD_PARAMS(T), int ksplit, int rows_cap
+#define DECODE_DGRAD_PARAMS(T) DGRAD_PARAMS(T), int ksplit, int rows_cap
+#define DECODE_DGRAD_ARGS(T)                                                                            \
+  DecodeArgs<T> {                                                                                       \
+    GroupedRows<T>{dc, rows, nullptr, 0, n}, b, offsets, experts, rows, n, kdim, n, kdim, DGRAD_EPILOGUE(T), \
+        ksplit, rows_cap                                                                                \
+  }
+#define DECODE_BOUNDS __launch_bounds__(DEC_WARPS * 32, 3)
+
 #define WGRAD_ROWS(T) GroupedRows<T>{a, a_rows, sorted_rows, top_k, kdim}
 
 extern "C" __global__ void grouped_gemm_fwd_f32(FWD_PARAMS(float)) { grouped_fwd<float>(FWD_ARGS(float)); }
 EMU_EXPORT(grouped_gemm_fwd_f32)
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_f32(FWD_PARAMS(float)) { grouped_decode<float>(FWD_ARGS(float)); }
+extern "C" __global__ void DECODE_BOUNDS grouped_gemm_decode_f32(DECODE_PARAMS(float)) {
+  grouped_decode<float>(FWD_ARGS(float), ksplit, rows_cap);
+}
 EMU_EXPORT(grouped_gemm_decode_f32)
+extern "C" __global__ void DECODE_BOUNDS grouped_gemm_decode_dgrad_f32(DECODE_DGRAD_PARAMS(float)) {
+  decode_stream<float, 1, true>(DECODE_DGRAD_ARGS(float));
+}
+EMU_EXPORT(grouped_gemm_decode_dgrad_f32)
 extern "C" __global__ void grouped_gemm_dgrad_f32(DGRAD_PARAMS(float)) {
   grouped_dgrad<float>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(float));
 }
@@ -334,8 +281,14 @@ extern "C" __global__ void grouped_gemm_wgrad_f32(WGRAD_PARAMS(float)) {
 EMU_EXPORT(grouped_gemm_wgrad_f32)
 extern "C" __global__ void grouped_gemm_fwd_f16(FWD_PARAMS(__half)) { grouped_fwd<__half>(FWD_ARGS(__half)); }
 EMU_EXPORT(grouped_gemm_fwd_f16)
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_f16(FWD_PARAMS(__half)) { grouped_decode<__half>(FWD_ARGS(__half)); }
+extern "C" __global__ void DECODE_BOUNDS grouped_gemm_decode_f16(DECODE_PARAMS(__half)) {
+  grouped_decode<__half>(FWD_ARGS(__half), ksplit, rows_cap);
+}
 EMU_EXPORT(grouped_gemm_decode_f16)
+extern "C" __global__ void DECODE_BOUNDS grouped_gemm_decode_dgrad_f16(DECODE_DGRAD_PARAMS(__half)) {
+  decode_stream<__half, 1, true>(DECODE_DGRAD_ARGS(__half));
+}
+EMU_EXPORT(grouped_gemm_decode_dgrad_f16)
 extern "C" __global__ void grouped_gemm_dgrad_f16(DGRAD_PARAMS(__half)) {
   grouped_dgrad<__half>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(__half));
 }
@@ -346,8 +299,14 @@ extern "C" __global__ void grouped_gemm_wgrad_f16(WGRAD_PARAMS(__half)) {
 EMU_EXPORT(grouped_gemm_wgrad_f16)
 extern "C" __global__ void grouped_gemm_fwd_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_fwd<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
 EMU_EXPORT(grouped_gemm_fwd_bf16)
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, 2) grouped_gemm_decode_bf16(FWD_PARAMS(__nv_bfloat16)) { grouped_decode<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16)); }
+extern "C" __global__ void DECODE_BOUNDS grouped_gemm_decode_bf16(DECODE_PARAMS(__nv_bfloat16)) {
+  grouped_decode<__nv_bfloat16>(FWD_ARGS(__nv_bfloat16), ksplit, rows_cap);
+}
 EMU_EXPORT(grouped_gemm_decode_bf16)
+extern "C" __global__ void DECODE_BOUNDS grouped_gemm_decode_dgrad_bf16(DECODE_DGRAD_PARAMS(__nv_bfloat16)) {
+  decode_stream<__nv_bfloat16, 1, true>(DECODE_DGRAD_ARGS(__nv_bfloat16));
+}
+EMU_EXPORT(grouped_gemm_decode_dgrad_bf16)
 extern "C" __global__ void grouped_gemm_dgrad_bf16(DGRAD_PARAMS(__nv_bfloat16)) {
   grouped_dgrad<__nv_bfloat16>(dc, b, offsets, experts, rows, n, kdim, DGRAD_EPILOGUE(__nv_bfloat16));
 }

@@ -7,8 +7,8 @@
 // The non-finite-row rule (NaN / +inf logits, or no finite logit) is in router_row.cuh.
 //
 // Kernels (launch contracts above each):
-//   router_select_e{32,64,128,256,512,1024}_f32   fused top-k selection, one warp per row,
-//                                                  the row in registers (E <= the suffix)
+//   router_select_e{32,64,128,256,512,1024}_f32   fused top-k selection, N / 32 lanes per row,
+//                                                  the row in registers (E <= the suffix N)
 //   router_select_counted_e{...}_f32               the same + the routing map's counting pass
 //   router_select_backward_f32                     dz from d(weights), one warp per row
 //   router_expert_statistics_f32                   per (segment, expert) counts, per-chunk weight sums
@@ -21,55 +21,62 @@
 #include "dispatch_map.cuh"
 #include "router_select.cuh"
 
-constexpr int kRowWarps = 4;    // rows per block in the warp-per-row kernels (128 threads)
+constexpr int kRowWarps = 4;    // warps per block of the row kernels (128 threads)
 constexpr int kSliceWarps = 8;  // warps per block in the per-expert reduction kernels (256 threads)
 
 // ------------------------------------------------------------------------------------------
 // router_select_e<N>_f32: ids and weights of the k best experts of each row.
-// Algorithm, per row (one warp): load the row into registers (VPL = N/32 slots per lane; 16-byte
-//   loads when E % 4 == 0 and z, bias are 16-byte aligned); softmax max and sum by warp
-//   reductions; key[s] = rank_key(score(z) + bias) (router_row.cuh: NaN lowest); with groups,
-//   keep_best_groups zeroes the keys outside the topk_groups best groups; k rounds of warp argmax
-//   on packed (key, element) pairs (ties: lower element); the weights from the k unbiased scores
-//   (re-read z[id], L1-hot) by selected_weights. Lane r < k writes slot r: ids in rank order.
-// Traffic: z (and bias) read once, ids and weights written once; 2 + 5k (+ group) warp
-//   reductions per row. Registers: VPL keys plus the row while keys are formed.
+// Mapping: L = N / 32 lanes per row (32 / L rows per warp, 128 / L per block), each lane holding
+//   32 slots: the slots of the V = 32 / L virtual lanes of the warp-per-row mapping it stands in
+//   for (router_select.cuh), so every sum, and hence every weight, has that mapping's bits.
+// Algorithm, per row: load the row into registers (16-byte loads when E % 4 == 0 and z, bias
+//   are 16-byte aligned, N >= 128); softmax max (log2 L shuffles) and sum (the virtual lanes'
+//   butterfly: 5 - log2 L register steps, log2 L shuffles); key = rank_key(score(z) + bias)
+//   (router_row.cuh: NaN lowest); with groups, keep_best_groups zeroes the keys outside the
+//   topk_groups best groups; take_top_k: k tournament rounds, each a scan of the lane's 32 keys
+//   and a log2 L-step argmax of packed (key, element) over the row's lanes (ties: lower element);
+//   the weights from the k unbiased scores (re-read z[id], L1-hot) by selected_weights. Slot r is
+//   written by lane r % L: ids in rank order.
+// Dependent shuffles per row (32-bit shuffles on the longest chain; a u64 step is two independent
+//   ones): log2 L each for the max, the softmax sum (softmax_then_topk), each group, each chosen
+//   group, each of the k picks, and the renormalize or topk_then_softmax sum (+ its max).
+//   DeepSeek-V3 (E = 256: L = 8; sigmoid, k = 8, 8 groups, top 4, renormalize):
+//   3 + 8*3 + 4*3 + 8*3 + 3 = 66 on the chain; a warp issues 126 shuffle instructions for its 4
+//   rows (32 per row). The warp-per-row mapping (L = 32): 110 on the chain, 210 per row.
+//   E <= 32 (L = 1): no shuffle at all, a row per lane.
+// Traffic: z (and bias) read once, ids and weights written once. Registers: 32 keys per lane
+//   plus the row while keys are formed, as the warp-per-row kernel at E = 1024 holds (ptxas,
+//   sm_90: 127 at E = 256, where the warp-per-row mapping takes 40; no spills).
 // The row's work is select_row (router_select.cuh), which a fused scoring kernel can call too.
-// Launch: grid ceil(T / 4), block 128, no shared memory. 1 <= E <= N, 1 <= k <= min(E, 32),
-//   groups in 1..=32 dividing E, 1 <= topk_groups <= groups, k <= topk_groups * E / groups;
-//   bias [E] or null; nonfinite_rows: one counter the kernel adds the row count to (or null).
+// Launch: grid ceil(T / (128 / L)), block 128, no shared memory. 1 <= E <= N,
+//   1 <= k <= min(E, 32), groups in 1..=32 dividing E, 1 <= topk_groups <= groups,
+//   k <= topk_groups * E / groups; bias [E] or null; nonfinite_rows: one counter the kernel adds
+//   the row count to (or null).
 //
 // router_select_counted_e<N>_f32: the same selection fused with the counting pass of the
-// routing map of the ids it writes (math §4, kernels/dispatch.cu): lane r < k also counts its
-// slot into the per-tile counts of the map's tiled counting sort (count_slot: one integer
+// routing map of the ids it writes (math §4, kernels/dispatch.cu): the lane of slot r < k also
+// counts it into the per-tile counts of the map's tiled counting sort (count_slot: one integer
 // atomic), and the last block to finish turns them into tile prefixes, counts and offsets
 // (finish_count), so dispatch_map_rank alone completes the map, one launch fewer than
 // selection + routing map. A kernel of its own, so the plain selection keeps its registers.
-// Extra launch contract: dynamic shared (L + 1) ints; T·k < 2^31; map_workspace
-// [MAP_WORKSPACE_HEADER + ceil(T·k / tile_slots)·(L + 1)] zeroed; expert_begin, local_experts
+// Extra launch contract: dynamic shared (local_experts + 1) ints; T·k < 2^31; map_workspace
+// [MAP_WORKSPACE_HEADER + ceil(T·k / tile_slots)·(local_experts + 1)] zeroed; expert_begin, local_experts
 // and align as in the map. Traffic: k integer atomics per row; the last block reads the counts.
-#define ROUTER_SELECT_PARAMS                                                                        \
-  const float *z, const float *bias, long long T, int E, int k, int score, int topk_first,         \
-      int renormalize, float scale, int groups, int topk_groups, int *ids, float *weights,         \
-      unsigned *nonfinite_rows
-#define ROUTER_SELECT_ROW(N)                                                                        \
-  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;                               \
-  const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};                          \
-  if (row < T) select_row<N / kWarp>(z, bias, row, E, k, o, groups, topk_groups, ids, weights, nonfinite_rows)
 #define ROUTER_SELECT(N)                                                                            \
-  extern "C" __global__ void router_select_e##N##_f32(ROUTER_SELECT_PARAMS) { ROUTER_SELECT_ROW(N); } \
+  extern "C" __global__ void router_select_e##N##_f32(ROUTER_SELECT_PARAMS) { ROUTER_SELECT_ROW(N, N / kWarp); } \
   extern "C" __global__ void router_select_counted_e##N##_f32(                                     \
       ROUTER_SELECT_PARAMS, int *map_workspace, int tile_slots, int expert_begin, int local_experts, \
       int align, int *counts, int *offsets, int *status) {                                         \
+    constexpr int L = N / kWarp;                                                                    \
     __shared__ int scratch[32];                                                                     \
     __shared__ int last_block;                                                                      \
     __shared__ int dropped;                                                                         \
     DYN_SHARED(int, totals);                                                                        \
-    ROUTER_SELECT_ROW(N);                                                                           \
+    ROUTER_SELECT_ROW(N, L);                                                                        \
     const MapShape m{ids, int(T), k, E, expert_begin, local_experts};                              \
-    const int lane = threadIdx.x % kWarp;                                                           \
     int* tile_counts = map_workspace + MAP_WORKSPACE_HEADER;                                        \
-    if (row < T && lane < k) count_slot(m, int(row) * k + lane, tile_slots, tile_counts);          \
+    if (row < T)                                                                                    \
+      for (int r = threadIdx.x % L; r < k; r += L) count_slot(m, int(row) * k + r, tile_slots, tile_counts); \
     const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);                         \
     finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block,   \
                  &dropped, counts, offsets, status);                                                \

@@ -61,6 +61,9 @@ pub enum Error {
     /// `config.json` field concerned.
     #[error("checkpoint: `{name}`: {problem}")]
     Checkpoint { name: String, problem: String },
+    /// A report or figure file that could not be written: `path` names it.
+    #[error("report: `{path}`: {problem}")]
+    Report { path: String, problem: String },
     /// candle refused something ([`candle`](crate::candle), feature `candle`).
     #[cfg(feature = "candle")]
     #[error("candle: {0}")]

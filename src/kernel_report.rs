@@ -95,6 +95,8 @@ pub struct InstructionMix {
     pub global_stores_128: u32,
     /// Asynchronous global-to-shared copies (LDGSTS, from cp.async).
     pub async_copies: u32,
+    /// Of which 16 bytes wide (LDGSTS.128).
+    pub async_copies_128: u32,
     /// Shared-memory loads, ldmatrix (LDSM) included.
     pub shared_loads: u32,
     pub shared_stores: u32,
@@ -123,7 +125,10 @@ impl InstructionMix {
                 self.global_stores += 1;
                 self.global_stores_128 += wide as u32;
             }
-            "LDGSTS" => self.async_copies += 1,
+            "LDGSTS" => {
+                self.async_copies += 1;
+                self.async_copies_128 += wide as u32;
+            }
             "LDS" | "LDSM" => self.shared_loads += 1,
             "STS" => self.shared_stores += 1,
             "BAR" => self.barriers += 1,

@@ -65,6 +65,8 @@
 //! - `candle` (feature `candle`): candle `Tensor`s through a layer's forward;
 //! - [`checkpoint`]: Hugging Face Mixtral, Qwen3-MoE and DeepSeek-V3 MoE blocks as layers;
 //! - [`device`]: the two devices, memory ([`DeviceBuffer`] and its views) and launch counters;
+//! - [`report`]: routing reports (load, capacity, transitions, code use, margins, ESFT) read
+//!   back after a forward, as text and figures;
 //! - [`math`]: the definitions the docs cite as "math §n".
 //!
 //! ## Cargo features
@@ -77,6 +79,8 @@
 //!   `cuda-dynamic-linking`, `cuda-static-linking`: how the driver library is found;
 //! - `checkpoint` (default): [`checkpoint`], Hugging Face checkpoints (safetensors, memory-mapped,
 //!   and `config.json`) loaded into layers;
+//! - `figures`: `report::figures`, the routing report's PNG figures (plotters, with an embedded
+//!   font); off by default, on for this crate's own tests and examples;
 //! - `candle`: `moe_kernels::candle`, a layer's forward on candle 0.11 `Tensor`s (candle's
 //!   CPU device through the emulator); `candle-cuda` adds candle's CUDA device, zero copy on
 //!   its stream (candle's cudarc needs `cuda-version-from-build-system` and
@@ -94,6 +98,7 @@ pub mod device;
 pub mod error;
 pub mod layers;
 pub mod ops;
+pub mod report;
 
 #[doc = include_str!("../docs/math.md")]
 pub mod math {}

@@ -9,6 +9,7 @@
 //! [`planted`] holds the launchers of the deliberately broken kernels of
 //! `kernels/planted_bugs.cu`, for the tests that prove the emulator's tools catch them.
 pub mod hopper;
+pub mod hopper_demo;
 #[doc(hidden)]
 pub mod probes;
 mod wgmma;

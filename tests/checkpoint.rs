@@ -254,3 +254,179 @@ fn integer_tensors_are_refused_by_name() {
     assert_eq!(checkpoint_name(got), "model.layers.0.mlp.gate.weight");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// ESFT deltas: the tuned experts (and gate) of one layer, exported and applied onto the base.
+mod esft_delta {
+    use super::{checkpoint_name, devices, scratch_dir};
+    use half::bf16;
+    use moe_kernels::checkpoint::esft::{apply_tuned, export_tuned};
+    use moe_kernels::layers::{HostWeights, LayerWeights, MoeConfig, MoeLayer};
+    use moe_kernels::{Device, DeviceBuffer};
+    use safetensors::tensor::TensorView;
+    use safetensors::{Dtype, SafeTensors};
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    const PREFIX: &str = "model.layers.3.mlp.";
+
+    fn config() -> MoeConfig {
+        MoeConfig {
+            experts: 6,
+            k: 2,
+            dim: 16,
+            hidden: 24,
+            max_tokens: 8,
+            ..MoeConfig::default()
+        }
+    }
+
+    fn bits(device: &Device, buffer: &DeviceBuffer<bf16>) -> Vec<u16> {
+        device.download(buffer).unwrap().iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every tensor of `weights`, as bits.
+    fn all_bits(device: &Device, weights: &LayerWeights<bf16>) -> Vec<(&'static str, Vec<u32>)> {
+        (weights.names().into_iter())
+            .map(|name| match weights.tensor(name) {
+                Ok(t) => (name, bits(device, t).into_iter().map(u32::from).collect()),
+                Err(_) => (
+                    name,
+                    device
+                        .download(weights.tensor_f32(name).unwrap())
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect(),
+                ),
+            })
+            .collect()
+    }
+
+    type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+    /// An edit of a file's tensors and metadata.
+    type Edit = Box<dyn FnOnce(&mut Tensors, &mut HashMap<String, String>)>;
+
+    /// `source` rewritten into `target` after `edit` of its tensors and metadata.
+    fn rewrite(source: &Path, target: &Path, edit: impl FnOnce(&mut Tensors, &mut HashMap<String, String>)) {
+        let bytes = std::fs::read(source).unwrap();
+        let (_, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let file = SafeTensors::deserialize(&bytes).unwrap();
+        let mut metadata = header.metadata().clone().unwrap();
+        let mut tensors: Tensors = (file.tensors().into_iter())
+            .map(|(name, view)| (name, view.dtype(), view.shape().to_vec(), view.data().to_vec()))
+            .collect();
+        edit(&mut tensors, &mut metadata);
+        let views: Vec<(String, TensorView<'_>)> = (tensors.iter())
+            .map(|(n, dtype, shape, data)| (n.clone(), TensorView::new(*dtype, shape.clone(), data).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, Some(metadata), target).unwrap();
+    }
+
+    #[test]
+    fn export_then_apply_gives_back_the_tuned_weights_bitwise() {
+        let config = config();
+        let (e, d, h) = (config.experts, config.dim, config.hidden);
+        let dir = scratch_dir("esft-roundtrip");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tuned.safetensors");
+        let (base, tuned) = (HostWeights::random(&config, 1), HostWeights::random(&config, 2));
+        for device in devices() {
+            let tuned_layer = MoeLayer::<bf16>::new(&device, config, &tuned).unwrap();
+            let weights = tuned_layer.weights();
+            let exported = export_tuned(&device, &config, weights, PREFIX, &[1, 4], true, &path).unwrap();
+            let mut layer = MoeLayer::<bf16>::new(&device, config, &base).unwrap();
+            let base_bits = all_bits(&device, layer.weights());
+            let applied = apply_tuned(&device, &config, layer.weights_mut(), &path).unwrap();
+            assert_eq!(applied, exported);
+            assert!(applied.tensors.contains(&format!("{PREFIX}experts.4.down_proj.weight")));
+
+            let tuned_bits = all_bits(&device, weights);
+            let got = all_bits(&device, layer.weights());
+            for (((name, got), (_, tuned)), (_, base)) in got.iter().zip(&tuned_bits).zip(&base_bits) {
+                let per_expert = match *name {
+                    "experts.w1" => 2 * h * d,
+                    "experts.w2" => d * h,
+                    _ => 0,
+                };
+                for (i, value) in got.iter().enumerate() {
+                    let tuned_here = per_expert == 0 || [1, 4].contains(&(i / per_expert));
+                    let want = if tuned_here { tuned[i] } else { base[i] };
+                    assert_eq!(*value, want, "{name}[{i}]");
+                }
+            }
+            // 2 experts' three projections and the gate (bf16) with its f32 bias, of the whole layer.
+            let tuned_bytes = 2 * 3 * h * d * 2 + e * d * 2 + e * 4;
+            assert_eq!(applied.tuned_bytes, tuned_bytes as u64);
+            let full = (e * 2 * h * d + e * d * h + e * d) * 2 + e * 4;
+            assert!((applied.storage_ratio(layer.weights()) - tuned_bytes as f64 / full as f64).abs() < 1e-12);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn wrong_files_are_errors_naming_the_tensor() {
+        let config = config();
+        let dir = scratch_dir("esft-wrong");
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.safetensors");
+        let bad = dir.join("bad.safetensors");
+        let base = HostWeights::random(&config, 1);
+        let down = format!("{PREFIX}experts.2.down_proj.weight");
+        for device in devices() {
+            let tuned = MoeLayer::<bf16>::random(&device, config, 2).unwrap();
+            export_tuned(&device, &config, tuned.weights(), PREFIX, &[0, 2], false, &good).unwrap();
+            let mut layer = MoeLayer::<bf16>::new(&device, config, &base).unwrap();
+            let before = all_bits(&device, layer.weights());
+            let cases: Vec<(String, Edit)> = vec![
+                (
+                    down.clone(),
+                    Box::new(|t: &mut Tensors, _: &mut _| t.retain(|x| !x.0.ends_with("2.down_proj.weight"))),
+                ),
+                (
+                    down.clone(),
+                    Box::new(|t: &mut Tensors, _: &mut _| {
+                        let x = t.iter_mut().find(|x| x.0.ends_with("2.down_proj.weight")).unwrap();
+                        x.2 = vec![x.2[1], x.2[0]];
+                    }),
+                ),
+                (
+                    down.clone(),
+                    Box::new(|t: &mut Tensors, _: &mut _| {
+                        let x = t.iter_mut().find(|x| x.0.ends_with("2.down_proj.weight")).unwrap();
+                        x.1 = Dtype::F16;
+                    }),
+                ),
+                (
+                    format!("{PREFIX}experts.3.up_proj.weight"),
+                    Box::new(|t: &mut Tensors, _: &mut _| {
+                        let stray = t[0].clone();
+                        t.push((format!("{PREFIX}experts.3.up_proj.weight"), stray.1, stray.2, stray.3));
+                    }),
+                ),
+                (
+                    "metadata `format`".into(),
+                    Box::new(|_: &mut Tensors, m: &mut HashMap<String, String>| {
+                        m.remove("format");
+                    }),
+                ),
+                (
+                    "metadata `experts`".into(),
+                    Box::new(|_: &mut Tensors, m: &mut HashMap<String, String>| {
+                        m.insert("experts".into(), "[0, 6]".into());
+                    }),
+                ),
+            ];
+            for (want, edit) in cases {
+                rewrite(&good, &bad, edit);
+                let name = checkpoint_name(apply_tuned(&device, &config, layer.weights_mut(), &bad));
+                assert!(name.contains(&want), "expected an error naming {want}, got {name}");
+                assert_eq!(
+                    all_bits(&device, layer.weights()),
+                    before,
+                    "a refused file changes nothing"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

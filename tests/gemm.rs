@@ -1,6 +1,6 @@
 //! The grouped expert GEMM (math §5) on every device against the CPU reference: forward with
 //! every epilogue (contiguous and gathered A, -1 padding rows, row weights, f32 output), the
-//! decode and tiled paths, group sizes 0, 1, 7, 16, 129, long reductions, dA (plain and the
+//! decode and tiled paths (the decode kernels' split-K and 1–32-row groups in `gemm/decode.rs`), group sizes 0, 1, 7, 16, 129, long reductions, dA (plain and the
 //! fused SwiGLU backward), dB with the expert mask and accumulate mode, finite differences,
 //! bad inputs, launch counts, no host syncs and bitwise determinism.
 #[path = "gemm/backward.rs"]
@@ -8,6 +8,8 @@ mod backward;
 #[path = "gemm/bad_inputs.rs"]
 mod bad_inputs;
 mod common;
+#[path = "gemm/decode.rs"]
+mod decode;
 #[path = "gemm/forward.rs"]
 mod forward;
 #[path = "gemm/unaligned.rs"]

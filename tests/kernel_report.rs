@@ -124,6 +124,31 @@ fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
     }
 }
 
+/// The end-to-end Hopper demonstration (`kernels/hopper_demo.cu`) really runs on Hopper's
+/// machinery in its sm_90a code: wgmma (HGMMA), TMA loads (UTMALDG) and mbarriers (SYNCS); its
+/// ptxas report (no spill, no C7508/C7510/C7515) is checked with every kernel's by
+/// `ptxas_reports_no_spill_and_no_hopper_performance_loss`.
+#[test]
+#[cfg_attr(
+    not(moe_sass_tools),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+)]
+fn the_hopper_demo_runs_on_hgmma_utmaldg_and_syncs_in_its_sm_90a_code() {
+    let all = sass();
+    let hopper: Vec<&KernelSass> = mix_of(&all, "hopper_demo_gemm_bf16")
+        .filter(|s| s.arch_specific)
+        .collect();
+    assert!(!hopper.is_empty(), "hopper_demo_gemm_bf16 has no sm_90a code");
+    for s in hopper {
+        let m = s.mix;
+        assert!(
+            m.wgmma > 0 && m.tma_loads > 0 && m.syncs > 0,
+            "hopper_demo_gemm_bf16 on sm_{}a: {m:?}",
+            s.arch
+        );
+    }
+}
+
 /// The SASS of every embedded kernel. The tests that call it are ignored (with the reason)
 /// where the build found no nvcc, cuobjdump or nvdisasm (cfg `moe_sass_tools`, set by build.rs).
 fn sass() -> Vec<KernelSass> {
@@ -241,11 +266,14 @@ fn vector_kernels_move_128_bits_per_access() {
             }
         }
     }
-    // The grouped GEMM's decode path streams the weights with 16-byte loads.
-    for dtype in ["f32", "f16", "bf16"] {
-        let kernel = format!("grouped_gemm_decode_{dtype}");
-        for s in mix_of(&all, &kernel) {
-            assert!(s.mix.global_loads_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
+    // The grouped GEMM's decode kernels (forward and dgrad) stream the weights with 16-byte
+    // cp.async (LDGSTS.128) into their rings.
+    for op in ["grouped_gemm_decode", "grouped_gemm_decode_dgrad"] {
+        for dtype in ["f32", "f16", "bf16"] {
+            let kernel = format!("{op}_{dtype}");
+            for s in mix_of(&all, &kernel) {
+                assert!(s.mix.async_copies_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
+            }
         }
     }
     for s in mix_of(&all, "selftest_mma_ldmatrix_bf16") {

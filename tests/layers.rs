@@ -11,6 +11,8 @@ mod chain;
 mod esft;
 #[path = "layers/graph.rs"]
 mod graph;
+#[path = "layers/graph_chain_vq.rs"]
+mod graph_chain_vq;
 #[path = "layers/moe.rs"]
 mod moe;
 #[path = "layers/nonfinite.rs"]

@@ -6,6 +6,7 @@ mod common;
 
 use common::{AtOffset, Rng, Tolerance, assert_close, devices, view_offset};
 use moe_kernels::device::EmulatorDevice;
+use moe_kernels::device::profile::{Access, Space};
 use moe_kernels::ops::router::{
     self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder, ZLossWorkspace,
 };
@@ -27,9 +28,30 @@ fn run_select(device: &Device, config: &RouterConfig, logits: &[f32], bias: Opti
     run_select_at(device, config, logits, bias, 0)
 }
 
+/// Which selection kernels a test runs.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kernels {
+    /// `router::select`'s: N / 32 lanes per row.
+    Select,
+    /// Their dev-tools warp-per-row twins (`router::select_warp_per_row`).
+    WarpPerRow,
+}
+
 /// [`run_select`] with every buffer a view at `common::view_offset(offset, i)`.
 fn run_select_at(
     device: &Device,
+    config: &RouterConfig,
+    logits: &[f32],
+    bias: Option<&[f32]>,
+    offset: usize,
+) -> Selected {
+    run_kernels_at(device, Kernels::Select, config, logits, bias, offset)
+}
+
+/// [`run_select_at`] on the given kernels.
+fn run_kernels_at(
+    device: &Device,
+    kernels: Kernels,
     config: &RouterConfig,
     logits: &[f32],
     bias: Option<&[f32]>,
@@ -44,16 +66,15 @@ fn run_select_at(
     let mut counter = AtOffset::<u32>::zeros(device, 1, at(4));
     let bias_view = bias.as_ref().map(|b| b.view());
     let before = device.stats();
-    router::select(
-        device,
-        config,
-        &z.view(),
-        bias_view.as_ref(),
-        &mut ids.view_mut(),
-        &mut weights.view_mut(),
-        &mut counter.view_mut(),
-    )
-    .unwrap();
+    {
+        let (z, bias) = (&z.view(), bias_view.as_ref());
+        let (i, w, c) = (&mut ids.view_mut(), &mut weights.view_mut(), &mut counter.view_mut());
+        match kernels {
+            Kernels::Select => router::select(device, config, z, bias, i, w, c),
+            Kernels::WarpPerRow => router::select_warp_per_row(device, config, z, bias, i, w, c),
+        }
+        .unwrap();
+    }
     let after = device.stats();
     assert_eq!(after.launches - before.launches, 1, "select is one launch");
     assert_eq!(after.host_syncs, before.host_syncs, "select must not sync");
@@ -179,6 +200,9 @@ enum Rows {
     Finite,
     /// Some rows also all-equal, all NaN, all -inf, with a NaN, with +inf, or with -inf masks.
     WithSpecials,
+    /// [`Rows::WithSpecials`] whose finite values are multiples of 0.5 in [-2, 2]: ties
+    /// everywhere, and exact in f32 sums of a few.
+    TieHeavy,
 }
 
 /// Logits `[T, E]`, normal with std 2 (positive when the identity score is renormalized: a
@@ -186,6 +210,9 @@ enum Rows {
 fn random_logits(rng: &mut Rng, config: &RouterConfig, tokens: usize, rows: Rows) -> Vec<f32> {
     let e = config.experts;
     let mut z = rng.normals(tokens * e, 2.0);
+    if rows == Rows::TieHeavy {
+        z.iter_mut().for_each(|v| *v = (rng.below(9) as f32 - 4.0) * 0.5);
+    }
     if config.score == ScoreFunction::Identity && config.renormalize {
         z.iter_mut().for_each(|v| *v = v.abs() + 0.5);
     }
@@ -194,7 +221,7 @@ fn random_logits(rng: &mut Rng, config: &RouterConfig, tokens: usize, rows: Rows
             let (a, b) = (rng.below(e), rng.below(e));
             row[a] = row[b];
         }
-        if rows == Rows::WithSpecials {
+        if rows != Rows::Finite {
             match rng.below(9) {
                 0 => row.fill(0.5),
                 1 => row.fill(f32::NAN),
@@ -259,6 +286,79 @@ proptest! {
             prop_assert_eq!(after.host_syncs, before.host_syncs);
             let tol = Tolerance::F32.over(config.k).scaled(config.scale as f64);
             assert_close("dz", &device.download(&dz).unwrap(), &want, tol);
+        }
+    }
+}
+
+/// E in every selection kernel (rows of 32 / 1, 2, 4, 8, 16, 32 lanes), both layouts.
+const WIDTH_EXPERTS: [usize; 10] = [3, 8, 32, 60, 64, 100, 256, 320, 512, 1000];
+
+/// A [`random_config`] whose selection keys the kernels compute exactly on tie-heavy logits:
+/// the logits themselves (identity, topk_then_softmax), or without groups a softmax or sigmoid
+/// of them, a monotone map that keeps every tie and every order of values 0.5 apart.
+fn exact_keys_config(rng: &mut Rng, experts: usize) -> RouterConfig {
+    let mut config = random_config(rng, experts);
+    if config.score != ScoreFunction::Identity && config.order != SelectionOrder::TopkThenSoftmax {
+        config.groups = 1;
+        config.topk_groups = 1;
+    }
+    config
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The kernels' N / 32 lanes per row give the warp-per-row mapping's ids, weight bits and
+    /// count, at every kernel width, in both layouts (odd views load element by element), on
+    /// random and tie-heavy rows with every special row, with and without a bias.
+    #[test]
+    fn select_matches_warp_per_row_bit_for_bit(
+        experts in prop::sample::select(WIDTH_EXPERTS.to_vec()),
+        tokens in prop::sample::select(vec![1usize, 5, 19]),
+        seed in any::<u64>(),
+        odd_views in any::<bool>(),
+        tie_heavy in any::<bool>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let config = random_config(&mut rng, experts);
+        let rows = if tie_heavy { Rows::TieHeavy } else { Rows::WithSpecials };
+        let logits = random_logits(&mut rng, &config, tokens, rows);
+        let bias = random_bias(&mut rng, experts);
+        let offset = usize::from(odd_views);
+        for device in devices() {
+            let rows = run_kernels_at(&device, Kernels::Select, &config, &logits, bias.as_deref(), offset);
+            let warps = run_kernels_at(&device, Kernels::WarpPerRow, &config, &logits, bias.as_deref(), offset);
+            prop_assert_eq!(&rows.ids, &warps.ids);
+            let bits = |w: &[f32]| w.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&rows.weights), bits(&warps.weights));
+            prop_assert_eq!(rows.nonfinite_rows, warps.nonfinite_rows);
+            check_selection(&config, &logits, bias.as_deref(), &rows);
+        }
+    }
+
+    /// On tie-heavy rows whose keys are exact (multiples of 0.5, a bias of multiples of 0.25
+    /// where keys are logits plus bias), both mappings pick exactly the reference's ids: ties
+    /// to the lower id, NaN below -inf, non-finite rows routed nowhere.
+    #[test]
+    fn select_tie_heavy_ids_equal_the_reference(
+        experts in prop::sample::select(WIDTH_EXPERTS.to_vec()),
+        tokens in prop::sample::select(vec![1usize, 5, 19]),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let config = exact_keys_config(&mut rng, experts);
+        let logits = random_logits(&mut rng, &config, tokens, Rows::TieHeavy);
+        let keys_are_logits =
+            config.score == ScoreFunction::Identity || config.order == SelectionOrder::TopkThenSoftmax;
+        let bias = (keys_are_logits && rng.below(2) == 0)
+            .then(|| (0..experts).map(|_| (rng.below(9) as f32 - 4.0) * 0.25).collect::<Vec<_>>());
+        let want = reference::select(&config, &logits, bias.as_deref());
+        for device in devices() {
+            for kernels in [Kernels::Select, Kernels::WarpPerRow] {
+                let got = run_kernels_at(&device, kernels, &config, &logits, bias.as_deref(), 0);
+                prop_assert_eq!(&got.ids, &want.ids, "{:?}", kernels);
+                check_selection(&config, &logits, bias.as_deref(), &got);
+            }
         }
     }
 }
@@ -928,6 +1028,20 @@ fn select_and_backward_touch_only_their_floor_bytes() {
     assert_eq!(p.kernel, "router_select_e256_f32");
     assert_eq!(p.unique_global_load_bytes, 4 * (tokens * e + e), "z and bias");
     assert_eq!(p.unique_global_store_bytes, 8 * tokens * k, "ids and weights");
+    // Rows vectorise: each 16-byte load of z covers 4 rows of 8 lanes, 128 contiguous bytes
+    // each: 16 sectors per request (the bias, the same for every row, is left out here).
+    run_select(&device, &config, &logits, None);
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    let vector_loads: Vec<_> = p
+        .sites
+        .iter()
+        .filter(|s| s.space == Space::Global && s.access == Access::Load)
+        .filter(|s| s.traffic.bytes == 16 * s.traffic.lane_accesses)
+        .collect();
+    assert!(!vector_loads.is_empty(), "no 16-byte loads of z");
+    for site in vector_loads {
+        assert_eq!(site.traffic.sectors_per_request(), 16.0, "{:?}", site.traffic);
+    }
 
     let (z, ids) = (device.upload(&logits).unwrap(), device.upload(&selected.ids).unwrap());
     let dw = device.upload(&selected.weights).unwrap();

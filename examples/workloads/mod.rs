@@ -67,7 +67,7 @@ fn row_movers<T: FloatElement>(
     let rows = map.sorted_rows.len();
     let x = device.upload(&values(tokens * d).into_iter().map(T::from_f32).collect::<Vec<T>>())?;
     let mut xp = device.alloc_zeros::<T>(rows * d)?;
-    dispatch::permute(device, &x, &map.sorted_rows, tokens, k, d, &mut xp)?;
+    dispatch::permute(device, &x, &map.sorted_rows, &map.inverse, tokens, k, d, &mut xp)?;
     let weights = device.upload(&vec![0.5f32; tokens * k])?;
     let mut y = device.alloc_zeros::<T>(tokens * d)?;
     dispatch::combine(

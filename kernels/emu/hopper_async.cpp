@@ -8,10 +8,21 @@
 // barrier of this block from the leftovers of an earlier one in static shared memory, and a
 // word whose tag is gone (never initialised, or overwritten by ordinary stores or a copy)
 // fails the launch at its next use.
+//
+// The race detector (profiling build, racecheck.h) hears of each arrival (a release into the
+// phase's clock), each wait that sees its phase complete (an acquire of the last completed
+// phase's clock), each load landing (a write by its issuer, checked with what the issuer knew
+// at the issue) and each store landing (a read of its shared source, likewise).
 #include "cuemu.h"
+#include "racecheck.h"
 #include "swizzle.cuh"
 #ifdef CUEMU_PROFILE
 #include "profiler.h"
+#define CUEMU_RACECHECK(call) (racecheck::on ? racecheck::call : void())
+#define CUEMU_RACECHECK_ISSUE(site) racecheck::issue(site)
+#else
+#define CUEMU_RACECHECK(call) void()
+#define CUEMU_RACECHECK_ISSUE(site) racecheck::Issue{}
 #endif
 
 #include <cstdarg>
@@ -31,6 +42,7 @@ struct Barrier {
   int64_t tx;              // bytes expected minus bytes counted in this phase (may dip below 0)
   uint64_t phase;          // phases completed so far; the current phase's parity is phase & 1
   std::vector<size_t> counted;  // loads counted in this phase: they land when it completes
+  racecheck::Clock arrivals, completed;  // this phase's releases; the last completed phase's
 };
 
 struct Load {
@@ -39,6 +51,7 @@ struct Load {
   std::vector<unsigned char> bytes;  // the destination's final contents, read at issue
   Site site;                         // where and by whom it was issued
   unsigned thread;
+  racecheck::Issue issue;
 };
 
 struct Store {
@@ -50,6 +63,7 @@ struct Store {
   void* gmem;
   const void* smem;
   unsigned bytes;
+  racecheck::Issue issue;
 };
 
 struct ThreadCopies {
@@ -110,11 +124,15 @@ Barrier& barrier_at(uint64_t* word, Site site, const char* op) {
 void complete_phase(Barrier& b) {
   for (size_t i : b.counted) {
     Load& l = tl_block.loads[i];
+    CUEMU_RACECHECK(land(l.issue, l.dst, unsigned(l.bytes.size()), racecheck::Kind::AsyncLoad));
+    CUEMU_RACECHECK(landed(l.issue, b.arrivals));
     memcpy(l.dst, l.bytes.data(), l.bytes.size());
     async_proxy_write(l.dst, l.bytes.size());  // the async proxy wrote it: no fence needed to read it so
     std::vector<unsigned char>().swap(l.bytes);
   }
   b.counted.clear();
+  b.completed.swap(b.arrivals);
+  b.arrivals.clear();
   ++b.phase;
   b.pending = b.count;
   b.tx = 0;
@@ -137,12 +155,14 @@ void settle(Barrier& b, Site site, unsigned thread) {
 bool phase_done(const Barrier& b, unsigned parity) { return (b.phase & 1) != (parity & 1); }
 
 // The loads a copy issues: poison the destination now, count it later (hopper::progress).
-void issue_load(uint64_t* bar, unsigned char* dst, std::vector<unsigned char>&& bytes, Site site, const char* op) {
+void issue_load(uint64_t* bar, unsigned char* dst, std::vector<unsigned char>&& bytes, Site site, uintptr_t caller,
+                const char* op) {
   Barrier& b = barrier_at(bar, site, op);
   const unsigned index = unsigned(&b - tl_block.barriers.data());
   memset(dst, kPoison, bytes.size());
   async_proxy_write(dst, bytes.size());
-  tl_block.loads.push_back(Load{index, dst, std::move(bytes), site, sched::thread_index()});
+  tl_block.loads.push_back(
+      Load{index, dst, std::move(bytes), site, sched::thread_index(), CUEMU_RACECHECK_ISSUE(caller)});
 }
 
 const EmuTensorMap& tensor_map(const void* p, unsigned rank, Site site, const char* op) {
@@ -226,6 +246,7 @@ struct Traffic {
 #define CUEMU_CALLER uintptr_t(__builtin_return_address(0))
 
 void land_store(const Store& st) {
+  CUEMU_RACECHECK(land(st.issue, st.smem, st.bytes, racecheck::Kind::AsyncRead));
   Traffic traffic{st.site, false};
   traffic.shared(st.smem, st.bytes);
   if (!st.tensor) {
@@ -261,7 +282,7 @@ void mbarrier_init(uint64_t* bar, unsigned count, Site site) {
   if (reinterpret_cast<uintptr_t>(bar) & 7) fail_at(site, "mbarrier.init: address %p is not 8-byte aligned", bar);
   if (count == 0 || count >= (1u << 20)) fail_at(site, "mbarrier.init: count %u is outside 1..2^20-1", count);
   BlockState& s = tl_block;
-  s.barriers.push_back(Barrier{bar, site, count, count, 0, 0, {}});
+  s.barriers.push_back(Barrier{bar, site, count, count, 0, 0, {}, {}, {}});
   *bar = kTagHigh | uint64_t(s.generation) << 32 | (s.barriers.size() - 1);
 }
 
@@ -273,6 +294,7 @@ uint64_t mbarrier_arrive(uint64_t* bar, unsigned tx_bytes, Site site) {
     fail_at(site, "mbarrier.arrive: %s: an arrival beyond the count, the phase waits only for bytes", what);
   }
   const uint64_t state = b.phase;  // the token: which phase this arrival belongs to
+  CUEMU_RACECHECK(release(b.arrivals));
   b.tx += tx_bytes;
   --b.pending;
   settle(b, site, sched::thread_index());
@@ -285,11 +307,15 @@ void mbarrier_expect_tx(uint64_t* bar, unsigned tx_bytes, Site site) {
 
 bool mbarrier_try_wait_parity(uint64_t* bar, unsigned parity, Site site) {
   while (!phase_done(barrier_at(bar, site, "mbarrier.try_wait.parity"), parity)) sched::park(bar, parity, site);
+  CUEMU_RACECHECK(acquire(barrier_at(bar, site, "mbarrier.try_wait.parity").completed));
   return true;
 }
 
 bool mbarrier_test_wait_parity(uint64_t* bar, unsigned parity, Site site) {
-  if (phase_done(barrier_at(bar, site, "mbarrier.test_wait.parity"), parity)) return true;
+  if (phase_done(barrier_at(bar, site, "mbarrier.test_wait.parity"), parity)) {
+    CUEMU_RACECHECK(acquire(barrier_at(bar, site, "mbarrier.test_wait.parity").completed));
+    return true;
+  }
   // A poll loop cannot spin here (fibers are not preempted): park until the phase is over and
   // report what the poll saw, so the loop's next poll succeeds.
   while (!phase_done(barrier_at(bar, site, "mbarrier.test_wait.parity"), parity)) sched::park(bar, parity, site);
@@ -314,7 +340,7 @@ void tma_load(void* smem_dst, const void* map, uint64_t* bar, const int* coords,
   });
   traffic.flush();
   traffic.shared(smem_dst, unsigned(bytes.size()));
-  issue_load(bar, static_cast<unsigned char*>(smem_dst), std::move(bytes), site, op);
+  issue_load(bar, static_cast<unsigned char*>(smem_dst), std::move(bytes), site, traffic.site, op);
 }
 
 void tma_store(const void* map, const void* smem_src, const int* coords, unsigned rank, Site site) {
@@ -322,7 +348,8 @@ void tma_store(const void* map, const void* smem_src, const int* coords, unsigne
   const EmuTensorMap& m = tensor_map(map, rank, site, op);
   check_box_destination(smem_src, m, site, op);
   ThreadCopies& t = this_thread();
-  Store st{CUEMU_CALLER, t.committed, true, m, {0, 0, 0, 0, 0}, nullptr, smem_src, unsigned(box_bytes(m))};
+  Store st{CUEMU_CALLER, t.committed, true, m, {0, 0, 0, 0, 0}, nullptr, smem_src, unsigned(box_bytes(m)),
+           CUEMU_RACECHECK_ISSUE(CUEMU_CALLER)};
   async_proxy_read(smem_src, st.bytes, op);  // ordinary stores into the tile need a proxy fence first
   memcpy(st.coords, coords, rank * sizeof(int));
   t.stores.push_back(st);
@@ -343,14 +370,16 @@ void bulk_load(void* smem_dst, const void* gmem_src, unsigned bytes, uint64_t* b
   traffic.global(src, bytes);
   traffic.flush();
   traffic.shared(smem_dst, bytes);
-  issue_load(bar, static_cast<unsigned char*>(smem_dst), std::vector<unsigned char>(src, src + bytes), site, op);
+  issue_load(bar, static_cast<unsigned char*>(smem_dst), std::vector<unsigned char>(src, src + bytes), site,
+             traffic.site, op);
 }
 
 void bulk_store(void* gmem_dst, const void* smem_src, unsigned bytes, Site site) {
   check_bulk(smem_src, gmem_dst, bytes, site, "cp.async.bulk (shared -> global)");
   async_proxy_read(smem_src, bytes, "cp.async.bulk (shared -> global)");
   ThreadCopies& t = this_thread();
-  t.stores.push_back(Store{CUEMU_CALLER, t.committed, false, {}, {0, 0, 0, 0, 0}, gmem_dst, smem_src, bytes});
+  t.stores.push_back(Store{CUEMU_CALLER, t.committed, false, {}, {0, 0, 0, 0, 0}, gmem_dst, smem_src, bytes,
+                           CUEMU_RACECHECK_ISSUE(CUEMU_CALLER)});
 }
 
 void bulk_commit_group() { ++this_thread().committed; }

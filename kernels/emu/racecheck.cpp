@@ -7,12 +7,17 @@
 //   - the reads of the latest epoch that read the word, and apart from them its atomics,
 //     each as an AccessSet: one entry per lane of the first warp to access the word in that
 //     epoch (with the lane's clock, for __syncwarp ordering), plus the first access of up to
-//     two other warps (those conflict with any other warp's write of the same epoch, so
-//     their clocks are not needed).
+//     two other warps with the union of that warp's bytes. In a block without cross-warp
+//     clocks those conflict with any other warp's access of the same epoch; with them, the
+//     first access is checked on its own bytes against what the other thread knows.
 // Every access carries a byte mask within its word: threads writing different halves of a
 // word do not conflict. What the sets cannot hold (a third foreign warp, a second reader of
-// a foreign warp checked against a writer of that same warp) is dropped: a race may be
-// missed there, never invented.
+// a foreign warp checked against a writer of that same warp, later accesses of a foreign
+// warp once cross-warp clocks are on) is dropped: a race may be missed there, never invented.
+//
+// Clocks: per thread, 32 entries for the lanes of its warp (advanced by __syncwarp) and, once
+// the block uses mbarriers or warpgroup collectives, a row of the `cross` table with an entry
+// per thread of the block (other warps' entries; its own warp's live in the 32).
 #include "racecheck.h"
 
 #include "cuemu.h"
@@ -51,6 +56,7 @@ struct AccessSet {
   uint8_t warp = 0, foreign_count = 0;
   Access lane[32];
   Access foreign[2];  // first access of other warps; bytes: that warp's union
+  uint8_t foreign_first[2];  // the bytes of that first access itself
 };
 
 struct Word {
@@ -59,12 +65,14 @@ struct Word {
   AccessSet reads, atomics;
 };
 
-// What the accessing thread knows: its epoch and the warp's clocks it has seen.
+// What the accessing thread knows: its epoch and the clocks it has seen.
 struct Now {
   uint32_t epoch, thread;
   const uint32_t* clock;  // 32 entries, one per lane of its warp
+  const uint32_t* cross;  // one per thread of the block (other warps), or null: knows none
   unsigned warp() const { return thread >> 5; }
   unsigned lane() const { return thread & 31; }
+  uint32_t knows(unsigned t) const { return t >> 5 == warp() ? clock[t & 31] : cross ? cross[t] : 0; }
 };
 
 struct State {
@@ -73,14 +81,32 @@ struct State {
   size_t dynamic_words = 0;
   std::vector<Word> words;
   std::vector<std::array<uint32_t, 32>> clocks;  // per thread of the block
+  unsigned threads = 0;
+  bool cross_on = false;       // this block synchronises across warps (mbarrier, warpgroups)
+  std::vector<uint32_t> cross;  // threads x threads: row t, entry u: what t knows of u
 } g;
 
-bool is_write(Kind k) { return k == Kind::Store || k == Kind::CpAsync; }
+bool is_write(Kind k) { return k == Kind::Store || k == Kind::CpAsync || k == Kind::AsyncLoad; }
+
+const uint32_t* cross_row(unsigned t) { return g.cross_on ? &g.cross[size_t(t) * g.threads] : nullptr; }
+
+void enable_cross() {
+  if (g.cross_on) return;
+  g.cross.assign(size_t(g.threads) * g.threads, 0);
+  g.cross_on = true;
+}
+
+// What thread t knows of thread u, and t learning that u reached `clock`.
+uint32_t knows(unsigned t, unsigned u) { return Now{0, t, g.clocks[t].data(), cross_row(t)}.knows(u); }
+void learn(unsigned t, unsigned u, uint32_t clock) {
+  uint32_t& e = u >> 5 == t >> 5 ? g.clocks[t][u & 31] : g.cross[size_t(t) * g.threads + u];
+  e = std::max(e, clock);
+}
 
 // Whether access `a` of epoch `epoch` happens before anything `n` does next.
 bool ordered(const Access& a, uint32_t epoch, const Now& n) {
-  if (epoch != n.epoch) return epoch < n.epoch;  // a later epoch: after a cp.async's issue
-  return a.warp() == n.warp() && n.clock[a.lane()] >= a.clock;
+  if (epoch != n.epoch) return epoch < n.epoch;  // a later epoch: after an asynchronous access's issue
+  return n.knows(a.thread) >= a.clock;
 }
 
 // An access of `set` that touches `bytes` and is not ordered before `n`, or null.
@@ -92,7 +118,9 @@ const Access* unordered(const AccessSet& set, uint8_t bytes, const Now& n) {
   }
   for (unsigned i = 0; i < set.foreign_count; ++i) {
     const Access& a = set.foreign[i];
-    if ((a.bytes & bytes) && (a.warp() != n.warp() || set.epoch > n.epoch)) return &a;
+    const bool conflict = n.cross ? (set.foreign_first[i] & bytes) && !ordered(a, set.epoch, n)
+                                  : (a.bytes & bytes) && (a.warp() != n.warp() || set.epoch > n.epoch);
+    if (conflict) return &a;
   }
   return nullptr;
 }
@@ -118,7 +146,10 @@ void add(AccessSet& set, const Access& a, uint32_t epoch) {
       set.foreign[i].bytes = set.foreign[i].bytes | a.bytes;
       return;
     }
-  if (set.foreign_count < 2) set.foreign[set.foreign_count++] = a;
+  if (set.foreign_count < 2) {
+    set.foreign_first[set.foreign_count] = a.bytes;
+    set.foreign[set.foreign_count++] = a;
+  }
 }
 
 // ------------------------------------------------------------------ reports
@@ -169,6 +200,8 @@ const char* kind_name(Kind k) {
     case Kind::Atomic: return "atomic";
     case Kind::LdMatrix: return "ldmatrix row read";
     case Kind::CpAsync: return "cp.async copy";
+    case Kind::AsyncLoad: return "TMA/bulk load landing";
+    case Kind::AsyncRead: return "async-proxy read (wgmma operand or TMA/bulk store source)";
   }
   return "?";
 }
@@ -176,8 +209,10 @@ const char* kind_name(Kind k) {
 std::string describe(const Access& a) {
   char buf[256];
   const unsigned x = blockDim.x, y = blockDim.y;
-  snprintf(buf, sizeof buf, "%s of %u bytes by thread (%u,%u,%u) (warp %u lane %u) at ", kind_name(a.kind),
-           unsigned(a.width), a.thread % x, a.thread / x % y, a.thread / (x * y), a.warp(), a.lane());
+  char width[32] = "";  // 0: a copy wider than the field (a TMA box, a bulk row)
+  if (a.width) snprintf(width, sizeof width, " of %u bytes", unsigned(a.width));
+  snprintf(buf, sizeof buf, "%s%s by thread (%u,%u,%u) (warp %u lane %u) at ", kind_name(a.kind), width,
+           a.thread % x, a.thread / x % y, a.thread / (x * y), a.warp(), a.lane());
   return buf + describe_site(a.site);
 }
 
@@ -192,7 +227,8 @@ std::string describe(const Access& a) {
   fail(msg.c_str());
 }
 
-constexpr const char* kNoOrder = "no __syncthreads, or __syncwarp of both lanes, orders them";
+constexpr const char* kNoOrder =
+    "no __syncthreads, __syncwarp of both lanes, or mbarrier arrive and wait between them orders them";
 
 // ------------------------------------------------------------------ the check
 Word* word_at(uintptr_t a, size_t* index) {
@@ -270,6 +306,8 @@ void block_begin(unsigned threads, const unsigned char* dynamic_shared, size_t d
     g.clocks[t].fill(0);
     g.clocks[t][t & 31] = 1;
   }
+  g.threads = threads;
+  g.cross_on = false;
 }
 
 void barrier() { ++g.epoch; }
@@ -285,12 +323,20 @@ void warp_sync(unsigned warp, unsigned lanes) {
     g.clocks[warp * 32 + lane] = merged;
     ++g.clocks[warp * 32 + lane][lane];
   }
+  if (!g.cross_on) return;
+  std::vector<uint32_t> known(g.threads, 0);  // what any of the lanes knows of other warps
+  for (uint32_t t = lanes; t; t &= t - 1) {
+    const uint32_t* row = cross_row(warp * 32 + __builtin_ctz(t));
+    for (unsigned u = 0; u < g.threads; ++u) known[u] = std::max(known[u], row[u]);
+  }
+  for (uint32_t t = lanes; t; t &= t - 1)
+    std::copy(known.begin(), known.end(), g.cross.begin() + (warp * 32 + __builtin_ctz(t)) * ptrdiff_t(g.threads));
 }
 
 void access(const void* p, unsigned bytes, Kind kind, uintptr_t site) {
   uint32_t thread;
   if (!on || !running_thread(&thread)) return;
-  const Now n{g.epoch, thread, g.clocks[thread].data()};
+  const Now n{g.epoch, thread, g.clocks[thread].data(), cross_row(thread)};
   for_each_word(p, bytes, [&](Word& w, size_t index, uint8_t mask) {
     const Access a{site, n.clock[n.lane()], uint16_t(thread), kind, uint8_t(bytes & 31), mask};
     check(w, index, a, n, kNoOrder);
@@ -305,22 +351,83 @@ Issue issue(uintptr_t site) {
   is.site = site;
   auto& clock = g.clocks[is.thread];
   std::copy(clock.begin(), clock.end(), is.clock);
-  ++clock[is.thread & 31];  // the issuer's later accesses are not ordered before the copy
+  if (const uint32_t* row = cross_row(is.thread)) is.cross.assign(row, row + g.threads);
+  ++clock[is.thread & 31];  // the issuer's later accesses are not ordered before the access
   return is;
 }
 
-void land(const Issue& is, const void* dst, unsigned bytes) {
+Issue warpgroup_issue(unsigned first_thread, uintptr_t site) {
+  Issue is{};
+  if (!on) return is;
+  enable_cross();
+  is.epoch = g.epoch;
+  is.thread = first_thread;
+  is.site = site;
+  is.cross.assign(g.threads, 0);
+  for (unsigned t = first_thread; t < first_thread + 128; ++t)
+    for (unsigned u = 0; u < g.threads; ++u) is.cross[u] = std::max(is.cross[u], knows(t, u));
+  std::copy_n(&is.cross[first_thread & ~31u], 32, is.clock);
+  for (unsigned t = first_thread; t < first_thread + 128; ++t) ++g.clocks[t][t & 31];
+  return is;
+}
+
+// Why an asynchronous access of `kind` may conflict.
+const char* async_note(Kind kind) {
+  switch (kind) {
+    case Kind::CpAsync:
+      return "the copy may land any time between its issue and the covering cp.async.wait_group, and nothing "
+             "orders the other access before the issue or after that wait";
+    case Kind::AsyncLoad:
+      return "the load may land any time between its issue and the completion of its mbarrier phase, and nothing "
+             "orders the other access before the issue (an mbarrier arrive the issuer waited on) or after the "
+             "phase (a wait on it)";
+    default:
+      return "the async proxy may read any time between the issue and the covering wait (wgmma.wait_group, "
+             "cp.async.bulk.wait_group), and nothing orders the other access before the issue (for a TMA load: "
+             "a wait on its mbarrier) or after that wait (then an mbarrier arrive the writer waits on)";
+  }
+}
+
+void land(const Issue& is, const void* p, unsigned bytes, Kind kind) {
   if (!on || is.epoch == 0) return;
-  const Now at_issue{is.epoch, is.thread, is.clock};
+  const Now at_issue{is.epoch, is.thread, is.clock, is.cross.empty() ? nullptr : is.cross.data()};
   const uint32_t clock_now = g.clocks[is.thread][is.thread & 31];
-  for_each_word(dst, bytes, [&](Word& w, size_t index, uint8_t mask) {
-    Access a{is.site, is.clock[is.thread & 31], uint16_t(is.thread), Kind::CpAsync, uint8_t(bytes & 31), mask};
-    check(w, index, a, at_issue,
-          "the copy may land any time between its issue and the covering cp.async.wait_group, and "
-          "nothing orders the other access before the issue or after that wait");
+  for_each_word(p, bytes, [&](Word& w, size_t index, uint8_t mask) {
+    Access a{is.site, is.clock[is.thread & 31], uint16_t(is.thread), kind, uint8_t(bytes < 32 ? bytes : 0), mask};
+    check(w, index, a, at_issue, async_note(kind));
     a.clock = clock_now;  // later accesses must be ordered after the landing (the wait)
     record(w, a, g.epoch);
   });
+}
+
+void release(Clock& into) {
+  uint32_t thread;
+  if (!on || !running_thread(&thread)) return;
+  enable_cross();
+  into.resize(g.threads, 0);
+  for (unsigned u = 0; u < g.threads; ++u) into[u] = std::max(into[u], knows(thread, u));
+  ++g.clocks[thread][thread & 31];
+}
+
+void acquire(const Clock& from) {
+  uint32_t thread;
+  if (!on || from.empty() || !running_thread(&thread)) return;
+  enable_cross();
+  for (unsigned u = 0; u < from.size() && u < g.threads; ++u) learn(thread, u, from[u]);
+}
+
+void landed(const Issue& is, Clock& into) {
+  if (!on || is.epoch == 0) return;
+  into.resize(g.threads, 0);
+  into[is.thread] = std::max(into[is.thread], g.clocks[is.thread][is.thread & 31]);
+}
+
+void warpgroup_waited(unsigned first_thread) {
+  if (!on) return;
+  enable_cross();
+  const uint32_t clock = g.clocks[first_thread][first_thread & 31];
+  for (unsigned t = first_thread; t < first_thread + 128; ++t) learn(t, first_thread, clock);
+  ++g.clocks[first_thread][first_thread & 31];
 }
 
 }  // namespace cuemu::racecheck

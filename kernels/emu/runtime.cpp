@@ -536,7 +536,7 @@ void complete_copies(Fiber& f, unsigned pending_groups) {
   for (PendingCopy& c : f.copies) {
     if (c.group + pending_groups < f.committed_groups) {
 #ifdef CUEMU_PROFILE
-      CUEMU_RACECHECK(land(c.issue, c.dst, c.bytes));
+      CUEMU_RACECHECK(land(c.issue, c.dst, c.bytes, racecheck::Kind::CpAsync));
 #endif
       memcpy(c.dst, c.src, c.src_bytes);
       memset(static_cast<char*>(c.dst) + c.src_bytes, 0, c.bytes - c.src_bytes);

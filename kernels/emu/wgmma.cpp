@@ -27,8 +27,18 @@
 //     that forgot its fence is missed when another thread fences after its stores. Stores that
 //     rewrite the value already there are invisible (and harmless). Static __shared__ arrays
 //     are not shadowed.
+//   - The race detector (profiling build, racecheck.h): an operation's shared reads are
+//     checked, when they happen at the covering wait_group, with what its warpgroup knew at
+//     the issue, and recorded as reads of the warpgroup's first thread, which all 128 threads
+//     then know to be done.
 #include "cuemu.h"
+#include "racecheck.h"
 #include "swizzle.cuh"
+#ifdef CUEMU_PROFILE
+#define CUEMU_RACECHECK(call) (racecheck::on ? racecheck::call : void())
+#else
+#define CUEMU_RACECHECK(call) void()
+#endif
 
 #include <cstdarg>
 #include <cstdio>
@@ -54,6 +64,7 @@ struct Slot {
   unsigned pending;  // wait_group's N
   bool increase;     // setmaxnreg
   unsigned registers;
+  uintptr_t site;    // the wgmma's call site in the kernel, for the race detector's reports
 };
 
 // One wgmma.mma_async in flight.
@@ -67,6 +78,7 @@ struct Mma {
   // kThreads x n/2 input accumulators: captured at issue, or, where an earlier operation in
   // flight writes the same array, that operation's result, handed over when it executes.
   std::vector<float> init;
+  racecheck::Issue issue;  // what the warpgroup knew at the issue (profiling build)
 };
 
 struct Warpgroup {
@@ -178,11 +190,14 @@ float element_value(uint16_t bits, MmaInput input) {
   return input == MmaInput::Bf16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
 }
 
-// Reads element (mn, k) for the async proxy: it must not have changed since the last fence.
-float load(Block& b, const Operand& o, unsigned mn, unsigned k, bool mn_major, MmaInput input) {
+// Reads element (mn, k) of operation m for the async proxy: it must not have changed since the
+// last fence.
+float load(Block& b, const Mma& m, const Operand& o, unsigned mn, unsigned k, bool mn_major) {
   const uint32_t address = element_address(o, mn, k, mn_major);
   const std::vector<unsigned char>& seen = shadow(b);
   if (memcmp(b.shared + address, seen.data() + address, 2) != 0) unfenced("wgmma.mma_async", address);
+  CUEMU_RACECHECK(land(m.issue, b.shared + address, 2, racecheck::Kind::AsyncRead));
+  const MmaInput input = m.input;
   uint16_t bits;
   memcpy(&bits, b.shared + address, 2);
   return element_value(bits, input);
@@ -206,11 +221,11 @@ void execute(Block& b, const Mma& m, std::vector<float>& out) {
   } else {
     const Operand a = decode(m.desc_a, "A");
     for (unsigned r = 0; r < 64; ++r)
-      for (unsigned k = 0; k < 16; ++k) A[r][k] = load(b, a, r, k, m.trans_a, m.input);
+      for (unsigned k = 0; k < 16; ++k) A[r][k] = load(b, m, a, r, k, m.trans_a);
   }
   const Operand bo = decode(m.desc_b, "B");
   for (unsigned c = 0; c < m.n; ++c)
-    for (unsigned k = 0; k < 16; ++k) B[k * m.n + c] = load(b, bo, c, k, m.trans_b, m.input);
+    for (unsigned k = 0; k < 16; ++k) B[k * m.n + c] = load(b, m, bo, c, k, m.trans_b);
   const unsigned regs = m.n / 2;
   out.resize(size_t(kThreads) * regs);
   for (unsigned t = 0; t < kThreads; ++t) {
@@ -264,6 +279,9 @@ void resolve_mma(unsigned g) {
   m.accumulate = s0.accumulate;
   m.desc_a = s0.desc_a;
   m.desc_b = s0.desc_b;
+#ifdef CUEMU_PROFILE
+  if (racecheck::on) m.issue = racecheck::warpgroup_issue(kThreads * g, s0.site);
+#endif
   const unsigned regs = m.n / 2;
   m.init.resize(size_t(kThreads) * regs);
   for (unsigned t = 0; t < kThreads; ++t) {
@@ -296,6 +314,7 @@ void resolve_wait(unsigned g) {
       continue;
     }
     execute(b, ops[i], out);
+    CUEMU_RACECHECK(warpgroup_waited(kThreads * g));
     const unsigned regs = ops[i].n / 2;
     for (unsigned t = 0; t < kThreads; ++t) {
       Mma* next = successor(ops, i, t);
@@ -349,6 +368,7 @@ void wgmma_mma_async(float* d, unsigned n, MmaInput input, uint64_t desc_a, cons
   s.trans_a = trans_a;
   s.trans_b = trans_b;
   s.accumulate = accumulate;
+  s.site = uintptr_t(__builtin_return_address(0));
   warpgroup_arrive("wgmma.mma_async", resolve_mma);
 }
 

@@ -1,6 +1,7 @@
-// router_row.cuh: the pieces every router kernel shares. One warp owns one row of logits.
+// router_row.cuh: the pieces every router kernel shares. One warp owns one row of logits (the
+// selection kernels give a row fewer lanes: router_select.cuh).
 //
-//   warp_sum / warp_max / warp_max_u64   butterfly reductions: every lane ends with the same
+//   warp_sum / warp_max                  butterfly reductions: every lane ends with the same
 //                                        bits (each step adds the same two values, commuted)
 //   rank_key / rank_value                a float <-> an unsigned key whose integer order is the
 //                                        routing order: NaN below -inf, -0 == +0; key 0 is
@@ -33,14 +34,6 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, m));
-  return v;
-}
-__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) {
-    const unsigned long long other = __shfl_xor_sync(kFullMask, v, m);
-    v = other > v ? other : v;
-  }
   return v;
 }
 

@@ -35,7 +35,7 @@ fn block(checkpoint: &Checkpoint, layer: usize) -> Result<String> {
 }
 
 /// The dtype a `T` is stored as in safetensors.
-fn dtype_of<T: FloatElement>() -> Dtype {
+pub(super) fn dtype_of<T: FloatElement>() -> Dtype {
     match T::NAME {
         "f16" => Dtype::F16,
         "bf16" => Dtype::BF16,

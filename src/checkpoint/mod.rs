@@ -30,6 +30,7 @@
 //!
 //! Every missing tensor, wrong shape or unsupported dtype is an [`Error::Checkpoint`] naming it.
 mod config;
+pub mod esft;
 mod layout;
 #[cfg(feature = "dev-tools")]
 pub mod tiny;

@@ -176,8 +176,9 @@ impl EmulatorDevice {
     /// The same device with the shared-memory race detector on or off. On, a launch fails with
     /// [`Error::LaunchFailed`] naming the kernel, the shared-memory offset, both threads and
     /// both accesses (kind, width, source line) when two threads touch a shared word, one of
-    /// them writing, and no barrier or `__syncwarp` orders them. Needs the profiling build
-    /// (`MOE_EMU_PROFILE=1`), whose load/store tracing it rides on.
+    /// them writing, and no barrier, `__syncwarp` or mbarrier arrive and wait orders them
+    /// (TMA loads, wgmma operands and TMA stores count, when they happen). Needs the
+    /// profiling build (`MOE_EMU_PROFILE=1`), whose load/store tracing it rides on.
     pub fn with_racecheck(&self, on: bool) -> Result<Self> {
         if on && !profiling_build() {
             return Err(Error::Environment {

@@ -81,7 +81,7 @@ pub(crate) struct Saved<T: FloatElement> {
     pub(crate) counts: DeviceBuffer<i32>,
     pub(super) offsets: DeviceBuffer<i32>,
     pub(super) sorted_rows: DeviceBuffer<i32>,
-    pub(super) inverse: DeviceBuffer<i32>,
+    pub(crate) inverse: DeviceBuffer<i32>,
     pub(crate) status: DeviceBuffer<i32>,
     pub(super) gu: DeviceBuffer<T>,
     pub(super) h: DeviceBuffer<T>,

@@ -1,6 +1,7 @@
 //! [`ChainOfExperts`] (math §7): C routed passes over one set of expert weights,
 //! `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, each iteration with its own router.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
+use super::graph::{EagerPass, LayerGraph, layer_graph_methods};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::{prefix, prefix_mut};
@@ -33,6 +34,8 @@ pub struct ChainOfExperts<T: FloatElement> {
     expert_grads: ExpertGrads,
     mask: Option<ExpertMask>,
     mode: Mode,
+    /// The captured pass, if any ([`capture`](ChainOfExperts::capture)).
+    graph: Option<LayerGraph<T>>,
 }
 
 impl<T: FloatElement> ChainOfExperts<T> {
@@ -82,6 +85,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
             expert_grads: ExpertGrads::alloc(device, &config, mode)?,
             mask: None,
             mode,
+            graph: None,
         })
     }
 
@@ -108,12 +112,22 @@ impl<T: FloatElement> ChainOfExperts<T> {
         self.mode
     }
 
+    /// What the last forward kept, per iteration (only the last one's in an inference chain).
+    pub(crate) fn saved_iterations(&self) -> &[Saved<T>] {
+        &self.saved
+    }
+
     pub fn iterations(&self) -> usize {
         self.routers.len()
     }
 
-    /// `y = x⁽ᶜ⁾` for `tokens` rows of `x` (`[tokens, d]`). No host sync.
+    /// `y = x⁽ᶜ⁾` for `tokens` rows of `x` (`[tokens, d]`). No host sync. Drops a captured graph.
     pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        self.graph = None;
+        self.run_forward(x, tokens, y)
+    }
+
+    fn run_forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
         crate::ops::check_range("tokens", tokens, 1..=self.config.max_tokens)?;
         let len = tokens * self.config.dim;
         // Every argument is checked before the first iteration launches anything.
@@ -154,7 +168,18 @@ impl<T: FloatElement> ChainOfExperts<T> {
 
     /// Backward of the last forward (same `x`): `dx`, each iteration's router gradients and the
     /// expert gradients summed over iterations (experts outside the mask untouched). No host sync.
+    /// Drops a captured graph.
     pub fn backward(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
+        self.graph = None;
+        self.run_backward(x, dy, dx)
+    }
+
+    fn run_backward(
         &mut self,
         x: &impl DeviceSlice<T>,
         dy: &impl DeviceSlice<T>,
@@ -216,9 +241,12 @@ impl<T: FloatElement> ChainOfExperts<T> {
     /// As [`MoeLayer::set_expert_mask`](super::MoeLayer::set_expert_mask).
     pub fn set_expert_mask(&mut self, mask: Option<ExpertMask>) -> Result<()> {
         self.config.check_mask(mask.as_ref())?;
+        self.graph = None;
         self.mask = mask;
         Ok(())
     }
+
+    layer_graph_methods!();
 
     /// What iteration `t`'s forward kept: every iteration's in a training chain, only the last
     /// one's in an inference chain (its iterations share one set of buffers).
@@ -281,6 +309,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
     /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
     /// for [`ExpertGrads::zero_unwritten`].
     pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        self.graph = None; // the caller may swap a buffer the graph writes
         &mut self.expert_grads
     }
 
@@ -313,5 +342,17 @@ impl<T: FloatElement> ChainOfExperts<T> {
         let saved: usize = self.saved.iter().map(|s| s.bytes_per_token(max)).sum();
         let inputs: usize = self.inputs.iter().map(|b| b.len() * size_of::<T>()).sum();
         saved + inputs / max
+    }
+}
+
+impl<T: FloatElement> EagerPass<T> for ChainOfExperts<T> {
+    fn trains(&self) -> bool {
+        self.mode == Mode::Training
+    }
+    fn eager_forward(&mut self, x: &DeviceBuffer<T>, tokens: usize, y: &mut DeviceBuffer<T>) -> Result<()> {
+        self.run_forward(x, tokens, y)
+    }
+    fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
+        self.run_backward(x, dy, dx)
     }
 }

@@ -41,6 +41,7 @@ pub mod vq;
 mod weights;
 pub mod workspace;
 
+pub(crate) use buffers::Saved;
 pub use chain::ChainOfExperts;
 pub use config::{Mode, MoeConfig, RouterKind};
 pub use device_weights::{DeviceWeights, LayerWeights};

@@ -1,6 +1,6 @@
 //! [`MoeLayer`]: one routed MoE layer with its weights, forward and backward.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
-use super::graph::{Captures, GraphIo, IoBuffers, LayerGraph, no_graph};
+use super::graph::{EagerPass, LayerGraph, layer_graph_methods};
 use super::params::{ExpertGrads, RouterGrads};
 use super::pass::{Gradients, Pass};
 use super::workspace::prefix;
@@ -352,58 +352,7 @@ impl<T: FloatElement> MoeLayer<T> {
         &mut self.expert_grads
     }
 
-    /// Captures a pass over `tokens` tokens into a graph the layer keeps, with its own `x`, `y`
-    /// (and `dy`, `dx`) buffers ([`graph_io`](Self::graph_io)): [`replay`](Self::replay) then
-    /// runs the whole pass as one submission, reading whatever those buffers hold, with the
-    /// results (outputs, routing, gradients, losses) exactly those of an eager pass on the same
-    /// inputs. At decode, where every launch costs more than its work, this removes the launch
-    /// gaps. The layer runs the pass once eagerly first (loading every kernel, sizing every
-    /// workspace), then captures it: no allocation and no host sync inside. An eager
-    /// `forward`/`backward`, a new mask, or handing out the gradients mutably drops the graph.
-    /// [`Captures::ForwardBackward`] needs a [`Mode::Training`] layer.
-    pub fn capture(&mut self, tokens: usize, captures: Captures) -> Result<()> {
-        self.graph = None;
-        crate::ops::check_range("tokens", tokens, 1..=self.config.max_tokens)?;
-        if captures == Captures::ForwardBackward && self.mode != Mode::Training {
-            return Err(Error::InvalidArgument {
-                argument: "captures",
-                value: "ForwardBackward".into(),
-                expected: "Forward for a Mode::Inference layer".into(),
-            });
-        }
-        let mut io = IoBuffers::alloc(&self.device, tokens * self.config.dim, captures)?;
-        let pass = |layer: &mut Self, io: &mut IoBuffers<T>| -> Result<()> {
-            layer.run_forward(&io.x, tokens, &mut io.y, None)?;
-            if captures == Captures::ForwardBackward {
-                layer.run_backward(&io.x, &io.dy, &mut io.dx, None)?;
-            }
-            Ok(())
-        };
-        pass(self, &mut io)?;
-        let device = self.device.clone();
-        let graph = device.capture(|| pass(self, &mut io))?;
-        self.graph = Some(LayerGraph { graph, tokens, io });
-        Ok(())
-    }
-
-    /// The captured pass's buffers: write the next batch into `x` (and `dy`), read `y` (and `dx`).
-    pub fn graph_io(&mut self) -> Result<GraphIo<'_, T>> {
-        self.graph.as_mut().ok_or_else(no_graph)?.io()
-    }
-
-    /// Runs the captured pass again on what its buffers hold now. No host sync.
-    pub fn replay(&mut self) -> Result<()> {
-        let graph = self.graph.as_ref().ok_or_else(no_graph)?;
-        // SAFETY: every buffer the captured pass touched is owned by this layer (weights, work
-        // buffers, gradients, mask) or by `graph` (its I/O), and none has been replaced since
-        // the capture: every method that could replace one drops the graph first.
-        unsafe { self.device.replay(&graph.graph) }
-    }
-
-    /// The token count of the captured pass, if there is one.
-    pub fn graph_tokens(&self) -> Option<usize> {
-        self.graph.as_ref().map(|g| g.tokens)
-    }
+    layer_graph_methods!();
 
     /// The last forward's selected ids (`[T, k]`, i32) and combine weights (`[T, k]`, f32).
     pub fn routing(&self) -> Result<(impl DeviceSlice<i32> + '_, impl DeviceSlice<f32> + '_)> {
@@ -431,6 +380,16 @@ impl<T: FloatElement> MoeLayer<T> {
     /// Rows each expert received in the last forward (`[E]`, after capacity).
     pub fn expert_counts(&self) -> &DeviceBuffer<i32> {
         &self.saved.counts
+    }
+
+    /// What the last forward kept (the routing reports read it).
+    pub(crate) fn saved(&self) -> &Saved<T> {
+        &self.saved
+    }
+
+    /// Whether the forward adds the residual ([`with_residual`](Self::with_residual)).
+    pub fn residual(&self) -> bool {
+        self.residual
     }
 
     /// Tokens of the last forward (0 before the first).
@@ -484,5 +443,17 @@ impl<T: FloatElement> MoeLayer<T> {
     pub fn saved_bytes_per_token_formula(config: &MoeConfig) -> Result<usize> {
         config.validate()?;
         Ok(saved_bytes_per_token(config, size_of::<T>()))
+    }
+}
+
+impl<T: FloatElement> EagerPass<T> for MoeLayer<T> {
+    fn trains(&self) -> bool {
+        self.mode == Mode::Training
+    }
+    fn eager_forward(&mut self, x: &DeviceBuffer<T>, tokens: usize, y: &mut DeviceBuffer<T>) -> Result<()> {
+        self.run_forward(x, tokens, y, None)
+    }
+    fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
+        self.run_backward(x, dy, dx, None)
     }
 }

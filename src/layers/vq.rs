@@ -2,6 +2,7 @@
 //! path (each token's nearest code picks its expert, applied to the straight-through mix x̃),
 //! mixed per token by a 2-way softmax gate, `y = a0·y_cont + a1·y_disc`, plus the VQ losses.
 use super::buffers::{Saved, Scratch};
+use super::graph::{EagerPass, LayerGraph, layer_graph_methods};
 use super::params::{ExpertGrads, Experts, Router, RouterGrads};
 use super::pass::{Gradients, Pass, Routing, add_rows};
 use super::weights::uniform;
@@ -134,6 +135,8 @@ pub struct VqMoe<T: FloatElement> {
     mix_grads: RouterGrads,
     expert_grads: ExpertGrads,
     codebook_grad: DeviceBuffer<f32>,
+    /// The captured pass, if any ([`capture`](VqMoe::capture)).
+    graph: Option<LayerGraph<T>>,
 }
 
 impl<T: FloatElement> VqMoe<T> {
@@ -205,6 +208,7 @@ impl<T: FloatElement> VqMoe<T> {
             mix_grads: RouterGrads::alloc(device, &mix, Mode::Training)?,
             expert_grads: ExpertGrads::alloc(device, &config, Mode::Training)?,
             codebook_grad: device.alloc_zeros(e * d)?,
+            graph: None,
         })
     }
 
@@ -222,6 +226,11 @@ impl<T: FloatElement> VqMoe<T> {
         &self.config
     }
 
+    /// What the continuous path's last forward kept (the routing reports read it).
+    pub(crate) fn saved(&self) -> &Saved<T> {
+        &self.saved
+    }
+
     fn shape(&self, tokens: usize) -> CodebookShape {
         CodebookShape {
             tokens,
@@ -231,7 +240,13 @@ impl<T: FloatElement> VqMoe<T> {
     }
 
     /// `y = a0·MoE(x) + a1·FFN_{code(x) mod E}(x̃)` for `tokens` rows. No host sync.
+    /// Drops a captured graph.
     pub fn forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
+        self.graph = None;
+        self.run_forward(x, tokens, y)
+    }
+
+    fn run_forward(&mut self, x: &impl DeviceSlice<T>, tokens: usize, y: &mut impl DeviceSliceMut<T>) -> Result<()> {
         check_range("tokens", tokens, 1..=self.config.max_tokens)?;
         let device = &self.device;
         let (e, len) = (self.config.experts, tokens * self.config.dim);
@@ -340,8 +355,18 @@ impl<T: FloatElement> VqMoe<T> {
     /// Backward of the last forward (same `x`) for the total loss `<y, dy>` + router losses + VQ
     /// losses: dx (`[T, d]`), the router's and the mixing gate's gradients, the expert gradients
     /// (both paths summed) and the codebook's (codebook loss; the straight-through path gives the
-    /// codes no gradient). No host sync.
+    /// codes no gradient). No host sync. Drops a captured graph.
     pub fn backward(
+        &mut self,
+        x: &impl DeviceSlice<T>,
+        dy: &impl DeviceSlice<T>,
+        dx: &mut impl DeviceSliceMut<T>,
+    ) -> Result<()> {
+        self.graph = None;
+        self.run_backward(x, dy, dx)
+    }
+
+    fn run_backward(
         &mut self,
         x: &impl DeviceSlice<T>,
         dy: &impl DeviceSlice<T>,
@@ -493,8 +518,11 @@ impl<T: FloatElement> VqMoe<T> {
     /// The expert weight gradients, mutable: for an optimizer that steps from them in place, or
     /// for [`ExpertGrads::zero_unwritten`].
     pub fn expert_grads_mut(&mut self) -> &mut ExpertGrads {
+        self.graph = None; // the caller may swap a buffer the graph writes
         &mut self.expert_grads
     }
+
+    layer_graph_methods!();
 
     /// The codebook's gradient (`[E, d]`, f32).
     pub fn codebook_grad(&self) -> &DeviceBuffer<f32> {
@@ -523,5 +551,17 @@ impl<T: FloatElement> VqMoe<T> {
     /// forward.
     pub fn codes(&self) -> Result<impl DeviceSlice<i32> + '_> {
         prefix("codes", &self.codes, self.saved.tokens)
+    }
+}
+
+impl<T: FloatElement> EagerPass<T> for VqMoe<T> {
+    fn trains(&self) -> bool {
+        true
+    }
+    fn eager_forward(&mut self, x: &DeviceBuffer<T>, tokens: usize, y: &mut DeviceBuffer<T>) -> Result<()> {
+        self.run_forward(x, tokens, y)
+    }
+    fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
+        self.run_backward(x, dy, dx)
     }
 }

@@ -16,7 +16,7 @@ pub fn hopper_capable(device: &Device) -> bool {
     }
 }
 
-fn require_hopper(device: &Device, kernel: &str) -> Result<()> {
+pub(crate) fn require_hopper(device: &Device, kernel: &str) -> Result<()> {
     if hopper_capable(device) {
         return Ok(());
     }

@@ -108,15 +108,16 @@ fn bad_row_inputs_are_errors_naming_the_argument() {
         let i = |n: usize| device.alloc_zeros::<i32>(n).unwrap();
         let (x, sorted, inverse, w) = (f(tokens * d), i(12), i(tokens * k), f(tokens * k));
         let launches = device.stats().launches;
-        let permute = |x: &DeviceBuffer<f32>, xp_len: usize, k: usize, d: usize| {
+        let permute = |x: &DeviceBuffer<f32>, inverse: &DeviceBuffer<i32>, xp_len: usize, k: usize, d: usize| {
             let mut xp = f(xp_len);
-            argument_of(dispatch::permute(&device, x, &sorted, tokens, k, d, &mut xp).unwrap_err())
+            argument_of(dispatch::permute(&device, x, &sorted, inverse, tokens, k, d, &mut xp).unwrap_err())
         };
-        assert_eq!(permute(&x, 12 * d, 0, d), "k");
-        assert_eq!(permute(&x, 12 * d, 33, d), "k");
-        assert_eq!(permute(&x, 0, k, 0), "d");
-        assert_eq!(permute(&f(3), 12 * d, k, d), "x");
-        assert_eq!(permute(&x, 11 * d, k, d), "xp");
+        assert_eq!(permute(&x, &inverse, 12 * d, 0, d), "k");
+        assert_eq!(permute(&x, &inverse, 12 * d, 33, d), "k");
+        assert_eq!(permute(&x, &inverse, 0, k, 0), "d");
+        assert_eq!(permute(&f(3), &inverse, 12 * d, k, d), "x");
+        assert_eq!(permute(&x, &i(3), 12 * d, k, d), "inverse");
+        assert_eq!(permute(&x, &inverse, 11 * d, k, d), "xp");
         let combine =
             |inverse: &DeviceBuffer<i32>, w: &DeviceBuffer<f32>, r: &DeviceBuffer<f32>, y_len: usize, yp_len: usize| {
                 let (mut y, yp) = (f(y_len), f(yp_len));

@@ -1,6 +1,6 @@
 //! Memory behaviour of the row movers on the emulator's profiling build (`MOE_EMU_PROFILE=1`;
 //! skipped elsewhere): every output byte written once, in whole 16-byte lanes (16 sectors of 32
-//! bytes per warp request), and the gathered input read once per destination row.
+//! bytes per warp request), and the permute's input read once per token (load redundancy <= 1.05).
 use super::common::Rng;
 use super::random_ids;
 use half::bf16;
@@ -39,7 +39,7 @@ fn row_movers_write_whole_sectors_once() {
     let mut y = device.alloc_zeros::<bf16>(tokens * d).unwrap();
     let row_bytes = (d * 2) as u64;
 
-    dispatch::permute(&device, &x, &sorted_rows, tokens, k, d, &mut xp).unwrap();
+    dispatch::permute(&device, &x, &sorted_rows, &inverse, tokens, k, d, &mut xp).unwrap();
     let p = profile_of(&emulator, "dispatch_permute_bf16");
     let stores = p.traffic(Space::Global, Access::Store);
     assert_eq!(
@@ -48,8 +48,14 @@ fn row_movers_write_whole_sectors_once() {
     );
     assert_eq!(stores.sectors_per_request(), 16.0, "{stores:?}");
     let loads = p.traffic(Space::Global, Access::Load);
-    // X rows once per destination row, plus sorted_rows (one broadcast load per row and lane).
-    assert_eq!(loads.bytes, rows as u64 * row_bytes + rows as u64 * 32 * 4, "{loads:?}");
+    // Token-major: each X row once (every token is routed), inverse and sorted_rows once.
+    let (tokens_u, slots) = (tokens as u64, (tokens * k) as u64);
+    assert_eq!(
+        loads.bytes,
+        tokens_u * row_bytes + 4 * slots + 4 * rows as u64,
+        "{loads:?}"
+    );
+    assert!(p.global_load_redundancy() <= 1.05, "{}", p.global_load_redundancy());
 
     let no_weights: Option<&DeviceBuffer<f32>> = None;
     dispatch::combine(&device, &xp, &inverse, no_weights, Some(&x), tokens, k, d, &mut y).unwrap();

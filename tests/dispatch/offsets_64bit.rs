@@ -37,7 +37,7 @@ fn permute_and_combine_use_64_bit_row_offsets() {
         let sorted_d = device.upload(&sorted_rows).unwrap();
         let inverse_d = device.upload(&inverse).unwrap();
         let mut xp = device.alloc_zeros::<bf16>(slots * d).unwrap();
-        dispatch::permute(&device, &x_d, &sorted_d, tokens, k, d, &mut xp).unwrap();
+        dispatch::permute(&device, &x_d, &sorted_d, &inverse_d, tokens, k, d, &mut xp).unwrap();
         // Rows spread over the buffer, the last ones past 2^31 elements included.
         let sample: Vec<usize> = (0..64).map(|i| i * (slots / 64) + i).chain(slots - 9..slots).collect();
         with_host_view(&device, &xp, |xp| {

@@ -119,7 +119,17 @@ fn rows_at<T: FloatElement>(device: &Device, tokens: usize, k: usize, d: usize, 
     );
     let mut dw = AtOffset::upload(device, &vec![f32::NAN; tokens * k], at(11));
     let before = device.stats().host_syncs;
-    dispatch::permute(device, &x_d.view(), &sorted_v, tokens, k, d, &mut xp.view_mut()).unwrap();
+    dispatch::permute(
+        device,
+        &x_d.view(),
+        &sorted_v,
+        &inverse_v,
+        tokens,
+        k,
+        d,
+        &mut xp.view_mut(),
+    )
+    .unwrap();
     let res_v = res_d.view();
     dispatch::combine(
         device,

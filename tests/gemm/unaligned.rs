@@ -9,7 +9,9 @@ use super::common::{AtOffset, Rng, assert_close, assert_refused, devices};
 use super::{DeviceGroups, Problem, to_f32, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::ops::FloatElement;
-use moe_kernels::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ForwardConfig, GemmPath, GemmShape, WgradWrite};
+use moe_kernels::ops::gemm::{
+    self, ARows, DgradConfig, DgradEpilogue, Epilogue, ForwardConfig, GemmPath, GemmShape, WgradWrite,
+};
 use moe_kernels::reference::gemm as reference;
 use moe_kernels::{Device, Result};
 
@@ -193,15 +195,18 @@ fn forward_16bit_sizes_off_a_multiple_of_8_run_decode_or_are_refused_on_tiles() 
 
 /// dgrad on `device` vs the reference with every operand a view at `off` (`a` is dC, `gu` the
 /// forward's GU; `Offsets::default()`: the buffers themselves): `dc [rows, N]`, `b [E, N, K]`,
-/// gu `[rows, 2K]` for SwiGLU, row weights when `weights`. One launch, no host sync.
+/// gu `[rows, 2K]` for SwiGLU, row weights when `weights`. One launch, no host sync. Returns
+/// the output as f32.
 pub(super) fn dgrad_at<T: FloatElement, O: FloatElement>(
     device: &Device,
     p: &Problem,
-    epilogue: DgradEpilogue,
+    config: impl Into<DgradConfig>,
     weights: bool,
     off: Offsets,
     seed: u64,
-) -> Result<()> {
+) -> Result<Vec<f32>> {
+    let config = config.into();
+    let epilogue = config.epilogue;
     let mut rng = Rng::new(seed);
     let GemmShape { experts, n, k } = p.shape;
     let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
@@ -224,7 +229,7 @@ pub(super) fn dgrad_at<T: FloatElement, O: FloatElement>(
         &b_d.view(),
         p.shape,
         &groups.groups(p),
-        epilogue,
+        config,
         weights.then_some(&w_d.view()),
         swiglu.then_some(&gu_d.view()),
         &mut out.view_mut(),
@@ -241,15 +246,16 @@ pub(super) fn dgrad_at<T: FloatElement, O: FloatElement>(
         swiglu.then_some(&gu32[..]),
     );
     let what = format!(
-        "{} dgrad {}->{} {epilogue:?} {off:?} {:?}",
+        "{} dgrad {}->{} {config:?} {off:?} {:?}",
         device.description(),
         T::NAME,
         O::NAME,
         p.shape
     );
     assert!(want.iter().any(|&v| v != 0.0), "{what}: a vacuous case");
-    assert_close(&what, &to_f32(&out.download(device)), &want, tolerance::<O>(n));
-    Ok(())
+    let got = to_f32(&out.download(device));
+    assert_close(&what, &got, &want, tolerance::<O>(n));
+    Ok(got)
 }
 
 #[test]
@@ -265,7 +271,7 @@ fn dgrad_at_offsets() {
             dgrad_at::<f16, f32>(&device, &p, epilogue, true, ALIGNED_INPUTS_ODD_OUTPUTS, 44).unwrap();
             for (argument, off) in [("dc", at(1, 0, 0, 0, 0)), ("b", at(0, 2, 0, 0, 0))] {
                 assert_refused(&device, argument, || {
-                    dgrad_at::<f16, f16>(&device, &p, epilogue, true, off, 45)
+                    dgrad_at::<f16, f16>(&device, &p, epilogue, true, off, 45).map(drop)
                 });
             }
         }

@@ -73,10 +73,14 @@ impl Rows {
 
 /// Permute (gather): `xp[r] = x[sorted_rows[r] / k]` for every row r of `sorted_rows`; rows
 /// holding -1 (padding, unused) become zeros. `x: [tokens, d]`, `xp: [sorted_rows.len(), d]`.
+/// `inverse` `[T·k]` is the same routing map's: the kernel runs token-major,
+/// `xp[inverse[t·k + j]] = x[t]`, so each row of `x` is read once, however many rows it goes to.
+#[allow(clippy::too_many_arguments)]
 pub fn permute<T: FloatElement>(
     device: &Device,
     x: &impl DeviceSlice<T>,
     sorted_rows: &impl DeviceSlice<i32>,
+    inverse: &impl DeviceSlice<i32>,
     tokens: usize,
     k: usize,
     d: usize,
@@ -85,13 +89,19 @@ pub fn permute<T: FloatElement>(
     let shape = Rows::new(tokens, k, d)?;
     let rows = sorted_rows.len();
     shape.check_token_rows("x", x)?;
+    shape.check_slots("inverse", inverse)?;
     shape.check_expert_rows("xp", xp, rows)?;
     let lanes = shape.lanes_per_row::<T>();
-    let config = shape.launch_config(rows, ROW_THREADS as usize / lanes as usize)?;
+    let per_block = ROW_THREADS as usize / lanes as usize;
+    let config = LaunchConfig {
+        shared_bytes: (per_block * k * size_of::<i32>()) as u32,
+        ..shape.launch_config(rows.max(tokens), per_block)?
+    };
     let args = KernelArgs::new(device)
         .input("x", x)
+        .input("inverse", inverse)
         .input("sorted_rows", sorted_rows)
-        .scalar(shape.slots as i32)
+        .scalar(tokens as i64)
         .scalar(k as i32)
         .scalar(d as i32)
         .scalar(rows as i64)

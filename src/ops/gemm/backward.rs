@@ -1,10 +1,11 @@
 //! The backward: `dA_e = dC_e · B_e` (`grouped_gemm_dgrad_*`) and `dB_e = dC_e^T · A_e`
 //! (`grouped_gemm_wgrad_*`), with the ESFT expert mask, the Chain-of-Experts accumulate mode and
 //! the sparse mode that writes only the experts that got rows.
+use super::decode::{decode_launch, with_decode_plan};
 use super::forward::check_grid_y;
 use super::{
-    ARows, EPI_STORE, EPI_SWIGLU_BWD, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type,
-    i64_of, row_tiles, tile_shared,
+    ARows, DECODE_MAX_ROWS, EPI_STORE, EPI_SWIGLU_BWD, GemmPath, GemmShape, Groups, TILE_THREADS, check_a_rows,
+    check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{DynMut, FloatElement, check_len, elements, grid_blocks};
@@ -23,6 +24,27 @@ pub enum DgradEpilogue {
     /// the kernel writes `dGU = [dH ⊙ U ⊙ silu'(G) | dH ⊙ silu(G)]` (`[rows, 2h]`) instead: the
     /// gradient of GEMM1's output, so `dH` never goes to memory.
     SwiGluBackward,
+}
+
+/// Options of [`dgrad`]: the epilogue and the kernel (`From<DgradEpilogue>` picks
+/// [`GemmPath::Auto`]: decode when `groups.max_group_rows <= DECODE_MAX_ROWS`).
+///
+/// [`GemmPath::Auto`]: super::GemmPath::Auto
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DgradConfig {
+    pub epilogue: DgradEpilogue,
+    /// `Tiled` or `Decode` force a kernel; both take the same operands (`Decode` any group size,
+    /// slow for big groups).
+    pub path: GemmPath,
+}
+
+impl From<DgradEpilogue> for DgradConfig {
+    fn from(epilogue: DgradEpilogue) -> Self {
+        Self {
+            epilogue,
+            path: GemmPath::Auto,
+        }
+    }
 }
 
 /// The experts whose weight gradients are computed (ESFT, math §8): a device list of the
@@ -53,7 +75,10 @@ impl ExpertMask<DeviceBuffer<i32>> {
 /// weights, with respect to A), then through `epilogue`:
 /// `out` is `[rows, K]` (`Store`) or `dGU: [rows, 2K]` (`SwiGluBackward`, which reads
 /// `gu: [rows, 2K]`), of dC's dtype or f32. One launch (none when `groups.rows` is 0), no host
-/// sync.
+/// sync. `config` is a [`DgradEpilogue`] or a [`DgradConfig`] (to force a kernel); groups of
+/// at most [`DECODE_MAX_ROWS`] rows (host-known) take the decode kernel, which streams `B_e` once.
+///
+/// [`DECODE_MAX_ROWS`]: super::DECODE_MAX_ROWS
 #[allow(clippy::too_many_arguments)]
 pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     device: &Device,
@@ -61,11 +86,12 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     b: &impl DeviceSlice<T>,
     shape: GemmShape,
     groups: &Groups<'_, I>,
-    epilogue: DgradEpilogue,
+    config: impl Into<DgradConfig>,
     row_weights: Option<&impl DeviceSlice<f32>>,
     gu: Option<&impl DeviceSlice<T>>,
     out: &mut impl DeviceSliceMut<O>,
 ) -> Result<()> {
+    let DgradConfig { epilogue, path } = config.into();
     shape.validate()?;
     shape.check_tile_sizes::<T>()?;
     groups.validate(&shape)?;
@@ -109,17 +135,28 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     if groups.rows == 0 {
         return Ok(());
     }
-    let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
-    let launch = LaunchConfig {
-        grid: (
-            row_tiles::<T>(groups.rows, shape.experts)?,
-            grid_blocks("shape.k", shape.k, tile_cols)?,
-            1,
-        ),
-        block: (TILE_THREADS, 1, 1),
-        shared_bytes: tile_shared::<T>(true, false) + SCALE_TABLE,
+    let decode = match path {
+        GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS,
+        GemmPath::Tiled => false,
+        GemmPath::Decode => true,
     };
-    check_grid_y(launch.grid.1)?;
+    let (name, launch, plan) = if decode {
+        let (launch, plan) = decode_launch((shape.k, shape.n, size_of::<T>(), 1), shape.experts, groups)?;
+        (format!("grouped_gemm_decode_dgrad_{}", T::NAME), launch, Some(plan))
+    } else {
+        let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
+        let launch = LaunchConfig {
+            grid: (
+                row_tiles::<T>(groups.rows, shape.experts)?,
+                grid_blocks("shape.k", shape.k, tile_cols)?,
+                1,
+            ),
+            block: (TILE_THREADS, 1, 1),
+            shared_bytes: tile_shared::<T>(true, false) + SCALE_TABLE,
+        };
+        check_grid_y(launch.grid.1)?;
+        (format!("grouped_gemm_dgrad_{}", T::NAME), launch, None)
+    };
     // SAFETY of the argument list: DGRAD_PARAMS in grouped_gemm.cu, in order.
     let args = KernelArgs::new(device)
         .input("dc", dc)
@@ -136,7 +173,7 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         .input_or_null("row_weights", row_weights)
         .scalar(i64_of(slots))
         .input_or_null("gu", gu);
-    device.launch(&format!("grouped_gemm_dgrad_{}", T::NAME), launch, args)
+    device.launch(&name, launch, with_decode_plan(args, plan))
 }
 
 /// How [`wgrad`] writes each expert's `dB_e` (a masked expert's is never touched).

@@ -1,7 +1,8 @@
 //! The forward: `C_e = A_e · B_e^T` with its epilogues (`grouped_gemm_fwd_*`, `grouped_gemm_decode_*`).
+use super::decode::{decode_launch, with_decode_plan};
 use super::{
-    ARows, DECODE_MAX_ROWS, DECODE_SHARED, DECODE_THREADS, DECODE_WEIGHT_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape,
-    Groups, TILE_THREADS, check_a_rows, check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
+    ARows, DECODE_MAX_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16,
+    check_out_type, i64_of, row_tiles, tile_shared,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -22,19 +23,21 @@ pub enum Epilogue {
     SwiGlu,
 }
 
-/// Which forward kernel runs. `Auto` is right outside tests and benches.
+/// Which kernel the forward (and [`dgrad`](super::dgrad)) runs. `Auto` is right outside tests
+/// and benches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmPath {
-    /// Decode when `groups.max_group_rows <= DECODE_MAX_ROWS`, else tiles; also decode when the
-    /// f16/bf16 tiles cannot take the operands (A or B off 16-byte alignment, N or K not a
+    /// Decode when `groups.max_group_rows <= DECODE_MAX_ROWS`, else tiles; for the forward also
+    /// decode when the f16/bf16 tiles cannot take the operands (A or B off 16-byte alignment, N or K not a
     /// multiple of 8): correct, but slow for big groups.
     #[default]
     Auto,
     /// Row tiles (tensor cores for f16/bf16, FMA tiles for f32); for f16/bf16 an `Err` naming
     /// `a`, `b`, `shape.n` or `shape.k` when the tiles cannot take the operands.
     Tiled,
-    /// The decode kernel: B streamed with 16-byte loads where aligned (element by element
-    /// otherwise), any shape and alignment, any group size (slow for big groups).
+    /// The decode kernel: B streamed once per pass of up to 32 rows of a group with 16-byte
+    /// `cp.async` where aligned (element by element otherwise), any shape and alignment, any
+    /// group size (slow for big groups).
     Decode,
 }
 
@@ -142,19 +145,10 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         Epilogue::Store => (EPI_STORE, shape.n),
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
     };
-    let (name, launch) = if decode {
-        let per_block = if mode == EPI_SWIGLU {
-            DECODE_WEIGHT_ROWS / 2
-        } else {
-            DECODE_WEIGHT_ROWS
-        };
-        let blocks = grid_blocks("shape.n", out_cols, per_block)?;
-        let config = LaunchConfig {
-            grid: (blocks, shape.experts as u32, 1),
-            block: (DECODE_THREADS, 1, 1),
-            shared_bytes: DECODE_SHARED,
-        };
-        (format!("grouped_gemm_decode_{}", T::NAME), config)
+    let (name, launch, plan) = if decode {
+        let per_lane = if mode == EPI_SWIGLU { 2 } else { 1 };
+        let (config, plan) = decode_launch((out_cols, shape.k, size_of::<T>(), per_lane), shape.experts, groups)?;
+        (format!("grouped_gemm_decode_{}", T::NAME), config, Some(plan))
     } else {
         let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
         let per_block = if mode == EPI_SWIGLU { tile_cols / 2 } else { tile_cols };
@@ -167,7 +161,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
             block: (TILE_THREADS, 1, 1),
             shared_bytes: tile_shared::<T>(true, true) + ROW_TABLES,
         };
-        (format!("grouped_gemm_fwd_{}", T::NAME), config)
+        (format!("grouped_gemm_fwd_{}", T::NAME), config, None)
     };
     check_grid_y(launch.grid.1)?;
     let top_k = match config.a_rows {
@@ -192,7 +186,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         .input_or_null("row_weights", row_weights)
         .scalar(i64_of(slots))
         .output_or_null("gu", gu);
-    device.launch(&name, launch, args)
+    device.launch(&name, launch, with_decode_plan(args, plan))
 }
 
 /// CUDA's grid limit in y (column tiles).

@@ -25,7 +25,9 @@
 //! Paths: f16/bf16 on tensor cores (mma.sync m16n8k16, ldmatrix, 3-stage cp.async, 128x128x32
 //! tiles of 8 warps; K and N multiples of 8, see **Alignment** below), f32 on 64x64 FMA tiles (any shape). When every
 //! group has at most [`DECODE_MAX_ROWS`] rows (a host-known bound, [`Groups::max_group_rows`]),
-//! the forward streams B with 16-byte loads instead ([`GemmPath::Decode`]). Every op is **one
+//! the forward and dgrad take the decode kernels instead ([`GemmPath::Decode`], [`decode_plan`]):
+//! each active expert's B streamed once through per-warp 16-byte `cp.async` rings, the
+//! reduction split inside the block (summed in a fixed order) when few experts have rows. Every op is **one
 //! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
 //! and never waits for the device. All sums run in a fixed order: results are bitwise
 //! reproducible.
@@ -41,9 +43,11 @@
 //! dB), the forward's saved `gu` and `row_weights` may start at any element in every dtype:
 //! the epilogue stores two columns at once only at an address aligned for the pair.
 mod backward;
+mod decode;
 mod forward;
 
-pub use backward::{DgradEpilogue, ExpertMask, MAX_WGRAD_CALL, WgradWrite, dgrad, wgrad, zero_unwritten};
+pub use backward::{DgradConfig, DgradEpilogue, ExpertMask, MAX_WGRAD_CALL, WgradWrite, dgrad, wgrad, zero_unwritten};
+pub use decode::{DECODE_TARGET_BLOCKS, DecodePlan, decode_plan};
 pub use forward::{Epilogue, ForwardConfig, GemmPath, forward, forward_out_len};
 
 use super::{FloatElement, check_len, check_range, elements};
@@ -56,10 +60,6 @@ const MMA_TILE: usize = 128;
 const FMA_TILE: usize = 64;
 /// Threads of the tile kernels.
 const TILE_THREADS: u32 = 256;
-/// Weight rows per decode block (`DEC_WARPS * DEC_COLS`), its threads and shared bytes.
-const DECODE_WEIGHT_ROWS: usize = 32;
-const DECODE_THREADS: u32 = 256;
-const DECODE_SHARED: u32 = 8 * 256 * 4;
 /// Epilogue modes (`EpilogueMode` in gemm_group.cuh).
 const EPI_STORE: i32 = 0;
 const EPI_SWIGLU: i32 = 1;

@@ -34,7 +34,7 @@ use super::{check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
-/// The most experts a router supports (one warp holds a row in registers).
+/// The most experts a router supports (a row lives in registers: 32 per lane, 32 lanes at most).
 pub const MAX_EXPERTS: usize = 1024;
 /// The id every slot of a non-finite row gets: routed to no expert (dispatch lays it out
 /// nowhere and does not count it as an invalid id).
@@ -219,9 +219,13 @@ pub(crate) fn row_launch(tokens: usize) -> Result<LaunchConfig> {
     ))
 }
 
-/// The selection kernel whose register row holds E experts; `counted`: the one that also
-/// counts the routing map.
-fn select_kernel(experts: usize, counted: bool) -> String {
+/// Threads per block of the selection kernels.
+const SELECT_THREADS: usize = 128;
+
+/// The selection kernel for E experts: its row width N (E <= N; it runs N / 32 lanes per row) and
+/// name; `counted`: the one that also counts the routing map; `prefix`: "router_select", or the
+/// dev-tools warp-per-row twin's.
+fn select_kernel(experts: usize, counted: bool, prefix: &str) -> (usize, String) {
     let row = match experts {
         ..=32 => 32,
         33..=64 => 64,
@@ -231,7 +235,7 @@ fn select_kernel(experts: usize, counted: bool) -> String {
         _ => 1024,
     };
     let variant = if counted { "_counted" } else { "" };
-    format!("router_select{variant}_e{row}_f32")
+    (row, format!("{prefix}{variant}_e{row}_f32"))
 }
 
 /// Fused top-k selection (math §2): `ids` and `weights` `[T, k]` from `logits` `[T, E]`.
@@ -291,6 +295,53 @@ pub fn select_counted<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSlic
     nonfinite_rows: &mut impl DeviceSliceMut<u32>,
     map: Option<&mut CountedMap<'_, M, W>>,
 ) -> Result<()> {
+    launch_select(device, config, logits, bias, ids, weights, nonfinite_rows, map, SELECT)
+}
+
+/// [`select`] on the warp-per-row twins of its kernels (test-only kernels, `kernels/router_warp_rows.cu`):
+/// one warp per row, the mapping whose sums the kernels of [`select`] reproduce bit for bit
+/// with fewer lanes per row. Tests compare the two.
+#[cfg(feature = "dev-tools")]
+pub fn select_warp_per_row<B: DeviceSlice<f32>>(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+) -> Result<()> {
+    let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+    launch_select(
+        device,
+        config,
+        logits,
+        bias,
+        ids,
+        weights,
+        nonfinite_rows,
+        no_map,
+        WARP_PER_ROW,
+    )
+}
+
+/// The kernel name prefixes: the selection kernels, and their warp-per-row twins.
+const SELECT: &str = "router_select";
+const WARP_PER_ROW: &str = "router_select_warp_per_row";
+
+/// Validates and launches a selection kernel of `kernel_prefix` ([`select_counted`]).
+#[allow(clippy::too_many_arguments)]
+fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+    device: &Device,
+    config: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+    map: Option<&mut CountedMap<'_, M, W>>,
+    kernel_prefix: &str,
+) -> Result<()> {
     config.validate()?;
     let tokens = config.tokens(logits)?;
     let (e, k) = (config.experts, config.k);
@@ -322,11 +373,15 @@ pub fn select_counted<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSlic
         Some(map) => map.count_args(device, e, tokens, k, args)?,
         None => (args, 0),
     };
-    let launch = LaunchConfig {
+    let (row, name) = select_kernel(e, counted, kernel_prefix);
+    let lanes_per_row = if kernel_prefix == WARP_PER_ROW { 32 } else { row / 32 };
+    let rows_per_block = SELECT_THREADS / lanes_per_row;
+    let launch = LaunchConfig::linear(
+        grid_blocks("tokens", tokens, rows_per_block)?,
+        SELECT_THREADS as u32,
         shared_bytes,
-        ..row_launch(tokens)?
-    };
-    device.launch(&select_kernel(e, counted), launch, args)
+    );
+    device.launch(&name, launch, args)
 }
 
 /// Selection backward (math §2): writes `dz` `[T, E]` (every element) from `d_weights`
