@@ -21,5 +21,7 @@ mod nonfinite;
 mod vq;
 #[path = "layers/weights.rs"]
 mod weights;
+#[path = "layers/weights_chain_vq.rs"]
+mod weights_chain_vq;
 #[path = "layers/written.rs"]
 mod written;

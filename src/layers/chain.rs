@@ -1,8 +1,9 @@
 //! [`ChainOfExperts`] (math §7): C routed passes over one set of expert weights,
 //! `x⁽ᵗ⁾ = x⁽ᵗ⁻¹⁾ + MoE_t(x⁽ᵗ⁻¹⁾)`, each iteration with its own router.
 use super::buffers::{Saved, Scratch, saved_bytes_per_token};
+use super::device_weights::LayerWeights;
 use super::graph::{EagerPass, LayerGraph, layer_graph_methods};
-use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::params::{ExpertGrads, RouterGrads, RouterWeights};
 use super::pass::{Gradients, Pass};
 use super::workspace::{prefix, prefix_mut};
 use super::{HostWeights, Mode, MoeConfig};
@@ -22,8 +23,10 @@ use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 pub struct ChainOfExperts<T: FloatElement> {
     device: Device,
     config: MoeConfig,
-    routers: Vec<Router<T>>,
-    experts: Experts<T>,
+    /// Iteration 1's router and the experts every iteration shares.
+    weights: LayerWeights<T>,
+    /// The routers of iterations 2..C.
+    later_routers: Vec<RouterWeights<T>>,
     saved: Vec<Saved<T>>,
     /// x⁽¹⁾ .. x⁽ᶜ⁻¹⁾ (`[max_tokens, d]` each): the inputs of iterations 2..C.
     inputs: Vec<DeviceBuffer<T>>,
@@ -49,26 +52,54 @@ impl<T: FloatElement> ChainOfExperts<T> {
     /// chain runs every iteration's forward through one set of pass buffers, keeps nothing for
     /// backward, runs no router loss and holds no gradient.
     pub fn with_mode(device: &Device, config: MoeConfig, weights: &[HostWeights], mode: Mode) -> Result<Self> {
-        config.validate_for::<T>()?;
-        if weights.is_empty() {
+        let Some((first, later)) = weights.split_first() else {
             return Err(Error::InvalidArgument {
                 argument: "weights",
                 value: "[]".into(),
                 expected: "one HostWeights per iteration (at least 1)".into(),
             });
+        };
+        let later_routers = (later.iter())
+            .map(|w| RouterWeights::upload(device, &config, w))
+            .collect::<Result<_>>()?;
+        let weights = LayerWeights::upload(device, &config, first)?;
+        Self::from_weights(device, config, weights, later_routers, mode)
+    }
+
+    /// A chain for `mode` over device buffers it takes over without a copy: iteration 1 routes
+    /// with `weights`' router, iteration t + 2 with `later_routers[t]`, and every iteration runs
+    /// `weights`' experts. Errors name the tensor (`gate.w`, `experts.w1`, ...), for a later
+    /// router with its index in `later_routers`.
+    pub fn from_weights(
+        device: &Device,
+        config: MoeConfig,
+        weights: LayerWeights<T>,
+        later_routers: Vec<RouterWeights<T>>,
+        mode: Mode,
+    ) -> Result<Self> {
+        config.validate_for::<T>()?;
+        weights.validate(&config)?;
+        weights.check_device(device)?;
+        for (i, router) in later_routers.iter().enumerate() {
+            let checked = router.validate(&config).and_then(|()| router.check_device(device));
+            checked.map_err(|e| Error::InvalidArgument {
+                argument: "later_routers",
+                value: format!("[{i}]: {e}"),
+                expected: "routers checked as a layer's".into(),
+            })?;
         }
         let rows = config.max_tokens * config.dim;
-        let iterations = weights.len();
+        let iterations = 1 + later_routers.len();
         let training = mode == Mode::Training;
         let carried = if training { rows } else { 0 };
-        let routers: Vec<Router<T>> = weights
-            .iter()
-            .map(|w| Router::upload(device, &config, w))
+        let router_grads = (0..iterations)
+            .map(|t| RouterGrads::alloc_for(device, &config, router_of(&weights, &later_routers, t), mode))
             .collect::<Result<_>>()?;
         Ok(Self {
             device: device.clone(),
             config,
-            experts: Experts::upload(device, &config, &weights[0])?,
+            weights,
+            later_routers,
             saved: (0..if training { iterations } else { 1 })
                 .map(|_| Saved::alloc(device, &config, mode))
                 .collect::<Result<_>>()?,
@@ -77,11 +108,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
                 .collect::<Result<_>>()?,
             carried: [device.alloc_zeros(carried)?, device.alloc_zeros(carried)?],
             scratch: Scratch::alloc(device, &config, mode)?,
-            router_grads: routers
-                .iter()
-                .map(|router| RouterGrads::alloc_for(device, &config, router, mode))
-                .collect::<Result<_>>()?,
-            routers,
+            router_grads,
             expert_grads: ExpertGrads::alloc(device, &config, mode)?,
             mask: None,
             mode,
@@ -118,7 +145,42 @@ impl<T: FloatElement> ChainOfExperts<T> {
     }
 
     pub fn iterations(&self) -> usize {
-        self.routers.len()
+        1 + self.later_routers.len()
+    }
+
+    /// Iteration 1's router and the experts, by name ([`LayerWeights::tensor`]).
+    pub fn weights(&self) -> &LayerWeights<T> {
+        &self.weights
+    }
+
+    /// Iteration 1's router and the experts, to step in place between passes; the next pass
+    /// checks them again. Drops a captured graph (a buffer may be swapped).
+    pub fn weights_mut(&mut self) -> &mut LayerWeights<T> {
+        self.graph = None;
+        &mut self.weights
+    }
+
+    /// Iteration `iteration`'s router (`0..iterations`; 0's is also `weights().router()`).
+    pub fn router_weights(&self, iteration: usize) -> Result<&RouterWeights<T>> {
+        crate::ops::check_range("iteration", iteration, 0..=self.later_routers.len())?;
+        Ok(router_of(&self.weights, &self.later_routers, iteration))
+    }
+
+    /// Iteration `iteration`'s router, to step in place. Drops a captured graph.
+    pub fn router_weights_mut(&mut self, iteration: usize) -> Result<&mut RouterWeights<T>> {
+        crate::ops::check_range("iteration", iteration, 0..=self.later_routers.len())?;
+        self.graph = None;
+        Ok(match iteration {
+            0 => self.weights.router_mut(),
+            t => &mut self.later_routers[t - 1],
+        })
+    }
+
+    /// The checks of [`from_weights`](Self::from_weights), again before a pass: a buffer handed
+    /// out mutably may have been replaced.
+    fn validate_weights(&self) -> Result<()> {
+        self.weights.validate(&self.config)?;
+        (self.later_routers.iter()).try_for_each(|router| router.validate(&self.config))
     }
 
     /// `y = x⁽ᶜ⁾` for `tokens` rows of `x` (`[tokens, d]`). No host sync. Drops a captured graph.
@@ -134,7 +196,8 @@ impl<T: FloatElement> ChainOfExperts<T> {
         let layout = || format!("[T, d] = [{tokens}, {}]", self.config.dim);
         check_len("x", x, len, layout)?;
         check_len("y", y, len, layout)?;
-        let last = self.routers.len() - 1;
+        self.validate_weights()?;
+        let last = self.later_routers.len();
         for t in 0..=last {
             let (before, after) = self.inputs.split_at_mut(t);
             let held;
@@ -147,8 +210,8 @@ impl<T: FloatElement> ChainOfExperts<T> {
             let mut pass = Pass {
                 device: &self.device,
                 config: &self.config,
-                router: &self.routers[t],
-                experts: &self.experts,
+                router: router_of(&self.weights, &self.later_routers, t),
+                experts: &self.weights.experts,
                 scratch: &mut self.scratch,
                 mode: self.mode,
                 stages: None,
@@ -194,7 +257,8 @@ impl<T: FloatElement> ChainOfExperts<T> {
             check_len("dy", dy, len, layout)?;
             check_len("dx", dx, len, layout)?;
         }
-        let last = self.routers.len() - 1;
+        self.validate_weights()?;
+        let last = self.later_routers.len();
         let [first, second] = &mut self.carried;
         let (mut incoming, mut outgoing) = (first, second);
         for t in (0..=last).rev() {
@@ -215,8 +279,8 @@ impl<T: FloatElement> ChainOfExperts<T> {
             let mut pass = Pass {
                 device: &self.device,
                 config: &self.config,
-                router: &self.routers[t],
-                experts: &self.experts,
+                router: router_of(&self.weights, &self.later_routers, t),
+                experts: &self.weights.experts,
                 scratch: &mut self.scratch,
                 mode: self.mode,
                 stages: None,
@@ -251,7 +315,7 @@ impl<T: FloatElement> ChainOfExperts<T> {
     /// What iteration `t`'s forward kept: every iteration's in a training chain, only the last
     /// one's in an inference chain (its iterations share one set of buffers).
     fn saved_of(&self, iteration: usize) -> Result<&Saved<T>> {
-        let last = self.routers.len() - 1;
+        let last = self.later_routers.len();
         crate::ops::check_range("iteration", iteration, 0..=last)?;
         if self.saved.len() == 1 && iteration != last {
             return Err(Error::InvalidArgument {
@@ -354,5 +418,17 @@ impl<T: FloatElement> EagerPass<T> for ChainOfExperts<T> {
     }
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
         self.run_backward(x, dy, dx)
+    }
+}
+
+/// Iteration `t`'s router: the first is `weights`' own.
+fn router_of<'a, T: FloatElement>(
+    weights: &'a LayerWeights<T>,
+    later_routers: &'a [RouterWeights<T>],
+    t: usize,
+) -> &'a RouterWeights<T> {
+    match t {
+        0 => weights.router(),
+        t => &later_routers[t - 1],
     }
 }

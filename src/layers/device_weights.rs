@@ -2,10 +2,10 @@
 //! already holds ([`DeviceWeights`], taken over without a copy) or uploaded from
 //! [`HostWeights`], and read or stepped in place by name.
 use super::MoeConfig;
-use super::params::{Experts, Router};
+use super::params::{Experts, RouterWeights};
 use super::weights::{HostWeights, gate_name};
 use crate::ops::FloatElement;
-use crate::{Device, DeviceBuffer, DeviceKind, Element, Error, Result};
+use crate::{Device, DeviceBuffer, Element, Error, Result};
 
 /// Every tensor of a routed layer as device buffers, the fields of [`HostWeights`] on the device
 /// (shapes in [`MoeConfig::weight_shapes`]). A cudarc `CudaSlice` becomes a [`DeviceBuffer`]
@@ -35,7 +35,7 @@ pub struct DeviceWeights<T: Element> {
 /// stored as `T` except the f32 ones ([`tensor_f32`](Self::tensor_f32): the linear gate's `b`,
 /// the quadratic forms' `c`, the selection bias).
 pub struct LayerWeights<T: FloatElement> {
-    pub(crate) router: Router<T>,
+    pub(crate) router: RouterWeights<T>,
     pub(crate) experts: Experts<T>,
 }
 
@@ -59,7 +59,7 @@ impl<T: FloatElement> LayerWeights<T> {
         };
         experts.validate(config)?;
         Ok(Self {
-            router: Router::new(config, weights.gate, weights.gate_f32, weights.selection_bias)?,
+            router: RouterWeights::new(config, weights.gate, weights.gate_f32, weights.selection_bias)?,
             experts,
         })
     }
@@ -67,7 +67,7 @@ impl<T: FloatElement> LayerWeights<T> {
     /// `host` uploaded to `device` and rounded to `T` (f32 tensors kept f32).
     pub fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
         Ok(Self {
-            router: Router::upload(device, config, host)?,
+            router: RouterWeights::upload(device, config, host)?,
             experts: super::params::Experts::upload(device, config, host)?,
         })
     }
@@ -93,23 +93,11 @@ impl<T: FloatElement> LayerWeights<T> {
 
     /// `Err` naming the first tensor that does not live on `device`'s kind.
     pub(crate) fn check_device(&self, device: &Device) -> Result<()> {
-        let kinds = self.stored().into_iter().map(|(n, b)| (n, b.kind()));
-        let kinds = kinds.chain(self.stored_f32().into_iter().map(|(n, b)| (n, b.kind())));
-        for (name, kind) in kinds.collect::<Vec<(&'static str, DeviceKind)>>() {
-            if kind != device.kind() {
-                return Err(Error::WrongDevice {
-                    argument: name,
-                    expected: device.kind().name(),
-                    found: kind.name(),
-                });
-            }
-        }
-        Ok(())
+        check_kinds(self.stored(), self.stored_f32(), device)
     }
 
     fn stored(&self) -> Vec<(&'static str, &DeviceBuffer<T>)> {
-        let gate = self.router.stored.iter().map(|(n, b)| (gate_name(n), b));
-        let mut all: Vec<_> = gate.collect();
+        let mut all = self.router.stored_named();
         all.push(("experts.w1", &self.experts.w1));
         all.push(("experts.w2", &self.experts.w2));
         if let Some((w1, w2)) = &self.experts.shared {
@@ -120,9 +108,7 @@ impl<T: FloatElement> LayerWeights<T> {
     }
 
     fn stored_f32(&self) -> Vec<(&'static str, &DeviceBuffer<f32>)> {
-        let gate = self.router.stored_f32.iter().map(|(n, b)| (gate_name(n), b));
-        gate.chain(self.router.bias.iter().map(|b| ("gate.selection_bias", b)))
-            .collect()
+        self.router.stored_f32_named()
     }
 
     /// Every tensor held, by full name, in [`MoeConfig::weight_shapes`] order of kind: those
@@ -134,11 +120,7 @@ impl<T: FloatElement> LayerWeights<T> {
 
     /// The tensor `name` stored as `T` (`experts.w1`, `gate.w`, ...).
     pub fn tensor(&self, name: &str) -> Result<&DeviceBuffer<T>> {
-        let all = self.stored();
-        match all.iter().position(|(n, _)| *n == name) {
-            Some(i) => Ok(all[i].1),
-            None => Err(unknown(name, all.iter().map(|(n, _)| *n).collect(), T::NAME)),
-        }
+        find(self.stored(), name, T::NAME)
     }
 
     /// The tensor `name` stored as `T`, to update in place (an optimizer step). Keep its
@@ -150,31 +132,108 @@ impl<T: FloatElement> LayerWeights<T> {
             "experts.w2" => Some(&mut self.experts.w2),
             "shared.w1" => self.experts.shared.as_mut().map(|(w1, _)| w1),
             "shared.w2" => self.experts.shared.as_mut().map(|(_, w2)| w2),
-            _ => (self.router.stored.iter_mut())
-                .find(|(n, _)| gate_name(n) == name)
-                .map(|(_, b)| b),
+            _ => self.router.tensor_mut(name).ok(),
         };
         found.ok_or_else(|| unknown(name, names, T::NAME))
     }
 
     /// The f32 tensor `name` (`gate.b` of the linear gate, `gate.c`, `gate.selection_bias`).
     pub fn tensor_f32(&self, name: &str) -> Result<&DeviceBuffer<f32>> {
-        let all = self.stored_f32();
-        match all.iter().position(|(n, _)| *n == name) {
-            Some(i) => Ok(all[i].1),
-            None => Err(unknown(name, all.iter().map(|(n, _)| *n).collect(), "f32")),
-        }
+        self.router.tensor_f32(name)
     }
 
     /// The f32 tensor `name`, to update in place (same length).
     pub fn tensor_f32_mut(&mut self, name: &str) -> Result<&mut DeviceBuffer<f32>> {
-        let names: Vec<&'static str> = self.stored_f32().into_iter().map(|(n, _)| n).collect();
+        self.router.tensor_f32_mut(name)
+    }
+
+    /// The router's tensors (`gate.*`).
+    pub fn router(&self) -> &RouterWeights<T> {
+        &self.router
+    }
+
+    /// The router's tensors, to update in place.
+    pub fn router_mut(&mut self) -> &mut RouterWeights<T> {
+        &mut self.router
+    }
+}
+
+/// The buffer named `name` among `all`, or an error listing the names.
+fn find<'a, B>(all: Vec<(&'static str, &'a B)>, name: &str, dtype: &str) -> Result<&'a B> {
+    match all.iter().position(|(n, _)| *n == name) {
+        Some(i) => Ok(all[i].1),
+        None => Err(unknown(name, all.iter().map(|(n, _)| *n).collect(), dtype)),
+    }
+}
+
+impl<T: FloatElement> RouterWeights<T> {
+    fn stored_named(&self) -> Vec<(&'static str, &DeviceBuffer<T>)> {
+        self.stored.iter().map(|(n, b)| (gate_name(n), b)).collect()
+    }
+
+    fn stored_f32_named(&self) -> Vec<(&'static str, &DeviceBuffer<f32>)> {
+        let gate = self.stored_f32.iter().map(|(n, b)| (gate_name(n), b));
+        gate.chain(self.bias.iter().map(|b| ("gate.selection_bias", b)))
+            .collect()
+    }
+
+    /// Every tensor held, by full name (`gate.w`, ...): those stored as `T`, then the f32 ones.
+    pub fn names(&self) -> Vec<&'static str> {
+        let t = self.stored_named().into_iter().map(|(n, _)| n);
+        t.chain(self.stored_f32_named().into_iter().map(|(n, _)| n)).collect()
+    }
+
+    /// The gate tensor `name` stored as `T` (`gate.w`, `gate.u`, ...).
+    pub fn tensor(&self, name: &str) -> Result<&DeviceBuffer<T>> {
+        find(self.stored_named(), name, T::NAME)
+    }
+
+    /// The gate tensor `name` stored as `T`, to update in place (same length).
+    pub fn tensor_mut(&mut self, name: &str) -> Result<&mut DeviceBuffer<T>> {
+        let names: Vec<&'static str> = self.stored_named().into_iter().map(|(n, _)| n).collect();
+        let found = (self.stored.iter_mut())
+            .find(|(n, _)| gate_name(n) == name)
+            .map(|(_, b)| b);
+        found.ok_or_else(|| unknown(name, names, T::NAME))
+    }
+
+    /// The f32 tensor `name` (`gate.b` of the linear gate, `gate.c`, `gate.selection_bias`).
+    pub fn tensor_f32(&self, name: &str) -> Result<&DeviceBuffer<f32>> {
+        find(self.stored_f32_named(), name, "f32")
+    }
+
+    /// The f32 tensor `name`, to update in place (same length).
+    pub fn tensor_f32_mut(&mut self, name: &str) -> Result<&mut DeviceBuffer<f32>> {
+        let names: Vec<&'static str> = self.stored_f32_named().into_iter().map(|(n, _)| n).collect();
         let found = match name {
-            "gate.selection_bias" => self.router.bias.as_mut(),
-            _ => (self.router.stored_f32.iter_mut())
+            "gate.selection_bias" => self.bias.as_mut(),
+            _ => (self.stored_f32.iter_mut())
                 .find(|(n, _)| gate_name(n) == name)
                 .map(|(_, b)| b),
         };
         found.ok_or_else(|| unknown(name, names, "f32"))
     }
+
+    /// `Err` naming the first tensor that does not live on `device`'s kind.
+    pub(crate) fn check_device(&self, device: &Device) -> Result<()> {
+        check_kinds(self.stored_named(), self.stored_f32_named(), device)
+    }
+}
+
+fn check_kinds<T: Element>(
+    stored: Vec<(&'static str, &DeviceBuffer<T>)>,
+    stored_f32: Vec<(&'static str, &DeviceBuffer<f32>)>,
+    device: &Device,
+) -> Result<()> {
+    let kinds = stored.into_iter().map(|(n, b)| (n, b.kind()));
+    for (name, kind) in kinds.chain(stored_f32.into_iter().map(|(n, b)| (n, b.kind()))) {
+        if kind != device.kind() {
+            return Err(Error::WrongDevice {
+                argument: name,
+                expected: device.kind().name(),
+                found: kind.name(),
+            });
+        }
+    }
+    Ok(())
 }

@@ -47,6 +47,7 @@ pub use config::{Mode, MoeConfig, RouterKind};
 pub use device_weights::{DeviceWeights, LayerWeights};
 pub use graph::{Captures, GraphIo};
 pub use moe::{LossValues, MoeLayer};
+pub use params::RouterWeights;
 pub use params::{ExpertGrads, RouterGrads};
 pub use vq::{VqMoe, VqWeights};
 pub use weights::HostWeights;

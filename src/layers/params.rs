@@ -1,4 +1,4 @@
-//! The parameters of a routed pass: a router's gate tensors ([`Router`]) and their gradients
+//! The parameters of a routed pass: a router's gate tensors ([`RouterWeights`]) and their gradients
 //! ([`RouterGrads`]), the experts ([`Experts`]) and theirs ([`ExpertGrads`]), uploaded once from
 //! [`HostWeights`] or taken over from device buffers ([`DeviceWeights`](super::DeviceWeights)).
 use super::weights::{HostWeights, gate_name, gate_tensor_is_f32, gate_tensor_is_optional, gate_tensor_lens};
@@ -42,17 +42,23 @@ fn unexpected(argument: &'static str, value: impl Into<String>, expected: impl I
     }
 }
 
-/// One router: its gate tensors (`ops::gate` layouts, f32 where the gate keeps f32) and the
-/// optional selection bias.
-pub(crate) struct Router<T: FloatElement> {
+/// One router's tensors on the device, checked against a [`MoeConfig`]: its gate tensors
+/// (`ops::gate` layouts, f32 where the gate keeps f32) and the sigmoid router's selection bias.
+/// A [`LayerWeights`](super::LayerWeights) holds one; a
+/// [`ChainOfExperts`](super::ChainOfExperts) one per iteration; a [`VqMoe`](super::VqMoe)'s
+/// mixing gate is one. Read and stepped by name like the layer's weights (`gate.w`, `gate.b`,
+/// ..., `gate.selection_bias`).
+pub struct RouterWeights<T: FloatElement> {
     form: GateForm,
     pub(crate) stored: Vec<(&'static str, DeviceBuffer<T>)>,
     pub(crate) stored_f32: Vec<(&'static str, DeviceBuffer<f32>)>,
     pub(crate) bias: Option<DeviceBuffer<f32>>,
 }
 
-impl<T: FloatElement> Router<T> {
-    pub(crate) fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
+impl<T: FloatElement> RouterWeights<T> {
+    /// `host`'s gate tensors and selection bias uploaded to `device`, rounded to `T` (the gate's
+    /// f32 tensors kept f32); its expert tensors are not read.
+    pub fn upload(device: &Device, config: &MoeConfig, host: &HostWeights) -> Result<Self> {
         let form = config.gate_form();
         let (mut stored, mut stored_f32) = (vec![], vec![]);
         for (name, values) in &host.gate {
@@ -66,10 +72,11 @@ impl<T: FloatElement> Router<T> {
         Self::new(config, stored, stored_f32, bias)
     }
 
-    /// A router holding these tensors (short names; `stored_f32` those the gate keeps in f32),
-    /// checked against `config`: every required tensor present, once, with its length, and
-    /// nothing else.
-    pub(crate) fn new(
+    /// A router holding these buffers, taken over without a copy (short names as in
+    /// [`DeviceWeights::gate`](super::DeviceWeights::gate); `stored_f32` those the gate keeps in
+    /// f32), checked against `config`: every required tensor present, once, with its length, and
+    /// nothing else; an error names the tensor (`gate.w`, `gate.selection_bias`, ...).
+    pub fn new(
         config: &MoeConfig,
         stored: Vec<(&'static str, DeviceBuffer<T>)>,
         stored_f32: Vec<(&'static str, DeviceBuffer<f32>)>,
@@ -196,7 +203,7 @@ impl<T: FloatElement> Router<T> {
 }
 
 /// How many of the router's tensors are called `name`.
-fn names_given<T: FloatElement>(router: &Router<T>, name: &str) -> usize {
+fn names_given<T: FloatElement>(router: &RouterWeights<T>, name: &str) -> usize {
     let stored = router.stored.iter().filter(|(n, _)| *n == name).count();
     stored + router.stored_f32.iter().filter(|(n, _)| *n == name).count()
 }
@@ -219,7 +226,7 @@ impl RouterGrads {
     pub(crate) fn alloc_for<T: FloatElement>(
         device: &Device,
         config: &MoeConfig,
-        router: &Router<T>,
+        router: &RouterWeights<T>,
         mode: Mode,
     ) -> Result<Self> {
         Self::alloc_where(device, config, mode, |name| router.has(name))

@@ -29,7 +29,7 @@
 //! are then bitwise what the batch without it gives. The router counts such rows in
 //! `nonfinite_rows`.
 use super::buffers::{Saved, Scratch, Sizes};
-use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::params::{ExpertGrads, Experts, RouterGrads, RouterWeights};
 use super::workspace::{prefix, prefix_mut};
 use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::Dyn;
@@ -71,7 +71,7 @@ pub(crate) fn add_rows<T: FloatElement>(
 pub(crate) struct Pass<'a, T: FloatElement> {
     pub(crate) device: &'a Device,
     pub(crate) config: &'a MoeConfig,
-    pub(crate) router: &'a Router<T>,
+    pub(crate) router: &'a RouterWeights<T>,
     pub(crate) experts: &'a Experts<T>,
     pub(crate) scratch: &'a mut Scratch<T>,
     /// Inference: forward keeps nothing for backward and runs no loss.

@@ -2,8 +2,9 @@
 //! path (each token's nearest code picks its expert, applied to the straight-through mix x̃),
 //! mixed per token by a 2-way softmax gate, `y = a0·y_cont + a1·y_disc`, plus the VQ losses.
 use super::buffers::{Saved, Scratch};
+use super::device_weights::LayerWeights;
 use super::graph::{EagerPass, LayerGraph, layer_graph_methods};
-use super::params::{ExpertGrads, Experts, Router, RouterGrads};
+use super::params::{ExpertGrads, RouterGrads, RouterWeights};
 use super::pass::{Gradients, Pass, Routing, add_rows};
 use super::weights::uniform;
 use super::workspace::{prefix, prefix_mut};
@@ -112,9 +113,9 @@ pub struct VqMoe<T: FloatElement> {
     config: MoeConfig,
     discrete: MoeConfig,
     mix: MoeConfig,
-    router: Router<T>,
-    mix_gate: Router<T>,
-    experts: Experts<T>,
+    /// The continuous path's router and the experts both paths share.
+    weights: LayerWeights<T>,
+    mix_gate: RouterWeights<T>,
     codebook: DeviceBuffer<T>,
     norms: DeviceBuffer<f32>,
     codes: DeviceBuffer<i32>,
@@ -140,9 +141,10 @@ pub struct VqMoe<T: FloatElement> {
 }
 
 impl<T: FloatElement> VqMoe<T> {
+    /// A layer holding `weights`, uploaded once and rounded to `T` (the mix bias kept f32).
     pub fn new(device: &Device, config: MoeConfig, weights: &VqWeights) -> Result<Self> {
         config.validate_for::<T>()?;
-        let (e, d, max) = (config.experts, config.dim, config.max_tokens);
+        let (e, d) = (config.experts, config.dim);
         let check = |argument: &'static str, values: &[f32], len: usize| {
             if values.len() == len {
                 return Ok(());
@@ -156,13 +158,48 @@ impl<T: FloatElement> VqMoe<T> {
         check("weights.codebook", &weights.codebook, e * d)?;
         check("weights.mix_w", &weights.mix_w, 2 * d)?;
         check("weights.mix_b", &weights.mix_b, 2)?;
-        let (discrete, mix) = (discrete_config(&config), mix_config(&config));
+        let mix = mix_config(&config);
         let mix_host = HostWeights {
             gate: vec![("w", weights.mix_w.clone()), ("b", weights.mix_b.clone())],
             ..HostWeights::random(&mix, 0)
         };
-        let rows = |device: &Device| device.alloc_zeros::<T>(max * d);
         let codebook: Vec<T> = weights.codebook.iter().map(|&v| T::from_f32(v)).collect();
+        Self::from_weights(
+            device,
+            config,
+            LayerWeights::upload(device, &config, &weights.moe)?,
+            device.upload(&codebook)?,
+            RouterWeights::upload(device, &mix, &mix_host)?,
+        )
+    }
+
+    /// A layer over device buffers it takes over without a copy: `weights` (the continuous
+    /// path's router and the experts), the `codebook` (`[E, d]`, in `T`) and the mixing gate
+    /// (a linear router of [`mix_config`]: `gate.w [2, d]` in `T`, `gate.b [2]` f32). Errors
+    /// name the tensor.
+    pub fn from_weights(
+        device: &Device,
+        config: MoeConfig,
+        weights: LayerWeights<T>,
+        codebook: DeviceBuffer<T>,
+        mix_gate: RouterWeights<T>,
+    ) -> Result<Self> {
+        config.validate_for::<T>()?;
+        let (e, d, max) = (config.experts, config.dim, config.max_tokens);
+        let (discrete, mix) = (discrete_config(&config), mix_config(&config));
+        weights.validate(&config)?;
+        weights.check_device(device)?;
+        mix_gate.validate(&mix).map_err(in_mix_gate)?;
+        mix_gate.check_device(device).map_err(in_mix_gate)?;
+        check_codebook(&codebook, &config)?;
+        if codebook.kind() != device.kind() {
+            return Err(Error::WrongDevice {
+                argument: "codebook",
+                expected: device.kind().name(),
+                found: codebook.kind().name(),
+            });
+        }
+        let rows = |device: &Device| device.alloc_zeros::<T>(max * d);
         let shape = CodebookShape {
             tokens: max,
             dim: d,
@@ -176,10 +213,9 @@ impl<T: FloatElement> VqMoe<T> {
             config,
             discrete,
             mix,
-            router: Router::upload(device, &config, &weights.moe)?,
-            mix_gate: Router::upload(device, &mix, &mix_host)?,
-            experts: Experts::upload(device, &config, &weights.moe)?,
-            codebook: device.upload(&codebook)?,
+            weights,
+            mix_gate,
+            codebook,
             norms: device.alloc_zeros(e)?,
             codes: device.alloc_zeros(max)?,
             saved: Saved::alloc(device, &config, Mode::Training)?,
@@ -226,6 +262,48 @@ impl<T: FloatElement> VqMoe<T> {
         &self.config
     }
 
+    /// The continuous path's router and the experts, by name ([`LayerWeights::tensor`]).
+    pub fn weights(&self) -> &LayerWeights<T> {
+        &self.weights
+    }
+
+    /// The router and experts, to step in place between passes; the next pass checks them
+    /// again. Drops a captured graph (a buffer may be swapped).
+    pub fn weights_mut(&mut self) -> &mut LayerWeights<T> {
+        self.graph = None;
+        &mut self.weights
+    }
+
+    /// The codebook (`[E, d]`).
+    pub fn codebook(&self) -> &DeviceBuffer<T> {
+        &self.codebook
+    }
+
+    /// The codebook, to step in place (same length). Drops a captured graph.
+    pub fn codebook_mut(&mut self) -> &mut DeviceBuffer<T> {
+        self.graph = None;
+        &mut self.codebook
+    }
+
+    /// The mixing gate (`gate.w [2, d]`, `gate.b [2]` f32).
+    pub fn mix_weights(&self) -> &RouterWeights<T> {
+        &self.mix_gate
+    }
+
+    /// The mixing gate, to step in place. Drops a captured graph.
+    pub fn mix_weights_mut(&mut self) -> &mut RouterWeights<T> {
+        self.graph = None;
+        &mut self.mix_gate
+    }
+
+    /// The checks of [`from_weights`](Self::from_weights), again before a pass: a buffer handed
+    /// out mutably may have been replaced.
+    fn validate_weights(&self) -> Result<()> {
+        self.weights.validate(&self.config)?;
+        self.mix_gate.validate(&self.mix).map_err(in_mix_gate)?;
+        check_codebook(&self.codebook, &self.config)
+    }
+
     /// What the continuous path's last forward kept (the routing reports read it).
     pub(crate) fn saved(&self) -> &Saved<T> {
         &self.saved
@@ -254,6 +332,7 @@ impl<T: FloatElement> VqMoe<T> {
         let layout = || format!("[T, d] = [{tokens}, {}]", self.config.dim);
         crate::ops::check_len("x", x, len, layout)?;
         crate::ops::check_len("y", y, len, layout)?;
+        self.validate_weights()?;
         codebook::code_norms(device, &shape, &self.codebook, &mut self.norms)?;
         let nearest = NearestConfig {
             k: 1,
@@ -298,8 +377,8 @@ impl<T: FloatElement> VqMoe<T> {
         let mut continuous = Pass {
             device,
             config: &self.config,
-            router: &self.router,
-            experts: &self.experts,
+            router: self.weights.router(),
+            experts: &self.weights.experts,
             scratch: &mut self.scratch,
             mode: Mode::Training,
             stages: None,
@@ -310,8 +389,8 @@ impl<T: FloatElement> VqMoe<T> {
         let mut discrete = Pass {
             device,
             config: &self.discrete,
-            router: &self.router,
-            experts: &self.experts,
+            router: self.weights.router(),
+            experts: &self.weights.experts,
             scratch: &mut self.scratch_discrete,
             mode: Mode::Training,
             stages: None,
@@ -386,6 +465,7 @@ impl<T: FloatElement> VqMoe<T> {
         crate::ops::check_len("x", x, len, layout)?;
         crate::ops::check_len("dy", dy, len, layout)?;
         crate::ops::check_len("dx", dx, len, layout)?;
+        self.validate_weights()?;
         let shape = self.shape(tokens);
         let rows = &mut self.rows;
         let logits = prefix("logits", &self.logits, 2 * tokens)?;
@@ -413,8 +493,8 @@ impl<T: FloatElement> VqMoe<T> {
         let mut continuous = Pass {
             device,
             config: &self.config,
-            router: &self.router,
-            experts: &self.experts,
+            router: self.weights.router(),
+            experts: &self.weights.experts,
             scratch: &mut self.scratch,
             mode: Mode::Training,
             stages: None,
@@ -434,8 +514,8 @@ impl<T: FloatElement> VqMoe<T> {
         let mut discrete = Pass {
             device,
             config: &self.discrete,
-            router: &self.router,
-            experts: &self.experts,
+            router: self.weights.router(),
+            experts: &self.weights.experts,
             scratch: &mut self.scratch_discrete,
             mode: Mode::Training,
             stages: None,
@@ -564,4 +644,25 @@ impl<T: FloatElement> EagerPass<T> for VqMoe<T> {
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
         self.run_backward(x, dy, dx)
     }
+}
+
+/// A mixing-gate error, marked as the mixing gate's (its tensors share the router's names).
+fn in_mix_gate(e: Error) -> Error {
+    Error::InvalidArgument {
+        argument: "mix_gate",
+        value: e.to_string(),
+        expected: "a linear router of mix_config (2 experts): gate.w [2, d], gate.b [2] f32".into(),
+    }
+}
+
+fn check_codebook<T: FloatElement>(codebook: &DeviceBuffer<T>, config: &MoeConfig) -> Result<()> {
+    let len = config.experts * config.dim;
+    if codebook.len() == len {
+        return Ok(());
+    }
+    Err(Error::Shape {
+        argument: "codebook",
+        expected: format!("[E, d] = [{}, {}] ({len} elements)", config.experts, config.dim),
+        got: format!("{} elements", codebook.len()),
+    })
 }

@@ -86,7 +86,7 @@ pub fn run_chain<T: FloatElement>(device: &Device, chain: &mut ChainOfExperts<T>
     }
 }
 
-fn check_chain<T: FloatElement>(what: &str, case: &ChainCase, run: &ChainRun) {
+pub fn check_chain<T: FloatElement>(what: &str, case: &ChainCase, run: &ChainRun) {
     let r = case.reference::<T>();
     let tol = layer_tolerance::<T>(&case.config).scaled(case.weights.len() as f64);
     let tokens = case.x.len() / case.config.dim;

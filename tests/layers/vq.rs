@@ -61,7 +61,7 @@ pub fn vq_case<T: FloatElement>(config: MoeConfig, tokens: usize, seed: u64) -> 
     (case, weights)
 }
 
-fn check_vq<T: FloatElement>(what: &str, case: &Case, weights: &VqWeights, run: &VqRun) {
+pub fn check_vq<T: FloatElement>(what: &str, case: &Case, weights: &VqWeights, run: &VqRun) {
     let store = store_of::<T>();
     let f = reference::vq_forward(&case.config, weights, &case.x, case.tokens, &store);
     let g = reference::vq_backward(&case.config, weights, &case.x, &f, &case.dy, &store);

@@ -13,7 +13,7 @@ use moe_kernels::reference::layers as reference;
 use moe_kernels::{Device, DeviceBuffer};
 
 /// `host` uploaded tensor by tensor into the device buffers a caller would hold.
-fn device_weights<T: FloatElement>(device: &Device, config: &MoeConfig, host: &HostWeights) -> DeviceWeights<T> {
+pub fn device_weights<T: FloatElement>(device: &Device, config: &MoeConfig, host: &HostWeights) -> DeviceWeights<T> {
     let up = |v: &[f32]| device.upload_from_f32::<T>(v).unwrap();
     let f32_gate =
         |name: &str| name == "c" || (config.gate_form() == moe_kernels::ops::gate::GateForm::Linear && name == "b");
