@@ -336,7 +336,7 @@ mod esft_delta {
             let exported = export_tuned(&device, &config, weights, PREFIX, &[1, 4], true, &path).unwrap();
             let mut layer = MoeLayer::<bf16>::new(&device, config, &base).unwrap();
             let base_bits = all_bits(&device, layer.weights());
-            let applied = apply_tuned(&device, &config, layer.weights_mut(), &path).unwrap();
+            let applied = apply_tuned(&device, &config, layer.weights_mut().unwrap(), &path).unwrap();
             assert_eq!(applied, exported);
             assert!(applied.tensors.contains(&format!("{PREFIX}experts.4.down_proj.weight")));
 
@@ -418,7 +418,7 @@ mod esft_delta {
             ];
             for (want, edit) in cases {
                 rewrite(&good, &bad, edit);
-                let name = checkpoint_name(apply_tuned(&device, &config, layer.weights_mut(), &bad));
+                let name = checkpoint_name(apply_tuned(&device, &config, layer.weights_mut().unwrap(), &bad));
                 assert!(name.contains(&want), "expected an error naming {want}, got {name}");
                 assert_eq!(
                     all_bits(&device, layer.weights()),

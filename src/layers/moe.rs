@@ -9,6 +9,7 @@ use crate::ops::FloatElement;
 use crate::ops::gemm::ExpertMask;
 use crate::ops::router;
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+use std::sync::Arc;
 
 /// The router losses of the last forward, downloaded (0 where a loss is off).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -65,7 +66,9 @@ pub struct LossValues {
 pub struct MoeLayer<T: FloatElement> {
     device: Device,
     config: MoeConfig,
-    weights: LayerWeights<T>,
+    /// Shared with other layers by [`from_shared_weights`](MoeLayer::from_shared_weights),
+    /// read-only while it is.
+    weights: Arc<LayerWeights<T>>,
     saved: Saved<T>,
     scratch: Scratch<T>,
     router_grads: RouterGrads,
@@ -126,6 +129,23 @@ impl<T: FloatElement> MoeLayer<T> {
     /// # }
     /// ```
     pub fn from_weights(device: &Device, config: MoeConfig, weights: LayerWeights<T>, mode: Mode) -> Result<Self> {
+        Self::from_shared_weights(device, config, Arc::new(weights), mode)
+    }
+
+    /// A layer for `mode` reading `weights` that other layers may hold too, with no copy: an
+    /// engine loads a checkpoint's tensors once and builds over them, say, a decode layer
+    /// (`max_tokens` 8, [`Mode::Inference`]) and a prefill layer (`max_tokens` 4096); each layer
+    /// owns only its work buffers. While the weights are shared they are read-only:
+    /// [`weights_mut`](Self::weights_mut), [`update_bias`](Self::update_bias) and
+    /// [`into_weights`](Self::into_weights) refuse. Each pass reads the weights when its stream
+    /// runs it: run the sharing layers on one [`Device`] (one stream), or order their streams
+    /// yourself before stepping weights that a layer on another stream has just read.
+    pub fn from_shared_weights(
+        device: &Device,
+        config: MoeConfig,
+        weights: Arc<LayerWeights<T>>,
+        mode: Mode,
+    ) -> Result<Self> {
         config.validate_for::<T>()?;
         weights.validate(&config)?;
         weights.check_device(device)?;
@@ -288,16 +308,25 @@ impl<T: FloatElement> MoeLayer<T> {
         &self.weights
     }
 
-    /// The weights, to step in place between passes ([`LayerWeights::tensor_mut`]); the next
-    /// forward reads what is there. Drops a captured graph (a buffer may be swapped).
-    pub fn weights_mut(&mut self) -> &mut LayerWeights<T> {
-        self.graph = None;
-        &mut self.weights
+    /// The weights as shared ([`from_shared_weights`](Self::from_shared_weights)): another
+    /// layer built over this `Arc` reads the same buffers.
+    pub fn shared_weights(&self) -> &Arc<LayerWeights<T>> {
+        &self.weights
     }
 
-    /// The weights back, as they are now.
-    pub fn into_weights(self) -> LayerWeights<T> {
-        self.weights
+    /// The weights, to step in place between passes ([`LayerWeights::tensor_mut`]); the next
+    /// forward reads what is there. Drops a captured graph (a buffer may be swapped). `Err`
+    /// while another layer shares them.
+    pub fn weights_mut(&mut self) -> Result<&mut LayerWeights<T>> {
+        let weights = Arc::get_mut(&mut self.weights).ok_or_else(|| shared("weights_mut"))?;
+        self.graph = None;
+        Ok(weights)
+    }
+
+    /// The weights back, as they are now. `Err` while another layer shares them (they stay
+    /// with the other holders).
+    pub fn into_weights(self) -> Result<LayerWeights<T>> {
+        Arc::try_unwrap(self.weights).map_err(|_| shared("into_weights"))
     }
 
     /// The gradient of the weight `name` from the last backward (f32, the weight's shape:
@@ -423,12 +452,18 @@ impl<T: FloatElement> MoeLayer<T> {
     /// DeepSeek-V3 auxiliary-loss-free balancing after a step: `bias += γ·sign(mean(c) − c)` with
     /// the last forward's expert counts. Only for routers with a selection bias. One launch.
     pub fn update_bias(&mut self, gamma: f32) -> Result<()> {
-        let Some(bias) = self.weights.router.bias.as_mut() else {
-            return Err(Error::InvalidArgument {
-                argument: "router",
-                value: format!("{:?}", self.config.router),
-                expected: "a router with a selection bias (RouterKind::Sigmoid)".into(),
-            });
+        let kind = self.config.router;
+        let no_bias = || Error::InvalidArgument {
+            argument: "router",
+            value: format!("{kind:?}"),
+            expected: "a router with a selection bias (RouterKind::Sigmoid)".into(),
+        };
+        if self.weights.router.bias.is_none() {
+            return Err(no_bias());
+        }
+        let weights = Arc::get_mut(&mut self.weights).ok_or_else(|| shared("update_bias"))?;
+        let Some(bias) = weights.router.bias.as_mut() else {
+            return Err(no_bias());
         };
         router::bias_update(&self.device, gamma, &self.saved.counts, bias)
     }
@@ -455,5 +490,14 @@ impl<T: FloatElement> EagerPass<T> for MoeLayer<T> {
     }
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
         self.run_backward(x, dy, dx, None)
+    }
+}
+
+/// What refuses to change weights another layer shares.
+fn shared(operation: &str) -> Error {
+    Error::InvalidArgument {
+        argument: "weights",
+        value: format!("{operation} on weights other layers share"),
+        expected: "weights held by this layer alone (drop the other layers, or build it with from_weights)".into(),
     }
 }

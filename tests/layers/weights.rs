@@ -113,7 +113,7 @@ fn weights_stepped_in_place_change_the_next_forward_as_the_reference_predicts() 
             };
             step(host, &grad);
             device
-                .upload_into(host, layer.weights_mut().tensor_mut(name).unwrap())
+                .upload_into(host, layer.weights_mut().unwrap().tensor_mut(name).unwrap())
                 .unwrap();
         }
         let db = device.download(layer.grad("gate.b").unwrap()).unwrap();
@@ -121,7 +121,7 @@ fn weights_stepped_in_place_change_the_next_forward_as_the_reference_predicts() 
         device
             .upload_into(
                 &stepped.gate[1].1,
-                layer.weights_mut().tensor_f32_mut("gate.b").unwrap(),
+                layer.weights_mut().unwrap().tensor_f32_mut("gate.b").unwrap(),
             )
             .unwrap();
         let stepped_case = Case {
@@ -134,7 +134,7 @@ fn weights_stepped_in_place_change_the_next_forward_as_the_reference_predicts() 
         let downloaded = device.download(layer.weights().tensor("experts.w1").unwrap()).unwrap();
         assert_eq!(bits(&downloaded), bits(&stepped_case.weights.w1));
         // Handing the buffers back returns what the layer holds now.
-        let back = layer.into_weights().into_device();
+        let back = layer.into_weights().unwrap().into_device();
         assert_eq!(
             bits(&device.download(&back.w2).unwrap()),
             bits(&stepped_case.weights.w2)
@@ -189,12 +189,52 @@ fn wrong_or_missing_tensors_are_named() {
         assert_eq!(argument_of(layer.weights().tensor("gate.b")), "name");
         assert_eq!(argument_of(layer.weights().tensor_f32("experts.w1")), "name");
         assert_eq!(argument_of(layer.grad("gate.selection_bias")), "name");
-        *layer.weights_mut().tensor_mut("experts.w2").unwrap() = short(5);
+        *layer.weights_mut().unwrap().tensor_mut("experts.w2").unwrap() = short(5);
         let x = device.alloc_zeros::<f32>(4 * config.dim).unwrap();
         let mut y = device.alloc_zeros::<f32>(4 * config.dim).unwrap();
         assert_eq!(argument_of(layer.forward(&x, 4, &mut y)), "experts.w2");
         let inference = MoeLayer::<f32>::with_mode(&device, config, &host, Mode::Inference).unwrap();
         assert_eq!(argument_of(inference.grad("experts.w1")), "name");
+    }
+}
+
+/// One copy of the weights read by a decode layer and a training layer: each gives bitwise
+/// what a layer owning its weights gives; nothing can step them while both hold them.
+#[test]
+fn layers_sharing_one_copy_of_the_weights_run_as_owners_and_cannot_step_them() {
+    for device in devices() {
+        let config = MoeConfig {
+            shared_experts: 1,
+            ..small(RouterKind::Sigmoid {
+                groups: 3,
+                topk_groups: 2,
+            })
+        };
+        let case = Case::new::<bf16>(config, 6, 33);
+        let mut owner = MoeLayer::<bf16>::new(&device, config, &case.weights).unwrap();
+        let want = run(&device, &mut owner, &case);
+        let weights = std::sync::Arc::new(owner.into_weights().unwrap());
+        let decode_config = MoeConfig {
+            max_tokens: 8,
+            ..config
+        };
+        let mut decode =
+            MoeLayer::<bf16>::from_shared_weights(&device, decode_config, weights.clone(), Mode::Inference).unwrap();
+        let mut training = MoeLayer::<bf16>::from_shared_weights(&device, config, weights, Mode::Training).unwrap();
+        assert!(std::ptr::eq(decode.weights(), training.weights()), "one copy");
+        assert_bitwise("shared, training", &want, &run(&device, &mut training, &case));
+        let x = device.upload(&to_t::<bf16>(&case.x)).unwrap();
+        let mut y = device.alloc_zeros::<bf16>(case.x.len()).unwrap();
+        decode.forward(&x, case.tokens, &mut y).unwrap();
+        assert_eq!(bits(&download_f32(&device, &y)), bits(&want.y), "shared, decode: y");
+
+        assert_eq!(argument_of(training.weights_mut()), "weights");
+        assert_eq!(argument_of(training.update_bias(0.01)), "weights");
+        assert_eq!(argument_of(decode.into_weights()), "weights");
+        // The decode layer is gone: the training layer holds the weights alone again.
+        training.weights_mut().unwrap();
+        training.update_bias(0.01).unwrap();
+        training.into_weights().unwrap();
     }
 }
 
