@@ -158,18 +158,18 @@ impl<T: FloatElement> VqMoe<T> {
         check("weights.codebook", &weights.codebook, e * d)?;
         check("weights.mix_w", &weights.mix_w, 2 * d)?;
         check("weights.mix_b", &weights.mix_b, 2)?;
-        let mix = mix_config(&config);
-        let mix_host = HostWeights {
-            gate: vec![("w", weights.mix_w.clone()), ("b", weights.mix_b.clone())],
-            ..HostWeights::random(&mix, 0)
-        };
-        let codebook: Vec<T> = weights.codebook.iter().map(|&v| T::from_f32(v)).collect();
+        let mix_gate = RouterWeights::new(
+            &mix_config(&config),
+            vec![("w", device.upload_from_f32(&weights.mix_w)?)],
+            vec![("b", device.upload(&weights.mix_b)?)],
+            None,
+        )?;
         Self::from_weights(
             device,
             config,
             LayerWeights::upload(device, &config, &weights.moe)?,
-            device.upload(&codebook)?,
-            RouterWeights::upload(device, &mix, &mix_host)?,
+            device.upload_from_f32(&weights.codebook)?,
+            mix_gate,
         )
     }
 
