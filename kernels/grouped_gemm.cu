@@ -15,11 +15,13 @@
 //
 // Tiles (gemm_tiles.cuh): f16/bf16 on tensor cores (mma.sync m16n8k16 + ldmatrix, 3-stage
 // cp.async, 128x128x32, 8 warps of 64x32, padded shared rows: conflict-free ldmatrix), f32 on
-// 64x64x16 FMA tiles. Accumulation f32 everywhere; every sum in a fixed order (no atomics).
+// 64x64x16 FMA tiles. On sm_90a the f16/bf16 forward also has a persistent, warp-specialised
+// wgmma kernel fed by TMA and cp.async through a 4-stage mbarrier ring (gemm_sm90.cuh). Accumulation f32 everywhere; every sum in a fixed order (no atomics).
 // Alignment contract of the tensor-core path: K and N multiples of 8, operands 16-byte aligned.
 //
 // Kernels (<dtype> = f32, f16, bf16):
 //   grouped_gemm_fwd_<dtype>     forward, all epilogues
+//   grouped_gemm_fwd_sm90_<dtype>  the same on sm_90a (f16, bf16), 128x256x64 wgmma tiles
 //   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B through cp.async
 //                                rings, split-K inside the CTA (gemm_decode.cuh)
 //   grouped_gemm_decode_dgrad_<dtype>  dgrad likewise, B read across its rows
@@ -28,6 +30,7 @@
 //                                replacing, accumulating, or sparse (experts with rows only)
 //   grouped_gemm_zero_unwritten  zeroes the dB of experts a sparse pass did not write
 #include "include/gemm_decode.cuh"
+#include "include/gemm_sm90.cuh"
 #include "include/gemm_tiles.cuh"
 
 template <class T> struct FwdArgs {
@@ -94,6 +97,24 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
     });
   }
 }
+
+// ------------------------------------------------------------------------------------------
+// grouped_gemm_fwd_sm90_<dtype>: the forward on sm_90a (gemm_sm90.cuh has the algorithm,
+// mapping and traffic). FWD_PARAMS after map_b, the tensor map of b.
+// Launch: grid (min(SMs, tiles), 1, 1) with tiles = (ceil(rows / 128) + E) x column tiles
+//   (ceil(N / 256); SwiGLU ceil(N/2 / 128)), sm90::kThreads threads, sm90::kSharedBytes
+//   dynamic shared bytes.
+#define SM90_FWD_KERNEL(T, NAME)                                                                         \
+  extern "C" __global__ void __launch_bounds__(sm90::kThreads, 1)                                        \
+      NAME(const __grid_constant__ TensorMap map_b, FWD_PARAMS(T)) {                                     \
+    __shared__ TmaPipeline<sm90::kStages> pipe;                                                          \
+    const FwdArgs<T> f = FWD_ARGS(T);                                                                    \
+    grouped_fwd_sm90<T>(Sm90FwdArgs<T>{&map_b, f.a, f.offsets, f.experts, f.rows, f.n, f.kdim, f.epi}, pipe); \
+  }
+SM90_FWD_KERNEL(__half, grouped_gemm_fwd_sm90_f16)
+EMU_EXPORT(grouped_gemm_fwd_sm90_f16)
+SM90_FWD_KERNEL(__nv_bfloat16, grouped_gemm_fwd_sm90_bf16)
+EMU_EXPORT(grouped_gemm_fwd_sm90_bf16)
 
 // ------------------------------------------------------------------------------------------
 // grouped_gemm_decode_<dtype>: the forward when groups have few rows (decode), and

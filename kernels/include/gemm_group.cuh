@@ -35,30 +35,43 @@ template <class T> struct GroupedRows {
   const int* sorted_rows;
   int top_k;
   i64 ld;  // elements per row of A
-  __device__ __forceinline__ const T* row(i64 r) const {
+  // The row of A that grouped row r reads, or -1.
+  __device__ __forceinline__ i64 source(i64 r) const {
     i64 src = r;
     if (top_k > 0) {
       const int slot = sorted_rows[r];
       src = slot < 0 ? -1 : slot / top_k;
     }
-    return (src >= 0 && src < a_rows) ? a + src * ld : nullptr;
+    return (src >= 0 && src < a_rows) ? src : -1;
+  }
+  __device__ __forceinline__ const T* row(i64 r) const {
+    const i64 src = source(r);
+    return src >= 0 ? a + src * ld : nullptr;
   }
 };
 
-// The tile scheduler: row tiles of `bm` rows are numbered group after group (empty groups
-// have none); finds the group of tile `tile` with one warp (each lane sums the tiles of
-// ceil(E/32) consecutive groups, a warp scan finds the lane that holds `tile`). Writes
-// found = {e, first row, end row} into shared memory, e = -1 past the last tile; the caller
-// synchronizes before reading it. Cost: ceil(E/32) offsets per lane, once per CTA.
-__device__ __forceinline__ void find_group_tile(int* found, const int* offsets, int experts, i64 rows, int bm,
-                                                i64 tile) {
-  if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x, per = (experts + 31) / 32;
+// One tile of the grouped schedule: rows [row0, min(row0 + bm, row_end)) of group e, column
+// tile col; e = -1 past the last tile.
+struct GroupTile {
+  int e;
+  i64 row0, row_end;
+  int col;
+};
+
+// The tile scheduler: tiles are numbered group after group (an empty group has none); group
+// e has ceil(m_e / bm) row tiles times col_tiles column tiles, numbered column tile by column
+// tile with the row tiles inside, so consecutive tiles (running at once on neighbouring CTAs)
+// share B_e's column tile. Warp-collective (a converged warp; every lane gets the answer):
+// each lane sums the tiles of ceil(E/32) consecutive groups, a warp scan finds the lane that
+// holds `tile`, which resolves it and broadcasts. Cost: 2 ceil(E/32) offsets per lane.
+__device__ __forceinline__ GroupTile grouped_tile_at(const int* offsets, int experts, i64 rows, int bm, int col_tiles,
+                                                     i64 tile) {
+  const int lane = threadIdx.x % 32, per = (experts + 31) / 32;
   const int e_begin = min(lane * per, experts), e_end = min(e_begin + per, experts);
   i64 mine = 0;
   for (int e = e_begin; e < e_end; ++e) {
     const GroupRange g = group_range(offsets, e, rows);
-    mine += (g.end - g.start + bm - 1) / bm;
+    mine += (g.end - g.start + bm - 1) / bm * col_tiles;
   }
   i64 inclusive = mine;
 #pragma unroll
@@ -68,22 +81,36 @@ __device__ __forceinline__ void find_group_tile(int* found, const int* offsets, 
   }
   const i64 before = inclusive - mine;
   const unsigned owner = __ballot_sync(0xffffffffu, tile >= before && tile < inclusive);
-  if (owner == 0) {
-    if (lane == 0) found[0] = -1;
-    return;
-  }
-  if (lane != __ffs(int(owner)) - 1) return;
-  i64 t = tile - before;
-  for (int e = e_begin; e < e_end; ++e) {
-    const GroupRange g = group_range(offsets, e, rows);
-    const i64 n = (g.end - g.start + bm - 1) / bm;
-    if (t < n) {
-      found[0] = e;
-      found[1] = int(g.start + t * bm);
-      found[2] = int(g.end);
-      return;
+  GroupTile found{-1, 0, 0, 0};
+  if (owner == 0) return found;
+  if (lane == __ffs(int(owner)) - 1) {
+    i64 t = tile - before;
+    for (int e = e_begin; e < e_end; ++e) {
+      const GroupRange g = group_range(offsets, e, rows);
+      const i64 row_tiles = (g.end - g.start + bm - 1) / bm;
+      if (t < row_tiles * col_tiles) {
+        found = {e, g.start + t % row_tiles * bm, g.end, int(t / row_tiles)};
+        break;
+      }
+      t -= row_tiles * col_tiles;
     }
-    t -= n;
+  }
+  const int src = __ffs(int(owner)) - 1;
+  return {__shfl_sync(0xffffffffu, found.e, src), __shfl_sync(0xffffffffu, found.row0, src),
+          __shfl_sync(0xffffffffu, found.row_end, src), __shfl_sync(0xffffffffu, found.col, src)};
+}
+
+// grouped_tile_at for the kernels that give each row tile its own block (column tiles in
+// blockIdx.y): warp 0 writes found = {e, first row, end row} into shared memory (e = -1 past
+// the last tile); the caller synchronizes before reading it.
+__device__ __forceinline__ void find_group_tile(int* found, const int* offsets, int experts, i64 rows, int bm,
+                                                i64 tile) {
+  if (threadIdx.x >= 32) return;
+  const GroupTile t = grouped_tile_at(offsets, experts, rows, bm, 1, tile);
+  if (threadIdx.x == 0) {
+    found[0] = t.e;
+    found[1] = int(t.row0);
+    found[2] = int(t.row_end);
   }
 }
 

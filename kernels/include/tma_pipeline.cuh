@@ -17,8 +17,10 @@
 // (u & 1) ^ 1 (the (u-1)-th drain completed; on a fresh barrier the phase "before phase 0"
 // counts as complete, so the first Stages acquires pass at once).
 //
-// Barrier counts: full[s] expects 1 arrival (the producer's arrive.expect_tx) plus the bytes it
-// announced; empty[s] expects one arrival per consumer warp. An arrival releases the arriving
+// Barrier counts: full[s] expects the producer's arrive.expect_tx plus the bytes it announced,
+// and, where producer threads also fill the stage with their own copies (cp.async: rows TMA
+// cannot address, such as gathered ones), one producer_arrive from each of those threads;
+// empty[s] expects one arrival per consumer warp. An arrival releases the arriving
 // thread's (and, for a warpgroup's wgmma, its warpgroup's) finished reads; a completed wait
 // acquires them, so the producer's next copy into the stage is ordered after them.
 #pragma once
@@ -44,9 +46,9 @@ struct TmaPipeline {
   static_assert(Stages >= 1 && Stages <= 8, "a pipeline of 1..8 stages");
   uint64_t full[Stages], empty[Stages];
 
-  __device__ __forceinline__ void init(unsigned consumer_warps) {
+  __device__ __forceinline__ void init(unsigned consumer_warps, unsigned copying_producers = 0) {
     for (int s = 0; s < Stages; ++s) {
-      mbarrier_init(&full[s], 1);
+      mbarrier_init(&full[s], 1 + copying_producers);
       mbarrier_init(&empty[s], consumer_warps);
     }
     fence_proxy_async_shared_cta();  // the initialised barriers, visible to the copies (TMA)
@@ -63,6 +65,11 @@ struct TmaPipeline {
     mbarrier_arrive_expect_tx(&full[st.stage], tx_bytes);
     return &full[st.stage];
   }
+
+  // Producer thread that copied part of the stage itself (one of `copying_producers`): arrives
+  // once its copies have landed (cp_async_wait) and were made visible to the async proxy
+  // (fence_proxy_async_shared_cta), so wgmma reads them after the consumers' wait.
+  __device__ __forceinline__ void producer_arrive(const PipelineState& st) { mbarrier_arrive(&full[st.stage]); }
 
   // Consumer: waits until the stage's copies have landed.
   __device__ __forceinline__ void consumer_wait(const PipelineState& st) { mbarrier_wait(&full[st.stage], st.phase); }

@@ -19,6 +19,7 @@ pub struct CudaDevice {
     arch: u32,
     name: String,
     max_dynamic_shared_bytes: u32,
+    multiprocessors: u32,
     functions: Arc<Mutex<FunctionCache>>,
     pub(super) counters: Arc<Counters>,
 }
@@ -50,11 +51,13 @@ impl CudaDevice {
         }
         let name = ctx.name()?;
         let optin = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let multiprocessors = ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
         Ok(Self {
             stream,
             arch,
             name,
             max_dynamic_shared_bytes: optin as u32,
+            multiprocessors: multiprocessors as u32,
             functions: Arc::default(),
             counters: Arc::default(),
         })
@@ -88,6 +91,11 @@ impl CudaDevice {
     /// The opt-in ceiling on dynamic shared memory per block.
     pub fn max_dynamic_shared_bytes(&self) -> u32 {
         self.max_dynamic_shared_bytes
+    }
+
+    /// Streaming multiprocessors.
+    pub fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
     }
 
     pub fn description(&self) -> String {

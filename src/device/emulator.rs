@@ -17,6 +17,13 @@ pub const MAX_DYNAMIC_SHARED_BYTES: u32 = if registry::TARGET_ARCHS[0] >= 90 {
     163 * 1024
 };
 
+/// The ceiling for kernels that run only on sm_90 (named `*_sm90_*`): an H100's 227 KiB.
+pub const SM90_MAX_DYNAMIC_SHARED_BYTES: u32 = 227 * 1024;
+
+/// The streaming multiprocessors the emulator reports ([`Device::multiprocessors`](super::Device::multiprocessors)):
+/// few and odd, so persistent kernels walk several tiles per CTA, unevenly.
+pub const MULTIPROCESSORS: u32 = 3;
+
 /// The order in which the emulator runs the CUDA threads released together (at block
 /// start, at each barrier, at each warp collective). Kernels must be correct under all of
 /// them; the shuffled ones expose missing barriers that in-order execution hides, and

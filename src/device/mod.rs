@@ -175,6 +175,37 @@ impl Device {
         }
     }
 
+    /// The ceiling for kernel `name`: the device's, except that on the emulator a kernel named
+    /// `*_sm90_*` (sm_90a code, launched only on sm_90 GPUs) gets sm_90's 227 KiB rather than
+    /// the oldest target's.
+    fn max_dynamic_shared_bytes_for(&self, name: &str) -> u32 {
+        match self {
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) if name.contains("_sm90_") => emulator::SM90_MAX_DYNAMIC_SHARED_BYTES,
+            _ => self.max_dynamic_shared_bytes(),
+        }
+    }
+
+    /// Whether this device runs sm_90a code (wgmma, TMA, setmaxnreg): the emulator, or a GPU of
+    /// compute capability 9.x.
+    pub fn runs_sm90a(&self) -> bool {
+        match self {
+            Device::Cuda(d) => d.arch() / 10 == 9,
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => true,
+        }
+    }
+
+    /// Streaming multiprocessors: how many CTAs a persistent kernel (one per SM) launches. The
+    /// emulator reports 3, so that persistent kernels walk several tiles per CTA in tests.
+    pub fn multiprocessors(&self) -> u32 {
+        match self {
+            Device::Cuda(d) => d.multiprocessors(),
+            #[cfg(feature = "emulator")]
+            Device::Emulator(_) => emulator::MULTIPROCESSORS,
+        }
+    }
+
     fn counters(&self) -> &Arc<Counters> {
         match self {
             Device::Cuda(d) => &d.counters,
@@ -317,7 +348,10 @@ impl Device {
     pub(crate) fn launch(&self, name: &str, config: LaunchConfig, mut args: KernelArgs<'_>) -> Result<()> {
         args.check()?;
         config
-            .validate(registry::static_shared_bytes(name), self.max_dynamic_shared_bytes())
+            .validate(
+                registry::static_shared_bytes(name),
+                self.max_dynamic_shared_bytes_for(name),
+            )
             .map_err(|reason| Error::InvalidLaunch {
                 kernel: name.into(),
                 reason,

@@ -9,11 +9,7 @@ use crate::{Error, Result};
 
 /// Whether `device` runs sm_90 instructions: the emulator, or a GPU of compute capability 9.x.
 pub fn hopper_capable(device: &Device) -> bool {
-    match device {
-        Device::Cuda(d) => d.arch() / 10 == 9,
-        #[cfg(feature = "emulator")]
-        Device::Emulator(_) => true,
-    }
+    device.runs_sm90a()
 }
 
 pub(crate) fn require_hopper(device: &Device, kernel: &str) -> Result<()> {

@@ -37,6 +37,21 @@ pub fn run<T: FloatElement, O: FloatElement>(
     case: Case,
     seed: u64,
 ) -> (Vec<f32>, Vec<f32>) {
+    try_run::<T, O>(device, p, case, seed).unwrap()
+}
+
+/// Whether `GemmPath::Hopper` takes T on `device` (f16/bf16 where sm_90a code runs).
+pub fn hopper_takes<T: FloatElement>(device: &Device) -> bool {
+    T::NAME != "f32" && device.runs_sm90a()
+}
+
+/// [`run`], or the forward's `Err`.
+pub fn try_run<T: FloatElement, O: FloatElement>(
+    device: &Device,
+    p: &Problem,
+    case: Case,
+    seed: u64,
+) -> moe_kernels::Result<(Vec<f32>, Vec<f32>)> {
     let mut rng = Rng::new(seed);
     let (n, k) = (p.shape.n, p.shape.k);
     let (a, _) = values::<T>(&mut rng, p.a_rows(case.a_rows) * k, 0.5);
@@ -68,8 +83,7 @@ pub fn run<T: FloatElement, O: FloatElement>(
         case.weights.then_some(&w_d),
         &mut out,
         case.save_gu.then_some(&mut gu),
-    )
-    .unwrap();
+    )?;
     let after = device.stats();
     assert_eq!(after.host_syncs, before.host_syncs, "forward synced the host");
     assert_eq!(
@@ -77,15 +91,22 @@ pub fn run<T: FloatElement, O: FloatElement>(
         u64::from(p.rows() > 0),
         "forward launches"
     );
-    (
+    Ok((
         to_f32(&device.download(&out).unwrap()),
         to_f32(&device.download(&gu).unwrap()),
-    )
+    ))
 }
 
-/// Runs `case` on `device` and compares with the reference.
+/// Runs `case` on `device` and compares with the reference; where the Hopper path cannot take
+/// T on `device`, checks that it refuses, naming the dtype's operand or the device.
 #[track_caller]
 pub fn check<T: FloatElement, O: FloatElement>(device: &Device, p: &Problem, case: Case, seed: u64) {
+    if case.path == GemmPath::Hopper && !hopper_takes::<T>(device) {
+        let refusal = try_run::<T, O>(device, p, case, seed).expect_err("the Hopper path took what it cannot");
+        let named = if device.runs_sm90a() { "`a`" } else { "`device`" };
+        assert!(refusal.to_string().contains(named), "{refusal}");
+        return;
+    }
     let (got, got_gu) = run::<T, O>(device, p, case, seed);
     let mut rng = Rng::new(seed);
     let (n, k) = (p.shape.n, p.shape.k);
@@ -111,10 +132,10 @@ pub fn check<T: FloatElement, O: FloatElement>(device: &Device, p: &Problem, cas
     }
 }
 
-const PATHS: [GemmPath; 2] = [GemmPath::Tiled, GemmPath::Decode];
+const PATHS: [GemmPath; 3] = [GemmPath::Tiled, GemmPath::Decode, GemmPath::Hopper];
 
 #[test]
-fn group_sizes_0_1_7_16_129_on_both_paths() {
+fn group_sizes_0_1_7_16_129_on_every_path() {
     let p = Problem::sized(&[0, 1, 7, 16, 129, 0, 3], 24, 40, &mut Rng::new(1));
     for device in devices() {
         for path in PATHS {
@@ -239,7 +260,7 @@ proptest! {
     #[test]
     fn forward_sweep(
         sizes in proptest::collection::vec(prop_oneof![Just(0usize), 1usize..20, 120usize..140], 1..5),
-        n8 in 1usize..5, k8 in 1usize..7, dtype in 0usize..3, swiglu in any::<bool>(), decode in any::<bool>(),
+        n8 in 1usize..5, k8 in 1usize..7, dtype in 0usize..3, swiglu in any::<bool>(), path in 0usize..3,
         seed in any::<u64>(),
     ) {
         let p = Problem::sized(&sizes, 16 * n8, 8 * k8, &mut Rng::new(seed));
@@ -248,7 +269,7 @@ proptest! {
             epilogue: if swiglu { Epilogue::SwiGlu } else { Epilogue::Store },
             weights: seed % 3 == 0,
             save_gu: swiglu,
-            ..Case::plain(if decode { GemmPath::Decode } else { GemmPath::Tiled })
+            ..Case::plain(PATHS[path])
         };
         for device in devices() {
             match dtype {
@@ -276,5 +297,36 @@ fn several_row_column_and_k_tiles() {
         };
         check::<f16, f16>(&device, &swiglu, case, 93);
         check::<f32, f32>(&device, &swiglu, case, 94);
+    }
+}
+
+#[test]
+fn hopper_tiles_in_every_dimension() {
+    // The sm_90a kernel's tiles are 128 rows x 256 columns (SwiGLU: 128 output columns) x 64
+    // of K through a 4-stage ring: 3 column tiles of the store (N = 520), 2 of SwiGLU
+    // (h = 136), groups of 1, 2 and 3 row tiles, 6 k-blocks (the ring wraps), a ragged K; the
+    // emulator's 3 CTAs walk several tiles each.
+    let p = Problem::sized(&[130, 0, 300, 1], 520, 328, &mut Rng::new(95));
+    let swiglu = Problem::routed(60, 2, 3, 8, 272, 72, &mut Rng::new(96));
+    for device in devices().into_iter().filter(|d| hopper_takes::<bf16>(d)) {
+        check::<bf16, bf16>(&device, &p, Case::plain(GemmPath::Hopper), 97);
+        let launched = device.launch_configs();
+        let sm90 = launched
+            .get("grouped_gemm_fwd_sm90_bf16")
+            .expect("GemmPath::Hopper ran the sm90 kernel");
+        assert_eq!(
+            sm90.grid.0,
+            device.multiprocessors().min(24),
+            "one CTA per SM (24 tiles at most)"
+        );
+        let case = Case {
+            a_rows: swiglu.gathered(),
+            epilogue: Epilogue::SwiGlu,
+            weights: true,
+            save_gu: true,
+            path: GemmPath::Hopper,
+        };
+        check::<f16, f32>(&device, &swiglu, case, 98);
+        check::<bf16, bf16>(&device, &swiglu, case, 99);
     }
 }

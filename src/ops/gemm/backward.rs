@@ -137,7 +137,7 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     }
     let decode = match path {
         GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS,
-        GemmPath::Tiled => false,
+        GemmPath::Tiled | GemmPath::Hopper => false, // no sm_90a dgrad yet: the tiles
         GemmPath::Decode => true,
     };
     let (name, launch, plan) = if decode {

@@ -1,5 +1,6 @@
 //! The forward: `C_e = A_e · B_e^T` with its epilogues (`grouped_gemm_fwd_*`, `grouped_gemm_decode_*`).
 use super::decode::{decode_launch, with_decode_plan};
+use super::hopper;
 use super::{
     ARows, DECODE_MAX_ROWS, EPI_STORE, EPI_SWIGLU, GemmShape, Groups, TILE_THREADS, check_a_rows, check_aligned_16,
     check_out_type, i64_of, row_tiles, tile_shared,
@@ -39,6 +40,21 @@ pub enum GemmPath {
     /// `cp.async` where aligned (element by element otherwise), any shape and alignment, any
     /// group size (slow for big groups).
     Decode,
+    /// The sm_90a kernel (forward only; dgrad takes it as `Tiled`): persistent, warp-specialised,
+    /// `wgmma` on 128 x 256 tiles fed by TMA (weights) and `cp.async` (rows of A) through a
+    /// 4-stage mbarrier ring. f16/bf16 with the tiles' sizes and alignment, on an sm_90 GPU or
+    /// the emulator; otherwise an `Err` naming `device`, `a`, `b`, `shape.n` or `shape.k`.
+    /// `Auto` does not pick it yet: it becomes the default on sm_90 once a GPU run has
+    /// validated and timed it.
+    Hopper,
+}
+
+/// The kernel a forward runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Tiles,
+    Decode,
+    Sm90,
 }
 
 /// Options of [`forward`].
@@ -107,13 +123,20 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         .check_tile_sizes::<T>()
         .and_then(|()| check_aligned_16(device, "a", a))
         .and_then(|()| check_aligned_16(device, "b", b));
-    let decode = match config.path {
-        GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS || tiles_take_operands.is_err(),
+    let kernel = match config.path {
+        GemmPath::Auto if groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS || tiles_take_operands.is_err() => {
+            Kernel::Decode
+        }
+        GemmPath::Auto => Kernel::Tiles,
         GemmPath::Tiled => {
             tiles_take_operands?;
-            false
+            Kernel::Tiles
         }
-        GemmPath::Decode => true,
+        GemmPath::Decode => Kernel::Decode,
+        GemmPath::Hopper => {
+            hopper::check_operands(device, &shape, a, b)?;
+            Kernel::Sm90
+        }
     };
     let out_f32 = check_out_type::<T, O>("out")?;
     let out_len = forward_out_len(&shape, groups.rows, config.epilogue)?;
@@ -145,31 +168,46 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         Epilogue::Store => (EPI_STORE, shape.n),
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
     };
-    let (name, launch, plan) = if decode {
-        let per_lane = if mode == EPI_SWIGLU { 2 } else { 1 };
-        let (config, plan) = decode_launch((out_cols, shape.k, size_of::<T>(), per_lane), shape.experts, groups)?;
-        (format!("grouped_gemm_decode_{}", T::NAME), config, Some(plan))
-    } else {
-        let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
-        let per_block = if mode == EPI_SWIGLU { tile_cols / 2 } else { tile_cols };
-        let config = LaunchConfig {
-            grid: (
-                row_tiles::<T>(groups.rows, shape.experts)?,
-                grid_blocks("shape.n", out_cols, per_block)?,
-                1,
-            ),
-            block: (TILE_THREADS, 1, 1),
-            shared_bytes: tile_shared::<T>(true, true) + ROW_TABLES,
-        };
-        (format!("grouped_gemm_fwd_{}", T::NAME), config, None)
+    let (name, launch, plan) = match kernel {
+        Kernel::Decode => {
+            let per_lane = if mode == EPI_SWIGLU { 2 } else { 1 };
+            let (config, plan) = decode_launch((out_cols, shape.k, size_of::<T>(), per_lane), shape.experts, groups)?;
+            (format!("grouped_gemm_decode_{}", T::NAME), config, Some(plan))
+        }
+        Kernel::Sm90 => {
+            let config = hopper::launch_config(device, &shape, groups.rows, mode == EPI_SWIGLU)?;
+            (format!("grouped_gemm_fwd_sm90_{}", T::NAME), config, None)
+        }
+        Kernel::Tiles => {
+            let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
+            let per_block = if mode == EPI_SWIGLU { tile_cols / 2 } else { tile_cols };
+            let config = LaunchConfig {
+                grid: (
+                    row_tiles::<T>(groups.rows, shape.experts)?,
+                    grid_blocks("shape.n", out_cols, per_block)?,
+                    1,
+                ),
+                block: (TILE_THREADS, 1, 1),
+                shared_bytes: tile_shared::<T>(true, true) + ROW_TABLES,
+            };
+            (format!("grouped_gemm_fwd_{}", T::NAME), config, None)
+        }
     };
     check_grid_y(launch.grid.1)?;
     let top_k = match config.a_rows {
         ARows::Contiguous => 0,
         ARows::Gathered { top_k } => top_k as i32,
     };
-    // SAFETY of the argument list: FWD_PARAMS in grouped_gemm.cu, in order.
-    let args = KernelArgs::new(device)
+    // SAFETY of the argument list: FWD_PARAMS in grouped_gemm.cu, in order (the sm90 kernel
+    // takes b's tensor map first).
+    let weight_map = hopper::WeightMap::new(&shape);
+    let args = KernelArgs::new(device);
+    let args = if kernel == Kernel::Sm90 {
+        args.tensor_map("b", b, &weight_map.spec())
+    } else {
+        args
+    };
+    let args = args
         .input("a", a)
         .scalar(i64_of(a_rows))
         .input_or_null("groups.sorted_rows", groups.sorted_rows)

@@ -45,6 +45,7 @@
 mod backward;
 mod decode;
 mod forward;
+mod hopper;
 
 pub use backward::{DgradConfig, DgradEpilogue, ExpertMask, MAX_WGRAD_CALL, WgradWrite, dgrad, wgrad, zero_unwritten};
 pub use decode::{DECODE_TARGET_BLOCKS, DecodePlan, decode_plan};

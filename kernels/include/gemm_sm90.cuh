@@ -1,0 +1,204 @@
+// gemm_sm90.cuh: the Hopper (sm_90a) grouped-GEMM forward, C_e = A_e B_e^T over every group
+// with gemm_group.cuh's A rows and epilogues: a persistent, warp-specialised CTA whose
+// producer warpgroup fills a ring of shared-memory stages (weights by TMA, A rows by cp.async,
+// gathered or not) and whose two consumer warpgroups run wgmma on them.
+//
+// Tile: 128 rows x 256 B rows x 64 of K per stage, kStages = 4 stages of 48 KiB
+//   A   128 x 64, K-major, 128-byte swizzle (wgmma's canonical layout, WgmmaTile): consumer
+//       warpgroup w reads rows 64w..64w+63 (8 KiB in);
+//   B   two TMA boxes of 128 weight rows x 64 of K (the same layout), one 256-row operand:
+//       plain store: B_e rows n0..n0+255 (n0 = 256 col); SwiGLU: gate rows c0..c0+127 then up
+//       rows h+c0..h+c0+127 (c0 = 128 col), so output column c0 + j has its gate value in
+//       accumulator column j and its up value in column 128 + j of the same thread.
+//   Rows of a box past B_e's last row belong to the next expert (or are zero-filled past the
+//   tensor); they only feed columns the epilogue does not store. K past the end: TMA and
+//   cp.async zero-fill it.
+// Schedule: grid = min(SMs, an upper bound on the tiles); CTA b takes tiles b, b + grid, ...
+//   of grouped_tile_at (column tile major inside a group: CTAs running at once share B_e's
+//   column tile in L2) until the schedule ends. Every warp resolves each tile itself from the
+//   device-side offsets (no shared handoff, no host sync).
+// Thread mapping (384 threads, 1 CTA per SM):
+//   warpgroup 0, the producer (setmaxnreg.dec 56): per k-block every thread waits for the
+//     stage to be empty, thread t copies 16-byte chunk t % 8 of A rows t / 8 + 16 i (i < 8:
+//     four whole 128-byte rows per warp request) with cp.async into the swizzled layout, and
+//     warp 0's elected lane announces B's 32 KiB and issues its two TMA loads. A thread's
+//     copies of k-block kb are waited for (cp.async.wait_group 1) after it issued k-block
+//     kb + 1's, then fenced to the async proxy, then it arrives on kb's full barrier (129
+//     arrivals: 128 copiers + the TMA announcement).
+//   warpgroups 1-2, the consumers (setmaxnreg.inc 224): per k-block wait for the stage, issue
+//     the four m64n256k16 wgmma of its 64 rows as one batch, wait until only that batch is in
+//     flight and release the previous stage (one arrival per warp: 8 per phase). After the
+//     last k-block the accumulators (128 f32 per thread, wgmma's fragment layout) go through
+//     the epilogue straight to global memory, while the producer already fills the next
+//     tile's stages.
+// Memory traffic: each weight tile read once per row tile of its group (from L2 after the
+//   first), each A row once per column tile, C written once; shared memory is written by TMA
+//   and cp.async and read only by wgmma.
+// Contract (checked on the host): f16/bf16, N and K multiples of 8, A and B 16-byte aligned,
+//   E N < 2^31 (TMA coordinates).
+#pragma once
+#include "gemm_group.cuh"
+#include "tma_pipeline.cuh"
+#include "wgmma_tile.cuh"
+
+namespace sm90 {
+constexpr int kStages = 4, kTileM = 128, kTileN = 256, kTileK = 64, kThreads = 384;
+constexpr unsigned kBoxRows = 128;                                  // weight rows per TMA box
+constexpr unsigned kABytes = kTileM * kTileK * 2;                   // 16 KiB
+constexpr unsigned kBoxBytes = kBoxRows * kTileK * 2;               // 16 KiB
+constexpr unsigned kStageBytes = kABytes + 2 * kBoxBytes;           // 48 KiB
+constexpr unsigned kSharedBytes = kStages * kStageBytes + 1024;     // + alignment to the swizzle repeat
+constexpr unsigned kProducers = 128, kConsumerWarps = 8;
+// Registers per thread after setmaxnreg: the producer keeps its 8 A-row indices and addresses
+// in 56 (40 spills), the consumers get the rest of the 64K: 128 x 56 + 256 x 224 = 168 x 384.
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(kProducers * kProducerRegs + 2 * kProducers * kConsumerRegs == 168 * kThreads,
+              "setmaxnreg moves registers between the warpgroups, it adds none");
+constexpr int kRowsPerCopier = kTileM * kTileK * 2 / 16 / kProducers;  // 8 rows of one chunk each
+static_assert(kSharedBytes <= 227 * 1024, "the ring fits an H100's shared memory per block");
+}  // namespace sm90
+
+template <class T> struct Sm90FwdArgs {
+  const TensorMap* map_b;  // B as [E N rows, K], boxes of 128 rows x 64, 128-byte swizzle
+  GroupedRows<T> a;
+  const int* offsets;
+  int experts;
+  i64 rows, n, kdim;
+  Epilogue<T> epi;
+
+  __device__ __forceinline__ bool swiglu() const { return epi.mode == EPI_SWIGLU; }
+  __device__ __forceinline__ int col_tiles() const {
+    return int(swiglu() ? (n / 2 + sm90::kBoxRows - 1) / sm90::kBoxRows : (n + sm90::kTileN - 1) / sm90::kTileN);
+  }
+  __device__ __forceinline__ GroupTile tile(i64 t) const {
+    return grouped_tile_at(offsets, experts, rows, sm90::kTileM, col_tiles(), t);
+  }
+};
+
+// The producer warpgroup: A by cp.async, B by TMA, stage after stage over the CTA's tiles.
+template <class T>
+__device__ __forceinline__ void sm90_produce(const Sm90FwdArgs<T>& p, TmaPipeline<sm90::kStages>& pipe,
+                                             unsigned char* stages) {
+  using namespace sm90;
+  const unsigned t = threadIdx.x, chunk = t % 8;
+  const WgmmaTile tile_a{kTileM, kTileK, SwizzleMode::B128, false};
+  const int k_blocks = int((p.kdim + kTileK - 1) / kTileK);
+  PipelineState st{0, 0}, landing{0, 0};
+  bool pending = false;
+  for (i64 next = blockIdx.x;; next += gridDim.x) {
+    const GroupTile g = p.tile(next);
+    if (g.e < 0) break;
+    int src[kRowsPerCopier];  // the A row each of this thread's tile rows reads, -1 for zeros
+#pragma unroll
+    for (int i = 0; i < kRowsPerCopier; ++i) {
+      const i64 r = g.row0 + t / 8 + 16 * i;
+      src[i] = r < g.row_end ? int(p.a.source(r)) : -1;
+    }
+    const i64 h = p.n / 2;
+    const i64 b_row0 = i64(g.e) * p.n + (p.swiglu() ? i64(g.col) * kBoxRows : i64(g.col) * kTileN);
+    const i64 b_row1 = p.swiglu() ? b_row0 + h : b_row0 + kBoxRows;
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      unsigned char* stage = stages + st.stage * kStageBytes;
+      pipe.producer_acquire(st);
+      if (t < 32 && elect_one()) {
+        uint64_t* full = pipe.producer_commit(st, 2 * kBoxBytes);
+        tma_load<2>(stage + kABytes, p.map_b, full, {kb * kTileK, int(b_row0)});
+        tma_load<2>(stage + kABytes + kBoxBytes, p.map_b, full, {kb * kTileK, int(b_row1)});
+      }
+      const i64 k = i64(kb) * kTileK + chunk * 8;
+#pragma unroll
+      for (int i = 0; i < kRowsPerCopier; ++i) {
+        const bool inside = src[i] >= 0 && k < p.kdim;
+        const T* from = inside ? p.a.a + i64(src[i]) * p.a.ld + k : p.a.a;
+        cp_async<16>(stage + tile_a.offset(t / 8 + 16 * i, chunk * 8), from, inside ? 16 : 0);
+      }
+      cp_async_commit();
+      if (pending) {  // the previous k-block's copies: landed, visible to wgmma, announced
+        cp_async_wait<1>();
+        fence_proxy_async_shared_cta();
+        pipe.producer_arrive(landing);
+        landing.advance<kStages>();
+      }
+      pending = true;
+      st.advance<kStages>();
+    }
+  }
+  if (pending) {
+    cp_async_wait<0>();
+    fence_proxy_async_shared_cta();
+    pipe.producer_arrive(landing);
+  }
+}
+
+// The consumer warpgroups: wgmma over each tile's stages, then the epilogue.
+template <class T>
+__device__ __forceinline__ void sm90_consume(const Sm90FwdArgs<T>& p, TmaPipeline<sm90::kStages>& pipe,
+                                             const unsigned char* stages) {
+  using namespace sm90;
+  const unsigned wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, w = t / 32, g8 = t % 32 / 4, q = t % 4;
+  const WgmmaTile tile_a{64, kTileK, SwizzleMode::B128, false};
+  const WgmmaTile tile_b{kTileN, kTileK, SwizzleMode::B128, false};
+  const int k_blocks = int((p.kdim + kTileK - 1) / kTileK);
+  PipelineState read{0, 0}, release{0, 0};
+  float acc[kTileN / 2];
+  for (i64 next = blockIdx.x;; next += gridDim.x) {
+    const GroupTile g = p.tile(next);
+    if (g.e < 0) break;
+#pragma unroll
+    for (int r = 0; r < kTileN / 2; ++r) acc[r] = 0.0f;
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      const unsigned char* stage = stages + read.stage * kStageBytes;
+      pipe.consumer_wait(read);
+      wgmma_tile_step<kTileN, kTileK, 1, T, false, false>(acc, tile_a, stage + wg * (kABytes / 2), tile_b,
+                                                          stage + kABytes);
+      if (kb > 0) {  // wait_group 1 retired k-block kb-1's batch: its stage is free
+        pipe.consumer_release(release);
+        release.advance<kStages>();
+      }
+      read.advance<kStages>();
+    }
+    wgmma_wait_group<0>();
+    wgmma_fence_operand(acc);
+    pipe.consumer_release(release);
+    release.advance<kStages>();
+
+    // Rows 16w + g8 (+ 8) of this warpgroup's 64; accumulator 4j + i is column 8j + 2q + i % 2.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const i64 r = g.row0 + 64 * wg + 16 * w + g8 + 8 * half;
+      if (r >= g.row_end) continue;
+      const float s = p.epi.scale(r);
+      if (p.swiglu()) {
+        const i64 h = p.n / 2, c0 = i64(g.col) * kBoxRows;
+#pragma unroll
+        for (int j = 0; j < kTileN / 16; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const i64 c = c0 + 8 * j + 2 * q + i;
+            if (c < h) p.epi.pair(r, c, acc[4 * j + 2 * half + i], acc[4 * (j + kTileN / 16) + 2 * half + i], s);
+          }
+      } else {
+        const i64 c0 = i64(g.col) * kTileN;
+#pragma unroll
+        for (int j = 0; j < kTileN / 8; ++j)
+          p.epi.adjacent(r, c0 + 8 * j + 2 * q, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1], s, p.n);
+      }
+    }
+  }
+}
+
+// The kernel body: barriers, the 1024-aligned ring, then the warpgroups' roles.
+template <class T>
+__device__ __forceinline__ void grouped_fwd_sm90(const Sm90FwdArgs<T>& p, TmaPipeline<sm90::kStages>& pipe) {
+  DYN_SHARED(unsigned char, raw);
+  unsigned char* stages = align_1024(raw);
+  if (threadIdx.x == 0) pipe.init(sm90::kConsumerWarps, sm90::kProducers);
+  __syncthreads();
+  if (threadIdx.x < sm90::kProducers) {
+    setmaxnreg<false, sm90::kProducerRegs>();
+    sm90_produce(p, pipe, stages);
+  } else {
+    setmaxnreg<true, sm90::kConsumerRegs>();
+    sm90_consume(p, pipe, stages);
+  }
+}
