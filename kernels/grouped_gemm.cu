@@ -22,6 +22,7 @@
 // Kernels (<dtype> = f32, f16, bf16):
 //   grouped_gemm_fwd_<dtype>     forward, all epilogues
 //   grouped_gemm_fwd_sm90_<dtype>  the same on sm_90a (f16, bf16), 128x256x64 wgmma tiles
+//   grouped_gemm_dgrad_sm90_<dtype>  dgrad likewise, every epilogue
 //   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B through cp.async
 //                                rings, split-K inside the CTA (gemm_decode.cuh)
 //   grouped_gemm_decode_dgrad_<dtype>  dgrad likewise, B read across its rows
@@ -99,22 +100,29 @@ __device__ __forceinline__ void grouped_fwd(const FwdArgs<T> p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// grouped_gemm_fwd_sm90_<dtype>: the forward on sm_90a (gemm_sm90.cuh has the algorithm,
-// mapping and traffic). FWD_PARAMS after map_b, the tensor map of b.
+// grouped_gemm_fwd_sm90_<dtype> and grouped_gemm_dgrad_sm90_<dtype>: the forward and dgrad on
+// sm_90a (gemm_sm90.cuh has the algorithm, mapping and traffic): FWD_PARAMS / DGRAD_PARAMS
+// after map_b, the tensor map of b (forward: [E N, K], boxes 128 x 64; dgrad: [E][N][K], boxes
+// 64 x 64 x 1; both 128-byte swizzle).
 // Launch: grid (min(SMs, tiles), 1, 1) with tiles = (ceil(rows / 128) + E) x column tiles
-//   (ceil(N / 256); SwiGLU ceil(N/2 / 128)), sm90::kThreads threads, sm90::kSharedBytes
-//   dynamic shared bytes.
+//   (ceil(N / 256); SwiGLU ceil(N/2 / 128); dgrad ceil(K / 256)), sm90::kThreads threads,
+//   sm90::kSharedBytes dynamic shared bytes.
 #define SM90_FWD_KERNEL(T, NAME)                                                                         \
   extern "C" __global__ void __launch_bounds__(sm90::kThreads, 1)                                        \
       NAME(const __grid_constant__ TensorMap map_b, FWD_PARAMS(T)) {                                     \
     __shared__ TmaPipeline<sm90::kStages> pipe;                                                          \
     const FwdArgs<T> f = FWD_ARGS(T);                                                                    \
-    grouped_fwd_sm90<T>(Sm90FwdArgs<T>{&map_b, f.a, f.offsets, f.experts, f.rows, f.n, f.kdim, f.epi}, pipe); \
+    const i64 cols = mode == EPI_SWIGLU ? n / 2 : n;                                                     \
+    grouped_gemm_sm90<false, T>(Sm90Args<T>{&map_b, f.a, offsets, experts, rows, n, kdim, cols, f.epi}, pipe); \
   }
-SM90_FWD_KERNEL(__half, grouped_gemm_fwd_sm90_f16)
-EMU_EXPORT(grouped_gemm_fwd_sm90_f16)
-SM90_FWD_KERNEL(__nv_bfloat16, grouped_gemm_fwd_sm90_bf16)
-EMU_EXPORT(grouped_gemm_fwd_sm90_bf16)
+#define SM90_DGRAD_KERNEL(T, NAME)                                                                       \
+  extern "C" __global__ void __launch_bounds__(sm90::kThreads, 1)                                        \
+      NAME(const __grid_constant__ TensorMap map_b, DGRAD_PARAMS(T)) {                                   \
+    __shared__ TmaPipeline<sm90::kStages> pipe;                                                          \
+    const GroupedRows<T> dc_rows{dc, rows, nullptr, 0, n};                                               \
+    grouped_gemm_sm90<true, T>(Sm90Args<T>{&map_b, dc_rows, offsets, experts, rows, n, n, kdim, DGRAD_EPILOGUE(T)}, \
+                               pipe);                                                                    \
+  }
 
 // ------------------------------------------------------------------------------------------
 // grouped_gemm_decode_<dtype>: the forward when groups have few rows (decode), and
@@ -336,3 +344,11 @@ extern "C" __global__ void grouped_gemm_wgrad_bf16(WGRAD_PARAMS(__nv_bfloat16)) 
   grouped_wgrad<__nv_bfloat16>(dc, WGRAD_ROWS(__nv_bfloat16), offsets, active, experts, rows, n, kdim, db, mode, written, call);
 }
 EMU_EXPORT(grouped_gemm_wgrad_bf16)
+SM90_FWD_KERNEL(__half, grouped_gemm_fwd_sm90_f16)
+EMU_EXPORT(grouped_gemm_fwd_sm90_f16)
+SM90_FWD_KERNEL(__nv_bfloat16, grouped_gemm_fwd_sm90_bf16)
+EMU_EXPORT(grouped_gemm_fwd_sm90_bf16)
+SM90_DGRAD_KERNEL(__half, grouped_gemm_dgrad_sm90_f16)
+EMU_EXPORT(grouped_gemm_dgrad_sm90_f16)
+SM90_DGRAD_KERNEL(__nv_bfloat16, grouped_gemm_dgrad_sm90_bf16)
+EMU_EXPORT(grouped_gemm_dgrad_sm90_bf16)

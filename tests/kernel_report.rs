@@ -124,28 +124,33 @@ fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
     }
 }
 
-/// The end-to-end Hopper demonstration (`kernels/hopper_demo.cu`) really runs on Hopper's
-/// machinery in its sm_90a code: wgmma (HGMMA), TMA loads (UTMALDG) and mbarriers (SYNCS); its
-/// ptxas report (no spill, no C7508/C7510/C7515) is checked with every kernel's by
+/// The end-to-end Hopper demonstration (`kernels/hopper_demo.cu`) and the sm_90a grouped-GEMM
+/// kernels (`kernels/include/gemm_sm90.cuh`) really run on Hopper's machinery in their sm_90a
+/// code: wgmma (HGMMA), TMA loads (UTMALDG) and mbarriers (SYNCS); their ptxas reports (no
+/// spill, no C7508/C7510/C7515) are checked with every kernel's by
 /// `ptxas_reports_no_spill_and_no_hopper_performance_loss`.
 #[test]
 #[cfg_attr(
     not(moe_sass_tools),
     ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
 )]
-fn the_hopper_demo_runs_on_hgmma_utmaldg_and_syncs_in_its_sm_90a_code() {
+fn hopper_kernels_run_on_hgmma_utmaldg_and_syncs_in_their_sm_90a_code() {
     let all = sass();
-    let hopper: Vec<&KernelSass> = mix_of(&all, "hopper_demo_gemm_bf16")
-        .filter(|s| s.arch_specific)
-        .collect();
-    assert!(!hopper.is_empty(), "hopper_demo_gemm_bf16 has no sm_90a code");
-    for s in hopper {
-        let m = s.mix;
-        assert!(
-            m.wgmma > 0 && m.tma_loads > 0 && m.syncs > 0,
-            "hopper_demo_gemm_bf16 on sm_{}a: {m:?}",
-            s.arch
-        );
+    for kernel in [
+        "hopper_demo_gemm_bf16",
+        "grouped_gemm_fwd_sm90_bf16",
+        "grouped_gemm_fwd_sm90_f16",
+    ] {
+        let hopper: Vec<&KernelSass> = mix_of(&all, kernel).filter(|s| s.arch_specific).collect();
+        assert!(!hopper.is_empty(), "{kernel} has no sm_90a code");
+        for s in hopper {
+            let m = s.mix;
+            assert!(
+                m.wgmma > 0 && m.tma_loads > 0 && m.syncs > 0,
+                "{kernel} on sm_{}a: {m:?}",
+                s.arch
+            );
+        }
     }
 }
 

@@ -1,18 +1,22 @@
-// gemm_sm90.cuh: the Hopper (sm_90a) grouped-GEMM forward, C_e = A_e B_e^T over every group
-// with gemm_group.cuh's A rows and epilogues: a persistent, warp-specialised CTA whose
-// producer warpgroup fills a ring of shared-memory stages (weights by TMA, A rows by cp.async,
-// gathered or not) and whose two consumer warpgroups run wgmma on them.
+// gemm_sm90.cuh: the Hopper (sm_90a) grouped GEMM over every group with gemm_group.cuh's A
+// rows and epilogues, forward (C_e = A_e B_e^T) and dgrad (dA_e = dC_e B_e): a persistent,
+// warp-specialised CTA whose producer warpgroup fills a ring of shared-memory stages (weights
+// by TMA, rows of the left operand by cp.async, gathered or not) and whose two consumer
+// warpgroups run wgmma on them. "depth" below is the reduction: K (forward) or N (dgrad).
 //
-// Tile: 128 rows x 256 B rows x 64 of K per stage, kStages = 4 stages of 48 KiB
-//   A   128 x 64, K-major, 128-byte swizzle (wgmma's canonical layout, WgmmaTile): consumer
-//       warpgroup w reads rows 64w..64w+63 (8 KiB in);
-//   B   two TMA boxes of 128 weight rows x 64 of K (the same layout), one 256-row operand:
-//       plain store: B_e rows n0..n0+255 (n0 = 256 col); SwiGLU: gate rows c0..c0+127 then up
-//       rows h+c0..h+c0+127 (c0 = 128 col), so output column c0 + j has its gate value in
-//       accumulator column j and its up value in column 128 + j of the same thread.
-//   Rows of a box past B_e's last row belong to the next expert (or are zero-filled past the
-//   tensor); they only feed columns the epilogue does not store. K past the end: TMA and
-//   cp.async zero-fill it.
+// Tile: 128 rows x 256 columns x 64 of depth per stage, kStages = 4 stages of 48 KiB
+//   A   128 x 64 (rows of A, or of dC), K-major, 128-byte swizzle (wgmma's canonical layout,
+//       WgmmaTile): consumer warpgroup w reads rows 64w..64w+63 (8 KiB in);
+//   B   forward: two TMA boxes of 128 weight rows x 64 of K (the same layout), one 256-row
+//       operand: plain store: B_e rows n0..n0+255 (n0 = 256 col); SwiGLU: gate rows
+//       c0..c0+127 then up rows h+c0..h+c0+127 (c0 = 128 col), so output column c0 + j has its
+//       gate value in accumulator column j and its up value in column 128 + j of the same
+//       thread. Rows of a box past B_e's last row belong to the next expert (or are
+//       zero-filled past the tensor); they only feed columns the epilogue does not store.
+//       dgrad: four TMA boxes of 64 columns of K x 64 rows of B_e (MN-major, the same swizzle)
+//       over B as [E][N][K], so rows past N are zero-filled: the reduction never reads another
+//       expert's weights.
+//   Depth past the end: TMA and cp.async zero-fill it.
 // Schedule: grid = min(SMs, an upper bound on the tiles); CTA b takes tiles b, b + grid, ...
 //   of grouped_tile_at (column tile major inside a group: CTAs running at once share B_e's
 //   column tile in L2) until the schedule ends. Every warp resolves each tile itself from the
@@ -34,8 +38,8 @@
 // Memory traffic: each weight tile read once per row tile of its group (from L2 after the
 //   first), each A row once per column tile, C written once; shared memory is written by TMA
 //   and cp.async and read only by wgmma.
-// Contract (checked on the host): f16/bf16, N and K multiples of 8, A and B 16-byte aligned,
-//   E N < 2^31 (TMA coordinates).
+// Contract (checked on the host): f16/bf16, N and K multiples of 8, A (dC) and B 16-byte
+//   aligned, E N < 2^31 (TMA coordinates).
 #pragma once
 #include "gemm_group.cuh"
 #include "tma_pipeline.cuh"
@@ -58,17 +62,22 @@ constexpr int kRowsPerCopier = kTileM * kTileK * 2 / 16 / kProducers;  // 8 rows
 static_assert(kSharedBytes <= 227 * 1024, "the ring fits an H100's shared memory per block");
 }  // namespace sm90
 
-template <class T> struct Sm90FwdArgs {
-  const TensorMap* map_b;  // B as [E N rows, K], boxes of 128 rows x 64, 128-byte swizzle
-  GroupedRows<T> a;
+// What the sm_90a kernels need: the forward's or dgrad's operands and epilogue.
+template <class T> struct Sm90Args {
+  const TensorMap* map_b;  // forward: B as [E N rows, K], boxes 128 x 64; dgrad: [E][N][K], boxes 64 x 64 x 1
+  GroupedRows<T> a;        // rows of the left operand, `depth` long
   const int* offsets;
   int experts;
-  i64 rows, n, kdim;
+  i64 rows;
+  i64 b_rows;  // N: rows of each B_e
+  i64 depth;   // the reduction: K (forward) or N (dgrad)
+  i64 cols;    // output columns: N (store), N/2 (SwiGLU), K (dgrad)
   Epilogue<T> epi;
 
   __device__ __forceinline__ bool swiglu() const { return epi.mode == EPI_SWIGLU; }
   __device__ __forceinline__ int col_tiles() const {
-    return int(swiglu() ? (n / 2 + sm90::kBoxRows - 1) / sm90::kBoxRows : (n + sm90::kTileN - 1) / sm90::kTileN);
+    const i64 per = swiglu() ? sm90::kBoxRows : sm90::kTileN;
+    return int((cols + per - 1) / per);
   }
   __device__ __forceinline__ GroupTile tile(i64 t) const {
     return grouped_tile_at(offsets, experts, rows, sm90::kTileM, col_tiles(), t);
@@ -76,13 +85,13 @@ template <class T> struct Sm90FwdArgs {
 };
 
 // The producer warpgroup: A by cp.async, B by TMA, stage after stage over the CTA's tiles.
-template <class T>
-__device__ __forceinline__ void sm90_produce(const Sm90FwdArgs<T>& p, TmaPipeline<sm90::kStages>& pipe,
+template <bool Dgrad, class T>
+__device__ __forceinline__ void sm90_produce(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe,
                                              unsigned char* stages) {
   using namespace sm90;
   const unsigned t = threadIdx.x, chunk = t % 8;
   const WgmmaTile tile_a{kTileM, kTileK, SwizzleMode::B128, false};
-  const int k_blocks = int((p.kdim + kTileK - 1) / kTileK);
+  const int k_blocks = int((p.depth + kTileK - 1) / kTileK);
   PipelineState st{0, 0}, landing{0, 0};
   bool pending = false;
   for (i64 next = blockIdx.x;; next += gridDim.x) {
@@ -94,21 +103,28 @@ __device__ __forceinline__ void sm90_produce(const Sm90FwdArgs<T>& p, TmaPipelin
       const i64 r = g.row0 + t / 8 + 16 * i;
       src[i] = r < g.row_end ? int(p.a.source(r)) : -1;
     }
-    const i64 h = p.n / 2;
-    const i64 b_row0 = i64(g.e) * p.n + (p.swiglu() ? i64(g.col) * kBoxRows : i64(g.col) * kTileN);
-    const i64 b_row1 = p.swiglu() ? b_row0 + h : b_row0 + kBoxRows;
+    // Forward: the first weight row of each box (SwiGLU: gate, then up = gate + h).
+    const i64 b_row0 = i64(g.e) * p.b_rows + (p.swiglu() ? i64(g.col) * kBoxRows : i64(g.col) * kTileN);
+    const i64 b_row1 = p.swiglu() ? b_row0 + p.cols : b_row0 + kBoxRows;
     for (int kb = 0; kb < k_blocks; ++kb) {
       unsigned char* stage = stages + st.stage * kStageBytes;
       pipe.producer_acquire(st);
       if (t < 32 && elect_one()) {
         uint64_t* full = pipe.producer_commit(st, 2 * kBoxBytes);
-        tma_load<2>(stage + kABytes, p.map_b, full, {kb * kTileK, int(b_row0)});
-        tma_load<2>(stage + kABytes + kBoxBytes, p.map_b, full, {kb * kTileK, int(b_row1)});
+        if constexpr (Dgrad) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            tma_load<3>(stage + kABytes + j * (kBoxBytes / 2), p.map_b, full,
+                        {g.col * kTileN + 64 * j, kb * kTileK, g.e});
+        } else {
+          tma_load<2>(stage + kABytes, p.map_b, full, {kb * kTileK, int(b_row0)});
+          tma_load<2>(stage + kABytes + kBoxBytes, p.map_b, full, {kb * kTileK, int(b_row1)});
+        }
       }
       const i64 k = i64(kb) * kTileK + chunk * 8;
 #pragma unroll
       for (int i = 0; i < kRowsPerCopier; ++i) {
-        const bool inside = src[i] >= 0 && k < p.kdim;
+        const bool inside = src[i] >= 0 && k < p.depth;
         const T* from = inside ? p.a.a + i64(src[i]) * p.a.ld + k : p.a.a;
         cp_async<16>(stage + tile_a.offset(t / 8 + 16 * i, chunk * 8), from, inside ? 16 : 0);
       }
@@ -131,14 +147,14 @@ __device__ __forceinline__ void sm90_produce(const Sm90FwdArgs<T>& p, TmaPipelin
 }
 
 // The consumer warpgroups: wgmma over each tile's stages, then the epilogue.
-template <class T>
-__device__ __forceinline__ void sm90_consume(const Sm90FwdArgs<T>& p, TmaPipeline<sm90::kStages>& pipe,
+template <bool Dgrad, class T>
+__device__ __forceinline__ void sm90_consume(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe,
                                              const unsigned char* stages) {
   using namespace sm90;
   const unsigned wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, w = t / 32, g8 = t % 32 / 4, q = t % 4;
   const WgmmaTile tile_a{64, kTileK, SwizzleMode::B128, false};
-  const WgmmaTile tile_b{kTileN, kTileK, SwizzleMode::B128, false};
-  const int k_blocks = int((p.kdim + kTileK - 1) / kTileK);
+  const WgmmaTile tile_b{kTileN, kTileK, SwizzleMode::B128, Dgrad};  // dgrad: MN-major
+  const int k_blocks = int((p.depth + kTileK - 1) / kTileK);
   PipelineState read{0, 0}, release{0, 0};
   float acc[kTileN / 2];
   for (i64 next = blockIdx.x;; next += gridDim.x) {
@@ -149,7 +165,7 @@ __device__ __forceinline__ void sm90_consume(const Sm90FwdArgs<T>& p, TmaPipelin
     for (int kb = 0; kb < k_blocks; ++kb) {
       const unsigned char* stage = stages + read.stage * kStageBytes;
       pipe.consumer_wait(read);
-      wgmma_tile_step<kTileN, kTileK, 1, T, false, false>(acc, tile_a, stage + wg * (kABytes / 2), tile_b,
+      wgmma_tile_step<kTileN, kTileK, 1, T, false, Dgrad>(acc, tile_a, stage + wg * (kABytes / 2), tile_b,
                                                           stage + kABytes);
       if (kb > 0) {  // wait_group 1 retired k-block kb-1's batch: its stage is free
         pipe.consumer_release(release);
@@ -168,37 +184,37 @@ __device__ __forceinline__ void sm90_consume(const Sm90FwdArgs<T>& p, TmaPipelin
       const i64 r = g.row0 + 64 * wg + 16 * w + g8 + 8 * half;
       if (r >= g.row_end) continue;
       const float s = p.epi.scale(r);
-      if (p.swiglu()) {
-        const i64 h = p.n / 2, c0 = i64(g.col) * kBoxRows;
+      if (!Dgrad && p.swiglu()) {
+        const i64 c0 = i64(g.col) * kBoxRows;
 #pragma unroll
         for (int j = 0; j < kTileN / 16; ++j)
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const i64 c = c0 + 8 * j + 2 * q + i;
-            if (c < h) p.epi.pair(r, c, acc[4 * j + 2 * half + i], acc[4 * (j + kTileN / 16) + 2 * half + i], s);
+            if (c < p.cols) p.epi.pair(r, c, acc[4 * j + 2 * half + i], acc[4 * (j + kTileN / 16) + 2 * half + i], s);
           }
-      } else {
+      } else {  // the plain store, or dgrad's (plain, or the SwiGLU backward per element)
         const i64 c0 = i64(g.col) * kTileN;
 #pragma unroll
         for (int j = 0; j < kTileN / 8; ++j)
-          p.epi.adjacent(r, c0 + 8 * j + 2 * q, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1], s, p.n);
+          p.epi.adjacent(r, c0 + 8 * j + 2 * q, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1], s, p.cols);
       }
     }
   }
 }
 
 // The kernel body: barriers, the 1024-aligned ring, then the warpgroups' roles.
-template <class T>
-__device__ __forceinline__ void grouped_fwd_sm90(const Sm90FwdArgs<T>& p, TmaPipeline<sm90::kStages>& pipe) {
+template <bool Dgrad, class T>
+__device__ __forceinline__ void grouped_gemm_sm90(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe) {
   DYN_SHARED(unsigned char, raw);
   unsigned char* stages = align_1024(raw);
   if (threadIdx.x == 0) pipe.init(sm90::kConsumerWarps, sm90::kProducers);
   __syncthreads();
   if (threadIdx.x < sm90::kProducers) {
     setmaxnreg<false, sm90::kProducerRegs>();
-    sm90_produce(p, pipe, stages);
+    sm90_produce<Dgrad>(p, pipe, stages);
   } else {
     setmaxnreg<true, sm90::kConsumerRegs>();
-    sm90_consume(p, pipe, stages);
+    sm90_consume<Dgrad>(p, pipe, stages);
   }
 }

@@ -2,17 +2,19 @@
 //! gathered A) on every device against the reference, plus finite differences of a whole
 //! SwiGLU expert layer in f32.
 use super::common::{Rng, assert_close, devices};
-use super::unaligned::{Offsets, dgrad_at};
+use super::forward::hopper_takes;
+use super::unaligned::{ALIGNED_INPUTS_ODD_OUTPUTS, Offsets, dgrad_at};
 use super::{DeviceGroups, Problem, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::Device;
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gemm::{
-    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, WgradWrite,
+    self, ARows, DgradConfig, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, WgradWrite,
 };
 use moe_kernels::reference::gemm as reference;
 
-/// dgrad on `device` vs the reference, on the buffers themselves (see `unaligned::dgrad_at`).
+/// dgrad on `device` vs the reference, on the buffers themselves (see `unaligned::dgrad_at`),
+/// on the path `Auto` picks and on the sm_90a kernel (which must refuse f32, naming `dc`).
 fn check_dgrad<T: FloatElement, O: FloatElement>(
     device: &Device,
     p: &Problem,
@@ -21,6 +23,45 @@ fn check_dgrad<T: FloatElement, O: FloatElement>(
     seed: u64,
 ) {
     dgrad_at::<T, O>(device, p, epilogue, weights, Offsets::default(), seed).unwrap();
+    if !device.runs_sm90a() {
+        return;
+    }
+    let hopper = DgradConfig {
+        epilogue,
+        path: GemmPath::Hopper,
+    };
+    let result = dgrad_at::<T, O>(device, p, hopper, weights, Offsets::default(), seed);
+    if hopper_takes::<T>(device) {
+        result.unwrap();
+    } else {
+        let refusal = result.expect_err("the Hopper dgrad took f32");
+        assert!(refusal.to_string().contains("`dc`"), "{refusal}");
+    }
+}
+
+#[test]
+fn hopper_dgrad_tiles_in_every_dimension() {
+    // 128 x 256 tiles over K = 520 (3 column tiles), a reduction N = 200 of 4 ragged k-blocks,
+    // groups of 1, 2 and 3 row tiles; the SwiGLU backward with row weights and outputs at odd
+    // element offsets (the epilogue's one-at-a-time stores).
+    let p = Problem::sized(&[130, 0, 300, 1], 200, 520, &mut Rng::new(118));
+    let swiglu = Problem::routed(60, 2, 3, 8, 72, 136, &mut Rng::new(119));
+    for device in devices().into_iter().filter(hopper_takes::<bf16>) {
+        let config = |epilogue| DgradConfig {
+            epilogue,
+            path: GemmPath::Hopper,
+        };
+        dgrad_at::<bf16, bf16>(&device, &p, config(DgradEpilogue::Store), true, Offsets::default(), 120).unwrap();
+        let sm90 = device.launch_configs()["grouped_gemm_dgrad_sm90_bf16"];
+        assert_eq!(
+            sm90.grid.0,
+            device.multiprocessors().min(24),
+            "one CTA per SM (24 tiles at most)"
+        );
+        let swiglu_bwd = config(DgradEpilogue::SwiGluBackward);
+        dgrad_at::<f16, f32>(&device, &swiglu, swiglu_bwd, true, ALIGNED_INPUTS_ODD_OUTPUTS, 121).unwrap();
+        dgrad_at::<bf16, bf16>(&device, &swiglu, swiglu_bwd, false, Offsets::default(), 122).unwrap();
+    }
 }
 
 #[test]

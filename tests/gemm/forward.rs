@@ -308,7 +308,7 @@ fn hopper_tiles_in_every_dimension() {
     // emulator's 3 CTAs walk several tiles each.
     let p = Problem::sized(&[130, 0, 300, 1], 520, 328, &mut Rng::new(95));
     let swiglu = Problem::routed(60, 2, 3, 8, 272, 72, &mut Rng::new(96));
-    for device in devices().into_iter().filter(|d| hopper_takes::<bf16>(d)) {
+    for device in devices().into_iter().filter(hopper_takes::<bf16>) {
         check::<bf16, bf16>(&device, &p, Case::plain(GemmPath::Hopper), 97);
         let launched = device.launch_configs();
         let sm90 = launched

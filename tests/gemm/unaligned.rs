@@ -30,7 +30,7 @@ const fn at(a: usize, b: usize, weights: usize, out: usize, gu: usize) -> Offset
 }
 
 /// The 16-bit inputs at 8 elements (16 bytes: aligned), everything else at odd elements.
-const ALIGNED_INPUTS_ODD_OUTPUTS: Offsets = at(8, 8, 1, 1, 3);
+pub(super) const ALIGNED_INPUTS_ODD_OUTPUTS: Offsets = at(8, 8, 1, 1, 3);
 /// Every f32 operand off 16-byte alignment, each differently.
 const F32_OFFSETS: [Offsets; 3] = [at(1, 0, 0, 1, 0), at(0, 3, 1, 2, 1), at(3, 1, 2, 3, 5)];
 

@@ -3,6 +3,7 @@
 //! the sparse mode that writes only the experts that got rows.
 use super::decode::{decode_launch, with_decode_plan};
 use super::forward::check_grid_y;
+use super::hopper;
 use super::{
     ARows, DECODE_MAX_ROWS, EPI_STORE, EPI_SWIGLU_BWD, GemmPath, GemmShape, Groups, TILE_THREADS, check_a_rows,
     check_aligned_16, check_out_type, i64_of, row_tiles, tile_shared,
@@ -34,7 +35,8 @@ pub enum DgradEpilogue {
 pub struct DgradConfig {
     pub epilogue: DgradEpilogue,
     /// `Tiled` or `Decode` force a kernel; both take the same operands (`Decode` any group size,
-    /// slow for big groups).
+    /// slow for big groups). `Hopper` runs the sm_90a kernel (f16/bf16 on an sm_90 GPU or the
+    /// emulator; otherwise an `Err` naming `device` or `dc`).
     pub path: GemmPath,
 }
 
@@ -135,14 +137,21 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     if groups.rows == 0 {
         return Ok(());
     }
-    let decode = match path {
-        GemmPath::Auto => groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS,
-        GemmPath::Tiled | GemmPath::Hopper => false, // no sm_90a dgrad yet: the tiles
-        GemmPath::Decode => true,
+    let path = match path {
+        GemmPath::Auto if groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS => GemmPath::Decode,
+        GemmPath::Auto => GemmPath::Tiled,
+        GemmPath::Hopper => {
+            hopper::check_operands(device, &shape, ("dc", dc), b)?;
+            GemmPath::Hopper
+        }
+        chosen => chosen,
     };
-    let (name, launch, plan) = if decode {
+    let (name, launch, plan) = if path == GemmPath::Decode {
         let (launch, plan) = decode_launch((shape.k, shape.n, size_of::<T>(), 1), shape.experts, groups)?;
         (format!("grouped_gemm_decode_dgrad_{}", T::NAME), launch, Some(plan))
+    } else if path == GemmPath::Hopper {
+        let launch = hopper::launch_config(device, &shape, groups.rows, hopper::Sm90Op::Dgrad)?;
+        (format!("grouped_gemm_dgrad_sm90_{}", T::NAME), launch, None)
     } else {
         let tile_cols = if T::NAME == "f32" { 64 } else { 128 };
         let launch = LaunchConfig {
@@ -157,8 +166,16 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         check_grid_y(launch.grid.1)?;
         (format!("grouped_gemm_dgrad_{}", T::NAME), launch, None)
     };
-    // SAFETY of the argument list: DGRAD_PARAMS in grouped_gemm.cu, in order.
-    let args = KernelArgs::new(device)
+    // SAFETY of the argument list: DGRAD_PARAMS in grouped_gemm.cu, in order (the sm90 kernel
+    // takes b's tensor map first).
+    let weight_map = hopper::WeightMap::new(&shape, hopper::Sm90Op::Dgrad);
+    let args = KernelArgs::new(device);
+    let args = if path == GemmPath::Hopper {
+        args.tensor_map("b", b, &weight_map.spec())
+    } else {
+        args
+    };
+    let args = args
         .input("dc", dc)
         .input("b", b)
         .input("groups.offsets", groups.offsets)

@@ -40,7 +40,7 @@ pub enum GemmPath {
     /// `cp.async` where aligned (element by element otherwise), any shape and alignment, any
     /// group size (slow for big groups).
     Decode,
-    /// The sm_90a kernel (forward only; dgrad takes it as `Tiled`): persistent, warp-specialised,
+    /// The sm_90a kernel (forward and dgrad): persistent, warp-specialised,
     /// `wgmma` on 128 x 256 tiles fed by TMA (weights) and `cp.async` (rows of A) through a
     /// 4-stage mbarrier ring. f16/bf16 with the tiles' sizes and alignment, on an sm_90 GPU or
     /// the emulator; otherwise an `Err` naming `device`, `a`, `b`, `shape.n` or `shape.k`.
@@ -134,7 +134,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         }
         GemmPath::Decode => Kernel::Decode,
         GemmPath::Hopper => {
-            hopper::check_operands(device, &shape, a, b)?;
+            hopper::check_operands(device, &shape, ("a", a), b)?;
             Kernel::Sm90
         }
     };
@@ -168,6 +168,9 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         Epilogue::Store => (EPI_STORE, shape.n),
         Epilogue::SwiGlu => (EPI_SWIGLU, shape.n / 2),
     };
+    let sm90_op = hopper::Sm90Op::Forward {
+        swiglu: mode == EPI_SWIGLU,
+    };
     let (name, launch, plan) = match kernel {
         Kernel::Decode => {
             let per_lane = if mode == EPI_SWIGLU { 2 } else { 1 };
@@ -175,7 +178,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
             (format!("grouped_gemm_decode_{}", T::NAME), config, Some(plan))
         }
         Kernel::Sm90 => {
-            let config = hopper::launch_config(device, &shape, groups.rows, mode == EPI_SWIGLU)?;
+            let config = hopper::launch_config(device, &shape, groups.rows, sm90_op)?;
             (format!("grouped_gemm_fwd_sm90_{}", T::NAME), config, None)
         }
         Kernel::Tiles => {
@@ -200,7 +203,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
     };
     // SAFETY of the argument list: FWD_PARAMS in grouped_gemm.cu, in order (the sm90 kernel
     // takes b's tensor map first).
-    let weight_map = hopper::WeightMap::new(&shape);
+    let weight_map = hopper::WeightMap::new(&shape, sm90_op);
     let args = KernelArgs::new(device);
     let args = if kernel == Kernel::Sm90 {
         args.tensor_map("b", b, &weight_map.spec())

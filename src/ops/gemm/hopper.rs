@@ -1,8 +1,9 @@
-//! The sm_90a forward (`grouped_gemm_fwd_sm90_*`, `kernels/include/gemm_sm90.cuh`): one
-//! persistent CTA per SM, a producer warpgroup filling a 4-stage ring (the weights by TMA, the
-//! rows of A, gathered or not, by 16-byte `cp.async`) for two consumer warpgroups that run
-//! `wgmma` on 128 x 256 x 64 tiles, column tile by column tile of each expert so that CTAs
-//! running at once share the weights in L2. f16/bf16, on sm_90 GPUs and the emulator.
+//! The sm_90a forward and dgrad (`grouped_gemm_{fwd,dgrad}_sm90_*`,
+//! `kernels/include/gemm_sm90.cuh`): one persistent CTA per SM, a producer warpgroup filling a
+//! 4-stage ring (the weights by TMA, the rows of A or dC, gathered or not, by 16-byte
+//! `cp.async`) for two consumer warpgroups that run `wgmma` on 128 x 256 x 64 tiles, column
+//! tile by column tile of each expert so that CTAs running at once share the weights in L2.
+//! f16/bf16, on sm_90 GPUs and the emulator.
 use super::{GemmShape, check_aligned_16};
 use crate::device::{LaunchConfig, Swizzle, TensorMapSpec};
 use crate::ops::{FloatElement, grid_blocks};
@@ -16,13 +17,32 @@ const TILE_K: u32 = 64;
 const THREADS: u32 = 384;
 const SHARED_BYTES: u32 = 4 * (128 * 64 * 2 + 2 * 128 * 64 * 2) + 1024;
 
-/// `Ok` when the sm_90a kernel can take the operands, else an `Err` naming what it lacks: a
+/// Which sm_90a kernel: the forward (its column tiles are 256 output columns, or 128 for
+/// SwiGLU's gate and up rows) or dgrad (256 columns of K).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sm90Op {
+    Forward { swiglu: bool },
+    Dgrad,
+}
+
+impl Sm90Op {
+    fn col_tiles(self, shape: &GemmShape) -> usize {
+        match self {
+            Sm90Op::Forward { swiglu: true } => (shape.n / 2).div_ceil(BOX_ROWS),
+            Sm90Op::Forward { swiglu: false } => shape.n.div_ceil(TILE_N),
+            Sm90Op::Dgrad => shape.k.div_ceil(TILE_N),
+        }
+    }
+}
+
+/// `Ok` when the sm_90a kernels can take the operands, else an `Err` naming what they lack: a
 /// device that runs sm_90a code, f16/bf16, the tensor-core tile sizes and alignment (N, K
-/// multiples of 8; `a` and `b` 16-byte aligned) and weight rows TMA's 32-bit coordinates reach.
+/// multiples of 8; the left operand, `a` or `dc`, and `b` 16-byte aligned) and weight rows
+/// TMA's 32-bit coordinates reach.
 pub(super) fn check_operands<T: FloatElement>(
     device: &Device,
     shape: &GemmShape,
-    a: &impl DeviceSlice<T>,
+    (left_name, left): (&'static str, &impl DeviceSlice<T>),
     b: &impl DeviceSlice<T>,
 ) -> Result<()> {
     if !device.runs_sm90a() {
@@ -34,13 +54,13 @@ pub(super) fn check_operands<T: FloatElement>(
     }
     if T::NAME == "f32" {
         return Err(Error::InvalidArgument {
-            argument: "a",
+            argument: left_name,
             value: "f32".into(),
             expected: "f16 or bf16 on GemmPath::Hopper (wgmma)".into(),
         });
     }
     shape.check_tile_sizes::<T>()?;
-    check_aligned_16(device, "a", a)?;
+    check_aligned_16(device, left_name, left)?;
     check_aligned_16(device, "b", b)?;
     if shape.experts * shape.n + 2 * TILE_N > i32::MAX as usize {
         return Err(Error::InvalidArgument {
@@ -52,20 +72,11 @@ pub(super) fn check_operands<T: FloatElement>(
     Ok(())
 }
 
-/// Column tiles of the kernel: 256 output columns, or 128 for SwiGLU (gate and up rows).
-fn col_tiles(shape: &GemmShape, swiglu: bool) -> usize {
-    if swiglu {
-        (shape.n / 2).div_ceil(BOX_ROWS)
-    } else {
-        shape.n.div_ceil(TILE_N)
-    }
-}
-
 /// One CTA per SM, or fewer when the schedule has fewer tiles than that under any offsets:
 /// `(ceil(rows / 128) + E) · column tiles` bounds them.
-pub(super) fn launch_config(device: &Device, shape: &GemmShape, rows: usize, swiglu: bool) -> Result<LaunchConfig> {
+pub(super) fn launch_config(device: &Device, shape: &GemmShape, rows: usize, op: Sm90Op) -> Result<LaunchConfig> {
     let row_tiles = grid_blocks("groups.rows", rows + shape.experts * TILE_M, TILE_M)? as usize;
-    let tiles = row_tiles.saturating_mul(col_tiles(shape, swiglu));
+    let tiles = row_tiles.saturating_mul(op.col_tiles(shape));
     Ok(LaunchConfig {
         grid: (tiles.min(device.multiprocessors() as usize).max(1) as u32, 1, 1),
         block: (THREADS, 1, 1),
@@ -73,27 +84,40 @@ pub(super) fn launch_config(device: &Device, shape: &GemmShape, rows: usize, swi
     })
 }
 
-/// The tensor map of `b` (`[E, N, K]` as E·N rows of K): boxes of 128 rows by 64 of K, the
-/// 128-byte swizzle (wgmma's K-major layout).
+/// The tensor map of `b` (`[E, N, K]`), 128-byte swizzle: for the forward E·N rows of K in
+/// boxes of 128 rows by 64 of K (wgmma's K-major layout); for dgrad `[E][N][K]` in boxes of 64
+/// columns of K by 64 rows of one expert (MN-major; rows past N zero-filled, never the next
+/// expert's).
 pub(super) struct WeightMap {
-    dims: [u64; 2],
-    strides: [u64; 1],
+    dims: [u64; 3],
+    strides: [u64; 2],
+    op: Sm90Op,
 }
 
 impl WeightMap {
-    pub(super) fn new(shape: &GemmShape) -> WeightMap {
-        WeightMap {
-            dims: [shape.k as u64, (shape.experts * shape.n) as u64],
-            strides: [2 * shape.k as u64],
-        }
+    pub(super) fn new(shape: &GemmShape, op: Sm90Op) -> WeightMap {
+        let (k, n, e) = (shape.k as u64, shape.n as u64, shape.experts as u64);
+        let (dims, strides) = match op {
+            Sm90Op::Forward { .. } => ([k, e * n, 1], [2 * k, 2 * k * e * n]), // 2D: the first two
+            Sm90Op::Dgrad => ([k, n, e], [2 * k, 2 * k * n]),
+        };
+        WeightMap { dims, strides, op }
     }
 
     pub(super) fn spec(&self) -> TensorMapSpec<'_> {
-        TensorMapSpec {
-            dims: &self.dims,
-            strides: &self.strides,
-            box_dims: &[TILE_K, BOX_ROWS as u32],
-            swizzle: Swizzle::B128,
+        match self.op {
+            Sm90Op::Forward { .. } => TensorMapSpec {
+                dims: &self.dims[..2],
+                strides: &self.strides[..1],
+                box_dims: &[TILE_K, BOX_ROWS as u32],
+                swizzle: Swizzle::B128,
+            },
+            Sm90Op::Dgrad => TensorMapSpec {
+                dims: &self.dims,
+                strides: &self.strides,
+                box_dims: &[64, TILE_K, 1],
+                swizzle: Swizzle::B128,
+            },
         }
     }
 }
