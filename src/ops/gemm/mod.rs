@@ -27,7 +27,10 @@
 //! group has at most [`DECODE_MAX_ROWS`] rows (a host-known bound, [`Groups::max_group_rows`]),
 //! the forward and dgrad take the decode kernels instead ([`GemmPath::Decode`], [`decode_plan`]):
 //! each active expert's B streamed once through per-warp 16-byte `cp.async` rings, the
-//! reduction split inside the block (summed in a fixed order) when few experts have rows. Every op is **one
+//! reduction split inside the block (summed in a fixed order) when few experts have rows.
+//! [`GemmPath::Hopper`] runs the forward and dgrad as persistent, warp-specialised sm_90a
+//! kernels (wgmma fed by TMA and `cp.async` through a 4-stage mbarrier ring; sm_90 GPUs and the
+//! emulator, f16/bf16 under the tiles' alignment); `Auto` does not pick it yet. Every op is **one
 //! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
 //! and never waits for the device. All sums run in a fixed order: results are bitwise
 //! reproducible.
