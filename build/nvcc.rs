@@ -176,13 +176,105 @@ fn compile(
     let lowest = arch_variant(archs[0]);
     cmd.arg(format!("-gencode=arch=compute_{lowest},code=compute_{lowest}"));
     cmd.arg("-o").arg(&fatbin).arg(&file.path);
+    let cache = NvccCache::new(out, &cmd, root, file);
+    if let Some(report) = cache.as_ref().and_then(|c| c.restore(&fatbin)) {
+        return Ok((fatbin, report));
+    }
     let output = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
         return Err(format!("{cmd:?}\nexit: {}\n{stdout}{stderr}", output.status));
     }
-    Ok((fatbin, format!("{stdout}{stderr}")))
+    let report = format!("{stdout}{stderr}");
+    if let Some(c) = cache {
+        c.store(&fatbin, &report);
+    }
+    Ok((fatbin, report))
+}
+
+/// A cache of nvcc's outputs beside the target directory, keyed by everything the output
+/// depends on: the command line, the nvcc binary (size and modification time), the kernel
+/// file and every header under `kernels/include`.
+///
+/// Why: cargo reruns this build script whenever an `MOE_EMU_*` variable changes (the
+/// emulator's sanitizer and profiler builds), and for each profile; without the cache every
+/// rerun recompiled every kernel for every arch, minutes each time, for identical fatbins.
+/// A changed input changes the key, so a stale entry is never used; a cache that cannot be
+/// read or written only costs the compile.
+struct NvccCache {
+    dir: PathBuf,
+    key: u64,
+}
+
+impl NvccCache {
+    fn new(out: &Path, cmd: &Command, root: &Path, file: &KernelFile) -> Option<Self> {
+        use std::hash::{Hash, Hasher};
+        // OUT_DIR is <target>/<profile>/build/<package>-<hash>/out: share one cache per target
+        // directory, across profiles and features.
+        let build = out.ancestors().nth(2)?;
+        let dir = if build.file_name()? == "build" {
+            build.parent()?.parent()?.join("moe-nvcc-cache")
+        } else {
+            out.join("nvcc-cache")
+        };
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        format!("{cmd:?}").hash(&mut h);
+        let meta = std::fs::metadata(cmd.get_program()).ok()?;
+        (meta.len(), meta.modified().ok()?).hash(&mut h);
+        std::fs::read(&file.path).ok()?.hash(&mut h);
+        let mut headers = vec![];
+        collect_files(&root.join("kernels/include"), &mut headers);
+        headers.sort();
+        for header in headers {
+            header.hash(&mut h);
+            std::fs::read(&header).ok()?.hash(&mut h);
+        }
+        Some(Self {
+            dir: dir.join(&file.module),
+            key: h.finish(),
+        })
+    }
+
+    fn paths(&self) -> (PathBuf, PathBuf) {
+        let stem = format!("{:016x}", self.key);
+        (
+            self.dir.join(format!("{stem}.fatbin")),
+            self.dir.join(format!("{stem}.ptxas")),
+        )
+    }
+
+    /// The cached ptxas report, after copying the cached fatbin to `fatbin`.
+    fn restore(&self, fatbin: &Path) -> Option<String> {
+        let (bin, report) = self.paths();
+        let report = std::fs::read_to_string(report).ok()?;
+        std::fs::copy(bin, fatbin).ok()?;
+        Some(report)
+    }
+
+    /// Keeps one entry per module: older keys are removed first.
+    fn store(&self, fatbin: &Path, report: &str) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if std::fs::create_dir_all(&self.dir).is_err() {
+            return;
+        }
+        let (bin, report_path) = self.paths();
+        // The report is written last: an entry without it is never restored.
+        if std::fs::copy(fatbin, bin).is_ok() {
+            let _ = std::fs::write(report_path, report);
+        }
+    }
+}
+
+fn collect_files(dir: &Path, into: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for path in entries.flatten().map(|e| e.path()) {
+        if path.is_dir() {
+            collect_files(&path, into);
+        } else {
+            into.push(path);
+        }
+    }
 }
 
 /// The target nvcc builds for `arch`: sm_90 becomes sm_90a, whose wgmma, setmaxnreg and

@@ -2,6 +2,7 @@
 //! report's own arithmetic (occupancy, SASS parsing) on hand-computed cases.
 use moe_kernels::device::registry::{KERNEL_RESOURCES, KERNELS, PTXAS_DIAGNOSTICS, TARGET_ARCHS};
 use moe_kernels::kernel_report::{self, ArchLimits, KernelSass, occupancy, parse_sass};
+use std::sync::OnceLock;
 
 #[test]
 fn occupancy_matches_hand_computed_cases() {
@@ -109,6 +110,10 @@ fn ptxas_reports_no_spill_and_no_hopper_performance_loss() {
 }
 
 #[test]
+#[cfg_attr(
+    not(moe_sass_tools),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+)]
 fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
     let all = sass();
     for kernel in [
@@ -140,8 +145,10 @@ fn hopper_kernels_run_on_hgmma_utmaldg_and_syncs_in_their_sm_90a_code() {
         "hopper_demo_gemm_bf16",
         "grouped_gemm_fwd_sm90_bf16",
         "grouped_gemm_fwd_sm90_f16",
+        "grouped_gemm_dgrad_sm90_bf16",
+        "grouped_gemm_dgrad_sm90_f16",
     ] {
-        let hopper: Vec<&KernelSass> = mix_of(&all, kernel).filter(|s| s.arch_specific).collect();
+        let hopper: Vec<&KernelSass> = mix_of(all, kernel).filter(|s| s.arch_specific).collect();
         assert!(!hopper.is_empty(), "{kernel} has no sm_90a code");
         for s in hopper {
             let m = s.mix;
@@ -154,11 +161,16 @@ fn hopper_kernels_run_on_hgmma_utmaldg_and_syncs_in_their_sm_90a_code() {
     }
 }
 
-/// The SASS of every embedded kernel. The tests that call it are ignored (with the reason)
-/// where the build found no nvcc, cuobjdump or nvdisasm (cfg `moe_sass_tools`, set by build.rs).
-fn sass() -> Vec<KernelSass> {
-    let cuobjdump = kernel_report::cuobjdump().expect("the build found cuobjdump and nvdisasm beside nvcc");
-    kernel_report::embedded_sass(&cuobjdump).expect("cuobjdump -sass")
+/// The SASS of every embedded kernel, disassembled once for all the tests of this file (it
+/// takes cuobjdump and nvdisasm tens of seconds). The tests that call it are ignored (with the
+/// reason) where the build found no nvcc, cuobjdump or nvdisasm (cfg `moe_sass_tools`, set by
+/// build.rs).
+fn sass() -> &'static [KernelSass] {
+    static SASS: OnceLock<Vec<KernelSass>> = OnceLock::new();
+    SASS.get_or_init(|| {
+        let cuobjdump = kernel_report::cuobjdump().expect("the build found cuobjdump and nvdisasm beside nvcc");
+        kernel_report::embedded_sass(&cuobjdump).expect("cuobjdump -sass")
+    })
 }
 
 fn mix_of<'a>(all: &'a [KernelSass], kernel: &str) -> impl Iterator<Item = &'a KernelSass> {
@@ -179,7 +191,7 @@ fn mix_of<'a>(all: &'a [KernelSass], kernel: &str) -> impl Iterator<Item = &'a K
 fn no_kernel_touches_local_memory() {
     let all = sass();
     for k in KERNELS.iter().filter(|k| k.module != "planted_bugs") {
-        for s in mix_of(&all, k.name) {
+        for s in mix_of(all, k.name) {
             assert_eq!(
                 (s.mix.local_loads, s.mix.local_stores),
                 (0, 0),
@@ -224,7 +236,7 @@ fn tensor_core_kernels_contain_hmma() {
         }
     }
     for kernel in &kernels {
-        for s in mix_of(&all, kernel) {
+        for s in mix_of(all, kernel) {
             assert!(s.mix.mma > 0, "{kernel} on sm_{} has no HMMA: {:?}", s.arch, s.mix);
         }
     }
@@ -237,7 +249,7 @@ fn tensor_core_kernels_contain_hmma() {
 )]
 fn vector_kernels_move_128_bits_per_access() {
     let all = sass();
-    for s in mix_of(&all, "probe_vector") {
+    for s in mix_of(all, "probe_vector") {
         assert!(
             s.mix.global_loads_128 > 0 && s.mix.global_stores_128 > 0,
             "sm_{}: {:?}",
@@ -261,7 +273,7 @@ fn vector_kernels_move_128_bits_per_access() {
     ] {
         for dtype in ["f32", "f16", "bf16"] {
             let kernel = format!("{op}_{dtype}");
-            for s in mix_of(&all, &kernel) {
+            for s in mix_of(all, &kernel) {
                 assert!(
                     s.mix.global_loads_128 > 0 && s.mix.global_stores_128 > 0,
                     "{kernel} on sm_{}: {:?}",
@@ -276,12 +288,12 @@ fn vector_kernels_move_128_bits_per_access() {
     for op in ["grouped_gemm_decode", "grouped_gemm_decode_dgrad"] {
         for dtype in ["f32", "f16", "bf16"] {
             let kernel = format!("{op}_{dtype}");
-            for s in mix_of(&all, &kernel) {
+            for s in mix_of(all, &kernel) {
                 assert!(s.mix.async_copies_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
             }
         }
     }
-    for s in mix_of(&all, "selftest_mma_ldmatrix_bf16") {
+    for s in mix_of(all, "selftest_mma_ldmatrix_bf16") {
         assert!(
             s.mix.async_copies > 0,
             "cp.async should compile to LDGSTS on sm_{}: {:?}",
