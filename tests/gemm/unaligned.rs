@@ -96,10 +96,12 @@ fn forward_at<T: FloatElement, O: FloatElement>(
     Ok(())
 }
 
-/// Every forward configuration: both paths, both A modes, both epilogues.
-fn configs(p: &Problem) -> Vec<ForwardConfig> {
+/// Every forward configuration: every path (the sm_90a one where `hopper`), both A modes, both
+/// epilogues.
+fn configs(p: &Problem, hopper: bool) -> Vec<ForwardConfig> {
     let mut all = vec![];
-    for path in [GemmPath::Tiled, GemmPath::Decode] {
+    let paths = [GemmPath::Tiled, GemmPath::Decode, GemmPath::Hopper];
+    for path in paths.into_iter().filter(|&path| hopper || path != GemmPath::Hopper) {
         for a_rows in [ARows::Contiguous, p.gathered()] {
             for epilogue in [Epilogue::Store, Epilogue::SwiGlu] {
                 all.push(ForwardConfig { a_rows, epilogue, path });
@@ -114,7 +116,7 @@ fn forward_f32_at_odd_offsets_and_odd_sizes() {
     // N = 14 (even for SwiGLU, not a multiple of 4), K = 19; routed rows with -1 padding.
     let p = Problem::routed(21, 2, 5, 4, 14, 19, &mut Rng::new(1));
     for device in devices() {
-        for (i, config) in configs(&p).into_iter().enumerate() {
+        for (i, config) in configs(&p, false).into_iter().enumerate() {
             for off in F32_OFFSETS {
                 forward_at::<f32, f32>(&device, &p, config, off, 10 + i as u64).unwrap();
             }
@@ -125,9 +127,11 @@ fn forward_f32_at_odd_offsets_and_odd_sizes() {
 }
 
 /// 16-bit forward: outputs at odd elements are right on every path; A or B off 16 bytes is
-/// refused on the tensor-core tiles and right on the decode kernel, which `Auto` falls back to.
+/// refused on the tensor-core tiles (mma.sync and sm_90a) and right on the decode kernel,
+/// which `Auto` falls back to.
 fn forward_16bit<T: FloatElement>(device: &Device, p: &Problem, seed: u64) {
-    for config in configs(p) {
+    for config in configs(p, device.runs_sm90a()) {
+        let tiles = matches!(config.path, GemmPath::Tiled | GemmPath::Hopper);
         forward_at::<T, T>(device, p, config, ALIGNED_INPUTS_ODD_OUTPUTS, seed).unwrap();
         if config.epilogue == Epilogue::Store {
             forward_at::<T, f32>(device, p, config, ALIGNED_INPUTS_ODD_OUTPUTS, seed + 1).unwrap();
@@ -137,15 +141,11 @@ fn forward_16bit<T: FloatElement>(device: &Device, p: &Problem, seed: u64) {
             ("b", at(0, 4, 0, 0, 0)),
             ("a", at(7, 7, 1, 1, 1)),
         ] {
-            if config.path == GemmPath::Tiled {
+            if tiles {
                 assert_refused(device, argument, || forward_at::<T, T>(device, p, config, off, seed));
             }
             let fallback = ForwardConfig {
-                path: if config.path == GemmPath::Tiled {
-                    GemmPath::Auto
-                } else {
-                    config.path
-                },
+                path: if tiles { GemmPath::Auto } else { config.path },
                 ..config
             };
             // The tiles would fault on these operands (the emulator fails the launch).
@@ -179,6 +179,15 @@ fn forward_16bit_sizes_off_a_multiple_of_8_run_decode_or_are_refused_on_tiles() 
             assert_refused(&device, argument, || {
                 forward_at::<bf16, bf16>(&device, &p, tiled, off, 31)
             });
+            if device.runs_sm90a() {
+                let hopper = ForwardConfig {
+                    path: GemmPath::Hopper,
+                    ..tiled
+                };
+                assert_refused(&device, argument, || {
+                    forward_at::<bf16, bf16>(&device, &p, hopper, Offsets::default(), 31)
+                });
+            }
             for config in [
                 ForwardConfig::default(),
                 ForwardConfig {
@@ -274,6 +283,19 @@ fn dgrad_at_offsets() {
                     dgrad_at::<f16, f16>(&device, &p, epilogue, true, off, 45).map(drop)
                 });
             }
+            if device.runs_sm90a() {
+                let hopper = DgradConfig {
+                    epilogue,
+                    path: GemmPath::Hopper,
+                };
+                dgrad_at::<bf16, bf16>(&device, &p, hopper, true, ALIGNED_INPUTS_ODD_OUTPUTS, 46).unwrap();
+                dgrad_at::<f16, f32>(&device, &p, hopper, true, ALIGNED_INPUTS_ODD_OUTPUTS, 47).unwrap();
+                for (argument, off) in [("dc", at(1, 0, 0, 0, 0)), ("b", at(0, 2, 0, 0, 0))] {
+                    assert_refused(&device, argument, || {
+                        dgrad_at::<bf16, bf16>(&device, &p, hopper, true, off, 48).map(drop)
+                    });
+                }
+            }
         }
     }
 }
@@ -340,7 +362,7 @@ fn edge_sizes_no_rows_one_expert_empty_groups_k_equals_e() {
     for device in devices() {
         // No rows at all (T = 0): nothing launches, nothing is written.
         let empty = Problem::sized(&[0, 0, 0], 8, 8, &mut Rng::new(60));
-        for config in configs(&empty) {
+        for config in configs(&empty, false) {
             forward_at::<f32, f32>(&device, &empty, config, at(1, 1, 1, 1, 1), 61).unwrap();
         }
         // One expert; groups of zero rows between full ones; every token picks every expert.
@@ -348,7 +370,7 @@ fn edge_sizes_no_rows_one_expert_empty_groups_k_equals_e() {
         let holes = Problem::sized(&[0, 4, 0, 0, 33, 0], 16, 8, &mut Rng::new(63));
         let all = Problem::routed(11, 3, 3, 1, 16, 16, &mut Rng::new(64));
         for p in [&one, &holes, &all] {
-            for config in configs(p) {
+            for config in configs(p, device.runs_sm90a()) {
                 forward_at::<f16, f16>(&device, p, config, ALIGNED_INPUTS_ODD_OUTPUTS, 65).unwrap();
             }
             dgrad_at::<bf16, f32>(&device, p, DgradEpilogue::Store, true, ALIGNED_INPUTS_ODD_OUTPUTS, 66).unwrap();
