@@ -27,6 +27,9 @@
 //   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term)
 //   gate_dw_<dtype>              dW = G^T X for one segment (f32)
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
+//   gate_decode_linear_<dtype>   the linear forward for T <= 64: a warp per slice of an
+//                                expert's row (gate_decode.cuh)
+#include "include/gate_decode.cuh"
 #include "include/gate_mma.cuh"
 
 // The f32 FMA tile of one form: per expert NC adjacent columns, left projections
@@ -196,6 +199,9 @@ __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const
 }
 #define GATE_SCORES(T, F)                                                                       \
   gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank)
+#define GATE_DECODE_PARAMS(T)                                                                   \
+  const T *x, const T *w, const float *bias, float *z, long long tokens, int d, int experts,    \
+      int slices
 #define GATE_COEF_PARAMS(T)                                                                     \
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *dz,     \
       float *ws, long long tokens, int d, int experts, int rank
@@ -233,6 +239,22 @@ extern "C" __global__ void gate_scores_full_f16(GATE_SCORES_PARAMS(__half)) { GA
 EMU_EXPORT(gate_scores_full_f16)
 extern "C" __global__ void gate_scores_full_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Full); }
 EMU_EXPORT(gate_scores_full_bf16)
+
+// __launch_bounds__(256, 3): unbounded, ptxas keeps all 16 tokens' X chunks in flight at once
+// (159 registers, one block per SM); bounded, 70 registers, 0 spills and 3 blocks per SM, which
+// a kernel that streams W needs more than it needs the extra loads in flight per warp.
+extern "C" __global__ void __launch_bounds__(256, 3) gate_decode_linear_f32(GATE_DECODE_PARAMS(float)) {
+  gate_decode_linear_body(x, w, bias, z, tokens, d, experts, slices);
+}
+EMU_EXPORT(gate_decode_linear_f32)
+extern "C" __global__ void __launch_bounds__(256, 3) gate_decode_linear_f16(GATE_DECODE_PARAMS(__half)) {
+  gate_decode_linear_body(x, w, bias, z, tokens, d, experts, slices);
+}
+EMU_EXPORT(gate_decode_linear_f16)
+extern "C" __global__ void __launch_bounds__(256, 3) gate_decode_linear_bf16(GATE_DECODE_PARAMS(__nv_bfloat16)) {
+  gate_decode_linear_body(x, w, bias, z, tokens, d, experts, slices);
+}
+EMU_EXPORT(gate_decode_linear_bf16)
 
 extern "C" __global__ void gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f32)

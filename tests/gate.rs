@@ -1,6 +1,8 @@
 //! Router scoring (`ops::gate`) on every device against the f64 reference, the reference
 //! against finite differences, launch budgets, and every validation error.
 mod common;
+#[path = "gate/decode.rs"]
+mod decode;
 
 use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices, view_offset};
 use half::{bf16, f16};

@@ -30,6 +30,11 @@
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
 //! `U = A_e` and `V = I` (rank d), so it loops over d/4 chunks: O(T·E·d²), for small d.
 //!
+//! **Decode.** At `T <= 64` the linear gate runs a second kernel (`GatePath`): the tiles
+//! would give a handful of blocks all of W to stream, so instead every warp streams a slice
+//! of one expert's row with 16-byte loads against every token, and each logit is the sum of
+//! its slices in a fixed order (still one launch, bitwise deterministic).
+//!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
 //! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
 //! treats a zero dz as absent (zero coefficients; NaN or ±∞ in X loads as 0 for dW), so such a
@@ -397,6 +402,26 @@ fn weight_argument(name: &str) -> &'static str {
     }
 }
 
+/// Which scoring kernel [`scores_on_path`] runs. `Auto` is right outside tests and benches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GatePath {
+    /// The decode kernel for the linear gate at `T <= DECODE_MAX_TOKENS`, else the tiles.
+    #[default]
+    Auto,
+    /// The tiled GEMM: 64 tokens by 64 or 128 experts per block (tensor cores for f16/bf16).
+    Tiled,
+    /// The linear gate's decode kernel (`kernels/include/gate_decode.cuh`): every warp streams
+    /// a slice of one expert's row, the slices summed in a fixed order. Any T (meant for few
+    /// tokens); the other forms get an `Err` naming `path`.
+    Decode,
+}
+
+/// The most tokens for which `GatePath::Auto` runs the linear gate's decode kernel.
+pub const DECODE_MAX_TOKENS: usize = 64;
+/// Tokens per block of the decode kernel (`DECODE_TOKENS`); warps per block (`DECODE_WARPS`).
+const DECODE_TOKENS: usize = 16;
+const DECODE_WARPS: usize = 8;
+
 /// `z = score(X)` (`[T, E]`, f32) for any form: one launch, no host sync.
 pub fn scores<T: FloatElement>(
     device: &Device,
@@ -405,15 +430,63 @@ pub fn scores<T: FloatElement>(
     x: &impl DeviceSlice<T>,
     z: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
+    scores_on_path(device, shape, weights, x, z, GatePath::Auto)
+}
+
+/// [`scores`] on a chosen kernel (tests and benches compare the paths).
+pub fn scores_on_path<T: FloatElement>(
+    device: &Device,
+    shape: &GateShape,
+    weights: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    z: &mut impl DeviceSliceMut<f32>,
+    path: GatePath,
+) -> Result<()> {
     weights.validate(shape)?;
     let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
     check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
     check_len("z", z, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))?;
+    let form = weights.form();
+    let decode = match path {
+        GatePath::Auto => form == GateForm::Linear && t <= DECODE_MAX_TOKENS,
+        GatePath::Tiled => false,
+        GatePath::Decode if form == GateForm::Linear => true,
+        GatePath::Decode => {
+            return Err(Error::InvalidArgument {
+                argument: "path",
+                value: format!("{path:?} for the {form:?} gate"),
+                expected: "GatePath::Decode only for the linear gate".into(),
+            });
+        }
+    };
     if t == 0 {
         return Ok(());
     }
-    let form = weights.form();
     let o = weights.operands();
+    if decode {
+        let slices = decode_slices(t);
+        let config = LaunchConfig {
+            grid: (
+                grid_blocks("shape.experts", e * slices, DECODE_WARPS)?,
+                decode_token_blocks(t)?,
+                1,
+            ),
+            block: (THREADS, 1, 1),
+            shared_bytes: 0,
+        };
+        // SAFETY of the argument list: GATE_DECODE_PARAMS in gate.cu (x, w, bias, z, tokens,
+        // d, experts, slices); lengths checked above.
+        let args = KernelArgs::new(device)
+            .input("x", x)
+            .input_or_null("weights", o.linear.as_ref())
+            .input_or_null("weights", o.bias.as_ref())
+            .output("z", z)
+            .scalar(t as i64)
+            .scalar(d as i32)
+            .scalar(e as i32)
+            .scalar(slices as i32);
+        return device.launch(&format!("gate_decode_linear_{}", T::NAME), config, args);
+    }
     // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
     let tile = if size_of::<T>() == 2 {
         ScoringTile::TensorCores
@@ -433,6 +506,31 @@ pub fn scores<T: FloatElement>(
         .output("z", z);
     let args = dims_args(args, shape, form);
     device.launch(&format!("gate_scores_{}_{}", form.kernel_name(), T::NAME), config, args)
+}
+
+/// Warps per expert of the decode kernel: 8 at T <= 8 (all of an expert's row in flight at
+/// once, one expert per block), halving as T doubles, to 1 above 32 (8 experts per block), so
+/// that more experts share each chunk of X from L1 as X grows.
+fn decode_slices(tokens: usize) -> usize {
+    match tokens {
+        0..=8 => 8,
+        9..=16 => 4,
+        17..=32 => 2,
+        _ => 1,
+    }
+}
+
+/// The decode kernel's grid.y: one block row per `DECODE_TOKENS` tokens.
+fn decode_token_blocks(tokens: usize) -> Result<u32> {
+    let blocks = tokens.div_ceil(DECODE_TOKENS);
+    u32::try_from(blocks)
+        .ok()
+        .filter(|&b| b <= 65535)
+        .ok_or_else(|| Error::InvalidArgument {
+            argument: "shape.tokens",
+            value: tokens.to_string(),
+            expected: format!("at most {} tokens on GatePath::Decode", 65535 * DECODE_TOKENS),
+        })
 }
 
 /// The launch of a scoring (or coefficient) kernel: 64-token by BE-expert tiles.

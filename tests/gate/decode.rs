@@ -1,0 +1,209 @@
+//! The linear gate's decode kernel (`GatePath::Decode`, what `Auto` runs at T <= 64) against
+//! the reference and the tiled kernel: token counts around its 16-token blocks and its
+//! slice-count thresholds (8, 16, 32, 64), expert counts off its 1, 2, 4 and 8 experts per
+//! block, d off the 16-byte chunk and spread over several chunks per lane, every dtype, odd
+//! element offsets (the element-by-element path), non-finite rows wherever the bad element
+//! sits, bitwise determinism under every schedule, and what `Auto` picks.
+use super::*;
+use moe_kernels::ops::gate::{DECODE_MAX_TOKENS, GatePath};
+
+/// z of `case` on `path`, from the host inputs `x`.
+fn z_on_path<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x: &[f64], path: GatePath) -> Vec<f32> {
+    let placed = upload_params::<T>(device, host, case.offset);
+    let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
+    let w = weights(case.form, &up);
+    let x_host: Vec<T> = x.iter().map(|&v| T::from_f32(v as f32)).collect();
+    let x_dev = AtOffset::upload(device, &x_host, view_offset(case.offset, 5));
+    let mut z = AtOffset::upload(
+        device,
+        &vec![f32::NAN; case.shape.z_len().unwrap()],
+        view_offset(case.offset, 7),
+    );
+    let before = device.stats();
+    gate::scores_on_path(device, &case.shape, &w, &x_dev.view(), &mut z.view_mut(), path)
+        .unwrap_or_else(|e| panic!("{case:?} on {path:?}: {e}"));
+    let after = device.stats();
+    assert_eq!(
+        after.launches - before.launches,
+        u64::from(case.shape.tokens > 0),
+        "{case:?}: launches"
+    );
+    assert_eq!(after.host_syncs, before.host_syncs, "{case:?}: host sync");
+    z.download(device)
+}
+
+fn check_decode<T: FloatElement>(device: &Device, case: &Case) {
+    let what = format!("{case:?} {} on {}", T::NAME, device.description());
+    let (host, x, _) = inputs::<T>(case);
+    let want = reference::scores(&case.shape, &host, &x);
+    let tol = Tolerance::F32.over(case.shape.dim).scaled(4.0);
+    for path in [GatePath::Decode, GatePath::Tiled] {
+        let got = z_on_path::<T>(device, case, &host, &x, path);
+        assert_close(&format!("{what}: z on {path:?}"), &got, &want, tol);
+    }
+}
+
+#[test]
+fn decode_matches_reference_and_tiles() {
+    let shapes = [
+        // (T, d, E): slices 8/4/2/1 at T <= 8/16/32/64, ragged last token block and expert block
+        (1, 70, 3),
+        (3, 300, 9),
+        (8, 33, 17),
+        (9, 5, 8),
+        (16, 24, 5),
+        (17, 1, 1),
+        (33, 129, 11),
+        (64, 16, 10),
+        (65, 40, 7),
+    ];
+    for device in devices() {
+        for (t, d, e) in shapes {
+            for with_b in [true, false] {
+                let case = Case {
+                    with_b,
+                    seed: (t * 131 + d) as u64,
+                    ..Case::new(GateForm::Linear, t, d, e, 1)
+                };
+                check_decode::<f32>(&device, &case);
+                check_decode::<f16>(&device, &case);
+                check_decode::<bf16>(&device, &case);
+            }
+        }
+    }
+}
+
+/// Views at odd element offsets take the element-by-element loads.
+#[test]
+fn decode_at_odd_offsets() {
+    for device in devices() {
+        for offset in [1, 3] {
+            let case = Case {
+                offset,
+                ..Case::new(GateForm::Linear, 11, 77, 6, 1)
+            };
+            check_decode::<f32>(&device, &case);
+            check_decode::<bf16>(&device, &case);
+        }
+    }
+}
+
+/// A row with a NaN, an infinity or an element of at least 2^64 gets NaN for every logit,
+/// whichever warp's slice of d holds the bad element (first chunk, a middle one, the ragged
+/// last element); the other rows are those of the batch without the bad values.
+#[test]
+fn decode_nonfinite_rows_get_nan_logits() {
+    let (t, d, e) = (12, 100, 5);
+    let case = Case::new(GateForm::Linear, t, d, e, 1);
+    let (host, x, _) = inputs::<f32>(&case);
+    let want = reference::scores(&case.shape, &host, &x);
+    let bad = [
+        (1, 0, f64::NAN),
+        (4, 50, f64::INFINITY),
+        (7, 99, -1.9e19),
+        (11, 63, f64::NEG_INFINITY),
+    ];
+    let mut x_bad = x.clone();
+    for &(row, col, v) in &bad {
+        x_bad[row * d + col] = v;
+    }
+    for device in devices() {
+        let got = z_on_path::<f32>(&device, &case, &host, &x_bad, GatePath::Decode);
+        for row in 0..t {
+            let logits = &got[row * e..(row + 1) * e];
+            if bad.iter().any(|b| b.0 == row) {
+                assert!(logits.iter().all(|v| v.is_nan()), "row {row}: {logits:?}");
+            } else {
+                let tol = Tolerance::F32.over(d).scaled(4.0);
+                assert_close(&format!("row {row}"), logits, &want[row * e..(row + 1) * e], tol);
+            }
+        }
+    }
+}
+
+/// Each logit sums its slices in one order: bitwise the same on a second run and under every
+/// emulator schedule.
+#[test]
+fn decode_is_bitwise_reproducible() {
+    let emulator = EmulatorDevice::new();
+    let case = Case::new(GateForm::Linear, 13, 517, 20, 1);
+    let (host, x, _) = inputs::<bf16>(&case);
+    for device in devices() {
+        let first = z_on_path::<bf16>(&device, &case, &host, &x, GatePath::Decode);
+        let again = z_on_path::<bf16>(&device, &case, &host, &x, GatePath::Decode);
+        assert_eq!(bits(&again), bits(&first), "{}", device.description());
+    }
+    let first = z_on_path::<bf16>(&Device::Emulator(emulator.clone()), &case, &host, &x, GatePath::Decode);
+    for schedule in [Schedule::Reverse, Schedule::Random { seed: 9 }] {
+        let device = Device::Emulator(emulator.with_schedule(schedule));
+        let got = z_on_path::<bf16>(&device, &case, &host, &x, GatePath::Decode);
+        assert_eq!(bits(&got), bits(&first), "{schedule:?}");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|v| v.to_bits()).collect()
+}
+
+/// `Auto` runs the decode kernel for the linear gate up to `DECODE_MAX_TOKENS` tokens and the
+/// tiles above: its z is bitwise that of the path it should pick, and the two paths differ on
+/// these inputs (so the comparison tells them apart).
+#[test]
+fn auto_picks_decode_up_to_64_tokens() {
+    for device in devices() {
+        for t in [DECODE_MAX_TOKENS, DECODE_MAX_TOKENS + 1] {
+            let case = Case::new(GateForm::Linear, t, 300, 4, 1);
+            let (host, x, _) = inputs::<f32>(&case);
+            let auto = bits(&z_on_path::<f32>(&device, &case, &host, &x, GatePath::Auto));
+            let decode = bits(&z_on_path::<f32>(&device, &case, &host, &x, GatePath::Decode));
+            let tiled = bits(&z_on_path::<f32>(&device, &case, &host, &x, GatePath::Tiled));
+            assert_ne!(decode, tiled, "T = {t}: the paths should differ in some last bit");
+            let expected = if t <= DECODE_MAX_TOKENS { decode } else { tiled };
+            assert_eq!(auto, expected, "T = {t} on {}", device.description());
+        }
+    }
+}
+
+/// The decode kernel is the linear gate's: any other form on `GatePath::Decode` is an `Err`
+/// naming `path`, before any launch.
+#[test]
+fn decode_refuses_other_forms() {
+    for device in devices() {
+        let case = Case::new(GateForm::LowRank, 4, 8, 3, 2);
+        let (host, x, _) = inputs::<f32>(&case);
+        let placed = upload_params::<f32>(&device, &host, 0);
+        let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
+        let w = weights(case.form, &up);
+        let x_dev = device.upload(&x.iter().map(|&v| v as f32).collect::<Vec<_>>()).unwrap();
+        let mut z = device.alloc_zeros::<f32>(case.shape.z_len().unwrap()).unwrap();
+        assert_refused(&device, "path", || {
+            gate::scores_on_path(&device, &case.shape, &w, &x_dev, &mut z, GatePath::Decode)
+        });
+    }
+}
+
+/// Memory behaviour on the profiling build: every global load of W and X is a whole 512-byte
+/// warp request (16 sectors: d = 2048 bf16 is 8 groups of 32 chunks, one per slice at T = 4),
+/// and the kernel reads W and X once each and writes z once (the bytes it cannot avoid).
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn decode_loads_whole_sectors_once() {
+    use moe_kernels::device::profile::{Access, Space};
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let (t, d, e) = (4usize, 2048usize, 8usize);
+    let case = Case {
+        with_b: false,
+        ..Case::new(GateForm::Linear, t, d, e, 1)
+    };
+    let (host, x, _) = inputs::<bf16>(&case);
+    z_on_path::<bf16>(&device, &case, &host, &x, GatePath::Decode);
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(p.kernel, "gate_decode_linear_bf16");
+    assert_eq!(p.traffic(Space::Global, Access::Load).sectors_per_request(), 16.0);
+    assert_eq!(p.unique_global_load_bytes, (2 * (e * d + t * d)) as u64, "W and X");
+    assert_eq!(p.unique_global_store_bytes, (4 * t * e) as u64, "z");
+}
