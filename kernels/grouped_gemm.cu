@@ -23,6 +23,7 @@
 //   grouped_gemm_fwd_<dtype>     forward, all epilogues
 //   grouped_gemm_fwd_sm90_<dtype>  the same on sm_90a (f16, bf16), 128x256x64 wgmma tiles
 //   grouped_gemm_dgrad_sm90_<dtype>  dgrad likewise, every epilogue
+//   grouped_gemm_wgrad_sm90_<dtype>  wgrad likewise, every write mode and the mask
 //   grouped_gemm_decode_<dtype>  forward for groups of few rows: streams B through cp.async
 //                                rings, split-K inside the CTA (gemm_decode.cuh)
 //   grouped_gemm_decode_dgrad_<dtype>  dgrad likewise, B read across its rows
@@ -32,6 +33,7 @@
 //   grouped_gemm_zero_unwritten  zeroes the dB of experts a sparse pass did not write
 #include "include/gemm_decode.cuh"
 #include "include/gemm_sm90.cuh"
+#include "include/gemm_sm90_wgrad.cuh"
 #include "include/gemm_tiles.cuh"
 
 template <class T> struct FwdArgs {
@@ -198,18 +200,6 @@ __device__ __forceinline__ void grouped_dgrad(const T* dc, const T* b, const int
 //   nothing for an empty group in sparse mode.
 // Launch: grid (ceil(N / BM) * ceil(K / BN), active count), Tile::THREADS threads,
 //   Tile::smem_bytes<MN, MN>() dynamic shared bytes.
-enum WgradMode : int { kWgradReplace = 0, kWgradAccumulate = 1, kWgradSparse = 2 };
-
-// Sparse mode: whether this call adds to dB_e (an earlier call of the pass wrote it), recorded
-// in written[e] on the way. Called by thread 0 only.
-__device__ __forceinline__ bool wgrad_mark_written(unsigned* written, int e, unsigned call) {
-  const unsigned mark = (call + 1u) << 1;
-  const unsigned seen = atomicOr(&written[e], 0u);  // an atomic read: other blocks write it
-  const bool added = (seen & ~1u) == mark ? (seen & 1u) != 0 : seen != 0;
-  atomicExch(&written[e], mark | unsigned(added));
-  return added;
-}
-
 template <class T>
 __device__ __forceinline__ void grouped_wgrad(const T* dc, const GroupedRows<T> a, const int* offsets,
                                               const int* active, int experts, i64 rows, i64 n, i64 kdim,
@@ -352,3 +342,18 @@ SM90_DGRAD_KERNEL(__half, grouped_gemm_dgrad_sm90_f16)
 EMU_EXPORT(grouped_gemm_dgrad_sm90_f16)
 SM90_DGRAD_KERNEL(__nv_bfloat16, grouped_gemm_dgrad_sm90_bf16)
 EMU_EXPORT(grouped_gemm_dgrad_sm90_bf16)
+// grouped_gemm_wgrad_sm90_<dtype>: wgrad on sm_90a (gemm_sm90_wgrad.cuh has the algorithm,
+// mapping and traffic), WGRAD_PARAMS then the count of active experts.
+// Launch: grid (min(SMs, tiles), 1, 1) with tiles = active x ceil(N / 128) x ceil(K / 256),
+//   sm90::kThreads threads, sm90::kSharedBytes dynamic shared bytes.
+#define SM90_WGRAD_KERNEL(T, NAME)                                                                       \
+  extern "C" __global__ void __launch_bounds__(sm90::kThreads, 1) NAME(WGRAD_PARAMS(T), int slots) {     \
+    __shared__ TmaPipeline<sm90::kStages> pipe;                                                          \
+    grouped_gemm_wgrad_sm90<T>(                                                                          \
+        Sm90Wgrad<T>{dc, WGRAD_ROWS(T), offsets, active, slots, experts, rows, n, kdim, db, mode, written, call}, \
+        pipe);                                                                                           \
+  }
+SM90_WGRAD_KERNEL(__half, grouped_gemm_wgrad_sm90_f16)
+EMU_EXPORT(grouped_gemm_wgrad_sm90_f16)
+SM90_WGRAD_KERNEL(__nv_bfloat16, grouped_gemm_wgrad_sm90_bf16)
+EMU_EXPORT(grouped_gemm_wgrad_sm90_bf16)

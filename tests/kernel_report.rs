@@ -78,13 +78,15 @@ fn sass_parser_counts_hopper_instructions() {
     assert_eq!((m.tma_loads, m.tma_stores, m.syncs), (1, 1, 2));
 }
 
-/// ptxas's notes that would make a Hopper kernel slow in silence: `setmaxnreg` ignored (C7508)
-/// and wgmma serialised (C7510, C7515, and the other reasons ptxas gives for it, e.g. C7514);
-/// and register spills on any arch.
-const HOPPER_PERFORMANCE_LOSS: [&str; 4] = [
+/// ptxas's notes that would make a Hopper kernel slow in silence: `setmaxnreg` ignored (C7508),
+/// wgmma serialised (C7510, C7515, and the other reasons ptxas gives for it, e.g. C7514) and a
+/// wgmma.wait_group the compiler injected where the code reads accumulators on a path without
+/// its own wait (C7517); and register spills on any arch.
+const HOPPER_PERFORMANCE_LOSS: [&str; 5] = [
     "(C7508)",
     "(C7510)",
     "(C7515)",
+    "(C7517)",
     "wgmma.mma_async instructions are serialized",
 ];
 
@@ -130,10 +132,10 @@ fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
 }
 
 /// The end-to-end Hopper demonstration (`kernels/hopper_demo.cu`) and the sm_90a grouped-GEMM
-/// kernels (`kernels/include/gemm_sm90.cuh`) really run on Hopper's machinery in their sm_90a
-/// code: wgmma (HGMMA), TMA loads (UTMALDG) and mbarriers (SYNCS); their ptxas reports (no
-/// spill, no C7508/C7510/C7515) are checked with every kernel's by
-/// `ptxas_reports_no_spill_and_no_hopper_performance_loss`.
+/// kernels (`kernels/include/gemm_sm90.cuh`, `gemm_sm90_wgrad.cuh`) really run on Hopper's
+/// machinery in their sm_90a code: wgmma (HGMMA), TMA loads (UTMALDG; wgrad: 16-byte cp.async)
+/// and mbarriers (SYNCS); their ptxas reports (no spill, no C7508/C7510/C7515/C7517) are
+/// checked with every kernel's by `ptxas_reports_no_spill_and_no_hopper_performance_loss`.
 #[test]
 #[cfg_attr(
     not(moe_sass_tools),
@@ -154,6 +156,19 @@ fn hopper_kernels_run_on_hgmma_utmaldg_and_syncs_in_their_sm_90a_code() {
             let m = s.mix;
             assert!(
                 m.wgmma > 0 && m.tma_loads > 0 && m.syncs > 0,
+                "{kernel} on sm_{}a: {m:?}",
+                s.arch
+            );
+        }
+    }
+    // wgrad copies both row operands itself: 16-byte cp.async (LDGSTS.128) instead of TMA.
+    for kernel in ["grouped_gemm_wgrad_sm90_bf16", "grouped_gemm_wgrad_sm90_f16"] {
+        let hopper: Vec<&KernelSass> = mix_of(all, kernel).filter(|s| s.arch_specific).collect();
+        assert!(!hopper.is_empty(), "{kernel} has no sm_90a code");
+        for s in hopper {
+            let m = s.mix;
+            assert!(
+                m.wgmma > 0 && m.async_copies_128 > 0 && m.syncs > 0 && m.tma_loads == 0,
                 "{kernel} on sm_{}a: {m:?}",
                 s.arch
             );

@@ -198,3 +198,18 @@ __device__ __forceinline__ i64 swiglu_weight_row(int n, int span, i64 c0, i64 h)
   if (c >= h) return -1;
   return (n % span) < span / 2 ? c : h + c;
 }
+
+// How wgrad writes dB_e (grouped_gemm.cu has the contract of each mode).
+enum WgradMode : int { kWgradReplace = 0, kWgradAccumulate = 1, kWgradSparse = 2 };
+
+// Sparse mode: whether this call adds to dB_e (an earlier call of the pass wrote it), recorded
+// in written[e] on the way. Called by one thread per block of expert e (the sm_90a kernel: one
+// lane per consumer warp and tile); every caller of one launch gets the same answer, in any
+// order, since each writes the same mark and recovers `added` from a mark of its own call.
+__device__ __forceinline__ bool wgrad_mark_written(unsigned* written, int e, unsigned call) {
+  const unsigned mark = (call + 1u) << 1;
+  const unsigned seen = atomicOr(&written[e], 0u);  // an atomic read: other blocks write it
+  const bool added = (seen & ~1u) == mark ? (seen & 1u) != 0 : seen != 0;
+  atomicExch(&written[e], mark | unsigned(added));
+  return added;
+}

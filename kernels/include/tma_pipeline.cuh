@@ -17,9 +17,10 @@
 // (u & 1) ^ 1 (the (u-1)-th drain completed; on a fresh barrier the phase "before phase 0"
 // counts as complete, so the first Stages acquires pass at once).
 //
-// Barrier counts: full[s] expects the producer's arrive.expect_tx plus the bytes it announced,
-// and, where producer threads also fill the stage with their own copies (cp.async: rows TMA
-// cannot address, such as gathered ones), one producer_arrive from each of those threads;
+// Barrier counts: full[s] expects the producer's arrive.expect_tx plus the bytes it announced
+// (unless no TMA fills the stages), and, where producer threads also fill the stage with
+// their own copies (cp.async: rows TMA cannot address, such as gathered ones), one
+// producer_arrive from each of those threads;
 // empty[s] expects one arrival per consumer warp. An arrival releases the arriving
 // thread's (and, for a warpgroup's wgmma, its warpgroup's) finished reads; a completed wait
 // acquires them, so the producer's next copy into the stage is ordered after them.
@@ -46,9 +47,12 @@ struct TmaPipeline {
   static_assert(Stages >= 1 && Stages <= 8, "a pipeline of 1..8 stages");
   uint64_t full[Stages], empty[Stages];
 
-  __device__ __forceinline__ void init(unsigned consumer_warps, unsigned copying_producers = 0) {
+  // tma_producer: whether a producer_commit arrives on full[s] (false: every byte of a stage
+  // comes from the copying producers' own copies).
+  __device__ __forceinline__ void init(unsigned consumer_warps, unsigned copying_producers = 0,
+                                       bool tma_producer = true) {
     for (int s = 0; s < Stages; ++s) {
-      mbarrier_init(&full[s], 1 + copying_producers);
+      mbarrier_init(&full[s], (tma_producer ? 1 : 0) + copying_producers);
       mbarrier_init(&empty[s], consumer_warps);
     }
     fence_proxy_async_shared_cta();  // the initialised barriers, visible to the copies (TMA)

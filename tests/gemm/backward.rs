@@ -92,8 +92,17 @@ fn dgrad_fused_swiglu_backward() {
     }
 }
 
-/// wgrad on `device` vs the reference, from a random initial `db`; masked experts must keep
-/// their initial bits.
+/// The wgrad kernels `device` runs for `T`: the row tiles, and the sm_90a kernel where it can.
+fn wgrad_paths<T: FloatElement>(device: &Device) -> Vec<GemmPath> {
+    let mut paths = vec![GemmPath::Auto];
+    if hopper_takes::<T>(device) {
+        paths.push(GemmPath::Hopper);
+    }
+    paths
+}
+
+/// wgrad on `device` vs the reference on every path, from a random initial `db`; masked
+/// experts must keep their initial bits.
 fn check_wgrad<T: FloatElement>(
     device: &Device,
     p: &Problem,
@@ -101,6 +110,20 @@ fn check_wgrad<T: FloatElement>(
     mask: Option<&[bool]>,
     accumulate: bool,
     seed: u64,
+) {
+    for path in wgrad_paths::<T>(device) {
+        check_wgrad_on::<T>(device, p, a_rows, mask, accumulate, seed, path);
+    }
+}
+
+fn check_wgrad_on<T: FloatElement>(
+    device: &Device,
+    p: &Problem,
+    a_rows: ARows,
+    mask: Option<&[bool]>,
+    accumulate: bool,
+    seed: u64,
+    path: GemmPath,
 ) {
     let mut rng = Rng::new(seed);
     let GemmShape { experts, n, k } = p.shape;
@@ -112,7 +135,7 @@ fn check_wgrad<T: FloatElement>(
     let mut db = device.upload(&initial).unwrap();
     let mask_d = mask.map(|m| ExpertMask::new(device, m).unwrap());
     let before = device.stats();
-    gemm::wgrad(
+    gemm::wgrad_on_path(
         device,
         &dc_d,
         &a_d,
@@ -122,6 +145,7 @@ fn check_wgrad<T: FloatElement>(
         mask_d.as_ref(),
         WgradWrite::dense(accumulate),
         &mut db,
+        path,
     )
     .unwrap();
     let after = device.stats();
@@ -132,10 +156,14 @@ fn check_wgrad<T: FloatElement>(
         u64::from(active > 0),
         "wgrad launches"
     );
+    if path == GemmPath::Hopper && active > 0 {
+        let kernel = format!("grouped_gemm_wgrad_sm90_{}", T::NAME);
+        assert!(device.launch_configs().contains_key(&kernel), "{kernel} did not run");
+    }
     let got = device.download(&db).unwrap();
     let want = reference::wgrad(&dc32, &a32, a_rows, p.shape, &p.host(), mask, accumulate, &initial);
     let what = format!(
-        "{} wgrad {} {a_rows:?} mask {mask:?} accumulate {accumulate}",
+        "{} wgrad {} {a_rows:?} mask {mask:?} accumulate {accumulate} on {path:?}",
         device.description(),
         T::NAME
     );
@@ -177,6 +205,12 @@ fn wgrad_mask_and_accumulate_with_gathered_a() {
 /// there (not added to the stale value), one reached by both is their sum; the flags say which
 /// were written. Then zero_unwritten gives the dense gradient.
 fn check_sparse_wgrad<T: FloatElement>(device: &Device, mask: Option<&[bool]>, seed: u64) {
+    for path in wgrad_paths::<T>(device) {
+        check_sparse_wgrad_on::<T>(device, mask, seed, path);
+    }
+}
+
+fn check_sparse_wgrad_on<T: FloatElement>(device: &Device, mask: Option<&[bool]>, seed: u64, path: GemmPath) {
     let mut rng = Rng::new(seed);
     let calls = [
         Problem::sized(&[5, 0, 3, 0, 9], 16, 24, &mut rng),
@@ -189,7 +223,11 @@ fn check_sparse_wgrad<T: FloatElement>(device: &Device, mask: Option<&[bool]>, s
     let mask_d = mask.map(|m| ExpertMask::new(device, m).unwrap());
     let mut want: Vec<f64> = initial.iter().map(|&v| v as f64).collect();
     let mut want_written = vec![false; experts];
-    let what = format!("{} sparse wgrad {} mask {mask:?}", device.description(), T::NAME);
+    let what = format!(
+        "{} sparse wgrad {} mask {mask:?} on {path:?}",
+        device.description(),
+        T::NAME
+    );
     let mut states = vec![]; // (dB, written) after each call, the latest first
     for (call, p) in calls.iter().enumerate() {
         let (dc, dc32) = values::<T>(&mut rng, p.rows() * n, 0.5);
@@ -203,7 +241,7 @@ fn check_sparse_wgrad<T: FloatElement>(device: &Device, mask: Option<&[bool]>, s
                 call: call as u32,
             };
             let g = groups.groups(p);
-            gemm::wgrad(
+            gemm::wgrad_on_path(
                 device,
                 &dc_d,
                 &a_d,
@@ -213,6 +251,7 @@ fn check_sparse_wgrad<T: FloatElement>(device: &Device, mask: Option<&[bool]>, s
                 mask_d.as_ref(),
                 write,
                 db,
+                path,
             )
             .unwrap();
         }
@@ -274,6 +313,7 @@ fn sparse_wgrad_writes_only_experts_with_rows() {
     for device in devices() {
         check_sparse_wgrad::<bf16>(&device, None, 171);
         check_sparse_wgrad::<f32>(&device, Some(&[true, true, false, true, true]), 172);
+        check_sparse_wgrad::<f16>(&device, Some(&[true, false, true, true, true]), 173);
     }
 }
 

@@ -141,7 +141,7 @@ pub fn dgrad<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         GemmPath::Auto if groups.max_group_rows.min(groups.rows) <= DECODE_MAX_ROWS => GemmPath::Decode,
         GemmPath::Auto => GemmPath::Tiled,
         GemmPath::Hopper => {
-            hopper::check_operands(device, &shape, ("dc", dc), b)?;
+            hopper::check_operands(device, &shape, ("dc", dc), ("b", b), true)?;
             GemmPath::Hopper
         }
         chosen => chosen,
@@ -242,6 +242,33 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
     write: WgradWrite<'_>,
     db: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
+    wgrad_on_path(device, dc, a, a_mode, shape, groups, mask, write, db, GemmPath::Auto)
+}
+
+/// [`wgrad`] on a chosen kernel: `Auto` and `Tiled` run the row tiles (mma.sync for f16/bf16,
+/// FMA for f32), `Hopper` the sm_90a kernel (the same result bitwise run to run, summed in
+/// another order than the tiles; an `Err` naming `device`, `dc`, `a`, `shape.n` or `shape.k`
+/// where it cannot run), and `Decode`, which has no wgrad kernel, an `Err` naming `path`.
+#[allow(clippy::too_many_arguments)]
+pub fn wgrad_on_path<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
+    device: &Device,
+    dc: &impl DeviceSlice<T>,
+    a: &impl DeviceSlice<T>,
+    a_mode: ARows,
+    shape: GemmShape,
+    groups: &Groups<'_, I>,
+    mask: Option<&ExpertMask<M>>,
+    write: WgradWrite<'_>,
+    db: &mut impl DeviceSliceMut<f32>,
+    path: GemmPath,
+) -> Result<()> {
+    if path == GemmPath::Decode {
+        return Err(Error::InvalidArgument {
+            argument: "path",
+            value: format!("{path:?}"),
+            expected: "GemmPath::Auto, Tiled or Hopper for wgrad".into(),
+        });
+    }
     shape.validate()?;
     let (mode, mut written, call) = match write {
         WgradWrite::Replace => (0, None, 0),
@@ -278,18 +305,25 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
     if blocks_y == 0 {
         return Ok(());
     }
-    let (tile_m, tile_n) = if T::NAME == "f32" { (64, 64) } else { (128, 128) };
-    let tiles = elements("shape", shape.n.div_ceil(tile_m), shape.k.div_ceil(tile_n))?;
-    let launch = LaunchConfig {
-        grid: (grid_blocks("shape", tiles, 1)?, blocks_y as u32, 1),
-        block: (TILE_THREADS, 1, 1),
-        shared_bytes: tile_shared::<T>(false, false),
+    let hopper = path == GemmPath::Hopper;
+    let launch = if hopper {
+        hopper::check_operands(device, &shape, ("dc", dc), ("a", a), false)?;
+        hopper::wgrad_launch_config(device, &shape, blocks_y)?
+    } else {
+        let (tile_m, tile_n) = if T::NAME == "f32" { (64, 64) } else { (128, 128) };
+        let tiles = elements("shape", shape.n.div_ceil(tile_m), shape.k.div_ceil(tile_n))?;
+        LaunchConfig {
+            grid: (grid_blocks("shape", tiles, 1)?, blocks_y as u32, 1),
+            block: (TILE_THREADS, 1, 1),
+            shared_bytes: tile_shared::<T>(false, false),
+        }
     };
     let top_k = match a_mode {
         ARows::Contiguous => 0,
         ARows::Gathered { top_k } => top_k as i32,
     };
-    // SAFETY of the argument list: WGRAD_PARAMS in grouped_gemm.cu, in order.
+    // SAFETY of the argument list: WGRAD_PARAMS in grouped_gemm.cu, in order (the sm90 kernel
+    // adds the count of active experts).
     let args = KernelArgs::new(device)
         .input("dc", dc)
         .input("a", a)
@@ -306,6 +340,11 @@ pub fn wgrad<T: FloatElement, I: DeviceSlice<i32>, M: DeviceSlice<i32>>(
         .scalar(mode)
         .output_or_null("written", written.as_mut())
         .scalar(call);
+    if hopper {
+        // The sm90 kernel walks its tiles itself: the active count closes its parameters.
+        let args = args.scalar(blocks_y as i32);
+        return device.launch(&format!("grouped_gemm_wgrad_sm90_{}", T::NAME), launch, args);
+    }
     device.launch(&format!("grouped_gemm_wgrad_{}", T::NAME), launch, args)
 }
 

@@ -40,9 +40,9 @@ pub enum GemmPath {
     /// `cp.async` where aligned (element by element otherwise), any shape and alignment, any
     /// group size (slow for big groups).
     Decode,
-    /// The sm_90a kernel (forward and dgrad): persistent, warp-specialised,
-    /// `wgmma` on 128 x 256 tiles fed by TMA (weights) and `cp.async` (rows of A) through a
-    /// 4-stage mbarrier ring. f16/bf16 with the tiles' sizes and alignment, on an sm_90 GPU or
+    /// The sm_90a kernel (forward, dgrad and [`wgrad_on_path`](super::wgrad_on_path)):
+    /// persistent, warp-specialised, `wgmma` on 128 x 256 tiles fed by TMA (weights) and
+    /// `cp.async` (rows of A, dC) through a 4-stage mbarrier ring. f16/bf16 with the tiles' sizes and alignment, on an sm_90 GPU or
     /// the emulator; otherwise an `Err` naming `device`, `a`, `b`, `shape.n` or `shape.k`.
     /// `Auto` does not pick it yet: it becomes the default on sm_90 once a GPU run has
     /// validated and timed it.
@@ -134,7 +134,7 @@ pub fn forward<T: FloatElement, O: FloatElement, I: DeviceSlice<i32>>(
         }
         GemmPath::Decode => Kernel::Decode,
         GemmPath::Hopper => {
-            hopper::check_operands(device, &shape, ("a", a), b)?;
+            hopper::check_operands(device, &shape, ("a", a), ("b", b), true)?;
             Kernel::Sm90
         }
     };

@@ -1,9 +1,10 @@
-//! The sm_90a forward and dgrad (`grouped_gemm_{fwd,dgrad}_sm90_*`,
-//! `kernels/include/gemm_sm90.cuh`): one persistent CTA per SM, a producer warpgroup filling a
-//! 4-stage ring (the weights by TMA, the rows of A or dC, gathered or not, by 16-byte
-//! `cp.async`) for two consumer warpgroups that run `wgmma` on 128 x 256 x 64 tiles, column
-//! tile by column tile of each expert so that CTAs running at once share the weights in L2.
-//! f16/bf16, on sm_90 GPUs and the emulator.
+//! The sm_90a forward, dgrad and wgrad (`grouped_gemm_{fwd,dgrad,wgrad}_sm90_*`,
+//! `kernels/include/gemm_sm90.cuh` and `gemm_sm90_wgrad.cuh`): one persistent CTA per SM, a
+//! producer warpgroup filling a 4-stage ring (the weights by TMA, the rows of A or dC,
+//! gathered or not, by 16-byte `cp.async`; wgrad copies both of its row operands) for two
+//! consumer warpgroups that run `wgmma` on 128 x 256 x 64 tiles, tile by tile of each expert
+//! so that CTAs running at once share its operands in L2. f16/bf16, on sm_90 GPUs and the
+//! emulator.
 use super::{GemmShape, check_aligned_16};
 use crate::device::{LaunchConfig, Swizzle, TensorMapSpec};
 use crate::ops::{FloatElement, grid_blocks};
@@ -37,13 +38,15 @@ impl Sm90Op {
 
 /// `Ok` when the sm_90a kernels can take the operands, else an `Err` naming what they lack: a
 /// device that runs sm_90a code, f16/bf16, the tensor-core tile sizes and alignment (N, K
-/// multiples of 8; the left operand, `a` or `dc`, and `b` 16-byte aligned) and weight rows
-/// TMA's 32-bit coordinates reach.
+/// multiples of 8; both operands, `a` or `dc` and `b` or `a`, 16-byte aligned) and, where B
+/// comes by TMA (`weights_by_tma`: forward and dgrad), weight rows TMA's 32-bit coordinates
+/// reach.
 pub(super) fn check_operands<T: FloatElement>(
     device: &Device,
     shape: &GemmShape,
     (left_name, left): (&'static str, &impl DeviceSlice<T>),
-    b: &impl DeviceSlice<T>,
+    (right_name, right): (&'static str, &impl DeviceSlice<T>),
+    weights_by_tma: bool,
 ) -> Result<()> {
     if !device.runs_sm90a() {
         return Err(Error::InvalidArgument {
@@ -61,8 +64,8 @@ pub(super) fn check_operands<T: FloatElement>(
     }
     shape.check_tile_sizes::<T>()?;
     check_aligned_16(device, left_name, left)?;
-    check_aligned_16(device, "b", b)?;
-    if shape.experts * shape.n + 2 * TILE_N > i32::MAX as usize {
+    check_aligned_16(device, right_name, right)?;
+    if weights_by_tma && shape.experts * shape.n + 2 * TILE_N > i32::MAX as usize {
         return Err(Error::InvalidArgument {
             argument: "shape.n",
             value: shape.n.to_string(),
@@ -77,6 +80,19 @@ pub(super) fn check_operands<T: FloatElement>(
 pub(super) fn launch_config(device: &Device, shape: &GemmShape, rows: usize, op: Sm90Op) -> Result<LaunchConfig> {
     let row_tiles = grid_blocks("groups.rows", rows + shape.experts * TILE_M, TILE_M)? as usize;
     let tiles = row_tiles.saturating_mul(op.col_tiles(shape));
+    Ok(LaunchConfig {
+        grid: (tiles.min(device.multiprocessors() as usize).max(1) as u32, 1, 1),
+        block: (THREADS, 1, 1),
+        shared_bytes: SHARED_BYTES,
+    })
+}
+
+/// wgrad: one CTA per SM, or one per tile when fewer: `slots` active experts x ceil(N / 128) x
+/// ceil(K / 256) output tiles.
+pub(super) fn wgrad_launch_config(device: &Device, shape: &GemmShape, slots: usize) -> Result<LaunchConfig> {
+    let tiles = slots
+        .saturating_mul(shape.n.div_ceil(TILE_M))
+        .saturating_mul(shape.k.div_ceil(TILE_N));
     Ok(LaunchConfig {
         grid: (tiles.min(device.multiprocessors() as usize).max(1) as u32, 1, 1),
         block: (THREADS, 1, 1),

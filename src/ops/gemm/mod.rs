@@ -28,9 +28,10 @@
 //! the forward and dgrad take the decode kernels instead ([`GemmPath::Decode`], [`decode_plan`]):
 //! each active expert's B streamed once through per-warp 16-byte `cp.async` rings, the
 //! reduction split inside the block (summed in a fixed order) when few experts have rows.
-//! [`GemmPath::Hopper`] runs the forward and dgrad as persistent, warp-specialised sm_90a
-//! kernels (wgmma fed by TMA and `cp.async` through a 4-stage mbarrier ring; sm_90 GPUs and the
-//! emulator, f16/bf16 under the tiles' alignment); `Auto` does not pick it yet. Every op is **one
+//! [`GemmPath::Hopper`] runs the forward, dgrad and wgrad ([`wgrad_on_path`]) as persistent,
+//! warp-specialised sm_90a kernels (wgmma fed by TMA and `cp.async` through a 4-stage mbarrier
+//! ring; sm_90 GPUs and the emulator, f16/bf16 under the tiles' alignment); `Auto` does not
+//! pick it yet. Every op is **one
 //! launch** (none when `rows` is 0 for `forward` and `dgrad`, or the mask is empty for `wgrad`)
 //! and never waits for the device. All sums run in a fixed order: results are bitwise
 //! reproducible.
@@ -50,7 +51,9 @@ mod decode;
 mod forward;
 mod hopper;
 
-pub use backward::{DgradConfig, DgradEpilogue, ExpertMask, MAX_WGRAD_CALL, WgradWrite, dgrad, wgrad, zero_unwritten};
+pub use backward::{
+    DgradConfig, DgradEpilogue, ExpertMask, MAX_WGRAD_CALL, WgradWrite, dgrad, wgrad, wgrad_on_path, zero_unwritten,
+};
 pub use decode::{DECODE_TARGET_BLOCKS, DecodePlan, decode_plan};
 pub use forward::{Epilogue, ForwardConfig, GemmPath, forward, forward_out_len};
 
