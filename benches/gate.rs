@@ -10,7 +10,7 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::ops::FloatElement;
-use moe_kernels::ops::gate::{self, GateForm, GateGrads, GateShape, GateWeights};
+use moe_kernels::ops::gate::{self, DECODE_MAX_TOKENS, GateForm, GateGrads, GatePath, GateShape, GateWeights};
 use moe_kernels::reference::gate::{self as reference, GateParams};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind, DeviceSlice};
 
@@ -149,6 +149,16 @@ fn bench_device<T: FloatElement>(
             let gpu = gpu.expect("a GPU timer where criterion does not time");
             let op = |pass: &str| format!("gate/{form:?}_{pass}_{}", T::NAME);
             gpu.report(&op("forward"), label, forward_floor(form, shape, size), &mut forward);
+            if form == GateForm::Linear && shape.tokens <= DECODE_MAX_TOKENS {
+                // Auto ran the decode kernel: the tiles beside it, on the same shape.
+                gpu.record(
+                    &op("forward"),
+                    label,
+                    "moe-kernels tiled",
+                    forward_floor(form, shape, size),
+                    || gate::scores_on_path(device, shape, &weights, &x_dev, &mut z, GatePath::Tiled).expect("scores"),
+                );
+            }
             gpu.report(&op("backward"), label, backward_floor(form, shape, size), &mut backward);
         }
     }

@@ -23,7 +23,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use cudarc::driver::CudaView;
 use half::bf16;
 use moe_kernels::ops::gemm::{
-    self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmShape, Groups, WgradWrite,
+    self, ARows, DgradConfig, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, Groups,
+    WgradWrite,
 };
 use moe_kernels::reference::gemm::{self as reference, HostGroups};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
@@ -141,7 +142,8 @@ impl Layer {
         }
     }
 
-    fn run(&mut self, device: &Device, op: usize) {
+    /// Op `op` on `path` (`Auto`, or `Hopper` for the sm_90a kernels).
+    fn run(&mut self, device: &Device, op: usize, path: GemmPath) {
         let size = self.size;
         let groups = groups(&self.offsets, &self.sorted, size);
         let (g1, g2) = (size.gemm1(), size.gemm2());
@@ -153,7 +155,7 @@ impl Layer {
                 let config = ForwardConfig {
                     a_rows: gathered,
                     epilogue: Epilogue::SwiGlu,
-                    ..ForwardConfig::default()
+                    path,
                 };
                 let out = (&mut self.hid, Some(&mut self.gu));
                 gemm::forward(
@@ -162,7 +164,10 @@ impl Layer {
             }
             1 => {
                 let none = None::<&mut DeviceBuffer<bf16>>;
-                let config = ForwardConfig::default();
+                let config = ForwardConfig {
+                    path,
+                    ..ForwardConfig::default()
+                };
                 gemm::forward(
                     device,
                     &self.hid,
@@ -176,7 +181,10 @@ impl Layer {
                 )
             }
             2 => {
-                let epilogue = DgradEpilogue::SwiGluBackward;
+                let epilogue = DgradConfig {
+                    epilogue: DgradEpilogue::SwiGluBackward,
+                    path,
+                };
                 let (weights, gu) = (Some(&self.weights), Some(&self.gu));
                 gemm::dgrad(
                     device,
@@ -196,12 +204,15 @@ impl Layer {
                 &self.w1,
                 g1,
                 &groups,
-                DgradEpilogue::Store,
+                DgradConfig {
+                    epilogue: DgradEpilogue::Store,
+                    path,
+                },
                 no_weights,
                 no_gu,
                 &mut self.dxp,
             ),
-            4 => gemm::wgrad(
+            4 => gemm::wgrad_on_path(
                 device,
                 &self.dgu,
                 &self.x,
@@ -211,8 +222,9 @@ impl Layer {
                 no_mask,
                 WgradWrite::Replace,
                 &mut self.dw1,
+                path,
             ),
-            _ => gemm::wgrad(
+            _ => gemm::wgrad_on_path(
                 device,
                 &self.y,
                 &self.hid,
@@ -222,6 +234,7 @@ impl Layer {
                 no_mask,
                 WgradWrite::Replace,
                 &mut self.dw2,
+                path,
             ),
         }
         .unwrap()
@@ -324,7 +337,13 @@ fn bench_gpu(gpu: &Gpu) {
             .collect();
         for (op, name) in OPS.iter().enumerate() {
             let floor = floor(&floors, op);
-            gpu.report(name, &label, floor, || layer.run(&device, op));
+            gpu.report(name, &label, floor, || layer.run(&device, op, GemmPath::Auto));
+            if device.runs_sm90a() {
+                // The sm_90a kernels, which Auto does not pick until they are validated here.
+                gpu.record(name, &label, "moe-kernels sm90a", floor, || {
+                    layer.run(&device, op, GemmPath::Hopper)
+                });
+            }
             let time_peer = |implementation: &str, calls: &[(usize, usize, usize)], peer: &mut PeerBuffers| {
                 gpu.record(name, &label, implementation, floor, || {
                     for &call in calls {
@@ -389,11 +408,13 @@ fn bench(c: &mut Criterion) {
             let mut layer = Layer::new(&device, small, 1);
             for (op, name) in OPS.iter().enumerate() {
                 group.bench_function(format!("{}/emulator", &name[5..]), |b| {
-                    b.iter(|| layer.run(&device, op))
+                    b.iter(|| layer.run(&device, op, GemmPath::Auto))
                 });
             }
             let mut layer = Layer::new(&device, Size { tokens: 4, ..small }, 1);
-            group.bench_function("gemm1_swiglu_decode_T4/emulator", |b| b.iter(|| layer.run(&device, 0)));
+            group.bench_function("gemm1_swiglu_decode_T4/emulator", |b| {
+                b.iter(|| layer.run(&device, 0, GemmPath::Auto))
+            });
         } else if let Some(gpu) = Gpu::new(&device) {
             bench_gpu(&gpu);
         }
