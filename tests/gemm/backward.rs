@@ -198,6 +198,52 @@ fn wgrad_mask_and_accumulate_with_gathered_a() {
     }
 }
 
+/// A padding row (-1 in sorted_rows) is absent from A, so it is absent from dC too: NaN in dC
+/// there must not reach dB (0 * NaN would), on every path; the gradient is the reference's over
+/// the real rows.
+#[test]
+fn wgrad_ignores_dc_of_padding_rows() {
+    let p = Problem::routed(30, 2, 3, 8, 16, 24, &mut Rng::new(181));
+    assert!(p.sorted_rows.contains(&-1), "the problem should have padding rows");
+    for device in devices() {
+        for path in wgrad_paths::<bf16>(&device) {
+            let mut rng = Rng::new(182);
+            let GemmShape { experts, n, k } = p.shape;
+            let (mut dc, mut dc32) = values::<bf16>(&mut rng, p.rows() * n, 0.5);
+            for r in (0..p.rows()).filter(|&r| p.sorted_rows[r] < 0) {
+                dc[r * n..(r + 1) * n].fill(bf16::NAN);
+                dc32[r * n..(r + 1) * n].fill(0.0);
+            }
+            let (x, x32) = values::<bf16>(&mut rng, p.tokens * k, 0.5);
+            let groups = DeviceGroups::new(&device, &p);
+            let (dc_d, x_d) = (device.upload(&dc).unwrap(), device.upload(&x).unwrap());
+            let mut db = device.alloc_zeros::<f32>(experts * n * k).unwrap();
+            gemm::wgrad_on_path(
+                &device,
+                &dc_d,
+                &x_d,
+                p.gathered(),
+                p.shape,
+                &groups.groups(&p),
+                None::<&ExpertMask>,
+                WgradWrite::Replace,
+                &mut db,
+                path,
+            )
+            .unwrap();
+            let got = device.download(&db).unwrap();
+            let zeros = vec![0.0f32; experts * n * k];
+            let want = reference::wgrad(&dc32, &x32, p.gathered(), p.shape, &p.host(), None, false, &zeros);
+            let what = format!(
+                "{} wgrad on {path:?} with NaN in padding rows of dC",
+                device.description()
+            );
+            assert!(got.iter().all(|v| v.is_finite()), "{what}: NaN reached dB");
+            assert_close(&what, &got, &want, tolerance::<f32>(p.max_group_rows).scaled(4.0));
+        }
+    }
+}
+
 /// Sparse wgrad as a layer pass uses it, into a random initial dB: call 0 twice (dW1 and dW2 of
 /// one iteration share the flags and the groups) over p0's groups, then call 1 over p1's (other
 /// group sizes). An expert without rows in a call is neither computed nor written (its initial
