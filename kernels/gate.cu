@@ -27,8 +27,8 @@
 //   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term)
 //   gate_dw_<dtype>              dW = G^T X for one segment (f32)
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
-//   gate_decode_linear_<dtype>   the linear forward for T <= 64: a warp per slice of an
-//                                expert's row (gate_decode.cuh)
+//   gate_decode_<form>_<dtype>   the forward for T <= 64 (every form but full): a warp per
+//                                slice of an expert's rows (gate_decode.cuh)
 #include "include/gate_decode.cuh"
 #include "include/gate_mma.cuh"
 
@@ -199,9 +199,6 @@ __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const
 }
 #define GATE_SCORES(T, F)                                                                       \
   gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank)
-#define GATE_DECODE_PARAMS(T)                                                                   \
-  const T *x, const T *w, const float *bias, float *z, long long tokens, int d, int experts,    \
-      int slices
 #define GATE_COEF_PARAMS(T)                                                                     \
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *dz,     \
       float *ws, long long tokens, int d, int experts, int rank
@@ -240,21 +237,42 @@ EMU_EXPORT(gate_scores_full_f16)
 extern "C" __global__ void gate_scores_full_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Full); }
 EMU_EXPORT(gate_scores_full_bf16)
 
-// __launch_bounds__(256, 3): unbounded, ptxas keeps all 16 tokens' X chunks in flight at once
-// (159 registers, one block per SM); bounded, 70 registers, 0 spills and 3 blocks per SM, which
-// a kernel that streams W needs more than it needs the extra loads in flight per warp.
-extern "C" __global__ void __launch_bounds__(256, 3) gate_decode_linear_f32(GATE_DECODE_PARAMS(float)) {
-  gate_decode_linear_body(x, w, bias, z, tokens, d, experts, slices);
-}
+// gate_decode_<form>_<dtype>: GATE_SCORES_PARAMS, then slices (gate_decode.cuh). Launch:
+// grid (ceil(E slices / 8), ceil(T / TOKENS)), 256 threads, no dynamic shared memory.
+// __launch_bounds__(256, 3) for the linear form: unbounded, ptxas keeps all 16 tokens' X chunks
+// in flight at once (159 registers, one block per SM); bounded, 70 registers, 0 spills and 3
+// blocks per SM, which a kernel that streams W needs more than the extra loads in flight per
+// warp. The rank forms hold ROWS x 4 accumulators and ROWS weight chunks per lane: symmetric
+// (5 rows) fits 128 registers (2 blocks per SM) without spilling, low-rank and attention (9 and
+// 8 rows) need more (1 block per SM, 8 warps).
+#define GATE_DECODE(T, F, NAME, BLOCKS)                                                          \
+  extern "C" __global__ void __launch_bounds__(256, BLOCKS) NAME(GATE_SCORES_PARAMS(T), int slices) { \
+    gate_decode_body<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank, slices); \
+  }
+GATE_DECODE(float, Form::Linear, gate_decode_linear_f32, 3)
 EMU_EXPORT(gate_decode_linear_f32)
-extern "C" __global__ void __launch_bounds__(256, 3) gate_decode_linear_f16(GATE_DECODE_PARAMS(__half)) {
-  gate_decode_linear_body(x, w, bias, z, tokens, d, experts, slices);
-}
+GATE_DECODE(__half, Form::Linear, gate_decode_linear_f16, 3)
 EMU_EXPORT(gate_decode_linear_f16)
-extern "C" __global__ void __launch_bounds__(256, 3) gate_decode_linear_bf16(GATE_DECODE_PARAMS(__nv_bfloat16)) {
-  gate_decode_linear_body(x, w, bias, z, tokens, d, experts, slices);
-}
+GATE_DECODE(__nv_bfloat16, Form::Linear, gate_decode_linear_bf16, 3)
 EMU_EXPORT(gate_decode_linear_bf16)
+GATE_DECODE(float, Form::LowRank, gate_decode_lowrank_f32, 1)
+EMU_EXPORT(gate_decode_lowrank_f32)
+GATE_DECODE(__half, Form::LowRank, gate_decode_lowrank_f16, 1)
+EMU_EXPORT(gate_decode_lowrank_f16)
+GATE_DECODE(__nv_bfloat16, Form::LowRank, gate_decode_lowrank_bf16, 1)
+EMU_EXPORT(gate_decode_lowrank_bf16)
+GATE_DECODE(float, Form::Symmetric, gate_decode_symmetric_f32, 2)
+EMU_EXPORT(gate_decode_symmetric_f32)
+GATE_DECODE(__half, Form::Symmetric, gate_decode_symmetric_f16, 2)
+EMU_EXPORT(gate_decode_symmetric_f16)
+GATE_DECODE(__nv_bfloat16, Form::Symmetric, gate_decode_symmetric_bf16, 2)
+EMU_EXPORT(gate_decode_symmetric_bf16)
+GATE_DECODE(float, Form::Attention, gate_decode_attention_f32, 1)
+EMU_EXPORT(gate_decode_attention_f32)
+GATE_DECODE(__half, Form::Attention, gate_decode_attention_f16, 1)
+EMU_EXPORT(gate_decode_attention_f16)
+GATE_DECODE(__nv_bfloat16, Form::Attention, gate_decode_attention_bf16, 1)
+EMU_EXPORT(gate_decode_attention_bf16)
 
 extern "C" __global__ void gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f32)

@@ -1,9 +1,10 @@
-//! The linear gate's decode kernel (`GatePath::Decode`, what `Auto` runs at T <= 64) against
-//! the reference and the tiled kernel: token counts around its 16-token blocks and its
-//! slice-count thresholds (8, 16, 32, 64), expert counts off its 1, 2, 4 and 8 experts per
-//! block, d off the 16-byte chunk and spread over several chunks per lane, every dtype, odd
-//! element offsets (the element-by-element path), non-finite rows wherever the bad element
-//! sits, bitwise determinism under every schedule, and what `Auto` picks.
+//! The gate's decode kernels (`GatePath::Decode`, what `Auto` runs at T <= 64 for every form
+//! but Full) against the reference and the tiled kernels: token counts around the 16-token
+//! (linear) and 4-token (rank forms) blocks and the slice-count thresholds (8, 16, 32, 64),
+//! expert counts off the 1, 2, 4 and 8 experts per block, d off the 16-byte chunk and spread
+//! over several chunks per lane, ranks over one and two chunks of 4, every dtype, odd element
+//! offsets (the element-by-element path), non-finite rows wherever the bad element sits,
+//! bitwise determinism under every schedule, and what `Auto` picks.
 use super::*;
 use moe_kernels::ops::gate::{DECODE_MAX_TOKENS, GatePath};
 
@@ -36,7 +37,7 @@ fn check_decode<T: FloatElement>(device: &Device, case: &Case) {
     let what = format!("{case:?} {} on {}", T::NAME, device.description());
     let (host, x, _) = inputs::<T>(case);
     let want = reference::scores(&case.shape, &host, &x);
-    let tol = Tolerance::F32.over(case.shape.dim).scaled(4.0);
+    let tol = Tolerance::F32.over(case.shape.dim * case.terms()).scaled(4.0);
     for path in [GatePath::Decode, GatePath::Tiled] {
         let got = z_on_path::<T>(device, case, &host, &x, path);
         assert_close(&format!("{what}: z on {path:?}"), &got, &want, tol);
@@ -73,6 +74,36 @@ fn decode_matches_reference_and_tiles() {
     }
 }
 
+/// The rank forms: ranks within one chunk of 4 and over two, with and without B and c.
+#[test]
+fn rank_forms_decode_matches_reference_and_tiles() {
+    let shapes = [
+        (1, 70, 3, 4),
+        (3, 300, 9, 6),
+        (4, 33, 17, 1),
+        (5, 24, 5, 3),
+        (17, 40, 2, 8),
+        (64, 16, 10, 2),
+    ];
+    for device in devices() {
+        for form in [GateForm::LowRank, GateForm::Symmetric, GateForm::Attention] {
+            for (i, (t, d, e, r)) in shapes.into_iter().enumerate() {
+                let case = Case {
+                    with_b: i % 2 == 0,
+                    with_c: i % 3 != 0,
+                    seed: (t * 131 + d + r) as u64,
+                    ..Case::new(form, t, d, e, r)
+                };
+                match i % 3 {
+                    0 => check_decode::<f32>(&device, &case),
+                    1 => check_decode::<f16>(&device, &case),
+                    _ => check_decode::<bf16>(&device, &case),
+                }
+            }
+        }
+    }
+}
+
 /// Views at odd element offsets take the element-by-element loads.
 #[test]
 fn decode_at_odd_offsets() {
@@ -84,6 +115,11 @@ fn decode_at_odd_offsets() {
             };
             check_decode::<f32>(&device, &case);
             check_decode::<bf16>(&device, &case);
+            let low_rank = Case {
+                offset,
+                ..Case::new(GateForm::LowRank, 5, 77, 6, 5)
+            };
+            check_decode::<f16>(&device, &low_rank);
         }
     }
 }
@@ -93,8 +129,14 @@ fn decode_at_odd_offsets() {
 /// last element); the other rows are those of the batch without the bad values.
 #[test]
 fn decode_nonfinite_rows_get_nan_logits() {
+    for form in [GateForm::Linear, GateForm::Attention] {
+        check_nonfinite_rows(form);
+    }
+}
+
+fn check_nonfinite_rows(form: GateForm) {
     let (t, d, e) = (12, 100, 5);
-    let case = Case::new(GateForm::Linear, t, d, e, 1);
+    let case = Case::new(form, t, d, e, 3);
     let (host, x, _) = inputs::<f32>(&case);
     let want = reference::scores(&case.shape, &host, &x);
     let bad = [
@@ -112,10 +154,15 @@ fn decode_nonfinite_rows_get_nan_logits() {
         for row in 0..t {
             let logits = &got[row * e..(row + 1) * e];
             if bad.iter().any(|b| b.0 == row) {
-                assert!(logits.iter().all(|v| v.is_nan()), "row {row}: {logits:?}");
+                assert!(logits.iter().all(|v| v.is_nan()), "{form:?} row {row}: {logits:?}");
             } else {
-                let tol = Tolerance::F32.over(d).scaled(4.0);
-                assert_close(&format!("row {row}"), logits, &want[row * e..(row + 1) * e], tol);
+                let tol = Tolerance::F32.over(d * case.terms()).scaled(4.0);
+                assert_close(
+                    &format!("{form:?} row {row}"),
+                    logits,
+                    &want[row * e..(row + 1) * e],
+                    tol,
+                );
             }
         }
     }
@@ -145,31 +192,37 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|v| v.to_bits()).collect()
 }
 
-/// `Auto` runs the decode kernel for the linear gate up to `DECODE_MAX_TOKENS` tokens and the
-/// tiles above: its z is bitwise that of the path it should pick, and the two paths differ on
+/// `Auto` runs the decode kernel (linear and low-rank here) up to `DECODE_MAX_TOKENS` tokens
+/// and the tiles above: its z is bitwise that of the path it should pick, and the two paths differ on
 /// these inputs (so the comparison tells them apart).
 #[test]
 fn auto_picks_decode_up_to_64_tokens() {
     for device in devices() {
-        for t in [DECODE_MAX_TOKENS, DECODE_MAX_TOKENS + 1] {
-            let case = Case::new(GateForm::Linear, t, 300, 4, 1);
+        for (t, form) in [DECODE_MAX_TOKENS, DECODE_MAX_TOKENS + 1]
+            .into_iter()
+            .flat_map(|t| [(t, GateForm::Linear), (t, GateForm::LowRank)])
+        {
+            let case = Case::new(form, t, 300, 4, 2);
             let (host, x, _) = inputs::<f32>(&case);
             let auto = bits(&z_on_path::<f32>(&device, &case, &host, &x, GatePath::Auto));
             let decode = bits(&z_on_path::<f32>(&device, &case, &host, &x, GatePath::Decode));
             let tiled = bits(&z_on_path::<f32>(&device, &case, &host, &x, GatePath::Tiled));
-            assert_ne!(decode, tiled, "T = {t}: the paths should differ in some last bit");
+            assert_ne!(
+                decode, tiled,
+                "{form:?} T = {t}: the paths should differ in some last bit"
+            );
             let expected = if t <= DECODE_MAX_TOKENS { decode } else { tiled };
-            assert_eq!(auto, expected, "T = {t} on {}", device.description());
+            assert_eq!(auto, expected, "{form:?} T = {t} on {}", device.description());
         }
     }
 }
 
-/// The decode kernel is the linear gate's: any other form on `GatePath::Decode` is an `Err`
-/// naming `path`, before any launch.
+/// The full form's rank is d: on `GatePath::Decode` it is an `Err` naming `path`, before any
+/// launch.
 #[test]
-fn decode_refuses_other_forms() {
+fn decode_refuses_the_full_form() {
     for device in devices() {
-        let case = Case::new(GateForm::LowRank, 4, 8, 3, 2);
+        let case = Case::new(GateForm::Full, 4, 8, 3, 1);
         let (host, x, _) = inputs::<f32>(&case);
         let placed = upload_params::<f32>(&device, &host, 0);
         let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();

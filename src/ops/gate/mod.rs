@@ -30,10 +30,10 @@
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
 //! `U = A_e` and `V = I` (rank d), so it loops over d/4 chunks: O(T·E·d²), for small d.
 //!
-//! **Decode.** At `T <= 64` the linear gate runs a second kernel (`GatePath`): the tiles
-//! would give a handful of blocks all of W to stream, so instead every warp streams a slice
-//! of one expert's row with 16-byte loads against every token, and each logit is the sum of
-//! its slices in a fixed order (still one launch, bitwise deterministic).
+//! **Decode.** At `T <= 64` every form but `Full` runs a second kernel (`GatePath`): the tiles
+//! would give a handful of blocks all the weights to stream, so instead every warp streams a
+//! slice of one expert's rows with 16-byte loads against every token, and each projection is
+//! the sum of its slices in a fixed order (still one launch, bitwise deterministic).
 //!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
 //! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
@@ -405,22 +405,27 @@ fn weight_argument(name: &str) -> &'static str {
 /// Which scoring kernel [`scores_on_path`] runs. `Auto` is right outside tests and benches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GatePath {
-    /// The decode kernel for the linear gate at `T <= DECODE_MAX_TOKENS`, else the tiles.
+    /// The decode kernel at `T <= DECODE_MAX_TOKENS` for every form but `Full`, else the tiles.
     #[default]
     Auto,
-    /// The tiled GEMM: 64 tokens by 64 or 128 experts per block (tensor cores for f16/bf16).
+    /// The tiled GEMM: 64 tokens by 16 to 128 experts per block (tensor cores for f16/bf16).
     Tiled,
-    /// The linear gate's decode kernel (`kernels/include/gate_decode.cuh`): every warp streams
-    /// a slice of one expert's row, the slices summed in a fixed order. Any T (meant for few
-    /// tokens); the other forms get an `Err` naming `path`.
+    /// The decode kernel (`kernels/include/gate_decode.cuh`): every warp streams a slice of
+    /// one expert's rows, the slices summed in a fixed order. Any T (meant for few tokens);
+    /// the `Full` form (rank d) gets an `Err` naming `path`.
     Decode,
 }
 
 /// The most tokens for which `GatePath::Auto` runs the linear gate's decode kernel.
 pub const DECODE_MAX_TOKENS: usize = 64;
-/// Tokens per block of the decode kernel (`DECODE_TOKENS`); warps per block (`DECODE_WARPS`).
-const DECODE_TOKENS: usize = 16;
+/// Warps per block of the decode kernel (`DECODE_WARPS`).
 const DECODE_WARPS: usize = 8;
+
+/// Tokens per block of the decode kernel (`DecodeForm::TOKENS`): 16 for the linear form, 4 for
+/// the rank forms (their lanes hold 9, 8 or 5 accumulators per token).
+fn decode_tokens(form: GateForm) -> usize {
+    if form == GateForm::Linear { 16 } else { 4 }
+}
 
 /// `z = score(X)` (`[T, E]`, f32) for any form: one launch, no host sync.
 pub fn scores<T: FloatElement>(
@@ -448,14 +453,14 @@ pub fn scores_on_path<T: FloatElement>(
     check_len("z", z, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))?;
     let form = weights.form();
     let decode = match path {
-        GatePath::Auto => form == GateForm::Linear && t <= DECODE_MAX_TOKENS,
+        GatePath::Auto => form != GateForm::Full && t <= DECODE_MAX_TOKENS,
         GatePath::Tiled => false,
-        GatePath::Decode if form == GateForm::Linear => true,
+        GatePath::Decode if form != GateForm::Full => true,
         GatePath::Decode => {
             return Err(Error::InvalidArgument {
                 argument: "path",
                 value: format!("{path:?} for the {form:?} gate"),
-                expected: "GatePath::Decode only for the linear gate".into(),
+                expected: "GatePath::Decode for every form but Full".into(),
             });
         }
     };
@@ -463,39 +468,25 @@ pub fn scores_on_path<T: FloatElement>(
         return Ok(());
     }
     let o = weights.operands();
-    if decode {
-        let slices = decode_slices(t);
-        let config = LaunchConfig {
+    let config = if decode {
+        LaunchConfig {
             grid: (
-                grid_blocks("shape.experts", e * slices, DECODE_WARPS)?,
-                decode_token_blocks(t)?,
+                grid_blocks("shape.experts", e * decode_slices(t), DECODE_WARPS)?,
+                decode_token_blocks(t, form)?,
                 1,
             ),
             block: (THREADS, 1, 1),
             shared_bytes: 0,
-        };
-        // SAFETY of the argument list: GATE_DECODE_PARAMS in gate.cu (x, w, bias, z, tokens,
-        // d, experts, slices); lengths checked above.
-        let args = KernelArgs::new(device)
-            .input("x", x)
-            .input_or_null("weights", o.linear.as_ref())
-            .input_or_null("weights", o.bias.as_ref())
-            .output("z", z)
-            .scalar(t as i64)
-            .scalar(d as i32)
-            .scalar(e as i32)
-            .scalar(slices as i32);
-        return device.launch(&format!("gate_decode_linear_{}", T::NAME), config, args);
-    }
-    // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
-    let tile = if size_of::<T>() == 2 {
-        ScoringTile::TensorCores
+        }
+    } else if size_of::<T>() == 2 {
+        // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
+        scoring_config(form, shape, ScoringTile::TensorCores)?
     } else {
-        ScoringTile::Forward
+        scoring_config(form, shape, ScoringTile::Forward)?
     };
-    let config = scoring_config(form, shape, tile)?;
     // SAFETY of the argument list: the order and types of GATE_SCORES_PARAMS in gate.cu
-    // (x, left, right, query, lin, bias, z, tokens, d, experts, rank); lengths checked above.
+    // (x, left, right, query, lin, bias, z, tokens, d, experts, rank), then the decode kernels'
+    // slices; lengths checked above.
     let args = KernelArgs::new(device)
         .input("x", x)
         .input_or_null("weights", o.left.as_ref())
@@ -505,6 +496,10 @@ pub fn scores_on_path<T: FloatElement>(
         .input_or_null("weights", o.bias.as_ref())
         .output("z", z);
     let args = dims_args(args, shape, form);
+    if decode {
+        let args = args.scalar(decode_slices(t) as i32);
+        return device.launch(&format!("gate_decode_{}_{}", form.kernel_name(), T::NAME), config, args);
+    }
     device.launch(&format!("gate_scores_{}_{}", form.kernel_name(), T::NAME), config, args)
 }
 
@@ -520,16 +515,19 @@ fn decode_slices(tokens: usize) -> usize {
     }
 }
 
-/// The decode kernel's grid.y: one block row per `DECODE_TOKENS` tokens.
-fn decode_token_blocks(tokens: usize) -> Result<u32> {
-    let blocks = tokens.div_ceil(DECODE_TOKENS);
-    u32::try_from(blocks)
+/// The decode kernel's grid.y: one block row per `decode_tokens(form)` tokens.
+fn decode_token_blocks(tokens: usize, form: GateForm) -> Result<u32> {
+    let per_block = decode_tokens(form);
+    u32::try_from(tokens.div_ceil(per_block))
         .ok()
         .filter(|&b| b <= 65535)
         .ok_or_else(|| Error::InvalidArgument {
             argument: "shape.tokens",
             value: tokens.to_string(),
-            expected: format!("at most {} tokens on GatePath::Decode", 65535 * DECODE_TOKENS),
+            expected: format!(
+                "at most {} tokens for the {form:?} gate on GatePath::Decode",
+                65535 * per_block
+            ),
         })
 }
 
