@@ -146,6 +146,37 @@ __device__ __forceinline__ void sm90_produce(const Sm90Args<T>& p, TmaPipeline<s
   }
 }
 
+// One tile's mainloop for a consumer warpgroup: acc = 0, then per k-block wait for the stage,
+// issue its wgmma batch (A at a_offset into the stage, B after the A tile) and, once only that
+// batch is in flight, release the previous stage; at the end wait for everything and release
+// the last stage. k_blocks may be 0 (acc stays 0, no stage is touched). The wait is
+// unconditional: one on some paths only to the epilogue makes ptxas inject its own (C7517).
+template <class T, bool TransA, bool TransB>
+__device__ __forceinline__ void sm90_tile_mainloop(float (&acc)[sm90::kTileN / 2], TmaPipeline<sm90::kStages>& pipe,
+                                                   PipelineState& read, PipelineState& release, int k_blocks,
+                                                   const unsigned char* stages, const WgmmaTile& tile_a,
+                                                   unsigned a_offset, const WgmmaTile& tile_b) {
+  using namespace sm90;
+#pragma unroll
+  for (int r = 0; r < kTileN / 2; ++r) acc[r] = 0.0f;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    const unsigned char* stage = stages + read.stage * kStageBytes;
+    pipe.consumer_wait(read);
+    wgmma_tile_step<kTileN, kTileK, 1, T, TransA, TransB>(acc, tile_a, stage + a_offset, tile_b, stage + kABytes);
+    if (kb > 0) {  // wait_group 1 retired k-block kb-1's batch: its stage is free
+      pipe.consumer_release(release);
+      release.advance<kStages>();
+    }
+    read.advance<kStages>();
+  }
+  wgmma_wait_group<0>();
+  wgmma_fence_operand(acc);
+  if (k_blocks > 0) {
+    pipe.consumer_release(release);
+    release.advance<kStages>();
+  }
+}
+
 // The consumer warpgroups: wgmma over each tile's stages, then the epilogue.
 template <bool Dgrad, class T>
 __device__ __forceinline__ void sm90_consume(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe,
@@ -160,23 +191,8 @@ __device__ __forceinline__ void sm90_consume(const Sm90Args<T>& p, TmaPipeline<s
   for (i64 next = blockIdx.x;; next += gridDim.x) {
     const GroupTile g = p.tile(next);
     if (g.e < 0) break;
-#pragma unroll
-    for (int r = 0; r < kTileN / 2; ++r) acc[r] = 0.0f;
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      const unsigned char* stage = stages + read.stage * kStageBytes;
-      pipe.consumer_wait(read);
-      wgmma_tile_step<kTileN, kTileK, 1, T, false, Dgrad>(acc, tile_a, stage + wg * (kABytes / 2), tile_b,
-                                                          stage + kABytes);
-      if (kb > 0) {  // wait_group 1 retired k-block kb-1's batch: its stage is free
-        pipe.consumer_release(release);
-        release.advance<kStages>();
-      }
-      read.advance<kStages>();
-    }
-    wgmma_wait_group<0>();
-    wgmma_fence_operand(acc);
-    pipe.consumer_release(release);
-    release.advance<kStages>();
+    sm90_tile_mainloop<T, false, Dgrad>(acc, pipe, read, release, k_blocks, stages, tile_a, wg * (kABytes / 2),
+                                        tile_b);
 
     // Rows 16w + g8 (+ 8) of this warpgroup's 64; accumulator 4j + i is column 8j + 2q + i % 2.
 #pragma unroll

@@ -131,28 +131,8 @@ __device__ __forceinline__ void sm90_wgrad_consume(const Sm90Wgrad<T>& p, TmaPip
   for (i64 next = blockIdx.x; next < p.tiles(); next += gridDim.x) {
     const typename Sm90Wgrad<T>::Tile tile = p.tile(next);
     if (tile.e < 0) continue;
-    const int k_blocks = tile.k_blocks();
-#pragma unroll
-    for (int r = 0; r < kTileN / 2; ++r) acc[r] = 0.0f;
-    for (int kb = 0; kb < k_blocks; ++kb) {
-      const unsigned char* stage = stages + read.stage * kStageBytes;
-      pipe.consumer_wait(read);
-      wgmma_tile_step<kTileN, kTileK, 1, T, true, true>(acc, tile_dc, stage + wg * (kABytes / 2), tile_a,
-                                                        stage + kABytes);
-      if (kb > 0) {  // wait_group 1 retired k-block kb-1's batch: its stage is free
-        pipe.consumer_release(release);
-        release.advance<kStages>();
-      }
-      read.advance<kStages>();
-    }
-    // Unconditional (nothing is in flight for an empty tile): a wait only on some paths to
-    // the epilogue makes ptxas inject its own (C7517).
-    wgmma_wait_group<0>();
-    wgmma_fence_operand(acc);
-    if (k_blocks > 0) {
-      pipe.consumer_release(release);
-      release.advance<kStages>();
-    }
+    sm90_tile_mainloop<T, true, true>(acc, pipe, read, release, tile.k_blocks(), stages, tile_dc,
+                                      wg * (kABytes / 2), tile_a);
 
     bool add = p.mode == kWgradAccumulate;
     if (p.mode == kWgradSparse) {
