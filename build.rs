@@ -2,9 +2,10 @@
 //!
 //! - GPU: nvcc builds one fatbin per file (SASS for each arch in `MOE_CUDA_ARCHS`, default
 //!   `80,90`, arch 90 as sm_90a, plus PTX for the lowest) and its ptxas report becomes a
-//!   resource table (registers, shared memory, spills per kernel and arch). Without nvcc the
-//!   crate builds without GPU kernels, with a warning; `MOE_REQUIRE_KERNELS=1` makes that an
-//!   error.
+//!   resource table (registers, shared memory, spills per kernel and arch); both are cached
+//!   in `<target>/moe-nvcc-cache` by content (`build/nvcc.rs`), since this script reruns for
+//!   every emulator variant and profile. Without nvcc the crate builds without GPU kernels,
+//!   with a warning; `MOE_REQUIRE_KERNELS=1` makes that an error.
 //! - Emulator (feature `emulator`): the same files as host C++ with `kernels/emu`
 //!   (`MOE_EMU_SANITIZE=address` for an AddressSanitizer build).
 //!
