@@ -244,6 +244,68 @@ fn wgrad_ignores_dc_of_padding_rows() {
     }
 }
 
+/// A mask list built on the device may hold ids outside [0, E): those entries are skipped on
+/// every path, and only the valid expert's gradient changes (the others keep their bits).
+#[test]
+fn wgrad_skips_mask_entries_outside_the_experts() {
+    let p = Problem::sized(&[5, 9, 3], 16, 24, &mut Rng::new(191));
+    let GemmShape { experts, n, k } = p.shape;
+    for device in devices() {
+        for path in wgrad_paths::<bf16>(&device) {
+            let mut rng = Rng::new(192);
+            let (dc, dc32) = values::<bf16>(&mut rng, p.rows() * n, 0.5);
+            let (a, a32) = values::<bf16>(&mut rng, p.rows() * k, 0.5);
+            let initial = rng.normals(experts * n * k, 1.0);
+            let groups = DeviceGroups::new(&device, &p);
+            let (dc_d, a_d) = (device.upload(&dc).unwrap(), device.upload(&a).unwrap());
+            let mut db = device.upload(&initial).unwrap();
+            let mask = ExpertMask {
+                active: device.upload(&[experts as i32 + 3, 1, -2]).unwrap(),
+                active_count: 3,
+                experts,
+            };
+            gemm::wgrad_on_path(
+                &device,
+                &dc_d,
+                &a_d,
+                ARows::Contiguous,
+                p.shape,
+                &groups.groups(&p),
+                Some(&mask),
+                WgradWrite::Replace,
+                &mut db,
+                path,
+            )
+            .unwrap();
+            let got = device.download(&db).unwrap();
+            let selected = [false, true, false];
+            let want = reference::wgrad(
+                &dc32,
+                &a32,
+                ARows::Contiguous,
+                p.shape,
+                &p.host(),
+                Some(&selected),
+                false,
+                &initial,
+            );
+            let what = format!(
+                "{} wgrad on {path:?} with ids outside the experts",
+                device.description()
+            );
+            assert_close(&what, &got, &want, tolerance::<f32>(9).scaled(4.0));
+            for e in [0, 2] {
+                let range = e * n * k..(e + 1) * n * k;
+                let kept = got[range.clone()]
+                    .iter()
+                    .zip(&initial[range])
+                    .all(|(g, i)| g.to_bits() == i.to_bits());
+                assert!(kept, "{what}: expert {e} was touched");
+            }
+        }
+    }
+}
+
 /// Sparse wgrad as a layer pass uses it, into a random initial dB: call 0 twice (dW1 and dW2 of
 /// one iteration share the flags and the groups) over p0's groups, then call 1 over p1's (other
 /// group sizes). An expert without rows in a call is neither computed nor written (its initial

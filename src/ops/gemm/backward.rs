@@ -51,7 +51,8 @@ impl From<DgradEpilogue> for DgradConfig {
 
 /// The experts whose weight gradients are computed (ESFT, math §8): a device list of the
 /// active expert ids, built once from host booleans, and its host-known count, so [`wgrad`]
-/// launches blocks for active experts only.
+/// launches blocks for active experts only. A list built on the device may hold ids outside
+/// `[0, E)`: those entries are skipped (nothing read or written for them).
 pub struct ExpertMask<B = DeviceBuffer<i32>> {
     pub active: B,
     pub active_count: usize,
