@@ -84,6 +84,34 @@ template <class T> struct Sm90Args {
   }
 };
 
+// A copying producer thread's side of the ring: after issuing (and committing) its cp.async
+// copies of a stage, it waits for those of the stage before (one stage behind, so two stages'
+// copies are in flight), fences them to the async proxy and arrives on that stage's full
+// barrier; finish does the same for the last stage.
+struct CopyLanding {
+  PipelineState landing{0, 0};
+  bool pending = false;
+
+  template <int Stages>
+  __device__ __forceinline__ void copied(TmaPipeline<Stages>& pipe) {
+    cp_async_commit();
+    if (pending) {  // the previous stage's copies: landed, visible to wgmma, announced
+      cp_async_wait<1>();
+      fence_proxy_async_shared_cta();
+      pipe.producer_arrive(landing);
+      landing.advance<Stages>();
+    }
+    pending = true;
+  }
+  template <int Stages>
+  __device__ __forceinline__ void finish(TmaPipeline<Stages>& pipe) {
+    if (!pending) return;
+    cp_async_wait<0>();
+    fence_proxy_async_shared_cta();
+    pipe.producer_arrive(landing);
+  }
+};
+
 // The producer warpgroup: A by cp.async, B by TMA, stage after stage over the CTA's tiles.
 template <bool Dgrad, class T>
 __device__ __forceinline__ void sm90_produce(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe,
@@ -92,8 +120,8 @@ __device__ __forceinline__ void sm90_produce(const Sm90Args<T>& p, TmaPipeline<s
   const unsigned t = threadIdx.x, chunk = t % 8;
   const WgmmaTile tile_a{kTileM, kTileK, SwizzleMode::B128, false};
   const int k_blocks = int((p.depth + kTileK - 1) / kTileK);
-  PipelineState st{0, 0}, landing{0, 0};
-  bool pending = false;
+  PipelineState st{0, 0};
+  CopyLanding landing;
   for (i64 next = blockIdx.x;; next += gridDim.x) {
     const GroupTile g = p.tile(next);
     if (g.e < 0) break;
@@ -128,22 +156,11 @@ __device__ __forceinline__ void sm90_produce(const Sm90Args<T>& p, TmaPipeline<s
         const T* from = inside ? p.a.a + i64(src[i]) * p.a.ld + k : p.a.a;
         cp_async<16>(stage + tile_a.offset(t / 8 + 16 * i, chunk * 8), from, inside ? 16 : 0);
       }
-      cp_async_commit();
-      if (pending) {  // the previous k-block's copies: landed, visible to wgmma, announced
-        cp_async_wait<1>();
-        fence_proxy_async_shared_cta();
-        pipe.producer_arrive(landing);
-        landing.advance<kStages>();
-      }
-      pending = true;
+      landing.copied(pipe);
       st.advance<kStages>();
     }
   }
-  if (pending) {
-    cp_async_wait<0>();
-    fence_proxy_async_shared_cta();
-    pipe.producer_arrive(landing);
-  }
+  landing.finish(pipe);
 }
 
 // One tile's mainloop for a consumer warpgroup: acc = 0, then per k-block wait for the stage,

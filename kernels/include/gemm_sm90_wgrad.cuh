@@ -76,8 +76,8 @@ __device__ __forceinline__ void sm90_wgrad_produce(const Sm90Wgrad<T>& p, TmaPip
   const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const WgmmaTile tile_dc{kTileM, kTileK, SwizzleMode::B128, true};
   const WgmmaTile tile_a{kTileN, kTileK, SwizzleMode::B128, true};
-  PipelineState st{0, 0}, landing{0, 0};
-  bool pending = false;
+  PipelineState st{0, 0};
+  CopyLanding landing;
   for (i64 t = blockIdx.x; t < p.tiles(); t += gridDim.x) {
     const typename Sm90Wgrad<T>::Tile w = p.tile(t);
     if (w.e < 0) continue;
@@ -101,22 +101,11 @@ __device__ __forceinline__ void sm90_wgrad_produce(const Sm90Wgrad<T>& p, TmaPip
                        dc_in ? 16 : 0);
         }
       }
-      cp_async_commit();
-      if (pending) {  // the previous stage's copies: landed, visible to wgmma, announced
-        cp_async_wait<1>();
-        fence_proxy_async_shared_cta();
-        pipe.producer_arrive(landing);
-        landing.advance<kStages>();
-      }
-      pending = true;
+      landing.copied(pipe);
       st.advance<kStages>();
     }
   }
-  if (pending) {
-    cp_async_wait<0>();
-    fence_proxy_async_shared_cta();
-    pipe.producer_arrive(landing);
-  }
+  landing.finish(pipe);
 }
 
 template <class T>
