@@ -71,6 +71,25 @@ __device__ __forceinline__ void store_128(T* p, const T& v) {
 #endif
 }
 
+// One 8-byte store (st.v2 on the GPU; one 64-bit access on the emulator, as store_128).
+template <class T>
+__device__ __forceinline__ void store_64(T* p, const T& v) {
+  static_assert(sizeof(T) == 8, "store_64 moves 8 bytes");
+#ifdef __CUDACC__
+  *p = v;
+#else
+  ::cuemu::check_aligned(p, 8, "store_64");
+  uint64_t bits;
+  memcpy(&bits, &v, 8);
+  *reinterpret_cast<uint64_t*>(p) = bits;
+#endif
+}
+
+// Whether p may take a 16-byte access.
+__device__ __forceinline__ bool aligned_16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
 // Conversions between a stored element (f32, f16, bf16) and the f32 every kernel computes in;
 // to 16 bits they round to nearest even (cvt.rn), like every kernel's store.
 __device__ __forceinline__ float to_f32(float v) { return v; }

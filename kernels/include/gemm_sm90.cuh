@@ -33,14 +33,16 @@
 //     the four m64n256k16 wgmma of its 64 rows as one batch, wait until only that batch is in
 //     flight and release the previous stage (one arrival per warp: 8 per phase). After the
 //     last k-block the accumulators (128 f32 per thread, wgmma's fragment layout) go through
-//     the epilogue straight to global memory, while the producer already fills the next
-//     tile's stages.
+//     the epilogue, each warp through its own 4 KiB staging tile after the ring (64 columns
+//     at a time, stored as 16-byte row segments: epilogue_stage.cuh; the SwiGLU backward
+//     stores from the fragments), while the producer already fills the next tile's stages.
 // Memory traffic: each weight tile read once per row tile of its group (from L2 after the
-//   first), each A row once per column tile, C written once; shared memory is written by TMA
-//   and cp.async and read only by wgmma.
+//   first), each A row once per column tile, C (and GU) written once in whole 32-byte
+//   sectors; the ring is written by TMA and cp.async and read only by wgmma.
 // Contract (checked on the host): f16/bf16, N and K multiples of 8, A (dC) and B 16-byte
 //   aligned, E N < 2^31 (TMA coordinates).
 #pragma once
+#include "epilogue_stage.cuh"
 #include "gemm_group.cuh"
 #include "tma_pipeline.cuh"
 #include "wgmma_tile.cuh"
@@ -51,7 +53,8 @@ constexpr unsigned kBoxRows = 128;                                  // weight ro
 constexpr unsigned kABytes = kTileM * kTileK * 2;                   // 16 KiB
 constexpr unsigned kBoxBytes = kBoxRows * kTileK * 2;               // 16 KiB
 constexpr unsigned kStageBytes = kABytes + 2 * kBoxBytes;           // 48 KiB
-constexpr unsigned kSharedBytes = kStages * kStageBytes + 1024;     // + alignment to the swizzle repeat
+// The ring (+ alignment to the swizzle repeat), then each consumer warp's epilogue staging tile.
+constexpr unsigned kSharedBytes = kStages * kStageBytes + 1024 + 8 * stage::kWarpBytes;
 constexpr unsigned kProducers = 128, kConsumerWarps = 8;
 // Registers per thread after setmaxnreg: the producer keeps its 8 A-row indices and addresses
 // in 56 (40 spills), the consumers get the rest of the 64K: 128 x 56 + 256 x 224 = 168 x 384.
@@ -59,7 +62,7 @@ constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(kProducers * kProducerRegs + 2 * kProducers * kConsumerRegs == 168 * kThreads,
               "setmaxnreg moves registers between the warpgroups, it adds none");
 constexpr int kRowsPerCopier = kTileM * kTileK * 2 / 16 / kProducers;  // 8 rows of one chunk each
-static_assert(kSharedBytes <= 227 * 1024, "the ring fits an H100's shared memory per block");
+static_assert(kSharedBytes <= 227 * 1024, "the ring and the staging tiles fit an H100's shared memory per block");
 }  // namespace sm90
 
 // What the sm_90a kernels need: the forward's or dgrad's operands and epilogue.
@@ -111,6 +114,11 @@ struct CopyLanding {
     pipe.producer_arrive(landing);
   }
 };
+
+// The consumer warps' staging tiles (epilogue_stage.cuh), 4 KiB each, after the ring.
+__device__ __forceinline__ float* sm90_staging(unsigned char* stages) {
+  return reinterpret_cast<float*>(stages + sm90::kStages * sm90::kStageBytes);
+}
 
 // The producer warpgroup: A by cp.async, B by TMA, stage after stage over the CTA's tiles.
 template <bool Dgrad, class T>
@@ -194,12 +202,69 @@ __device__ __forceinline__ void sm90_tile_mainloop(float (&acc)[sm90::kTileN / 2
   }
 }
 
+// A consumer warp's epilogue of one tile: its 16 rows r0.. (the first `rows` of them inside the
+// group) of the accumulators (accumulator 4j + 2 half + i: row g8 + 8 half, column 8j + 2q + i).
+// The plain store (forward and dgrad) and SwiGLU go through the warp's staging tile, 64 columns
+// at a time: 16-byte stores of whole row segments. SwiGLU's output column c0 + j has its gate
+// value in column j and its up value in column 128 + j; GU, when saved, is two more outputs
+// (gate at column c, up at h + c of each 2h row). The SwiGLU backward (dgrad), which reads GU
+// at each element, stores from the fragments.
+template <bool Dgrad, class T>
+__device__ __forceinline__ void sm90_epilogue(const Sm90Args<T>& p, const float (&acc)[sm90::kTileN / 2],
+                                              WarpStage stage, i64 r0, int rows, int col_tile) {
+  using namespace sm90;
+  const int g8 = int(threadIdx.x % 32 / 4), q = int(threadIdx.x % 4);
+  const float s[2] = {g8 < rows ? p.epi.scale(r0 + g8) : 0.0f, g8 + 8 < rows ? p.epi.scale(r0 + g8 + 8) : 0.0f};
+  const Epilogue<T>& epi = p.epi;
+  // The staged piece to columns col0.. of the output.
+  const auto store_out = [&](auto* out, i64 ld, i64 col0) { stage.store_rows(out, ld, r0, rows, col0, p.cols); };
+  if (!Dgrad && p.swiglu()) {
+    const i64 c0 = i64(col_tile) * kBoxRows;
+#pragma unroll
+    for (int piece = 0; piece < 2; ++piece) {
+      const i64 col0 = c0 + 64 * piece;
+      const auto gate = [&](int j, int half, int i) { return acc[4 * (8 * piece + j) + 2 * half + i] * s[half]; };
+      const auto up = [&](int j, int half, int i) { return acc[4 * (8 * piece + j + kTileN / 16) + 2 * half + i] * s[half]; };
+      if (epi.gu != nullptr) {
+        stage.put_fragments(gate);
+        stage.store_rows(epi.gu, 2 * epi.h, r0, rows, col0, epi.h);
+        stage.put_fragments(up);
+        stage.store_rows(epi.gu + epi.h, 2 * epi.h, r0, rows, col0, epi.h);
+      }
+      stage.put_fragments([&](int j, int half, int i) {
+        const float gv = gate(j, half, i);
+        return gv * sigmoidf_(gv) * up(j, half, i);
+      });
+      if (epi.out_f32) store_out(static_cast<float*>(epi.out), epi.ld, col0);
+      else store_out(static_cast<T*>(epi.out), epi.ld, col0);
+    }
+  } else if (epi.mode == EPI_STORE) {
+    const i64 c0 = i64(col_tile) * kTileN;
+#pragma unroll
+    for (int piece = 0; piece < kTileN / 64; ++piece) {
+      stage.put_fragments([&](int j, int half, int i) { return acc[4 * (8 * piece + j) + 2 * half + i] * s[half]; });
+      if (epi.out_f32) store_out(static_cast<float*>(epi.out), epi.ld, c0 + 64 * piece);
+      else store_out(static_cast<T*>(epi.out), epi.ld, c0 + 64 * piece);
+    }
+  } else if constexpr (Dgrad) {  // the SwiGLU backward, element by element
+    const i64 c0 = i64(col_tile) * kTileN;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (g8 + 8 * half >= rows) continue;
+#pragma unroll
+      for (int j = 0; j < kTileN / 8; ++j)
+        epi.adjacent(r0 + g8 + 8 * half, c0 + 8 * j + 2 * q, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1], s[half],
+                     p.cols);
+    }
+  }
+}
+
 // The consumer warpgroups: wgmma over each tile's stages, then the epilogue.
 template <bool Dgrad, class T>
 __device__ __forceinline__ void sm90_consume(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe,
-                                             const unsigned char* stages) {
+                                             const unsigned char* stages, float* staging) {
   using namespace sm90;
-  const unsigned wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, w = t / 32, g8 = t % 32 / 4, q = t % 4;
+  const unsigned wg = threadIdx.x / 128 - 1, w = threadIdx.x % 128 / 32;
   const WgmmaTile tile_a{64, kTileK, SwizzleMode::B128, false};
   const WgmmaTile tile_b{kTileN, kTileK, SwizzleMode::B128, Dgrad};  // dgrad: MN-major
   const int k_blocks = int((p.depth + kTileK - 1) / kTileK);
@@ -211,28 +276,9 @@ __device__ __forceinline__ void sm90_consume(const Sm90Args<T>& p, TmaPipeline<s
     sm90_tile_mainloop<T, false, Dgrad>(acc, pipe, read, release, k_blocks, stages, tile_a, wg * (kABytes / 2),
                                         tile_b);
 
-    // Rows 16w + g8 (+ 8) of this warpgroup's 64; accumulator 4j + i is column 8j + 2q + i % 2.
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const i64 r = g.row0 + 64 * wg + 16 * w + g8 + 8 * half;
-      if (r >= g.row_end) continue;
-      const float s = p.epi.scale(r);
-      if (!Dgrad && p.swiglu()) {
-        const i64 c0 = i64(g.col) * kBoxRows;
-#pragma unroll
-        for (int j = 0; j < kTileN / 16; ++j)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const i64 c = c0 + 8 * j + 2 * q + i;
-            if (c < p.cols) p.epi.pair(r, c, acc[4 * j + 2 * half + i], acc[4 * (j + kTileN / 16) + 2 * half + i], s);
-          }
-      } else {  // the plain store, or dgrad's (plain, or the SwiGLU backward per element)
-        const i64 c0 = i64(g.col) * kTileN;
-#pragma unroll
-        for (int j = 0; j < kTileN / 8; ++j)
-          p.epi.adjacent(r, c0 + 8 * j + 2 * q, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1], s, p.cols);
-      }
-    }
+    const i64 r0 = g.row0 + 64 * wg + 16 * w;  // this warp's 16 rows
+    const int rows = int(r0 < g.row_end ? (g.row_end - r0 < 16 ? g.row_end - r0 : 16) : 0);
+    if (rows > 0) sm90_epilogue<Dgrad>(p, acc, WarpStage{staging + (4 * wg + w) * (stage::kWarpBytes / 4)}, r0, rows, g.col);
   }
 }
 
@@ -248,6 +294,6 @@ __device__ __forceinline__ void grouped_gemm_sm90(const Sm90Args<T>& p, TmaPipel
     sm90_produce<Dgrad>(p, pipe, stages);
   } else {
     setmaxnreg<true, sm90::kConsumerRegs>();
-    sm90_consume<Dgrad>(p, pipe, stages);
+    sm90_consume<Dgrad>(p, pipe, stages, sm90_staging(stages));
   }
 }

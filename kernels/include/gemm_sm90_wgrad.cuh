@@ -23,12 +23,13 @@
 //     behind, wait, fence.proxy.async and arrive on the stage's full barrier (128 arrivals,
 //     no TMA).
 //   warpgroups 1-2, the consumers (setmaxnreg.inc 224): as in gemm_sm90.cuh, m64n256k16 with
-//     both operands transposed (MN-major), one batch in flight; then the epilogue writes dB
-//     rows n0 + 64w + 16 warp + g (+ 8), two adjacent f32 per thread and store where aligned,
-//     replaced or added (Sparse: one lane per warp marks written[e] and learns which).
+//     both operands transposed (MN-major), one batch in flight; then each warp sends its 16
+//     rows of dB (n0 + 64w + 16 warp ..) through its staging tile (epilogue_stage.cuh), 64
+//     columns at a time, as 16-byte row segments, replaced or added (Sparse: one lane per warp
+//     marks written[e] and learns which).
 // Memory traffic: dC_e read once per k tile and A_e once per n tile (from L2 after the first:
 //   the tiles of one expert are adjacent in the schedule), dB written (or read and written)
-//   once; nothing for a skipped tile.
+//   once in whole sectors; nothing for a skipped tile.
 // Contract (checked on the host): f16/bf16, N and K multiples of 8, dC and A 16-byte aligned.
 #pragma once
 #include "gemm_sm90.cuh"
@@ -110,9 +111,10 @@ __device__ __forceinline__ void sm90_wgrad_produce(const Sm90Wgrad<T>& p, TmaPip
 
 template <class T>
 __device__ __forceinline__ void sm90_wgrad_consume(const Sm90Wgrad<T>& p, TmaPipeline<sm90::kStages>& pipe,
-                                                   const unsigned char* stages) {
+                                                   const unsigned char* stages, float* staging) {
   using namespace sm90;
-  const unsigned wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, w = t / 32, g8 = t % 32 / 4, q = t % 4;
+  const unsigned wg = threadIdx.x / 128 - 1, t = threadIdx.x % 128, w = t / 32;
+  const WarpStage warp_stage{staging + (4 * wg + w) * (stage::kWarpBytes / 4)};
   const WgmmaTile tile_dc{64, kTileK, SwizzleMode::B128, true};
   const WgmmaTile tile_a{kTileN, kTileK, SwizzleMode::B128, true};
   PipelineState read{0, 0}, release{0, 0};
@@ -129,31 +131,15 @@ __device__ __forceinline__ void sm90_wgrad_consume(const Sm90Wgrad<T>& p, TmaPip
       if (t % 32 == 0) added = wgrad_mark_written(p.written, tile.e, p.call);
       add = __shfl_sync(0xffffffffu, added, 0) != 0;
     }
+    // This warp's 16 rows of dB_e through its staging tile, 64 columns at a time.
+    const i64 r0 = tile.n0 + 64 * wg + 16 * w;
+    const int rows = int(r0 < p.n ? (p.n - r0 < 16 ? p.n - r0 : 16) : 0);
+    if (rows == 0) continue;
     float* dbe = p.db + i64(tile.e) * p.n * p.kdim;
-    // Rows 16w + g8 (+ 8) of this warpgroup's 64; accumulator 4j + i is column 8j + 2q + i % 2.
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const i64 row = tile.n0 + 64 * wg + 16 * w + g8 + 8 * half;
-      if (row >= p.n) continue;
-#pragma unroll
-      for (int j = 0; j < kTileN / 8; ++j) {
-        const i64 col = tile.k0 + 8 * j + 2 * q;
-        if (col >= p.kdim) continue;  // K is a multiple of 8: col + 1 is inside too
-        float* out = dbe + row * p.kdim + col;
-        float v0 = acc[4 * j + 2 * half], v1 = acc[4 * j + 2 * half + 1];
-        if (reinterpret_cast<uintptr_t>(out) % 8 == 0) {
-          float2* pair = reinterpret_cast<float2*>(out);
-          if (add) {
-            const float2 old = *pair;
-            v0 += old.x;
-            v1 += old.y;
-          }
-          *pair = make_float2(v0, v1);
-        } else {  // db is a view at an odd element
-          out[0] = add ? out[0] + v0 : v0;
-          out[1] = add ? out[1] + v1 : v1;
-        }
-      }
+    for (int piece = 0; piece < kTileN / 64; ++piece) {
+      warp_stage.put_fragments([&](int j, int half, int i) { return acc[4 * (8 * piece + j) + 2 * half + i]; });
+      warp_stage.store_rows(dbe, p.kdim, r0, rows, tile.k0 + 64 * piece, p.kdim, add);
     }
   }
 }
@@ -169,6 +155,6 @@ __device__ __forceinline__ void grouped_gemm_wgrad_sm90(const Sm90Wgrad<T>& p, T
     sm90_wgrad_produce(p, pipe, stages);
   } else {
     setmaxnreg<true, sm90::kConsumerRegs>();
-    sm90_wgrad_consume(p, pipe, stages);
+    sm90_wgrad_consume(p, pipe, stages, sm90_staging(stages));
   }
 }

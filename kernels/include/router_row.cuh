@@ -135,7 +135,3 @@ __device__ __forceinline__ RowSoftmax row_softmax_global(const float* row, int E
   s.sum = warp_sum(sum);
   return s;
 }
-
-__device__ __forceinline__ bool aligned_16(const void* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
-}

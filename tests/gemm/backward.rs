@@ -2,11 +2,12 @@
 //! gathered A) on every device against the reference, plus finite differences of a whole
 //! SwiGLU expert layer in f32.
 use super::common::{Rng, assert_close, devices};
-use super::forward::hopper_takes;
+use super::forward::{assert_staged_epilogue, hopper_takes};
 use super::unaligned::{ALIGNED_INPUTS_ODD_OUTPUTS, Offsets, dgrad_at};
 use super::{DeviceGroups, Problem, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::Device;
+use moe_kernels::device::EmulatorDevice;
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gemm::{
     self, ARows, DgradConfig, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, GemmPath, GemmShape, WgradWrite,
@@ -622,5 +623,29 @@ fn finite_differences_of_a_swiglu_expert_layer() {
             let tol = super::common::Tolerance { atol: 2e-3, rtol: 2e-3 };
             assert_close(&format!("{} d(input {which})", device.description()), got, &want, tol);
         }
+    }
+}
+
+/// In the profiling build: dgrad's plain store and wgrad's dB (accumulated into) leave the
+/// sm_90a kernels through the staging tiles, in whole sectors without bank conflicts.
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn hopper_dgrad_and_wgrad_epilogues_store_whole_sectors() {
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let p = Problem::sized(&[32, 0, 16], 128, 256, &mut Rng::new(261));
+    let hopper = DgradConfig {
+        epilogue: DgradEpilogue::Store,
+        path: GemmPath::Hopper,
+    };
+    dgrad_at::<bf16, bf16>(&device, &p, hopper, true, Offsets::default(), 262).unwrap();
+    check_wgrad_on::<bf16>(&device, &p, ARows::Contiguous, None, true, 263, GemmPath::Hopper);
+    let profiles = emulator.take_profiles();
+    for kernel in ["grouped_gemm_dgrad_sm90_bf16", "grouped_gemm_wgrad_sm90_bf16"] {
+        let profile = profiles.iter().find(|p| p.kernel == kernel);
+        assert_staged_epilogue(profile.unwrap_or_else(|| panic!("{kernel} ran")));
     }
 }

@@ -3,6 +3,8 @@ use super::common::{Rng, assert_close, devices};
 use super::{DeviceGroups, Problem, to_f32, tolerance, values};
 use half::{bf16, f16};
 use moe_kernels::Device;
+use moe_kernels::device::EmulatorDevice;
+use moe_kernels::device::profile::{Access, MemoryProfile, Space};
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::gemm::{self, ARows, Epilogue, ForwardConfig, GemmPath, forward_out_len};
 use moe_kernels::reference::gemm as reference;
@@ -148,8 +150,10 @@ fn group_sizes_0_1_7_16_129_on_every_path() {
 
 #[test]
 fn gathered_swiglu_with_weights_and_saved_gate_up() {
-    // 40 tokens, top-2 of 6 experts, groups padded to 8 with -1 rows; W1 [6, 2h = 48, 32].
-    let p = Problem::routed(40, 2, 6, 8, 48, 32, &mut Rng::new(2));
+    // 40 tokens, top-2 of 6 experts, groups padded to 8 with -1 rows; W1 [6, 2h = 40, 32]:
+    // h = 20 ends inside a 16-byte segment of a 16-bit output row (the staged epilogue's last
+    // segment of each row goes element by element).
+    let p = Problem::routed(40, 2, 6, 8, 40, 32, &mut Rng::new(2));
     let case = |path| Case {
         a_rows: p.gathered(),
         epilogue: Epilogue::SwiGlu,
@@ -329,4 +333,77 @@ fn hopper_tiles_in_every_dimension() {
         check::<f16, f32>(&device, &swiglu, case, 98);
         check::<bf16, bf16>(&device, &swiglu, case, 99);
     }
+}
+
+/// The profile of an sm_90a launch whose epilogue went through the warps' staging tiles
+/// (epilogue_stage.cuh), on shapes whose rows come in 16s and columns in 64s (no partial
+/// segment): every global store fills whole 32-byte sectors, and the tile's fragment writes
+/// (8 bytes a lane) and row reads (16 bytes a lane) have the least bank-conflict degree the
+/// emulator's model allows (2 and 4: the distinct words per bank over the warp's request).
+pub fn assert_staged_epilogue(profile: &MemoryProfile) {
+    let stores = profile.traffic(Space::Global, Access::Store);
+    assert!(stores.requests > 0, "{}: no global stores", profile.kernel);
+    assert_eq!(
+        stores.sectors * 32,
+        stores.bytes,
+        "{}: whole sectors: {stores:?}",
+        profile.kernel
+    );
+    let (mut fragment_writes, mut row_reads) = (0, 0);
+    for site in profile.sites.iter().filter(|s| s.space == Space::Shared) {
+        let t = &site.traffic;
+        match (site.access, t.bytes / t.lane_accesses.max(1)) {
+            (Access::Store, 8) => {
+                assert_eq!(
+                    t.bank_degree_sum,
+                    2 * t.requests,
+                    "{}: fragment writes: {t:?}",
+                    profile.kernel
+                );
+                fragment_writes += t.requests;
+            }
+            (Access::Load, 16) => {
+                assert_eq!(
+                    t.bank_degree_sum,
+                    4 * t.requests,
+                    "{}: row reads: {t:?}",
+                    profile.kernel
+                );
+                row_reads += t.requests;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        fragment_writes > 0 && row_reads > 0,
+        "{}: no staging tile",
+        profile.kernel
+    );
+}
+
+/// In the profiling build: the sm_90a forward's staged epilogue (`assert_staged_epilogue`) for
+/// the plain store (bf16 and f32 outputs) and SwiGLU with row weights and GU saved (its three
+/// outputs).
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn hopper_epilogue_stores_whole_sectors_without_bank_conflicts() {
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let p = Problem::sized(&[32, 0, 16], 256, 64, &mut Rng::new(231));
+    run::<bf16, bf16>(&device, &p, Case::plain(GemmPath::Hopper), 232);
+    run::<bf16, f32>(&device, &p, Case::plain(GemmPath::Hopper), 233);
+    let swiglu = Case {
+        epilogue: Epilogue::SwiGlu,
+        weights: true,
+        save_gu: true,
+        ..Case::plain(GemmPath::Hopper)
+    };
+    run::<bf16, bf16>(&device, &p, swiglu, 234);
+    let profiles = emulator.take_profiles();
+    let kernels: Vec<&str> = profiles.iter().map(|p| p.kernel.as_str()).collect();
+    assert_eq!(kernels, ["grouped_gemm_fwd_sm90_bf16"; 3]);
+    profiles.iter().for_each(assert_staged_epilogue);
 }

@@ -16,7 +16,8 @@ const TILE_N: usize = 256;
 const BOX_ROWS: usize = 128;
 const TILE_K: u32 = 64;
 const THREADS: u32 = 384;
-const SHARED_BYTES: u32 = 4 * (128 * 64 * 2 + 2 * 128 * 64 * 2) + 1024;
+/// The ring of 4 stages (+ alignment), then each consumer warp's 4 KiB epilogue staging tile.
+const SHARED_BYTES: u32 = 4 * (128 * 64 * 2 + 2 * 128 * 64 * 2) + 1024 + 8 * 16 * 64 * 4;
 
 /// Which sm_90a kernel: the forward (its column tiles are 256 output columns, or 128 for
 /// SwiGLU's gate and up rows) or dgrad (256 columns of K).
