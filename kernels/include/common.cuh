@@ -57,32 +57,31 @@ __device__ __forceinline__ T load_128(const T* p) {
   return v;
 #endif
 }
+// One store of sizeof(T) = 8 or 16 bytes (st.v2 / st.v4 on the GPU; one access of that width
+// on the emulator, which fails the launch on a misaligned p).
+template <class T>
+__device__ __forceinline__ void store_wide(T* p, const T& v) {
+  constexpr int kBytes = int(sizeof(T));
+  static_assert(kBytes == 8 || kBytes == 16, "a wide store moves 8 or 16 bytes");
+#ifdef __CUDACC__
+  *p = v;
+#else
+  ::cuemu::check_aligned(p, kBytes, kBytes == 16 ? "store_128" : "store_64");
+  typedef int bits_t __attribute__((vector_size(kBytes)));
+  bits_t bits;
+  memcpy(&bits, &v, kBytes);
+  *reinterpret_cast<bits_t*>(p) = bits;
+#endif
+}
 template <class T>
 __device__ __forceinline__ void store_128(T* p, const T& v) {
   static_assert(sizeof(T) == 16, "store_128 moves 16 bytes");
-#ifdef __CUDACC__
-  *p = v;
-#else
-  ::cuemu::check_aligned(p, 16, "store_128");
-  typedef int bits128 __attribute__((vector_size(16)));
-  bits128 bits;
-  memcpy(&bits, &v, 16);
-  *reinterpret_cast<bits128*>(p) = bits;
-#endif
+  store_wide(p, v);
 }
-
-// One 8-byte store (st.v2 on the GPU; one 64-bit access on the emulator, as store_128).
 template <class T>
 __device__ __forceinline__ void store_64(T* p, const T& v) {
   static_assert(sizeof(T) == 8, "store_64 moves 8 bytes");
-#ifdef __CUDACC__
-  *p = v;
-#else
-  ::cuemu::check_aligned(p, 8, "store_64");
-  uint64_t bits;
-  memcpy(&bits, &v, 8);
-  *reinterpret_cast<uint64_t*>(p) = bits;
-#endif
+  store_wide(p, v);
 }
 
 // Whether p may take a 16-byte access.
