@@ -7,6 +7,7 @@ mod common;
 use common::{AtOffset, Rng, Tolerance, assert_close, devices, view_offset};
 use moe_kernels::device::EmulatorDevice;
 use moe_kernels::device::profile::{Access, Space};
+use moe_kernels::ops::dispatch::{CountedMap, MapConfig, RoutingMap};
 use moe_kernels::ops::router::{
     self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder, ZLossWorkspace,
 };
@@ -439,6 +440,92 @@ fn select_ties_and_nonfinite_rows() {
         let mut counter = device.upload(&[10u32]).unwrap();
         router::select(&device, &config, &z, NO_BIAS, &mut ids, &mut weights, &mut counter).unwrap();
         assert_eq!(device.download(&counter).unwrap(), [14]);
+    }
+}
+
+/// Non-finite rows beside finite ones in the same warp, at every lanes-per-row width (E = 48,
+/// 200, 700: 2, 8 and 32 lanes a row), for each option whose weights need a sum over the row's
+/// lanes (renormalize, topk_then_softmax): a non-finite row's lanes still join every warp-wide
+/// shuffle (an early return left the other rows' lanes waiting in it while its own went on to
+/// the counted kernel's block barrier: a deadlock), and every row matches the reference, in the
+/// plain and the counted kernel alike.
+#[test]
+fn nonfinite_rows_beside_finite_rows_with_row_sums() {
+    let configs = |experts| {
+        [
+            RouterConfig {
+                experts,
+                k: 4,
+                score: ScoreFunction::Sigmoid,
+                renormalize: true,
+                ..RouterConfig::default()
+            },
+            RouterConfig {
+                experts,
+                k: 4,
+                order: SelectionOrder::TopkThenSoftmax,
+                ..RouterConfig::default()
+            },
+            RouterConfig {
+                experts,
+                k: 4,
+                renormalize: true,
+                ..RouterConfig::default()
+            },
+        ]
+    };
+    let mut rng = Rng::new(1013);
+    for device in devices() {
+        for experts in [48, 200, 700] {
+            let tokens = 20;
+            let mut logits = rng.normals(tokens * experts, 2.0);
+            for (t, row) in logits.chunks_mut(experts).enumerate() {
+                match t % 5 {
+                    1 => row[t % experts] = f32::NAN,
+                    3 => row[experts - 1] = f32::INFINITY,
+                    _ => {}
+                }
+            }
+            for config in configs(experts) {
+                let got = run_select(&device, &config, &logits, None);
+                assert_eq!(got.nonfinite_rows, 8, "{config:?}");
+                check_selection(&config, &logits, None, &got);
+                // The counted kernel: after the selection its lanes meet at block barriers,
+                // where a lane that skipped a shuffle would leave its warp waiting.
+                let map_config = MapConfig::new(experts);
+                let mut map = RoutingMap::alloc(&device, tokens, 4, &map_config).unwrap();
+                let mut workspace = device
+                    .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, 4).unwrap())
+                    .unwrap();
+                let mut target = CountedMap {
+                    config: &map_config,
+                    map: &mut map,
+                    workspace: &mut workspace,
+                };
+                let z = device.upload(&logits).unwrap();
+                let mut ids = device.alloc_zeros::<i32>(tokens * 4).unwrap();
+                let mut weights = device.alloc_zeros::<f32>(tokens * 4).unwrap();
+                let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+                router::select_counted(
+                    &device,
+                    &config,
+                    &z,
+                    NO_BIAS,
+                    &mut ids,
+                    &mut weights,
+                    &mut nonfinite,
+                    Some(&mut target),
+                )
+                .unwrap_or_else(|e| panic!("{config:?}: {e}"));
+                assert_eq!(device.download(&ids).unwrap(), got.ids, "{config:?}");
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&device.download(&weights).unwrap()),
+                    bits(&got.weights),
+                    "{config:?}"
+                );
+            }
+        }
     }
 }
 

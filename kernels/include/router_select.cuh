@@ -143,9 +143,8 @@ __device__ __forceinline__ void selected_weights(const SelectOptions& o, const R
                                                  const bool (&active)[RowLanes<L>::V],
                                                  SelectedWeights (&w)[RowLanes<L>::V]) {
   using Row = RowLanes<L>;
-#pragma unroll
-  for (int j = 0; j < Row::V; ++j) w[j] = SelectedWeights{0.0f, 1.0f, 0.0f};
-  if (s.nonfinite) return;
+  // No early return for a non-finite row: its lanes share warps with other rows' lanes, and
+  // every sum below is a full-warp shuffle all of them must reach. Its weights are set last.
   float terms[Row::V];
   if (o.score == kSoftmax && o.topk_first) {
     float top = -INFINITY;
@@ -158,20 +157,24 @@ __device__ __forceinline__ void selected_weights(const SelectOptions& o, const R
 #pragma unroll
     for (int j = 0; j < Row::V; ++j)
       w[j] = SelectedWeights{terms[j], denom, terms[j] > 0.0f ? terms[j] / denom : 0.0f};
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int j = 0; j < Row::V; ++j) {
-    terms[j] = !active[j] ? 0.0f
-               : o.score == kSigmoid ? sigmoid(z[j])
-               : o.score == kNone    ? z[j]
-                                     : row_softmax_prob(s, z[j]);
-    w[j] = SelectedWeights{terms[j], 1.0f, terms[j]};
-  }
-  if (o.renormalize) {
-    const float denom = Row::sum(terms) + kRenormEpsilon;
+    for (int j = 0; j < Row::V; ++j) {
+      terms[j] = !active[j] ? 0.0f
+                 : o.score == kSigmoid ? sigmoid(z[j])
+                 : o.score == kNone    ? z[j]
+                                       : row_softmax_prob(s, z[j]);
+      w[j] = SelectedWeights{terms[j], 1.0f, terms[j]};
+    }
+    if (o.renormalize) {
+      const float denom = Row::sum(terms) + kRenormEpsilon;
 #pragma unroll
-    for (int j = 0; j < Row::V; ++j) w[j] = SelectedWeights{terms[j], denom, terms[j] / denom};
+      for (int j = 0; j < Row::V; ++j) w[j] = SelectedWeights{terms[j], denom, terms[j] / denom};
+    }
+  }
+  if (s.nonfinite) {
+#pragma unroll
+    for (int j = 0; j < Row::V; ++j) w[j] = SelectedWeights{0.0f, 1.0f, 0.0f};
   }
 }
 
