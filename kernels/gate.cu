@@ -29,8 +29,12 @@
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
 //   gate_decode_<form>_<dtype>   the forward for T <= 64 (every form but full): a warp per
 //                                slice of an expert's rows (gate_decode.cuh)
+//   gate_route_linear_<dtype>_e<N>   the linear f16/bf16 forward with the router's top-k
+//                                selection (and the routing map's count) fused, E <= 128
+#include "include/dispatch_map.cuh"
 #include "include/gate_decode.cuh"
 #include "include/gate_mma.cuh"
+#include "include/router_select.cuh"
 
 // The f32 FMA tile of one form: per expert NC adjacent columns, left projections
 // (U, K or A rows) of the chunk first, then right ones (V), then the linear row (W or B).
@@ -236,6 +240,76 @@ extern "C" __global__ void gate_scores_full_f16(GATE_SCORES_PARAMS(__half)) { GA
 EMU_EXPORT(gate_scores_full_f16)
 extern "C" __global__ void gate_scores_full_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Full); }
 EMU_EXPORT(gate_scores_full_bf16)
+
+// gate_route_linear_<dtype>_e<N>: the linear gate's tensor-core forward with the router's
+// selection, and optionally the routing map's counting pass, in one launch: E <= 128, so one
+// block holds every expert of its 64 tokens (N = 32, 64 or 128 >= E: the selection's row width).
+// Algorithm: gate_scores_mma_body writes the block's 64 x E logits to z; a block barrier makes
+//   them visible to the whole block; then each row of the tile is selected exactly as
+//   router_select_e<N>_f32 selects it (select_row, reading the row back from L1/L2), so z, ids
+//   and weights have the bits of the two launches. With a map workspace, each selected slot is
+//   counted and the last block finishes the count, as router_select_counted_e<N>_f32 does.
+// Mapping: the gate's; then in two passes of 32 rows thread i is lane i % 8 of row
+//   t0 + 32 pass + i / 8: 8 lanes a row, each holding N / 8 of its slots (router_select_e<N>_f32
+//   gives a row N / 32 lanes; the sums have the same bits at any lanes a row, router_select.cuh).
+//   At most 16 slots a lane keep the kernel at 83-94 registers (sm_80, sm_90a; no spills),
+//   2 blocks per SM by its launch bounds (32 slots took 128 and spilled on sm_80). Rows past T
+//   are not live.
+// Traffic: the gate's, plus z re-read once (L2-hot); ids and weights written once.
+// Launch: grid (ceil(T / 64), 1), 256 threads, the linear mma gate's dynamic shared bytes (and
+//   at least (local_experts + 1) ints when counting). Parameters: GATE_SCORES_PARAMS; the router
+//   bias (select_bias) and k; the selection's after k (ROUTER_SELECT_PARAMS); the count's
+//   (router_select_counted_e<N>_f32), map_workspace null for no count.
+#define GATE_ROUTE_PARAMS(T)                                                                     \
+  GATE_SCORES_PARAMS(T), const float *select_bias, int k, int score, int topk_first, int renormalize, \
+      float scale, int groups, int topk_groups, int *ids, float *weights, unsigned *nonfinite_rows,  \
+      int *map_workspace, int tile_slots, int expert_begin, int local_experts, int align, int *counts, \
+      int *offsets, int *status
+template <class T, int N>
+__device__ __forceinline__ void gate_route_linear(GATE_ROUTE_PARAMS(T)) {
+  constexpr int L = 8, ROWS_PER_PASS = GATE_THREADS / L;  // 8 lanes a row, 32 rows a pass
+  __shared__ int scratch[32];
+  __shared__ int last_block;
+  __shared__ int dropped;
+  gate_scores_mma_body<T, Form::Linear>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts,
+                                        rank);
+  __syncthreads();  // the tile's z rows are written and visible to the block
+  const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
+  const MapShape m{ids, int(tokens), k, experts, expert_begin, local_experts};
+#pragma unroll 1
+  for (int pass = 0; pass < GATE_BM / ROWS_PER_PASS; ++pass) {
+    const i64 row = i64(blockIdx.x) * GATE_BM + pass * ROWS_PER_PASS + int(threadIdx.x) / L;
+    const bool live = row < tokens;
+    select_row<N / kWarp, L>(z, select_bias, live ? row : 0, live, experts, k, o, groups, topk_groups, ids, weights,
+                             nonfinite_rows);
+    if (map_workspace != nullptr && live)
+      for (int r = threadIdx.x % L; r < k; r += L)
+        count_slot(m, int(row) * k + r, tile_slots, map_workspace + MAP_WORKSPACE_HEADER);
+  }
+  if (map_workspace == nullptr) return;  // uniform over the grid
+  DYN_SHARED(int, totals);  // the gate's tiles are done with (the barrier above)
+  const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);
+  finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block, &dropped, counts,
+               offsets, status);
+}
+#define GATE_ROUTE(T, NAME, N)                                                                   \
+  extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) NAME(GATE_ROUTE_PARAMS(T)) {     \
+    gate_route_linear<T, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, score, \
+                            topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows, \
+                            map_workspace, tile_slots, expert_begin, local_experts, align, counts, offsets, status); \
+  }
+GATE_ROUTE(__half, gate_route_linear_f16_e32, 32)
+EMU_EXPORT(gate_route_linear_f16_e32)
+GATE_ROUTE(__half, gate_route_linear_f16_e64, 64)
+EMU_EXPORT(gate_route_linear_f16_e64)
+GATE_ROUTE(__half, gate_route_linear_f16_e128, 128)
+EMU_EXPORT(gate_route_linear_f16_e128)
+GATE_ROUTE(__nv_bfloat16, gate_route_linear_bf16_e32, 32)
+EMU_EXPORT(gate_route_linear_bf16_e32)
+GATE_ROUTE(__nv_bfloat16, gate_route_linear_bf16_e64, 64)
+EMU_EXPORT(gate_route_linear_bf16_e64)
+GATE_ROUTE(__nv_bfloat16, gate_route_linear_bf16_e128, 128)
+EMU_EXPORT(gate_route_linear_bf16_e128)
 
 // gate_decode_<form>_<dtype>: GATE_SCORES_PARAMS, then slices (gate_decode.cuh). Launch:
 // grid (ceil(E slices / 8), ceil(T / TOKENS)), 256 threads, no dynamic shared memory.

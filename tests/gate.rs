@@ -3,6 +3,8 @@
 mod common;
 #[path = "gate/decode.rs"]
 mod decode;
+#[path = "gate/route.rs"]
+mod route;
 
 use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices, view_offset};
 use half::{bf16, f16};

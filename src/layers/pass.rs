@@ -163,17 +163,18 @@ impl<T: FloatElement> Pass<'_, T> {
         };
         if by_router {
             let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
-            gate::scores(device, &gate_shape, &self.router.weights(), x, &mut z)?;
-            let z = prefix("z", &saved.z, s.tokens * s.experts)?;
             let mut ids = prefix_mut("ids", &mut saved.ids, s.slots)?;
             let mut weights = prefix_mut("weights", &mut saved.weights, s.slots)?;
             let bias = self.router.bias.as_ref();
             let nonfinite = &mut scratch.nonfinite_rows;
             let target = counted.then_some(&mut target);
-            router::select_counted(
+            gate::scores_and_select(
                 device,
+                &gate_shape,
+                &self.router.weights(),
+                x,
+                &mut z,
                 &router_config,
-                &z,
                 bias,
                 &mut ids,
                 &mut weights,

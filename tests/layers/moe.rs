@@ -52,6 +52,33 @@ fn sixteen_bit_layers_match_the_reference() {
     }
 }
 
+/// A 16-bit linear router above the decode threshold (T > 64, E <= 128) routes in one launch
+/// (`gate::scores_and_select`: the gate's tiles with the selection and the map's count fused):
+/// the routed forward takes 5 launches instead of 6, the fused kernel runs, and forward and
+/// backward match the reference.
+#[test]
+fn sixteen_bit_linear_router_routes_in_one_launch() {
+    for device in devices() {
+        let config = MoeConfig {
+            max_tokens: 100,
+            ..small(RouterKind::Linear)
+        };
+        let case = Case::new::<bf16>(config, 100, 12);
+        let mut layer = MoeLayer::<bf16>::new(&device, config, &case.weights).unwrap();
+        let x = device.upload(&to_t::<bf16>(&case.x)).unwrap();
+        let mut y = device.alloc_zeros::<bf16>(case.x.len()).unwrap();
+        let before = device.stats();
+        layer.forward(&x, case.tokens, &mut y).unwrap();
+        let after = device.stats();
+        assert_eq!(after.launches - before.launches, 5, "forward launches");
+        assert_eq!(after.host_syncs, before.host_syncs);
+        let fused = format!("gate_route_linear_bf16_e{}", config.experts.next_power_of_two().max(32));
+        assert!(device.launch_configs().contains_key(fused.as_str()), "{fused} ran");
+        let run = run(&device, &mut layer, &case);
+        check_against_reference::<bf16>("bf16, T = 100", &case, &run, None);
+    }
+}
+
 #[test]
 fn capacity_drops_slots_like_the_reference() {
     for device in devices() {

@@ -203,6 +203,14 @@ impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
     }
 }
 
+/// The count's parameters (in [`CountedMap::count_args`]'s order) of a kernel whose count is
+/// optional, for no count: null pointers and zeros, a null `map_workspace` saying so.
+pub(crate) fn no_count_args(args: KernelArgs<'_>) -> KernelArgs<'_> {
+    let args = args.scalar(0u64); // map_workspace
+    let args = (0..4).fold(args, |args, _| args.scalar(0i32)); // tile_slots, expert_begin, local_experts, align
+    (0..3).fold(args, |args, _| args.scalar(0u64)) // counts, offsets, status
+}
+
 /// Completes a [`CountedMap`] whose count ran with these `ids` (`[tokens, k]`): ranks and places
 /// every slot. One launch, no host sync. Called after another count (other ids or shapes), or
 /// none, the map is wrong but every write stays inside its buffers.

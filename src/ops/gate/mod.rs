@@ -47,8 +47,10 @@
 //! element by element.
 
 mod backward;
+mod route;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
+pub use route::{ROUTE_MAX_EXPERTS, route_is_fused, scores_and_select};
 
 use super::{Dyn, DynMut, FloatElement, check_len, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
@@ -447,10 +449,8 @@ pub fn scores_on_path<T: FloatElement>(
     z: &mut impl DeviceSliceMut<f32>,
     path: GatePath,
 ) -> Result<()> {
-    weights.validate(shape)?;
-    let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
-    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
-    check_len("z", z, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))?;
+    check_scores(shape, weights, x, z)?;
+    let (t, e) = (shape.tokens, shape.experts);
     let form = weights.form();
     let decode = match path {
         GatePath::Auto => form != GateForm::Full && t <= DECODE_MAX_TOKENS,
@@ -467,7 +467,6 @@ pub fn scores_on_path<T: FloatElement>(
     if t == 0 {
         return Ok(());
     }
-    let o = weights.operands();
     let config = if decode {
         LaunchConfig {
             grid: (
@@ -484,9 +483,40 @@ pub fn scores_on_path<T: FloatElement>(
     } else {
         scoring_config(form, shape, ScoringTile::Forward)?
     };
-    // SAFETY of the argument list: the order and types of GATE_SCORES_PARAMS in gate.cu
-    // (x, left, right, query, lin, bias, z, tokens, d, experts, rank), then the decode kernels'
-    // slices; lengths checked above.
+    let o = weights.operands();
+    // GATE_SCORES_PARAMS, then the decode kernels' slices.
+    let args = scores_args(device, shape, form, &o, x, z);
+    if decode {
+        let args = args.scalar(decode_slices(t) as i32);
+        return device.launch(&format!("gate_decode_{}_{}", form.kernel_name(), T::NAME), config, args);
+    }
+    device.launch(&format!("gate_scores_{}_{}", form.kernel_name(), T::NAME), config, args)
+}
+
+/// The forward's checks: the weights for `shape`, `x` `[T, d]`, `z` `[T, E]`.
+fn check_scores<T: FloatElement>(
+    shape: &GateShape,
+    weights: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    z: &impl DeviceSlice<f32>,
+) -> Result<()> {
+    weights.validate(shape)?;
+    let (t, d, e) = (shape.tokens, shape.dim, shape.experts);
+    check_len("x", x, shape.x_len()?, || format!("[T, d] = [{t}, {d}]"))?;
+    check_len("z", z, shape.z_len()?, || format!("[T, E] = [{t}, {e}]"))
+}
+
+/// The arguments every forward kernel starts with, in the order and types of
+/// GATE_SCORES_PARAMS in gate.cu: x, left, right, query, lin, bias, z, tokens, d, experts,
+/// rank (lengths checked by `check_scores`).
+fn scores_args<'k, T: FloatElement>(
+    device: &'k Device,
+    shape: &GateShape,
+    form: GateForm,
+    o: &'k Operands<'_, T>,
+    x: &'k impl DeviceSlice<T>,
+    z: &'k mut impl DeviceSliceMut<f32>,
+) -> KernelArgs<'k> {
     let args = KernelArgs::new(device)
         .input("x", x)
         .input_or_null("weights", o.left.as_ref())
@@ -495,12 +525,7 @@ pub fn scores_on_path<T: FloatElement>(
         .input_or_null("weights", o.linear.as_ref())
         .input_or_null("weights", o.bias.as_ref())
         .output("z", z);
-    let args = dims_args(args, shape, form);
-    if decode {
-        let args = args.scalar(decode_slices(t) as i32);
-        return device.launch(&format!("gate_decode_{}_{}", form.kernel_name(), T::NAME), config, args);
-    }
-    device.launch(&format!("gate_scores_{}_{}", form.kernel_name(), T::NAME), config, args)
+    dims_args(args, shape, form)
 }
 
 /// Warps per expert of the decode kernel: 8 at T <= 8 (all of an expert's row in flight at

@@ -29,7 +29,7 @@ pub use balance::{
     expert_statistics, expert_statistics_workspace_len, z_loss, z_loss_backward,
 };
 
-use super::dispatch::CountedMap;
+use super::dispatch::{CountedMap, no_count_args};
 use super::{check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
@@ -226,14 +226,7 @@ const SELECT_THREADS: usize = 128;
 /// name; `counted`: the one that also counts the routing map; `prefix`: "router_select", or the
 /// dev-tools warp-per-row twin's.
 fn select_kernel(experts: usize, counted: bool, prefix: &str) -> (usize, String) {
-    let row = match experts {
-        ..=32 => 32,
-        33..=64 => 64,
-        65..=128 => 128,
-        129..=256 => 256,
-        257..=512 => 512,
-        _ => 1024,
-    };
+    let row = select_row_width(experts);
     let variant = if counted { "_counted" } else { "" };
     (row, format!("{prefix}{variant}_e{row}_f32"))
 }
@@ -344,14 +337,6 @@ fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<
 ) -> Result<()> {
     config.validate()?;
     let tokens = config.tokens(logits)?;
-    let (e, k) = (config.experts, config.k);
-    if let Some(bias) = bias {
-        check_len("bias", bias, e, || format!("[E] = [{e}]"))?;
-    }
-    let slots = selection_len(config, tokens)?;
-    check_len("ids", ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
-    check_len("weights", weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
-    check_len("nonfinite_rows", nonfinite_rows, 1, || "[1]".into())?;
     // Matches the kernel's parameters, in order: router_select_e<N>_f32(z, bias, T, E, k, score,
     // topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows), and for
     // router_select_counted_e<N>_f32 the map count's (CountedMap::count_args).
@@ -359,21 +344,16 @@ fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<
         .input("logits", logits)
         .input_or_null("bias", bias)
         .scalar(tokens as i64)
-        .scalar(e as i32)
-        .scalar(k as i32);
-    let args = config
-        .kernel_options(args)
-        .scalar(config.groups as i32)
-        .scalar(config.topk_groups as i32)
-        .output("ids", ids)
-        .output("weights", weights)
-        .output("nonfinite_rows", nonfinite_rows);
+        .scalar(config.experts as i32)
+        .scalar(config.k as i32);
     let counted = map.is_some();
-    let (args, shared_bytes) = match map {
-        Some(map) => map.count_args(device, e, tokens, k, args)?,
-        None => (args, 0),
+    let selection = Selection {
+        ids,
+        weights,
+        nonfinite_rows,
     };
-    let (row, name) = select_kernel(e, counted, kernel_prefix);
+    let (args, shared_bytes) = selection.args(device, config, tokens, bias, args, map, false)?;
+    let (row, name) = select_kernel(config.experts, counted, kernel_prefix);
     let lanes_per_row = if kernel_prefix == WARP_PER_ROW { 32 } else { row / 32 };
     let rows_per_block = SELECT_THREADS / lanes_per_row;
     let launch = LaunchConfig::linear(
@@ -382,6 +362,69 @@ fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<
         shared_bytes,
     );
     device.launch(&name, launch, args)
+}
+
+/// The outputs of a selection kernel: those of `router_select_e<N>_f32` and of the gate's fused
+/// route kernel (`gate::scores_and_select`).
+pub(crate) struct Selection<'o, I, Wt, C> {
+    pub ids: &'o mut I,
+    pub weights: &'o mut Wt,
+    pub nonfinite_rows: &'o mut C,
+}
+
+impl<'o, I: DeviceSliceMut<i32>, Wt: DeviceSliceMut<f32>, C: DeviceSliceMut<u32>> Selection<'o, I, Wt, C> {
+    /// Checks the outputs and `bias` for `tokens` rows of `config`, and appends the kernel
+    /// parameters that follow `k` (score, topk_first, renormalize, scale, groups, topk_groups,
+    /// ids, weights, nonfinite_rows), then with `map` the map count's (CountedMap::count_args),
+    /// or with `null_count` (kernels whose count is optional) a null map workspace and zeros in
+    /// their place. Returns the arguments and the count's dynamic shared bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn args<'k, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+        self,
+        device: &Device,
+        config: &RouterConfig,
+        tokens: usize,
+        bias: Option<&B>,
+        args: KernelArgs<'k>,
+        map: Option<&'k mut CountedMap<'_, M, W>>,
+        null_count: bool,
+    ) -> Result<(KernelArgs<'k>, u32)>
+    where
+        'o: 'k,
+    {
+        let (e, k) = (config.experts, config.k);
+        if let Some(bias) = bias {
+            check_len("bias", bias, e, || format!("[E] = [{e}]"))?;
+        }
+        let slots = selection_len(config, tokens)?;
+        check_len("ids", self.ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+        check_len("weights", self.weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+        check_len("nonfinite_rows", self.nonfinite_rows, 1, || "[1]".into())?;
+        let args = config
+            .kernel_options(args)
+            .scalar(config.groups as i32)
+            .scalar(config.topk_groups as i32)
+            .output("ids", self.ids)
+            .output("weights", self.weights)
+            .output("nonfinite_rows", self.nonfinite_rows);
+        match map {
+            Some(map) => map.count_args(device, e, tokens, k, args),
+            None if null_count => Ok((no_count_args(args), 0)),
+            None => Ok((args, 0)),
+        }
+    }
+}
+
+/// The row width N of the selection kernels for E experts (`router_select_e<N>_f32`).
+pub(crate) fn select_row_width(experts: usize) -> usize {
+    match experts {
+        ..=32 => 32,
+        33..=64 => 64,
+        65..=128 => 128,
+        129..=256 => 256,
+        257..=512 => 512,
+        _ => 1024,
+    }
 }
 
 /// Selection backward (math §2): writes `dz` `[T, E]` (every element) from `d_weights`

@@ -1,0 +1,273 @@
+//! The routing step in one call (`gate::scores_and_select`): the linear gate on tensor cores with
+//! the router's selection and the map's count fused (`gate_route_linear_<dtype>_e<N>`) gives the
+//! bits of `gate::scores` + `router::select_counted`: z, ids, weights, the non-finite count and
+//! the whole map after `place_counted`, for each row width N (E = 8, 48, 128), softmax and
+//! top-k-then-softmax, sigmoid with groups, a router bias, scale and renormalisation, rows routed
+//! nowhere (NaN and huge inputs), with and without the count; one launch where it fuses, the two
+//! calls elsewhere (f32, E > 128, T <= 64); bad inputs refused naming the argument.
+use super::*;
+use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
+use moe_kernels::ops::gate::{ROUTE_MAX_EXPERTS, route_is_fused};
+use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction, SelectionOrder};
+
+/// What one routing step produced, downloaded (floats as bits).
+#[derive(Debug, PartialEq)]
+struct Routed {
+    z: Vec<u32>,
+    ids: Vec<i32>,
+    weights: Vec<u32>,
+    nonfinite_rows: u32,
+    /// counts, offsets, sorted_rows, inverse, status after place_counted.
+    map: Option<Vec<Vec<i32>>>,
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// X of `case` with row 3 holding a NaN and row 70 a huge element (both routed nowhere).
+fn inputs_with_bad_rows<T: FloatElement>(case: &Case) -> (GateParams, Vec<f64>) {
+    let (host, mut x, _) = inputs::<T>(case);
+    let d = case.shape.dim;
+    x[3 * d + d / 2] = f64::NAN;
+    if case.shape.tokens > 70 {
+        x[70 * d] = 1e30;
+    }
+    (host, x)
+}
+
+/// The routing step of `case` on `device`: `fused` through `gate::scores_and_select`, else
+/// `gate::scores` then `router::select_counted`; with `counted` the map's count, completed by
+/// `place_counted`. Returns the outputs and the launches it took.
+fn route<T: FloatElement>(
+    device: &Device,
+    case: &Case,
+    router: &RouterConfig,
+    bias: Option<&[f32]>,
+    counted: bool,
+    fused: bool,
+) -> (Routed, u64) {
+    let (host, x) = inputs_with_bad_rows::<T>(case);
+    let placed = upload_params::<T>(device, &host, 0);
+    let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
+    let w = weights(case.form, &up);
+    let x_host: Vec<T> = x.iter().map(|&v| T::from_f32(v as f32)).collect();
+    let x = device.upload(&x_host).unwrap();
+    let (tokens, k) = (case.shape.tokens, router.k);
+    let mut z = device.upload(&vec![f32::NAN; tokens * router.experts]).unwrap();
+    let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
+    let mut weights_out = device.alloc_zeros::<f32>(tokens * k).unwrap();
+    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+    let bias = bias.map(|b| device.upload(b).unwrap());
+    let map_config = MapConfig::new(router.experts);
+    let mut map = RoutingMap::alloc(device, tokens, k, &map_config).unwrap();
+    let mut workspace = device
+        .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k).unwrap())
+        .unwrap();
+    let mut target = counted.then(|| CountedMap {
+        config: &map_config,
+        map: &mut map,
+        workspace: &mut workspace,
+    });
+    let before = device.stats();
+    if fused {
+        gate::scores_and_select(
+            device,
+            &case.shape,
+            &w,
+            &x,
+            &mut z,
+            router,
+            bias.as_ref(),
+            &mut ids,
+            &mut weights_out,
+            &mut nonfinite,
+            target.as_mut(),
+        )
+        .unwrap();
+    } else {
+        gate::scores(device, &case.shape, &w, &x, &mut z).unwrap();
+        router::select_counted(
+            device,
+            router,
+            &z,
+            bias.as_ref(),
+            &mut ids,
+            &mut weights_out,
+            &mut nonfinite,
+            target.as_mut(),
+        )
+        .unwrap();
+    }
+    let launches = device.stats().launches - before.launches;
+    assert_eq!(device.stats().host_syncs, before.host_syncs, "host syncs");
+    if let Some(target) = &mut target {
+        dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
+    }
+    drop(target);
+    let map = counted.then(|| {
+        [&map.counts, &map.offsets, &map.sorted_rows, &map.inverse, &map.status]
+            .iter()
+            .map(|b| device.download(*b).unwrap())
+            .collect()
+    });
+    let routed = Routed {
+        z: bits(&device.download(&z).unwrap()),
+        ids: device.download(&ids).unwrap(),
+        weights: bits(&device.download(&weights_out).unwrap()),
+        nonfinite_rows: device.download(&nonfinite).unwrap()[0],
+        map,
+    };
+    (routed, launches)
+}
+
+/// `case` routed both ways is bitwise the same; one launch when it fuses (then the fused kernel
+/// of E's row width ran), two otherwise.
+fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterConfig, bias: Option<&[f32]>) {
+    let what = format!("{case:?} {router:?} {} on {}", T::NAME, device.description());
+    let placed = upload_params::<T>(device, &inputs::<T>(case).0, 0);
+    let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
+    let fuses = route_is_fused(&case.shape, &weights::<T>(case.form, &up));
+    for counted in [false, true] {
+        let (want, two) = route::<T>(device, case, router, bias, counted, false);
+        let (got, launches) = route::<T>(device, case, router, bias, counted, true);
+        assert_eq!(got, want, "{what}, counted {counted}");
+        assert_eq!(two, 2, "{what}: the two calls");
+        assert_eq!(launches, if fuses { 1 } else { 2 }, "{what}: launches");
+        assert!(want.nonfinite_rows >= 1, "{what}: the NaN row is routed nowhere");
+        assert_eq!(want.ids[3 * router.k], -1, "{what}: the NaN row's ids");
+    }
+    if fuses {
+        let row = case.shape.experts.next_power_of_two().max(32);
+        let name = format!("gate_route_linear_{}_e{row}", T::NAME);
+        assert!(
+            device.launch_configs().contains_key(name.as_str()),
+            "{what}: {name} ran"
+        );
+    }
+}
+
+fn linear(tokens: usize, dim: usize, experts: usize) -> Case {
+    Case::new(GateForm::Linear, tokens, dim, experts, 1)
+}
+
+#[test]
+fn fused_route_has_the_bits_of_scores_then_select() {
+    let softmax = RouterConfig {
+        experts: 8,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    let grouped = RouterConfig {
+        experts: 48,
+        k: 6,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: 8,
+        topk_groups: 4,
+        ..RouterConfig::default()
+    };
+    let mixtral = RouterConfig {
+        experts: ROUTE_MAX_EXPERTS,
+        k: 8,
+        order: SelectionOrder::TopkThenSoftmax,
+        ..RouterConfig::default()
+    };
+    let bias: Vec<f32> = (0..48).map(|e| (e % 5) as f32 * 0.01).collect();
+    for device in devices() {
+        // E = 8 (N = 32) over 4 token tiles, the last ragged; E = 48 (N = 64) with a router
+        // bias; E = 128 (N = 128) one token past a tile.
+        check_route::<bf16>(&device, &linear(200, 40, 8), &softmax, None);
+        check_route::<f16>(&device, &linear(130, 24, 48), &grouped, Some(&bias));
+        check_route::<bf16>(&device, &linear(65, 16, ROUTE_MAX_EXPERTS), &mixtral, None);
+    }
+}
+
+#[test]
+fn unfused_shapes_take_the_two_calls() {
+    let router = |experts| RouterConfig {
+        experts,
+        k: 4,
+        ..RouterConfig::default()
+    };
+    for device in devices() {
+        check_route::<f32>(&device, &linear(100, 24, 8), &router(8), None); // FMA tiles
+        check_route::<bf16>(&device, &linear(100, 24, ROUTE_MAX_EXPERTS + 1), &router(129), None);
+        check_route::<bf16>(&device, &linear(64, 24, 8), &router(8), None); // the decode kernel's T
+        let low_rank = Case::new(GateForm::LowRank, 100, 24, 8, 2);
+        check_route::<bf16>(&device, &low_rank, &router(8), None);
+    }
+}
+
+#[test]
+fn fused_route_refuses_bad_inputs() {
+    let case = linear(100, 16, 8);
+    let router = RouterConfig {
+        experts: 8,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    for device in devices() {
+        let placed = upload_params::<bf16>(&device, &inputs::<bf16>(&case).0, 0);
+        let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
+        let w = weights::<bf16>(case.form, &up);
+        let x = zeros::<bf16>(&device, 100 * 16);
+        let mut z = zeros::<f32>(&device, 100 * 8);
+        let mut ids = zeros::<i32>(&device, 100 * 2);
+        let mut short_ids = zeros::<i32>(&device, 100 * 2 - 1);
+        let mut weights_out = zeros::<f32>(&device, 100 * 2);
+        let mut nonfinite = zeros::<u32>(&device, 1);
+        let no_bias = None::<&DeviceBuffer<f32>>;
+        let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+        let wrong_experts = RouterConfig { experts: 9, ..router };
+        assert_refused(&device, "router.experts", || {
+            let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+            gate::scores_and_select(
+                &device,
+                &case.shape,
+                &w,
+                &x,
+                &mut z,
+                &wrong_experts,
+                no_bias,
+                &mut ids,
+                &mut weights_out,
+                &mut nonfinite,
+                no_map,
+            )
+        });
+        let short_bias = zeros::<f32>(&device, 7);
+        assert_refused(&device, "bias", || {
+            let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+            gate::scores_and_select(
+                &device,
+                &case.shape,
+                &w,
+                &x,
+                &mut z,
+                &router,
+                Some(&short_bias),
+                &mut ids,
+                &mut weights_out,
+                &mut nonfinite,
+                no_map,
+            )
+        });
+        assert_refused(&device, "ids", || {
+            gate::scores_and_select(
+                &device,
+                &case.shape,
+                &w,
+                &x,
+                &mut z,
+                &router,
+                no_bias,
+                &mut short_ids,
+                &mut weights_out,
+                &mut nonfinite,
+                no_map,
+            )
+        });
+    }
+}
