@@ -238,6 +238,12 @@ fn tensor_core_kernels_contain_hmma() {
             kernels.push(format!("gate_scores_{form}_{dtype}"));
         }
     }
+    // The routing step's fused kernels score on the same tensor-core tiles.
+    for row in [32, 64, 128] {
+        for dtype in ["f16", "bf16"] {
+            kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
+        }
+    }
     // The codebook's 16-bit nearest-code search runs its score tiles on tensor cores.
     for list in ["top1", "top8"] {
         for dtype in ["f16", "bf16"] {
