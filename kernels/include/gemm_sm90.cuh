@@ -285,6 +285,9 @@ __device__ __forceinline__ void sm90_consume(const Sm90Args<T>& p, TmaPipeline<s
 // The kernel body: barriers, the 1024-aligned ring, then the warpgroups' roles.
 template <bool Dgrad, class T>
 __device__ __forceinline__ void grouped_gemm_sm90(const Sm90Args<T>& p, TmaPipeline<sm90::kStages>& pipe) {
+#if defined(__CUDA_ARCH__) && !defined(MOE_SM90A)
+  __trap();  // wgmma exists only in sm_90a code, and the host launches this kernel nowhere else
+#else
   DYN_SHARED(unsigned char, raw);
   unsigned char* stages = align_1024(raw);
   if (threadIdx.x == 0) pipe.init(sm90::kConsumerWarps, sm90::kProducers);
@@ -296,4 +299,5 @@ __device__ __forceinline__ void grouped_gemm_sm90(const Sm90Args<T>& p, TmaPipel
     setmaxnreg<true, sm90::kConsumerRegs>();
     sm90_consume<Dgrad>(p, pipe, stages, sm90_staging(stages));
   }
+#endif
 }

@@ -146,6 +146,9 @@ __device__ __forceinline__ void sm90_wgrad_consume(const Sm90Wgrad<T>& p, TmaPip
 
 template <class T>
 __device__ __forceinline__ void grouped_gemm_wgrad_sm90(const Sm90Wgrad<T>& p, TmaPipeline<sm90::kStages>& pipe) {
+#if defined(__CUDA_ARCH__) && !defined(MOE_SM90A)
+  __trap();  // wgmma exists only in sm_90a code, and the host launches this kernel nowhere else
+#else
   DYN_SHARED(unsigned char, raw);
   unsigned char* stages = align_1024(raw);
   if (threadIdx.x == 0) pipe.init(sm90::kConsumerWarps, sm90::kProducers, false);
@@ -157,4 +160,5 @@ __device__ __forceinline__ void grouped_gemm_wgrad_sm90(const Sm90Wgrad<T>& p, T
     setmaxnreg<true, sm90::kConsumerRegs>();
     sm90_wgrad_consume(p, pipe, stages, sm90_staging(stages));
   }
+#endif
 }
