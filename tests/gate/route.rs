@@ -218,56 +218,29 @@ fn fused_route_refuses_bad_inputs() {
         let mut short_ids = zeros::<i32>(&device, 100 * 2 - 1);
         let mut weights_out = zeros::<f32>(&device, 100 * 2);
         let mut nonfinite = zeros::<u32>(&device, 1);
-        let no_bias = None::<&DeviceBuffer<f32>>;
-        let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
         let wrong_experts = RouterConfig { experts: 9, ..router };
-        assert_refused(&device, "router.experts", || {
-            let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-            gate::scores_and_select(
-                &device,
-                &case.shape,
-                &w,
-                &x,
-                &mut z,
-                &wrong_experts,
-                no_bias,
-                &mut ids,
-                &mut weights_out,
-                &mut nonfinite,
-                no_map,
-            )
-        });
         let short_bias = zeros::<f32>(&device, 7);
-        assert_refused(&device, "bias", || {
-            let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-            gate::scores_and_select(
-                &device,
-                &case.shape,
-                &w,
-                &x,
-                &mut z,
-                &router,
-                Some(&short_bias),
-                &mut ids,
-                &mut weights_out,
-                &mut nonfinite,
-                no_map,
-            )
-        });
-        assert_refused(&device, "ids", || {
-            gate::scores_and_select(
-                &device,
-                &case.shape,
-                &w,
-                &x,
-                &mut z,
-                &router,
-                no_bias,
-                &mut short_ids,
-                &mut weights_out,
-                &mut nonfinite,
-                no_map,
-            )
-        });
+        let mut refused =
+            |argument: &str, router: &RouterConfig, bias: Option<&DeviceBuffer<f32>>, ids: &mut DeviceBuffer<i32>| {
+                let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+                assert_refused(&device, argument, || {
+                    gate::scores_and_select(
+                        &device,
+                        &case.shape,
+                        &w,
+                        &x,
+                        &mut z,
+                        router,
+                        bias,
+                        ids,
+                        &mut weights_out,
+                        &mut nonfinite,
+                        no_map,
+                    )
+                });
+            };
+        refused("router.experts", &wrong_experts, None, &mut ids);
+        refused("bias", &router, Some(&short_bias), &mut ids);
+        refused("ids", &router, None, &mut short_ids);
     }
 }
