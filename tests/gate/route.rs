@@ -64,7 +64,7 @@ fn route<T: FloatElement>(
     let mut workspace = device
         .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k).unwrap())
         .unwrap();
-    let mut target = counted.then(|| CountedMap {
+    let mut target = counted.then_some(CountedMap {
         config: &map_config,
         map: &mut map,
         workspace: &mut workspace,
@@ -104,7 +104,6 @@ fn route<T: FloatElement>(
     if let Some(target) = &mut target {
         dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
     }
-    drop(target);
     let map = counted.then(|| {
         [&map.counts, &map.offsets, &map.sorted_rows, &map.inverse, &map.status]
             .iter()
