@@ -157,6 +157,23 @@ extern "C" __global__ void planted_trap(int* out) {
 EMU_EXPORT(planted_trap)
 
 // ------------------------------------------------------------------------------------------
+// planted_raw_tf32_operand: an mma.m16n8k8 tf32 whose A operands are raw f32 bit patterns
+// (no cvt.rna.tf32.f32 first) when `raw`, else the rounded values: out[lane] = d[0].
+// Launch: one block of 32 threads; x has 32 floats, out 32 floats.
+// Caught by: the emulator, which must fail the launch ("not a tf32 value"): which of the low 13
+// bits the tensor cores use is not specified, so a kernel must not depend on it. raw = 0 is
+// the control.
+extern "C" __global__ void planted_raw_tf32_operand(const float* x, float* out, int raw) {
+  const float v = x[threadIdx.x];
+  const uint32_t r = raw ? __float_as_uint(v) : cvt_rna_tf32(v);
+  const uint32_t a[4] = {r, r, r, r}, b[2] = {cvt_rna_tf32(1.0f), cvt_rna_tf32(1.0f)};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  mma_m16n8k8_tf32(d, a, b, d);
+  out[threadIdx.x] = d[0];
+}
+EMU_EXPORT(planted_raw_tf32_operand)
+
+// ------------------------------------------------------------------------------------------
 // planted_misaligned_access: every lane makes one access of the kind `access` (below) at
 // `offset` bytes past an aligned address, in global memory (`bytes` at lane * 16) or in a
 // static shared tile; what a load reads lands, aligned, in out.

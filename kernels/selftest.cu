@@ -9,6 +9,8 @@
 //   selftest_atomics            contended int/unsigned/u64/f32 atomics, global and shared
 //   selftest_mma_direct_bf16    mma.m16n8k16, fragments gathered straight from global memory
 //   selftest_mma_direct_f16     the same with f16 inputs
+//   selftest_mma_direct_tf32    mma.m16n8k8 tf32 on f32 inputs rounded with cvt.rna.tf32.f32
+//   selftest_convert_tf32       cvt.rna.tf32.f32 alone
 //   selftest_mma_ldmatrix_bf16  the same product through a 3-stage cp.async pipeline + ldmatrix
 //   selftest_ldmatrix           ldmatrix x1/x2/x4, plain and .trans
 //   selftest_cp_async           cp.async of 16, 8 and 4 bytes, full and zero-filled
@@ -220,6 +222,36 @@ extern "C" __global__ void selftest_mma_direct_f16(const __half* a, const __half
   mma_direct_body(a, b, c, k);
 }
 EMU_EXPORT(selftest_mma_direct_f16)
+
+// selftest_mma_direct_tf32: the same product on f32 inputs, each rounded to tf32 in the kernel
+// (cvt.rna.tf32.f32), with the m16n8k8 fragments (ptx.cuh), per k tile k0:
+//   a[0] = A[g][k0+t]  a[1] = A[g+8][k0+t]  a[2] = A[g][k0+t+4]  a[3] = A[g+8][k0+t+4]
+//   b[0] = bt[g][k0+t] b[1] = bt[g][k0+t+4]
+// Host: as above, on the inputs rounded to tf32 (nearest, ties away from zero). k a multiple of 8.
+extern "C" __global__ void selftest_mma_direct_tf32(const float* a, const float* bt, float* c, int k) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k0 = 0; k0 < k; k0 += 8) {
+    const float* a_lo = a + i64(g) * k + k0 + t;  // row g
+    const float* a_hi = a_lo + i64(8) * k;        // row g + 8
+    const float* b_n = bt + i64(g) * k + k0 + t;  // column n = g of B
+    const uint32_t af[4] = {cvt_rna_tf32(a_lo[0]), cvt_rna_tf32(a_hi[0]), cvt_rna_tf32(a_lo[4]),
+                            cvt_rna_tf32(a_hi[4])};
+    const uint32_t bf[2] = {cvt_rna_tf32(b_n[0]), cvt_rna_tf32(b_n[4])};
+    mma_m16n8k8_tf32(acc, af, bf, acc);
+  }
+  store_c_fragment(c, acc, lane);
+}
+EMU_EXPORT(selftest_mma_direct_tf32)
+
+// selftest_convert_tf32: out[i] = the bits of cvt.rna.tf32.f32(x[i]) for i < n. Launch: any 1-D
+// grid covering n. Host: the low 13 bits cleared after adding 0x1000 to the bit pattern (nearest,
+// ties away from zero; a carry may reach infinity); a NaN stays a NaN (payload unspecified).
+extern "C" __global__ void selftest_convert_tf32(const float* x, long long n, unsigned* out) {
+  const i64 i = global_thread_x();
+  if (i < n) out[i] = cvt_rna_tf32(x[i]);
+}
+EMU_EXPORT(selftest_convert_tf32)
 
 // ------------------------------------------------------------------------------------------
 // selftest_mma_ldmatrix_bf16: the product of selftest_mma_direct_bf16 (same layouts, same host

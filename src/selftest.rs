@@ -42,7 +42,7 @@ impl fmt::Display for Check {
 
 /// Every self-test, in the order of `kernels/selftest.cu`.
 pub fn run_all(device: &Device) -> Result<Vec<Check>> {
-    let checks: [fn(&Device) -> Result<Check>; 11] = [
+    let checks: [fn(&Device) -> Result<Check>; 12] = [
         block_reduce,
         shuffles,
         votes,
@@ -52,6 +52,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Check>> {
         cp_async,
         dynamic_shared,
         convert_16bit,
+        convert_tf32,
         barrier_reduce,
         float_minmax,
     ];
@@ -490,14 +491,34 @@ impl MmaInput for f16 {
     }
 }
 
-/// `mma.m16n8k16` (bf16 and f16) with fragments gathered from global memory, and the bf16
-/// product through a 3-stage `cp.async` pipeline and `ldmatrix`, against a CPU GEMM: exact
-/// on small integers, within a tolerance growing with k on random values.
+/// f32 inputs of the tf32 self-test: the value the kernel's cvt.rna.tf32.f32 makes of each.
+impl MmaInput for f32 {
+    fn from_f32(x: f32) -> Self {
+        tf32_round(x)
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+/// `cvt.rna.tf32.f32` on the host: the nearest value with 10 explicit mantissa bits (the low 13
+/// bits of the f32 pattern zero), ties away from zero, a carry reaching infinity; NaN stays NaN.
+fn tf32_round(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    f32::from_bits(x.to_bits().wrapping_add(0x1000) & !0x1fff)
+}
+
+/// `mma.m16n8k16` (bf16 and f16) and `mma.m16n8k8` (tf32) with fragments gathered from global
+/// memory, and the bf16 product through a 3-stage `cp.async` pipeline and `ldmatrix`, against
+/// a CPU GEMM: exact on small integers, within a tolerance growing with k on random values.
 pub fn mma(device: &Device) -> Result<Check> {
     let mut report = Report::new("mma");
     let mut rng = Rng::new(5);
     mma_kernel::<bf16>(device, &mut report, &mut rng, "selftest_mma_direct_bf16")?;
     mma_kernel::<f16>(device, &mut report, &mut rng, "selftest_mma_direct_f16")?;
+    mma_kernel::<f32>(device, &mut report, &mut rng, "selftest_mma_direct_tf32")?;
     mma_kernel::<bf16>(device, &mut report, &mut rng, "selftest_mma_ldmatrix_bf16")?;
     Ok(report.finish())
 }
@@ -805,6 +826,51 @@ pub fn convert_16bit(device: &Device) -> Result<Check> {
     Ok(report.finish())
 }
 
+/// `cvt.rna.tf32.f32` through `selftest_convert_tf32`, against [`tf32_round`]: the edges of
+/// the 16-bit formats, exact ties between tf32 neighbours (they round away from zero), values
+/// that carry into the exponent and to infinity, and random bit patterns. A NaN must stay a
+/// NaN; its payload is not compared.
+pub fn convert_tf32(device: &Device) -> Result<Check> {
+    let mut report = Report::new("convert_tf32");
+    let mut rng = Rng::new(9);
+    let n = 4096;
+    let edges = CONVERSION_EDGES.iter().copied().chain([
+        f32::from_bits(0x3F80_1000), // 1 + 2^-11: the tie above 1, rounds up to 1 + 2^-10
+        f32::from_bits(0xBF80_1000), // its negative: away from zero
+        f32::from_bits(0x3F80_0FFF), // just below the tie: rounds to 1
+        f32::from_bits(0x3FFF_F000), // the tie below 2: carries into the exponent
+        f32::from_bits(0x7F7F_F000), // the tie above the tf32 max: rounds to infinity
+        f32::from_bits(0x0000_1000), // a subnormal tie
+    ]);
+    let x: Vec<f32> = edges
+        .chain(std::iter::repeat_with(|| match rng.next_u32() % 2 {
+            0 => f32::from_bits(rng.next_u32()),
+            _ => f32::from_bits(rng.next_u32() & !0x1fff | 0x1000), // an exact tie
+        }))
+        .take(n)
+        .collect();
+    let x_dev = device.upload(&x)?;
+    let mut out = device.alloc_zeros::<u32>(n)?;
+    let args = KernelArgs::new(device)
+        .input("x", &x_dev)
+        .scalar(n as i64)
+        .output("out", &mut out);
+    device.launch(
+        "selftest_convert_tf32",
+        LaunchConfig::linear(n.div_ceil(256) as u32, 256, 0),
+        args,
+    )?;
+    report.case(format!("n={n}"));
+    let nan = |b: &u32| f32::from_bits(*b).is_nan().then_some(f32::NAN.to_bits());
+    let expected: Vec<u32> = x.iter().map(|&v| tf32_round(v).to_bits()).collect();
+    report.exact(
+        "f32 -> tf32",
+        &any_nan(&device.download(&out)?, &nan),
+        &any_nan(&expected, &nan),
+    );
+    Ok(report.finish())
+}
+
 /// Replaces every NaN (`nan` gives the canonical one) so that NaNs compare equal.
 fn any_nan<T: Copy>(values: &[T], nan: &dyn Fn(&T) -> Option<T>) -> Vec<T> {
     values.iter().map(|v| nan(v).unwrap_or(*v)).collect()
@@ -1009,6 +1075,20 @@ pub mod planted {
         let mut out = device.alloc_zeros::<i32>((blocks * threads) as usize)?;
         let args = KernelArgs::new(device).output("out", &mut out);
         device.launch("planted_trap", LaunchConfig::linear(blocks, threads, 0), args)
+    }
+
+    /// `planted_raw_tf32_operand`: a tf32 mma on raw f32 bit patterns (`raw`), or on values
+    /// rounded with cvt.rna.tf32.f32 (the control).
+    pub fn raw_tf32_operand(device: &Device, raw: bool) -> Result<()> {
+        emulator_only(device, "planted_raw_tf32_operand")?;
+        // 1 + 2^-20 has bits below tf32's precision.
+        let x = device.upload(&[1.0f32 + 2f32.powi(-20); 32])?;
+        let mut out = device.alloc_zeros::<f32>(32)?;
+        let args = KernelArgs::new(device)
+            .input("x", &x)
+            .output("out", &mut out)
+            .scalar(i32::from(raw));
+        device.launch("planted_raw_tf32_operand", LaunchConfig::linear(1, 32, 0), args)
     }
 
     /// The accesses of `planted_misaligned_access`, in the kernel's numbering.

@@ -62,6 +62,11 @@ fn mma() {
 }
 
 #[test]
+fn convert_tf32() {
+    on_every_device(selftest::convert_tf32);
+}
+
+#[test]
 fn ldmatrix() {
     on_every_device(selftest::ldmatrix);
 }
@@ -122,6 +127,7 @@ fn run_all_reports_every_check_once() {
         "cp_async",
         "dynamic_shared",
         "convert_16bit",
+        "convert_tf32",
         "barrier_reduce",
         "float_minmax",
     ];

@@ -198,6 +198,19 @@ fn trap_is_reported_as_a_launch_failure() {
     }
 }
 
+/// A tf32 mma fed raw f32 bits (no cvt.rna.tf32.f32) fails the launch; rounded, it runs.
+#[test]
+fn raw_f32_bits_in_a_tf32_mma_fail_the_launch() {
+    for schedule in every_schedule() {
+        let device = emulator(schedule);
+        match planted::raw_tf32_operand(&device, true) {
+            Err(Error::LaunchFailed(msg)) => assert!(msg.contains("not a tf32 value"), "{schedule:?}: {msg}"),
+            other => panic!("{schedule:?}: expected a tf32 operand error, got {other:?}"),
+        }
+        planted::raw_tf32_operand(&device, false).unwrap_or_else(|e| panic!("{schedule:?}: the control failed: {e}"));
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Misaligned accesses: the GPU faults ("misaligned address"); the emulator fails the launch
 // with the access, the address and the alignment it needs.

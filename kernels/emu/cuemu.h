@@ -8,7 +8,8 @@
 //
 // What is emulated: thread/block indices, static and dynamic shared memory, __syncthreads
 // (+ _count/_and/_or), __syncwarp, shuffles, votes, atomics, 16-bit floats, and the PTX
-// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16, ldmatrix, cp.async, and Hopper's
+// wrappers of kernels/include/ptx.cuh (mma.sync m16n8k16 and m16n8k8 tf32, which refuses operands
+// with bits below tf32's precision; cvt.rna.tf32.f32, ldmatrix, cp.async, and Hopper's
 // mbarrier, TMA tensor and bulk copies, elect.sync: hopper_async.h; and the warpgroup
 // instructions in wgmma.cpp: wgmma.mma_async with fence / commit_group / wait_group,
 // setmaxnreg, fence.proxy.async). Warpgroup instructions are collectives of the 128 threads
@@ -99,7 +100,7 @@ extern CUEMU_TLS constinit dim3 gridDim;
 
 // ------------------------------------------------------------------ runtime interface
 namespace cuemu {
-enum class MmaInput : uint32_t { Bf16 = 0, F16 = 1 };
+enum class MmaInput : uint32_t { Bf16 = 0, F16 = 1, Tf32 = 2 };
 
 void* dynamic_shared();
 enum class BarrierReduce { Count, And, Or };
@@ -110,6 +111,8 @@ unsigned warp_ballot(unsigned mask, int predicate);
 unsigned active_mask();
 unsigned lane_id();
 void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c, MmaInput input);
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (fragments in ptx.cuh).
+void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const float* c);
 void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row);
 void cp_async(void* dst, const void* src, unsigned bytes, unsigned src_bytes);
 void cp_async_commit();

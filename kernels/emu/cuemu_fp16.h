@@ -43,6 +43,14 @@ inline float f16_bits_to_float(uint16_t h) {
   }
   return bits_float(sign | ((e + 112u) << 23) | (m << 13));
 }
+// cvt.rna.tf32.f32: float -> tf32 (10 explicit mantissa bits, the low 13 of the f32 bit
+// pattern zero), rounded to nearest with ties away from zero; a carry may reach infinity.
+// Every NaN maps to one quiet NaN that survives the truncation.
+inline uint32_t float_to_tf32_bits(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffe000u;
+  return (u + 0x1000u) & 0xffffe000u;
+}
 // double -> float rounded to odd. Rounding that to a 16-bit type (nearest even) equals
 // rounding the double directly, since float keeps >= 2 more bits than f16 or bf16: this is
 // how doubles and fused multiply-adds reach 16 bits without rounding twice.

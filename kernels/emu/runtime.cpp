@@ -430,20 +430,36 @@ float mma_element(uint32_t reg, unsigned half, MmaInput input) {
   return input == MmaInput::Bf16 ? bf16_bits_to_float(bits) : f16_bits_to_float(bits);
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: rebuild A, B, C from the fragments
-// (layouts in ptx.cuh), D = A*B + C with one fmaf per product in k order.
+// A tf32 operand register as a float. The low 13 bits must be zero (cvt.rna.tf32.f32 or a
+// widened f16/bf16 value): the hardware's use of them is not specified, so a kernel that
+// feeds raw f32 bits fails here instead of depending on it.
+float tf32_element(uint32_t reg) {
+  if (reg & 0x1fffu) fail_block("mma.sync tf32: operand %08x is not a tf32 value (cvt.rna.tf32.f32 first)", reg);
+  return bits_float(reg);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16} and m16n8k8 .tf32: rebuild A, B, C from
+// the fragments (layouts in ptx.cuh), D = A*B + C with one fmaf per product in k order. The
+// products are exact in f32 for every input type (at most 11 + 11 significant bits).
 void resolve_mma(LaneSlot* lanes, unsigned group) {
   if (group != 0xffffffffu) fail_block("mma.sync needs all 32 lanes of the warp (mask %08x)", group);
   const MmaInput input = MmaInput(lanes[0].aux);
+  const unsigned K = input == MmaInput::Tf32 ? 8 : 16;
   float A[16][16], B[16][8], C[16][8];
   for (unsigned lane = 0; lane < 32; ++lane) {
     const uint32_t* in = lanes[lane].in;
     if (lanes[lane].aux != lanes[0].aux) fail_block("mma.sync: lanes disagree on the input type");
     const unsigned g = lane >> 2, t = lane & 3;
-    for (unsigned i = 0; i < 8; ++i)  // a[i/2], half i%2
-      A[g + ((i & 2) ? 8 : 0)][2 * t + (i & 1) + ((i & 4) ? 8 : 0)] = mma_element(in[i / 2], i & 1, input);
-    for (unsigned i = 0; i < 4; ++i)  // b[i/2], half i%2
-      B[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = mma_element(in[4 + i / 2], i & 1, input);
+    if (input == MmaInput::Tf32) {
+      for (unsigned i = 0; i < 4; ++i)  // a[i]: row g (+8 if i odd), column t (+4 if i >= 2)
+        A[g + ((i & 1) ? 8 : 0)][t + (i >= 2 ? 4 : 0)] = tf32_element(in[i]);
+      for (unsigned i = 0; i < 2; ++i) B[t + 4 * i][g] = tf32_element(in[4 + i]);  // b[i]: k = t (+4), column g
+    } else {
+      for (unsigned i = 0; i < 8; ++i)  // a[i/2], half i%2
+        A[g + ((i & 2) ? 8 : 0)][2 * t + (i & 1) + ((i & 4) ? 8 : 0)] = mma_element(in[i / 2], i & 1, input);
+      for (unsigned i = 0; i < 4; ++i)  // b[i/2], half i%2
+        B[2 * t + (i & 1) + (i >= 2 ? 8 : 0)][g] = mma_element(in[4 + i / 2], i & 1, input);
+    }
     for (unsigned i = 0; i < 4; ++i) C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = bits_float(in[6 + i]);
   }
   for (unsigned lane = 0; lane < 32; ++lane) {
@@ -451,7 +467,7 @@ void resolve_mma(LaneSlot* lanes, unsigned group) {
     for (unsigned i = 0; i < 4; ++i) {
       const unsigned r = g + (i >= 2 ? 8 : 0), c = 2 * t + (i & 1);
       float acc = C[r][c];
-      for (unsigned k = 0; k < 16; ++k) acc = fmaf(A[r][k], B[k][c], acc);
+      for (unsigned k = 0; k < K; ++k) acc = fmaf(A[r][k], B[k][c], acc);
       lanes[lane].out[i] = float_bits(acc);
     }
   }
@@ -873,6 +889,10 @@ void mma_m16n8k16(float* d, const uint32_t* a, const uint32_t* b, const float* c
   s.aux = uint32_t(input);
   arrive(0xffffffffu, Collective::Mma);
   memcpy(d, s.out, 16);
+}
+
+void mma_m16n8k8_tf32(float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  mma_m16n8k16(d, a, b, c, MmaInput::Tf32);  // the same slots: a[4], b[2], c[4]
 }
 
 void ldmatrix(uint32_t* regs, unsigned num, bool trans, const void* row) {

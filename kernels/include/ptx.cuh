@@ -49,6 +49,38 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (
 #endif
 }
 
+// D = A*B + C, tf32 inputs, f32 accumulation (mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32).
+// Fragments (g = lane/4, t = lane%4), each register one tf32 value (cvt_rna_tf32, or an f16/bf16
+// value widened to f32, whose low 13 bits are already zero):
+//   A (16x8, row-major): a[i] at row g (+8 if i is odd), column t (+4 if i >= 2)
+//   B (8x8, "col"): b[i] at k = t + 4i, column g;   C/D: as for m16n8k16
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2], const float (&c)[4]) {
+#if defined(__CUDA_ARCH__)
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+#elif defined(CUEMU_HOST)
+  ::cuemu::mma_m16n8k8_tf32(d, a, b, c);
+#endif
+}
+
+// cvt.rna.tf32.f32: x rounded to tf32 (nearest, ties away from zero), as the b32 register an
+// mma .tf32 operand takes. x - (the result) is exact in f32, which is how a kernel splits an
+// f32 value into two tf32 terms.
+__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+#elif defined(CUEMU_HOST)
+  return ::cuemu::float_to_tf32_bits(x);
+#endif
+}
+
 // d += a·b in the precision of the element type T the tiles hold (__half or __nv_bfloat16),
 // picked by overload on a typed null pointer so templates over T call one name.
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half*) {
