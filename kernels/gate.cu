@@ -15,17 +15,20 @@
 // form, so the router routes it nowhere; in the backward its dz is 0, which adds nothing.
 //
 // Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
-// threads: f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC register tile,
-// and for the f16/bf16 forward mma.sync tensor-core tiles (gate_mma.cuh). All sums run in a
-// fixed order (no atomics), so results do not depend on the schedule.
+// threads: the f32 forward and the coefficient kernels on f32 FMA tiles (gate_tile.cuh), each
+// thread owning a 4 x NG x NC register tile; the f16/bf16 forward on mma.sync tensor-core tiles
+// (gate_mma.cuh); dX and dW on tf32 tensor-core tiles with f32 operands split in two terms
+// (gate_tf32.cuh). All sums run in a fixed order (no atomics), so results do not depend on the
+// schedule.
 //
 // Kernels:
 //   gate_scores_<form>_<dtype>   forward: one launch, writes only z (f32: FMA tiles below;
 //                                f16/bf16: gate_scores_mma_body)
 //   gate_coef_<form>_<dtype>     backward step 1 (not linear): recomputes the projections of
 //                                the forward tile and writes per-row gradient coefficients
-//   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term)
-//   gate_dw_<dtype>              dW = G^T X for one segment (f32)
+//   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term), on
+//                                tensor cores (tf32, f32-accurate: gate_tf32.cuh)
+//   gate_dw_<dtype>              dW = G^T X for one segment (f32), tensor cores, split over tokens
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
 //   gate_decode_<form>_<dtype>   the forward for T <= 64 (every form but full): a warp per
 //                                slice of an expert's rows (gate_decode.cuh)
@@ -34,6 +37,7 @@
 #include "include/dispatch_map.cuh"
 #include "include/gate_decode.cuh"
 #include "include/gate_mma.cuh"
+#include "include/gate_tf32.cuh"
 #include "include/router_select.cuh"
 
 // The f32 FMA tile of one form: per expert NC adjacent columns, left projections
@@ -379,25 +383,26 @@ EMU_EXPORT(gate_coef_full_bf16)
 // Segments s = 0, 1, 2 are the weight tensors seen as [n_s, d] row stacks with their f32
 // coefficient columns (a null segment has n_s = 0; direct may be null). The sum over n runs
 // segment by segment, k-tile by k-tile, in a fixed order.
-// Mapping: blockIdx.x = 64-token tile, blockIdx.y = 64-column tile of d; thread (ty, tx)
-//   owns tokens ty + 16 i and columns tx + 16 j (i, j < 4).
+// Algorithm: a GEMM on tensor cores (gate_tf32.cuh: tf32 mma.sync, the f32 coefficients split
+//   into two tf32 terms, so f32 accuracy), G k-tiles as As[n][t], weight rows as Bs[n][l].
+// Mapping: blockIdx.x = 64-token tile, blockIdx.y = 128-column tile of d; 8 warps, each 32
+//   tokens x 32 columns (gate_tf32.cuh).
 // Traffic: G read once per column tile, W once per token tile, dX written once.
-// Launch: grid (ceil(T/64), ceil(d/64)), 256 threads, 2 * 64 * 16 * 4 = 8 KiB dynamic shared.
+// Launch: grid (ceil(T/64), ceil(d/128)), 256 threads, TF32_SHARED_BYTES dynamic shared.
 // acc += G[t0.., 0..n) W[0..n, l0..) for one segment, k-tile by k-tile.
 template <class T>
-__device__ __forceinline__ void gate_dx_segment(float (&acc)[GATE_TM][4], float* As, float* Bs,
+__device__ __forceinline__ void gate_dx_segment(float (&acc)[2][4][4], float* As, float* Bs,
                                                 const float* g, i64 ldg, const T* w, int n,
                                                 i64 t0, int l0, i64 tokens, int d) {
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   const bool vec_g = rows_aligned_16(g, ldg), vec_w = rows_aligned_16(w, d);
   auto g_row = [&](int m) -> const float* { return t0 + m < tokens ? g + (t0 + m) * ldg : nullptr; };
   for (i64 k0 = 0; k0 < n; k0 += GATE_BK) {
     auto w_row = [&](int k) -> const T* { return k0 + k < n ? w + (k0 + k) * d + l0 : nullptr; };
     __syncthreads();  // the previous k-tile has been consumed
-    load_tile_k_contiguous<float>(As, GATE_BM, GATE_BM, g_row, k0, n, vec_g);
-    load_tile_m_contiguous<T>(Bs, 64, 64, w_row, d - l0, vec_w);
+    load_tile_k_contiguous<float>(As, TF32_LDA, TF32_BM, g_row, k0, n, vec_g);
+    load_tile_m_contiguous<T>(Bs, TF32_LDB, TF32_BN, w_row, d - l0, vec_w);
     __syncthreads();
-    tile_fma<GATE_TM, 4, 1>(acc, As, GATE_BM, Bs, 64, ty, tx);
+    tile_mma_tf32<std::is_same_v<T, float>>(acc, As, Bs);
   }
 }
 
@@ -408,26 +413,21 @@ __device__ __forceinline__ void gate_dx_body(const float* g0, i64 ldg0, const T*
                                              const float* direct, i64 ld_direct, T* dx, i64 tokens,
                                              int d) {
   DYN_SHARED(float, smem);
-  float* As = smem;                      // [BK][64] coefficients, k = n
-  float* Bs = smem + GATE_BK * GATE_BM;  // [BK][64] weight rows
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const i64 t0 = i64(blockIdx.x) * GATE_BM;
-  const int l0 = blockIdx.y * 64;
-  float acc[GATE_TM][4] = {};
+  float* As = smem;                      // [BK][TF32_LDA] coefficients, k = n
+  float* Bs = smem + GATE_BK * TF32_LDA;  // [BK][TF32_LDB] weight rows
+  const i64 t0 = i64(blockIdx.x) * TF32_BM;
+  const int l0 = blockIdx.y * TF32_BN;
+  float acc[2][4][4] = {};
   gate_dx_segment<T>(acc, As, Bs, g0, ldg0, w0, n0, t0, l0, tokens, d);
   gate_dx_segment<T>(acc, As, Bs, g1, ldg1, w1, n1, t0, l0, tokens, d);
   gate_dx_segment<T>(acc, As, Bs, g2, ldg2, w2, n2, t0, l0, tokens, d);
-#pragma unroll
-  for (int i = 0; i < GATE_TM; ++i) {
-    const i64 t = t0 + ty + 16 * i;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int l = l0 + tx + 16 * j;
-      if (t >= tokens || l >= d) continue;
-      const float extra = direct ? direct[t * ld_direct + l] : 0.0f;
-      dx[t * d + l] = from_f32<T>(acc[i][j] + extra);
-    }
-  }
+  for_each_tf32_acc(acc, [&](int m, int n, float v) {
+    const i64 t = t0 + m;
+    const int l = l0 + n;
+    if (t >= tokens || l >= d) return;
+    const float extra = direct ? direct[t * ld_direct + l] : 0.0f;
+    dx[t * d + l] = from_f32<T>(v + extra);
+  });
 }
 
 // Each coefficient matrix is passed as (buffer, element offset, row stride): several of them
@@ -451,47 +451,52 @@ EMU_EXPORT(gate_dx_bf16)
 
 // ------------------------------------------------------------------------------------------
 // gate_dw_<dtype>: dW[r, l] = sum_t G[t * ldg + r] X[t * d + l] for r < rows, l < d (f32).
-// The weight gradient of one stacked segment; t = 0 .. T-1 in k-tiles, in order (T = 0
-// writes zeros). A NaN or +-inf element of X counts as 0: it makes every logit of its row
-// non-finite, so the row was routed nowhere (math §2), its dz and coefficients are 0, and it
-// must add exactly nothing (0 * NaN would poison dW). Mapping: blockIdx.x = 64-row tile of dW, blockIdx.y = 64-column tile of d;
-// thread (ty, tx) owns rows ty + 16 i and columns tx + 16 j (i, j < 4).
-// Traffic: G read once per column tile, X once per row tile, dW written once.
-// Launch: grid (ceil(rows/64), ceil(d/64)), 256 threads, 8 KiB dynamic shared.
+// The weight gradient of one stacked segment. A NaN or +-inf element of X counts as 0: it makes
+// every logit of its row non-finite, so the row was routed nowhere (math §2), its dz and
+// coefficients are 0, and it must add exactly nothing (0 * NaN would poison dW).
+// Algorithm: a GEMM on tensor cores (gate_tf32.cuh: tf32 mma.sync with G split into two tf32
+//   terms, and X too when it is f32: f32 accuracy), the reduction over tokens split in
+//   gridDim.z slices of split_tokens tokens (split-K): slice s sums its tokens in order and
+//   writes out + s * rows * d; with more than one slice the host then adds the slices with
+//   gate_sum_f32 in slice order. The split depends only on the shape, so dW is bitwise
+//   reproducible. T = 0 writes zeros.
+// Mapping: blockIdx.x = 64-row tile of dW, blockIdx.y = 128-column tile of d, blockIdx.z =
+//   token slice; 8 warps, each 32 rows x 32 columns (gate_tf32.cuh).
+// Traffic: G read once per column tile, X once per row tile, each slice written once.
+// Launch: grid (ceil(rows/64), ceil(d/128), slices), 256 threads, TF32_SHARED_BYTES dynamic shared.
 template <class T>
 __device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, const T* x,
-                                             i64 tokens, int d, float* dw) {
+                                             i64 tokens, int d, i64 split_tokens, float* out) {
   DYN_SHARED(float, smem);
-  float* As = smem;                      // [BK][64] coefficients, k = t
-  float* Bs = smem + GATE_BK * GATE_BM;  // [BK][64] X rows
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const int r0 = blockIdx.x * 64, l0 = blockIdx.y * 64;
+  float* As = smem;                      // [BK][TF32_LDA] coefficients, k = t
+  float* Bs = smem + GATE_BK * TF32_LDA;  // [BK][TF32_LDB] X rows
+  const int r0 = blockIdx.x * TF32_BM, l0 = blockIdx.y * TF32_BN;
+  const i64 begin = i64(blockIdx.z) * split_tokens, end = min(tokens, begin + split_tokens);
   const bool vec_g = rows_aligned_16(g, ldg) && r0 % 4 == 0, vec_x = rows_aligned_16(x, d);
-  float acc[GATE_TM][4] = {};
-  for (i64 k0 = 0; k0 < tokens; k0 += GATE_BK) {
-    auto g_row = [&](int k) -> const float* { return k0 + k < tokens ? g + (k0 + k) * ldg + r0 : nullptr; };
-    auto x_row = [&](int k) -> const T* { return k0 + k < tokens ? x + (k0 + k) * d + l0 : nullptr; };
+  float acc[2][4][4] = {};
+  for (i64 k0 = begin; k0 < end; k0 += GATE_BK) {
+    auto g_row = [&](int k) -> const float* { return k0 + k < end ? g + (k0 + k) * ldg + r0 : nullptr; };
+    auto x_row = [&](int k) -> const T* { return k0 + k < end ? x + (k0 + k) * d + l0 : nullptr; };
     __syncthreads();
-    load_tile_m_contiguous<float>(As, GATE_BM, GATE_BM, g_row, rows - r0, vec_g);
-    load_tile_m_contiguous<T>(Bs, 64, 64, x_row, d - l0, vec_x, true);
+    load_tile_m_contiguous<float>(As, TF32_LDA, TF32_BM, g_row, rows - r0, vec_g);
+    load_tile_m_contiguous<T>(Bs, TF32_LDB, TF32_BN, x_row, d - l0, vec_x, true);
     __syncthreads();
-    tile_fma<GATE_TM, 4, 1>(acc, As, GATE_BM, Bs, 64, ty, tx);
+    tile_mma_tf32<std::is_same_v<T, float>>(acc, As, Bs);
   }
-#pragma unroll
-  for (int i = 0; i < GATE_TM; ++i) {
-    const int r = r0 + ty + 16 * i;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int l = l0 + tx + 16 * j;
-      if (r < rows && l < d) dw[i64(r) * d + l] = acc[i][j];
-    }
-  }
+  float* slice = out + i64(blockIdx.z) * rows * d;
+  for_each_tf32_acc(acc, [&](int m, int n, float v) {
+    const int r = r0 + m, l = l0 + n;
+    if (r < rows && l < d) slice[i64(r) * d + l] = v;
+  });
 }
 
+// g null: the coefficients live in out's buffer (the backward's workspace, whose split-K slices
+// sit in another range of it), at element offset off.
 #define GATE_DW_PARAMS(T)                                                                       \
   const float *g, long long off, long long ldg, int rows, const T *x, long long tokens, int d,   \
-      float *dw
-#define GATE_DW(T) gate_dw_body<T>(offset(g, off), ldg, rows, x, tokens, d, dw)
+      long long split_tokens, float *out, long long out_off
+#define GATE_DW(T)                                                                              \
+  gate_dw_body<T>(offset(g ? g : out, off), ldg, rows, x, tokens, d, split_tokens, out + out_off)
 
 extern "C" __global__ void gate_dw_f32(GATE_DW_PARAMS(float)) { GATE_DW(float); }
 EMU_EXPORT(gate_dw_f32)

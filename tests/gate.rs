@@ -25,6 +25,8 @@ struct Case {
     seed: u64,
     /// Every buffer a view at `common::view_offset(offset, i)` (0: the buffers themselves).
     offset: usize,
+    /// The shape splits every weight gradient's sum over tokens (one more launch each).
+    split_dw: bool,
 }
 
 impl Case {
@@ -41,6 +43,7 @@ impl Case {
             with_c: true,
             seed: 7,
             offset: 0,
+            split_dw: false,
         }
     }
 
@@ -317,7 +320,10 @@ fn run_case<T: FloatElement>(device: &Device, case: &Case, host: &GateParams, x:
     drop(grad_views);
     let coef = u64::from(case.form != GateForm::Linear);
     let sum_over_experts = u64::from(matches!(case.form, GateForm::Attention | GateForm::Full));
-    let backward_launches = has_tokens * (coef + sum_over_experts + 1) + grad_bufs.len() as u64;
+    let bias = if case.form == GateForm::Linear { "b" } else { "c" };
+    let weight_grads = grad_bufs.iter().filter(|(n, _)| *n != bias).count() as u64;
+    let slice_sums = if case.split_dw { weight_grads } else { 0 };
+    let backward_launches = has_tokens * (coef + sum_over_experts + 1) + grad_bufs.len() as u64 + slice_sums;
     assert_eq!(
         device.stats().launches - after_forward.launches,
         backward_launches,
@@ -481,31 +487,51 @@ fn every_forward_is_one_launch() {
 /// emulator schedule (a float atomic or a schedule-dependent sum would differ).
 #[test]
 fn results_are_bitwise_reproducible() {
+    for form in GateForm::ALL {
+        assert_bitwise_reproducible(&Case::new(form, 70, 19, 37, 6));
+    }
+}
+
+fn assert_bitwise_reproducible(case: &Case) {
     let emulator = EmulatorDevice::new();
     let schedules = [Schedule::InOrder, Schedule::Reverse, Schedule::Random { seed: 5 }];
+    let (host, x, dz) = inputs::<bf16>(case);
+    let form = case.form;
+    // Per device: nvcc contracts multiply-adds into FMAs where the emulator's host
+    // compiler need not, so the GPU and the emulator may differ in the last bit.
+    for device in devices() {
+        let first = run_case::<bf16>(&device, case, &host, &x, &dz);
+        assert_eq!(
+            run_case::<bf16>(&device, case, &host, &x, &dz),
+            first,
+            "{form:?} on {}",
+            device.description()
+        );
+    }
+    let first = run_case::<bf16>(&Device::Emulator(emulator.clone()), case, &host, &x, &dz);
+    for schedule in schedules {
+        let device = Device::Emulator(emulator.with_schedule(schedule));
+        assert_eq!(
+            run_case::<bf16>(&device, case, &host, &x, &dz),
+            first,
+            "{form:?} under {schedule:?}"
+        );
+    }
+}
+
+/// dW's sum over tokens split in slices (split-K), the slices then added in slice order: at
+/// 600 tokens and one 64 x 128 tile per gradient, each weight gradient takes 3 slices of 208
+/// tokens, so one more launch each (run_case counts them). Every form and dtype against the
+/// reference, and bitwise the same on a second run and under every schedule.
+#[test]
+fn weight_gradients_split_over_tokens() {
     for form in GateForm::ALL {
-        let case = Case::new(form, 70, 19, 37, 6);
-        let (host, x, dz) = inputs::<bf16>(&case);
-        // Per device: nvcc contracts multiply-adds into FMAs where the emulator's host
-        // compiler need not, so the GPU and the emulator may differ in the last bit.
-        for device in devices() {
-            let first = run_case::<bf16>(&device, &case, &host, &x, &dz);
-            assert_eq!(
-                run_case::<bf16>(&device, &case, &host, &x, &dz),
-                first,
-                "{form:?} on {}",
-                device.description()
-            );
+        let mut case = Case::new(form, 600, 20, 3, 2);
+        case.split_dw = true;
+        for dtype in 0..3 {
+            check_all_dtypes(&case, dtype);
         }
-        let first = run_case::<bf16>(&Device::Emulator(emulator.clone()), &case, &host, &x, &dz);
-        for schedule in schedules {
-            let device = Device::Emulator(emulator.with_schedule(schedule));
-            assert_eq!(
-                run_case::<bf16>(&device, &case, &host, &x, &dz),
-                first,
-                "{form:?} under {schedule:?}"
-            );
-        }
+        assert_bitwise_reproducible(&case);
     }
 }
 

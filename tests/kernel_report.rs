@@ -244,6 +244,12 @@ fn tensor_core_kernels_contain_hmma() {
             kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
         }
     }
+    // The gate's backward GEMMs (dX, dW) run on tf32 tensor cores at every dtype.
+    for op in ["dx", "dw"] {
+        for dtype in ["f32", "f16", "bf16"] {
+            kernels.push(format!("gate_{op}_{dtype}"));
+        }
+    }
     // The codebook's 16-bit nearest-code search runs its score tiles on tensor cores.
     for list in ["top1", "top8"] {
         for dtype in ["f16", "bf16"] {

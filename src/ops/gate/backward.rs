@@ -7,13 +7,17 @@
 //!    terms that 2. sums over experts into `[T, r]`);
 //! 2. attention and full: `gate_sum_inplace` (fixed order over experts);
 //! 3. `gate_dx`: dX = Σ coefficients · weight rows, one GEMM over up to three stacked segments;
-//! 4. one `gate_dw` per weight gradient (coefficients^T X, over tokens in order) and one
-//!    `gate_sum` per bias gradient (Σ_t dz).
+//! 4. one `gate_dw` per weight gradient (coefficients^T X over tokens in order, split over
+//!    token slices when the gradient has too few tiles to fill the GPU, the slices then added
+//!    by a `gate_sum` in slice order) and one `gate_sum` per bias gradient (Σ_t dz).
 //!
-//! Every reduction runs in a fixed order: the gradients are bitwise reproducible.
+//! dX and dW run on tensor cores (tf32 `mma.sync`), with every f32 operand split into two tf32
+//! terms, so they keep f32 accuracy (kernels/include/gate_tf32.cuh).
+//!
+//! Every reduction runs in a fixed order, and the token split depends only on the shape: the
+//! gradients are bitwise reproducible.
 use super::{
-    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, ScoringTile, THREADS, TILE, dims_args, params,
-    scoring_config,
+    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, ScoringTile, THREADS, dims_args, params, scoring_config,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -173,9 +177,22 @@ fn grad_argument(name: &str) -> &'static str {
     }
 }
 
-/// f32 elements of the workspace `scores_backward` needs: 0 for the linear gate, else
-/// `T · (2·E·r + r)` (r = d for the full form).
+/// f32 elements of the workspace `scores_backward` needs: the coefficients (none for the linear
+/// gate, else `T · (2·E·r + r)`, r = d for the full form), then the largest set of split-K
+/// partial sums among the weight gradients (`slices · rows · d`, 0 where a gradient is not split).
 pub fn backward_workspace_len(form: GateForm, shape: &GateShape) -> Result<usize> {
+    let (coefficients, partials) = (coefficients_len(form, shape)?, partials_len(form, shape)?);
+    coefficients
+        .checked_add(partials)
+        .ok_or_else(|| Error::InvalidArgument {
+            argument: "shape",
+            value: format!("{coefficients} + {partials} workspace elements"),
+            expected: "a workspace whose element count fits in usize".into(),
+        })
+}
+
+/// The coefficient part of the workspace (module docs, step 1).
+fn coefficients_len(form: GateForm, shape: &GateShape) -> Result<usize> {
     if form == GateForm::Linear {
         return Ok(0);
     }
@@ -183,6 +200,63 @@ pub fn backward_workspace_len(form: GateForm, shape: &GateShape) -> Result<usize
     let scores = elements("shape.experts", 2, shape.experts)?.checked_add(1);
     let row = elements("shape.rank", scores.unwrap_or(usize::MAX), r)?;
     elements("shape.tokens", shape.tokens, row)
+}
+
+/// The rows of each weight gradient a form may have (left and right `E·r`, query `r`, linear
+/// `E`), their partial sums' largest size.
+fn partials_len(form: GateForm, shape: &GateShape) -> Result<usize> {
+    let r = shape.effective_rank(form);
+    let mut most = 0;
+    for rows in [elements("shape.rank", shape.experts, r)?, r, shape.experts] {
+        let split = DwSplit::new(rows, shape.dim, shape.tokens);
+        if split.slices > 1 {
+            most = most.max(elements(
+                "shape.dim",
+                elements("shape", split.slices, rows)?,
+                shape.dim,
+            )?);
+        }
+    }
+    Ok(most)
+}
+
+/// Rows and columns of a `gate_dx` / `gate_dw` block's tile (`TF32_BM`, `TF32_BN`).
+const DW_TILE_ROWS: usize = 64;
+const DW_TILE_COLS: usize = 128;
+/// Blocks a split dW aims at: about two per SM on the largest current GPUs. A constant rather
+/// than the device's SM count, so that the split, and with it every bit of dW, is the same on
+/// every device.
+const DW_TARGET_BLOCKS: usize = 256;
+/// The fewest tokens a slice sums: shorter slices would cost more in partial sums than they save.
+const DW_MIN_SLICE_TOKENS: usize = 256;
+
+/// How `gate_dw` splits the sum over tokens of a `[rows, d]` gradient: `slices` slices of
+/// `slice_tokens` tokens each (a multiple of the k-tile; the last may be shorter).
+struct DwSplit {
+    slices: usize,
+    slice_tokens: usize,
+}
+
+impl DwSplit {
+    fn new(rows: usize, d: usize, tokens: usize) -> Self {
+        let tiles = rows
+            .div_ceil(DW_TILE_ROWS)
+            .saturating_mul(d.div_ceil(DW_TILE_COLS))
+            .max(1);
+        let wanted = DW_TARGET_BLOCKS
+            .div_ceil(tiles)
+            .min(tokens.div_ceil(DW_MIN_SLICE_TOKENS))
+            .max(1);
+        let slice_tokens = tokens.div_ceil(wanted).next_multiple_of(K_TILE);
+        DwSplit {
+            slices: if slice_tokens == 0 {
+                1
+            } else {
+                tokens.div_ceil(slice_tokens)
+            },
+            slice_tokens,
+        }
+    }
 }
 
 /// Backward of [`scores`](super::scores): from `dz` (`[T, E]`, f32) writes `dx` (`[T, d]`, X's
@@ -248,42 +322,49 @@ pub fn scores_backward<T: FloatElement>(
         device.launch("gate_sum_inplace_f32", sum_config(t * rank)?, args)?;
     }
 
-    // From here on the workspace is only read.
-    let ws = Dyn(&*workspace as &dyn DeviceSlice<f32>);
+    // The coefficient matrices: in the workspace, except the linear rows' (dz itself).
+    let left = Coefs::workspace(0, ld);
+    let right = Coefs::workspace(e * rank, ld);
+    let query = Coefs::workspace(sums_at, rank);
+    let linear = Coefs {
+        in_workspace: false,
+        offset: 0,
+        ld: e,
+    };
     let dz = Dyn(dz as &dyn DeviceSlice<f32>);
-    let left = Coefs::new(&ws, 0, ld);
-    let right = Coefs::new(&ws, e * rank, ld);
-    let query = Coefs::new(&ws, sums_at, rank);
-    let linear = Coefs::new(&dz, 0, e);
-
-    let mut segments = vec![];
-    if let Some(w) = &o.left {
-        segments.push((&left, w, e * rank));
-    }
-    if let Some(w) = &o.right {
-        segments.push((&right, w, e * rank));
-    }
-    if let Some(w) = &o.query {
-        segments.push((&query, w, rank));
-    }
-    if let Some(w) = &o.linear {
-        segments.push((&linear, w, e));
-    }
-    let direct = (form == GateForm::Full).then(|| Coefs::new(&ws, sums_at, d));
     if t > 0 {
-        launch_dx(device, shape, &segments, direct.as_ref(), dx)?;
+        let ws = Dyn(&*workspace as &dyn DeviceSlice<f32>);
+        let mut segments = vec![];
+        for (coefs, weight, rows) in [
+            (&left, &o.left, e * rank),
+            (&right, &o.right, e * rank),
+            (&query, &o.query, rank),
+            (&linear, &o.linear, e),
+        ] {
+            if let Some(w) = weight {
+                segments.push((coefs.buffer(&ws, &dz), coefs, w, rows));
+            }
+        }
+        let direct = (form == GateForm::Full).then(|| Coefs::workspace(sums_at, d));
+        launch_dx(device, shape, &segments, direct.as_ref().map(|c| (&ws, c)), dx)?;
     }
 
     let g = grads.outputs();
     let x = Dyn(x as &dyn DeviceSlice<T>);
-    for (coef, rows, out) in [
+    let partials_at = coefficients_len(form, shape)?;
+    for (coefs, rows, out) in [
         (&left, e * rank, g.left),
         (&right, e * rank, g.right),
         (&query, rank, g.query),
         (&linear, e, g.linear),
     ] {
         if let Some(mut out) = out {
-            launch_dw(device, shape, coef, rows, &x, &mut out)?;
+            let dw = DwLaunch {
+                coefs,
+                rows,
+                partials_at,
+            };
+            dw.launch(device, shape, &x, &dz, workspace, &mut out)?;
         }
     }
     if let Some(mut db) = g.bias {
@@ -304,20 +385,25 @@ pub fn scores_backward<T: FloatElement>(
     Ok(())
 }
 
-/// A matrix of f32 gradient coefficients: element (t, n) at `g[offset + t·ld + n]`.
-struct Coefs<'a> {
-    g: Dyn<'a, f32>,
+/// A matrix of f32 gradient coefficients: element (t, n) at `[offset + t·ld + n]` of the
+/// workspace, or of dz.
+struct Coefs {
+    in_workspace: bool,
     offset: usize,
     ld: usize,
 }
 
-impl<'a> Coefs<'a> {
-    fn new(g: &Dyn<'a, f32>, offset: usize, ld: usize) -> Self {
+impl Coefs {
+    fn workspace(offset: usize, ld: usize) -> Self {
         Coefs {
-            g: Dyn(g.0),
+            in_workspace: true,
             offset,
             ld,
         }
+    }
+
+    fn buffer<'b>(&self, workspace: &'b Dyn<'b, f32>, dz: &'b Dyn<'b, f32>) -> &'b Dyn<'b, f32> {
+        if self.in_workspace { workspace } else { dz }
     }
 }
 
@@ -332,22 +418,25 @@ fn sum_config(outputs: usize) -> Result<LaunchConfig> {
     ))
 }
 
-/// Shared memory of the dX and dW kernels: two 64-wide f32 k-tiles.
-const GEMM_SHARED: u32 = (2 * TILE * K_TILE * size_of::<f32>()) as u32;
+/// Shared memory of the dX and dW kernels: one k-tile of each operand, f32 (`TF32_SHARED_BYTES`).
+const GEMM_SHARED: u32 = (K_TILE * (DW_TILE_ROWS + 8 + DW_TILE_COLS + 8) * size_of::<f32>()) as u32;
+
+/// One dX segment: coefficient buffer, where its matrix sits in it, weight rows, row count.
+type DxSegment<'s, T> = (&'s Dyn<'s, f32>, &'s Coefs, &'s Dyn<'s, T>, usize);
 
 fn launch_dx<T: FloatElement>(
     device: &Device,
     shape: &GateShape,
-    segments: &[(&Coefs<'_>, &Dyn<'_, T>, usize)],
-    direct: Option<&Coefs<'_>>,
+    segments: &[DxSegment<'_, T>],
+    direct: Option<(&Dyn<'_, f32>, &Coefs)>,
     dx: &mut impl DeviceSliceMut<T>,
 ) -> Result<()> {
     debug_assert!(segments.len() <= 3, "every form has at most three weight segments");
     let mut args = KernelArgs::new(device);
     for i in 0..3 {
         args = match segments.get(i) {
-            Some((c, w, rows)) => args
-                .input("workspace", &c.g)
+            Some((g, c, w, rows)) => args
+                .input("workspace", *g)
                 .scalar(c.offset as i64)
                 .scalar(c.ld as i64)
                 .input("weights", *w)
@@ -356,10 +445,7 @@ fn launch_dx<T: FloatElement>(
         };
     }
     args = match direct {
-        Some(c) => args
-            .input("workspace", &c.g)
-            .scalar(c.offset as i64)
-            .scalar(c.ld as i64),
+        Some((g, c)) => args.input("workspace", g).scalar(c.offset as i64).scalar(c.ld as i64),
         None => args.scalar(0u64).scalar(0i64).scalar(0i64),
     };
     // SAFETY: GATE_DX_PARAMS in gate.cu (three segments, direct, dx, tokens, d).
@@ -369,8 +455,8 @@ fn launch_dx<T: FloatElement>(
         .scalar(shape.dim as i32);
     let config = LaunchConfig {
         grid: (
-            grid_blocks("shape.tokens", shape.tokens, TILE)?,
-            shape.dim.div_ceil(TILE) as u32,
+            grid_blocks("shape.tokens", shape.tokens, DW_TILE_ROWS)?,
+            shape.dim.div_ceil(DW_TILE_COLS) as u32,
             1,
         ),
         block: (THREADS, 1, 1),
@@ -379,28 +465,93 @@ fn launch_dx<T: FloatElement>(
     device.launch(&format!("gate_dx_{}", T::NAME), config, args)
 }
 
-fn launch_dw<T: FloatElement>(
-    device: &Device,
-    shape: &GateShape,
-    coefs: &Coefs<'_>,
+/// One weight gradient's `gate_dw` (and, when split, the `gate_sum` of its slices).
+struct DwLaunch<'c> {
+    coefs: &'c Coefs,
     rows: usize,
-    x: &Dyn<'_, T>,
-    dw: &mut DynMut<'_, f32>,
-) -> Result<()> {
-    // SAFETY: GATE_DW_PARAMS in gate.cu (g, off, ldg, rows, x, tokens, d, dw); dw holds rows·d.
-    let args = KernelArgs::new(device)
-        .input("workspace", &coefs.g)
-        .scalar(coefs.offset as i64)
-        .scalar(coefs.ld as i64)
-        .scalar(rows as i32)
-        .input("x", x)
-        .scalar(shape.tokens as i64)
-        .scalar(shape.dim as i32)
-        .output("grads", dw);
-    let config = LaunchConfig {
-        grid: (grid_blocks("grads", rows, TILE)?, shape.dim.div_ceil(TILE) as u32, 1),
-        block: (THREADS, 1, 1),
-        shared_bytes: GEMM_SHARED,
-    };
-    device.launch(&format!("gate_dw_{}", T::NAME), config, args)
+    /// Where the split-K slices go in the workspace (after the coefficients).
+    partials_at: usize,
+}
+
+impl DwLaunch<'_> {
+    /// The arguments after g (GATE_DW_PARAMS in gate.cu: g, off, ldg, rows, x, tokens, d,
+    /// split_tokens, out, out_off).
+    fn dims<'a, T: FloatElement>(
+        &self,
+        args: KernelArgs<'a>,
+        shape: &GateShape,
+        x: &'a Dyn<'_, T>,
+        split: &DwSplit,
+    ) -> KernelArgs<'a> {
+        args.scalar(self.coefs.offset as i64)
+            .scalar(self.coefs.ld as i64)
+            .scalar(self.rows as i32)
+            .input("x", x)
+            .scalar(shape.tokens as i64)
+            .scalar(shape.dim as i32)
+            .scalar(split.slice_tokens as i64)
+    }
+
+    fn launch<T: FloatElement>(
+        &self,
+        device: &Device,
+        shape: &GateShape,
+        x: &Dyn<'_, T>,
+        dz: &Dyn<'_, f32>,
+        workspace: &mut impl DeviceSliceMut<f32>,
+        dw: &mut DynMut<'_, f32>,
+    ) -> Result<()> {
+        let (rows, d) = (self.rows, shape.dim);
+        let split = DwSplit::new(rows, d, shape.tokens);
+        let config = LaunchConfig {
+            grid: (
+                grid_blocks("grads", rows, DW_TILE_ROWS)?,
+                d.div_ceil(DW_TILE_COLS) as u32,
+                split.slices as u32,
+            ),
+            block: (THREADS, 1, 1),
+            shared_bytes: GEMM_SHARED,
+        };
+        let name = format!("gate_dw_{}", T::NAME);
+        if split.slices == 1 {
+            let g = if self.coefs.in_workspace {
+                Dyn(&*workspace as &dyn DeviceSlice<f32>)
+            } else {
+                Dyn(dz.0)
+            };
+            // SAFETY: GATE_DW_PARAMS; one slice writes dW (rows·d) directly.
+            let args = self
+                .dims(KernelArgs::new(device).input("workspace", &g), shape, x, &split)
+                .output("grads", dw)
+                .scalar(0i64);
+            return device.launch(&name, config, args);
+        }
+        // SAFETY: GATE_DW_PARAMS; slice s writes [partials_at + s·rows·d, + rows·d) of the
+        // workspace (backward_workspace_len counts slices·rows·d there). Coefficients in the
+        // workspace are passed as g = null: the kernel reads them from out's buffer.
+        let args = KernelArgs::new(device);
+        let args = if self.coefs.in_workspace {
+            args.scalar(0u64)
+        } else {
+            args.input("dz", dz)
+        };
+        let args = self
+            .dims(args, shape, x, &split)
+            .output("workspace", workspace)
+            .scalar(self.partials_at as i64);
+        device.launch(&name, config, args)?;
+        // SAFETY: gate_sum_f32(in, in_off, outer, inner, outer_stride, count, stride, out,
+        // out_off): dW[r·d + l] = Σ_s slices[s·rows·d + r·d + l], s ascending.
+        let args = KernelArgs::new(device)
+            .input("workspace", &*workspace)
+            .scalar(self.partials_at as i64)
+            .scalar(rows as i64)
+            .scalar(d as i32)
+            .scalar(d as i64)
+            .scalar(split.slices as i64)
+            .scalar((rows * d) as i64)
+            .output("grads", dw)
+            .scalar(0i64);
+        device.launch("gate_sum_f32", sum_config(rows * d)?, args)
+    }
 }

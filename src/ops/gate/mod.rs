@@ -58,7 +58,7 @@ use crate::{Device, DeviceSlice, DeviceSliceMut, Element, Error, Result};
 
 /// Threads per block of every gate kernel (`GATE_THREADS` in gate_tile.cuh).
 const THREADS: u32 = 256;
-/// Tokens per block of the scoring kernels (`GATE_BM`), and rows/columns of the dX/dW tiles.
+/// Tokens per block of the scoring kernels (`GATE_BM`).
 const TILE: usize = 64;
 /// k-tile width (`GATE_BK`).
 const K_TILE: usize = 16;
