@@ -15,9 +15,9 @@
 // form, so the router routes it nowhere; in the backward its dz is 0, which adds nothing.
 //
 // Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
-// threads: the f32 forward and the coefficient kernels on f32 FMA tiles (gate_tile.cuh), each
-// thread owning a 4 x NG x NC register tile; the f16/bf16 forward on mma.sync tensor-core tiles
-// (gate_mma.cuh); dX and dW on tf32 tensor-core tiles with f32 operands split in two terms
+// threads: for f32 X the forward and the coefficient kernels on f32 FMA tiles (gate_tile.cuh),
+// each thread owning a 4 x NG x NC register tile; for f16/bf16 both on mma.sync tensor-core
+// tiles (gate_mma.cuh); dX and dW on tf32 tensor-core tiles with f32 operands split in two terms
 // (gate_tf32.cuh). All sums run in a fixed order (no atomics), so results do not depend on the
 // schedule.
 //
@@ -203,7 +203,14 @@ template <class T, Form F>
 __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const float* bias, float* z,
                                             i64 tokens, int d, int experts, int rank) {
   if constexpr (is_f32<T>) gate_scores_body<T, F, false>(x, w, bias, nullptr, z, tokens, d, experts, rank);
-  else gate_scores_mma_body<T, F>(x, w, bias, z, tokens, d, experts, rank);
+  else gate_scores_mma_body<T, F>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+}
+// The coefficient pass on the forward's tile: FMA for f32, tensor cores for f16 and bf16.
+template <class T, Form F>
+__device__ __forceinline__ void gate_coef(const T* x, GateWeightsPtrs w, const float* dz, float* ws, i64 tokens,
+                                          int d, int experts, int rank) {
+  if constexpr (is_f32<T>) gate_scores_body<T, F, true>(x, w, nullptr, dz, ws, tokens, d, experts, rank);
+  else gate_scores_mma_body<T, F, true>(x, w, nullptr, dz, ws, tokens, d, experts, rank);
 }
 #define GATE_SCORES(T, F)                                                                       \
   gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank)
@@ -211,8 +218,7 @@ __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *dz,     \
       float *ws, long long tokens, int d, int experts, int rank
 #define GATE_COEF(T, F)                                                                         \
-  gate_scores_body<T, F, true>(x, GateWeightsPtrs{left, right, query, lin}, nullptr, dz, ws,    \
-                               tokens, d, experts, rank)
+  gate_coef<T, F>(x, GateWeightsPtrs{left, right, query, lin}, dz, ws, tokens, d, experts, rank)
 
 extern "C" __global__ void gate_scores_linear_f32(GATE_SCORES_PARAMS(float)) { GATE_SCORES(float, Form::Linear); }
 EMU_EXPORT(gate_scores_linear_f32)
@@ -275,8 +281,8 @@ __device__ __forceinline__ void gate_route_linear(GATE_ROUTE_PARAMS(T)) {
   __shared__ int scratch[32];
   __shared__ int last_block;
   __shared__ int dropped;
-  gate_scores_mma_body<T, Form::Linear>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts,
-                                        rank);
+  gate_scores_mma_body<T, Form::Linear>(x, GateWeightsPtrs{left, right, query, lin}, bias, nullptr, z, tokens, d,
+                                        experts, rank);
   __syncthreads();  // the tile's z rows are written and visible to the block
   const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
   const MapShape m{ids, int(tokens), k, experts, expert_begin, local_experts};

@@ -232,10 +232,14 @@ fn tensor_core_kernels_contain_hmma() {
     ]
     .map(String::from)
     .to_vec();
-    // The gate's 16-bit forward runs on tensor cores, every form.
+    // The gate's 16-bit forward runs on tensor cores, every form, and so does the backward's
+    // coefficient pass (on the forward's tile) for every form that has one.
     for form in ["linear", "lowrank", "symmetric", "attention", "full"] {
         for dtype in ["f16", "bf16"] {
             kernels.push(format!("gate_scores_{form}_{dtype}"));
+            if form != "linear" {
+                kernels.push(format!("gate_coef_{form}_{dtype}"));
+            }
         }
     }
     // The routing step's fused kernels score on the same tensor-core tiles.

@@ -82,17 +82,26 @@ __device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, Un
   }
 }
 
-template <class T, Form F>
+// COEF: the backward's coefficient pass (gate.cu, gate_coef_<form>_<dtype>) on the same tile:
+// from dz [T, E], each chunk's pair tiles give, for rank j of expert e and row t, the
+// coefficients of the left and right rows, g (F == Symmetric ? 2 L : R) s and g L s (g the dz
+// element, s the attention scale; 0 wherever g is 0, whatever L and R are), written to
+// out = ws [T, 2 E rank] at [t, e rank + j] and [t, E rank + e rank + j]. No linear tiles run
+// (the linear rows' coefficient is dz itself) and nothing else is written.
+template <class T, Form F, bool COEF = false>
 __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs w, const float* bias,
-                                                     float* z, i64 tokens, int d, int experts, int rank) {
+                                                     const float* dz, float* out, i64 tokens, int d,
+                                                     int experts, int rank) {
   using M = MmaForm<F>;
+  static_assert(!COEF || M::pairs, "the linear gate has no coefficient pass");
+  constexpr int TILES = M::PAIR_TILES + (COEF ? 0 : M::LIN_TILES);  // n8 tiles a warp multiplies
   DYN_SHARED(T, smem);
   T* As = smem;                     // [64][MMA_LD] X rows
   T* Bs = smem + GATE_BM * MMA_LD;  // [COLS][MMA_LD] projection rows
   const T* left = static_cast<const T*>(w.left);
   const T* right = static_cast<const T*>(w.right);
   const T* query = static_cast<const T*>(w.query);
-  const T* lin = static_cast<const T*>(w.lin);
+  const T* lin = COEF ? nullptr : static_cast<const T*>(w.lin);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int wm = warp % 4, wn = warp / 4, g = lane / 4, t = lane % 4;
   const i64 t0 = i64(blockIdx.x) * GATE_BM;
@@ -103,6 +112,7 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   const float pair_scale = F == Form::Attention ? rsqrtf(float(rank)) : 1.0f;
   auto x_row = [&](int m) -> const T* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
   auto no_unit = [](int) -> i64 { return -1; };
+  const i64 row_top = t0 + wm * 16 + g, row_bottom = row_top + 8;
 
   // z of this warp's experts for rows g and g + 8, summed over chunks (every lane of a quad
   // holds the same pair sums; the linear term is added at the end).
@@ -137,7 +147,7 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
       return (F == Form::Full && n >= M::L_ROWS && n < M::LIN0 && j < rank) ? j : -1;
     };
 
-    float acc[M::PAIR_TILES + M::LIN_TILES][4] = {};
+    float acc[TILES][4] = {};
     for (i64 k0 = 0; k0 < d; k0 += MMA_BK) {
       __syncthreads();  // the previous k-tile has been consumed
       load_tile_16bit<T>(As, GATE_BM, x_row, no_unit, k0, d, vec, huge_rows);
@@ -148,7 +158,7 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
         uint32_t a[4];
         ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * MMA_LD + ks + (lane / 16) * 8);
 #pragma unroll
-        for (int i = 0; i < M::PAIR_TILES + M::LIN_TILES; ++i) {
+        for (int i = 0; i < TILES; ++i) {
           // Lane l addresses row l % 8 of the n8 tile: column 2c + s of a pair tile.
           const int r8 = lane % 8;
           const int row = i < M::PAIR_TILES
@@ -160,25 +170,49 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
         }
       }
     }
+    if constexpr (COEF) {
+      // Lane (g, t) holds L and R of rank r0 + t for rows g and g + 8 of each pair tile.
 #pragma unroll
-    for (int p = 0; p < M::PAIR_TILES; ++p) {
-      float top = acc[p][0] * acc[p][1], bottom = acc[p][2] * acc[p][3];
-      top += __shfl_xor_sync(0xffffffffu, top, 1);
-      top += __shfl_xor_sync(0xffffffffu, top, 2);
-      bottom += __shfl_xor_sync(0xffffffffu, bottom, 1);
-      bottom += __shfl_xor_sync(0xffffffffu, bottom, 2);
-      zpair[p][0] += top * pair_scale;
-      zpair[p][1] += bottom * pair_scale;
+      for (int p = 0; p < M::PAIR_TILES; ++p) {
+        const int e = e0 + wn * M::WE + p, j = r0 + t;
+        if (e >= experts || j >= rank) continue;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const i64 row = h ? row_bottom : row_top;
+          if (row >= tokens) continue;
+          const float gz = dz[row * experts + e], left_x = acc[p][2 * h], right_x = acc[p][2 * h + 1];
+          // A zero dz (a row routed nowhere) gives exact zeros: its projections may be NaN.
+          auto times_g = [gz](float v) { return gz == 0.0f ? 0.0f : gz * v; };
+          float* coef_left = out + row * (2 * i64(experts) * rank) + i64(e) * rank;
+          if constexpr (F == Form::Symmetric) {
+            coef_left[j] = times_g(2.0f * left_x);
+          } else {
+            coef_left[j] = times_g(right_x) * pair_scale;
+            coef_left[i64(experts) * rank + j] = times_g(left_x) * pair_scale;
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int p = 0; p < M::PAIR_TILES; ++p) {
+        float top = acc[p][0] * acc[p][1], bottom = acc[p][2] * acc[p][3];
+        top += __shfl_xor_sync(0xffffffffu, top, 1);
+        top += __shfl_xor_sync(0xffffffffu, top, 2);
+        bottom += __shfl_xor_sync(0xffffffffu, bottom, 1);
+        bottom += __shfl_xor_sync(0xffffffffu, bottom, 2);
+        zpair[p][0] += top * pair_scale;
+        zpair[p][1] += bottom * pair_scale;
+      }
+#pragma unroll
+      for (int i = 0; i < M::LIN_TILES; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) zlin[i][c] += acc[M::PAIR_TILES + i][c];
     }
-#pragma unroll
-    for (int i = 0; i < M::LIN_TILES; ++i)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) zlin[i][c] += acc[M::PAIR_TILES + i][c];
   }
 
+  if constexpr (COEF) return;
   // Lane t writes experts 2t, 2t+1 of each linear tile (rows g and g + 8); the pair sums
   // of those experts are in every lane of its quad.
-  const i64 row_top = t0 + wm * 16 + g, row_bottom = row_top + 8;
   const bool huge_top = huge_rows[wm * 16 + g], huge_bottom = huge_rows[wm * 16 + g + 8];
   const float nan = __uint_as_float(kQuietNaN);
 #pragma unroll
@@ -200,8 +234,8 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
       }
       if (e >= experts) continue;
       const float b = bias ? bias[e] : 0.0f;
-      if (row_top < tokens) z[row_top * experts + e] = huge_top ? nan : top + b;
-      if (row_bottom < tokens) z[row_bottom * experts + e] = huge_bottom ? nan : bottom + b;
+      if (row_top < tokens) out[row_top * experts + e] = huge_top ? nan : top + b;
+      if (row_bottom < tokens) out[row_bottom * experts + e] = huge_bottom ? nan : bottom + b;
     }
   }
 }

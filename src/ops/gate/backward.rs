@@ -1,7 +1,8 @@
 //! Backward of router scoring (math §1): dX and every weight gradient from dz.
 //!
 //! Launches (none when their output is empty; no host sync):
-//! 1. quadratic forms: `gate_coef_<form>` recomputes the forward tile's projections and writes
+//! 1. quadratic forms: `gate_coef_<form>` recomputes the forward tile's projections (tensor
+//!    cores for f16/bf16, as the forward) and writes
 //!    per-row gradient coefficients into the workspace (`[T, 2·E·r]`: the coefficient of each
 //!    left row U/K/A, then of each right row V, or for attention and full the per-expert
 //!    terms that 2. sums over experts into `[T, r]`);
@@ -303,7 +304,7 @@ pub fn scores_backward<T: FloatElement>(
         let name = format!("gate_coef_{}_{}", form.kernel_name(), T::NAME);
         device.launch(
             &name,
-            scoring_config(form, shape, ScoringTile::Coefficients)?,
+            scoring_config(form, shape, ScoringTile::coefficients::<T>())?,
             dims_args(args, shape, form),
         )?;
     }

@@ -106,11 +106,21 @@ enum ScoringTile {
     Forward,
     /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 16.
     TensorCores,
-    /// The backward coefficient kernels: FMA tiles of 16 experts.
+    /// The f32 backward coefficient kernels: FMA tiles of 16 experts.
     Coefficients,
 }
 
 impl ScoringTile {
+    /// The tile of the coefficient kernel for X of type `T`: f16/bf16 run on the forward's
+    /// tensor-core tile (`gate_scores_mma_body` in coefficient mode), f32 on FMA tiles.
+    fn coefficients<T: FloatElement>() -> Self {
+        if size_of::<T>() == 2 {
+            ScoringTile::TensorCores
+        } else {
+            ScoringTile::Coefficients
+        }
+    }
+
     /// Experts per block and bytes of dynamic shared memory for `form`.
     fn of(self, form: GateForm) -> (usize, usize) {
         if self == ScoringTile::TensorCores {
