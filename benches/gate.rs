@@ -1,7 +1,9 @@
 //! Router scoring: the linear gate against the low-rank quadratic gate at r = 4, forward and
 //! backward, with f32 X (FMA tiles) and bf16 X (tensor-core forward). States each op's floor;
 //! benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
-//! of the floor at the realistic layer shapes (`common::layer_shapes`).
+//! of the floor at the realistic layer shapes (`common::layer_shapes`), with the routing step
+//! (`gate::scores_and_select`: the bf16 linear gate, the router's top-k, fused in one launch
+//! where it fits) beside the same two calls made separately.
 mod common;
 
 use common::inputs::uniform_values;
@@ -10,7 +12,9 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::ops::FloatElement;
+use moe_kernels::ops::dispatch::CountedMap;
 use moe_kernels::ops::gate::{self, DECODE_MAX_TOKENS, GateForm, GateGrads, GatePath, GateShape, GateWeights};
+use moe_kernels::ops::router::{self, RouterConfig};
 use moe_kernels::reference::gate::{self as reference, GateParams};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind, DeviceSlice};
 
@@ -164,6 +168,64 @@ fn bench_device<T: FloatElement>(
     }
 }
 
+/// The routing step's floor: the bf16 linear gate's forward, then ids and weights written.
+fn route_floor(shape: &GateShape, k: usize) -> Floor {
+    let forward = forward_floor(GateForm::Linear, shape, 2);
+    Floor {
+        bytes: forward.bytes + 8 * (shape.tokens * k) as u64,
+        flops: forward.flops,
+    }
+}
+
+/// `gate::scores_and_select` for the bf16 linear gate with the layer's router, and beside it
+/// the two calls it stands for (`scores`, then `router::select_counted`), on the same inputs.
+fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterConfig, x: &[f64], label: &str) {
+    let host = params(GateForm::Linear, shape);
+    let tensors = host.tensors();
+    let w = upload::<bf16>(device, tensors[0].1);
+    let b = upload::<f32>(device, tensors[1].1);
+    let gate_weights = GateWeights::Linear { w: &w, b: Some(&b) };
+    let x_dev = upload::<bf16>(device, x);
+    let slots = shape.tokens * config.k;
+    let mut z = device.alloc_zeros::<f32>(shape.z_len().unwrap()).expect("alloc");
+    let mut ids = device.alloc_zeros::<i32>(slots).expect("alloc");
+    let mut weights = device.alloc_zeros::<f32>(slots).expect("alloc");
+    let mut nonfinite = device.alloc_zeros::<u32>(1).expect("alloc");
+    let no_bias = None::<&DeviceBuffer<f32>>;
+    let no_map = || None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+    let floor = route_floor(shape, config.k);
+    gpu.report("gate/route_bf16", label, floor, || {
+        gate::scores_and_select(
+            device,
+            shape,
+            &gate_weights,
+            &x_dev,
+            &mut z,
+            config,
+            no_bias,
+            &mut ids,
+            &mut weights,
+            &mut nonfinite,
+            no_map(),
+        )
+        .expect("scores_and_select")
+    });
+    gpu.record("gate/route_bf16", label, "moe-kernels two calls", floor, || {
+        gate::scores(device, shape, &gate_weights, &x_dev, &mut z).expect("scores");
+        router::select_counted(
+            device,
+            config,
+            &z,
+            no_bias,
+            &mut ids,
+            &mut weights,
+            &mut nonfinite,
+            no_map(),
+        )
+        .expect("select")
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let devices = devices();
     let x = uniform_values(7, SHAPE.x_len().unwrap(), 1.0);
@@ -220,6 +282,12 @@ fn bench(c: &mut Criterion) {
                 bench_device::<f32>(None, Some(&gpu), device, form, &shape, &host, &x, &dz, &label);
                 bench_device::<bf16>(None, Some(&gpu), device, form, &shape, &host, &x, &dz, &label);
             }
+            let config = if layer.name == "deepseek" {
+                RouterConfig::deepseek_v3()
+            } else {
+                RouterConfig::mixtral()
+            };
+            bench_route(&gpu, device, &shape, &config, &x, &layer.label());
         }
     }
 }
