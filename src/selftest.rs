@@ -826,7 +826,7 @@ pub fn convert_16bit(device: &Device) -> Result<Check> {
     Ok(report.finish())
 }
 
-/// `cvt.rna.tf32.f32` through `selftest_convert_tf32`, against [`tf32_round`]: the edges of
+/// `cvt.rna.tf32.f32` through `selftest_convert_tf32`, against the host model (`tf32_round`): the edges of
 /// the 16-bit formats, exact ties between tf32 neighbours (they round away from zero), values
 /// that carry into the exponent and to infinity, and random bit patterns. A NaN must stay a
 /// NaN; its payload is not compared.
