@@ -248,7 +248,11 @@ impl DwSplit {
             .div_ceil(tiles)
             .min(tokens.div_ceil(DW_MIN_SLICE_TOKENS))
             .max(1);
-        let slice_tokens = tokens.div_ceil(wanted).next_multiple_of(K_TILE);
+        // A token count too large to round up (shapes are validated later) takes one slice.
+        let slice_tokens = tokens
+            .div_ceil(wanted)
+            .checked_next_multiple_of(K_TILE)
+            .unwrap_or(tokens);
         DwSplit {
             slices: if slice_tokens == 0 {
                 1
