@@ -1,9 +1,9 @@
 //! Router scoring: the linear gate against the low-rank quadratic gate at r = 4, forward and
 //! backward, with f32 X (FMA tiles) and bf16 X (tensor-core forward). States each op's floor;
 //! benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
-//! of the floor at the realistic layer shapes (`common::layer_shapes`), with the routing step
-//! (`gate::scores_and_select`: the bf16 linear gate, the router's top-k, fused in one launch
-//! where it fits) beside the same two calls made separately.
+//! of the floor at the realistic layer shapes (`common::layer_shapes`), with the whole routing
+//! step (`gate::scores_and_select` with the map's count, fused in one launch where it fits, then
+//! the map's placement) beside the same step with the selection as a launch of its own.
 mod common;
 
 use common::inputs::uniform_values;
@@ -12,7 +12,7 @@ use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use half::bf16;
 use moe_kernels::ops::FloatElement;
-use moe_kernels::ops::dispatch::CountedMap;
+use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
 use moe_kernels::ops::gate::{self, DECODE_MAX_TOKENS, GateForm, GateGrads, GatePath, GateShape, GateWeights};
 use moe_kernels::ops::router::{self, RouterConfig};
 use moe_kernels::reference::gate::{self as reference, GateParams};
@@ -168,17 +168,20 @@ fn bench_device<T: FloatElement>(
     }
 }
 
-/// The routing step's floor: the bf16 linear gate's forward, then ids and weights written.
+/// The routing step's floor: the bf16 linear gate's forward, then ids and weights written, and
+/// the routing map's sorted rows and inverse (4 bytes a slot each; the counts are negligible).
 fn route_floor(shape: &GateShape, k: usize) -> Floor {
     let forward = forward_floor(GateForm::Linear, shape, 2);
     Floor {
-        bytes: forward.bytes + 8 * (shape.tokens * k) as u64,
+        bytes: forward.bytes + 16 * (shape.tokens * k) as u64,
         flops: forward.flops,
     }
 }
 
-/// `gate::scores_and_select` for the bf16 linear gate with the layer's router, and beside it
-/// the two calls it stands for (`scores`, then `router::select_counted`), on the same inputs.
+/// The whole routing step for the bf16 linear gate with the layer's router, as the layer runs
+/// it: `gate::scores_and_select` with the map's count, then `dispatch::place_counted`; beside
+/// it the same step with the selection as a call of its own (`scores`, then
+/// `router::select_counted`, then the placement), on the same inputs.
 fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterConfig, x: &[f64], label: &str) {
     let host = params(GateForm::Linear, shape);
     let tensors = host.tensors();
@@ -186,44 +189,49 @@ fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterCon
     let b = upload::<f32>(device, tensors[1].1);
     let gate_weights = GateWeights::Linear { w: &w, b: Some(&b) };
     let x_dev = upload::<bf16>(device, x);
-    let slots = shape.tokens * config.k;
+    let (tokens, k) = (shape.tokens, config.k);
     let mut z = device.alloc_zeros::<f32>(shape.z_len().unwrap()).expect("alloc");
-    let mut ids = device.alloc_zeros::<i32>(slots).expect("alloc");
-    let mut weights = device.alloc_zeros::<f32>(slots).expect("alloc");
+    let mut ids = device.alloc_zeros::<i32>(tokens * k).expect("alloc");
+    let mut weights = device.alloc_zeros::<f32>(tokens * k).expect("alloc");
     let mut nonfinite = device.alloc_zeros::<u32>(1).expect("alloc");
+    let map_config = MapConfig::new(config.experts);
+    let mut map = RoutingMap::alloc(device, tokens, k, &map_config).expect("alloc");
+    let ws_len = map_config.counted_workspace_len(tokens, k).expect("workspace");
+    let mut workspace = device.alloc_zeros::<i32>(ws_len).expect("alloc");
+    let mut target = CountedMap {
+        config: &map_config,
+        map: &mut map,
+        workspace: &mut workspace,
+    };
     let no_bias = None::<&DeviceBuffer<f32>>;
-    let no_map = || None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-    let floor = route_floor(shape, config.k);
-    gpu.report("gate/route_bf16", label, floor, || {
-        gate::scores_and_select(
-            device,
-            shape,
-            &gate_weights,
-            &x_dev,
-            &mut z,
-            config,
-            no_bias,
-            &mut ids,
-            &mut weights,
-            &mut nonfinite,
-            no_map(),
-        )
-        .expect("scores_and_select")
-    });
-    gpu.record("gate/route_bf16", label, "moe-kernels two calls", floor, || {
-        gate::scores(device, shape, &gate_weights, &x_dev, &mut z).expect("scores");
-        router::select_counted(
-            device,
-            config,
-            &z,
-            no_bias,
-            &mut ids,
-            &mut weights,
-            &mut nonfinite,
-            no_map(),
-        )
-        .expect("select")
-    });
+    let floor = route_floor(shape, k);
+    let fused = gate::route_is_fused(shape, &gate_weights, true);
+    println!("gate/route_bf16 {label}: the selection fused into the gate: {fused}");
+    let mut step = |separate: bool| {
+        if separate {
+            gate::scores(device, shape, &gate_weights, &x_dev, &mut z).expect("scores");
+            router::select_counted(device, config, &z, no_bias, &mut ids, &mut weights, &mut nonfinite, Some(&mut target))
+                .expect("select")
+        } else {
+            gate::scores_and_select(
+                device,
+                shape,
+                &gate_weights,
+                &x_dev,
+                &mut z,
+                config,
+                no_bias,
+                &mut ids,
+                &mut weights,
+                &mut nonfinite,
+                Some(&mut target),
+            )
+            .expect("scores_and_select")
+        }
+        dispatch::place_counted(device, &ids, tokens, k, &mut target).expect("place");
+    };
+    gpu.report("gate/route_bf16", label, floor, || step(false));
+    gpu.record("gate/route_bf16", label, "moe-kernels two calls", floor, || step(true));
 }
 
 fn bench(c: &mut Criterion) {

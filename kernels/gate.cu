@@ -34,6 +34,8 @@
 //                                slice of an expert's rows (gate_decode.cuh)
 //   gate_route_linear_<dtype>_e<N>   the linear f16/bf16 forward with the router's top-k
 //                                selection (and the routing map's count) fused, E <= 128
+//   gate_decode_route_linear_<dtype>_e<N>   the same at T <= 64 on the decode kernel, with the
+//                                map's count, E <= 512 (the last block of each token block selects)
 #include "include/dispatch_map.cuh"
 #include "include/gate_decode.cuh"
 #include "include/gate_mma.cuh"
@@ -357,6 +359,95 @@ GATE_DECODE(__half, Form::Attention, gate_decode_attention_f16, 1)
 EMU_EXPORT(gate_decode_attention_f16)
 GATE_DECODE(__nv_bfloat16, Form::Attention, gate_decode_attention_bf16, 1)
 EMU_EXPORT(gate_decode_attention_bf16)
+
+// gate_decode_route_linear_<dtype>_e<N>: the routing step at T <= 64 (the decode step) in one
+// launch: the linear gate's decode kernel, the router's selection and the routing map's count
+// (N = 32 ... 512 >= E: the selection's row width).
+// Algorithm: every block runs gate_decode_body (its experts' slices against its 16 tokens) and
+//   writes its logits to z, then takes its token block's ticket (map_workspace[1 + blockIdx.y]).
+//   The last of the gridDim.x blocks to take it sees all 16 z rows of the token block (each block
+//   fences before its ticket, the last one after: last_to_arrive) and selects them exactly as
+//   router_select_counted_e<N>_f32 would (select_row; the sums have the same bits at any lanes a
+//   row, router_select.cuh), counting each selected slot into the map's per-tile counts. The
+//   last of those gridDim.y selecting blocks to take the map's done-ticket completes the count
+//   (complete_count). So z, ids, weights and the map have the bits of gate_decode then
+//   router_select_counted, without a second launch or a z round trip through the host stream.
+// Mapping: gate_decode_body's; then thread i is lane i % L of row i / L of the token block:
+//   L = N / 16 lanes a row holding 16 slots each for N >= 128 (one pass of 256 / L rows, two at
+//   N = 512), 4 lanes of N / 4 slots below. 63-80 registers (nvcc 13.5, sm_80 and sm_90a), 0
+//   spills, 3 blocks per SM like the decode kernel; 2 lanes a row at N = 32 spilled 28-40 bytes.
+// Traffic: the decode gate's, plus the token block's z rows re-read once from L2; ids and weights
+//   written once; k integer atomics per row.
+// Launch: the decode kernel's grid (ceil(E slices / 8), ceil(T / 16) <= MAP_BLOCK_TICKETS), 256
+//   threads, (local_experts + 1) ints of dynamic shared memory. Parameters: GATE_ROUTE_PARAMS
+//   (map_workspace must not be null: it holds the tickets), then slices.
+template <class T, int N>
+__device__ __forceinline__ void gate_decode_route_linear(GATE_ROUTE_PARAMS(T), int slices) {
+  constexpr int TOKENS = DecodeForm<Form::Linear>::TOKENS;
+  constexpr int L = N > 64 ? N / 16 : 4, ROWS_PER_PASS = DECODE_WARPS * kWarp / L;
+  __shared__ int scratch[32];
+  __shared__ int last_block;
+  __shared__ int dropped;
+  gate_decode_body<T, Form::Linear>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank,
+                                    slices);
+  if (!last_to_arrive(map_workspace + 1 + blockIdx.y, int(gridDim.x), &last_block)) return;
+  const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
+  const MapShape m{ids, int(tokens), k, experts, expert_begin, local_experts};
+#pragma unroll 1
+  for (int pass = 0; pass * ROWS_PER_PASS < TOKENS; ++pass) {
+    const int r = pass * ROWS_PER_PASS + int(threadIdx.x) / L;
+    const i64 row = i64(blockIdx.y) * TOKENS + r;
+    const bool live = r < TOKENS && row < tokens;
+    select_row<N / kWarp, L>(z, select_bias, live ? row : 0, live, experts, k, o, groups, topk_groups, ids, weights,
+                             nonfinite_rows);
+    if (live)
+      for (int s = threadIdx.x % L; s < k; s += L)
+        count_slot(m, int(row) * k + s, tile_slots, map_workspace + MAP_WORKSPACE_HEADER);
+  }
+  if (threadIdx.x == 0) map_workspace[1 + blockIdx.y] = 0;  // every block of the column took it
+  if (!last_to_arrive(map_workspace, int(gridDim.y), &last_block)) return;
+  DYN_SHARED(int, totals);
+  const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);
+  complete_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &dropped, counts, offsets,
+                 status);
+}
+#define GATE_DECODE_ROUTE(T, NAME, N)                                                            \
+  extern "C" __global__ void __launch_bounds__(256, 3) NAME(GATE_ROUTE_PARAMS(T), int slices) {   \
+    gate_decode_route_linear<T, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, \
+                                   score, topk_first, renormalize, scale, groups, topk_groups, ids, weights, \
+                                   nonfinite_rows, map_workspace, tile_slots, expert_begin, local_experts, align, \
+                                   counts, offsets, status, slices);                              \
+  }
+GATE_DECODE_ROUTE(float, gate_decode_route_linear_f32_e32, 32)
+EMU_EXPORT(gate_decode_route_linear_f32_e32)
+GATE_DECODE_ROUTE(float, gate_decode_route_linear_f32_e64, 64)
+EMU_EXPORT(gate_decode_route_linear_f32_e64)
+GATE_DECODE_ROUTE(float, gate_decode_route_linear_f32_e128, 128)
+EMU_EXPORT(gate_decode_route_linear_f32_e128)
+GATE_DECODE_ROUTE(float, gate_decode_route_linear_f32_e256, 256)
+EMU_EXPORT(gate_decode_route_linear_f32_e256)
+GATE_DECODE_ROUTE(float, gate_decode_route_linear_f32_e512, 512)
+EMU_EXPORT(gate_decode_route_linear_f32_e512)
+GATE_DECODE_ROUTE(__half, gate_decode_route_linear_f16_e32, 32)
+EMU_EXPORT(gate_decode_route_linear_f16_e32)
+GATE_DECODE_ROUTE(__half, gate_decode_route_linear_f16_e64, 64)
+EMU_EXPORT(gate_decode_route_linear_f16_e64)
+GATE_DECODE_ROUTE(__half, gate_decode_route_linear_f16_e128, 128)
+EMU_EXPORT(gate_decode_route_linear_f16_e128)
+GATE_DECODE_ROUTE(__half, gate_decode_route_linear_f16_e256, 256)
+EMU_EXPORT(gate_decode_route_linear_f16_e256)
+GATE_DECODE_ROUTE(__half, gate_decode_route_linear_f16_e512, 512)
+EMU_EXPORT(gate_decode_route_linear_f16_e512)
+GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e32, 32)
+EMU_EXPORT(gate_decode_route_linear_bf16_e32)
+GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e64, 64)
+EMU_EXPORT(gate_decode_route_linear_bf16_e64)
+GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e128, 128)
+EMU_EXPORT(gate_decode_route_linear_bf16_e128)
+GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e256, 256)
+EMU_EXPORT(gate_decode_route_linear_bf16_e256)
+GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e512, 512)
+EMU_EXPORT(gate_decode_route_linear_bf16_e512)
 
 extern "C" __global__ void gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f32)

@@ -20,7 +20,11 @@
 
 constexpr int MAP_THREADS = 256;  // blockDim.x of every map kernel
 constexpr int MAP_WARPS = MAP_THREADS / 32;
-constexpr int MAP_WORKSPACE_HEADER = 4;  // ints before the per-tile counts: [0] the done-ticket
+// Ints before the per-tile counts: [0] the count's done-ticket; [1, 1 + MAP_BLOCK_TICKETS) the
+// tickets of a fused scoring kernel's token blocks (gate_decode_route_linear_<dtype>_e<N>, at
+// most 4 blocks of 16 tokens). Every ticket is 0 after every launch (its last taker resets it).
+constexpr int MAP_WORKSPACE_HEADER = 8;
+constexpr int MAP_BLOCK_TICKETS = 4;
 
 enum SlotOrder : int { SOURCE_ORDER = 0, PRIORITY_ORDER = 1 };
 
@@ -216,24 +220,31 @@ __device__ __forceinline__ void count_dropped(const int* totals, int local_exper
   if (mine) atomicAdd(dropped, mine);
 }
 
-// The end of a counting pass; every thread of every block calls it once its block's counts are
-// in the workspace (plain stores or count_slot atomics). The last block to take a ticket (after a
-// __threadfence) turns each bucket's column of per-tile counts into its exclusive prefix in tile
-// order (prefix_over_tiles), then: PRIORITY_ORDER writes status[0] (capacity drops); SOURCE_ORDER
-// writes counts, offsets, status[1] (invalid ids) and status[0] = 0 when capacity < 0. It resets
-// the ticket, so workspace[0] is 0 again after every pass. Shared memory, all from the calling
-// kernel: totals (buckets ints), scratch (32 ints), last_block and dropped (one int each).
-// `tiles`: rows of per-tile counts (the caller's grid is 1-D and may have more blocks than tiles).
-__device__ __forceinline__ void finish_count(const MapShape& m, int order, int align, int capacity, int tiles,
-                                             int* workspace, int* totals, int* scratch, int* last_block, int* dropped, int* counts,
-                                             int* offsets, int* status) {
+// A ticket taken by `arrivals` blocks, every thread of each calling it once the block's global
+// writes are done: true (in every thread) in the last block to arrive, which then sees the
+// writes of every block before it (each fences before its ticket, the last one after). The last
+// block resets *ticket to 0 once it no longer needs it. `flag`: one shared int of the caller.
+__device__ __forceinline__ bool last_to_arrive(int* ticket, int arrivals, int* flag) {
+  __threadfence();  // this block's writes are visible before its ticket
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(ticket, 1) == arrivals - 1;
+  __syncthreads();
+  const bool last = *flag != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+// The end of a counting pass, in the one block that holds every block's counts (the last to
+// arrive, or a kernel's only counting block): turns each bucket's column of per-tile counts into
+// its exclusive prefix in tile order (prefix_over_tiles), then: PRIORITY_ORDER writes status[0]
+// (capacity drops); SOURCE_ORDER writes counts, offsets, status[1] (invalid ids) and status[0] =
+// 0 when capacity < 0. It resets the done-ticket workspace[0]. Shared memory, all from the
+// calling kernel: totals (buckets ints), scratch (32 ints) and dropped (one int).
+// `tiles`: rows of per-tile counts (the caller's grid may have more blocks than tiles).
+__device__ __forceinline__ void complete_count(const MapShape& m, int order, int align, int capacity, int tiles,
+                                               int* workspace, int* totals, int* scratch, int* dropped, int* counts,
+                                               int* offsets, int* status) {
   if (threadIdx.x == 0) *dropped = 0;
-  __threadfence();  // this block's counts are visible before its ticket
-  __syncthreads();
-  if (threadIdx.x == 0) *last_block = atomicAdd(&workspace[0], 1) == int(gridDim.x) - 1;
-  __syncthreads();
-  if (!*last_block) return;
-  __threadfence();
   const int local_experts = m.local_experts;
   int* tile_counts = workspace + MAP_WORKSPACE_HEADER;
   prefix_over_tiles(tile_counts, m.buckets(), tiles, totals);
@@ -250,6 +261,17 @@ __device__ __forceinline__ void finish_count(const MapShape& m, int order, int a
     }
   }
   if (threadIdx.x == 0) workspace[0] = 0;  // every block has taken its ticket
+}
+
+// The end of a counting pass whose every block counted: every thread of every block calls it
+// once its block's counts are in the workspace (plain stores or count_slot atomics); the last
+// block to take the done-ticket completes the count (complete_count). `last_block`: one shared
+// int, besides complete_count's shared memory.
+__device__ __forceinline__ void finish_count(const MapShape& m, int order, int align, int capacity, int tiles,
+                                             int* workspace, int* totals, int* scratch, int* last_block, int* dropped, int* counts,
+                                             int* offsets, int* status) {
+  if (!last_to_arrive(&workspace[0], int(gridDim.x), last_block)) return;
+  complete_count(m, order, align, capacity, tiles, workspace, totals, scratch, dropped, counts, offsets, status);
 }
 
 // Rows of sorted_rows that hold no slot (each group's padding, and everything after the last

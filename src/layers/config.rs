@@ -36,8 +36,8 @@ pub enum Mode {
     /// layer holds f32 gradients of every weight and the backward's work buffers.
     #[default]
     Training,
-    /// Forward only, for serving: no GU kept, no router losses (the routed forward is 6 launches
-    /// whatever the loss coefficients), no gradient or backward buffers; `backward` is refused.
+    /// Forward only, for serving: no GU kept, no router losses (the routed forward is 6 launches,
+    /// or 5 where the linear gate fuses the selection, whatever the loss coefficients), no gradient or backward buffers; `backward` is refused.
     Inference,
 }
 

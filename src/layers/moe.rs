@@ -26,8 +26,8 @@ pub struct LossValues {
 /// forward:  scores → select → routing map → GEMM1+SwiGLU (gathered X) → GEMM2 → combine (weights)
 /// backward: combine⁻¹ → GEMM2 dgrad+SwiGLU⁻¹, dW2 → GEMM1 dgrad, dW1 → select⁻¹ (+losses) → gate⁻¹ → Σ into dx
 /// ```
-/// Launch counts are in the [module docs](super); the routed forward is 6 launches for the
-/// linear and quadratic routers (no shared experts, no capacity, T·k <= 4096), and neither
+/// Launch counts are in the [module docs](super); the routed forward is at most 6 launches for
+/// the linear and quadratic routers (no shared experts, no capacity, T·k <= 4096), and neither
 /// direction waits for the device. The caller passes the same `x` to `forward` and `backward`
 /// (like a framework that saved its input); everything else backward needs stays in the layer.
 ///

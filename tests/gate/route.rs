@@ -1,13 +1,17 @@
-//! The routing step in one call (`gate::scores_and_select`): the linear gate on tensor cores with
-//! the router's selection and the map's count fused (`gate_route_linear_<dtype>_e<N>`) gives the
-//! bits of `gate::scores` + `router::select_counted`: z, ids, weights, the non-finite count and
-//! the whole map after `place_counted`, for each row width N (E = 8, 48, 128), softmax and
-//! top-k-then-softmax, sigmoid with groups, a router bias, scale and renormalisation, rows routed
-//! nowhere (NaN and huge inputs), with and without the count; one launch where it fuses, the two
-//! calls elsewhere (f32, E > 128, T <= 64); bad inputs refused naming the argument.
+//! The routing step in one call (`gate::scores_and_select`): the linear gate with the router's
+//! selection and the map's count fused gives the bits of `gate::scores` +
+//! `router::select_counted`: z, ids, weights, the non-finite count and the whole map after
+//! `place_counted`. Above T = 64 on the tensor-core tile (`gate_route_linear_<dtype>_e<N>`, each
+//! row width N for E = 8, 48, 128), at T <= 64 on the decode kernel
+//! (`gate_decode_route_linear_<dtype>_e<N>`: every dtype, N = 32 ... 512, one to four token
+//! blocks, one or two selection passes); softmax and top-k-then-softmax, sigmoid with groups, a
+//! router bias, scale and renormalisation, rows routed nowhere (NaN and huge inputs), with and
+//! without the count; one launch where it fuses, the two calls elsewhere (f32 or E > 128 above
+//! T = 64; E > 512, or no map, at T <= 64; the rank forms); bad inputs refused naming the
+//! argument.
 use super::*;
 use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
-use moe_kernels::ops::gate::{ROUTE_MAX_EXPERTS, route_is_fused};
+use moe_kernels::ops::gate::{DECODE_MAX_TOKENS, DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route_is_fused};
 use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction, SelectionOrder};
 
 /// What one routing step produced, downloaded (floats as bits).
@@ -25,11 +29,18 @@ fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// X of `case` with row 3 holding a NaN and row 70 a huge element (both routed nowhere).
+/// The row of X that holds a NaN (routed nowhere), where there are 4 rows or more.
+fn nan_row(tokens: usize) -> Option<usize> {
+    (tokens > 3).then_some(3)
+}
+
+/// X of `case` with `nan_row` holding a NaN and row 70 a huge element (both routed nowhere).
 fn inputs_with_bad_rows<T: FloatElement>(case: &Case) -> (GateParams, Vec<f64>) {
     let (host, mut x, _) = inputs::<T>(case);
     let d = case.shape.dim;
-    x[3 * d + d / 2] = f64::NAN;
+    if let Some(row) = nan_row(case.shape.tokens) {
+        x[row * d + d / 2] = f64::NAN;
+    }
     if case.shape.tokens > 70 {
         x[70 * d] = 1e30;
     }
@@ -101,6 +112,11 @@ fn route<T: FloatElement>(
     }
     let launches = device.stats().launches - before.launches;
     assert_eq!(device.stats().host_syncs, before.host_syncs, "host syncs");
+    if let Some(target) = &target {
+        // The tickets before the per-tile counts are 0 again (each reset by its last taker).
+        let header = &device.download(&*target.workspace).unwrap()[..8];
+        assert_eq!(header, [0; 8], "the map workspace's tickets after the pass");
+    }
     if let Some(target) = &mut target {
         dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
     }
@@ -126,23 +142,26 @@ fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterCon
     let what = format!("{case:?} {router:?} {} on {}", T::NAME, device.description());
     let placed = upload_params::<T>(device, &inputs::<T>(case).0, 0);
     let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
-    let fuses = route_is_fused(&case.shape, &weights::<T>(case.form, &up));
+    let row = case.shape.experts.next_power_of_two().max(32);
+    let kernel = if case.shape.tokens > DECODE_MAX_TOKENS {
+        format!("gate_route_linear_{}_e{row}", T::NAME)
+    } else {
+        format!("gate_decode_route_linear_{}_e{row}", T::NAME)
+    };
     for counted in [false, true] {
+        let fuses = route_is_fused(&case.shape, &weights::<T>(case.form, &up), counted);
         let (want, two) = route::<T>(device, case, router, bias, counted, false);
         let (got, launches) = route::<T>(device, case, router, bias, counted, true);
         assert_eq!(got, want, "{what}, counted {counted}");
         assert_eq!(two, 2, "{what}: the two calls");
-        assert_eq!(launches, if fuses { 1 } else { 2 }, "{what}: launches");
-        assert!(want.nonfinite_rows >= 1, "{what}: the NaN row is routed nowhere");
-        assert_eq!(want.ids[3 * router.k], -1, "{what}: the NaN row's ids");
-    }
-    if fuses {
-        let row = case.shape.experts.next_power_of_two().max(32);
-        let name = format!("gate_route_linear_{}_e{row}", T::NAME);
-        assert!(
-            device.launch_configs().contains_key(name.as_str()),
-            "{what}: {name} ran"
-        );
+        assert_eq!(launches, if fuses { 1 } else { 2 }, "{what}, counted {counted}: launches");
+        if fuses {
+            assert!(device.launch_configs().contains_key(kernel.as_str()), "{what}: {kernel} ran");
+        }
+        if let Some(row) = nan_row(case.shape.tokens) {
+            assert!(want.nonfinite_rows >= 1, "{what}: the NaN row is routed nowhere");
+            assert_eq!(want.ids[row * router.k], -1, "{what}: the NaN row's ids");
+        }
     }
 }
 
@@ -183,6 +202,53 @@ fn fused_route_has_the_bits_of_scores_then_select() {
     }
 }
 
+/// At T <= 64 the decode kernel fuses the selection and the count: every dtype; E = 8 (N = 32,
+/// 4 lanes a row), 48 with groups and a bias (N = 64), 256 with DeepSeek-V3's options (N = 256,
+/// 16 lanes), 300 (N = 512: two selection passes); T = 1 and 5 (8 slices, one token block), 40
+/// (three token blocks, the last ragged) and 64 (four, each full).
+#[test]
+fn decode_route_has_the_bits_of_scores_then_select() {
+    let softmax = RouterConfig {
+        experts: 8,
+        k: 2,
+        ..RouterConfig::default()
+    };
+    let grouped = RouterConfig {
+        experts: 48,
+        k: 6,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: 8,
+        topk_groups: 4,
+        ..RouterConfig::default()
+    };
+    let deepseek = RouterConfig {
+        experts: 256,
+        k: 8,
+        score: ScoreFunction::Sigmoid,
+        renormalize: true,
+        scale: 2.5,
+        groups: 8,
+        topk_groups: 4,
+        ..RouterConfig::default()
+    };
+    let widest = RouterConfig {
+        experts: 300,
+        k: 32,
+        order: SelectionOrder::TopkThenSoftmax,
+        ..RouterConfig::default()
+    };
+    let bias: Vec<f32> = (0..256).map(|e| (e % 5) as f32 * 0.01).collect();
+    for device in devices() {
+        check_route::<f32>(&device, &linear(1, 24, 8), &softmax, None);
+        check_route::<bf16>(&device, &linear(5, 40, 48), &grouped, Some(&bias[..48]));
+        check_route::<f16>(&device, &linear(40, 16, 8), &softmax, None);
+        check_route::<bf16>(&device, &linear(DECODE_MAX_TOKENS, 24, 256), &deepseek, Some(&bias));
+        check_route::<f32>(&device, &linear(20, 8, 300), &widest, None);
+    }
+}
+
 #[test]
 fn unfused_shapes_take_the_two_calls() {
     let router = |experts| RouterConfig {
@@ -193,9 +259,12 @@ fn unfused_shapes_take_the_two_calls() {
     for device in devices() {
         check_route::<f32>(&device, &linear(100, 24, 8), &router(8), None); // FMA tiles
         check_route::<bf16>(&device, &linear(100, 24, ROUTE_MAX_EXPERTS + 1), &router(129), None);
-        check_route::<bf16>(&device, &linear(64, 24, 8), &router(8), None); // the decode kernel's T
+        let wide = DECODE_ROUTE_MAX_EXPERTS + 1;
+        check_route::<bf16>(&device, &linear(6, 8, wide), &router(wide), None);
         let low_rank = Case::new(GateForm::LowRank, 100, 24, 8, 2);
         check_route::<bf16>(&device, &low_rank, &router(8), None);
+        let low_rank_decode = Case::new(GateForm::LowRank, 9, 24, 8, 2);
+        check_route::<bf16>(&device, &low_rank_decode, &router(8), None);
     }
 }
 

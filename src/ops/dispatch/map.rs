@@ -9,7 +9,7 @@ use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 const MAP_THREADS: u32 = 256;
 const MAP_WARPS: usize = MAP_THREADS as usize / 32;
 /// Ints before the per-tile counts in the workspace (`MAP_WORKSPACE_HEADER`).
-pub(super) const WORKSPACE_HEADER: usize = 4;
+pub(super) const WORKSPACE_HEADER: usize = 8;
 /// `SlotOrder` in dispatch_map.cuh.
 const SOURCE_ORDER: i32 = 0;
 const PRIORITY_ORDER: i32 = 1;

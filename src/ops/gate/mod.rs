@@ -35,6 +35,11 @@
 //! slice of one expert's rows with 16-byte loads against every token, and each projection is
 //! the sum of its slices in a fixed order (still one launch, bitwise deterministic).
 //!
+//! **The routing step** ([`scores_and_select`]): the scores, the router's top-k and the routing
+//! map's count in one launch for the linear gate, on the tensor-core tile above `T = 64`
+//! (f16/bf16, `E <= 128`) and on the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a
+//! map: the last block of each 16 tokens selects them), with the bits of the two calls.
+//!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
 //! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
 //! treats a zero dz as absent (zero coefficients; NaN or ±∞ in X loads as 0 for dW), so such a
@@ -50,7 +55,7 @@ mod backward;
 mod route;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
-pub use route::{ROUTE_MAX_EXPERTS, route_is_fused, scores_and_select};
+pub use route::{DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route_is_fused, scores_and_select};
 
 use super::{Dyn, DynMut, FloatElement, check_len, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
@@ -460,7 +465,7 @@ pub fn scores_on_path<T: FloatElement>(
     path: GatePath,
 ) -> Result<()> {
     check_scores(shape, weights, x, z)?;
-    let (t, e) = (shape.tokens, shape.experts);
+    let t = shape.tokens;
     let form = weights.form();
     let decode = match path {
         GatePath::Auto => form != GateForm::Full && t <= DECODE_MAX_TOKENS,
@@ -478,15 +483,7 @@ pub fn scores_on_path<T: FloatElement>(
         return Ok(());
     }
     let config = if decode {
-        LaunchConfig {
-            grid: (
-                grid_blocks("shape.experts", e * decode_slices(t), DECODE_WARPS)?,
-                decode_token_blocks(t, form)?,
-                1,
-            ),
-            block: (THREADS, 1, 1),
-            shared_bytes: 0,
-        }
+        decode_config(shape, form)?
     } else if size_of::<T>() == 2 {
         // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
         scoring_config(form, shape, ScoringTile::TensorCores)?
@@ -536,6 +533,21 @@ fn scores_args<'k, T: FloatElement>(
         .input_or_null("weights", o.bias.as_ref())
         .output("z", z);
     dims_args(args, shape, form)
+}
+
+/// The decode kernel's launch: grid (ceil(E slices / 8), ceil(T / tokens a block)), 256 threads,
+/// no dynamic shared memory (gate_decode.cuh).
+fn decode_config(shape: &GateShape, form: GateForm) -> Result<LaunchConfig> {
+    let (t, e) = (shape.tokens, shape.experts);
+    Ok(LaunchConfig {
+        grid: (
+            grid_blocks("shape.experts", e * decode_slices(t), DECODE_WARPS)?,
+            decode_token_blocks(t, form)?,
+            1,
+        ),
+        block: (THREADS, 1, 1),
+        shared_bytes: 0,
+    })
 }
 
 /// Warps per expert of the decode kernel: 8 at T <= 8 (all of an expert's row in flight at

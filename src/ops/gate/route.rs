@@ -1,35 +1,66 @@
-//! The gate's scores and the router's selection in one call (`gate_route_linear_<dtype>_e<N>`,
-//! `kernels/gate.cu`): the routing step of a layer, `z = score(X)` then the top-k of z (and the
-//! routing map's count), one launch where the selection fits the scoring kernel's tile.
+//! The gate's scores and the router's selection in one call (`kernels/gate.cu`): the routing
+//! step of a layer, `z = score(X)` then the top-k of z (and the routing map's count), one launch
+//! where the selection fits the scoring kernel. Above the decode threshold it is the linear
+//! tensor-core tile, whose block holds every expert of its 64 tokens
+//! (`gate_route_linear_<dtype>_e<N>`); at decode (T <= 64) the decode kernel, whose last block
+//! of each 16 tokens selects them once every block has written its logits
+//! (`gate_decode_route_linear_<dtype>_e<N>`: its tickets live in the map's workspace, so it
+//! needs the map).
 use super::{
-    DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, check_scores, scores, scores_args, scoring_config,
+    DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, check_scores, decode_config, decode_slices,
+    scores, scores_args, scoring_config,
 };
 use crate::ops::FloatElement;
 use crate::ops::dispatch::CountedMap;
 use crate::ops::router::{self, RouterConfig, Selection, select_row_width};
 use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
 
-/// The most experts [`scores_and_select`] fuses: the linear gate's tensor-core tile, whose block
-/// holds every expert of its 64 tokens.
+/// The most experts the tile kernel fuses (T > 64): the linear gate's tensor-core tile, whose
+/// block holds every expert of its 64 tokens.
 pub const ROUTE_MAX_EXPERTS: usize = 128;
+/// The most experts the decode kernel fuses (T <= 64): the selection's row width of 512 at 16
+/// slots a lane keeps it at 3 blocks per SM without spilling.
+pub const DECODE_ROUTE_MAX_EXPERTS: usize = 512;
 
-/// Whether [`scores_and_select`] runs as one launch: the linear gate on tensor cores (f16/bf16)
-/// with E <= [`ROUTE_MAX_EXPERTS`], above the decode threshold (at T <= 64 the gate's decode
-/// kernel, which spreads the weights over many blocks, beats one 64-token tile streaming them
-/// all, and the selection stays a second launch).
-pub fn route_is_fused<T: FloatElement>(shape: &GateShape, weights: &GateWeights<'_, T>) -> bool {
-    weights.form() == GateForm::Linear
-        && size_of::<T>() == 2
-        && shape.experts <= ROUTE_MAX_EXPERTS
-        && shape.tokens > DECODE_MAX_TOKENS
+/// The one-launch kernel of a routing step, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FusedRoute {
+    /// `gate_route_linear_<dtype>_e<N>`: the tensor-core tile, T > 64.
+    Tile,
+    /// `gate_decode_route_linear_<dtype>_e<N>`: the decode kernel, 1 <= T <= 64, with the map.
+    Decode,
+}
+
+fn fused_route<T: FloatElement>(shape: &GateShape, weights: &GateWeights<'_, T>, counted: bool) -> Option<FusedRoute> {
+    if weights.form() != GateForm::Linear {
+        return None;
+    }
+    let t = shape.tokens;
+    if t > DECODE_MAX_TOKENS {
+        (size_of::<T>() == 2 && shape.experts <= ROUTE_MAX_EXPERTS).then_some(FusedRoute::Tile)
+    } else {
+        (counted && t > 0 && shape.experts <= DECODE_ROUTE_MAX_EXPERTS).then_some(FusedRoute::Decode)
+    }
+}
+
+/// Whether [`scores_and_select`] runs as one launch (`counted`: a map is given). The linear gate
+/// only:
+/// - above the decode threshold (T > 64), f16/bf16 (tensor cores) with E <= [`ROUTE_MAX_EXPERTS`];
+/// - at 1 <= T <= 64, any dtype with E <= [`DECODE_ROUTE_MAX_EXPERTS`], when counting a map (the
+///   decode kernel's blocks meet on tickets in the map's workspace).
+///
+/// Elsewhere it is the two calls.
+pub fn route_is_fused<T: FloatElement>(shape: &GateShape, weights: &GateWeights<'_, T>, counted: bool) -> bool {
+    fused_route(shape, weights, counted).is_some()
 }
 
 /// `z = score(X)` ([`scores`]), then the top-k selection of z ([`router::select_counted`]: `ids`,
 /// `weights` and `nonfinite_rows`, and the count of `map` when given), with the bits of those
-/// two calls. Where [`route_is_fused`] holds it is one launch: each block scores its 64 tokens against
-/// every expert on tensor cores, writes their logits to z, and selects them (and counts the
-/// map) as the selection kernel would, reading them back from L1/L2; else the two calls.
-/// `router.experts` must be `shape.experts`. No host sync.
+/// two calls. Where [`route_is_fused`] holds it is one launch: above T = 64 each block scores its
+/// 64 tokens against every expert on tensor cores, writes their logits to z, and selects them
+/// (and counts the map) as the selection kernel would, reading them back from L1/L2; at T <= 64
+/// the decode kernel writes z and the last block of each 16 tokens selects and counts them. Else
+/// the two calls. `router.experts` must be `shape.experts`. No host sync.
 #[allow(clippy::too_many_arguments)]
 pub fn scores_and_select<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     device: &Device,
@@ -51,15 +82,16 @@ pub fn scores_and_select<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut
             expected: format!("the gate's experts, shape.experts = {}", shape.experts),
         });
     }
-    if !route_is_fused(shape, gate) {
+    let Some(fused) = fused_route(shape, gate, map.is_some()) else {
         scores(device, shape, gate, x, z)?;
         return router::select_counted(device, router, &*z, bias, ids, weights, nonfinite_rows, map);
-    }
+    };
     check_scores(shape, gate, x, z)?;
     router.validate()?;
     let o = gate.operands();
-    // gate_route_linear_<dtype>_e<N>: GATE_SCORES_PARAMS, the router's bias and k, then the
-    // selection's parameters after k and the count's (null without a map).
+    // gate_[decode_]route_linear_<dtype>_e<N>: GATE_SCORES_PARAMS, the router's bias and k, then
+    // the selection's parameters after k and the count's (null without a map); the decode
+    // kernel's slices last.
     let args = scores_args(device, shape, GateForm::Linear, &o, x, z)
         .input_or_null("bias", bias)
         .scalar(router.k as i32);
@@ -69,8 +101,19 @@ pub fn scores_and_select<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut
         nonfinite_rows,
     };
     let (args, count_shared) = selection.args(device, router, shape.tokens, bias, args, map, true)?;
-    let mut config = scoring_config(GateForm::Linear, shape, ScoringTile::TensorCores)?;
-    config.shared_bytes = config.shared_bytes.max(count_shared);
     let row = select_row_width(shape.experts);
-    device.launch(&format!("gate_route_linear_{}_e{row}", T::NAME), config, args)
+    let (mut config, args, kernel) = match fused {
+        FusedRoute::Tile => (
+            scoring_config(GateForm::Linear, shape, ScoringTile::TensorCores)?,
+            args,
+            "gate_route_linear",
+        ),
+        FusedRoute::Decode => (
+            decode_config(shape, GateForm::Linear)?,
+            args.scalar(decode_slices(shape.tokens) as i32),
+            "gate_decode_route_linear",
+        ),
+    };
+    config.shared_bytes = config.shared_bytes.max(count_shared);
+    device.launch(&format!("{kernel}_{}_e{row}", T::NAME), config, args)
 }
