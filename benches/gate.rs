@@ -2,8 +2,8 @@
 //! backward, with f32 X (FMA tiles) and bf16 X (tensor-core forward). States each op's floor;
 //! benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
 //! of the floor at the realistic layer shapes (`common::layer_shapes`), with the whole routing
-//! step (`gate::scores_and_select` with the map's count, fused in one launch where it fits, then
-//! the map's placement) beside the same step with the selection as a launch of its own.
+//! step (`gate::route`: scores, top-k and the complete routing map, one launch at decode) beside
+//! the same step as separate calls.
 mod common;
 
 use common::inputs::uniform_values;
@@ -179,9 +179,9 @@ fn route_floor(shape: &GateShape, k: usize) -> Floor {
 }
 
 /// The whole routing step for the bf16 linear gate with the layer's router, as the layer runs
-/// it: `gate::scores_and_select` with the map's count, then `dispatch::place_counted`; beside
-/// it the same step with the selection as a call of its own (`scores`, then
-/// `router::select_counted`, then the placement), on the same inputs.
+/// it (`gate::route`: scores, top-k and the complete routing map, one launch at decode); beside
+/// it the same step as separate calls (`scores`, `router::select_counted` with the map's count,
+/// `dispatch::place_counted`), on the same inputs.
 fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterConfig, x: &[f64], label: &str) {
     let host = params(GateForm::Linear, shape);
     let tensors = host.tensors();
@@ -210,10 +210,20 @@ fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterCon
     let mut step = |separate: bool| {
         if separate {
             gate::scores(device, shape, &gate_weights, &x_dev, &mut z).expect("scores");
-            router::select_counted(device, config, &z, no_bias, &mut ids, &mut weights, &mut nonfinite, Some(&mut target))
-                .expect("select")
+            router::select_counted(
+                device,
+                config,
+                &z,
+                no_bias,
+                &mut ids,
+                &mut weights,
+                &mut nonfinite,
+                Some(&mut target),
+            )
+            .expect("select");
+            dispatch::place_counted(device, &ids, tokens, k, &mut target).expect("place");
         } else {
-            gate::scores_and_select(
+            gate::route(
                 device,
                 shape,
                 &gate_weights,
@@ -224,14 +234,15 @@ fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterCon
                 &mut ids,
                 &mut weights,
                 &mut nonfinite,
-                Some(&mut target),
+                &mut target,
             )
-            .expect("scores_and_select")
+            .expect("route");
         }
-        dispatch::place_counted(device, &ids, tokens, k, &mut target).expect("place");
     };
     gpu.report("gate/route_bf16", label, floor, || step(false));
-    gpu.record("gate/route_bf16", label, "moe-kernels two calls", floor, || step(true));
+    gpu.record("gate/route_bf16", label, "moe-kernels separate calls", floor, || {
+        step(true)
+    });
 }
 
 fn bench(c: &mut Criterion) {

@@ -114,8 +114,8 @@ EMU_EXPORT(dispatch_map_count)
 // ------------------------------------------------------------------------------------------
 // dispatch_map_rank: the stable placement of one tile, after dispatch_map_count in the same order.
 // Launch: the same grid as dispatch_map_count; MAP_THREADS; dynamic shared MAP_WARPS·(L + 1) ints.
-// Block b ranks its tile (warp w owns tile_slots / MAP_WARPS consecutive slots), starting from
-// the tile's prefix in the workspace. PRIORITY_ORDER: inverse[slot] = 0 kept / -1 dropped.
+// Block b ranks its tile (place_tile: warp w owns tile_slots / MAP_WARPS consecutive slots),
+// starting from the tile's prefix in the workspace. PRIORITY_ORDER: inverse[slot] = 0 kept / -1 dropped.
 // SOURCE_ORDER (`filter`: read those flags first): sorted_rows and inverse, then the grid marks
 // unused rows -1. Traffic: ids once, inverse written twice (scratch rank, then final), sorted_rows once.
 extern "C" __global__ void dispatch_map_rank(const int* ids, int tokens, int k, int num_experts, int expert_begin,
@@ -124,15 +124,8 @@ extern "C" __global__ void dispatch_map_rank(const int* ids, int tokens, int k, 
                                              const int* offsets, int* sorted_rows, int* inverse) {
   DYN_SHARED(int, warp_counts);
   const MapShape m{ids, tokens, k, num_experts, expert_begin, local_experts};
-  const i64 begin = i64(blockIdx.x) * tile_slots, end = min(i64(m.slots()), begin + tile_slots);
-  i64 first, last;
-  warp_range(begin, end, tile_slots / MAP_WARPS, first, last);
-  rank_in_warp(m, order, filter ? inverse : nullptr, first, last, warp_counts, inverse);
-  __syncthreads();
-  const int* tile_prefix = workspace + MAP_WORKSPACE_HEADER + i64(blockIdx.x) * m.buckets();
-  warp_prefix(m.buckets(), warp_counts, tile_prefix, nullptr);
-  __syncthreads();
-  place_slots(m, order, first, last, warp_counts, offsets, capacity, sorted_len, sorted_rows, inverse);
+  place_tile(m, order, capacity, tile_slots, blockIdx.x, filter != 0, sorted_len, workspace, offsets, warp_counts,
+             sorted_rows, inverse);
   if (order == SOURCE_ORDER)
     mark_unused_rows(local_experts, counts, offsets, sorted_len, sorted_rows, global_thread_x(),
                      i64(gridDim.x) * blockDim.x);

@@ -370,19 +370,24 @@ EMU_EXPORT(gate_decode_attention_bf16)
 //   router_select_counted_e<N>_f32 would (select_row; the sums have the same bits at any lanes a
 //   row, router_select.cuh), counting each selected slot into the map's per-tile counts. The
 //   last of those gridDim.y selecting blocks to take the map's done-ticket completes the count
-//   (complete_count). So z, ids, weights and the map have the bits of gate_decode then
-//   router_select_counted, without a second launch or a z round trip through the host stream.
+//   (complete_count) and, given sorted_rows, places every slot as dispatch_map_rank would
+//   (place_tile over the map's tiles, then mark_unused_rows). So z, ids, weights and the map
+//   have the bits of gate_decode, router_select_counted and place_counted, in one launch.
 // Mapping: gate_decode_body's; then thread i is lane i % L of row i / L of the token block:
 //   L = N / 16 lanes a row holding 16 slots each for N >= 128 (one pass of 256 / L rows, two at
 //   N = 512), 4 lanes of N / 4 slots below. 63-80 registers (nvcc 13.5, sm_80 and sm_90a), 0
 //   spills, 3 blocks per SM like the decode kernel; 2 lanes a row at N = 32 spilled 28-40 bytes.
 // Traffic: the decode gate's, plus the token block's z rows re-read once from L2; ids and weights
-//   written once; k integer atomics per row.
+//   written once; k integer atomics per row; placing, the last block re-reads ids (L2) and
+//   writes inverse twice and sorted_rows once (at most 64 k slots).
 // Launch: the decode kernel's grid (ceil(E slices / 8), ceil(T / 16) <= MAP_BLOCK_TICKETS), 256
-//   threads, (local_experts + 1) ints of dynamic shared memory. Parameters: GATE_ROUTE_PARAMS
-//   (map_workspace must not be null: it holds the tickets), then slices.
+//   threads, (local_experts + 1) ints of dynamic shared memory, MAP_WARPS times that to place.
+//   Parameters: GATE_ROUTE_PARAMS (map_workspace must not be null: it holds the tickets), then
+//   the placement's (sorted_len, sorted_rows, inverse; sorted_rows null for the count only) and
+//   slices.
+#define GATE_DECODE_ROUTE_PARAMS(T) GATE_ROUTE_PARAMS(T), int sorted_len, int *sorted_rows, int *inverse, int slices
 template <class T, int N>
-__device__ __forceinline__ void gate_decode_route_linear(GATE_ROUTE_PARAMS(T), int slices) {
+__device__ __forceinline__ void gate_decode_route_linear(GATE_DECODE_ROUTE_PARAMS(T)) {
   constexpr int TOKENS = DecodeForm<Form::Linear>::TOKENS;
   constexpr int L = N > 64 ? N / 16 : 4, ROWS_PER_PASS = DECODE_WARPS * kWarp / L;
   __shared__ int scratch[32];
@@ -410,13 +415,22 @@ __device__ __forceinline__ void gate_decode_route_linear(GATE_ROUTE_PARAMS(T), i
   const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);
   complete_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &dropped, counts, offsets,
                  status);
+  if (sorted_rows == nullptr) return;  // uniform over the grid: the count only
+  int* warp_counts = totals;           // the count's totals are written out (counts, offsets)
+#pragma unroll 1
+  for (int tile = 0; tile < tiles; ++tile) {
+    __syncthreads();  // warp_counts is free (the count's totals, or the previous tile's ranks)
+    place_tile(m, SOURCE_ORDER, -1, tile_slots, tile, false, sorted_len, map_workspace, offsets, warp_counts,
+               sorted_rows, inverse);
+  }
+  mark_unused_rows(local_experts, counts, offsets, sorted_len, sorted_rows, threadIdx.x, blockDim.x);
 }
 #define GATE_DECODE_ROUTE(T, NAME, N)                                                            \
-  extern "C" __global__ void __launch_bounds__(256, 3) NAME(GATE_ROUTE_PARAMS(T), int slices) {   \
+  extern "C" __global__ void __launch_bounds__(256, 3) NAME(GATE_DECODE_ROUTE_PARAMS(T)) {       \
     gate_decode_route_linear<T, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, \
                                    score, topk_first, renormalize, scale, groups, topk_groups, ids, weights, \
                                    nonfinite_rows, map_workspace, tile_slots, expert_begin, local_experts, align, \
-                                   counts, offsets, status, slices);                              \
+                                   counts, offsets, status, sorted_len, sorted_rows, inverse, slices); \
   }
 GATE_DECODE_ROUTE(float, gate_decode_route_linear_f32_e32, 32)
 EMU_EXPORT(gate_decode_route_linear_f32_e32)

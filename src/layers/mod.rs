@@ -11,8 +11,8 @@
 //! (`router::select_counted`), the map's placement 1 (`dispatch::place_counted`), GEMM1 + SwiGLU
 //! with the gather fused 1, GEMM2 1, combine 1 = **6**, plus one memset (the map's per-tile
 //! counts; `DeviceStats::memsets`). A linear router runs scores, selection and the count as one
-//! launch (`gate::scores_and_select`) at T <= 64 with E <= 512 (any dtype) and above T = 64 in
-//! f16/bf16 with E <= 128: **5**. The codebook router takes code norms and nearest code in
+//! launch (`gate::route`) above T = 64 in f16/bf16 with E <= 128: **5**; and at T <= 64 with
+//! E <= 512 (any dtype) the same launch places the map too: **4**. The codebook router takes code norms and nearest code in
 //! place of scores and selection, then the whole `routing_map`: 6 up to T·k = 4096, 7 past it.
 //! Shared experts add 2, the aux loss 4, the z-loss 2; capacity needs the map's priority pass
 //! first, so selection and `routing_map` run apart (6 up to T·k = 4096, 9 past it). Backward: 10

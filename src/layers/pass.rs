@@ -34,9 +34,7 @@ use super::workspace::{prefix, prefix_mut};
 use super::{Mode, MoeConfig, RouterKind};
 use crate::ops::Dyn;
 use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
-use crate::ops::dispatch::{
-    self, CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, place_counted, routing_map,
-};
+use crate::ops::dispatch::{self, CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
 use crate::ops::gate;
 use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups, WgradWrite};
 use crate::ops::router::{self, AuxLossWorkspace};
@@ -146,8 +144,9 @@ impl<T: FloatElement> Pass<'_, T> {
             inverse: prefix_mut("inverse", &mut saved.inverse, s.slots)?,
             status: prefix_mut("status", &mut saved.status, STATUS_LEN)?,
         };
-        // Without capacity the router's selection also counts the map (CountedMap), which
-        // place_counted completes: one launch fewer than selection + routing_map.
+        // Without capacity the router's selection also counts the map (CountedMap), and
+        // gate::route completes it (in the same launch at decode, else with place_counted): one
+        // launch fewer than selection + routing_map, two at decode.
         let counted = by_router && map_config.capacity.is_none();
         let workspace_len = if counted {
             map_config.counted_workspace_len(s.tokens, s.k)?
@@ -167,39 +166,47 @@ impl<T: FloatElement> Pass<'_, T> {
             let mut weights = prefix_mut("weights", &mut saved.weights, s.slots)?;
             let bias = self.router.bias.as_ref();
             let nonfinite = &mut scratch.nonfinite_rows;
-            let target = counted.then_some(&mut target);
-            gate::scores_and_select(
-                device,
-                &gate_shape,
-                &self.router.weights(),
-                x,
-                &mut z,
-                &router_config,
-                bias,
-                &mut ids,
-                &mut weights,
-                nonfinite,
-                target,
-            )?;
-            let stage = if counted {
-                "route: scores + top-k + map count"
+            let gate_weights = self.router.weights();
+            if counted {
+                // The whole routing step: one launch at decode, where the gate's kernel places
+                // the map too.
+                gate::route(
+                    device,
+                    &gate_shape,
+                    &gate_weights,
+                    x,
+                    &mut z,
+                    &router_config,
+                    bias,
+                    &mut ids,
+                    &mut weights,
+                    nonfinite,
+                    &mut target,
+                )?;
+                mark(&mut stages, "route: scores + top-k + routing map");
             } else {
-                "route: scores + top-k"
-            };
-            mark(&mut stages, stage);
+                let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+                gate::scores_and_select(
+                    device,
+                    &gate_shape,
+                    &gate_weights,
+                    x,
+                    &mut z,
+                    &router_config,
+                    bias,
+                    &mut ids,
+                    &mut weights,
+                    nonfinite,
+                    no_map,
+                )?;
+                mark(&mut stages, "route: scores + top-k");
+            }
         }
-        let ids = prefix("ids", &saved.ids, s.slots)?;
-        if counted {
-            place_counted(device, &ids, s.tokens, s.k, &mut target)?;
-        } else {
+        if !counted {
+            let ids = prefix("ids", &saved.ids, s.slots)?;
             routing_map(device, &ids, s.tokens, s.k, &map_config, target.map, target.workspace)?;
+            mark(&mut stages, "dispatch: routing map");
         }
-        let stage = if counted {
-            "dispatch: routing map placement"
-        } else {
-            "dispatch: routing map"
-        };
-        mark(&mut stages, stage);
 
         let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
         let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;

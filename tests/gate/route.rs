@@ -1,7 +1,8 @@
 //! The routing step in one call (`gate::scores_and_select`): the linear gate with the router's
 //! selection and the map's count fused gives the bits of `gate::scores` +
 //! `router::select_counted`: z, ids, weights, the non-finite count and the whole map after
-//! `place_counted`. Above T = 64 on the tensor-core tile (`gate_route_linear_<dtype>_e<N>`, each
+//! `place_counted`; `gate::route`, which also places the map (in the same launch at decode),
+//! gives those bits too. Above T = 64 on the tensor-core tile (`gate_route_linear_<dtype>_e<N>`, each
 //! row width N for E = 8, 48, 128), at T <= 64 on the decode kernel
 //! (`gate_decode_route_linear_<dtype>_e<N>`: every dtype, N = 32 ... 512, one to four token
 //! blocks, one or two selection passes); softmax and top-k-then-softmax, sigmoid with groups, a
@@ -10,7 +11,7 @@
 //! T = 64; E > 512, or no map, at T <= 64; the rank forms); bad inputs refused naming the
 //! argument.
 use super::*;
-use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
+use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, MapPath, RoutingMap};
 use moe_kernels::ops::gate::{DECODE_MAX_TOKENS, DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route_is_fused};
 use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction, SelectionOrder};
 
@@ -47,16 +48,27 @@ fn inputs_with_bad_rows<T: FloatElement>(case: &Case) -> (GateParams, Vec<f64>) 
     (host, x)
 }
 
-/// The routing step of `case` on `device`: `fused` through `gate::scores_and_select`, else
-/// `gate::scores` then `router::select_counted`; with `counted` the map's count, completed by
-/// `place_counted`. Returns the outputs and the launches it took.
+/// How a routing step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `gate::scores`, then `router::select_counted`.
+    TwoCalls,
+    /// `gate::scores_and_select`.
+    Fused,
+    /// `gate::route`: the map placed too (a map is required).
+    Whole,
+}
+
+/// The routing step of `case` on `device`, run as `step`; with `counted` the map's count,
+/// completed by `place_counted` (by `gate::route` itself for `Step::Whole`; the map's rows and
+/// inverse start as garbage). Returns the outputs and the launches the step took.
 fn route<T: FloatElement>(
     device: &Device,
     case: &Case,
     router: &RouterConfig,
     bias: Option<&[f32]>,
     counted: bool,
-    fused: bool,
+    step: Step,
 ) -> (Routed, u64) {
     let (host, x) = inputs_with_bad_rows::<T>(case);
     let placed = upload_params::<T>(device, &host, 0);
@@ -70,8 +82,18 @@ fn route<T: FloatElement>(
     let mut weights_out = device.alloc_zeros::<f32>(tokens * k).unwrap();
     let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
     let bias = bias.map(|b| device.upload(b).unwrap());
-    let map_config = MapConfig::new(router.experts);
+    // Tiles of 256 slots: the map's count and placement cross tiles at the larger shapes.
+    let map_config = MapConfig {
+        path: MapPath::Tiled { tile_slots: 256 },
+        ..MapConfig::new(router.experts)
+    };
     let mut map = RoutingMap::alloc(device, tokens, k, &map_config).unwrap();
+    device
+        .upload_into(&vec![7777; map.sorted_rows.len()], &mut map.sorted_rows)
+        .unwrap();
+    device
+        .upload_into(&vec![7777; map.inverse.len()], &mut map.inverse)
+        .unwrap();
     let mut workspace = device
         .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k).unwrap())
         .unwrap();
@@ -81,7 +103,22 @@ fn route<T: FloatElement>(
         workspace: &mut workspace,
     });
     let before = device.stats();
-    if fused {
+    if step == Step::Whole {
+        gate::route(
+            device,
+            &case.shape,
+            &w,
+            &x,
+            &mut z,
+            router,
+            bias.as_ref(),
+            &mut ids,
+            &mut weights_out,
+            &mut nonfinite,
+            target.as_mut().expect("gate::route places a map"),
+        )
+        .unwrap();
+    } else if step == Step::Fused {
         gate::scores_and_select(
             device,
             &case.shape,
@@ -117,7 +154,7 @@ fn route<T: FloatElement>(
         let header = &device.download(&*target.workspace).unwrap()[..8];
         assert_eq!(header, [0; 8], "the map workspace's tickets after the pass");
     }
-    if let Some(target) = &mut target {
+    if let Some(target) = target.as_mut().filter(|_| step != Step::Whole) {
         dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
     }
     let map = counted.then(|| {
@@ -150,17 +187,32 @@ fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterCon
     };
     for counted in [false, true] {
         let fuses = route_is_fused(&case.shape, &weights::<T>(case.form, &up), counted);
-        let (want, two) = route::<T>(device, case, router, bias, counted, false);
-        let (got, launches) = route::<T>(device, case, router, bias, counted, true);
+        let (want, two) = route::<T>(device, case, router, bias, counted, Step::TwoCalls);
+        let (got, launches) = route::<T>(device, case, router, bias, counted, Step::Fused);
         assert_eq!(got, want, "{what}, counted {counted}");
         assert_eq!(two, 2, "{what}: the two calls");
-        assert_eq!(launches, if fuses { 1 } else { 2 }, "{what}, counted {counted}: launches");
+        assert_eq!(
+            launches,
+            if fuses { 1 } else { 2 },
+            "{what}, counted {counted}: launches"
+        );
         if fuses {
-            assert!(device.launch_configs().contains_key(kernel.as_str()), "{what}: {kernel} ran");
+            assert!(
+                device.launch_configs().contains_key(kernel.as_str()),
+                "{what}: {kernel} ran"
+            );
         }
         if let Some(row) = nan_row(case.shape.tokens) {
             assert!(want.nonfinite_rows >= 1, "{what}: the NaN row is routed nowhere");
             assert_eq!(want.ids[row * router.k], -1, "{what}: the NaN row's ids");
+        }
+        if counted {
+            // The whole step: at decode the fused kernel places the map too (one launch).
+            let (whole, launches) = route::<T>(device, case, router, bias, true, Step::Whole);
+            assert_eq!(whole, want, "{what}: gate::route");
+            let placed_in_kernel = fuses && case.shape.tokens <= DECODE_MAX_TOKENS;
+            let expected = if placed_in_kernel { 1 } else { 3 - u64::from(fuses) };
+            assert_eq!(launches, expected, "{what}: gate::route's launches");
         }
     }
 }

@@ -178,8 +178,8 @@ impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
 
     /// For the selection kernel: checks the map for `tokens` x `k` ids of `experts` experts,
     /// zeroes the workspace and appends the count's parameters to `args` (`map_workspace,
-    /// tile_slots, expert_begin, local_experts, align, counts, offsets, status`). Returns them
-    /// with the dynamic shared bytes the count needs.
+    /// tile_slots, expert_begin, local_experts, align, counts, offsets, status`), then those of
+    /// `params`. Returns them with the dynamic shared bytes the count (and the placement) needs.
     pub(crate) fn count_args<'k>(
         &'k mut self,
         device: &Device,
@@ -187,20 +187,48 @@ impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
         tokens: usize,
         k: usize,
         args: KernelArgs<'k>,
+        params: MapParams,
     ) -> Result<(KernelArgs<'k>, u32)> {
         let shape = self.checked(experts, tokens, k)?;
         device.fill_zeros(self.workspace)?;
+        let map = &mut *self.map;
         let args = args
             .output("map_workspace", &mut *self.workspace)
             .scalar(self.config.counted_tile_slots() as i32)
             .scalar(shape.expert_begin)
             .scalar(shape.local)
             .scalar(shape.align)
-            .output("counts", &mut self.map.counts)
-            .output("offsets", &mut self.map.offsets)
-            .output("status", &mut self.map.status);
-        Ok((args, ((shape.local + 1) as usize * size_of::<i32>()) as u32))
+            .output("counts", &mut map.counts)
+            .output("offsets", &mut map.offsets)
+            .output("status", &mut map.status);
+        let count_shared = (shape.local + 1) as usize * size_of::<i32>();
+        Ok(match params {
+            MapParams::CountThenPlacement { place: true } => {
+                let args = args
+                    .scalar(shape.sorted_len)
+                    .output("sorted_rows", &mut map.sorted_rows)
+                    .output("inverse", &mut map.inverse);
+                (args, (MAP_WARPS * count_shared) as u32)
+            }
+            MapParams::CountThenPlacement { place: false } => {
+                (args.scalar(0i32).scalar(0u64).scalar(0u64), count_shared as u32)
+            }
+            MapParams::Count | MapParams::CountOrNull => (args, count_shared as u32),
+        })
     }
+}
+
+/// The map parameters of a selection kernel, after its `nonfinite_rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MapParams {
+    /// The count's, only with a map (`router_select_counted_e<N>_f32`; `router_select_e<N>_f32`
+    /// has none).
+    Count,
+    /// The count's, or null pointers and zeros without a map (`gate_route_linear_<dtype>_e<N>`).
+    CountOrNull,
+    /// The count's (a map is required), then the placement's: `sorted_len, sorted_rows, inverse`,
+    /// or with `place` false 0 and null pointers (`gate_decode_route_linear_<dtype>_e<N>`).
+    CountThenPlacement { place: bool },
 }
 
 /// The count's parameters (in [`CountedMap::count_args`]'s order) of a kernel whose count is

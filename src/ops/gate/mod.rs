@@ -55,7 +55,7 @@ mod backward;
 mod route;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
-pub use route::{DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route_is_fused, scores_and_select};
+pub use route::{DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route, route_is_fused, scores_and_select};
 
 use super::{Dyn, DynMut, FloatElement, check_len, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};

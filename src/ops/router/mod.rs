@@ -29,7 +29,7 @@ pub use balance::{
     expert_statistics, expert_statistics_workspace_len, z_loss, z_loss_backward,
 };
 
-use super::dispatch::{CountedMap, no_count_args};
+use super::dispatch::{CountedMap, MapParams, no_count_args};
 use super::{check_len, check_range, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
@@ -352,7 +352,7 @@ fn launch_select<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<
         weights,
         nonfinite_rows,
     };
-    let (args, shared_bytes) = selection.args(device, config, tokens, bias, args, map, false)?;
+    let (args, shared_bytes) = selection.args(device, config, tokens, bias, args, map, MapParams::Count)?;
     let (row, name) = select_kernel(config.experts, counted, kernel_prefix);
     let lanes_per_row = if kernel_prefix == WARP_PER_ROW { 32 } else { row / 32 };
     let rows_per_block = SELECT_THREADS / lanes_per_row;
@@ -375,9 +375,10 @@ pub(crate) struct Selection<'o, I, Wt, C> {
 impl<'o, I: DeviceSliceMut<i32>, Wt: DeviceSliceMut<f32>, C: DeviceSliceMut<u32>> Selection<'o, I, Wt, C> {
     /// Checks the outputs and `bias` for `tokens` rows of `config`, and appends the kernel
     /// parameters that follow `k` (score, topk_first, renormalize, scale, groups, topk_groups,
-    /// ids, weights, nonfinite_rows), then with `map` the map count's (CountedMap::count_args),
-    /// or with `null_count` (kernels whose count is optional) a null map workspace and zeros in
-    /// their place. Returns the arguments and the count's dynamic shared bytes.
+    /// ids, weights, nonfinite_rows), then the map's as `params` says: with `map` the count's
+    /// (CountedMap::count_args) and for the decode route the placement's; without, none, or for
+    /// kernels whose count is optional a null map workspace and zeros in their place. Returns the
+    /// arguments and the dynamic shared bytes the map's work needs.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn args<'k, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
         self,
@@ -387,7 +388,7 @@ impl<'o, I: DeviceSliceMut<i32>, Wt: DeviceSliceMut<f32>, C: DeviceSliceMut<u32>
         bias: Option<&B>,
         args: KernelArgs<'k>,
         map: Option<&'k mut CountedMap<'_, M, W>>,
-        null_count: bool,
+        params: MapParams,
     ) -> Result<(KernelArgs<'k>, u32)>
     where
         'o: 'k,
@@ -407,10 +408,15 @@ impl<'o, I: DeviceSliceMut<i32>, Wt: DeviceSliceMut<f32>, C: DeviceSliceMut<u32>
             .output("ids", self.ids)
             .output("weights", self.weights)
             .output("nonfinite_rows", self.nonfinite_rows);
-        match map {
-            Some(map) => map.count_args(device, e, tokens, k, args),
-            None if null_count => Ok((no_count_args(args), 0)),
-            None => Ok((args, 0)),
+        match (map, params) {
+            (Some(map), _) => map.count_args(device, e, tokens, k, args, params),
+            (None, MapParams::Count) => Ok((args, 0)),
+            (None, MapParams::CountOrNull) => Ok((no_count_args(args), 0)),
+            (None, MapParams::CountThenPlacement { .. }) => Err(Error::InvalidArgument {
+                argument: "map",
+                value: "None".into(),
+                expected: "a counted map (the decode route's tickets live in its workspace)".into(),
+            }),
         }
     }
 }
