@@ -243,6 +243,12 @@ fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterCon
     gpu.record("gate/route_bf16", label, "moe-kernels separate calls", floor, || {
         step(true)
     });
+    if tokens <= DECODE_MAX_TOKENS {
+        // Decode is launch-bound: the step replayed from a graph too, as a decode loop runs it.
+        let (ours, separate) = ("moe-kernels graph replay", "moe-kernels separate calls, graph replay");
+        gpu.record_graph("gate/route_bf16", label, ours, floor, || step(false));
+        gpu.record_graph("gate/route_bf16", label, separate, floor, || step(true));
+    }
 }
 
 fn bench(c: &mut Criterion) {

@@ -1,6 +1,7 @@
 //! Timing on a GPU: CUDA events around each call, warm-up first, the L2 flushed before every
 //! call by reading a buffer twice its size, and the median with p10 and p90 of the samples.
-//! Graph replay for small ops waits for the crate's graph API.
+//! Small ops are timed replayed from a graph too (`record_graph`), as a decode loop that
+//! captures its step runs them.
 use super::blas::Blas;
 use super::floors::Floor;
 use super::inputs;
@@ -117,6 +118,32 @@ impl Gpu {
         );
         println!("{}", record.to_line());
         t
+    }
+
+    /// [`record`](Self::record) of `pass` replayed from a graph (`Device::capture`, after one
+    /// eager run that loads its modules): each timed call is one replay, the single submission a
+    /// decode loop that captures its step pays instead of a launch latency per kernel.
+    pub fn record_graph(
+        &self,
+        op: &str,
+        shape: &str,
+        implementation: &str,
+        floor: Floor,
+        mut pass: impl FnMut(),
+    ) -> Timing {
+        pass();
+        let graph = self
+            .device
+            .capture(|| {
+                pass();
+                Ok(())
+            })
+            .expect("capture");
+        // SAFETY: every buffer `pass` touches is borrowed by it, so alive and unmoved while
+        // `graph` is replayed here, on the device that captured it.
+        self.record(op, shape, implementation, floor, || {
+            unsafe { self.device.replay(&graph) }.expect("replay")
+        })
     }
 
     /// [`record`](Self::record) for this crate's own implementation.

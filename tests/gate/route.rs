@@ -221,14 +221,18 @@ fn linear(tokens: usize, dim: usize, experts: usize) -> Case {
     Case::new(GateForm::Linear, tokens, dim, experts, 1)
 }
 
-#[test]
-fn fused_route_has_the_bits_of_scores_then_select() {
-    let softmax = RouterConfig {
+/// Softmax over 8 experts, 2 a token.
+fn softmax_8() -> RouterConfig {
+    RouterConfig {
         experts: 8,
         k: 2,
         ..RouterConfig::default()
-    };
-    let grouped = RouterConfig {
+    }
+}
+
+/// Sigmoid over 48 experts in 8 groups (the top 4 kept), 6 a token, renormalised and scaled.
+fn grouped_48() -> RouterConfig {
+    RouterConfig {
         experts: 48,
         k: 6,
         score: ScoreFunction::Sigmoid,
@@ -237,7 +241,12 @@ fn fused_route_has_the_bits_of_scores_then_select() {
         groups: 8,
         topk_groups: 4,
         ..RouterConfig::default()
-    };
+    }
+}
+
+#[test]
+fn fused_route_has_the_bits_of_scores_then_select() {
+    let (softmax, grouped) = (softmax_8(), grouped_48());
     let mixtral = RouterConfig {
         experts: ROUTE_MAX_EXPERTS,
         k: 8,
@@ -260,31 +269,8 @@ fn fused_route_has_the_bits_of_scores_then_select() {
 /// (three token blocks, the last ragged) and 64 (four, each full).
 #[test]
 fn decode_route_has_the_bits_of_scores_then_select() {
-    let softmax = RouterConfig {
-        experts: 8,
-        k: 2,
-        ..RouterConfig::default()
-    };
-    let grouped = RouterConfig {
-        experts: 48,
-        k: 6,
-        score: ScoreFunction::Sigmoid,
-        renormalize: true,
-        scale: 2.5,
-        groups: 8,
-        topk_groups: 4,
-        ..RouterConfig::default()
-    };
-    let deepseek = RouterConfig {
-        experts: 256,
-        k: 8,
-        score: ScoreFunction::Sigmoid,
-        renormalize: true,
-        scale: 2.5,
-        groups: 8,
-        topk_groups: 4,
-        ..RouterConfig::default()
-    };
+    let (softmax, grouped) = (softmax_8(), grouped_48());
+    let deepseek = RouterConfig::deepseek_v3();
     let widest = RouterConfig {
         experts: 300,
         k: 32,

@@ -75,15 +75,22 @@ pub fn scores_and_select<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut
     nonfinite_rows: &mut impl DeviceSliceMut<u32>,
     map: Option<&mut CountedMap<'_, M, W>>,
 ) -> Result<()> {
-    let step = Step {
+    let place = false;
+    run_step(
         device,
         shape,
         gate,
         x,
+        z,
         router,
         bias,
-    };
-    step.run(z, ids, weights, nonfinite_rows, map, false).map(|_| ())
+        ids,
+        weights,
+        nonfinite_rows,
+        map,
+        place,
+    )
+    .map(|_| ())
 }
 
 /// The whole routing step into a complete routing map: [`scores_and_select`] with `map`'s count,
@@ -105,96 +112,88 @@ pub fn route<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: De
     nonfinite_rows: &mut impl DeviceSliceMut<u32>,
     map: &mut CountedMap<'_, M, W>,
 ) -> Result<()> {
-    let step = Step {
+    let place = true;
+    if run_step(
         device,
         shape,
         gate,
         x,
+        z,
         router,
         bias,
-    };
-    if step.run(z, ids, weights, nonfinite_rows, Some(&mut *map), true)? {
+        ids,
+        weights,
+        nonfinite_rows,
+        Some(&mut *map),
+        place,
+    )? {
         return Ok(());
     }
     dispatch::place_counted(device, &*ids, shape.tokens, router.k, map)
 }
 
-/// The inputs of a routing step.
-struct Step<'a, T: FloatElement, X, B> {
-    device: &'a Device,
-    shape: &'a GateShape,
-    gate: &'a GateWeights<'a, T>,
-    x: &'a X,
-    router: &'a RouterConfig,
-    bias: Option<&'a B>,
-}
-
-impl<T: FloatElement, X: DeviceSlice<T>, B: DeviceSlice<f32>> Step<'_, T, X, B> {
-    /// Scores, selection and the map's count; with `place` the decode kernel also places the
-    /// map. Returns whether the map was placed.
-    fn run<M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
-        &self,
-        z: &mut impl DeviceSliceMut<f32>,
-        ids: &mut impl DeviceSliceMut<i32>,
-        weights: &mut impl DeviceSliceMut<f32>,
-        nonfinite_rows: &mut impl DeviceSliceMut<u32>,
-        map: Option<&mut CountedMap<'_, M, W>>,
-        place: bool,
-    ) -> Result<bool> {
-        let Step {
-            device,
-            shape,
-            gate,
-            x,
-            router,
-            bias,
-        } = *self;
-        if router.experts != shape.experts {
-            return Err(Error::InvalidArgument {
-                argument: "router.experts",
-                value: router.experts.to_string(),
-                expected: format!("the gate's experts, shape.experts = {}", shape.experts),
-            });
-        }
-        let Some(fused) = fused_route(shape, gate, map.is_some()) else {
-            scores(device, shape, gate, x, z)?;
-            router::select_counted(device, router, &*z, bias, ids, weights, nonfinite_rows, map)?;
-            return Ok(false);
-        };
-        check_scores(shape, gate, x, z)?;
-        router.validate()?;
-        let o = gate.operands();
-        // gate_[decode_]route_linear_<dtype>_e<N>: GATE_SCORES_PARAMS, the router's bias and k,
-        // then the selection's parameters after k and the map's (MapParams); the decode
-        // kernel's slices last.
-        let args = scores_args(device, shape, GateForm::Linear, &o, x, z)
-            .input_or_null("bias", bias)
-            .scalar(router.k as i32);
-        let selection = Selection {
-            ids,
-            weights,
-            nonfinite_rows,
-        };
-        let params = match fused {
-            FusedRoute::Tile => MapParams::CountOrNull,
-            FusedRoute::Decode => MapParams::CountThenPlacement { place },
-        };
-        let (args, map_shared) = selection.args(device, router, shape.tokens, bias, args, map, params)?;
-        let row = select_row_width(shape.experts);
-        let (mut config, args, kernel) = match fused {
-            FusedRoute::Tile => (
-                scoring_config(GateForm::Linear, shape, ScoringTile::TensorCores)?,
-                args,
-                "gate_route_linear",
-            ),
-            FusedRoute::Decode => (
-                decode_config(shape, GateForm::Linear)?,
-                args.scalar(decode_slices(shape.tokens) as i32),
-                "gate_decode_route_linear",
-            ),
-        };
-        config.shared_bytes = config.shared_bytes.max(map_shared);
-        device.launch(&format!("{kernel}_{}_e{row}", T::NAME), config, args)?;
-        Ok(fused == FusedRoute::Decode && place)
+/// Scores, selection and the map's count; with `place` the decode kernel also places the map.
+/// Returns whether the map was placed.
+#[allow(clippy::too_many_arguments)]
+fn run_step<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+    device: &Device,
+    shape: &GateShape,
+    gate: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    z: &mut impl DeviceSliceMut<f32>,
+    router: &RouterConfig,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+    map: Option<&mut CountedMap<'_, M, W>>,
+    place: bool,
+) -> Result<bool> {
+    if router.experts != shape.experts {
+        return Err(Error::InvalidArgument {
+            argument: "router.experts",
+            value: router.experts.to_string(),
+            expected: format!("the gate's experts, shape.experts = {}", shape.experts),
+        });
     }
+    let Some(fused) = fused_route(shape, gate, map.is_some()) else {
+        scores(device, shape, gate, x, z)?;
+        router::select_counted(device, router, &*z, bias, ids, weights, nonfinite_rows, map)?;
+        return Ok(false);
+    };
+    check_scores(shape, gate, x, z)?;
+    router.validate()?;
+    let o = gate.operands();
+    // gate_[decode_]route_linear_<dtype>_e<N>: GATE_SCORES_PARAMS, the router's bias and k,
+    // then the selection's parameters after k and the map's (MapParams); the decode
+    // kernel's slices last.
+    let args = scores_args(device, shape, GateForm::Linear, &o, x, z)
+        .input_or_null("bias", bias)
+        .scalar(router.k as i32);
+    let selection = Selection {
+        ids,
+        weights,
+        nonfinite_rows,
+    };
+    let params = match fused {
+        FusedRoute::Tile => MapParams::CountOrNull,
+        FusedRoute::Decode => MapParams::CountThenPlacement { place },
+    };
+    let (args, map_shared) = selection.args(device, router, shape.tokens, bias, args, map, params)?;
+    let row = select_row_width(shape.experts);
+    let (mut config, args, kernel) = match fused {
+        FusedRoute::Tile => (
+            scoring_config(GateForm::Linear, shape, ScoringTile::TensorCores)?,
+            args,
+            "gate_route_linear",
+        ),
+        FusedRoute::Decode => (
+            decode_config(shape, GateForm::Linear)?,
+            args.scalar(decode_slices(shape.tokens) as i32),
+            "gate_decode_route_linear",
+        ),
+    };
+    config.shared_bytes = config.shared_bytes.max(map_shared);
+    device.launch(&format!("{kernel}_{}_e{row}", T::NAME), config, args)?;
+    Ok(fused == FusedRoute::Decode && place)
 }
