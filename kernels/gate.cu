@@ -373,6 +373,10 @@ EMU_EXPORT(gate_decode_attention_bf16)
 //   (complete_count) and, given sorted_rows, places every slot as dispatch_map_rank would
 //   (place_tile over the map's tiles, then mark_unused_rows). So z, ids, weights and the map
 //   have the bits of gate_decode, router_select_counted and place_counted, in one launch.
+//   z and ids from other blocks are read with plain loads (no .nc path: this kernel writes them),
+//   ordered by the writer's fence before its ticket and the last block's fence after it (a
+//   release/acquire pair in the PTX memory model); the per-tile counts, which only atomics
+//   write, are read through L2 as in every count.
 // Mapping: gate_decode_body's; then thread i is lane i % L of row i / L of the token block:
 //   L = N / 16 lanes a row holding 16 slots each for N >= 128 (one pass of 256 / L rows, two at
 //   N = 512), 4 lanes of N / 4 slots below. 63-80 registers (nvcc 13.5, sm_80 and sm_90a), 0

@@ -67,6 +67,7 @@ fn route<T: FloatElement>(
     case: &Case,
     router: &RouterConfig,
     bias: Option<&[f32]>,
+    map_config: &MapConfig,
     counted: bool,
     step: Step,
 ) -> (Routed, u64) {
@@ -82,12 +83,7 @@ fn route<T: FloatElement>(
     let mut weights_out = device.alloc_zeros::<f32>(tokens * k).unwrap();
     let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
     let bias = bias.map(|b| device.upload(b).unwrap());
-    // Tiles of 256 slots: the map's count and placement cross tiles at the larger shapes.
-    let map_config = MapConfig {
-        path: MapPath::Tiled { tile_slots: 256 },
-        ..MapConfig::new(router.experts)
-    };
-    let mut map = RoutingMap::alloc(device, tokens, k, &map_config).unwrap();
+    let mut map = RoutingMap::alloc(device, tokens, k, map_config).unwrap();
     device
         .upload_into(&vec![7777; map.sorted_rows.len()], &mut map.sorted_rows)
         .unwrap();
@@ -98,7 +94,7 @@ fn route<T: FloatElement>(
         .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k).unwrap())
         .unwrap();
     let mut target = counted.then_some(CountedMap {
-        config: &map_config,
+        config: map_config,
         map: &mut map,
         workspace: &mut workspace,
     });
@@ -173,9 +169,30 @@ fn route<T: FloatElement>(
     (routed, launches)
 }
 
-/// `case` routed both ways is bitwise the same; one launch when it fuses (then the fused kernel
-/// of E's row width ran), two otherwise.
+/// The map of E experts in tiles of 256 slots: the count and the placement cross tiles at the
+/// larger shapes.
+fn tiled_map(experts: usize) -> MapConfig {
+    MapConfig {
+        path: MapPath::Tiled { tile_slots: 256 },
+        ..MapConfig::new(experts)
+    }
+}
+
+/// [`check_route_into`] the map of every expert ([`tiled_map`]).
 fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterConfig, bias: Option<&[f32]>) {
+    check_route_into::<T>(device, case, router, bias, &tiled_map(router.experts));
+}
+
+/// `case` routed every way (with and without the map of `map_config`) is bitwise the same; one
+/// launch when it fuses (then the fused kernel of E's row width ran), two otherwise; the whole
+/// step (`gate::route`) one at decode, else 2 or 3.
+fn check_route_into<T: FloatElement>(
+    device: &Device,
+    case: &Case,
+    router: &RouterConfig,
+    bias: Option<&[f32]>,
+    map_config: &MapConfig,
+) {
     let what = format!("{case:?} {router:?} {} on {}", T::NAME, device.description());
     let placed = upload_params::<T>(device, &inputs::<T>(case).0, 0);
     let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
@@ -187,8 +204,8 @@ fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterCon
     };
     for counted in [false, true] {
         let fuses = route_is_fused(&case.shape, &weights::<T>(case.form, &up), counted);
-        let (want, two) = route::<T>(device, case, router, bias, counted, Step::TwoCalls);
-        let (got, launches) = route::<T>(device, case, router, bias, counted, Step::Fused);
+        let (want, two) = route::<T>(device, case, router, bias, map_config, counted, Step::TwoCalls);
+        let (got, launches) = route::<T>(device, case, router, bias, map_config, counted, Step::Fused);
         assert_eq!(got, want, "{what}, counted {counted}");
         assert_eq!(two, 2, "{what}: the two calls");
         assert_eq!(
@@ -208,7 +225,7 @@ fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterCon
         }
         if counted {
             // The whole step: at decode the fused kernel places the map too (one launch).
-            let (whole, launches) = route::<T>(device, case, router, bias, true, Step::Whole);
+            let (whole, launches) = route::<T>(device, case, router, bias, map_config, true, Step::Whole);
             assert_eq!(whole, want, "{what}: gate::route");
             let placed_in_kernel = fuses && case.shape.tokens <= DECODE_MAX_TOKENS;
             let expected = if placed_in_kernel { 1 } else { 3 - u64::from(fuses) };
@@ -219,6 +236,15 @@ fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterCon
 
 fn linear(tokens: usize, dim: usize, experts: usize) -> Case {
     Case::new(GateForm::Linear, tokens, dim, experts, 1)
+}
+
+/// Softmax over `experts`, 1 a token.
+fn top_1(experts: usize) -> RouterConfig {
+    RouterConfig {
+        experts,
+        k: 1,
+        ..RouterConfig::default()
+    }
 }
 
 /// Softmax over 8 experts, 2 a token.
@@ -265,8 +291,9 @@ fn fused_route_has_the_bits_of_scores_then_select() {
 
 /// At T <= 64 the decode kernel fuses the selection and the count: every dtype; E = 8 (N = 32,
 /// 4 lanes a row), 48 with groups and a bias (N = 64), 256 with DeepSeek-V3's options (N = 256,
-/// 16 lanes), 300 (N = 512: two selection passes); T = 1 and 5 (8 slices, one token block), 40
-/// (three token blocks, the last ragged) and 64 (four, each full).
+/// 16 lanes), 300 (N = 512: two selection passes), 126 (N = 128, the scalar layout; k = 1; a
+/// map of local experts 40..104 padded to 8); T = 1 and 5 (8 slices, one token block), 16, 17,
+/// 40 (three token blocks, the last ragged) and 64 (four, each full).
 #[test]
 fn decode_route_has_the_bits_of_scores_then_select() {
     let (softmax, grouped) = (softmax_8(), grouped_48());
@@ -284,6 +311,16 @@ fn decode_route_has_the_bits_of_scores_then_select() {
         check_route::<f16>(&device, &linear(40, 16, 8), &softmax, None);
         check_route::<bf16>(&device, &linear(DECODE_MAX_TOKENS, 24, 256), &deepseek, Some(&bias));
         check_route::<f32>(&device, &linear(20, 8, 300), &widest, None);
+        // E = 126 (N = 128, 8 lanes a row; rows of 126 floats take the scalar layout), k = 1,
+        // one token past a token block.
+        check_route::<bf16>(&device, &linear(17, 16, 126), &top_1(126), None);
+        // Experts 40..104 of 126 dispatched here, each group padded to 8 rows.
+        let local = MapConfig {
+            local_experts: Some(40..104),
+            align: 8,
+            ..tiled_map(126)
+        };
+        check_route_into::<f16>(&device, &linear(16, 16, 126), &top_1(126), None, &local);
     }
 }
 

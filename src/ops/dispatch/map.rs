@@ -10,6 +10,8 @@ const MAP_THREADS: u32 = 256;
 const MAP_WARPS: usize = MAP_THREADS as usize / 32;
 /// Ints before the per-tile counts in the workspace (`MAP_WORKSPACE_HEADER`).
 pub(super) const WORKSPACE_HEADER: usize = 8;
+/// Tickets of a fused scoring kernel's token blocks in that header (`MAP_BLOCK_TICKETS`).
+pub(crate) const BLOCK_TICKETS: usize = 4;
 /// `SlotOrder` in dispatch_map.cuh.
 const SOURCE_ORDER: i32 = 0;
 const PRIORITY_ORDER: i32 = 1;

@@ -27,8 +27,8 @@
 mod map;
 mod rows;
 
+pub(crate) use map::{BLOCK_TICKETS, MapParams, no_count_args};
 pub use map::{CountedMap, RoutingMap, live_rows, place_counted, routing_map};
-pub(crate) use map::{MapParams, no_count_args};
 pub use rows::{combine, combine_backward, permute, permute_backward};
 
 use crate::{Error, Result};

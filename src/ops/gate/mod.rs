@@ -441,8 +441,14 @@ const DECODE_WARPS: usize = 8;
 /// Tokens per block of the decode kernel (`DecodeForm::TOKENS`): 16 for the linear form, 4 for
 /// the rank forms (their lanes hold 9, 8 or 5 accumulators per token).
 fn decode_tokens(form: GateForm) -> usize {
-    if form == GateForm::Linear { 16 } else { 4 }
+    if form == GateForm::Linear {
+        DECODE_LINEAR_TOKENS
+    } else {
+        4
+    }
 }
+/// Tokens per block of the linear decode kernel.
+const DECODE_LINEAR_TOKENS: usize = 16;
 
 /// `z = score(X)` (`[T, E]`, f32) for any form: one launch, no host sync.
 pub fn scores<T: FloatElement>(

@@ -7,8 +7,8 @@
 //! (`gate_decode_route_linear_<dtype>_e<N>`: its tickets live in the map's workspace, so it
 //! needs the map).
 use super::{
-    DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, check_scores, decode_config, decode_slices,
-    scores, scores_args, scoring_config,
+    DECODE_LINEAR_TOKENS, DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, check_scores,
+    decode_config, decode_slices, scores, scores_args, scoring_config,
 };
 use crate::ops::FloatElement;
 use crate::ops::dispatch::{self, CountedMap, MapParams};
@@ -21,6 +21,9 @@ pub const ROUTE_MAX_EXPERTS: usize = 128;
 /// The most experts the decode kernel fuses (T <= 64): the selection's row width of 512 at 16
 /// slots a lane keeps it at 3 blocks per SM without spilling.
 pub const DECODE_ROUTE_MAX_EXPERTS: usize = 512;
+
+// The decode route's token blocks each take a ticket in the map workspace's header.
+const _: () = assert!(DECODE_MAX_TOKENS.div_ceil(DECODE_LINEAR_TOKENS) <= dispatch::BLOCK_TICKETS);
 
 /// The one-launch kernel of a routing step, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
