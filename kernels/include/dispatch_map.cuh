@@ -25,6 +25,7 @@ constexpr int MAP_WARPS = MAP_THREADS / 32;
 // most 4 blocks of 16 tokens). Every ticket is 0 after every launch (its last taker resets it).
 constexpr int MAP_WORKSPACE_HEADER = 8;
 constexpr int MAP_BLOCK_TICKETS = 4;
+static_assert(1 + MAP_BLOCK_TICKETS <= MAP_WORKSPACE_HEADER, "the tickets fit the header");
 
 enum SlotOrder : int { SOURCE_ORDER = 0, PRIORITY_ORDER = 1 };
 

@@ -37,7 +37,8 @@ pub enum Mode {
     #[default]
     Training,
     /// Forward only, for serving: no GU kept, no router losses (the routed forward is 6 launches,
-    /// 5 or 4 where the linear gate fuses the routing, whatever the loss coefficients), no gradient or backward buffers; `backward` is refused.
+    /// 5 or 4 where the linear gate fuses the routing, whatever the loss coefficients), no
+    /// gradient or backward buffers; `backward` is refused.
     Inference,
 }
 

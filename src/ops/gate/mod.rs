@@ -35,10 +35,11 @@
 //! slice of one expert's rows with 16-byte loads against every token, and each projection is
 //! the sum of its slices in a fixed order (still one launch, bitwise deterministic).
 //!
-//! **The routing step** ([`scores_and_select`]): the scores, the router's top-k and the routing
-//! map's count in one launch for the linear gate, on the tensor-core tile above `T = 64`
-//! (f16/bf16, `E <= 128`) and on the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a
-//! map: the last block of each 16 tokens selects them), with the bits of the two calls.
+//! **The routing step** ([`scores_and_select`], and [`route`] into a complete map): the scores,
+//! the router's top-k and the routing map's count in one launch for the linear gate, on the
+//! tensor-core tile above `T = 64` (f16/bf16, `E <= 128`) and on the decode kernel at `T <= 64`
+//! (any dtype, `E <= 512`, with a map: the last block of each 16 tokens selects them, and for
+//! [`route`] the last of those places the map too), with the bits of the separate calls.
 //!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
 //! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
