@@ -11,7 +11,7 @@ mod common;
 use common::{Floor, Gpu, devices, layer_shapes};
 use criterion::{Criterion, criterion_group, criterion_main};
 use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
-use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossWorkspace, RouterConfig};
+use moe_kernels::ops::router::{self, AuxLossConfig, AuxLossTarget, AuxLossWorkspace, RouterConfig, ZLossTarget};
 use moe_kernels::reference::dispatch as reference_dispatch;
 use moe_kernels::reference::router as reference;
 use moe_kernels::{Device, DeviceBuffer, DeviceKind};
@@ -103,6 +103,15 @@ fn z_loss_floor(c: &RouterConfig, tokens: usize) -> Floor {
     }
 }
 
+/// losses (the aux loss and the z-loss in one launch): z and ids read, the row LSE and both
+/// losses written.
+fn losses_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    Floor {
+        bytes: bytes(tokens, c.experts) + bytes(tokens, c.k) + bytes(tokens, 1) + 8,
+        flops: 0,
+    }
+}
+
 /// Device buffers for one shape.
 struct Buffers {
     z: DeviceBuffer<f32>,
@@ -116,6 +125,7 @@ struct Buffers {
     workspace: DeviceBuffer<f32>,
     z_workspace: router::ZLossWorkspace,
     loss: DeviceBuffer<f32>,
+    z_loss: DeviceBuffer<f32>,
     aux: AuxLossWorkspace,
     map: RoutingMap<DeviceBuffer<i32>>,
     /// The workspaces of `routing_map` and of the counted map.
@@ -144,6 +154,7 @@ impl Buffers {
                 .unwrap(),
             z_workspace: router::ZLossWorkspace::new(device, tokens).unwrap(),
             loss: device.alloc_zeros(1).unwrap(),
+            z_loss: device.alloc_zeros(1).unwrap(),
             aux: AuxLossWorkspace::new(device, c, &AuxLossConfig::default(), tokens).unwrap(),
             map: RoutingMap::alloc(device, tokens, c.k, &map_config).unwrap(),
             map_workspace: device
@@ -163,7 +174,7 @@ impl Buffers {
 }
 
 /// The router ops by name, each one call on `b`.
-const OPS: [&str; 10] = [
+const OPS: [&str; 11] = [
     "select",
     "select_and_map",
     "select_counted",
@@ -173,6 +184,7 @@ const OPS: [&str; 10] = [
     "aux_loss_backward",
     "z_loss",
     "z_loss_backward",
+    "losses",
     "bias_update",
 ];
 
@@ -194,6 +206,22 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
         "aux_loss_backward" => router::aux_loss_backward(device, c, &aux, &b.z, &b.aux, &mut b.dz),
         "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.z_workspace, &mut b.loss),
         "z_loss_backward" => router::z_loss_backward(device, c, 1e-3, &b.z, &b.z_workspace, &mut b.dz),
+        "losses" => router::losses(
+            device,
+            c,
+            &b.z,
+            Some(AuxLossTarget {
+                config: &aux,
+                ids: &b.ids,
+                workspace: &mut b.aux,
+                loss: &mut b.loss,
+            }),
+            Some(ZLossTarget {
+                coefficient: 1e-3,
+                workspace: &mut b.z_workspace,
+                loss: &mut b.z_loss,
+            }),
+        ),
         _ => router::bias_update(device, 1e-3, &b.counts, &mut b.bias),
     }
     .unwrap()
@@ -246,6 +274,10 @@ fn reference_op(op: &str, c: &RouterConfig, z: &[f32], ids: &[i32], weights: &[f
         "aux_loss_backward" => reference::aux_loss_backward(c, &aux, z, ids, &mut vec![0.0; z.len()]),
         "z_loss" => drop(reference::z_loss(c.experts, 1e-3, z)),
         "z_loss_backward" => reference::z_loss_backward(c.experts, 1e-3, z, &mut vec![0.0; z.len()]),
+        "losses" => drop((
+            reference::aux_loss(c, &aux, z, ids),
+            reference::z_loss(c.experts, 1e-3, z),
+        )),
         _ => drop(reference::bias_update(
             1e-3,
             &reference::expert_counts(c.experts, ids),
@@ -264,6 +296,7 @@ fn floor(op: &str, c: &RouterConfig, tokens: usize) -> Floor {
         "aux_loss_backward" => aux_backward_floor(c, tokens),
         "z_loss" => z_loss_floor(c, tokens),
         "z_loss_backward" => z_backward_floor(c, tokens),
+        "losses" => losses_floor(c, tokens),
         _ => bias_update_floor(c),
     }
 }

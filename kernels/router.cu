@@ -13,10 +13,10 @@
 //   router_select_backward_f32                     dz from d(weights), one warp per row
 //   router_expert_statistics_f32                   per (segment, expert) counts, per-chunk weight sums
 //   router_sum_chunks_f32                          adds per-chunk partial sums in chunk order
-//   router_row_logsumexp_f32                       per-row LSE (NaN for non-finite rows)
-//   router_prob_sums_f32                           per (segment, chunk, expert) sums of probabilities
-//   router_aux_loss_f32 / _backward_f32            Switch load-balancing loss, token or sequence level
-//   router_z_loss_f32 / _backward_f32              ST-MoE router z-loss
+//   router_losses_f32                              Switch load-balancing loss (token or sequence
+//                                                  level) and ST-MoE router z-loss, one launch
+//   router_aux_loss_backward_f32                   their gradients, added into dz
+//   router_z_loss_backward_f32
 //   router_bias_update_f32                         DeepSeek-V3 b += gamma * sign(mean(c) - c)
 #include "dispatch_map.cuh"
 #include "router_select.cuh"
@@ -238,52 +238,13 @@ extern "C" __global__ void router_sum_chunks_f32(const float* partials, int chun
 }
 EMU_EXPORT(router_sum_chunks_f32)
 
-// router_row_logsumexp_f32: lse[t] = max + log(sum exp(z - max)) of row t, NaN for a non-finite row.
-// Launch: grid ceil(T / 4), block 128. Traffic: z read twice (second pass L1-hot), lse written once.
-extern "C" __global__ void router_row_logsumexp_f32(const float* z, long long T, int E, float* lse) {
-  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
-  if (row >= T) return;
-  const RowSoftmax stats = row_softmax_global(z + row * E, E, E % 4 == 0 && aligned_16(z));
-  if (threadIdx.x % kWarp == 0) lse[row] = stats.nonfinite ? __uint_as_float(kQuietNaN) : stats.max + logf(stats.sum);
-}
-EMU_EXPORT(router_row_logsumexp_f32)
-
-// router_prob_sums_f32: prob_sums[s, c, e] = sum over the rows t of chunk c of segment s of
-// exp(z[t, e] - lse[t]) (rows with a NaN lse, the non-finite ones, add nothing); the aux loss
-// adds the chunks in order. The blocks of the first expert slice also write live[s, c], the rows
-// of the chunk with a finite lse: the aux loss averages over those, not over every row.
-// Mapping: warp w takes rows w, w + 8, ... of the chunk; lane l reads column 32*blockIdx.x + l
-//   (a 128-byte coalesced row piece). Traffic: z read once, lse read ceil(E/32) times.
-// Launch: grid (ceil(E / 32), segments, chunks per segment), block 256.
-extern "C" __global__ void router_prob_sums_f32(const float* z, const float* lse, long long tokens_per_segment,
-                                                long long tokens_per_chunk, int E, float* prob_sums, int* live) {
-  __shared__ float partials[kSliceWarps][kWarp];
-  __shared__ int live_partials[kSliceWarps][kWarp];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int expert = blockIdx.x * kWarp + lane;
-  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
-  float sum = 0.0f;
-  int rows = 0;
-  for (i64 t = chunk.first + warp; t < chunk.end; t += kSliceWarps) {
-    const float row_lse = lse[t];
-    rows += row_lse == row_lse;
-    if (expert < E && row_lse == row_lse) sum += expf(z[t * E + expert] - row_lse);
-  }
-  const float total = sum_warp_partials(partials, sum);
-  const int live_rows = sum_warp_partials(live_partials, rows);
-  const i64 chunk_index = i64(blockIdx.y) * gridDim.z + blockIdx.z;
-  if (warp == 0 && expert < E) prob_sums[chunk_index * E + expert] = total;
-  if (blockIdx.x == 0 && threadIdx.x == 0) live[chunk_index] = live_rows;
-}
-EMU_EXPORT(router_prob_sums_f32)
-
 // ------------------------------------------------------------------------------------------
-// Loss values: one block of 256 threads sums n terms (thread-strided, then a shared-memory tree
-// in a fixed order) and writes coefficient * sum to loss[0].
+// Loss values. Block sums take 256 threads' values through a shared-memory tree in a fixed order.
 constexpr int kLossThreads = 256;
 
 template <typename T>
 __device__ __forceinline__ T block_sum(T v, T* scratch) {
+  __syncthreads();  // scratch may still be read by a previous block_sum
   scratch[threadIdx.x] = v;
   __syncthreads();
   for (int stride = kLossThreads / 2; stride > 0; stride >>= 1) {
@@ -301,59 +262,142 @@ __device__ __forceinline__ float aux_coefficient(double scale, int live) {
   return live == 0 ? 0.0f : float(scale / (double(live) * double(live)));
 }
 
-// router_aux_loss_f32: live[s] = sum_c live_chunks[s, c] (the rows of segment s routed
-// somewhere), then loss = sum_{s,e} aux_coefficient(s) * counts[s, e] * sum_c prob_sums[s, c, e]
-// (chunks c in order). Thread i takes the segments i, i + 256, ..., then the (s, e) pairs
-// i, i + 256, ... Launch: grid 1, block 256.
-extern "C" __global__ void router_aux_loss_f32(const int* counts, const float* prob_sums, const int* live_chunks,
-                                               long long segments, int chunks, int E, double scale, int* live,
-                                               float* loss) {
-  __shared__ float scratch[kLossThreads];
-  for (i64 s = threadIdx.x; s < segments; s += kLossThreads) {
-    int rows = 0;
-    for (int c = 0; c < chunks; ++c) rows += live_chunks[s * chunks + c];
-    live[s] = rows;
-  }
-  __syncthreads();
-  float partial = 0.0f;
-  for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
-    const i64 s = i / E, e = i % E;
-    float prob = 0.0f;
-    for (int c = 0; c < chunks; ++c) prob += prob_sums[(s * chunks + c) * E + e];
-    partial += aux_coefficient(scale, live[s]) * float(counts[i]) * prob;
-  }
-  const float total = block_sum(partial, scratch);
-  if (threadIdx.x == 0) loss[0] = total;
-}
-EMU_EXPORT(router_aux_loss_f32)
-
 // The z-loss factor c / live (f32, as c / T would be for a batch without its rows routed
 // nowhere), times `times`; 0 for a batch with no live row.
 __device__ __forceinline__ float z_coefficient(float coefficient, float times, int live) {
   return live == 0 ? 0.0f : times * coefficient / float(live);
 }
 
-// router_z_loss_f32: live[0] = the rows with a finite lse, loss = c / live[0] * sum_t lse[t]^2
-// over them. Launch: grid 1, block 256.
-extern "C" __global__ void router_z_loss_f32(const float* lse, long long T, float coefficient, int* live,
-                                             float* loss) {
-  __shared__ float scratch[kLossThreads];
-  __shared__ int live_scratch[kLossThreads];
-  float partial = 0.0f;
-  int rows = 0;
-  for (i64 t = threadIdx.x; t < T; t += kLossThreads)
-    if (lse[t] == lse[t]) {
-      partial += lse[t] * lse[t];
-      ++rows;
+// router_losses_f32: the Switch aux loss (token or sequence level), the z-loss, or both, from the
+// logits z [T, E] (and, for the aux loss, the ids [T, k] selected from them) in one launch.
+// Algorithm: block (s, c) = (blockIdx.y, blockIdx.z) owns chunk c of segment s (token_chunk).
+//   1. Rows (warp w: rows w, w + 8, ... of the chunk): lse = max + log(sum exp(z - max)), NaN for a
+//      non-finite row, into row_lse[t] (and row_lse_copy[t]). The warp keeps its count of finite
+//      rows and the sum of their lse^2; the block adds the warps in warp order into chunk_live
+//      and chunk_lse_squares [S, C]. With ids, the chunk's slots go into a shared histogram
+//      (integer atomics: exact in any order; ids outside [0, E) count nowhere).
+//   2. Columns (thread i: experts i, i + 256, ...): chunk_prob_sums[s, c, e] = the sum over the
+//      chunk's finite rows, in row order, of exp(z[t, e] - lse[t]); chunk_counts[s, c, e] = the
+//      histogram.
+//   3. The last block to arrive (ticket; it resets it) adds the chunks in chunk order:
+//      live_rows[s] and counts[s, e]; aux_loss = sum_{s, e} aux_coefficient(s) counts[s, e]
+//      P[s, e] with P the chunks' prob sums; z_live = the finite rows of the batch and z_loss =
+//      z_coefficient(z_live) * the sum of the chunks' lse^2 (thread-strided, then block_sum).
+//   Every sum has a fixed order: the same inputs give the same bits.
+// Traffic: z read once from memory (pass 2 re-reads the chunk from cache; a chunk of 64 rows at
+//   E = 256 is 64 KiB), ids read once, row_lse written once (read back from cache); 2 E values
+//   per chunk written, and read once by the last block, whose serial chunk sums (<= 1024 chunks
+//   a segment) are the launch's tail.
+// Launch: grid (1, segments, chunks per segment), block 256, dynamic shared E ints when ids is not
+//   null (else 0). ids null: no aux loss (chunk_counts, chunk_prob_sums, counts, live_rows and
+//   aux_loss are null too). z_loss null: no z-loss (z_live null). ticket: one int, zero.
+extern "C" __global__ void router_losses_f32(const float* z, const int* ids, long long tokens_per_segment,
+                                             long long tokens_per_chunk, int E, int k, float* row_lse,
+                                             float* row_lse_copy, int* chunk_live, float* chunk_lse_squares,
+                                             int* chunk_counts, float* chunk_prob_sums, int* ticket,
+                                             double aux_scale, int* counts, int* live_rows, float* aux_loss,
+                                             float z_loss_coefficient, int* z_live, float* z_loss) {
+  __shared__ float warp_squares[kSliceWarps];
+  __shared__ int warp_live[kSliceWarps];
+  __shared__ float float_scratch[kLossThreads];
+  __shared__ int int_scratch[kLossThreads];
+  __shared__ int last_block;
+  DYN_SHARED(int, histogram);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
+  const i64 chunk_index = i64(blockIdx.y) * gridDim.z + blockIdx.z;
+  if (ids) {
+    for (int e = threadIdx.x; e < E; e += kLossThreads) histogram[e] = 0;
+    __syncthreads();
+    for (i64 slot = chunk.first * k + threadIdx.x; slot < chunk.end * k; slot += kLossThreads) {
+      const int id = ids[slot];
+      if (id >= 0 && id < E) atomicAdd(&histogram[id], 1);
     }
-  const float total = block_sum(partial, scratch);
-  const int live_rows = block_sum(rows, live_scratch);
+  }
+  // 1. Rows.
+  const bool vec = E % 4 == 0 && aligned_16(z);
+  float squares = 0.0f;
+  int live = 0;
+  for (i64 t = chunk.first + warp; t < chunk.end; t += kSliceWarps) {
+    const RowSoftmax stats = row_softmax_global(z + t * E, E, vec);
+    const float lse = stats.nonfinite ? __uint_as_float(kQuietNaN) : stats.max + logf(stats.sum);
+    if (lane == 0) {
+      row_lse[t] = lse;
+      if (row_lse_copy) row_lse_copy[t] = lse;
+    }
+    if (!stats.nonfinite) {
+      squares += lse * lse;
+      ++live;
+    }
+  }
+  if (lane == 0) {
+    warp_squares[warp] = squares;
+    warp_live[warp] = live;
+  }
+  __syncthreads();  // also makes this block's row_lse visible to all its threads
   if (threadIdx.x == 0) {
-    live[0] = live_rows;
-    loss[0] = z_coefficient(coefficient, 1.0f, live_rows) * total;
+    float chunk_squares = 0.0f;
+    int chunk_rows = 0;
+    for (int w = 0; w < kSliceWarps; ++w) {
+      chunk_squares += warp_squares[w];
+      chunk_rows += warp_live[w];
+    }
+    chunk_lse_squares[chunk_index] = chunk_squares;
+    chunk_live[chunk_index] = chunk_rows;
+  }
+  // 2. Columns.
+  if (ids)
+    for (int e = threadIdx.x; e < E; e += kLossThreads) {
+      float sum = 0.0f;
+      for (i64 t = chunk.first; t < chunk.end; ++t) {
+        const float lse = row_lse[t];
+        if (lse == lse) sum += expf(z[t * E + e] - lse);
+      }
+      chunk_prob_sums[chunk_index * E + e] = sum;
+      chunk_counts[chunk_index * E + e] = histogram[e];
+    }
+  // 3. The last block.
+  const i64 segments = gridDim.y, chunks = gridDim.z;
+  if (!last_to_arrive(ticket, int(segments * chunks), &last_block)) return;
+  if (threadIdx.x == 0) *ticket = 0;
+  if (ids) {
+    for (i64 s = threadIdx.x; s < segments; s += kLossThreads) {
+      int rows = 0;
+      for (i64 c = 0; c < chunks; ++c) rows += chunk_live[s * chunks + c];
+      live_rows[s] = rows;
+    }
+    __syncthreads();
+    float partial = 0.0f;
+    for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
+      const i64 s = i / E, e = i % E;
+      int count = 0;
+      float prob = 0.0f;
+      for (i64 c = 0; c < chunks; ++c) {
+        count += chunk_counts[(s * chunks + c) * E + e];
+        prob += chunk_prob_sums[(s * chunks + c) * E + e];
+      }
+      counts[i] = count;
+      partial += aux_coefficient(aux_scale, live_rows[s]) * float(count) * prob;
+    }
+    const float total = block_sum(partial, float_scratch);
+    if (threadIdx.x == 0) aux_loss[0] = total;
+  }
+  if (z_loss) {
+    float partial = 0.0f;
+    int rows = 0;
+    for (i64 i = threadIdx.x; i < segments * chunks; i += kLossThreads) {
+      partial += chunk_lse_squares[i];
+      rows += chunk_live[i];
+    }
+    const float total = block_sum(partial, float_scratch);
+    const int total_rows = block_sum(rows, int_scratch);
+    if (threadIdx.x == 0) {
+      z_live[0] = total_rows;
+      z_loss[0] = z_coefficient(z_loss_coefficient, 1.0f, total_rows) * total;
+    }
   }
 }
-EMU_EXPORT(router_z_loss_f32)
+EMU_EXPORT(router_losses_f32)
 
 // ------------------------------------------------------------------------------------------
 // Loss gradients, added into dz. Both are a dense softmax backward of a per-row g = dL/dp:

@@ -9,7 +9,8 @@ use moe_kernels::device::EmulatorDevice;
 use moe_kernels::device::profile::{Access, Space};
 use moe_kernels::ops::dispatch::{CountedMap, MapConfig, RoutingMap};
 use moe_kernels::ops::router::{
-    self, AuxLossConfig, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder, ZLossWorkspace,
+    self, AuxLossConfig, AuxLossTarget, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectionOrder, ZLossTarget,
+    ZLossWorkspace,
 };
 use moe_kernels::reference::router as reference;
 use moe_kernels::{Device, DeviceBuffer, Error};
@@ -797,7 +798,7 @@ proptest! {
             router::aux_loss(&device, &router, &aux, &z, &d_ids, &mut workspace, &mut loss).unwrap();
             router::aux_loss_backward(&device, &router, &aux, &z, &workspace, &mut dz).unwrap();
             let after = device.stats();
-            prop_assert_eq!(after.launches - before.launches, 5, "aux loss: 4 launches, backward: 1");
+            prop_assert_eq!(after.launches - before.launches, 2, "aux loss: 1 launch, backward: 1");
             prop_assert_eq!(after.host_syncs, before.host_syncs);
             // A scalar: relative error of f32 sums, not an absolute one growing with T * E.
             let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
@@ -829,11 +830,89 @@ proptest! {
             router::z_loss(&device, &router, coefficient, &z, &mut workspace, &mut loss).unwrap();
             router::z_loss_backward(&device, &router, coefficient, &z, &workspace, &mut dz).unwrap();
             let after = device.stats();
-            prop_assert_eq!(after.launches - before.launches, 3, "z-loss: 2 launches, backward: 1");
+            prop_assert_eq!(after.launches - before.launches, 2, "z-loss: 1 launch, backward: 1");
             prop_assert_eq!(after.host_syncs, before.host_syncs);
             let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
             assert_close("z-loss", &device.download(&loss).unwrap(), &[want_loss], tol);
             assert_close("dz + z-loss grad", &device.download(&dz).unwrap(), &want_dz, Tolerance::F32.over(experts));
+        }
+    }
+
+    /// `router::losses` with both targets is one launch whose aux loss, z-loss, counts, row LSEs
+    /// and live rows match the references, have the bits of the single-loss calls (the z-loss's
+    /// only at token level: a sequence-level aux loss chunks the rows per sequence), and the same
+    /// bits when run again (the grid's ticket was reset); their backward passes are unchanged.
+    #[test]
+    fn losses_in_one_launch_match_the_single_loss_calls(
+        experts in prop::sample::select(vec![3usize, 60, 256]),
+        segments in 0usize..=3,
+        segment_len in prop::sample::select(vec![1usize, 9, 70]),
+        sequence_level in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let mut rng = Rng::new(seed);
+        let router = RouterConfig { experts, k: 1 + rng.below(experts.min(4)), ..RouterConfig::default() };
+        let tokens = segments * segment_len;
+        let aux = AuxLossConfig { alpha: 0.02, sequence_length: sequence_level.then_some(segment_len) };
+        let coefficient = 1e-3;
+        let logits = random_logits(&mut rng, &router, tokens, Rows::WithSpecials);
+        let ids = reference::select(&router, &logits, None).ids;
+        let want = [reference::aux_loss(&router, &aux, &logits, &ids), reference::z_loss(experts, coefficient, &logits)];
+        let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for device in devices() {
+            let (z, d_ids) = (device.upload(&logits).unwrap(), device.upload(&ids).unwrap());
+            // The single-loss calls.
+            let mut aux_alone = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
+            let mut z_alone = ZLossWorkspace::new(&device, tokens).unwrap();
+            let mut single = [device.alloc_zeros::<f32>(1).unwrap(), device.alloc_zeros::<f32>(1).unwrap()];
+            router::aux_loss(&device, &router, &aux, &z, &d_ids, &mut aux_alone, &mut single[0]).unwrap();
+            router::z_loss(&device, &router, coefficient, &z, &mut z_alone, &mut single[1]).unwrap();
+            // Both in one launch, twice, the losses reset to NaN in between.
+            let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
+            let mut z_ws = ZLossWorkspace::new(&device, tokens).unwrap();
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut aux_loss = device.upload(&[f32::NAN]).unwrap();
+                let mut z_loss = device.upload(&[f32::NAN]).unwrap();
+                let before = device.stats();
+                router::losses(
+                    &device,
+                    &router,
+                    &z,
+                    Some(AuxLossTarget { config: &aux, ids: &d_ids, workspace: &mut aux_ws, loss: &mut aux_loss }),
+                    Some(ZLossTarget { coefficient, workspace: &mut z_ws, loss: &mut z_loss }),
+                )
+                .unwrap();
+                let after = device.stats();
+                prop_assert_eq!(after.launches - before.launches, 1);
+                prop_assert_eq!((after.host_syncs, after.memsets), (before.host_syncs, before.memsets));
+                runs.push([device.download(&aux_loss).unwrap()[0], device.download(&z_loss).unwrap()[0]]);
+            }
+            prop_assert_eq!(runs[0].map(f32::to_bits), runs[1].map(f32::to_bits), "a second launch differs");
+            let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
+            assert_close("aux loss, z-loss", &runs[0], &want, tol);
+            prop_assert_eq!(runs[0][0].to_bits(), device.download(&single[0]).unwrap()[0].to_bits(), "aux loss bits");
+            if !sequence_level {
+                prop_assert_eq!(runs[0][1].to_bits(), device.download(&single[1]).unwrap()[0].to_bits(), "z-loss bits");
+            }
+            // What the backward passes read.
+            prop_assert_eq!(device.download(aux_ws.counts()).unwrap(), device.download(aux_alone.counts()).unwrap());
+            prop_assert_eq!(device.download(aux_ws.live_rows()).unwrap(), device.download(aux_alone.live_rows()).unwrap());
+            prop_assert_eq!(device.download(z_ws.live_rows()).unwrap(), device.download(z_alone.live_rows()).unwrap());
+            prop_assert_eq!(bits(device.download(z_ws.row_lse()).unwrap()), bits(device.download(z_alone.row_lse()).unwrap()));
+            let live: i32 = logits.chunks(experts).filter(|row| reference::row_logsumexp(row).is_some()).count() as i32;
+            prop_assert_eq!(device.download(z_ws.live_rows()).unwrap(), vec![live]);
+            // Asking for neither launches nothing.
+            let before = device.stats().launches;
+            router::losses(
+                &device,
+                &router,
+                &z,
+                None::<AuxLossTarget<'_, DeviceBuffer<i32>, DeviceBuffer<f32>>>,
+                None::<ZLossTarget<'_, DeviceBuffer<f32>>>,
+            )
+            .unwrap();
+            prop_assert_eq!(device.stats().launches, before);
         }
     }
 }
@@ -1019,6 +1098,47 @@ fn balance_ops_reject_bad_arguments_before_launching() {
             router::z_loss_backward(&device, &router, 0.1, &buf(30), &lse, &mut buf(30)),
             "logits",
         );
+        // With both targets, either one's bad argument is refused before the launch.
+        let mut small = ZLossWorkspace::new(&device, 3).unwrap();
+        let (mut aux_loss, mut z_loss) = (buf(1), buf(1));
+        assert_invalid(
+            router::losses(
+                &device,
+                &router,
+                &z,
+                Some(AuxLossTarget {
+                    config: &aux,
+                    ids: &ids,
+                    workspace: &mut ws,
+                    loss: &mut aux_loss,
+                }),
+                Some(ZLossTarget {
+                    coefficient: 0.1,
+                    workspace: &mut small,
+                    loss: &mut z_loss,
+                }),
+            ),
+            "workspace",
+        );
+        assert_invalid(
+            router::losses(
+                &device,
+                &router,
+                &z,
+                Some(AuxLossTarget {
+                    config: &aux,
+                    ids: &ids,
+                    workspace: &mut ws,
+                    loss: &mut buf(2),
+                }),
+                Some(ZLossTarget {
+                    coefficient: 0.1,
+                    workspace: &mut lse,
+                    loss: &mut z_loss,
+                }),
+            ),
+            "loss",
+        );
 
         assert_invalid(router::bias_update(&device, f32::NAN, &ibuf(8), &mut buf(8)), "gamma");
         assert_invalid(router::bias_update(&device, 1e-3, &ibuf(7), &mut buf(8)), "counts");
@@ -1147,6 +1267,82 @@ fn select_and_backward_touch_only_their_floor_bytes() {
         "{}",
         p.global_load_redundancy()
     );
+}
+
+/// In the profiling build: `router::losses` with both targets reads z and the ids once from
+/// memory, and beyond them only its own row LSEs and per-chunk partials (once each), and every
+/// full-warp load is coalesced (16-byte row loads at 16 sectors a request, 4-byte column loads
+/// at 4).
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn losses_read_z_and_ids_once() {
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let (tokens, e, k, chunks) = (256u64, 64u64, 4u64, 4u64);
+    let router = RouterConfig {
+        experts: e as usize,
+        k: k as usize,
+        ..RouterConfig::default()
+    };
+    let aux = AuxLossConfig::default();
+    let mut rng = Rng::new(23);
+    let logits = random_logits(&mut rng, &router, tokens as usize, Rows::Finite);
+    let ids = reference::select(&router, &logits, None).ids;
+    let (z, d_ids) = (device.upload(&logits).unwrap(), device.upload(&ids).unwrap());
+    let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens as usize).unwrap();
+    let mut z_ws = ZLossWorkspace::new(&device, tokens as usize).unwrap();
+    let (mut aux_loss, mut z_loss) = (device.alloc_zeros(1).unwrap(), device.alloc_zeros(1).unwrap());
+    router::losses(
+        &device,
+        &router,
+        &z,
+        Some(AuxLossTarget {
+            config: &aux,
+            ids: &d_ids,
+            workspace: &mut aux_ws,
+            loss: &mut aux_loss,
+        }),
+        Some(ZLossTarget {
+            coefficient: 1e-3,
+            workspace: &mut z_ws,
+            loss: &mut z_loss,
+        }),
+    )
+    .unwrap();
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    assert_eq!(p.kernel, "router_losses_f32");
+    assert_eq!(p.config.grid, (1, 1, chunks as u32), "64 rows a chunk");
+    // Per chunk: its finite rows and their LSE^2 sum, then E counts and E probability sums.
+    let partials = 4 * chunks * (2 + 2 * e);
+    let (ticket, live_rows) = (4, 4);
+    assert_eq!(
+        p.unique_global_load_bytes,
+        4 * tokens * e + 4 * tokens * k + 4 * tokens + partials + ticket + live_rows,
+        "z, ids, the row LSEs read back, the partials, the ticket, live rows"
+    );
+    let results = 4 * e + live_rows + 4 + 4 + 4;
+    assert_eq!(
+        p.unique_global_store_bytes,
+        2 * 4 * tokens + partials + ticket + results,
+        "row LSEs (both workspaces), partials, ticket, counts, live rows, both losses and z's live rows"
+    );
+    let full_warp_loads: Vec<_> = p
+        .sites
+        .iter()
+        .filter(|s| s.space == Space::Global && s.access == Access::Load)
+        .filter(|s| s.traffic.lane_accesses == 32 * s.traffic.requests)
+        .collect();
+    assert!(full_warp_loads.len() >= 3, "{full_warp_loads:?}");
+    for site in full_warp_loads {
+        assert!(
+            32 * site.traffic.sectors <= site.traffic.bytes,
+            "uncoalesced: {:?}",
+            site.traffic
+        );
+    }
 }
 
 /// The near-tie acceptance of `check_selection` is not vacuous: swapping two keys that differ
@@ -1364,7 +1560,7 @@ mod unaligned {
                         before.host_syncs,
                         "a router op synced the host"
                     );
-                    assert_eq!(device.stats().launches - before.launches, 2 + 3 + 5, "launches");
+                    assert_eq!(device.stats().launches - before.launches, 2 + 2 + 2, "launches");
 
                     assert_eq!(counts.download(&device), want_counts, "E={experts} T={tokens} counts");
                     let tol = Tolerance::F32.over(tokens * router.k);

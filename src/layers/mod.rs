@@ -14,7 +14,7 @@
 //! launch (`gate::route`) above T = 64 in f16/bf16 with E <= 128: **5**; and at T <= 64 with
 //! E <= 512 (any dtype) the same launch places the map too: **4**. The codebook router takes code norms and nearest code in
 //! place of scores and selection, then the whole `routing_map`: 6 up to T·k = 4096, 7 past it.
-//! Shared experts add 2, the aux loss 4, the z-loss 2; capacity needs the map's priority pass
+//! Shared experts add 2, the router losses 1 (aux and z together: `router::losses`); capacity needs the map's priority pass
 //! first, so selection and `routing_map` run apart (6 up to T·k = 4096, 9 past it). Backward: 10
 //! for the linear router (combine⁻¹, GEMM2 dgrad + SwiGLU⁻¹, dW2, GEMM1 dgrad, dW1, select⁻¹,
 //! gate dX + dW + db, the sum into dx), +1 per loss, +5 with shared experts; quadratic gates add

@@ -37,7 +37,7 @@ use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
 use crate::ops::dispatch::{self, CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
 use crate::ops::gate;
 use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups, WgradWrite};
-use crate::ops::router::{self, AuxLossWorkspace};
+use crate::ops::router::{self, AuxLossTarget, AuxLossWorkspace, ZLossTarget};
 use crate::ops::{FloatElement, check_len};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
@@ -371,24 +371,34 @@ impl<T: FloatElement> Pass<'_, T> {
         Ok(true)
     }
 
-    /// The aux loss (4 launches) and the z-loss (2 launches), each when its coefficient is set;
-    /// whether any ran.
+    /// The aux loss and the z-loss, each when its coefficient is set, in one launch
+    /// (`router::losses`); whether any ran.
     fn losses(&mut self, saved: &mut Saved<T>, s: &Sizes) -> Result<bool> {
         let (device, config) = (self.device, self.config);
         let router_config = config.router_config();
         let z = prefix("z", &saved.z, s.tokens * s.experts)?;
-        if let Some(aux) = config.aux_config() {
+        let ids = prefix("ids", &saved.ids, s.slots)?;
+        let aux_config = config.aux_config();
+        if let Some(aux) = &aux_config {
             if saved.aux.as_ref().is_none_or(|(tokens, _)| *tokens != s.tokens) {
-                saved.aux = Some((s.tokens, AuxLossWorkspace::new(device, &router_config, &aux, s.tokens)?));
+                saved.aux = Some((s.tokens, AuxLossWorkspace::new(device, &router_config, aux, s.tokens)?));
             }
-            let (_, workspace) = saved.aux.as_mut().expect("allocated above");
-            let ids = prefix("ids", &saved.ids, s.slots)?;
-            router::aux_loss(device, &router_config, &aux, &z, &ids, workspace, &mut saved.aux_loss)?;
         }
-        if config.z_loss > 0.0 {
-            let workspace = &mut saved.z_workspace;
-            router::z_loss(device, &router_config, config.z_loss, &z, workspace, &mut saved.z_loss)?;
-        }
+        let aux = match (&aux_config, saved.aux.as_mut()) {
+            (Some(config), Some((_, workspace))) => Some(AuxLossTarget {
+                config,
+                ids: &ids,
+                workspace,
+                loss: &mut saved.aux_loss,
+            }),
+            _ => None,
+        };
+        let z_loss = (config.z_loss > 0.0).then_some(ZLossTarget {
+            coefficient: config.z_loss,
+            workspace: &mut saved.z_workspace,
+            loss: &mut saved.z_loss,
+        });
+        router::losses(device, &router_config, &z, aux, z_loss)?;
         Ok(config.aux_config().is_some() || config.z_loss > 0.0)
     }
 }

@@ -206,15 +206,35 @@ impl AuxLossConfig {
     }
 }
 
+/// Per-chunk partial results of one [`losses`] launch, which its last block adds in chunk order:
+/// the rows with a finite log-sum-exp and the sum of their squared LSEs `[S, chunks]`, and the
+/// grid's arrival ticket (zero between launches: the last block resets it).
+struct ChunkPartials {
+    live: DeviceBuffer<i32>,
+    lse_squares: DeviceBuffer<f32>,
+    ticket: DeviceBuffer<i32>,
+}
+
+impl ChunkPartials {
+    fn new(device: &Device, chunks: usize) -> Result<Self> {
+        Ok(Self {
+            live: device.alloc_zeros(chunks)?,
+            lse_squares: device.alloc_zeros(chunks)?,
+            ticket: device.alloc_zeros(1)?,
+        })
+    }
+}
+
 /// What [`aux_loss`] keeps for [`aux_loss_backward`]: per-row log-sum-exp `[T]`, per-sequence
-/// counts `[S, E]`, the probability sums of each chunk of tokens `[S, chunks, E]`, and the
-/// tokens routed somewhere per chunk `[S, chunks]` and per sequence `[S]`.
+/// counts `[S, E]` and the tokens routed somewhere per sequence `[S]`; and the per-chunk partials
+/// its launch adds up: counts and probability sums `[S, chunks, E]`, and [`ChunkPartials`].
 pub struct AuxLossWorkspace {
     row_lse: DeviceBuffer<f32>,
     counts: DeviceBuffer<i32>,
-    prob_sums: DeviceBuffer<f32>,
-    live_chunks: DeviceBuffer<i32>,
     live_rows: DeviceBuffer<i32>,
+    chunk_counts: DeviceBuffer<i32>,
+    prob_sums: DeviceBuffer<f32>,
+    partials: ChunkPartials,
     tokens: usize,
     experts: usize,
     segments: usize,
@@ -232,9 +252,10 @@ impl AuxLossWorkspace {
         Ok(Self {
             row_lse: device.alloc_zeros(tokens)?,
             counts: device.alloc_zeros(per_segment)?,
-            prob_sums: device.alloc_zeros(per_chunk)?,
-            live_chunks: device.alloc_zeros(chunks)?,
             live_rows: device.alloc_zeros(segments)?,
+            chunk_counts: device.alloc_zeros(per_chunk)?,
+            prob_sums: device.alloc_zeros(per_chunk)?,
+            partials: ChunkPartials::new(device, chunks)?,
             tokens,
             experts: router.experts,
             segments,
@@ -286,78 +307,163 @@ fn check_aux_inputs(
     Ok(tokens)
 }
 
-/// The per-row log-sum-exp `[T]` (NaN for non-finite rows).
-fn launch_row_lse(
+/// The aux loss of one [`losses`] launch: its config, the `[T, k]` ids selected from the logits,
+/// the workspace [`aux_loss_backward`] reads, and the `[1]` buffer the loss lands in.
+pub struct AuxLossTarget<'a, I, L> {
+    pub config: &'a AuxLossConfig,
+    pub ids: &'a I,
+    pub workspace: &'a mut AuxLossWorkspace,
+    pub loss: &'a mut L,
+}
+
+/// The z-loss of one [`losses`] launch: its coefficient, the workspace [`z_loss_backward`]
+/// reads, and the `[1]` buffer the loss lands in.
+pub struct ZLossTarget<'a, L> {
+    pub coefficient: f32,
+    pub workspace: &'a mut ZLossWorkspace,
+    pub loss: &'a mut L,
+}
+
+/// The aux loss, the z-loss or both of `logits` `[T, E]` in **one launch** (`router_losses_f32`):
+/// each row's log-sum-exp is taken once for both, the counts come from the ids in the same pass,
+/// and the launch's last block adds every per-chunk partial in a fixed order and writes the
+/// losses. Each target's workspace is filled for its backward. With neither target it launches
+/// nothing. No host sync.
+///
+/// Results: [`aux_loss`]'s and [`z_loss`]'s definitions; a non-finite row of logits adds to no
+/// count, no mean and no sum. Each loss has the bits of its call alone, except the z-loss beside a
+/// sequence-level aux loss: the launch then splits the rows into chunks per sequence, so the
+/// z-loss's sum takes another (still fixed) order.
+pub fn losses<I, LA, LZ>(
     device: &Device,
     router: &RouterConfig,
     logits: &impl DeviceSlice<f32>,
-    row_lse: &mut impl DeviceSliceMut<f32>,
-) -> Result<()> {
-    let tokens = logits.len() / router.experts;
-    // Matches the kernel's parameters, in order: router_row_logsumexp_f32(z, T, E, lse).
+    aux: Option<AuxLossTarget<'_, I, LA>>,
+    z: Option<ZLossTarget<'_, LZ>>,
+) -> Result<()>
+where
+    I: DeviceSlice<i32>,
+    LA: DeviceSliceMut<f32>,
+    LZ: DeviceSliceMut<f32>,
+{
+    let tokens = router.validate().and_then(|()| router.tokens(logits))?;
+    if let Some(a) = &aux {
+        check_aux_inputs(router, a.config, logits, Some(a.ids))?;
+        a.workspace.check(router, a.config, tokens)?;
+        check_len("loss", &*a.loss, 1, || "[1]".into())?;
+    }
+    if let Some(z) = &z {
+        check_z_loss(router, z.coefficient, logits, z.workspace)?;
+        check_len("loss", &*z.loss, 1, || "[1]".into())?;
+    }
+    if aux.is_none() && z.is_none() {
+        return Ok(());
+    }
+    let (segments, len) = aux.as_ref().map_or((1, tokens), |a| a.config.segments(tokens));
+    let (chunks, tokens_per_chunk) = chunking(len);
+    let scale = aux.as_ref().map_or(0.0, |a| a.config.scale(router, tokens));
+    let (mut ids, mut aux_lse, mut aux_partials, mut aux_outputs) = (None, None, None, None);
+    if let Some(AuxLossTarget {
+        ids: i,
+        workspace,
+        loss,
+        ..
+    }) = aux
+    {
+        let AuxLossWorkspace {
+            row_lse,
+            counts,
+            live_rows,
+            chunk_counts,
+            prob_sums,
+            partials,
+            ..
+        } = workspace;
+        (ids, aux_lse, aux_partials) = (Some(i), Some(row_lse), Some(partials));
+        aux_outputs = Some((chunk_counts, prob_sums, counts, live_rows, loss));
+    }
+    let (chunk_counts, prob_sums, counts, live_rows, aux_loss) = match aux_outputs {
+        Some((c, p, n, l, loss)) => (Some(c), Some(p), Some(n), Some(l), Some(loss)),
+        None => (None, None, None, None, None),
+    };
+    let coefficient = z.as_ref().map_or(0.0, |z| z.coefficient);
+    let (z_lse, z_partials, z_live, z_loss) = match z {
+        Some(ZLossTarget {
+            workspace:
+                ZLossWorkspace {
+                    row_lse,
+                    live_rows,
+                    partials,
+                },
+            loss,
+            ..
+        }) => (Some(row_lse), Some(partials), Some(live_rows), Some(loss)),
+        None => (None, None, None, None),
+    };
+    // The aux loss's buffers when it is asked for (its chunking), the z-loss's otherwise.
+    let (row_lse, row_lse_copy) = match aux_lse {
+        Some(lse) => (lse, z_lse),
+        None => (z_lse.expect("a target is present"), None),
+    };
+    let partials = aux_partials.or(z_partials).expect("a target is present");
+    // Matches the kernel's parameters, in order: router_losses_f32(z, ids, tokens_per_segment,
+    // tokens_per_chunk, E, k, row_lse, row_lse_copy, chunk_live, chunk_lse_squares, chunk_counts,
+    // chunk_prob_sums, ticket, aux_scale, counts, live_rows, aux_loss, z_coefficient, z_live, z_loss).
     let args = KernelArgs::new(device)
         .input("logits", logits)
-        .scalar(tokens as i64)
+        .input_or_null("ids", ids)
+        .scalar(len as i64)
+        .scalar(tokens_per_chunk as i64)
         .scalar(router.experts as i32)
-        .output("row_lse", row_lse);
-    device.launch("router_row_logsumexp_f32", row_launch(tokens)?, args)
+        .scalar(router.k as i32)
+        .output("workspace", row_lse)
+        .output_or_null("workspace", row_lse_copy)
+        .output("workspace", &mut partials.live)
+        .output("workspace", &mut partials.lse_squares)
+        .output_or_null("workspace", chunk_counts)
+        .output_or_null("workspace", prob_sums)
+        .output("workspace", &mut partials.ticket)
+        .scalar(scale)
+        .output_or_null("workspace", counts)
+        .output_or_null("workspace", live_rows)
+        .output_or_null("loss", aux_loss)
+        .scalar(coefficient)
+        .output_or_null("workspace", z_live)
+        .output_or_null("loss", z_loss);
+    let histogram = if ids.is_some() { router.experts * 4 } else { 0 };
+    let grid = LaunchConfig {
+        grid: (1, segments as u32, chunks as u32),
+        block: (LOSS_THREADS, 1, 1),
+        shared_bytes: histogram as u32,
+    };
+    device.launch("router_losses_f32", grid, args)
 }
 
 /// The Switch aux loss of `logits` `[T, E]` and the `ids` `[T, k]` selected from them, into
-/// `loss` (`[1]`). Fills `workspace` for [`aux_loss_backward`]. Four launches (row LSE, counts
-/// after a stream-ordered memset, probability sums, the loss); no host sync.
+/// `loss` (`[1]`). Fills `workspace` for [`aux_loss_backward`]. One launch ([`losses`]); no host
+/// sync.
 pub fn aux_loss(
     device: &Device,
     router: &RouterConfig,
-    aux: &AuxLossConfig,
+    config: &AuxLossConfig,
     logits: &impl DeviceSlice<f32>,
     ids: &impl DeviceSlice<i32>,
     workspace: &mut AuxLossWorkspace,
     loss: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    let tokens = check_aux_inputs(router, aux, logits, Some(ids))?;
-    workspace.check(router, aux, tokens)?;
-    check_len("loss", loss, 1, || "[1]".into())?;
-    let (segments, len) = aux.segments(tokens);
-    let (chunks, tokens_per_chunk) = chunking(len);
-    launch_row_lse(device, router, logits, &mut workspace.row_lse)?;
-    let no_weights = (ids, None::<&DeviceBuffer<f32>>);
-    launch_statistics(
+    let aux = AuxLossTarget {
+        config,
+        ids,
+        workspace,
+        loss,
+    };
+    losses(
         device,
         router,
-        no_weights,
-        segments,
-        &mut workspace.counts,
-        None::<&mut DeviceBuffer<f32>>,
-    )?;
-    // Matches the kernel's parameters, in order:
-    // router_prob_sums_f32(z, lse, tokens_per_segment, tokens_per_chunk, E, prob_sums, live).
-    let args = KernelArgs::new(device)
-        .input("logits", logits)
-        .input("row_lse", &workspace.row_lse)
-        .scalar(len as i64)
-        .scalar(tokens_per_chunk as i64)
-        .scalar(router.experts as i32)
-        .output("prob_sums", &mut workspace.prob_sums)
-        .output("live_chunks", &mut workspace.live_chunks);
-    device.launch(
-        "router_prob_sums_f32",
-        slice_launch(router.experts, segments, chunks),
-        args,
-    )?;
-    // Matches the kernel's parameters, in order:
-    // router_aux_loss_f32(counts, prob_sums, live_chunks, segments, chunks, E, scale, live, loss).
-    let args = KernelArgs::new(device)
-        .input("counts", &workspace.counts)
-        .input("prob_sums", &workspace.prob_sums)
-        .input("live_chunks", &workspace.live_chunks)
-        .scalar(segments as i64)
-        .scalar(chunks as i32)
-        .scalar(router.experts as i32)
-        .scalar(aux.scale(router, tokens))
-        .output("live_rows", &mut workspace.live_rows)
-        .output("loss", loss);
-    device.launch("router_aux_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
+        logits,
+        Some(aux),
+        None::<ZLossTarget<'_, DeviceBuffer<f32>>>,
+    )
 }
 
 /// Adds the aux loss gradient to `dz` `[T, E]`: `dL/dp_{t,i} = alpha (E/k) f_i / T'` (per
@@ -393,18 +499,23 @@ pub fn aux_loss_backward(
 
 /// What [`z_loss`] keeps for [`z_loss_backward`]: the per-row log-sum-exp (NaN for a non-finite
 /// row; room for `max_tokens` rows, a batch of T uses the first T) and the number of rows with a
-/// finite one `[1]`, the mean's denominator.
+/// finite one `[1]`, the mean's denominator; and the per-chunk partials of its launch.
 pub struct ZLossWorkspace {
     row_lse: DeviceBuffer<f32>,
     live_rows: DeviceBuffer<i32>,
+    partials: ChunkPartials,
 }
 
 impl ZLossWorkspace {
     /// Buffers for batches of up to `max_tokens` rows.
     pub fn new(device: &Device, max_tokens: usize) -> Result<Self> {
+        // chunking(T).0 <= min(MAX_CHUNKS, ceil(T / MIN_TOKENS_PER_CHUNK)) for every T, and that
+        // bound grows with T (chunking itself does not: T = 65537 takes fewer chunks than 65536).
+        let chunks = MAX_CHUNKS.min(max_tokens.div_ceil(MIN_TOKENS_PER_CHUNK)).max(1);
         Ok(Self {
             row_lse: device.alloc_zeros(max_tokens)?,
             live_rows: device.alloc_zeros(1)?,
+            partials: ChunkPartials::new(device, chunks)?,
         })
     }
 
@@ -445,7 +556,7 @@ fn check_z_loss(
 /// into `loss` (`[1]`), where the sum and its count `T'` take only the rows with finite logits (a
 /// non-finite row is routed nowhere and adds nothing: the other rows' gradients are bitwise those
 /// of the batch without it). Keeps the per-row LSE and `T'` in `workspace` for
-/// [`z_loss_backward`]. Two launches; no host sync.
+/// [`z_loss_backward`]. One launch ([`losses`]); no host sync.
 pub fn z_loss(
     device: &Device,
     router: &RouterConfig,
@@ -454,17 +565,18 @@ pub fn z_loss(
     workspace: &mut ZLossWorkspace,
     loss: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    let tokens = check_z_loss(router, coefficient, logits, workspace)?;
-    check_len("loss", loss, 1, || "[1]".into())?;
-    launch_row_lse(device, router, logits, &mut workspace.row_lse)?;
-    // Matches the kernel's parameters, in order: router_z_loss_f32(lse, T, coefficient, live, loss).
-    let args = KernelArgs::new(device)
-        .input("row_lse", &workspace.row_lse)
-        .scalar(tokens as i64)
-        .scalar(coefficient)
-        .output("live_rows", &mut workspace.live_rows)
-        .output("loss", loss);
-    device.launch("router_z_loss_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
+    let z = ZLossTarget {
+        coefficient,
+        workspace,
+        loss,
+    };
+    losses(
+        device,
+        router,
+        logits,
+        None::<AuxLossTarget<'_, DeviceBuffer<i32>, DeviceBuffer<f32>>>,
+        Some(z),
+    )
 }
 
 /// Adds the z-loss gradient `(2 coefficient / T') LSE_t p_{t,j}` to `dz` `[T, E]`; `workspace`
