@@ -39,23 +39,35 @@ constexpr unsigned kQuietNaN = 0x7fc00000u;
 // nowhere and, unlike other ids outside [0, E), does not count it as invalid.
 constexpr int kNoExpert = -1;
 
-// One 16-byte global access (ld.global.v4 / st.global.v4 on the GPU). On the emulator it is
-// a single 128-bit access too, which the memory profiler sees at its real width (a plain
-// struct copy would be split into its fields by the host compiler). p: 16-byte aligned; the
-// emulator fails the launch on a misaligned p, as the GPU would.
+// One 8- or 16-byte global access (ld.global.v2 / v4, st.global.v2 / v4 on the GPU). On the
+// emulator it is a single access of that width too, which the memory profiler sees as such (a
+// plain struct copy would be split into its fields by the host compiler). p: aligned to the
+// width; the emulator fails the launch on a misaligned p, as the GPU would.
 template <class T>
-__device__ __forceinline__ T load_128(const T* p) {
-  static_assert(sizeof(T) == 16, "load_128 moves 16 bytes");
+__device__ __forceinline__ T load_wide(const T* p) {
+  constexpr int kBytes = int(sizeof(T));
+  static_assert(kBytes == 8 || kBytes == 16, "a wide load moves 8 or 16 bytes");
 #ifdef __CUDACC__
   return *p;
 #else
-  ::cuemu::check_aligned(p, 16, "load_128");  // the GPU faults: "misaligned address"
-  typedef int bits128 __attribute__((vector_size(16)));
-  const bits128 bits = *reinterpret_cast<const bits128*>(p);
+  ::cuemu::check_aligned(p, kBytes, kBytes == 16 ? "load_128" : "load_64");  // the GPU faults: "misaligned address"
+  typedef int bits_t __attribute__((vector_size(kBytes)));
+  const bits_t bits = *reinterpret_cast<const bits_t*>(p);
   T v;
-  memcpy(&v, &bits, 16);
+  memcpy(&v, &bits, kBytes);
   return v;
 #endif
+}
+template <class T>
+__device__ __forceinline__ T load_128(const T* p) {
+  static_assert(sizeof(T) == 16, "load_128 moves 16 bytes");
+  return load_wide(p);
+}
+// One 8-byte load (ld.global.v2 on the GPU), as load_128 for 8 bytes.
+template <class T>
+__device__ __forceinline__ T load_64(const T* p) {
+  static_assert(sizeof(T) == 8, "load_64 moves 8 bytes");
+  return load_wide(p);
 }
 // One store of sizeof(T) = 8 or 16 bytes (st.v2 / st.v4 on the GPU; one access of that width
 // on the emulator, which fails the launch on a misaligned p).
@@ -88,6 +100,11 @@ __device__ __forceinline__ void store_64(T* p, const T& v) {
 __device__ __forceinline__ bool aligned_16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
+// Whether p may take an access of kBytes (a power of two).
+template <unsigned kBytes>
+__device__ __forceinline__ bool aligned_to(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (kBytes - 1u)) == 0;
+}
 
 // Conversions between a stored element (f32, f16, bf16) and the f32 every kernel computes in;
 // to 16 bits they round to nearest even (cvt.rn), like every kernel's store.
@@ -119,6 +136,9 @@ template <> __device__ __forceinline__ unsigned f32_to_bits<__half>(float v) {
 template <> __device__ __forceinline__ unsigned f32_to_bits<__nv_bfloat16>(float v) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
+
+// The logistic sigmoid (SwiGLU's silu(x) = x sigmoid(x)).
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Global index of this thread along x, computed in 64 bits (grids of > 2^31 threads exist).
 __device__ __forceinline__ i64 global_thread_x() {

@@ -29,6 +29,38 @@
 namespace stage {
 constexpr int kRows = 16, kCols = 64;
 constexpr unsigned kWarpBytes = kRows * kCols * 4;  // 4 KiB per warp
+
+// n elements of T at p (n sizeof(T) = 8 or 16 bytes, p aligned to that) as f32: one access.
+template <class T, int n>
+__device__ __forceinline__ void load_segment(const T* p, float (&v)[n]) {
+  constexpr int kBytes = n * int(sizeof(T)), kWords = kBytes / 4;
+  static_assert(kBytes == 8 || kBytes == 16, "a segment is 8 or 16 bytes");
+  unsigned words[kWords];
+  if constexpr (kBytes == 16) {
+    const uint4 w = load_128(reinterpret_cast<const uint4*>(p));
+    memcpy(words, &w, 16);
+  } else {
+    const uint2 w = load_64(reinterpret_cast<const uint2*>(p));
+    memcpy(words, &w, 8);
+  }
+  constexpr int per_word = 4 / int(sizeof(T));
+#pragma unroll
+  for (int e = 0; e < n; ++e) v[e] = bits_to_f32<T>(words[e / per_word] >> (16 * (e % per_word)));
+}
+
+// The 16 bytes of n elements of E at p (16-byte aligned) from f32 values (rounded to nearest
+// even for a 16-bit E): one store.
+template <class E, int n>
+__device__ __forceinline__ void store_segment(E* p, const float (&v)[n]) {
+  static_assert(n * sizeof(E) == 16, "a stored segment is 16 bytes");
+  constexpr int per_word = 4 / int(sizeof(E));
+  unsigned words[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < n; ++e) words[e / per_word] |= f32_to_bits<E>(v[e]) << (16 * (e % per_word));
+  uint4 w;
+  memcpy(&w, words, 16);
+  store_128(reinterpret_cast<uint4*>(p), w);
+}
 }  // namespace stage
 
 struct WarpStage {
@@ -56,12 +88,11 @@ struct WarpStage {
     __syncwarp();
   }
 
-  // Stores the tile's first `rows` rows: tile (r, c) to out[(row0 + r) ld + col0 + c] as E,
-  // for col0 + c < col_end; with `add`, added to what is there (read, add in f32, write).
-  template <class E>
-  __device__ __forceinline__ void store_rows(E* out, i64 ld, i64 row0, int rows, i64 col0, i64 col_end,
-                                             bool add = false) const {
-    constexpr int per = 16 / int(sizeof(E));    // elements per segment: 4 (f32) or 8
+  // Reads the tile's first `rows` rows back by 16-byte segments of `per` floats' worth of
+  // output (per = 4: one 16-byte read; per = 8: two, for a 16-bit output), each lane one
+  // segment: f(r, c, v) for tile row r, tile column c = its first column, v[per] its values.
+  template <int per, class F>
+  __device__ __forceinline__ void for_each_segment(int rows, F&& f) const {
     constexpr int segments = stage::kCols / per;  // per row: 16 or 8
     constexpr int rows_per_pass = 32 / segments;  // 2 or 4
     const int lane = int(threadIdx.x % 32), seg = lane % segments;
@@ -78,32 +109,81 @@ struct WarpStage {
         v[4 * h + 2] = x.z;
         v[4 * h + 3] = x.w;
       }
-      const i64 c = col0 + seg * per;
+      f(r, seg * per, v);
+    }
+  }
+
+  // Stores the tile's first `rows` rows: tile (r, c) to out[(row0 + r) ld + col0 + c] as E,
+  // for col0 + c < col_end; with `add`, added to what is there (read, add in f32, write).
+  template <class E>
+  __device__ __forceinline__ void store_rows(E* out, i64 ld, i64 row0, int rows, i64 col0, i64 col_end,
+                                             bool add = false) const {
+    constexpr int per = 16 / int(sizeof(E));  // elements per segment: 4 (f32) or 8
+    for_each_segment<per>(rows, [&](int r, int col, float (&v)[per]) {
+      const i64 c = col0 + col;
       E* dst = out + (row0 + r) * ld + c;
       if (c + per <= col_end && aligned_16(dst)) {
-        if constexpr (per == 4) {
-          if (add) {
-            const float4 old = load_128(reinterpret_cast<const float4*>(dst));
-            v[0] += old.x;
-            v[1] += old.y;
-            v[2] += old.z;
-            v[3] += old.w;
-          }
-          store_128(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
-        } else {  // 16-bit outputs are never accumulated into
-          static_assert(sizeof(E) == 2, "f32 or a 16-bit element");
-          uint4 bits;
-          bits.x = f32_to_bits<E>(v[0]) | (f32_to_bits<E>(v[1]) << 16);
-          bits.y = f32_to_bits<E>(v[2]) | (f32_to_bits<E>(v[3]) << 16);
-          bits.z = f32_to_bits<E>(v[4]) | (f32_to_bits<E>(v[5]) << 16);
-          bits.w = f32_to_bits<E>(v[6]) | (f32_to_bits<E>(v[7]) << 16);
-          store_128(reinterpret_cast<uint4*>(dst), bits);
+        if (add) {  // f32 outputs only: 16-bit outputs are never accumulated into
+          float old[per];
+          stage::load_segment(dst, old);
+#pragma unroll
+          for (int e = 0; e < per; ++e) v[e] += old[e];
         }
+        stage::store_segment(dst, v);
       } else {
 #pragma unroll
         for (int e = 0; e < per; ++e)
           if (c + e < col_end) dst[e] = from_f32<E>(add ? to_f32(dst[e]) + v[e] : v[e]);
       }
-    }
+    });
+  }
+
+  // The SwiGLU backward of the tile's first `rows` rows, which hold dh (scaled), for row
+  // row0 + r: with g, u the saved gate and up values of column c = col0 + tile column (a GU
+  // row is 2h: gate at c, up at h + c), out[row, c] = dh u silu'(g) and out[row, h + c] =
+  // dh silu(g), for c < col_end (<= h). Reads GU and writes both outputs by whole row segments
+  // (16 bytes of output each; GU's segment is 8 bytes when GU is 16-bit and the output f32); a
+  // segment past col_end or not aligned goes element by element. The math is Epilogue::single's.
+  template <class E, class T>
+  __device__ __forceinline__ void swiglu_backward_rows(E* out, i64 ld, const T* gu, i64 h, i64 row0, int rows,
+                                                       i64 col0, i64 col_end) const {
+    constexpr int per = 16 / int(sizeof(E));
+    for_each_segment<per>(rows, [&](int r, int col, float (&dh)[per]) {
+      const i64 c = col0 + col, row = row0 + r;
+      const T* g_src = gu + row * 2 * h + c;
+      E* d_gate = out + row * ld + c;
+      E* d_up = d_gate + h;
+      const bool whole = c + per <= col_end && aligned_16(d_gate) && aligned_16(d_up) &&
+                         aligned_to<per * sizeof(T)>(g_src) && aligned_to<per * sizeof(T)>(g_src + h);
+      float g[per], u[per];
+      if (whole) {
+        stage::load_segment(g_src, g);
+        stage::load_segment(g_src + h, u);
+      } else {
+#pragma unroll
+        for (int e = 0; e < per; ++e) {
+          g[e] = c + e < col_end ? to_f32(g_src[e]) : 0.0f;
+          u[e] = c + e < col_end ? to_f32(g_src[h + e]) : 0.0f;
+        }
+      }
+      float dg[per], du[per];
+#pragma unroll
+      for (int e = 0; e < per; ++e) {
+        const float sg = sigmoidf_(g[e]);
+        dg[e] = dh[e] * u[e] * sg * (1.0f + g[e] * (1.0f - sg));
+        du[e] = dh[e] * g[e] * sg;
+      }
+      if (whole) {
+        stage::store_segment(d_gate, dg);
+        stage::store_segment(d_up, du);
+      } else {
+#pragma unroll
+        for (int e = 0; e < per; ++e)
+          if (c + e < col_end) {
+            d_gate[e] = from_f32<E>(dg[e]);
+            d_up[e] = from_f32<E>(du[e]);
+          }
+      }
+    });
   }
 };

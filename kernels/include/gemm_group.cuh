@@ -116,8 +116,6 @@ __device__ __forceinline__ void find_group_tile(int* found, const int* offsets, 
 
 enum EpilogueMode { EPI_STORE = 0, EPI_SWIGLU = 1, EPI_SWIGLU_BWD = 2 };
 
-__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
-
 // What happens to an accumulated value v of output row r, column c (r < rows, c < cols):
 //   EPI_STORE       out[r, c] = s_r v
 //   EPI_SWIGLU      (pairs) out[r, c] = silu(s_r g) (s_r u), with g, u the accumulated gate

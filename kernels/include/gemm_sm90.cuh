@@ -207,13 +207,13 @@ __device__ __forceinline__ void sm90_tile_mainloop(float (&acc)[sm90::kTileN / 2
 // The plain store (forward and dgrad) and SwiGLU go through the warp's staging tile, 64 columns
 // at a time: 16-byte stores of whole row segments. SwiGLU's output column c0 + j has its gate
 // value in column j and its up value in column 128 + j; GU, when saved, is two more outputs
-// (gate at column c, up at h + c of each 2h row). The SwiGLU backward (dgrad), which reads GU
-// at each element, stores from the fragments.
+// (gate at column c, up at h + c of each 2h row). The SwiGLU backward (dgrad) stages dh, then
+// reads GU and writes dGU by row segments (WarpStage::swiglu_backward_rows).
 template <bool Dgrad, class T>
 __device__ __forceinline__ void sm90_epilogue(const Sm90Args<T>& p, const float (&acc)[sm90::kTileN / 2],
                                               WarpStage stage, i64 r0, int rows, int col_tile) {
   using namespace sm90;
-  const int g8 = int(threadIdx.x % 32 / 4), q = int(threadIdx.x % 4);
+  const int g8 = int(threadIdx.x % 32 / 4);
   const float s[2] = {g8 < rows ? p.epi.scale(r0 + g8) : 0.0f, g8 + 8 < rows ? p.epi.scale(r0 + g8 + 8) : 0.0f};
   const Epilogue<T>& epi = p.epi;
   // The staged piece to columns col0.. of the output.
@@ -238,23 +238,19 @@ __device__ __forceinline__ void sm90_epilogue(const Sm90Args<T>& p, const float 
       if (epi.out_f32) store_out(static_cast<float*>(epi.out), epi.ld, col0);
       else store_out(static_cast<T*>(epi.out), epi.ld, col0);
     }
-  } else if (epi.mode == EPI_STORE) {
+  } else {  // the plain store, or dgrad's SwiGLU backward (dh staged; GU read by row segments)
     const i64 c0 = i64(col_tile) * kTileN;
 #pragma unroll
     for (int piece = 0; piece < kTileN / 64; ++piece) {
+      const i64 col0 = c0 + 64 * piece;
       stage.put_fragments([&](int j, int half, int i) { return acc[4 * (8 * piece + j) + 2 * half + i] * s[half]; });
-      if (epi.out_f32) store_out(static_cast<float*>(epi.out), epi.ld, c0 + 64 * piece);
-      else store_out(static_cast<T*>(epi.out), epi.ld, c0 + 64 * piece);
-    }
-  } else if constexpr (Dgrad) {  // the SwiGLU backward, element by element
-    const i64 c0 = i64(col_tile) * kTileN;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      if (g8 + 8 * half >= rows) continue;
-#pragma unroll
-      for (int j = 0; j < kTileN / 8; ++j)
-        epi.adjacent(r0 + g8 + 8 * half, c0 + 8 * j + 2 * q, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1], s[half],
-                     p.cols);
+      if (epi.mode == EPI_STORE) {
+        if (epi.out_f32) store_out(static_cast<float*>(epi.out), epi.ld, col0);
+        else store_out(static_cast<T*>(epi.out), epi.ld, col0);
+      } else if constexpr (Dgrad) {
+        if (epi.out_f32) stage.swiglu_backward_rows(static_cast<float*>(epi.out), epi.ld, epi.gu, epi.h, r0, rows, col0, p.cols);
+        else stage.swiglu_backward_rows(static_cast<T*>(epi.out), epi.ld, epi.gu, epi.h, r0, rows, col0, p.cols);
+      }
     }
   }
 }

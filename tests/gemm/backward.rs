@@ -43,8 +43,8 @@ fn check_dgrad<T: FloatElement, O: FloatElement>(
 #[test]
 fn hopper_dgrad_tiles_in_every_dimension() {
     // 128 x 256 tiles over K = 520 (3 column tiles), a reduction N = 200 of 4 ragged k-blocks,
-    // groups of 1, 2 and 3 row tiles; the SwiGLU backward with row weights and outputs at odd
-    // element offsets (the epilogue's one-at-a-time stores).
+    // groups of 1, 2 and 3 row tiles; the SwiGLU backward (h = 136) with row weights, with
+    // outputs at odd element offsets (the epilogue's one-at-a-time stores) and without.
     let p = Problem::sized(&[130, 0, 300, 1], 200, 520, &mut Rng::new(118));
     let swiglu = Problem::routed(60, 2, 3, 8, 72, 136, &mut Rng::new(119));
     for device in devices().into_iter().filter(hopper_takes::<bf16>) {
@@ -62,6 +62,8 @@ fn hopper_dgrad_tiles_in_every_dimension() {
         let swiglu_bwd = config(DgradEpilogue::SwiGluBackward);
         dgrad_at::<f16, f32>(&device, &swiglu, swiglu_bwd, true, ALIGNED_INPUTS_ODD_OUTPUTS, 121).unwrap();
         dgrad_at::<bf16, bf16>(&device, &swiglu, swiglu_bwd, false, Offsets::default(), 122).unwrap();
+        // Whole row segments: 16-byte dGU stores, and 8-byte reads of a 16-bit GU for f32 dGU.
+        dgrad_at::<f16, f32>(&device, &swiglu, swiglu_bwd, true, Offsets::default(), 123).unwrap();
     }
 }
 
@@ -626,8 +628,9 @@ fn finite_differences_of_a_swiglu_expert_layer() {
     }
 }
 
-/// In the profiling build: dgrad's plain store and wgrad's dB (accumulated into) leave the
-/// sm_90a kernels through the staging tiles, in whole sectors without bank conflicts.
+/// In the profiling build: dgrad's plain store, its SwiGLU backward and wgrad's dB (accumulated
+/// into) leave the sm_90a kernels through the staging tiles, in whole sectors without bank
+/// conflicts.
 #[test]
 #[cfg_attr(
     not(moe_emu_profile),
@@ -642,10 +645,26 @@ fn hopper_dgrad_and_wgrad_epilogues_store_whole_sectors() {
         path: GemmPath::Hopper,
     };
     dgrad_at::<bf16, bf16>(&device, &p, hopper, true, Offsets::default(), 262).unwrap();
+    let swiglu_bwd = DgradConfig {
+        epilogue: DgradEpilogue::SwiGluBackward,
+        ..hopper
+    };
+    dgrad_at::<bf16, bf16>(&device, &p, swiglu_bwd, true, Offsets::default(), 264).unwrap();
     check_wgrad_on::<bf16>(&device, &p, ARows::Contiguous, None, true, 263, GemmPath::Hopper);
     let profiles = emulator.take_profiles();
-    for kernel in ["grouped_gemm_dgrad_sm90_bf16", "grouped_gemm_wgrad_sm90_bf16"] {
-        let profile = profiles.iter().find(|p| p.kernel == kernel);
-        assert_staged_epilogue(profile.unwrap_or_else(|| panic!("{kernel} ran")));
+    let dgrad = "grouped_gemm_dgrad_sm90_bf16";
+    assert_eq!(
+        profiles.iter().filter(|p| p.kernel == dgrad).count(),
+        2,
+        "both dgrad launches"
+    );
+    for kernel in [dgrad, "grouped_gemm_wgrad_sm90_bf16"] {
+        for profile in profiles.iter().filter(|p| p.kernel == kernel) {
+            assert_staged_epilogue(profile);
+        }
     }
+    assert!(
+        profiles.iter().any(|p| p.kernel.starts_with("grouped_gemm_wgrad_sm90")),
+        "wgrad ran"
+    );
 }
