@@ -1098,47 +1098,27 @@ fn balance_ops_reject_bad_arguments_before_launching() {
             router::z_loss_backward(&device, &router, 0.1, &buf(30), &lse, &mut buf(30)),
             "logits",
         );
-        // With both targets, either one's bad argument is refused before the launch.
-        let mut small = ZLossWorkspace::new(&device, 3).unwrap();
-        let (mut aux_loss, mut z_loss) = (buf(1), buf(1));
-        assert_invalid(
-            router::losses(
-                &device,
-                &router,
-                &z,
-                Some(AuxLossTarget {
-                    config: &aux,
-                    ids: &ids,
-                    workspace: &mut ws,
-                    loss: &mut aux_loss,
-                }),
-                Some(ZLossTarget {
-                    coefficient: 0.1,
-                    workspace: &mut small,
-                    loss: &mut z_loss,
-                }),
-            ),
-            "workspace",
-        );
-        assert_invalid(
-            router::losses(
-                &device,
-                &router,
-                &z,
-                Some(AuxLossTarget {
-                    config: &aux,
-                    ids: &ids,
-                    workspace: &mut ws,
-                    loss: &mut buf(2),
-                }),
-                Some(ZLossTarget {
-                    coefficient: 0.1,
-                    workspace: &mut lse,
-                    loss: &mut z_loss,
-                }),
-            ),
-            "loss",
-        );
+        // With both targets, either one's bad argument is refused before the launch: a z-loss
+        // workspace too small for T = 4, then an aux loss buffer of 2 elements.
+        for (aux_loss_len, z_rows, argument) in [(1, 3, "workspace"), (2, 4, "loss")] {
+            let mut z_workspace = ZLossWorkspace::new(&device, z_rows).unwrap();
+            let (mut aux_loss, mut z_loss) = (buf(aux_loss_len), buf(1));
+            let aux_target = AuxLossTarget {
+                config: &aux,
+                ids: &ids,
+                workspace: &mut ws,
+                loss: &mut aux_loss,
+            };
+            let z_target = ZLossTarget {
+                coefficient: 0.1,
+                workspace: &mut z_workspace,
+                loss: &mut z_loss,
+            };
+            assert_invalid(
+                router::losses(&device, &router, &z, Some(aux_target), Some(z_target)),
+                argument,
+            );
+        }
 
         assert_invalid(router::bias_update(&device, f32::NAN, &ibuf(8), &mut buf(8)), "gamma");
         assert_invalid(router::bias_update(&device, 1e-3, &ibuf(7), &mut buf(8)), "counts");
