@@ -112,6 +112,11 @@ fn losses_floor(c: &RouterConfig, tokens: usize) -> Floor {
     }
 }
 
+/// losses_backward (both gradients in one launch): z and the row LSE read, dz read and written.
+fn losses_backward_floor(c: &RouterConfig, tokens: usize) -> Floor {
+    z_backward_floor(c, tokens)
+}
+
 /// Device buffers for one shape.
 struct Buffers {
     z: DeviceBuffer<f32>,
@@ -174,7 +179,7 @@ impl Buffers {
 }
 
 /// The router ops by name, each one call on `b`.
-const OPS: [&str; 11] = [
+const OPS: [&str; 12] = [
     "select",
     "select_and_map",
     "select_counted",
@@ -185,6 +190,7 @@ const OPS: [&str; 11] = [
     "z_loss",
     "z_loss_backward",
     "losses",
+    "losses_backward",
     "bias_update",
 ];
 
@@ -206,6 +212,10 @@ fn run(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers) {
         "aux_loss_backward" => router::aux_loss_backward(device, c, &aux, &b.z, &b.aux, &mut b.dz),
         "z_loss" => router::z_loss(device, c, 1e-3, &b.z, &mut b.z_workspace, &mut b.loss),
         "z_loss_backward" => router::z_loss_backward(device, c, 1e-3, &b.z, &b.z_workspace, &mut b.dz),
+        "losses_backward" => {
+            let aux = Some((&aux, &b.aux));
+            router::losses_backward(device, c, &b.z, aux, Some((1e-3, &b.z_workspace)), &mut b.dz)
+        }
         "losses" => router::losses(
             device,
             c,
@@ -297,6 +307,7 @@ fn floor(op: &str, c: &RouterConfig, tokens: usize) -> Floor {
         "z_loss" => z_loss_floor(c, tokens),
         "z_loss_backward" => z_backward_floor(c, tokens),
         "losses" => losses_floor(c, tokens),
+        "losses_backward" => losses_backward_floor(c, tokens),
         _ => bias_update_floor(c),
     }
 }

@@ -15,8 +15,7 @@
 //   router_sum_chunks_f32                          adds per-chunk partial sums in chunk order
 //   router_losses_f32                              Switch load-balancing loss (token or sequence
 //                                                  level) and ST-MoE router z-loss, one launch
-//   router_aux_loss_backward_f32                   their gradients, added into dz
-//   router_z_loss_backward_f32
+//   router_losses_backward_f32                     their gradients, added into dz, one launch
 //   router_bias_update_f32                         DeepSeek-V3 b += gamma * sign(mean(c) - c)
 #include "dispatch_map.cuh"
 #include "router_select.cuh"
@@ -400,48 +399,45 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
 EMU_EXPORT(router_losses_f32)
 
 // ------------------------------------------------------------------------------------------
-// Loss gradients, added into dz. Both are a dense softmax backward of a per-row g = dL/dp:
-// dz_e += p_e (g_e - <p, g>) with p = exp(z - lse); rows with a NaN lse get nothing.
+// Loss gradients, added into dz, with p = exp(z - lse): the aux loss's is the dense softmax
+// backward of its per-row g = dL/dp, dz_e += p_e (g_e - <p, g>); the z-loss's is
+// d(lse^2)/dz_e = 2 lse p_e times c / T'. Rows with a NaN lse get nothing.
 
-// router_aux_loss_backward_f32: g_e = aux_coefficient(s) * counts[s, e] for the segment s of row
-// t (the forward's factor: dL/dp_{t,e} = alpha E / (k S live_s^2) c_{s,e}).
-// Launch: grid ceil(T / 4), block 128; one warp per row, two lane-strided passes.
-extern "C" __global__ void router_aux_loss_backward_f32(const float* z, const float* lse, const int* counts,
-                                                        const int* live, long long T, long long tokens_per_segment,
-                                                        int E, double scale, float* dz) {
+// router_losses_backward_f32: the aux loss's gradient, the z-loss's, or both, added into dz in
+// one pass over z and dz. Per row t with a finite lse (p = exp(z - lse)):
+//   aux (counts not null): g_e = aux_coefficient(s) counts[s, e] for the segment s = t /
+//     tokens_per_segment (the forward's factor: dL/dp_{t,e} = alpha E / (k S live_s^2) c_{s,e}),
+//     dz_e += p_e (g_e - <p, g>);
+//   z (z_live not null): dz_e += z_coefficient(c, 2, z_live) lse_t p_e;
+// added in that order, each as its own launch would add it: the same bits as two launches.
+// Traffic: z read once (twice with the aux loss: <p, g> first, L1-hot), dz read and written once.
+// Launch: grid ceil(T / 4), block 128; one warp per row, lane-strided passes.
+extern "C" __global__ void router_losses_backward_f32(const float* z, const float* lse, const int* counts,
+                                                      const int* live, long long T, long long tokens_per_segment,
+                                                      int E, double aux_scale, const int* z_live, float z_c,
+                                                      float* dz) {
   const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (row >= T || lse[row] != lse[row]) return;
   const float row_lse = lse[row];
   const float* z_row = z + row * E;
+  const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
   const i64 segment = row / tokens_per_segment;
-  const int* c = counts + segment * E;
-  const float coefficient = aux_coefficient(scale, live[segment]);
-  const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
+  const int* c = counts ? counts + segment * E : nullptr;
+  const float aux_c = counts ? aux_coefficient(aux_scale, live[segment]) : 0.0f;
+  const float z_coefficient_2 = z_live ? z_coefficient(z_c, 2.0f, z_live[0]) : 0.0f;
   float dot = 0.0f;
-  lane_strided_read(z_row, E, vec, [&](int e, float zv) { dot += expf(zv - row_lse) * coefficient * float(c[e]); });
-  dot = warp_sum(dot);
+  if (c) {
+    lane_strided_read(z_row, E, vec, [&](int e, float zv) { dot += expf(zv - row_lse) * aux_c * float(c[e]); });
+    dot = warp_sum(dot);
+  }
   lane_strided_write(dz + row * E, dz + row * E, E, vec, [&](int e, float old) {
-    return old + expf(z_row[e] - row_lse) * (coefficient * float(c[e]) - dot);
+    float v = old;
+    if (c) v = v + expf(z_row[e] - row_lse) * (aux_c * float(c[e]) - dot);
+    if (z_live) v = v + z_coefficient_2 * row_lse * expf(z_row[e] - row_lse);
+    return v;
   });
 }
-EMU_EXPORT(router_aux_loss_backward_f32)
-
-// router_z_loss_backward_f32: dz_e += coefficient * lse_t * p_e, coefficient = 2c / live[0] (the rows the
-// forward counted).
-// Launch: grid ceil(T / 4), block 128; one warp per row.
-extern "C" __global__ void router_z_loss_backward_f32(const float* z, const float* lse, const int* live, long long T,
-                                                      int E, float c, float* dz) {
-  const i64 row = i64(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
-  if (row >= T || lse[row] != lse[row]) return;
-  const float row_lse = lse[row];
-  const float coefficient = z_coefficient(c, 2.0f, live[0]);
-  const float* z_row = z + row * E;
-  const bool vec = E % 4 == 0 && aligned_16(z) && aligned_16(dz);
-  lane_strided_write(dz + row * E, dz + row * E, E, vec, [&](int e, float old) {
-    return old + coefficient * row_lse * expf(z_row[e] - row_lse);
-  });
-}
-EMU_EXPORT(router_z_loss_backward_f32)
+EMU_EXPORT(router_losses_backward_f32)
 
 // ------------------------------------------------------------------------------------------
 // router_bias_update_f32: bias[e] += gamma * sign(mean(counts) - counts[e]), the sign taken

@@ -841,10 +841,11 @@ proptest! {
     /// `router::losses` with both targets is one launch whose aux loss, z-loss, counts, row LSEs
     /// and live rows match the references, have the bits of the single-loss calls (the z-loss's
     /// only at token level: a sequence-level aux loss chunks the rows per sequence), and the same
-    /// bits when run again (the grid's ticket was reset); their backward passes are unchanged.
+    /// bits when run again (the grid's ticket was reset). `router::losses_backward` with both is
+    /// one launch with the bits of the two single-loss backward calls.
     #[test]
     fn losses_in_one_launch_match_the_single_loss_calls(
-        experts in prop::sample::select(vec![3usize, 60, 256]),
+        experts in prop::sample::select(vec![3usize, 60, 256, 1000]),
         segments in 0usize..=3,
         segment_len in prop::sample::select(vec![1usize, 9, 70]),
         sequence_level in any::<bool>(),
@@ -902,7 +903,24 @@ proptest! {
             prop_assert_eq!(bits(device.download(z_ws.row_lse()).unwrap()), bits(device.download(z_alone.row_lse()).unwrap()));
             let live: i32 = logits.chunks(experts).filter(|row| reference::row_logsumexp(row).is_some()).count() as i32;
             prop_assert_eq!(device.download(z_ws.live_rows()).unwrap(), vec![live]);
+            // Both gradients in one launch have the bits of the two single-loss backward calls.
+            let dz0 = rng.normals(logits.len(), 1.0);
+            let (mut dz_two, mut dz_one) = (device.upload(&dz0).unwrap(), device.upload(&dz0).unwrap());
+            router::aux_loss_backward(&device, &router, &aux, &z, &aux_alone, &mut dz_two).unwrap();
+            router::z_loss_backward(&device, &router, coefficient, &z, &z_alone, &mut dz_two).unwrap();
+            let before = device.stats();
+            router::losses_backward(&device, &router, &z, Some((&aux, &aux_ws)), Some((coefficient, &z_ws)), &mut dz_one)
+                .unwrap();
+            let after = device.stats();
+            prop_assert_eq!(after.launches - before.launches, 1);
+            prop_assert_eq!(after.host_syncs, before.host_syncs);
+            prop_assert_eq!(bits(device.download(&dz_one).unwrap()), bits(device.download(&dz_two).unwrap()));
+            let mut want_dz: Vec<f64> = dz0.iter().map(|&v| v as f64).collect();
+            reference::aux_loss_backward(&router, &aux, &logits, &ids, &mut want_dz);
+            reference::z_loss_backward(experts, coefficient, &logits, &mut want_dz);
+            assert_close("dz + both gradients", &device.download(&dz_one).unwrap(), &want_dz, Tolerance::F32.over(experts));
             // Asking for neither launches nothing.
+            router::losses_backward(&device, &router, &z, None, None, &mut dz_one).unwrap();
             let before = device.stats().launches;
             router::losses(
                 &device,

@@ -17,7 +17,7 @@
 //! Shared experts add 2, the router losses 1 (aux and z together: `router::losses`); capacity needs the map's priority pass
 //! first, so selection and `routing_map` run apart (6 up to T·k = 4096, 9 past it). Backward: 10
 //! for the linear router (combine⁻¹, GEMM2 dgrad + SwiGLU⁻¹, dW2, GEMM1 dgrad, dW1, select⁻¹,
-//! gate dX + dW + db, the sum into dx), +1 per loss, +5 with shared experts; quadratic gates add
+//! gate dX + dW + db, the sum into dx), +1 for the losses, +5 with shared experts; quadratic gates add
 //! their coefficient launches.
 //! `tests/layers` asserts these counts.
 //!

@@ -11,8 +11,8 @@
 //! added too); the aux loss adds 4, the z-loss 2.
 //!
 //! Backward launches: combine backward 1, GEMM2 dgrad with the SwiGLU backward 1, wgrad(W2) 1,
-//! GEMM1 dgrad 1, wgrad(W1) 1 (none for an empty expert mask), select backward 1 (+1 per loss),
-//! gate backward 3 for the linear gate (dX, dW, Σ dz) or `ops::gate::scores_backward`'s count
+//! GEMM1 dgrad 1, wgrad(W1) 1 (none for an empty expert mask), select backward 1 (+1 for the
+//! losses), gate backward 3 for the linear gate (dX, dW, Σ dz) or `ops::gate::scores_backward`'s count
 //! for a quadratic one (6 for low-rank), the sum into dx 1: **10** for the linear router. Shared
 //! experts add 4 GEMMs, 1 sum and the live-row list that keeps tokens routed nowhere out of
 //! their weight gradients (`ops::dispatch::live_rows`), a residual gradient (Chain-of-Experts)
@@ -641,12 +641,14 @@ impl<T: FloatElement> Pass<'_, T> {
         let dw = prefix("dw", &scratch.dw, s.slots)?;
         let mut dz = prefix_mut("dz", &mut scratch.dz, s.tokens * s.experts)?;
         router::select_backward(device, &router_config, &z, &ids, &dw, &mut dz)?;
-        if let (Some(aux), Some((_, workspace))) = (config.aux_config(), &saved.aux) {
-            router::aux_loss_backward(device, &router_config, &aux, &z, workspace, &mut dz)?;
-        }
-        if config.z_loss > 0.0 {
-            router::z_loss_backward(device, &router_config, config.z_loss, &z, &saved.z_workspace, &mut dz)?;
-        }
+        let aux_config = config.aux_config();
+        let aux = match (&aux_config, &saved.aux) {
+            (Some(aux), Some((_, workspace))) => Some((aux, workspace)),
+            _ => None,
+        };
+        let z_loss = (config.z_loss > 0.0).then_some((config.z_loss, &saved.z_workspace));
+        // Both losses' gradients in one launch (none without a loss).
+        router::losses_backward(device, &router_config, &z, aux, z_loss, &mut dz)?;
         let dz = prefix("dz", &scratch.dz, s.tokens * s.experts)?;
         let gate_shape = config.gate_shape(s.tokens);
         let workspace_len = gate::backward_workspace_len(config.gate_form(), &gate_shape)?;

@@ -165,7 +165,7 @@ fn launch_and_host_sync_budgets() {
         let budgets = [
             (RouterKind::Linear, 0, false, 4, 1, 10),
             (quadratic, 0, false, 6, 1, 13),
-            (RouterKind::Linear, 1, true, 4 + 2 + 1, 1, 10 + 5 + 1 + 2),
+            (RouterKind::Linear, 1, true, 4 + 2 + 1, 1, 10 + 5 + 1 + 1),
         ];
         for (router, shared, losses, forward, memsets, backward) in budgets {
             let config = MoeConfig {

@@ -467,8 +467,9 @@ pub fn aux_loss(
 }
 
 /// Adds the aux loss gradient to `dz` `[T, E]`: `dL/dp_{t,i} = alpha (E/k) f_i / T'` (per
-/// sequence at sequence level; `T'` the tokens not routed nowhere) through the dense softmax backward. `workspace` must hold the
-/// [`aux_loss`] of the same logits and ids. One launch; no host sync.
+/// sequence at sequence level; `T'` the tokens not routed nowhere) through the dense softmax
+/// backward. `workspace` must hold the [`aux_loss`] of the same logits and ids. One launch
+/// ([`losses_backward`]); no host sync.
 pub fn aux_loss_backward(
     device: &Device,
     router: &RouterConfig,
@@ -477,24 +478,56 @@ pub fn aux_loss_backward(
     workspace: &AuxLossWorkspace,
     dz: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    let tokens = check_aux_inputs(router, aux, logits, None::<&DeviceBuffer<i32>>)?;
-    workspace.check(router, aux, tokens)?;
+    losses_backward(device, router, logits, Some((aux, workspace)), None, dz)
+}
+
+/// The gradients of the aux loss, the z-loss or both (each as its own `*_backward` defines it),
+/// added into `dz` `[T, E]` in **one launch** (`router_losses_backward_f32`): one pass over the
+/// logits and `dz`, where two launches would take two. Each workspace must hold its loss's forward
+/// of the same logits (from [`losses`], [`aux_loss`] or [`z_loss`]). `dz` gets the bits of the
+/// two single-loss calls, aux first. With neither loss it launches nothing. No host sync.
+pub fn losses_backward(
+    device: &Device,
+    router: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    aux: Option<(&AuxLossConfig, &AuxLossWorkspace)>,
+    z: Option<(f32, &ZLossWorkspace)>,
+    dz: &mut impl DeviceSliceMut<f32>,
+) -> Result<()> {
+    let tokens = router.validate().and_then(|()| router.tokens(logits))?;
+    if let Some((config, workspace)) = aux {
+        check_aux_inputs(router, config, logits, None::<&DeviceBuffer<i32>>)?;
+        workspace.check(router, config, tokens)?;
+    }
+    if let Some((coefficient, workspace)) = z {
+        check_z_loss(router, coefficient, logits, workspace)?;
+    }
     let e = router.experts;
     check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
-    let (_, len) = aux.segments(tokens);
-    // Matches the kernel's parameters, in order:
-    // router_aux_loss_backward_f32(z, lse, counts, live, T, tokens_per_segment, E, scale, dz).
+    let (row_lse, len, scale) = match (aux, z) {
+        (Some((config, workspace)), _) => (
+            &workspace.row_lse,
+            config.segments(tokens).1,
+            config.scale(router, tokens),
+        ),
+        (None, Some((_, workspace))) => (&workspace.row_lse, tokens, 0.0),
+        (None, None) => return Ok(()),
+    };
+    // Matches the kernel's parameters, in order: router_losses_backward_f32(z, lse, counts, live,
+    // T, tokens_per_segment, E, aux_scale, z_live, z_coefficient, dz).
     let args = KernelArgs::new(device)
         .input("logits", logits)
-        .input("row_lse", &workspace.row_lse)
-        .input("counts", &workspace.counts)
-        .input("live_rows", &workspace.live_rows)
+        .input("workspace", row_lse)
+        .input_or_null("workspace", aux.map(|(_, w)| &w.counts))
+        .input_or_null("workspace", aux.map(|(_, w)| &w.live_rows))
         .scalar(tokens as i64)
         .scalar(len.max(1) as i64)
         .scalar(e as i32)
-        .scalar(aux.scale(router, tokens))
+        .scalar(scale)
+        .input_or_null("workspace", z.map(|(_, w)| &w.live_rows))
+        .scalar(z.map_or(0.0, |(coefficient, _)| coefficient))
         .output("dz", dz);
-    device.launch("router_aux_loss_backward_f32", row_launch(tokens)?, args)
+    device.launch("router_losses_backward_f32", row_launch(tokens)?, args)
 }
 
 /// What [`z_loss`] keeps for [`z_loss_backward`]: the per-row log-sum-exp (NaN for a non-finite
@@ -580,7 +613,7 @@ pub fn z_loss(
 }
 
 /// Adds the z-loss gradient `(2 coefficient / T') LSE_t p_{t,j}` to `dz` `[T, E]`; `workspace`
-/// holds the [`z_loss`] of these logits. One launch; no host sync.
+/// holds the [`z_loss`] of these logits. One launch ([`losses_backward`]); no host sync.
 pub fn z_loss_backward(
     device: &Device,
     router: &RouterConfig,
@@ -589,20 +622,7 @@ pub fn z_loss_backward(
     workspace: &ZLossWorkspace,
     dz: &mut impl DeviceSliceMut<f32>,
 ) -> Result<()> {
-    let tokens = check_z_loss(router, coefficient, logits, workspace)?;
-    let e = router.experts;
-    check_len("dz", dz, logits.len(), || format!("[T, E] = [{tokens}, {e}]"))?;
-    // Matches the kernel's parameters, in order:
-    // router_z_loss_backward_f32(z, lse, live, T, E, coefficient, dz).
-    let args = KernelArgs::new(device)
-        .input("logits", logits)
-        .input("row_lse", &workspace.row_lse)
-        .input("live_rows", &workspace.live_rows)
-        .scalar(tokens as i64)
-        .scalar(e as i32)
-        .scalar(coefficient)
-        .output("dz", dz);
-    device.launch("router_z_loss_backward_f32", row_launch(tokens)?, args)
+    losses_backward(device, router, logits, None, Some((coefficient, workspace)), dz)
 }
 
 /// DeepSeek-V3 auxiliary-loss-free balancing: `bias[i] += gamma * sign(mean(c) - c_i)` with the
