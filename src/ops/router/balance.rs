@@ -227,7 +227,8 @@ impl ChunkPartials {
 
 /// What [`aux_loss`] keeps for [`aux_loss_backward`]: per-row log-sum-exp `[T]`, per-sequence
 /// counts `[S, E]` and the tokens routed somewhere per sequence `[S]`; and the per-chunk partials
-/// its launch adds up: counts and probability sums `[S, chunks, E]`, and [`ChunkPartials`].
+/// its launch adds up (counts and probability sums `[S, chunks, E]`; the rows with a finite LSE
+/// and the sum of their squares `[S, chunks]`) with the launch's ticket.
 pub struct AuxLossWorkspace {
     row_lse: DeviceBuffer<f32>,
     counts: DeviceBuffer<i32>,
