@@ -104,7 +104,7 @@ fn z_loss_floor(c: &RouterConfig, tokens: usize) -> Floor {
 }
 
 /// losses (the aux loss and the z-loss in one launch): z and ids read, the row LSE and both
-/// losses written.
+/// losses written (the LSE's copy into the second workspace is the implementation's).
 fn losses_floor(c: &RouterConfig, tokens: usize) -> Floor {
     Floor {
         bytes: bytes(tokens, c.experts) + bytes(tokens, c.k) + bytes(tokens, 1) + 8,

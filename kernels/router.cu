@@ -283,8 +283,9 @@ __device__ __forceinline__ float z_coefficient(float coefficient, float times, i
 //      P[s, e] with P the chunks' prob sums; z_live = the finite rows of the batch and z_loss =
 //      z_coefficient(z_live) * the sum of the chunks' lse^2 (thread-strided, then block_sum).
 //   Every sum has a fixed order: the same inputs give the same bits.
-// Traffic: z read once from memory (pass 2 re-reads the chunk from cache; a chunk of 64 rows at
-//   E = 256 is 64 KiB), ids read once, row_lse written once (read back from cache); 2 E values
+// Traffic: z read once from memory while a chunk fits the caches (pass 2 re-reads it: 64 KiB for
+//   64 rows at E = 256, 256 KiB at E = 1024, and chunks grow past 64 rows above T = 65536, where
+//   pass 2 may read from L2 or memory again), ids read once, row_lse written once (read back from cache); 2 E values
 //   per chunk written, and read once by the last block, whose serial chunk sums (<= 1024 chunks
 //   a segment) are the launch's tail.
 // Launch: grid (1, segments, chunks per segment), block 256, dynamic shared E ints when ids is not

@@ -8,7 +8,7 @@
 //! router's code norms and nearest code take the place of scores and selection, and the map is
 //! `ops::dispatch::routing_map` (1 launch up to T·k = 4096, else 2); with capacity selection
 //! and `routing_map` run apart too. Shared experts add 2 GEMMs (+1 combine when a residual is
-//! added too); the aux loss adds 4, the z-loss 2.
+//! added too); the router losses add 1 (aux and z together).
 //!
 //! Backward launches: combine backward 1, GEMM2 dgrad with the SwiGLU backward 1, wgrad(W2) 1,
 //! GEMM1 dgrad 1, wgrad(W1) 1 (none for an empty expert mask), select backward 1 (+1 for the
