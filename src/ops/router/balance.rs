@@ -364,29 +364,32 @@ where
     let (segments, len) = aux.as_ref().map_or((1, tokens), |a| a.config.segments(tokens));
     let (chunks, tokens_per_chunk) = chunking(len);
     let scale = aux.as_ref().map_or(0.0, |a| a.config.scale(router, tokens));
-    let (mut ids, mut aux_lse, mut aux_partials, mut aux_outputs) = (None, None, None, None);
-    if let Some(AuxLossTarget {
-        ids: i,
-        workspace,
-        loss,
-        ..
-    }) = aux
-    {
-        let AuxLossWorkspace {
-            row_lse,
-            counts,
-            live_rows,
-            chunk_counts,
-            prob_sums,
-            partials,
+    let (ids, aux_lse, aux_partials, chunk_counts, prob_sums, counts, live_rows, aux_loss) = match aux {
+        Some(AuxLossTarget {
+            ids,
+            workspace:
+                AuxLossWorkspace {
+                    row_lse,
+                    counts,
+                    live_rows,
+                    chunk_counts,
+                    prob_sums,
+                    partials,
+                    ..
+                },
+            loss,
             ..
-        } = workspace;
-        (ids, aux_lse, aux_partials) = (Some(i), Some(row_lse), Some(partials));
-        aux_outputs = Some((chunk_counts, prob_sums, counts, live_rows, loss));
-    }
-    let (chunk_counts, prob_sums, counts, live_rows, aux_loss) = match aux_outputs {
-        Some((c, p, n, l, loss)) => (Some(c), Some(p), Some(n), Some(l), Some(loss)),
-        None => (None, None, None, None, None),
+        }) => (
+            Some(ids),
+            Some(row_lse),
+            Some(partials),
+            Some(chunk_counts),
+            Some(prob_sums),
+            Some(counts),
+            Some(live_rows),
+            Some(loss),
+        ),
+        None => (None, None, None, None, None, None, None, None),
     };
     let coefficient = z.as_ref().map_or(0.0, |z| z.coefficient);
     let (z_lse, z_partials, z_live, z_loss) = match z {
