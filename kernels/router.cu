@@ -267,36 +267,84 @@ __device__ __forceinline__ float z_coefficient(float coefficient, float times, i
   return live == 0 ? 0.0f : times * coefficient / float(live);
 }
 
+// The per-chunk partials of router_losses_f32, slot i = s * chunks + c: the chunk's rows with a
+// finite LSE and the sum of their lse^2; with ids, its E counts and E probability sums. A slot
+// may hold the sum of a run of slots instead (the two-level reduction below).
+struct LossPartials {
+  int* live;
+  float* lse_squares;
+  int* counts;       // [slots, E], or null without the aux loss
+  float* prob_sums;  // [slots, E], or null without the aux loss
+
+  // Adds n slots first, first + stride, ... in that order. The loads of a loop's unrolled
+  // iterations are independent of its adds, so up to 8 slots are in flight per thread.
+  __device__ __forceinline__ void sum_rows(i64 first, i64 stride, int n, int* rows, float* squares) const {
+    int r = 0;
+    float q = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < n; ++j) {
+      r += live[first + j * stride];
+      q += lse_squares[first + j * stride];
+    }
+    *rows = r;
+    *squares = q;
+  }
+  __device__ __forceinline__ void sum_column(i64 first, i64 stride, int n, int E, int e, int* count,
+                                             float* prob) const {
+    int c = 0;
+    float p = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < n; ++j) {
+      c += counts[(first + j * stride) * E + e];
+      p += prob_sums[(first + j * stride) * E + e];
+    }
+    *count = c;
+    *prob = p;
+  }
+};
+
+// Chunks a first-level reduction adds: the launch's tail reads at most this many chunks' partials
+// per column, then at most ceil(1024 / 32) = 32 groups' sums.
+constexpr int kChunksPerGroup = 32;
+
 // router_losses_f32: the Switch aux loss (token or sequence level), the z-loss, or both, from the
 // logits z [T, E] (and, for the aux loss, the ids [T, k] selected from them) in one launch.
 // Algorithm: block (s, c) = (blockIdx.y, blockIdx.z) owns chunk c of segment s (token_chunk).
 //   1. Rows (warp w: rows w, w + 8, ... of the chunk): lse = max + log(sum exp(z - max)), NaN for a
 //      non-finite row, into row_lse[t] (and row_lse_copy[t]). The warp keeps its count of finite
-//      rows and the sum of their lse^2; the block adds the warps in warp order into chunk_live
-//      and chunk_lse_squares [S, C]. With ids, the chunk's slots go into a shared histogram
-//      (integer atomics: exact in any order; ids outside [0, E) count nowhere).
-//   2. Columns (thread i: experts i, i + 256, ...): chunk_prob_sums[s, c, e] = the sum over the
-//      chunk's finite rows, in row order, of exp(z[t, e] - lse[t]); chunk_counts[s, c, e] = the
-//      histogram.
-//   3. The last block to arrive (ticket; it resets it) adds the chunks in chunk order:
-//      live_rows[s] and counts[s, e]; aux_loss = sum_{s, e} aux_coefficient(s) counts[s, e]
-//      P[s, e] with P the chunks' prob sums; z_live = the finite rows of the batch and z_loss =
-//      z_coefficient(z_live) * the sum of the chunks' lse^2 (thread-strided, then block_sum).
+//      rows and the sum of their lse^2; the block adds the warps in warp order into its slot's
+//      live and lse_squares. With ids, the chunk's slots go into a shared histogram (integer
+//      atomics: exact in any order; ids outside [0, E) count nowhere).
+//   2. Columns (thread i: experts i, i + 256, ...): prob_sums[slot, e] = the sum over the chunk's
+//      finite rows, in row order, of exp(z[t, e] - lse[t]); counts[slot, e] = the histogram.
+//   3. Groups: the chunks of a segment form groups of kChunksPerGroup (the last may be shorter).
+//      The last block of a group to arrive (group_tickets[the group's first slot]; it resets it)
+//      adds the group's slots in chunk order into its first slot. A group of one chunk already
+//      is its sum. Groups finish while other blocks still run, so only the last one's sum is on
+//      the launch's tail.
+//   4. The last group to arrive (ticket; it resets it) adds each segment's group sums in group
+//      order: live_rows[s] and counts[s, e]; aux_loss = sum_{s, e} aux_coefficient(s)
+//      counts[s, e] P[s, e] with P the summed probabilities; z_live = the finite rows of the
+//      batch and z_loss = z_coefficient(z_live) * the sum of the groups' lse^2 (thread-strided,
+//      then block_sum).
 //   Every sum has a fixed order: the same inputs give the same bits.
 // Traffic: z read once from memory while a chunk fits the caches (pass 2 re-reads it: 64 KiB for
 //   64 rows at E = 256, 256 KiB at E = 1024, and chunks grow past 64 rows above T = 65536, where
-//   pass 2 may read from L2 or memory again), ids read once, row_lse written once (read back from cache); 2 E values
-//   per chunk written, and read once by the last block, whose serial chunk sums (<= 1024 chunks
-//   a segment) are the launch's tail.
+//   pass 2 may read from L2 or memory again), ids read once, row_lse written once (read back
+//   from cache); 2 E + 2 values per chunk written and read once by its group's last block, and
+//   one slot per group read by the last block. The tail is one group's sum (<= 32 slots a
+//   column) and then <= 32 group sums per column of each segment: S E columns over 256 threads.
 // Launch: grid (1, segments, chunks per segment), block 256, dynamic shared E ints when ids is not
 //   null (else 0). ids null: no aux loss (chunk_counts, chunk_prob_sums, counts, live_rows and
-//   aux_loss are null too). z_loss null: no z-loss (z_live null). ticket: one int, zero.
+//   aux_loss are null too). z_loss null: no z-loss (z_live null). ticket: one int, zero;
+//   group_tickets: one int per chunk slot [S, chunks], zero.
 extern "C" __global__ void router_losses_f32(const float* z, const int* ids, long long tokens_per_segment,
                                              long long tokens_per_chunk, int E, int k, float* row_lse,
                                              float* row_lse_copy, int* chunk_live, float* chunk_lse_squares,
-                                             int* chunk_counts, float* chunk_prob_sums, int* ticket,
-                                             double aux_scale, int* counts, int* live_rows, float* aux_loss,
-                                             float z_loss_coefficient, int* z_live, float* z_loss) {
+                                             int* chunk_counts, float* chunk_prob_sums, int* group_tickets,
+                                             int* ticket, double aux_scale, int* counts, int* live_rows,
+                                             float* aux_loss, float z_loss_coefficient, int* z_live,
+                                             float* z_loss) {
   __shared__ float warp_squares[kSliceWarps];
   __shared__ int warp_live[kSliceWarps];
   __shared__ float float_scratch[kLossThreads];
@@ -305,12 +353,14 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
   DYN_SHARED(int, histogram);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
-  const i64 chunk_index = i64(blockIdx.y) * gridDim.z + blockIdx.z;
+  const i64 chunks = gridDim.z;
+  const i64 slot = i64(blockIdx.y) * chunks + blockIdx.z;
+  const LossPartials partials{chunk_live, chunk_lse_squares, chunk_counts, chunk_prob_sums};
   if (ids) {
     for (int e = threadIdx.x; e < E; e += kLossThreads) histogram[e] = 0;
     __syncthreads();
-    for (i64 slot = chunk.first * k + threadIdx.x; slot < chunk.end * k; slot += kLossThreads) {
-      const int id = ids[slot];
+    for (i64 i = chunk.first * k + threadIdx.x; i < chunk.end * k; i += kLossThreads) {
+      const int id = ids[i];
       if (id >= 0 && id < E) atomicAdd(&histogram[id], 1);
     }
   }
@@ -342,8 +392,8 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
       chunk_squares += warp_squares[w];
       chunk_rows += warp_live[w];
     }
-    chunk_lse_squares[chunk_index] = chunk_squares;
-    chunk_live[chunk_index] = chunk_rows;
+    chunk_lse_squares[slot] = chunk_squares;
+    chunk_live[slot] = chunk_rows;
   }
   // 2. Columns.
   if (ids)
@@ -353,29 +403,48 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
         const float lse = row_lse[t];
         if (lse == lse) sum += expf(z[t * E + e] - lse);
       }
-      chunk_prob_sums[chunk_index * E + e] = sum;
-      chunk_counts[chunk_index * E + e] = histogram[e];
+      chunk_prob_sums[slot * E + e] = sum;
+      chunk_counts[slot * E + e] = histogram[e];
     }
-  // 3. The last block.
-  const i64 segments = gridDim.y, chunks = gridDim.z;
-  if (!last_to_arrive(ticket, int(segments * chunks), &last_block)) return;
+  // 3. The group's last block.
+  const i64 group_chunk = i64(blockIdx.z) / kChunksPerGroup * kChunksPerGroup;  // its first chunk
+  const i64 group_first = i64(blockIdx.y) * chunks + group_chunk;                 // and slot
+  const int group_size = int(min(i64(kChunksPerGroup), chunks - group_chunk));
+  if (group_size > 1) {
+    if (!last_to_arrive(group_tickets + group_first, group_size, &last_block)) return;
+    if (threadIdx.x == 0) {
+      group_tickets[group_first] = 0;
+      int rows;
+      float group_squares;
+      partials.sum_rows(group_first, 1, group_size, &rows, &group_squares);
+      chunk_live[group_first] = rows;
+      chunk_lse_squares[group_first] = group_squares;
+    }
+    if (ids)
+      for (int e = threadIdx.x; e < E; e += kLossThreads) {
+        int count;
+        float prob;
+        partials.sum_column(group_first, 1, group_size, E, e, &count, &prob);
+        chunk_counts[group_first * E + e] = count;
+        chunk_prob_sums[group_first * E + e] = prob;
+      }
+  }
+  // 4. The last group.
+  const i64 segments = gridDim.y, groups = (chunks + kChunksPerGroup - 1) / kChunksPerGroup;
+  if (!last_to_arrive(ticket, int(segments * groups), &last_block)) return;
   if (threadIdx.x == 0) *ticket = 0;
   if (ids) {
     for (i64 s = threadIdx.x; s < segments; s += kLossThreads) {
-      int rows = 0;
-      for (i64 c = 0; c < chunks; ++c) rows += chunk_live[s * chunks + c];
-      live_rows[s] = rows;
+      float unused;
+      partials.sum_rows(s * chunks, kChunksPerGroup, int(groups), &live_rows[s], &unused);
     }
     __syncthreads();
     float partial = 0.0f;
     for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
-      const i64 s = i / E, e = i % E;
-      int count = 0;
-      float prob = 0.0f;
-      for (i64 c = 0; c < chunks; ++c) {
-        count += chunk_counts[(s * chunks + c) * E + e];
-        prob += chunk_prob_sums[(s * chunks + c) * E + e];
-      }
+      const i64 s = i / E;
+      int count;
+      float prob;
+      partials.sum_column(s * chunks, kChunksPerGroup, int(groups), E, int(i % E), &count, &prob);
       counts[i] = count;
       partial += aux_coefficient(aux_scale, live_rows[s]) * float(count) * prob;
     }
@@ -385,9 +454,10 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
   if (z_loss) {
     float partial = 0.0f;
     int rows = 0;
-    for (i64 i = threadIdx.x; i < segments * chunks; i += kLossThreads) {
-      partial += chunk_lse_squares[i];
-      rows += chunk_live[i];
+    for (i64 i = threadIdx.x; i < segments * groups; i += kLossThreads) {
+      const i64 group = (i / groups) * chunks + (i % groups) * kChunksPerGroup;
+      partial += chunk_lse_squares[group];
+      rows += chunk_live[group];
     }
     const float total = block_sum(partial, float_scratch);
     const int total_rows = block_sum(rows, int_scratch);

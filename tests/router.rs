@@ -935,6 +935,105 @@ proptest! {
     }
 }
 
+/// `router::losses` past one group of 32 chunks (64 rows a chunk): a group's last block adds its
+/// chunks and the grid's last block the groups. A segment of 33 chunks ends in a group of one
+/// (its own sum), one of 67 in a group of 3, and two sequences of 34 chunks end in groups of 2.
+/// Both losses, the per-sequence counts and live rows match the references, and a second launch
+/// has the same bits (every ticket was reset).
+#[test]
+fn losses_add_chunk_groups_then_groups() {
+    let chunk = 64;
+    for (experts, segments, segment_len, sequence_level) in [
+        (8, 1, 33 * chunk, false),
+        (60, 1, 66 * chunk + 5, false),
+        (8, 2, 34 * chunk, true),
+    ] {
+        let mut rng = Rng::new(segment_len as u64);
+        let router = RouterConfig {
+            experts,
+            k: 2,
+            ..RouterConfig::default()
+        };
+        let tokens = segments * segment_len;
+        let aux = AuxLossConfig {
+            alpha: 0.02,
+            sequence_length: sequence_level.then_some(segment_len),
+        };
+        let coefficient = 1e-3;
+        let logits = random_logits(&mut rng, &router, tokens, Rows::WithSpecials);
+        let ids = reference::select(&router, &logits, None).ids;
+        let want = [
+            reference::aux_loss(&router, &aux, &logits, &ids),
+            reference::z_loss(experts, coefficient, &logits),
+        ];
+        let (sequences, sequence_len) = if sequence_level {
+            (segments, segment_len)
+        } else {
+            (1, tokens)
+        };
+        let (mut want_counts, mut want_live) = (Vec::new(), Vec::new());
+        for s in 0..sequences {
+            let rows = s * sequence_len..(s + 1) * sequence_len;
+            want_counts.extend(reference::expert_counts(experts, &ids[rows.start * 2..rows.end * 2]));
+            let live = logits[rows.start * experts..rows.end * experts]
+                .chunks(experts)
+                .filter(|row| reference::row_logsumexp(row).is_some())
+                .count();
+            want_live.push(live as i32);
+        }
+        for device in devices() {
+            let (z, d_ids) = (device.upload(&logits).unwrap(), device.upload(&ids).unwrap());
+            let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
+            let mut z_ws = ZLossWorkspace::new(&device, tokens).unwrap();
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut aux_loss = device.upload(&[f32::NAN]).unwrap();
+                let mut z_loss = device.upload(&[f32::NAN]).unwrap();
+                router::losses(
+                    &device,
+                    &router,
+                    &z,
+                    Some(AuxLossTarget {
+                        config: &aux,
+                        ids: &d_ids,
+                        workspace: &mut aux_ws,
+                        loss: &mut aux_loss,
+                    }),
+                    Some(ZLossTarget {
+                        coefficient,
+                        workspace: &mut z_ws,
+                        loss: &mut z_loss,
+                    }),
+                )
+                .unwrap();
+                runs.push([
+                    device.download(&aux_loss).unwrap()[0],
+                    device.download(&z_loss).unwrap()[0],
+                ]);
+            }
+            let case = format!("E = {experts}, {segments} x {segment_len} tokens, sequence level {sequence_level}");
+            assert_eq!(
+                runs[0].map(f32::to_bits),
+                runs[1].map(f32::to_bits),
+                "{case}: a second launch differs"
+            );
+            assert_close(&case, &runs[0], &want, Tolerance { atol: 1e-7, rtol: 1e-4 });
+            assert_eq!(device.download(aux_ws.counts()).unwrap(), want_counts, "{case}: counts");
+            assert_eq!(
+                device.download(aux_ws.live_rows()).unwrap(),
+                want_live,
+                "{case}: live rows"
+            );
+            let live: i32 = want_live.iter().sum();
+            assert_eq!(
+                device.download(z_ws.live_rows()).unwrap(),
+                vec![live],
+                "{case}: z live rows"
+            );
+        }
+    }
+}
+
 /// The loss references' gradients against finite differences (ids held fixed).
 #[test]
 fn reference_loss_gradients_match_finite_differences() {
@@ -1268,7 +1367,8 @@ fn select_and_backward_touch_only_their_floor_bytes() {
 }
 
 /// In the profiling build: `router::losses` with both targets reads z and the ids once from
-/// memory, and beyond them only its own row LSEs and per-chunk partials (once each), and every
+/// memory, and beyond them only its own row LSEs, per-chunk partials and tickets; it reduces the
+/// partials in two levels (a ticket per chunk in its group, one per group in the grid); and every
 /// full-warp load is coalesced (16-byte row loads at 16 sectors a request, 4-byte column loads
 /// at 4).
 #[test]
@@ -1279,7 +1379,7 @@ fn select_and_backward_touch_only_their_floor_bytes() {
 fn losses_read_z_and_ids_once() {
     let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
     let device = Device::Emulator(emulator.clone());
-    let (tokens, e, k, chunks) = (256u64, 64u64, 4u64, 4u64);
+    let (tokens, e, k, chunks) = (34 * 64u64, 64u64, 4u64, 34u64);
     let router = RouterConfig {
         experts: e as usize,
         k: k as usize,
@@ -1313,20 +1413,25 @@ fn losses_read_z_and_ids_once() {
     let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
     assert_eq!(p.kernel, "router_losses_f32");
     assert_eq!(p.config.grid, (1, 1, chunks as u32), "64 rows a chunk");
-    // Per chunk: its finite rows and their LSE^2 sum, then E counts and E probability sums.
+    // Per chunk: its finite rows and their LSE^2 sum, then E counts and E probability sums. The
+    // groups of chunks 0..32 and 32..34 sum theirs into the slots of chunks 0 and 32.
     let partials = 4 * chunks * (2 + 2 * e);
-    let (ticket, live_rows) = (4, 4);
+    let groups = 2;
+    let (tickets, live_rows) = (4 * groups + 4, 4);
     assert_eq!(
         p.unique_global_load_bytes,
-        4 * tokens * e + 4 * tokens * k + 4 * tokens + partials + ticket + live_rows,
-        "z, ids, the row LSEs read back, the partials, the ticket, live rows"
+        4 * tokens * e + 4 * tokens * k + 4 * tokens + partials + tickets + live_rows,
+        "z, ids, the row LSEs read back, the partials, the tickets, live rows"
     );
     let results = 4 * e + live_rows + 4 + 4 + 4;
     assert_eq!(
         p.unique_global_store_bytes,
-        2 * 4 * tokens + partials + ticket + results,
-        "row LSEs (both workspaces), partials, ticket, counts, live rows, both losses and z's live rows"
+        2 * 4 * tokens + partials + tickets + results,
+        "row LSEs (both workspaces), partials, tickets, counts, live rows, both losses and z's live rows"
     );
+    // Every chunk takes its group's ticket, every group the grid's: two levels, not one.
+    let atomics = p.traffic(Space::Global, Access::Atomic);
+    assert_eq!(atomics.lane_accesses, chunks + groups, "{atomics:?}");
     let full_warp_loads: Vec<_> = p
         .sites
         .iter()

@@ -20,7 +20,8 @@ const SUM_THREADS: u32 = 256;
 const MAX_SEGMENTS: usize = 65535;
 
 /// Tokens per block of the per-expert reductions: enough blocks to fill a GPU, at most
-/// `MAX_CHUNKS` per segment (a second level adds the chunks' partial sums one by one).
+/// `MAX_CHUNKS` per segment (a second level adds the chunks' partial sums in order: one by one
+/// for the statistics, in groups of 32 and then the groups for the losses).
 const MIN_TOKENS_PER_CHUNK: usize = 64;
 const MAX_CHUNKS: usize = 1024;
 
@@ -206,12 +207,14 @@ impl AuxLossConfig {
     }
 }
 
-/// Per-chunk partial results of one [`losses`] launch, which its last block adds in chunk order:
-/// the rows with a finite log-sum-exp and the sum of their squared LSEs `[S, chunks]`, and the
-/// grid's arrival ticket (zero between launches: the last block resets it).
+/// Per-chunk partial results of one [`losses`] launch, which it adds in two levels (groups of 32
+/// chunks, then the groups, each in order): the rows with a finite log-sum-exp and the sum of
+/// their squared LSEs `[S, chunks]`, the groups' arrival tickets (one slot a chunk) and the
+/// grid's (all zero between launches: each level's last block resets its own).
 struct ChunkPartials {
     live: DeviceBuffer<i32>,
     lse_squares: DeviceBuffer<f32>,
+    group_tickets: DeviceBuffer<i32>,
     ticket: DeviceBuffer<i32>,
 }
 
@@ -220,6 +223,7 @@ impl ChunkPartials {
         Ok(Self {
             live: device.alloc_zeros(chunks)?,
             lse_squares: device.alloc_zeros(chunks)?,
+            group_tickets: device.alloc_zeros(chunks)?,
             ticket: device.alloc_zeros(1)?,
         })
     }
@@ -327,8 +331,8 @@ pub struct ZLossTarget<'a, L> {
 
 /// The aux loss, the z-loss or both of `logits` `[T, E]` in **one launch** (`router_losses_f32`):
 /// each row's log-sum-exp is taken once for both, the counts come from the ids in the same pass,
-/// and the launch's last block adds every per-chunk partial in a fixed order and writes the
-/// losses. Each target's workspace is filled for its backward. With neither target it launches
+/// the last block of each group of 32 chunks adds the group's partials, and the launch's last
+/// block adds the groups' sums (each level in a fixed order) and writes the losses. Each target's workspace is filled for its backward. With neither target it launches
 /// nothing. No host sync. A launch that fails part-way (on the emulator, a sanitizer or race
 /// report) may leave a workspace's grid ticket counted: make new workspaces after such an error.
 ///
@@ -413,7 +417,8 @@ where
     let partials = aux_partials.or(z_partials).expect("a target is present");
     // Matches the kernel's parameters, in order: router_losses_f32(z, ids, tokens_per_segment,
     // tokens_per_chunk, E, k, row_lse, row_lse_copy, chunk_live, chunk_lse_squares, chunk_counts,
-    // chunk_prob_sums, ticket, aux_scale, counts, live_rows, aux_loss, z_coefficient, z_live, z_loss).
+    // chunk_prob_sums, group_tickets, ticket, aux_scale, counts, live_rows, aux_loss, z_coefficient,
+    // z_live, z_loss).
     let args = KernelArgs::new(device)
         .input("logits", logits)
         .input_or_null("ids", ids)
@@ -427,6 +432,7 @@ where
         .output("workspace", &mut partials.lse_squares)
         .output_or_null("workspace", chunk_counts)
         .output_or_null("workspace", prob_sums)
+        .output("workspace", &mut partials.group_tickets)
         .output("workspace", &mut partials.ticket)
         .scalar(scale)
         .output_or_null("workspace", counts)
