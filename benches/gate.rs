@@ -202,6 +202,7 @@ fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterCon
         config: &map_config,
         map: &mut map,
         workspace: &mut workspace,
+        zeroed: true, // every run completes its map, which leaves the workspace zeroed
     };
     let no_bias = None::<&DeviceBuffer<f32>>;
     let floor = route_floor(shape, k);

@@ -245,6 +245,7 @@ fn select_with_map(op: &str, device: &Device, c: &RouterConfig, b: &mut Buffers)
         config: &config,
         map: &mut b.map,
         workspace: &mut b.counted_workspace,
+        zeroed: true, // every run completes its map, which leaves the workspace zeroed
     };
     let counted = (op == "select_counted").then_some(&mut target);
     router::select_counted(

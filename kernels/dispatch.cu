@@ -115,12 +115,12 @@ EMU_EXPORT(dispatch_map_count)
 // dispatch_map_rank: the stable placement of one tile, after dispatch_map_count in the same order.
 // Launch: the same grid as dispatch_map_count; MAP_THREADS; dynamic shared MAP_WARPS·(L + 1) ints.
 // Block b ranks its tile (place_tile: warp w owns tile_slots / MAP_WARPS consecutive slots),
-// starting from the tile's prefix in the workspace. PRIORITY_ORDER: inverse[slot] = 0 kept / -1 dropped.
+// starting from the tile's prefix in the workspace, which it clears (place_tile). PRIORITY_ORDER: inverse[slot] = 0 kept / -1 dropped.
 // SOURCE_ORDER (`filter`: read those flags first): sorted_rows and inverse, then the grid marks
 // unused rows -1. Traffic: ids once, inverse written twice (scratch rank, then final), sorted_rows once.
 extern "C" __global__ void dispatch_map_rank(const int* ids, int tokens, int k, int num_experts, int expert_begin,
                                              int local_experts, int capacity, int order, int tile_slots,
-                                             int filter, int sorted_len, const int* workspace, const int* counts,
+                                             int filter, int sorted_len, int* workspace, const int* counts,
                                              const int* offsets, int* sorted_rows, int* inverse) {
   DYN_SHARED(int, warp_counts);
   const MapShape m{ids, tokens, k, num_experts, expert_begin, local_experts};

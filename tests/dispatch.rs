@@ -24,7 +24,9 @@ use moe_kernels::reference::dispatch as reference;
 use moe_kernels::{Device, DeviceBuffer};
 
 /// The map the device builds, downloaded, after checking that building it took the documented
-/// number of launches (1 single-block, 2 tiled, 4 tiled with capacity) and never synced the host.
+/// number of launches (1 single-block, 2 tiled, 4 tiled with capacity), never synced the host,
+/// and left its workspace zeroed (each placement clears the tile counts it reads), as a counted
+/// map's next count may assume (`CountedMap::zeroed`).
 fn device_map(device: &Device, ids: &[i32], tokens: usize, k: usize, config: &MapConfig) -> reference::RoutingMap {
     let ids_d = device.upload(ids).unwrap();
     let mut map = RoutingMap::alloc(device, tokens, k, config).unwrap();
@@ -44,6 +46,11 @@ fn device_map(device: &Device, ids: &[i32], tokens: usize, k: usize, config: &Ma
         after.launches - before.launches,
         expected_launches,
         "launches of routing_map"
+    );
+    let workspace = device.download(&workspace).unwrap();
+    assert!(
+        workspace.iter().all(|&v| v == 0),
+        "the workspace after routing_map: {workspace:?}"
     );
     download_map(device, &map)
 }

@@ -502,6 +502,7 @@ fn nonfinite_rows_beside_finite_rows_with_row_sums() {
                     config: &map_config,
                     map: &mut map,
                     workspace: &mut workspace,
+                    zeroed: false,
                 };
                 let z = device.upload(&logits).unwrap();
                 let mut ids = device.alloc_zeros::<i32>(tokens * 4).unwrap();

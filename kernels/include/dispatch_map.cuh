@@ -290,16 +290,20 @@ __device__ __forceinline__ void mark_unused_rows(int local_experts, const int* c
 // from the tile's prefix in the workspace: phases 1-3 above (`filter`: read the capacity pass's
 // kept flags from inverse first). warp_counts: MAP_WARPS·(L + 1) shared ints. A block that
 // places several tiles separates them with a __syncthreads.
+// The tile's prefix is cleared once read (each thread clears the buckets it read), so a map
+// whose every tile is placed leaves its workspace zeroed (the tickets reset themselves): the
+// next count on it needs no memset. Placing a tile consumes its count.
 __device__ __forceinline__ void place_tile(const MapShape& m, int order, int capacity, int tile_slots, int tile,
-                                           bool filter, int sorted_len, const int* workspace, const int* offsets,
+                                           bool filter, int sorted_len, int* workspace, const int* offsets,
                                            int* warp_counts, int* sorted_rows, int* inverse) {
   const i64 begin = i64(tile) * tile_slots, end = min(i64(m.slots()), begin + tile_slots);
   i64 first, last;
   warp_range(begin, end, tile_slots / MAP_WARPS, first, last);
   rank_in_warp(m, order, filter ? inverse : nullptr, first, last, warp_counts, inverse);
   __syncthreads();
-  const int* tile_prefix = workspace + MAP_WORKSPACE_HEADER + i64(tile) * m.buckets();
+  int* tile_prefix = workspace + MAP_WORKSPACE_HEADER + i64(tile) * m.buckets();
   warp_prefix(m.buckets(), warp_counts, tile_prefix, nullptr);
+  for (int b = threadIdx.x; b < m.buckets(); b += blockDim.x) tile_prefix[b] = 0;
   __syncthreads();
   place_slots(m, order, first, last, warp_counts, offsets, capacity, sorted_len, sorted_rows, inverse);
 }

@@ -169,6 +169,9 @@ pub(crate) fn saved_bytes_per_token(config: &MoeConfig, element_bytes: usize) ->
 /// Buffers every pass reuses, forward and backward, sized for `max_tokens`.
 pub(crate) struct Scratch<T: FloatElement> {
     pub(super) map_workspace: DeviceBuffer<i32>,
+    /// `map_workspace` is all zeros (fresh, or left so by the last map), so the next count skips
+    /// its memset (`CountedMap::zeroed`).
+    pub(super) map_workspace_zeroed: bool,
     /// Non-finite router rows, summed over every call since construction.
     pub(crate) nonfinite_rows: DeviceBuffer<u32>,
     /// ‖c_j‖² of a codebook router (`[E]`; empty for the others).
@@ -210,6 +213,7 @@ impl<T: FloatElement> Scratch<T> {
                 map.workspace_len(s.tokens, s.k)?
                     .max(map.counted_workspace_len(s.tokens, s.k)?),
             )?,
+            map_workspace_zeroed: true,
             nonfinite_rows: device.alloc_zeros(1)?,
             code_norms: device.alloc_zeros(if config.router == RouterKind::Codebook {
                 s.experts

@@ -4,7 +4,8 @@
 //!
 //! Forward launches (linear or quadratic router, no shared experts, no capacity, any T): scores
 //! 1, selection with the routing map's count 1, the map's placement 1, GEMM1 + SwiGLU (gathered
-//! rows) 1, GEMM2 1, combine (weights and residual) 1 = **6**, and one memset. The codebook
+//! rows) 1, GEMM2 1, combine (weights and residual) 1 = **6**, and no memset (the placement
+//! clears the map workspace's per-tile counts, so the next count finds it zeroed). The codebook
 //! router's code norms and nearest code take the place of scores and selection, and the map is
 //! `ops::dispatch::routing_map` (1 launch up to T·k = 4096, else 2); with capacity selection
 //! and `routing_map` run apart too. Shared experts add 2 GEMMs (+1 combine when a residual is
@@ -154,11 +155,14 @@ impl<T: FloatElement> Pass<'_, T> {
             map_config.workspace_len(s.tokens, s.k)?
         };
         let scratch = &mut *self.scratch;
+        // Cleared while the map is under way: a pass that fails part-way leaves it false.
+        let zeroed = std::mem::replace(&mut scratch.map_workspace_zeroed, false);
         let mut workspace = prefix_mut("map_workspace", &mut scratch.map_workspace, workspace_len)?;
         let mut target = CountedMap {
             config: &map_config,
             map: &mut map,
             workspace: &mut workspace,
+            zeroed,
         };
         if by_router {
             let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
@@ -207,6 +211,9 @@ impl<T: FloatElement> Pass<'_, T> {
             routing_map(device, &ids, s.tokens, s.k, &map_config, target.map, target.workspace)?;
             mark(&mut stages, "dispatch: routing map");
         }
+        // A counted map (its count zeroes the workspace first unless it was) leaves it zeroed, and
+        // routing_map leaves it at least as zeroed as it found it.
+        scratch.map_workspace_zeroed = zeroed || counted;
 
         let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
         let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;

@@ -30,7 +30,8 @@ fn logits(rng: &mut Rng, tokens: usize, experts: usize) -> Vec<f32> {
     z
 }
 
-/// With a `workspace`: select_counted + place_counted on `device`. Without: the selection alone
+/// With a `workspace`: select_counted + place_counted on `device`, `zeroed` passed on (the count's
+/// memset skipped), after which the workspace must be all zeros. Without: the selection alone
 /// and the reference map of its ids. Asserts the launches (2 or 1), memsets and no host sync.
 fn route<W: DeviceSliceMut<i32>>(
     device: &Device,
@@ -38,6 +39,7 @@ fn route<W: DeviceSliceMut<i32>>(
     map_config: &MapConfig,
     z: &[f32],
     workspace: Option<&mut W>,
+    zeroed: bool,
 ) -> Routed {
     let tokens = z.len() / router_config.experts;
     let k = router_config.k;
@@ -52,6 +54,7 @@ fn route<W: DeviceSliceMut<i32>>(
         config: map_config,
         map: &mut map,
         workspace,
+        zeroed,
     });
     let before = device.stats();
     router::select_counted(
@@ -70,8 +73,15 @@ fn route<W: DeviceSliceMut<i32>>(
     }
     let after = device.stats();
     assert_eq!(after.launches - before.launches, 1 + counting as u64, "launches");
-    assert_eq!(after.memsets - before.memsets, counting as u64, "memsets");
+    assert_eq!(after.memsets - before.memsets, (counting && !zeroed) as u64, "memsets");
     assert_eq!(after.host_syncs, before.host_syncs, "host syncs");
+    if let Some(target) = &target {
+        let workspace = device.download(&*target.workspace).unwrap();
+        assert!(
+            workspace.iter().all(|&v| v == 0),
+            "the workspace after the map: {workspace:?}"
+        );
+    }
     let map = if counting {
         download_map(device, &map)
     } else {
@@ -143,11 +153,20 @@ fn counted_map_matches_select_and_the_reference_map() {
             let mut workspace = device
                 .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, k).unwrap())
                 .unwrap();
-            // Twice on one workspace: the second map must not see the first one's counts.
-            for _ in 0..2 {
+            // Twice on one workspace: the second map must not see the first one's counts. The
+            // first count zeroes the workspace (a memset); the second trusts the first map to
+            // have left it zeroed (none).
+            for zeroed in [false, true] {
                 let z = logits(&mut rng, tokens, experts);
-                let got = route(&device, &router_config, map_config, &z, Some(&mut workspace));
-                let want = route(&device, &router_config, map_config, &z, None::<&mut DeviceBuffer<i32>>);
+                let got = route(&device, &router_config, map_config, &z, Some(&mut workspace), zeroed);
+                let want = route(
+                    &device,
+                    &router_config,
+                    map_config,
+                    &z,
+                    None::<&mut DeviceBuffer<i32>>,
+                    false,
+                );
                 assert_eq!(
                     got,
                     want,
@@ -181,9 +200,16 @@ fn counted_map_stays_inside_its_workspace_when_the_tiles_are_full() {
         let mut guarded = device.upload(&vec![GUARD; len + 64]).unwrap();
         let got = {
             let mut workspace = guarded.slice_mut(..len).unwrap();
-            route(&device, &router_config, &map_config, &z, Some(&mut workspace))
+            route(&device, &router_config, &map_config, &z, Some(&mut workspace), false)
         };
-        let want = route(&device, &router_config, &map_config, &z, None::<&mut DeviceBuffer<i32>>);
+        let want = route(
+            &device,
+            &router_config,
+            &map_config,
+            &z,
+            None::<&mut DeviceBuffer<i32>>,
+            false,
+        );
         assert_eq!(got, want, "{}", device.description());
         let after = device.download(&guarded).unwrap();
         assert!(
@@ -215,6 +241,7 @@ fn bad_counted_maps_are_refused_before_any_launch() {
                 config: map_config,
                 map: &mut map,
                 workspace: &mut workspace,
+                zeroed: false,
             };
             let before = device.stats();
             let no_bias = None::<&DeviceBuffer<f32>>;
@@ -268,11 +295,47 @@ fn bad_counted_maps_are_refused_before_any_launch() {
             config: &good,
             map: &mut map,
             workspace: &mut workspace,
+            zeroed: false,
         };
         assert_refused(&device, "ids", || {
             dispatch::place_counted(&device, &short_ids, tokens, k, &mut target)
         });
     }
+}
+
+/// The count of a selection, never placed: its per-tile prefixes stay in `workspace`.
+fn count_only(
+    device: &Device,
+    router_config: &RouterConfig,
+    map_config: &MapConfig,
+    z: &[f32],
+    workspace: &mut DeviceBuffer<i32>,
+) {
+    let tokens = z.len() / router_config.experts;
+    let k = router_config.k;
+    let z = device.upload(z).unwrap();
+    let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
+    let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
+    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+    let mut map = RoutingMap::alloc(device, tokens, k, map_config).unwrap();
+    let mut target = CountedMap {
+        config: map_config,
+        map: &mut map,
+        workspace,
+        zeroed: false,
+    };
+    let no_bias = None::<&DeviceBuffer<f32>>;
+    router::select_counted(
+        device,
+        router_config,
+        &z,
+        no_bias,
+        &mut ids,
+        &mut weights,
+        &mut nonfinite,
+        Some(&mut target),
+    )
+    .unwrap();
 }
 
 /// A placement after the count of other ids (a misuse) gives a wrong map, but every write stays
@@ -301,17 +364,23 @@ fn a_mismatched_placement_stays_in_bounds() {
         let mut workspace = device
             .alloc_zeros::<i32>(config.counted_workspace_len(600, k).unwrap())
             .unwrap();
-        route(&device, &router_config, &config, &z, Some(&mut workspace));
+        count_only(&device, &router_config, &config, &z, &mut workspace);
         let tokens = 300;
         let ids: Vec<i32> = (0..tokens * k).map(|_| rng.below(experts) as i32).collect();
         let ids_d = device.upload(&ids).unwrap();
         let mut map = RoutingMap::alloc(&device, tokens, k, &config).unwrap();
         let len = config.counted_workspace_len(tokens, k).unwrap();
-        let mut stale = device.upload(&device.download(&workspace).unwrap()[..len]).unwrap();
+        let stale_counts = device.download(&workspace).unwrap()[..len].to_vec();
+        assert!(
+            stale_counts.iter().any(|&c| c != 0),
+            "the count left no prefix to misuse"
+        );
+        let mut stale = device.upload(&stale_counts).unwrap();
         let mut target = CountedMap {
             config: &config,
             map: &mut map,
             workspace: &mut stale,
+            zeroed: false,
         };
         dispatch::place_counted(&device, &ids_d, tokens, k, &mut target).unwrap();
         let got = download_map(&device, &map);

@@ -97,6 +97,7 @@ fn route<T: FloatElement>(
         config: map_config,
         map: &mut map,
         workspace: &mut workspace,
+        zeroed: true, // fresh
     });
     let before = device.stats();
     if step == Step::Whole {
@@ -152,6 +153,14 @@ fn route<T: FloatElement>(
     }
     if let Some(target) = target.as_mut().filter(|_| step != Step::Whole) {
         dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
+    }
+    if let Some(target) = &target {
+        // The placement cleared every tile's counts: the next count needs no memset.
+        let workspace = device.download(&*target.workspace).unwrap();
+        assert!(
+            workspace.iter().all(|&v| v == 0),
+            "the map workspace after the map: {workspace:?}"
+        );
     }
     let map = counted.then(|| {
         [&map.counts, &map.offsets, &map.sorted_rows, &map.inverse, &map.status]

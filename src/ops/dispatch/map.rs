@@ -145,11 +145,22 @@ pub fn routing_map<B: DeviceSliceMut<i32>>(
 /// is always tiled ([`MapConfig::counted_tile_slots`]). No capacity: its priority pass must see
 /// every id before any slot is counted, so a config with capacity is refused (use
 /// [`routing_map`]).
+///
+/// The workspace carries the per-tile counts from the count to the placement, which clears each
+/// tile's as it reads them: a completed map leaves the workspace all zeros (its tickets reset
+/// themselves), as does every [`routing_map`] and [`gate::route`](crate::ops::gate::route) at
+/// decode. The count needs it zeroed: it clears it first (one memset) unless `zeroed` says it
+/// already is.
 pub struct CountedMap<'a, B, W> {
     pub config: &'a MapConfig,
     pub map: &'a mut RoutingMap<B>,
     /// `config.counted_workspace_len(T, k)` i32s: the per-tile counts, from the count to the placement.
     pub workspace: &'a mut W,
+    /// The caller vouches that `workspace` is all zeros: fresh from `alloc_zeros`, or left so by
+    /// a completed map (the count and the placement of every tile, or any `routing_map`) with no
+    /// failed launch since. The count then skips its memset. A wrong claim gives a wrong map,
+    /// whose writes stay inside its buffers.
+    pub zeroed: bool,
 }
 
 impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
@@ -179,7 +190,7 @@ impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
     }
 
     /// For the selection kernel: checks the map for `tokens` x `k` ids of `experts` experts,
-    /// zeroes the workspace and appends the count's parameters to `args` (`map_workspace,
+    /// zeroes the workspace (unless `zeroed`) and appends the count's parameters to `args` (`map_workspace,
     /// tile_slots, expert_begin, local_experts, align, counts, offsets, status`), then those of
     /// `params`. Returns them with the dynamic shared bytes the count (and the placement) needs.
     pub(crate) fn count_args<'k>(
@@ -192,7 +203,9 @@ impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
         params: MapParams,
     ) -> Result<(KernelArgs<'k>, u32)> {
         let shape = self.checked(experts, tokens, k)?;
-        device.fill_zeros(self.workspace)?;
+        if !self.zeroed {
+            device.fill_zeros(self.workspace)?;
+        }
         let map = &mut *self.map;
         let args = args
             .output("map_workspace", &mut *self.workspace)
@@ -242,8 +255,10 @@ pub(crate) fn no_count_args(args: KernelArgs<'_>) -> KernelArgs<'_> {
 }
 
 /// Completes a [`CountedMap`] whose count ran with these `ids` (`[tokens, k]`): ranks and places
-/// every slot. One launch, no host sync. Called after another count (other ids or shapes), or
-/// none, the map is wrong but every write stays inside its buffers.
+/// every slot, clearing the per-tile counts it reads (the workspace is left zeroed: the next count
+/// may set `zeroed`). One launch, no host sync. Called after another count (other ids or shapes),
+/// or none, or a second time after one count, the map is wrong but every write stays inside its
+/// buffers.
 pub fn place_counted<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     device: &Device,
     ids: &impl DeviceSlice<i32>,
@@ -422,7 +437,7 @@ impl Tiled {
             .scalar(self.tile)
             .scalar(filter as i32)
             .scalar(s.sorted_len)
-            .input("workspace", workspace)
+            .output("workspace", workspace)
             .input("counts", &map.counts)
             .input("offsets", &map.offsets)
             .output("sorted_rows", &mut map.sorted_rows)

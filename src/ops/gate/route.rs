@@ -99,8 +99,9 @@ pub fn scores_and_select<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut
 /// The whole routing step into a complete routing map: [`scores_and_select`] with `map`'s count,
 /// then its placement ([`dispatch::place_counted`]), with the bits of those calls. At decode
 /// (1 <= T <= 64, E <= [`DECODE_ROUTE_MAX_EXPERTS`], the linear gate) it is one launch (and
-/// the count's memset): the block that completes the count also places every slot. Elsewhere 2
-/// launches where [`route_is_fused`] holds, else 3. No host sync.
+/// the count's memset, none when `map.zeroed`): the block that completes the count also places
+/// every slot. Elsewhere 2 launches where [`route_is_fused`] holds, else 3. Every way leaves
+/// `map.workspace` zeroed for the next route. No host sync.
 #[allow(clippy::too_many_arguments)]
 pub fn route<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     device: &Device,

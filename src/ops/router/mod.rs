@@ -277,7 +277,8 @@ pub fn select<B: DeviceSlice<f32>>(
 /// `map` is given (`map.config.num_experts` must be E; no capacity):
 /// [`place_counted`](super::dispatch::place_counted) with the same `ids` and `map` then completes
 /// the map, the same map [`routing_map`](super::dispatch::routing_map) builds, in one launch
-/// fewer. One launch and one memset (of `map.workspace`); no host sync. `None`: [`select`].
+/// fewer. One launch and one memset (of `map.workspace`; none when `map.zeroed`); no host sync.
+/// `None`: [`select`].
 #[allow(clippy::too_many_arguments)]
 pub fn select_counted<B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
     device: &Device,
