@@ -182,7 +182,8 @@ EMU_EXPORT(planted_raw_tf32_operand)
 // alignment it needs ("misaligned address"), as the GPU faults. offset 0 is the control.
 // Accesses: 0 load_128, 1 store_128, 2/3 cp_async<16> with the source / the destination off,
 // 4 cp_async<8>, 5 cp_async<4>, 6 ldmatrix_x4 row, 7 a float2 load through a cast pointer,
-// 8 a uint32_t store through a cast pointer, 9 atomicAdd on an int, 10 __ldg of a float4.
+// 8 a uint32_t store through a cast pointer, 9 atomicAdd on an int, 10 __ldg of a float4,
+// 11 load_64, 12 store_64 (common.cuh's 8-byte vector accesses).
 extern "C" __global__ void planted_misaligned_access(unsigned char* bytes, uint4* out, int access, int offset) {
   __shared__ __align__(16) unsigned char tile[32 * 16 + 16];
   const int lane = threadIdx.x;
@@ -210,6 +211,12 @@ extern "C" __global__ void planted_misaligned_access(unsigned char* bytes, uint4
     case 8: *reinterpret_cast<uint32_t*>(g) = unsigned(lane); break;
     case 9: v.y = unsigned(atomicAdd(reinterpret_cast<int*>(g), 1)); break;
     case 10: v.y = __float_as_uint(__ldg(reinterpret_cast<const float4*>(g)).x); break;
+    case 11: {
+      const uint2 pair = load_64(reinterpret_cast<const uint2*>(g));
+      v = make_uint4(pair.x, pair.y, 0u, 0u);
+      break;
+    }
+    case 12: store_64(reinterpret_cast<uint2*>(g), make_uint2(unsigned(lane), 0u)); break;
   }
   cp_async_commit();
   cp_async_wait<0>();

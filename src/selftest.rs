@@ -1105,10 +1105,12 @@ pub mod planted {
         U32Store,
         AtomicAdd,
         LdgFloat4,
+        Load64,
+        Store64,
     }
 
     impl MisalignedAccess {
-        pub const ALL: [MisalignedAccess; 11] = [
+        pub const ALL: [MisalignedAccess; 13] = [
             Self::Load128,
             Self::Store128,
             Self::CpAsync16Source,
@@ -1120,12 +1122,14 @@ pub mod planted {
             Self::U32Store,
             Self::AtomicAdd,
             Self::LdgFloat4,
+            Self::Load64,
+            Self::Store64,
         ];
 
         /// The alignment the GPU requires of the access, in bytes.
         pub fn alignment(self) -> usize {
             match self {
-                Self::CpAsync8 | Self::Float2Load => 8,
+                Self::CpAsync8 | Self::Float2Load | Self::Load64 | Self::Store64 => 8,
                 Self::CpAsync4 | Self::U32Store | Self::AtomicAdd => 4,
                 _ => 16,
             }

@@ -230,6 +230,8 @@ fn access_name(access: planted::MisalignedAccess) -> &'static str {
         U32Store => "store to",
         AtomicAdd => "atomic",
         LdgFloat4 => "__ldg",
+        Load64 => "load_64",
+        Store64 => "store_64",
     }
 }
 
