@@ -872,24 +872,8 @@ proptest! {
             // Both in one launch, twice, the losses reset to NaN in between.
             let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
             let mut z_ws = ZLossWorkspace::new(&device, tokens).unwrap();
-            let mut runs = Vec::new();
-            for _ in 0..2 {
-                let mut aux_loss = device.upload(&[f32::NAN]).unwrap();
-                let mut z_loss = device.upload(&[f32::NAN]).unwrap();
-                let before = device.stats();
-                router::losses(
-                    &device,
-                    &router,
-                    &z,
-                    Some(AuxLossTarget { config: &aux, ids: &d_ids, workspace: &mut aux_ws, loss: &mut aux_loss }),
-                    Some(ZLossTarget { coefficient, workspace: &mut z_ws, loss: &mut z_loss }),
-                )
-                .unwrap();
-                let after = device.stats();
-                prop_assert_eq!(after.launches - before.launches, 1);
-                prop_assert_eq!((after.host_syncs, after.memsets), (before.host_syncs, before.memsets));
-                runs.push([device.download(&aux_loss).unwrap()[0], device.download(&z_loss).unwrap()[0]]);
-            }
+            let inputs = LossInputs { router: &router, aux: &aux, coefficient, z: &z, ids: &d_ids };
+            let runs = losses_twice(&device, &inputs, &mut aux_ws, &mut z_ws);
             prop_assert_eq!(runs[0].map(f32::to_bits), runs[1].map(f32::to_bits), "a second launch differs");
             let tol = Tolerance { atol: 1e-7, rtol: 1e-4 };
             assert_close("aux loss, z-loss", &runs[0], &want, tol);
@@ -934,6 +918,54 @@ proptest! {
             prop_assert_eq!(device.stats().launches, before);
         }
     }
+}
+
+/// The logits, ids and workspaces of one batch's losses.
+struct LossInputs<'a> {
+    router: &'a RouterConfig,
+    aux: &'a AuxLossConfig,
+    coefficient: f32,
+    z: &'a DeviceBuffer<f32>,
+    ids: &'a DeviceBuffer<i32>,
+}
+
+/// `router::losses` with both targets, twice on the same workspaces (into fresh NaN losses each
+/// time), asserting one launch and no memset or host sync each time; both runs' losses.
+fn losses_twice(
+    device: &Device,
+    inputs: &LossInputs<'_>,
+    aux_ws: &mut AuxLossWorkspace,
+    z_ws: &mut ZLossWorkspace,
+) -> [[f32; 2]; 2] {
+    [0, 1].map(|_| {
+        let mut aux_loss = device.upload(&[f32::NAN]).unwrap();
+        let mut z_loss = device.upload(&[f32::NAN]).unwrap();
+        let before = device.stats();
+        router::losses(
+            device,
+            inputs.router,
+            inputs.z,
+            Some(AuxLossTarget {
+                config: inputs.aux,
+                ids: inputs.ids,
+                workspace: aux_ws,
+                loss: &mut aux_loss,
+            }),
+            Some(ZLossTarget {
+                coefficient: inputs.coefficient,
+                workspace: z_ws,
+                loss: &mut z_loss,
+            }),
+        )
+        .unwrap();
+        let after = device.stats();
+        assert_eq!(after.launches - before.launches, 1, "launches");
+        assert_eq!((after.host_syncs, after.memsets), (before.host_syncs, before.memsets));
+        [
+            device.download(&aux_loss).unwrap()[0],
+            device.download(&z_loss).unwrap()[0],
+        ]
+    })
 }
 
 /// `router::losses` past one group of 32 chunks (64 rows a chunk): a group's last block adds its
@@ -986,32 +1018,14 @@ fn losses_add_chunk_groups_then_groups() {
             let (z, d_ids) = (device.upload(&logits).unwrap(), device.upload(&ids).unwrap());
             let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
             let mut z_ws = ZLossWorkspace::new(&device, tokens).unwrap();
-            let mut runs = Vec::new();
-            for _ in 0..2 {
-                let mut aux_loss = device.upload(&[f32::NAN]).unwrap();
-                let mut z_loss = device.upload(&[f32::NAN]).unwrap();
-                router::losses(
-                    &device,
-                    &router,
-                    &z,
-                    Some(AuxLossTarget {
-                        config: &aux,
-                        ids: &d_ids,
-                        workspace: &mut aux_ws,
-                        loss: &mut aux_loss,
-                    }),
-                    Some(ZLossTarget {
-                        coefficient,
-                        workspace: &mut z_ws,
-                        loss: &mut z_loss,
-                    }),
-                )
-                .unwrap();
-                runs.push([
-                    device.download(&aux_loss).unwrap()[0],
-                    device.download(&z_loss).unwrap()[0],
-                ]);
-            }
+            let inputs = LossInputs {
+                router: &router,
+                aux: &aux,
+                coefficient,
+                z: &z,
+                ids: &d_ids,
+            };
+            let runs = losses_twice(&device, &inputs, &mut aux_ws, &mut z_ws);
             let case = format!("E = {experts}, {segments} x {segment_len} tokens, sequence level {sequence_level}");
             assert_eq!(
                 runs[0].map(f32::to_bits),
@@ -1393,25 +1407,16 @@ fn losses_read_z_and_ids_once() {
     let (z, d_ids) = (device.upload(&logits).unwrap(), device.upload(&ids).unwrap());
     let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens as usize).unwrap();
     let mut z_ws = ZLossWorkspace::new(&device, tokens as usize).unwrap();
-    let (mut aux_loss, mut z_loss) = (device.alloc_zeros(1).unwrap(), device.alloc_zeros(1).unwrap());
-    router::losses(
-        &device,
-        &router,
-        &z,
-        Some(AuxLossTarget {
-            config: &aux,
-            ids: &d_ids,
-            workspace: &mut aux_ws,
-            loss: &mut aux_loss,
-        }),
-        Some(ZLossTarget {
-            coefficient: 1e-3,
-            workspace: &mut z_ws,
-            loss: &mut z_loss,
-        }),
-    )
-    .unwrap();
-    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    let inputs = LossInputs {
+        router: &router,
+        aux: &aux,
+        coefficient: 1e-3,
+        z: &z,
+        ids: &d_ids,
+    };
+    losses_twice(&device, &inputs, &mut aux_ws, &mut z_ws);
+    // The second launch's profile: the first's again (the uploads of the NaN losses are no launch).
+    let [_, p] = <[_; 2]>::try_from(emulator.take_profiles()).unwrap();
     assert_eq!(p.kernel, "router_losses_f32");
     assert_eq!(p.config.grid, (1, 1, chunks as u32), "64 rows a chunk");
     // Per chunk: its finite rows and their LSE^2 sum, then E counts and E probability sums. The

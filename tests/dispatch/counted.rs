@@ -30,17 +30,31 @@ fn logits(rng: &mut Rng, tokens: usize, experts: usize) -> Vec<f32> {
     z
 }
 
-/// With a `workspace`: select_counted + place_counted on `device`, `zeroed` passed on (the count's
-/// memset skipped), after which the workspace must be all zeros. Without: the selection alone
-/// and the reference map of its ids. Asserts the launches (2 or 1), memsets and no host sync.
+/// How [`route`] runs the counted map.
+#[derive(Clone, Copy, PartialEq)]
+enum Counted {
+    /// Count, then place: the workspace must be all zeros after. `zeroed` is passed on (the
+    /// count's memset skipped).
+    Placed { zeroed: bool },
+    /// Count only (from a zeroed workspace): the per-tile prefixes stay in the workspace.
+    Unplaced,
+}
+
+/// With a `workspace`: select_counted (+ place_counted) on `device`, as `counted` says. Without:
+/// the selection alone and the reference map of its ids (also the map returned when unplaced).
+/// Asserts the launches, memsets and no host sync.
 fn route<W: DeviceSliceMut<i32>>(
     device: &Device,
     router_config: &RouterConfig,
     map_config: &MapConfig,
     z: &[f32],
     workspace: Option<&mut W>,
-    zeroed: bool,
+    counted: Counted,
 ) -> Routed {
+    let (zeroed, place) = match counted {
+        Counted::Placed { zeroed } => (zeroed, true),
+        Counted::Unplaced => (false, false),
+    };
     let tokens = z.len() / router_config.experts;
     let k = router_config.k;
     let z = device.upload(z).unwrap();
@@ -68,21 +82,25 @@ fn route<W: DeviceSliceMut<i32>>(
         target.as_mut(),
     )
     .unwrap();
-    if let Some(target) = &mut target {
+    if let Some(target) = target.as_mut().filter(|_| place) {
         dispatch::place_counted(device, &ids, tokens, k, target).unwrap();
     }
     let after = device.stats();
-    assert_eq!(after.launches - before.launches, 1 + counting as u64, "launches");
+    assert_eq!(
+        after.launches - before.launches,
+        1 + (counting && place) as u64,
+        "launches"
+    );
     assert_eq!(after.memsets - before.memsets, (counting && !zeroed) as u64, "memsets");
     assert_eq!(after.host_syncs, before.host_syncs, "host syncs");
-    if let Some(target) = &target {
+    if let Some(target) = target.as_ref().filter(|_| place) {
         let workspace = device.download(&*target.workspace).unwrap();
         assert!(
             workspace.iter().all(|&v| v == 0),
             "the workspace after the map: {workspace:?}"
         );
     }
-    let map = if counting {
+    let map = if counting && place {
         download_map(device, &map)
     } else {
         reference::routing_map(&device.download(&ids).unwrap(), tokens, k, map_config)
@@ -158,14 +176,21 @@ fn counted_map_matches_select_and_the_reference_map() {
             // have left it zeroed (none).
             for zeroed in [false, true] {
                 let z = logits(&mut rng, tokens, experts);
-                let got = route(&device, &router_config, map_config, &z, Some(&mut workspace), zeroed);
+                let got = route(
+                    &device,
+                    &router_config,
+                    map_config,
+                    &z,
+                    Some(&mut workspace),
+                    Counted::Placed { zeroed },
+                );
                 let want = route(
                     &device,
                     &router_config,
                     map_config,
                     &z,
                     None::<&mut DeviceBuffer<i32>>,
-                    false,
+                    Counted::Unplaced,
                 );
                 assert_eq!(
                     got,
@@ -200,7 +225,14 @@ fn counted_map_stays_inside_its_workspace_when_the_tiles_are_full() {
         let mut guarded = device.upload(&vec![GUARD; len + 64]).unwrap();
         let got = {
             let mut workspace = guarded.slice_mut(..len).unwrap();
-            route(&device, &router_config, &map_config, &z, Some(&mut workspace), false)
+            route(
+                &device,
+                &router_config,
+                &map_config,
+                &z,
+                Some(&mut workspace),
+                Counted::Placed { zeroed: false },
+            )
         };
         let want = route(
             &device,
@@ -208,7 +240,7 @@ fn counted_map_stays_inside_its_workspace_when_the_tiles_are_full() {
             &map_config,
             &z,
             None::<&mut DeviceBuffer<i32>>,
-            false,
+            Counted::Unplaced,
         );
         assert_eq!(got, want, "{}", device.description());
         let after = device.download(&guarded).unwrap();
@@ -303,41 +335,6 @@ fn bad_counted_maps_are_refused_before_any_launch() {
     }
 }
 
-/// The count of a selection, never placed: its per-tile prefixes stay in `workspace`.
-fn count_only(
-    device: &Device,
-    router_config: &RouterConfig,
-    map_config: &MapConfig,
-    z: &[f32],
-    workspace: &mut DeviceBuffer<i32>,
-) {
-    let tokens = z.len() / router_config.experts;
-    let k = router_config.k;
-    let z = device.upload(z).unwrap();
-    let mut ids = device.alloc_zeros::<i32>(tokens * k).unwrap();
-    let mut weights = device.alloc_zeros::<f32>(tokens * k).unwrap();
-    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
-    let mut map = RoutingMap::alloc(device, tokens, k, map_config).unwrap();
-    let mut target = CountedMap {
-        config: map_config,
-        map: &mut map,
-        workspace,
-        zeroed: false,
-    };
-    let no_bias = None::<&DeviceBuffer<f32>>;
-    router::select_counted(
-        device,
-        router_config,
-        &z,
-        no_bias,
-        &mut ids,
-        &mut weights,
-        &mut nonfinite,
-        Some(&mut target),
-    )
-    .unwrap();
-}
-
 /// A placement after the count of other ids (a misuse) gives a wrong map, but every write stays
 /// inside its buffers (the ASan run checks that) and every row it names is a real one.
 #[test]
@@ -364,7 +361,14 @@ fn a_mismatched_placement_stays_in_bounds() {
         let mut workspace = device
             .alloc_zeros::<i32>(config.counted_workspace_len(600, k).unwrap())
             .unwrap();
-        count_only(&device, &router_config, &config, &z, &mut workspace);
+        route(
+            &device,
+            &router_config,
+            &config,
+            &z,
+            Some(&mut workspace),
+            Counted::Unplaced,
+        );
         let tokens = 300;
         let ids: Vec<i32> = (0..tokens * k).map(|_| rng.below(experts) as i32).collect();
         let ids_d = device.upload(&ids).unwrap();
