@@ -972,7 +972,7 @@ fn losses_twice(
 /// chunks and the grid's last block the groups. A segment of 33 chunks ends in a group of one
 /// (its own sum), one of 67 in a group of 3, and two sequences of 34 chunks end in groups of 2.
 /// Both losses, the per-sequence counts and live rows match the references, and a second launch
-/// has the same bits (every ticket was reset).
+/// has the same bits (every ticket was reset); the z-loss alone matches its reference too.
 #[test]
 fn losses_add_chunk_groups_then_groups() {
     let chunk = 64;
@@ -1044,6 +1044,22 @@ fn losses_add_chunk_groups_then_groups() {
                 device.download(z_ws.live_rows()).unwrap(),
                 vec![live],
                 "{case}: z live rows"
+            );
+            // The z-loss alone: its own workspace's group tickets and chunking.
+            let mut z_alone = ZLossWorkspace::new(&device, tokens).unwrap();
+            let mut z_loss = device.upload(&[f32::NAN]).unwrap();
+            router::z_loss(&device, &router, coefficient, &z, &mut z_alone, &mut z_loss).unwrap();
+            let alone = device.download(&z_loss).unwrap();
+            assert_close(
+                &format!("{case}: z-loss alone"),
+                &alone,
+                &want[1..],
+                Tolerance { atol: 1e-7, rtol: 1e-4 },
+            );
+            assert_eq!(
+                device.download(z_alone.live_rows()).unwrap(),
+                vec![live],
+                "{case}: z-loss alone's live rows"
             );
         }
     }

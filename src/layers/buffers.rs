@@ -169,8 +169,8 @@ pub(crate) fn saved_bytes_per_token(config: &MoeConfig, element_bytes: usize) ->
 /// Buffers every pass reuses, forward and backward, sized for `max_tokens`.
 pub(crate) struct Scratch<T: FloatElement> {
     pub(super) map_workspace: DeviceBuffer<i32>,
-    /// `map_workspace` is all zeros (fresh, or left so by the last map), so the next count skips
-    /// its memset (`CountedMap::zeroed`).
+    /// `map_workspace` is all zeros (fresh, or left so by the last map), so the next pass clears
+    /// nothing before its count (`CountedMap::zeroed`).
     pub(super) map_workspace_zeroed: bool,
     /// Non-finite router rows, summed over every call since construction.
     pub(crate) nonfinite_rows: DeviceBuffer<u32>,
@@ -200,6 +200,11 @@ pub(crate) struct Scratch<T: FloatElement> {
 }
 
 impl<T: FloatElement> Scratch<T> {
+    /// The map workspace may hold a count (a replay failed part-way): the next pass clears it.
+    pub(crate) fn forget_zeroed(&mut self) {
+        self.map_workspace_zeroed = false;
+    }
+
     /// In [`Mode::Inference`] the backward buffers are empty.
     pub(crate) fn alloc(device: &Device, config: &MoeConfig, mode: Mode) -> Result<Self> {
         let s = Sizes::new(config, config.max_tokens)?;

@@ -419,6 +419,9 @@ impl<T: FloatElement> EagerPass<T> for ChainOfExperts<T> {
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
         self.run_backward(x, dy, dx)
     }
+    fn forget_zeroed_workspaces(&mut self) {
+        self.scratch.forget_zeroed();
+    }
 }
 
 /// Iteration `t`'s router: the first is `weights`' own.

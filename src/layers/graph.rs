@@ -69,6 +69,9 @@ pub(crate) trait EagerPass<T: Element> {
     fn trains(&self) -> bool;
     fn eager_forward(&mut self, x: &DeviceBuffer<T>, tokens: usize, y: &mut DeviceBuffer<T>) -> Result<()>;
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()>;
+    /// After a replay that failed part-way: the layer's map workspaces may hold a count, so the
+    /// next pass must clear them (`Scratch::forget_zeroed`).
+    fn forget_zeroed_workspaces(&mut self);
 }
 
 /// A layer's `capture`: checks `tokens` (`1..=max_tokens`) and that a backward is only captured
@@ -158,13 +161,19 @@ macro_rules! layer_graph_methods {
                 .io()
         }
 
-        /// Runs the captured pass again on what its buffers hold now. No host sync.
+        /// Runs the captured pass again on what its buffers hold now. No host sync. A replay
+        /// that fails drops the graph: it may have left a routing map half built, which the
+        /// graph (captured with its workspace known zeroed) would not clear.
         pub fn replay(&mut self) -> crate::Result<()> {
             // SAFETY: every buffer the captured pass touched is owned by this layer (weights,
             // work buffers, gradients, mask) or by the graph (its I/O), and none has been
             // replaced since the capture: every method that could replace one drops the graph
             // first (the contract of this macro).
-            unsafe { crate::layers::graph::replay_graph(&self.device, self.graph.as_ref()) }
+            let replayed = unsafe { crate::layers::graph::replay_graph(&self.device, self.graph.as_ref()) };
+            if replayed.is_err() && self.graph.take().is_some() {
+                crate::layers::graph::EagerPass::<T>::forget_zeroed_workspaces(self);
+            }
+            replayed
         }
 
         /// The token count of the captured pass, if there is one.

@@ -491,6 +491,9 @@ impl<T: FloatElement> EagerPass<T> for MoeLayer<T> {
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
         self.run_backward(x, dy, dx, None)
     }
+    fn forget_zeroed_workspaces(&mut self) {
+        self.scratch.forget_zeroed();
+    }
 }
 
 /// What refuses to change weights another layer shares.

@@ -155,14 +155,18 @@ impl<T: FloatElement> Pass<'_, T> {
             map_config.workspace_len(s.tokens, s.k)?
         };
         let scratch = &mut *self.scratch;
-        // Cleared while the map is under way: a pass that fails part-way leaves it false.
-        let zeroed = std::mem::replace(&mut scratch.map_workspace_zeroed, false);
+        // Not known to be zeroed (a pass failed part-way, perhaps at another T with a longer
+        // prefix): all of it is cleared here, once, so the count skips its memset. The flag is
+        // false while the map is under way, so a pass that fails part-way leaves it false.
+        if !std::mem::replace(&mut scratch.map_workspace_zeroed, false) {
+            device.fill_zeros(&mut scratch.map_workspace)?;
+        }
         let mut workspace = prefix_mut("map_workspace", &mut scratch.map_workspace, workspace_len)?;
         let mut target = CountedMap {
             config: &map_config,
             map: &mut map,
             workspace: &mut workspace,
-            zeroed,
+            zeroed: true,
         };
         if by_router {
             let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
@@ -211,9 +215,8 @@ impl<T: FloatElement> Pass<'_, T> {
             routing_map(device, &ids, s.tokens, s.k, &map_config, target.map, target.workspace)?;
             mark(&mut stages, "dispatch: routing map");
         }
-        // A counted map (its count zeroes the workspace first unless it was) leaves it zeroed, and
-        // routing_map leaves it at least as zeroed as it found it.
-        scratch.map_workspace_zeroed = zeroed || counted;
+        // Every completed map leaves a zeroed workspace zeroed.
+        scratch.map_workspace_zeroed = true;
 
         let offsets = prefix("offsets", &saved.offsets, s.experts + 1)?;
         let sorted_rows = prefix("sorted_rows", &saved.sorted_rows, s.rows)?;

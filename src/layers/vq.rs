@@ -644,6 +644,10 @@ impl<T: FloatElement> EagerPass<T> for VqMoe<T> {
     fn eager_backward(&mut self, x: &DeviceBuffer<T>, dy: &DeviceBuffer<T>, dx: &mut DeviceBuffer<T>) -> Result<()> {
         self.run_backward(x, dy, dx)
     }
+    fn forget_zeroed_workspaces(&mut self) {
+        self.scratch.forget_zeroed();
+        self.scratch_discrete.forget_zeroed();
+    }
 }
 
 /// A mixing-gate error, marked as the mixing gate's (its tensors share the router's names).

@@ -332,9 +332,11 @@ pub struct ZLossTarget<'a, L> {
 /// The aux loss, the z-loss or both of `logits` `[T, E]` in **one launch** (`router_losses_f32`):
 /// each row's log-sum-exp is taken once for both, the counts come from the ids in the same pass,
 /// the last block of each group of 32 chunks adds the group's partials, and the launch's last
-/// block adds the groups' sums (each level in a fixed order) and writes the losses. Each target's workspace is filled for its backward. With neither target it launches
-/// nothing. No host sync. A launch that fails part-way (on the emulator, a sanitizer or race
-/// report) may leave a workspace's grid ticket counted: make new workspaces after such an error.
+/// block adds the groups' sums (each level in a fixed order) and writes the losses. Each
+/// target's workspace is filled for its backward. With neither target it launches nothing. No
+/// host sync. A launch that fails part-way (on the emulator, a sanitizer or race report) may
+/// leave a workspace's tickets (its groups' or the grid's) counted: make new workspaces after
+/// such an error.
 ///
 /// Results: [`aux_loss`]'s and [`z_loss`]'s definitions; a non-finite row of logits adds to no
 /// count, no mean and no sum. Each loss has the bits of its call alone, except the z-loss beside a
