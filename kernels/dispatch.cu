@@ -115,7 +115,8 @@ EMU_EXPORT(dispatch_map_count)
 // dispatch_map_rank: the stable placement of one tile, after dispatch_map_count in the same order.
 // Launch: the same grid as dispatch_map_count; MAP_THREADS; dynamic shared MAP_WARPS·(L + 1) ints.
 // Block b ranks its tile (place_tile: warp w owns tile_slots / MAP_WARPS consecutive slots),
-// starting from the tile's prefix in the workspace, which it clears (place_tile). PRIORITY_ORDER: inverse[slot] = 0 kept / -1 dropped.
+// starting from the tile's prefix in the workspace, which it clears (place_tile).
+// PRIORITY_ORDER: inverse[slot] = 0 kept / -1 dropped.
 // SOURCE_ORDER (`filter`: read those flags first): sorted_rows and inverse, then the grid marks
 // unused rows -1. Traffic: ids once, inverse written twice (scratch rank, then final), sorted_rows once.
 extern "C" __global__ void dispatch_map_rank(const int* ids, int tokens, int k, int num_experts, int expert_begin,
