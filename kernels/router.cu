@@ -335,16 +335,24 @@ constexpr int kChunksPerGroup = 32;
 //   one slot per group read by the last block. The tail is one group's sum (<= 32 slots a
 //   column) and then <= 32 group sums per column of each segment: S E columns over 256 threads.
 // Launch: grid (1, segments, chunks per segment), block 256, dynamic shared E ints when ids is not
-//   null (else 0). ids null: no aux loss (chunk_counts, chunk_prob_sums, counts, live_rows and
-//   aux_loss are null too). z_loss null: no z-loss (z_live null). ticket: one int, zero;
+//   null (else 0). ids null: no aux loss (chunk_counts, chunk_prob_sums, segment_counts, live_rows
+//   and aux_loss are null too). z_loss null: no z-loss (z_live null). ticket: one int, zero;
 //   group_tickets: one int per chunk slot [S, chunks], zero.
-extern "C" __global__ void router_losses_f32(const float* z, const int* ids, long long tokens_per_segment,
-                                             long long tokens_per_chunk, int E, int k, float* row_lse,
-                                             float* row_lse_copy, int* chunk_live, float* chunk_lse_squares,
-                                             int* chunk_counts, float* chunk_prob_sums, int* group_tickets,
-                                             int* ticket, double aux_scale, int* counts, int* live_rows,
-                                             float* aux_loss, float z_loss_coefficient, int* z_live,
-                                             float* z_loss) {
+// The launch contract's parameters after z, ids, E and k, shared with router_select_losses.
+#define ROUTER_LOSS_PARAMS                                                                          \
+  long long tokens_per_segment, long long tokens_per_chunk, float *row_lse, float *row_lse_copy,    \
+      int *chunk_live, float *chunk_lse_squares, int *chunk_counts, float *chunk_prob_sums,         \
+      int *group_tickets, int *ticket, double aux_scale, int *segment_counts, int *live_rows,       \
+      float *aux_loss, float z_loss_coefficient, int *z_live, float *z_loss
+#define ROUTER_LOSS_ARGS                                                                            \
+  tokens_per_segment, tokens_per_chunk, row_lse, row_lse_copy, chunk_live, chunk_lse_squares,       \
+      chunk_counts, chunk_prob_sums, group_tickets, ticket, aux_scale, segment_counts, live_rows,   \
+      aux_loss, z_loss_coefficient, z_live, z_loss
+
+// The whole of router_losses_f32, callable by a kernel of the same grid and block (all its
+// threads call it; it may return early).
+__device__ __forceinline__ void router_losses_body(const float* z, const int* ids, int E, int k,
+                                                   ROUTER_LOSS_PARAMS) {
   __shared__ float warp_squares[kSliceWarps];
   __shared__ int warp_live[kSliceWarps];
   __shared__ float float_scratch[kLossThreads];
@@ -445,7 +453,7 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
       int count;
       float prob;
       partials.sum_column(s * chunks, kChunksPerGroup, int(groups), E, int(i % E), &count, &prob);
-      counts[i] = count;
+      segment_counts[i] = count;
       partial += aux_coefficient(aux_scale, live_rows[s]) * float(count) * prob;
     }
     const float total = block_sum(partial, float_scratch);
@@ -467,7 +475,85 @@ extern "C" __global__ void router_losses_f32(const float* z, const int* ids, lon
     }
   }
 }
+
+extern "C" __global__ void router_losses_f32(const float* z, const int* ids, int E, int k, ROUTER_LOSS_PARAMS) {
+  router_losses_body(z, ids, E, k, ROUTER_LOSS_ARGS);
+}
 EMU_EXPORT(router_losses_f32)
+
+// router_select_losses_e<N>_f32: the selection of router_select_counted_e<N>_f32 (the map's count
+// optional) and router_losses_f32 of the ids it selects, in one launch on the losses' grid.
+// Algorithm, block (s, c) = chunk c of segment s (token_chunk), 256 threads:
+//   0. Selection: the chunk's rows 256 / L at a time, L = N / 32 lanes a row, each row by
+//      select_row (the selection kernels' per-row work: the same ids and weights bits); with a map
+//      workspace the lane of slot r counts it (count_slot), and the last block of the grid to
+//      arrive completes the count (finish_count).
+//   1.-4. router_losses_body on the same chunk, its histogram from the ids this block just wrote
+//      (aux_loss null: ids are not counted). The chunking, the rows' lse and every sum are those
+//      of router_losses_f32 with the same tokens_per_segment and tokens_per_chunk: the same bits.
+// Traffic: z read from memory once (selection); the losses' passes re-read the chunk's rows from
+//   L1 / L2 (64 KiB for 64 rows at E = 256), where a separate losses launch reads them from
+//   memory again; ids and weights written once and the chunk's ids read back from L1 / L2.
+// Launch: router_losses_f32's grid and block, dynamic shared max((local_experts + 1) ints with a
+//   map, E ints with the aux loss); the contracts of router_select_counted_e<N>_f32 (a null
+//   map_workspace: no count, then tile_slots .. status are unused) and router_losses_f32
+//   (whose z, ids, E and k are the selection's).
+template <int N>
+__device__ __forceinline__ void select_losses_body(ROUTER_SELECT_PARAMS, int* map_workspace, int tile_slots,
+                                                   int expert_begin, int local_experts, int align, int* counts,
+                                                   int* offsets, int* status, ROUTER_LOSS_PARAMS) {
+  constexpr int L = N / kWarp, kRowsPerStep = kLossThreads / L;
+  __shared__ int scratch[32];
+  __shared__ int last_block;
+  __shared__ int dropped;
+  DYN_SHARED(int, totals);
+  const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
+  const TokenChunk chunk = token_chunk(tokens_per_segment, tokens_per_chunk);
+  const MapShape m{ids, int(T), k, E, expert_begin, local_experts};
+  int* tile_counts = map_workspace ? map_workspace + MAP_WORKSPACE_HEADER : nullptr;
+  for (i64 first = chunk.first; first < chunk.end; first += kRowsPerStep) {
+    const i64 row = first + threadIdx.x / L;
+    const bool live = row < chunk.end;
+    select_row<N / kWarp, L>(z, bias, live ? row : 0, live, E, k, o, groups, topk_groups, ids, weights,
+                             nonfinite_rows);
+    if (live && tile_counts)
+      for (int r = threadIdx.x % L; r < k; r += L) count_slot(m, int(row) * k + r, tile_slots, tile_counts);
+  }
+  if (map_workspace) {
+    const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);
+    finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block, &dropped,
+                 counts, offsets, status);
+  }
+  __syncthreads();  // the chunk's ids are visible to the block; totals may become the histogram
+  router_losses_body(z, aux_loss ? ids : nullptr, E, k, ROUTER_LOSS_ARGS);
+}
+
+// Two blocks an SM where 128 registers hold the row without spilling (ptxas, sm_80 and sm_90a):
+// a block takes 160-168 registers a thread otherwise.
+constexpr int select_losses_min_blocks(int n) { return n >= 128 && n <= 512 ? 2 : 1; }
+
+#define ROUTER_SELECT_LOSSES(N)                                                                     \
+  extern "C" __global__ void __launch_bounds__(kLossThreads, select_losses_min_blocks(N))          \
+      router_select_losses_e##N##_f32(                                                              \
+      ROUTER_SELECT_PARAMS, int *map_workspace, int tile_slots, int expert_begin, int local_experts, \
+      int align, int *counts, int *offsets, int *status, ROUTER_LOSS_PARAMS) {                      \
+    select_losses_body<N>(z, bias, T, E, k, score, topk_first, renormalize, scale, groups,          \
+                          topk_groups, ids, weights, nonfinite_rows, map_workspace, tile_slots,     \
+                          expert_begin, local_experts, align, counts, offsets, status,              \
+                          ROUTER_LOSS_ARGS);                                                        \
+  }
+ROUTER_SELECT_LOSSES(32)
+EMU_EXPORT(router_select_losses_e32_f32)
+ROUTER_SELECT_LOSSES(64)
+EMU_EXPORT(router_select_losses_e64_f32)
+ROUTER_SELECT_LOSSES(128)
+EMU_EXPORT(router_select_losses_e128_f32)
+ROUTER_SELECT_LOSSES(256)
+EMU_EXPORT(router_select_losses_e256_f32)
+ROUTER_SELECT_LOSSES(512)
+EMU_EXPORT(router_select_losses_e512_f32)
+ROUTER_SELECT_LOSSES(1024)
+EMU_EXPORT(router_select_losses_e1024_f32)
 
 // ------------------------------------------------------------------------------------------
 // Loss gradients, added into dz, with p = exp(z - lse): the aux loss's is the dense softmax

@@ -3,6 +3,8 @@
 //! statistics, the aux loss and z-loss with their gradients, the bias update; the reference
 //! gradients against finite differences; every validation error.
 mod common;
+#[path = "router/select_losses.rs"]
+mod select_losses;
 
 use common::{AtOffset, Rng, Tolerance, assert_close, devices, view_offset};
 use moe_kernels::device::EmulatorDevice;

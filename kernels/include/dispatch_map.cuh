@@ -271,7 +271,7 @@ __device__ __forceinline__ void complete_count(const MapShape& m, int order, int
 __device__ __forceinline__ void finish_count(const MapShape& m, int order, int align, int capacity, int tiles,
                                              int* workspace, int* totals, int* scratch, int* last_block, int* dropped, int* counts,
                                              int* offsets, int* status) {
-  if (!last_to_arrive(&workspace[0], int(gridDim.x), last_block)) return;
+  if (!last_to_arrive(&workspace[0], int(gridDim.x * gridDim.y * gridDim.z), last_block)) return;
   complete_count(m, order, align, capacity, tiles, workspace, totals, scratch, dropped, counts, offsets, status);
 }
 

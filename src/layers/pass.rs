@@ -38,7 +38,9 @@ use crate::ops::codebook::{self, CodebookShape, NearestConfig, NearestOutputs};
 use crate::ops::dispatch::{self, CountedMap, RoutingMap, STATUS_LEN, combine, combine_backward, routing_map};
 use crate::ops::gate;
 use crate::ops::gemm::{self, ARows, DgradEpilogue, Epilogue, ExpertMask, ForwardConfig, Groups, WgradWrite};
-use crate::ops::router::{self, AuxLossTarget, AuxLossWorkspace, ZLossTarget};
+use crate::ops::router::{
+    self, AuxLossConfig, AuxLossTarget, AuxLossWorkspace, SelectedAuxLoss, ZLossTarget, ZLossWorkspace,
+};
 use crate::ops::{FloatElement, check_len};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
@@ -168,6 +170,11 @@ impl<T: FloatElement> Pass<'_, T> {
             workspace: &mut workspace,
             zeroed: true,
         };
+        let training = self.mode == Mode::Training;
+        // The router losses ride in the selection's launch wherever the selection has one of its
+        // own (router::select_with_losses); where the gate's kernel selects, they launch apart.
+        let wants_losses = training && (config.aux_config().is_some() || config.z_loss > 0.0);
+        let mut losses_done = false;
         if by_router {
             let mut z = prefix_mut("z", &mut saved.z, s.tokens * s.experts)?;
             let mut ids = prefix_mut("ids", &mut saved.ids, s.slots)?;
@@ -175,7 +182,34 @@ impl<T: FloatElement> Pass<'_, T> {
             let bias = self.router.bias.as_ref();
             let nonfinite = &mut scratch.nonfinite_rows;
             let gate_weights = self.router.weights();
-            if counted {
+            if wants_losses && !gate::route_is_fused(&gate_shape, &gate_weights, counted) {
+                gate::scores(device, &gate_shape, &gate_weights, x, &mut z)?;
+                let aux_config = config.aux_config();
+                let buffers = LossBuffers {
+                    aux: &mut saved.aux,
+                    aux_loss: &mut saved.aux_loss,
+                    z_workspace: &mut saved.z_workspace,
+                    z_loss: &mut saved.z_loss,
+                };
+                let (aux, z_loss) = loss_targets(device, config, &aux_config, s.tokens, buffers)?;
+                router::select_with_losses(
+                    device,
+                    &router_config,
+                    &z,
+                    bias,
+                    &mut ids,
+                    &mut weights,
+                    nonfinite,
+                    counted.then_some(&mut target),
+                    aux,
+                    z_loss,
+                )?;
+                if counted {
+                    dispatch::place_counted(device, &ids, s.tokens, s.k, &mut target)?;
+                }
+                mark(&mut stages, "route: scores, then top-k + router losses");
+                losses_done = true;
+            } else if counted {
                 // The whole routing step: one launch at decode, where the gate's kernel places
                 // the map too.
                 gate::route(
@@ -232,7 +266,6 @@ impl<T: FloatElement> Pass<'_, T> {
             epilogue: Epilogue::SwiGlu,
             ..ForwardConfig::default()
         };
-        let training = self.mode == Mode::Training;
         let mut h = prefix_mut("h", &mut saved.h, s.rows * s.h)?;
         let mut gu = training
             .then(|| prefix_mut("gu", &mut saved.gu, s.rows * 2 * s.h))
@@ -302,7 +335,7 @@ impl<T: FloatElement> Pass<'_, T> {
             y,
         )?;
         mark(&mut stages, "combine");
-        if training && routing == Routing::Router && self.losses(saved, &s)? {
+        if training && routing == Routing::Router && !losses_done && self.losses(saved, &s)? {
             mark(&mut stages, "router losses");
         }
         saved.tokens = tokens;
@@ -389,28 +422,72 @@ impl<T: FloatElement> Pass<'_, T> {
         let z = prefix("z", &saved.z, s.tokens * s.experts)?;
         let ids = prefix("ids", &saved.ids, s.slots)?;
         let aux_config = config.aux_config();
-        if let Some(aux) = &aux_config {
-            if saved.aux.as_ref().is_none_or(|(tokens, _)| *tokens != s.tokens) {
-                saved.aux = Some((s.tokens, AuxLossWorkspace::new(device, &router_config, aux, s.tokens)?));
-            }
-        }
-        let aux = match (&aux_config, saved.aux.as_mut()) {
-            (Some(config), Some((_, workspace))) => Some(AuxLossTarget {
-                config,
-                ids: &ids,
-                workspace,
-                loss: &mut saved.aux_loss,
-            }),
-            _ => None,
+        let buffers = LossBuffers {
+            aux: &mut saved.aux,
+            aux_loss: &mut saved.aux_loss,
+            z_workspace: &mut saved.z_workspace,
+            z_loss: &mut saved.z_loss,
         };
-        let z_loss = (config.z_loss > 0.0).then_some(ZLossTarget {
-            coefficient: config.z_loss,
-            workspace: &mut saved.z_workspace,
-            loss: &mut saved.z_loss,
+        let (aux, z_loss) = loss_targets(device, config, &aux_config, s.tokens, buffers)?;
+        let aux = aux.map(|a| AuxLossTarget {
+            config: a.config,
+            ids: &ids,
+            workspace: a.workspace,
+            loss: a.loss,
         });
+        let any = aux.is_some() || z_loss.is_some();
         router::losses(device, &router_config, &z, aux, z_loss)?;
-        Ok(config.aux_config().is_some() || config.z_loss > 0.0)
+        Ok(any)
     }
+}
+
+/// The buffers of `Saved` the router losses write (fields borrowed apart from z and the ids).
+struct LossBuffers<'a> {
+    aux: &'a mut Option<(usize, AuxLossWorkspace)>,
+    aux_loss: &'a mut DeviceBuffer<f32>,
+    z_workspace: &'a mut ZLossWorkspace,
+    z_loss: &'a mut DeviceBuffer<f32>,
+}
+
+/// The losses' targets (the aux loss's without its ids, which are the selection's), each when
+/// its coefficient is set; the aux loss's workspace is rebuilt when T changed.
+#[allow(clippy::type_complexity)]
+fn loss_targets<'a>(
+    device: &Device,
+    config: &MoeConfig,
+    aux_config: &'a Option<AuxLossConfig>,
+    tokens: usize,
+    buffers: LossBuffers<'a>,
+) -> Result<(
+    Option<SelectedAuxLoss<'a, DeviceBuffer<f32>>>,
+    Option<ZLossTarget<'a, DeviceBuffer<f32>>>,
+)> {
+    let LossBuffers {
+        aux,
+        aux_loss,
+        z_workspace,
+        z_loss,
+    } = buffers;
+    if let Some(aux_config) = aux_config {
+        if aux.as_ref().is_none_or(|(t, _)| *t != tokens) {
+            let workspace = AuxLossWorkspace::new(device, &config.router_config(), aux_config, tokens)?;
+            *aux = Some((tokens, workspace));
+        }
+    }
+    let aux = match (aux_config, aux.as_mut()) {
+        (Some(config), Some((_, workspace))) => Some(SelectedAuxLoss {
+            config,
+            workspace,
+            loss: aux_loss,
+        }),
+        _ => None,
+    };
+    let z_loss = (config.z_loss > 0.0).then_some(ZLossTarget {
+        coefficient: config.z_loss,
+        workspace: z_workspace,
+        loss: z_loss,
+    });
+    Ok((aux, z_loss))
 }
 
 /// What a backward writes besides dx.

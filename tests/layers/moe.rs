@@ -514,8 +514,8 @@ fn large_batches_keep_the_six_launch_budget() {
 }
 
 /// An inference layer's forward is the training forward's output bit for bit, without the
-/// router losses (one launch fewer here) and without gradient or backward buffers; backward and
-/// losses are refused by name.
+/// router losses (here in the selection's launch: the same launches) and without gradient or
+/// backward buffers; backward and losses are refused by name.
 #[test]
 fn inference_layers_forward_like_training_ones_and_refuse_backward() {
     fn check<T: FloatElement>(device: &Device) {
@@ -557,12 +557,9 @@ fn inference_layers_forward_like_training_ones_and_refuse_backward() {
         }
         let bits = |v: &[T]| v.iter().map(|e| e.to_f32().to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&y[0]), bits(&y[1]), "{}: inference y differs", T::NAME);
-        assert_eq!(
-            launches,
-            [6 + 2 + 1, 6 + 2],
-            "{}: (training, inference) launches",
-            T::NAME
-        );
+        // Training adds the router losses, which ride in the selection's launch (the low-rank
+        // gate scores in a launch of its own, so the selection has one).
+        assert_eq!(launches, [6 + 2, 6 + 2], "{}: (training, inference) launches", T::NAME);
     }
     for device in devices() {
         check::<f32>(&device);

@@ -4,8 +4,9 @@
 //! Float reductions over tokens run in a fixed order (no float atomics): the same inputs give
 //! the same bits every run. Counts are exact integers (integer atomics, whose order does not
 //! matter).
-use super::{RouterConfig, invalid, row_launch, selection_len};
+use super::{RouterConfig, Selection, invalid, row_launch, select_row_width, selection_len};
 use crate::device::{KernelArgs, LaunchConfig};
+use crate::ops::dispatch::{CountedMap, MapParams};
 use crate::ops::{check_len, check_range, elements, grid_blocks};
 use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 
@@ -267,6 +268,11 @@ impl AuxLossWorkspace {
         })
     }
 
+    /// The per-row log-sum-exp of the last [`aux_loss`] (`[T]`; NaN for a non-finite row).
+    pub fn row_lse(&self) -> &DeviceBuffer<f32> {
+        &self.row_lse
+    }
+
     /// The per-(sequence, expert) token counts of the last [`aux_loss`] (`[S, E]`).
     pub fn counts(&self) -> &DeviceBuffer<i32> {
         &self.counts
@@ -357,22 +363,77 @@ where
     let tokens = router.validate().and_then(|()| router.tokens(logits))?;
     if let Some(a) = &aux {
         check_aux_inputs(router, a.config, logits, Some(a.ids))?;
-        a.workspace.check(router, a.config, tokens)?;
-        check_len("loss", &*a.loss, 1, || "[1]".into())?;
-    }
-    if let Some(z) = &z {
-        check_z_loss(router, z.coefficient, logits, z.workspace)?;
-        check_len("loss", &*z.loss, 1, || "[1]".into())?;
     }
     if aux.is_none() && z.is_none() {
         return Ok(());
     }
+    let (ids, aux) = match aux {
+        Some(a) => (
+            Some(a.ids),
+            Some(SelectedAuxLoss {
+                config: a.config,
+                workspace: a.workspace,
+                loss: a.loss,
+            }),
+        ),
+        None => (None, None),
+    };
+    check_loss_targets(router, logits, tokens, &aux, &z)?;
+    // router_losses_f32(z, ids, E, k, ROUTER_LOSS_PARAMS).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input_or_null("ids", ids)
+        .scalar(router.experts as i32)
+        .scalar(router.k as i32);
+    let (args, launch) = loss_args(router, tokens, args, aux, z)?;
+    device.launch("router_losses_f32", launch, args)
+}
+
+/// The aux loss of [`select_with_losses`]: an [`AuxLossTarget`] whose ids are the ones the
+/// selection writes.
+pub struct SelectedAuxLoss<'a, L> {
+    pub config: &'a AuxLossConfig,
+    pub workspace: &'a mut AuxLossWorkspace,
+    pub loss: &'a mut L,
+}
+
+/// Checks the loss targets for `tokens` rows of `logits`.
+fn check_loss_targets<LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
+    router: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    tokens: usize,
+    aux: &Option<SelectedAuxLoss<'_, LA>>,
+    z: &Option<ZLossTarget<'_, LZ>>,
+) -> Result<()> {
+    if let Some(a) = aux {
+        check_aux_inputs(router, a.config, logits, None::<&DeviceBuffer<i32>>)?;
+        a.workspace.check(router, a.config, tokens)?;
+        check_len("loss", &*a.loss, 1, || "[1]".into())?;
+    }
+    if let Some(z) = z {
+        check_z_loss(router, z.coefficient, logits, z.workspace)?;
+        check_len("loss", &*z.loss, 1, || "[1]".into())?;
+    }
+    Ok(())
+}
+
+/// Appends the loss kernels' parameters after z, ids, E and k for checked targets (at least one
+/// present) (`ROUTER_LOSS_PARAMS` in `kernels/router.cu`: the chunking, the workspaces and the
+/// losses); returns them with the launch of `router_losses_f32` (one block per chunk of each
+/// segment, the aux loss's histogram as dynamic shared memory).
+fn loss_args<'k, LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
+    router: &RouterConfig,
+    tokens: usize,
+    args: KernelArgs<'k>,
+    aux: Option<SelectedAuxLoss<'k, LA>>,
+    z: Option<ZLossTarget<'k, LZ>>,
+) -> Result<(KernelArgs<'k>, LaunchConfig)> {
     let (segments, len) = aux.as_ref().map_or((1, tokens), |a| a.config.segments(tokens));
     let (chunks, tokens_per_chunk) = chunking(len);
     let scale = aux.as_ref().map_or(0.0, |a| a.config.scale(router, tokens));
-    let (ids, aux_lse, aux_partials, chunk_counts, prob_sums, counts, live_rows, aux_loss) = match aux {
-        Some(AuxLossTarget {
-            ids,
+    let has_aux = aux.is_some();
+    let (aux_lse, aux_partials, chunk_counts, prob_sums, counts, live_rows, aux_loss) = match aux {
+        Some(SelectedAuxLoss {
             workspace:
                 AuxLossWorkspace {
                     row_lse,
@@ -386,7 +447,6 @@ where
             loss,
             ..
         }) => (
-            Some(ids),
             Some(row_lse),
             Some(partials),
             Some(chunk_counts),
@@ -395,7 +455,7 @@ where
             Some(live_rows),
             Some(loss),
         ),
-        None => (None, None, None, None, None, None, None, None),
+        None => (None, None, None, None, None, None, None),
     };
     let coefficient = z.as_ref().map_or(0.0, |z| z.coefficient);
     let (z_lse, z_partials, z_live, z_loss) = match z {
@@ -412,22 +472,18 @@ where
         None => (None, None, None, None),
     };
     // The aux loss's buffers when it is asked for (its chunking), the z-loss's otherwise.
+    let no_target = || invalid("losses", "none", "an aux loss or a z-loss");
     let (row_lse, row_lse_copy) = match aux_lse {
         Some(lse) => (lse, z_lse),
-        None => (z_lse.expect("a target is present"), None),
+        None => (z_lse.ok_or_else(no_target)?, None),
     };
-    let partials = aux_partials.or(z_partials).expect("a target is present");
-    // Matches the kernel's parameters, in order: router_losses_f32(z, ids, tokens_per_segment,
-    // tokens_per_chunk, E, k, row_lse, row_lse_copy, chunk_live, chunk_lse_squares, chunk_counts,
-    // chunk_prob_sums, group_tickets, ticket, aux_scale, counts, live_rows, aux_loss, z_coefficient,
-    // z_live, z_loss).
-    let args = KernelArgs::new(device)
-        .input("logits", logits)
-        .input_or_null("ids", ids)
+    let partials = aux_partials.or(z_partials).ok_or_else(no_target)?;
+    // ROUTER_LOSS_PARAMS: tokens_per_segment, tokens_per_chunk, row_lse, row_lse_copy, chunk_live,
+    // chunk_lse_squares, chunk_counts, chunk_prob_sums, group_tickets, ticket, aux_scale,
+    // segment_counts, live_rows, aux_loss, z_loss_coefficient, z_live, z_loss.
+    let args = args
         .scalar(len as i64)
         .scalar(tokens_per_chunk as i64)
-        .scalar(router.experts as i32)
-        .scalar(router.k as i32)
         .output("workspace", row_lse)
         .output_or_null("workspace", row_lse_copy)
         .output("workspace", &mut partials.live)
@@ -443,13 +499,68 @@ where
         .scalar(coefficient)
         .output_or_null("workspace", z_live)
         .output_or_null("loss", z_loss);
-    let histogram = if ids.is_some() { router.experts * 4 } else { 0 };
-    let grid = LaunchConfig {
+    let histogram = if has_aux { router.experts * 4 } else { 0 };
+    let launch = LaunchConfig {
         grid: (1, segments as u32, chunks as u32),
         block: (LOSS_THREADS, 1, 1),
         shared_bytes: histogram as u32,
     };
-    device.launch("router_losses_f32", grid, args)
+    Ok((args, launch))
+}
+
+/// [`select_counted`](super::select_counted) (`map` optional) and [`losses`] of the ids it
+/// selects, in **one launch** (`router_select_losses_e<N>_f32`): each block selects one chunk of
+/// rows of the losses' chunking (reading the logits from memory), then computes that chunk's
+/// losses partials from the rows it just read (from cache) and the ids it just wrote, and the
+/// launch's last blocks finish the map's count and the losses as the two calls do. `ids`,
+/// `weights`, `nonfinite_rows`, the map and both losses with their workspaces have the bits of
+/// those two calls (the aux loss's ids being these ids). With neither loss it is
+/// [`select_counted`](super::select_counted). One launch (and the count's memset unless
+/// `map.zeroed`); no host sync. As with [`losses`], a launch that fails part-way may leave the
+/// workspaces' tickets counted.
+#[allow(clippy::too_many_arguments)]
+pub fn select_with_losses<B, M, W, LA, LZ>(
+    device: &Device,
+    router: &RouterConfig,
+    logits: &impl DeviceSlice<f32>,
+    bias: Option<&B>,
+    ids: &mut impl DeviceSliceMut<i32>,
+    weights: &mut impl DeviceSliceMut<f32>,
+    nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+    map: Option<&mut CountedMap<'_, M, W>>,
+    aux: Option<SelectedAuxLoss<'_, LA>>,
+    z: Option<ZLossTarget<'_, LZ>>,
+) -> Result<()>
+where
+    B: DeviceSlice<f32>,
+    M: DeviceSliceMut<i32>,
+    W: DeviceSliceMut<i32>,
+    LA: DeviceSliceMut<f32>,
+    LZ: DeviceSliceMut<f32>,
+{
+    if aux.is_none() && z.is_none() {
+        return super::select_counted(device, router, logits, bias, ids, weights, nonfinite_rows, map);
+    }
+    let tokens = router.validate().and_then(|()| router.tokens(logits))?;
+    check_loss_targets(router, logits, tokens, &aux, &z)?;
+    // router_select_losses_e<N>_f32(ROUTER_SELECT_PARAMS, the map's count or nulls,
+    // ROUTER_LOSS_PARAMS).
+    let args = KernelArgs::new(device)
+        .input("logits", logits)
+        .input_or_null("bias", bias)
+        .scalar(tokens as i64)
+        .scalar(router.experts as i32)
+        .scalar(router.k as i32);
+    let selection = Selection {
+        ids,
+        weights,
+        nonfinite_rows,
+    };
+    let (args, map_shared) = selection.args(device, router, tokens, bias, args, map, MapParams::CountOrNull)?;
+    let (args, mut launch) = loss_args(router, tokens, args, aux, z)?;
+    launch.shared_bytes = launch.shared_bytes.max(map_shared);
+    let row = select_row_width(router.experts);
+    device.launch(&format!("router_select_losses_e{row}_f32"), launch, args)
 }
 
 /// The Switch aux loss of `logits` `[T, E]` and the `ids` `[T, k]` selected from them, into

@@ -25,9 +25,9 @@
 pub mod balance;
 
 pub use balance::{
-    AuxLossConfig, AuxLossTarget, AuxLossWorkspace, ZLossTarget, ZLossWorkspace, aux_loss, aux_loss_backward,
-    bias_update, expert_counts, expert_statistics, expert_statistics_workspace_len, losses, losses_backward, z_loss,
-    z_loss_backward,
+    AuxLossConfig, AuxLossTarget, AuxLossWorkspace, SelectedAuxLoss, ZLossTarget, ZLossWorkspace, aux_loss,
+    aux_loss_backward, bias_update, expert_counts, expert_statistics, expert_statistics_workspace_len, losses,
+    losses_backward, select_with_losses, z_loss, z_loss_backward,
 };
 
 use super::dispatch::{CountedMap, MapParams, no_count_args};
