@@ -278,16 +278,18 @@ struct LossPartials {
 
   // Adds n slots first, first + stride, ... in that order. The loads of a loop's unrolled
   // iterations are independent of its adds, so up to 8 slots are in flight per thread.
+  // Squares false: the rows only (squares unused, lse_squares not read).
+  template <bool Squares = true>
   __device__ __forceinline__ void sum_rows(i64 first, i64 stride, int n, int* rows, float* squares) const {
     int r = 0;
     float q = 0.0f;
 #pragma unroll 8
     for (int j = 0; j < n; ++j) {
       r += live[first + j * stride];
-      q += lse_squares[first + j * stride];
+      if constexpr (Squares) q += lse_squares[first + j * stride];
     }
     *rows = r;
-    *squares = q;
+    if constexpr (Squares) *squares = q;
   }
   __device__ __forceinline__ void sum_column(i64 first, i64 stride, int n, int E, int e, int* count,
                                              float* prob) const {
@@ -442,10 +444,8 @@ __device__ __forceinline__ void router_losses_body(const float* z, const int* id
   if (!last_to_arrive(ticket, int(segments * groups), &last_block)) return;
   if (threadIdx.x == 0) *ticket = 0;
   if (ids) {
-    for (i64 s = threadIdx.x; s < segments; s += kLossThreads) {
-      float unused;
-      partials.sum_rows(s * chunks, kChunksPerGroup, int(groups), &live_rows[s], &unused);
-    }
+    for (i64 s = threadIdx.x; s < segments; s += kLossThreads)
+      partials.sum_rows<false>(s * chunks, kChunksPerGroup, int(groups), &live_rows[s], nullptr);
     __syncthreads();
     float partial = 0.0f;
     for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
