@@ -15,6 +15,8 @@
 //   router_sum_chunks_f32                          adds per-chunk partial sums in chunk order
 //   router_losses_f32                              Switch load-balancing loss (token or sequence
 //                                                  level) and ST-MoE router z-loss, one launch
+//   router_select_losses_e{...}_f32                the selection (+ the map's count) and the
+//                                                  losses of its ids, one launch
 //   router_losses_backward_f32                     their gradients, added into dz, one launch
 //   router_bias_update_f32                         DeepSeek-V3 b += gamma * sign(mean(c) - c)
 #include "dispatch_map.cuh"
