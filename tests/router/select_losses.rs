@@ -288,7 +288,53 @@ fn select_with_losses_reads_the_logits_once() {
     );
 }
 
-/// Bad inputs are refused by name before anything launches (or the map's memset runs): a
+/// `select_with_losses` with `ids_len` ids, a map not known zeroed and these targets is refused
+/// naming `argument`, with no launch and no memset.
+fn assert_fused_refused(
+    device: &Device,
+    argument: &str,
+    (router, z, ids_len): (&RouterConfig, &DeviceBuffer<f32>, usize),
+    aux: Option<SelectedAuxLoss<'_, DeviceBuffer<f32>>>,
+    z_loss: Option<ZLossTarget<'_, DeviceBuffer<f32>>>,
+) {
+    let tokens = z.len() / router.experts;
+    let map_config = MapConfig::new(router.experts);
+    let mut map = RoutingMap::alloc(device, tokens, router.k, &map_config).unwrap();
+    let mut map_ws = device
+        .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, router.k).unwrap())
+        .unwrap();
+    let mut target = CountedMap {
+        config: &map_config,
+        map: &mut map,
+        workspace: &mut map_ws,
+        zeroed: false,
+    };
+    let mut ids = device.alloc_zeros::<i32>(ids_len).unwrap();
+    let mut weights = device.alloc_zeros::<f32>(tokens * router.k).unwrap();
+    let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
+    let memsets = device.stats().memsets;
+    assert_refused(device, argument, || {
+        router::select_with_losses(
+            device,
+            router,
+            z,
+            NO_BIAS,
+            &mut ids,
+            &mut weights,
+            &mut nonfinite,
+            Some(&mut target),
+            aux,
+            z_loss,
+        )
+    });
+    assert_eq!(
+        device.stats().memsets,
+        memsets,
+        "{argument}: a memset before the refusal"
+    );
+}
+
+/// Bad inputs are refused by name before anything launches or the map's memset runs: a
 /// workspace made for another T, a loss buffer of the wrong length, ids of the wrong length, a
 /// non-finite z-loss coefficient.
 #[test]
@@ -303,111 +349,28 @@ fn select_with_losses_refuses_bad_inputs() {
     let logits = random_logits(&mut Rng::new(5), &router, tokens, Rows::Finite);
     for device in devices() {
         let z = device.upload(&logits).unwrap();
-        let mut ids = device.alloc_zeros::<i32>(tokens * 2).unwrap();
-        let mut short_ids = device.alloc_zeros::<i32>(tokens * 2 - 1).unwrap();
-        let mut weights = device.alloc_zeros::<f32>(tokens * 2).unwrap();
-        let mut nonfinite = device.alloc_zeros::<u32>(1).unwrap();
         let mut aux_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens).unwrap();
         let mut other_ws = AuxLossWorkspace::new(&device, &router, &aux, tokens + 1).unwrap();
         let mut z_ws = ZLossWorkspace::new(&device, tokens).unwrap();
         let mut loss = device.alloc_zeros::<f32>(1).unwrap();
         let mut long_loss = device.alloc_zeros::<f32>(2).unwrap();
-        let no_z = None::<ZLossTarget<'_, DeviceBuffer<f32>>>;
-        let no_aux = None::<SelectedAuxLoss<'_, DeviceBuffer<f32>>>;
-        // With a map not known zeroed: refused before its memset too.
-        let map_config = MapConfig::new(16);
-        let mut map = RoutingMap::alloc(&device, tokens, 2, &map_config).unwrap();
-        let mut map_ws = device
-            .alloc_zeros::<i32>(map_config.counted_workspace_len(tokens, 2).unwrap())
-            .unwrap();
-        let mut target = CountedMap {
-            config: &map_config,
-            map: &mut map,
-            workspace: &mut map_ws,
-            zeroed: false,
+        let batch = (&router, &z, tokens * router.k);
+        let aux_of = |workspace, loss| {
+            Some(SelectedAuxLoss {
+                config: &aux,
+                workspace,
+                loss,
+            })
         };
-        let memsets = device.stats().memsets;
-        assert_refused(&device, "workspace", || {
-            let aux = SelectedAuxLoss {
-                config: &aux,
-                workspace: &mut other_ws,
-                loss: &mut loss,
-            };
-            router::select_with_losses(
-                &device,
-                &router,
-                &z,
-                NO_BIAS,
-                &mut ids,
-                &mut weights,
-                &mut nonfinite,
-                Some(&mut target),
-                Some(aux),
-                no_z,
-            )
-        });
-        assert_eq!(device.stats().memsets, memsets, "a memset before the refusal");
-        let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-        let no_z = None::<ZLossTarget<'_, DeviceBuffer<f32>>>;
-        assert_refused(&device, "loss", || {
-            let aux = SelectedAuxLoss {
-                config: &aux,
-                workspace: &mut aux_ws,
-                loss: &mut long_loss,
-            };
-            router::select_with_losses(
-                &device,
-                &router,
-                &z,
-                NO_BIAS,
-                &mut ids,
-                &mut weights,
-                &mut nonfinite,
-                no_map,
-                Some(aux),
-                no_z,
-            )
-        });
-        let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-        assert_refused(&device, "ids", || {
+        assert_fused_refused(&device, "workspace", batch, aux_of(&mut other_ws, &mut loss), None);
+        assert_fused_refused(&device, "loss", batch, aux_of(&mut aux_ws, &mut long_loss), None);
+        for (argument, ids_len, coefficient) in [("ids", batch.2 - 1, 1e-3), ("coefficient", batch.2, f32::NAN)] {
             let z_loss = ZLossTarget {
-                coefficient: 1e-3,
+                coefficient,
                 workspace: &mut z_ws,
                 loss: &mut loss,
             };
-            router::select_with_losses(
-                &device,
-                &router,
-                &z,
-                NO_BIAS,
-                &mut short_ids,
-                &mut weights,
-                &mut nonfinite,
-                no_map,
-                no_aux,
-                Some(z_loss),
-            )
-        });
-        let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-        let no_aux = None::<SelectedAuxLoss<'_, DeviceBuffer<f32>>>;
-        assert_refused(&device, "coefficient", || {
-            let z_loss = ZLossTarget {
-                coefficient: f32::NAN,
-                workspace: &mut z_ws,
-                loss: &mut loss,
-            };
-            router::select_with_losses(
-                &device,
-                &router,
-                &z,
-                NO_BIAS,
-                &mut ids,
-                &mut weights,
-                &mut nonfinite,
-                no_map,
-                no_aux,
-                Some(z_loss),
-            )
-        });
+            assert_fused_refused(&device, argument, (&router, &z, ids_len), None, Some(z_loss));
+        }
     }
 }
