@@ -467,29 +467,29 @@ EMU_EXPORT(gate_decode_route_linear_bf16_e256)
 GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e512, 512)
 EMU_EXPORT(gate_decode_route_linear_bf16_e512)
 
-extern "C" __global__ void gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f32)
-extern "C" __global__ void gate_coef_lowrank_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::LowRank); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_lowrank_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f16)
-extern "C" __global__ void gate_coef_lowrank_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::LowRank); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_lowrank_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_bf16)
-extern "C" __global__ void gate_coef_symmetric_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Symmetric); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_symmetric_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Symmetric); }
 EMU_EXPORT(gate_coef_symmetric_f32)
-extern "C" __global__ void gate_coef_symmetric_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Symmetric); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_symmetric_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Symmetric); }
 EMU_EXPORT(gate_coef_symmetric_f16)
-extern "C" __global__ void gate_coef_symmetric_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Symmetric); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_symmetric_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Symmetric); }
 EMU_EXPORT(gate_coef_symmetric_bf16)
-extern "C" __global__ void gate_coef_attention_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Attention); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_attention_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Attention); }
 EMU_EXPORT(gate_coef_attention_f32)
-extern "C" __global__ void gate_coef_attention_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Attention); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_attention_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Attention); }
 EMU_EXPORT(gate_coef_attention_f16)
-extern "C" __global__ void gate_coef_attention_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Attention); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_attention_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Attention); }
 EMU_EXPORT(gate_coef_attention_bf16)
-extern "C" __global__ void gate_coef_full_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Full); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_full_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Full); }
 EMU_EXPORT(gate_coef_full_f32)
-extern "C" __global__ void gate_coef_full_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Full); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_full_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Full); }
 EMU_EXPORT(gate_coef_full_f16)
-extern "C" __global__ void gate_coef_full_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Full); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_full_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Full); }
 EMU_EXPORT(gate_coef_full_bf16)
 
 // ------------------------------------------------------------------------------------------

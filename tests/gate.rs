@@ -542,24 +542,41 @@ fn weight_gradients_split_over_tokens() {
 /// rows, every one finite, and the same z and dX on the other rows. The rows are
 /// last so that every other row keeps its place in the fixed summation orders (tokens in order
 /// for dW; 8 strided lanes for the bias sums), which is what makes "bitwise" the right test:
-/// the extra rows only add exact zeros. The reference (which skips zero dz) agrees.
+/// the extra rows only add exact zeros. The reference (which skips zero dz) agrees. At 40
+/// tokens (the decode kernels, but for the full form) and at 70 (the tiles, whose 16-bit
+/// forward flags such rows itself), over d = 19 (one k-tile, rows not 16-byte aligned in
+/// f16/bf16: element-by-element fills), d = 131 (the same over five k-tiles) and d = 136
+/// (16-byte aligned rows, five k-tiles: cp.async fills; the tensor-core tile's 3-slot ring
+/// wraps both ways), the NaN and the infinity near the row's end (the last k-tile).
 #[test]
 fn rows_routed_nowhere_add_nothing_to_gradients() {
-    fn check<T: FloatElement>(device: &Device, form: GateForm, rank: usize) {
-        let (good, d) = (37, 19);
+    fn check<T: FloatElement>(device: &Device, form: GateForm, rank: usize, good: usize, d: usize) {
         let full = Case::new(form, good + 3, d, 9, rank);
         let kept = Case::new(form, good, d, 9, rank);
         let (host, mut x, mut dz) = inputs::<T>(&full);
         let e = full.shape.experts;
-        x[good * d + 4] = f64::NAN;
-        x[(good + 1) * d + 2] = f64::NEG_INFINITY;
+        x[good * d + d - 3] = f64::NAN;
+        x[(good + 1) * d + d - 1] = f64::NEG_INFINITY;
         x[(good + 2) * d..].fill(3e38);
         dz[good * e..].fill(0.0);
-        let what = format!("{form:?} rank {rank} {} on {}", T::NAME, device.description());
+        let what = format!(
+            "{form:?} rank {rank} T {} d {d} {} on {}",
+            good + 3,
+            T::NAME,
+            device.description()
+        );
         let got = run_case::<T>(device, &full, &host, &x, &dz);
         let want = run_case::<T>(device, &kept, &host, &x[..good * d], &dz[..good * e]);
         assert_eq!(got.grads, want.grads, "{what}: weight gradients");
         assert_eq!(got.z[..good * e], want.z[..], "{what}: z");
+        let z_ref = reference::scores(&kept.shape, &host, &x[..good * d]);
+        let z_tol = Tolerance::F32.over(d * kept.terms()).scaled(4.0);
+        assert_close(
+            &format!("{what}: reference z"),
+            &Outputs::floats(&got.z[..good * e]),
+            &z_ref,
+            z_tol,
+        );
         assert!(
             Outputs::floats(&got.z[good * e..]).iter().all(|v| v.is_nan()),
             "{what}: NaN z"
@@ -586,9 +603,12 @@ fn rows_routed_nowhere_add_nothing_to_gradients() {
             } else {
                 3
             };
-            check::<f32>(&device, form, rank);
-            check::<f16>(&device, form, rank);
-            check::<bf16>(&device, form, rank);
+            // 40 tokens: the decode kernels (but for the full form); 70: the tiles.
+            for (good, d) in [(37, 19), (37, 136), (67, 19), (67, 131), (67, 136)] {
+                check::<f32>(&device, form, rank, good, d);
+                check::<f16>(&device, form, rank, good, d);
+                check::<bf16>(&device, form, rank, good, d);
+            }
         }
     }
 }

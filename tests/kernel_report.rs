@@ -188,6 +188,25 @@ fn sass() -> &'static [KernelSass] {
     })
 }
 
+/// The kernels on the gate's 16-bit tensor-core tile (gate_mma.cuh): the forward of every form,
+/// the backward's coefficient pass for every form that has one, and the routing step's fused
+/// kernels.
+fn gate_tensor_core_tiles() -> Vec<String> {
+    let mut kernels = Vec::new();
+    for dtype in ["f16", "bf16"] {
+        for form in ["linear", "lowrank", "symmetric", "attention", "full"] {
+            kernels.push(format!("gate_scores_{form}_{dtype}"));
+            if form != "linear" {
+                kernels.push(format!("gate_coef_{form}_{dtype}"));
+            }
+        }
+        for row in [32, 64, 128] {
+            kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
+        }
+    }
+    kernels
+}
+
 fn mix_of<'a>(all: &'a [KernelSass], kernel: &str) -> impl Iterator<Item = &'a KernelSass> {
     let found: Vec<&KernelSass> = all.iter().filter(|k| k.kernel == kernel).collect();
     assert_eq!(
@@ -232,22 +251,7 @@ fn tensor_core_kernels_contain_hmma() {
     ]
     .map(String::from)
     .to_vec();
-    // The gate's 16-bit forward runs on tensor cores, every form, and so does the backward's
-    // coefficient pass (on the forward's tile) for every form that has one.
-    for form in ["linear", "lowrank", "symmetric", "attention", "full"] {
-        for dtype in ["f16", "bf16"] {
-            kernels.push(format!("gate_scores_{form}_{dtype}"));
-            if form != "linear" {
-                kernels.push(format!("gate_coef_{form}_{dtype}"));
-            }
-        }
-    }
-    // The routing step's fused kernels score on the same tensor-core tiles.
-    for row in [32, 64, 128] {
-        for dtype in ["f16", "bf16"] {
-            kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
-        }
-    }
+    kernels.extend(gate_tensor_core_tiles());
     // The gate's backward GEMMs (dX, dW) run on tf32 tensor cores at every dtype.
     for op in ["dx", "dw"] {
         for dtype in ["f32", "f16", "bf16"] {
@@ -322,6 +326,12 @@ fn vector_kernels_move_128_bits_per_access() {
             for s in mix_of(all, &kernel) {
                 assert!(s.mix.async_copies_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
             }
+        }
+    }
+    // The gate's 16-bit tensor-core tile fills its ring with 16-byte cp.async (gate_mma.cuh).
+    for kernel in &gate_tensor_core_tiles() {
+        for s in mix_of(all, kernel) {
+            assert!(s.mix.async_copies_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);
         }
     }
     for s in mix_of(all, "selftest_mma_ldmatrix_bf16") {

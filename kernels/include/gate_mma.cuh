@@ -3,7 +3,10 @@
 // Same algorithm as the f32 tile (gate_scores_body): per chunk of GATE_RC ranks, a GEMM of a
 // 64-token X tile against the block's stacked projection rows over k-tiles of d, then an
 // epilogue that forms z in registers. Here the GEMM is mma.sync m16n8k16 (f32 accumulation)
-// on 16-bit shared tiles read with ldmatrix, and the columns are laid out for the epilogue:
+// on 16-bit shared tiles read with ldmatrix, filled by a MMA_STAGES-slot cp.async ring (the
+// copies of k-tile kt + 2 fly while the tensor cores work on kt, one barrier a k-tile; the X
+// tile's huge elements are found in shared memory once it lands), and the columns are laid out
+// for the epilogue:
 //   pair tile of expert e (8 columns): [L_0, R_0, L_1, R_1, L_2, R_2, L_3, R_3] of the chunk,
 //     so lane (g, t) of the C fragment holds L_t.x and R_t.x of rows g and g + 8: the rank-t
 //     product is local and a quad shuffle sums the chunk. L, R per form:
@@ -15,14 +18,15 @@
 //   weight rows, read once per 64-token tile, dominate the L2 traffic either way).
 // Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
 //   64-token tile, z written once; shared tiles hold the stored 16-bit values.
-// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + COLS) * MMA_LD * 2 bytes of
-//   dynamic shared memory (COLS: MmaForm).
+// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, MMA_STAGES * (64 + COLS) * MMA_LD * 2
+//   bytes of dynamic shared memory (COLS: MmaForm): 33.8 KiB (symmetric) to 48.8 KiB (low-rank).
 #pragma once
 #include "gate_forms.cuh"
 #include "ptx.cuh"
 
 constexpr int MMA_BK = 32;            // k-tile: two k16 steps
 constexpr int MMA_LD = MMA_BK + 8;    // halves per shared row: 80 B (16-byte aligned rows)
+constexpr int MMA_STAGES = 3;         // slots of the cp.async ring: 2 k-tiles in flight
 
 // Shared rows of the B tile: the L rows of each expert's chunk ([expert][4]), then the R rows
 // (low-rank: V per expert [expert][4]; attention and full: the 4 rows Q_j or e_j, shared by
@@ -48,38 +52,51 @@ template <Form F> struct MmaForm {
   }
 };
 
-// tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the stored 16-bit type;
-// 0 past klen and for null rows, except 1 at k0 + k == unit(m) (an identity row) when
-// unit(m) >= 0. vec: row starts 16-byte aligned (rows_aligned_16). huge_rows (shared, or
-// null): set to 1 for a row with a huge_input element (an atomic: several threads load one row,
-// and plain stores of one flag would race).
+// Issues the fill of tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the
+// stored 16-bit type: with vec (every row start 16-byte aligned, rows_aligned_16, so klen is a
+// multiple of 8 and a run of 8 lies wholly inside or wholly past it) one 16-byte cp.async a run,
+// zero-filled past klen and for null rows. Without vec, and for the rows with a unit column
+// (1 at k0 + k == unit(m) >= 0, else 0), the run is stored element by element at once. The
+// caller commits and waits; `fallback` (16-byte aligned global memory) is the source address
+// the zero-filling copies name.
 template <class T, class RowFn, class UnitFn>
-__device__ __forceinline__ void load_tile_16bit(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
-                                                i64 klen, bool vec, int* huge_rows = nullptr) {
+__device__ __forceinline__ void load_tile_16bit_async(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
+                                                      i64 klen, bool vec, const T* fallback) {
   constexpr int V = 8, UNITS = MMA_BK / V;
   for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
     const int m = item / UNITS, u = item % UNITS;
     const i64 k = k0 + u * V;
     const T* p = row(m);
+    const i64 one_at = unit(m);
     T* dst = tile + m * MMA_LD + u * V;
-    if (p != nullptr && vec && k + V <= klen) {
-      const Raw16 raw = load_128(reinterpret_cast<const Raw16*>(p + k));
-      store_128(reinterpret_cast<Raw16*>(dst), raw);
-      if (huge_rows) {
-#pragma unroll
-        for (int q = 0; q < V; ++q)
-          if (huge_input(raw16_element(raw, q, static_cast<T*>(nullptr)))) atomicOr(&huge_rows[m], 1);
-      }
+    if (vec && one_at < 0) {
+      const bool live = p != nullptr && k < klen;
+      cp_async<16>(dst, live ? p + k : fallback, live ? 16 : 0);
     } else {
-      const i64 one_at = unit(m);
 #pragma unroll
       for (int q = 0; q < V; ++q) {
         const float v = (p != nullptr && k + q < klen) ? to_f32(p[k + q]) : (k + q == one_at ? 1.0f : 0.0f);
         dst[q] = from_f32<T>(v);
-        if (huge_rows && huge_input(v)) atomicOr(&huge_rows[m], 1);
       }
     }
   }
+}
+
+// Sets huge_rows[m] (shared) for each row m of a landed X tile (GATE_BM rows of MMA_BK) that
+// holds a huge_input element: one 16-byte shared read a thread, thread i reading row i % 64
+// (8 consecutive threads read 8 rows 80 bytes apart: 8 distinct 16-byte bank groups), and an
+// atomic, since the MMA_BK / 8 runs of a row are read by as many threads. Zero-filled runs
+// hold no huge element.
+template <class T>
+__device__ __forceinline__ void mark_huge_rows(const T* tile, int* huge_rows) {
+  constexpr int V = 8;
+  static_assert(GATE_BM * (MMA_BK / V) == GATE_THREADS, "one run of the X tile a thread");
+  const int m = threadIdx.x % GATE_BM, u = threadIdx.x / GATE_BM;
+  const Raw16 raw = load_128(reinterpret_cast<const Raw16*>(tile + m * MMA_LD + u * V));
+  bool huge = false;
+#pragma unroll
+  for (int q = 0; q < V; ++q) huge |= huge_input(raw16_element(raw, q, static_cast<T*>(nullptr)));
+  if (huge) atomicOr(&huge_rows[m], 1);
 }
 
 // COEF: the backward's coefficient pass (gate.cu, gate_coef_<form>_<dtype>) on the same tile:
@@ -95,9 +112,9 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   using M = MmaForm<F>;
   static_assert(!COEF || M::pairs, "the linear gate has no coefficient pass");
   constexpr int TILES = M::PAIR_TILES + (COEF ? 0 : M::LIN_TILES);  // n8 tiles a warp multiplies
+  // MMA_STAGES ring slots, each [64][MMA_LD] X rows, then [COLS][MMA_LD] projection rows.
+  constexpr int STAGE_HALVES = (GATE_BM + M::COLS) * MMA_LD;
   DYN_SHARED(T, smem);
-  T* As = smem;                     // [64][MMA_LD] X rows
-  T* Bs = smem + GATE_BM * MMA_LD;  // [COLS][MMA_LD] projection rows
   const T* left = static_cast<const T*>(w.left);
   const T* right = static_cast<const T*>(w.right);
   const T* query = static_cast<const T*>(w.query);
@@ -106,9 +123,11 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   const int wm = warp % 4, wn = warp / 4, g = lane / 4, t = lane % 4;
   const i64 t0 = i64(blockIdx.x) * GATE_BM;
   const int e0 = blockIdx.y * M::BE;
+  // x is never null (the kernel runs only for T > 0), so vec implies d % 8 == 0.
   const bool vec = rows_aligned_16(x, d) && rows_aligned_16(left, d) && rows_aligned_16(right, d) &&
                    rows_aligned_16(query, d) && rows_aligned_16(lin, d);
   const int chunks = M::pairs ? (rank + GATE_RC - 1) / GATE_RC : 1;
+  const int ktiles = int((i64(d) + MMA_BK - 1) / MMA_BK);
   const float pair_scale = F == Form::Attention ? rsqrtf(float(rank)) : 1.0f;
   auto x_row = [&](int m) -> const T* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
   auto no_unit = [](int) -> i64 { return -1; };
@@ -148,11 +167,32 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
     };
 
     float acc[TILES][4] = {};
-    for (i64 k0 = 0; k0 < d; k0 += MMA_BK) {
-      __syncthreads();  // the previous k-tile has been consumed
-      load_tile_16bit<T>(As, GATE_BM, x_row, no_unit, k0, d, vec, huge_rows);
-      load_tile_16bit<T>(Bs, M::COLS, weight_row, unit_column, k0, d, vec);
+    // The MMA_STAGES-deep ring: k-tile kt fills slot kt % MMA_STAGES, issued MMA_STAGES - 1
+    // tiles ahead of the tensor cores. One barrier a k-tile: it publishes tile kt (every
+    // thread's copies waited for) and frees the slot of kt - 1, which the fill issued after it
+    // reuses.
+    auto fill = [&](int kt) {
+      T* As = smem + (kt % MMA_STAGES) * STAGE_HALVES;
+      const i64 k0 = i64(kt) * MMA_BK;
+      load_tile_16bit_async<T>(As, GATE_BM, x_row, no_unit, k0, d, vec, x);
+      load_tile_16bit_async<T>(As + GATE_BM * MMA_LD, M::COLS, weight_row, unit_column, k0, d, vec, x);
+    };
+    // The slots are free: nothing used them before the first chunk, and each chunk ends with
+    // every copy landed and a barrier. huge_rows' clearing is ordered before any mark by the
+    // barrier of k-tile 0.
+#pragma unroll
+    for (int s = 0; s < MMA_STAGES - 1; ++s) {
+      if (s < ktiles) fill(s);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+      cp_async_wait<MMA_STAGES - 2>();  // k-tile kt has landed (this thread's copies)
       __syncthreads();
+      if (kt + MMA_STAGES - 1 < ktiles) fill(kt + MMA_STAGES - 1);
+      cp_async_commit();
+      const T* As = smem + (kt % MMA_STAGES) * STAGE_HALVES;
+      const T* Bs = As + GATE_BM * MMA_LD;
+      if (!COEF && chunk == 0) mark_huge_rows(As, huge_rows);  // X is the same in every chunk
 #pragma unroll
       for (int ks = 0; ks < MMA_BK; ks += 16) {
         uint32_t a[4];
@@ -170,6 +210,8 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
         }
       }
     }
+    cp_async_wait<0>();  // only empty groups remain
+    __syncthreads();     // the slots are free for the next chunk; every huge_rows mark is visible
     if constexpr (COEF) {
       // Lane (g, t) holds L and R of rank r0 + t for rows g and g + 8 of each pair tile.
 #pragma unroll

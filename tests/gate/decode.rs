@@ -235,6 +235,21 @@ fn decode_refuses_the_full_form() {
     }
 }
 
+/// The memory profile (profiling build) of the one launch of the bf16 linear gate, without
+/// bias, of T = `t`, d = `d`, E = `e` on `path`.
+fn linear_bf16_profile(t: usize, d: usize, e: usize, path: GatePath) -> moe_kernels::device::profile::MemoryProfile {
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let case = Case {
+        with_b: false,
+        ..Case::new(GateForm::Linear, t, d, e, 1)
+    };
+    let (host, x, _) = inputs::<bf16>(&case);
+    z_on_path::<bf16>(&device, &case, &host, &x, path);
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    p
+}
+
 /// Memory behaviour on the profiling build: every global load of W and X is a whole 512-byte
 /// warp request (16 sectors: d = 2048 bf16 is 8 groups of 32 chunks, one per slice at T = 4),
 /// and the kernel reads W and X once each and writes z once (the bytes it cannot avoid).
@@ -245,18 +260,40 @@ fn decode_refuses_the_full_form() {
 )]
 fn decode_loads_whole_sectors_once() {
     use moe_kernels::device::profile::{Access, Space};
-    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
-    let device = Device::Emulator(emulator.clone());
     let (t, d, e) = (4usize, 2048usize, 8usize);
-    let case = Case {
-        with_b: false,
-        ..Case::new(GateForm::Linear, t, d, e, 1)
-    };
-    let (host, x, _) = inputs::<bf16>(&case);
-    z_on_path::<bf16>(&device, &case, &host, &x, GatePath::Decode);
-    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    let p = linear_bf16_profile(t, d, e, GatePath::Decode);
     assert_eq!(p.kernel, "gate_decode_linear_bf16");
     assert_eq!(p.traffic(Space::Global, Access::Load).sectors_per_request(), 16.0);
     assert_eq!(p.unique_global_load_bytes, (2 * (e * d + t * d)) as u64, "W and X");
     assert_eq!(p.unique_global_store_bytes, (4 * t * e) as u64, "z");
+}
+
+/// The same on the tensor-core tile (`GatePath::Tiled`, the prefill path), whose 3-slot
+/// cp.async ring wraps at d = 256 (8 k-tiles): every global load of X and W is a whole 16-sector
+/// request (a warp copies 8 rows' 64-byte runs of a k-tile); X and W are read once each by
+/// bytes (the 2 token tiles each read all of W, from L2 on a GPU); z is written once; and no
+/// shared read (ldmatrix, the huge-input check of the landed X tile) has a bank conflict: degree
+/// 4 at most, the floor of a warp's 16-byte reads (512 bytes over 32 banks).
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn tile_ring_loads_whole_sectors_once() {
+    use moe_kernels::device::profile::{Access, Space};
+    let (t, d, e) = (128usize, 256usize, 8usize);
+    let p = linear_bf16_profile(t, d, e, GatePath::Tiled);
+    assert_eq!(p.kernel, "gate_scores_linear_bf16");
+    let loads = p.traffic(Space::Global, Access::Load);
+    assert_eq!(loads.sectors_per_request(), 16.0, "{loads:?}");
+    assert_eq!(
+        loads.bytes,
+        (2 * (2 * e * d + t * d)) as u64,
+        "X once, W once per token tile"
+    );
+    assert_eq!(p.unique_global_load_bytes, (2 * (e * d + t * d)) as u64, "W and X");
+    assert_eq!(p.unique_global_store_bytes, (4 * t * e) as u64, "z");
+    let shared = p.traffic(Space::Shared, Access::Load);
+    assert!(shared.requests > 0);
+    assert!(shared.max_bank_degree <= 4, "{shared:?}");
 }

@@ -290,9 +290,10 @@ fn fused_route_has_the_bits_of_scores_then_select() {
     };
     let bias: Vec<f32> = (0..48).map(|e| (e % 5) as f32 * 0.01).collect();
     for device in devices() {
-        // E = 8 (N = 32) over 4 token tiles, the last ragged; E = 48 (N = 64) with a router
-        // bias; E = 128 (N = 128) one token past a tile.
-        check_route::<bf16>(&device, &linear(200, 40, 8), &softmax, None);
+        // E = 8 (N = 32) over 4 token tiles, the last ragged, and 5 k-tiles (d = 136: the
+        // scoring tile's cp.async ring wraps); E = 48 (N = 64) with a router bias; E = 128
+        // (N = 128) one token past a tile.
+        check_route::<bf16>(&device, &linear(200, 136, 8), &softmax, None);
         check_route::<f16>(&device, &linear(130, 24, 48), &grouped, Some(&bias));
         check_route::<bf16>(&device, &linear(65, 16, ROUTE_MAX_EXPERTS), &mixtral, None);
     }

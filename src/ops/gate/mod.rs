@@ -72,6 +72,8 @@ const K_TILE: usize = 16;
 const RANK_CHUNK: usize = 4;
 /// Halves per shared row of the tensor-core tiles (`MMA_LD`).
 const MMA_ROW_HALVES: usize = 40;
+/// Slots of the tensor-core tile's cp.async ring (`MMA_STAGES`), each one k-tile of X and weights.
+const MMA_STAGES: usize = 3;
 
 /// The scoring function's form (what [`GateWeights`] holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +140,7 @@ impl ScoringTile {
                 GateForm::Symmetric => (experts * RANK_CHUNK, 0),
                 GateForm::Attention | GateForm::Full => (experts * RANK_CHUNK, RANK_CHUNK),
             };
-            let shared = (TILE + left + right + experts) * MMA_ROW_HALVES * 2;
+            let shared = MMA_STAGES * (TILE + left + right + experts) * MMA_ROW_HALVES * 2;
             return (experts, shared);
         }
         let columns_per_expert = match form {
