@@ -499,26 +499,32 @@ EMU_EXPORT(gate_coef_full_bf16)
 // coefficient columns (a null segment has n_s = 0; direct may be null). The sum over n runs
 // segment by segment, k-tile by k-tile, in a fixed order.
 // Algorithm: a GEMM on tensor cores (gate_tf32.cuh: tf32 mma.sync, the f32 coefficients split
-//   into two tf32 terms, so f32 accuracy), G k-tiles as As[n][t], weight rows as Bs[n][l].
+//   into two tf32 terms, so f32 accuracy), G k-tiles as As[n][t], weight rows as Bs[n][l],
+//   double-buffered through registers (tf32_k_loop: the next k-tile's loads in flight under
+//   this one's mma, one barrier a k-tile).
 // Mapping: blockIdx.x = 64-token tile, blockIdx.y = 128-column tile of d; 8 warps, each 32
 //   tokens x 32 columns (gate_tf32.cuh).
 // Traffic: G read once per column tile, W once per token tile, dX written once.
 // Launch: grid (ceil(T/64), ceil(d/128)), 256 threads, TF32_SHARED_BYTES dynamic shared.
-// acc += G[t0.., 0..n) W[0..n, l0..) for one segment, k-tile by k-tile.
+// acc += G[t0.., 0..n) W[0..n, l0..) for one segment, k-tile by k-tile (tf32_k_loop).
 template <class T>
-__device__ __forceinline__ void gate_dx_segment(float (&acc)[2][4][4], float* As, float* Bs,
+__device__ __forceinline__ void gate_dx_segment(float (&acc)[2][4][4], float* smem, int& step,
                                                 const float* g, i64 ldg, const T* w, int n,
                                                 i64 t0, int l0, i64 tokens, int d) {
   const bool vec_g = rows_aligned_16(g, ldg), vec_w = rows_aligned_16(w, d);
   auto g_row = [&](int m) -> const float* { return t0 + m < tokens ? g + (t0 + m) * ldg : nullptr; };
-  for (i64 k0 = 0; k0 < n; k0 += GATE_BK) {
+  TileStage<float, KContiguous::items<float>(TF32_BM)> a;  // G[t][k0 ..): k-contiguous
+  TileStage<T, MContiguous::items<T>(TF32_BN)> b;      // W[k0 + k][l0 ..): m-contiguous
+  auto fetch = [&](i64 k0) {
     auto w_row = [&](int k) -> const T* { return k0 + k < n ? w + (k0 + k) * d + l0 : nullptr; };
-    __syncthreads();  // the previous k-tile has been consumed
-    load_tile_k_contiguous<float>(As, TF32_LDA, TF32_BM, g_row, k0, n, vec_g);
-    load_tile_m_contiguous<T>(Bs, TF32_LDB, TF32_BN, w_row, d - l0, vec_w);
-    __syncthreads();
-    tile_mma_tf32<std::is_same_v<T, float>>(acc, As, Bs);
-  }
+    a.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<float>(v, item, g_row, k0, n, vec_g); });
+    b.fetch([&](Raw16& v, int item) { MContiguous::fetch_item<T>(v, item, TF32_BN, w_row, d - l0, vec_w); });
+  };
+  auto store = [&](float* As, float* Bs) {
+    a.store([&](int item, const auto& v) { KContiguous::store_item<float>(As, TF32_LDA, item, v, nullptr); });
+    b.store([&](int item, const auto& v) { MContiguous::store_item<T>(Bs, TF32_LDB, TF32_BN, item, v, false); });
+  };
+  tf32_k_loop<std::is_same_v<T, float>>(acc, smem, step, 0, n, fetch, store);
 }
 
 template <class T>
@@ -527,15 +533,20 @@ __device__ __forceinline__ void gate_dx_body(const float* g0, i64 ldg0, const T*
                                              const float* g2, i64 ldg2, const T* w2, int n2,
                                              const float* direct, i64 ld_direct, T* dx, i64 tokens,
                                              int d) {
-  DYN_SHARED(float, smem);
-  float* As = smem;                      // [BK][TF32_LDA] coefficients, k = n
-  float* Bs = smem + GATE_BK * TF32_LDA;  // [BK][TF32_LDB] weight rows
+  DYN_SHARED(float, smem);  // TF32_SLOTS x (As [BK][TF32_LDA] coefficients, Bs [BK][TF32_LDB] weight rows)
   const i64 t0 = i64(blockIdx.x) * TF32_BM;
   const int l0 = blockIdx.y * TF32_BN;
   float acc[2][4][4] = {};
-  gate_dx_segment<T>(acc, As, Bs, g0, ldg0, w0, n0, t0, l0, tokens, d);
-  gate_dx_segment<T>(acc, As, Bs, g1, ldg1, w1, n1, t0, l0, tokens, d);
-  gate_dx_segment<T>(acc, As, Bs, g2, ldg2, w2, n2, t0, l0, tokens, d);
+  int step = 0;
+  // One copy of the k-loop, its segment's arguments picked from the kernel's parameters (three
+  // inlined copies held every segment's pointers live at once: up to 124 registers).
+#pragma unroll 1
+  for (int s = 0; s < 3; ++s) {
+    const float* g = s == 0 ? g0 : s == 1 ? g1 : g2;
+    const T* w = s == 0 ? w0 : s == 1 ? w1 : w2;
+    gate_dx_segment<T>(acc, smem, step, g, s == 0 ? ldg0 : s == 1 ? ldg1 : ldg2, w,
+                       s == 0 ? n0 : s == 1 ? n1 : n2, t0, l0, tokens, d);
+  }
   for_each_tf32_acc(acc, [&](int m, int n, float v) {
     const i64 t = t0 + m;
     const int l = l0 + n;
@@ -544,6 +555,16 @@ __device__ __forceinline__ void gate_dx_body(const float* g0, i64 ldg0, const T*
     dx[t * d + l] = from_f32<T>(v + extra);
   });
 }
+
+// Blocks an SM that gate_dx and gate_dw ask for: three 256-thread blocks leave 80 registers a
+// thread. The 16-bit forms fit that without spilling on sm_90a; their sm_80 build, and the f32
+// forms (three tf32 mmas a fragment pair, B's lo terms, twice the staged B items), would spill,
+// so they take two (up to 128 registers).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GATE_TF32_BLOCKS_16BIT 3
+#else
+#define GATE_TF32_BLOCKS_16BIT 2
+#endif
 
 // Each coefficient matrix is passed as (buffer, element offset, row stride): several of them
 // live in one workspace buffer.
@@ -557,11 +578,11 @@ __device__ __forceinline__ void gate_dx_body(const float* g0, i64 ldg0, const T*
                   offset(g2, off2), ldg2, w2, n2, offset(direct, off_direct), ld_direct, dx,    \
                   tokens, d)
 
-extern "C" __global__ void gate_dx_f32(GATE_DX_PARAMS(float)) { GATE_DX(float); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_dx_f32(GATE_DX_PARAMS(float)) { GATE_DX(float); }
 EMU_EXPORT(gate_dx_f32)
-extern "C" __global__ void gate_dx_f16(GATE_DX_PARAMS(__half)) { GATE_DX(__half); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, GATE_TF32_BLOCKS_16BIT) gate_dx_f16(GATE_DX_PARAMS(__half)) { GATE_DX(__half); }
 EMU_EXPORT(gate_dx_f16)
-extern "C" __global__ void gate_dx_bf16(GATE_DX_PARAMS(__nv_bfloat16)) { GATE_DX(__nv_bfloat16); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, GATE_TF32_BLOCKS_16BIT) gate_dx_bf16(GATE_DX_PARAMS(__nv_bfloat16)) { GATE_DX(__nv_bfloat16); }
 EMU_EXPORT(gate_dx_bf16)
 
 // ------------------------------------------------------------------------------------------
@@ -574,7 +595,7 @@ EMU_EXPORT(gate_dx_bf16)
 //   gridDim.z slices of split_tokens tokens (split-K): slice s sums its tokens in order and
 //   writes out + s * rows * d; with more than one slice the host then adds the slices with
 //   gate_sum_f32 in slice order. The split depends only on the shape, so dW is bitwise
-//   reproducible. T = 0 writes zeros.
+//   reproducible. T = 0 writes zeros. k-tiles double-buffered as in gate_dx (tf32_k_loop).
 // Mapping: blockIdx.x = 64-row tile of dW, blockIdx.y = 128-column tile of d, blockIdx.z =
 //   token slice; 8 warps, each 32 rows x 32 columns (gate_tf32.cuh).
 // Traffic: G read once per column tile, X once per row tile, each slice written once.
@@ -582,22 +603,25 @@ EMU_EXPORT(gate_dx_bf16)
 template <class T>
 __device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, const T* x,
                                              i64 tokens, int d, i64 split_tokens, float* out) {
-  DYN_SHARED(float, smem);
-  float* As = smem;                      // [BK][TF32_LDA] coefficients, k = t
-  float* Bs = smem + GATE_BK * TF32_LDA;  // [BK][TF32_LDB] X rows
+  DYN_SHARED(float, smem);  // TF32_SLOTS x (As [BK][TF32_LDA] coefficients, Bs [BK][TF32_LDB] X rows)
   const int r0 = blockIdx.x * TF32_BM, l0 = blockIdx.y * TF32_BN;
   const i64 begin = i64(blockIdx.z) * split_tokens, end = min(tokens, begin + split_tokens);
   const bool vec_g = rows_aligned_16(g, ldg) && r0 % 4 == 0, vec_x = rows_aligned_16(x, d);
-  float acc[2][4][4] = {};
-  for (i64 k0 = begin; k0 < end; k0 += GATE_BK) {
+  TileStage<float, MContiguous::items<float>(TF32_BM)> a;  // G[k0 + k][r0 ..)
+  TileStage<T, MContiguous::items<T>(TF32_BN)> b;      // X[k0 + k][l0 ..)
+  auto fetch = [&](i64 k0) {
     auto g_row = [&](int k) -> const float* { return k0 + k < end ? g + (k0 + k) * ldg + r0 : nullptr; };
     auto x_row = [&](int k) -> const T* { return k0 + k < end ? x + (k0 + k) * d + l0 : nullptr; };
-    __syncthreads();
-    load_tile_m_contiguous<float>(As, TF32_LDA, TF32_BM, g_row, rows - r0, vec_g);
-    load_tile_m_contiguous<T>(Bs, TF32_LDB, TF32_BN, x_row, d - l0, vec_x, true);
-    __syncthreads();
-    tile_mma_tf32<std::is_same_v<T, float>>(acc, As, Bs);
-  }
+    a.fetch([&](Raw16& v, int item) { MContiguous::fetch_item<float>(v, item, TF32_BM, g_row, rows - r0, vec_g); });
+    b.fetch([&](Raw16& v, int item) { MContiguous::fetch_item<T>(v, item, TF32_BN, x_row, d - l0, vec_x); });
+  };
+  auto store = [&](float* As, float* Bs) {
+    a.store([&](int item, const auto& v) { MContiguous::store_item<float>(As, TF32_LDA, TF32_BM, item, v, false); });
+    b.store([&](int item, const auto& v) { MContiguous::store_item<T>(Bs, TF32_LDB, TF32_BN, item, v, true); });
+  };
+  float acc[2][4][4] = {};
+  int step = 0;
+  tf32_k_loop<std::is_same_v<T, float>>(acc, smem, step, begin, end, fetch, store);
   float* slice = out + i64(blockIdx.z) * rows * d;
   for_each_tf32_acc(acc, [&](int m, int n, float v) {
     const int r = r0 + m, l = l0 + n;
@@ -613,11 +637,11 @@ __device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, 
 #define GATE_DW(T)                                                                              \
   gate_dw_body<T>(offset(g ? g : out, off), ldg, rows, x, tokens, d, split_tokens, out + out_off)
 
-extern "C" __global__ void gate_dw_f32(GATE_DW_PARAMS(float)) { GATE_DW(float); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_dw_f32(GATE_DW_PARAMS(float)) { GATE_DW(float); }
 EMU_EXPORT(gate_dw_f32)
-extern "C" __global__ void gate_dw_f16(GATE_DW_PARAMS(__half)) { GATE_DW(__half); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, GATE_TF32_BLOCKS_16BIT) gate_dw_f16(GATE_DW_PARAMS(__half)) { GATE_DW(__half); }
 EMU_EXPORT(gate_dw_f16)
-extern "C" __global__ void gate_dw_bf16(GATE_DW_PARAMS(__nv_bfloat16)) { GATE_DW(__nv_bfloat16); }
+extern "C" __global__ void __launch_bounds__(GATE_THREADS, GATE_TF32_BLOCKS_16BIT) gate_dw_bf16(GATE_DW_PARAMS(__nv_bfloat16)) { GATE_DW(__nv_bfloat16); }
 EMU_EXPORT(gate_dw_bf16)
 
 // ------------------------------------------------------------------------------------------

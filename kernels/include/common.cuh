@@ -128,6 +128,10 @@ template <> __device__ __forceinline__ float bits_to_f32<__half>(unsigned bits) 
 template <> __device__ __forceinline__ float bits_to_f32<__nv_bfloat16>(unsigned bits) {
   return __bfloat162float(__ushort_as_bfloat16((unsigned short)bits));
 }
+// An element's own bits, in the low bits of a word.
+__device__ __forceinline__ unsigned element_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned element_bits(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ unsigned element_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 template <class T> __device__ __forceinline__ unsigned f32_to_bits(float v);
 template <> __device__ __forceinline__ unsigned f32_to_bits<float>(float v) { return __float_as_uint(v); }
 template <> __device__ __forceinline__ unsigned f32_to_bits<__half>(float v) {

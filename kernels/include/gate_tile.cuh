@@ -54,44 +54,121 @@ __device__ __forceinline__ void read_run(float (&out)[elems_per_16<S>], const S*
   }
 }
 
-// Fills tile[k * ld + m] = row(m)[k0 + k] for m < rows, k < GATE_BK, where each source row
-// is contiguous along k (X rows, weight rows). Elements at k0 + k >= klen and null rows are 0.
-// vec: every row start is 16-byte aligned (rows_aligned_16); k0 is a multiple of GATE_BK.
-// huge_rows (shared, or null): set to 1 for a row with a huge_input element (an atomic: several
-// threads load one row, and plain stores of one flag would race).
-template <class S, class RowFn>
-__device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int rows, RowFn row,
-                                                       i64 k0, i64 klen, bool vec, int* huge_rows = nullptr) {
-  constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
-  for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
+// The same run as raw bits, laid out as the 16-byte load lays them out (raw16_element reads
+// them). Nothing here uses the loaded words, so a caller can keep them in flight while it works
+// (TileStage); the element path (edges, unaligned rows) packs each element's bits.
+template <class S>
+__device__ __forceinline__ Raw16 read_run_raw(const S* p, i64 k, i64 len, bool vec) {
+  constexpr int V = elems_per_16<S>, per_word = V / 4;
+  if (p != nullptr && vec && k + V <= len) return load_128(reinterpret_cast<const Raw16*>(p + k));
+  Raw16 raw = {};
+#pragma unroll
+  for (int q = 0; q < V; ++q)
+    if (p != nullptr && k + q < len) raw.w[q / per_word] |= element_bits(p[k + q]) << (32 / per_word * (q % per_word));
+  return raw;
+}
+
+// The loaders below split each k-tile into items of 16 bytes of source, item i handled by thread
+// i % GATE_THREADS: fetch_item reads item i (as f32, or as raw bits for TileStage), store_item
+// writes its f32 values to the tile. load_tile_k_contiguous fetches and stores each item in
+// turn; TileStage keeps a whole k-tile's items in registers between the two, so a kernel can
+// fetch k-tile k + 1 while it works on k-tile k (gate_tf32.cuh's tf32_k_loop).
+
+// k-contiguous sources (X rows, weight rows): tile[k * ld + m] = row(m)[k0 + k] for m < rows,
+// k < GATE_BK. Elements at k0 + k >= klen and null rows are 0. vec: every row start is 16-byte
+// aligned (rows_aligned_16); k0 is a multiple of GATE_BK. Item i is row i / UNITS, run i % UNITS.
+struct KContiguous {
+  template <class S>
+  __host__ __device__ static constexpr int items(int rows) { return rows * (GATE_BK / elems_per_16<S>); }
+  template <class S, class RowFn>
+  __device__ __forceinline__ static void fetch_item(float (&v)[elems_per_16<S>], int item, RowFn row,
+                                                    i64 k0, i64 klen, bool vec) {
+    constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
+    read_run<S>(v, row(item / UNITS), k0 + item % UNITS * V, klen, vec);
+  }
+  template <class S, class RowFn>
+  __device__ __forceinline__ static void fetch_item(Raw16& raw, int item, RowFn row, i64 k0, i64 klen,
+                                                    bool vec) {
+    constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
+    raw = read_run_raw<S>(row(item / UNITS), k0 + item % UNITS * V, klen, vec);
+  }
+  // huge_rows (shared, or null): set to 1 for a row with a huge_input element (an atomic: several
+  // threads load one row, and plain stores of one flag would race).
+  template <class S>
+  __device__ __forceinline__ static void store_item(float* tile, int ld, int item,
+                                                    const float (&v)[elems_per_16<S>], int* huge_rows) {
+    constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
     const int m = item / UNITS, u = item % UNITS;
-    float v[V];
-    read_run<S>(v, row(m), k0 + u * V, klen, vec);
 #pragma unroll
     for (int q = 0; q < V; ++q) {
       tile[(u * V + q) * ld + m] = v[q];
       if (huge_rows && huge_input(v[q])) atomicOr(&huge_rows[m], 1);
     }
   }
+};
+
+template <class S, class RowFn>
+__device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int rows, RowFn row,
+                                                       i64 k0, i64 klen, bool vec, int* huge_rows = nullptr) {
+  for (int item = threadIdx.x; item < KContiguous::items<S>(rows); item += GATE_THREADS) {
+    float v[elems_per_16<S>];
+    KContiguous::fetch_item<S>(v, item, row, k0, klen, vec);
+    KContiguous::store_item<S>(tile, ld, item, v, huge_rows);
+  }
 }
 
-// Fills tile[k * ld + m] = row(k)[m] for k < GATE_BK, m < width, where each source row is
-// contiguous along m and row(k) already points at the tile's first column (null: a row of 0).
-// Elements at m >= mlen are 0. width: a multiple of 16/sizeof(S). vec: row(k) 16-byte aligned.
-// finite_only: NaN and +-inf load as 0 too (gate_dw's X: such a row was routed nowhere).
-template <class S, class RowFn>
-__device__ __forceinline__ void load_tile_m_contiguous(float* tile, int ld, int width, RowFn row,
-                                                       i64 mlen, bool vec, bool finite_only = false) {
-  constexpr int V = elems_per_16<S>;
-  const int units = width / V;
-  for (int item = threadIdx.x; item < GATE_BK * units; item += GATE_THREADS) {
-    const int k = item / units, u = item % units;
-    float v[V];
-    read_run<S>(v, row(k), i64(u) * V, mlen, vec);
+// m-contiguous sources: tile[k * ld + m] = row(k)[m] for k < GATE_BK, m < width, where row(k)
+// already points at the tile's first column (null: a row of 0). Elements at m >= mlen are 0.
+// width: a multiple of 16/sizeof(S). vec: row(k) 16-byte aligned. Item i is row i / (width / V),
+// run i % (width / V).
+struct MContiguous {
+  template <class S>
+  __host__ __device__ static constexpr int items(int width) { return GATE_BK * (width / elems_per_16<S>); }
+  template <class S, class RowFn>
+  __device__ __forceinline__ static void fetch_item(Raw16& raw, int item, int width, RowFn row, i64 mlen,
+                                                    bool vec) {
+    const int units = width / elems_per_16<S>;
+    raw = read_run_raw<S>(row(item / units), i64(item % units) * elems_per_16<S>, mlen, vec);
+  }
+  // finite_only: NaN and +-inf store as 0 too (gate_dw's X: such a row was routed nowhere).
+  template <class S>
+  __device__ __forceinline__ static void store_item(float* tile, int ld, int width, int item,
+                                                    const float (&v)[elems_per_16<S>], bool finite_only) {
+    constexpr int V = elems_per_16<S>;
+    const int units = width / V, k = item / units, u = item % units;
 #pragma unroll
     for (int q = 0; q < V; ++q) tile[k * ld + u * V + q] = finite_only && !finite_f32(v[q]) ? 0.0f : v[q];
   }
-}
+};
+
+// A k-tile's worth of items (COUNT of them, 16 bytes of S each) in registers, as raw bits: thread
+// t holds items t + i * GATE_THREADS, i < ITEMS. fetch(f) calls f(raw, item) to read each (a
+// layout's raw fetch_item); store(f) unpacks each to f32 and calls f(item, values) (its store_item).
+template <class S, int COUNT>
+struct TileStage {
+  static constexpr int V = elems_per_16<S>, ITEMS = (COUNT + GATE_THREADS - 1) / GATE_THREADS;
+  Raw16 raw[ITEMS];
+  template <class Fetch>
+  __device__ __forceinline__ void fetch(Fetch f) {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int item = threadIdx.x + i * GATE_THREADS;
+      if (COUNT % GATE_THREADS == 0 || item < COUNT) f(raw[i], item);
+    }
+  }
+  template <class Store>
+  __device__ __forceinline__ void store(Store f) const {
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+      const int item = threadIdx.x + i * GATE_THREADS;
+      if (COUNT % GATE_THREADS != 0 && item >= COUNT) continue;
+      float v[V];
+#pragma unroll
+      for (int q = 0; q < V; ++q) v[q] = raw16_element(raw[i], q, static_cast<S*>(nullptr));
+      f(item, v);
+    }
+  }
+};
 
 // acc[i][j * NC + c] += sum_k As[k][ty + 16 i] * Bs[k][(tx + 16 j) * NC + c] over one k-tile.
 template <int TM, int NG, int NC>
