@@ -175,8 +175,10 @@ fn compile(
     }
     let lowest = arch_variant(archs[0]);
     cmd.arg(format!("-gencode=arch=compute_{lowest},code=compute_{lowest}"));
-    cmd.arg("-o").arg(&fatbin).arg(&file.path);
+    // The key is taken before the output path is added: OUT_DIR differs between feature sets
+    // (clippy, rustdoc and the tests each run this script), the fatbin does not.
     let cache = NvccCache::new(out, &cmd, root, file);
+    cmd.arg("-o").arg(&fatbin).arg(&file.path);
     if let Some(report) = cache.as_ref().and_then(|c| c.restore(&fatbin)) {
         return Ok((fatbin, report));
     }
@@ -194,7 +196,7 @@ fn compile(
 }
 
 /// A cache of nvcc's outputs beside the target directory, keyed by everything the output
-/// depends on: the command line, the nvcc binary (size and modification time), the kernel
+/// depends on: the command line (less the output path), the nvcc binary (size and modification time), the kernel
 /// file and every header under `kernels/include`.
 ///
 /// Why: cargo reruns this build script whenever an `MOE_EMU_*` variable changes (the

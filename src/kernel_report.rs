@@ -192,26 +192,28 @@ pub fn cuobjdump() -> Option<PathBuf> {
     (bin.join("cuobjdump").is_file() && bin.join("nvdisasm").is_file()).then(|| bin.join("cuobjdump"))
 }
 
-/// The SASS of every embedded module, through `cuobjdump -sass`.
+/// The SASS of every embedded module, through `cuobjdump -sass`, in module order.
+///
+/// The modules are disassembled side by side, one cuobjdump per core: the three largest print
+/// over 100 MB of SASS each, so one after another takes tens of seconds.
 pub fn embedded_sass(cuobjdump: &Path) -> Result<Vec<KernelSass>, String> {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("moe-kernels-sass-{}-{call}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut all = vec![];
-    for module in registry::MODULES {
+    let bin = cuobjdump.parent().unwrap_or(Path::new("."));
+    let path = std::env::join_paths(
+        std::iter::once(bin.to_path_buf()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .map_err(|e| e.to_string())?;
+    let disassemble = |module: &registry::EmbeddedModule| -> Result<Vec<KernelSass>, String> {
         let file = dir.join(format!("{}.fatbin", module.name));
         std::fs::write(&file, module.fatbin).map_err(|e| format!("{}: {e}", file.display()))?;
-        let bin = cuobjdump.parent().unwrap_or(Path::new("."));
-        let path = std::env::join_paths(
-            std::iter::once(bin.to_path_buf())
-                .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
-        )
-        .map_err(|e| e.to_string())?;
         let out = Command::new(cuobjdump)
             .arg("-sass")
             .arg(&file)
-            .env("PATH", path)
+            .env("PATH", &path)
             .output()
             .map_err(|e| format!("{}: {e}", cuobjdump.display()))?;
         if !out.status.success() {
@@ -221,8 +223,35 @@ pub fn embedded_sass(cuobjdump: &Path) -> Result<Vec<KernelSass>, String> {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
-        all.extend(parse_sass(&String::from_utf8_lossy(&out.stdout)));
-    }
+        Ok(parse_sass(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let modules = registry::MODULES;
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(modules.len().max(1));
+    let mut done: Vec<(usize, Result<Vec<KernelSass>, String>)> = std::thread::scope(|s| {
+        let jobs: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = vec![];
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(module) = modules.get(i) else { break mine };
+                        mine.push((i, disassemble(module)));
+                    }
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .flat_map(|j| j.join().expect("cuobjdump worker"))
+            .collect()
+    });
     std::fs::remove_dir_all(&dir).ok();
+    done.sort_by_key(|(i, _)| *i);
+    let mut all = vec![];
+    for (_, sass) in done {
+        all.extend(sass?);
+    }
     Ok(all)
 }

@@ -113,8 +113,9 @@ fn ptxas_reports_no_spill_and_no_hopper_performance_loss() {
 
 #[test]
 #[cfg_attr(
-    not(moe_sass_tools),
-    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    any(not(moe_sass_tools), moe_emu_asan, moe_emu_profile),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm), \
+              in the plain emulator build: the SASS is the same in every build, so the ASan and profiling builds skip it"
 )]
 fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
     let all = sass();
@@ -138,8 +139,9 @@ fn wgmma_kernels_contain_hgmma_in_their_sm_90a_code() {
 /// checked with every kernel's by `ptxas_reports_no_spill_and_no_hopper_performance_loss`.
 #[test]
 #[cfg_attr(
-    not(moe_sass_tools),
-    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    any(not(moe_sass_tools), moe_emu_asan, moe_emu_profile),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm), \
+              in the plain emulator build: the SASS is the same in every build, so the ASan and profiling builds skip it"
 )]
 fn hopper_kernels_run_on_hgmma_utmaldg_and_syncs_in_their_sm_90a_code() {
     let all = sass();
@@ -219,8 +221,9 @@ fn mix_of<'a>(all: &'a [KernelSass], kernel: &str) -> impl Iterator<Item = &'a K
 
 #[test]
 #[cfg_attr(
-    not(moe_sass_tools),
-    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    any(not(moe_sass_tools), moe_emu_asan, moe_emu_profile),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm), \
+              in the plain emulator build: the SASS is the same in every build, so the ASan and profiling builds skip it"
 )]
 fn no_kernel_touches_local_memory() {
     let all = sass();
@@ -239,8 +242,9 @@ fn no_kernel_touches_local_memory() {
 
 #[test]
 #[cfg_attr(
-    not(moe_sass_tools),
-    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    any(not(moe_sass_tools), moe_emu_asan, moe_emu_profile),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm), \
+              in the plain emulator build: the SASS is the same in every build, so the ASan and profiling builds skip it"
 )]
 fn tensor_core_kernels_contain_hmma() {
     let all = sass();
@@ -279,8 +283,9 @@ fn tensor_core_kernels_contain_hmma() {
 
 #[test]
 #[cfg_attr(
-    not(moe_sass_tools),
-    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)"
+    any(not(moe_sass_tools), moe_emu_asan, moe_emu_profile),
+    ignore = "needs GPU kernels and cuobjdump + nvdisasm beside nvcc (pip nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm), \
+              in the plain emulator build: the SASS is the same in every build, so the ASan and profiling builds skip it"
 )]
 fn vector_kernels_move_128_bits_per_access() {
     let all = sass();
