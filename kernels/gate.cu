@@ -65,7 +65,9 @@ template <Form F, bool COEF> struct GateForm {
 // Algorithm: for each chunk of GATE_RC ranks (one chunk for linear), C = X_tile S^T over
 //   k-tiles of d, S the chunk's stacked projection rows of BE experts; the epilogue combines
 //   each expert's NC columns (products, sum over the chunk's ranks, linear row in chunk 0)
-//   into z in registers. Ranks past `rank` and experts past E load as zero rows.
+//   into z in registers. Ranks past `rank` and experts past E load as zero rows. The k-tiles
+//   are double-buffered through registers (staged_k_loop: k-tile k + 1's loads in flight while
+//   the FMAs work on k-tile k, one barrier a k-tile).
 // Mapping: blockIdx.x = 64-token tile, blockIdx.y = BE-expert tile; thread (ty, tx) owns
 //   tokens ty + 16 i (i < 4), experts tx + 16 j (j < NG).
 // Traffic: X read ceil(E / BE) * chunks times (from L2 after the first), each weight row
@@ -75,15 +77,14 @@ template <Form F, bool COEF> struct GateForm {
 //   coefL at [t, e rank + j] (the gradient coefficient of left row j) and coefR at
 //   [t, E rank + e rank + j] (of V row j; attention: g K_ej.x / sqrt r, full: g A_ej.x,
 //   both summed over e later; symmetric: unused); 0 wherever dz is 0.
-// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, (64 + BN) * 16 * 4 bytes dynamic shared.
+// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, 2 * (64 + BN) * 16 * 4 bytes dynamic shared.
 template <class T, Form F, bool COEF>
 __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, const float* bias,
                                                  const float* dz, float* out, i64 tokens, int d,
                                                  int experts, int rank) {
   using G = GateForm<F, COEF>;
-  DYN_SHARED(float, smem);
-  float* As = smem;                  // [BK][BM]
-  float* Bs = smem + GATE_BK * GATE_BM;  // [BK][BN]
+  DYN_SHARED(float, smem);  // STAGED_SLOTS x (As [BK][BM] X, Bs [BK][BN] weight rows)
+  constexpr int SLOT_FLOATS = GATE_BK * (GATE_BM + G::BN);
   const T* left = static_cast<const T*>(w.left);
   const T* right = static_cast<const T*>(w.right);
   const T* query = static_cast<const T*>(w.query);
@@ -97,9 +98,19 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   const float inv_sqrt_rank = G::query ? rsqrtf(float(rank)) : 1.0f;
 
   // Forward: the rows of the tile with a huge_input element get NaN logits (math §1). Written
-  // by the loaders, read after the k-loop's barriers.
+  // by the stores into the tile, read after the k-loop's barriers.
   __shared__ int huge_rows[GATE_BM];
   if (!COEF && threadIdx.x < GATE_BM) huge_rows[threadIdx.x] = 0;
+  __syncthreads();  // every flag cleared before the first store can set one
+  // The k-tiles go through registers (TileStage) where the weight rows are one 16-byte item a
+  // thread (the linear form). The wider quadratic tiles would hold 3-5 (low-rank: 121 registers
+  // become 230), so they load each k-tile straight into its slot: one barrier a k-tile still,
+  // but no loads in flight under the FMAs.
+  TileStage<T, KContiguous::items<T>(GATE_BM)> x_stage;   // X[t0 + m][k0 ..)
+  TileStage<T, KContiguous::items<T>(G::BN)> w_stage;     // the weight rows' [k0 ..)
+  constexpr bool STAGED = decltype(w_stage)::ITEMS == 1;
+  i64 k_direct = 0;  // !STAGED: the k-tile the next store loads
+  int step = 0;
   float z[GATE_TM][G::NG] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
     const int r0 = chunk * GATE_RC;
@@ -121,14 +132,30 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
 
     float acc[GATE_TM][G::NG * G::NC] = {};
     float q[GATE_TM][G::query ? GATE_RC : 1] = {};
-    for (i64 k0 = 0; k0 < d; k0 += GATE_BK) {
-      __syncthreads();  // the previous k-tile has been consumed
-      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, COEF ? nullptr : huge_rows);
-      load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
-      __syncthreads();
-      tile_fma<GATE_TM, G::NG, G::NC>(acc, As, GATE_BM, Bs, G::BN, ty, tx);
-      if constexpr (G::query) tile_fma<GATE_TM, 1, GATE_RC>(q, As, GATE_BM, Bs + G::EXPERT_COLS, G::BN, ty, 0);
-    }
+    auto fetch = [&](i64 k0) {
+      if constexpr (STAGED) {
+        x_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<T>(v, item, x_row, k0, d, vec); });
+        w_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<T>(v, item, weight_row, k0, d, vec); });
+      } else {
+        k_direct = k0;
+      }
+    };
+    int* const huge = COEF ? nullptr : huge_rows;
+    auto store = [&](float* As, float* Bs) {
+      if constexpr (STAGED) {
+        x_stage.store([&](int item, const auto& v) { KContiguous::store_item<T>(As, GATE_BM, item, v, huge); });
+        w_stage.store([&](int item, const auto& v) { KContiguous::store_item<T>(Bs, G::BN, item, v, nullptr); });
+      } else {
+        load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k_direct, d, vec, huge);
+        load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k_direct, d, vec);
+      }
+    };
+    staged_k_loop(smem, SLOT_FLOATS, GATE_BK * GATE_BM, step, 0, d, fetch, store,
+                  [&](const float* As, const float* Bs) {
+                    tile_fma<GATE_TM, G::NG, G::NC>(acc, As, GATE_BM, Bs, G::BN, ty, tx);
+                    if constexpr (G::query)
+                      tile_fma<GATE_TM, 1, GATE_RC>(q, As, GATE_BM, Bs + G::EXPERT_COLS, G::BN, ty, 0);
+                  });
 
 #pragma unroll
     for (int i = 0; i < GATE_TM; ++i) {
@@ -533,7 +560,7 @@ __device__ __forceinline__ void gate_dx_body(const float* g0, i64 ldg0, const T*
                                              const float* g2, i64 ldg2, const T* w2, int n2,
                                              const float* direct, i64 ld_direct, T* dx, i64 tokens,
                                              int d) {
-  DYN_SHARED(float, smem);  // TF32_SLOTS x (As [BK][TF32_LDA] coefficients, Bs [BK][TF32_LDB] weight rows)
+  DYN_SHARED(float, smem);  // STAGED_SLOTS x (As [BK][TF32_LDA] coefficients, Bs [BK][TF32_LDB] weight rows)
   const i64 t0 = i64(blockIdx.x) * TF32_BM;
   const int l0 = blockIdx.y * TF32_BN;
   float acc[2][4][4] = {};
@@ -603,7 +630,7 @@ EMU_EXPORT(gate_dx_bf16)
 template <class T>
 __device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, const T* x,
                                              i64 tokens, int d, i64 split_tokens, float* out) {
-  DYN_SHARED(float, smem);  // TF32_SLOTS x (As [BK][TF32_LDA] coefficients, Bs [BK][TF32_LDB] X rows)
+  DYN_SHARED(float, smem);  // STAGED_SLOTS x (As [BK][TF32_LDA] coefficients, Bs [BK][TF32_LDB] X rows)
   const int r0 = blockIdx.x * TF32_BM, l0 = blockIdx.y * TF32_BN;
   const i64 begin = i64(blockIdx.z) * split_tokens, end = min(tokens, begin + split_tokens);
   const bool vec_g = rows_aligned_16(g, ldg) && r0 % 4 == 0, vec_x = rows_aligned_16(x, d);

@@ -22,8 +22,7 @@
 constexpr int TF32_BM = 64, TF32_BN = 128;  // the block's C tile
 constexpr int TF32_LDA = TF32_BM + 8, TF32_LDB = TF32_BN + 8;
 constexpr int TF32_SLOT_FLOATS = GATE_BK * (TF32_LDA + TF32_LDB);  // As then Bs
-constexpr int TF32_SLOTS = 2;
-constexpr int TF32_SHARED_BYTES = TF32_SLOTS * TF32_SLOT_FLOATS * int(sizeof(float));
+constexpr int TF32_SHARED_BYTES = STAGED_SLOTS * TF32_SLOT_FLOATS * int(sizeof(float));
 
 // v as tf32 terms: hi, and with Split the remainder lo (else v must already be a tf32 value).
 template <bool Split>
@@ -80,23 +79,11 @@ __device__ __forceinline__ void for_each_tf32_acc(const float (&acc)[2][4][4], F
 }
 
 // acc += A B over the k-tiles k0 = begin, begin + GATE_BK, ... < end, double-buffered through
-// registers: fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs) writes them to
-// a slot. Each step stores the fetched tile into slot step % 2, passes one barrier, fetches the
-// next tile and runs the mma on the stored one, so the loads of k-tile k + 1 are in flight while
-// the tensor cores work on k-tile k. One barrier a step suffices: a slot is rewritten two steps
-// after its last read, and no thread passes the barrier of the step between before every thread
-// has finished that read. `step` carries the slot parity across calls (gate_dx's segments).
+// registers (staged_k_loop): fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs)
+// writes them to a slot.
 template <bool SplitB, class Fetch, class Store>
 __device__ __forceinline__ void tf32_k_loop(float (&acc)[2][4][4], float* smem, int& step, i64 begin,
                                             i64 end, Fetch fetch, Store store) {
-  if (begin >= end) return;
-  fetch(begin);
-  for (i64 k0 = begin; k0 < end; k0 += GATE_BK, ++step) {
-    float* As = smem + (step % TF32_SLOTS) * TF32_SLOT_FLOATS;
-    float* Bs = As + GATE_BK * TF32_LDA;
-    store(As, Bs);
-    __syncthreads();  // the slot is filled; the other slot's mma (step - 1) is done everywhere
-    if (k0 + GATE_BK < end) fetch(k0 + GATE_BK);
-    tile_mma_tf32<SplitB>(acc, As, Bs);
-  }
+  staged_k_loop(smem, TF32_SLOT_FLOATS, GATE_BK * TF32_LDA, step, begin, end, fetch, store,
+                [&](const float* As, const float* Bs) { tile_mma_tf32<SplitB>(acc, As, Bs); });
 }

@@ -72,7 +72,7 @@ __device__ __forceinline__ Raw16 read_run_raw(const S* p, i64 k, i64 len, bool v
 // i % GATE_THREADS: fetch_item reads item i (as f32, or as raw bits for TileStage), store_item
 // writes its f32 values to the tile. load_tile_k_contiguous fetches and stores each item in
 // turn; TileStage keeps a whole k-tile's items in registers between the two, so a kernel can
-// fetch k-tile k + 1 while it works on k-tile k (gate_tf32.cuh's tf32_k_loop).
+// fetch k-tile k + 1 while it works on k-tile k (staged_k_loop, below).
 
 // k-contiguous sources (X rows, weight rows): tile[k * ld + m] = row(m)[k0 + k] for m < rows,
 // k < GATE_BK. Elements at k0 + k >= klen and null rows are 0. vec: every row start is 16-byte
@@ -169,6 +169,30 @@ struct TileStage {
     }
   }
 };
+
+// Double buffering through registers: runs compute(As, Bs) over the k-tiles k0 = begin,
+// begin + GATE_BK, ... < end. fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs)
+// writes them into a slot of slot_floats floats (As at its start, Bs at b_offset). Each step stores
+// the fetched tile into slot step % 2, passes one barrier, fetches the next tile and runs compute
+// on the stored one, so the loads of k-tile k + 1 are in flight while k-tile k is worked on. One
+// barrier a step suffices: a slot is rewritten two steps after its last read, and no thread passes
+// the barrier of the step between before every thread has finished that read. `step` carries the
+// slot parity across calls (gate_dx's segments, the forward's rank chunks).
+constexpr int STAGED_SLOTS = 2;
+template <class Fetch, class Store, class Compute>
+__device__ __forceinline__ void staged_k_loop(float* smem, int slot_floats, int b_offset, int& step, i64 begin,
+                                              i64 end, Fetch fetch, Store store, Compute compute) {
+  if (begin >= end) return;
+  fetch(begin);
+  for (i64 k0 = begin; k0 < end; k0 += GATE_BK, ++step) {
+    float* As = smem + (step % STAGED_SLOTS) * slot_floats;
+    float* Bs = As + b_offset;
+    store(As, Bs);
+    __syncthreads();  // the slot is filled; the other slot's compute (step - 1) is done everywhere
+    if (k0 + GATE_BK < end) fetch(k0 + GATE_BK);
+    compute(static_cast<const float*>(As), static_cast<const float*>(Bs));
+  }
+}
 
 // acc[i][j * NC + c] += sum_k As[k][ty + 16 i] * Bs[k][(tx + 16 j) * NC + c] over one k-tile.
 template <int TM, int NG, int NC>

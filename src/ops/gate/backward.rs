@@ -18,7 +18,8 @@
 //! Every reduction runs in a fixed order, and the token split depends only on the shape: the
 //! gradients are bitwise reproducible.
 use super::{
-    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, ScoringTile, THREADS, dims_args, params, scoring_config,
+    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, STAGED_SLOTS, ScoringTile, THREADS, dims_args, params,
+    scoring_config,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -424,8 +425,8 @@ fn sum_config(outputs: usize) -> Result<LaunchConfig> {
 }
 
 /// Shared memory of the dX and dW kernels: two slots of one k-tile of each operand, f32
-/// (`TF32_SHARED_BYTES`: the next k-tile is stored into one slot while the mma reads the other).
-const GEMM_SHARED: u32 = (2 * K_TILE * (DW_TILE_ROWS + 8 + DW_TILE_COLS + 8) * size_of::<f32>()) as u32;
+/// (`TF32_SHARED_BYTES`).
+const GEMM_SHARED: u32 = (STAGED_SLOTS * K_TILE * (DW_TILE_ROWS + 8 + DW_TILE_COLS + 8) * size_of::<f32>()) as u32;
 
 /// One dX segment: coefficient buffer, where its matrix sits in it, weight rows, row count.
 type DxSegment<'s, T> = (&'s Dyn<'s, f32>, &'s Coefs, &'s Dyn<'s, T>, usize);

@@ -74,6 +74,9 @@ const RANK_CHUNK: usize = 4;
 const MMA_ROW_HALVES: usize = 40;
 /// Slots of the tensor-core tile's cp.async ring (`MMA_STAGES`), each one k-tile of X and weights.
 const MMA_STAGES: usize = 3;
+/// Slots of the f32 tiles (the FMA scoring tile, dX and dW), each one k-tile of both operands
+/// (`STAGED_SLOTS`: the next k-tile is stored into one slot while the other is read).
+const STAGED_SLOTS: usize = 2;
 
 /// The scoring function's form (what [`GateWeights`] holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,7 +158,7 @@ impl ScoringTile {
             _ => 32,
         };
         let query = if form == GateForm::Attention { RANK_CHUNK } else { 0 };
-        let shared = (TILE + experts * columns_per_expert + query) * K_TILE * size_of::<f32>();
+        let shared = STAGED_SLOTS * (TILE + experts * columns_per_expert + query) * K_TILE * size_of::<f32>();
         (experts, shared)
     }
 }
