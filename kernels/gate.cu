@@ -66,8 +66,8 @@ template <Form F, bool COEF> struct GateForm {
 //   k-tiles of d, S the chunk's stacked projection rows of BE experts; the epilogue combines
 //   each expert's NC columns (products, sum over the chunk's ranks, linear row in chunk 0)
 //   into z in registers. Ranks past `rank` and experts past E load as zero rows. The k-tiles
-//   are double-buffered through registers (staged_k_loop: k-tile k + 1's loads in flight while
-//   the FMAs work on k-tile k, one barrier a k-tile).
+//   alternate between two slots, one barrier a k-tile (staged_k_loop); the linear form holds
+//   k-tile k + 1's loads in registers while the FMAs work on k-tile k.
 // Mapping: blockIdx.x = 64-token tile, blockIdx.y = BE-expert tile; thread (ty, tx) owns
 //   tokens ty + 16 i (i < 4), experts tx + 16 j (j < NG).
 // Traffic: X read ceil(E / BE) * chunks times (from L2 after the first), each weight row
@@ -109,7 +109,6 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   TileStage<T, KContiguous::items<T>(GATE_BM)> x_stage;   // X[t0 + m][k0 ..)
   TileStage<T, KContiguous::items<T>(G::BN)> w_stage;     // the weight rows' [k0 ..)
   constexpr bool STAGED = decltype(w_stage)::ITEMS == 1;
-  i64 k_direct = 0;  // !STAGED: the k-tile the next store loads
   int step = 0;
   float z[GATE_TM][G::NG] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
@@ -136,18 +135,16 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
       if constexpr (STAGED) {
         x_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<T>(v, item, x_row, k0, d, vec); });
         w_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<T>(v, item, weight_row, k0, d, vec); });
-      } else {
-        k_direct = k0;
       }
     };
     int* const huge = COEF ? nullptr : huge_rows;
-    auto store = [&](float* As, float* Bs) {
+    auto store = [&](float* As, float* Bs, i64 k0) {
       if constexpr (STAGED) {
         x_stage.store([&](int item, const auto& v) { KContiguous::store_item<T>(As, GATE_BM, item, v, huge); });
         w_stage.store([&](int item, const auto& v) { KContiguous::store_item<T>(Bs, G::BN, item, v, nullptr); });
       } else {
-        load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k_direct, d, vec, huge);
-        load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k_direct, d, vec);
+        load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, huge);
+        load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
       }
     };
     staged_k_loop(smem, SLOT_FLOATS, GATE_BK * GATE_BM, step, 0, d, fetch, store,
@@ -547,7 +544,7 @@ __device__ __forceinline__ void gate_dx_segment(float (&acc)[2][4][4], float* sm
     a.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<float>(v, item, g_row, k0, n, vec_g); });
     b.fetch([&](Raw16& v, int item) { MContiguous::fetch_item<T>(v, item, TF32_BN, w_row, d - l0, vec_w); });
   };
-  auto store = [&](float* As, float* Bs) {
+  auto store = [&](float* As, float* Bs, i64) {
     a.store([&](int item, const auto& v) { KContiguous::store_item<float>(As, TF32_LDA, item, v, nullptr); });
     b.store([&](int item, const auto& v) { MContiguous::store_item<T>(Bs, TF32_LDB, TF32_BN, item, v, false); });
   };
@@ -642,7 +639,7 @@ __device__ __forceinline__ void gate_dw_body(const float* g, i64 ldg, int rows, 
     a.fetch([&](Raw16& v, int item) { MContiguous::fetch_item<float>(v, item, TF32_BM, g_row, rows - r0, vec_g); });
     b.fetch([&](Raw16& v, int item) { MContiguous::fetch_item<T>(v, item, TF32_BN, x_row, d - l0, vec_x); });
   };
-  auto store = [&](float* As, float* Bs) {
+  auto store = [&](float* As, float* Bs, i64) {
     a.store([&](int item, const auto& v) { MContiguous::store_item<float>(As, TF32_LDA, TF32_BM, item, v, false); });
     b.store([&](int item, const auto& v) { MContiguous::store_item<T>(Bs, TF32_LDB, TF32_BN, item, v, true); });
   };

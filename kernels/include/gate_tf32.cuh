@@ -79,7 +79,7 @@ __device__ __forceinline__ void for_each_tf32_acc(const float (&acc)[2][4][4], F
 }
 
 // acc += A B over the k-tiles k0 = begin, begin + GATE_BK, ... < end, double-buffered through
-// registers (staged_k_loop): fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs)
+// registers (staged_k_loop): fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs, k0)
 // writes them to a slot.
 template <bool SplitB, class Fetch, class Store>
 __device__ __forceinline__ void tf32_k_loop(float (&acc)[2][4][4], float* smem, int& step, i64 begin,

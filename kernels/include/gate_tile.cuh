@@ -171,8 +171,8 @@ struct TileStage {
 };
 
 // Double buffering through registers: runs compute(As, Bs) over the k-tiles k0 = begin,
-// begin + GATE_BK, ... < end. fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs)
-// writes them into a slot of slot_floats floats (As at its start, Bs at b_offset). Each step stores
+// begin + GATE_BK, ... < end. fetch(k0) reads k-tile k0 into the caller's TileStages, store(As, Bs, k0)
+// writes k-tile k0 into a slot of slot_floats floats (As at its start, Bs at b_offset). Each step stores
 // the fetched tile into slot step % 2, passes one barrier, fetches the next tile and runs compute
 // on the stored one, so the loads of k-tile k + 1 are in flight while k-tile k is worked on. One
 // barrier a step suffices: a slot is rewritten two steps after its last read, and no thread passes
@@ -187,7 +187,7 @@ __device__ __forceinline__ void staged_k_loop(float* smem, int slot_floats, int 
   for (i64 k0 = begin; k0 < end; k0 += GATE_BK, ++step) {
     float* As = smem + (step % STAGED_SLOTS) * slot_floats;
     float* Bs = As + b_offset;
-    store(As, Bs);
+    store(As, Bs, k0);
     __syncthreads();  // the slot is filled; the other slot's compute (step - 1) is done everywhere
     if (k0 + GATE_BK < end) fetch(k0 + GATE_BK);
     compute(static_cast<const float*>(As), static_cast<const float*>(Bs));
