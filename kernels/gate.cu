@@ -32,8 +32,10 @@
 //   gate_sum[_inplace]_f32       fixed-order strided sums (dc, db, per-expert reductions)
 //   gate_decode_<form>_<dtype>   the forward for T <= 64 (every form but full): a warp per
 //                                slice of an expert's rows (gate_decode.cuh)
-//   gate_route_linear_<dtype>_e<N>   the linear f16/bf16 forward with the router's top-k
-//                                selection (and the routing map's count) fused, E <= 128
+//   gate_route_<form>_<dtype>_e<N>   the forward with the router's top-k selection (and the
+//                                routing map's count) fused, where a block holds every expert:
+//                                E <= 128 (linear f16/bf16), 64 (linear f32), 32 (rank forms,
+//                                f32) or 16 (rank forms, f16/bf16)
 //   gate_decode_route_linear_<dtype>_e<N>   the same at T <= 64 on the decode kernel, with the
 //                                map's count, E <= 512 (the last block of each token block selects)
 #include "include/dispatch_map.cuh"
@@ -277,23 +279,27 @@ EMU_EXPORT(gate_scores_full_f16)
 extern "C" __global__ void gate_scores_full_bf16(GATE_SCORES_PARAMS(__nv_bfloat16)) { GATE_SCORES(__nv_bfloat16, Form::Full); }
 EMU_EXPORT(gate_scores_full_bf16)
 
-// gate_route_linear_<dtype>_e<N>: the linear gate's tensor-core forward with the router's
-// selection, and optionally the routing map's counting pass, in one launch: E <= 128, so one
-// block holds every expert of its 64 tokens (N = 32, 64 or 128 >= E: the selection's row width).
-// Algorithm: gate_scores_mma_body writes the block's 64 x E logits to z; a block barrier makes
-//   them visible to the whole block; then each row of the tile is selected exactly as
-//   router_select_e<N>_f32 selects it (select_row, reading the row back from L1/L2), so z, ids
-//   and weights have the bits of the two launches. With a map workspace, each selected slot is
-//   counted and the last block finishes the count, as router_select_counted_e<N>_f32 does.
+// gate_route_<form>_<dtype>_e<N>: a gate's forward with the router's selection, and optionally
+// the routing map's counting pass, in one launch, wherever one block's tile holds every expert of
+// its 64 tokens: E <= BE, the forward tile's experts per block (f16/bf16 tensor-core tiles: 128
+// linear, 16 for the rank forms; f32 FMA tiles: 64 linear, 32 for the rank forms), N = 32, 64 or
+// 128 >= E the selection's row width.
+// Algorithm: gate_scores (the form's forward tile for T) writes the block's 64 x E logits to z;
+//   a block barrier makes them visible to the whole block; then each row of the tile is
+//   selected exactly as router_select_e<N>_f32 selects it (select_row, reading the row back from
+//   L1/L2), so z, ids and weights have the bits of the two launches. With a map workspace, each
+//   selected slot is counted and the last block finishes the count, as
+//   router_select_counted_e<N>_f32 does.
 // Mapping: the gate's; then in two passes of 32 rows thread i is lane i % 8 of row
 //   t0 + 32 pass + i / 8: 8 lanes a row, each holding N / 8 of its slots (router_select_e<N>_f32
 //   gives a row N / 32 lanes; the sums have the same bits at any lanes a row, router_select.cuh).
-//   At most 16 slots a lane keep the kernel at 83-94 registers (sm_80, sm_90a; no spills),
-//   2 blocks per SM by its launch bounds (32 slots took 128 and spilled on sm_80). Rows past T
-//   are not live.
+//   At most 16 slots a lane keep the linear kernels at 83-94 registers (sm_80, sm_90a; no
+//   spills), 2 blocks per SM by their launch bounds (32 slots took 128 and spilled on sm_80);
+//   the rank forms take the scoring kernels' bounds (none: their f32 low-rank tile holds 128).
+//   Rows past T are not live.
 // Traffic: the gate's, plus z re-read once (L2-hot); ids and weights written once.
-// Launch: grid (ceil(T / 64), 1), 256 threads, the linear mma gate's dynamic shared bytes (and
-//   at least (local_experts + 1) ints when counting). Parameters: GATE_SCORES_PARAMS; the router
+// Launch: the forward's grid (ceil(T / 64), 1), 256 threads, its dynamic shared bytes (and at
+//   least (local_experts + 1) ints when counting). Parameters: GATE_SCORES_PARAMS; the router
 //   bias (select_bias) and k; the selection's after k (ROUTER_SELECT_PARAMS); the count's
 //   (router_select_counted_e<N>_f32), map_workspace null for no count.
 #define GATE_ROUTE_PARAMS(T)                                                                     \
@@ -301,14 +307,13 @@ EMU_EXPORT(gate_scores_full_bf16)
       float scale, int groups, int topk_groups, int *ids, float *weights, unsigned *nonfinite_rows,  \
       int *map_workspace, int tile_slots, int expert_begin, int local_experts, int align, int *counts, \
       int *offsets, int *status
-template <class T, int N>
-__device__ __forceinline__ void gate_route_linear(GATE_ROUTE_PARAMS(T)) {
+template <class T, Form F, int N>
+__device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T)) {
   constexpr int L = 8, ROWS_PER_PASS = GATE_THREADS / L;  // 8 lanes a row, 32 rows a pass
   __shared__ int scratch[32];
   __shared__ int last_block;
   __shared__ int dropped;
-  gate_scores_mma_body<T, Form::Linear>(x, GateWeightsPtrs{left, right, query, lin}, bias, nullptr, z, tokens, d,
-                                        experts, rank);
+  gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank);
   __syncthreads();  // the tile's z rows are written and visible to the block
   const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
   const MapShape m{ids, int(tokens), k, experts, expert_begin, local_experts};
@@ -328,24 +333,56 @@ __device__ __forceinline__ void gate_route_linear(GATE_ROUTE_PARAMS(T)) {
   finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block, &dropped, counts,
                offsets, status);
 }
-#define GATE_ROUTE(T, NAME, N)                                                                   \
-  extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) NAME(GATE_ROUTE_PARAMS(T)) {     \
-    gate_route_linear<T, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, score, \
-                            topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows, \
-                            map_workspace, tile_slots, expert_begin, local_experts, align, counts, offsets, status); \
+// The linear tiles run 2 blocks an SM; the rank forms keep the scoring kernels' register freedom.
+#define GATE_ROUTE_BOUNDS_LINEAR __launch_bounds__(GATE_THREADS, 2)
+#define GATE_ROUTE_BOUNDS_RANK
+#define GATE_ROUTE(T, F, BOUNDS, NAME, N)                                                        \
+  extern "C" __global__ void BOUNDS NAME(GATE_ROUTE_PARAMS(T)) {                                 \
+    gate_route<T, F, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, score, \
+                        topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows, \
+                        map_workspace, tile_slots, expert_begin, local_experts, align, counts, offsets, status); \
   }
-GATE_ROUTE(__half, gate_route_linear_f16_e32, 32)
+GATE_ROUTE(float, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f32_e32, 32)
+EMU_EXPORT(gate_route_linear_f32_e32)
+GATE_ROUTE(float, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f32_e64, 64)
+EMU_EXPORT(gate_route_linear_f32_e64)
+GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16_e32, 32)
 EMU_EXPORT(gate_route_linear_f16_e32)
-GATE_ROUTE(__half, gate_route_linear_f16_e64, 64)
+GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16_e64, 64)
 EMU_EXPORT(gate_route_linear_f16_e64)
-GATE_ROUTE(__half, gate_route_linear_f16_e128, 128)
+GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16_e128, 128)
 EMU_EXPORT(gate_route_linear_f16_e128)
-GATE_ROUTE(__nv_bfloat16, gate_route_linear_bf16_e32, 32)
+GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e32, 32)
 EMU_EXPORT(gate_route_linear_bf16_e32)
-GATE_ROUTE(__nv_bfloat16, gate_route_linear_bf16_e64, 64)
+GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e64, 64)
 EMU_EXPORT(gate_route_linear_bf16_e64)
-GATE_ROUTE(__nv_bfloat16, gate_route_linear_bf16_e128, 128)
+GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e128, 128)
 EMU_EXPORT(gate_route_linear_bf16_e128)
+// The rank forms: E <= 32 (f32) or 16 (f16/bf16) fit a block, so N = 32 only.
+GATE_ROUTE(float, Form::LowRank, GATE_ROUTE_BOUNDS_RANK, gate_route_lowrank_f32_e32, 32)
+EMU_EXPORT(gate_route_lowrank_f32_e32)
+GATE_ROUTE(__half, Form::LowRank, GATE_ROUTE_BOUNDS_RANK, gate_route_lowrank_f16_e32, 32)
+EMU_EXPORT(gate_route_lowrank_f16_e32)
+GATE_ROUTE(__nv_bfloat16, Form::LowRank, GATE_ROUTE_BOUNDS_RANK, gate_route_lowrank_bf16_e32, 32)
+EMU_EXPORT(gate_route_lowrank_bf16_e32)
+GATE_ROUTE(float, Form::Symmetric, GATE_ROUTE_BOUNDS_RANK, gate_route_symmetric_f32_e32, 32)
+EMU_EXPORT(gate_route_symmetric_f32_e32)
+GATE_ROUTE(__half, Form::Symmetric, GATE_ROUTE_BOUNDS_RANK, gate_route_symmetric_f16_e32, 32)
+EMU_EXPORT(gate_route_symmetric_f16_e32)
+GATE_ROUTE(__nv_bfloat16, Form::Symmetric, GATE_ROUTE_BOUNDS_RANK, gate_route_symmetric_bf16_e32, 32)
+EMU_EXPORT(gate_route_symmetric_bf16_e32)
+GATE_ROUTE(float, Form::Attention, GATE_ROUTE_BOUNDS_RANK, gate_route_attention_f32_e32, 32)
+EMU_EXPORT(gate_route_attention_f32_e32)
+GATE_ROUTE(__half, Form::Attention, GATE_ROUTE_BOUNDS_RANK, gate_route_attention_f16_e32, 32)
+EMU_EXPORT(gate_route_attention_f16_e32)
+GATE_ROUTE(__nv_bfloat16, Form::Attention, GATE_ROUTE_BOUNDS_RANK, gate_route_attention_bf16_e32, 32)
+EMU_EXPORT(gate_route_attention_bf16_e32)
+GATE_ROUTE(float, Form::Full, GATE_ROUTE_BOUNDS_RANK, gate_route_full_f32_e32, 32)
+EMU_EXPORT(gate_route_full_f32_e32)
+GATE_ROUTE(__half, Form::Full, GATE_ROUTE_BOUNDS_RANK, gate_route_full_f16_e32, 32)
+EMU_EXPORT(gate_route_full_f16_e32)
+GATE_ROUTE(__nv_bfloat16, Form::Full, GATE_ROUTE_BOUNDS_RANK, gate_route_full_bf16_e32, 32)
+EMU_EXPORT(gate_route_full_bf16_e32)
 
 // gate_decode_<form>_<dtype>: GATE_SCORES_PARAMS, then slices (gate_decode.cuh). Launch:
 // grid (ceil(E slices / 8), ceil(T / TOKENS)), 256 threads, no dynamic shared memory.

@@ -200,6 +200,7 @@ fn gate_tensor_core_tiles() -> Vec<String> {
             kernels.push(format!("gate_scores_{form}_{dtype}"));
             if form != "linear" {
                 kernels.push(format!("gate_coef_{form}_{dtype}"));
+                kernels.push(format!("gate_route_{form}_{dtype}_e32"));
             }
         }
         for row in [32, 64, 128] {

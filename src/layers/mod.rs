@@ -11,9 +11,10 @@
 //! (`router::select_counted`), the map's placement 1 (`dispatch::place_counted`), GEMM1 + SwiGLU
 //! with the gather fused 1, GEMM2 1, combine 1 = **6**, and no memset (`DeviceStats::memsets`:
 //! each map's placement leaves the per-tile counts zeroed, so the next count skips clearing
-//! them). A linear router runs scores, selection and the count as one launch (`gate::route`)
-//! above T = 64 in f16/bf16 with E <= 128: **5**; and at T <= 64 with
-//! E <= 512 (any dtype) the same launch places the map too: **4**. The codebook router takes code norms and nearest code in
+//! them). A router runs scores, selection and the count as one launch (`gate::route`)
+//! above T = 64 wherever one block of its forward tile holds every expert (linear: E <= 128 in
+//! f16/bf16, 64 in f32; the rank forms 16 and 32): **5**; and a linear router at T <= 64 with
+//! E <= 512 (any dtype) places the map in the same launch too: **4**. The codebook router takes code norms and nearest code in
 //! place of scores and selection, then the whole `routing_map`: 6 up to T·k = 4096, 7 past it.
 //! Shared experts add 2, the router losses 1 (aux and z together: `router::losses`); capacity needs the map's priority pass
 //! first, so selection and `routing_map` run apart (6 up to T·k = 4096, 9 past it). Backward: 10

@@ -1,18 +1,21 @@
-//! The routing step in one call (`gate::scores_and_select`): the linear gate with the router's
+//! The routing step in one call (`gate::scores_and_select`): the gate with the router's
 //! selection and the map's count fused gives the bits of `gate::scores` +
 //! `router::select_counted`: z, ids, weights, the non-finite count and the whole map after
 //! `place_counted`; `gate::route`, which also places the map (in the same launch at decode),
-//! gives those bits too. Above T = 64 on the tensor-core tile (`gate_route_linear_<dtype>_e<N>`, each
-//! row width N for E = 8, 48, 128), at T <= 64 on the decode kernel
-//! (`gate_decode_route_linear_<dtype>_e<N>`: every dtype, N = 32 ... 512, one to four token
-//! blocks, one or two selection passes); softmax and top-k-then-softmax, sigmoid with groups, a
-//! router bias, scale and renormalisation, rows routed nowhere (NaN and huge inputs), with and
-//! without the count; one launch where it fuses, the two calls elsewhere (f32 or E > 128 above
-//! T = 64; E > 512, or no map, at T <= 64; the rank forms); bad inputs refused naming the
-//! argument.
+//! gives those bits too. Above T = 64 on the forward's tile (`gate_route_<form>_<dtype>_e<N>`:
+//! the linear f16/bf16 tile at each row width N for E = 8, 48, 128, the linear f32 tile at E = 8
+//! and 64, every rank form at its tile's widest E in one dtype or another), at T <= 64 on the
+//! decode kernel (`gate_decode_route_linear_<dtype>_e<N>`: every dtype, N = 32 ... 512, one to
+//! four token blocks, one or two selection passes); softmax and top-k-then-softmax, sigmoid with
+//! groups, a router bias, scale and renormalisation, rows routed nowhere (NaN and huge inputs),
+//! with and without the count; one launch where it fuses, the two calls elsewhere (E past the
+//! tile's experts above T = 64; E > 512, no map, or a rank form at T <= 64); bad inputs refused
+//! naming the argument.
 use super::*;
 use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, MapPath, RoutingMap};
-use moe_kernels::ops::gate::{DECODE_MAX_TOKENS, DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route_is_fused};
+use moe_kernels::ops::gate::{
+    DECODE_MAX_TOKENS, DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route_is_fused, route_tile_max_experts,
+};
 use moe_kernels::ops::router::{self, RouterConfig, ScoreFunction, SelectionOrder};
 
 /// What one routing step produced, downloaded (floats as bits).
@@ -188,29 +191,54 @@ fn tiled_map(experts: usize) -> MapConfig {
 }
 
 /// [`check_route_into`] the map of every expert ([`tiled_map`]).
-fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterConfig, bias: Option<&[f32]>) {
-    check_route_into::<T>(device, case, router, bias, &tiled_map(router.experts));
+fn check_route<T: FloatElement>(device: &Device, case: &Case, router: &RouterConfig, bias: Option<&[f32]>) -> bool {
+    check_route_into::<T>(device, case, router, bias, &tiled_map(router.experts))
 }
 
-/// `case` routed every way (with and without the map of `map_config`) is bitwise the same; one
-/// launch when it fuses (then the fused kernel of E's row width ran), two otherwise; the whole
-/// step (`gate::route`) one at decode, else 2 or 3.
-fn check_route_into<T: FloatElement>(
+/// [`check_route`], which must fuse the step with the map.
+fn check_fused<T: FloatElement>(device: &Device, case: &Case, router: &RouterConfig, bias: Option<&[f32]>) {
+    check_fused_into::<T>(device, case, router, bias, &tiled_map(router.experts));
+}
+
+/// [`check_route_into`], which must fuse the step with the map.
+fn check_fused_into<T: FloatElement>(
     device: &Device,
     case: &Case,
     router: &RouterConfig,
     bias: Option<&[f32]>,
     map_config: &MapConfig,
 ) {
+    assert!(
+        check_route_into::<T>(device, case, router, bias, map_config),
+        "{case:?} fuses"
+    );
+}
+
+/// [`check_route`], which must take the separate calls.
+fn check_unfused<T: FloatElement>(device: &Device, case: &Case, router: &RouterConfig, bias: Option<&[f32]>) {
+    assert!(!check_route::<T>(device, case, router, bias), "{case:?} does not fuse");
+}
+
+/// `case` routed every way (with and without the map of `map_config`) is bitwise the same; one
+/// launch when it fuses (then the fused kernel of E's row width ran), two otherwise; the whole
+/// step (`gate::route`) one at decode, else 2 or 3. Returns whether the step with the map fused.
+fn check_route_into<T: FloatElement>(
+    device: &Device,
+    case: &Case,
+    router: &RouterConfig,
+    bias: Option<&[f32]>,
+    map_config: &MapConfig,
+) -> bool {
     let what = format!("{case:?} {router:?} {} on {}", T::NAME, device.description());
     let placed = upload_params::<T>(device, &inputs::<T>(case).0, 0);
     let up: Vec<_> = placed.iter().map(|(n, p)| (*n, p.view())).collect();
     let row = case.shape.experts.next_power_of_two().max(32);
     let kernel = if case.shape.tokens > DECODE_MAX_TOKENS {
-        format!("gate_route_linear_{}_e{row}", T::NAME)
+        format!("gate_route_{}_{}_e{row}", form_name(case.form), T::NAME)
     } else {
         format!("gate_decode_route_linear_{}_e{row}", T::NAME)
     };
+    let mut fused_with_map = false;
     for counted in [false, true] {
         let fuses = route_is_fused(&case.shape, &weights::<T>(case.form, &up), counted);
         let (want, two) = route::<T>(device, case, router, bias, map_config, counted, Step::TwoCalls);
@@ -239,7 +267,20 @@ fn check_route_into<T: FloatElement>(
             let placed_in_kernel = fuses && case.shape.tokens <= DECODE_MAX_TOKENS;
             let expected = if placed_in_kernel { 1 } else { 3 - u64::from(fuses) };
             assert_eq!(launches, expected, "{what}: gate::route's launches");
+            fused_with_map = fuses;
         }
+    }
+    fused_with_map
+}
+
+/// The form's name in its kernels' names.
+fn form_name(form: GateForm) -> &'static str {
+    match form {
+        GateForm::Linear => "linear",
+        GateForm::LowRank => "lowrank",
+        GateForm::Symmetric => "symmetric",
+        GateForm::Attention => "attention",
+        GateForm::Full => "full",
     }
 }
 
@@ -249,20 +290,30 @@ fn linear(tokens: usize, dim: usize, experts: usize) -> Case {
 
 /// Softmax over `experts`, 1 a token.
 fn top_1(experts: usize) -> RouterConfig {
+    softmax_k(experts, 1)
+}
+
+/// Softmax over `experts`, `k` a token.
+fn softmax_k(experts: usize, k: usize) -> RouterConfig {
     RouterConfig {
         experts,
-        k: 1,
+        k,
         ..RouterConfig::default()
+    }
+}
+
+/// [`grouped_48`]'s options over `experts` in 8 groups.
+fn grouped(experts: usize) -> RouterConfig {
+    RouterConfig {
+        experts,
+        k: 4,
+        ..grouped_48()
     }
 }
 
 /// Softmax over 8 experts, 2 a token.
 fn softmax_8() -> RouterConfig {
-    RouterConfig {
-        experts: 8,
-        k: 2,
-        ..RouterConfig::default()
-    }
+    softmax_k(8, 2)
 }
 
 /// Sigmoid over 48 experts in 8 groups (the top 4 kept), 6 a token, renormalised and scaled.
@@ -293,17 +344,43 @@ fn fused_route_has_the_bits_of_scores_then_select() {
         // E = 8 (N = 32) over 4 token tiles, the last ragged, and 5 k-tiles (d = 136: the
         // scoring tile's cp.async ring wraps); E = 48 (N = 64) with a router bias; E = 128
         // (N = 128) one token past a tile.
-        check_route::<bf16>(&device, &linear(200, 136, 8), &softmax, None);
-        check_route::<f16>(&device, &linear(130, 24, 48), &grouped, Some(&bias));
-        check_route::<bf16>(&device, &linear(65, 16, ROUTE_MAX_EXPERTS), &mixtral, None);
+        check_fused::<bf16>(&device, &linear(200, 136, 8), &softmax, None);
+        check_fused::<f16>(&device, &linear(130, 24, 48), &grouped, Some(&bias));
+        check_fused::<bf16>(&device, &linear(65, 16, ROUTE_MAX_EXPERTS), &mixtral, None);
     }
 }
 
-/// At T <= 64 the decode kernel fuses the selection and the count: every dtype; E = 8 (N = 32,
-/// 4 lanes a row), 48 with groups and a bias (N = 64), 256 with DeepSeek-V3's options (N = 256,
-/// 16 lanes), 300 (N = 512: two selection passes), 126 (N = 128, the scalar layout; k = 1; a
-/// map of local experts 40..104 padded to 8); T = 1 and 5 (8 slices, one token block), 16, 17,
-/// 40 (three token blocks, the last ragged) and 64 (four, each full).
+/// The linear f32 tile (64 experts a block) and the rank forms' tiles (32 experts a block for
+/// f32, 16 for f16/bf16) fuse the selection too, at the widest E their block holds: the linear
+/// f32 gate at E = 8 over 4 token tiles (d = 136: 5 k-tiles) and at E = 64 (N = 64) with groups
+/// and a bias; low-rank (rank 6: two chunks) and symmetric on f16/bf16 at E = 16; attention and
+/// full on f32 at E = 32 and 8.
+#[test]
+fn every_form_fuses_where_its_tile_holds_every_expert() {
+    // The experts one block of each forward tile holds: f32 (FMA tiles), then f16/bf16.
+    for form in GateForm::ALL {
+        let (fma, tensor_cores) = if form == GateForm::Linear { (64, 128) } else { (32, 16) };
+        assert_eq!(route_tile_max_experts::<f32>(form), fma, "{form:?} f32");
+        assert_eq!(route_tile_max_experts::<f16>(form), tensor_cores, "{form:?} f16");
+        assert_eq!(route_tile_max_experts::<bf16>(form), tensor_cores, "{form:?} bf16");
+    }
+    let grouped_64 = RouterConfig {
+        experts: 64,
+        ..grouped_48()
+    };
+    let bias: Vec<f32> = (0..64).map(|e| (e % 7) as f32 * 0.01).collect();
+    for device in devices() {
+        check_fused::<f32>(&device, &linear(200, 136, 8), &softmax_8(), None);
+        check_fused::<f32>(&device, &linear(70, 24, 64), &grouped_64, Some(&bias));
+        check_fused::<bf16>(&device, &Case::new(GateForm::LowRank, 100, 24, 16, 6), &top_1(16), None);
+        let symmetric = Case::new(GateForm::Symmetric, 66, 16, 16, 2);
+        check_fused::<f16>(&device, &symmetric, &grouped(16), Some(&bias[..16]));
+        let attention = Case::new(GateForm::Attention, 80, 16, 32, 3);
+        check_fused::<f32>(&device, &attention, &softmax_k(32, 4), None);
+        check_fused::<f32>(&device, &Case::new(GateForm::Full, 65, 8, 8, 1), &softmax_8(), None);
+    }
+}
+
 #[test]
 fn decode_route_has_the_bits_of_scores_then_select() {
     let (softmax, grouped) = (softmax_8(), grouped_48());
@@ -316,21 +393,21 @@ fn decode_route_has_the_bits_of_scores_then_select() {
     };
     let bias: Vec<f32> = (0..256).map(|e| (e % 5) as f32 * 0.01).collect();
     for device in devices() {
-        check_route::<f32>(&device, &linear(1, 24, 8), &softmax, None);
-        check_route::<bf16>(&device, &linear(5, 40, 48), &grouped, Some(&bias[..48]));
-        check_route::<f16>(&device, &linear(40, 16, 8), &softmax, None);
-        check_route::<bf16>(&device, &linear(DECODE_MAX_TOKENS, 24, 256), &deepseek, Some(&bias));
-        check_route::<f32>(&device, &linear(20, 8, 300), &widest, None);
+        check_fused::<f32>(&device, &linear(1, 24, 8), &softmax, None);
+        check_fused::<bf16>(&device, &linear(5, 40, 48), &grouped, Some(&bias[..48]));
+        check_fused::<f16>(&device, &linear(40, 16, 8), &softmax, None);
+        check_fused::<bf16>(&device, &linear(DECODE_MAX_TOKENS, 24, 256), &deepseek, Some(&bias));
+        check_fused::<f32>(&device, &linear(20, 8, 300), &widest, None);
         // E = 126 (N = 128, 8 lanes a row; rows of 126 floats take the scalar layout), k = 1,
         // one token past a token block.
-        check_route::<bf16>(&device, &linear(17, 16, 126), &top_1(126), None);
+        check_fused::<bf16>(&device, &linear(17, 16, 126), &top_1(126), None);
         // Experts 40..104 of 126 dispatched here, each group padded to 8 rows.
         let local = MapConfig {
             local_experts: Some(40..104),
             align: 8,
             ..tiled_map(126)
         };
-        check_route_into::<f16>(&device, &linear(16, 16, 126), &top_1(126), None, &local);
+        check_fused_into::<f16>(&device, &linear(16, 16, 126), &top_1(126), None, &local);
     }
 }
 
@@ -342,14 +419,25 @@ fn unfused_shapes_take_the_two_calls() {
         ..RouterConfig::default()
     };
     for device in devices() {
-        check_route::<f32>(&device, &linear(100, 24, 8), &router(8), None); // FMA tiles
-        check_route::<bf16>(&device, &linear(100, 24, ROUTE_MAX_EXPERTS + 1), &router(129), None);
+        // One expert past a block of each tile.
+        check_unfused::<f32>(&device, &linear(100, 24, 65), &router(65), None);
+        check_unfused::<bf16>(&device, &linear(100, 24, ROUTE_MAX_EXPERTS + 1), &router(129), None);
+        check_unfused::<bf16>(
+            &device,
+            &Case::new(GateForm::LowRank, 100, 24, 17, 2),
+            &router(17),
+            None,
+        );
+        check_unfused::<f32>(
+            &device,
+            &Case::new(GateForm::Symmetric, 70, 8, 33, 1),
+            &router(33),
+            None,
+        );
         let wide = DECODE_ROUTE_MAX_EXPERTS + 1;
-        check_route::<bf16>(&device, &linear(6, 8, wide), &router(wide), None);
-        let low_rank = Case::new(GateForm::LowRank, 100, 24, 8, 2);
-        check_route::<bf16>(&device, &low_rank, &router(8), None);
+        check_unfused::<bf16>(&device, &linear(6, 8, wide), &router(wide), None);
         let low_rank_decode = Case::new(GateForm::LowRank, 9, 24, 8, 2);
-        check_route::<bf16>(&device, &low_rank_decode, &router(8), None);
+        check_unfused::<bf16>(&device, &low_rank_decode, &router(8), None);
     }
 }
 

@@ -52,30 +52,45 @@ fn sixteen_bit_layers_match_the_reference() {
     }
 }
 
-/// A 16-bit linear router above the decode threshold (T > 64, E <= 128) routes in one launch
-/// (`gate::scores_and_select`: the gate's tiles with the selection and the map's count fused):
-/// the routed forward takes 5 launches instead of 6, the fused kernel runs, and forward and
-/// backward match the reference.
+/// Above the decode threshold (T > 64) a router whose forward tile holds every expert in one
+/// block routes in one launch (`gate::scores_and_select`: the gate's tile with the selection and
+/// the map's count fused): the routed forward takes 5 launches instead of 6, the fused kernel
+/// runs, and forward and backward match the reference. The linear router on tensor cores (bf16)
+/// and on FMA tiles (f32), and a low-rank router (bf16, E = 6 <= 16).
 #[test]
-fn sixteen_bit_linear_router_routes_in_one_launch() {
-    for device in devices() {
+fn tile_routers_route_in_one_launch() {
+    fn check<T: FloatElement>(device: &Device, router: RouterKind, form: &str) {
         let config = MoeConfig {
             max_tokens: 100,
-            ..small(RouterKind::Linear)
+            ..small(router)
         };
-        let case = Case::new::<bf16>(config, 100, 12);
-        let mut layer = MoeLayer::<bf16>::new(&device, config, &case.weights).unwrap();
-        let x = device.upload(&to_t::<bf16>(&case.x)).unwrap();
-        let mut y = device.alloc_zeros::<bf16>(case.x.len()).unwrap();
+        let case = Case::new::<T>(config, 100, 12);
+        let mut layer = MoeLayer::<T>::new(device, config, &case.weights).unwrap();
+        let x = device.upload(&to_t::<T>(&case.x)).unwrap();
+        let mut y = device.alloc_zeros::<T>(case.x.len()).unwrap();
         let before = device.stats();
         layer.forward(&x, case.tokens, &mut y).unwrap();
         let after = device.stats();
-        assert_eq!(after.launches - before.launches, 5, "forward launches");
+        let what = format!("{form} {}, T = 100", T::NAME);
+        assert_eq!(after.launches - before.launches, 5, "{what}: forward launches");
         assert_eq!(after.host_syncs, before.host_syncs);
-        let fused = format!("gate_route_linear_bf16_e{}", config.experts.next_power_of_two().max(32));
+        let fused = format!(
+            "gate_route_{form}_{}_e{}",
+            T::NAME,
+            config.experts.next_power_of_two().max(32)
+        );
         assert!(device.launch_configs().contains_key(fused.as_str()), "{fused} ran");
-        let run = run(&device, &mut layer, &case);
-        check_against_reference::<bf16>("bf16, T = 100", &case, &run, None);
+        let run = run(device, &mut layer, &case);
+        check_against_reference::<T>(&what, &case, &run, None);
+    }
+    let low_rank = RouterKind::Quadratic {
+        form: GateForm::LowRank,
+        rank: 2,
+    };
+    for device in devices() {
+        check::<bf16>(&device, RouterKind::Linear, "linear");
+        check::<f32>(&device, RouterKind::Linear, "linear");
+        check::<bf16>(&device, low_rank, "lowrank");
     }
 }
 
@@ -458,23 +473,28 @@ proptest::proptest! {
 }
 
 /// Past `SMALL_MAP_MAX_SLOTS` (T·k > 4096) the routing map has several tiles; the selection
-/// counts them (`router::select_counted`), so the routed forward keeps its 6 launches (and no
-/// memset: the last map left the workspace zeroed), without a host sync, and matches the
-/// reference.
+/// counts them (in the gate's tile kernel where one block holds every expert, else
+/// `router::select_counted`), so the routed forward keeps its 5 or 6 launches (and no memset: the
+/// last map left the workspace zeroed), without a host sync, and matches the reference.
 #[test]
-fn large_batches_keep_the_six_launch_budget() {
+fn large_batches_keep_the_launch_budget() {
     let quadratic = RouterKind::Quadratic {
         form: GateForm::LowRank,
         rank: 4,
     };
-    for (device, router) in devices()
-        .into_iter()
-        .flat_map(|d| [(d.clone(), RouterKind::Linear), (d, quadratic)])
-    {
+    // (router, experts, forward launches): E = 6 fits a block of the f32 linear and low-rank
+    // tiles (the gate selects), 65 does not (the router's own selection counts the map).
+    let routers = [
+        (RouterKind::Linear, 6, 5),
+        (quadratic, 6, 5),
+        (RouterKind::Linear, 65, 6),
+    ];
+    for (device, (router, experts, launches)) in devices().into_iter().flat_map(|d| routers.map(|r| (d.clone(), r))) {
         // T·k just past one tile of the map: two tiles, the second with 2 slots.
         let tokens = moe_kernels::ops::dispatch::DEFAULT_TILE_SLOTS / 2 + 1;
         let config = MoeConfig {
             max_tokens: tokens,
+            experts,
             ..small(router)
         };
         let case = Case::new::<f32>(config, tokens, 9);
@@ -493,7 +513,7 @@ fn large_batches_keep_the_six_launch_budget() {
             assert_eq!(after.memsets - before.memsets, 0, "{router:?}, T = {batch}");
             assert_eq!(after.host_syncs, before.host_syncs);
             if batch == tokens {
-                assert_eq!(after.launches - before.launches, 6, "{router:?}");
+                assert_eq!(after.launches - before.launches, launches, "{router:?}, E = {experts}");
                 outputs.push(
                     download_f32(&device, &y)
                         .iter()

@@ -239,7 +239,7 @@ pub(crate) enum MapParams {
     /// The count's, only with a map (`router_select_counted_e<N>_f32`; `router_select_e<N>_f32`
     /// has none).
     Count,
-    /// The count's, or null pointers and zeros without a map (`gate_route_linear_<dtype>_e<N>`).
+    /// The count's, or null pointers and zeros without a map (`gate_route_<form>_<dtype>_e<N>`).
     CountOrNull,
     /// The count's (a map is required), then the placement's: `sorted_len, sorted_rows, inverse`,
     /// or with `place` false 0 and null pointers (`gate_decode_route_linear_<dtype>_e<N>`).

@@ -36,10 +36,12 @@
 //! the sum of its slices in a fixed order (still one launch, bitwise deterministic).
 //!
 //! **The routing step** ([`scores_and_select`], and [`route`] into a complete map): the scores,
-//! the router's top-k and the routing map's count in one launch for the linear gate, on the
-//! tensor-core tile above `T = 64` (f16/bf16, `E <= 128`) and on the decode kernel at `T <= 64`
-//! (any dtype, `E <= 512`, with a map: the last block of each 16 tokens selects them, and for
-//! [`route`] the last of those places the map too), with the bits of the separate calls.
+//! the router's top-k and the routing map's count in one launch, with the bits of the separate
+//! calls: above `T = 64` for every form wherever one block of the forward tile holds every
+//! expert ([`route_tile_max_experts`]: `E <= 128` for the linear f16/bf16 tile, 64 for the linear
+//! f32 tile, 32 and 16 for the rank forms' f32 and f16/bf16 tiles), and for the linear gate on
+//! the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a map: the last block of each 16
+//! tokens selects them, and for [`route`] the last of those places the map too).
 //!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
 //! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
@@ -56,7 +58,9 @@ mod backward;
 mod route;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
-pub use route::{DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route, route_is_fused, scores_and_select};
+pub use route::{
+    DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route, route_is_fused, route_tile_max_experts, scores_and_select,
+};
 
 use super::{Dyn, DynMut, FloatElement, check_len, elements, grid_blocks};
 use crate::device::{KernelArgs, LaunchConfig};
@@ -122,6 +126,15 @@ enum ScoringTile {
 }
 
 impl ScoringTile {
+    /// The forward's tile for X of type `T`: tensor cores for f16/bf16, FMA tiles for f32.
+    fn forward<T: FloatElement>() -> Self {
+        if size_of::<T>() == 2 {
+            ScoringTile::TensorCores
+        } else {
+            ScoringTile::Forward
+        }
+    }
+
     /// The tile of the coefficient kernel for X of type `T`: f16/bf16 run on the forward's
     /// tensor-core tile (`gate_scores_mma_body` in coefficient mode), f32 on FMA tiles.
     fn coefficients<T: FloatElement>() -> Self {
@@ -496,11 +509,8 @@ pub fn scores_on_path<T: FloatElement>(
     }
     let config = if decode {
         decode_config(shape, form)?
-    } else if size_of::<T>() == 2 {
-        // f16 and bf16 run on tensor cores (gate_mma.cuh), f32 on FMA tiles.
-        scoring_config(form, shape, ScoringTile::TensorCores)?
     } else {
-        scoring_config(form, shape, ScoringTile::Forward)?
+        scoring_config(form, shape, ScoringTile::forward::<T>())?
     };
     let o = weights.operands();
     // GATE_SCORES_PARAMS, then the decode kernels' slices.
