@@ -33,7 +33,8 @@
 //   gate_decode_<form>_<dtype>   the forward for T <= 64 (every form but full): a warp per
 //                                slice of an expert's rows (gate_decode.cuh)
 //   gate_route_<form>_<dtype>_e<N>   the forward with the router's top-k selection (and the
-//                                routing map's count) fused, where a block holds every expert:
+//                                routing map's count, and the router losses) fused, where a
+//                                block holds every expert:
 //                                E <= 128 (linear f16/bf16), 64 (linear f32), 32 (rank forms,
 //                                f32) or 16 (rank forms, f16/bf16)
 //   gate_decode_route_linear_<dtype>_e<N>   the same at T <= 64 on the decode kernel, with the
@@ -42,6 +43,7 @@
 #include "include/gate_decode.cuh"
 #include "include/gate_mma.cuh"
 #include "include/gate_tf32.cuh"
+#include "include/router_losses.cuh"
 #include "include/router_select.cuh"
 
 // The f32 FMA tile of one form: per expert NC adjacent columns, left projections
@@ -293,22 +295,30 @@ EMU_EXPORT(gate_scores_full_bf16)
 // Mapping: the gate's; then in two passes of 32 rows thread i is lane i % 8 of row
 //   t0 + 32 pass + i / 8: 8 lanes a row, each holding N / 8 of its slots (router_select_e<N>_f32
 //   gives a row N / 32 lanes; the sums have the same bits at any lanes a row, router_select.cuh).
-//   At most 16 slots a lane keep the linear kernels at 83-94 registers (sm_80, sm_90a; no
-//   spills), 2 blocks per SM by their launch bounds (32 slots took 128 and spilled on sm_80);
-//   the rank forms take the scoring kernels' bounds (none: their f32 low-rank tile holds 128).
+//   At most 16 slots a lane keep the linear kernels at 95-96 registers with the losses' body
+//   (sm_80, sm_90a; no spills), 2 blocks per SM by their launch bounds (32 slots took 128 and
+//   spilled on sm_80; 3 blocks spilled the f32 tile); the rank forms take the scoring kernels'
+//   bounds (none: 79-128 registers, the f32 low-rank tile the most).
 //   Rows past T are not live.
-// Traffic: the gate's, plus z re-read once (L2-hot); ids and weights written once.
+// Losses (aux_loss or z_loss not null): when the losses' chunks are the 64-token tiles
+//   (tokens_per_chunk = 64, and one segment or segments a multiple of 64 long), each block then
+//   runs router_losses_body on its tile as chunk (tile mod segment) of segment tile / segment
+//   (tiles past the last whole segment skip it), its histogram from the ids it just wrote: the
+//   chunking, lse and sums of router_losses_f32, so its bits.
+// Traffic: the gate's, plus z re-read once (L2-hot), twice more with the losses (the rows, then
+//   the columns); ids and weights written once.
 // Launch: the forward's grid (ceil(T / 64), 1), 256 threads, its dynamic shared bytes (and at
-//   least (local_experts + 1) ints when counting). Parameters: GATE_SCORES_PARAMS; the router
-//   bias (select_bias) and k; the selection's after k (ROUTER_SELECT_PARAMS); the count's
-//   (router_select_counted_e<N>_f32), map_workspace null for no count.
+//   least (local_experts + 1) ints when counting, E with the aux loss). Parameters:
+//   GATE_SCORES_PARAMS; the router bias (select_bias) and k; the selection's after k
+//   (ROUTER_SELECT_PARAMS); the count's (router_select_counted_e<N>_f32), map_workspace null for
+//   no count; ROUTER_LOSS_PARAMS (router_losses.cuh), aux_loss and z_loss null for none.
 #define GATE_ROUTE_PARAMS(T)                                                                     \
   GATE_SCORES_PARAMS(T), const float *select_bias, int k, int score, int topk_first, int renormalize, \
       float scale, int groups, int topk_groups, int *ids, float *weights, unsigned *nonfinite_rows,  \
       int *map_workspace, int tile_slots, int expert_begin, int local_experts, int align, int *counts, \
       int *offsets, int *status
 template <class T, Form F, int N>
-__device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T)) {
+__device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T), ROUTER_LOSS_PARAMS) {
   constexpr int L = 8, ROWS_PER_PASS = GATE_THREADS / L;  // 8 lanes a row, 32 rows a pass
   __shared__ int scratch[32];
   __shared__ int last_block;
@@ -327,20 +337,29 @@ __device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T)) {
       for (int r = threadIdx.x % L; r < k; r += L)
         count_slot(m, int(row) * k + r, tile_slots, map_workspace + MAP_WORKSPACE_HEADER);
   }
-  if (map_workspace == nullptr) return;  // uniform over the grid
-  DYN_SHARED(int, totals);  // the gate's tiles are done with (the barrier above)
-  const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);
-  finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block, &dropped, counts,
-               offsets, status);
+  if (map_workspace != nullptr) {  // uniform over the grid
+    DYN_SHARED(int, totals);        // the gate's tiles are done with (the barrier above)
+    const int tiles = int((i64(m.slots()) + tile_slots - 1) / tile_slots);
+    finish_count(m, SOURCE_ORDER, align, -1, tiles, map_workspace, totals, scratch, &last_block, &dropped, counts,
+                 offsets, status);
+  }
+  if (aux_loss == nullptr && z_loss == nullptr) return;  // uniform over the grid
+  const i64 tile_first = i64(blockIdx.x) * GATE_BM;
+  const LossBlock chunk{tile_first / tokens_per_segment, tile_first % tokens_per_segment / GATE_BM,
+                        tokens / tokens_per_segment, (tokens_per_segment + GATE_BM - 1) / GATE_BM};
+  if (chunk.segment >= chunk.segments) return;  // past the last whole segment: no loss reads it
+  __syncthreads();  // the tile's ids are visible to the block; totals may become the histogram
+  router_losses_body(chunk, z, aux_loss ? ids : nullptr, experts, k, ROUTER_LOSS_ARGS);
 }
 // The linear tiles run 2 blocks an SM; the rank forms keep the scoring kernels' register freedom.
 #define GATE_ROUTE_BOUNDS_LINEAR __launch_bounds__(GATE_THREADS, 2)
 #define GATE_ROUTE_BOUNDS_RANK
 #define GATE_ROUTE(T, F, BOUNDS, NAME, N)                                                        \
-  extern "C" __global__ void BOUNDS NAME(GATE_ROUTE_PARAMS(T)) {                                 \
+  extern "C" __global__ void BOUNDS NAME(GATE_ROUTE_PARAMS(T), ROUTER_LOSS_PARAMS) {             \
     gate_route<T, F, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, score, \
                         topk_first, renormalize, scale, groups, topk_groups, ids, weights, nonfinite_rows, \
-                        map_workspace, tile_slots, expert_begin, local_experts, align, counts, offsets, status); \
+                        map_workspace, tile_slots, expert_begin, local_experts, align, counts, offsets, status, \
+                        ROUTER_LOSS_ARGS);                                                       \
   }
 GATE_ROUTE(float, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f32_e32, 32)
 EMU_EXPORT(gate_route_linear_f32_e32)

@@ -5,6 +5,8 @@ mod common;
 mod decode;
 #[path = "gate/route.rs"]
 mod route;
+#[path = "gate/route_losses.rs"]
+mod route_losses;
 
 use common::{AtOffset, Rng, Tolerance, assert_close, assert_refused, devices, view_offset};
 use half::{bf16, f16};

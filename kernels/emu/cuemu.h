@@ -156,7 +156,7 @@ void profile_atomic(const void* p, unsigned bytes);  // the caller's address is 
 #define CUEMU_ATOMIC_ENTRY(p) (::cuemu::check_aligned(p, sizeof(*(p)), "atomic"), CUEMU_PROFILE_ATOMIC(p))
 
 // What EMU_EXPORT publishes for one kernel; Rust reads it (src/device/emulator.rs).
-constexpr unsigned kMaxParams = 40;  // EmuKernelEntry::param_sizes in src/device/registry.rs
+constexpr unsigned kMaxParams = 48;  // EmuKernelEntry::param_sizes in src/device/registry.rs
 struct KernelEntry {
   const char* name;
   void (*invoke)(void** params);  // params packed as cuLaunchKernel's kernelParams

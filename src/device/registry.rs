@@ -44,7 +44,7 @@ pub struct EmuKernelEntry {
     pub name: *const std::ffi::c_char,
     pub invoke: unsafe extern "C" fn(*mut *mut std::ffi::c_void),
     pub param_count: u32,
-    pub param_sizes: [u16; 40], // kMaxParams
+    pub param_sizes: [u16; 48], // kMaxParams
 }
 
 // SAFETY: the entries are immutable constants defined in C++.

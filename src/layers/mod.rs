@@ -16,7 +16,10 @@
 //! f16/bf16, 64 in f32; the rank forms 16 and 32): **5**; and a linear router at T <= 64 with
 //! E <= 512 (any dtype) places the map in the same launch too: **4**. The codebook router takes code norms and nearest code in
 //! place of scores and selection, then the whole `routing_map`: 6 up to T·k = 4096, 7 past it.
-//! Shared experts add 2, the router losses 1 (aux and z together: `router::losses`); capacity needs the map's priority pass
+//! Shared experts add 2; the router losses (aux and z together) ride in the selection's launch
+//! (`gate::route_with_losses`: the gate's tile kernel where the losses' chunks are its 64-token
+//! tiles, else `router::select_with_losses`), and add 1 at decode or where the gate's scores
+//! then run apart from the selection; capacity needs the map's priority pass
 //! first, so selection and `routing_map` run apart (6 up to T·k = 4096, 9 past it). Backward: 10
 //! for the linear router (combine⁻¹, GEMM2 dgrad + SwiGLU⁻¹, dW2, GEMM1 dgrad, dW1, select⁻¹,
 //! gate dX + dW + db, the sum into dx), +1 for the losses, +5 with shared experts; quadratic gates add

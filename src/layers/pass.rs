@@ -171,8 +171,10 @@ impl<T: FloatElement> Pass<'_, T> {
             zeroed: true,
         };
         let training = self.mode == Mode::Training;
-        // The router losses ride in the selection's launch wherever the selection has one of its
-        // own (router::select_with_losses); where the gate's kernel selects, they launch apart.
+        // The router losses ride in the selection's launch: the gate's tile kernel where the
+        // losses' chunks are its tiles, else the selection's own (router::select_with_losses);
+        // after the one-launch decode route they take a launch of their own
+        // (gate::route_with_losses).
         let wants_losses = training && (config.aux_config().is_some() || config.z_loss > 0.0);
         let mut losses_done = false;
         if by_router {
@@ -182,8 +184,8 @@ impl<T: FloatElement> Pass<'_, T> {
             let bias = self.router.bias.as_ref();
             let nonfinite = &mut scratch.nonfinite_rows;
             let gate_weights = self.router.weights();
-            if wants_losses && !gate::route_is_fused(&gate_shape, &gate_weights, counted) {
-                gate::scores(device, &gate_shape, &gate_weights, x, &mut z)?;
+            let fused = gate::route_is_fused(&gate_shape, &gate_weights, counted);
+            if wants_losses && (counted || !fused) {
                 let aux_config = config.aux_config();
                 let buffers = LossBuffers {
                     aux: &mut saved.aux,
@@ -192,22 +194,40 @@ impl<T: FloatElement> Pass<'_, T> {
                     z_loss: &mut saved.z_loss,
                 };
                 let (aux, z_loss) = loss_targets(device, config, &aux_config, s.tokens, buffers)?;
-                router::select_with_losses(
-                    device,
-                    &router_config,
-                    &z,
-                    bias,
-                    &mut ids,
-                    &mut weights,
-                    nonfinite,
-                    counted.then_some(&mut target),
-                    aux,
-                    z_loss,
-                )?;
                 if counted {
-                    dispatch::place_counted(device, &ids, s.tokens, s.k, &mut target)?;
+                    gate::route_with_losses(
+                        device,
+                        &gate_shape,
+                        &gate_weights,
+                        x,
+                        &mut z,
+                        &router_config,
+                        bias,
+                        &mut ids,
+                        &mut weights,
+                        nonfinite,
+                        &mut target,
+                        aux,
+                        z_loss,
+                    )?;
+                    mark(&mut stages, "route: scores + top-k + routing map + router losses");
+                } else {
+                    gate::scores(device, &gate_shape, &gate_weights, x, &mut z)?;
+                    let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+                    router::select_with_losses(
+                        device,
+                        &router_config,
+                        &z,
+                        bias,
+                        &mut ids,
+                        &mut weights,
+                        nonfinite,
+                        no_map,
+                        aux,
+                        z_loss,
+                    )?;
+                    mark(&mut stages, "route: scores, then top-k + router losses");
                 }
-                mark(&mut stages, "route: scores, then top-k + router losses");
                 losses_done = true;
             } else if counted {
                 // The whole routing step: one launch at decode, where the gate's kernel places

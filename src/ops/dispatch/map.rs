@@ -164,6 +164,12 @@ pub struct CountedMap<'a, B, W> {
 }
 
 impl<B: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>> CountedMap<'_, B, W> {
+    /// Checks the map for `tokens` x `k` ids of `experts` experts, before a step launches
+    /// anything.
+    pub(crate) fn check(&self, experts: usize, tokens: usize, k: usize) -> Result<()> {
+        self.checked(experts, tokens, k).map(|_| ())
+    }
+
     /// Checks the map for `tokens` x `k` ids of `experts` experts and returns the kernels' shape.
     fn checked(&self, experts: usize, tokens: usize, k: usize) -> Result<Shape> {
         let config = self.config;

@@ -59,7 +59,8 @@ mod route;
 
 pub use backward::{GateGrads, backward_workspace_len, scores_backward};
 pub use route::{
-    DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route, route_is_fused, route_tile_max_experts, scores_and_select,
+    DECODE_ROUTE_MAX_EXPERTS, ROUTE_MAX_EXPERTS, route, route_is_fused, route_tile_max_experts, route_with_losses,
+    scores_and_select,
 };
 
 use super::{Dyn, DynMut, FloatElement, check_len, elements, grid_blocks};

@@ -5,15 +5,23 @@
 //! (`gate_route_<form>_<dtype>_e<N>`, [`route_tile_max_experts`]); at decode (T <= 64) the
 //! linear gate's decode kernel, whose last block of each 16 tokens selects them once every block
 //! has written its logits (`gate_decode_route_linear_<dtype>_e<N>`: its tickets live in the
-//! map's workspace, so it needs the map).
+//! map's workspace, so it needs the map). [`route_with_losses`] adds the router losses, in the
+//! tile kernel's launch where their chunks are its tiles.
 use super::{
-    DECODE_LINEAR_TOKENS, DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, check_scores,
+    DECODE_LINEAR_TOKENS, DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, TILE, check_scores,
     decode_config, decode_slices, scores, scores_args, scoring_config,
 };
 use crate::ops::FloatElement;
 use crate::ops::dispatch::{self, CountedMap, MapParams};
-use crate::ops::router::{self, RouterConfig, Selection, select_row_width};
-use crate::{Device, DeviceSlice, DeviceSliceMut, Error, Result};
+use crate::ops::router::balance::{check_loss_targets, loss_args, loss_chunks_are_tiles};
+use crate::ops::router::{
+    self, AuxLossTarget, RouterConfig, SelectedAuxLoss, Selection, ZLossTarget, select_row_width,
+};
+use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
+
+/// No router loss in a routing step's launch.
+const NO_AUX: Option<SelectedAuxLoss<'static, DeviceBuffer<f32>>> = None;
+const NO_Z_LOSS: Option<ZLossTarget<'static, DeviceBuffer<f32>>> = None;
 
 /// The most experts a tile kernel fuses (T > 64), over every form and dtype: the linear gate's
 /// tensor-core tile, whose block holds 128 experts of its 64 tokens ([`route_tile_max_experts`]
@@ -85,19 +93,13 @@ pub fn scores_and_select<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut
     map: Option<&mut CountedMap<'_, M, W>>,
 ) -> Result<()> {
     let place = false;
-    run_step(
-        device,
-        shape,
-        gate,
-        x,
-        z,
-        router,
-        bias,
+    let selection = Selection {
         ids,
         weights,
         nonfinite_rows,
-        map,
-        place,
+    };
+    run_step(
+        device, shape, gate, x, z, router, bias, selection, map, place, NO_AUX, NO_Z_LOSS,
     )
     .map(|_| ())
 }
@@ -123,29 +125,34 @@ pub fn route<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: De
     map: &mut CountedMap<'_, M, W>,
 ) -> Result<()> {
     let place = true;
-    if run_step(
-        device,
-        shape,
-        gate,
-        x,
-        z,
-        router,
-        bias,
-        ids,
+    let selection = Selection {
+        ids: &mut *ids,
         weights,
         nonfinite_rows,
-        Some(&mut *map),
-        place,
+    };
+    let map_ref = Some(&mut *map);
+    if run_step(
+        device, shape, gate, x, z, router, bias, selection, map_ref, place, NO_AUX, NO_Z_LOSS,
     )? {
         return Ok(());
     }
     dispatch::place_counted(device, &*ids, shape.tokens, router.k, map)
 }
 
-/// Scores, selection and the map's count; with `place` the decode kernel also places the map.
-/// Returns whether the map was placed.
+/// [`route`] and the router losses of the ids it selects ([`router::select_with_losses`]'s
+/// targets: the aux loss, the z-loss or both, with their workspaces), with the bits of
+/// [`route`] then [`router::losses`]:
+/// - above T = 64 where [`route_is_fused`] holds and the losses' chunks are the tile's 64 tokens
+///   (T <= 65536 a segment, and one segment or segments a multiple of 64 long): the losses run in
+///   the tile's launch, 2 launches with the placement;
+/// - at decode where [`route_is_fused`] holds: the one-launch [`route`], then [`router::losses`];
+/// - elsewhere [`scores`], [`router::select_with_losses`] (with the map's count) and
+///   [`dispatch::place_counted`]: 3 launches.
+///
+/// With neither loss it is [`route`]. Every way leaves `map.workspace` zeroed for the next
+/// route. No host sync.
 #[allow(clippy::too_many_arguments)]
-fn run_step<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: DeviceSliceMut<i32>>(
+pub fn route_with_losses<T, B, M, W, LA, LZ>(
     device: &Device,
     shape: &GateShape,
     gate: &GateWeights<'_, T>,
@@ -156,9 +163,205 @@ fn run_step<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: Dev
     ids: &mut impl DeviceSliceMut<i32>,
     weights: &mut impl DeviceSliceMut<f32>,
     nonfinite_rows: &mut impl DeviceSliceMut<u32>,
+    map: &mut CountedMap<'_, M, W>,
+    aux: Option<SelectedAuxLoss<'_, LA>>,
+    z_loss: Option<ZLossTarget<'_, LZ>>,
+) -> Result<()>
+where
+    T: FloatElement,
+    B: DeviceSlice<f32>,
+    M: DeviceSliceMut<i32>,
+    W: DeviceSliceMut<i32>,
+    LA: DeviceSliceMut<f32>,
+    LZ: DeviceSliceMut<f32>,
+{
+    if aux.is_none() && z_loss.is_none() {
+        return route(
+            device,
+            shape,
+            gate,
+            x,
+            z,
+            router,
+            bias,
+            ids,
+            weights,
+            nonfinite_rows,
+            map,
+        );
+    }
+    let tokens = shape.tokens;
+    let selection = Selection {
+        ids: &mut *ids,
+        weights: &mut *weights,
+        nonfinite_rows: &mut *nonfinite_rows,
+    };
+    check_step(shape, gate, x, z, router, bias, &selection, Some(&*map))?;
+    check_loss_targets(router, &*z, tokens, &aux, &z_loss)?;
+    match fused_route(shape, gate, true) {
+        Some(FusedRoute::Tile) if loss_chunks_are_tiles(aux.as_ref().map(|a| a.config), tokens, TILE) => {
+            let selection = Selection {
+                ids: &mut *ids,
+                weights,
+                nonfinite_rows,
+            };
+            let place = false;
+            run_step(
+                device,
+                shape,
+                gate,
+                x,
+                z,
+                router,
+                bias,
+                selection,
+                Some(&mut *map),
+                place,
+                aux,
+                z_loss,
+            )?;
+            dispatch::place_counted(device, &*ids, tokens, router.k, map)
+        }
+        Some(FusedRoute::Decode) => {
+            route(
+                device,
+                shape,
+                gate,
+                x,
+                z,
+                router,
+                bias,
+                ids,
+                weights,
+                nonfinite_rows,
+                map,
+            )?;
+            let aux = aux.map(|a| AuxLossTarget {
+                config: a.config,
+                ids: &*ids,
+                workspace: a.workspace,
+                loss: a.loss,
+            });
+            router::losses(device, router, &*z, aux, z_loss)
+        }
+        _ => {
+            scores(device, shape, gate, x, z)?;
+            let counted = Some(&mut *map);
+            router::select_with_losses(
+                device,
+                router,
+                &*z,
+                bias,
+                &mut *ids,
+                weights,
+                nonfinite_rows,
+                counted,
+                aux,
+                z_loss,
+            )?;
+            dispatch::place_counted(device, &*ids, tokens, router.k, map)
+        }
+    }
+}
+
+/// Scores, selection and the map's count; with `place` the decode kernel also places the map;
+/// with a loss target the tile kernel also runs the losses (the caller has checked that their
+/// chunks are its tiles: [`loss_chunks_are_tiles`]). Returns whether the map was placed.
+#[allow(clippy::too_many_arguments)]
+fn run_step<T, B, I, Wt, C, M, W, LA, LZ>(
+    device: &Device,
+    shape: &GateShape,
+    gate: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    z: &mut impl DeviceSliceMut<f32>,
+    router: &RouterConfig,
+    bias: Option<&B>,
+    selection: Selection<'_, I, Wt, C>,
     map: Option<&mut CountedMap<'_, M, W>>,
     place: bool,
-) -> Result<bool> {
+    aux: Option<SelectedAuxLoss<'_, LA>>,
+    z_loss: Option<ZLossTarget<'_, LZ>>,
+) -> Result<bool>
+where
+    T: FloatElement,
+    B: DeviceSlice<f32>,
+    I: DeviceSliceMut<i32>,
+    Wt: DeviceSliceMut<f32>,
+    C: DeviceSliceMut<u32>,
+    M: DeviceSliceMut<i32>,
+    W: DeviceSliceMut<i32>,
+    LA: DeviceSliceMut<f32>,
+    LZ: DeviceSliceMut<f32>,
+{
+    check_step(shape, gate, x, z, router, bias, &selection, map.as_deref())?;
+    let Some(fused) = fused_route(shape, gate, map.is_some()) else {
+        scores(device, shape, gate, x, z)?;
+        let Selection {
+            ids,
+            weights,
+            nonfinite_rows,
+        } = selection;
+        router::select_counted(device, router, &*z, bias, ids, weights, nonfinite_rows, map)?;
+        return Ok(false);
+    };
+    let tokens = shape.tokens;
+    check_loss_targets(router, &*z, tokens, &aux, &z_loss)?;
+    let (o, form) = (gate.operands(), gate.form());
+    // gate_[decode_]route_<form>_<dtype>_e<N>: GATE_SCORES_PARAMS, the router's bias and k,
+    // then the selection's parameters after k and the map's (MapParams); then the tile
+    // kernel's losses (ROUTER_LOSS_PARAMS), the decode kernel's slices.
+    let args = scores_args(device, shape, form, &o, x, z)
+        .input_or_null("bias", bias)
+        .scalar(router.k as i32);
+    let params = match fused {
+        FusedRoute::Tile => MapParams::CountOrNull,
+        FusedRoute::Decode => MapParams::CountThenPlacement { place },
+    };
+    let (args, map_shared) = selection.args(device, router, tokens, bias, args, map, params)?;
+    let (mut config, args, kernel) = match fused {
+        FusedRoute::Tile => {
+            let (args, losses) = loss_args(router, tokens, args, aux, z_loss)?;
+            let mut config = scoring_config(form, shape, ScoringTile::forward::<T>())?;
+            config.shared_bytes = config.shared_bytes.max(losses.shared_bytes);
+            (config, args, "gate_route")
+        }
+        FusedRoute::Decode => (
+            decode_config(shape, form)?,
+            args.scalar(decode_slices(tokens) as i32),
+            "gate_decode_route",
+        ),
+    };
+    config.shared_bytes = config.shared_bytes.max(map_shared);
+    let row = select_row_width(shape.experts);
+    let name = format!("{kernel}_{}_{}_e{row}", form.kernel_name(), T::NAME);
+    device.launch(&name, config, args)?;
+    Ok(fused == FusedRoute::Decode && place)
+}
+
+/// Every check of a routing step's inputs and outputs (the gate's, the router's, the
+/// selection's and the map's), before anything launches: a refusal launches nothing, whichever
+/// way the step runs.
+#[allow(clippy::too_many_arguments)]
+fn check_step<T, B, I, Wt, C, M, W>(
+    shape: &GateShape,
+    gate: &GateWeights<'_, T>,
+    x: &impl DeviceSlice<T>,
+    z: &impl DeviceSlice<f32>,
+    router: &RouterConfig,
+    bias: Option<&B>,
+    selection: &Selection<'_, I, Wt, C>,
+    map: Option<&CountedMap<'_, M, W>>,
+) -> Result<()>
+where
+    T: FloatElement,
+    B: DeviceSlice<f32>,
+    I: DeviceSliceMut<i32>,
+    Wt: DeviceSliceMut<f32>,
+    C: DeviceSliceMut<u32>,
+    M: DeviceSliceMut<i32>,
+    W: DeviceSliceMut<i32>,
+{
+    check_scores(shape, gate, x, z)?;
     if router.experts != shape.experts {
         return Err(Error::InvalidArgument {
             argument: "router.experts",
@@ -166,45 +369,7 @@ fn run_step<T: FloatElement, B: DeviceSlice<f32>, M: DeviceSliceMut<i32>, W: Dev
             expected: format!("the gate's experts, shape.experts = {}", shape.experts),
         });
     }
-    let Some(fused) = fused_route(shape, gate, map.is_some()) else {
-        scores(device, shape, gate, x, z)?;
-        router::select_counted(device, router, &*z, bias, ids, weights, nonfinite_rows, map)?;
-        return Ok(false);
-    };
-    check_scores(shape, gate, x, z)?;
     router.validate()?;
-    let (o, form) = (gate.operands(), gate.form());
-    // gate_[decode_]route_<form>_<dtype>_e<N>: GATE_SCORES_PARAMS, the router's bias and k,
-    // then the selection's parameters after k and the map's (MapParams); the decode
-    // kernel's slices last.
-    let args = scores_args(device, shape, form, &o, x, z)
-        .input_or_null("bias", bias)
-        .scalar(router.k as i32);
-    let selection = Selection {
-        ids,
-        weights,
-        nonfinite_rows,
-    };
-    let params = match fused {
-        FusedRoute::Tile => MapParams::CountOrNull,
-        FusedRoute::Decode => MapParams::CountThenPlacement { place },
-    };
-    let (args, map_shared) = selection.args(device, router, shape.tokens, bias, args, map, params)?;
-    let row = select_row_width(shape.experts);
-    let (mut config, args, kernel) = match fused {
-        FusedRoute::Tile => (
-            scoring_config(form, shape, ScoringTile::forward::<T>())?,
-            args,
-            "gate_route",
-        ),
-        FusedRoute::Decode => (
-            decode_config(shape, form)?,
-            args.scalar(decode_slices(shape.tokens) as i32),
-            "gate_decode_route",
-        ),
-    };
-    config.shared_bytes = config.shared_bytes.max(map_shared);
-    let name = format!("{kernel}_{}_{}_e{row}", form.kernel_name(), T::NAME);
-    device.launch(&name, config, args)?;
-    Ok(fused == FusedRoute::Decode && place)
+    selection.check(router, shape.tokens, bias)?;
+    map.map_or(Ok(()), |m| m.check(router.experts, shape.tokens, router.k))
 }

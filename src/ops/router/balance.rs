@@ -398,7 +398,7 @@ pub struct SelectedAuxLoss<'a, L> {
 }
 
 /// Checks the loss targets for `tokens` rows of `logits`.
-fn check_loss_targets<LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
+pub(crate) fn check_loss_targets<LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
     router: &RouterConfig,
     logits: &impl DeviceSlice<f32>,
     tokens: usize,
@@ -417,11 +417,21 @@ fn check_loss_targets<LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
     Ok(())
 }
 
-/// Appends the loss kernels' parameters after z, ids, E and k for checked targets (at least one
-/// present) (`ROUTER_LOSS_PARAMS` in `kernels/router.cu`: the chunking, the workspaces and the
-/// losses); returns them with the launch of `router_losses_f32` (one block per chunk of each
-/// segment, the aux loss's histogram as dynamic shared memory).
-fn loss_args<'k, LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
+/// Whether the losses' chunks of `tokens` rows (with the aux loss of `aux`, if any) are the
+/// `tile`-token tiles of a kernel whose block b owns rows `[b tile, (b + 1) tile)`: chunks of
+/// `tile` rows, each segment starting a tile (one segment, or segments a multiple of `tile`
+/// long). Such a kernel can run the losses' body on its tile (`gate_route_<form>_<dtype>_e<N>`).
+pub(crate) fn loss_chunks_are_tiles(aux: Option<&AuxLossConfig>, tokens: usize, tile: usize) -> bool {
+    let len = aux.map_or(tokens, |a| a.segments(tokens).1);
+    chunking(len).1 == tile && (len == tokens || len % tile == 0)
+}
+
+/// Appends the loss kernels' parameters after z, ids, E and k for checked targets
+/// (`ROUTER_LOSS_PARAMS` in `kernels/include/router_losses.cuh`: the chunking, the workspaces
+/// and the losses; null pointers for neither loss); returns them with the launch of
+/// `router_losses_f32` (one block per chunk of each segment, the aux loss's histogram as dynamic
+/// shared memory).
+pub(crate) fn loss_args<'k, LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
     router: &RouterConfig,
     tokens: usize,
     args: KernelArgs<'k>,
@@ -472,26 +482,33 @@ fn loss_args<'k, LA: DeviceSliceMut<f32>, LZ: DeviceSliceMut<f32>>(
         None => (None, None, None, None),
     };
     // The aux loss's buffers when it is asked for (its chunking), the z-loss's otherwise.
-    let no_target = || invalid("losses", "none", "an aux loss or a z-loss");
     let (row_lse, row_lse_copy) = match aux_lse {
-        Some(lse) => (lse, z_lse),
-        None => (z_lse.ok_or_else(no_target)?, None),
+        Some(lse) => (Some(lse), z_lse),
+        None => (z_lse, None),
     };
-    let partials = aux_partials.or(z_partials).ok_or_else(no_target)?;
+    let (live, lse_squares, group_tickets, ticket) = match aux_partials.or(z_partials) {
+        Some(p) => (
+            Some(&mut p.live),
+            Some(&mut p.lse_squares),
+            Some(&mut p.group_tickets),
+            Some(&mut p.ticket),
+        ),
+        None => (None, None, None, None),
+    };
     // ROUTER_LOSS_PARAMS: tokens_per_segment, tokens_per_chunk, row_lse, row_lse_copy, chunk_live,
     // chunk_lse_squares, chunk_counts, chunk_prob_sums, group_tickets, ticket, aux_scale,
     // segment_counts, live_rows, aux_loss, z_loss_coefficient, z_live, z_loss.
     let args = args
         .scalar(len as i64)
         .scalar(tokens_per_chunk as i64)
-        .output("workspace", row_lse)
+        .output_or_null("workspace", row_lse)
         .output_or_null("workspace", row_lse_copy)
-        .output("workspace", &mut partials.live)
-        .output("workspace", &mut partials.lse_squares)
+        .output_or_null("workspace", live)
+        .output_or_null("workspace", lse_squares)
         .output_or_null("workspace", chunk_counts)
         .output_or_null("workspace", prob_sums)
-        .output("workspace", &mut partials.group_tickets)
-        .output("workspace", &mut partials.ticket)
+        .output_or_null("workspace", group_tickets)
+        .output_or_null("workspace", ticket)
         .scalar(scale)
         .output_or_null("workspace", counts)
         .output_or_null("workspace", live_rows)
@@ -771,4 +788,33 @@ pub fn bias_update(
         .scalar(gamma)
         .output("bias", bias);
     device.launch("router_bias_update_f32", LaunchConfig::linear(1, LOSS_THREADS, 0), args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The losses' chunks are 64-token tiles up to 65536 tokens a segment (1024 chunks of 64),
+    /// when every segment starts a tile.
+    #[test]
+    fn loss_chunks_are_tiles_while_chunks_are_64_tokens_from_each_segment_start() {
+        assert!(loss_chunks_are_tiles(None, 65, 64));
+        assert!(loss_chunks_are_tiles(None, 64 * MAX_CHUNKS, 64));
+        assert!(!loss_chunks_are_tiles(None, 64 * MAX_CHUNKS + 1, 64), "65-token chunks");
+        let sequences = |len| AuxLossConfig {
+            sequence_length: Some(len),
+            ..AuxLossConfig::default()
+        };
+        assert!(loss_chunks_are_tiles(Some(&sequences(128)), 384, 64));
+        assert!(loss_chunks_are_tiles(Some(&sequences(384)), 384, 64));
+        assert!(
+            !loss_chunks_are_tiles(Some(&sequences(96)), 384, 64),
+            "segments start mid-tile"
+        );
+        let long = 64 * MAX_CHUNKS * 2;
+        assert!(
+            !loss_chunks_are_tiles(Some(&sequences(long)), long, 64),
+            "128-token chunks"
+        );
+    }
 }

@@ -375,9 +375,26 @@ pub(crate) struct Selection<'o, I, Wt, C> {
 }
 
 impl<'o, I: DeviceSliceMut<i32>, Wt: DeviceSliceMut<f32>, C: DeviceSliceMut<u32>> Selection<'o, I, Wt, C> {
-    /// Checks the outputs and `bias` for `tokens` rows of `config`, and appends the kernel
-    /// parameters that follow `k` (score, topk_first, renormalize, scale, groups, topk_groups,
-    /// ids, weights, nonfinite_rows), then the map's as `params` says: with `map` the count's
+    /// Checks the outputs and `bias` for `tokens` rows of `config`.
+    pub(crate) fn check<B: DeviceSlice<f32>>(
+        &self,
+        config: &RouterConfig,
+        tokens: usize,
+        bias: Option<&B>,
+    ) -> Result<()> {
+        let (e, k) = (config.experts, config.k);
+        if let Some(bias) = bias {
+            check_len("bias", bias, e, || format!("[E] = [{e}]"))?;
+        }
+        let slots = selection_len(config, tokens)?;
+        check_len("ids", self.ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+        check_len("weights", self.weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
+        check_len("nonfinite_rows", self.nonfinite_rows, 1, || "[1]".into())
+    }
+
+    /// [`check`](Self::check)s the outputs and `bias`, and appends the kernel parameters that
+    /// follow `k` (score, topk_first, renormalize, scale, groups, topk_groups, ids, weights,
+    /// nonfinite_rows), then the map's as `params` says: with `map` the count's
     /// (CountedMap::count_args) and for the decode route the placement's; without, none, or for
     /// kernels whose count is optional a null map workspace and zeros in their place. Returns the
     /// arguments and the dynamic shared bytes the map's work needs.
@@ -396,13 +413,7 @@ impl<'o, I: DeviceSliceMut<i32>, Wt: DeviceSliceMut<f32>, C: DeviceSliceMut<u32>
         'o: 'k,
     {
         let (e, k) = (config.experts, config.k);
-        if let Some(bias) = bias {
-            check_len("bias", bias, e, || format!("[E] = [{e}]"))?;
-        }
-        let slots = selection_len(config, tokens)?;
-        check_len("ids", self.ids, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
-        check_len("weights", self.weights, slots, || format!("[T, k] = [{tokens}, {k}]"))?;
-        check_len("nonfinite_rows", self.nonfinite_rows, 1, || "[1]".into())?;
+        self.check(config, tokens, bias)?;
         let args = config
             .kernel_options(args)
             .scalar(config.groups as i32)
