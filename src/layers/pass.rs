@@ -185,54 +185,22 @@ impl<T: FloatElement> Pass<'_, T> {
             let nonfinite = &mut scratch.nonfinite_rows;
             let gate_weights = self.router.weights();
             let fused = gate::route_is_fused(&gate_shape, &gate_weights, counted);
-            if wants_losses && (counted || !fused) {
-                let aux_config = config.aux_config();
-                let buffers = LossBuffers {
-                    aux: &mut saved.aux,
-                    aux_loss: &mut saved.aux_loss,
-                    z_workspace: &mut saved.z_workspace,
-                    z_loss: &mut saved.z_loss,
-                };
-                let (aux, z_loss) = loss_targets(device, config, &aux_config, s.tokens, buffers)?;
-                if counted {
-                    gate::route_with_losses(
-                        device,
-                        &gate_shape,
-                        &gate_weights,
-                        x,
-                        &mut z,
-                        &router_config,
-                        bias,
-                        &mut ids,
-                        &mut weights,
-                        nonfinite,
-                        &mut target,
-                        aux,
-                        z_loss,
-                    )?;
-                    mark(&mut stages, "route: scores + top-k + routing map + router losses");
-                } else {
-                    gate::scores(device, &gate_shape, &gate_weights, x, &mut z)?;
-                    let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
-                    router::select_with_losses(
-                        device,
-                        &router_config,
-                        &z,
-                        bias,
-                        &mut ids,
-                        &mut weights,
-                        nonfinite,
-                        no_map,
-                        aux,
-                        z_loss,
-                    )?;
-                    mark(&mut stages, "route: scores, then top-k + router losses");
-                }
-                losses_done = true;
-            } else if counted {
+            let buffers = LossBuffers {
+                aux: &mut saved.aux,
+                aux_loss: &mut saved.aux_loss,
+                z_workspace: &mut saved.z_workspace,
+                z_loss: &mut saved.z_loss,
+            };
+            let aux_config = config.aux_config();
+            let (aux, z_loss) = if wants_losses {
+                loss_targets(device, config, &aux_config, s.tokens, buffers)?
+            } else {
+                (None, None)
+            };
+            if counted {
                 // The whole routing step: one launch at decode, where the gate's kernel places
-                // the map too.
-                gate::route(
+                // the map too; the losses where the selection runs, or after the decode route.
+                gate::route_with_losses(
                     device,
                     &gate_shape,
                     &gate_weights,
@@ -244,8 +212,28 @@ impl<T: FloatElement> Pass<'_, T> {
                     &mut weights,
                     nonfinite,
                     &mut target,
+                    aux,
+                    z_loss,
                 )?;
-                mark(&mut stages, "route: scores + top-k + routing map");
+                mark(&mut stages, "route: scores + top-k + routing map (+ router losses)");
+                losses_done = wants_losses;
+            } else if wants_losses && !fused {
+                gate::scores(device, &gate_shape, &gate_weights, x, &mut z)?;
+                let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
+                router::select_with_losses(
+                    device,
+                    &router_config,
+                    &z,
+                    bias,
+                    &mut ids,
+                    &mut weights,
+                    nonfinite,
+                    no_map,
+                    aux,
+                    z_loss,
+                )?;
+                mark(&mut stages, "route: scores, then top-k + router losses");
+                losses_done = true;
             } else {
                 let no_map = None::<&mut CountedMap<'_, DeviceBuffer<i32>, DeviceBuffer<i32>>>;
                 gate::scores_and_select(

@@ -56,12 +56,15 @@ fn sixteen_bit_layers_match_the_reference() {
 /// block routes in one launch (`gate::scores_and_select`: the gate's tile with the selection and
 /// the map's count fused): the routed forward takes 5 launches instead of 6, the fused kernel
 /// runs, and forward and backward match the reference. The linear router on tensor cores (bf16)
-/// and on FMA tiles (f32), and a low-rank router (bf16, E = 6 <= 16).
+/// and on FMA tiles (f32), and a low-rank router (bf16, E = 6 <= 16); with the router losses
+/// (token level, so their chunks are the tiles) still 5: they run in the same launch.
 #[test]
 fn tile_routers_route_in_one_launch() {
-    fn check<T: FloatElement>(device: &Device, router: RouterKind, form: &str) {
+    fn check<T: FloatElement>(device: &Device, router: RouterKind, form: &str, losses: bool) {
         let config = MoeConfig {
             max_tokens: 100,
+            aux_alpha: if losses { 0.01 } else { 0.0 },
+            z_loss: if losses { 1e-3 } else { 0.0 },
             ..small(router)
         };
         let case = Case::new::<T>(config, 100, 12);
@@ -71,7 +74,7 @@ fn tile_routers_route_in_one_launch() {
         let before = device.stats();
         layer.forward(&x, case.tokens, &mut y).unwrap();
         let after = device.stats();
-        let what = format!("{form} {}, T = 100", T::NAME);
+        let what = format!("{form} {}, T = 100, losses {losses}", T::NAME);
         assert_eq!(after.launches - before.launches, 5, "{what}: forward launches");
         assert_eq!(after.host_syncs, before.host_syncs);
         let fused = format!(
@@ -88,9 +91,10 @@ fn tile_routers_route_in_one_launch() {
         rank: 2,
     };
     for device in devices() {
-        check::<bf16>(&device, RouterKind::Linear, "linear");
-        check::<f32>(&device, RouterKind::Linear, "linear");
-        check::<bf16>(&device, low_rank, "lowrank");
+        check::<bf16>(&device, RouterKind::Linear, "linear", false);
+        check::<f32>(&device, RouterKind::Linear, "linear", true);
+        check::<bf16>(&device, low_rank, "lowrank", false);
+        check::<bf16>(&device, low_rank, "lowrank", true);
     }
 }
 

@@ -175,8 +175,17 @@ where
     LA: DeviceSliceMut<f32>,
     LZ: DeviceSliceMut<f32>,
 {
-    if aux.is_none() && z_loss.is_none() {
-        return route(
+    let tokens = shape.tokens;
+    let selection = Selection {
+        ids: &mut *ids,
+        weights: &mut *weights,
+        nonfinite_rows: &mut *nonfinite_rows,
+    };
+    check_step(shape, gate, x, z, router, bias, &selection, Some(&*map))?;
+    check_loss_targets(router, &*z, tokens, &aux, &z_loss)?;
+    let fused = fused_route(shape, gate, true);
+    if (aux.is_none() && z_loss.is_none()) || fused == Some(FusedRoute::Decode) {
+        route(
             device,
             shape,
             gate,
@@ -188,17 +197,16 @@ where
             weights,
             nonfinite_rows,
             map,
-        );
+        )?;
+        let aux = aux.map(|a| AuxLossTarget {
+            config: a.config,
+            ids: &*ids,
+            workspace: a.workspace,
+            loss: a.loss,
+        });
+        return router::losses(device, router, &*z, aux, z_loss); // nothing without a loss
     }
-    let tokens = shape.tokens;
-    let selection = Selection {
-        ids: &mut *ids,
-        weights: &mut *weights,
-        nonfinite_rows: &mut *nonfinite_rows,
-    };
-    check_step(shape, gate, x, z, router, bias, &selection, Some(&*map))?;
-    check_loss_targets(router, &*z, tokens, &aux, &z_loss)?;
-    match fused_route(shape, gate, true) {
+    match fused {
         Some(FusedRoute::Tile) if loss_chunks_are_tiles(aux.as_ref().map(|a| a.config), tokens, TILE) => {
             let selection = Selection {
                 ids: &mut *ids,
@@ -221,28 +229,6 @@ where
                 z_loss,
             )?;
             dispatch::place_counted(device, &*ids, tokens, router.k, map)
-        }
-        Some(FusedRoute::Decode) => {
-            route(
-                device,
-                shape,
-                gate,
-                x,
-                z,
-                router,
-                bias,
-                ids,
-                weights,
-                nonfinite_rows,
-                map,
-            )?;
-            let aux = aux.map(|a| AuxLossTarget {
-                config: a.config,
-                ids: &*ids,
-                workspace: a.workspace,
-                loss: a.loss,
-            });
-            router::losses(device, router, &*z, aux, z_loss)
         }
         _ => {
             scores(device, shape, gate, x, z)?;
