@@ -3,7 +3,8 @@
 //! benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
 //! of the floor at the realistic layer shapes (`common::layer_shapes`), with the whole routing
 //! step (`gate::route`: scores, top-k and the complete routing map, one launch at decode) beside
-//! the same step as separate calls.
+//! the same step as separate calls, and above decode the step with the router losses
+//! (`gate::route_with_losses`) beside the route and then the losses.
 mod common;
 
 use common::inputs::uniform_values;
@@ -14,7 +15,9 @@ use half::bf16;
 use moe_kernels::ops::FloatElement;
 use moe_kernels::ops::dispatch::{self, CountedMap, MapConfig, RoutingMap};
 use moe_kernels::ops::gate::{self, DECODE_MAX_TOKENS, GateForm, GateGrads, GatePath, GateShape, GateWeights};
-use moe_kernels::ops::router::{self, RouterConfig};
+use moe_kernels::ops::router::{
+    self, AuxLossConfig, AuxLossTarget, AuxLossWorkspace, RouterConfig, SelectedAuxLoss, ZLossTarget, ZLossWorkspace,
+};
 use moe_kernels::reference::gate::{self as reference, GateParams};
 use moe_kernels::{Device, DeviceBuffer, DeviceKind, DeviceSlice};
 
@@ -249,7 +252,84 @@ fn bench_route(gpu: &Gpu, device: &Device, shape: &GateShape, config: &RouterCon
         let (ours, separate) = ("moe-kernels graph replay", "moe-kernels separate calls, graph replay");
         gpu.record_graph("gate/route_bf16", label, ours, floor, || step(false));
         gpu.record_graph("gate/route_bf16", label, separate, floor, || step(true));
+        return;
     }
+    // Training: the step with both router losses (token level), as the layer runs it
+    // (`gate::route_with_losses`: in the tile kernel's launch where it selects), beside
+    // `gate::route` then `router::losses`. The floor adds the rows' LSEs written (4 bytes a row).
+    let aux_config = AuxLossConfig::default();
+    let mut aux_workspace = AuxLossWorkspace::new(device, config, &aux_config, tokens).expect("alloc");
+    let mut z_workspace = ZLossWorkspace::new(device, tokens).expect("alloc");
+    let mut aux_loss = device.alloc_zeros::<f32>(1).expect("alloc");
+    let mut z_loss = device.alloc_zeros::<f32>(1).expect("alloc");
+    let floor = Floor {
+        bytes: floor.bytes + 4 * tokens as u64,
+        flops: floor.flops,
+    };
+    println!(
+        "gate/route_losses_bf16 {label}: the selection fused into the gate: {fused}, the losses too: {}",
+        fused && tokens <= 65536
+    );
+    let mut step = |separate: bool| {
+        let z_target = Some(ZLossTarget {
+            coefficient: 1e-3,
+            workspace: &mut z_workspace,
+            loss: &mut z_loss,
+        });
+        if separate {
+            gate::route(
+                device,
+                shape,
+                &gate_weights,
+                &x_dev,
+                &mut z,
+                config,
+                no_bias,
+                &mut ids,
+                &mut weights,
+                &mut nonfinite,
+                &mut target,
+            )
+            .expect("route");
+            let aux = Some(AuxLossTarget {
+                config: &aux_config,
+                ids: &ids,
+                workspace: &mut aux_workspace,
+                loss: &mut aux_loss,
+            });
+            router::losses(device, config, &z, aux, z_target).expect("losses");
+        } else {
+            let aux = Some(SelectedAuxLoss {
+                config: &aux_config,
+                workspace: &mut aux_workspace,
+                loss: &mut aux_loss,
+            });
+            gate::route_with_losses(
+                device,
+                shape,
+                &gate_weights,
+                &x_dev,
+                &mut z,
+                config,
+                no_bias,
+                &mut ids,
+                &mut weights,
+                &mut nonfinite,
+                &mut target,
+                aux,
+                z_target,
+            )
+            .expect("route with losses");
+        }
+    };
+    gpu.report("gate/route_losses_bf16", label, floor, || step(false));
+    gpu.record(
+        "gate/route_losses_bf16",
+        label,
+        "moe-kernels route, then losses",
+        floor,
+        || step(true),
+    );
 }
 
 fn bench(c: &mut Criterion) {
