@@ -65,7 +65,7 @@ __device__ __forceinline__ float z_coefficient(float coefficient, float times, i
 
 // The per-chunk partials of router_losses_f32, slot i = s * chunks + c: the chunk's rows with a
 // finite LSE and the sum of their lse^2; with ids, its E counts and E probability sums. A slot
-// may hold the sum of a run of slots instead (the two-level reduction below).
+// may hold the sum of a run of slots instead (the reductions below).
 struct LossPartials {
   int* live;
   float* lse_squares;
@@ -102,7 +102,7 @@ struct LossPartials {
 };
 
 // Chunks a first-level reduction adds: the launch's tail reads at most this many chunks' partials
-// per column, then at most ceil(1024 / 32) = 32 groups' sums.
+// per column, then at most ceil(1024 / 32) = 32 groups' sums, then one value per segment.
 constexpr int kChunksPerGroup = 32;
 
 // router_losses_f32: the Switch aux loss (token or sequence level), the z-loss, or both, from the
@@ -120,18 +120,22 @@ constexpr int kChunksPerGroup = 32;
 //      adds the group's slots in chunk order into its first slot. A group of one chunk already
 //      is its sum. Groups finish while other blocks still run, so only the last one's sum is on
 //      the launch's tail.
-//   4. The last group to arrive (ticket; it resets it) adds each segment's group sums in group
-//      order: live_rows[s] and counts[s, e]; aux_loss = sum_{s, e} aux_coefficient(s)
-//      counts[s, e] P[s, e] with P the summed probabilities; z_live = the finite rows of the
-//      batch and z_loss = z_coefficient(z_live) * the sum of the groups' lse^2 (thread-strided,
-//      then block_sum).
+//   4. Segments: the last group of a segment to arrive (group_tickets[the segment's last slot],
+//      which no group uses; it resets it) adds the segment's group sums in group order into its
+//      first slot (a segment of one group already is its sum), then writes live_rows[s],
+//      counts[s, e] and the segment's aux term sum_e aux_coefficient(s) counts[s, e] P[s, e]
+//      (P the summed probabilities; thread-strided over e, then block_sum).
+//   5. The last segment to arrive (ticket; it resets it; none for one segment) adds the
+//      segments' aux terms into aux_loss, and their live rows and lse^2 sums into z_live and
+//      z_loss = z_coefficient(z_live) * the sum (thread-strided over segments, then block_sum).
 //   Every sum has a fixed order: the same inputs give the same bits.
 // Traffic: z read once from memory while a chunk fits the caches (pass 2 re-reads it: 64 KiB for
 //   64 rows at E = 256, 256 KiB at E = 1024, and chunks grow past 64 rows above T = 65536, where
 //   pass 2 may read from L2 or memory again), ids read once, row_lse written once (read back
 //   from cache); 2 E + 2 values per chunk written and read once by its group's last block, and
-//   one slot per group read by the last block. The tail is one group's sum (<= 32 slots a
-//   column) and then <= 32 group sums per column of each segment: S E columns over 256 threads.
+//   one slot per group read by its segment's last block. The tail is one group's sum (<= 32
+//   slots a column), one segment's (<= 32 group sums a column of E), then one value per segment:
+//   the segments' E-column sums run in their own blocks, not S E columns in the last one.
 // Launch: grid (1, segments, chunks per segment), block 256, dynamic shared E ints when ids is not
 //   null (else 0). ids null: no aux loss (chunk_counts, chunk_prob_sums, segment_counts, live_rows
 //   and aux_loss are null too). z_loss null: no z-loss (z_live null). ticket: one int, zero;
@@ -235,33 +239,65 @@ __device__ __forceinline__ void router_losses_body(const LossBlock& b, const flo
         chunk_prob_sums[group_first * E + e] = prob;
       }
   }
-  // 4. The last group.
-  const i64 segments = b.segments, groups = (chunks + kChunksPerGroup - 1) / kChunksPerGroup;
-  if (!last_to_arrive(ticket, int(segments * groups), &last_block)) return;
-  if (threadIdx.x == 0) *ticket = 0;
-  if (ids) {
-    for (i64 s = threadIdx.x; s < segments; s += kLossThreads)
-      partials.sum_rows<false>(s * chunks, kChunksPerGroup, int(groups), &live_rows[s], nullptr);
-    __syncthreads();
-    float partial = 0.0f;
-    for (i64 i = threadIdx.x; i < segments * E; i += kLossThreads) {
-      const i64 s = i / E;
-      int count;
-      float prob;
-      partials.sum_column(s * chunks, kChunksPerGroup, int(groups), E, int(i % E), &count, &prob);
-      segment_counts[i] = count;
-      partial += aux_coefficient(aux_scale, live_rows[s]) * float(count) * prob;
+  // 4. The segment's last group. Its sums go to the segment's first slot; its ticket is the
+  // segment's last chunk slot, never a group's (a group starting there has one chunk).
+  const i64 segment_first = b.segment * chunks;
+  const int groups = int((chunks + kChunksPerGroup - 1) / kChunksPerGroup);
+  if (groups > 1) {
+    int* segment_ticket = group_tickets + segment_first + chunks - 1;
+    if (!last_to_arrive(segment_ticket, groups, &last_block)) return;
+    if (threadIdx.x == 0) {
+      *segment_ticket = 0;
+      int rows;
+      float segment_squares;
+      partials.sum_rows(segment_first, kChunksPerGroup, groups, &rows, &segment_squares);
+      chunk_live[segment_first] = rows;
+      chunk_lse_squares[segment_first] = segment_squares;
     }
+    if (ids)
+      for (int e = threadIdx.x; e < E; e += kLossThreads) {
+        int count;
+        float prob;
+        partials.sum_column(segment_first, kChunksPerGroup, groups, E, e, &count, &prob);
+        chunk_counts[segment_first * E + e] = count;
+        chunk_prob_sums[segment_first * E + e] = prob;
+      }
+    __syncthreads();  // the segment's live rows, read by every thread below
+  }
+  // The segment's aux loss term sum_e aux_coefficient(s) counts[s, e] P[s, e], left in its
+  // first slot's probability column 0 once every column is read.
+  if (ids) {
+    const int live = chunk_live[segment_first];
+    float partial = 0.0f;
+    for (int e = threadIdx.x; e < E; e += kLossThreads) {
+      const int count = chunk_counts[segment_first * E + e];
+      segment_counts[b.segment * E + e] = count;
+      partial += aux_coefficient(aux_scale, live) * float(count) * chunk_prob_sums[segment_first * E + e];
+    }
+    const float term = block_sum(partial, float_scratch);
+    if (threadIdx.x == 0) {
+      live_rows[b.segment] = live;
+      chunk_prob_sums[segment_first * E] = term;
+    }
+  }
+  // 5. The last segment (ticket; it resets it) adds the segments' terms in segment order.
+  const i64 segments = b.segments;
+  if (segments > 1) {
+    if (!last_to_arrive(ticket, int(segments), &last_block)) return;
+    if (threadIdx.x == 0) *ticket = 0;
+  }
+  if (ids) {
+    float partial = 0.0f;
+    for (i64 s = threadIdx.x; s < segments; s += kLossThreads) partial += chunk_prob_sums[s * chunks * E];
     const float total = block_sum(partial, float_scratch);
     if (threadIdx.x == 0) aux_loss[0] = total;
   }
   if (z_loss) {
     float partial = 0.0f;
     int rows = 0;
-    for (i64 i = threadIdx.x; i < segments * groups; i += kLossThreads) {
-      const i64 group = (i / groups) * chunks + (i % groups) * kChunksPerGroup;
-      partial += chunk_lse_squares[group];
-      rows += chunk_live[group];
+    for (i64 s = threadIdx.x; s < segments; s += kLossThreads) {
+      partial += chunk_lse_squares[s * chunks];
+      rows += chunk_live[s * chunks];
     }
     const float total = block_sum(partial, float_scratch);
     const int total_rows = block_sum(rows, int_scratch);

@@ -208,9 +208,10 @@ impl AuxLossConfig {
     }
 }
 
-/// Per-chunk partial results of one [`losses`] launch, which it adds in two levels (groups of 32
-/// chunks, then the groups, each in order): the rows with a finite log-sum-exp and the sum of
-/// their squared LSEs `[S, chunks]`, the groups' arrival tickets (one slot a chunk) and the
+/// Per-chunk partial results of one [`losses`] launch, which it adds in three levels (groups of
+/// 32 chunks, then each segment's groups, then the segments, each in order): the rows with a
+/// finite log-sum-exp and the sum of their squared LSEs `[S, chunks]`, the groups' and the
+/// segments' arrival tickets (one slot a chunk: a group's first, a segment's last) and the
 /// grid's (all zero between launches: each level's last block resets its own).
 struct ChunkPartials {
     live: DeviceBuffer<i32>,
