@@ -262,8 +262,8 @@ __device__ __forceinline__ void router_losses_body(const LossBlock& b, const flo
         chunk_counts[segment_first * E + e] = count;
         chunk_prob_sums[segment_first * E + e] = prob;
       }
-    __syncthreads();  // the segment's live rows, read by every thread below
   }
+  __syncthreads();  // the segment's live rows (thread 0's sum, here or in 3.), read by every thread
   // The segment's aux loss term sum_e aux_coefficient(s) counts[s, e] P[s, e], left in its
   // first slot's probability column 0 once every column is read.
   if (ids) {
