@@ -1401,7 +1401,7 @@ fn select_and_backward_touch_only_their_floor_bytes() {
 
 /// In the profiling build: `router::losses` with both targets reads z and the ids once from
 /// memory, and beyond them only its own row LSEs, per-chunk partials and tickets; it reduces the
-/// partials in two levels (a ticket per chunk in its group, one per group in the grid); and every
+/// partials in levels (a ticket per chunk in its group, one per group in its segment); and every
 /// full-warp load is coalesced (16-byte row loads at 16 sectors a request, 4-byte column loads
 /// at 4).
 #[test]
@@ -1440,12 +1440,15 @@ fn losses_read_z_and_ids_once() {
     // Per chunk: its finite rows and their LSE^2 sum, then E counts and E probability sums. The
     // groups of chunks 0..32 and 32..34 sum theirs into the slots of chunks 0 and 32.
     let partials = 4 * chunks * (2 + 2 * e);
+    // The tickets: the groups' (chunks 0 and 32) and the segment's (chunk 33); one segment
+    // takes no grid ticket. The segment's live rows are read from its partial slot, not back
+    // from live_rows.
     let groups = 2;
     let (tickets, live_rows) = (4 * groups + 4, 4);
     assert_eq!(
         p.unique_global_load_bytes,
-        4 * tokens * e + 4 * tokens * k + 4 * tokens + partials + tickets + live_rows,
-        "z, ids, the row LSEs read back, the partials, the tickets, live rows"
+        4 * tokens * e + 4 * tokens * k + 4 * tokens + partials + tickets,
+        "z, ids, the row LSEs read back, the partials, the tickets"
     );
     let results = 4 * e + live_rows + 4 + 4 + 4;
     assert_eq!(
@@ -1453,7 +1456,7 @@ fn losses_read_z_and_ids_once() {
         2 * 4 * tokens + partials + tickets + results,
         "row LSEs (both workspaces), partials, tickets, counts, live rows, both losses and z's live rows"
     );
-    // Every chunk takes its group's ticket, every group the grid's: two levels, not one.
+    // Every chunk takes its group's ticket, every group its segment's: not one level.
     let atomics = p.traffic(Space::Global, Access::Atomic);
     assert_eq!(atomics.lane_accesses, chunks + groups, "{atomics:?}");
     let full_warp_loads: Vec<_> = p
