@@ -87,6 +87,25 @@ struct LossPartials {
     *rows = r;
     if constexpr (Squares) *squares = q;
   }
+  // Adds the run of n slots first, first + stride, ... into slot first: the rows and lse^2 on
+  // thread 0, with Columns column e on thread e % 256 (each thread reads only its own columns).
+  __device__ __forceinline__ void sum_run(i64 first, i64 stride, int n, int E, bool columns) const {
+    if (threadIdx.x == 0) {
+      int rows;
+      float squares;
+      sum_rows(first, stride, n, &rows, &squares);
+      live[first] = rows;
+      lse_squares[first] = squares;
+    }
+    if (columns)
+      for (int e = threadIdx.x; e < E; e += kLossThreads) {
+        int count;
+        float prob;
+        sum_column(first, stride, n, E, e, &count, &prob);
+        counts[first * E + e] = count;
+        prob_sums[first * E + e] = prob;
+      }
+  }
   __device__ __forceinline__ void sum_column(i64 first, i64 stride, int n, int E, int e, int* count,
                                              float* prob) const {
     int c = 0;
@@ -222,22 +241,8 @@ __device__ __forceinline__ void router_losses_body(const LossBlock& b, const flo
   const int group_size = int(min(i64(kChunksPerGroup), chunks - group_chunk));
   if (group_size > 1) {
     if (!last_to_arrive(group_tickets + group_first, group_size, &last_block)) return;
-    if (threadIdx.x == 0) {
-      group_tickets[group_first] = 0;
-      int rows;
-      float group_squares;
-      partials.sum_rows(group_first, 1, group_size, &rows, &group_squares);
-      chunk_live[group_first] = rows;
-      chunk_lse_squares[group_first] = group_squares;
-    }
-    if (ids)
-      for (int e = threadIdx.x; e < E; e += kLossThreads) {
-        int count;
-        float prob;
-        partials.sum_column(group_first, 1, group_size, E, e, &count, &prob);
-        chunk_counts[group_first * E + e] = count;
-        chunk_prob_sums[group_first * E + e] = prob;
-      }
+    if (threadIdx.x == 0) group_tickets[group_first] = 0;
+    partials.sum_run(group_first, 1, group_size, E, ids != nullptr);
   }
   // 4. The segment's last group. Its sums go to the segment's first slot; its ticket is the
   // segment's last chunk slot, never a group's (a group starting there has one chunk).
@@ -246,22 +251,8 @@ __device__ __forceinline__ void router_losses_body(const LossBlock& b, const flo
   if (groups > 1) {
     int* segment_ticket = group_tickets + segment_first + chunks - 1;
     if (!last_to_arrive(segment_ticket, groups, &last_block)) return;
-    if (threadIdx.x == 0) {
-      *segment_ticket = 0;
-      int rows;
-      float segment_squares;
-      partials.sum_rows(segment_first, kChunksPerGroup, groups, &rows, &segment_squares);
-      chunk_live[segment_first] = rows;
-      chunk_lse_squares[segment_first] = segment_squares;
-    }
-    if (ids)
-      for (int e = threadIdx.x; e < E; e += kLossThreads) {
-        int count;
-        float prob;
-        partials.sum_column(segment_first, kChunksPerGroup, groups, E, e, &count, &prob);
-        chunk_counts[segment_first * E + e] = count;
-        chunk_prob_sums[segment_first * E + e] = prob;
-      }
+    if (threadIdx.x == 0) *segment_ticket = 0;
+    partials.sum_run(segment_first, kChunksPerGroup, groups, E, ids != nullptr);
   }
   __syncthreads();  // the segment's live rows (thread 0's sum, here or in 3.), read by every thread
   // The segment's aux loss term sum_e aux_coefficient(s) counts[s, e] P[s, e], left in its
