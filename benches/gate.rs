@@ -1,6 +1,6 @@
 //! Router scoring: the linear gate against the low-rank quadratic gate at r = 4, forward and
-//! backward, with f32 X (FMA tiles) and bf16 X (tensor-core forward). States each op's floor;
-//! benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
+//! backward, with f32 X (the linear forward on split-tf32 tensor cores, the quadratic one on FMA
+//! tiles) and bf16 X (tensor-core forward). States each op's floor; benches the CPU reference and the emulator at a small size; on a GPU reports the fraction
 //! of the floor at the realistic layer shapes (`common::layer_shapes`), with the whole routing
 //! step (`gate::route`: scores, top-k and the complete routing map, one launch at decode) beside
 //! the same step as separate calls, and above decode the step with the router losses

@@ -13,17 +13,22 @@
 // Non-finite input rows (math §1): a row of X with an element that is NaN, +-inf or at least
 // 2^64 in magnitude (its square overflows f32) gets NaN logits from the forward, whatever the
 // form, so the router routes it nowhere; in the backward its dz is 0, which adds nothing.
+// Non-finite weights are outside the contract: the logits they touch are not finite (+-inf or
+// NaN as f32 arithmetic gives them; NaN on the split-tf32 tiles, whose low term of an infinite
+// operand is inf - inf).
 //
 // Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
-// threads: for f32 X the forward and the coefficient kernels on f32 FMA tiles (gate_tile.cuh),
-// each thread owning a 4 x NG x NC register tile; for f16/bf16 both on mma.sync tensor-core
-// tiles (gate_mma.cuh); dX and dW on tf32 tensor-core tiles with f32 operands split in two terms
-// (gate_tf32.cuh). All sums run in a fixed order (no atomics), so results do not depend on the
+// threads: for f16/bf16 X the forward and the coefficient kernels on mma.sync tensor-core tiles
+// (gate_mma.cuh); for f32 X the linear forward, dX and dW on tf32 tensor-core tiles with every
+// f32 operand split in two terms (gate_tf32.cuh, f32-accurate), and the rank forms' forward and
+// coefficient kernels on f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC
+// register tile. All sums run in a fixed order (no atomics), so results do not depend on the
 // schedule.
 //
 // Kernels:
-//   gate_scores_<form>_<dtype>   forward: one launch, writes only z (f32: FMA tiles below;
-//                                f16/bf16: gate_scores_mma_body)
+//   gate_scores_<form>_<dtype>   forward: one launch, writes only z (f16/bf16:
+//                                gate_scores_mma_body; f32: gate_scores_linear_tf32, and for
+//                                the rank forms the FMA tiles below)
 //   gate_coef_<form>_<dtype>     backward step 1 (not linear): recomputes the projections of
 //                                the forward tile and writes per-row gradient coefficients
 //   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term), on
@@ -35,8 +40,8 @@
 //   gate_route_<form>_<dtype>_e<N>   the forward with the router's top-k selection (and the
 //                                routing map's count, and the router losses) fused, where a
 //                                block holds every expert:
-//                                E <= 128 (linear f16/bf16), 64 (linear f32), 32 (rank forms,
-//                                f32) or 16 (rank forms, f16/bf16)
+//                                E <= 128 (linear), 32 (rank forms, f32) or 16 (rank forms,
+//                                f16/bf16)
 //   gate_decode_route_linear_<dtype>_e<N>   the same at T <= 64 on the decode kernel, with the
 //                                map's count, E <= 512 (the last block of each token block selects)
 #include "include/dispatch_map.cuh"
@@ -46,37 +51,38 @@
 #include "include/router_losses.cuh"
 #include "include/router_select.cuh"
 
-// The f32 FMA tile of one form: per expert NC adjacent columns, left projections
-// (U, K or A rows) of the chunk first, then right ones (V), then the linear row (W or B).
+// The f32 FMA tile of one rank form: per expert NC adjacent columns, left projections
+// (U, K or A rows) of the chunk first, then right ones (V), then the linear row (B).
 // The attention form adds GATE_RC shared query columns after the experts' columns.
-// Experts per block: 64 (linear), 32 (quadratic f32 forward), 16 (coefficient kernels, whose
-// epilogue holds more live values: 32 would cost up to 204 registers).
+// Experts per block: 32 (forward), 16 (coefficient kernels, whose epilogue holds more live
+// values: 32 would cost up to 204 registers).
 template <Form F, bool COEF> struct GateForm {
-  static constexpr bool left = F != Form::Linear;
+  static_assert(F != Form::Linear, "the f32 linear forward is gate_scores_linear_tf32");
   static constexpr bool right = F == Form::LowRank;
   static constexpr bool query = F == Form::Attention;
   static constexpr bool lin = F != Form::Attention;
-  static constexpr int RC = left ? GATE_RC : 0;
+  static constexpr int RC = GATE_RC;
   static constexpr int NC = RC * (right ? 2 : 1) + (lin ? 1 : 0);
-  static constexpr int NG = F == Form::Linear ? 4 : (COEF ? 1 : 2);  // expert groups per thread
+  static constexpr int NG = COEF ? 1 : 2;  // expert groups per thread
   static constexpr int BE = 16 * NG;                    // experts per block
   static constexpr int EXPERT_COLS = BE * NC;
   static constexpr int BN = EXPERT_COLS + (query ? GATE_RC : 0);
 };
 
 // ------------------------------------------------------------------------------------------
-// gate_scores_<form>_<dtype> / gate_coef_<form>_<dtype>: the fused scoring GEMM.
-// Algorithm: for each chunk of GATE_RC ranks (one chunk for linear), C = X_tile S^T over
-//   k-tiles of d, S the chunk's stacked projection rows of BE experts; the epilogue combines
-//   each expert's NC columns (products, sum over the chunk's ranks, linear row in chunk 0)
-//   into z in registers. Ranks past `rank` and experts past E load as zero rows. The k-tiles
-//   alternate between two slots, one barrier a k-tile (staged_k_loop); the linear form holds
-//   k-tile k + 1's loads in registers while the FMAs work on k-tile k.
+// gate_scores_<form>_f32 / gate_coef_<form>_f32 (rank forms): the fused scoring GEMM.
+// Algorithm: for each chunk of GATE_RC ranks, C = X_tile S^T over k-tiles of d, S the chunk's
+//   stacked projection rows of BE experts; the epilogue combines each expert's NC columns
+//   (products, sum over the chunk's ranks, linear row in chunk 0) into z in registers. Ranks
+//   past `rank` and experts past E load as zero rows. The k-tiles alternate between two slots,
+//   one barrier a k-tile (staged_k_loop), each loaded straight into its slot: staging the 3-5
+//   16-byte items a thread of these wide tiles through registers (as the tf32 tiles stage their
+//   1-2) would nearly double the registers (low-rank: 121 become 230).
 // Mapping: blockIdx.x = 64-token tile, blockIdx.y = BE-expert tile; thread (ty, tx) owns
 //   tokens ty + 16 i (i < 4), experts tx + 16 j (j < NG).
 // Traffic: X read ceil(E / BE) * chunks times (from L2 after the first), each weight row
 //   once per token tile; z written once. At rank <= 4 it is one pass over X per expert tile,
-//   as for the linear gate, with a tile of BE * NC columns (288 for low-rank vs 64).
+//   with a tile of BE * NC columns (288 for low-rank).
 // Coefficient mode (dz given): instead of z, writes for j < rank into ws [T, 2 E rank]
 //   coefL at [t, e rank + j] (the gradient coefficient of left row j) and coefR at
 //   [t, E rank + e rank + j] (of V row j; attention: g K_ej.x / sqrt r, full: g A_ej.x,
@@ -98,7 +104,7 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   const int e0 = blockIdx.y * G::BE;
   const bool vec = rows_aligned_16(x, d) && rows_aligned_16(left, d) && rows_aligned_16(right, d) &&
                    rows_aligned_16(query, d) && rows_aligned_16(lin, d);
-  const int chunks = G::left ? (rank + GATE_RC - 1) / GATE_RC : 1;
+  const int chunks = (rank + GATE_RC - 1) / GATE_RC;
   const float inv_sqrt_rank = G::query ? rsqrtf(float(rank)) : 1.0f;
 
   // Forward: the rows of the tile with a huge_input element get NaN logits (math §1). Written
@@ -106,13 +112,6 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   __shared__ int huge_rows[GATE_BM];
   if (!COEF && threadIdx.x < GATE_BM) huge_rows[threadIdx.x] = 0;
   __syncthreads();  // every flag cleared before the first store can set one
-  // The k-tiles go through registers (TileStage) where the weight rows are one 16-byte item a
-  // thread (the linear form). The wider quadratic tiles would hold 3-5 (low-rank: 121 registers
-  // become 230), so they load each k-tile straight into its slot: one barrier a k-tile still,
-  // but no loads in flight under the FMAs.
-  TileStage<T, KContiguous::items<T>(GATE_BM)> x_stage;   // X[t0 + m][k0 ..)
-  TileStage<T, KContiguous::items<T>(G::BN)> w_stage;     // the weight rows' [k0 ..)
-  constexpr bool STAGED = decltype(w_stage)::ITEMS == 1;
   int step = 0;
   float z[GATE_TM][G::NG] = {};
   for (int chunk = 0; chunk < chunks; ++chunk) {
@@ -135,21 +134,11 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
 
     float acc[GATE_TM][G::NG * G::NC] = {};
     float q[GATE_TM][G::query ? GATE_RC : 1] = {};
-    auto fetch = [&](i64 k0) {
-      if constexpr (STAGED) {
-        x_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<T>(v, item, x_row, k0, d, vec); });
-        w_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<T>(v, item, weight_row, k0, d, vec); });
-      }
-    };
+    auto fetch = [](i64) {};  // nothing in flight: store loads the k-tile
     int* const huge = COEF ? nullptr : huge_rows;
     auto store = [&](float* As, float* Bs, i64 k0) {
-      if constexpr (STAGED) {
-        x_stage.store([&](int item, const auto& v) { KContiguous::store_item<T>(As, GATE_BM, item, v, huge); });
-        w_stage.store([&](int item, const auto& v) { KContiguous::store_item<T>(Bs, G::BN, item, v, nullptr); });
-      } else {
-        load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, huge);
-        load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
-      }
+      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, huge);
+      load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
     };
     staged_k_loop(smem, SLOT_FLOATS, GATE_BK * GATE_BM, step, 0, d, fetch, store,
                   [&](const float* As, const float* Bs) {
@@ -223,17 +212,72 @@ __device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, 
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// gate_scores_linear_f32: z[t, e] = W_e . x_t + b_e on tensor cores, f32-accurate.
+// Algorithm: the GEMM X W^T on the split-tf32 tile (gate_tf32.cuh: each f32 operand split into
+//   two tf32 terms, 3 mma.sync m16n8k8 a fragment pair, so the error is f32 accumulation noise,
+//   not tf32's 2^-11), with the 64-token X tile as As[k][t] and the block's 128 weight rows as
+//   Bs[k][e] (both with the k rows of a tile interleaved, so that no store has a bank conflict),
+//   over k-tiles of d double-buffered through registers (tf32_k_loop: k-tile k + 1's 16-byte
+//   loads in flight under k-tile k's mma, one barrier a k-tile). Experts past E load as
+//   zero rows. Rows of the tile with a huge_input element get NaN logits (flagged as their
+//   k-tiles are stored, read after the loop's last barrier).
+// Mapping: blockIdx.x = 64-token tile, blockIdx.y = 128-expert tile; 8 warps, each 32 tokens x
+//   32 experts (gate_tf32.cuh); thread i stages X item i and W items i, i + 256 (16 bytes each).
+// Traffic: X read ceil(E / 128) times (from L2 after the first), each weight row once per token
+//   tile, z written once: one pass over X wherever E <= 128.
+// Launch: grid (ceil(T/64), ceil(E/128)), 256 threads, TF32_SHARED_BYTES dynamic shared.
+__device__ __forceinline__ void gate_scores_linear_tf32(const float* x, const float* w, const float* bias,
+                                                        float* z, i64 tokens, int d, int experts) {
+  DYN_SHARED(float, smem);  // STAGED_SLOTS x (As [BK][TF32_LDA] X, Bs [BK][TF32_LDB] weight rows)
+  __shared__ int huge_rows[TF32_BM];
+  const i64 t0 = i64(blockIdx.x) * TF32_BM;
+  const int e0 = blockIdx.y * TF32_BN;
+  const bool vec = rows_aligned_16(x, d) && rows_aligned_16(w, d);
+  if (threadIdx.x < TF32_BM) huge_rows[threadIdx.x] = 0;
+  __syncthreads();  // every flag cleared before the first store can set one
+  auto x_row = [&](int m) -> const float* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
+  auto w_row = [&](int n) -> const float* { return e0 + n < experts ? w + i64(e0 + n) * d : nullptr; };
+  TileStage<float, KContiguous::items<float>(TF32_BM)> x_stage;  // X[t0 + m][k0 ..)
+  TileStage<float, KContiguous::items<float>(TF32_BN)> w_stage;  // W[e0 + n][k0 ..)
+  auto fetch = [&](i64 k0) {
+    x_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<float>(v, item, x_row, k0, d, vec); });
+    w_stage.fetch([&](Raw16& v, int item) { KContiguous::fetch_item<float>(v, item, w_row, k0, d, vec); });
+  };
+  // Both operands' k rows interleaved (KContiguous::store_item): the same order for X and W, and
+  // every store of a warp on 32 distinct banks (TF32_LDA and TF32_LDB are 8 mod 32).
+  auto store = [&](float* As, float* Bs, i64) {
+    x_stage.store([&](int item, const auto& v) { KContiguous::store_item<float, true>(As, TF32_LDA, item, v, huge_rows); });
+    w_stage.store([&](int item, const auto& v) { KContiguous::store_item<float, true>(Bs, TF32_LDB, item, v, nullptr); });
+  };
+  float acc[2][4][4] = {};
+  int step = 0;
+  tf32_k_loop<true>(acc, smem, step, 0, d, fetch, store);
+  const float nan = __uint_as_float(kQuietNaN);
+  for_each_tf32_acc(acc, [&](int m, int n, float v) {
+    const i64 t = t0 + m;
+    const int e = e0 + n;
+    if (t < tokens && e < experts) z[t * experts + e] = huge_rows[m] ? nan : v + (bias ? bias[e] : 0.0f);
+  });
+}
+
 #define GATE_SCORES_PARAMS(T)                                                                   \
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *bias,   \
       float *z, long long tokens, int d, int experts, int rank
-// The forward: f32 FMA tiles for f32 X, tensor cores (gate_mma.cuh) for f16 and bf16.
+// The forward: tensor cores for f16 and bf16 (gate_mma.cuh) and for the f32 linear gate (split
+// tf32), FMA tiles for the f32 rank forms.
 template <class T> constexpr bool is_f32 = false;
 template <> constexpr bool is_f32<float> = true;
 template <class T, Form F>
 __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const float* bias, float* z,
                                             i64 tokens, int d, int experts, int rank) {
-  if constexpr (is_f32<T>) gate_scores_body<T, F, false>(x, w, bias, nullptr, z, tokens, d, experts, rank);
-  else gate_scores_mma_body<T, F>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+  if constexpr (!is_f32<T>) {
+    gate_scores_mma_body<T, F>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+  } else if constexpr (F == Form::Linear) {
+    gate_scores_linear_tf32(x, static_cast<const float*>(w.lin), bias, z, tokens, d, experts);
+  } else {
+    gate_scores_body<T, F, false>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+  }
 }
 // The coefficient pass on the forward's tile: FMA for f32, tensor cores for f16 and bf16.
 template <class T, Form F>
@@ -283,9 +327,9 @@ EMU_EXPORT(gate_scores_full_bf16)
 
 // gate_route_<form>_<dtype>_e<N>: a gate's forward with the router's selection, and optionally
 // the routing map's counting pass, in one launch, wherever one block's tile holds every expert of
-// its 64 tokens: E <= BE, the forward tile's experts per block (f16/bf16 tensor-core tiles: 128
-// linear, 16 for the rank forms; f32 FMA tiles: 64 linear, 32 for the rank forms), N = 32, 64 or
-// 128 >= E the selection's row width.
+// its 64 tokens: E <= BE, the forward tile's experts per block (the linear tensor-core tiles, 16-bit
+// or split tf32: 128; the rank forms: 16 on f16/bf16 tensor-core tiles, 32 on f32 FMA tiles),
+// N = 32, 64 or 128 >= E the selection's row width.
 // Algorithm: gate_scores (the form's forward tile for T) writes the block's 64 x E logits to z;
 //   a block barrier makes them visible to the whole block; then each row of the tile is
 //   selected exactly as router_select_e<N>_f32 selects it (select_row, reading the row back from
@@ -320,6 +364,7 @@ EMU_EXPORT(gate_scores_full_bf16)
 template <class T, Form F, int N>
 __device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T), ROUTER_LOSS_PARAMS) {
   constexpr int L = 8, ROWS_PER_PASS = GATE_THREADS / L;  // 8 lanes a row, 32 rows a pass
+  static_assert(TF32_BM == GATE_BM, "every forward tile holds 64 tokens");
   __shared__ int scratch[32];
   __shared__ int last_block;
   __shared__ int dropped;
@@ -365,6 +410,8 @@ GATE_ROUTE(float, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f32_
 EMU_EXPORT(gate_route_linear_f32_e32)
 GATE_ROUTE(float, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f32_e64, 64)
 EMU_EXPORT(gate_route_linear_f32_e64)
+GATE_ROUTE(float, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f32_e128, 128)
+EMU_EXPORT(gate_route_linear_f32_e128)
 GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16_e32, 32)
 EMU_EXPORT(gate_route_linear_f16_e32)
 GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16_e64, 64)

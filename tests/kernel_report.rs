@@ -257,11 +257,16 @@ fn tensor_core_kernels_contain_hmma() {
     .map(String::from)
     .to_vec();
     kernels.extend(gate_tensor_core_tiles());
-    // The gate's backward GEMMs (dX, dW) run on tf32 tensor cores at every dtype.
+    // The gate's split-tf32 tile: the backward's GEMMs (dX, dW) at every dtype, and the f32 linear
+    // forward with its routing step.
     for op in ["dx", "dw"] {
         for dtype in ["f32", "f16", "bf16"] {
             kernels.push(format!("gate_{op}_{dtype}"));
         }
+    }
+    kernels.push("gate_scores_linear_f32".into());
+    for row in [32, 64, 128] {
+        kernels.push(format!("gate_route_linear_f32_e{row}"));
     }
     // The codebook's 16-bit nearest-code search runs its score tiles on tensor cores.
     for list in ["top1", "top8"] {

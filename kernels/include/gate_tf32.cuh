@@ -1,4 +1,5 @@
-// gate_tf32.cuh: the gate backward's GEMM tile on tensor cores (kernels/gate.cu: gate_dx, gate_dw).
+// gate_tf32.cuh: the gate family's f32-accurate GEMM tile on tensor cores (kernels/gate.cu: the f32
+// linear forward gate_scores_linear_tf32, gate_dx, gate_dw).
 //
 // C[m][n] += sum_k A(m, k) B(k, n) over one GATE_BK k-tile held in shared memory as f32,
 // k-major, exactly as gate_tile.cuh's layouts store it: As[k][m] (m < 64, row stride TF32_LDA)

@@ -94,14 +94,19 @@ struct KContiguous {
   }
   // huge_rows (shared, or null): set to 1 for a row with a huge_input element (an atomic: several
   // threads load one row, and plain stores of one flag would race).
-  template <class S>
+  // Interleaved: element q of run u goes to tile row q * UNITS + u instead of u * V + q. A GEMM
+  // may hold its k-tile's rows in any order both operands share, and this one spreads a warp's
+  // stores (8 rows m x UNITS runs, one element each at a time) over 32 distinct banks when
+  // ld = 8 (mod 32), where the natural order puts the runs of a row 4 V rows = 0 (mod 32) banks
+  // apart: a 4-way conflict on every store.
+  template <class S, bool Interleaved = false>
   __device__ __forceinline__ static void store_item(float* tile, int ld, int item,
                                                     const float (&v)[elems_per_16<S>], int* huge_rows) {
     constexpr int V = elems_per_16<S>, UNITS = GATE_BK / V;
     const int m = item / UNITS, u = item % UNITS;
 #pragma unroll
     for (int q = 0; q < V; ++q) {
-      tile[(u * V + q) * ld + m] = v[q];
+      tile[(Interleaved ? q * UNITS + u : u * V + q) * ld + m] = v[q];
       if (huge_rows && huge_input(v[q])) atomicOr(&huge_rows[m], 1);
     }
   }

@@ -235,17 +235,22 @@ fn decode_refuses_the_full_form() {
     }
 }
 
-/// The memory profile (profiling build) of the one launch of the bf16 linear gate, without
-/// bias, of T = `t`, d = `d`, E = `e` on `path`.
-fn linear_bf16_profile(t: usize, d: usize, e: usize, path: GatePath) -> moe_kernels::device::profile::MemoryProfile {
+/// The memory profile (profiling build) of the one launch of the linear gate on X of type `T`,
+/// without bias, of T = `t`, d = `d`, E = `e` on `path`.
+fn linear_profile<T: FloatElement>(
+    t: usize,
+    d: usize,
+    e: usize,
+    path: GatePath,
+) -> moe_kernels::device::profile::MemoryProfile {
     let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
     let device = Device::Emulator(emulator.clone());
     let case = Case {
         with_b: false,
         ..Case::new(GateForm::Linear, t, d, e, 1)
     };
-    let (host, x, _) = inputs::<bf16>(&case);
-    z_on_path::<bf16>(&device, &case, &host, &x, path);
+    let (host, x, _) = inputs::<T>(&case);
+    z_on_path::<T>(&device, &case, &host, &x, path);
     let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
     p
 }
@@ -261,7 +266,7 @@ fn linear_bf16_profile(t: usize, d: usize, e: usize, path: GatePath) -> moe_kern
 fn decode_loads_whole_sectors_once() {
     use moe_kernels::device::profile::{Access, Space};
     let (t, d, e) = (4usize, 2048usize, 8usize);
-    let p = linear_bf16_profile(t, d, e, GatePath::Decode);
+    let p = linear_profile::<bf16>(t, d, e, GatePath::Decode);
     assert_eq!(p.kernel, "gate_decode_linear_bf16");
     assert_eq!(p.traffic(Space::Global, Access::Load).sectors_per_request(), 16.0);
     assert_eq!(p.unique_global_load_bytes, (2 * (e * d + t * d)) as u64, "W and X");
@@ -282,7 +287,7 @@ fn decode_loads_whole_sectors_once() {
 fn tile_ring_loads_whole_sectors_once() {
     use moe_kernels::device::profile::{Access, Space};
     let (t, d, e) = (128usize, 256usize, 8usize);
-    let p = linear_bf16_profile(t, d, e, GatePath::Tiled);
+    let p = linear_profile::<bf16>(t, d, e, GatePath::Tiled);
     assert_eq!(p.kernel, "gate_scores_linear_bf16");
     let loads = p.traffic(Space::Global, Access::Load);
     assert_eq!(loads.sectors_per_request(), 16.0, "{loads:?}");
@@ -296,4 +301,35 @@ fn tile_ring_loads_whole_sectors_once() {
     let shared = p.traffic(Space::Shared, Access::Load);
     assert!(shared.requests > 0);
     assert!(shared.max_bank_degree <= 4, "{shared:?}");
+}
+
+/// The f32 linear gate's split-tf32 tile (`GatePath::Tiled`) at d = 48 (3 k-tiles: both staging
+/// slots reused) over 2 token tiles: every global load of X and W is a whole 16-sector request (a
+/// warp's 16-byte loads cover 8 rows' 64-byte runs of a k-tile); X and W are read once each by
+/// bytes (each token tile reads all of W, from L2 on a GPU); z is written once; every shared
+/// store (the interleaved k rows) and every fragment read hits 32 distinct banks.
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn split_tf32_tile_loads_whole_sectors_once() {
+    use moe_kernels::device::profile::{Access, Space};
+    let (t, d, e) = (128usize, 48usize, 8usize);
+    let p = linear_profile::<f32>(t, d, e, GatePath::Tiled);
+    assert_eq!(p.kernel, "gate_scores_linear_f32");
+    let loads = p.traffic(Space::Global, Access::Load);
+    assert_eq!(loads.sectors_per_request(), 16.0, "{loads:?}");
+    assert_eq!(
+        loads.bytes,
+        (4 * (2 * e * d + t * d)) as u64,
+        "X once, W once per token tile"
+    );
+    assert_eq!(p.unique_global_load_bytes, (4 * (e * d + t * d)) as u64, "W and X");
+    assert_eq!(p.unique_global_store_bytes, (4 * t * e) as u64, "z");
+    for access in [Access::Load, Access::Store] {
+        let shared = p.traffic(Space::Shared, access);
+        assert!(shared.requests > 0);
+        assert_eq!(shared.max_bank_degree, 1, "{access:?}: {shared:?}");
+    }
 }

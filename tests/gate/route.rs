@@ -3,8 +3,8 @@
 //! `router::select_counted`: z, ids, weights, the non-finite count and the whole map after
 //! `place_counted`; `gate::route`, which also places the map (in the same launch at decode),
 //! gives those bits too. Above T = 64 on the forward's tile (`gate_route_<form>_<dtype>_e<N>`:
-//! the linear f16/bf16 tile at each row width N for E = 8, 48, 128, the linear f32 tile at E = 8
-//! and 64, every rank form at its tile's widest E in one dtype or another), at T <= 64 on the
+//! the linear f16/bf16 tile at each row width N for E = 8, 48, 128, the linear f32 (split-tf32)
+//! tile at E = 8, 64 and 128, every rank form at its tile's widest E in one dtype or another), at T <= 64 on the
 //! decode kernel (`gate_decode_route_linear_<dtype>_e<N>`: every dtype, N = 32 ... 512, one to
 //! four token blocks, one or two selection passes); softmax and top-k-then-softmax, sigmoid with
 //! groups, a router bias, scale and renormalisation, rows routed nowhere (NaN and huge inputs),
@@ -350,17 +350,18 @@ fn fused_route_has_the_bits_of_scores_then_select() {
     }
 }
 
-/// The linear f32 tile (64 experts a block) and the rank forms' tiles (32 experts a block for
-/// f32, 16 for f16/bf16) fuse the selection too, at the widest E their block holds: the linear
-/// f32 gate at E = 8 over 4 token tiles (d = 136: 5 k-tiles) and at E = 64 (N = 64) with groups
-/// and a bias; low-rank (rank 6: two chunks) and symmetric on f16/bf16 at E = 16; attention and
+/// The linear f32 tile (split tf32, 128 experts a block) and the rank forms' tiles (32 experts a
+/// block for f32, 16 for f16/bf16) fuse the selection too, at the widest E their block holds: the
+/// linear f32 gate at E = 8 over 4 token tiles (d = 136: 5 k-tiles), at E = 64 (N = 64) with
+/// groups and a bias, and at E = 128 (N = 128) over a ragged k-tile (d = 20); low-rank (rank 6: two chunks) and symmetric on f16/bf16 at E = 16; attention and
 /// full on f32 at E = 32 and 8.
 #[test]
 fn every_form_fuses_where_its_tile_holds_every_expert() {
-    // The experts one block of each forward tile holds: f32 (FMA tiles), then f16/bf16.
+    // The experts one block of each forward tile holds: f32 (the split-tf32 tile for the linear
+    // gate, FMA tiles for the rank forms), then f16/bf16 (m16n8k16 tensor cores).
     for form in GateForm::ALL {
-        let (fma, tensor_cores) = if form == GateForm::Linear { (64, 128) } else { (32, 16) };
-        assert_eq!(route_tile_max_experts::<f32>(form), fma, "{form:?} f32");
+        let (f32_tile, tensor_cores) = if form == GateForm::Linear { (128, 128) } else { (32, 16) };
+        assert_eq!(route_tile_max_experts::<f32>(form), f32_tile, "{form:?} f32");
         assert_eq!(route_tile_max_experts::<f16>(form), tensor_cores, "{form:?} f16");
         assert_eq!(route_tile_max_experts::<bf16>(form), tensor_cores, "{form:?} bf16");
     }
@@ -372,6 +373,12 @@ fn every_form_fuses_where_its_tile_holds_every_expert() {
     for device in devices() {
         check_fused::<f32>(&device, &linear(200, 136, 8), &softmax_8(), None);
         check_fused::<f32>(&device, &linear(70, 24, 64), &grouped_64, Some(&bias));
+        check_fused::<f32>(
+            &device,
+            &linear(66, 20, ROUTE_MAX_EXPERTS),
+            &top_1(ROUTE_MAX_EXPERTS),
+            None,
+        );
         check_fused::<bf16>(&device, &Case::new(GateForm::LowRank, 100, 24, 16, 6), &top_1(16), None);
         let symmetric = Case::new(GateForm::Symmetric, 66, 16, 16, 2);
         check_fused::<f16>(&device, &symmetric, &grouped(16), Some(&bias[..16]));
@@ -420,8 +427,9 @@ fn unfused_shapes_take_the_two_calls() {
     };
     for device in devices() {
         // One expert past a block of each tile.
-        check_unfused::<f32>(&device, &linear(100, 24, 65), &router(65), None);
-        check_unfused::<bf16>(&device, &linear(100, 24, ROUTE_MAX_EXPERTS + 1), &router(129), None);
+        let past = ROUTE_MAX_EXPERTS + 1;
+        check_unfused::<f32>(&device, &linear(100, 24, past), &router(past), None);
+        check_unfused::<bf16>(&device, &linear(100, 24, past), &router(past), None);
         check_unfused::<bf16>(
             &device,
             &Case::new(GateForm::LowRank, 100, 24, 17, 2),

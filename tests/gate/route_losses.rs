@@ -203,7 +203,7 @@ fn router(experts: usize, k: usize) -> RouterConfig {
 
 /// Above T = 64 the tile kernel runs the losses where their chunks are its tiles: token level
 /// over 4 tiles (the last ragged) with both losses; 3 sequences of 64 (aux only, sigmoid with
-/// groups, f32 FMA tile); the z-loss alone on the low-rank f16 tile.
+/// groups, the f32 split-tf32 tile); the z-loss alone on the low-rank f16 tile.
 #[test]
 fn tile_route_runs_the_losses_in_its_launch() {
     let token_level = AuxLossConfig::default();

@@ -56,7 +56,7 @@ fn sixteen_bit_layers_match_the_reference() {
 /// block routes in one launch (`gate::scores_and_select`: the gate's tile with the selection and
 /// the map's count fused): the routed forward takes 5 launches instead of 6, the fused kernel
 /// runs, and forward and backward match the reference. The linear router on tensor cores (bf16)
-/// and on FMA tiles (f32), and a low-rank router (bf16, E = 6 <= 16); with the router losses
+/// and on split-tf32 tensor cores (f32), and a low-rank router (bf16, E = 6 <= 16); with the router losses
 /// (token level, so their chunks are the tiles) still 5: they run in the same launch.
 #[test]
 fn tile_routers_route_in_one_launch() {
@@ -487,11 +487,12 @@ fn large_batches_keep_the_launch_budget() {
         rank: 4,
     };
     // (router, experts, forward launches): E = 6 fits a block of the f32 linear and low-rank
-    // tiles (the gate selects), 65 does not (the router's own selection counts the map).
+    // tiles (the gate selects), 129 does not (the router's own selection counts the map).
+    let past_the_tile = moe_kernels::ops::gate::ROUTE_MAX_EXPERTS + 1;
     let routers = [
         (RouterKind::Linear, 6, 5),
         (quadratic, 6, 5),
-        (RouterKind::Linear, 65, 6),
+        (RouterKind::Linear, past_the_tile, 6),
     ];
     for (device, (router, experts, launches)) in devices().into_iter().flat_map(|d| routers.map(|r| (d.clone(), r))) {
         // T·k just past one tile of the map: two tiles, the second with 2 slots.

@@ -18,8 +18,8 @@
 //! Every reduction runs in a fixed order, and the token split depends only on the shape: the
 //! gradients are bitwise reproducible.
 use super::{
-    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, STAGED_SLOTS, ScoringTile, THREADS, dims_args, params,
-    scoring_config,
+    Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, SPLIT_TF32_COLS, SPLIT_TF32_ROWS, SPLIT_TF32_SHARED,
+    ScoringTile, THREADS, dims_args, params, scoring_config,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -222,9 +222,6 @@ fn partials_len(form: GateForm, shape: &GateShape) -> Result<usize> {
     Ok(most)
 }
 
-/// Rows and columns of a `gate_dx` / `gate_dw` block's tile (`TF32_BM`, `TF32_BN`).
-const DW_TILE_ROWS: usize = 64;
-const DW_TILE_COLS: usize = 128;
 /// Blocks a split dW aims at: about two per SM on the largest current GPUs. A constant rather
 /// than the device's SM count, so that the split, and with it every bit of dW, is the same on
 /// every device.
@@ -242,8 +239,8 @@ struct DwSplit {
 impl DwSplit {
     fn new(rows: usize, d: usize, tokens: usize) -> Self {
         let tiles = rows
-            .div_ceil(DW_TILE_ROWS)
-            .saturating_mul(d.div_ceil(DW_TILE_COLS))
+            .div_ceil(SPLIT_TF32_ROWS)
+            .saturating_mul(d.div_ceil(SPLIT_TF32_COLS))
             .max(1);
         let wanted = DW_TARGET_BLOCKS
             .div_ceil(tiles)
@@ -424,10 +421,6 @@ fn sum_config(outputs: usize) -> Result<LaunchConfig> {
     ))
 }
 
-/// Shared memory of the dX and dW kernels: two slots of one k-tile of each operand, f32
-/// (`TF32_SHARED_BYTES`).
-const GEMM_SHARED: u32 = (STAGED_SLOTS * K_TILE * (DW_TILE_ROWS + 8 + DW_TILE_COLS + 8) * size_of::<f32>()) as u32;
-
 /// One dX segment: coefficient buffer, where its matrix sits in it, weight rows, row count.
 type DxSegment<'s, T> = (&'s Dyn<'s, f32>, &'s Coefs, &'s Dyn<'s, T>, usize);
 
@@ -462,12 +455,12 @@ fn launch_dx<T: FloatElement>(
         .scalar(shape.dim as i32);
     let config = LaunchConfig {
         grid: (
-            grid_blocks("shape.tokens", shape.tokens, DW_TILE_ROWS)?,
-            shape.dim.div_ceil(DW_TILE_COLS) as u32,
+            grid_blocks("shape.tokens", shape.tokens, SPLIT_TF32_ROWS)?,
+            shape.dim.div_ceil(SPLIT_TF32_COLS) as u32,
             1,
         ),
         block: (THREADS, 1, 1),
-        shared_bytes: GEMM_SHARED,
+        shared_bytes: SPLIT_TF32_SHARED as u32,
     };
     device.launch(&format!("gate_dx_{}", T::NAME), config, args)
 }
@@ -512,12 +505,12 @@ impl DwLaunch<'_> {
         let split = DwSplit::new(rows, d, shape.tokens);
         let config = LaunchConfig {
             grid: (
-                grid_blocks("grads", rows, DW_TILE_ROWS)?,
-                d.div_ceil(DW_TILE_COLS) as u32,
+                grid_blocks("grads", rows, SPLIT_TF32_ROWS)?,
+                d.div_ceil(SPLIT_TF32_COLS) as u32,
                 split.slices as u32,
             ),
             block: (THREADS, 1, 1),
-            shared_bytes: GEMM_SHARED,
+            shared_bytes: SPLIT_TF32_SHARED as u32,
         };
         let name = format!("gate_dw_{}", T::NAME);
         if split.slices == 1 {

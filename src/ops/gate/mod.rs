@@ -23,8 +23,12 @@
 //! products and writes only z (never the `[T, E·r]` projections). f16/bf16 run on tensor
 //! cores (`mma.sync` m16n8k16, f32 accumulation): the linear tile is 128 experts × 1 row, a
 //! quadratic tile 16 experts × (8 rows: the two factors of a chunk of 4 ranks, interleaved so
-//! each lane multiplies its own pair) + 16 linear rows (91-96 registers: 2 blocks per SM). f32 runs on FMA tiles: 64 experts × 1
-//! row, or 32 experts × (projections of a chunk of 4 ranks + the linear row).
+//! each lane multiplies its own pair) + 16 linear rows (91-96 registers: 2 blocks per SM). The
+//! f32 linear gate runs on tensor cores too, on the tile of the backward's GEMMs: 128 experts,
+//! tf32 `mma.sync` m16n8k8 with each f32 operand split into two tf32 terms (three products a
+//! pair, the dropped one below 2^-22 of it), so its error is f32 accumulation noise. The f32
+//! quadratic forms run on FMA tiles: 32 experts × (projections of a chunk of 4 ranks + the
+//! linear row).
 //! At r ≤ 4 the quadratic gate is the linear gate with a wider tile: X is read once per
 //! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
@@ -38,15 +42,17 @@
 //! **The routing step** ([`scores_and_select`], and [`route`] into a complete map): the scores,
 //! the router's top-k and the routing map's count in one launch, with the bits of the separate
 //! calls: above `T = 64` for every form wherever one block of the forward tile holds every
-//! expert ([`route_tile_max_experts`]: `E <= 128` for the linear f16/bf16 tile, 64 for the linear
-//! f32 tile, 32 and 16 for the rank forms' f32 and f16/bf16 tiles), and for the linear gate on
+//! expert ([`route_tile_max_experts`]: `E <= 128` for the linear tiles, 32 and 16 for the rank
+//! forms' f32 and f16/bf16 tiles), and for the linear gate on
 //! the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a map: the last block of each 16
 //! tokens selects them, and for [`route`] the last of those places the map too).
 //!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
 //! 2^64 in magnitude gets NaN for every logit, so the router routes it nowhere; the backward
 //! treats a zero dz as absent (zero coefficients; NaN or ±∞ in X loads as 0 for dW), so such a
-//! row adds exactly nothing to the weight gradients.
+//! row adds exactly nothing to the weight gradients. Non-finite weights are outside the
+//! contract: the logits they touch are ±∞ or NaN (NaN on the split-tf32 tiles, where an
+//! infinite operand's low term is ∞ - ∞).
 //!
 //! **Alignment.** Every operand may be a view at any element, in every dtype and on every path:
 //! rows are read with 16-byte loads only when every row start of that operand is 16-byte
@@ -79,9 +85,20 @@ const RANK_CHUNK: usize = 4;
 const MMA_ROW_HALVES: usize = 40;
 /// Slots of the tensor-core tile's cp.async ring (`MMA_STAGES`), each one k-tile of X and weights.
 const MMA_STAGES: usize = 3;
-/// Slots of the f32 tiles (the FMA scoring tile, dX and dW), each one k-tile of both operands
+/// Slots of the f32 tiles (the FMA scoring tile and the split-tf32 tile), each one k-tile of both operands
 /// (`STAGED_SLOTS`: the next k-tile is stored into one slot while the other is read).
 const STAGED_SLOTS: usize = 2;
+/// Rows and columns of the split-tf32 tile's C block (`TF32_BM`, `TF32_BN` in gate_tf32.cuh):
+/// the f32 linear forward (tokens x experts), dX (tokens x d) and dW (rows x d).
+const SPLIT_TF32_ROWS: usize = 64;
+const SPLIT_TF32_COLS: usize = 128;
+/// Its shared memory: two slots of one k-tile of each operand, f32, rows padded by 8 words
+/// (`TF32_SHARED_BYTES`).
+const SPLIT_TF32_SHARED: usize = STAGED_SLOTS * K_TILE * (SPLIT_TF32_ROWS + 8 + SPLIT_TF32_COLS + 8) * size_of::<f32>();
+const _: () = assert!(
+    SPLIT_TF32_ROWS == TILE,
+    "the f32 linear forward's blocks hold the scoring tiles' tokens"
+);
 
 /// The scoring function's form (what [`GateWeights`] holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,11 +131,12 @@ impl GateForm {
     }
 }
 
-/// The tile of a scoring-kernel launch (mirrors `GateForm` in gate.cu and `MmaForm` in
-/// gate_mma.cuh).
+/// The tile of a scoring-kernel launch (mirrors `GateForm` in gate.cu, `MmaForm` in
+/// gate_mma.cuh and the tile of gate_tf32.cuh).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ScoringTile {
-    /// f32 X: FMA tiles, 64 experts per block (linear) or 32.
+    /// f32 X: the linear form on the split-tf32 tensor-core tile (128 experts per block), the
+    /// rank forms on FMA tiles (32).
     Forward,
     /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 16.
     TensorCores,
@@ -127,7 +145,8 @@ enum ScoringTile {
 }
 
 impl ScoringTile {
-    /// The forward's tile for X of type `T`: tensor cores for f16/bf16, FMA tiles for f32.
+    /// The forward's tile for X of type `T`: m16n8k16 tensor cores for f16/bf16, the split-tf32
+    /// tile (linear) or FMA tiles (rank forms) for f32.
     fn forward<T: FloatElement>() -> Self {
         if size_of::<T>() == 2 {
             ScoringTile::TensorCores
@@ -161,16 +180,13 @@ impl ScoringTile {
             return (experts, shared);
         }
         let columns_per_expert = match form {
-            GateForm::Linear => 1,
+            // gate_scores_linear_tf32 (the coefficient kernels have no linear form).
+            GateForm::Linear => return (SPLIT_TF32_COLS, SPLIT_TF32_SHARED),
             GateForm::LowRank => 2 * RANK_CHUNK + 1,
             GateForm::Symmetric | GateForm::Full => RANK_CHUNK + 1,
             GateForm::Attention => RANK_CHUNK,
         };
-        let experts = match (form, self) {
-            (GateForm::Linear, _) => 64,
-            (_, ScoringTile::Coefficients) => 16,
-            _ => 32,
-        };
+        let experts = if self == ScoringTile::Coefficients { 16 } else { 32 };
         let query = if form == GateForm::Attention { RANK_CHUNK } else { 0 };
         let shared = STAGED_SLOTS * (TILE + experts * columns_per_expert + query) * K_TILE * size_of::<f32>();
         (experts, shared)

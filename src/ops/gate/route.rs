@@ -24,7 +24,7 @@ const NO_AUX: Option<SelectedAuxLoss<'static, DeviceBuffer<f32>>> = None;
 const NO_Z_LOSS: Option<ZLossTarget<'static, DeviceBuffer<f32>>> = None;
 
 /// The most experts a tile kernel fuses (T > 64), over every form and dtype: the linear gate's
-/// tensor-core tile, whose block holds 128 experts of its 64 tokens ([`route_tile_max_experts`]
+/// tensor-core tiles, whose block holds 128 experts of its 64 tokens ([`route_tile_max_experts`]
 /// for each form and dtype).
 pub const ROUTE_MAX_EXPERTS: usize = 128;
 /// The most experts the decode kernel fuses (T <= 64): the selection's row width of 512 at 16
@@ -45,7 +45,8 @@ enum FusedRoute {
 
 /// The most experts the tile kernel of `form` with X of type `T` fuses above T = 64: the experts
 /// one block of its forward tile holds (`gate_route_<form>_<dtype>_e<N>`): the linear gate 128 on
-/// tensor cores (f16/bf16) and 64 on FMA tiles (f32); the rank forms 16 and 32.
+/// tensor cores (m16n8k16 for f16/bf16, split tf32 for f32); the rank forms 16 (f16/bf16 tensor
+/// cores) and 32 (f32 FMA tiles).
 pub fn route_tile_max_experts<T: FloatElement>(form: GateForm) -> usize {
     ScoringTile::forward::<T>().of(form).0
 }
