@@ -17,18 +17,16 @@
 // NaN as f32 arithmetic gives them; NaN on the split-tf32 tiles, whose low term of an infinite
 // operand is inf - inf).
 //
-// Every kernel is a tiled GEMM over k-tiles in shared memory with f32 accumulation, 256
-// threads: for f16/bf16 X the forward and the coefficient kernels on mma.sync tensor-core tiles
-// (gate_mma.cuh); for f32 X the linear forward, dX and dW on tf32 tensor-core tiles with every
-// f32 operand split in two terms (gate_tf32.cuh, f32-accurate), and the rank forms' forward and
-// coefficient kernels on f32 FMA tiles (gate_tile.cuh), each thread owning a 4 x NG x NC
-// register tile. All sums run in a fixed order (no atomics), so results do not depend on the
-// schedule.
+// Every kernel is a tiled GEMM on tensor cores over k-tiles in shared memory with f32
+// accumulation, 256 threads: the forward and the coefficient kernels on the pair tiles of
+// gate_mma.cuh (m16n8k16 for f16/bf16; split tf32 for f32), the f32 linear forward, dX and dW
+// on the split-tf32 tile of gate_tf32.cuh. Every f32 operand is split into two tf32 terms, so
+// f32 X gets f32 accuracy. All sums run in a fixed order (no atomics), so results do not depend
+// on the schedule.
 //
 // Kernels:
-//   gate_scores_<form>_<dtype>   forward: one launch, writes only z (f16/bf16:
-//                                gate_scores_mma_body; f32: gate_scores_linear_tf32, and for
-//                                the rank forms the FMA tiles below)
+//   gate_scores_<form>_<dtype>   forward: one launch, writes only z (gate_scores_mma_body;
+//                                the f32 linear gate: gate_scores_linear_tf32)
 //   gate_coef_<form>_<dtype>     backward step 1 (not linear): recomputes the projections of
 //                                the forward tile and writes per-row gradient coefficients
 //   gate_dx_<dtype>              dX = sum over segments G_s W_s (+ a dense [T, d] term), on
@@ -40,8 +38,7 @@
 //   gate_route_<form>_<dtype>_e<N>   the forward with the router's top-k selection (and the
 //                                routing map's count, and the router losses) fused, where a
 //                                block holds every expert:
-//                                E <= 128 (linear), 32 (rank forms, f32) or 16 (rank forms,
-//                                f16/bf16)
+//                                E <= 128 (linear) or 16 (rank forms)
 //   gate_decode_route_linear_<dtype>_e<N>   the same at T <= 64 on the decode kernel, with the
 //                                map's count, E <= 512 (the last block of each token block selects)
 #include "include/dispatch_map.cuh"
@@ -50,167 +47,6 @@
 #include "include/gate_tf32.cuh"
 #include "include/router_losses.cuh"
 #include "include/router_select.cuh"
-
-// The f32 FMA tile of one rank form: per expert NC adjacent columns, left projections
-// (U, K or A rows) of the chunk first, then right ones (V), then the linear row (B).
-// The attention form adds GATE_RC shared query columns after the experts' columns.
-// Experts per block: 32 (forward), 16 (coefficient kernels, whose epilogue holds more live
-// values: 32 would cost up to 204 registers).
-template <Form F, bool COEF> struct GateForm {
-  static_assert(F != Form::Linear, "the f32 linear forward is gate_scores_linear_tf32");
-  static constexpr bool right = F == Form::LowRank;
-  static constexpr bool query = F == Form::Attention;
-  static constexpr bool lin = F != Form::Attention;
-  static constexpr int RC = GATE_RC;
-  static constexpr int NC = RC * (right ? 2 : 1) + (lin ? 1 : 0);
-  static constexpr int NG = COEF ? 1 : 2;  // expert groups per thread
-  static constexpr int BE = 16 * NG;                    // experts per block
-  static constexpr int EXPERT_COLS = BE * NC;
-  static constexpr int BN = EXPERT_COLS + (query ? GATE_RC : 0);
-};
-
-// ------------------------------------------------------------------------------------------
-// gate_scores_<form>_f32 / gate_coef_<form>_f32 (rank forms): the fused scoring GEMM.
-// Algorithm: for each chunk of GATE_RC ranks, C = X_tile S^T over k-tiles of d, S the chunk's
-//   stacked projection rows of BE experts; the epilogue combines each expert's NC columns
-//   (products, sum over the chunk's ranks, linear row in chunk 0) into z in registers. Ranks
-//   past `rank` and experts past E load as zero rows. The k-tiles alternate between two slots,
-//   one barrier a k-tile (staged_k_loop), each loaded straight into its slot: staging the 3-5
-//   16-byte items a thread of these wide tiles through registers (as the tf32 tiles stage their
-//   1-2) would nearly double the registers (low-rank: 121 become 230).
-// Mapping: blockIdx.x = 64-token tile, blockIdx.y = BE-expert tile; thread (ty, tx) owns
-//   tokens ty + 16 i (i < 4), experts tx + 16 j (j < NG).
-// Traffic: X read ceil(E / BE) * chunks times (from L2 after the first), each weight row
-//   once per token tile; z written once. At rank <= 4 it is one pass over X per expert tile,
-//   with a tile of BE * NC columns (288 for low-rank).
-// Coefficient mode (dz given): instead of z, writes for j < rank into ws [T, 2 E rank]
-//   coefL at [t, e rank + j] (the gradient coefficient of left row j) and coefR at
-//   [t, E rank + e rank + j] (of V row j; attention: g K_ej.x / sqrt r, full: g A_ej.x,
-//   both summed over e later; symmetric: unused); 0 wherever dz is 0.
-// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, 2 * (64 + BN) * 16 * 4 bytes dynamic shared.
-template <class T, Form F, bool COEF>
-__device__ __forceinline__ void gate_scores_body(const T* x, GateWeightsPtrs w, const float* bias,
-                                                 const float* dz, float* out, i64 tokens, int d,
-                                                 int experts, int rank) {
-  using G = GateForm<F, COEF>;
-  DYN_SHARED(float, smem);  // STAGED_SLOTS x (As [BK][BM] X, Bs [BK][BN] weight rows)
-  constexpr int SLOT_FLOATS = GATE_BK * (GATE_BM + G::BN);
-  const T* left = static_cast<const T*>(w.left);
-  const T* right = static_cast<const T*>(w.right);
-  const T* query = static_cast<const T*>(w.query);
-  const T* lin = static_cast<const T*>(w.lin);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  const i64 t0 = i64(blockIdx.x) * GATE_BM;
-  const int e0 = blockIdx.y * G::BE;
-  const bool vec = rows_aligned_16(x, d) && rows_aligned_16(left, d) && rows_aligned_16(right, d) &&
-                   rows_aligned_16(query, d) && rows_aligned_16(lin, d);
-  const int chunks = (rank + GATE_RC - 1) / GATE_RC;
-  const float inv_sqrt_rank = G::query ? rsqrtf(float(rank)) : 1.0f;
-
-  // Forward: the rows of the tile with a huge_input element get NaN logits (math §1). Written
-  // by the stores into the tile, read after the k-loop's barriers.
-  __shared__ int huge_rows[GATE_BM];
-  if (!COEF && threadIdx.x < GATE_BM) huge_rows[threadIdx.x] = 0;
-  __syncthreads();  // every flag cleared before the first store can set one
-  int step = 0;
-  float z[GATE_TM][G::NG] = {};
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    const int r0 = chunk * GATE_RC;
-    // The source row of shared column n for this chunk (null: a zero column).
-    auto weight_row = [&](int n) -> const T* {
-      if (n >= G::EXPERT_COLS) {
-        const int j = r0 + n - G::EXPERT_COLS;
-        return j < rank ? query + i64(j) * d : nullptr;
-      }
-      const int e = e0 + n / G::NC, c = n % G::NC;
-      if (e >= experts) return nullptr;
-      if (c < G::RC) return r0 + c < rank ? left + (i64(e) * rank + r0 + c) * d : nullptr;
-      if (G::right && c < 2 * G::RC) {
-        return r0 + c - G::RC < rank ? right + (i64(e) * rank + r0 + c - G::RC) * d : nullptr;
-      }
-      return (chunk == 0 && lin != nullptr) ? lin + i64(e) * d : nullptr;
-    };
-    auto x_row = [&](int m) -> const T* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
-
-    float acc[GATE_TM][G::NG * G::NC] = {};
-    float q[GATE_TM][G::query ? GATE_RC : 1] = {};
-    auto fetch = [](i64) {};  // nothing in flight: store loads the k-tile
-    int* const huge = COEF ? nullptr : huge_rows;
-    auto store = [&](float* As, float* Bs, i64 k0) {
-      load_tile_k_contiguous<T>(As, GATE_BM, GATE_BM, x_row, k0, d, vec, huge);
-      load_tile_k_contiguous<T>(Bs, G::BN, G::BN, weight_row, k0, d, vec);
-    };
-    staged_k_loop(smem, SLOT_FLOATS, GATE_BK * GATE_BM, step, 0, d, fetch, store,
-                  [&](const float* As, const float* Bs) {
-                    tile_fma<GATE_TM, G::NG, G::NC>(acc, As, GATE_BM, Bs, G::BN, ty, tx);
-                    if constexpr (G::query)
-                      tile_fma<GATE_TM, 1, GATE_RC>(q, As, GATE_BM, Bs + G::EXPERT_COLS, G::BN, ty, 0);
-                  });
-
-#pragma unroll
-    for (int i = 0; i < GATE_TM; ++i) {
-      const i64 t = t0 + ty + 16 * i;
-#pragma unroll
-      for (int jg = 0; jg < G::NG; ++jg) {
-        const int e = e0 + tx + 16 * jg;
-        const float* a = &acc[i][jg * G::NC];
-        if constexpr (COEF) {
-          if (t >= tokens || e >= experts) continue;
-          // A zero dz (every logit of a row routed nowhere, math §2) gives exactly zero
-          // coefficients: the row's projections may be NaN or inf, and 0 * NaN is not 0.
-          const float g = dz[t * experts + e];
-          auto times_g = [g](float v) { return g == 0.0f ? 0.0f : g * v; };
-          float* coef_left = out + t * (2 * i64(experts) * rank) + i64(e) * rank;
-          float* coef_right = coef_left + i64(experts) * rank;
-#pragma unroll
-          for (int c = 0; c < G::RC; ++c) {
-            const int j = r0 + c;
-            if (j >= rank) break;
-            if constexpr (F == Form::LowRank) {
-              coef_left[j] = times_g(a[G::RC + c]);
-              coef_right[j] = times_g(a[c]);
-            } else if constexpr (F == Form::Symmetric) {
-              coef_left[j] = times_g(2.0f * a[c]);
-            } else if constexpr (F == Form::Attention) {
-              coef_left[j] = times_g(q[i][c]) * inv_sqrt_rank;
-              coef_right[j] = times_g(a[c]) * inv_sqrt_rank;
-            } else if constexpr (F == Form::Full) {
-              coef_left[j] = times_g(to_f32(x[t * d + j]));
-              coef_right[j] = times_g(a[c]);
-            }
-          }
-        } else {
-          float s = 0.0f;
-#pragma unroll
-          for (int c = 0; c < G::RC; ++c) {
-            if constexpr (F == Form::LowRank) s += a[c] * a[G::RC + c];
-            if constexpr (F == Form::Symmetric) s += a[c] * a[c];
-            if constexpr (F == Form::Attention) s += q[i][c] * a[c];
-            if constexpr (F == Form::Full) {
-              const bool inside = t < tokens && r0 + c < d;
-              s += inside ? a[c] * to_f32(x[t * d + r0 + c]) : 0.0f;
-            }
-          }
-          if constexpr (G::query) s *= inv_sqrt_rank;
-          if constexpr (G::lin) s += a[G::NC - 1];  // zero after chunk 0 (zero rows)
-          z[i][jg] += s;
-        }
-      }
-    }
-  }
-  if constexpr (!COEF) {
-#pragma unroll
-    for (int i = 0; i < GATE_TM; ++i) {
-      const i64 t = t0 + ty + 16 * i;
-#pragma unroll
-      for (int jg = 0; jg < G::NG; ++jg) {
-        const int e = e0 + tx + 16 * jg;
-        if (t < tokens && e < experts)
-          out[t * experts + e] = huge_rows[ty + 16 * i] ? __uint_as_float(kQuietNaN) : z[i][jg] + (bias ? bias[e] : 0.0f);
-      }
-    }
-  }
-}
 
 // ------------------------------------------------------------------------------------------
 // gate_scores_linear_f32: z[t, e] = W_e . x_t + b_e on tensor cores, f32-accurate.
@@ -264,27 +100,22 @@ __device__ __forceinline__ void gate_scores_linear_tf32(const float* x, const fl
 #define GATE_SCORES_PARAMS(T)                                                                   \
   const T *x, const T *left, const T *right, const T *query, const T *lin, const float *bias,   \
       float *z, long long tokens, int d, int experts, int rank
-// The forward: tensor cores for f16 and bf16 (gate_mma.cuh) and for the f32 linear gate (split
-// tf32), FMA tiles for the f32 rank forms.
-template <class T> constexpr bool is_f32 = false;
-template <> constexpr bool is_f32<float> = true;
+// The forward, on tensor cores: the pair tiles of gate_mma.cuh, except for the f32 linear gate,
+// whose 128-expert split-tf32 tile has no pairs to form.
 template <class T, Form F>
 __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const float* bias, float* z,
                                             i64 tokens, int d, int experts, int rank) {
-  if constexpr (!is_f32<T>) {
-    gate_scores_mma_body<T, F>(x, w, bias, nullptr, z, tokens, d, experts, rank);
-  } else if constexpr (F == Form::Linear) {
+  if constexpr (std::is_same_v<T, float> && F == Form::Linear) {
     gate_scores_linear_tf32(x, static_cast<const float*>(w.lin), bias, z, tokens, d, experts);
   } else {
-    gate_scores_body<T, F, false>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+    gate_scores_mma_body<T, F>(x, w, bias, nullptr, z, tokens, d, experts, rank);
   }
 }
-// The coefficient pass on the forward's tile: FMA for f32, tensor cores for f16 and bf16.
+// The coefficient pass on the forward's pair tile.
 template <class T, Form F>
 __device__ __forceinline__ void gate_coef(const T* x, GateWeightsPtrs w, const float* dz, float* ws, i64 tokens,
                                           int d, int experts, int rank) {
-  if constexpr (is_f32<T>) gate_scores_body<T, F, true>(x, w, nullptr, dz, ws, tokens, d, experts, rank);
-  else gate_scores_mma_body<T, F, true>(x, w, nullptr, dz, ws, tokens, d, experts, rank);
+  gate_scores_mma_body<T, F, true>(x, w, nullptr, dz, ws, tokens, d, experts, rank);
 }
 #define GATE_SCORES(T, F)                                                                       \
   gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank)
@@ -327,9 +158,8 @@ EMU_EXPORT(gate_scores_full_bf16)
 
 // gate_route_<form>_<dtype>_e<N>: a gate's forward with the router's selection, and optionally
 // the routing map's counting pass, in one launch, wherever one block's tile holds every expert of
-// its 64 tokens: E <= BE, the forward tile's experts per block (the linear tensor-core tiles, 16-bit
-// or split tf32: 128; the rank forms: 16 on f16/bf16 tensor-core tiles, 32 on f32 FMA tiles),
-// N = 32, 64 or 128 >= E the selection's row width.
+// its 64 tokens: E <= BE, the forward tile's experts per block (linear: 128; the rank forms' pair
+// tiles: 16), N = 32, 64 or 128 >= E the selection's row width.
 // Algorithm: gate_scores (the form's forward tile for T) writes the block's 64 x E logits to z;
 //   a block barrier makes them visible to the whole block; then each row of the tile is
 //   selected exactly as router_select_e<N>_f32 selects it (select_row, reading the row back from
@@ -424,7 +254,7 @@ GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_lin
 EMU_EXPORT(gate_route_linear_bf16_e64)
 GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e128, 128)
 EMU_EXPORT(gate_route_linear_bf16_e128)
-// The rank forms: E <= 32 (f32) or 16 (f16/bf16) fit a block, so N = 32 only.
+// The rank forms: E <= 16 fits a block, so N = 32 only.
 GATE_ROUTE(float, Form::LowRank, GATE_ROUTE_BOUNDS_RANK, gate_route_lowrank_f32_e32, 32)
 EMU_EXPORT(gate_route_lowrank_f32_e32)
 GATE_ROUTE(__half, Form::LowRank, GATE_ROUTE_BOUNDS_RANK, gate_route_lowrank_f16_e32, 32)
@@ -594,25 +424,29 @@ EMU_EXPORT(gate_decode_route_linear_bf16_e256)
 GATE_DECODE_ROUTE(__nv_bfloat16, gate_decode_route_linear_bf16_e512, 512)
 EMU_EXPORT(gate_decode_route_linear_bf16_e512)
 
-extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
+// The coefficient kernels: 2 blocks an SM (up to 128 registers) on the 16-bit pair tiles; the
+// f32 pair tiles hold each fragment's two tf32 terms and spill 20-48 bytes at 128, so they take
+// one block (145-146 registers, like the f32 forward: 137-144 with no bound).
+#define GATE_COEF_BOUNDS_F32 __launch_bounds__(GATE_THREADS, 1)
+extern "C" __global__ void GATE_COEF_BOUNDS_F32 gate_coef_lowrank_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f32)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_lowrank_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_f16)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_lowrank_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::LowRank); }
 EMU_EXPORT(gate_coef_lowrank_bf16)
-extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_symmetric_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Symmetric); }
+extern "C" __global__ void GATE_COEF_BOUNDS_F32 gate_coef_symmetric_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Symmetric); }
 EMU_EXPORT(gate_coef_symmetric_f32)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_symmetric_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Symmetric); }
 EMU_EXPORT(gate_coef_symmetric_f16)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_symmetric_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Symmetric); }
 EMU_EXPORT(gate_coef_symmetric_bf16)
-extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_attention_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Attention); }
+extern "C" __global__ void GATE_COEF_BOUNDS_F32 gate_coef_attention_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Attention); }
 EMU_EXPORT(gate_coef_attention_f32)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_attention_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Attention); }
 EMU_EXPORT(gate_coef_attention_f16)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_attention_bf16(GATE_COEF_PARAMS(__nv_bfloat16)) { GATE_COEF(__nv_bfloat16, Form::Attention); }
 EMU_EXPORT(gate_coef_attention_bf16)
-extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_full_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Full); }
+extern "C" __global__ void GATE_COEF_BOUNDS_F32 gate_coef_full_f32(GATE_COEF_PARAMS(float)) { GATE_COEF(float, Form::Full); }
 EMU_EXPORT(gate_coef_full_f32)
 extern "C" __global__ void __launch_bounds__(GATE_THREADS, 2) gate_coef_full_f16(GATE_COEF_PARAMS(__half)) { GATE_COEF(__half, Form::Full); }
 EMU_EXPORT(gate_coef_full_f16)

@@ -190,21 +190,22 @@ fn sass() -> &'static [KernelSass] {
     })
 }
 
-/// The kernels on the gate's 16-bit tensor-core tile (gate_mma.cuh): the forward of every form,
-/// the backward's coefficient pass for every form that has one, and the routing step's fused
-/// kernels.
+/// The kernels on the gate's tensor-core pair tiles (gate_mma.cuh): the forward of every form
+/// (the linear one in f16/bf16; f32 has its own tile), the backward's coefficient pass for every
+/// form that has one, and the routing step's fused kernels.
 fn gate_tensor_core_tiles() -> Vec<String> {
     let mut kernels = Vec::new();
-    for dtype in ["f16", "bf16"] {
-        for form in ["linear", "lowrank", "symmetric", "attention", "full"] {
+    for dtype in ["f32", "f16", "bf16"] {
+        for form in ["lowrank", "symmetric", "attention", "full"] {
             kernels.push(format!("gate_scores_{form}_{dtype}"));
-            if form != "linear" {
-                kernels.push(format!("gate_coef_{form}_{dtype}"));
-                kernels.push(format!("gate_route_{form}_{dtype}_e32"));
-            }
+            kernels.push(format!("gate_coef_{form}_{dtype}"));
+            kernels.push(format!("gate_route_{form}_{dtype}_e32"));
         }
-        for row in [32, 64, 128] {
-            kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
+        if dtype != "f32" {
+            kernels.push(format!("gate_scores_linear_{dtype}"));
+            for row in [32, 64, 128] {
+                kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
+            }
         }
     }
     kernels
@@ -339,7 +340,7 @@ fn vector_kernels_move_128_bits_per_access() {
             }
         }
     }
-    // The gate's 16-bit tensor-core tile fills its ring with 16-byte cp.async (gate_mma.cuh).
+    // The gate's pair tiles fill their rings with 16-byte cp.async (gate_mma.cuh).
     for kernel in &gate_tensor_core_tiles() {
         for s in mix_of(all, kernel) {
             assert!(s.mix.async_copies_128 > 0, "{kernel} on sm_{}: {:?}", s.arch, s.mix);

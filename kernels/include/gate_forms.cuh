@@ -4,9 +4,8 @@
 
 enum class Form { Linear, LowRank, Symmetric, Attention, Full };
 
-constexpr int GATE_RC = 4;  // ranks per chunk: the projections of one chunk form one tile
-constexpr int GATE_TM = 4;  // tokens per thread (f32 tiles)
-constexpr int GATE_BM = 16 * GATE_TM;  // tokens per block
+constexpr int GATE_RC = 4;   // ranks per chunk: the projections of one chunk form one tile
+constexpr int GATE_BM = 64;  // tokens per block of every scoring tile
 
 // The weight operands of a scoring kernel, by the part they play (null when absent).
 struct GateWeightsPtrs {

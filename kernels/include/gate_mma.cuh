@@ -1,12 +1,16 @@
-// gate_mma.cuh: the tensor-core forward of the gate family for f16/bf16 X (kernels/gate.cu).
+// gate_mma.cuh: the tensor-core forward of the gate family (kernels/gate.cu): every form for
+// f16/bf16 X, the rank forms for f32 X (the f32 linear gate is gate_scores_linear_tf32).
 //
-// Same algorithm as the f32 tile (gate_scores_body): per chunk of GATE_RC ranks, a GEMM of a
-// 64-token X tile against the block's stacked projection rows over k-tiles of d, then an
-// epilogue that forms z in registers. Here the GEMM is mma.sync m16n8k16 (f32 accumulation)
-// on 16-bit shared tiles read with ldmatrix, filled by a MMA_STAGES-slot cp.async ring (the
-// copies of k-tile kt + 2 fly while the tensor cores work on kt, one barrier a k-tile; the X
-// tile's huge elements are found in shared memory once it lands), and the columns are laid out
-// for the epilogue:
+// Per chunk of GATE_RC ranks, a GEMM of a 64-token X tile against the block's stacked
+// projection rows over k-tiles of d, then an epilogue that forms z in registers. The GEMM is
+// mma.sync with f32 accumulation on shared tiles in the stored dtype: m16n8k16 read with
+// ldmatrix for f16/bf16; for f32, m16n8k8 tf32 with each operand split into two tf32 terms
+// (gate_tf32.cuh: 3 mmas a fragment pair, f32-accurate), its fragments read as scalars. The
+// tiles are filled by a MMA_STAGES-slot cp.async ring (the copies of k-tile kt + 2 fly while
+// the tensor cores work on kt, one barrier a k-tile; the X tile's huge elements are found in
+// shared memory once it lands). A k-tile is 64 bytes of each row (32 halves or 16 floats;
+// MmaRow), so both layouts take the same shared bytes. The columns are laid out for the
+// epilogue (the C fragment of m16n8k16 and of m16n8k8 is the same):
 //   pair tile of expert e (8 columns): [L_0, R_0, L_1, R_1, L_2, R_2, L_3, R_3] of the chunk,
 //     so lane (g, t) of the C fragment holds L_t.x and R_t.x of rows g and g + 8: the rank-t
 //     product is local and a quad shuffle sums the chunk. L, R per form:
@@ -18,15 +22,24 @@
 //   weight rows, read once per 64-token tile, dominate the L2 traffic either way).
 // Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
 //   64-token tile, z written once; shared tiles hold the stored 16-bit values.
-// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, MMA_STAGES * (64 + COLS) * MMA_LD * 2
-//   bytes of dynamic shared memory (COLS: MmaForm): 33.8 KiB (symmetric) to 48.8 KiB (low-rank).
+// Bank conflicts: none for the 16-bit ldmatrix reads; for f32, none for A, and 2-way on the B
+//   reads of the low-rank, attention and full pair tiles (a lane pair's L and R rows sit
+//   L_ROWS = 64 rows, 0 mod 32 banks, apart).
+// Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, MMA_STAGES * (64 + COLS) * 80 bytes of
+//   dynamic shared memory (COLS: MmaForm): 33.8 KiB (symmetric) to 48.8 KiB (low-rank).
 #pragma once
 #include "gate_forms.cuh"
+#include "gate_tf32.cuh"
 #include "ptx.cuh"
 
-constexpr int MMA_BK = 32;            // k-tile: two k16 steps
-constexpr int MMA_LD = MMA_BK + 8;    // halves per shared row: 80 B (16-byte aligned rows)
-constexpr int MMA_STAGES = 3;         // slots of the cp.async ring: 2 k-tiles in flight
+constexpr int MMA_STAGES = 3;  // slots of the cp.async ring: 2 k-tiles in flight
+
+// A shared row of one k-tile: BK elements (64 bytes: 32 halves, two k16 steps, or 16 floats,
+// two k8 steps) padded to LD (80 bytes: rows 16-byte aligned, and the fragment reads of 8 rows
+// spread over the banks); V elements a 16-byte copy.
+template <class T> struct MmaRow {
+  static constexpr int BK = 64 / int(sizeof(T)), LD = 80 / int(sizeof(T)), V = 16 / int(sizeof(T));
+};
 
 // Shared rows of the B tile: the L rows of each expert's chunk ([expert][4]), then the R rows
 // (low-rank: V per expert [expert][4]; attention and full: the 4 rows Q_j or e_j, shared by
@@ -52,23 +65,24 @@ template <Form F> struct MmaForm {
   }
 };
 
-// Issues the fill of tile[m * MMA_LD + k] = row(m)[k0 + k] for m < rows, k < MMA_BK, in the
-// stored 16-bit type: with vec (every row start 16-byte aligned, rows_aligned_16, so klen is a
-// multiple of 8 and a run of 8 lies wholly inside or wholly past it) one 16-byte cp.async a run,
+// Issues the fill of tile[m * LD + k] = row(m)[k0 + k] for m < rows, k < BK (MmaRow<T>), in the
+// stored type: with vec (every row start 16-byte aligned, rows_aligned_16, so klen is a
+// multiple of V and a run of V lies wholly inside or wholly past it) one 16-byte cp.async a run,
 // zero-filled past klen and for null rows. Without vec, and for the rows with a unit column
 // (1 at k0 + k == unit(m) >= 0, else 0), the run is stored element by element at once. The
 // caller commits and waits; `fallback` (16-byte aligned global memory) is the source address
 // the zero-filling copies name.
 template <class T, class RowFn, class UnitFn>
-__device__ __forceinline__ void load_tile_16bit_async(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
-                                                      i64 klen, bool vec, const T* fallback) {
-  constexpr int V = 8, UNITS = MMA_BK / V;
+__device__ __forceinline__ void load_tile_rows_async(T* tile, int rows, RowFn row, UnitFn unit, i64 k0,
+                                                     i64 klen, bool vec, const T* fallback) {
+  using R = MmaRow<T>;
+  constexpr int V = R::V, UNITS = R::BK / V;
   for (int item = threadIdx.x; item < rows * UNITS; item += GATE_THREADS) {
     const int m = item / UNITS, u = item % UNITS;
     const i64 k = k0 + u * V;
     const T* p = row(m);
     const i64 one_at = unit(m);
-    T* dst = tile + m * MMA_LD + u * V;
+    T* dst = tile + m * R::LD + u * V;
     if (vec && one_at < 0) {
       const bool live = p != nullptr && k < klen;
       cp_async<16>(dst, live ? p + k : fallback, live ? 16 : 0);
@@ -82,21 +96,61 @@ __device__ __forceinline__ void load_tile_16bit_async(T* tile, int rows, RowFn r
   }
 }
 
-// Sets huge_rows[m] (shared) for each row m of a landed X tile (GATE_BM rows of MMA_BK) that
+// Sets huge_rows[m] (shared) for each row m of a landed X tile (GATE_BM rows of BK) that
 // holds a huge_input element: one 16-byte shared read a thread, thread i reading row i % 64
 // (8 consecutive threads read 8 rows 80 bytes apart: 8 distinct 16-byte bank groups), and an
-// atomic, since the MMA_BK / 8 runs of a row are read by as many threads. Zero-filled runs
-// hold no huge element.
+// atomic, since the 4 runs of a row are read by as many threads. Zero-filled runs hold no huge
+// element.
 template <class T>
 __device__ __forceinline__ void mark_huge_rows(const T* tile, int* huge_rows) {
-  constexpr int V = 8;
-  static_assert(GATE_BM * (MMA_BK / V) == GATE_THREADS, "one run of the X tile a thread");
+  using R = MmaRow<T>;
+  constexpr int V = R::V;
+  static_assert(GATE_BM * (R::BK / V) == GATE_THREADS, "one run of the X tile a thread");
   const int m = threadIdx.x % GATE_BM, u = threadIdx.x / GATE_BM;
-  const Raw16 raw = load_128(reinterpret_cast<const Raw16*>(tile + m * MMA_LD + u * V));
+  const Raw16 raw = load_128(reinterpret_cast<const Raw16*>(tile + m * R::LD + u * V));
   bool huge = false;
 #pragma unroll
   for (int q = 0; q < V; ++q) huge |= huge_input(raw16_element(raw, q, static_cast<T*>(nullptr)));
   if (huge) atomicOr(&huge_rows[m], 1);
+}
+
+// acc[i] += the warp's 16 rows of As (rows 16 wm ..) times the 8 columns of n8 tile i over one
+// k-tile, for i < TILES; b_row(i, r) is the shared row of column r of tile i. f16/bf16: m16n8k16
+// from ldmatrix (lane l addresses row l % 8 of a B tile); f32: m16n8k8 tf32 on split terms, lane
+// (g, t) reading A at rows g, g + 8 and columns t, t + 4, B at row b_row(i, g), columns t, t + 4.
+template <class T, int TILES, class RowOf>
+__device__ __forceinline__ void warp_k_tile(float (&acc)[TILES][4], const T* As, const T* Bs, int wm, RowOf b_row) {
+  using R = MmaRow<T>;
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  if constexpr (sizeof(T) == 2) {
+#pragma unroll
+    for (int ks = 0; ks < R::BK; ks += 16) {
+      uint32_t a[4];
+      ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * R::LD + ks + (lane / 16) * 8);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        uint32_t b[2];
+        ldmatrix_x2<false>(b, Bs + b_row(i, lane % 8) * R::LD + ks + ((lane / 8) % 2) * 8);
+        mma_16816(acc[i], a, b, static_cast<T*>(nullptr));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < R::BK; ks += 8) {
+      const float* a = As + (wm * 16 + g) * R::LD + ks + t;
+      uint32_t a_hi[4], a_lo[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) tf32_terms<true>(a_hi[i], a_lo[i], a[(i & 1) * 8 * R::LD + (i >> 1) * 4]);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        const float* b = Bs + b_row(i, g) * R::LD + ks + t;
+        uint32_t b_hi[2], b_lo[2];
+        tf32_terms<true>(b_hi[0], b_lo[0], b[0]);
+        tf32_terms<true>(b_hi[1], b_lo[1], b[4]);
+        mma_tf32_terms<true>(acc[i], a_hi, a_lo, b_hi, b_lo);
+      }
+    }
+  }
 }
 
 // COEF: the backward's coefficient pass (gate.cu, gate_coef_<form>_<dtype>) on the same tile:
@@ -112,8 +166,9 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   using M = MmaForm<F>;
   static_assert(!COEF || M::pairs, "the linear gate has no coefficient pass");
   constexpr int TILES = M::PAIR_TILES + (COEF ? 0 : M::LIN_TILES);  // n8 tiles a warp multiplies
-  // MMA_STAGES ring slots, each [64][MMA_LD] X rows, then [COLS][MMA_LD] projection rows.
-  constexpr int STAGE_HALVES = (GATE_BM + M::COLS) * MMA_LD;
+  using R = MmaRow<T>;
+  // MMA_STAGES ring slots, each [64][LD] X rows, then [COLS][LD] projection rows.
+  constexpr int STAGE_ELEMS = (GATE_BM + M::COLS) * R::LD;
   DYN_SHARED(T, smem);
   const T* left = static_cast<const T*>(w.left);
   const T* right = static_cast<const T*>(w.right);
@@ -123,11 +178,11 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
   const int wm = warp % 4, wn = warp / 4, g = lane / 4, t = lane % 4;
   const i64 t0 = i64(blockIdx.x) * GATE_BM;
   const int e0 = blockIdx.y * M::BE;
-  // x is never null (the kernel runs only for T > 0), so vec implies d % 8 == 0.
+  // x is never null (the kernel runs only for T > 0), so vec implies d % V == 0.
   const bool vec = rows_aligned_16(x, d) && rows_aligned_16(left, d) && rows_aligned_16(right, d) &&
                    rows_aligned_16(query, d) && rows_aligned_16(lin, d);
   const int chunks = M::pairs ? (rank + GATE_RC - 1) / GATE_RC : 1;
-  const int ktiles = int((i64(d) + MMA_BK - 1) / MMA_BK);
+  const int ktiles = int((i64(d) + R::BK - 1) / R::BK);
   const float pair_scale = F == Form::Attention ? rsqrtf(float(rank)) : 1.0f;
   auto x_row = [&](int m) -> const T* { return t0 + m < tokens ? x + (t0 + m) * d : nullptr; };
   auto no_unit = [](int) -> i64 { return -1; };
@@ -172,10 +227,10 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
     // thread's copies waited for) and frees the slot of kt - 1, which the fill issued after it
     // reuses.
     auto fill = [&](int kt) {
-      T* As = smem + (kt % MMA_STAGES) * STAGE_HALVES;
-      const i64 k0 = i64(kt) * MMA_BK;
-      load_tile_16bit_async<T>(As, GATE_BM, x_row, no_unit, k0, d, vec, x);
-      load_tile_16bit_async<T>(As + GATE_BM * MMA_LD, M::COLS, weight_row, unit_column, k0, d, vec, x);
+      T* As = smem + (kt % MMA_STAGES) * STAGE_ELEMS;
+      const i64 k0 = i64(kt) * R::BK;
+      load_tile_rows_async<T>(As, GATE_BM, x_row, no_unit, k0, d, vec, x);
+      load_tile_rows_async<T>(As + GATE_BM * R::LD, M::COLS, weight_row, unit_column, k0, d, vec, x);
     };
     // The slots are free: nothing used them before the first chunk, and each chunk ends with
     // every copy landed and a barrier. huge_rows' clearing is ordered before any mark by the
@@ -190,25 +245,14 @@ __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs
       __syncthreads();
       if (kt + MMA_STAGES - 1 < ktiles) fill(kt + MMA_STAGES - 1);
       cp_async_commit();
-      const T* As = smem + (kt % MMA_STAGES) * STAGE_HALVES;
-      const T* Bs = As + GATE_BM * MMA_LD;
+      const T* As = smem + (kt % MMA_STAGES) * STAGE_ELEMS;
+      const T* Bs = As + GATE_BM * R::LD;
       if (!COEF && chunk == 0) mark_huge_rows(As, huge_rows);  // X is the same in every chunk
-#pragma unroll
-      for (int ks = 0; ks < MMA_BK; ks += 16) {
-        uint32_t a[4];
-        ldmatrix_x4<false>(a, As + (wm * 16 + lane % 16) * MMA_LD + ks + (lane / 16) * 8);
-#pragma unroll
-        for (int i = 0; i < TILES; ++i) {
-          // Lane l addresses row l % 8 of the n8 tile: column 2c + s of a pair tile.
-          const int r8 = lane % 8;
-          const int row = i < M::PAIR_TILES
-                              ? M::pair_row(wn * M::WE + i, r8 / 2, r8 % 2)
-                              : M::LIN0 + wn * M::WE + (i - M::PAIR_TILES) * 8 + r8;
-          uint32_t b[2];
-          ldmatrix_x2<false>(b, Bs + row * MMA_LD + ks + ((lane / 8) % 2) * 8);
-          mma_16816(acc[i], a, b, static_cast<T*>(nullptr));
-        }
-      }
+      // Column r of n8 tile i: column 2c + s of a pair tile (rank c, factor s), else a linear row.
+      warp_k_tile<T, TILES>(acc, As, Bs, wm, [&](int i, int r) {
+        return i < M::PAIR_TILES ? M::pair_row(wn * M::WE + i, r / 2, r % 2)
+                                 : M::LIN0 + wn * M::WE + (i - M::PAIR_TILES) * 8 + r;
+      });
     }
     cp_async_wait<0>();  // only empty groups remain
     __syncthreads();     // the slots are free for the next chunk; every huge_rows mark is visible

@@ -36,6 +36,17 @@ __device__ __forceinline__ void tf32_terms(uint32_t& hi, uint32_t& lo, float v) 
   }
 }
 
+// acc += a b for one m16n8k8 fragment pair given as tf32 terms (tf32_terms): the small products
+// first, added to the running sum before the large one; a_lo b_lo is dropped. SplitB: b has a
+// low term (f32 data, not widened 16-bit).
+template <bool SplitB>
+__device__ __forceinline__ void mma_tf32_terms(float (&acc)[4], const uint32_t (&a_hi)[4], const uint32_t (&a_lo)[4],
+                                               const uint32_t (&b_hi)[2], const uint32_t (&b_lo)[2]) {
+  mma_m16n8k8_tf32(acc, a_lo, b_hi, acc);
+  if (SplitB) mma_m16n8k8_tf32(acc, a_hi, b_lo, acc);
+  mma_m16n8k8_tf32(acc, a_hi, b_hi, acc);
+}
+
 // acc += A B over one k-tile (see the top). SplitB: B holds f32 data (not widened 16-bit).
 template <bool SplitB>
 __device__ __forceinline__ void tile_mma_tf32(float (&acc)[2][4][4], const float* As, const float* Bs) {
@@ -57,12 +68,7 @@ __device__ __forceinline__ void tile_mma_tf32(float (&acc)[2][4][4], const float
 #pragma unroll
     for (int mf = 0; mf < 2; ++mf)
 #pragma unroll
-      for (int nf = 0; nf < 4; ++nf) {
-        // The small terms first: they are added to the running sum before the large one.
-        mma_m16n8k8_tf32(acc[mf][nf], a_lo[mf], b_hi[nf], acc[mf][nf]);
-        if (SplitB) mma_m16n8k8_tf32(acc[mf][nf], a_hi[mf], b_lo[nf], acc[mf][nf]);
-        mma_m16n8k8_tf32(acc[mf][nf], a_hi[mf], b_hi[nf], acc[mf][nf]);
-      }
+      for (int nf = 0; nf < 4; ++nf) mma_tf32_terms<SplitB>(acc[mf][nf], a_hi[mf], a_lo[mf], b_hi[nf], b_lo[nf]);
   }
 }
 

@@ -1,14 +1,15 @@
-// gate_tile.cuh: the pieces of the gate family's tiled f32 GEMMs (kernels/gate.cu).
+// gate_tile.cuh: the pieces of the tiled f32 GEMMs on k-major shared tiles: the gate's
+// split-tf32 tile (gate_tf32.cuh: the f32 linear forward, dX, dW) and the codebook's f32 FMA
+// tile (codebook_nearest.cuh).
 //
-// Every gate kernel is C[m][n] = sum_k A(m, k) * B(k, n) over k-tiles of width GATE_BK held
-// in shared memory as f32, k-major: As[k][m] and Bs[k][n]. The loaders below convert the
-// stored dtype (f32, f16, bf16) to f32 once, when a tile is filled, so the inner loop is
-// f32 FMAs from shared memory whatever the input dtype.
+// Each is C[m][n] = sum_k A(m, k) * B(k, n) over k-tiles of width GATE_BK held in shared
+// memory as f32, k-major: As[k][m] and Bs[k][n]. The loaders below convert the stored dtype
+// (f32, f16, bf16) to f32 once, when a tile is filled, so the inner loop reads f32 from shared
+// memory whatever the input dtype.
 //
-// Thread mapping (256 threads = 16 x 16): tx = threadIdx.x % 16, ty = threadIdx.x / 16.
+// tile_fma's thread mapping (256 threads = 16 x 16): tx = threadIdx.x % 16, ty = threadIdx.x / 16.
 // Thread (ty, tx) owns rows m = ty + 16 i (i < TM) and column groups g = tx + 16 j (j < NG),
-// each group NC adjacent columns (NC > 1 holds all projections of one expert together, so
-// the epilogue that combines them needs no exchange between threads).
+// each group NC adjacent columns.
 #pragma once
 #include "common.cuh"
 

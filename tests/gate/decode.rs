@@ -235,24 +235,29 @@ fn decode_refuses_the_full_form() {
     }
 }
 
-/// The memory profile (profiling build) of the one launch of the linear gate on X of type `T`,
-/// without bias, of T = `t`, d = `d`, E = `e` on `path`.
+/// The memory profile (profiling build) of the one launch of `case`'s forward on X of type `T`
+/// on `path`.
+fn forward_profile<T: FloatElement>(case: &Case, path: GatePath) -> moe_kernels::device::profile::MemoryProfile {
+    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
+    let device = Device::Emulator(emulator.clone());
+    let (host, x, _) = inputs::<T>(case);
+    z_on_path::<T>(&device, case, &host, &x, path);
+    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
+    p
+}
+
+/// The same for the linear gate without bias, T = `t`, d = `d`, E = `e`.
 fn linear_profile<T: FloatElement>(
     t: usize,
     d: usize,
     e: usize,
     path: GatePath,
 ) -> moe_kernels::device::profile::MemoryProfile {
-    let emulator = EmulatorDevice::from_env().unwrap().profiling().unwrap();
-    let device = Device::Emulator(emulator.clone());
     let case = Case {
         with_b: false,
         ..Case::new(GateForm::Linear, t, d, e, 1)
     };
-    let (host, x, _) = inputs::<T>(&case);
-    z_on_path::<T>(&device, &case, &host, &x, path);
-    let [p] = <[_; 1]>::try_from(emulator.take_profiles()).unwrap();
-    p
+    forward_profile::<T>(&case, path)
 }
 
 /// Memory behaviour on the profiling build: every global load of W and X is a whole 512-byte
@@ -332,4 +337,44 @@ fn split_tf32_tile_loads_whole_sectors_once() {
         assert!(shared.requests > 0);
         assert_eq!(shared.max_bank_degree, 1, "{access:?}: {shared:?}");
     }
+}
+
+/// The f32 pair tile (split tf32, `gate_mma.cuh`) of the low-rank gate at rank 4 (one chunk),
+/// without c (a bias read per element), at d = 64 (4 k-tiles: the 3-slot ring wraps) over 2
+/// token tiles: every global load of X, U, V and B is a whole 16-sector request (a warp's
+/// 16-byte copies cover 8 rows' 64-byte runs of a k-tile); X is read once, the weights once per
+/// token tile; z is written once; no shared read passes degree 4 (the floor of the huge-input
+/// check's 16-byte reads; the fragment reads of B are 2-way at most).
+#[test]
+#[cfg_attr(
+    not(moe_emu_profile),
+    ignore = "needs the profiling build: MOE_EMU_PROFILE=1 (clang-19); CI runs it"
+)]
+fn f32_pair_tile_loads_whole_sectors_once() {
+    use moe_kernels::device::profile::{Access, Space};
+    let (t, d, e, r) = (128usize, 64usize, 8usize, 4usize);
+    let case = Case {
+        with_c: false,
+        ..Case::new(GateForm::LowRank, t, d, e, r)
+    };
+    assert!(case.with_b);
+    let p = forward_profile::<f32>(&case, GatePath::Tiled);
+    assert_eq!(p.kernel, "gate_scores_lowrank_f32");
+    let weights = (2 * e * r + e) * d;
+    let loads = p.traffic(Space::Global, Access::Load);
+    assert_eq!(loads.sectors_per_request(), 16.0, "{loads:?}");
+    assert_eq!(
+        loads.bytes,
+        (4 * (2 * weights + t * d)) as u64,
+        "X once, the weights once per token tile"
+    );
+    assert_eq!(
+        p.unique_global_load_bytes,
+        (4 * (weights + t * d)) as u64,
+        "the weights and X"
+    );
+    assert_eq!(p.unique_global_store_bytes, (4 * t * e) as u64, "z");
+    let shared = p.traffic(Space::Shared, Access::Load);
+    assert!(shared.requests > 0);
+    assert!(shared.max_bank_degree <= 4, "{shared:?}");
 }

@@ -350,20 +350,24 @@ fn fused_route_has_the_bits_of_scores_then_select() {
     }
 }
 
-/// The linear f32 tile (split tf32, 128 experts a block) and the rank forms' tiles (32 experts a
-/// block for f32, 16 for f16/bf16) fuse the selection too, at the widest E their block holds: the
-/// linear f32 gate at E = 8 over 4 token tiles (d = 136: 5 k-tiles), at E = 64 (N = 64) with
-/// groups and a bias, and at E = 128 (N = 128) over a ragged k-tile (d = 20); low-rank (rank 6: two chunks) and symmetric on f16/bf16 at E = 16; attention and
-/// full on f32 at E = 32 and 8.
+/// The linear f32 tile (split tf32, 128 experts a block) and the rank forms' pair tiles (16
+/// experts a block) fuse the selection too, at the widest E their block holds: the linear f32
+/// gate at E = 8 over 4 token tiles (d = 136: 5 k-tiles), at E = 64 (N = 64) with groups and a
+/// bias, and at E = 128 (N = 128) over a ragged k-tile (d = 20); low-rank (rank 6: two chunks)
+/// and symmetric on f16/bf16 at E = 16; attention and full on f32 at E = 16 and 8.
 #[test]
 fn every_form_fuses_where_its_tile_holds_every_expert() {
-    // The experts one block of each forward tile holds: f32 (the split-tf32 tile for the linear
-    // gate, FMA tiles for the rank forms), then f16/bf16 (m16n8k16 tensor cores).
+    // The experts one block of each forward tile holds, in every dtype: the linear tiles 128, the
+    // rank forms' pair tiles 16.
     for form in GateForm::ALL {
-        let (f32_tile, tensor_cores) = if form == GateForm::Linear { (128, 128) } else { (32, 16) };
-        assert_eq!(route_tile_max_experts::<f32>(form), f32_tile, "{form:?} f32");
-        assert_eq!(route_tile_max_experts::<f16>(form), tensor_cores, "{form:?} f16");
-        assert_eq!(route_tile_max_experts::<bf16>(form), tensor_cores, "{form:?} bf16");
+        let experts = if form == GateForm::Linear {
+            ROUTE_MAX_EXPERTS
+        } else {
+            16
+        };
+        assert_eq!(route_tile_max_experts::<f32>(form), experts, "{form:?} f32");
+        assert_eq!(route_tile_max_experts::<f16>(form), experts, "{form:?} f16");
+        assert_eq!(route_tile_max_experts::<bf16>(form), experts, "{form:?} bf16");
     }
     let grouped_64 = RouterConfig {
         experts: 64,
@@ -382,8 +386,8 @@ fn every_form_fuses_where_its_tile_holds_every_expert() {
         check_fused::<bf16>(&device, &Case::new(GateForm::LowRank, 100, 24, 16, 6), &top_1(16), None);
         let symmetric = Case::new(GateForm::Symmetric, 66, 16, 16, 2);
         check_fused::<f16>(&device, &symmetric, &grouped(16), Some(&bias[..16]));
-        let attention = Case::new(GateForm::Attention, 80, 16, 32, 3);
-        check_fused::<f32>(&device, &attention, &softmax_k(32, 4), None);
+        let attention = Case::new(GateForm::Attention, 80, 16, 16, 3);
+        check_fused::<f32>(&device, &attention, &softmax_k(16, 4), None);
         check_fused::<f32>(&device, &Case::new(GateForm::Full, 65, 8, 8, 1), &softmax_8(), None);
     }
 }
@@ -438,8 +442,8 @@ fn unfused_shapes_take_the_two_calls() {
         );
         check_unfused::<f32>(
             &device,
-            &Case::new(GateForm::Symmetric, 70, 8, 33, 1),
-            &router(33),
+            &Case::new(GateForm::Symmetric, 70, 8, 17, 1),
+            &router(17),
             None,
         );
         let wide = DECODE_ROUTE_MAX_EXPERTS + 1;

@@ -19,7 +19,7 @@
 //! gradients are bitwise reproducible.
 use super::{
     Dyn, DynMut, GateForm, GateShape, GateWeights, K_TILE, SPLIT_TF32_COLS, SPLIT_TF32_ROWS, SPLIT_TF32_SHARED,
-    ScoringTile, THREADS, dims_args, params, scoring_config,
+    THREADS, dims_args, params, scoring_config,
 };
 use crate::device::{KernelArgs, LaunchConfig};
 use crate::ops::{FloatElement, check_len, elements, grid_blocks};
@@ -304,11 +304,7 @@ pub fn scores_backward<T: FloatElement>(
             .input("dz", dz)
             .output("workspace", workspace);
         let name = format!("gate_coef_{}_{}", form.kernel_name(), T::NAME);
-        device.launch(
-            &name,
-            scoring_config(form, shape, ScoringTile::coefficients::<T>())?,
-            dims_args(args, shape, form),
-        )?;
+        device.launch(&name, scoring_config::<T>(form, shape)?, dims_args(args, shape, form))?;
     }
     if t > 0 && matches!(form, GateForm::Attention | GateForm::Full) {
         // SAFETY: gate_sum_inplace_f32(buf, in_off, outer, inner, outer_stride, count, stride,

@@ -20,15 +20,13 @@
 //!
 //! Cost: every forward is **one launch**, a tiled GEMM of an X tile (64 tokens) against the
 //! stacked projection rows of a block of experts, whose epilogue forms the per-expert
-//! products and writes only z (never the `[T, E·r]` projections). f16/bf16 run on tensor
-//! cores (`mma.sync` m16n8k16, f32 accumulation): the linear tile is 128 experts × 1 row, a
-//! quadratic tile 16 experts × (8 rows: the two factors of a chunk of 4 ranks, interleaved so
-//! each lane multiplies its own pair) + 16 linear rows (91-96 registers: 2 blocks per SM). The
-//! f32 linear gate runs on tensor cores too, on the tile of the backward's GEMMs: 128 experts,
-//! tf32 `mma.sync` m16n8k8 with each f32 operand split into two tf32 terms (three products a
-//! pair, the dropped one below 2^-22 of it), so its error is f32 accumulation noise. The f32
-//! quadratic forms run on FMA tiles: 32 experts × (projections of a chunk of 4 ranks + the
-//! linear row).
+//! products and writes only z (never the `[T, E·r]` projections). Every dtype runs on tensor
+//! cores with f32 accumulation: f16/bf16 on `mma.sync` m16n8k16, f32 on tf32 `mma.sync` m16n8k8
+//! with each f32 operand split into two tf32 terms (three products a pair, the dropped one below
+//! 2^-22 of it), so its error is f32 accumulation noise. The linear tile is 128 experts × 1 row
+//! (for f32, the tile of the backward's GEMMs), a quadratic tile 16 experts × (8 rows: the two
+//! factors of a chunk of 4 ranks, interleaved so each lane multiplies its own pair) + 16 linear
+//! rows (2 blocks per SM).
 //! At r ≤ 4 the quadratic gate is the linear gate with a wider tile: X is read once per
 //! expert tile (from L2 after the first), never a second pass per projection; a rank above 4
 //! loops over chunks of 4 inside the same launch. The full form is the low-rank form with
@@ -42,9 +40,8 @@
 //! **The routing step** ([`scores_and_select`], and [`route`] into a complete map): the scores,
 //! the router's top-k and the routing map's count in one launch, with the bits of the separate
 //! calls: above `T = 64` for every form wherever one block of the forward tile holds every
-//! expert ([`route_tile_max_experts`]: `E <= 128` for the linear tiles, 32 and 16 for the rank
-//! forms' f32 and f16/bf16 tiles), and for the linear gate on
-//! the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a map: the last block of each 16
+//! expert ([`route_tile_max_experts`]: `E <= 128` for the linear gate, 16 for the rank forms),
+//! and for the linear gate on the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a map: the last block of each 16
 //! tokens selects them, and for [`route`] the last of those places the map too).
 //!
 //! **Non-finite input rows** (math §1): a row of X with an element that is NaN, ±∞ or at least
@@ -81,12 +78,12 @@ const TILE: usize = 64;
 const K_TILE: usize = 16;
 /// Ranks per chunk of a quadratic tile (`GATE_RC`).
 const RANK_CHUNK: usize = 4;
-/// Halves per shared row of the tensor-core tiles (`MMA_LD`).
-const MMA_ROW_HALVES: usize = 40;
+/// Bytes of a shared row of the pair tiles' k-tile: 64 of data, 16 of padding (`MmaRow`).
+const MMA_ROW_BYTES: usize = 80;
 /// Slots of the tensor-core tile's cp.async ring (`MMA_STAGES`), each one k-tile of X and weights.
 const MMA_STAGES: usize = 3;
-/// Slots of the f32 tiles (the FMA scoring tile and the split-tf32 tile), each one k-tile of both operands
-/// (`STAGED_SLOTS`: the next k-tile is stored into one slot while the other is read).
+/// Slots of the split-tf32 tile, each one k-tile of both operands (`STAGED_SLOTS`: the next
+/// k-tile is stored into one slot while the other is read).
 const STAGED_SLOTS: usize = 2;
 /// Rows and columns of the split-tf32 tile's C block (`TF32_BM`, `TF32_BN` in gate_tf32.cuh):
 /// the f32 linear forward (tokens x experts), dX (tokens x d) and dW (rows x d).
@@ -131,66 +128,24 @@ impl GateForm {
     }
 }
 
-/// The tile of a scoring-kernel launch (mirrors `GateForm` in gate.cu, `MmaForm` in
-/// gate_mma.cuh and the tile of gate_tf32.cuh).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ScoringTile {
-    /// f32 X: the linear form on the split-tf32 tensor-core tile (128 experts per block), the
-    /// rank forms on FMA tiles (32).
-    Forward,
-    /// f16/bf16 X: tensor-core tiles, 128 experts per block (linear) or 16.
-    TensorCores,
-    /// The f32 backward coefficient kernels: FMA tiles of 16 experts.
-    Coefficients,
-}
-
-impl ScoringTile {
-    /// The forward's tile for X of type `T`: m16n8k16 tensor cores for f16/bf16, the split-tf32
-    /// tile (linear) or FMA tiles (rank forms) for f32.
-    fn forward<T: FloatElement>() -> Self {
-        if size_of::<T>() == 2 {
-            ScoringTile::TensorCores
-        } else {
-            ScoringTile::Forward
-        }
+/// The tile of a scoring-kernel launch (forward or coefficient pass) for X of type `T`: experts
+/// per block and bytes of dynamic shared memory. Every form runs on the tensor-core pair tiles
+/// (`MmaForm` in gate_mma.cuh: 128 experts a block for the linear form, 16 for the rank forms; a
+/// k-tile row is 80 bytes in every dtype), except the f32 linear forward, which runs on the
+/// split-tf32 tile (gate_tf32.cuh, 128 experts).
+fn scoring_tile<T: FloatElement>(form: GateForm) -> (usize, usize) {
+    if form == GateForm::Linear && size_of::<T>() == size_of::<f32>() {
+        return (SPLIT_TF32_COLS, SPLIT_TF32_SHARED);
     }
-
-    /// The tile of the coefficient kernel for X of type `T`: f16/bf16 run on the forward's
-    /// tensor-core tile (`gate_scores_mma_body` in coefficient mode), f32 on FMA tiles.
-    fn coefficients<T: FloatElement>() -> Self {
-        if size_of::<T>() == 2 {
-            ScoringTile::TensorCores
-        } else {
-            ScoringTile::Coefficients
-        }
-    }
-
-    /// Experts per block and bytes of dynamic shared memory for `form`.
-    fn of(self, form: GateForm) -> (usize, usize) {
-        if self == ScoringTile::TensorCores {
-            let experts = if form == GateForm::Linear { 128 } else { 16 };
-            // Per expert its linear row and the L rows of a chunk; the R rows (`MmaForm`).
-            let (left, right) = match form {
-                GateForm::Linear => (0, 0),
-                GateForm::LowRank => (experts * RANK_CHUNK, experts * RANK_CHUNK),
-                GateForm::Symmetric => (experts * RANK_CHUNK, 0),
-                GateForm::Attention | GateForm::Full => (experts * RANK_CHUNK, RANK_CHUNK),
-            };
-            let shared = MMA_STAGES * (TILE + left + right + experts) * MMA_ROW_HALVES * 2;
-            return (experts, shared);
-        }
-        let columns_per_expert = match form {
-            // gate_scores_linear_tf32 (the coefficient kernels have no linear form).
-            GateForm::Linear => return (SPLIT_TF32_COLS, SPLIT_TF32_SHARED),
-            GateForm::LowRank => 2 * RANK_CHUNK + 1,
-            GateForm::Symmetric | GateForm::Full => RANK_CHUNK + 1,
-            GateForm::Attention => RANK_CHUNK,
-        };
-        let experts = if self == ScoringTile::Coefficients { 16 } else { 32 };
-        let query = if form == GateForm::Attention { RANK_CHUNK } else { 0 };
-        let shared = STAGED_SLOTS * (TILE + experts * columns_per_expert + query) * K_TILE * size_of::<f32>();
-        (experts, shared)
-    }
+    let experts = if form == GateForm::Linear { 128 } else { 16 };
+    // Per expert its linear row and the L rows of a chunk; the R rows (`MmaForm`).
+    let (left, right) = match form {
+        GateForm::Linear => (0, 0),
+        GateForm::LowRank => (experts * RANK_CHUNK, experts * RANK_CHUNK),
+        GateForm::Symmetric => (experts * RANK_CHUNK, 0),
+        GateForm::Attention | GateForm::Full => (experts * RANK_CHUNK, RANK_CHUNK),
+    };
+    (experts, MMA_STAGES * (TILE + left + right + experts) * MMA_ROW_BYTES)
 }
 
 /// The sizes of one scoring call.
@@ -390,7 +345,7 @@ impl<'a, T: FloatElement> GateWeights<'a, T> {
             let rows = elements("shape.rank", shape.experts, rank)?;
             super::check_range("shape.experts * rank", rows, 1..=i32::MAX as usize)?;
         }
-        let (experts_per_block, _) = ScoringTile::Coefficients.of(form);
+        let (experts_per_block, _) = scoring_tile::<T>(form);
         if shape.experts.div_ceil(experts_per_block) > 65535 {
             return Err(Error::InvalidArgument {
                 argument: "shape.experts",
@@ -527,7 +482,7 @@ pub fn scores_on_path<T: FloatElement>(
     let config = if decode {
         decode_config(shape, form)?
     } else {
-        scoring_config(form, shape, ScoringTile::forward::<T>())?
+        scoring_config::<T>(form, shape)?
     };
     let o = weights.operands();
     // GATE_SCORES_PARAMS, then the decode kernels' slices.
@@ -618,8 +573,8 @@ fn decode_token_blocks(tokens: usize, form: GateForm) -> Result<u32> {
 }
 
 /// The launch of a scoring (or coefficient) kernel: 64-token by BE-expert tiles.
-fn scoring_config(form: GateForm, shape: &GateShape, tile: ScoringTile) -> Result<LaunchConfig> {
-    let (experts_per_block, shared) = tile.of(form);
+fn scoring_config<T: FloatElement>(form: GateForm, shape: &GateShape) -> Result<LaunchConfig> {
+    let (experts_per_block, shared) = scoring_tile::<T>(form);
     Ok(LaunchConfig {
         grid: (
             grid_blocks("shape.tokens", shape.tokens, TILE)?,

@@ -8,8 +8,8 @@
 //! map's workspace, so it needs the map). [`route_with_losses`] adds the router losses, in the
 //! tile kernel's launch where their chunks are its tiles.
 use super::{
-    DECODE_LINEAR_TOKENS, DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, ScoringTile, TILE, check_scores,
-    decode_config, decode_slices, scores, scores_args, scoring_config,
+    DECODE_LINEAR_TOKENS, DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, TILE, check_scores, decode_config,
+    decode_slices, scores, scores_args, scoring_config, scoring_tile,
 };
 use crate::ops::FloatElement;
 use crate::ops::dispatch::{self, CountedMap, MapParams};
@@ -44,11 +44,10 @@ enum FusedRoute {
 }
 
 /// The most experts the tile kernel of `form` with X of type `T` fuses above T = 64: the experts
-/// one block of its forward tile holds (`gate_route_<form>_<dtype>_e<N>`): the linear gate 128 on
-/// tensor cores (m16n8k16 for f16/bf16, split tf32 for f32); the rank forms 16 (f16/bf16 tensor
-/// cores) and 32 (f32 FMA tiles).
+/// one block of its forward tile holds (`gate_route_<form>_<dtype>_e<N>`): the linear gate 128,
+/// the rank forms 16 (their pair tiles), in every dtype.
 pub fn route_tile_max_experts<T: FloatElement>(form: GateForm) -> usize {
-    ScoringTile::forward::<T>().of(form).0
+    scoring_tile::<T>(form).0
 }
 
 fn fused_route<T: FloatElement>(shape: &GateShape, weights: &GateWeights<'_, T>, counted: bool) -> Option<FusedRoute> {
@@ -308,7 +307,7 @@ where
     let (mut config, args, kernel) = match fused {
         FusedRoute::Tile => {
             let (args, losses) = loss_args(router, tokens, args, aux, z_loss)?;
-            let mut config = scoring_config(form, shape, ScoringTile::forward::<T>())?;
+            let mut config = scoring_config::<T>(form, shape)?;
             config.shared_bytes = config.shared_bytes.max(losses.shared_bytes);
             (config, args, "gate_route")
         }
