@@ -172,7 +172,7 @@ EMU_EXPORT(gate_scores_full_bf16)
 //   At most 16 slots a lane keep the linear kernels at 95-96 registers with the losses' body
 //   (sm_80, sm_90a; no spills), 2 blocks per SM by their launch bounds (32 slots took 128 and
 //   spilled on sm_80; 3 blocks spilled the f32 tile); the rank forms take the scoring kernels'
-//   bounds (none: 79-128 registers, the f32 low-rank tile the most).
+//   bounds (none: 79-128 registers on f16/bf16, 107-138 on f32).
 //   Rows past T are not live.
 // Losses (aux_loss or z_loss not null): when the losses' chunks are the 64-token tiles
 //   (tokens_per_chunk = 64, and one segment or segments a multiple of 64 long), each block then

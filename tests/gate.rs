@@ -538,14 +538,16 @@ fn weight_gradients_split_over_tokens() {
 }
 
 /// Non-finite input rows (math §1) get NaN logits and, routed nowhere (§2), add nothing to the
-/// gate's gradients: a batch whose last rows hold a NaN, an infinity and values of at least
-/// 2^64 (that overflow the projections), each with a zero dz row (what the router's backward
+/// gate's gradients: a batch whose last rows hold a NaN, an infinity, values of at least 2^64
+/// (that overflow the projections) and one such value alone (at element 13: past the first
+/// 16-byte run of its k-tile in every dtype, so only a check of every run flags it; its linear
+/// logits stay finite), each with a zero dz row (what the router's backward
 /// gives them), has NaN z there, weight gradients bitwise equal to the batch without those
 /// rows, every one finite, and the same z and dX on the other rows. The rows are
 /// last so that every other row keeps its place in the fixed summation orders (tokens in order
 /// for dW; 8 strided lanes for the bias sums), which is what makes "bitwise" the right test:
-/// the extra rows only add exact zeros. The reference (which skips zero dz) agrees. At 40
-/// tokens and d = 19 (the decode kernels, but for the full form: one k-tile), and at 70 tokens
+/// the extra rows only add exact zeros. The reference (which skips zero dz) agrees. At 41
+/// tokens and d = 19 (the decode kernels, but for the full form: one k-tile), and at 71 tokens
 /// (the tiles, whose 16-bit forward flags such rows itself) over d = 131 (rows not 16-byte
 /// aligned in f16/bf16: element-by-element fills) and d = 136 (16-byte aligned rows: cp.async
 /// fills), both five k-tiles, so the tensor-core tile's 3-slot ring wraps; the NaN and the
@@ -553,17 +555,18 @@ fn weight_gradients_split_over_tokens() {
 #[test]
 fn rows_routed_nowhere_add_nothing_to_gradients() {
     fn check<T: FloatElement>(device: &Device, form: GateForm, rank: usize, good: usize, d: usize) {
-        let full = Case::new(form, good + 3, d, 9, rank);
+        let full = Case::new(form, good + 4, d, 9, rank);
         let kept = Case::new(form, good, d, 9, rank);
         let (host, mut x, mut dz) = inputs::<T>(&full);
         let e = full.shape.experts;
         x[good * d + d - 3] = f64::NAN;
         x[(good + 1) * d + d - 1] = f64::NEG_INFINITY;
-        x[(good + 2) * d..].fill(3e38);
+        x[(good + 2) * d..(good + 3) * d].fill(3e38);
+        x[(good + 3) * d + 13] = 3e38;
         dz[good * e..].fill(0.0);
         let what = format!(
             "{form:?} rank {rank} T {} d {d} {} on {}",
-            good + 3,
+            good + 4,
             T::NAME,
             device.description()
         );
@@ -605,7 +608,7 @@ fn rows_routed_nowhere_add_nothing_to_gradients() {
             } else {
                 3
             };
-            // 40 tokens: the decode kernels (but for the full form); 70: the tiles.
+            // 41 tokens: the decode kernels (but for the full form); 71: the tiles.
             for (good, d) in [(37, 19), (67, 131), (67, 136)] {
                 check::<f32>(&device, form, rank, good, d);
                 check::<f16>(&device, form, rank, good, d);
