@@ -38,7 +38,8 @@
 //   gate_route_<form>_<dtype>_e<N>   the forward with the router's top-k selection (and the
 //                                routing map's count, and the router losses) fused, where a
 //                                block holds every expert:
-//                                E <= 128 (linear) or 16 (rank forms)
+//                                E <= 256 (linear f16/bf16; 128 below N = 256), 128 (linear
+//                                f32) or 16 (rank forms)
 //   gate_decode_route_linear_<dtype>_e<N>   the same at T <= 64 on the decode kernel, with the
 //                                map's count, E <= 512 (the last block of each token block selects)
 #include "include/dispatch_map.cuh"
@@ -102,13 +103,15 @@ __device__ __forceinline__ void gate_scores_linear_tf32(const float* x, const fl
       float *z, long long tokens, int d, int experts, int rank
 // The forward, on tensor cores: the pair tiles of gate_mma.cuh, except for the f32 linear gate,
 // whose 128-expert split-tf32 tile has no pairs to form.
-template <class T, Form F>
+// LINEAR_BE: the 16-bit linear tile's experts (MmaForm).
+template <class T, Form F, int LINEAR_BE = 128>
 __device__ __forceinline__ void gate_scores(const T* x, GateWeightsPtrs w, const float* bias, float* z,
                                             i64 tokens, int d, int experts, int rank) {
   if constexpr (std::is_same_v<T, float> && F == Form::Linear) {
+    static_assert(LINEAR_BE == TF32_BN, "the split-tf32 tile holds 128 experts");
     gate_scores_linear_tf32(x, static_cast<const float*>(w.lin), bias, z, tokens, d, experts);
   } else {
-    gate_scores_mma_body<T, F>(x, w, bias, nullptr, z, tokens, d, experts, rank);
+    gate_scores_mma_body<T, F, false, LINEAR_BE>(x, w, bias, nullptr, z, tokens, d, experts, rank);
   }
 }
 // The coefficient pass on the forward's pair tile.
@@ -158,17 +161,18 @@ EMU_EXPORT(gate_scores_full_bf16)
 
 // gate_route_<form>_<dtype>_e<N>: a gate's forward with the router's selection, and optionally
 // the routing map's counting pass, in one launch, wherever one block's tile holds every expert of
-// its 64 tokens: E <= BE, the forward tile's experts per block (linear: 128; the rank forms' pair
-// tiles: 16), N = 32, 64 or 128 >= E the selection's row width.
+// its 64 tokens: E <= BE, the forward tile's experts per block (linear: 128, or 256 for f16/bf16
+// at N = 256; the rank forms' pair tiles: 16), N = 32 .. 256 >= E the selection's row width.
 // Algorithm: gate_scores (the form's forward tile for T) writes the block's 64 x E logits to z;
 //   a block barrier makes them visible to the whole block; then each row of the tile is
 //   selected exactly as router_select_e<N>_f32 selects it (select_row, reading the row back from
 //   L1/L2), so z, ids and weights have the bits of the two launches. With a map workspace, each
 //   selected slot is counted and the last block finishes the count, as
 //   router_select_counted_e<N>_f32 does.
-// Mapping: the gate's; then in two passes of 32 rows thread i is lane i % 8 of row
-//   t0 + 32 pass + i / 8: 8 lanes a row, each holding N / 8 of its slots (router_select_e<N>_f32
-//   gives a row N / 32 lanes; the sums have the same bits at any lanes a row, router_select.cuh).
+// Mapping: the gate's; then in passes of R = 256 / L rows thread i is lane i % L of row
+//   t0 + R pass + i / L: L = 8 lanes a row (16 at N = 256: 4 passes of 16 rows), each holding
+//   N / L <= 16 of its slots (router_select_e<N>_f32 gives a row N / 32 lanes; the sums have the
+//   same bits at any lanes a row, router_select.cuh).
 //   At most 16 slots a lane keep the linear kernels at 95-96 registers with the losses' body
 //   (sm_80, sm_90a; no spills), 2 blocks per SM by their launch bounds (32 slots took 128 and
 //   spilled on sm_80; 3 blocks spilled the f32 tile); the rank forms take the scoring kernels'
@@ -193,12 +197,13 @@ EMU_EXPORT(gate_scores_full_bf16)
       int *offsets, int *status
 template <class T, Form F, int N>
 __device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T), ROUTER_LOSS_PARAMS) {
-  constexpr int L = 8, ROWS_PER_PASS = GATE_THREADS / L;  // 8 lanes a row, 32 rows a pass
+  constexpr int L = N > 128 ? N / 16 : 8, ROWS_PER_PASS = GATE_THREADS / L;  // <= 16 slots a lane
   static_assert(TF32_BM == GATE_BM, "every forward tile holds 64 tokens");
   __shared__ int scratch[32];
   __shared__ int last_block;
   __shared__ int dropped;
-  gate_scores<T, F>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d, experts, rank);
+  gate_scores<T, F, (N > 128 ? 256 : 128)>(x, GateWeightsPtrs{left, right, query, lin}, bias, z, tokens, d,
+                                            experts, rank);
   __syncthreads();  // the tile's z rows are written and visible to the block
   const SelectOptions o{score, topk_first != 0, renormalize != 0, scale};
   const MapShape m{ids, int(tokens), k, experts, expert_begin, local_experts};
@@ -229,6 +234,9 @@ __device__ __forceinline__ void gate_route(GATE_ROUTE_PARAMS(T), ROUTER_LOSS_PAR
 // The linear tiles run 2 blocks an SM; the rank forms keep the scoring kernels' register freedom.
 #define GATE_ROUTE_BOUNDS_LINEAR __launch_bounds__(GATE_THREADS, 2)
 #define GATE_ROUTE_BOUNDS_RANK
+// The 256-expert linear tile holds twice the linear accumulators: one block an SM (138-140
+// registers, 0 spills, sm_80 and sm_90a; and 75 KiB of shared memory).
+#define GATE_ROUTE_BOUNDS_WIDE __launch_bounds__(GATE_THREADS, 1)
 #define GATE_ROUTE(T, F, BOUNDS, NAME, N)                                                        \
   extern "C" __global__ void BOUNDS NAME(GATE_ROUTE_PARAMS(T), ROUTER_LOSS_PARAMS) {             \
     gate_route<T, F, N>(x, left, right, query, lin, bias, z, tokens, d, experts, rank, select_bias, k, score, \
@@ -248,12 +256,16 @@ GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16
 EMU_EXPORT(gate_route_linear_f16_e64)
 GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_f16_e128, 128)
 EMU_EXPORT(gate_route_linear_f16_e128)
+GATE_ROUTE(__half, Form::Linear, GATE_ROUTE_BOUNDS_WIDE, gate_route_linear_f16_e256, 256)
+EMU_EXPORT(gate_route_linear_f16_e256)
 GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e32, 32)
 EMU_EXPORT(gate_route_linear_bf16_e32)
 GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e64, 64)
 EMU_EXPORT(gate_route_linear_bf16_e64)
 GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_LINEAR, gate_route_linear_bf16_e128, 128)
 EMU_EXPORT(gate_route_linear_bf16_e128)
+GATE_ROUTE(__nv_bfloat16, Form::Linear, GATE_ROUTE_BOUNDS_WIDE, gate_route_linear_bf16_e256, 256)
+EMU_EXPORT(gate_route_linear_bf16_e256)
 // The rank forms: E <= 16 fits a block, so N = 32 only.
 GATE_ROUTE(float, Form::LowRank, GATE_ROUTE_BOUNDS_RANK, gate_route_lowrank_f32_e32, 32)
 EMU_EXPORT(gate_route_lowrank_f32_e32)

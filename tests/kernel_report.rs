@@ -203,7 +203,7 @@ fn gate_tensor_core_tiles() -> Vec<String> {
         }
         if dtype != "f32" {
             kernels.push(format!("gate_scores_linear_{dtype}"));
-            for row in [32, 64, 128] {
+            for row in [32, 64, 128, 256] {
                 kernels.push(format!("gate_route_linear_{dtype}_e{row}"));
             }
         }

@@ -18,7 +18,7 @@
 //       (the unit row, generated in shared memory: e_j . x = x_j).
 //   linear tiles: the W or B rows of 8 experts per n8 tile (lane t holds experts 2t, 2t+1).
 // Warps: 4 along tokens (16 rows each) x 2 along experts (BE/2 experts each); BE = 128
-//   (linear) or 16 experts per block (32 would hold 163 registers: one block per SM; the
+//   (linear; 256 in the widest route kernels, gate.cu) or 16 experts per block (32 would hold 163 registers: one block per SM; the
 //   weight rows, read once per 64-token tile, dominate the L2 traffic either way).
 // Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
 //   64-token tile, z written once; shared tiles hold the stored 16-bit values.
@@ -26,7 +26,8 @@
 //   reads of the low-rank, attention and full pair tiles (a lane pair's L and R rows sit
 //   L_ROWS = 64 rows, 0 mod 32 banks, apart).
 // Launch: grid (ceil(T/64), ceil(E/BE)), 256 threads, MMA_STAGES * (64 + COLS) * 80 bytes of
-//   dynamic shared memory (COLS: MmaForm): 33.8 KiB (symmetric) to 48.8 KiB (low-rank).
+//   dynamic shared memory (COLS: MmaForm): 33.8 KiB (symmetric) to 48.8 KiB (low-rank), 75 KiB
+//   for the 256-expert linear tile (an opt-in above 48 KiB, which the launch makes).
 #pragma once
 #include "gate_forms.cuh"
 #include "gate_tf32.cuh"
@@ -45,9 +46,11 @@ template <class T> struct MmaRow {
 // (low-rank: V per expert [expert][4]; attention and full: the 4 rows Q_j or e_j, shared by
 // every expert; symmetric: none, R is L), then one linear row per expert. A pair tile's
 // ldmatrix lanes address L and R rows wherever they are, so no row is stored twice.
-template <Form F> struct MmaForm {
+// LINEAR_BE: the linear tile's experts, 128 (the scoring kernels) or 256 (the widest route
+// kernels, gate.cu).
+template <Form F, int LINEAR_BE = 128> struct MmaForm {
   static constexpr bool pairs = F != Form::Linear;
-  static constexpr int BE = pairs ? 16 : 128;      // experts per block
+  static constexpr int BE = pairs ? 16 : LINEAR_BE;  // experts per block
   static constexpr int WE = BE / 2;                // experts per warp
   static constexpr int PAIR_TILES = pairs ? WE : 0;
   static constexpr int LIN_TILES = WE / 8;
@@ -159,11 +162,11 @@ __device__ __forceinline__ void warp_k_tile(float (&acc)[TILES][4], const T* As,
 // element, s the attention scale; 0 wherever g is 0, whatever L and R are), written to
 // out = ws [T, 2 E rank] at [t, e rank + j] and [t, E rank + e rank + j]. No linear tiles run
 // (the linear rows' coefficient is dz itself) and nothing else is written.
-template <class T, Form F, bool COEF = false>
+template <class T, Form F, bool COEF = false, int LINEAR_BE = 128>
 __device__ __forceinline__ void gate_scores_mma_body(const T* x, GateWeightsPtrs w, const float* bias,
                                                      const float* dz, float* out, i64 tokens, int d,
                                                      int experts, int rank) {
-  using M = MmaForm<F>;
+  using M = MmaForm<F, LINEAR_BE>;
   static_assert(!COEF || M::pairs, "the linear gate has no coefficient pass");
   constexpr int TILES = M::PAIR_TILES + (COEF ? 0 : M::LIN_TILES);  // n8 tiles a warp multiplies
   using R = MmaRow<T>;

@@ -12,8 +12,8 @@
 //! with the gather fused 1, GEMM2 1, combine 1 = **6**, and no memset (`DeviceStats::memsets`:
 //! each map's placement leaves the per-tile counts zeroed, so the next count skips clearing
 //! them). A router runs scores, selection and the count as one launch (`gate::route`)
-//! above T = 64 wherever one block of its forward tile holds every expert (linear: E <= 128 in
-//! f16/bf16, 64 in f32; the rank forms 16 and 32): **5**; and a linear router at T <= 64 with
+//! above T = 64 wherever one block of its route tile holds every expert (linear: E <= 256 in
+//! f16/bf16, 128 in f32; the rank forms 16): **5**; and a linear router at T <= 64 with
 //! E <= 512 (any dtype) places the map in the same launch too: **4**. The codebook router takes code norms and nearest code in
 //! place of scores and selection, then the whole `routing_map`: 6 up to T·k = 4096, 7 past it.
 //! Shared experts add 2; the router losses (aux and z together) ride in the selection's launch

@@ -334,19 +334,25 @@ fn grouped_48() -> RouterConfig {
 fn fused_route_has_the_bits_of_scores_then_select() {
     let (softmax, grouped) = (softmax_8(), grouped_48());
     let mixtral = RouterConfig {
-        experts: ROUTE_MAX_EXPERTS,
+        experts: 128,
         k: 8,
         order: SelectionOrder::TopkThenSoftmax,
         ..RouterConfig::default()
     };
-    let bias: Vec<f32> = (0..48).map(|e| (e % 5) as f32 * 0.01).collect();
+    let deepseek = RouterConfig::deepseek_v3();
+    assert_eq!(deepseek.experts, ROUTE_MAX_EXPERTS);
+    let bias: Vec<f32> = (0..ROUTE_MAX_EXPERTS).map(|e| (e % 5) as f32 * 0.01).collect();
     for device in devices() {
         // E = 8 (N = 32) over 4 token tiles, the last ragged, and 5 k-tiles (d = 136: the
         // scoring tile's cp.async ring wraps); E = 48 (N = 64) with a router bias; E = 128
-        // (N = 128) one token past a tile.
+        // (N = 128) one token past a tile; on the 256-expert tile (N = 256, 16 lanes a row)
+        // DeepSeek-V3's router (sigmoid, 8 groups, top 4 groups, k = 8, a bias) at E = 256 over 2
+        // tiles and 3 k-tiles (d = 80: the ring wraps), and E = 200 (a ragged row of the tile).
         check_fused::<bf16>(&device, &linear(200, 136, 8), &softmax, None);
-        check_fused::<f16>(&device, &linear(130, 24, 48), &grouped, Some(&bias));
-        check_fused::<bf16>(&device, &linear(65, 16, ROUTE_MAX_EXPERTS), &mixtral, None);
+        check_fused::<f16>(&device, &linear(130, 24, 48), &grouped, Some(&bias[..48]));
+        check_fused::<bf16>(&device, &linear(65, 16, 128), &mixtral, None);
+        check_fused::<bf16>(&device, &linear(100, 80, ROUTE_MAX_EXPERTS), &deepseek, Some(&bias));
+        check_fused::<f16>(&device, &linear(70, 16, 200), &top_1(200), None);
     }
 }
 
@@ -357,17 +363,17 @@ fn fused_route_has_the_bits_of_scores_then_select() {
 /// and symmetric on f16/bf16 at E = 16; attention and full on f32 at E = 16 and 8.
 #[test]
 fn every_form_fuses_where_its_tile_holds_every_expert() {
-    // The experts one block of each forward tile holds, in every dtype: the linear tiles 128, the
-    // rank forms' pair tiles 16.
+    // The experts one block of each route tile holds: the linear gate 128 (f32, split tf32) or
+    // 256 (f16/bf16), the rank forms' pair tiles 16 in every dtype.
     for form in GateForm::ALL {
-        let experts = if form == GateForm::Linear {
-            ROUTE_MAX_EXPERTS
+        let (f32_tile, tensor_cores) = if form == GateForm::Linear {
+            (128, ROUTE_MAX_EXPERTS)
         } else {
-            16
+            (16, 16)
         };
-        assert_eq!(route_tile_max_experts::<f32>(form), experts, "{form:?} f32");
-        assert_eq!(route_tile_max_experts::<f16>(form), experts, "{form:?} f16");
-        assert_eq!(route_tile_max_experts::<bf16>(form), experts, "{form:?} bf16");
+        assert_eq!(route_tile_max_experts::<f32>(form), f32_tile, "{form:?} f32");
+        assert_eq!(route_tile_max_experts::<f16>(form), tensor_cores, "{form:?} f16");
+        assert_eq!(route_tile_max_experts::<bf16>(form), tensor_cores, "{form:?} bf16");
     }
     let grouped_64 = RouterConfig {
         experts: 64,
@@ -377,12 +383,7 @@ fn every_form_fuses_where_its_tile_holds_every_expert() {
     for device in devices() {
         check_fused::<f32>(&device, &linear(200, 136, 8), &softmax_8(), None);
         check_fused::<f32>(&device, &linear(70, 24, 64), &grouped_64, Some(&bias));
-        check_fused::<f32>(
-            &device,
-            &linear(66, 20, ROUTE_MAX_EXPERTS),
-            &top_1(ROUTE_MAX_EXPERTS),
-            None,
-        );
+        check_fused::<f32>(&device, &linear(66, 20, 128), &top_1(128), None);
         check_fused::<bf16>(&device, &Case::new(GateForm::LowRank, 100, 24, 16, 6), &top_1(16), None);
         let symmetric = Case::new(GateForm::Symmetric, 66, 16, 16, 2);
         check_fused::<f16>(&device, &symmetric, &grouped(16), Some(&bias[..16]));
@@ -431,8 +432,9 @@ fn unfused_shapes_take_the_two_calls() {
     };
     for device in devices() {
         // One expert past a block of each tile.
+        let past_f32 = route_tile_max_experts::<f32>(GateForm::Linear) + 1;
+        check_unfused::<f32>(&device, &linear(100, 24, past_f32), &router(past_f32), None);
         let past = ROUTE_MAX_EXPERTS + 1;
-        check_unfused::<f32>(&device, &linear(100, 24, past), &router(past), None);
         check_unfused::<bf16>(&device, &linear(100, 24, past), &router(past), None);
         check_unfused::<bf16>(
             &device,

@@ -8,6 +8,7 @@
 //! workspaces has the same bits (every ticket was reset), and no step syncs with the host.
 use super::*;
 use moe_kernels::ops::dispatch::{CountedMap, MapConfig, RoutingMap};
+use moe_kernels::ops::gate::ROUTE_MAX_EXPERTS;
 use moe_kernels::ops::router::{
     self, AuxLossConfig, AuxLossTarget, AuxLossWorkspace, RouterConfig, ScoreFunction, SelectedAuxLoss, ZLossTarget,
     ZLossWorkspace,
@@ -236,9 +237,10 @@ fn other_routes_keep_the_bits_with_losses() {
     };
     let linear = |tokens, experts| Case::new(GateForm::Linear, tokens, 16, experts, 1);
     check::<bf16>(&linear(150, 8), &router(8, 2), &sequences_of_75, Losses::Both, 3);
+    let past = ROUTE_MAX_EXPERTS + 1;
     check::<bf16>(
-        &linear(100, 129),
-        &router(129, 4),
+        &linear(100, past),
+        &router(past, 4),
         &AuxLossConfig::default(),
         Losses::Aux,
         3,
@@ -258,7 +260,7 @@ fn other_routes_keep_the_bits_with_losses() {
 #[test]
 fn route_with_losses_refuses_bad_inputs_before_launching() {
     for device in devices() {
-        for (tokens, experts) in [(100, 8), (40, 8), (100, 129)] {
+        for (tokens, experts) in [(100, 8), (40, 8), (100, ROUTE_MAX_EXPERTS + 1)] {
             let case = Case::new(GateForm::Linear, tokens, 16, experts, 1);
             let router = router(experts, 2);
             let aux_config = AuxLossConfig::default();

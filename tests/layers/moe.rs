@@ -488,7 +488,7 @@ fn large_batches_keep_the_launch_budget() {
     };
     // (router, experts, forward launches): E = 6 fits a block of the f32 linear and low-rank
     // tiles (the gate selects), 129 does not (the router's own selection counts the map).
-    let past_the_tile = moe_kernels::ops::gate::ROUTE_MAX_EXPERTS + 1;
+    let past_the_tile = moe_kernels::ops::gate::route_tile_max_experts::<f32>(GateForm::Linear) + 1;
     let routers = [
         (RouterKind::Linear, 6, 5),
         (quadratic, 6, 5),

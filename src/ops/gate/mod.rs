@@ -40,7 +40,8 @@
 //! **The routing step** ([`scores_and_select`], and [`route`] into a complete map): the scores,
 //! the router's top-k and the routing map's count in one launch, with the bits of the separate
 //! calls: above `T = 64` for every form wherever one block of the forward tile holds every
-//! expert ([`route_tile_max_experts`]: `E <= 128` for the linear gate, 16 for the rank forms),
+//! expert ([`route_tile_max_experts`]: `E <= 256` for the linear gate in f16/bf16, 128 in f32,
+//! 16 for the rank forms),
 //! and for the linear gate on the decode kernel at `T <= 64` (any dtype, `E <= 512`, with a map: the last block of each 16
 //! tokens selects them, and for [`route`] the last of those places the map too).
 //!
@@ -137,7 +138,11 @@ fn scoring_tile<T: FloatElement>(form: GateForm) -> (usize, usize) {
     if form == GateForm::Linear && size_of::<T>() == size_of::<f32>() {
         return (SPLIT_TF32_COLS, SPLIT_TF32_SHARED);
     }
-    let experts = if form == GateForm::Linear { 128 } else { 16 };
+    pair_tile(form, if form == GateForm::Linear { 128 } else { 16 })
+}
+
+/// A pair tile (`MmaForm`) of `experts` experts: `(experts, shared bytes)`.
+fn pair_tile(form: GateForm, experts: usize) -> (usize, usize) {
     // Per expert its linear row and the L rows of a chunk; the R rows (`MmaForm`).
     let (left, right) = match form {
         GateForm::Linear => (0, 0),
@@ -574,7 +579,11 @@ fn decode_token_blocks(tokens: usize, form: GateForm) -> Result<u32> {
 
 /// The launch of a scoring (or coefficient) kernel: 64-token by BE-expert tiles.
 fn scoring_config<T: FloatElement>(form: GateForm, shape: &GateShape) -> Result<LaunchConfig> {
-    let (experts_per_block, shared) = scoring_tile::<T>(form);
+    tile_config(shape, scoring_tile::<T>(form))
+}
+
+/// The launch of 64-token by `experts_per_block`-expert tiles with `shared` bytes.
+fn tile_config(shape: &GateShape, (experts_per_block, shared): (usize, usize)) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid: (
             grid_blocks("shape.tokens", shape.tokens, TILE)?,

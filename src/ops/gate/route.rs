@@ -1,7 +1,8 @@
 //! The gate's scores and the router's selection in one call (`kernels/gate.cu`): the routing
 //! step of a layer, `z = score(X)` then the top-k of z (and the routing map's count), one launch
 //! where the selection fits the scoring kernel. Above the decode threshold it is the forward's
-//! tile wherever one block holds every expert of its 64 tokens
+//! tile (for the f16/bf16 linear gate past 128 experts, one twice as wide: 256, DeepSeek-V3's
+//! router in one launch) wherever one block holds every expert of its 64 tokens
 //! (`gate_route_<form>_<dtype>_e<N>`, [`route_tile_max_experts`]); at decode (T <= 64) the
 //! linear gate's decode kernel, whose last block of each 16 tokens selects them once every block
 //! has written its logits (`gate_decode_route_linear_<dtype>_e<N>`: its tickets live in the
@@ -9,7 +10,7 @@
 //! tile kernel's launch where their chunks are its tiles.
 use super::{
     DECODE_LINEAR_TOKENS, DECODE_MAX_TOKENS, GateForm, GateShape, GateWeights, TILE, check_scores, decode_config,
-    decode_slices, scores, scores_args, scoring_config, scoring_tile,
+    decode_slices, pair_tile, scores, scores_args, scoring_tile, tile_config,
 };
 use crate::ops::FloatElement;
 use crate::ops::dispatch::{self, CountedMap, MapParams};
@@ -23,10 +24,13 @@ use crate::{Device, DeviceBuffer, DeviceSlice, DeviceSliceMut, Error, Result};
 const NO_AUX: Option<SelectedAuxLoss<'static, DeviceBuffer<f32>>> = None;
 const NO_Z_LOSS: Option<ZLossTarget<'static, DeviceBuffer<f32>>> = None;
 
-/// The most experts a tile kernel fuses (T > 64), over every form and dtype: the linear gate's
-/// tensor-core tiles, whose block holds 128 experts of its 64 tokens ([`route_tile_max_experts`]
-/// for each form and dtype).
-pub const ROUTE_MAX_EXPERTS: usize = 128;
+/// The most experts a tile kernel fuses (T > 64), over every form and dtype: the f16/bf16 linear
+/// gate's widest route tile, whose block holds 256 experts of its 64 tokens
+/// ([`route_tile_max_experts`] for each form and dtype).
+pub const ROUTE_MAX_EXPERTS: usize = WIDE_ROUTE_EXPERTS;
+/// The experts of `gate_route_linear_<f16|bf16>_e256`'s tile: twice the scoring kernel's, for
+/// the router widths of 129 to 256 experts (DeepSeek-V3's 256 among them).
+const WIDE_ROUTE_EXPERTS: usize = 256;
 /// The most experts the decode kernel fuses (T <= 64): the selection's row width of 512 at 16
 /// slots a lane keeps it at 3 blocks per SM without spilling.
 pub const DECODE_ROUTE_MAX_EXPERTS: usize = 512;
@@ -44,10 +48,22 @@ enum FusedRoute {
 }
 
 /// The most experts the tile kernel of `form` with X of type `T` fuses above T = 64: the experts
-/// one block of its forward tile holds (`gate_route_<form>_<dtype>_e<N>`): the linear gate 128,
-/// the rank forms 16 (their pair tiles), in every dtype.
+/// one block of its route tile holds (`gate_route_<form>_<dtype>_e<N>`): the linear gate 256 in
+/// f16/bf16 (a tile twice the scoring kernel's past 128) and 128 in f32 (split tf32), the rank
+/// forms 16 (their pair tiles) in every dtype.
 pub fn route_tile_max_experts<T: FloatElement>(form: GateForm) -> usize {
-    scoring_tile::<T>(form).0
+    route_tile::<T>(form, usize::MAX).0
+}
+
+/// The tile of the route kernel for `experts` experts: the forward's, except that the f16/bf16
+/// linear gate takes its 256-expert tile past 128 (`gate_route_linear_<dtype>_e256`).
+fn route_tile<T: FloatElement>(form: GateForm, experts: usize) -> (usize, usize) {
+    let tile = scoring_tile::<T>(form);
+    if form == GateForm::Linear && size_of::<T>() == 2 && experts > tile.0 {
+        pair_tile(form, WIDE_ROUTE_EXPERTS)
+    } else {
+        tile
+    }
 }
 
 fn fused_route<T: FloatElement>(shape: &GateShape, weights: &GateWeights<'_, T>, counted: bool) -> Option<FusedRoute> {
@@ -307,7 +323,7 @@ where
     let (mut config, args, kernel) = match fused {
         FusedRoute::Tile => {
             let (args, losses) = loss_args(router, tokens, args, aux, z_loss)?;
-            let mut config = scoring_config::<T>(form, shape)?;
+            let mut config = tile_config(shape, route_tile::<T>(form, shape.experts))?;
             config.shared_bytes = config.shared_bytes.max(losses.shared_bytes);
             (config, args, "gate_route")
         }
