@@ -18,10 +18,11 @@
 //       (the unit row, generated in shared memory: e_j . x = x_j).
 //   linear tiles: the W or B rows of 8 experts per n8 tile (lane t holds experts 2t, 2t+1).
 // Warps: 4 along tokens (16 rows each) x 2 along experts (BE/2 experts each); BE = 128
-//   (linear; 256 in the widest route kernels, gate.cu) or 16 experts per block (32 would hold 163 registers: one block per SM; the
-//   weight rows, read once per 64-token tile, dominate the L2 traffic either way).
+//   (linear; 256 in the widest route kernels, gate.cu) or 16 experts per block (32 would hold
+//   163 registers in 16-bit: one block per SM; the weight rows, read once per 64-token tile,
+//   dominate the L2 traffic either way).
 // Traffic: X read ceil(E / BE) * chunks times (L2 after the first), each weight row once per
-//   64-token tile, z written once; shared tiles hold the stored 16-bit values.
+//   64-token tile, z written once; shared tiles hold the stored values (16-bit or f32).
 // Bank conflicts: none for the 16-bit ldmatrix reads; for f32, none for A, and 2-way on the B
 //   reads of the low-rank, attention and full pair tiles (a lane pair's L and R rows sit
 //   L_ROWS = 64 rows, 0 mod 32 banks, apart).
@@ -45,7 +46,7 @@ template <class T> struct MmaRow {
 // Shared rows of the B tile: the L rows of each expert's chunk ([expert][4]), then the R rows
 // (low-rank: V per expert [expert][4]; attention and full: the 4 rows Q_j or e_j, shared by
 // every expert; symmetric: none, R is L), then one linear row per expert. A pair tile's
-// ldmatrix lanes address L and R rows wherever they are, so no row is stored twice.
+// fragment reads address L and R rows wherever they are, so no row is stored twice.
 // LINEAR_BE: the linear tile's experts, 128 (the scoring kernels) or 256 (the widest route
 // kernels, gate.cu).
 template <Form F, int LINEAR_BE = 128> struct MmaForm {

@@ -204,7 +204,8 @@ fn router(experts: usize, k: usize) -> RouterConfig {
 
 /// Above T = 64 the tile kernel runs the losses where their chunks are its tiles: token level
 /// over 4 tiles (the last ragged) with both losses; 3 sequences of 64 (aux only, sigmoid with
-/// groups, the f32 split-tf32 tile); the z-loss alone on the low-rank f16 tile.
+/// groups, the f32 split-tf32 tile); the z-loss alone on the low-rank f16 tile; DeepSeek-V3's
+/// router (E = 256: the wide bf16 tile, 16 lanes a row) over 2 sequences of 64 with both losses.
 #[test]
 fn tile_route_runs_the_losses_in_its_launch() {
     let token_level = AuxLossConfig::default();
@@ -224,6 +225,14 @@ fn tile_route_runs_the_losses_in_its_launch() {
     check::<f32>(&linear(192, 48), &grouped, &sequences_of_64, Losses::Aux, 2);
     let low_rank = Case::new(GateForm::LowRank, 130, 16, 16, 2);
     check::<f16>(&low_rank, &router(16, 4), &token_level, Losses::Z, 2);
+    let deepseek = RouterConfig::deepseek_v3();
+    check::<bf16>(
+        &linear(128, deepseek.experts),
+        &deepseek,
+        &sequences_of_64,
+        Losses::Both,
+        2,
+    );
 }
 
 /// Elsewhere the same bits in more launches: sequences of 75 tokens (chunks that are not the
