@@ -173,9 +173,10 @@ EMU_EXPORT(gate_scores_full_bf16)
 //   t0 + R pass + i / L: L = 8 lanes a row (16 at N = 256: 4 passes of 16 rows), each holding
 //   N / L <= 16 of its slots (router_select_e<N>_f32 gives a row N / 32 lanes; the sums have the
 //   same bits at any lanes a row, router_select.cuh).
-//   At most 16 slots a lane keep the linear kernels at 95-96 registers with the losses' body
-//   (sm_80, sm_90a; no spills), 2 blocks per SM by their launch bounds (32 slots took 128 and
-//   spilled on sm_80; 3 blocks spilled the f32 tile); the rank forms take the scoring kernels'
+//   At most 16 slots a lane keep the linear kernels at 95-96 registers (16-bit) and 113-115
+//   (f32) with the losses' body (sm_80, sm_90a; no spills), 2 blocks per SM by their launch
+//   bounds (32 slots took 128 and spilled on sm_80), the 256-expert tile at one (its bound,
+//   GATE_ROUTE_BOUNDS_WIDE); the rank forms take the scoring kernels'
 //   bounds (none: 79-128 registers on f16/bf16, 107-138 on f32).
 //   Rows past T are not live.
 // Losses (aux_loss or z_loss not null): when the losses' chunks are the 64-token tiles
