@@ -115,11 +115,11 @@ struct KContiguous {
 
 template <class S, class RowFn>
 __device__ __forceinline__ void load_tile_k_contiguous(float* tile, int ld, int rows, RowFn row,
-                                                       i64 k0, i64 klen, bool vec, int* huge_rows = nullptr) {
+                                                       i64 k0, i64 klen, bool vec) {
   for (int item = threadIdx.x; item < KContiguous::items<S>(rows); item += GATE_THREADS) {
     float v[elems_per_16<S>];
     KContiguous::fetch_item<S>(v, item, row, k0, klen, vec);
-    KContiguous::store_item<S>(tile, ld, item, v, huge_rows);
+    KContiguous::store_item<S>(tile, ld, item, v, nullptr);
   }
 }
 
